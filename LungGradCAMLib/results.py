@@ -1,0 +1,70 @@
+"""Result types shared by the engine, the pipeline, the writers and the Slicer layer."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .volume import Volume
+
+
+@dataclass
+class Explanation:
+    """What ``explain`` returns.
+
+    ``cam`` is a float32 :class:`Volume` in [0, 1] with exactly the input CT's geometry
+    (high = important). ``probabilities`` maps class name -> probability. ``timings`` maps stage
+    name -> seconds. ``ct`` and ``lung_mask`` (bool, K, J, I) are kept for segmentation and
+    reporting; ``extra`` holds JSON-able details (mode, patch scores, model card summary).
+    """
+
+    probabilities: Dict[str, float]
+    predicted_class: str
+    cam: Volume
+    method: str
+    target_class: str
+    timings: Dict[str, float] = field(default_factory=dict)
+    ct: Optional[Volume] = None
+    lung_mask: Optional[np.ndarray] = None
+    score_map: Optional[Volume] = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Region:
+    """One connected hot region of a thresholded CAM.
+
+    Volumes in mm³ and ml, CAM in [0, 1], HU from the CT, centroid in RAS mm, bounding boxes as
+    ((k0, k1), (j0, j1), (i0, i1)) half-open voxel ranges and as RAS (min xyz, max xyz) of the
+    voxel centres. ``score`` is the model's probability for the region when known.
+    """
+
+    label: int
+    name: str
+    voxels: int
+    volume_mm3: float
+    volume_ml: float
+    peak_cam: float
+    mean_cam: float
+    mean_hu: Optional[float]
+    max_hu: Optional[float]
+    centroid_ras: Tuple[float, float, float]
+    peak_ras: Tuple[float, float, float]
+    bbox_ijk: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+    bbox_ras: Tuple[Tuple[float, float, float], Tuple[float, float, float]]
+    color: Tuple[float, float, float] = (1.0, 0.0, 0.0)
+    score: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Segmentation:
+    """``labelmap``: integer :class:`Volume` (0 = background, region ``label`` elsewhere) with the
+    CT's geometry; ``regions``: one :class:`Region` per label, hottest first."""
+
+    labelmap: Volume
+    regions: List[Region] = field(default_factory=list)
+    threshold: Optional[float] = None

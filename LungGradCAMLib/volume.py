@@ -1,0 +1,255 @@
+"""The :class:`Volume` type: a 3D image with its geometry, in Slicer's conventions.
+
+* ``array`` axis order is **K, J, I** (slice, row, column) — exactly ``slicer.util.arrayFromVolume``.
+* ``ijk_to_ras`` is the 4x4 matrix mapping voxel indices (i, j, k, 1) to **RAS** millimetres —
+  exactly ``vtkMRMLScalarVolumeNode.GetIJKToRASMatrix``.
+
+ITK/SimpleITK and DICOM use LPS. The conversion happens here (``from_sitk``/``to_sitk``) and in the
+DICOM reader/writer, nowhere else.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import UnsupportedFormatError, VolumeError
+
+#: Flips the first two axes: LPS <-> RAS (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+#: Largest volume (in voxels) any reader accepts; override with LUNGGRADCAM_MAX_VOXELS.
+DEFAULT_MAX_VOXELS = 1_500_000_000
+
+SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+
+
+def max_voxels() -> int:
+    """The configured voxel limit (env ``LUNGGRADCAM_MAX_VOXELS``, default 1.5e9)."""
+    return int(os.environ.get("LUNGGRADCAM_MAX_VOXELS", DEFAULT_MAX_VOXELS))
+
+
+def check_voxel_limit(shape: Sequence[int], source: str = "volume") -> None:
+    """Raise :class:`VolumeError` before allocating a volume of ``shape`` over the voxel limit."""
+    n = int(np.prod([int(s) for s in shape], dtype=np.int64))
+    limit = max_voxels()
+    if n > limit:
+        raise VolumeError(
+            f"{source}: {tuple(int(s) for s in shape)} = {n} voxels exceeds the limit of {limit}. "
+            "Crop or downsample the volume, or raise LUNGGRADCAM_MAX_VOXELS if you have the memory."
+        )
+
+
+@dataclass
+class Volume:
+    """A 3D image: ``array`` (K, J, I), ``ijk_to_ras`` (4x4, RAS mm) and a plain ``meta`` dict.
+
+    ``meta`` holds JSON-able facts (patient/study/series/frame-of-reference UIDs, modality,
+    description); it never drives geometry.
+    """
+
+    array: np.ndarray
+    ijk_to_ras: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.ndim != 3:
+            raise VolumeError(f"a Volume array must be 3D (K, J, I); got shape {self.array.shape}")
+        m = np.array(self.ijk_to_ras, dtype=np.float64)
+        if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+            raise VolumeError(f"ijk_to_ras must be a finite 4x4 matrix; got {np.asarray(self.ijk_to_ras)!r}")
+        if not np.allclose(m[3], [0, 0, 0, 1]) or abs(np.linalg.det(m[:3, :3])) < 1e-12:
+            raise VolumeError("ijk_to_ras must be affine ([0,0,0,1] last row) and invertible")
+        self.ijk_to_ras = m
+        self.meta = dict(self.meta or {})
+
+    # --- geometry -----------------------------------------------------------------------------
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """Array shape (K, J, I)."""
+        return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along i, j, k (column norms of the 3x3 part)."""
+        return np.linalg.norm(self.ijk_to_ras[:3, :3], axis=0)
+
+    @property
+    def origin(self) -> np.ndarray:
+        """RAS position (mm) of the centre of voxel (0, 0, 0)."""
+        return self.ijk_to_ras[:3, 3].copy()
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3x3 RAS direction cosines; column c is the unit direction of index axis i, j, k."""
+        return self.ijk_to_ras[:3, :3] / self.spacing
+
+    @property
+    def ras_to_ijk(self) -> np.ndarray:
+        """Inverse of ``ijk_to_ras``."""
+        return np.linalg.inv(self.ijk_to_ras)
+
+    def ijk_to_ras_points(self, ijk: np.ndarray) -> np.ndarray:
+        """Map (N, 3) voxel coordinates in (i, j, k) order to (N, 3) RAS mm."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
+        return ijk @ self.ijk_to_ras[:3, :3].T + self.ijk_to_ras[:3, 3]
+
+    def ras_to_ijk_points(self, ras: np.ndarray) -> np.ndarray:
+        """Map (N, 3) RAS mm to (N, 3) continuous voxel coordinates in (i, j, k) order."""
+        ras = np.atleast_2d(np.asarray(ras, dtype=np.float64))
+        inv = self.ras_to_ijk
+        return ras @ inv[:3, :3].T + inv[:3, 3]
+
+    def with_array(self, array: np.ndarray, **meta: Any) -> "Volume":
+        """A new Volume with the same geometry and ``array`` (same shape), meta updated."""
+        array = np.asarray(array)
+        if array.shape != self.array.shape:
+            raise VolumeError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
+        return Volume(array, self.ijk_to_ras.copy(), {**self.meta, **meta})
+
+    # --- SimpleITK (LPS) boundary ---------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image: Any, meta: Optional[dict] = None) -> "Volume":
+        """Build a Volume from a 3D SimpleITK image (LPS geometry converted to RAS here)."""
+        import SimpleITK as sitk
+
+        if image.GetDimension() != 3:
+            raise VolumeError(f"expected a 3D image, got {image.GetDimension()}D")
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise VolumeError("expected a scalar image, got a multi-component (vector/RGB) image")
+        direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+        lps = np.eye(4)
+        lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)
+        lps[:3, 3] = image.GetOrigin()
+        return cls(sitk.GetArrayFromImage(image), LPS_TO_RAS @ lps, meta or {})
+
+    def to_sitk(self) -> Any:
+        """This volume as a SimpleITK image (RAS geometry converted to LPS here)."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        lps = LPS_TO_RAS @ self.ijk_to_ras
+        spacing = self.spacing
+        image.SetSpacing([float(s) for s in spacing])
+        image.SetOrigin([float(o) for o in lps[:3, 3]])
+        image.SetDirection([float(d) for d in (lps[:3, :3] / spacing).ravel()])
+        return image
+
+
+def same_geometry(a: Volume, b: Volume, atol_mm: float = 1e-5) -> bool:
+    """True when ``a`` and ``b`` have the same shape and voxel-to-RAS mapping (within ``atol_mm``)."""
+    return a.shape == b.shape and bool(np.allclose(a.ijk_to_ras, b.ijk_to_ras, atol=atol_mm, rtol=0))
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def read_volume(path: "str | os.PathLike[str]") -> Volume:
+    """Read a .nrrd/.nhdr/.nii/.nii.gz/.mha/.mhd scalar volume (any pixel type) into a Volume.
+
+    Raises :class:`VolumeError` for NaN/Inf voxels or volumes over the voxel limit.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if _suffix(path) not in SUPPORTED_SUFFIXES:
+        raise UnsupportedFormatError(
+            f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)} "
+            "(or a DICOM folder)"
+        )
+    if not path.is_file():
+        raise VolumeError(f"{path}: no such file")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        check_voxel_limit(reader.GetSize()[::-1], str(path))
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise VolumeError(f"{path}: cannot read the volume ({str(exc).strip().splitlines()[-1]})") from None
+    volume = Volume.from_sitk(image, {"source": str(path)})
+    if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
+        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+        raise VolumeError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them before use")
+    return volume
+
+
+def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool = True) -> Path:
+    """Write ``volume`` to .nrrd/.nii/.nii.gz/.mha atomically (temporary name, then rename)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if _suffix(path) not in SUPPORTED_SUFFIXES:
+        raise UnsupportedFormatError(
+            f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
+    return path
+
+
+def crop(volume: Volume, box: Sequence[Tuple[int, int]]) -> Volume:
+    """Crop to ``box`` = ((k0, k1), (j0, j1), (i0, i1)) half-open index ranges (clipped to the
+    array); the matrix's origin moves so every kept voxel keeps its RAS position."""
+    lo = [max(0, int(a)) for a, _ in box]
+    hi = [min(n, int(b)) for (_, b), n in zip(box, volume.shape)]
+    if any(h <= l for l, h in zip(lo, hi)):
+        raise VolumeError(f"crop box {box} is empty for a volume of shape {volume.shape}")
+    m = volume.ijk_to_ras.copy()
+    m[:3, 3] = volume.ijk_to_ras_points([lo[2], lo[1], lo[0]])[0]
+    arr = volume.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return Volume(arr.copy(), m, dict(volume.meta))
+
+
+def resample(volume: Volume, spacing_mm: Sequence[float], order: int = 1,
+             default_value: float = 0.0) -> Volume:
+    """Resample to a new voxel size ``spacing_mm`` (i, j, k, mm) keeping direction and covering
+    the same physical extent; voxel (0,0,0)'s corner stays at the same place.
+
+    ``order``: 0 nearest neighbour (labels), 1 linear, 3 B-spline.
+    """
+    new_spacing = np.asarray(spacing_mm, dtype=np.float64)
+    if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
+        raise VolumeError(f"spacing_mm must be three positive numbers (i, j, k); got {spacing_mm}")
+    old_spacing = volume.spacing
+    size_ijk = np.maximum(1, np.round(np.array(volume.shape[::-1]) * old_spacing / new_spacing)).astype(int)
+    check_voxel_limit(size_ijk[::-1], "resampled volume")
+    m = np.eye(4)
+    m[:3, :3] = volume.direction * new_spacing
+    corner = volume.ijk_to_ras_points([-0.5, -0.5, -0.5])[0]
+    m[:3, 3] = corner + m[:3, :3] @ np.full(3, 0.5)
+    reference = Volume(np.zeros(size_ijk[::-1], dtype=np.uint8), m)
+    return resample_to(volume, reference, order=order, default_value=default_value)
+
+
+def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0) -> Volume:
+    """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default."""
+    import SimpleITK as sitk
+
+    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
+    if order not in interp:
+        raise VolumeError(f"order must be 0, 1 or 3; got {order}")
+    src = volume.to_sitk()
+    ref = reference.to_sitk()
+    out = sitk.Resample(src, ref, sitk.Transform(), interp[order], float(default_value), src.GetPixelID())
+    return Volume(sitk.GetArrayFromImage(out), reference.ijk_to_ras.copy(), dict(volume.meta))
+
+
+def axis_aligned_matrix(spacing_mm: Sequence[float], origin_ras: Sequence[float] = (0, 0, 0),
+                        direction: Optional[np.ndarray] = None) -> np.ndarray:
+    """A 4x4 ijk_to_ras from spacing (i, j, k mm), origin (RAS mm) and optional 3x3 direction."""
+    m = np.eye(4)
+    d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+    m[:3, :3] = d * np.asarray(spacing_mm, dtype=np.float64)
+    m[:3, 3] = origin_ras
+    return m
