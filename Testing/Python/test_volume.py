@@ -1,0 +1,137 @@
+"""Volume geometry: LPS/RAS conversion at the SimpleITK boundary, file round trips, crop, resample."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+import LungGradCAMLib as lgc
+from LungGradCAMLib.errors import LungGradCAMError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.volume import crop, max_voxels, resample, resample_to
+
+
+def _oblique_matrix(flip: bool = False) -> np.ndarray:
+    rot = Rotation.from_euler("xyz", [17.0, -8.0, 31.0], degrees=True).as_matrix()
+    if flip:
+        rot = rot @ np.diag([-1.0, 1.0, -1.0])  # axis-flipped: left-handed index axes
+    m = np.eye(4)
+    m[:3, :3] = rot * np.array([0.7, 0.8, 2.5])
+    m[:3, 3] = [-123.4, 56.7, -890.1]
+    return m
+
+
+MATRICES = {
+    "slicer_axial": np.diag([-0.7, -0.7, 2.5, 1.0]),
+    "identity": np.eye(4),
+    "oblique": _oblique_matrix(),
+    "oblique_flipped": _oblique_matrix(flip=True),
+}
+
+
+@pytest.fixture
+def array():
+    rng = np.random.default_rng(1)
+    return rng.normal(-500, 300, size=(7, 9, 11)).astype(np.float32)
+
+
+def test_properties():
+    m = np.diag([-0.7, -0.8, 2.5, 1.0])
+    m[:3, 3] = [10, 20, 30]
+    v = lgc.Volume(np.zeros((3, 4, 5)), m)
+    np.testing.assert_allclose(v.spacing, [0.7, 0.8, 2.5])
+    np.testing.assert_allclose(v.origin, [10, 20, 30])
+    np.testing.assert_allclose(v.direction, np.diag([-1.0, -1.0, 1.0]))
+    # voxel (i=1, j=2, k=3) -> RAS
+    np.testing.assert_allclose(v.ijk_to_ras_points([1, 2, 3]), [[10 - 0.7, 20 - 1.6, 30 + 7.5]])
+    np.testing.assert_allclose(v.ras_to_ijk_points(v.ijk_to_ras_points([1, 2, 3])), [[1, 2, 3]])
+
+
+def test_lps_ras_against_simpleitk():
+    """SimpleITK's physical points are LPS: ours must be the same point with x, y negated."""
+    m = MATRICES["oblique"]
+    v = lgc.Volume(np.zeros((4, 5, 6), np.float32), m)
+    img = v.to_sitk()
+    for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        lps = np.array(img.TransformIndexToPhysicalPoint(ijk))
+        ras = v.ijk_to_ras_points(ijk)[0]
+        np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=1e-9)
+    assert img.GetSize() == (6, 5, 4)  # SimpleITK is (i, j, k); our array is (k, j, i)
+
+
+@pytest.mark.parametrize("name", sorted(MATRICES))
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_file_round_trip(tmp_path, array, name, suffix):
+    v = lgc.Volume(array, MATRICES[name], {"modality": "CT"})
+    path = lgc.write_volume(v, tmp_path / f"vol{suffix}")
+    w = lgc.read_volume(path)
+    np.testing.assert_array_equal(w.array, array)
+    # NRRD and MHA store the geometry as decimal doubles: exact within 1e-6 mm. NIfTI stores the
+    # sform as float32, so an origin near -890 mm is only good to ~1e-4 mm (a format limit).
+    atol = 1e-4 if suffix == ".nii.gz" else 1e-6
+    np.testing.assert_allclose(w.ijk_to_ras, v.ijk_to_ras, atol=atol, rtol=0)
+    assert lgc.same_geometry(v, w, atol_mm=atol)
+    assert not list(tmp_path.glob(".tmp-*")), "temporary files left behind"
+
+
+def test_read_rejects_nan_and_bad_suffix(tmp_path, array):
+    array = array.copy()
+    array[1, 2, 3] = np.nan
+    path = tmp_path / "nan.nrrd"
+    sitk.WriteImage(lgc.Volume(array, np.eye(4)).to_sitk(), str(path))
+    with pytest.raises(VolumeError, match="NaN or infinite"):
+        lgc.read_volume(path)
+    with pytest.raises(UnsupportedFormatError, match="unsupported volume format"):
+        lgc.read_volume(tmp_path / "x.png")
+    with pytest.raises(VolumeError, match="no such file"):
+        lgc.read_volume(tmp_path / "missing.nrrd")
+    (tmp_path / "junk.nrrd").write_bytes(b"not a nrrd at all")
+    with pytest.raises(VolumeError, match="cannot read"):
+        lgc.read_volume(tmp_path / "junk.nrrd")
+
+
+def test_voxel_limit(tmp_path, array, monkeypatch):
+    path = lgc.write_volume(lgc.Volume(array, np.eye(4)), tmp_path / "v.nrrd")
+    monkeypatch.setenv("LUNGGRADCAM_MAX_VOXELS", "100")
+    assert max_voxels() == 100
+    with pytest.raises(VolumeError, match="exceeds the limit"):
+        lgc.read_volume(path)
+
+
+def test_bad_construction():
+    with pytest.raises(VolumeError):
+        lgc.Volume(np.zeros((3, 3)), np.eye(4))
+    with pytest.raises(VolumeError):
+        lgc.Volume(np.zeros((3, 3, 3)), np.zeros((4, 4)))
+    assert issubclass(VolumeError, LungGradCAMError)
+
+
+def test_crop_keeps_ras_positions(array):
+    v = lgc.Volume(array, MATRICES["oblique_flipped"])
+    c = crop(v, ((2, 5), (1, 9), (3, 100)))
+    assert c.shape == (3, 8, 8)
+    np.testing.assert_array_equal(c.array, array[2:5, 1:9, 3:])
+    # voxel (0,0,0) of the crop is voxel (i=3, j=1, k=2) of the original
+    np.testing.assert_allclose(c.ijk_to_ras_points([0, 0, 0]), v.ijk_to_ras_points([3, 1, 2]), atol=1e-9)
+    with pytest.raises(VolumeError, match="empty"):
+        crop(v, ((5, 5), (0, 1), (0, 1)))
+
+
+def test_resample_preserves_extent_and_values():
+    # a linear ramp along i is reproduced by linear interpolation
+    k, j, i = np.meshgrid(np.arange(10), np.arange(12), np.arange(16), indexing="ij")
+    v = lgc.Volume((i * 2.0).astype(np.float32), np.diag([-1.0, -1.0, 2.0, 1.0]))
+    r = resample(v, (0.5, 0.5, 1.0))
+    assert r.shape == (20, 24, 32)
+    np.testing.assert_allclose(r.spacing, [0.5, 0.5, 1.0])
+    # corners of the physical box stay put
+    np.testing.assert_allclose(r.ijk_to_ras_points([-0.5, -0.5, -0.5]), v.ijk_to_ras_points([-0.5, -0.5, -0.5]))
+    # interior voxels: value = 2 * (continuous i of the original)
+    ras = r.ijk_to_ras_points([[9, 5, 5]])
+    i_orig = v.ras_to_ijk_points(ras)[0, 0]
+    assert r.array[5, 5, 9] == pytest.approx(2 * i_orig, abs=1e-4)
+    back = resample_to(r, v)
+    assert lgc.same_geometry(back, v)
+    np.testing.assert_allclose(back.array[:, :, 1:-1], v.array[:, :, 1:-1], atol=1e-4)
+    with pytest.raises(VolumeError):
+        resample(v, (0, 1, 1))
