@@ -1,0 +1,155 @@
+"""The model card: everything needed to use a set of weights correctly, as plain JSON.
+
+Stored beside the weights as ``<name>.json`` (``<name>.safetensors`` holds the weights).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..atomic import write_text
+from ..errors import ModelError
+
+CARD_FORMAT = 1
+#: A card is a few kB; refuse to read anything bigger than this (hostile or wrong file).
+MAX_CARD_BYTES = 1 << 20
+#: Largest patch a card may declare (voxels): 512^3, 8x a whole 64x512x512 scan.
+MAX_PATCH_VOXELS = 512 ** 3
+NORMALISATIONS = ("minmax", "zscore")
+ACTIVATIONS = ("softmax", "sigmoid")
+NOT_CLINICAL = "Not for clinical use."
+
+
+@dataclass
+class ModelCard:
+    """What a model is and how to feed it.
+
+    * ``architecture`` / ``kwargs``: ``build_model(architecture, **kwargs)`` rebuilds the network.
+    * ``patch_size``: input size in voxels (K, J, I), or None for whole-volume models.
+    * ``spacing_mm``: voxel size (i, j, k) in mm the model was trained at.
+    * ``hu_window``: (low, high) HU; inputs are clipped to it, then ``normalisation``:
+      ``"minmax"`` maps the window to [0, 1]; ``"zscore"`` subtracts each sample's mean and divides
+      by its standard deviation (after clipping).
+    * ``activation``: ``"softmax"`` (trained with cross-entropy) or ``"sigmoid"`` (one-vs-rest
+      binary cross-entropy per class).
+    * ``class_names``: one per output logit; ``cam_class``: the class explained by default.
+    * ``target_layer``: dotted module name of the Grad-CAM layer.
+    * ``training``: data (what, how many, splits), command, seed, epochs...; ``metrics``: held-out
+      metrics, each ``{"value", "ci95": [lo, hi]}`` where known.
+    * ``sha256``: hex digest of the weights file; ``intended_use``: plain-language statement.
+    """
+
+    architecture: str
+    kwargs: Dict[str, Any]
+    class_names: List[str]
+    cam_class: str
+    target_layer: str
+    patch_size: Optional[List[int]] = None
+    spacing_mm: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    hu_window: List[float] = field(default_factory=lambda: [-1000.0, 400.0])
+    normalisation: str = "minmax"
+    activation: str = "softmax"
+    name: str = ""
+    version: str = "0.0.0"
+    description: str = ""
+    training: Dict[str, Any] = field(default_factory=dict)
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    intended_use: str = "Research and demonstration only. " + NOT_CLINICAL
+    sha256: str = ""
+    format: int = CARD_FORMAT
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self, source: str = "model card") -> "ModelCard":
+        """Check field types and ranges; raise :class:`ModelError` naming ``source`` and the field."""
+        def bad(what: str) -> ModelError:
+            return ModelError(f"{source}: {what}. Fix the model card (JSON beside the weights).")
+
+        from .networks import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise bad(f"unknown architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        if not isinstance(self.kwargs, dict):
+            raise bad("'kwargs' must be an object")
+        if (not isinstance(self.class_names, list) or not self.class_names
+                or not all(isinstance(c, str) and c for c in self.class_names)
+                or len(set(self.class_names)) != len(self.class_names)):
+            raise bad("'class_names' must be a non-empty list of distinct names")
+        if self.cam_class not in self.class_names:
+            raise bad(f"'cam_class' {self.cam_class!r} is not one of class_names {self.class_names}")
+        if not isinstance(self.target_layer, str) or not self.target_layer:
+            raise bad("'target_layer' must be a module name such as 'features.act6'")
+        if self.patch_size is not None:
+            if (not isinstance(self.patch_size, list) or len(self.patch_size) != 3
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.patch_size)):
+                raise bad(f"'patch_size' must be three positive integers (K, J, I) or null; got {self.patch_size!r}")
+            if math.prod(self.patch_size) > MAX_PATCH_VOXELS:
+                raise bad(f"'patch_size' {self.patch_size} declares more than {MAX_PATCH_VOXELS} voxels")
+        for name, n in (("spacing_mm", 3), ("hu_window", 2)):
+            value = getattr(self, name)
+            if (not isinstance(value, list) or len(value) != n
+                    or not all(_is_number(v) and math.isfinite(v) for v in value)):
+                raise bad(f"'{name}' must be {n} finite numbers; got {value!r}")
+        if not all(0 < s <= 100 for s in self.spacing_mm):
+            raise bad(f"'spacing_mm' must be in (0, 100] mm; got {self.spacing_mm}")
+        if not self.hu_window[0] < self.hu_window[1]:
+            raise bad(f"'hu_window' must be [low, high] with low < high; got {self.hu_window}")
+        if self.normalisation not in NORMALISATIONS:
+            raise bad(f"'normalisation' must be one of {NORMALISATIONS}; got {self.normalisation!r}")
+        if self.activation not in ACTIVATIONS:
+            raise bad(f"'activation' must be one of {ACTIVATIONS}; got {self.activation!r}")
+        if self.format != CARD_FORMAT:
+            raise bad(f"card format {self.format!r} is not supported (this version reads {CARD_FORMAT})")
+        return self
+
+    @property
+    def cam_class_index(self) -> int:
+        """Output index of ``cam_class``."""
+        return self.class_names.index(self.cam_class)
+
+    # --- JSON ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "model card") -> "ModelCard":
+        """Build and validate a card from parsed JSON; unknown or missing fields -> ModelError."""
+        if not isinstance(data, dict):
+            raise ModelError(f"{source}: a model card must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ModelError(f"{source}: unknown model card field(s) {unknown}; known: {sorted(known)}")
+        try:
+            card = cls(**data)
+        except TypeError as exc:
+            raise ModelError(f"{source}: incomplete model card ({exc}); required: architecture, "
+                             "kwargs, class_names, cam_class, target_layer") from None
+        return card.validate(source)
+
+    def save(self, path: "str | os.PathLike[str]") -> Path:
+        """Write the card as indented JSON, atomically."""
+        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike[str]") -> "ModelCard":
+        """Read and validate a card JSON file (refusing files over 1 MiB before reading them)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model card not found; a model needs its card JSON beside the "
+                             "weights (same name, .json)")
+        if path.stat().st_size > MAX_CARD_BYTES:
+            raise ModelError(f"{path}: {path.stat().st_size} bytes is too large for a model card "
+                             f"(limit {MAX_CARD_BYTES}); is this the right file?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{path}: the model card is not valid JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
