@@ -19,11 +19,12 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import ModelError
+from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
 from .networks import ARCHITECTURES
 
 __all__ = ["ARCHITECTURES", "LoadedModel", "ModelCard", "available_models", "build_model",
-           "load_model", "models_dir", "normalise_hu", "resolve_model_path", "save_model"]
+           "load_model", "models_dir", "resolve_model_path", "save_model"]
 
 #: Largest model ``load_model`` will build (parameters): 4 GB of float32.
 MAX_PARAMETERS = 1_000_000_000
@@ -91,22 +92,6 @@ def resolve_model_path(path_or_name: "Union[str, os.PathLike[str]]") -> Path:
                      f"{', '.join(available_models()) or 'none'} (or give a path to a .safetensors file)")
 
 
-def normalise_hu(hu: torch.Tensor, hu_window, normalisation: str = "minmax") -> torch.Tensor:
-    """Turn HU into model input: clip to ``hu_window`` (low, high HU), then ``"minmax"`` maps the
-    window to [0, 1], ``"zscore"`` standardises each sample (first axis) to mean 0, std 1.
-    Works on any device and shape (N, ...); returns float32."""
-    low, high = float(hu_window[0]), float(hu_window[1])
-    x = hu.float().clamp(low, high)
-    if normalisation == "minmax":
-        return (x - low) / (high - low)
-    if normalisation == "zscore":
-        dims = tuple(range(1, x.ndim))
-        mean = x.mean(dim=dims, keepdim=True)
-        std = x.std(dim=dims, keepdim=True).clamp_min(1e-6)
-        return (x - mean) / std
-    raise ModelError(f"unknown normalisation {normalisation!r}; use 'minmax' or 'zscore'")
-
-
 @dataclass
 class LoadedModel:
     """A network (eval mode, parameters on ``device``) with its validated card."""
@@ -125,7 +110,7 @@ class LoadedModel:
 
     def prepare(self, hu: torch.Tensor) -> torch.Tensor:
         """HU tensor (N, C, K, J, I) -> model input, windowed and normalised as the card says."""
-        return normalise_hu(hu, self.card.hu_window, self.card.normalisation)
+        return apply_card_preprocessing(hu, self.card)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, classes) logits -> probabilities with the card's activation (softmax/sigmoid)."""

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..atomic import write_text
-from ..errors import ModelError
+from ..errors import CamError, ModelError
+from ..preprocess import NORMALISATIONS
 
 CARD_FORMAT = 1
 #: A card is a few kB; refuse to read anything bigger than this (hostile or wrong file).
 MAX_CARD_BYTES = 1 << 20
 #: Largest patch a card may declare (voxels): 512^3, 8x a whole 64x512x512 scan.
 MAX_PATCH_VOXELS = 512 ** 3
-NORMALISATIONS = ("minmax", "zscore")
 ACTIVATIONS = ("softmax", "sigmoid")
 NOT_CLINICAL = "Not for clinical use."
 
@@ -31,9 +31,10 @@ class ModelCard:
     * ``architecture`` / ``kwargs``: ``build_model(architecture, **kwargs)`` rebuilds the network.
     * ``patch_size``: input size in voxels (K, J, I), or None for whole-volume models.
     * ``spacing_mm``: voxel size (i, j, k) in mm the model was trained at.
-    * ``hu_window``: (low, high) HU; inputs are clipped to it, then ``normalisation``:
-      ``"minmax"`` maps the window to [0, 1]; ``"zscore"`` subtracts each sample's mean and divides
-      by its standard deviation (after clipping).
+    * ``hu_window``, ``normalisation`` (``"minmax"``, ``"zscore"``, ``"none"``) and the optional
+      enhancements ``gamma``, ``clahe``, ``sobel``: the intensity preprocessing, applied by
+      :func:`LungGradCAMLib.preprocess.apply_card_preprocessing` (HU clipped to the window, then
+      the window mapped to [0, 1], ...).
     * ``activation``: ``"softmax"`` (trained with cross-entropy) or ``"sigmoid"`` (one-vs-rest
       binary cross-entropy per class).
     * ``class_names``: one per output logit; ``cam_class``: the class explained by default.
@@ -52,6 +53,9 @@ class ModelCard:
     spacing_mm: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     hu_window: List[float] = field(default_factory=lambda: [-1000.0, 400.0])
     normalisation: str = "minmax"
+    gamma: Optional[float] = None
+    clahe: Any = None
+    sobel: Any = None
     activation: str = "softmax"
     name: str = ""
     version: str = "0.0.0"
@@ -99,6 +103,12 @@ class ModelCard:
             raise bad(f"'hu_window' must be [low, high] with low < high; got {self.hu_window}")
         if self.normalisation not in NORMALISATIONS:
             raise bad(f"'normalisation' must be one of {NORMALISATIONS}; got {self.normalisation!r}")
+        if self.gamma is not None and not (_is_number(self.gamma) and 0 < self.gamma <= 10):
+            raise bad(f"'gamma' must be null or a number in (0, 10]; got {self.gamma!r}")
+        if self.clahe not in (None, False, True, "slice", "3d"):
+            raise bad(f"'clahe' must be null, true, 'slice' or '3d'; got {self.clahe!r}")
+        if not (self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)):
+            raise bad(f"'sobel' must be null, true/false or a weight in [0, 10]; got {self.sobel!r}")
         if self.activation not in ACTIVATIONS:
             raise bad(f"'activation' must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.format != CARD_FORMAT:
@@ -109,6 +119,34 @@ class ModelCard:
     def cam_class_index(self) -> int:
         """Output index of ``cam_class``."""
         return self.class_names.index(self.cam_class)
+
+    def class_index(self, target: "Optional[int | str]" = None) -> int:
+        """Output index of ``target`` (a class name or index); None -> ``cam_class``."""
+        if target is None:
+            return self.cam_class_index
+        if isinstance(target, str) and target in self.class_names:
+            return self.class_names.index(target)
+        if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(self.class_names):
+            return target
+        raise CamError(f"target class {target!r} is not one of this model's classes "
+                       f"{self.class_names} (or an index 0..{len(self.class_names) - 1})")
+
+    def probabilities_from_score(self, index: int, probability: float) -> Dict[str, float]:
+        """Class name -> probability, given only class ``index``'s probability. For two classes
+        the other gets the complement; with more classes only the known one is reported."""
+        result = {self.class_names[index]: float(probability)}
+        if len(self.class_names) == 2:
+            result[self.class_names[1 - index]] = 1.0 - float(probability)
+        return result
+
+    def summary(self) -> dict:
+        """The JSON-able facts a report about one explanation needs."""
+        keys = ("name", "version", "architecture", "class_names", "cam_class", "target_layer",
+                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "intended_use")
+        out = {k: getattr(self, k) for k in keys}
+        out["sha256"] = self.sha256
+        out["metrics"] = {k: v for k, v in self.metrics.items() if k in ("roc_auc", "accuracy")}
+        return out
 
     # --- JSON ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -10,7 +10,8 @@ import torch
 
 from LungGradCAMLib.errors import ModelError
 from LungGradCAMLib.models import (ARCHITECTURES, ModelCard, available_models, build_model,
-                                   load_model, normalise_hu, save_model)
+                                   load_model, save_model)
+from LungGradCAMLib.errors import CamError
 
 SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},
@@ -127,6 +128,7 @@ def test_shape_mismatch(tmp_path):
     ({"patch_size": [4096, 4096, 4096]}, "patch_size"),
     ({"hu_window": [400, -1000]}, "hu_window"),
     ({"normalisation": "magic"}, "normalisation"),
+    ({"clahe": "4d"}, "clahe"),
     ({"surprise": 1}, "unknown model card field"),
 ])
 def test_bad_cards_refused(tmp_path, change, message):
@@ -159,6 +161,7 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("suffix, writer", [
     (".pt", lambda obj, path: torch.save(obj, path)),
     (".pth", lambda obj, path: path.write_bytes(pickle.dumps(obj))),
@@ -185,8 +188,18 @@ def test_pickle_payload_never_runs(tmp_path, suffix, writer):
     assert not target.exists()
 
 
-def test_normalise_hu():
-    hu = torch.tensor([[-2000.0, -1000.0, -300.0, 400.0, 3000.0]])
-    assert torch.allclose(normalise_hu(hu, (-1000, 400), "minmax"), torch.tensor([[0, 0, 0.5, 1, 1]]))
-    z = normalise_hu(hu, (-1000, 400), "zscore")
-    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-5
+def test_prepare_follows_card(tmp_path):
+    _, path = _saved(tmp_path)
+    loaded = load_model(path)
+    hu = torch.tensor([-2000.0, -1000.0, 300.0, 400.0, 3000.0]).reshape(1, 1, 1, 1, 5)
+    expected = (hu.clamp(-1000, 400) + 1000) / 1400  # the card's default window, min-max
+    assert torch.allclose(loaded.prepare(hu), expected)
+
+
+def test_card_class_helpers():
+    card = _card()
+    assert card.class_index() == 1 and card.class_index("background") == 0 and card.class_index(0) == 0
+    with pytest.raises(CamError, match="'tumour' is not one of"):
+        card.class_index("tumour")
+    assert card.probabilities_from_score(1, 0.8) == pytest.approx({"nodule": 0.8, "background": 0.2})
+    assert card.summary()["cam_class"] == "nodule"
