@@ -1,0 +1,271 @@
+"""The boundary between Slicer's MRML nodes and the engine's types.
+
+This is the only library module that imports ``slicer``. It needs only MRML and ``slicer.util``
+(no Qt, no application), so it runs both inside 3D Slicer and against the ``slicer-core`` wheel
+(set ``slicer.mrmlScene = slicer.vtkMRMLScene()`` first there).
+
+Conventions are Slicer's own: arrays are (K, J, I) exactly as ``slicer.util.arrayFromVolume``
+returns them, matrices are ``GetIJKToRASMatrix`` (RAS, mm), so no axis or LPS/RAS conversion
+happens here.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import slicer
+import vtk
+
+from .errors import InvalidInputError, VolumeError
+from .results import Region, Segmentation
+from .volume import Volume
+
+__all__ = ["CAM_COLOR_NODE_IDS", "cam_to_node", "cam_volume_rendering", "regions_to_table",
+           "segmentation_to_node", "volume_from_node"]
+
+#: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
+#: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
+#: with slicer-core once a vtkSlicerColorLogic has been given the scene). High CAM = hot colours.
+CAM_COLOR_NODE_IDS = (
+    "vtkMRMLColorTableNodeFileColdToHotRainbow.txt",
+    "vtkMRMLColorTableNodeFileInferno.txt",
+    "vtkMRMLPETProceduralColorNodePET-Heat",
+)
+
+#: CAM values below this are transparent in slice views and in 3D (the CAM is in [0, 1]).
+DEFAULT_HIDE_BELOW = 0.1
+
+
+def _vtk_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    slicer.util.updateVTKMatrixFromArray(matrix, np.asarray(array, dtype=np.float64))
+    return matrix
+
+
+def _ijk_to_ras(node: Any) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def _scene(node: Any) -> Any:
+    """The scene ``node`` belongs to, else ``slicer.mrmlScene``."""
+    scene = node.GetScene() if node is not None else None
+    return scene if scene is not None else slicer.mrmlScene
+
+
+def _check_not_transformed(node: Any) -> None:
+    """Refuse a node whose parent transform moves it: its voxels would not be where the matrix says."""
+    transform = node.GetParentTransformNode()
+    if transform is None:
+        return
+    name = node.GetName()
+    if not transform.IsTransformToWorldLinear():
+        raise VolumeError(
+            f"volume {name!r} is under the non-linear transform {transform.GetName()!r}. Harden the "
+            "transform first (Data module: right-click the volume > Harden transform), which resamples "
+            "the volume, then run LungGradCAM on the hardened volume.")
+    to_world = vtk.vtkMatrix4x4()
+    transform.GetMatrixTransformToWorld(to_world)
+    if not np.allclose(slicer.util.arrayFromVTKMatrix(to_world), np.eye(4), atol=1e-9):
+        raise VolumeError(
+            f"volume {name!r} is under the transform {transform.GetName()!r}, so its voxels are not where "
+            "its own geometry says. Harden the transform first (Data module: right-click the volume > "
+            "Harden transform), or remove it, then run LungGradCAM again.")
+
+
+def volume_from_node(node: Any) -> Volume:
+    """A :class:`Volume` copied from a scalar volume node.
+
+    ``array`` is (K, J, I) with the node's voxel type (HU for CT), ``ijk_to_ras`` is the node's
+    ``GetIJKToRASMatrix`` (RAS, mm). ``meta`` holds the node ID and name (never logged).
+
+    Raises :class:`InvalidInputError` when ``node`` is not a volume node, :class:`VolumeError` when
+    it has no voxels, more than one component per voxel, or sits under a parent transform that
+    moves it (harden the transform first).
+    """
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        kind = "nothing" if node is None else f"a {node.GetClassName()}"
+        raise InvalidInputError(f"the input must be a scalar volume node (a CT); got {kind}. "
+                                "Select a CT volume as the input.")
+    image = node.GetImageData()
+    name = node.GetName()
+    if image is None or min(image.GetDimensions()) < 1 or image.GetPointData().GetScalars() is None:
+        raise VolumeError(f"volume {name!r} holds no voxels; load the CT again or pick another volume")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise VolumeError(f"volume {name!r} has {image.GetNumberOfScalarComponents()} components per "
+                          "voxel (colour or vector image); LungGradCAM needs a scalar CT in HU")
+    _check_not_transformed(node)
+    array = np.array(slicer.util.arrayFromVolume(node), copy=True)
+    return Volume(array, _ijk_to_ras(node), {"mrml_node_id": node.GetID(), "description": name})
+
+
+def _cam_color_node_id(scene: Any) -> Optional[str]:
+    return next((node_id for node_id in CAM_COLOR_NODE_IDS if scene.GetNodeByID(node_id) is not None), None)
+
+
+def cam_to_node(volume: Volume, node: Any = None, name: str = "LungGradCAM heat map",
+                hide_below: float = DEFAULT_HIDE_BELOW) -> Any:
+    """Put a CAM :class:`Volume` (float, in [0, 1], K, J, I) into a scalar volume node.
+
+    ``node`` is filled (its voxels, geometry and display replaced) or, when None, created in
+    ``slicer.mrmlScene`` with ``name``. The node gets exactly ``volume.ijk_to_ras`` and a display
+    node with a hot colour table (:data:`CAM_COLOR_NODE_IDS`), window 0..1 and a threshold that
+    makes values below ``hide_below`` transparent in slice views. Returns the node.
+    """
+    array = np.asarray(volume.array, dtype=np.float32)
+    if not np.all(np.isfinite(array)):
+        raise VolumeError("the CAM holds NaN or infinite values; it cannot be shown")
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    elif not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise InvalidInputError(f"the CAM output must be a scalar volume node; got a {node.GetClassName()}")
+    node.SetIJKToRASMatrix(_vtk_matrix(volume.ijk_to_ras))
+    slicer.util.updateVolumeFromArray(node, array)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    color_id = _cam_color_node_id(_scene(node))
+    if color_id is not None:
+        display.SetAndObserveColorNodeID(color_id)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(0.0, 1.0)
+    display.AutoThresholdOff()
+    display.SetThreshold(float(hide_below), max(1.0, float(array.max(initial=1.0))))
+    display.ApplyThresholdOn()
+    return node
+
+
+def cam_volume_rendering(cam_node: Any, volume_rendering_logic: Any, hide_below: float = DEFAULT_HIDE_BELOW,
+                         max_opacity: float = 0.6) -> Any:
+    """Show ``cam_node`` as a volume rendering: transparent below ``hide_below``, opacity rising
+    linearly to ``max_opacity`` at CAM 1, coloured with the CAM's colour table.
+
+    ``volume_rendering_logic`` is ``slicer.modules.volumerendering.logic()`` in Slicer (or a
+    ``vtkSlicerVolumeRenderingLogic`` given the scene). Returns the volume rendering display node.
+    """
+    display = volume_rendering_logic.GetFirstVolumeRenderingDisplayNode(cam_node)
+    if display is None:
+        display = volume_rendering_logic.CreateDefaultVolumeRenderingNodes(cam_node)
+    prop = display.GetVolumePropertyNode().GetVolumeProperty()
+    opacity = prop.GetScalarOpacity()
+    opacity.RemoveAllPoints()
+    opacity.AddPoint(0.0, 0.0)
+    opacity.AddPoint(float(hide_below), 0.0)
+    opacity.AddPoint(1.0, float(max_opacity))
+    color_node = cam_node.GetDisplayNode().GetColorNode() if cam_node.GetDisplayNode() else None
+    if color_node is not None:
+        colors = prop.GetRGBTransferFunction()
+        colors.RemoveAllPoints()
+        n = color_node.GetNumberOfColors()
+        rgba = [0.0, 0.0, 0.0, 0.0]
+        for t in np.linspace(0.0, 1.0, 17):
+            color_node.GetColor(int(round(t * (n - 1))), rgba)
+            colors.AddRGBPoint(float(t), *rgba[:3])
+    display.SetVisibility(True)
+    return display
+
+
+def _label_array(labelmap: Volume) -> np.ndarray:
+    """The labelmap in a voxel type VTK renders (no 64-bit ints), refusing negative labels."""
+    array = np.asarray(labelmap.array)
+    if array.dtype.kind not in "biu":
+        raise VolumeError(f"a labelmap must hold integer labels; got {array.dtype}")
+    if array.size and int(array.min()) < 0:
+        raise VolumeError("a labelmap must not hold negative labels")
+    top = int(array.max(initial=0))
+    return array.astype(np.uint16 if top < 2 ** 16 else np.int32, copy=False)
+
+
+def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: Any = None,
+                         name: str = "LungGradCAM regions", closed_surface: bool = True) -> Any:
+    """Put a :class:`Segmentation` into a segmentation node, one segment per region.
+
+    The labelmap (K, J, I, with its own ``ijk_to_ras``) is imported through a temporary labelmap
+    node with ``vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode``; the reference
+    geometry (the grid segments are edited on) is ``reference_node``'s, the CT's. Segments are
+    named and coloured from the regions (matched by label). ``node`` is emptied and refilled, or
+    created with ``name`` when None. With ``closed_surface`` a 3D surface is made for the 3D views
+    where Slicer's converter rules are registered (always in Slicer). Returns the node.
+    """
+    if reference_node is None or not reference_node.IsA("vtkMRMLVolumeNode"):
+        raise InvalidInputError("segmentation_to_node needs the CT volume node as reference_node")
+    scene = _scene(reference_node)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    elif not node.IsA("vtkMRMLSegmentationNode"):
+        raise InvalidInputError(f"the segmentation output must be a segmentation node; got a {node.GetClassName()}")
+    node.CreateDefaultDisplayNodes()
+    node.GetSegmentation().RemoveAllSegments()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+
+    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LungGradCAM temporary labelmap")
+    try:
+        temporary.SetIJKToRASMatrix(_vtk_matrix(segmentation.labelmap.ijk_to_ras))
+        slicer.util.updateVolumeFromArray(temporary, _label_array(segmentation.labelmap))
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ""):
+            raise VolumeError("Slicer could not import the region labelmap into the segmentation node")
+    finally:
+        scene.RemoveNode(temporary)
+
+    by_label = {int(region.label): region for region in segmentation.regions}
+    segments = node.GetSegmentation()
+    for index in range(segments.GetNumberOfSegments()):
+        segment = segments.GetNthSegment(index)
+        region = by_label.get(int(segment.GetLabelValue()))
+        if region is not None:
+            segment.SetName(region.name)
+            segment.SetColor(*[float(c) for c in region.color])
+    if closed_surface:
+        node.CreateClosedSurfaceRepresentation()
+    return node
+
+
+#: (column name, type, unit label, description, value of a Region). Units are in the names too,
+#: as Slicer's own measurement tables do, so they show in the table view's header.
+_REGION_COLUMNS = (
+    ("Segment", str, "", "region name (the segment's name)", lambda r: r.name),
+    ("Label", int, "", "label value in the region labelmap", lambda r: r.label),
+    ("Volume [ml]", float, "ml", "region volume", lambda r: r.volume_ml),
+    ("Volume [mm3]", float, "mm3", "region volume", lambda r: r.volume_mm3),
+    ("Voxels", int, "", "number of voxels", lambda r: r.voxels),
+    ("Peak CAM", float, "", "highest heat-map value in the region (0..1)", lambda r: r.peak_cam),
+    ("Mean CAM", float, "", "mean heat-map value in the region (0..1)", lambda r: r.mean_cam),
+    ("Mean HU", float, "HU", "mean CT value in the region", lambda r: r.mean_hu),
+    ("Max HU", float, "HU", "highest CT value in the region", lambda r: r.max_hu),
+    ("Centroid R [mm]", float, "mm", "centroid, right (RAS)", lambda r: r.centroid_ras[0]),
+    ("Centroid A [mm]", float, "mm", "centroid, anterior (RAS)", lambda r: r.centroid_ras[1]),
+    ("Centroid S [mm]", float, "mm", "centroid, superior (RAS)", lambda r: r.centroid_ras[2]),
+    ("Peak R [mm]", float, "mm", "hottest voxel, right (RAS)", lambda r: r.peak_ras[0]),
+    ("Peak A [mm]", float, "mm", "hottest voxel, anterior (RAS)", lambda r: r.peak_ras[1]),
+    ("Peak S [mm]", float, "mm", "hottest voxel, superior (RAS)", lambda r: r.peak_ras[2]),
+    ("Score", float, "", "the model's probability for the region, when known", lambda r: r.score),
+)
+_VTK_ARRAYS = {str: vtk.vtkStringArray, int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}
+
+
+def _column(name: str, kind: type, values: Sequence[Any]) -> vtk.vtkAbstractArray:
+    column = _VTK_ARRAYS[kind]()
+    column.SetName(name)
+    for value in values:
+        # unknown numbers (None, e.g. no HU without a CT) become NaN so the column stays numeric
+        column.InsertNextValue(math.nan if value is None and kind is float else kind(value))
+    return column
+
+
+def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "LungGradCAM regions table") -> Any:
+    """Fill a table node with one row per region: name, label, volume (ml, mm³), voxel count,
+    peak/mean CAM, mean/max HU, centroid and hottest point (RAS mm) and score, with unit labels
+    and descriptions on the columns. ``node`` is cleared and refilled, or created when None."""
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    elif not node.IsA("vtkMRMLTableNode"):
+        raise InvalidInputError(f"the results table output must be a table node; got a {node.GetClassName()}")
+    was_modifying = node.StartModify()
+    node.RemoveAllColumns()
+    for column_name, kind, unit, description, value in _REGION_COLUMNS:
+        node.AddColumn(_column(column_name, kind, [value(r) for r in regions]))
+        node.SetColumnUnitLabel(column_name, unit)
+        node.SetColumnDescription(column_name, description)
+    node.EndModify(was_modifying)
+    return node

@@ -1,0 +1,355 @@
+"""LungGradCAMLib.mrml against real MRML nodes from the slicer-core wheel (no Slicer application)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+vtk = pytest.importorskip("vtk")
+
+from LungGradCAMLib import mrml  # noqa: E402  (needs slicer)
+from LungGradCAMLib.errors import InvalidInputError, VolumeError  # noqa: E402
+from LungGradCAMLib.results import Region, Segmentation  # noqa: E402
+from LungGradCAMLib.volume import Volume  # noqa: E402
+
+SHAPE = (6, 9, 11)  # K, J, I: all different so an axis mix-up cannot pass
+
+# Column c of the 3x3 part is the RAS step of index axis i, j, k (mm).
+OBLIQUE = np.array([
+    [0.70 * 0.8, -0.71 * 0.9, 0.05 * 2.5, -120.25],
+    [0.71 * 0.8, 0.70 * 0.9, -0.10 * 2.5, 33.5],
+    [0.00, 0.10 * 0.9, 0.99 * 2.5, -412.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+FLIPPED = np.array([  # LPS-like storage (i -> left, j -> posterior) and k running inferior
+    [-0.7, 0.0, 0.0, 150.0],
+    [0.0, -0.7, 0.0, 170.0],
+    [0.0, 0.0, -1.25, -20.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+MATRICES = {"oblique": OBLIQUE, "flipped": FLIPPED, "axis_aligned": np.diag([0.6, 0.6, 2.0, 1.0])}
+
+
+@pytest.fixture(autouse=True)
+def scene():
+    """A fresh scene, with the colour logic's built-in colour tables as in Slicer."""
+    slicer.mrmlScene = slicer.vtkMRMLScene()
+    colors = slicer.vtkSlicerColorLogic()
+    colors.SetMRMLScene(slicer.mrmlScene)
+    yield slicer.mrmlScene
+    colors.SetMRMLScene(None)
+
+
+def _ct_node(matrix: np.ndarray, dtype=np.int16):
+    rng = np.random.default_rng(0)
+    array = rng.integers(-1024, 1500, size=SHAPE).astype(dtype)
+    return slicer.util.addVolumeFromArray(array, matrix, name="CT"), array
+
+
+def _node_matrix(node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return slicer.util.arrayFromVTKMatrix(m)
+
+
+# --- volume_from_node -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", sorted(MATRICES))
+def test_volume_from_node_keeps_voxels_and_geometry(kind):
+    node, array = _ct_node(MATRICES[kind])
+    volume = mrml.volume_from_node(node)
+    assert volume.shape == SHAPE
+    assert volume.array.dtype == np.int16
+    np.testing.assert_array_equal(volume.array, array)
+    np.testing.assert_allclose(volume.ijk_to_ras, MATRICES[kind], atol=1e-9, rtol=0)
+    # a copy: editing the node afterwards does not change the Volume
+    slicer.util.arrayFromVolume(node)[:] = 0
+    np.testing.assert_array_equal(volume.array, array)
+    # a voxel's RAS position agrees with Slicer's own mapping
+    ijk = np.array([3.0, 7.0, 2.0])
+    ras = [0.0, 0.0, 0.0, 1.0]
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    m.MultiplyPoint([*ijk, 1.0], ras)
+    np.testing.assert_allclose(volume.ijk_to_ras_points(ijk)[0], ras[:3], atol=1e-9)
+
+
+def test_volume_from_node_identity_transform_is_accepted(scene):
+    node, array = _ct_node(OBLIQUE)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "identity")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    np.testing.assert_array_equal(mrml.volume_from_node(node).array, array)
+
+
+def test_volume_from_node_refuses_a_moving_linear_transform(scene):
+    node, _ = _ct_node(OBLIQUE)
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
+    shift = np.eye(4)
+    shift[0, 3] = 5.0
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(VolumeError, match="Harden transform") as info:
+        mrml.volume_from_node(node)
+    assert "'CT'" in str(info.value) and "'shift'" in str(info.value)
+
+
+def test_volume_from_node_refuses_a_nonlinear_transform(scene):
+    node, _ = _ct_node(OBLIQUE)
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(3, 3, 3)
+    grid.SetSpacing(100, 100, 100)
+    grid.SetOrigin(-100, -100, -500)
+    grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    displacement = vtk.util.numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
+    displacement[:] = np.random.default_rng(1).normal(0, 3, displacement.shape)
+    grid_transform = slicer.vtkOrientedGridTransform()
+    grid_transform.SetDisplacementGridData(grid)
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "warp")
+    transform.SetAndObserveTransformToParent(grid_transform)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(VolumeError, match="non-linear transform 'warp'"):
+        mrml.volume_from_node(node)
+
+
+def test_volume_from_node_refuses_what_is_not_a_scalar_volume(scene):
+    with pytest.raises(InvalidInputError, match="scalar volume node"):
+        mrml.volume_from_node(None)
+    with pytest.raises(InvalidInputError, match="vtkMRMLTableNode"):
+        mrml.volume_from_node(scene.AddNewNodeByClass("vtkMRMLTableNode"))
+    rgb = slicer.util.addVolumeFromArray(np.zeros((*SHAPE, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode",
+                                         name="photo")
+    with pytest.raises(VolumeError, match="'photo' has 3 components"):
+        mrml.volume_from_node(rgb)
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(VolumeError, match="'empty' holds no voxels"):
+        mrml.volume_from_node(empty)
+
+
+# --- cam_to_node --------------------------------------------------------------------------------------
+def _cam(matrix: np.ndarray) -> Volume:
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
+    return Volume(np.exp(-4 * (k ** 2 + (j - 0.3) ** 2 + i ** 2)).astype(np.float32), matrix)
+
+
+@pytest.mark.parametrize("kind", sorted(MATRICES))
+def test_cam_to_node_round_trips_values_and_geometry(kind):
+    cam = _cam(MATRICES[kind])
+    node = mrml.cam_to_node(cam, name="heat")
+    assert node.GetName() == "heat" and node.GetClassName() == "vtkMRMLScalarVolumeNode"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), cam.array)
+    np.testing.assert_allclose(_node_matrix(node), MATRICES[kind], atol=1e-9, rtol=0)
+    back = mrml.volume_from_node(node)
+    np.testing.assert_array_equal(back.array, cam.array)
+    np.testing.assert_allclose(back.ijk_to_ras, cam.ijk_to_ras, atol=1e-9, rtol=0)
+
+
+def test_cam_to_node_display_is_a_hot_overlay_hiding_near_zero(scene):
+    node = mrml.cam_to_node(_cam(OBLIQUE), hide_below=0.2)
+    display = node.GetDisplayNode()
+    # slicer-core has no file colour tables: the built-in fallback is used
+    assert display.GetColorNodeID() == "vtkMRMLPETProceduralColorNodePET-Heat"
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == pytest.approx((0.0, 1.0))
+    assert display.GetApplyThreshold() and not display.GetAutoThreshold()
+    assert display.GetLowerThreshold() == pytest.approx(0.2)
+    assert display.GetUpperThreshold() >= 1.0
+
+
+def test_cam_to_node_prefers_slicers_cold_to_hot_rainbow(scene):
+    table = slicer.vtkMRMLColorTableNode()
+    table.SetTypeToUser()
+    table.SetNumberOfColors(2)
+    table.SetName("ColdToHotRainbow")
+    # Slicer's colour logic adds its file tables as singletons: the ID is class name + tag
+    table.SetSingletonTag("FileColdToHotRainbow.txt")
+    scene.AddNode(table)
+    assert scene.GetNodeByID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt") is not None
+    node = mrml.cam_to_node(_cam(FLIPPED))
+    assert node.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeFileColdToHotRainbow.txt"
+
+
+def test_cam_to_node_refills_an_existing_node(scene):
+    node = mrml.cam_to_node(_cam(OBLIQUE))
+    smaller = Volume(np.full((2, 3, 4), 0.5, np.float32), FLIPPED)
+    same = mrml.cam_to_node(smaller, node=node)
+    assert same is node
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), smaller.array)
+    np.testing.assert_allclose(_node_matrix(node), FLIPPED, atol=1e-9, rtol=0)
+
+
+def test_cam_to_node_refuses_bad_input(scene):
+    with pytest.raises(VolumeError, match="NaN"):
+        mrml.cam_to_node(Volume(np.full(SHAPE, np.nan, np.float32), OBLIQUE))
+    with pytest.raises(InvalidInputError, match="vtkMRMLLabelMapVolumeNode"):
+        mrml.cam_to_node(_cam(OBLIQUE), node=scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode"))
+
+
+def test_cam_volume_rendering_hides_low_values(scene):
+    node = mrml.cam_to_node(_cam(OBLIQUE))
+    logic = slicer.vtkSlicerVolumeRenderingLogic()
+    logic.SetMRMLScene(scene)
+    display = mrml.cam_volume_rendering(node, logic, hide_below=0.25, max_opacity=0.5)
+    assert display.GetVisibility()
+    assert display.GetVolumeNode() is node
+    prop = display.GetVolumePropertyNode().GetVolumeProperty()
+    opacity = prop.GetScalarOpacity()
+    assert opacity.GetValue(0.1) == pytest.approx(0.0)
+    assert opacity.GetValue(0.25) == pytest.approx(0.0)
+    assert opacity.GetValue(1.0) == pytest.approx(0.5)
+    # the top of the colour transfer function is the colour table's hottest entry
+    color_node = node.GetDisplayNode().GetColorNode()
+    top = [0.0] * 4
+    color_node.GetColor(color_node.GetNumberOfColors() - 1, top)
+    np.testing.assert_allclose(prop.GetRGBTransferFunction().GetColor(1.0), top[:3], atol=1e-6)
+    # calling again reuses the display node
+    assert mrml.cam_volume_rendering(node, logic) is display
+
+
+# --- segmentation_to_node ----------------------------------------------------------------------------
+def _region(label: int, name: str, color, mask: np.ndarray, volume: Volume, score=None) -> Region:
+    voxels = int(mask.sum())
+    voxel_mm3 = float(abs(np.linalg.det(volume.ijk_to_ras[:3, :3])))
+    kji = np.argwhere(mask)
+    centroid = volume.ijk_to_ras_points(kji.mean(axis=0)[::-1])[0]
+    return Region(label=label, name=name, voxels=voxels, volume_mm3=voxels * voxel_mm3,
+                  volume_ml=voxels * voxel_mm3 / 1000, peak_cam=0.9, mean_cam=0.6, mean_hu=None if score else -20.5,
+                  max_hu=35.0, centroid_ras=tuple(centroid), peak_ras=tuple(centroid),
+                  bbox_ijk=tuple((int(kji[:, a].min()), int(kji[:, a].max()) + 1) for a in range(3)),
+                  bbox_ras=(tuple(centroid), tuple(centroid)), color=color, score=score)
+
+
+def _segmentation(matrix: np.ndarray) -> Segmentation:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1:3, 2:5, 1:4] = 1
+    labels[3:6, 5:9, 6:11] = 2
+    labels[0, 0, 10] = 5  # a one-voxel region at a corner, with a gap in the label values
+    reference = Volume(labels, matrix)
+    regions = [
+        _region(2, "region 1 (hottest)", (1.0, 0.2, 0.1), labels == 2, reference, score=0.93),
+        _region(1, "region 2", (0.1, 0.8, 0.3), labels == 1, reference),
+        _region(5, "region 3", (0.2, 0.3, 1.0), labels == 5, reference),
+    ]
+    return Segmentation(reference, regions, threshold=0.5)
+
+
+def _segment_mask(seg_node, segment_id: str, reference_node) -> np.ndarray:
+    out = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+        seg_node, ids, out, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+    np.testing.assert_allclose(_node_matrix(out), _node_matrix(reference_node), atol=1e-9)
+    mask = slicer.util.arrayFromVolume(out) > 0
+    slicer.mrmlScene.RemoveNode(out)
+    return mask
+
+
+@pytest.mark.parametrize("kind", sorted(MATRICES))
+def test_segmentation_to_node_segments_equal_the_labelmap(kind, scene):
+    ct, _ = _ct_node(MATRICES[kind])
+    seg = _segmentation(MATRICES[kind])
+    node = mrml.segmentation_to_node(seg, ct, closed_surface=False)
+    segments = node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == 3
+    # the temporary labelmap is gone
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
+    by_name = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(3)}
+    assert set(by_name) == {r.name for r in seg.regions}
+    for region in seg.regions:
+        segment = segments.GetSegment(by_name[region.name])
+        assert segment.GetColor() == pytest.approx(region.color)
+        mask = _segment_mask(node, by_name[region.name], ct)
+        assert int(mask.sum()) == region.voxels
+        np.testing.assert_array_equal(mask, seg.labelmap.array == region.label)
+    # the reference (editing) geometry is the CT's
+    assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is ct
+
+
+def test_segmentation_to_node_refills_an_existing_node_and_makes_3d_surfaces(scene):
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    # Slicer's Segmentations module registers this rule at start-up; slicer-core does not.
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    ct, _ = _ct_node(OBLIQUE)
+    seg = _segmentation(OBLIQUE)
+    node = mrml.segmentation_to_node(seg, ct)
+    assert node.GetSegmentation().ContainsRepresentation("Closed surface")
+    only_one = Segmentation(seg.labelmap.with_array((seg.labelmap.array == 2).astype(np.uint8)),
+                            [Region(**{**seg.regions[0].to_dict(), "label": 1})])
+    assert mrml.segmentation_to_node(only_one, ct, node=node) is node
+    assert node.GetSegmentation().GetNumberOfSegments() == 1
+    assert node.GetSegmentation().GetNthSegment(0).GetName() == "region 1 (hottest)"
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+
+
+def test_segmentation_to_node_refuses_bad_input(scene):
+    ct, _ = _ct_node(OBLIQUE)
+    seg = _segmentation(OBLIQUE)
+    with pytest.raises(InvalidInputError, match="reference_node"):
+        mrml.segmentation_to_node(seg, None)
+    with pytest.raises(InvalidInputError, match="vtkMRMLTableNode"):
+        mrml.segmentation_to_node(seg, ct, node=scene.AddNewNodeByClass("vtkMRMLTableNode"))
+    negative = Segmentation(Volume(np.full(SHAPE, -1, np.int16), OBLIQUE), [])
+    with pytest.raises(VolumeError, match="negative"):
+        mrml.segmentation_to_node(negative, ct)
+
+
+# --- regions_to_table --------------------------------------------------------------------------------
+def test_regions_to_table_contents_and_units(scene):
+    seg = _segmentation(OBLIQUE)
+    table = mrml.regions_to_table(seg.regions)
+    assert table.GetNumberOfRows() == 3
+    assert table.GetNumberOfColumns() == 16
+
+    def cell(name: str, row: int):
+        return table.GetTable().GetColumnByName(name).GetValue(row)
+
+    for row, region in enumerate(seg.regions):
+        assert cell("Segment", row) == region.name
+        assert cell("Label", row) == region.label
+        assert cell("Voxels", row) == region.voxels
+        assert cell("Volume [ml]", row) == pytest.approx(region.volume_ml, rel=1e-12)
+        assert cell("Volume [mm3]", row) == pytest.approx(region.volume_mm3, rel=1e-12)
+        for axis, letter in enumerate("RAS"):
+            assert cell(f"Centroid {letter} [mm]", row) == pytest.approx(region.centroid_ras[axis], abs=1e-9)
+            assert cell(f"Peak {letter} [mm]", row) == pytest.approx(region.peak_ras[axis], abs=1e-9)
+        assert cell("Peak CAM", row) == pytest.approx(region.peak_cam)
+        assert cell("Mean CAM", row) == pytest.approx(region.mean_cam)
+        assert cell("Max HU", row) == pytest.approx(region.max_hu)
+    # unknown values stay numeric (NaN), known ones are kept
+    assert np.isnan(cell("Score", 1)) and cell("Score", 0) == pytest.approx(0.93)
+    assert np.isnan(cell("Mean HU", 0)) and cell("Mean HU", 1) == pytest.approx(-20.5)
+    assert table.GetCellText(0, 0) == seg.regions[0].name
+    assert table.GetColumnUnitLabel("Volume [ml]") == "ml"
+    assert table.GetColumnUnitLabel("Volume [mm3]") == "mm3"
+    assert table.GetColumnUnitLabel("Mean HU") == "HU"
+    assert table.GetColumnUnitLabel("Peak R [mm]") == "mm"
+    assert table.GetColumnDescription("Peak CAM")
+
+
+def test_regions_to_table_refills_and_handles_no_regions(scene):
+    table = mrml.regions_to_table(_segmentation(FLIPPED).regions, name="results")
+    assert mrml.regions_to_table([], node=table) is table
+    assert table.GetNumberOfRows() == 0
+    assert table.GetNumberOfColumns() == 16
+    assert table.GetTable().GetColumnByName("Segment").IsA("vtkStringArray")
+    with pytest.raises(InvalidInputError, match="table node"):
+        mrml.regions_to_table([], node=scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+
+
+# --- files written by the library, read by Slicer's own reader ---------------------------------------
+def test_seg_nrrd_from_write_segmentation_loads_in_slicer(tmp_path, scene):
+    segment = pytest.importorskip("LungGradCAMLib.segment", reason="segment.py not written yet")
+    seg = _segmentation(OBLIQUE)
+    path = segment.write_segmentation(seg, tmp_path / "regions.seg.nrrd")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer's segmentation reader could not read {path}"
+    ct, _ = _ct_node(OBLIQUE)
+    segments = node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == len(seg.regions)
+    names = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(len(seg.regions))}
+    for region in seg.regions:
+        assert region.name in names
+        mask = _segment_mask(node, names[region.name], ct)
+        np.testing.assert_array_equal(mask, seg.labelmap.array == region.label)
