@@ -1,0 +1,233 @@
+"""Whole-scan CAMs with a sliding window: patches over a region, batched, blended with Gaussian
+weights into full-size maps, with progress, cancellation and out-of-memory recovery.
+
+Arrays are (D, H, W) = (K, J, I) voxels; boxes are ((k0, k1), (j0, j1), (i0, i1)) half-open
+voxel ranges, as in :class:`LungGradCAMLib.results.Region`.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cam import CAM, Target, _resolve_layer, minmax_per_sample
+from .errors import CancelledError, InvalidInputError, ResourceError
+
+__all__ = ["PatchScore", "SlidingResult", "sliding_cam"]
+
+log = logging.getLogger(__name__)
+
+Box = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+#: torch >= 2.5 raises torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is an alias of it)
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass
+class PatchScore:
+    """One patch: its box in volume voxels (it may reach past the volume's edges, where it was
+    padded with air), the score of the explained class (its probability; the callable's value
+    for a callable target) and the probabilities of all classes."""
+
+    box: Box
+    score: float
+    probabilities: Tuple[float, ...]
+
+
+@dataclass
+class SlidingResult:
+    """What :func:`sliding_cam` returns.
+
+    ``cam``: (D, H, W) float32 in [0, 1] over the whole volume (0 outside the region).
+    ``score_map``: (D, H, W) float32, the Gaussian-blended patch scores (0 outside the region).
+    ``patch_scores``: one :class:`PatchScore` per patch; ``max_score``: the highest of them.
+    ``device`` and ``batch_size``: where and with how many patches per batch the run finished
+    (they differ from the request after out-of-memory recovery).
+    """
+
+    cam: np.ndarray
+    score_map: np.ndarray
+    patch_scores: List[PatchScore]
+    max_score: float
+    device: str
+    batch_size: int
+
+
+def _triple(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int, int]:
+    values = (value,) * 3 if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(values) != 3 or any(int(v) != v or int(v) < 1 for v in values):
+        raise InvalidInputError(f"{name} must be a positive int or 3 positive ints (K, J, I) "
+                                f"in voxels; got {value!r}")
+    return tuple(int(v) for v in values)  # type: ignore[return-value]
+
+
+def _box(roi: Optional[Sequence[Sequence[int]]], shape: Tuple[int, ...]) -> Box:
+    if roi is None:
+        return tuple((0, n) for n in shape)  # type: ignore[return-value]
+    try:
+        box = tuple((int(a), int(b)) for a, b in roi)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"roi must be ((k0, k1), (j0, j1), (i0, i1)) voxel ranges; "
+                                f"got {roi!r}") from None
+    if len(box) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(box, shape)):
+        raise InvalidInputError(f"roi {roi!r} is not a non-empty box inside the volume of shape "
+                                f"{tuple(shape)} (half-open voxel ranges k, j, i)")
+    return box  # type: ignore[return-value]
+
+
+def _gaussian(patch: Tuple[int, int, int], sigma_scale: float, device: torch.device) -> torch.Tensor:
+    """Blending weights: a separable Gaussian (sigma = sigma_scale * patch) with peak 1, kept
+    above 1e-3 so that voxels near a patch's edge still count where no other patch covers them."""
+    axes = [torch.exp(-0.5 * ((torch.arange(p, dtype=torch.float32) - (p - 1) / 2)
+                              / (sigma_scale * p)) ** 2) for p in patch]
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    return (w / w.max()).clamp_min(1e-3).to(device)
+
+
+def _is_cancelled(cancel: Any) -> bool:
+    if cancel is None:
+        return False
+    if hasattr(cancel, "is_set"):
+        return bool(cancel.is_set())
+    return bool(cancel())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence[int]],
+                stride: Union[int, Sequence[int]], *, method: str = "gradcam",
+                target: Target = None, layer: Union[None, str, nn.Module] = None,
+                roi: Optional[Sequence[Sequence[int]]] = None, batch_size: int = 4,
+                preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                pad_value_hu: float = -1024.0,
+                progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
+                device: Union[None, str, torch.device] = None, amp: bool = False,
+                sigma_scale: float = 0.125) -> SlidingResult:
+    """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
+
+    Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
+    (``stride <= patch``) until they cover the box; where a patch reaches past the volume it is
+    padded with ``pad_value_hu`` (air) before ``preprocess`` (a callable applied on the device to
+    each (B, 1, *patch) HU batch; default: none) turns HU into model input. Each batch gets one
+    forward pass (:class:`~LungGradCAMLib.cam.CAM`: maps upsampled to the patch, not normalised);
+    the raw maps and the patches' scores are blended with Gaussian weights (sigma =
+    ``sigma_scale`` x patch), the blended map is min-max scaled to [0, 1] over the box.
+
+    ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
+    class (-1: the positive class of a binary or single-logit model) for every patch, so that all
+    patches explain the same class. ``progress(done, total)`` is called after each batch (counts
+    of patches); ``cancel`` (a callable returning True, or a ``threading.Event``) is checked before
+    each batch and raises :class:`CancelledError`.
+
+    Memory: the device holds the box (plus padding) three times in float32 and one batch. A
+    CUDA out-of-memory error halves the batch and retries; at one patch per batch the rest runs on
+    a CPU copy of the model with a warning; running out there raises :class:`ResourceError`.
+    """
+    volume = torch.as_tensor(np.asarray(volume_tensor) if not isinstance(volume_tensor, torch.Tensor)
+                             else volume_tensor)
+    if volume.dim() != 3 or volume.numel() == 0:
+        raise InvalidInputError(f"volume_tensor must be a non-empty 3-D (K, J, I) HU array; got "
+                                f"shape {tuple(volume.shape)}")
+    patch = _triple(patch, "patch")
+    stride = _triple(stride, "stride")
+    if any(s > p for s, p in zip(stride, patch)):
+        raise InvalidInputError(f"stride {stride} is larger than patch {patch}: voxels would be "
+                                f"skipped; use stride <= patch")
+    if int(batch_size) < 1:
+        raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    box = _box(roi, tuple(volume.shape))
+    dev = _model_device(model) if device is None else torch.device(device)
+    if _model_device(model) != dev:
+        raise InvalidInputError(f"the model is on {_model_device(model)} but device={dev}; move "
+                                f"the model there first (model.to(device))")
+    # a name, not a module, so the CPU fallback can find the layer in its copy of the model
+    layer_name = _resolve_layer(model, layer)[0]
+    target = -1 if target is None else target
+
+    counts = [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
+    extent = tuple((n - 1) * s + p for n, s, p in zip(counts, stride, patch))
+    corners = list(itertools.product(*(range(0, n * s, s) for n, s in zip(counts, stride))))
+
+    # the box plus overhang, padded with air where it leaves the volume
+    src = torch.full(extent, float(pad_value_hu), dtype=torch.float32, device=dev)
+    real = tuple(slice(a, min(a + e, n)) for (a, _), e, n in zip(box, extent, volume.shape))
+    src[tuple(slice(0, r.stop - r.start) for r in real)] = volume[real].to(dev, torch.float32)
+    weight = _gaussian(patch, sigma_scale, dev)
+    acc_cam, acc_score, acc_w = (torch.zeros(extent, device=dev) for _ in range(3))
+
+    batch = int(batch_size)
+    scores: List[PatchScore] = []
+    cam = CAM(model, layer_name, method, normalize=False, amp=amp).__enter__()
+    fallen_back = False
+    try:
+        done = 0
+        while done < len(corners):
+            if _is_cancelled(cancel):
+                raise CancelledError(f"sliding-window CAM cancelled after {done} of "
+                                     f"{len(corners)} patches")
+            chunk = corners[done:done + batch]
+            out_of_memory = False
+            try:
+                hu = torch.stack([src[k:k + patch[0], j:j + patch[1], i:i + patch[2]]
+                                  for k, j, i in chunk])[:, None]
+                result = cam(hu if preprocess is None else preprocess(hu), target)
+            except _OOM:
+                out_of_memory = True
+            if out_of_memory:  # outside the except block, so the failed batch's memory is free
+                if src.is_cuda:
+                    torch.cuda.empty_cache()
+                if batch > 1:
+                    batch //= 2
+                    log.info("out of memory on %s: retrying with %d patches per batch", dev, batch)
+                    continue
+                if fallen_back:
+                    raise ResourceError(
+                        f"out of memory on the CPU with one {patch} patch per batch; use a "
+                        f"smaller patch or a machine with more memory") from None
+                warnings.warn(f"out of memory on {dev} with one {patch} patch per batch: "
+                              f"continuing on the CPU (slower)", RuntimeWarning, stacklevel=2)
+                cam.__exit__()
+                dev = torch.device("cpu")
+                cam = CAM(copy.deepcopy(model).to(dev), layer_name, method, normalize=False,
+                          amp=amp).__enter__()
+                src, weight, acc_cam, acc_score, acc_w = (
+                    t.to(dev) for t in (src, weight, acc_cam, acc_score, acc_w))
+                fallen_back = True
+                continue
+            patch_score = result.target_probability
+            patch_score = result.scores if patch_score is None else patch_score
+            probs = (result.probabilities.tolist() if result.logits.dim() == 2
+                     else [[] for _ in chunk])
+            for n, (k, j, i) in enumerate(chunk):
+                region = (slice(k, k + patch[0]), slice(j, j + patch[1]), slice(i, i + patch[2]))
+                acc_cam[region] += weight * result.cam[n]
+                acc_score[region] += weight * patch_score[n]
+                acc_w[region] += weight
+            for (k, j, i), s, p in zip(chunk, patch_score.tolist(), probs):
+                origin = (k + box[0][0], j + box[1][0], i + box[2][0])
+                scores.append(PatchScore(
+                    tuple((o, o + q) for o, q in zip(origin, patch)), float(s), tuple(p)))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(corners))
+    finally:
+        cam.__exit__()
+
+    inside = tuple(slice(0, b - a) for a, b in box)
+    blended = acc_cam[inside] / acc_w[inside]
+    cam_map = np.zeros(tuple(volume.shape), dtype=np.float32)
+    score_map = np.zeros(tuple(volume.shape), dtype=np.float32)
+    where = tuple(slice(a, b) for a, b in box)
+    cam_map[where] = minmax_per_sample(blended[None])[0].cpu().numpy()
+    score_map[where] = (acc_score[inside] / acc_w[inside]).cpu().numpy()
+    return SlidingResult(cam_map, score_map, scores, max(s.score for s in scores), str(dev), batch)
