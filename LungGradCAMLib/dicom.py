@@ -1,0 +1,830 @@
+"""DICOM CT series <-> :class:`Volume`.
+
+Reading (:func:`load_dicom_series`, :func:`list_dicom_series`):
+
+* ``source`` is a folder (searched recursively) or a list of files. Files that are not DICOM, DICOMDIR
+  and non-image objects (SR, RTSTRUCT, ...) are ignored; unreadable DICOM is reported by name.
+* Slices are grouped by SeriesInstanceUID and a series is split into *parts* when its slices differ
+  in orientation, size or pixel spacing, or when several acquisitions overlap in space. A part of a
+  split series is named ``"<SeriesInstanceUID>#<n>"``.
+* Slices are ordered by the projection of ImagePositionPatient on the slice normal (the cross product
+  of the two ImageOrientationPatient cosines), never by InstanceNumber or file name; the slice
+  spacing comes from the positions, not from SliceThickness.
+* HU = stored * RescaleSlope + RescaleIntercept (per slice), float32. Pixel Padding Value (and the
+  range to Pixel Padding Range Limit) becomes -1024 HU, and CT values below ``min_hu`` (default
+  -1024, air) are raised to it: scanners pad outside the reconstruction circle with -2048/-3024.
+* Irregular spacing, a few missing slices (up to ``max_gap_slices`` in one gap) and gantry tilt
+  (positions that drift in-plane) are resampled onto a regular grid along the slice normal, with a
+  :class:`DicomResampledWarning` that says what was done; larger gaps raise
+  :class:`SeriesGeometryError`. Duplicate positions with identical pixels are dropped; with
+  different pixels they are an error.
+* Compressed transfer syntaxes decode through pydicom's handlers (pylibjpeg, pylibjpeg-libjpeg,
+  pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls); Enhanced (multi-frame) CT uses the per-frame and
+  shared functional groups.
+* Headers are read first (pixel data skipped), then pixel data is decoded by a thread pool straight
+  into one preallocated float32 array.
+
+Geometry is DICOM's LPS until the single conversion to RAS in :func:`_ijk_to_ras`; :func:`write_dicom_series`
+does the inverse once. Arrays are (K, J, I) = (slice, row, column).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .atomic import atomic_path
+from .errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError, SeriesGeometryError,
+                     VolumeError)
+from .volume import LPS_TO_RAS, Volume, check_voxel_limit
+
+log = logging.getLogger(__name__)
+
+#: Positions closer than this along the normal are duplicates; spacing deviations and in-plane
+#: drifts below it are rounding of the decimal strings DICOM stores positions in.
+POSITION_TOL_MM = 0.01
+#: Direction cosines that differ by less than this are the same orientation.
+ORIENTATION_TOL = 1e-4
+#: HU written where Pixel Padding Value marks "no data".
+AIR_HU = -1024.0
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+_COMPRESSIONS = {"rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80",
+                 "jpeg2000": "1.2.840.10008.1.2.4.90"}
+_DECODER_HINT = ("install the decoders with `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
+                 "pylibjpeg-rle pyjpegls` (or python-gdcm), or convert the series to an uncompressed "
+                 "transfer syntax (e.g. `gdcmconv --raw`)")
+
+PathLike = Union[str, "os.PathLike[str]"]
+ProgressFn = Callable[[int, int], None]
+
+
+class DicomResampledWarning(UserWarning):
+    """A series was resampled onto a regular grid (irregular spacing, missing slices, gantry tilt)."""
+
+
+# --------------------------------------------------------------------------------------------
+# headers
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Frame:
+    """One 2D image: a single-frame file or one frame of a multi-frame file (LPS geometry)."""
+
+    path: Path
+    frame: Optional[int]          # index in a multi-frame file, None for single-frame files
+    n_frames: int
+    series_uid: str
+    ipp: Optional[np.ndarray]
+    iop: Optional[np.ndarray]
+    pixel_spacing: Optional[Tuple[float, float]]  # (row spacing, column spacing) mm
+    rows: int
+    cols: int
+    slope: float
+    intercept: float
+    padding: Optional[Tuple[int, int]]  # inclusive stored-value range that means "no data"
+    acquisition: Optional[int]
+    header: "_Header"
+
+
+@dataclass
+class _Header:
+    """Per-file facts the decoder and the series listing need (shared by a file's frames)."""
+
+    path: Path
+    transfer_syntax: str
+    has_pixels: bool
+    pixel_offset: Optional[int]  # file offset of native Pixel Data's value, None when encapsulated
+    pixel_length: Optional[int]
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    samples_per_pixel: int
+    study_uid: str
+    patient_id: str
+    modality: str
+    description: str
+    series_number: Optional[int]
+    frame_of_reference_uid: str
+
+
+def _plausible_without_preamble(head: bytes) -> bool:
+    """Old files without the 128-byte preamble start with a group 0002 or 0008 element."""
+    return len(head) == 4 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3] == 0
+
+
+def _read_dataset(path: Path, header_only: bool = False):
+    """(pydicom dataset or None when ``path`` is not DICOM, file offset where reading stopped, the
+    next 12 bytes there). ``header_only`` stops before Pixel Data and skips large values."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    kwargs = {"stop_before_pixels": True, "defer_size": 4096} if header_only else {}
+    try:
+        with open(path, "rb") as f:
+            try:
+                ds = pydicom.dcmread(f, **kwargs)
+            except InvalidDicomError:
+                f.seek(0)
+                if not _plausible_without_preamble(f.read(4)):
+                    return None, 0, b""
+                f.seek(0)
+                ds = pydicom.dcmread(f, force=True, **kwargs)
+            # pydicom leaves the file at the start of the element where it stopped (Pixel Data).
+            stop = f.tell()
+            return ds, stop, f.read(12)
+    except OSError as exc:
+        raise DicomDecodeError(f"{path}: cannot read the file ({exc.strerror or exc}); check that it "
+                               "exists and that you may read it") from None
+    except Exception as exc:  # pydicom raises many types on corrupt files
+        raise DicomDecodeError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc}); "
+                               "remove it or replace it with an intact copy") from None
+
+
+def _pixel_element(syntax: str, stop: int, head: bytes) -> Tuple[bool, Optional[int], Optional[int]]:
+    """(has Pixel Data, offset of its value, its length) from the bytes where the header ended;
+    offset and length only for native little-endian data, which is read without pydicom."""
+    if head[:4] not in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10"):
+        return False, None, None
+    if syntax == _EXPLICIT_LE and len(head) == 12:  # explicit VR: tag, VR, 2 reserved, length
+        return True, stop + 12, int.from_bytes(head[8:12], "little")
+    if syntax == _IMPLICIT_LE and len(head) >= 8:  # implicit VR: tag, length
+        return True, stop + 8, int.from_bytes(head[4:8], "little")
+    return True, None, None
+
+
+def _float(value, default: float) -> float:
+    try:
+        return float(value) if value is not None and value != "" else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _int(value) -> Optional[int]:
+    try:
+        return int(value) if value is not None and value != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _vector(value, n: int) -> Optional[np.ndarray]:
+    try:
+        v = np.array([float(x) for x in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return v if v.shape == (n,) and np.all(np.isfinite(v)) else None
+
+
+def _padding_range(ds, bits_allocated: int, pixel_representation: int) -> Optional[Tuple[int, int]]:
+    """Stored-value range of Pixel Padding Value (.. Pixel Padding Range Limit), inclusive."""
+    values = [_int(ds.get("PixelPaddingValue")), _int(ds.get("PixelPaddingRangeLimit"))]
+    if values[0] is None:
+        return None
+    # The tag's VR (US or SS) is often written unsigned for signed pixels (LIDC: 63536 = -2000).
+    if pixel_representation == 1:
+        values = [v - (1 << bits_allocated) if v is not None and v >= 1 << (bits_allocated - 1) else v
+                  for v in values]
+    lo = values[0] if values[1] is None else min(values)
+    hi = values[0] if values[1] is None else max(values)
+    return lo, hi
+
+
+def _functional(ds, item, sequence: str, keyword: str):
+    """``keyword`` from the per-frame item, the shared functional groups, then the top level."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    for container in (item, shared[0] if shared else None):
+        seq = container.get(sequence) if container is not None else None
+        if seq and keyword in seq[0]:
+            return seq[0].get(keyword)
+    return ds.get(keyword)
+
+
+def _read_header(path: Path) -> List[_Frame]:
+    """The image frames of one file ([] for non-DICOM and non-image objects)."""
+    ds, stop, head = _read_dataset(path, header_only=True)
+    if ds is None or "Rows" not in ds or "Columns" not in ds:
+        return []
+    if str(ds.get("SOPClassUID", "")) == _MEDIA_STORAGE_DIRECTORY:
+        return []
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", _IMPLICIT_LE)) if meta is not None else _IMPLICIT_LE
+    has_pixels, pixel_offset, pixel_length = _pixel_element(syntax, stop, head)
+    bits_allocated = _int(ds.get("BitsAllocated")) or 16
+    pixel_representation = _int(ds.get("PixelRepresentation")) or 0
+    header = _Header(
+        path=path, transfer_syntax=syntax, has_pixels=has_pixels, pixel_offset=pixel_offset,
+        pixel_length=pixel_length,
+        bits_allocated=bits_allocated, bits_stored=_int(ds.get("BitsStored")) or bits_allocated,
+        pixel_representation=pixel_representation,
+        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
+        study_uid=str(ds.get("StudyInstanceUID", "")), patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")), description=str(ds.get("SeriesDescription", "")),
+        series_number=_int(ds.get("SeriesNumber")),
+        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n_frames = _int(ds.get("NumberOfFrames")) or 1
+    series_uid = str(ds.get("SeriesInstanceUID", ""))
+    padding = _padding_range(ds, bits_allocated, pixel_representation)
+    acquisition = _int(ds.get("AcquisitionNumber"))
+    if n_frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+        spacing = _vector(ds.get("PixelSpacing"), 2)
+        return [_Frame(path, None, 1, series_uid, _vector(ds.get("ImagePositionPatient"), 3),
+                       _vector(ds.get("ImageOrientationPatient"), 6),
+                       None if spacing is None else (spacing[0], spacing[1]), rows, cols,
+                       _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0),
+                       padding, acquisition, header)]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    if len(per_frame) != n_frames:
+        raise DicomDecodeError(
+            f"{path}: multi-frame object with {n_frames} frames but {len(per_frame)} per-frame "
+            "functional groups; only Enhanced (per-frame functional group) multi-frame images can "
+            "be placed in space")
+    frames = []
+    for index, item in enumerate(per_frame):
+        spacing = _vector(_functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"), 2)
+        frames.append(_Frame(
+            path, index, n_frames, series_uid,
+            _vector(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+            _vector(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+            None if spacing is None else (spacing[0], spacing[1]), rows, cols,
+            _float(_functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0),
+            _float(_functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
+            padding, _int(_functional(ds, item, "FrameContentSequence", "FrameAcquisitionNumber")),
+            header))
+    return frames
+
+
+def _source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, List[Path]]:
+    """(description of the source for messages, the candidate files)."""
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if root.is_dir():
+            files = []
+            for folder, dirs, names in os.walk(root):
+                dirs.sort()
+                files.extend(Path(folder) / n for n in sorted(names) if n.upper() != "DICOMDIR")
+            return str(root), files
+        if not root.exists() and not root.is_symlink():
+            raise NoSeriesFoundError(f"{root}: no such file or folder; give a DICOM folder or files")
+        return str(root), [root]
+    files = [Path(p) for p in source]
+    return (f"{len(files)} files" if len(files) != 1 else str(files[0])), files
+
+
+def _scan(files: Sequence[Path], workers: int) -> List[_Frame]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [frame for frames in pool.map(_read_header, files) for frame in frames]
+
+
+# --------------------------------------------------------------------------------------------
+# series and their parts
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One loadable stack of a DICOM series (facts from the headers; no pixels read).
+
+    ``part`` is 0 when the series forms one stack; a series whose slices differ in orientation,
+    size, pixel spacing or (overlapping) acquisition is split into parts 1, 2, ... and ``key`` is
+    then ``"<series_uid>#<part>"``. ``orientation`` is ImageOrientationPatient (LPS cosines),
+    ``pixel_spacing`` is (row spacing, column spacing) in mm.
+    """
+
+    series_uid: str
+    study_uid: str
+    patient_id: str
+    modality: str
+    description: str
+    series_number: Optional[int]
+    n_files: int
+    n_slices: int
+    rows: int
+    cols: int
+    orientation: Optional[Tuple[float, ...]]
+    pixel_spacing: Optional[Tuple[float, float]]
+    acquisition: Optional[int]
+    part: int = 0
+    files: Tuple[Path, ...] = field(default=(), repr=False)
+
+    @property
+    def key(self) -> str:
+        """The name :func:`load_dicom_series` accepts as ``series_uid`` for exactly this stack."""
+        return self.series_uid if self.part == 0 else f"{self.series_uid}#{self.part}"
+
+    def describe(self) -> str:
+        """One line for listings and error messages (no patient data)."""
+        return (f"{self.key}  '{self.description}'  {self.modality or '?'}  {self.n_slices} slice(s)  "
+                f"{self.rows}x{self.cols}")
+
+
+def _same(a: Optional[np.ndarray], b: Optional[np.ndarray], tol: float) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return bool(np.max(np.abs(a - b)) <= tol)
+
+
+def _normal(iop: np.ndarray) -> np.ndarray:
+    n = np.cross(iop[:3], iop[3:])
+    return n / np.linalg.norm(n)
+
+
+def _has_duplicates(frames: List[_Frame]) -> bool:
+    if any(f.ipp is None for f in frames):
+        return False
+    normal = _normal(frames[0].iop)
+    d = np.sort([float(f.ipp @ normal) for f in frames])
+    return bool(np.any(np.diff(d) < POSITION_TOL_MM))
+
+
+def _split(frames: List[_Frame]) -> List[List[_Frame]]:
+    """Split one series' frames into stacks of one orientation, size and pixel spacing; split by
+    acquisition only when acquisitions overlap in space (a sequential scan's acquisitions tile
+    the volume and stay together)."""
+    stacks: List[List[_Frame]] = []
+    for f in frames:
+        for stack in stacks:
+            g = stack[0]
+            if ((g.rows, g.cols) == (f.rows, f.cols) and _same(g.iop, f.iop, ORIENTATION_TOL)
+                    and _same(None if g.pixel_spacing is None else np.array(g.pixel_spacing),
+                              None if f.pixel_spacing is None else np.array(f.pixel_spacing), 1e-4)):
+                stack.append(f)
+                break
+        else:
+            stacks.append([f])
+    out = []
+    for stack in stacks:
+        acquisitions: Dict[Optional[int], List[_Frame]] = {}
+        for f in stack:
+            acquisitions.setdefault(f.acquisition, []).append(f)
+        if (len(acquisitions) > 1 and stack[0].iop is not None and _has_duplicates(stack)
+                and not any(_has_duplicates(a) for a in acquisitions.values())):
+            out.extend(acquisitions[k] for k in sorted(acquisitions, key=lambda a: (a is None, a)))
+        else:
+            out.append(stack)
+    return out
+
+
+def _info(frames: List[_Frame], part: int) -> SeriesInfo:
+    f, h = frames[0], frames[0].header
+    return SeriesInfo(
+        series_uid=f.series_uid, study_uid=h.study_uid, patient_id=h.patient_id, modality=h.modality,
+        description=h.description, series_number=h.series_number,
+        n_files=len({fr.path for fr in frames}), n_slices=len(frames), rows=f.rows, cols=f.cols,
+        orientation=None if f.iop is None else tuple(float(x) for x in f.iop),
+        pixel_spacing=None if f.pixel_spacing is None else (float(f.pixel_spacing[0]), float(f.pixel_spacing[1])),
+        acquisition=f.acquisition if len({fr.acquisition for fr in frames}) == 1 else None,
+        part=part, files=tuple(sorted({fr.path for fr in frames})))
+
+
+def _parts(frames: List[_Frame]) -> List[Tuple[SeriesInfo, List[_Frame]]]:
+    by_series: Dict[str, List[_Frame]] = {}
+    for f in frames:
+        by_series.setdefault(f.series_uid, []).append(f)
+    out = []
+    for uid in sorted(by_series):
+        stacks = _split(by_series[uid])
+        stacks.sort(key=lambda s: (-len(s), str(s[0].path)))
+        for n, stack in enumerate(stacks, start=1):
+            out.append((_info(stack, 0 if len(stacks) == 1 else n), stack))
+    out.sort(key=lambda p: (p[0].study_uid, p[0].series_number is None, p[0].series_number or 0,
+                            p[0].series_uid, p[0].part))
+    return out
+
+
+def list_dicom_series(source: Union[PathLike, Iterable[PathLike]], *,
+                      workers: Optional[int] = None) -> List[SeriesInfo]:
+    """Every image stack under ``source`` (a folder searched recursively, or a list of files),
+    sorted by study, series number and UID. Reads headers only."""
+    _, files = _source_files(source)
+    return [info for info, _ in _parts(_scan(files, _workers(workers)))]
+
+
+def _workers(workers: Optional[int]) -> int:
+    return max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
+
+
+def _listing(parts: Sequence[SeriesInfo]) -> str:
+    return "\n".join("  " + p.describe() for p in parts)
+
+
+def _select(parts: List[Tuple[SeriesInfo, List[_Frame]]], series_uid: Optional[str],
+            where: str) -> Tuple[SeriesInfo, List[_Frame]]:
+    infos = [p[0] for p in parts]
+    if not parts:
+        raise NoSeriesFoundError(f"{where}: no DICOM images found (files that are not DICOM, DICOMDIR "
+                                 "and non-image objects are ignored); point to the folder of the CT series")
+    if series_uid is not None:
+        chosen = [p for p in parts if series_uid in (p[0].key, p[0].series_uid)]
+        if not chosen:
+            raise NoSeriesFoundError(f"{where}: no series '{series_uid}'; the series found are:\n"
+                                     + _listing(infos))
+    else:
+        ct = [p for p in parts if p[0].modality.upper() == "CT"]
+        if not ct:
+            raise NoSeriesFoundError(
+                f"{where}: no CT series; found only:\n{_listing(infos)}\n"
+                "LungGradCAM needs a CT; pass series_uid to load another modality anyway")
+        chosen = [p for p in ct if p[0].n_slices > 1] or ct
+        if len({p[0].series_uid for p in chosen}) > 1:
+            raise AmbiguousSeriesError(
+                f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
+                f"its UID as series_uid:\n{_listing([p[0] for p in chosen])}")
+    if len(chosen) > 1:
+        raise SeriesGeometryError(
+            f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "
+            f"pixel spacing or overlapping acquisitions; pick one stack by passing its key as "
+            f"series_uid:\n{_listing([p[0] for p in chosen])}")
+    return chosen[0]
+
+
+# --------------------------------------------------------------------------------------------
+# pixels
+# --------------------------------------------------------------------------------------------
+def _decode_native(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    dtype = np.dtype("<i2" if h.pixel_representation == 1 else "<u2")
+    expected = n_frames * rows * cols * 2
+    if h.pixel_length is not None and h.pixel_length != 0xFFFFFFFF and h.pixel_length < expected:
+        raise DicomDecodeError(
+            f"{h.path}: Pixel Data holds {h.pixel_length} bytes but {n_frames} frame(s) of "
+            f"{rows}x{cols} 16-bit pixels need {expected}; the file is damaged, replace it")
+    with open(h.path, "rb") as f:
+        f.seek(h.pixel_offset)
+        raw = f.read(expected)
+    if len(raw) < expected:
+        raise DicomDecodeError(f"{h.path}: file is truncated ({len(raw)} of {expected} bytes of pixel "
+                               "data present); copy the file again from its source")
+    arr = np.frombuffer(raw, dtype=dtype).reshape(n_frames, rows, cols)
+    if h.pixel_representation == 1 and h.bits_stored < 16:
+        # Sign-extend from BitsStored, as pydicom does for signed native data.
+        shift = 16 - h.bits_stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
+
+
+def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    import pydicom.pixels
+
+    try:
+        decoder = pydicom.pixels.get_decoder(h.transfer_syntax)
+    except NotImplementedError:
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        raise DicomDecodeError(f"{h.path}: no decoder available for transfer syntax {h.transfer_syntax} "
+                               f"({_syntax_name(h.transfer_syntax)}); {_DECODER_HINT}")
+    ds = _read_dataset(h.path)[0]
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise assorted types
+        raise DicomDecodeError(f"{h.path}: cannot decode the pixel data ({_syntax_name(h.transfer_syntax)}): "
+                               f"{exc}; the file may be damaged, or {_DECODER_HINT}") from None
+    return np.asarray(arr).reshape(n_frames, rows, cols)
+
+
+def _syntax_name(uid: str) -> str:
+    from pydicom.uid import UID
+
+    return UID(uid).name
+
+
+def _decode_file(frames: List[Tuple[int, _Frame]], out: np.ndarray, min_hu: Optional[float]) -> None:
+    """Decode one file and write its frames' HU into ``out[index]``."""
+    first = frames[0][1]
+    h = first.header
+    if not h.has_pixels:
+        raise DicomDecodeError(f"{h.path}: image without Pixel Data (7FE0,0010); the file is incomplete, "
+                               "replace it")
+    if h.samples_per_pixel != 1:
+        raise DicomDecodeError(f"{h.path}: {h.samples_per_pixel} samples per pixel (colour); a CT "
+                               "slice has one")
+    native = h.pixel_offset is not None and h.bits_allocated == 16
+    decode = _decode_native if native else _decode_pydicom
+    stored = decode(h, first.n_frames, first.rows, first.cols)
+    for index, frame in frames:
+        raw = stored[frame.frame or 0]
+        dst = out[index]
+        # one pass each, straight into float32 (no float64 temporaries)
+        if frame.slope != 1.0:
+            np.multiply(raw, np.float32(frame.slope), out=dst, casting="unsafe")
+            dst += np.float32(frame.intercept)
+        else:
+            np.add(raw, np.float32(frame.intercept), out=dst, casting="unsafe")
+        if frame.padding is not None:
+            lo, hi = frame.padding
+            dst[(raw >= lo) & (raw <= hi)] = AIR_HU
+        if min_hu is not None:
+            np.maximum(dst, np.float32(min_hu), out=dst)
+
+
+def _decode_all(frames: List[_Frame], out: np.ndarray, min_hu: Optional[float], workers: int,
+                progress: Optional[ProgressFn]) -> None:
+    by_file: Dict[Path, List[Tuple[int, _Frame]]] = {}
+    for index, frame in enumerate(frames):
+        by_file.setdefault(frame.path, []).append((index, frame))
+    jobs = list(by_file.values())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_decode_file, job, out, min_hu) for job in jobs]
+        try:
+            for done, future in enumerate(futures, start=1):
+                future.result()
+                if progress is not None:
+                    progress(done, len(futures))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------------
+def _ijk_to_ras(origin_lps: np.ndarray, iop: np.ndarray, pixel_spacing: Tuple[float, float],
+                k_step_lps: np.ndarray) -> np.ndarray:
+    """The one LPS -> RAS conversion of the reader. Column i follows IOP's row cosine scaled by
+    the column spacing (PixelSpacing[1]); column j the column cosine scaled by PixelSpacing[0]."""
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * pixel_spacing[1]
+    lps[:3, 1] = iop[3:] * pixel_spacing[0]
+    lps[:3, 2] = k_step_lps
+    lps[:3, 3] = origin_lps
+    return LPS_TO_RAS @ lps
+
+
+def _check_geometry(frames: List[_Frame], key: str) -> None:
+    for f in frames:
+        if f.ipp is None or f.iop is None or f.pixel_spacing is None:
+            missing = [n for n, v in (("ImagePositionPatient", f.ipp), ("ImageOrientationPatient", f.iop),
+                                      ("PixelSpacing", f.pixel_spacing)) if v is None]
+            raise SeriesGeometryError(f"series {key}: {f.path} lacks {', '.join(missing)}; the slices "
+                                      "cannot be placed in space (not a cross-sectional CT image?)")
+        if min(f.pixel_spacing) <= 0 or abs(np.linalg.norm(np.cross(f.iop[:3], f.iop[3:])) - 1) > 1e-3:
+            raise SeriesGeometryError(f"series {key}: {f.path} has invalid ImageOrientationPatient "
+                                      f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}")
+
+
+def _deduplicate(frames: List[_Frame], d: np.ndarray, hu: np.ndarray, key: str):
+    """Drop repeated positions whose pixels are identical; different pixels are an error."""
+    keep = [0]
+    for n in range(1, len(frames)):
+        if d[n] - d[keep[-1]] < POSITION_TOL_MM:
+            if not np.array_equal(hu[n], hu[keep[-1]]):
+                raise SeriesGeometryError(
+                    f"series {key}: {frames[keep[-1]].path} and {frames[n].path} are at the same position "
+                    f"({d[n]:.3f} mm along the slice normal) but hold different pixels; remove the slices "
+                    "that do not belong (another reconstruction or acquisition) and load again")
+            continue
+        keep.append(n)
+    if len(keep) == len(frames):
+        return frames, d, hu
+    log.info("series %s: dropped %d duplicate slice(s) with identical pixels", key, len(frames) - len(keep))
+    return [frames[n] for n in keep], d[keep], hu[keep]
+
+
+def _regularise(hu: np.ndarray, d: np.ndarray, offsets: np.ndarray, pixel_spacing: Tuple[float, float],
+                spacing: float) -> np.ndarray:
+    """Resample slices at normal positions ``d`` with in-plane ``offsets`` (mm along the row and
+    column cosines) onto slices ``spacing`` apart from d[0], all aligned with slice 0 (linear)."""
+    from scipy import ndimage
+
+    n_out = int(round((d[-1] - d[0]) / spacing)) + 1
+    check_voxel_limit((n_out,) + hu.shape[1:], "resampled DICOM series")
+    out = np.empty((n_out,) + hu.shape[1:], dtype=np.float32)
+    tilted = bool(np.any(np.abs(offsets) > POSITION_TOL_MM))
+
+    @functools.lru_cache(maxsize=2)  # consecutive output slices share their source slices
+    def aligned(s: int) -> np.ndarray:
+        if not tilted:
+            return hu[s]
+        # the output's (j, i) comes from the source's (j - v / row spacing, i - u / column spacing)
+        shift = (offsets[s, 1] / pixel_spacing[0], offsets[s, 0] / pixel_spacing[1])
+        return ndimage.shift(hu[s], shift, order=1, mode="constant", cval=AIR_HU)
+
+    for k in range(n_out):
+        z = d[0] + k * spacing
+        s = int(np.clip(np.searchsorted(d, z, side="right") - 1, 0, len(d) - 2))
+        w = np.float32(np.clip((z - d[s]) / (d[s + 1] - d[s]), 0.0, 1.0))
+        out[k] = (1 - w) * aligned(s) + w * aligned(s + 1)
+    return out
+
+
+def _stack(frames: List[_Frame], hu: np.ndarray, key: str, max_gap_slices: int):
+    """Order-independent geometry of sorted ``frames`` -> (array, ijk_to_ras, note or '')."""
+    iop, pixel_spacing = frames[0].iop, frames[0].pixel_spacing
+    normal = _normal(iop)
+    d = np.array([float(f.ipp @ normal) for f in frames])
+    frames, d, hu = _deduplicate(frames, d, hu, key)
+    if len(frames) < 2:
+        raise SeriesGeometryError(f"series {key}: a single slice ({frames[0].path}) is not a volume; "
+                                  "load the whole series (at least two slices)")
+    gaps = np.diff(d)
+    spacing = float(np.median(gaps))
+    missing = np.rint(gaps / spacing).astype(int) - 1
+    if missing.max() > max_gap_slices:
+        n = int(np.argmax(missing))
+        raise SeriesGeometryError(
+            f"series {key}: about {missing[n]} slices are missing between {frames[n].path.name} and "
+            f"{frames[n + 1].path.name} ({gaps[n]:.2f} mm gap for {spacing:.2f} mm slices; the limit is "
+            f"max_gap_slices={max_gap_slices}); find the missing files or raise max_gap_slices to "
+            "interpolate across the gap")
+    ipp = np.array([f.ipp for f in frames])
+    drift = (ipp - ipp[0]) - np.outer(d - d[0], normal)
+    offsets = np.stack([drift @ iop[:3], drift @ iop[3:]], axis=1)
+    irregular = bool(np.max(np.abs(gaps - spacing)) > POSITION_TOL_MM)
+    tilted = bool(np.max(np.abs(offsets)) > POSITION_TOL_MM)
+    if not irregular and not tilted:
+        step = (d[-1] - d[0]) / (len(d) - 1)
+        return hu, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * step), ""
+    reasons = []
+    if irregular:
+        reasons.append(f"slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm"
+                       + (f" ({int(missing.clip(0).sum())} missing slice(s))" if missing.max() > 0 else ""))
+    if tilted:
+        shift = float(np.linalg.norm(offsets[-1]))
+        angle = float(np.degrees(np.arctan2(shift, d[-1] - d[0])))
+        reasons.append(f"gantry tilt of {angle:.1f} degrees (slices drift {shift:.1f} mm in-plane)")
+    spacing = (d[-1] - d[0]) / int(round((d[-1] - d[0]) / spacing))
+    array = _regularise(hu, d, offsets, pixel_spacing, spacing)
+    note = (f"series {key}: {' and '.join(reasons)}; resampled onto {array.shape[0]} regular slices "
+            f"{spacing:.3f} mm apart along the slice normal (linear interpolation)")
+    return array, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * spacing), note
+
+
+def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: Optional[str] = None, *,
+                      max_gap_slices: int = 2, min_hu: Optional[float] = AIR_HU,
+                      workers: Optional[int] = None, progress: Optional[ProgressFn] = None) -> Volume:
+    """Load one DICOM series as a float32 HU :class:`Volume` (array K, J, I; ijk_to_ras in RAS mm).
+
+    ``source``: a folder (searched recursively) or a list of files. ``series_uid``: a
+    SeriesInstanceUID or a part key ``"<uid>#<n>"`` from :func:`list_dicom_series`; without it the
+    only CT series is taken (several -> :class:`AmbiguousSeriesError` listing them).
+    ``max_gap_slices``: most consecutive missing slices that are interpolated (more ->
+    :class:`SeriesGeometryError`). ``min_hu``: CT values below it are raised to it (None keeps
+    them). ``workers``: decoding threads (default min(8, CPUs)). ``progress(done, total)`` is called
+    per decoded file.
+
+    ``meta`` holds patient_id, study_uid, series_uid, frame_of_reference_uid, modality,
+    description, series_number, n_slices and source.
+    """
+    workers = _workers(workers)
+    where, files = _source_files(source)
+    info, frames = _select(_parts(_scan(files, workers)), series_uid, where)
+    _check_geometry(frames, info.key)
+    normal = _normal(frames[0].iop)
+    frames = sorted(frames, key=lambda f: (float(f.ipp @ normal), str(f.path), f.frame or 0))
+    shape = (len(frames), frames[0].rows, frames[0].cols)
+    check_voxel_limit(shape, f"series {info.key}")
+    hu = np.empty(shape, dtype=np.float32)
+    _decode_all(frames, hu, min_hu if info.modality.upper() == "CT" else None, workers, progress)
+    array, ijk_to_ras, note = _stack(frames, hu, info.key, max_gap_slices)
+    if note:
+        warnings.warn(note, DicomResampledWarning, stacklevel=2)
+    h = frames[0].header
+    meta = {"patient_id": h.patient_id, "study_uid": h.study_uid, "series_uid": info.series_uid,
+            "frame_of_reference_uid": h.frame_of_reference_uid, "modality": h.modality,
+            "description": h.description, "series_number": h.series_number,
+            "n_slices": int(array.shape[0]), "source": where}
+    if info.part:
+        meta["series_part"] = info.key
+    if note:
+        meta["resampled"] = note
+    return Volume(array, ijk_to_ras, meta)
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+def _ds_string(value: float) -> str:
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
+
+
+def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool = False,
+                       patient_id: str = "LGC-PHANTOM", patient_name: str = "LungGradCAM^Phantom",
+                       study_uid: Optional[str] = None, series_uid: Optional[str] = None,
+                       frame_of_reference_uid: Optional[str] = None,
+                       series_description: str = "LungGradCAM phantom", series_number: int = 1,
+                       study_description: str = "LungGradCAM", slope: float = 1.0,
+                       intercept: float = -1024.0, pixel_padding_value: Optional[int] = None,
+                       compression: Optional[str] = None) -> List[Path]:
+    """Write ``volume`` (HU, any geometry with orthogonal axes) as a CT Image Storage series.
+
+    One file per k slice, int16 stored values with RescaleSlope/RescaleIntercept (HU = stored *
+    slope + intercept, rounded to the nearest stored value), ImagePositionPatient and
+    ImageOrientationPatient from ``ijk_to_ras`` (RAS -> LPS here) including oblique ones,
+    PixelSpacing, SliceThickness/SpacingBetweenSlices (k spacing, mm), generated UIDs unless given.
+    ``pixel_padding_value`` (a stored value) is written as Pixel Padding Value. ``compression``:
+    None (explicit VR little endian), "rle", "jpeg-ls" or "jpeg2000" (all lossless). With
+    ``shuffle_names`` file names do not follow slice order. Files are written atomically; the
+    returned paths are in k order. Readers order slices along i x j, so a volume whose k axis
+    points the other way comes back with k reversed (same voxels in space).
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    if compression is not None and compression not in _COMPRESSIONS:
+        raise VolumeError(f"compression must be None or one of {', '.join(_COMPRESSIONS)}; got {compression!r}")
+    if not slope or not np.isfinite(slope) or not np.isfinite(intercept):
+        raise VolumeError(f"RescaleSlope must be finite and non-zero and the intercept finite; got "
+                          f"slope={slope}, intercept={intercept}")
+    lps = LPS_TO_RAS @ volume.ijk_to_ras
+    axes = lps[:3, :3]
+    spacing = np.linalg.norm(axes, axis=0)
+    unit = axes / spacing
+    gram = unit.T @ unit
+    if np.max(np.abs(gram - np.eye(3))) > 1e-6:
+        raise VolumeError("the volume's axes are not orthogonal (sheared ijk_to_ras); DICOM slices can "
+                          "only express orthogonal axes: resample the volume onto an orthogonal grid first")
+    hu = np.asarray(volume.array)
+    if hu.dtype.kind == "f" and not np.all(np.isfinite(hu)):
+        raise VolumeError("the volume holds NaN or infinite values; replace them before writing DICOM")
+    stored = np.rint((hu.astype(np.float64) - intercept) / slope)
+    lo, hi = (float(stored.min()), float(stored.max())) if stored.size else (0.0, 0.0)
+    if lo < -32768 or hi > 32767:
+        raise VolumeError(f"HU range {hu.min()}..{hu.max()} does not fit int16 with slope={slope}, "
+                          f"intercept={intercept}; choose a larger slope or another intercept")
+    stored = stored.astype(np.int16)
+
+    study_uid = study_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    frame_of_reference_uid = frame_of_reference_uid or generate_uid()
+    iop = [_ds_string(v) for v in np.concatenate([unit[:, 0], unit[:, 1]])]
+    n = hu.shape[0]
+    names = list(range(n))
+    if shuffle_names:
+        random.Random(series_uid).shuffle(names)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k in range(n):
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ""
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ""
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "LungGradCAM"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = study_description
+        ds.SeriesDescription = series_description
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = ""
+        ds.SliceThickness = _ds_string(spacing[2])
+        ds.KVP = ""
+        ds.SpacingBetweenSlices = _ds_string(spacing[2])
+        ds.PatientPosition = "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = ""
+        ds.SeriesNumber = series_number
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = k + 1
+        ipp = lps[:3, 3] + k * axes[:, 2]
+        ds.ImagePositionPatient = [_ds_string(v) for v in ipp]
+        ds.ImageOrientationPatient = iop
+        ds.FrameOfReferenceUID = frame_of_reference_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds_string(float(ipp @ np.cross(unit[:, 0], unit[:, 1])))
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = int(hu.shape[1]), int(hu.shape[2])
+        # PixelSpacing is (row spacing = along j, column spacing = along i)
+        ds.PixelSpacing = [_ds_string(spacing[1]), _ds_string(spacing[0])]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        if pixel_padding_value is not None:
+            ds.add_new(0x00280120, "SS", int(pixel_padding_value))
+        ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+        ds.RescaleIntercept = _ds_string(intercept)
+        ds.RescaleSlope = _ds_string(slope)
+        ds.RescaleType = "HU"
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
+        if compression is not None:
+            ds.compress(_COMPRESSIONS[compression], stored[k])
+        path = folder / f"IMG{names[k]:05d}.dcm"
+        with atomic_path(path) as tmp:
+            ds.save_as(tmp, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+__all__ = ["SeriesInfo", "DicomResampledWarning", "list_dicom_series", "load_dicom_series",
+           "write_dicom_series"]
