@@ -281,13 +281,13 @@ class CAM:
         if grad is None:
             raise CamError(f"the target score does not depend on layer {self.layer_name!r}: "
                            f"choose a layer on the path to the output")
-        return grad.float()
+        return _wide(grad)
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
         """The map before the final ReLU: (N, d, h, w) at feature or (N, D, H, W) at input
         resolution. Gradient methods only override :meth:`_weigh`."""
-        return self._weigh(a.detach().float(), self._gradient(score, a))
+        return self._weigh(_wide(a.detach()), self._gradient(score, a))
 
     def _weigh(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -339,6 +339,11 @@ def _score(out: torch.Tensor, classes: Optional[torch.Tensor], target: Target) -
     return out.gather(1, classes[:, None])[:, 0]
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision (autocast) maps and gradients are weighed in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _spatial(t: torch.Tensor, op: str) -> torch.Tensor:
     """Sum or mean over the three spatial axes, kept as singleton dims."""
     return getattr(t, op)(dim=(2, 3, 4), keepdim=True)
@@ -360,15 +365,15 @@ class GradCAM(CAM):
 class GradCAMPlusPlus(CAM):
     """Grad-CAM++ (Chattopadhay et al. 2018, eq. 19 with the exponential score, so the higher
     derivatives are powers of ``g = dS/dA``):
-    ``alpha = g^2 / (2 g^2 + (sum_xyz A_c) g^3)`` (0 where g = 0),
-    ``w_c = sum_xyz alpha ReLU(g)``, map = ReLU(sum_c w_c A_c)."""
+    ``alpha = g^2 / (2 g^2 + (sum_xyz A_c) g^3)``, ``w_c = sum_xyz alpha ReLU(g)``,
+    map = ReLU(sum_c w_c A_c). ``alpha`` is computed as ``1 / (2 + (sum_xyz A_c) g)`` (0 where
+    g = 0): no epsilon, which would dominate ``g^2`` for the small gradients of real networks."""
 
     name = "gradcam++"
 
     def _weigh(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        g2 = g * g
-        alpha = g2 / (2 * g2 + _spatial(a, "sum") * g2 * g + _EPS)
-        alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+        denom = 2 + _spatial(a, "sum") * g
+        alpha = torch.where((g != 0) & (denom != 0), 1 / denom, torch.zeros_like(denom))
         return (_spatial(alpha * F.relu(g), "sum") * a).sum(1)
 
 
@@ -411,9 +416,9 @@ class ScoreCAM(CAM):
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
-        a = a.float()
+        a = _wide(a)
         n, c = a.shape[:2]
-        weights = torch.empty(n, c, device=a.device)
+        weights = torch.empty(n, c, device=a.device, dtype=a.dtype)
         step = self.score_batch_size
         with torch.no_grad():
             for i in range(n):
@@ -424,7 +429,7 @@ class ScoreCAM(CAM):
                     with self._autocast(x.device):
                         out = self.model(x[i:i + 1] * masks.to(x.dtype))
                     cls = None if classes is None else classes[i].expand(out.shape[0])
-                    weights[i, c0:c0 + step] = _score(out, cls, target).float()
+                    weights[i, c0:c0 + step] = _score(out, cls, target)
         w = torch.softmax(weights, dim=1)
         return (w[:, :, None, None, None] * a).sum(1)
 
@@ -474,7 +479,7 @@ class GuidedBackprop(CAM):
         finally:
             for h in handles:
                 h.remove()
-        return F.relu(grad.float().sum(1))
+        return F.relu(_wide(grad).sum(1))
 
 
 class GuidedGradCAM(GuidedBackprop):
@@ -486,7 +491,7 @@ class GuidedGradCAM(GuidedBackprop):
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
-        grad_cam = F.relu(_grad_cam(a.detach().float(), self._gradient(score, a)))
+        grad_cam = F.relu(_grad_cam(_wide(a.detach()), self._gradient(score, a)))
         grad_cam = F.interpolate(grad_cam[:, None], size=x.shape[2:], mode="trilinear",
                                  align_corners=False)[:, 0]
         return self._guided(x, classes, target) * grad_cam
