@@ -11,6 +11,7 @@ happens here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -18,11 +19,11 @@ import slicer
 import vtk
 
 from .errors import InvalidInputError, VolumeError
-from .results import Region, Segmentation
+from .results import Explanation, Region, Segmentation
 from .volume import Volume
 
-__all__ = ["CAM_COLOR_NODE_IDS", "cam_to_node", "cam_volume_rendering", "regions_to_table",
-           "segmentation_to_node", "volume_from_node"]
+__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "explain_volume_node",
+           "regions_to_table", "segmentation_to_node", "volume_from_node"]
 
 #: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
 #: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
@@ -269,3 +270,41 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
         node.SetColumnDescription(column_name, description)
     node.EndModify(was_modifying)
     return node
+
+
+@dataclass
+class NodeResult:
+    """What :func:`explain_volume_node` made: the engine's results and the nodes showing them."""
+
+    explanation: Explanation
+    segmentation: Segmentation
+    cam_node: Any
+    segmentation_node: Any
+    table_node: Any
+
+
+def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node: Any = None,
+                        table_node: Any = None, *, threshold: float = 0.5, restrict_to_lungs: bool = True,
+                        **explain_options: Any) -> NodeResult:
+    """Explain the CT of ``input_node`` and put the results into nodes (each created when None).
+
+    ``explain_options`` go to :func:`LungGradCAMLib.pipeline.explain` (``model``, ``method``,
+    ``target``, ``device``, ``batch_size``, ``stride``, ``amp``, ``progress``, ``cancel``...).
+    The heat map's regions at ``threshold`` (0..1) become segments and table rows; with
+    ``restrict_to_lungs`` only regions inside the lungs count. Output nodes are named after the
+    input node.
+    """
+    from .pipeline import explain
+    from .segment import segment_cam
+
+    explanation = explain(volume_from_node(input_node), **explain_options)
+    segmentation = segment_cam(explanation, threshold=threshold, within=None if restrict_to_lungs else False)
+    name = input_node.GetName()
+    return NodeResult(
+        explanation=explanation,
+        segmentation=segmentation,
+        cam_node=cam_to_node(explanation.cam, cam_node, name=f"{name} Grad-CAM"),
+        segmentation_node=segmentation_to_node(segmentation, input_node, segmentation_node,
+                                               name=f"{name} Grad-CAM regions"),
+        table_node=regions_to_table(segmentation.regions, table_node, name=f"{name} Grad-CAM regions table"),
+    )
