@@ -244,10 +244,10 @@ def _read_header(path: Path) -> List[_Frame]:
                        padding, acquisition, header)]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n_frames:
-        raise DicomDecodeError(
-            f"{path}: multi-frame object with {n_frames} frames but {len(per_frame)} per-frame "
-            "functional groups; only Enhanced (per-frame functional group) multi-frame images can "
-            "be placed in space")
+        # Multi-frame without per-frame positions (legacy NM/US-style): listed, but unplaceable.
+        return [_Frame(path, index, n_frames, series_uid, None, None, None, rows, cols,
+                       _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0),
+                       padding, acquisition, header) for index in range(n_frames)]
     frames = []
     for index, item in enumerate(per_frame):
         spacing = _vector(_functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"), 2)
@@ -321,7 +321,7 @@ class SeriesInfo:
 
     def describe(self) -> str:
         """One line for listings and error messages (no patient data)."""
-        return (f"{self.key}  '{self.description}'  {self.modality or '?'}  {self.n_slices} slice(s)  "
+        return (f"{self.key or '(no SeriesInstanceUID)'}  '{self.description}'  {self.modality or '?'}  {self.n_slices} slice(s)  "
                 f"{self.rows}x{self.cols}")
 
 
@@ -562,8 +562,9 @@ def _check_geometry(frames: List[_Frame], key: str) -> None:
         if f.ipp is None or f.iop is None or f.pixel_spacing is None:
             missing = [n for n, v in (("ImagePositionPatient", f.ipp), ("ImageOrientationPatient", f.iop),
                                       ("PixelSpacing", f.pixel_spacing)) if v is None]
-            raise SeriesGeometryError(f"series {key}: {f.path} lacks {', '.join(missing)}; the slices "
-                                      "cannot be placed in space (not a cross-sectional CT image?)")
+            where = f"{f.path}" if f.frame is None else f"frame {f.frame + 1} of {f.path} (multi-frame)"
+            raise SeriesGeometryError(f"series {key}: {where} lacks {', '.join(missing)}; the slices "
+                                      "cannot be placed in space")
         if min(f.pixel_spacing) <= 0 or abs(np.linalg.norm(np.cross(f.iop[:3], f.iop[3:])) - 1) > 1e-3:
             raise SeriesGeometryError(f"series {key}: {f.path} has invalid ImageOrientationPatient "
                                       f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}")
@@ -619,10 +620,11 @@ def _stack(frames: List[_Frame], hu: np.ndarray, key: str, max_gap_slices: int):
     iop, pixel_spacing = frames[0].iop, frames[0].pixel_spacing
     normal = _normal(iop)
     d = np.array([float(f.ipp @ normal) for f in frames])
+    n_read = len(frames)
     frames, d, hu = _deduplicate(frames, d, hu, key)
     if len(frames) < 2:
-        raise SeriesGeometryError(f"series {key}: a single slice ({frames[0].path}) is not a volume; "
-                                  "load the whole series (at least two slices)")
+        raise SeriesGeometryError(f"series {key}: all {n_read} slices are copies of {frames[0].path}; "
+                                  "a volume needs at least two positions")
     gaps = np.diff(d)
     spacing = float(np.median(gaps))
     missing = np.rint(gaps / spacing).astype(int) - 1
@@ -678,6 +680,9 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     _check_geometry(frames, info.key)
     normal = _normal(frames[0].iop)
     frames = sorted(frames, key=lambda f: (float(f.ipp @ normal), str(f.path), f.frame or 0))
+    if len(frames) < 2:
+        raise SeriesGeometryError(f"series {info.key}: a single slice ({frames[0].path}) is not a volume; "
+                                  "load the whole series (at least two slices)")
     shape = (len(frames), frames[0].rows, frames[0].cols)
     check_voxel_limit(shape, f"series {info.key}")
     hu = np.empty(shape, dtype=np.float32)
@@ -818,7 +823,11 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
         ds.file_meta = meta
         ds.PixelData = np.ascontiguousarray(stored[k]).astype("<i2").tobytes()
         if compression is not None:
-            ds.compress(_COMPRESSIONS[compression], stored[k])
+            try:
+                ds.compress(_COMPRESSIONS[compression], stored[k])
+            except Exception as exc:  # encoder plugins raise assorted types
+                raise VolumeError(f"cannot {compression}-compress slices of {hu.shape[1]}x{hu.shape[2]} "
+                                  f"pixels ({exc}); JPEG 2000 needs at least 32x32, or write uncompressed") from None
         path = folder / f"IMG{names[k]:05d}.dcm"
         with atomic_path(path) as tmp:
             ds.save_as(tmp, enforce_file_format=True)
