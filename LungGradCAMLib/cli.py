@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     write_volume(vol, out / "phantom.nrrd")
     truth = ph.nodule_labelmap > 0
     write_segmentation(Segmentation(vol.with_array(ph.nodule_labelmap.astype(np.int16)), []),
-                       out / "nodules_truth.seg.nrrd", names=[f"nodule {n.label}" for n in ph.nodules])
+                       out / "nodules_truth.seg.nrrd", names={n.label: f"nodule {n.label} ({n.kind})" for n in ph.nodules})
     first = ph.nodules[0]
     centre = tuple(int(round(c)) for c in vol.ras_to_ijk_points(first.center_ras)[0])
     save_montage(vol, out / "montage.png", center_ijk=centre,

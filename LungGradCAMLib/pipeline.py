@@ -155,7 +155,6 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     from .cam import METHODS
     from .lung import lung_bbox
     from .lung import lung_mask as compute_lung_mask
-    from .preprocess import card_preprocessor
     from .sliding import sliding_cam
 
     volume = _check_volume(volume)
@@ -207,7 +206,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             loaded.module, torch.from_numpy(space.array), patch,
             stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
             layer=card.target_layer, roi=box, batch_size=batch_size or (8 if dev.type == "cuda" else 2),
-            preprocess=card_preprocessor(card), progress=progress, cancel=cancel, device=dev, amp=amp,
+            preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
         )
 
     with _stage(timings, "resample_back"):
@@ -319,15 +318,17 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
     written["segmentation"] = write_segmentation(segmentation, out / "segmentation.seg.nrrd")
     if lungs and explanation.lung_mask is not None:
         lung_seg = Seg(explanation.cam.with_array(explanation.lung_mask.astype(np.uint8)), [])
-        written["lungs"] = write_segmentation(lung_seg, out / "lungs.seg.nrrd", names=["lungs"],
-                                              colors=[(0.5, 0.68, 0.5)])
+        written["lungs"] = write_segmentation(lung_seg, out / "lungs.seg.nrrd", names={1: "lungs"},
+                                              colors={1: (0.5, 0.68, 0.5)})
     if overlay and explanation.ct is not None:
         written["overlay"] = write_overlay(explanation, segmentation, out / "overlay.png")
-    if dicom_seg:
+    report = build_report(explanation, segmentation, input_desc)
+    if dicom_seg and not segmentation.regions:
+        report["dicom_seg"] = "not written: no hot region above the threshold"
+    elif dicom_seg:
         from .dicomseg import write_dicom_seg
 
         written["dicom_seg"] = write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm")
-    report = build_report(explanation, segmentation, input_desc)
     report["files"] = sorted(p.name for p in written.values())
     written["report"] = write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
     return written
@@ -495,8 +496,8 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     else:
         from .dicom import list_dicom_series, load_dicom_series
 
-        jobs = [_SeriesJob(s.series_uid, (lambda files=list(s.files): load_dicom_series(files)))
-                for s in list_dicom_series(path) if s.modality == "CT"]
+        jobs = [_SeriesJob(s.key, (lambda files=list(s.files), key=s.key: load_dicom_series(files, key)))
+                for s in list_dicom_series(path) if s.modality.upper() == "CT"]
     if not jobs:
         raise InvalidInputError(f"{path}: no CT series found")
     return sorted(jobs, key=lambda j: j.uid)

@@ -1,0 +1,235 @@
+"""End to end: explain(), write_outputs(), the input kinds, and `lunggradcam run` on real files."""
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+import LungGradCAMLib as lgc
+from LungGradCAMLib import pipeline
+from LungGradCAMLib.cli import main
+from LungGradCAMLib.errors import InvalidInputError, VolumeError
+from LungGradCAMLib.models import ModelCard, build_model, save_model
+
+
+def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
+    """An untrained, narrow gradcam3d_cnn saved as a model file (fast enough for every test).
+
+    Its head is set so that "nodule" = +mean of the last features and "background" = -mean: the
+    CAM of "nodule" is then positive wherever the last layer responds (a random head may give an
+    all-zero Grad-CAM, which would test nothing)."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = build_model("gradcam3d_cnn", width=2).eval()
+    head = module.head[-1]
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
+        head.bias.zero_()
+    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["background", "nodule"],
+                     cam_class="nodule", target_layer="features.act6",
+                     patch_size=None if patch is None else list(patch), spacing_mm=list(spacing),
+                     name=name, description="untrained test model")
+    return save_model(module, card, folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def explanation(small_phantom, tiny_model):
+    return lgc.explain(small_phantom.volume, model=str(tiny_model), device="cpu", batch_size=8)
+
+
+def test_explain_geometry_and_contents(small_phantom, explanation):
+    ct = small_phantom.volume
+    cam = explanation.cam
+    assert lgc.same_geometry(cam, ct)
+    assert cam.array.dtype == np.float32
+    assert 0.0 <= cam.array.min() and cam.array.max() <= 1.0 and cam.array.max() > 0.5
+    assert set(explanation.probabilities) == {"background", "nodule"}
+    assert sum(explanation.probabilities.values()) == pytest.approx(1.0)
+    assert explanation.predicted_class == max(explanation.probabilities, key=explanation.probabilities.get)
+    assert explanation.target_class == "nodule" and explanation.method == "gradcam"
+    assert explanation.extra["mode"] == "sliding" and explanation.extra["n_patches"] > 0
+    assert explanation.lung_mask.shape == ct.shape and explanation.lung_mask.any()
+    assert lgc.same_geometry(explanation.score_map, ct)
+    # the CAM lives where the sliding window ran: the lungs' bounding box (plus margin), not far outside
+    k, j, i = np.nonzero(explanation.lung_mask)
+    outside = np.ones(ct.shape, bool)
+    outside[max(k.min() - 8, 0):k.max() + 9, max(j.min() - 8, 0):j.max() + 9, max(i.min() - 8, 0):i.max() + 9] = False
+    assert cam.array[outside].max(initial=0) == 0
+    for stage in ("load_model", "lung_mask", "resample", "cam", "resample_back", "total"):
+        assert explanation.timings[stage] >= 0
+
+
+def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
+    ct = small_phantom.volume
+    nodule = small_phantom.nodules[0]
+    roi = lgc.explain(ct, model=str(tiny_model), roi=(nodule.center_ras, 40.0), device="cpu")
+    assert roi.extra["mode"] == "roi"
+    hot = np.argwhere(roi.cam.array > 0)
+    ras = ct.ijk_to_ras_points(hot[:, ::-1])
+    # everything the roi run touched lies within the roi box (half size + one patch of 64 mm)
+    assert np.all(np.abs(ras - np.asarray(nodule.center_ras)) <= 20 + 64 + 1e-6)
+
+    whole = make_tiny_model(tmp_path, name="whole", patch=None, spacing=(6.0, 6.0, 6.0))
+    exp = lgc.explain(ct, model=str(whole), device="cpu")
+    assert exp.extra["mode"] == "whole" and exp.extra["n_patches"] == 1
+    assert lgc.same_geometry(exp.cam, ct)
+
+
+def test_explain_rejects_bad_input(small_phantom, tiny_model):
+    ct = small_phantom.volume
+    with pytest.raises(InvalidInputError, match="unknown mode"):
+        lgc.explain(ct, model=str(tiny_model), mode="everything", device="cpu")
+    with pytest.raises(InvalidInputError, match="unknown CAM method"):
+        lgc.explain(ct, model=str(tiny_model), method="magic", device="cpu")
+    with pytest.raises(InvalidInputError, match="needs a LungGradCAMLib.Volume"):
+        lgc.explain(ct.array, model=str(tiny_model), device="cpu")
+    bad = ct.with_array(ct.array.copy())
+    bad.array[0, 0, 0] = np.nan
+    with pytest.raises(VolumeError, match="NaN"):
+        lgc.explain(bad, model=str(tiny_model), device="cpu")
+    with pytest.raises(InvalidInputError, match="lies outside the CT"):
+        lgc.explain(ct, model=str(tiny_model), roi=((5000.0, 0.0, 0.0), 10.0), device="cpu")
+    with pytest.raises(InvalidInputError, match="CUDA is not available|cuda"):
+        if not __import__("torch").cuda.is_available():
+            lgc.explain(ct, model=str(tiny_model), device="cuda")
+        else:
+            raise InvalidInputError("cuda present: nothing to check")
+
+
+def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
+    import slicerio
+
+    seg = lgc.segment_cam(explanation, threshold=0.5)
+    files = pipeline.write_outputs(explanation, seg, tmp_path / "out")
+    assert {p.name for p in files.values()} == {"cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd",
+                                                "overlay.png", "report.json"}
+    cam = lgc.read_volume(tmp_path / "out" / "cam.nrrd")
+    assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-6)
+    np.testing.assert_array_equal(cam.array, explanation.cam.array)
+    # SimpleITK sees the same LPS geometry as the CT written by the same writer
+    img = sitk.ReadImage(str(tmp_path / "out" / "cam.nrrd"))
+    assert img.GetOrigin() == pytest.approx(small_phantom.volume.to_sitk().GetOrigin())
+    s = slicerio.read_segmentation(str(tmp_path / "out" / "segmentation.seg.nrrd"))
+    assert len(s["segments"]) == len(seg.regions)
+    lungs = slicerio.read_segmentation(str(tmp_path / "out" / "lungs.seg.nrrd"))
+    assert [x["name"] for x in lungs["segments"]] == ["lungs"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["predicted_class"] == explanation.predicted_class
+    assert report["probabilities"] == pytest.approx(explanation.probabilities)
+    assert len(report["regions"]) == len(seg.regions)
+    assert report["series_instance_uid"] == small_phantom.volume.meta.get("series_uid")
+    assert "patient_name" not in json.dumps(report).lower()
+    png = sitk.ReadImage(str(tmp_path / "out" / "overlay.png"))
+    assert min(png.GetSize()) > 100
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
+    """DICOM folder, Slicer database and NRRD give the same CT; --dicom-seg references the series."""
+    pytest.importorskip("highdicom")
+    ct = small_phantom.volume
+    dicom_dir = tmp_path / "db" / "dicom"
+    lgc.phantom.write_dicom_series(ct, dicom_dir, shuffle_names=True)
+    from_dicom = pipeline.load_input(dicom_dir)
+    lgc.write_volume(ct, tmp_path / "ct.nrrd")
+    from_nrrd = pipeline.load_input(tmp_path / "ct.nrrd")
+    assert lgc.same_geometry(from_dicom, from_nrrd, atol_mm=1e-4)
+    np.testing.assert_allclose(from_dicom.array, np.round(from_nrrd.array), atol=1.0)
+
+    # a Slicer database (CTK schema subset) that indexes the folder, with relative file names
+    _make_ctk_db(tmp_path / "db", dicom_dir)
+    from_db = pipeline.load_input(tmp_path / "db")
+    np.testing.assert_array_equal(from_db.array, from_dicom.array)
+
+    exp = lgc.explain(from_dicom, model=str(tiny_model), device="cpu", batch_size=8)
+    seg = lgc.segment_cam(exp, threshold=0.3)
+    assert seg.regions
+    files = pipeline.write_outputs(exp, seg, tmp_path / "out", dicom_seg=True, overlay=False)
+    ds = pydicom.dcmread(files["dicom_seg"])
+    assert ds.Modality == "SEG"
+    assert ds.StudyInstanceUID == from_dicom.meta["study_uid"]
+    assert ds.FrameOfReferenceUID == from_dicom.meta["frame_of_reference_uid"]
+    referenced = {item.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence
+                  for item in s.ReferencedInstanceSequence}
+    assert referenced == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+                          for f in sorted(dicom_dir.iterdir())}
+    assert len(ds.SegmentSequence) == len(seg.regions)
+    import highdicom as hd
+
+    back = hd.seg.segread(files["dicom_seg"])
+    assert back.number_of_segments == len(seg.regions)
+
+
+def _make_ctk_db(folder, dicom_dir):
+    """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
+    from LungGradCAMLib.dicom import list_dicom_series
+
+    info = list_dicom_series(dicom_dir)[0]
+    con = sqlite3.connect(folder / "ctkDICOM.sql")
+    con.executescript("""
+        CREATE TABLE SchemaInfo (Version VARCHAR(1024) NOT NULL);
+        INSERT INTO SchemaInfo VALUES ('0.8.1');
+        CREATE TABLE Patients (UID INTEGER PRIMARY KEY AUTOINCREMENT, PatientsName VARCHAR(255),
+            PatientID VARCHAR(255), PatientsBirthDate DATE, PatientsBirthTime TIME, PatientsSex VARCHAR(1),
+            PatientsAge VARCHAR(10), PatientsComments VARCHAR(255), InsertTimestamp VARCHAR(20),
+            DisplayedPatientsName VARCHAR(255), DisplayedNumberOfStudies INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Studies (StudyInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, PatientsUID INT NOT NULL,
+            StudyID VARCHAR(255), StudyDate DATE, StudyTime VARCHAR(20), AccessionNumber VARCHAR(255),
+            ModalitiesInStudy VARCHAR(255), InstitutionName VARCHAR(255), ReferringPhysician VARCHAR(255),
+            PerformingPhysiciansName VARCHAR(255), StudyDescription VARCHAR(255), InsertTimestamp VARCHAR(20),
+            DisplayedNumberOfSeries INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Series (SeriesInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, StudyInstanceUID VARCHAR(64) NOT NULL,
+            SeriesNumber INT, SeriesDate DATE, SeriesTime VARCHAR(20), SeriesDescription VARCHAR(255),
+            Modality VARCHAR(20), BodyPartExamined VARCHAR(255), FrameOfReferenceUID VARCHAR(64),
+            AcquisitionNumber INT, ContrastAgent VARCHAR(255), ScanningSequence VARCHAR(45),
+            EchoNumber INT, TemporalPosition INT, InsertTimestamp VARCHAR(20), DisplayedSize VARCHAR(20),
+            DisplayedCount INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Images (SOPInstanceUID VARCHAR(64) NOT NULL, Filename VARCHAR(1024) NOT NULL,
+            URL VARCHAR(2048), SeriesInstanceUID VARCHAR(64) NOT NULL, InsertTimestamp VARCHAR(20) NOT NULL,
+            DisplayedFieldsUpdatedTimestamp DATETIME, PRIMARY KEY (SOPInstanceUID, Filename));
+    """)
+    con.execute("INSERT INTO Patients (UID, PatientsName, PatientID) VALUES (1, 'Phantom^Test', 'LGC-1')")
+    con.execute("INSERT INTO Studies (StudyInstanceUID, PatientsUID, StudyDescription, ModalitiesInStudy) "
+                "VALUES (?, 1, 'phantom', 'CT')", (info.study_uid,))
+    con.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesDescription, Modality) "
+                "VALUES (?, ?, 'phantom', 'CT')", (info.series_uid, info.study_uid))
+    for f in info.files:
+        sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        con.execute("INSERT INTO Images VALUES (?, ?, '', ?, '2026-11-23', NULL)",
+                    (sop, str(f.relative_to(folder)), info.series_uid))
+    con.commit()
+    con.close()
+
+
+def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
+    lgc.write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
+    src_bytes = (tmp_path / "ct.nrrd").read_bytes()
+    code = main(["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu", "--threshold", "p99"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "prediction:" in out and "report.json" in out
+    assert (tmp_path / "out" / "report.json").is_file()
+    assert (tmp_path / "ct.nrrd").read_bytes() == src_bytes  # the input is untouched
+
+    # errors a user can cause: message, no traceback, exit status 2, nothing written
+    for argv, message in [
+        (["run", str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "o2")], "no such file"),
+        (["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o3"), "--model", str(tiny_model),
+          "--roi", "1,2"], "--roi"),
+        (["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o4"), "--model", "no-such-model"], "model"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / argv[3].split("/")[-1] / "report.json").exists()
