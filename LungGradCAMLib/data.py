@@ -35,7 +35,8 @@ AIR_HU = -1024.0
 class PatchSet:
     """Labelled patches: ``patches`` (N, K, J, I) int16 HU at ``spacing_mm`` (i, j, k mm),
     ``labels`` (N,) class indices into ``class_names``, ``patients`` (N,) patient IDs,
-    ``kinds`` (N,) what each patch shows (e.g. ``nodule``, ``vessel``, ``chest_wall``)."""
+    ``kinds`` (N,) what each patch shows (e.g. ``nodule``, ``vessel``, ``chest_wall``),
+    ``centres`` (N, 3) RAS mm of each patch's centre voxel (NaN where unknown)."""
 
     patches: np.ndarray
     labels: np.ndarray
@@ -43,6 +44,7 @@ class PatchSet:
     class_names: List[str]
     spacing_mm: Tuple[float, float, float]
     kinds: np.ndarray = field(default=None)  # type: ignore[assignment]
+    centres: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches)
@@ -50,8 +52,11 @@ class PatchSet:
         self.patients = np.asarray(self.patients).astype(str)
         n = len(self.labels)
         self.kinds = np.full(n, "", dtype="<U16") if self.kinds is None else np.asarray(self.kinds).astype(str)
-        if self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n or len(self.kinds) != n:
-            raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds; got "
+        self.centres = (np.full((n, 3), np.nan) if self.centres is None
+                        else np.asarray(self.centres, dtype=np.float64).reshape(-1, 3))
+        if (self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n
+                or len(self.kinds) != n or len(self.centres) != n):
+            raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres; got "
                             f"{self.patches.shape}, {n} labels, {len(self.patients)} patients")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise DataError(f"labels must be 0..{len(self.class_names) - 1} for classes {self.class_names}")
@@ -71,7 +76,7 @@ class PatchSet:
     def subset(self, index: Sequence[int]) -> "PatchSet":
         index = np.asarray(index, dtype=np.int64)
         return PatchSet(self.patches[index], self.labels[index], self.patients[index],
-                        list(self.class_names), self.spacing_mm, self.kinds[index])
+                        list(self.class_names), self.spacing_mm, self.kinds[index], self.centres[index])
 
     @staticmethod
     def concatenate(sets: Sequence["PatchSet"]) -> "PatchSet":
@@ -83,7 +88,8 @@ class PatchSet:
                 raise DataError("cannot concatenate patch sets with different classes, patch size or spacing")
         return PatchSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.labels for s in sets]),
                         np.concatenate([s.patients for s in sets]), list(first.class_names),
-                        first.spacing_mm, np.concatenate([s.kinds for s in sets]))
+                        first.spacing_mm, np.concatenate([s.kinds for s in sets]),
+                        np.concatenate([s.centres for s in sets]))
 
     def save(self, path: PathLike) -> Path:
         """Cache as an uncompressed .npz (no pickled objects), atomically."""
@@ -91,7 +97,7 @@ class PatchSet:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
-                         kinds=self.kinds, class_names=np.array(self.class_names),
+                         kinds=self.kinds, centres=self.centres, class_names=np.array(self.class_names),
                          spacing_mm=np.array(self.spacing_mm, dtype=np.float64))
         return path
 
@@ -101,7 +107,7 @@ class PatchSet:
         try:
             with np.load(path, allow_pickle=False) as z:
                 return cls(z["patches"], z["labels"], z["patients"], [str(c) for c in z["class_names"]],
-                           tuple(float(s) for s in z["spacing_mm"]), z["kinds"])
+                           tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"])
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it "
                             "to rebuild") from None
@@ -140,6 +146,10 @@ def _to_int16(patches: Iterable[np.ndarray]) -> np.ndarray:
 
 def _ras_to_kji(volume: Volume, ras: np.ndarray) -> np.ndarray:
     return volume.ras_to_ijk_points(ras)[:, ::-1]
+
+
+def _kji_to_ras(volume: Volume, kji: np.ndarray) -> np.ndarray:
+    return volume.ijk_to_ras_points(np.asarray(kji, dtype=np.float64)[::-1])[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,7 +195,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     size = tuple(int(v) for v in patch_size)
     jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
     codes = phantom.TISSUES
-    patches, labels, patients, kinds = [], [], [], []
+    patches, labels, patients, kinds, centres = [], [], [], [], []
     seeds = list(seeds)
     iterator = seeds
     if progress:
@@ -206,6 +216,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
             labels.append(label)
             patients.append(f"phantom-{seed}")
             kinds.append(kind)
+            centres.append(_kji_to_ras(grid, np.rint(centre)))
 
         for spec in ph.nodules:
             centre = _ras_to_kji(grid, np.array([spec.center_ras]))[0]
@@ -236,7 +247,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     if not patches:
         raise DataError(f"phantoms {seeds} gave no patches")
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +287,7 @@ def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
     by_image: Dict[Path, List[Sample]] = defaultdict(list)
     for s in samples:
         by_image[Path(s.image)].append(s)
-    patches, labels, patients, kinds = [], [], [], []
+    patches, labels, patients, kinds, centres = [], [], [], [], []
     images = list(by_image.items())
     if progress:
         from tqdm import tqdm
@@ -291,8 +302,9 @@ def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
             labels.append(s.label)
             patients.append(s.patient)
             kinds.append(s.kind)
+            centres.append(_kji_to_ras(grid, np.rint(kji)))
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), list(class_names),
-                    tuple(float(v) for v in spacing_mm), np.array(kinds))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> List[Dict[str, str]]:
