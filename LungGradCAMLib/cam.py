@@ -177,8 +177,10 @@ class CAM:
         if cls.name:
             CAM._registry[cls.name] = cls
 
-    def __new__(cls, model: nn.Module, layer: Layer = None, method: Optional[str] = None,
-                **kwargs: Any) -> "CAM":
+    # model defaults to None only so that copy/pickle (which call __new__ without arguments)
+    # work: a deep copy of a model carries the hooks of the CAMs installed on it
+    def __new__(cls, model: Optional[nn.Module] = None, layer: Layer = None,
+                method: Optional[str] = None, **kwargs: Any) -> "CAM":
         if cls is CAM:
             cls = CAM._registry[_canonical(method or "gradcam")]
         elif method is not None and _canonical(method) != cls.name:
