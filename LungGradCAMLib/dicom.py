@@ -211,11 +211,18 @@ def _functional(ds, item, sequence: str, keyword: str):
 def _read_header(path: Path) -> List[_Frame]:
     """The image frames of one file ([] for non-DICOM and non-image objects)."""
     ds, stop, head = _read_dataset(path, header_only=True)
-    if ds is None or "Rows" not in ds or "Columns" not in ds:
-        return []
-    if str(ds.get("SOPClassUID", "")) == _MEDIA_STORAGE_DIRECTORY:
+    if ds is None:
         return []
     meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    if "Rows" not in ds or "Columns" not in ds or sop_class == _MEDIA_STORAGE_DIRECTORY:
+        if not sop_class and not meta:  # no meta elements and no SOP class: garbage after "DICM"
+            raise DicomDecodeError(f"{path}: unreadable DICOM file (no File Meta Information and no SOP Class); "
+                                   "remove it or replace it with an intact copy")
+        if "Image Storage" in _uid_name(sop_class):
+            raise DicomDecodeError(f"{path}: {_uid_name(sop_class)} object without Rows/Columns: the file "
+                                   "is truncated or damaged; copy it again from its source")
+        return []  # DICOMDIR, SR, RTSTRUCT, ...: not images
     syntax = str(meta.get("TransferSyntaxUID", _IMPLICIT_LE)) if meta is not None else _IMPLICIT_LE
     has_pixels, pixel_offset, pixel_length = _pixel_element(syntax, stop, head)
     bits_allocated = _int(ds.get("BitsAllocated")) or 16
@@ -478,17 +485,17 @@ def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarr
         decoder = None
     if decoder is None or not decoder.is_available:
         raise DicomDecodeError(f"{h.path}: no decoder available for transfer syntax {h.transfer_syntax} "
-                               f"({_syntax_name(h.transfer_syntax)}); {_DECODER_HINT}")
+                               f"({_uid_name(h.transfer_syntax)}); {_DECODER_HINT}")
     ds = _read_dataset(h.path)[0]
     try:
         arr = ds.pixel_array
     except Exception as exc:  # decoder plugins raise assorted types
-        raise DicomDecodeError(f"{h.path}: cannot decode the pixel data ({_syntax_name(h.transfer_syntax)}): "
+        raise DicomDecodeError(f"{h.path}: cannot decode the pixel data ({_uid_name(h.transfer_syntax)}): "
                                f"{exc}; the file may be damaged, or {_DECODER_HINT}") from None
     return np.asarray(arr).reshape(n_frames, rows, cols)
 
 
-def _syntax_name(uid: str) -> str:
+def _uid_name(uid: str) -> str:
     from pydicom.uid import UID
 
     return UID(uid).name
@@ -626,7 +633,9 @@ def _stack(frames: List[_Frame], hu: np.ndarray, key: str, max_gap_slices: int):
         raise SeriesGeometryError(f"series {key}: all {n_read} slices are copies of {frames[0].path}; "
                                   "a volume needs at least two positions")
     gaps = np.diff(d)
-    spacing = float(np.median(gaps))
+    # the typical spacing among gaps that are not missing slices (a median alone fails on short
+    # series with a gap: 2.5 and 5.0 mm would give 3.75)
+    spacing = float(np.median(gaps[gaps <= 1.5 * gaps.min()]))
     missing = np.rint(gaps / spacing).astype(int) - 1
     if missing.max() > max_gap_slices:
         n = int(np.argmax(missing))
