@@ -159,43 +159,75 @@ def segment_cam(
     if mask is not None:
         hot &= mask
 
-    labels, n = ndimage.label(hot, structure=_FULL_3X3X3)
+    # label and measure inside the hot voxels' bounding box only: on a whole scan that is a
+    # fraction of the volume, and every pass below (label, nonzero, find_objects) shrinks with it
+    box = ndimage.find_objects(hot.view(np.uint8))
+    sub = box[0] if box else (slice(0, 0),) * 3
+    labels, n = ndimage.label(hot[sub], structure=_FULL_3X3X3)
+    cam_sub = cam[sub]
+    labelled = labels > 0
+    # intp labels and float64 values keep np.ufunc.at on its fast, cast-free path
+    owner = labels[labelled].astype(np.intp)
     voxel_mm3 = float(abs(np.linalg.det(cam_volume.ijk_to_ras[:3, :3])))
-    keep = np.zeros(0, dtype=np.int64)
-    if n:
-        index = np.arange(1, n + 1)
-        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        peaks = np.asarray(ndimage.maximum(cam, labels, index))
-        big = counts * voxel_mm3 >= min_volume_mm3
-        # lexsort: last key is primary -> hottest peak first, larger region first on ties
-        order = np.lexsort((-counts[big], -peaks[big]))
-        keep = index[big][order][:max_regions]
+    counts = np.bincount(owner, minlength=n + 1)
+    peaks = _label_max(cam_sub[labelled], owner, n)
+    index = np.arange(1, n + 1)[counts[1:] * voxel_mm3 >= min_volume_mm3]
+    # lexsort: the last key is primary -> hottest peak first, larger region first on ties
+    keep = index[np.lexsort((-counts[index], -peaks[index]))][:max_regions]
     lut = np.zeros(n + 1, dtype=np.uint8 if len(keep) < 256 else np.uint16)
     lut[keep] = np.arange(1, len(keep) + 1)
-    labelmap = lut[labels]
-    regions = _measure(labelmap, len(keep), cam, hu, scores, cam_volume, voxel_mm3)
+    labelmap = np.zeros(cam.shape, dtype=lut.dtype)
+    labelmap[sub] = lut[labels]
+    offset = np.array([s.start for s in sub])
+    regions = _measure(labelmap[sub], len(keep), offset, cam_sub, None if hu is None else hu[sub],
+                       None if scores is None else scores[sub], cam_volume, voxel_mm3)
     return Segmentation(cam_volume.with_array(labelmap, kind="labelmap"), regions, level)
 
 
-def _measure(labelmap: np.ndarray, n: int, cam: np.ndarray, hu: Optional[np.ndarray],
+def _label_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    """Per-label maximum of ``values`` (index 0..n; -inf where a label has no voxel)."""
+    out = np.full(n + 1, -np.inf)
+    np.maximum.at(out, owner, np.asarray(values, dtype=np.float64))
+    return out
+
+
+def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu: Optional[np.ndarray],
              scores: Optional[np.ndarray], geometry: Volume, voxel_mm3: float) -> List[Region]:
-    """One :class:`Region` per label 1..n, with every per-label statistic computed in one pass."""
+    """One :class:`Region` per label 1..n of ``labels``, a box of the volume starting at voxel
+    ``offset`` (k, j, i); ``cam``/``hu``/``scores`` are the same box. One bincount / ufunc.at per
+    statistic over the labelled voxels: no per-region or per-voxel Python loop."""
     if n == 0:
         return []
-    index = np.arange(1, n + 1)
-    counts = np.bincount(labelmap.ravel(), minlength=n + 1)[1:]
-    peaks = ndimage.maximum(cam, labelmap, index)
-    means = ndimage.mean(cam, labelmap, index)
-    peak_kji = np.array(ndimage.maximum_position(cam, labelmap, index), dtype=np.float64)
-    centroid_kji = np.array(ndimage.center_of_mass(labelmap > 0, labelmap, index), dtype=np.float64)
+    labelled = labels > 0
+    where = np.flatnonzero(labelled)
+    owner = labels[labelled].astype(np.intp)
+    values = cam[labelled].astype(np.float64)
+    counts = np.bincount(owner, minlength=n + 1)[1:]
+    label_peaks = _label_max(values, owner, n)
+    peaks = label_peaks[1:]
+    means = np.bincount(owner, values, n + 1)[1:] / counts
+    # the first peak voxel of each region in C order: the smallest flat index holding its maximum
+    at_peak = values == label_peaks[owner]
+    first = np.full(n + 1, labels.size, dtype=np.int64)
+    np.minimum.at(first, owner[at_peak], where[at_peak])
+    peak_kji = np.column_stack(np.unravel_index(first[1:], labels.shape)) + offset
+    # one index axis at a time (k, j, i from the flat index) keeps memory at one extra array
+    strides = np.cumprod((1,) + labels.shape[:0:-1])[::-1]
+    centroid_kji = np.column_stack([np.bincount(owner, (where // stride) % size, n + 1)[1:] / counts
+                                    for stride, size in zip(strides, labels.shape)]) + offset
     centroids = geometry.ijk_to_ras_points(centroid_kji[:, ::-1])
     peak_ras = geometry.ijk_to_ras_points(peak_kji[:, ::-1])
-    mean_hu = ndimage.mean(hu, labelmap, index) if hu is not None else [None] * n
-    max_hu = ndimage.maximum(hu, labelmap, index) if hu is not None else [None] * n
-    region_scores = ndimage.maximum(scores, labelmap, index) if scores is not None else [None] * n
+    none = [None] * n
+    if hu is not None:
+        hu_values = hu[labelled].astype(np.float64)
+        mean_hu = np.bincount(owner, hu_values, n + 1)[1:] / counts
+        max_hu = _label_max(hu_values, owner, n)[1:]
+    else:
+        mean_hu, max_hu = none, none
+    region_scores = none if scores is None else _label_max(scores[labelled], owner, n)[1:]
     regions = []
-    for r, box in enumerate(ndimage.find_objects(labelmap, max_label=n)):
-        bbox_ijk = tuple((int(s.start), int(s.stop)) for s in box)
+    for r, box in enumerate(ndimage.find_objects(labels, max_label=n)):
+        bbox_ijk = tuple((int(s.start + o), int(s.stop + o)) for s, o in zip(box, offset))
         # RAS box of the voxel centres at the 8 corners of the IJK box (covers oblique grids)
         (k0, k1), (j0, j1), (i0, i1) = bbox_ijk
         corners = [[i, j, k] for k in (k0, k1 - 1) for j in (j0, j1 - 1) for i in (i0, i1 - 1)]
