@@ -1,0 +1,238 @@
+"""DicomDatabase on SQLite files built with CTK's ctkDICOM schema (a faithful subset of its columns),
+holding relative and absolute Filename entries, opened strictly read-only."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import data_path
+from LungGradCAMLib.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
+from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
+from LungGradCAMLib.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
+from LungGradCAMLib.volume import Volume, axis_aligned_matrix
+
+# CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
+SCHEMA = """
+CREATE TABLE 'SchemaInfo' ( 'Version' VARCHAR(1024) NOT NULL );
+CREATE TABLE 'Images' ( 'SOPInstanceUID' VARCHAR(64) NOT NULL, 'Filename' VARCHAR(1024) NOT NULL,
+  'URL' VARCHAR(2048) NOT NULL, 'SeriesInstanceUID' VARCHAR(64) NOT NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
+  PRIMARY KEY ('SOPInstanceUID') );
+CREATE TABLE 'Patients' ( 'UID' INTEGER PRIMARY KEY AUTOINCREMENT, 'PatientsName' VARCHAR(255) NULL,
+  'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL,
+  'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL,
+  'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL,
+  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL );
+CREATE TABLE 'Studies' ( 'StudyInstanceUID' VARCHAR(64) NOT NULL, 'PatientsUID' INT NOT NULL,
+  'StudyID' VARCHAR(255) NULL, 'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL,
+  'StudyDescription' VARCHAR(255) NULL, 'AccessionNumber' VARCHAR(255) NULL,
+  'ModalitiesInStudy' VARCHAR(255) NULL, 'InstitutionName' VARCHAR(255) NULL,
+  'ReferringPhysician' VARCHAR(255) NULL, 'PerformingPhysiciansName' VARCHAR(255) NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedNumberOfSeries' INT NULL,
+  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('StudyInstanceUID') );
+CREATE TABLE 'Series' ( 'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'StudyInstanceUID' VARCHAR(64) NOT NULL,
+  'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL,
+  'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, 'BodyPartExamined' VARCHAR(255) NULL,
+  'FrameOfReferenceUID' VARCHAR(64) NULL, 'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL,
+  'ScanningSequence' VARCHAR(45) NULL, 'EchoNumber' INT NULL, 'TemporalPosition' INT NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL,
+  'DisplayedNumberOfFrames' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
+  PRIMARY KEY ('SeriesInstanceUID') );
+CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');
+CREATE INDEX 'ImagesSeriesIndex' ON 'Images' ('SeriesInstanceUID');
+CREATE INDEX 'SeriesStudyIndex' ON 'Series' ('StudyInstanceUID');
+CREATE INDEX 'StudiesPatientIndex' ON 'Studies' ('PatientsUID');
+CREATE TABLE 'Directories' ( 'Dirname' VARCHAR(1024), PRIMARY KEY ('Dirname') );
+"""
+STAMP = "2026-01-01 12:00:00"
+
+
+def make_database(folder: Path, files, version: str = "0.8.1") -> Path:
+    """Index ``files`` as CTK does: one Patients/Studies/Series row each, one Images row per file,
+    Filename relative to ``folder`` when the file lies inside it, absolute otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ctkDICOM.sql"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO SchemaInfo VALUES (?)", (version,))
+        patients = {}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            key = (str(ds.PatientName), ds.PatientID)
+            if key not in patients:
+                cur = db.execute("INSERT INTO Patients (PatientsName, PatientID, PatientsBirthDate, InsertTimestamp) "
+                                 "VALUES (?, ?, ?, ?)", (key[0], key[1], ds.get("PatientBirthDate", ""), STAMP))
+                patients[key] = cur.lastrowid
+            db.execute("INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, StudyDate, StudyDescription, "
+                       "ModalitiesInStudy, InsertTimestamp) VALUES (?, ?, ?, ?, ?, ?)",
+                       (ds.StudyInstanceUID, patients[key], ds.get("StudyDate", ""),
+                        ds.get("StudyDescription", ""), ds.Modality, STAMP))
+            db.execute("INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesNumber, SeriesDate, "
+                       "SeriesDescription, Modality, BodyPartExamined, FrameOfReferenceUID, InsertTimestamp) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.get("SeriesNumber"), ds.get("SeriesDate", ""),
+                        ds.get("SeriesDescription", ""), ds.Modality, ds.get("BodyPartExamined", ""),
+                        ds.get("FrameOfReferenceUID", ""), STAMP))
+            f = Path(f).resolve()
+            name = f.relative_to(folder.resolve()).as_posix() if folder.resolve() in f.parents else str(f)
+            db.execute("INSERT INTO Images (SOPInstanceUID, Filename, URL, SeriesInstanceUID, InsertTimestamp) "
+                       "VALUES (?, ?, '', ?, ?)", (ds.SOPInstanceUID, name, ds.SeriesInstanceUID, STAMP))
+    return path
+
+
+def _hu(shape, seed):
+    return np.rint(np.random.default_rng(seed).normal(-300, 300, shape)).clip(-1000, 2000).astype(np.float32)
+
+
+@pytest.fixture
+def two_series(tmp_path):
+    """A database folder holding one series inside it (relative names) and indexing one outside
+    (absolute names), of two patients."""
+    inside = write_dicom_series(Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
+                                tmp_path / "db" / "dicom" / "a", patient_id="PA", patient_name="Alpha^A",
+                                series_description="inside")
+    outside = write_dicom_series(Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
+                                 tmp_path / "elsewhere", patient_id="PB", patient_name="Beta^B",
+                                 series_description="outside")
+    db = make_database(tmp_path / "db", inside + outside)
+    return tmp_path / "db", db, inside, outside
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_browse_files_and_load(two_series):
+    folder, db_file, inside, outside = two_series
+    names = sqlite3.connect(db_file).execute("SELECT Filename FROM Images").fetchall()
+    assert any(not Path(n).is_absolute() for (n,) in names) and any(Path(n).is_absolute() for (n,) in names)
+    db = DicomDatabase(folder)
+    assert db.schema_version == "0.8.1" and db.path == db_file.resolve()
+    patients = db.patients()
+    assert [(p.patient_id, p.name, p.n_studies) for p in patients] == [("PA", "Alpha^A", 1), ("PB", "Beta^B", 1)]
+    assert all(isinstance(p, PatientRecord) for p in patients)
+    (study,) = db.studies(patients[0])
+    assert isinstance(study, StudyRecord) and study.n_series == 1 and study.modalities == "CT"
+    assert db.studies(patients[1].uid)[0].study_uid != study.study_uid and len(db.studies()) == 2
+    (series,) = db.series(study)
+    assert isinstance(series, SeriesRecord)
+    assert (series.description, series.modality, series.n_images, series.number) == ("inside", "CT", 6, 1)
+    assert db.series(study.study_uid) == [series] and len(db.ct_series()) == 2
+    files = db.files(series.series_uid)
+    assert all(p.is_absolute() for p in files) and sorted(files) == sorted(p.resolve() for p in inside)
+    other = next(s for s in db.series() if s.description == "outside")
+    assert sorted(db.files(other.series_uid)) == sorted(p.resolve() for p in outside)
+    loaded = db.load(series.series_uid)
+    reference = load_dicom_series(inside[0].parent)
+    assert np.array_equal(loaded.array, reference.array) and np.allclose(loaded.ijk_to_ras, reference.ijk_to_ras)
+    assert DicomDatabase(db_file).load(other.series_uid).shape == (4, 12, 12)  # the .sql file works too
+
+
+def test_read_only_and_no_lock_held(two_series):
+    folder, db_file, _, _ = two_series
+    before, listing = _digest(db_file), sorted(p.name for p in folder.iterdir())
+    mtime = db_file.stat().st_mtime_ns
+    db = DicomDatabase(folder)
+    with closing(sqlite3.connect(db_file, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # Slicer writing: a RESERVED lock
+        writer.execute("UPDATE Series SET SeriesDescription = 'renamed' WHERE SeriesDescription = 'inside'")
+        assert len(db.patients()) == 2 and {s.description for s in db.series()} == {"inside", "outside"}
+        writer.execute("ROLLBACK")
+        for s in db.series():
+            db.files(s.series_uid)
+        writer.execute("BEGIN EXCLUSIVE")  # would time out if we still held a SHARED lock
+        writer.execute("ROLLBACK")
+    assert _digest(db_file) == before and db_file.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in folder.iterdir()) == listing  # no journal or WAL files left
+
+
+def test_real_lidc_series_indexed_by_absolute_path(tmp_path):
+    folders = [next(p.parent for p in data_path("lidc", name).rglob("*.dcm")) for name in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+    make_database(tmp_path / "db", [f for folder in folders for f in sorted(folder.glob("*.dcm"))], version="0.7.0")
+    db = DicomDatabase(tmp_path / "db")
+    assert [p.patient_id for p in db.patients()] == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+    with pytest.raises(AmbiguousSeriesError, match="2 CT series"):
+        db.load_single_ct()
+    for folder in folders:
+        uid = folder.name
+        assert np.array_equal(db.load(uid).array, load_dicom_series(folder).array)
+
+
+def test_load_single_ct(two_series, tmp_path):
+    _, _, inside, _ = two_series
+    make_database(tmp_path / "one", inside)
+    assert DicomDatabase(tmp_path / "one").load_single_ct().shape == (6, 16, 16)
+    with pytest.raises(AmbiguousSeriesError):
+        DicomDatabase(two_series[0]).load_single_ct()
+
+
+def test_deleted_files_are_named(two_series):
+    folder, db_file, inside, _ = two_series
+    before = _digest(db_file)
+    inside[2].unlink()
+    db = DicomDatabase(folder)
+    uid = pydicom.dcmread(inside[0], stop_before_pixels=True).SeriesInstanceUID
+    with pytest.raises(DatabaseError, match=r"1 of 6 files .* missing") as err:
+        db.load(uid)
+    assert inside[2].name in str(err.value)
+    shutil.rmtree(inside[0].parent)
+    with pytest.raises(DatabaseError, match="6 of 6 files"):
+        db.files(uid)
+    with pytest.raises(NoSeriesFoundError, match="not in the database"):
+        db.files("1.2.3.4")
+    assert _digest(db_file) == before
+
+
+def test_url_only_series(tmp_path):
+    path = make_database(tmp_path / "db", [])
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, Modality, InsertTimestamp) "
+                   "VALUES ('1.2.3', '1.2', 'CT', ?)", (STAMP,))
+        db.execute("INSERT INTO Images VALUES ('1.2.3.1', '', 'https://pacs/1.2.3.1', '1.2.3', ?, NULL)", (STAMP,))
+    with pytest.raises(DatabaseError, match="no local files"):
+        DicomDatabase(path).files("1.2.3")
+
+
+def _sqlite(path: Path, script: str) -> None:
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript(script)
+
+
+def _without_filename(path: Path) -> None:
+    schema = SCHEMA.replace("'Filename' VARCHAR(1024) NOT NULL,", "").replace(
+        "CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');", "")
+    _sqlite(path, schema + "INSERT INTO SchemaInfo VALUES ('0.8.1');")
+
+
+@pytest.mark.parametrize("make, text", [
+    (lambda p: p.write_bytes(b"SQLite format 2\x00" + bytes(2000)), "not an SQLite database"),
+    (lambda p: p.write_bytes(bytes(range(256)) * 20), "not an SQLite database"),
+    (lambda p: _sqlite(p, "CREATE TABLE notes (id INTEGER, text TEXT);"), "not a Slicer \\(CTK\\) DICOM database"),
+    (lambda p: make_database(p.parent, [], version="2.0.0"), "schema version '2.0.0' is not supported"),
+    (lambda p: make_database(p.parent, [], version="garbage"), "schema version 'garbage' is not supported"),
+    (_without_filename, "table Images lacks column\\(s\\) Filename"),
+])
+def test_bad_databases(tmp_path, make, text):
+    path = tmp_path / "db" / "ctkDICOM.sql"
+    path.parent.mkdir()
+    make(path)
+    before = _digest(path)
+    with pytest.raises(DatabaseError, match=text) as err:
+        DicomDatabase(path.parent)
+    assert str(path) in str(err.value)
+    assert _digest(path) == before
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(DatabaseError, match="no ctkDICOM.sql"):
+        DicomDatabase(tmp_path)
+    with pytest.raises(DatabaseError, match="no such file or folder"):
+        DicomDatabase(tmp_path / "absent")
