@@ -75,26 +75,31 @@ def threshold_level(values: np.ndarray, threshold: Threshold) -> float:
     ``threshold`` is an absolute level in [0, 1]; ``"otsu"`` (``skimage.filters.threshold_otsu``);
     or a percentile of ``values``: ``"p99"`` / ``("percentile", 99)``. Voxels ``>= level`` are hot.
     """
-    if isinstance(threshold, str) and threshold.lower() == "otsu":
+    if isinstance(threshold, tuple) and len(threshold) == 2 and threshold[0] == "percentile":
+        threshold = f"p{threshold[1]}"
+    if not isinstance(threshold, str):
+        try:
+            level = float(threshold)
+        except (TypeError, ValueError):
+            level = float("nan")
+        if not 0.0 <= level <= 1.0:
+            raise InvalidInputError(
+                f"segment_cam: threshold {threshold!r} is not a level in [0, 1] (the CAM's range); "
+                "use a number in [0, 1], 'otsu', 'p99' or ('percentile', 99)"
+            )
+        return level
+    text = threshold.strip().lower()
+    if text == "otsu":
         from skimage.filters import threshold_otsu
 
         if values.size == 0 or values.min() == values.max():
             return float(values.max()) if values.size else 1.0
         return float(threshold_otsu(values))
-    percent: Optional[float] = None
-    if isinstance(threshold, str) and threshold[:1].lower() == "p":
-        try:
-            percent = float(threshold[1:])
-        except ValueError:
-            percent = None
-    elif isinstance(threshold, tuple) and len(threshold) == 2 and threshold[0] == "percentile":
-        percent = float(threshold[1])
-    elif not isinstance(threshold, (str, tuple)):
-        level = float(threshold)
-        if not 0.0 <= level <= 1.0:
-            raise InvalidInputError(f"segment_cam: threshold {level} is outside [0, 1]; the CAM is in [0, 1]")
-        return level
-    if percent is None or not 0.0 <= percent <= 100.0:
+    try:
+        percent = float(text[1:]) if text.startswith("p") else -1.0
+    except ValueError:
+        percent = -1.0
+    if not 0.0 <= percent <= 100.0:
         raise InvalidInputError(
             f"segment_cam: threshold {threshold!r} is not understood; use a level in [0, 1], "
             "'otsu', 'p99' or ('percentile', 99) with a percentile in [0, 100]"

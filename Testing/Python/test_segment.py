@@ -139,7 +139,8 @@ def test_an_all_zero_cam_has_no_region():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"threshold": 1.5}, InvalidInputError, "outside"),
+    ({"threshold": 1.5}, InvalidInputError, "not a level"),
+    ({"threshold": [0.5]}, InvalidInputError, "not a level"),
     ({"threshold": "p200"}, InvalidInputError, "percentile"),
     ({"threshold": "mean"}, InvalidInputError, "not understood"),
     ({"within": np.ones((2, 2, 2), bool)}, InvalidInputError, "within"),
