@@ -191,3 +191,33 @@ def test_given_uids_are_used_and_no_temporaries_remain(tmp_path):
     ds = pydicom.dcmread(files[1], stop_before_pixels=True)
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID) == ("1.2.3", "1.2.3.4", "1.2.3.5")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
+
+
+def test_any_orthogonal_geometry_round_trips_through_dicom_and_nrrd(tmp_path_factory):
+    """Property: any rotation, axis flip, spacing and origin survives Volume -> DICOM -> Volume ->
+    NRRD -> Volume (right-handed index frames; DICOM readers order slices along i x j)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    from LungGradCAMLib.volume import read_volume, write_volume
+
+    @hypothesis.settings(max_examples=20, deadline=None)
+    @hypothesis.given(
+        angles=st.tuples(*[st.floats(-180, 180, allow_nan=False)] * 3),
+        flips=st.tuples(*[st.sampled_from([-1.0, 1.0])] * 2),
+        spacing=st.tuples(*[st.floats(0.2, 6.0, allow_nan=False)] * 3),
+        origin=st.tuples(*[st.floats(-500, 500, allow_nan=False)] * 3))
+    def check(angles, flips, spacing, origin):
+        rotation = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
+        direction = rotation @ np.diag([flips[0], flips[1], flips[0] * flips[1]])  # det +1
+        volume = Volume(_hu((3, 5, 6)), axis_aligned_matrix(spacing, origin, direction))
+        folder = tmp_path_factory.mktemp("prop")
+        write_dicom_series(volume, folder)
+        back = load_dicom_series(folder)
+        assert np.allclose(back.ijk_to_ras, volume.ijk_to_ras, atol=1e-6, rtol=0)
+        assert np.array_equal(back.array, _expected(volume.array))
+        again = read_volume(write_volume(back, folder / "v.nrrd"))
+        assert np.allclose(again.ijk_to_ras, volume.ijk_to_ras, atol=1e-6, rtol=0)
+        assert np.array_equal(again.array, back.array)
+
+    check()
