@@ -39,7 +39,7 @@ TISSUES: Dict[str, int] = {
 _T = TISSUES
 #: Mean HU of each tissue before texture, blur and noise (bone gets a brighter cortex on top).
 _HU = np.zeros(len(TISSUES), np.float32)
-for _name, _hu in {"air": -1000, "skin": 30, "fat": -100, "muscle": 45, "bone": 300, "lung": -860,
+for _name, _hu in {"air": -1000, "skin": 30, "fat": -100, "muscle": 45, "bone": 300, "lung": -890,
                    "vessel": 40, "airway": -1000, "mediastinum": -90, "heart": 40, "blood": 40,
                    "abdomen": 55, "nodule": 30, "soft_tissue": 35, "table": -150}.items():
     _HU[TISSUES[_name]] = _hu
@@ -558,11 +558,11 @@ def _draw_nodule(grid: _Grid, volume: Volume, rng: np.random.Generator, spec: No
         solid = np.float32(rng.uniform(10.0, 50.0))
         view[...] = view * (1 - occ) + solid * occ
     if spec.kind in ("part-solid", "calcified"):
-        r_core = R * (rng.uniform(0.35, 0.55) if spec.kind == "part-solid" else rng.uniform(0.45, 0.7))
+        r_core = R * (rng.uniform(0.45, 0.65) if spec.kind == "part-solid" else rng.uniform(0.55, 0.8))
         offset = rng.normal(0.0, 0.15 * (R - r_core), 3)
         dc = np.sqrt((dk - offset[0]) ** 2 + (dj - offset[1]) ** 2 + (di - offset[2]) ** 2)
         core = np.clip((r_core - dc) / grid.h + 0.5, 0.0, 1.0) * occ
-        value = np.float32(rng.uniform(10.0, 50.0) if spec.kind == "part-solid" else rng.uniform(450.0, 900.0))
+        value = np.float32(rng.uniform(10.0, 50.0) if spec.kind == "part-solid" else rng.uniform(500.0, 1000.0))
         view[...] = view * (1 - core) + value * core
     inside = occ >= 0.5
     # a nodule smaller than a voxel still owns the voxel holding its centre
@@ -767,11 +767,12 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
     matrix[:3, :3] = np.diag([-1.0, -1.0, 1.0]) * spacing
     matrix[:3, 3] = np.asarray(center_ras, np.float64) - matrix[:3, :3] @ ((np.array(shape_t[::-1]) - 1) / 2)
     tag = (int(seed), shape_t, tuple(spacing.round(6)), str(nodules if isinstance(nodules, str) or nodules is None else [n.to_dict() for n in nodules]))
+    # keys as the DICOM loader fills them
     meta = {
-        "modality": "CT", "patient_name": f"Phantom^Seed{int(seed)}", "patient_id": f"LGC-PHANTOM-{int(seed)}",
-        "study_instance_uid": _uid("study", *tag), "series_instance_uid": _uid("series", *tag),
-        "frame_of_reference_uid": _uid("for", *tag), "study_description": "LungGradCAM phantom",
-        "series_description": "synthetic chest CT", "body_part_examined": "CHEST", "phantom_seed": int(seed),
+        "modality": "CT", "patient_id": f"LGC-PHANTOM-{int(seed)}", "patient_name": f"Phantom^Seed{int(seed)}",
+        "study_uid": _uid("study", *tag), "series_uid": _uid("series", *tag),
+        "frame_of_reference_uid": _uid("for", *tag), "description": f"LungGradCAM phantom chest CT, seed {int(seed)}",
+        "study_description": "LungGradCAM phantom", "phantom_seed": int(seed),
     }
 
     K = shape_t[0]
@@ -873,8 +874,16 @@ def _blur_and_noise(hu: np.ndarray, noise_hu: float, rng: np.random.Generator) -
 
 
 def write_dicom_series(volume: Volume, folder: "str | Path", **kwargs: Any) -> List[Path]:
-    """Write ``volume`` as a CT Image Storage DICOM series into ``folder``; see
-    :func:`LungGradCAMLib.dicom.write_dicom_series` (options such as ``shuffle_names``)."""
+    """Write ``volume`` as a CT Image Storage DICOM series into ``folder`` with
+    :func:`LungGradCAMLib.dicom.write_dicom_series` (options such as ``shuffle_names``). Patient
+    and UIDs default to those in ``volume.meta`` (a phantom's deterministic ones); returns the
+    file paths in k order."""
     from .dicom import write_dicom_series as write
 
+    meta = volume.meta
+    for key, meta_key in (("patient_id", "patient_id"), ("patient_name", "patient_name"), ("study_uid", "study_uid"),
+                          ("series_uid", "series_uid"), ("frame_of_reference_uid", "frame_of_reference_uid"),
+                          ("series_description", "description"), ("study_description", "study_description")):
+        if meta.get(meta_key):
+            kwargs.setdefault(key, str(meta[meta_key]))
     return write(volume, folder, **kwargs)
