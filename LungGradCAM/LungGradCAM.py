@@ -513,9 +513,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
                     files = database.filesForSeries(seriesUID)
                     if not files or database.fileValue(files[0], "0008,0060") != "CT":
                         continue
-                    value = lambda tag: database.fileValue(files[0], tag).strip()  # noqa: E731
-                    title = " | ".join(part for part in (
-                        value("0010,0010"), value("0008,0020"), value("0020,0011"), value("0008,103E")) if part)
+                    # patient name, study date, series number, series description
+                    parts = [database.fileValue(files[0], tag).strip()
+                             for tag in ("0010,0010", "0008,0020", "0020,0011", "0008,103E")]
+                    title = " | ".join(part for part in parts if part)
                     found.append({"seriesUID": seriesUID, "title": f"{title} ({len(files)} images)",
                                   "files": len(files)})
         return found
@@ -631,7 +632,7 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         from LungGradCAMLib import metrics, phantom
 
         nodule = phantom.NoduleSpec(center_ras=(60.0, 20.0, -150.0), diameter_mm=20.0, malignant=True)
-        chest = phantom.chest_ct(seed=3, shape=(64, 128, 128), spacing_mm=(2.7, 2.7, 3.0), nodules=[nodule])
+        chest = phantom.chest_ct(seed=3, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 4.0), nodules=[nodule])
         ctNode = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="LungGradCAM phantom")
 
         self.delayDisplay("Explaining it on the CPU")

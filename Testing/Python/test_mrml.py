@@ -353,3 +353,98 @@ def test_seg_nrrd_from_write_segmentation_loads_in_slicer(tmp_path, scene):
         assert region.name in names
         mask = _segment_mask(node, names[region.name], ct)
         np.testing.assert_array_equal(mask, seg.labelmap.array == region.label)
+
+
+# --- the whole run on nodes ----------------------------------------------------------------------------
+NODULE_RAS = (60.0, 20.0, -150.0)
+#: Big batches: fewer model calls on the CPU.
+FAST = {"batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def chest():
+    """A small chest phantom with one 20 mm nodule in the right lung (same nodule as the module's self-test)."""
+    phantom = pytest.importorskip("LungGradCAMLib.phantom")
+    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
+    return phantom.chest_ct(seed=3, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 4.0), nodules=[nodule])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small untrained (seeded) 3D CNN saved as a model file: exercises the plumbing, not accuracy."""
+    torch = pytest.importorskip("torch")
+    from LungGradCAMLib.models import ModelCard, build_model, save_model
+
+    torch.manual_seed(0)
+    kwargs = {"channels": [4, 8, 8], "hidden": [8, 8]}
+    card = ModelCard(architecture="small3d_cnn", kwargs=kwargs, class_names=["benign", "malignant"],
+                     cam_class="malignant", target_layer="features.act3", patch_size=[32, 32, 32],
+                     spacing_mm=[3.0, 3.0, 3.0], name="tiny")
+    return save_model(build_model("small3d_cnn", **kwargs), card, tmp_path_factory.mktemp("model") / "tiny.safetensors")
+
+
+def test_explain_volume_node_fills_the_output_nodes(scene, chest, tiny_model):
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    calls = []
+    result = mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", threshold=0.3,
+                                      restrict_to_lungs=False, **FAST,
+                                      progress=lambda done, total: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1]
+    # heat map: the CT's geometry, the engine's values
+    assert result.cam_node.GetName() == "chest Grad-CAM"
+    np.testing.assert_allclose(_node_matrix(result.cam_node), _node_matrix(ct), atol=1e-9, rtol=0)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.cam_node), result.explanation.cam.array)
+    # segmentation: one segment per region, each equal to its label
+    _check_segments_and_table(result, ct)
+    assert result.segmentation.regions, "the seeded model gives hot regions at 0.3"
+
+    # a second run into the same nodes reuses them; restricted to the lungs, all regions lie inside them
+    again = mrml.explain_volume_node(ct, result.cam_node, result.segmentation_node, result.table_node,
+                                     model=str(tiny_model), device="cpu", threshold=0.3, **FAST)
+    assert (again.cam_node, again.segmentation_node, again.table_node) == (
+        result.cam_node, result.segmentation_node, result.table_node)
+    assert not np.any((again.segmentation.labelmap.array > 0) & ~again.explanation.lung_mask)
+    _check_segments_and_table(again, ct)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the CT and the heat map
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 1
+
+
+def _check_segments_and_table(result, ct) -> None:
+    labels = result.segmentation.labelmap.array
+    regions = result.segmentation.regions
+    segments = result.segmentation_node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == len(regions)
+    for n, region in enumerate(regions):
+        assert segments.GetNthSegment(n).GetName() == region.name
+        mask = _segment_mask(result.segmentation_node, segments.GetNthSegmentID(n), ct)
+        np.testing.assert_array_equal(mask, labels == region.label)
+    assert result.table_node.GetNumberOfRows() == len(regions)
+    voxels = result.table_node.GetTable().GetColumnByName("Voxels")
+    assert [voxels.GetValue(n) for n in range(len(regions))] == [r.voxels for r in regions]
+
+
+def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
+    from LungGradCAMLib.errors import CancelledError
+
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    with pytest.raises(CancelledError):
+        mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", cancel=lambda: True, **FAST)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+
+
+def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, chest):
+    """What the Slicer self-test checks, here in CI: the heat map peaks in the nodule and a segment overlaps it."""
+    pytest.importorskip("torch")
+    from LungGradCAMLib import metrics
+    from LungGradCAMLib.models import available_models
+
+    if "default" not in available_models():
+        pytest.skip("no bundled default model in Resources/Models yet")
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    result = mrml.explain_volume_node(ct, device="cpu")
+    nodule = chest.nodule_labelmap > 0
+    assert metrics.pointing_game(slicer.util.arrayFromVolume(result.cam_node), nodule)
+    assert np.any((result.segmentation.labelmap.array > 0) & nodule)
