@@ -11,7 +11,12 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import *
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 from slicer.parameterNodeWrapper import (
     parameterNodeWrapper,
@@ -296,7 +301,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.addItem(_("(model default: {name})").format(name=card.cam_class), "")
                 for name in card.class_names:
                     combo.addItem(name, name)
-                self.ui.modelInfoLabel.text = modelCardText(card)
+                self.ui.modelInfoLabel.text = self._modelCardText(card)
                 if "not for clinical use" in card.intended_use.lower():
                     self.ui.clinicalUseLabel.text = card.intended_use
                     self.ui.clinicalUseLabel.visible = True
@@ -341,10 +346,10 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._checkCanApply()
 
     def _onProgress(self, done: int, total: int) -> None:
-        """Engine progress: one call per batch of patches; lets Qt handle events (Cancel) between batches."""
+        """Engine progress (patches done of total), once per batch; lets Qt handle events (Cancel) between batches."""
         self.ui.progressBar.setRange(0, max(total, 1))
         self.ui.progressBar.value = done
-        self.ui.statusLabel.text = _("Computing the heat map: {done} of {total} batches").format(done=done, total=total)
+        self.ui.statusLabel.text = _("Computing the heat map: {done} of {total} patches").format(done=done, total=total)
         slicer.app.processEvents()
 
     def onApplyButton(self) -> None:
@@ -360,6 +365,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateModelList()
 
         p = self._parameterNode
+        startTime = time.time()
         self._setRunning(True)
         self.ui.statusLabel.text = _("Loading the model and segmenting the lungs...")
         slicer.app.processEvents()
@@ -379,9 +385,9 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.camVolume = result.cam_node
         p.segmentation = result.segmentation_node
         p.table = result.table_node
-        self._showResult(result)
+        self._showResult(result, time.time() - startTime)
 
-    def _showResult(self, result) -> None:
+    def _showResult(self, result, seconds: float) -> None:
         self._result = result
         explanation = result.explanation
         rows = "".join(
@@ -396,27 +402,27 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionsTableView.setMRMLTableNode(result.table_node)
         self.ui.jumpToHottestButton.enabled = bool(result.segmentation.regions)
         self.ui.resultsCollapsibleButton.collapsed = False
-        seconds = explanation.timings.get("total", 0.0)
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds)
 
     def onJumpToHottest(self) -> None:
         if self._result is not None:
             self.logic.jumpToHottestRegion(self._result)
 
-
-def modelCardText(card) -> str:
-    """Rich-text summary of a model card for the panel."""
-    patch = "x".join(str(n) for n in card.patch_size) + " voxels" if card.patch_size else "whole volume"
-    spacing = " x ".join(f"{s:g}" for s in card.spacing_mm)
-    lines = [f"<b>{card.name or 'model'}</b> {card.version}" + (f": {card.description}" if card.description else ""),
-             f"{card.architecture}; input {patch} at {spacing} mm; HU window {card.hu_window[0]:g} to {card.hu_window[1]:g}",
-             "Classes: " + ", ".join(card.class_names)]
-    for key, label in (("roc_auc", "AUC"), ("accuracy", "Accuracy")):
-        metric = card.metrics.get(key)
-        if isinstance(metric, dict) and "value" in metric:
-            ci = metric.get("ci95")
-            lines.append(f"{label} {metric['value']:.3f}" + (f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""))
-    return "<br>".join(lines)
+    @staticmethod
+    def _modelCardText(card) -> str:
+        """Rich-text summary of a model card for the panel."""
+        patch = "x".join(str(n) for n in card.patch_size) + " voxels" if card.patch_size else "whole volume"
+        spacing = " x ".join(f"{s:g}" for s in card.spacing_mm)
+        low, high = card.hu_window
+        lines = [f"<b>{card.name or 'model'}</b> {card.version}" + (f": {card.description}" if card.description else ""),
+                 f"{card.architecture}; input {patch} at {spacing} mm; HU window {low:g} to {high:g}",
+                 "Classes: " + ", ".join(card.class_names)]
+        for key, label in (("roc_auc", "AUC"), ("accuracy", "Accuracy")):
+            metric = card.metrics.get(key)
+            if isinstance(metric, dict) and "value" in metric:
+                ci = metric.get("ci95")
+                lines.append(f"{label} {metric['value']:.3f}" + (f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""))
+        return "<br>".join(lines)
 
 
 #
@@ -552,7 +558,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         :param threshold: heat-map level (0..1) of the segmented regions
         :param restrictToLungs: keep only regions inside the lungs
         :param device: None/"auto", "cuda", "cpu" or "mps"
-        :param progressCallback: called as progressCallback(done, total) after each batch of patches
+        :param progressCallback: called as progressCallback(done, total) in patches, after each batch
         :param target: class name to explain; None = the model card's default
         :param stride: sliding-window step in model voxels (0 = half a patch)
         :param batchSize: patches per model call (0 = automatic)
