@@ -53,12 +53,14 @@ log = logging.getLogger(__name__)
 POSITION_TOL_MM = 0.01
 #: Direction cosines that differ by less than this are the same orientation.
 ORIENTATION_TOL = 1e-4
-#: HU written where Pixel Padding Value marks "no data".
+#: Air: written where Pixel Padding Value marks "no data", the default floor of CT values, and the
+#: fill where gantry-tilt correction shifts a slice beyond its field of view.
 AIR_HU = -1024.0
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 _IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
+#: write_dicom_series' lossless compressions: RLE Lossless, JPEG-LS Lossless, JPEG 2000 Lossless.
 _COMPRESSIONS = {"rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80",
                  "jpeg2000": "1.2.840.10008.1.2.4.90"}
 _DECODER_HINT = ("install the decoders with `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg "
@@ -728,7 +730,8 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
                        study_description: str = "LungGradCAM", slope: float = 1.0,
                        intercept: float = -1024.0, pixel_padding_value: Optional[int] = None,
                        compression: Optional[str] = None) -> List[Path]:
-    """Write ``volume`` (HU, any geometry with orthogonal axes) as a CT Image Storage series.
+    """Write ``volume`` (array K, J, I in HU; any ijk_to_ras with orthogonal axes) as a CT Image
+    Storage series into ``folder``.
 
     One file per k slice, int16 stored values with RescaleSlope/RescaleIntercept (HU = stored *
     slope + intercept, rounded to the nearest stored value), ImagePositionPatient and
