@@ -18,8 +18,9 @@ from .atomic import atomic_path
 from .errors import InvalidInputError, UnsupportedFormatError, VolumeError
 from .volume import Volume
 
-#: Contour colours, in the order the contours are given.
-PALETTE = ("#00e5ff", "#ff2d2d", "#7cfc00", "#ffd400", "#ff66ff", "#ff8c00", "#ffffff")
+#: Contour colours: cyan for lungs, the others in the order the contours are given.
+LUNG_COLOUR = "#00e5ff"
+PALETTE = ("#ff2d2d", "#7cfc00", "#ffd400", "#ff66ff", "#ff8c00", "#ffffff")
 
 
 def _to_display(volume: Volume) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool], np.ndarray]:
@@ -59,7 +60,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
 
     ``center_ijk``: voxel (i, j, k) the three planes pass through (default: the volume centre).
     ``contours``: name -> bool mask (K, J, I, the volume's grid), drawn as coloured outlines with a
-    legend (e.g. {"lungs": ..., "nodules": ...}). ``cam``: values in [0, 1] on the volume's grid
+    legend (e.g. {"lungs": ..., "nodules": ...}); names containing "lung" are cyan, the others
+    red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
     (array K, J, I or a :class:`Volume`), overlaid with the jet colour map (high = red), transparent
     near zero, at most ``cam_opacity`` opaque, with a colour bar. ``window``: (low, high) HU shown
     black to white (default: lung window). The file is written atomically; returns its path.
@@ -129,6 +131,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     grid = fig.add_gridspec(1, 3, width_ratios=widths, left=0.03, right=0.9 if cam_d is not None else 0.97,
                             top=0.86, bottom=0.04, wspace=0.08)
     jet = matplotlib.colormaps["jet"]
+    others = iter(PALETTE * len(masks))
+    colours = {name: LUNG_COLOUR if "lung" in name.lower() else next(others) for name in masks}
     legend: List[Line2D] = []
     for n, (name, take, row_mm, col_mm, labels) in enumerate(views):
         ax = fig.add_subplot(grid[0, n])
@@ -144,8 +148,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
             ax.imshow(rgba, extent=extent, interpolation="bilinear")
         xs = (np.arange(cols) + 0.5) * col_mm
         ys = (np.arange(rows) + 0.5) * row_mm
-        for m, (cname, mask) in enumerate(masks.items()):
-            colour = PALETTE[m % len(PALETTE)]
+        for cname, mask in masks.items():
+            colour = colours[cname]
             sl = take(mask)
             if sl.any() and not sl.all():
                 ax.contour(xs, ys, sl.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.0)
