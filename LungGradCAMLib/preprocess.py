@@ -333,7 +333,7 @@ def apply_card_preprocessing(x: ArrayLike, card: Any) -> ArrayLike:
     ``card`` is a ModelCard or any object/dict with these fields (missing = default):
 
     * ``hu_window``: (low, high) HU or None. Clip to it; min/max are its bounds.
-    * ``normalisation`` (or ``normalization``): ``"minmax"`` (default), ``"zscore"`` or ``"none"``.
+    * ``normalisation``: ``"minmax"`` (default), ``"zscore"`` or ``"none"``.
     * ``gamma``: float or None (e.g. 1.35); ``clahe``: None/False, True/``"slice"`` or ``"3d"``;
       ``sobel``: None/False, True (weight 0.5) or a weight.
 
@@ -342,7 +342,7 @@ def apply_card_preprocessing(x: ArrayLike, card: Any) -> ArrayLike:
     ``"none"`` only clips to the window and allows no enhancement. ``x`` is in HU with axes
     (..., K, J, I); returns the same kind (Volume, numpy array or torch tensor on its device).
     """
-    norm = _card_get(card, "normalisation", "normalization", default="minmax") or "none"
+    norm = _card_get(card, "normalisation", default="minmax") or "none"
     if norm not in NORMALISATIONS:
         raise InvalidInputError(f"model card normalisation must be one of {NORMALISATIONS}; got {norm!r}")
     window = _card_get(card, "hu_window")

@@ -170,7 +170,7 @@ def test_apply_card_preprocessing_all_kinds_and_orders():
     card = {"hu_window": (-1000, 400), "normalisation": "minmax"}
     out = pp.apply_card_preprocessing(a, card)
     np.testing.assert_allclose(out, pp.minmax_normalise(a, (-1000, 400)))
-    full = {"hu_window": (-1000, 400), "normalization": "zscore", "gamma": 1.35, "clahe": True, "sobel": 0.3}
+    full = {"hu_window": (-1000, 400), "normalisation": "zscore", "gamma": 1.35, "clahe": True, "sobel": 0.3}
     expected = pp.zscore_normalise(pp.sobel_enhance(pp.clahe(pp.gamma_correct(
         pp.minmax_normalise(a, (-1000, 400)), 1.35), "slice"), 0.3))
     np.testing.assert_allclose(pp.apply_card_preprocessing(a, full), expected, atol=1e-5)
