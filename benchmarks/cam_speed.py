@@ -35,18 +35,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
+def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
     _sync(device)
-    times: List[float] = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return 1000.0 * (time.perf_counter() - start)
 
 
 def explainers(model: torch.nn.Module, layer: str, x: torch.Tensor, amp: bool,
@@ -118,27 +112,38 @@ def agreement(model: torch.nn.Module, layer: str, x: torch.Tensor) -> Optional[f
 
 def run_case(model: torch.nn.Module, layer: str, x: torch.Tensor, device: torch.device,
              repeats: int, warmup: int, amp: bool) -> dict:
-    medians: Dict[str, Optional[float]] = {}
+    """Warm-up calls, then ``repeats`` rounds in which every explainer runs once (interleaved,
+    so that a drifting load on a shared machine hits all of them alike)."""
+    times: Dict[str, Optional[List[float]]] = {}
     with contextlib.ExitStack() as stack:
-        for name, fn in explainers(model, layer, x, amp, stack).items():
-            if fn is None:
-                medians[name] = None
-                continue
-            try:
-                medians[name] = round(median_ms(fn, device, repeats, warmup), 2)
-            except (RuntimeError, MemoryError) as exc:  # e.g. a peer running out of memory
-                medians[name] = None
-                print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    ours = medians["ours"]
-    ratios = {"ours/forward": round(ours / medians["forward"], 3)}
-    for peer in ("captum", "monai", "pytorch_grad_cam"):
-        if medians.get(peer) is not None:
-            ratios[f"{peer}/ours"] = round(medians[peer] / ours, 2)
-    if medians.get("ours_amp") is not None:
-        ratios["ours_amp/forward"] = round(medians["ours_amp"] / medians["forward"], 3)
-    return {"input": list(x.shape), "median_ms": medians, "ratios": ratios,
+        calls = explainers(model, layer, x, amp, stack)
+        for round_ in range(warmup + repeats):
+            for name, fn in calls.items():
+                if fn is None or times.get(name, []) is None:
+                    times[name] = None
+                    continue
+                try:
+                    elapsed = _time_ms(fn, device)
+                except (RuntimeError, MemoryError) as exc:  # e.g. a peer running out of memory
+                    times[name] = None
+                    print(f"{name}: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+                    continue
+                if round_ >= warmup:
+                    times.setdefault(name, []).append(elapsed)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    medians = {k: None if v is None else round(statistics.median(v), 2) for k, v in times.items()}
+    minima = {k: None if v is None else round(min(v), 2) for k, v in times.items()}
+    ratios = {}
+    for label, stat in (("median", medians), ("min", minima)):
+        ours = stat["ours"]
+        ratios[f"ours/forward ({label})"] = round(ours / stat["forward"], 3)
+        for peer in ("captum", "monai", "pytorch_grad_cam"):
+            if stat.get(peer) is not None:
+                ratios[f"{peer}/ours ({label})"] = round(stat[peer] / ours, 2)
+        if stat.get("ours_amp") is not None:
+            ratios[f"ours_amp/forward ({label})"] = round(stat["ours_amp"] / stat["forward"], 3)
+    return {"input": list(x.shape), "median_ms": medians, "min_ms": minima, "ratios": ratios,
             "corr_with_captum": agreement(model, layer, x[:1])}
 
 
