@@ -164,6 +164,43 @@ def _pixel_element(syntax: str, stop: int, head: bytes) -> Tuple[bool, Optional[
     return True, None, None
 
 
+def _raw(ds, keyword: str) -> Optional[list]:
+    """Values of a numeric, UID or code-string element, parsed straight from its bytes.
+
+    Converting elements through pydicom costs more than parsing the whole header (the header pass
+    is what a series load waits on), so the ~20 geometry and pixel-format values are read here;
+    text that may need a character set (patient ID, description) still goes through pydicom.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.multival import MultiValue
+
+    tag = tag_for_keyword(keyword)
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    if not getattr(element, "is_raw", False):  # already converted by pydicom
+        value = element.value
+        return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    data = element.value
+    if not data:
+        return None
+    vr = element.VR if element.VR not in (None, "UN") else dictionary_VR(tag)  # implicit VR, or UN
+    if vr in ("US", "SS", "US or SS", "UL", "SL"):
+        size = 4 if vr in ("UL", "SL") else 2
+        order = "little" if element.is_little_endian else "big"
+        return [int.from_bytes(data[i:i + size], order, signed=vr in ("SS", "SL"))
+                for i in range(0, len(data) - size + 1, size)]
+    return [v.strip() for v in data.decode("latin-1").strip(" \0").split("\\")]  # DS, IS, UI, CS: ASCII
+
+
+def _first(values: Optional[list]):
+    return values[0] if values else None
+
+
+def _one(ds, keyword: str):
+    return _first(_raw(ds, keyword))
+
+
 def _float(value, default: float) -> float:
     try:
         return float(value) if value is not None and value != "" else default
@@ -188,7 +225,7 @@ def _vector(value, n: int) -> Optional[np.ndarray]:
 
 def _padding_range(ds, bits_allocated: int, pixel_representation: int) -> Optional[Tuple[int, int]]:
     """Stored-value range of Pixel Padding Value (.. Pixel Padding Range Limit), inclusive."""
-    values = [_int(ds.get("PixelPaddingValue")), _int(ds.get("PixelPaddingRangeLimit"))]
+    values = [_int(_one(ds, "PixelPaddingValue")), _int(_one(ds, "PixelPaddingRangeLimit"))]
     if values[0] is None:
         return None
     # The tag's VR (US or SS) is often written unsigned for signed pixels (LIDC: 63536 = -2000).
@@ -206,8 +243,8 @@ def _functional(ds, item, sequence: str, keyword: str):
     for container in (item, shared[0] if shared else None):
         seq = container.get(sequence) if container is not None else None
         if seq and keyword in seq[0]:
-            return seq[0].get(keyword)
-    return ds.get(keyword)
+            return _raw(seq[0], keyword)
+    return _raw(ds, keyword)
 
 
 def _read_header(path: Path) -> List[_Frame]:
@@ -216,7 +253,7 @@ def _read_header(path: Path) -> List[_Frame]:
     if ds is None:
         return []
     meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
+    sop_class = str(_one(ds, "SOPClassUID") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
     if "Rows" not in ds or "Columns" not in ds or sop_class == _MEDIA_STORAGE_DIRECTORY:
         if not sop_class and not meta:  # no meta elements and no SOP class: garbage after "DICM"
             raise DicomDecodeError(f"{path}: unreadable DICOM file (no File Meta Information and no SOP Class); "
@@ -227,35 +264,35 @@ def _read_header(path: Path) -> List[_Frame]:
         return []  # DICOMDIR, SR, RTSTRUCT, ...: not images
     syntax = str(meta.get("TransferSyntaxUID", _IMPLICIT_LE)) if meta is not None else _IMPLICIT_LE
     has_pixels, pixel_offset, pixel_length = _pixel_element(syntax, stop, head)
-    bits_allocated = _int(ds.get("BitsAllocated")) or 16
-    pixel_representation = _int(ds.get("PixelRepresentation")) or 0
+    bits_allocated = _int(_one(ds, "BitsAllocated")) or 16
+    pixel_representation = _int(_one(ds, "PixelRepresentation")) or 0
     header = _Header(
         path=path, transfer_syntax=syntax, has_pixels=has_pixels, pixel_offset=pixel_offset,
         pixel_length=pixel_length,
-        bits_allocated=bits_allocated, bits_stored=_int(ds.get("BitsStored")) or bits_allocated,
+        bits_allocated=bits_allocated, bits_stored=_int(_one(ds, "BitsStored")) or bits_allocated,
         pixel_representation=pixel_representation,
-        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
-        study_uid=str(ds.get("StudyInstanceUID", "")), patient_id=str(ds.get("PatientID", "")),
-        modality=str(ds.get("Modality", "")), description=str(ds.get("SeriesDescription", "")),
-        series_number=_int(ds.get("SeriesNumber")),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "")))
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    n_frames = _int(ds.get("NumberOfFrames")) or 1
-    series_uid = str(ds.get("SeriesInstanceUID", ""))
+        samples_per_pixel=_int(_one(ds, "SamplesPerPixel")) or 1,
+        study_uid=str(_one(ds, "StudyInstanceUID") or ""), patient_id=str(ds.get("PatientID", "")),
+        modality=str(_one(ds, "Modality") or ""), description=str(ds.get("SeriesDescription", "")),
+        series_number=_int(_one(ds, "SeriesNumber")),
+        frame_of_reference_uid=str(_one(ds, "FrameOfReferenceUID") or ""))
+    rows, cols = _int(_one(ds, "Rows")) or 0, _int(_one(ds, "Columns")) or 0
+    n_frames = _int(_one(ds, "NumberOfFrames")) or 1
+    series_uid = str(_one(ds, "SeriesInstanceUID") or "")
     padding = _padding_range(ds, bits_allocated, pixel_representation)
-    acquisition = _int(ds.get("AcquisitionNumber"))
+    acquisition = _int(_one(ds, "AcquisitionNumber"))
     if n_frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
-        spacing = _vector(ds.get("PixelSpacing"), 2)
-        return [_Frame(path, None, 1, series_uid, _vector(ds.get("ImagePositionPatient"), 3),
-                       _vector(ds.get("ImageOrientationPatient"), 6),
+        spacing = _vector(_raw(ds, "PixelSpacing"), 2)
+        return [_Frame(path, None, 1, series_uid, _vector(_raw(ds, "ImagePositionPatient"), 3),
+                       _vector(_raw(ds, "ImageOrientationPatient"), 6),
                        None if spacing is None else (spacing[0], spacing[1]), rows, cols,
-                       _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0),
+                       _float(_one(ds, "RescaleSlope"), 1.0), _float(_one(ds, "RescaleIntercept"), 0.0),
                        padding, acquisition, header)]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n_frames:
         # Multi-frame without per-frame positions (legacy NM/US-style): listed, but unplaceable.
         return [_Frame(path, index, n_frames, series_uid, None, None, None, rows, cols,
-                       _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0),
+                       _float(_one(ds, "RescaleSlope"), 1.0), _float(_one(ds, "RescaleIntercept"), 0.0),
                        padding, acquisition, header) for index in range(n_frames)]
     frames = []
     for index, item in enumerate(per_frame):
@@ -265,9 +302,9 @@ def _read_header(path: Path) -> List[_Frame]:
             _vector(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3),
             _vector(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
             None if spacing is None else (spacing[0], spacing[1]), rows, cols,
-            _float(_functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope"), 1.0),
-            _float(_functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept"), 0.0),
-            padding, _int(_functional(ds, item, "FrameContentSequence", "FrameAcquisitionNumber")),
+            _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")), 1.0),
+            _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")), 0.0),
+            padding, _int(_first(_functional(ds, item, "FrameContentSequence", "FrameAcquisitionNumber"))),
             header))
     return frames
 

@@ -413,6 +413,21 @@ def test_file_without_preamble_implicit_vr(tmp_path):
     assert np.array_equal(load_dicom_series(tmp_path).array, hu)
 
 
+def test_elements_stored_as_un_use_their_dictionary_vr(tmp_path):
+    """Some anonymisers rewrite standard elements with VR UN; their bytes keep the real encoding."""
+    hu, files = _series(tmp_path)
+    data = files[3].read_bytes()
+    for group, element, vr in ((0x0028, 0x0010, b"US"), (0x0020, 0x0032, b"DS"), (0x0028, 0x1052, b"DS")):
+        tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
+        at = data.index(tag + vr)
+        length = int.from_bytes(data[at + 6:at + 8], "little")
+        un = tag + b"UN\x00\x00" + length.to_bytes(4, "little")  # explicit VR UN: 4-byte length
+        data = data[:at] + un + data[at + 8:]
+    files[3].write_bytes(data)
+    assert pydicom.dcmread(files[3], stop_before_pixels=True).get_item(0x00280010).VR == "UN"
+    assert np.array_equal(load_dicom_series(tmp_path).array, hu)
+
+
 # --------------------------------------------------------------------------------------------
 # bad inputs: each raises its specific error naming the file or series; inputs stay untouched
 # --------------------------------------------------------------------------------------------
