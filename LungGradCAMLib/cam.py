@@ -16,8 +16,10 @@ Every method follows the same steps, owned by :class:`CAM`:
 
 Targets: ``None`` (each sample's predicted class), an int (negative counts from the end), one
 class per sample (list, array or tensor), or a callable ``f(output) -> (N,)`` score for other
-heads. A model with one output logit (sigmoid) is binary: class 1 scores the logit, class 0
-minus the logit.
+heads. ``activation="softmax"`` (default): class c scores logit c, probabilities are the
+softmax, and a model with ONE output logit is binary (class 1 scores the logit, class 0 minus the
+logit, p(1) = sigmoid). ``activation="sigmoid"``: one-vs-rest, class c scores logit c and its
+probability is sigmoid(logit c), whatever the number of logits.
 """
 from __future__ import annotations
 
@@ -52,17 +54,22 @@ class CamResult:
     ``cam``: (N, D, H, W) float32 maps (in [0, 1] when normalised). ``logits``: the model output
     (N, K), float32, detached. ``classes``: (N,) int64 explained class per sample, or ``None``
     for a callable target. ``scores``: (N,) the differentiated target score (logit, or minus the
-    logit for class 0 of a single-logit model, or the callable's value).
+    logit for class 0 of a binary single-logit model, or the callable's value). ``activation``:
+    how logits become probabilities (see the module doc).
     """
 
     cam: torch.Tensor
     logits: torch.Tensor
     classes: Optional[torch.Tensor]
     scores: torch.Tensor
+    activation: str = "softmax"
 
     @property
     def probabilities(self) -> torch.Tensor:
-        """(N, K) softmax of the logits; for a single-logit model (N, 2): [1 - p, p], p = sigmoid."""
+        """(N, K) softmax (or sigmoid) of the logits; for a binary single-logit softmax-mode
+        model (N, 2): [1 - p, p], p = sigmoid(logit)."""
+        if self.activation == "sigmoid":
+            return torch.sigmoid(self.logits)
         if self.logits.shape[1] == 1:
             p = torch.sigmoid(self.logits)
             return torch.cat([1 - p, p], dim=1)
@@ -163,7 +170,8 @@ class CAM:
     (``align_corners=False``) to the input size; ``normalize``: per-sample min-max to [0, 1].
     ``amp``: ``True`` (bfloat16, or float16 where bfloat16 is unsupported) or a dtype runs the
     model under ``torch.autocast`` on CUDA; ignored on other devices. ``score_batch_size``:
-    masked inputs per forward pass for Score-CAM (bounds its memory).
+    masked inputs per forward pass for Score-CAM (bounds its memory). ``activation``:
+    ``"softmax"`` or ``"sigmoid"``, how the model's logits map to classes (see the module doc).
     """
 
     #: method name this class implements (the key in :data:`METHODS`)
@@ -190,9 +198,12 @@ class CAM:
 
     def __init__(self, model: nn.Module, layer: Layer = None, method: Optional[str] = None, *,
                  upsample: bool = True, normalize: bool = True,
-                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = 16) -> None:
+                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = 16,
+                 activation: str = "softmax") -> None:
         if not isinstance(model, nn.Module):
             raise CamError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+        if activation not in ("softmax", "sigmoid"):
+            raise CamError(f"activation must be 'softmax' or 'sigmoid', not {activation!r}")
         if int(score_batch_size) < 1:
             raise CamError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.model = model
@@ -201,6 +212,7 @@ class CAM:
         self.normalize = bool(normalize)
         self.amp = amp
         self.score_batch_size = int(score_batch_size)
+        self.activation = activation
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
         self._capture = False
         self._acts: List[torch.Tensor] = []
@@ -251,15 +263,16 @@ class CAM:
             if len(acts) != 1:
                 raise CamError(f"layer {self.layer_name!r} ran {len(acts)} times in one forward "
                                f"pass; choose a layer that runs exactly once")
-            classes = _classes(out, target)
-            score = _score(out, classes, target)
+            classes = self._classes(out, target)
+            score = self._score(out, classes, target)
             cam = F.relu(self._map(x, acts[0], score, classes, target).float())
             if self.upsample and cam.shape[1:] != x.shape[2:]:
                 cam = F.interpolate(cam[:, None], size=x.shape[2:], mode="trilinear",
                                     align_corners=False)[:, 0]
             if self.normalize:
                 cam = minmax_per_sample(cam)
-        return CamResult(cam.detach(), out.detach().float(), classes, score.detach().float())
+        return CamResult(cam.detach(), out.detach().float(), classes, score.detach().float(),
+                         self.activation)
 
     def _input(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -295,17 +308,40 @@ class CAM:
         raise NotImplementedError
 
 
-def _classes(out: torch.Tensor, target: Target) -> Optional[torch.Tensor]:
-    """(N,) int64 class per sample on ``out``'s device, or None for a callable target."""
-    if callable(target):
-        return None
-    if out.dim() != 2:
-        raise CamError(f"the model output has shape {tuple(out.shape)}, not (N, classes); pass "
-                       f"target= a callable that returns one score per sample")
-    n, k = out.shape
-    n_classes = max(k, 2)
+    def _binary(self, out: torch.Tensor) -> bool:
+        """One logit in softmax mode: two classes, class 0 scored by minus the logit."""
+        return self.activation == "softmax" and out.shape[1] == 1
+
+    def _classes(self, out: torch.Tensor, target: Target) -> Optional[torch.Tensor]:
+        """(N,) int64 class per sample on ``out``'s device, or None for a callable target."""
+        if callable(target):
+            return None
+        if out.dim() != 2:
+            raise CamError(f"the model output has shape {tuple(out.shape)}, not (N, classes); "
+                           f"pass target= a callable that returns one score per sample")
+        return _class_indices(target, out, 2 if self._binary(out) else out.shape[1])
+
+    def _score(self, out: torch.Tensor, classes: Optional[torch.Tensor],
+               target: Target) -> torch.Tensor:
+        """(N,) the score whose gradient the CAM uses."""
+        if classes is None:
+            score = target(out)
+            n = out.shape[0]
+            if not isinstance(score, torch.Tensor) or score.numel() != n:
+                raise CamError(f"the target callable must return one score per sample ({n}); got "
+                               f"{tuple(score.shape) if isinstance(score, torch.Tensor) else score!r}")
+            return score.reshape(n)
+        if self._binary(out):
+            return torch.where(classes == 1, out[:, 0], -out[:, 0])
+        return out.gather(1, classes[:, None])[:, 0]
+
+
+def _class_indices(target: Target, out: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``target`` (None, int or one per sample; negative counts from the end) as (N,) int64."""
+    n = out.shape[0]
     if target is None:
-        return (out[:, 0] > 0).long() if k == 1 else out.argmax(1)
+        binary = n_classes > out.shape[1]  # one logit standing for two classes
+        return (out[:, 0] > 0).long() if binary else out.argmax(1)
     if isinstance(target, bool):
         raise CamError(f"target must be a class index, not {target!r}")
     try:
@@ -325,20 +361,6 @@ def _classes(out: torch.Tensor, target: Target) -> Optional[torch.Tensor]:
         raise CamError(f"target {classes.tolist()} out of range for a model with {n_classes} "
                        f"classes (valid: {-n_classes}..{n_classes - 1})")
     return classes % n_classes
-
-
-def _score(out: torch.Tensor, classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
-    """(N,) the score whose gradient the CAM uses."""
-    if classes is None:
-        score = target(out)
-        n = out.shape[0]
-        if not isinstance(score, torch.Tensor) or score.numel() != n:
-            raise CamError(f"the target callable must return one score per sample ({n}); got "
-                           f"{tuple(score.shape) if isinstance(score, torch.Tensor) else score!r}")
-        return score.reshape(n)
-    if out.shape[1] == 1:
-        return torch.where(classes == 1, out[:, 0], -out[:, 0])
-    return out.gather(1, classes[:, None])[:, 0]
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -431,7 +453,7 @@ class ScoreCAM(CAM):
                     with self._autocast(x.device):
                         out = self.model(x[i:i + 1] * masks.to(x.dtype))
                     cls = None if classes is None else classes[i].expand(out.shape[0])
-                    weights[i, c0:c0 + step] = _score(out, cls, target)
+                    weights[i, c0:c0 + step] = self._score(out, cls, target)
         w = torch.softmax(weights, dim=1)
         return (w[:, :, None, None, None] * a).sum(1)
 
@@ -477,7 +499,7 @@ class GuidedBackprop(CAM):
             xg = x.detach().clone().requires_grad_(True)
             with self._autocast(x.device):
                 out = self.model(xg)
-            (grad,) = torch.autograd.grad(_score(out, classes, target).sum(), xg)
+            (grad,) = torch.autograd.grad(self._score(out, classes, target).sum(), xg)
         finally:
             for h in handles:
                 h.remove()
@@ -505,12 +527,14 @@ METHODS: Tuple[str, ...] = tuple(CAM._registry)
 
 def compute_cam(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target: Target = None,
                 layer: Layer = None, upsample: bool = True, normalize: bool = True,
-                amp: Union[None, bool, torch.dtype] = None) -> torch.Tensor:
+                amp: Union[None, bool, torch.dtype] = None,
+                activation: str = "softmax") -> torch.Tensor:
     """CAM maps (N, D, H, W) float32 of ``model`` for ``x`` (N, C, D, H, W), on the model's device.
 
     One-shot form of :class:`CAM` (see there and the module doc for ``target``, ``layer``,
-    ``upsample``, ``normalize`` and ``amp``). Use :class:`CAM` to also get the class scores of the
+    ``upsample``, ``normalize``, ``amp`` and ``activation``). Use :class:`CAM` to also get the class scores of the
     same forward pass or to explain many inputs with one hook installation.
     """
-    with CAM(model, layer, method, upsample=upsample, normalize=normalize, amp=amp) as cam:
+    with CAM(model, layer, method, upsample=upsample, normalize=normalize, amp=amp,
+             activation=activation) as cam:
         return cam(x, target).cam

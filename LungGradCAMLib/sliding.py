@@ -104,6 +104,16 @@ def _model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    """``cuda`` (no index) matches the current CUDA device, as ``model.to("cuda")`` does."""
+    if asked.type != actual.type:
+        return False
+    index = asked.index
+    if index is None and asked.type == "cuda":
+        index = torch.cuda.current_device()
+    return index is None or index == actual.index
+
+
 def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence[int]],
                 stride: Union[int, Sequence[int]], *, method: str = "gradcam",
                 target: Target = None, layer: Union[None, str, nn.Module] = None,
@@ -112,7 +122,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                 pad_value_hu: float = -1024.0,
                 progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
                 device: Union[None, str, torch.device] = None, amp: bool = False,
-                sigma_scale: float = 0.125) -> SlidingResult:
+                activation: str = "softmax", sigma_scale: float = 0.125) -> SlidingResult:
     """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
 
     Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
@@ -125,7 +135,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
 
     ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
-    patches explain the same class. ``progress(done, total)`` is called after each batch (counts
+    patches explain the same class. ``activation``: ``"softmax"`` or ``"sigmoid"`` (the model
+    card's), how logits become the patch probabilities. ``progress(done, total)`` is called after each batch (counts
     of patches); ``cancel`` (a callable returning True, or a ``threading.Event``) is checked before
     each batch and raises :class:`CancelledError`.
 
@@ -146,10 +157,10 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     if int(batch_size) < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     box = _box(roi, tuple(volume.shape))
-    dev = _model_device(model) if device is None else torch.device(device)
-    if _model_device(model) != dev:
-        raise InvalidInputError(f"the model is on {_model_device(model)} but device={dev}; move "
-                                f"the model there first (model.to(device))")
+    dev = _model_device(model)
+    if device is not None and not _same_device(torch.device(device), dev):
+        raise InvalidInputError(f"the model is on {dev} but device={device}; move the model "
+                                f"there first (model.to(device))")
     # a name, not a module, so the CPU fallback can find the layer in its copy of the model
     layer_name = _resolve_layer(model, layer)[0]
     target = -1 if target is None else target
@@ -167,7 +178,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
 
     batch = int(batch_size)
     scores: List[PatchScore] = []
-    cam = CAM(model, layer_name, method, normalize=False, amp=amp).__enter__()
+    options = {"normalize": False, "amp": amp, "activation": activation}
+    cam = CAM(model, layer_name, method, **options).__enter__()
     fallen_back = False
     try:
         done = 0
@@ -198,8 +210,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                               f"continuing on the CPU (slower)", RuntimeWarning, stacklevel=2)
                 cam.__exit__()
                 dev = torch.device("cpu")
-                cam = CAM(copy.deepcopy(model).to(dev), layer_name, method, normalize=False,
-                          amp=amp).__enter__()
+                cam = CAM(copy.deepcopy(model).to(dev), layer_name, method, **options).__enter__()
                 src, weight, acc_cam, acc_score, acc_w = (
                     t.to(dev) for t in (src, weight, acc_cam, acc_score, acc_w))
                 fallen_back = True

@@ -451,3 +451,28 @@ def test_cuda_matches_cpu_and_amp_is_close():
         corr = np.corrcoef(half.flatten().numpy(), cpu.flatten().numpy())[0, 1]
         assert corr > 0.99, (method, corr)
         net.cpu()
+
+
+def test_sigmoid_activation_is_one_vs_rest():
+    two = make_net(classes=2)
+    x = make_input(3, seed=4)
+    logits = two(x).detach().float()
+    with CAM(two, activation="sigmoid") as cam:
+        result = cam(x, 0)
+    assert result.activation == "sigmoid"
+    assert torch.allclose(result.probabilities, torch.sigmoid(logits))
+    assert torch.allclose(result.target_probability, torch.sigmoid(logits[:, 0]))
+    assert torch.equal(result.cam, compute_cam(two, x, target=0))  # same score: logit 0
+    # one logit, sigmoid: class 0 IS the logit (softmax mode would explain minus the logit)
+    one = make_net(classes=1)
+    logit = one(x)[:, 0].detach()
+    raw = compute_cam(one, x, target=0, activation="sigmoid", normalize=False, upsample=False)
+    close(raw, compute_cam(one, x, target=1, normalize=False, upsample=False))
+    with CAM(one, activation="sigmoid") as cam:
+        result = cam(x)
+    assert torch.equal(result.classes, torch.zeros(3, dtype=torch.long))
+    assert torch.allclose(result.target_probability, torch.sigmoid(logit.float()))
+    with pytest.raises(CamError, match="out of range"):
+        compute_cam(one, x, target=1, activation="sigmoid")
+    with pytest.raises(CamError, match="activation must be"):
+        CAM(one, activation="relu")

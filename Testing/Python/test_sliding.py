@@ -257,3 +257,12 @@ def test_real_cuda_out_of_memory_is_recovered():
         net.cpu()
     assert result.device.startswith("cuda") and result.batch_size < 64
     assert np.allclose(result.cam, expected.cam, atol=1e-4)
+
+
+def test_sigmoid_patch_scores_and_device_names():
+    net, vol = make_net(), make_volume((8, 8, 8))
+    result = sliding_cam(net, vol, 8, 8, preprocess=window, activation="sigmoid", device="cpu")
+    logits = net(window(vol)[None, None]).detach()
+    assert result.max_score == pytest.approx(float(torch.sigmoid(logits[0, 1])), abs=1e-6)
+    assert result.patch_scores[0].probabilities == pytest.approx(
+        tuple(torch.sigmoid(logits[0]).tolist()), abs=1e-6)
