@@ -240,6 +240,9 @@ def fit(train_set: PatchSet, val_set: PatchSet, card: Any, out_dir: Any, config:
         if bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
+        # every epoch's randomness (order, augmentation, dropout) derives from (seed, epoch, rank),
+        # so a resumed run continues exactly as an uninterrupted one would have
+        torch.manual_seed(cfg.seed * 1000003 + epoch * 101 + rank)
         gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch * 1009 + rank)
         if world > 1:
             sampler: Any = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)

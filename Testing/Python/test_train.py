@@ -1,0 +1,143 @@
+"""Training: class weights, augmentation, fit (checkpoints, log, resume), the CLI with
+cross-validation, and a real 2-process DistributedDataParallel run on CPU (gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from LungGradCAMLib.cli import main as cli_main
+from LungGradCAMLib.data import PatchSet
+from LungGradCAMLib.models import ModelCard, load_model
+from LungGradCAMLib.train import TrainConfig, augment, class_weights, fit
+
+SIZE = 16
+CLASSES = ["background", "nodule"]
+
+
+def _spheres(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> PatchSet:
+    """Noisy lung-like patches (about -800 HU): nodules are 20 HU balls near the centre,
+    background holds a 20 HU tube (a vessel) through a random point along a random axis."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.mgrid[:SIZE, :SIZE, :SIZE].astype(np.float32)
+    patches, labels, patients = [], [], []
+    for p in range(n_patients):
+        for label in (0, 1) * per_class:
+            x = rng.normal(-800, 60, (SIZE, SIZE, SIZE)).astype(np.float32)
+            c = SIZE / 2 + rng.uniform(-2, 2, 3)
+            if label:
+                inside = (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= rng.uniform(2, 4) ** 2
+            else:
+                axis = rng.integers(3)
+                d = [(g - cc) ** 2 for g, cc in zip((k, j, i), c)]
+                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5 ** 2
+            x[inside] = 20.0
+            patches.append(x)
+            labels.append(label)
+            patients.append(f"p{p}")
+    return PatchSet(np.rint(patches).astype(np.int16), labels, patients, CLASSES, (2.0, 2.0, 2.0))
+
+
+def _card(**kw) -> ModelCard:
+    return ModelCard("gradcam3d_cnn", {"width": 4, "num_classes": 2}, CLASSES, "nodule", "features.act6",
+                     patch_size=[SIZE] * 3, spacing_mm=[2.0] * 3, name="spheres", **kw)
+
+
+def test_class_weights_formula():
+    w = class_weights(np.array([0, 0, 0, 1]), 2)
+    assert w == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])
+    assert class_weights(np.array([0, 0]), 2)[1] == 0
+
+
+def test_augment_identity_flips_and_determinism():
+    x = torch.randn(3, 1, 8, 10, 12)
+    g = torch.Generator().manual_seed(0)
+    same = augment(x, g, rotate_deg=0, zoom=(1, 1), shear=0, flip=False, scale=0, shift=0, noise=0)
+    assert torch.allclose(same, x, atol=1e-5)
+    flipped = augment(x, g, rotate_deg=0, zoom=(1, 1), shear=0, flip=True, scale=0, shift=0, noise=0)
+    for n in range(3):  # each sample is one of the 8 axis flips of itself
+        assert any(torch.allclose(flipped[n], x[n].flip(dims), atol=1e-5)
+                   for dims in [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)])
+    a = augment(x, torch.Generator().manual_seed(5))
+    assert torch.equal(a, augment(x, torch.Generator().manual_seed(5)))
+    assert not torch.allclose(a, augment(x, torch.Generator().manual_seed(6)))
+    assert a.shape == x.shape
+
+
+@pytest.fixture(scope="module")
+def spheres():
+    return _spheres()
+
+
+def test_fit_learns_writes_and_loads(tmp_path, spheres):
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-2, patience=10, augment=False, seed=0)
+    result = fit(spheres, _spheres(2, 8, seed=2), _card(), tmp_path, cfg, progress=False)
+    assert len(result.history) == 4 and 1 <= result.best_epoch <= 4
+    # balls vs tubes: it learns (few batches, so BatchNorm running statistics lag; hence 0.8)
+    assert result.history[-1]["train_loss"] < 0.3 * result.history[0]["train_loss"]
+    assert max(h["val_auc"] for h in result.history) > 0.8
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    loaded = load_model(result.best_path, device="cpu")
+    assert loaded.card.training["best_epoch"] == result.best_epoch
+    assert loaded.card.training["train"]["classes"] == spheres.counts()
+    assert load_model(result.last_path).card.training["epoch"] == 4
+
+
+def test_resume_continues_exactly(tmp_path, spheres):
+    train = spheres.subset(np.flatnonzero(spheres.patients != "p7"))
+    val = spheres.subset(np.flatnonzero(spheres.patients == "p7"))
+    cfg = TrainConfig(epochs=3, batch_size=16, seed=1)
+    whole = fit(train, val, _card(), tmp_path / "whole", cfg, progress=False)
+    fit(train, val, _card(), tmp_path / "parts", TrainConfig(epochs=2, batch_size=16, seed=1), progress=False)
+    resumed = fit(train, val, _card(), tmp_path / "parts", cfg, resume=True, progress=False)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a = load_model(whole.last_path).module.state_dict()
+    b = load_model(resumed.last_path).module.state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    with pytest.raises(Exception, match="another model or data set"):
+        other = _card()
+        other.kwargs["width"] = 8
+        fit(train, val, other, tmp_path / "parts", cfg, resume=True, progress=False)
+
+
+ARGS = ["--source", "patches", "--patch-size", "16", "16", "16", "--spacing", "2", "2", "2",
+        "--arch-kwargs", '{"width": 4}', "--batch-size", "16", "--no-progress"]
+
+
+def test_cli_cross_validation(tmp_path, spheres, capsys):
+    cache = spheres.save(tmp_path / "spheres.npz")
+    out = tmp_path / "cv"
+    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--folds", "2",
+                     "--name", "cv"]) == 0
+    cv = json.loads((out / "cv_report.json").read_text())
+    assert cv["folds"] == 2 and len(cv["metrics"]["roc_auc"]["folds"]) == 2
+    card = json.loads((out / "fold1" / "best.json").read_text())
+    split = card["training"]["split"]
+    assert not set(split["train_patients"]) & set(split["test_patients"])
+    assert "ci95" in card["metrics"]["roc_auc"] and card["training"]["command"].startswith("lunggradcam ")
+    assert (out / "fold2" / "roc.png").is_file() and (out / "fold2" / "loss.png").is_file()
+    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch-kwargs", "{width"]) == 2
+    assert "--arch-kwargs is not valid JSON" in capsys.readouterr().err
+    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch", "vgg3d"]) == 2
+    assert "unknown architecture 'vgg3d'" in capsys.readouterr().err
+
+
+def test_ddp_two_processes_gloo(tmp_path, spheres):
+    cache = spheres.save(tmp_path / "spheres.npz")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "LungGradCAMLib.cli", "train", *ARGS, "--path", str(cache), "--out", str(out),
+           "--epochs", "2", "--device", "cpu", "--threads", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = json.loads((out / "best.json").read_text())
+    assert card["training"]["world_size"] == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+    assert load_model(out / "best.safetensors").card.metrics["roc_auc"]["value"] >= 0
