@@ -297,6 +297,9 @@ def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node
     from .pipeline import explain
     from .segment import segment_cam
 
+    if cam_node is not None and cam_node is input_node:
+        raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
+                                "(a new one is created) so the CT is not overwritten")
     explanation = explain(volume_from_node(input_node), **explain_options)
     segmentation = segment_cam(explanation, threshold=threshold, within=None if restrict_to_lungs else False)
     name = input_node.GetName()

@@ -424,6 +424,13 @@ def _check_segments_and_table(result, ct) -> None:
     assert [voxels.GetValue(n) for n in range(len(regions))] == [r.voxels for r in regions]
 
 
+def test_explain_volume_node_never_overwrites_the_ct(scene, chest):
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    with pytest.raises(InvalidInputError, match="input CT itself"):
+        mrml.explain_volume_node(ct, ct)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), chest.volume.array)
+
+
 def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
     from LungGradCAMLib.errors import CancelledError
 
