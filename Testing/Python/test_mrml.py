@@ -99,7 +99,9 @@ def test_volume_from_node_refuses_a_nonlinear_transform(scene):
     grid.SetSpacing(100, 100, 100)
     grid.SetOrigin(-100, -100, -500)
     grid.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    displacement = vtk.util.numpy_support.vtk_to_numpy(grid.GetPointData().GetScalars())
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    displacement = vtk_to_numpy(grid.GetPointData().GetScalars())
     displacement[:] = np.random.default_rng(1).normal(0, 3, displacement.shape)
     grid_transform = slicer.vtkOrientedGridTransform()
     grid_transform.SetDisplacementGridData(grid)
