@@ -569,6 +569,8 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
         folder = out / safe_name(job.uid)
         if (folder / "report.json").is_file() or ((folder / "error.json").is_file() and not redo_failed):
             continue
+        for stale in folder.glob(".tmp-*"):  # left by a run that was killed mid-write
+            stale.unlink()
         try:
             run_one(job.load(), folder, model=model, method=method, threshold=threshold, device=device,
                     dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size)
