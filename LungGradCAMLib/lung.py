@@ -38,7 +38,7 @@ def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, d
     Steps, on a grid of about ``working_spacing_mm`` (block averages of the CT):
 
     1. air = voxels below ``threshold_hu`` (HU);
-    2. outside air: per axial slice, air regions touching the slice's in-plane border and averaging
+    2. outside air: per axial slice, air regions touching the slice's in-plane border and mostly
        below ``outside_air_hu`` (true air, padding, the table's surroundings) are removed. Only the
        in-plane border counts, because in a slab the lungs touch the top and bottom faces; lung that
        a tight crop cuts (about -850 HU) is kept;
@@ -95,8 +95,8 @@ def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, d
     box = _bbox(lungs, margin=int(_radius_vox(closing_mm + grow, low_spacing).max()) + 1)
     sub = lungs[box]
     filled = np.zeros_like(sub)
-    for side in _split_left_right(sub, lr_axis):
-        filled[side] = _fill_holes(_close(sub[side], closing_mm, low_spacing))
+    for lung in _split_left_right(sub, lr_axis):
+        filled |= _fill_holes(_close(lung, closing_mm, low_spacing))
     if dilate_mm > 0:
         filled = _dilate(filled, _radius_vox(dilate_mm, low_spacing))
     other_air = air[box] & ~filled
@@ -186,7 +186,9 @@ def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
 
 # --- working-grid steps ----------------------------------------------------------------------------
 def _outside_air(air: np.ndarray, hu: np.ndarray, outside_air_hu: float) -> np.ndarray:
-    """Air regions of each slice that touch its in-plane border and average below ``outside_air_hu``."""
+    """Air regions of each slice that touch its in-plane border and are mostly (their median)
+    darker than ``outside_air_hu``; the median, because a thin strip of outside air along a crop's
+    edge is mostly partial-volume rim and its mean looks like lung."""
     labels, n = ndimage.label(air, _INPLANE)
     if n == 0:
         return np.zeros_like(air)
@@ -194,9 +196,8 @@ def _outside_air(air: np.ndarray, hu: np.ndarray, outside_air_hu: float) -> np.n
     for edge in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
         border[edge] = True
     count = np.bincount(labels.ravel(), minlength=n + 1)
-    total = np.bincount(labels.ravel(), weights=hu.ravel(), minlength=n + 1)
-    mean = total / np.maximum(count, 1)
-    outside = border & (mean < outside_air_hu)
+    dark = np.bincount(labels[hu < outside_air_hu], minlength=n + 1)
+    outside = border & (2 * dark >= count)
     outside[0] = False
     return outside[labels]
 
@@ -270,26 +271,26 @@ def _central_airways(hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, hea
 
 
 def _split_left_right(mask: np.ndarray, axis: int) -> list:
-    """Index tuples of the two sides of ``mask`` split at the mediastinum along ``axis``, or one.
+    """``mask`` as its left and right lung (full-size arrays), split at the mediastinum along
+    ``axis``; or ``[mask]`` for one lung.
 
-    The split is the emptiest plane in the middle 40 % of the lungs' extent, when it holds at most a
-    tenth of the fullest plane (two lungs, merged or not); one lung is not split."""
+    The split is the middle of the emptiest planes in the middle 40 % of the lungs' extent, when
+    they hold at most a tenth of the fullest plane (two lungs, merged or not)."""
     others = tuple(a for a in range(3) if a != axis)
     profile = mask.sum(axis=others)
     idx = np.flatnonzero(profile)
-    everything = [(slice(None),) * 3]
     if idx.size < 5:
-        return everything
+        return [mask]
     lo, hi = idx[0] + int(0.3 * (idx[-1] - idx[0])), idx[0] + int(0.7 * (idx[-1] - idx[0])) + 1
-    cut = lo + int(np.argmin(profile[lo:hi]))
+    emptiest = lo + np.flatnonzero(profile[lo:hi] == profile[lo:hi].min())
+    cut = int(emptiest[len(emptiest) // 2])
     if profile[cut] > 0.1 * profile.max():
-        return everything
-    sides = []
-    for part in (slice(None, cut), slice(cut, None)):
-        s = [slice(None)] * 3
-        s[axis] = part
-        sides.append(tuple(s))
-    return sides
+        return [mask]
+    beyond = [slice(None)] * 3
+    beyond[axis] = slice(cut, None)
+    first = mask.copy()
+    first[tuple(beyond)] = False
+    return [first, mask & ~first]
 
 
 def _radius_vox(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
