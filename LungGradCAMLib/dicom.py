@@ -317,7 +317,8 @@ def _source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, Lis
             files = []
             for folder, dirs, names in os.walk(root):
                 dirs.sort()
-                files.extend(Path(folder) / n for n in sorted(names) if n.upper() != "DICOMDIR")
+                files.extend(Path(folder) / n for n in sorted(names)  # a named pipe would block open()
+                             if n.upper() != "DICOMDIR" and not (Path(folder) / n).is_fifo())
             return str(root), files
         if not root.exists() and not root.is_symlink():
             raise NoSeriesFoundError(f"{root}: no such file or folder; give a DICOM folder or files")

@@ -177,7 +177,10 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
         image = reader.Execute()
     except RuntimeError as exc:
         raise VolumeError(f"{path}: cannot read the volume ({str(exc).strip().splitlines()[-1]})") from None
-    volume = Volume.from_sitk(image, {"source": str(path)})
+    try:
+        volume = Volume.from_sitk(image, {"source": str(path)})
+    except VolumeError as exc:  # 2D/4D or vector images: name the file
+        raise VolumeError(f"{path}: {exc}") from None
     if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
         bad = int(np.count_nonzero(~np.isfinite(volume.array)))
         raise VolumeError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them before use")
@@ -185,7 +188,9 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
 
 
 def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool = True) -> Path:
-    """Write ``volume`` to .nrrd/.nii/.nii.gz/.mha atomically (temporary name, then rename)."""
+    """Write ``volume`` to .nrrd/.nii/.nii.gz/.mha atomically (temporary name, then rename).
+
+    NIfTI holds only orthogonal axes: a sheared ``ijk_to_ras`` raises :class:`VolumeError` there."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -193,6 +198,12 @@ def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool 
         raise UnsupportedFormatError(
             f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    if _suffix(path) in (".nii", ".nii.gz"):
+        unit = volume.direction
+        if np.max(np.abs(unit.T @ unit - np.eye(3))) > 1e-4:  # > rounding of DICOM's 6-digit cosines
+            # ITK would "coerce" the axes to orthogonal and silently move voxels by millimetres
+            raise VolumeError(f"{path}: NIfTI cannot hold non-orthogonal (sheared) axes; write .nrrd or "
+                              ".mha, or resample the volume onto an orthogonal grid first")
     with atomic_path(path) as tmp:
         sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
     return path
