@@ -315,7 +315,7 @@ class _Anatomy:
         self.radius = np.sqrt(self.X2 + self.Y2)
         cos_t = X / np.maximum(self.radius, 1e-3)           # around the body: right = +1
         sin_t = yb / np.maximum(self.radius, 1e-3)          # anterior = +1
-        self.fat = (fat0 * (1 + 0.6 * cos_t ** 2)).astype(np.float32)
+        self.fat = (fat0 * (1 + 0.4 * cos_t ** 2)).astype(np.float32)
         self.paraspinal = (32.0 * np.clip(-sin_t, 0, 1) ** 2 * np.exp(-(cos_t / 0.45) ** 2)).astype(np.float32)
         self.pectoral = (12.0 * np.clip(sin_t, 0, 1) * (np.abs(cos_t) > 0.25)).astype(np.float32)
         self.lateral = np.abs(cos_t) ** 3                  # shoulder girdle: thick walls up top
@@ -352,7 +352,7 @@ class _Anatomy:
         v = (X - hc[0]) * np.sin(ang) + (Y - hc[1]) * np.cos(ang)
         self.heart_xy = ((u / 62.0) ** 2 + (v / 45.0) ** 2).astype(np.float32)
         self.heart_c = 52.0
-        self.gas_xy = (((X + 55.0) / 40.0) ** 2 + ((Y - 10.0) / 45.0) ** 2).astype(np.float32)
+        self.gas_xy = (((X + 55.0) / 30.0) ** 2 + ((Y - 10.0) / 35.0) ** 2).astype(np.float32)
 
         # --- mediastinal tubes (body mm) ---------------------------------------------------------
         self.carina = np.array([0.0, yv + 46.0, 24.0])
@@ -386,7 +386,7 @@ class _Anatomy:
         body = rho2 <= 1.0
         depth = (1.0 / np.sqrt(np.maximum(rho2, 1e-6)) - 1.0) * self.radius      # mm in from the skin
         wall = 2.0 + self.fat + self.paraspinal + self.pectoral * np.float32(_smoothstep(z / 50.0)) \
-            + self.lateral * np.float32(20.0 * _smoothstep((z + 40.0) / 120.0) + 30.0 * up) \
+            + self.lateral * np.float32(10.0 * _smoothstep((z + 40.0) / 120.0) + 25.0 * up) \
             + np.float32(7.0)                                                    # muscle >= 7 mm
         rib_zone = 11.0
         inner = body & (depth >= wall + rib_zone)
@@ -413,9 +413,9 @@ class _Anatomy:
         t[(sd_b < 0) & inner] = _T["blood"]
         t[(sd_a < 2.0 * g.scale) & body & ~lung] = _T["soft_tissue"]             # airway wall
         t[(sd_a < 0) & body & ~lung] = _T["airway"]
-        z_gas = self.dia_left - 25.0
-        if abs(z - z_gas) < 18.0:                                                 # stomach bubble
-            gas = (self.gas_xy + ((z - z_gas) / 18.0) ** 2 < 1.0) & inner & ~above_dia & (self.dia < z + 30.0)
+        z_gas = self.dia_left - 22.0
+        if abs(z - z_gas) < 12.0:                                                 # stomach bubble
+            gas = (self.gas_xy + ((z - z_gas) / 12.0) ** 2 < 1.0) & inner & ~above_dia & (self.dia < z + 30.0)
             t[gas] = _T["air"]
 
         # bones; the cortex is brighter than the cancellous core
