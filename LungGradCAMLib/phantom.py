@@ -296,8 +296,9 @@ class _Anatomy:
         self.A = A = 158.0 * rng.uniform(0.94, 1.06)        # body half width (adult mm)
         self.B = B = 108.0 * rng.uniform(0.94, 1.06)        # body half depth
         # all work happens in the rows/columns the body can reach at any height
-        rows = np.flatnonzero(np.abs(grid.y) <= B * 1.04 + 2.0)
-        cols = np.flatnonzero(np.abs(grid.x) <= A * 1.13 + 2.0)
+        z_max = float(np.abs(grid.z).max())
+        rows = np.flatnonzero(np.abs(grid.y) <= B * 1.06 * (1 + 0.0004 * z_max) + 2.0)
+        cols = np.flatnonzero(np.abs(grid.x) <= A * 1.15 + 2.0)
         self.rows = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
         self.cols = slice(int(cols[0]), int(cols[-1]) + 1) if len(cols) else slice(0, 0)
         X, Y = np.meshgrid(grid.x[self.cols], grid.y[self.rows])     # (J, I) body mm
@@ -380,8 +381,9 @@ class _Anatomy:
         z = float(g.z[k])
         up = float(_smoothstep((z - 50.0) / 70.0))
         down = float(_smoothstep((-z - 70.0) / 60.0))
-        a = self.A * (1 + 0.10 * up - 0.04 * down) * (1 + 0.02 * np.sin(z / 23.0))
-        b = self.B * (1 - 0.06 * up + 0.03 * down)
+        # shoulders up top, a deeper (AP) lower chest and belly
+        a = self.A * (1 + 0.12 * up - 0.03 * down) * (1 + 0.02 * np.sin(z / 23.0))
+        b = self.B * (1 - 0.10 * up + 0.06 * down) * (1 - 0.0004 * z)
         rho2 = self.X2 * np.float32(1 / a ** 2) + self.Y2 * np.float32(1 / b ** 2)
         body = rho2 <= 1.0
         depth = (1.0 / np.sqrt(np.maximum(rho2, 1e-6)) - 1.0) * self.radius      # mm in from the skin

@@ -153,7 +153,8 @@ def test_two_lungs_with_airways_vessels_and_bones(empty_chest):
     assert (ras[:, 0] > 80).any() and (ras[:, 0] < -80).any()
     assert (np.abs(ras[:, 0]) < 10).any() and ras[np.abs(ras[:, 0]) < 10, 1].mean() < -20
     # the body outline changes with height
-    body_area = (ph.tissues != TISSUES["air"]).sum(axis=(1, 2)) - tissue(ph, "table").sum(axis=(1, 2))
+    body = (ph.tissues != TISSUES["air"]) & ~tissue(ph, "table")
+    body_area = np.array([ndimage.binary_fill_holes(s).sum() for s in body])   # stomach gas is inside
     assert body_area.max() > 1.1 * body_area.min()
 
 
