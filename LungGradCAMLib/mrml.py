@@ -132,7 +132,7 @@ def cam_to_node(volume: Volume, node: Any = None, name: str = "LungGradCAM heat 
     display.AutoWindowLevelOff()
     display.SetWindowLevelMinMax(0.0, 1.0)
     display.AutoThresholdOff()
-    display.SetThreshold(float(hide_below), max(1.0, float(array.max(initial=1.0))))
+    display.SetThreshold(float(hide_below), float(array.max(initial=1.0)))  # upper: keep every hot voxel
     display.ApplyThresholdOn()
     return node
 
