@@ -781,7 +781,6 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
     returned paths are in k order. Readers order slices along i x j, so a volume whose k axis
     points the other way comes back with k reversed (same voxels in space).
     """
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
