@@ -182,6 +182,13 @@ def test_errors_name_the_problem():
     body[:, 5:-5, 5:-5] = 40.0  # soft tissue, no lung inside
     with pytest.raises(VolumeError, match="no lung found"):
         lung_mask(Volume(body, m))
+    gas = body.copy()
+    gas[:, 12:28, 12:28] = -1000.0  # 33 ml of pure gas (bowel, stomach), not aerated lung
+    coarse = axis_aligned_matrix((2.0, 2.0, 4.0))
+    with pytest.raises(VolumeError, match="no lung found"):
+        lung_mask(Volume(gas, coarse))
+    gas[:, 12:28, 12:28] = -850.0  # the same pocket at the density of lung is taken
+    assert lung_mask(Volume(gas, coarse))[:, 14:26, 14:26].all()
     with pytest.raises(VolumeError, match="spacing_mm"):
         lung_mask(body)
     with pytest.raises(VolumeError, match="3D"):
