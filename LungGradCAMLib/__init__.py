@@ -16,7 +16,7 @@ _EXPORTS = {
     "Explanation": "results", "Segmentation": "results", "Region": "results",
     "load_dicom_series": "dicom", "list_dicom_series": "dicom", "SeriesInfo": "dicom",
     "DicomDatabase": "ctkdb",
-    "lung_mask": "lung",
+    "lung_mask": "lung", "lung_bbox": "lung",
     "load_model": "models", "LoadedModel": "models", "ModelCard": "models",
     "compute_cam": "cam", "CAM": "cam", "sliding_cam": "sliding",
     "segment_cam": "segment", "write_segmentation": "segment",

@@ -6,6 +6,7 @@ files a run produces; ``run_batch`` explains a cohort, resumably, sharded under 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -207,6 +208,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
             layer=card.target_layer, roi=box, batch_size=batch_size or (8 if dev.type == "cuda" else 2),
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
+            activation=card.activation,
         )
 
     with _stage(timings, "resample_back"):
@@ -257,9 +259,17 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
 
 
 def safe_name(text: str, fallback: str = "series") -> str:
-    """A file-system-safe folder name from a UID-like string (no separators, dots kept, <= 64)."""
-    name = re.sub(r"[^0-9A-Za-z._-]", "_", str(text)).strip("._")[:64]
-    return name or fallback
+    """A file-system-safe folder name from a UID-like string (no separators, dots kept, <= 64).
+
+    A text that is already such a name (every valid UID) is kept; any other (a part key
+    ``<uid>#2``, a hostile UID holding ``../``, more than 64 characters) gets a hash of the whole
+    text appended, so that two different UIDs never share a folder."""
+    text = str(text)
+    name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
+    if name == text and len(name) <= 64:
+        return name
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{name[:51] or fallback}-{digest}"
 
 
 # --------------------------------------------------------------------------------------------
