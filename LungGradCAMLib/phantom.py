@@ -302,12 +302,11 @@ class _Anatomy:
         self.rows = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)
         self.cols = slice(int(cols[0]), int(cols[-1]) + 1) if len(cols) else slice(0, 0)
         X, Y = np.meshgrid(grid.x[self.cols], grid.y[self.rows])     # (J, I) body mm
-        self.X, self.Y = X, Y
         table_y = grid.y[:, None]
         self.table = (np.abs(grid.x[None, :]) < 210.0) & (table_y < -B / 1.1 - 4.0) & (table_y > -B / 1.1 - 13.0)
         fat0 = rng.uniform(6.0, 15.0)                       # subcutaneous fat
         self.rib_phase = rng.uniform(0.0, 1.0)
-        self.hc = np.array([-24.0, 0.0, -52.0]) + rng.normal(0.0, 4.0, 3)
+        heart_shift = rng.normal(0.0, 4.0, 3)
         self.dia_right = -62.0 + rng.normal(0.0, 5.0)       # diaphragm dome tops (z)
         self.dia_left = self.dia_right - 10.0 + rng.normal(0.0, 3.0)
 
@@ -346,13 +345,11 @@ class _Anatomy:
         self.spine_zone = ((np.abs(X) < 24.0) & (Y < yv + 10.0)) | (self.r_vb < 22.0)
 
         # --- heart: a rotated ellipsoid on the diaphragm, long axis to the left-anterior -------
-        hc = self.hc + np.array([0.0, yv + 86.0, 0.0])
-        self.hc = hc
+        self.hc = hc = np.array([-24.0, yv + 86.0, -52.0]) + heart_shift   # centre (body mm)
         ang = np.deg2rad(40.0)
         u = (X - hc[0]) * -np.cos(ang) + (Y - hc[1]) * np.sin(ang)
         v = (X - hc[0]) * np.sin(ang) + (Y - hc[1]) * np.cos(ang)
-        self.heart_xy = ((u / 62.0) ** 2 + (v / 45.0) ** 2).astype(np.float32)
-        self.heart_c = 52.0
+        self.heart_xy = ((u / 62.0) ** 2 + (v / 45.0) ** 2).astype(np.float32)   # half height: 52 mm
         self.gas_xy = (((X + 55.0) / 30.0) ** 2 + ((Y - 10.0) / 35.0) ** 2).astype(np.float32)
 
         # --- mediastinal tubes (body mm) ---------------------------------------------------------
@@ -401,7 +398,7 @@ class _Anatomy:
 
         sd_b, sd_a, sd_e = (tubes.plane(k, self.rows, self.cols) for tubes in (self.blood, self.air, self.esophagus))
         excl = np.minimum(np.minimum(sd_b, sd_a), sd_e) < self.excl_mm
-        e_heart = self.heart_xy + np.float32(((z - self.hc[2]) / self.heart_c) ** 2)
+        e_heart = self.heart_xy + np.float32(((z - self.hc[2]) / 52.0) ** 2)
         apex = self.apex_xy + np.float32((max(z - 30.0, 0.0) / 90.0) ** 2)
         lung = (inner & above_dia & (apex < 1.0) & ~self.mediast_col & ~self.spine_zone
                 & ~(e_heart < 1.3) & ~excl)
@@ -461,8 +458,8 @@ class _Anatomy:
 
 
 def _lung_trees(grid: _Grid, rng: np.random.Generator, lungs: np.ndarray, anatomy: _Anatomy
-                ) -> Tuple[np.ndarray, np.ndarray]:
-    """Signed-distance maps (grid mm) of the pulmonary vessels and of the bronchial lumens.
+                ) -> Tuple[_Tubes, _Tubes]:
+    """Signed distances (grid mm) to the pulmonary vessels and to the bronchial lumens.
 
     Two vessel trees per lung (arteries and veins) and one bronchial tree, each from its hilum to
     random terminal points spread through that lung.
@@ -734,11 +731,13 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
              center_ras: Sequence[float] = (0.0, 0.0, -150.0)) -> Phantom:
     """A synthetic axial chest CT (float32 HU) with its truth, deterministic per ``seed``.
 
-    ``shape``: (K, J, I) voxels; ``spacing_mm``: (i, j, k) mm. The field of view should cover a
-    chest (about 340 x 250 mm in-plane); a smaller one gets a proportionally smaller patient.
-    ``nodules``: None or "random" for ``n_nodules`` (default 2-5) random nodules drawn with
-    :func:`random_nodules` (``nodule_options`` are passed on to it), ``[]`` for none, or a list of
-    :class:`NoduleSpec` drawn where they say (each must lie in the lungs). The anatomy depends only
+    ``shape``: (K, J, I) voxels; ``spacing_mm``: (i, j, k) mm. The patient is adult-sized when the
+    in-plane field of view is at least about 380 x 300 mm and proportionally smaller otherwise
+    (0.9x at the default 345 mm); the lungs span about 230 mm (scaled) around the centre in z.
+    ``nodules``: None or "random" for random nodules drawn with :func:`random_nodules`
+    (``nodule_options`` are passed on to it): ``n_nodules`` of them (an error if they do not fit),
+    or by default 2-5, as many as fit, at least two voxels across; ``[]`` for none; or a list of
+    :class:`NoduleSpec` drawn where they say (each centred in the lungs). The anatomy depends only
     on the seed and the geometry, not on the nodules. ``noise_hu``: SD (HU) of the correlated
     noise. ``contrast``: enhanced blood (~280 HU). ``center_ras``: RAS mm of the volume centre.
 
