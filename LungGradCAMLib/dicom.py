@@ -278,6 +278,13 @@ def _read_header(path: Path) -> List[_Frame]:
         frame_of_reference_uid=str(_one(ds, "FrameOfReferenceUID") or ""))
     rows, cols = _int(_one(ds, "Rows")) or 0, _int(_one(ds, "Columns")) or 0
     n_frames = _int(_one(ds, "NumberOfFrames")) or 1
+    # Native frames need rows * cols * bytes each, encapsulated ones at least an 8-byte item
+    # header: a count the file cannot hold is refused before one record per frame is made.
+    frame_bytes = max(1, rows * cols * bits_allocated // 8) if pixel_length is not None else 8
+    available = pixel_length if pixel_length is not None else path.stat().st_size
+    if n_frames > 1 and n_frames * frame_bytes > available:
+        raise DicomDecodeError(f"{path}: declares {n_frames} frames but holds {available} bytes of pixel data, "
+                               "too few for that many; the file is damaged, replace it")
     series_uid = str(_one(ds, "SeriesInstanceUID") or "")
     padding = _padding_range(ds, bits_allocated, pixel_representation)
     acquisition = _int(_one(ds, "AcquisitionNumber"))
@@ -372,6 +379,17 @@ class SeriesInfo:
                 f"{self.rows}x{self.cols}")
 
 
+def _valid_orientation(iop: Optional[np.ndarray]) -> bool:
+    """Two unit, orthogonal direction cosines."""
+    return (iop is not None and abs(np.linalg.norm(iop[:3]) - 1) < 1e-3 and abs(np.linalg.norm(iop[3:]) - 1) < 1e-3
+            and abs(float(iop[:3] @ iop[3:])) < 1e-3)
+
+
+def _damaged(f: _Frame) -> bool:
+    """No pixels or an impossible orientation: not a stack of its own, an error of its series."""
+    return f.rows <= 0 or f.cols <= 0 or (f.iop is not None and not _valid_orientation(f.iop))
+
+
 def _same(a: Optional[np.ndarray], b: Optional[np.ndarray], tol: float) -> bool:
     if a is None or b is None:
         return a is None and b is None
@@ -384,7 +402,7 @@ def _normal(iop: np.ndarray) -> np.ndarray:
 
 
 def _has_duplicates(frames: List[_Frame]) -> bool:
-    if any(f.ipp is None for f in frames):
+    if any(f.ipp is None or f.iop is None or _damaged(f) for f in frames):
         return False
     normal = _normal(frames[0].iop)
     d = np.sort([float(f.ipp @ normal) for f in frames])
@@ -394,9 +412,12 @@ def _has_duplicates(frames: List[_Frame]) -> bool:
 def _split(frames: List[_Frame]) -> List[List[_Frame]]:
     """Split one series' frames into stacks of one orientation, size and pixel spacing; split by
     acquisition only when acquisitions overlap in space (a sequential scan's acquisitions tile
-    the volume and stay together)."""
+    the volume and stay together). Damaged frames join the largest stack, whose loading then
+    names them, instead of vanishing as a one-slice stack."""
     stacks: List[List[_Frame]] = []
     for f in frames:
+        if _damaged(f):
+            continue
         for stack in stacks:
             g = stack[0]
             if ((g.rows, g.cols) == (f.rows, f.cols) and _same(g.iop, f.iop, ORIENTATION_TOL)
@@ -411,11 +432,17 @@ def _split(frames: List[_Frame]) -> List[List[_Frame]]:
         acquisitions: Dict[Optional[int], List[_Frame]] = {}
         for f in stack:
             acquisitions.setdefault(f.acquisition, []).append(f)
-        if (len(acquisitions) > 1 and stack[0].iop is not None and _has_duplicates(stack)
+        if (len(acquisitions) > 1 and _has_duplicates(stack)
                 and not any(_has_duplicates(a) for a in acquisitions.values())):
             out.extend(acquisitions[k] for k in sorted(acquisitions, key=lambda a: (a is None, a)))
         else:
             out.append(stack)
+    damaged = [f for f in frames if _damaged(f)]
+    if damaged:
+        if out:
+            max(out, key=len).extend(damaged)
+        else:
+            out.append(damaged)
     return out
 
 
@@ -604,15 +631,23 @@ def _ijk_to_ras(origin_lps: np.ndarray, iop: np.ndarray, pixel_spacing: Tuple[fl
     return LPS_TO_RAS @ lps
 
 
-def _check_geometry(frames: List[_Frame], key: str) -> None:
+def _check_frames(frames: List[_Frame], key: str) -> None:
+    """Refuse, naming the file, what cannot become voxels in space: empty images, non-finite
+    rescaling, missing or invalid position, orientation or pixel spacing."""
     for f in frames:
+        if f.rows <= 0 or f.cols <= 0:
+            raise DicomDecodeError(f"{f.path}: Rows x Columns is {f.rows} x {f.cols}; an image needs at least one "
+                                   "pixel: the file is damaged, replace it")
+        if not (np.isfinite(f.slope) and np.isfinite(f.intercept)) or f.slope == 0:
+            raise DicomDecodeError(f"{f.path}: RescaleSlope {f.slope} / RescaleIntercept {f.intercept} cannot map "
+                                   "stored values to HU (zero or not finite): the file is damaged, replace it")
         if f.ipp is None or f.iop is None or f.pixel_spacing is None:
             missing = [n for n, v in (("ImagePositionPatient", f.ipp), ("ImageOrientationPatient", f.iop),
                                       ("PixelSpacing", f.pixel_spacing)) if v is None]
             where = f"{f.path}" if f.frame is None else f"frame {f.frame + 1} of {f.path} (multi-frame)"
             raise SeriesGeometryError(f"series {key}: {where} lacks {', '.join(missing)}; the slices "
                                       "cannot be placed in space")
-        if min(f.pixel_spacing) <= 0 or abs(np.linalg.norm(np.cross(f.iop[:3], f.iop[3:])) - 1) > 1e-3:
+        if min(f.pixel_spacing) <= 0 or not _valid_orientation(f.iop):
             raise SeriesGeometryError(f"series {key}: {f.path} has invalid ImageOrientationPatient "
                                       f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}")
 
@@ -726,7 +761,7 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     workers = _workers(workers)
     where, files = _source_files(source)
     info, frames = _select(_parts(_scan(files, workers)), series_uid, where)
-    _check_geometry(frames, info.key)
+    _check_frames(frames, info.key)
     normal = _normal(frames[0].iop)
     frames = sorted(frames, key=lambda f: (float(f.ipp @ normal), str(f.path), f.frame or 0))
     if len(frames) < 2:

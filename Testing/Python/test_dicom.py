@@ -334,9 +334,10 @@ def test_sequential_acquisitions_stay_one_volume_overlapping_ones_split(tmp_path
     for k, f in enumerate(files):
         _edit(f, lambda ds, k=k: setattr(ds, "AcquisitionNumber", 1 + k // 4))
     assert np.array_equal(load_dicom_series(tmp_path / "seq").array, hu)
-    uid = generate_uid()
-    _, first = _series(tmp_path / "rep", series_uid=uid)
-    _, second = _series(tmp_path / "rep2", hu=_hu(seed=5), series_uid=uid)
+    uids = dict(study_uid=generate_uid(), series_uid=generate_uid(), frame_of_reference_uid=generate_uid())
+    uid = uids["series_uid"]
+    _, first = _series(tmp_path / "rep", **uids)
+    _, second = _series(tmp_path / "rep2", hu=_hu(seed=5), **uids)
     for f in second:
         _edit(f, lambda ds: setattr(ds, "AcquisitionNumber", 2))
         shutil.move(str(f), tmp_path / "rep" / f"second-{f.name}")
@@ -477,6 +478,26 @@ def _no_position(f: Path) -> None:
     _edit(f, lambda ds: delattr(ds, "ImagePositionPatient"))
 
 
+def _parallel_cosines(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
+
+
+def _zero_rows(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "Rows", 0))
+
+
+def _nan_slope(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "RescaleSlope", "NaN"))
+
+
+def _infinite_intercept(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "RescaleIntercept", "1e400"))
+
+
+def _absurd_frames(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "NumberOfFrames", 2_000_000_000))
+
+
 @pytest.mark.parametrize("change, error, text", [
     (_truncate, DicomDecodeError, "truncated"),
     (_truncate_header, DicomDecodeError, "truncated or damaged"),
@@ -486,6 +507,11 @@ def _no_position(f: Path) -> None:
     (_garbage, DicomDecodeError, "unreadable DICOM"),
     (_colour, DicomDecodeError, "colour"),
     (_no_position, SeriesGeometryError, "lacks ImagePositionPatient"),
+    (_parallel_cosines, SeriesGeometryError, "invalid ImageOrientationPatient"),
+    (_zero_rows, DicomDecodeError, "Rows x Columns is 0 x 16"),
+    (_nan_slope, DicomDecodeError, "RescaleSlope nan"),
+    (_infinite_intercept, DicomDecodeError, "RescaleIntercept inf"),
+    (_absurd_frames, DicomDecodeError, "declares 2000000000 frames"),
 ])
 def test_bad_file_names_the_file(tmp_path, change, error, text):
     bad, before = _broken(tmp_path, change)
