@@ -280,11 +280,12 @@ def _read_header(path: Path) -> List[_Frame]:
     n_frames = _int(_one(ds, "NumberOfFrames")) or 1
     # Native frames need rows * cols * bytes each, encapsulated ones at least an 8-byte item
     # header: a count the file cannot hold is refused before one record per frame is made.
-    frame_bytes = max(1, rows * cols * bits_allocated // 8) if pixel_length is not None else 8
-    available = pixel_length if pixel_length is not None else path.stat().st_size
-    if n_frames > 1 and n_frames * frame_bytes > available:
-        raise DicomDecodeError(f"{path}: declares {n_frames} frames but holds {available} bytes of pixel data, "
-                               "too few for that many; the file is damaged, replace it")
+    if n_frames > 1:
+        frame_bytes = max(1, rows * cols * bits_allocated // 8) if pixel_length is not None else 8
+        available = pixel_length if pixel_length is not None else path.stat().st_size
+        if n_frames * frame_bytes > available:
+            raise DicomDecodeError(f"{path}: declares {n_frames} frames but holds {available} bytes of pixel "
+                                   "data, too few for that many; the file is damaged, replace it")
     series_uid = str(_one(ds, "SeriesInstanceUID") or "")
     padding = _padding_range(ds, bits_allocated, pixel_representation)
     acquisition = _int(_one(ds, "AcquisitionNumber"))
