@@ -207,7 +207,10 @@ def fit(train_set: PatchSet, val_set: PatchSet, card: Any, out_dir: Any, config:
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     amp = cfg.amp and dev.type == "cuda"
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+    use_scaler = amp and amp_dtype == torch.float16
+    # torch.amp.GradScaler("cuda") replaced torch.cuda.amp.GradScaler in torch 2.3
+    scaler = (torch.amp.GradScaler("cuda", enabled=use_scaler) if hasattr(torch.amp, "GradScaler")
+              else torch.cuda.amp.GradScaler(enabled=use_scaler))
 
     start_epoch, best_loss, bad_epochs, best_epoch, history = 1, math.inf, 0, 0, []
     resume_path = out / "resume.pt"
@@ -522,6 +525,9 @@ def _run_cli(args: argparse.Namespace) -> int:
     card.training = {"data": _describe_data(args),
                      "command": "lunggradcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     card.description = f"{card.architecture} {card.kwargs} {' vs '.join(classes)} patch classifier"
+    if args.source == "phantom":
+        card.intended_use = ("Trained on synthetic chest CT phantoms only: for demonstration and testing, "
+                             "not for clinical use. Train on real data with `lunggradcam train` for research.")
     data = load_data(args, card)
     rank, _, _ = _dist()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
