@@ -15,6 +15,7 @@ _EXPORTS = {
     "LungGradCAMError": "errors",
     "Explanation": "results", "Segmentation": "results", "Region": "results",
     "load_dicom_series": "dicom", "list_dicom_series": "dicom", "SeriesInfo": "dicom",
+    "write_dicom_series": "dicom", "DicomResampledWarning": "dicom",
     "DicomDatabase": "ctkdb",
     "lung_mask": "lung", "lung_bbox": "lung",
     "load_model": "models", "LoadedModel": "models", "ModelCard": "models",
