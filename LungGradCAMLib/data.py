@@ -9,6 +9,7 @@ Positions are RAS mm unless a name says LPS (LUNA16 and DICOM world coordinates 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import xml.etree.ElementTree as ET
@@ -24,6 +25,7 @@ from .errors import DataError
 from .volume import Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
+log = logging.getLogger(__name__)
 #: HU outside the scan (air), used for resampling and for padding patches at the border.
 AIR_HU = -1024.0
 
@@ -560,6 +562,50 @@ def lidc_nodules(xml_path: PathLike, volume: Volume, consensus: float = 0.5) -> 
         nodules.append(LidcNodule(mask, [kept[a].reader for a in members], ratings, label, centre))
     nodules.sort(key=lambda n: -int(n.mask.sum()))
     return nodules
+
+
+def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence[float],
+                 consensus: float = 0.5, progress: bool = False) -> PatchSet:
+    """Benign vs malignant nodule patches (classes ``benign``, ``malignant``) from a LIDC-IDRI
+    folder: one sub-folder per patient (e.g. ``LIDC-IDRI-0001``) holding the DICOM series and the
+    reader XML files anywhere below it. Each XML's series is loaded, its nodules are found with
+    :func:`lidc_nodules`, and each nodule with a malignancy label (median rating not 3) gives one
+    patch centred on its consensus mask. XMLs whose series is not present are skipped."""
+    from .dicom import load_dicom_series
+    from .errors import DicomError
+
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and any(p.rglob("*.xml"))) if root.is_dir() else []
+    if not folders:
+        raise DataError(f"{root}: no patient folders with LIDC reader XML files found")
+    patches, labels, patients, centres = [], [], [], []
+    iterator = folders
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(folders, desc="patients", unit="patient")
+    for folder in iterator:
+        for xml in sorted(folder.rglob("*.xml")):
+            series_uid, _ = parse_lidc_xml(xml)
+            try:
+                volume = load_dicom_series(folder, series_uid=series_uid or None)
+            except DicomError as exc:
+                log.info("%s: series not loaded (%s); skipped", xml, exc)
+                continue
+            grid = to_model_grid(volume, spacing_mm)
+            for nodule in lidc_nodules(xml, volume, consensus):
+                if nodule.label is None:
+                    continue
+                kji = _ras_to_kji(grid, np.array([nodule.centre_ras]))[0]
+                patches.append(crop_patch(grid.array, kji, patch_size))
+                labels.append(nodule.label)
+                patients.append(folder.name)
+                centres.append(_kji_to_ras(grid, np.rint(kji)))
+    if not patches:
+        raise DataError(f"{root}: no LIDC nodule with a malignancy label (median rating 1-2 or 4-5) "
+                        "in the series present")
+    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), ["benign", "malignant"],
+                    tuple(float(v) for v in spacing_mm), np.full(len(labels), "nodule"), np.array(centres))
 
 
 # --------------------------------------------------------------------------------------------

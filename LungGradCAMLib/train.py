@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .atomic import atomic_path, write_text
-from .data import PatchSet, luna16_samples, manifest_samples, patches_from_samples, patient_kfold, patient_split, phantom_patches
+from .data import (PatchSet, lidc_patches, luna16_samples, manifest_samples, patches_from_samples, patient_kfold,
+                   patient_split, phantom_patches)
 from .errors import DataError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -346,7 +347,7 @@ def _training_info(card: Any, train_set: PatchSet, val_set: PatchSet, cfg: Train
 # --------------------------------------------------------------------------------------------
 # data from command-line arguments
 # --------------------------------------------------------------------------------------------
-SOURCES = ("phantom", "luna16", "manifest", "patches")
+SOURCES = ("phantom", "luna16", "lidc", "manifest", "patches")
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -371,9 +372,10 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
     g = p.add_argument_group("data")
     g.add_argument("--source", choices=SOURCES, default="phantom",
                    help="phantom: synthetic chest CTs; luna16: a LUNA16 folder (subset*/*.mhd + "
-                        "annotations.csv/candidates.csv); manifest: a CSV (image,label[,patient,x,y,z,space]); "
-                        "patches: a .npz patch cache (default: phantom)")
-    g.add_argument("--path", help="the LUNA16 folder, manifest CSV or patch cache (not for phantom)")
+                        "annotations.csv/candidates.csv); lidc: a LIDC-IDRI folder (patient folders with "
+                        "DICOM + reader XML; benign vs malignant); manifest: a CSV "
+                        "(image,label[,patient,x,y,z,space]); patches: a .npz patch cache (default: phantom)")
+    g.add_argument("--path", help="the LUNA16/LIDC folder, manifest CSV or patch cache (not for phantom)")
     g.add_argument("--phantom-seeds", default=default_seeds,
                    help=f"phantom seeds, e.g. '0-63' or '1,2,5-7'; one patient each (default {default_seeds})")
     g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
@@ -418,11 +420,12 @@ def load_data(args: argparse.Namespace, card: Any) -> PatchSet:
     else:
         if not args.path:
             raise InvalidInputError(f"--source {args.source} needs --path")
-        if args.source == "luna16":
-            samples = luna16_samples(args.path, args.max_negatives_per_scan, seed=args.seed)
+        if args.source == "lidc":
+            data = lidc_patches(args.path, size, spacing, progress=progress)
         else:
-            samples = manifest_samples(args.path, classes)
-        data = patches_from_samples(samples, classes, size, spacing, progress=progress)
+            samples = (luna16_samples(args.path, args.max_negatives_per_scan, seed=args.seed)
+                       if args.source == "luna16" else manifest_samples(args.path, classes))
+            data = patches_from_samples(samples, classes, size, spacing, progress=progress)
     if cache is not None:
         data.save(cache)
         if world > 1:
@@ -519,6 +522,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.source == "phantom":
         classes = ["benign", "malignant"] if args.task == "malignancy" else ["background", "nodule"]
+    elif args.source == "lidc":
+        classes = ["benign", "malignant"]
     else:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     card = _card_from_args(args, classes)

@@ -196,3 +196,14 @@ def test_patient_kfold_and_split():
     assert all(not set(patients[a]) & set(patients[b]) for i, a in enumerate(parts) for b in parts[i + 1:])
     with pytest.raises(DataError, match="k-fold needs"):
         data.patient_kfold(patients, k=8)
+
+
+def test_lidc_patches_from_real_folder():
+    root = data_path("lidc")
+    ps = data.lidc_patches(root, SIZE, SPACING)
+    assert ps.class_names == ["benign", "malignant"]
+    assert sorted(set(ps.patients)) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+    first = ps.subset(np.flatnonzero(ps.patients == "LIDC-IDRI-0001"))
+    assert list(first.labels) == [1]
+    # the big solid nodule fills the patch centre (soft tissue, not lung)
+    assert first.patches[0][8, 8, 8] > -300
