@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab escaped (``\\x1b``): messages
+    quote DICOM fields such as SeriesDescription, which a hostile file can fill with terminal
+    escape sequences."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -131,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LungGradCAMError as exc:
-        print(f"lunggradcam {args.command}: error: {exc}", file=sys.stderr)
+        print(f"lunggradcam {args.command}: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lunggradcam {args.command}: interrupted", file=sys.stderr)

@@ -1,0 +1,558 @@
+"""The bad-input corpus: damaged, unusable and odd inputs a hospital folder can hold, generated here
+(no patient data is committed).
+
+For every failing case:
+  (a) the library call raises its specific :class:`LungGradCAMError` subclass with a message that
+      names the problem and the file, folder or series;
+  (b) ``lunggradcam run INPUT --out OUT`` returns 2, prints that message on stderr without a
+      traceback and leaves no output (OUT is not created);
+  (c) every file of the input is byte-identical afterwards (and no file appears or disappears).
+Inputs the loader accepts by design (gantry tilt, non-DICOM files or a named pipe beside the
+series) give the correct volume, and ``lunggradcam run`` completes on the tilted series.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+import threading
+import warnings
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+
+import LungGradCAMLib as lgc
+from LungGradCAMLib import phantom
+from LungGradCAMLib.cli import main
+from LungGradCAMLib.ctkdb import DicomDatabase
+from LungGradCAMLib.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
+from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
+                                   NoSeriesFoundError, SeriesGeometryError, VolumeError)
+from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+
+from test_ctkdb import make_database
+from test_pipeline import make_tiny_model
+
+AXIAL = axis_aligned_matrix((0.8, 0.8, 2.5), (-10.0, 20.0, -40.0))
+CORONAL = axis_aligned_matrix((0.8, 2.5, 0.8), (0.0, 0.0, 0.0),
+                              np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _hu(shape=(4, 16, 16), seed=0) -> np.ndarray:
+    return np.rint(np.random.default_rng(seed).normal(-300, 300, shape)).clip(-1000, 2000).astype(np.float32)
+
+
+def _series(folder: Path, shape=(4, 16, 16), seed=0, matrix=AXIAL, **kwargs) -> List[Path]:
+    return write_dicom_series(Volume(_hu(shape, seed), matrix), folder, **kwargs)
+
+
+def _edit(path: Path, change: Callable[[Any], None], to: Optional[Path] = None) -> Path:
+    ds = pydicom.dcmread(path)
+    change(ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values we write on purpose
+        ds.save_as(to or path, enforce_file_format=True)
+    return to or path
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _snapshot(root: Path) -> Dict[str, tuple]:
+    """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
+    other types; unreadable files (chmod 000) by size and modification time."""
+    entries: Dict[str, tuple] = {}
+    for folder, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    entries[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+                except PermissionError:
+                    entries[rel] = ("unreadable", st.st_size, st.st_mtime_ns)
+            else:
+                entries[rel] = ("type", stat.S_IFMT(st.st_mode))
+    return entries
+
+
+@dataclass
+class Made:
+    """A built bad input: what ``lunggradcam run`` gets, the library call that must fail (or
+    succeed), and strings (file, folder, series) the message must contain."""
+
+    input: Path
+    call: Callable[[], Any]
+    names: List[str] = field(default_factory=list)
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Case:
+    make: Callable[[Path], Made]
+    error: type
+    text: str  # regular expression the message must match
+
+
+# --------------------------------------------------------------------------------------------
+# the failing cases
+# --------------------------------------------------------------------------------------------
+def _one_bad_file(change: Callable[[Path], None]) -> Callable[[Path], Made]:
+    """A 4-slice series whose second file is damaged by ``change``; the message names that file."""
+    def make(root: Path) -> Made:
+        files = _series(root)
+        change(files[1])
+        return Made(root, lambda: load_dicom_series(root), [str(files[1])])
+    return make
+
+
+def _every_file(change: Callable[[Path], None]) -> Callable[[Path], Made]:
+    def make(root: Path) -> Made:
+        files = _series(root)
+        for f in files:
+            change(f)
+        return Made(root, lambda: load_dicom_series(root), [str(files[0])])
+    return make
+
+
+def _truncate(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _truncate_header(f: Path) -> None:
+    f.write_bytes(f.read_bytes()[:400])
+
+
+def _drop_pixels(f: Path) -> None:
+    _edit(f, lambda ds: delattr(ds, "PixelData"))
+
+
+def _short_pixels(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]))
+
+
+def _mpeg2(f: Path) -> None:
+    def change(ds):
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # video: no pixel decoder for it
+        ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
+        ds["PixelData"].VR = "OB"
+    _edit(f, change)
+
+
+def _garbage(f: Path) -> None:
+    f.write_bytes(bytes(128) + b"DICM" + bytes(range(256)) * 2)
+
+
+def _no_position(f: Path) -> None:
+    _edit(f, lambda ds: delattr(ds, "ImagePositionPatient"))
+
+
+def _parallel_cosines(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
+
+
+def _nan_slope(f: Path) -> None:
+    _edit(f, lambda ds: setattr(ds, "RescaleSlope", "NaN"))
+
+
+def _non_ct_only(root: Path) -> Made:
+    files = _series(root)
+    for f in files:
+        _edit(f, lambda ds: setattr(ds, "Modality", "MR"))
+    return Made(root, lambda: load_dicom_series(root), [str(root), _uid(files[0]), "MR"])
+
+
+def _single_slice(root: Path) -> Made:
+    files = _series(root, shape=(1, 16, 16))
+    return Made(root, lambda: load_dicom_series(root), [str(files[0]), _uid(files[0])])
+
+
+def _duplicate_positions(root: Path) -> Made:
+    files = _series(root)
+
+    def other_pixels(ds):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.PixelData = (ds.pixel_array + 7).astype("<i2").tobytes()
+    copy = _edit(files[2], other_pixels, root / "rescan.dcm")
+    return Made(root, lambda: load_dicom_series(root), [str(files[2]), str(copy), _uid(files[0])])
+
+
+def _gap(root: Path) -> Made:
+    files = _series(root, shape=(12, 8, 8))
+    for f in files[3:8]:
+        f.unlink()
+    return Made(root, lambda: load_dicom_series(root), [_uid(files[0]), files[2].name, files[8].name])
+
+
+def _mixed_orientations(root: Path) -> Made:
+    uid = generate_uid()
+    _series(root / "axial", series_uid=uid)
+    _series(root / "coronal", shape=(3, 16, 16), seed=1, matrix=CORONAL, series_uid=uid)
+    return Made(root, lambda: load_dicom_series(root), [f"{uid}#1", f"{uid}#2"])
+
+
+def _two_ct_series(root: Path) -> Made:
+    a = _series(root / "a", series_description="lung kernel")
+    b = _series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel")
+    return Made(root, lambda: load_dicom_series(root), [_uid(a[0]), _uid(b[0]), "lung kernel", "soft kernel"])
+
+
+def _empty_folder(root: Path) -> Made:
+    root.mkdir(parents=True)
+    return Made(root, lambda: load_dicom_series(root), [str(root)])
+
+
+def _only_non_dicom(root: Path) -> Made:
+    root.mkdir(parents=True)
+    (root / "README.txt").write_text("scan notes\n")
+    (root / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    return Made(root, lambda: load_dicom_series(root), [str(root)])
+
+
+def _not_a_volume_file(root: Path) -> Made:
+    root.mkdir(parents=True)
+    path = root / "scan.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path)])
+
+
+def _unreadable_chmod(root: Path) -> Made:
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading (see unreadable_symlink_loop)")
+    files = _series(root)
+    files[1].chmod(0)
+    return Made(root, lambda: load_dicom_series(root), [str(files[1])])
+
+
+def _unreadable_symlink_loop(root: Path) -> Made:
+    """A file that nobody, root included, can open: a symbolic link to itself (ELOOP)."""
+    _series(root)
+    loop = root / "IMG99999.dcm"
+    os.symlink(loop.name, loop)
+    return Made(root, lambda: load_dicom_series(root), [str(loop)])
+
+
+def _dicom_over_voxel_limit(root: Path) -> Made:
+    files = _series(root)
+    return Made(root, lambda: load_dicom_series(root), [_uid(files[0])], env={"LUNGGRADCAM_MAX_VOXELS": "1000"})
+
+
+def _dicom_declares_huge_slices(root: Path) -> Made:
+    """Every header claims 65535 x 65535 pixels: refused from the headers, nothing allocated."""
+    files = _series(root)
+    for f in files:
+        _edit(f, lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)))
+    return Made(root, lambda: load_dicom_series(root), [_uid(files[0])])
+
+
+def _zero_rows(root: Path) -> Made:
+    files = _series(root)
+    for f in files:
+        _edit(f, lambda ds: setattr(ds, "Rows", 0))
+    return Made(root, lambda: load_dicom_series(root), [str(files[0])])
+
+
+def _absurd_frame_count(root: Path) -> Made:
+    """One 16x16 image whose header declares 20000 frames (8 KB of pixel data for 512 bytes)."""
+    root.mkdir(parents=True)
+    f = _series(root, shape=(2, 16, 16))[0]
+    (root / "IMG00001.dcm").unlink()
+    _edit(f, lambda ds: setattr(ds, "NumberOfFrames", 20000))
+    return Made(root, lambda: load_dicom_series(root), [str(f)])
+
+
+def _nrrd(root: Path, name: str, array: np.ndarray) -> Path:
+    root.mkdir(parents=True)
+    return write_volume(Volume(array, AXIAL), root / name)
+
+
+def _nrrd_nan_inf(root: Path) -> Made:
+    array = _hu()
+    array[1, 2, 3], array[2, 3, 4] = np.nan, np.inf
+    path = _nrrd(root, "ct.nrrd", array)
+    return Made(path, lambda: read_volume(path), [str(path), "2 voxels"])
+
+
+def _nrrd_over_voxel_limit(root: Path) -> Made:
+    path = _nrrd(root, "ct.nrrd", _hu())
+    return Made(path, lambda: read_volume(path), [str(path)], env={"LUNGGRADCAM_MAX_VOXELS": "1000"})
+
+
+NRRD_HEADER = ("NRRD0004\ntype: short\ndimension: {dim}\nspace: left-posterior-superior\nsizes: {sizes}\n"
+               "space directions: {dirs}\nendian: little\nencoding: raw\nspace origin: ({origin})\n\n")
+
+
+def _nrrd_huge_header(root: Path) -> Made:
+    """A 300-byte file whose header declares 4000^3 voxels: refused before allocating 128 GB."""
+    root.mkdir(parents=True)
+    path = root / "huge.nrrd"
+    path.write_bytes(NRRD_HEADER.format(dim=3, sizes="4000 4000 4000", dirs="(1,0,0) (0,1,0) (0,0,1)",
+                                        origin="0,0,0").encode() + bytes(100))
+    return Made(path, lambda: read_volume(path), [str(path), "64000000000 voxels"])
+
+
+def _nrrd_truncated_data(root: Path) -> Made:
+    root.mkdir(parents=True)
+    path = root / "short.nrrd"
+    path.write_bytes(NRRD_HEADER.format(dim=3, sizes="10 10 10", dirs="(1,0,0) (0,1,0) (0,0,1)",
+                                        origin="0,0,0").encode() + bytes(100))
+    return Made(path, lambda: read_volume(path), [str(path)])
+
+
+def _nrrd_2d(root: Path) -> Made:
+    root.mkdir(parents=True)
+    path = root / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(_hu()[0].astype(np.int16)), str(path))
+    return Made(path, lambda: read_volume(path), [str(path)])
+
+
+def _corrupt_sqlite(root: Path) -> Made:
+    root.mkdir(parents=True)
+    path = root / "ctkDICOM.sql"
+    _series(root / "dicom")
+    make_database(root, sorted((root / "dicom").iterdir()))
+    data = bytearray(path.read_bytes())
+    data[16:100] = bytes(range(84))  # page size, format numbers and counters overwritten
+    path.write_bytes(bytes(data))
+    return Made(path, lambda: DicomDatabase(path), [str(path)])
+
+
+def _foreign_sqlite(root: Path) -> Made:
+    root.mkdir(parents=True)
+    path = root / "ctkDICOM.sql"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript("CREATE TABLE bookmarks (id INTEGER PRIMARY KEY, url TEXT);"
+                         "INSERT INTO bookmarks (url) VALUES ('https://example.org');")
+    return Made(root, lambda: DicomDatabase(root), [str(path), "Patients", "Images"])
+
+
+def _database_files_deleted(root: Path) -> Made:
+    files = _series(root / "dicom" / "s1")
+    make_database(root, files)
+    uid = _uid(files[0])
+    files[1].unlink()
+    files[3].unlink()
+    return Made(root, lambda: DicomDatabase(root).load(uid), [uid, str(files[1]), str(files[3]), "2 of 4 files"])
+
+
+CASES: Dict[str, Case] = {
+    "truncated_file": Case(_one_bad_file(_truncate), DicomDecodeError, "truncated"),
+    "truncated_header": Case(_one_bad_file(_truncate_header), DicomDecodeError, "truncated or damaged"),
+    "missing_pixel_data": Case(_one_bad_file(_drop_pixels), DicomDecodeError, "without Pixel Data"),
+    "pixel_data_short": Case(_one_bad_file(_short_pixels), DicomDecodeError,
+                             "Pixel Data holds 256 bytes but .*16x16 .*need 512"),
+    "transfer_syntax_without_decoder": Case(_one_bad_file(_mpeg2), DicomDecodeError,
+                                            "no decoder available for transfer syntax .*MPEG2"),
+    "garbage_after_dicm": Case(_one_bad_file(_garbage), DicomDecodeError, "unreadable DICOM"),
+    "missing_position": Case(_one_bad_file(_no_position), SeriesGeometryError, "lacks ImagePositionPatient"),
+    "invalid_orientation": Case(_every_file(_parallel_cosines), SeriesGeometryError,
+                                "invalid ImageOrientationPatient"),
+    "non_ct_modality_only": Case(_non_ct_only, NoSeriesFoundError, "no CT series"),
+    "single_slice": Case(_single_slice, SeriesGeometryError, "single slice"),
+    "duplicate_positions_different_pixels": Case(_duplicate_positions, SeriesGeometryError,
+                                                 "same position .* different pixels"),
+    "gap_of_many_slices": Case(_gap, SeriesGeometryError, "about 5 slices are missing.*max_gap_slices=2"),
+    "mixed_orientations": Case(_mixed_orientations, SeriesGeometryError, "mixes slices of different orientation"),
+    "two_ct_series": Case(_two_ct_series, AmbiguousSeriesError, "2 CT series found; pick one"),
+    "empty_folder": Case(_empty_folder, NoSeriesFoundError, "no DICOM images found"),
+    "only_non_dicom_files": Case(_only_non_dicom, NoSeriesFoundError, "no DICOM images found"),
+    "not_a_volume_file": Case(_not_a_volume_file, NoSeriesFoundError, "no DICOM images found"),
+    "unreadable_chmod_000": Case(_unreadable_chmod, DicomDecodeError, "cannot read the file"),
+    "unreadable_symlink_loop": Case(_unreadable_symlink_loop, DicomDecodeError, "cannot read the file"),
+    "dicom_over_voxel_limit": Case(_dicom_over_voxel_limit, VolumeError, "1024 voxels exceeds the limit of 1000"),
+    "dicom_declares_huge_slices": Case(_dicom_declares_huge_slices, VolumeError, "voxels exceeds the limit"),
+    "nrrd_nan_inf": Case(_nrrd_nan_inf, VolumeError, "NaN or infinite"),
+    "nrrd_over_voxel_limit": Case(_nrrd_over_voxel_limit, VolumeError, "1024 voxels exceeds the limit of 1000"),
+    "nrrd_header_declares_huge_volume": Case(_nrrd_huge_header, VolumeError, "exceeds the limit"),
+    "nrrd_truncated_data": Case(_nrrd_truncated_data, VolumeError, "cannot read the volume"),
+    "nrrd_2d_image": Case(_nrrd_2d, VolumeError, "expected a 3D image, got 2D"),
+    "corrupt_sqlite_database": Case(_corrupt_sqlite, DatabaseError, "not an SQLite database"),
+    "foreign_sqlite_database": Case(_foreign_sqlite, DatabaseError, "not a Slicer \\(CTK\\) DICOM database"),
+    "database_files_deleted": Case(_database_files_deleted, DatabaseError, "files of series .* are missing"),
+    "zero_rows": Case(_zero_rows, DicomDecodeError, "Rows x Columns is 0 x 16"),
+    "nan_rescale_slope": Case(_one_bad_file(_nan_slope), DicomDecodeError, "RescaleSlope nan .* not finite"),
+    # a damaged slice is named, not split off as a stack of its own and replaced by interpolation
+    "one_slice_with_invalid_orientation": Case(_one_bad_file(_parallel_cosines), SeriesGeometryError,
+                                               "invalid ImageOrientationPatient"),
+    # refused from the header: one record per declared frame would let 2**31 frames exhaust memory
+    "absurd_number_of_frames": Case(_absurd_frame_count, DicomDecodeError, "declares 20000 frames"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the tests
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A whole-volume tiny model (one pass over the CT at 8 mm): fast on CPU."""
+    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
+
+
+def _build(case: Case, tmp_path: Path, monkeypatch) -> Made:
+    made = case.make(tmp_path / "in")
+    for key, value in made.env.items():
+        monkeypatch.setenv(key, value)
+    return made
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypatch):
+    case = CASES[name]
+    made = _build(case, tmp_path, monkeypatch)
+    before = _snapshot(tmp_path / "in")
+    with pytest.raises(case.error, match=case.text) as err:
+        made.call()
+    assert isinstance(err.value, LungGradCAMError)
+    for text in made.names:
+        assert text in str(err.value), f"{text!r} not named in: {err.value}"
+    assert _snapshot(tmp_path / "in") == before
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeypatch, capsys, tiny):
+    case = CASES[name]
+    made = _build(case, tmp_path, monkeypatch)
+    before = _snapshot(tmp_path / "in")
+    out = tmp_path / "out"
+    code = main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert captured.err.startswith("lunggradcam run: error: ")
+    with pytest.raises(case.error) as err:  # the library's own message reaches the user, whole
+        made.call()
+    assert str(err.value) in captured.err
+    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+    assert _snapshot(tmp_path / "in") == before
+
+
+# --------------------------------------------------------------------------------------------
+# inputs that are accepted by design: the result is correct
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chest():
+    return phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+
+
+def _expected(volume: Volume) -> np.ndarray:
+    """HU as stored (int16 with intercept -1024) and read back (air floor -1024)."""
+    return np.maximum(np.rint(volume.array.astype(np.float64)), -1024).astype(np.float32)
+
+
+def _tilt(root: Path, chest: Volume):
+    """Gantry tilt: slice k drifts k/4 pixel along the column direction. Documented behaviour:
+    resampled onto the slice normal with a DicomResampledWarning; slice k = source slice k shifted
+    by k/4 rows (air where the shift leaves the field of view)."""
+    files = phantom.write_dicom_series(chest, root)
+    step = 0.25 * chest.spacing[1]
+    for k, f in enumerate(files):
+        def drift(ds, k=k):
+            ipp = [float(v) for v in ds.ImagePositionPatient]
+            col = [float(v) for v in ds.ImageOrientationPatient[3:]]
+            ds.ImagePositionPatient = [f"{p + k * step * c:.6f}" for p, c in zip(ipp, col)]
+        _edit(f, drift)
+
+    def check(volume: Volume) -> None:
+        assert "gantry tilt of 8.0 degrees" in volume.meta["resampled"]
+        assert volume.shape == chest.shape and np.allclose(volume.ijk_to_ras, chest.ijk_to_ras, atol=1e-4)
+        expected = _expected(chest)
+        for k in (0, 4, 8, 20):  # shifts of 0, 1, 2 and 5 whole rows: exact
+            s = k // 4
+            assert np.allclose(volume.array[k, s:], expected[k, :expected.shape[1] - s], atol=1e-3)
+            assert np.all(volume.array[k, :s] == -1024)
+    return check
+
+
+def _non_dicom_beside(root: Path, chest: Volume):
+    files = phantom.write_dicom_series(chest, root / "series", shuffle_names=True)
+    (root / "README.txt").write_text("exported from PACS\n")
+    (root / "series" / "notes.json").write_text('{"reader": "x"}')
+    (root / "series" / "thumb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    (root / "series" / "empty.dcm").write_bytes(b"")
+    (root / "series" / "folder.dcm").mkdir()  # a folder named like a DICOM file
+    (root / "DICOMDIR").write_bytes(files[0].read_bytes())  # skipped by name
+    return _same_as(chest)
+
+
+def _named_pipe_beside(root: Path, chest: Volume):
+    """A FIFO named like a slice: opening it would block forever; it is skipped."""
+    phantom.write_dicom_series(chest, root)
+    os.mkfifo(root / "IMG99999.dcm")
+    return _same_as(chest)
+
+
+def _same_as(chest: Volume):
+    def check(volume: Volume) -> None:
+        assert np.array_equal(volume.array, _expected(chest))
+        assert np.allclose(volume.ijk_to_ras, chest.ijk_to_ras, atol=1e-6)
+    return check
+
+
+OK_CASES = {"gantry_tilt": _tilt, "non_dicom_files_beside": _non_dicom_beside,
+            "named_pipe_beside": _named_pipe_beside}
+
+
+def _within(seconds: float, fn: Callable[[], Any], root: Path) -> Any:
+    """``fn()`` in a thread; if it has not returned after ``seconds``, open every FIFO under ``root``
+    for writing (which releases a reader blocked on it) and fail."""
+    result: dict = {}
+
+    def target():
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = exc
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for p in root.rglob("*"):
+            if p.is_fifo():
+                os.close(os.open(p, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(30)
+        pytest.fail(f"blocked for more than {seconds} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.mark.parametrize("name", list(OK_CASES))
+def test_accepted_inputs_give_the_correct_volume(name, tmp_path, chest, tiny, capsys):
+    root = tmp_path / "in"
+    check = OK_CASES[name](root, chest)
+    before = _snapshot(root)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        volume = _within(60, lambda: load_dicom_series(root), root)
+    check(volume)
+    resampled = [w for w in caught if issubclass(w.category, DicomResampledWarning)]
+    assert bool(resampled) == (name == "gantry_tilt")
+    if name != "gantry_tilt":  # the others load exactly the clean series: one end-to-end run is enough
+        assert _snapshot(root) == before
+        return
+
+    out = tmp_path / "out"
+    code = _within(120, lambda: main(["run", str(root), "--out", str(out), "--model", str(tiny),
+                                      "--device", "cpu"]), root)
+    assert code == 0, capsys.readouterr().err
+    assert {"report.json", "cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob(".tmp-*"))
+    cam = read_volume(out / "cam.nrrd")
+    assert lgc.same_geometry(cam, volume, atol_mm=1e-6)
+    assert _snapshot(root) == before
