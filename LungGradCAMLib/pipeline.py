@@ -586,7 +586,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
                     dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size)
             (folder / "error.json").unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
-            log.warning("series %s failed: %s", job.uid, exc)
+            log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
             info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
                     "user_error": isinstance(exc, LungGradCAMError)}
             write_text(folder / "error.json", json.dumps(info, indent=2))
