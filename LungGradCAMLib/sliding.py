@@ -136,16 +136,17 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
     patches explain the same class. ``activation``: ``"softmax"`` or ``"sigmoid"`` (the model
-    card's), how logits become the patch probabilities. ``progress(done, total)`` is called after each batch (counts
-    of patches); ``cancel`` (a callable returning True, or a ``threading.Event``) is checked before
-    each batch and raises :class:`CancelledError`.
+    card's), how logits become the patch probabilities. ``progress(done, total)`` is called after
+    each batch (counts of patches); ``cancel`` (a callable returning True, or a
+    ``threading.Event``) is checked before each batch and raises :class:`CancelledError`.
 
     Memory: the device holds the box (plus padding) three times in float32 and one batch. A
     CUDA out-of-memory error halves the batch and retries; at one patch per batch the rest runs on
     a CPU copy of the model with a warning; running out there raises :class:`ResourceError`.
     """
-    volume = torch.as_tensor(np.asarray(volume_tensor) if not isinstance(volume_tensor, torch.Tensor)
-                             else volume_tensor)
+    volume = volume_tensor
+    if not isinstance(volume, torch.Tensor):  # numpy, possibly flipped (negative strides)
+        volume = torch.from_numpy(np.ascontiguousarray(volume))
     if volume.dim() != 3 or volume.numel() == 0:
         raise InvalidInputError(f"volume_tensor must be a non-empty 3-D (K, J, I) HU array; got "
                                 f"shape {tuple(volume.shape)}")

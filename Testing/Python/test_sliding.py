@@ -148,6 +148,9 @@ def test_numpy_and_integer_volumes():
     expected = sliding_cam(make_net(), vol, 8, 4, preprocess=window).cam
     as_int16 = sliding_cam(make_net(), vol.numpy().astype(np.int16), 8, 4, preprocess=window).cam
     assert np.array_equal(as_int16, expected)
+    flipped = vol.numpy()[::-1]  # a view with negative strides
+    assert np.array_equal(sliding_cam(make_net(), flipped, 8, 4, preprocess=window).cam,
+                          sliding_cam(make_net(), flipped.copy(), 8, 4, preprocess=window).cam)
 
 
 def test_progress_and_cancellation():
