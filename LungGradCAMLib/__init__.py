@@ -23,7 +23,7 @@ _EXPORTS = {
     "segment_cam": "segment", "write_segmentation": "segment",
     "explain": "pipeline", "write_outputs": "pipeline",
 }
-_SUBMODULES = {"phantom", "render", "dicomseg", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
+_SUBMODULES = {"phantom", "render", "dicomseg", "mrml", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
                "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
