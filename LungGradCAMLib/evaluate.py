@@ -264,6 +264,7 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
 
 def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Register ``lunggradcam evaluate``."""
+    from .cam_retrain import add_arguments as add_cam_retrain_arguments
     from .train import add_data_arguments
 
     p = subparsers.add_parser(
@@ -278,6 +279,7 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
+    add_cam_retrain_arguments(p)
     p.set_defaults(func=_run_cli)
 
 
@@ -285,6 +287,10 @@ def _run_cli(args: argparse.Namespace) -> int:
     from .models import load_model
     from .train import load_data
 
+    if args.cam_retrain:
+        from .cam_retrain import run_cli
+
+        return run_cli(args)
     loaded = load_model(args.model, device=args.device)
     data = load_data(args, loaded.card)
     report = evaluate_model(loaded, data, args.threshold, n_boot=args.bootstrap, seed=args.seed)
