@@ -122,7 +122,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                 pad_value_hu: float = -1024.0,
                 progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
                 device: Union[None, str, torch.device] = None, amp: bool = False,
-                activation: str = "softmax", sigma_scale: float = 0.125) -> SlidingResult:
+                activation: str = "softmax", sigma_scale: float = 0.125,
+                blend: str = "raw") -> SlidingResult:
     """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
 
     Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
@@ -132,6 +133,10 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     forward pass (:class:`~LungGradCAMLib.cam.CAM`: maps upsampled to the patch, not normalised);
     the raw maps and the patches' scores are blended with Gaussian weights (sigma =
     ``sigma_scale`` x patch), the blended map is min-max scaled to [0, 1] over the box.
+    ``blend="score"`` instead blends each patch's map min-max scaled to [0, 1] within the patch
+    and multiplied by the patch's score: a patch the model calls background adds (almost) no heat,
+    so a whole-scan map shows where the explained class is, not every structure each patch
+    attends to (the pipeline's choice for scan-level explanations).
 
     ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
@@ -157,6 +162,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                                 f"skipped; use stride <= patch")
     if int(batch_size) < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+    if blend not in ("raw", "score"):
+        raise InvalidInputError(f"blend must be 'raw' or 'score', got {blend!r}")
     box = _box(roi, tuple(volume.shape))
     dev = _model_device(model)
     if device is not None and not _same_device(torch.device(device), dev):
@@ -220,9 +227,12 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
             patch_score = result.scores if patch_score is None else patch_score
             probs = (result.probabilities.tolist() if result.logits.dim() == 2
                      else [[] for _ in chunk])
+            maps = result.cam
+            if blend == "score":
+                maps = minmax_per_sample(maps) * patch_score.to(maps)[:, None, None, None]
             for n, (k, j, i) in enumerate(chunk):
                 region = (slice(k, k + patch[0]), slice(j, j + patch[1]), slice(i, i + patch[2]))
-                acc_cam[region] += weight * result.cam[n]
+                acc_cam[region] += weight * maps[n]
                 acc_score[region] += weight * patch_score[n]
                 acc_w[region] += weight
             for (k, j, i), s, p in zip(chunk, patch_score.tolist(), probs):

@@ -269,3 +269,36 @@ def test_sigmoid_patch_scores_and_device_names():
     assert result.max_score == pytest.approx(float(torch.sigmoid(logits[0, 1])), abs=1e-6)
     assert result.patch_scores[0].probabilities == pytest.approx(
         tuple(torch.sigmoid(logits[0]).tolist()), abs=1e-6)
+
+
+def test_score_blend_silences_background_patches():
+    """blend="score": a patch's map counts in proportion to its score, so a region only
+    low-scoring patches cover stays cold, while "raw" blending keeps their (raw) heat."""
+    import torch
+    from torch import nn
+
+    from LungGradCAMLib.sliding import sliding_cam
+
+    class Bright(nn.Module):  # "nodule" logit = mean of the ReLU'd conv output: high where bright
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 1, 3, padding=1)
+            with torch.no_grad():
+                self.conv.weight.fill_(1 / 27)
+                self.conv.bias.zero_()
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            m = self.act(self.conv(x)).mean((2, 3, 4))
+            return torch.cat([-m, m], 1) * 100 - torch.tensor([-5.0, 5.0])
+
+    vol = torch.zeros(8, 8, 32)
+    vol[2:6, 2:6, 2:6] = 1.0      # a bright blob in the first patches
+    vol[:, :, 24:] = 0.02         # a faint area only low-scoring patches see
+    raw = sliding_cam(Bright(), vol, 8, 8, layer="act", blend="raw")
+    score = sliding_cam(Bright(), vol, 8, 8, layer="act", blend="score")
+    assert raw.cam[:, :, 26:30].max() > 0.01         # raw: the faint area keeps its heat
+    assert score.cam[:, :, 26:30].max() < 0.01       # score-weighted: p(nodule) ~ 0.003 there
+    assert score.cam[2:6, 2:6, 2:6].max() == pytest.approx(1.0)
+    with pytest.raises(Exception, match="blend"):
+        sliding_cam(Bright(), vol, 8, 8, layer="act", blend="max")
