@@ -175,7 +175,8 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
 
     Validates, in this order and before allocating the network: the card (fields, known
     architecture, patch size limit), the weights' SHA-256 against the card, the parameter count
-    (built on the meta device, limit 1e9), and every tensor name and shape against the
+    (built on the meta device, limit 1e9), the target layer, a shape-only forward of one patch
+    (the patch fits, one output per class name), and every tensor name and shape against the
     architecture. ``device`` defaults to CUDA when available, else CPU. The module is in eval mode.
     Any failure raises :class:`ModelError` naming the file.
     """
@@ -199,6 +200,17 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     except AttributeError:
         raise ModelError(f"{weights}: target_layer {card.target_layer!r} is not a layer of "
                          f"{card.architecture}") from None
+    # a shape-only forward on the meta device: the patch fits the network, one logit per class
+    probe = card.patch_size or [32, 32, 32]
+    module.eval()
+    try:
+        logits = module(torch.empty(1, int(card.kwargs.get("in_channels", 1)), *probe, device="meta"))
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{weights}: {card.architecture} cannot take a {probe} voxel input: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if tuple(logits.shape) != (1, len(card.class_names)):
+        raise ModelError(f"{weights}: the network has {logits.shape[-1]} outputs but the card names "
+                         f"{len(card.class_names)} classes {card.class_names}")
     state = _read_state_dict(weights)
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -213,5 +225,4 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = module.to_empty(device=device)
     module.load_state_dict(state)
-    module.eval()
     return LoadedModel(module, card)

@@ -130,6 +130,9 @@ def test_shape_mismatch(tmp_path):
     ({"normalisation": "magic"}, "normalisation"),
     ({"clahe": "4d"}, "clahe"),
     ({"surprise": 1}, "unknown model card field"),
+    ({"class_names": ["a", "b", "c"], "cam_class": "a"}, "2 outputs but the card names 3 classes"),
+    ({"patch_size": [8, 8, 8]}, "cannot take a \\[8, 8, 8\\] voxel input"),
+    ({"target_layer": "features.nope"}, "is not a layer of gradcam3d_cnn"),
 ])
 def test_bad_cards_refused(tmp_path, change, message):
     _, path = _saved(tmp_path)
