@@ -138,8 +138,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     Steps: lung mask (computed unless ``lung_mask``, bool K, J, I on the CT grid, is given) ->
     resampling to the model card's spacing -> CAM, by ``mode``:
 
-    * ``sliding``: patches of the card's patch size over the lungs' bounding box, batched, CAMs and
-      patch scores blended with Gaussian weights (patch models on whole scans);
+    * ``sliding``: patches of the card's patch size over the lungs' bounding box, batched; each
+      patch's CAM is weighted by its score, then CAMs and scores are blended with Gaussian
+      weights (patch models on whole scans);
     * ``whole``: the whole (resampled) volume in one pass (whole-volume models);
     * ``roi``: the sliding window restricted to ``roi`` — a bool mask on the CT grid, or
       ``(centre_ras_mm, size_mm)``;
@@ -208,7 +209,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
             layer=card.target_layer, roi=box, batch_size=batch_size or (8 if dev.type == "cuda" else 2),
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
-            activation=card.activation,
+            activation=card.activation, blend="score",
         )
 
     with _stage(timings, "resample_back"):

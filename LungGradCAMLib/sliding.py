@@ -133,10 +133,10 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     forward pass (:class:`~LungGradCAMLib.cam.CAM`: maps upsampled to the patch, not normalised);
     the raw maps and the patches' scores are blended with Gaussian weights (sigma =
     ``sigma_scale`` x patch), the blended map is min-max scaled to [0, 1] over the box.
-    ``blend="score"`` instead blends each patch's map min-max scaled to [0, 1] within the patch
-    and multiplied by the patch's score: a patch the model calls background adds (almost) no heat,
-    so a whole-scan map shows where the explained class is, not every structure each patch
-    attends to (the pipeline's choice for scan-level explanations).
+    ``blend="score"`` instead blends each patch's raw map multiplied by the patch's score: a patch
+    the model calls background adds (almost) no heat, so a whole-scan map shows where the
+    explained class is rather than every structure each patch attends to (the pipeline's choice:
+    on held-out phantoms it raised mean-Dice and the energy inside nodules over "raw").
 
     ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
@@ -229,7 +229,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                      else [[] for _ in chunk])
             maps = result.cam
             if blend == "score":
-                maps = minmax_per_sample(maps) * patch_score.to(maps)[:, None, None, None]
+                maps = maps * patch_score.to(maps)[:, None, None, None]
             for n, (k, j, i) in enumerate(chunk):
                 region = (slice(k, k + patch[0]), slice(j, j + patch[1]), slice(i, i + patch[2]))
                 acc_cam[region] += weight * maps[n]
