@@ -196,8 +196,9 @@ class RetrainResult:
 
 
 def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, config: Any = None,
-                val_fraction: float = 0.3, method: str = "gradcam", device: Optional[str] = None,
-                seed: int = 0, n_boot: int = 1000, progress: bool = False) -> RetrainResult:
+                val_fraction: float = 0.3, method: str = "gradcam", mask_dilation: int = 0,
+                device: Optional[str] = None, seed: int = 0, n_boot: int = 1000,
+                progress: bool = False) -> RetrainResult:
     """Guan & Loew's heat-map retraining test on ``data`` (HU patches) with truth ``masks``
     (N, K, J, I, non-zero = lesion; empty for background patches), training ``card``'s
     architecture (a :class:`~LungGradCAMLib.models.ModelCard`; its preprocessing, patch size and
@@ -205,7 +206,9 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
     :class:`~LungGradCAMLib.train.TrainConfig`, the same for all four).
 
     Patients are split with :func:`data.patient_split` into train and validation (``val_fraction``
-    of the patients, ``seed``). Each variant's checkpoints go to ``out_dir/<variant>/``; the result
+    of the patients, ``seed``). ``mask_dilation`` (voxels, 26-connected) grows every truth mask
+    first, e.g. to take a lesion's blurred rim with it (the inverted variant then cannot see the
+    lesion's outline). Each variant's checkpoints go to ``out_dir/<variant>/``; the result
     is also written to ``out_dir/cam_retrain.json``. See the module doc for what is multiplied and
     how background patches are masked.
     """
@@ -218,6 +221,8 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
     masks = np.asarray(masks)
     if masks.shape != data.patches.shape:
         raise InvalidInputError(f"masks {masks.shape} must have the patches' shape {data.patches.shape} (N, K, J, I)")
+    if mask_dilation < 0:
+        raise InvalidInputError(f"mask_dilation must be >= 0 voxels; got {mask_dilation}")
     if not 0 < val_fraction < 1:
         raise InvalidInputError(f"val_fraction must be between 0 and 1; got {val_fraction}")
     if len(card.class_names) != 2:
@@ -232,6 +237,12 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
         if len(set(part.labels.tolist())) < 2:
             raise DataError(f"the {name} split holds one class only ({part.counts()}); use more patients")
     masks = masks != 0
+    if mask_dilation:
+        from scipy import ndimage
+
+        ball = ndimage.generate_binary_structure(3, 3)
+        masks = np.stack([ndimage.binary_dilation(m, ball, iterations=mask_dilation) if m.any() else m
+                          for m in masks])
     truth = {"train": fill_empty_masks(masks[train_idx], seed), "val": fill_empty_masks(masks[val_idx], seed + 1)}
 
     reports: Dict[str, Dict[str, Any]] = {}
@@ -271,6 +282,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
               "patch_size_kji": list(data.patch_size), "spacing_mm_ijk": list(data.spacing_mm)},
         settings={"architecture": card.architecture, "kwargs": card.kwargs, "cam_method": method,
                   "cam_class": card.cam_class, "val_fraction": val_fraction, "seed": seed,
+                  "mask_dilation_vox": mask_dilation,
                   "train_config": asdict(cfg),
                   "multiplied": "the model input after the card's preprocessing "
                                 f"({card.normalisation}, window {card.hu_window} HU), 0 = the window's low end",
@@ -300,6 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retrain-no-augment", action="store_true", help="switch off 3D augmentation")
     g.add_argument("--val-fraction", type=float, default=0.3, help="patients for validation (default 0.3)")
     g.add_argument("--cam-method", default="gradcam", help="CAM method for the cam variant (default gradcam)")
+    g.add_argument("--mask-dilation", type=int, default=0,
+                   help="grow the truth masks by this many voxels first (default 0: the truth as drawn)")
     g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
 
 
@@ -326,7 +340,8 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
                       patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=args.seed)
     result = cam_retrain(data, masks, card, args.out, config=cfg, val_fraction=args.val_fraction,
-                         method=args.cam_method, device=args.device, seed=args.seed, n_boot=args.bootstrap)
+                         method=args.cam_method, mask_dilation=args.mask_dilation, device=args.device,
+                         seed=args.seed, n_boot=args.bootstrap)
     print(json.dumps({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
                       "chance": round(result.chance, 4)}))
     print(f"wrote {Path(args.out) / 'cam_retrain.json'}")

@@ -139,6 +139,8 @@ def test_cam_retrain_refuses_bad_input(tmp_path):
     data, masks = _separable_set(8)
     with pytest.raises(InvalidInputError, match="shape"):
         cr.cam_retrain(data, masks[:4], _card(), tmp_path)
+    with pytest.raises(InvalidInputError, match="mask_dilation"):
+        cr.cam_retrain(data, masks, _card(), tmp_path, mask_dilation=-1)
     three = _card(class_names=["a", "b", "c"], cam_class="c", kwargs={"num_classes": 3})
     with pytest.raises(InvalidInputError, match="two-class"):
         cr.cam_retrain(data, masks, three, tmp_path)
@@ -160,12 +162,13 @@ def test_evaluate_cli_cam_retrain(tmp_path, phantom_set, one_thread):
     out = tmp_path / "out"
     rc = main(["evaluate", "--cam-retrain", "--model", str(model), "--cache", str(cache), "--phantom-seeds", "0-1",
                "--out", str(out), "--retrain-epochs", "1", "--retrain-no-augment", "--val-fraction", "0.5",
-               "--bootstrap", "20", "--device", "cpu", "--retrain-arch-kwargs", '{"channels": [2, 2, 2]}'])
+               "--bootstrap", "20", "--device", "cpu", "--retrain-arch-kwargs", '{"channels": [2, 2, 2]}',
+               "--mask-dilation", "1"])
     assert rc == 0
     saved = json.loads((out / "cam_retrain.json").read_text())
     assert set(saved["accuracy"]) == set(cr.VARIANTS)
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
-    assert saved["settings"]["kwargs"]["channels"] == [2, 2, 2]
+    assert saved["settings"]["kwargs"]["channels"] == [2, 2, 2] and saved["settings"]["mask_dilation_vox"] == 1
     assert saved["data"]["train"]["patients"] == 1 and saved["data"]["validation"]["patients"] == 1
     assert main(["evaluate", "--cam-retrain", "--model", str(model), "--cache", str(cache), "--out", str(out),
                  "--retrain-arch-kwargs", "[1]"]) == 2
