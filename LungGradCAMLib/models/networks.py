@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 
+def _pool() -> nn.MaxPool3d:
+    """2x max pooling that rounds odd sizes up, so edge voxels are never dropped."""
+    return nn.MaxPool3d(2, ceil_mode=True)
+
+
 class GradCAM3DCNN(nn.Module):
     """The 3D Grad-CAM CNN of the method this project builds on (8 layers, 32-64-128-128-256-512
     filters at ``width=32``).
@@ -18,6 +23,9 @@ class GradCAM3DCNN(nn.Module):
 
     * every 3x3x3 convolution uses padding 1 ("same"), so any input size works (patches or whole
       volumes such as 64x512x512); only the pools shrink the grid (by 16 overall);
+    * the pools round up (``ceil_mode``): on sizes that are not multiples of 16 (e.g. 24-voxel
+      patches: 24 -> 12 -> 6 -> 3 -> 2) no voxel row is dropped, so a nodule anywhere in the patch
+      reaches the classifier (flooring would ignore the last third of a 24-voxel patch);
     * each block is Conv -> ReLU -> MaxPool(2) -> BatchNorm, the order of the Keras 3D-CT example
       the paper follows;
     * the head is global average pooling -> dropout -> one linear layer (no hidden dense layer);
@@ -37,15 +45,15 @@ class GradCAM3DCNN(nn.Module):
         c1, c2, c3, c4, c5, c6 = w, 2 * w, 4 * w, 4 * w, 8 * w, 16 * w
         layers = [
             ("conv1", nn.Conv3d(in_channels, c1, 3, padding=1)), ("act1", nn.ReLU()),
-            ("pool1", nn.MaxPool3d(2)), ("bn1", nn.BatchNorm3d(c1)),
+            ("pool1", _pool()), ("bn1", nn.BatchNorm3d(c1)),
             ("conv2", nn.Conv3d(c1, c2, 3, padding=1)), ("act2", nn.ReLU()),
-            ("pool2", nn.MaxPool3d(2)), ("bn2", nn.BatchNorm3d(c2)),
+            ("pool2", _pool()), ("bn2", nn.BatchNorm3d(c2)),
             ("conv3", nn.Conv3d(c2, c3, 3, padding=1)), ("act3", nn.ReLU()),
             ("conv4", nn.Conv3d(c3, c4, 3, padding=1)), ("act4", nn.ReLU()),
-            ("pool4", nn.MaxPool3d(2)), ("bn4", nn.BatchNorm3d(c4)),
+            ("pool4", _pool()), ("bn4", nn.BatchNorm3d(c4)),
             ("conv5", nn.Conv3d(c4, c5, 1)), ("act5", nn.ReLU()),
             ("conv6", nn.Conv3d(c5, c6, 1)), ("act6", nn.ReLU()),
-            ("pool6", nn.MaxPool3d(2)), ("bn6", nn.BatchNorm3d(c6)),
+            ("pool6", _pool()), ("bn6", nn.BatchNorm3d(c6)),
         ]
         self.features = nn.Sequential()
         for name, layer in layers:
@@ -63,7 +71,8 @@ class Small3DCNN(nn.Module):
     ``activation="sigmoid"``).
 
     The fully connected part needs a fixed-size input: an adaptive average pool to ``pooled``
-    (K, J, I) cells sits before it, so the network accepts any input of at least 8 voxels per axis.
+    (K, J, I) cells sits before it, so the network accepts any input size. Pools round up, as
+    in :class:`GradCAM3DCNN`.
     The CAM target is ``features.act3`` (last conv, 1/4 of the input resolution).
     """
 
@@ -81,7 +90,7 @@ class Small3DCNN(nn.Module):
             self.features.add_module(f"conv{n + 1}", nn.Conv3d(c[n], c[n + 1], 3, padding=1))
             self.features.add_module(f"act{n + 1}", nn.ReLU())
             # the last pool sits after the CAM layer so the CAM keeps 1/4 resolution
-            self.features.add_module(f"pool{n + 1}", nn.MaxPool3d(2))
+            self.features.add_module(f"pool{n + 1}", _pool())
         cells = int(pooled[0]) * int(pooled[1]) * int(pooled[2])
         h1, h2 = (int(v) for v in hidden)
         self.head = nn.Sequential(

@@ -57,6 +57,16 @@ def test_gradcam3d_cnn_paper_widths():
     assert module.eval()(torch.zeros(1, 1, 16, 64, 64)).shape == (1, 2)
 
 
+@pytest.mark.parametrize("arch", ["gradcam3d_cnn", "small3d_cnn"])
+def test_every_voxel_reaches_the_output(arch):
+    # 24 is not a multiple of 16: a floor-mode pool would drop the last voxels of each axis
+    module = build_model(arch, **SMALL_KWARGS[arch]).eval()
+    x = torch.zeros(1, 1, 24, 24, 24, requires_grad=True)
+    module(x)[0, 1].backward()
+    reached = x.grad[0, 0].abs() > 0
+    assert reached[-1].any() and reached[:, -1].any() and reached[:, :, -1].any()
+
+
 def test_build_model_errors():
     with pytest.raises(ModelError, match="unknown architecture 'nope'"):
         build_model("nope")
@@ -131,7 +141,6 @@ def test_shape_mismatch(tmp_path):
     ({"clahe": "4d"}, "clahe"),
     ({"surprise": 1}, "unknown model card field"),
     ({"class_names": ["a", "b", "c"], "cam_class": "a"}, "2 outputs but the card names 3 classes"),
-    ({"patch_size": [8, 8, 8]}, "cannot take a \\[8, 8, 8\\] voxel input"),
     ({"target_layer": "features.nope"}, "is not a layer of gradcam3d_cnn"),
 ])
 def test_bad_cards_refused(tmp_path, change, message):
