@@ -24,7 +24,8 @@ _EXPORTS = {
     "explain": "pipeline", "write_outputs": "pipeline",
 }
 _SUBMODULES = {"phantom", "render", "dicomseg", "mrml", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
-               "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data"}
+               "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data", "cam_retrain",
+               "bench", "atomic", "results", "cli"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
