@@ -638,7 +638,8 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         from LungGradCAMLib import metrics, phantom
 
         nodule = phantom.NoduleSpec(center_ras=(60.0, 20.0, -150.0), diameter_mm=20.0, malignant=True)
-        chest = phantom.chest_ct(seed=3, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 4.0), nodules=[nodule])
+        # a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm slices)
+        chest = phantom.chest_ct(seed=3, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0), nodules=[nodule])
         ctNode = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="LungGradCAM phantom")
 
         self.delayDisplay("Explaining it on the CPU")

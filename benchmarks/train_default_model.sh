@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-default-model-run}"
-.venv/bin/lunggradcam train --name default --version 1.0.0 \
-  --source phantom --phantom-seeds 0-79 --task nodule --positives-per-nodule 6 --negatives-per-kind 4 \
+.venv/bin/lunggradcam train --name default --version 1.1.0 \
+  --source phantom --phantom-seeds 0-79 --task nodule --positives-per-nodule 6 --negatives-per-kind 16 \
   --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}' \
   --patch-size 24 24 24 --spacing 1.5 1.5 1.5 --hu-window -1000 400 --normalisation minmax \
   --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 2 \
