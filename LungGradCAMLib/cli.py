@@ -81,10 +81,12 @@ def _demo(args: argparse.Namespace) -> int:
     explanation, segmentation, written = run_one(ct, out / "result", model=args.model, device=args.device,
                                                  input_desc="demo phantom DICOM series")
     hit = metrics.pointing_game(explanation.cam, truth)
+    distance = metrics.peak_distance_mm(explanation.cam, truth)
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
     print(f"model '{args.model}': {explanation.predicted_class} ({probs}), "
           f"{len(segmentation.regions)} hot region(s), {explanation.timings['total']:.1f} s")
-    print(f"pointing game: the CAM maximum is {'inside' if hit else 'OUTSIDE'} a true nodule")
+    print(f"pointing game: the CAM maximum is " + ("inside a true nodule" if hit else
+          f"OUTSIDE the true nodules, {distance:.1f} mm from the nearest"))
     print(f"outputs: {out / 'montage.png'}, {out / 'phantom.nrrd'}, {out / 'nodules_truth.seg.nrrd'}, "
           f"{dicom_dir}/, {out / 'result'}/ ({', '.join(sorted(p.name for p in written.values()))})")
     return 0
