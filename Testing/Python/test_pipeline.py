@@ -233,3 +233,24 @@ def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / argv[3].split("/")[-1] / "report.json").exists()
+
+
+def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
+    """`lunggradcam demo`: phantom -> DICOM -> volume -> explanation -> outputs, and the bundled
+    model's heat map lands on (or within a few mm of) a true nodule."""
+    if "default" not in lgc.models.available_models():
+        pytest.skip("no bundled default model in Resources/Models")
+    assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "model 'default': nodule" in out and "pointing game:" in out
+    for name in ("montage.png", "phantom.nrrd", "nodules_truth.seg.nrrd", "result/cam.nrrd",
+                 "result/segmentation.seg.nrrd", "result/overlay.png", "result/report.json"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "dicom").iterdir())) == lgc.read_volume(tmp_path / "phantom.nrrd").shape[0]
+    ct = lgc.read_volume(tmp_path / "phantom.nrrd")
+    cam = lgc.read_volume(tmp_path / "result" / "cam.nrrd")
+    assert cam.shape == ct.shape and np.allclose(cam.ijk_to_ras, ct.ijk_to_ras, atol=1e-3)
+    report = json.loads((tmp_path / "result" / "report.json").read_text())
+    assert report["predicted_class"] == "nodule" and report["regions"]
+    truth = lgc.phantom.chest_ct(seed=7).nodule_labelmap > 0  # the demo's phantom (seed 7)
+    assert lgc.metrics.peak_distance_mm(cam, cam.with_array(truth)) <= 10.0
