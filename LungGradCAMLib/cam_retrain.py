@@ -322,17 +322,12 @@ def run_cli(args: argparse.Namespace) -> int:
     import torch
 
     from .models import ModelCard, build_model, resolve_model_path
-    from .train import TrainConfig, load_data
+    from .train import TrainConfig, json_object_argument, load_data
 
     if args.threads:
         torch.set_num_threads(args.threads)
     card = ModelCard.load(resolve_model_path(args.model).with_suffix(".json"))
-    try:
-        extra = json.loads(args.retrain_arch_kwargs)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"--retrain-arch-kwargs is not valid JSON ({exc})") from None
-    if not isinstance(extra, dict):
-        raise InvalidInputError("--retrain-arch-kwargs must be a JSON object")
+    extra = json_object_argument(args.retrain_arch_kwargs, "--retrain-arch-kwargs")
     card.kwargs = {**card.kwargs, **extra}
     build_model(card.architecture, **card.kwargs)  # bad arguments fail before any data work
     data = load_data(args, card)

@@ -350,6 +350,17 @@ def _training_info(card: Any, train_set: PatchSet, val_set: PatchSet, cfg: Train
 SOURCES = ("phantom", "luna16", "lidc", "manifest", "patches")
 
 
+def json_object_argument(text: str, option: str) -> Dict[str, Any]:
+    """A command-line option's JSON object (e.g. architecture arguments), or a clear error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{option} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{option} must be a JSON object")
+    return value
+
+
 def parse_seeds(text: str) -> List[int]:
     """'0-31' or '1,2,5-7' -> list of ints."""
     seeds: List[int] = []
@@ -492,12 +503,7 @@ def _card_from_args(args: argparse.Namespace, classes: List[str]) -> Any:
     from .errors import ModelError
     from .models import ARCHITECTURES, ModelCard, build_model
 
-    try:
-        kwargs = json.loads(args.arch_kwargs)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(f"--arch-kwargs is not valid JSON ({exc})") from None
-    if not isinstance(kwargs, dict):
-        raise InvalidInputError("--arch-kwargs must be a JSON object")
+    kwargs = json_object_argument(args.arch_kwargs, "--arch-kwargs")
     kwargs.setdefault("num_classes", len(classes))
     build_model(args.arch, **kwargs)  # unknown architecture/arguments fail here, before any data work
     card = ModelCard(

@@ -21,7 +21,7 @@ import warnings
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import pydicom
@@ -39,6 +39,7 @@ from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDec
                                    NoSeriesFoundError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
+from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from test_ctkdb import make_database
 from test_pipeline import make_tiny_model
 
@@ -56,15 +57,6 @@ def _hu(shape=(4, 16, 16), seed=0) -> np.ndarray:
 
 def _series(folder: Path, shape=(4, 16, 16), seed=0, matrix=AXIAL, **kwargs) -> List[Path]:
     return write_dicom_series(Volume(_hu(shape, seed), matrix), folder, **kwargs)
-
-
-def _edit(path: Path, change: Callable[[Any], None], to: Optional[Path] = None) -> Path:
-    ds = pydicom.dcmread(path)
-    change(ds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the invalid values we write on purpose
-        ds.save_as(to or path, enforce_file_format=True)
-    return to or path
 
 
 def _uid(path: Path) -> str:
@@ -131,28 +123,12 @@ def _every_file(change: Callable[[Path], None]) -> Callable[[Path], Made]:
     return make
 
 
-def _truncate(f: Path) -> None:
-    f.write_bytes(f.read_bytes()[:-100])
-
-
-def _truncate_header(f: Path) -> None:
-    f.write_bytes(f.read_bytes()[:400])
-
-
-def _drop_pixels(f: Path) -> None:
-    _edit(f, lambda ds: delattr(ds, "PixelData"))
-
-
-def _short_pixels(f: Path) -> None:
-    _edit(f, lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]))
-
-
 def _mpeg2(f: Path) -> None:
     def change(ds):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # video: no pixel decoder for it
         ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
         ds["PixelData"].VR = "OB"
-    _edit(f, change)
+    edit(f, change)
 
 
 def _garbage(f: Path) -> None:
@@ -160,21 +136,21 @@ def _garbage(f: Path) -> None:
 
 
 def _no_position(f: Path) -> None:
-    _edit(f, lambda ds: delattr(ds, "ImagePositionPatient"))
+    edit(f, lambda ds: delattr(ds, "ImagePositionPatient"))
 
 
 def _parallel_cosines(f: Path) -> None:
-    _edit(f, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
+    edit(f, lambda ds: setattr(ds, "ImageOrientationPatient", [1, 0, 0, 1, 0, 0]))
 
 
 def _nan_slope(f: Path) -> None:
-    _edit(f, lambda ds: setattr(ds, "RescaleSlope", "NaN"))
+    edit(f, lambda ds: setattr(ds, "RescaleSlope", "NaN"))
 
 
 def _non_ct_only(root: Path) -> Made:
     files = _series(root)
     for f in files:
-        _edit(f, lambda ds: setattr(ds, "Modality", "MR"))
+        edit(f, lambda ds: setattr(ds, "Modality", "MR"))
     return Made(root, lambda: load_dicom_series(root), [str(root), _uid(files[0]), "MR"])
 
 
@@ -189,7 +165,7 @@ def _duplicate_positions(root: Path) -> Made:
     def other_pixels(ds):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.PixelData = (ds.pixel_array + 7).astype("<i2").tobytes()
-    copy = _edit(files[2], other_pixels, root / "rescan.dcm")
+    copy = edit(files[2], other_pixels, root / "rescan.dcm")
     return Made(root, lambda: load_dicom_series(root), [str(files[2]), str(copy), _uid(files[0])])
 
 
@@ -257,14 +233,14 @@ def _dicom_declares_huge_slices(root: Path) -> Made:
     """Every header claims 65535 x 65535 pixels: refused from the headers, nothing allocated."""
     files = _series(root)
     for f in files:
-        _edit(f, lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)))
+        edit(f, lambda ds: (setattr(ds, "Rows", 65535), setattr(ds, "Columns", 65535)))
     return Made(root, lambda: load_dicom_series(root), [_uid(files[0])])
 
 
 def _zero_rows(root: Path) -> Made:
     files = _series(root)
     for f in files:
-        _edit(f, lambda ds: setattr(ds, "Rows", 0))
+        edit(f, lambda ds: setattr(ds, "Rows", 0))
     return Made(root, lambda: load_dicom_series(root), [str(files[0])])
 
 
@@ -273,7 +249,7 @@ def _absurd_frame_count(root: Path) -> Made:
     root.mkdir(parents=True)
     f = _series(root, shape=(2, 16, 16))[0]
     (root / "IMG00001.dcm").unlink()
-    _edit(f, lambda ds: setattr(ds, "NumberOfFrames", 20000))
+    edit(f, lambda ds: setattr(ds, "NumberOfFrames", 20000))
     return Made(root, lambda: load_dicom_series(root), [str(f)])
 
 
@@ -352,10 +328,10 @@ def _database_files_deleted(root: Path) -> Made:
 
 
 CASES: Dict[str, Case] = {
-    "truncated_file": Case(_one_bad_file(_truncate), DicomDecodeError, "truncated"),
-    "truncated_header": Case(_one_bad_file(_truncate_header), DicomDecodeError, "truncated or damaged"),
-    "missing_pixel_data": Case(_one_bad_file(_drop_pixels), DicomDecodeError, "without Pixel Data"),
-    "pixel_data_short": Case(_one_bad_file(_short_pixels), DicomDecodeError,
+    "truncated_file": Case(_one_bad_file(truncate), DicomDecodeError, "truncated"),
+    "truncated_header": Case(_one_bad_file(truncate_header), DicomDecodeError, "truncated or damaged"),
+    "missing_pixel_data": Case(_one_bad_file(drop_pixels), DicomDecodeError, "without Pixel Data"),
+    "pixel_data_short": Case(_one_bad_file(short_pixels), DicomDecodeError,
                              "Pixel Data holds 256 bytes but .*16x16 .*need 512"),
     "transfer_syntax_without_decoder": Case(_one_bad_file(_mpeg2), DicomDecodeError,
                                             "no decoder available for transfer syntax .*MPEG2"),
@@ -466,7 +442,7 @@ def _tilt(root: Path, chest: Volume):
             ipp = [float(v) for v in ds.ImagePositionPatient]
             col = [float(v) for v in ds.ImageOrientationPatient[3:]]
             ds.ImagePositionPatient = [f"{p + k * step * c:.6f}" for p, c in zip(ipp, col)]
-        _edit(f, drift)
+        edit(f, drift)
 
     def check(volume: Volume) -> None:
         assert "gantry tilt of 8.0 degrees" in volume.meta["resampled"]

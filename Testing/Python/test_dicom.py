@@ -18,6 +18,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
 from conftest import data_path
+from dicom_damage import drop_pixels, short_pixels, truncate, truncate_header
 from LungGradCAMLib.dicom import (DicomResampledWarning, SeriesInfo, list_dicom_series, load_dicom_series,
                                   write_dicom_series)
 from LungGradCAMLib.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMError, NoSeriesFoundError,
@@ -438,22 +439,6 @@ def _broken(tmp_path: Path, change) -> tuple:
     return files[1], _hashes(tmp_path)
 
 
-def _truncate(f: Path) -> None:
-    f.write_bytes(f.read_bytes()[:-100])
-
-
-def _truncate_header(f: Path) -> None:
-    f.write_bytes(f.read_bytes()[:400])
-
-
-def _drop_pixels(f: Path) -> None:
-    _edit(f, lambda ds: delattr(ds, "PixelData"))
-
-
-def _short_pixels(f: Path) -> None:
-    _edit(f, lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2]))
-
-
 def _unknown_syntax(f: Path) -> None:
     def change(ds):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # video: pydicom has no decoder
@@ -499,10 +484,10 @@ def _absurd_frames(f: Path) -> None:
 
 
 @pytest.mark.parametrize("change, error, text", [
-    (_truncate, DicomDecodeError, "truncated"),
-    (_truncate_header, DicomDecodeError, "truncated or damaged"),
-    (_drop_pixels, DicomDecodeError, "without Pixel Data"),
-    (_short_pixels, DicomDecodeError, "Pixel Data holds 256 bytes"),
+    (truncate, DicomDecodeError, "truncated"),
+    (truncate_header, DicomDecodeError, "truncated or damaged"),
+    (drop_pixels, DicomDecodeError, "without Pixel Data"),
+    (short_pixels, DicomDecodeError, "Pixel Data holds 256 bytes"),
     (_unknown_syntax, DicomDecodeError, "no decoder available"),
     (_garbage, DicomDecodeError, "unreadable DICOM"),
     (_colour, DicomDecodeError, "colour"),
