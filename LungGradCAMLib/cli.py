@@ -80,12 +80,11 @@ def _demo(args: argparse.Namespace) -> int:
     ct = load_dicom_series(dicom_dir)
     explanation, segmentation, written = run_one(ct, out / "result", model=args.model, device=args.device,
                                                  input_desc="demo phantom DICOM series")
-    hit = metrics.pointing_game(explanation.cam, truth)
-    distance = metrics.peak_distance_mm(explanation.cam, truth)
+    distance = metrics.peak_distance_mm(explanation.cam, truth)  # 0 when the CAM's maximum is in a nodule
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
     print(f"model '{args.model}': {explanation.predicted_class} ({probs}), "
           f"{len(segmentation.regions)} hot region(s), {explanation.timings['total']:.1f} s")
-    print(f"pointing game: the CAM maximum is " + ("inside a true nodule" if hit else
+    print("pointing game: the CAM maximum is " + ("inside a true nodule" if distance == 0 else
           f"OUTSIDE the true nodules, {distance:.1f} mm from the nearest"))
     print(f"outputs: {out / 'montage.png'}, {out / 'phantom.nrrd'}, {out / 'nodules_truth.seg.nrrd'}, "
           f"{dicom_dir}/, {out / 'result'}/ ({', '.join(sorted(p.name for p in written.values()))})")
