@@ -173,18 +173,30 @@ def _input(volume: Union[Volume, np.ndarray], spacing_mm: Optional[Sequence[floa
 
 
 def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
-    """Mean HU of (fk, fj, fi) blocks (float32); the remainder at each far edge is a smaller block."""
-    import SimpleITK as sitk
+    """Mean HU of (fk, fj, fi) blocks (float32); the remainder at each far edge is a block
+    completed by repeating the last slice/row/column. One axis at a time, K first (whole planes,
+    the cheapest to stride over), each as a sum of ``f`` strided views: no padded copy of the CT."""
+    out = hu
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        blocks = -(-n // f)
 
-    if factors == (1, 1, 1):
-        return hu.astype(np.float32, copy=False)
-    # pad the far edges to whole blocks by repeating the last slice/row/column
-    pad = [(0, (-n) % f) for n, f in zip(hu.shape, factors)]
-    src = np.pad(hu, pad, mode="edge") if any(p for _, p in pad) else hu
-    if src.dtype not in (np.int16, np.int32, np.float32, np.float64):
-        src = src.astype(np.float32)  # pixel types SimpleITK averages without overflow
-    image = sitk.GetImageFromArray(src)
-    return sitk.GetArrayFromImage(sitk.BinShrink(image, [int(f) for f in factors[::-1]])).astype(np.float32)
+        def every(start: int, stop: Optional[int] = None, step: int = f) -> np.ndarray:
+            index = [slice(None)] * 3
+            index[axis] = slice(start, stop, step)
+            return out[tuple(index)]
+
+        acc = every(0).astype(np.float32)  # a copy: ``blocks`` slices
+        for start in range(1, f):
+            part = every(start, n)
+            if part.shape[axis] < blocks:  # the last block is short: repeat the last slice
+                part = np.concatenate([part, every(n - 1, n, 1)], axis=axis)
+            acc += part
+        acc *= np.float32(1.0 / f)
+        out = acc
+    return out.astype(np.float32, copy=False)
 
 
 # --- working-grid steps ----------------------------------------------------------------------------

@@ -244,16 +244,97 @@ def resample(volume: Volume, spacing_mm: Sequence[float], order: int = 1,
 
 
 def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0) -> Volume:
-    """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default."""
+    """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default.
+
+    ``order``: 0 nearest neighbour, 1 linear, 3 B-spline. The result is SimpleITK's
+    ``sitk.Resample`` (same pixel type; points within half a voxel outside the input take the edge
+    value, points further out ``default_value``). When the two grids' axes are parallel (the
+    mapping between their indices is a scaling and a shift per axis: every grid :func:`resample`
+    makes) and ``order`` is 0, or 1 on float data, the same values are computed separably, slab
+    by slab (:func:`_resample_separable`): far faster and lighter on a CT-sized grid.
+    """
     import SimpleITK as sitk
 
     interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
     if order not in interp:
         raise VolumeError(f"order must be 0, 1 or 3; got {order}")
+    axes = _axis_map(volume, reference)
+    if axes is not None and (order == 0 or (order == 1 and volume.array.dtype.kind == "f")):
+        array = _resample_separable(volume.array, reference.shape, axes, order, default_value)
+        return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
     src = volume.to_sitk()
     ref = reference.to_sitk()
     out = sitk.Resample(src, ref, sitk.Transform(), interp[order], float(default_value), src.GetPixelID())
     return Volume(sitk.GetArrayFromImage(out), reference.ijk_to_ras.copy(), dict(volume.meta))
+
+
+#: Largest off-diagonal term (input voxels per output voxel) still taken as parallel axes: over
+#: 1000 voxels it moves a point by less than 1e-3 voxel.
+_PARALLEL_TOL = 1e-6
+
+
+def _axis_map(volume: Volume, reference: Volume) -> Optional[np.ndarray]:
+    """(3, 2) rows (scale, shift) for axes K, J, I such that ``volume``'s continuous index along
+    an axis is ``scale * reference index + shift``, or None when the grids' axes are not parallel."""
+    m = volume.ras_to_ijk @ reference.ijk_to_ras  # reference (i, j, k) -> volume (i, j, k)
+    a = m[:3, :3]
+    if np.max(np.abs(a - np.diag(np.diag(a)))) > _PARALLEL_TOL:
+        return None
+    return np.column_stack([np.diag(a), m[:3, 3]])[::-1]
+
+
+def _axis_weights(n_in: int, n_out: int, scale: float, shift: float, order: int):
+    """Per output index along one axis: the two input indices, the weight of the second, and
+    whether the point lies inside the input (ITK's rule: continuous index in [-0.5, n - 0.5))."""
+    c = scale * np.arange(n_out, dtype=np.float64) + shift
+    inside = (c >= -0.5) & (c < n_in - 0.5)
+    if order == 0:
+        i0 = np.clip(np.floor(c + 0.5), 0, n_in - 1).astype(np.intp)
+        return i0, i0, np.zeros(n_out, dtype=np.float32), inside
+    c = np.clip(c, 0, n_in - 1)
+    i0 = np.minimum(np.floor(c), max(n_in - 2, 0)).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32), inside
+
+
+def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray, order: int,
+                        default_value: float, slab_bytes: int = 16 << 20) -> np.ndarray:
+    """``src`` (K, J, I) sampled at ``index = scale * output index + shift`` per axis (``axes``
+    from :func:`_axis_map`) into a new (K, J, I) array of ``shape``: nearest neighbour (order 0)
+    or linear (order 1, in ``src``'s float type). One axis at a time, the most shrinking first,
+    on a slab of about ``slab_bytes`` of output slices at a time, so that no temporary is larger
+    than a slab."""
+    weights = [_axis_weights(n_in, n_out, scale, shift, order)
+               for n_in, n_out, (scale, shift) in zip(src.shape, shape, axes)]
+    out = np.empty(tuple(shape), dtype=src.dtype)
+    k0, k1 = weights[0][:2]
+    slab = max(1, slab_bytes // max(1, out[0].nbytes))
+    for start in range(0, shape[0], slab):
+        ks = slice(start, min(start + slab, shape[0]))
+        first = int(k0[ks].min())
+        part = src[first:int(k1[ks].max()) + 1]
+        steps = [(0, k0[ks] - first, k1[ks] - first, weights[0][2][ks])] + [(a,) + weights[a][:3] for a in (1, 2)]
+        for axis, lo, hi, w in sorted(steps, key=lambda step: len(step[1]) / part.shape[step[0]]):
+            part = _lerp_axis(part, axis, lo, hi, w, order)
+        out[ks] = part
+    for axis, (*_, inside) in enumerate(weights):
+        if not inside.all():
+            index = [slice(None)] * 3
+            index[axis] = ~inside
+            out[tuple(index)] = default_value
+    return out
+
+
+def _lerp_axis(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray,
+               order: int) -> np.ndarray:
+    """``a`` sampled along ``axis``: ``a[lo]`` (order 0) or ``a[lo] + w * (a[hi] - a[lo])``."""
+    out = np.take(a, lo, axis=axis)
+    if order == 0:
+        return out
+    step = np.take(a, hi, axis=axis)
+    step -= out
+    step *= w.reshape([-1 if n == axis else 1 for n in range(3)]).astype(a.dtype, copy=False)
+    out += step
+    return out
 
 
 def axis_aligned_matrix(spacing_mm: Sequence[float], origin_ras: Sequence[float] = (0, 0, 0),
