@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,11 +174,11 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                device: "Optional[Union[str, torch.device]]" = None) -> LoadedModel:
     """Load a model by name (``Resources/Models/<name>.safetensors`` + ``.json``) or path.
 
-    Validates, in this order and before allocating the network: the card (fields, known
-    architecture, patch size limit), the weights' SHA-256 against the card, the parameter count
-    (built on the meta device, limit 1e9), the target layer, a shape-only forward of one patch
-    (the patch fits, one output per class name), and every tensor name and shape against the
-    architecture. ``device`` defaults to CUDA when available, else CPU. The module is in eval mode.
+    Validates, in this order: the card (fields, known architecture, patch size limit), the
+    weights' SHA-256 against the card, the parameter count (built on the meta device, limit 1e9,
+    before anything is allocated), the target layer, every tensor name and shape against the
+    architecture, and one forward of a zero patch on ``device`` (the patch fits, one output per
+    class name). ``device`` defaults to CUDA when available, else CPU. The module is in eval mode.
     Any failure raises :class:`ModelError` naming the file.
     """
     weights = resolve_model_path(path_or_name)
@@ -200,19 +201,9 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     except AttributeError:
         raise ModelError(f"{weights}: target_layer {card.target_layer!r} is not a layer of "
                          f"{card.architecture}") from None
-    # a shape-only forward on the meta device: the patch fits the network, one logit per class
-    probe = card.patch_size or [32, 32, 32]
-    module.eval()
-    try:
-        logits = module(torch.empty(1, int(card.kwargs.get("in_channels", 1)), *probe, device="meta"))
-    except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"{weights}: {card.architecture} cannot take a {probe} voxel input: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if tuple(logits.shape) != (1, len(card.class_names)):
-        raise ModelError(f"{weights}: the network has {logits.shape[-1]} outputs but the card names "
-                         f"{len(card.class_names)} classes {card.class_names}")
     state = _read_state_dict(weights)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    meta_state = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in meta_state.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:5]
@@ -223,6 +214,22 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                          f"missing {missing}, unexpected {extra}, wrong shapes {wrong}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = module.to_empty(device=device)
-    module.load_state_dict(state)
+    # the loaded tensors replace the meta ones (assign): no second allocation, no initialisation,
+    # and none of to_empty's meta kernels (which import sympy, 0.7 s at first use)
+    module.load_state_dict({k: v.to(meta_state[k].dtype) for k, v in state.items()}, assign=True)
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        raise ModelError(f"{weights}: {card.architecture} holds tensors its weights file does not set")
+    module = module.to(device).eval()
+    # one forward of one zero patch: the patch fits the network and it gives one logit per class.
+    # On the real device, not the meta one: meta kernels import torch._dynamo (1-2 s at first use)
+    probe = card.patch_size or [32, 32, 32]
+    try:
+        with torch.inference_mode():
+            logits = module(torch.zeros(1, int(card.kwargs.get("in_channels", 1)), *probe, device=device))
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{weights}: {card.architecture} cannot take a {probe} voxel input: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if tuple(logits.shape) != (1, len(card.class_names)):
+        raise ModelError(f"{weights}: the network has {logits.shape[-1]} outputs but the card names "
+                         f"{len(card.class_names)} classes {card.class_names}")
     return LoadedModel(module, card)
