@@ -80,6 +80,14 @@ def get_model(model: Any, device: "torch.device") -> Any:  # noqa: F821
     return _MODEL_CACHE[key]
 
 
+def default_batch_size(device: "torch.device", patch: Sequence[int]) -> int:  # noqa: F821
+    """Patches per batch: 8 on a GPU; on the CPU as many as fit in about 1 M voxels (at most 32),
+    since a CPU batch is shared among worker threads and small batches pay per-call overhead."""
+    if device.type != "cpu":
+        return 8
+    return int(max(1, min(32, (1 << 20) // int(np.prod(patch)))))
+
+
 # --------------------------------------------------------------------------------------------
 # explain
 # --------------------------------------------------------------------------------------------
@@ -207,7 +215,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         result = sliding_cam(
             loaded.module, torch.from_numpy(space.array), patch,
             stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
-            layer=card.target_layer, roi=box, batch_size=batch_size or (8 if dev.type == "cuda" else 2),
+            layer=card.target_layer, roi=box, batch_size=batch_size or default_batch_size(dev, patch),
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
             activation=card.activation, blend="score",
         )
@@ -438,7 +446,7 @@ def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
     p.add_argument("--threshold", default="0.5", type=_parse_threshold,
                    help="CAM level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 8 on CUDA; on the CPU up to 32, about 1 M voxels)")
     p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM Segmentation (needs highdicom)")
 
 

@@ -178,7 +178,8 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     weights' SHA-256 against the card, the parameter count (built on the meta device, limit 1e9,
     before anything is allocated), the target layer, every tensor name and shape against the
     architecture, and one forward of a zero patch on ``device`` (the patch fits, one output per
-    class name). ``device`` defaults to CUDA when available, else CPU. The module is in eval mode.
+    class name). ``device`` defaults to CUDA when available, else CPU. The module is in eval mode
+    (on the CPU with channels-last weights, the fast layout there; results are the same).
     Any failure raises :class:`ModelError` naming the file.
     """
     weights = resolve_model_path(path_or_name)
@@ -220,6 +221,9 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
         raise ModelError(f"{weights}: {card.architecture} holds tensors its weights file does not set")
     module = module.to(device).eval()
+    if torch.device(device).type == "cpu":
+        # oneDNN's 3D convolutions and pools run about twice as fast on channels-last weights
+        module = module.to(memory_format=torch.channels_last_3d)
     # one forward of one zero patch: the patch fits the network and it gives one logit per class.
     # On the real device, not the meta one: meta kernels import torch._dynamo (1-2 s at first use)
     probe = card.patch_size or [32, 32, 32]
