@@ -222,9 +222,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         )
 
     with _stage(timings, "resample_back"):
-        cam_space = space.with_array(result.cam.astype(np.float32))
-        cam = resample_to(cam_space, volume, order=1, default_value=0.0)
-        _quantise(cam.array)
+        cam = cam_on_ct_grid(space.with_array(result.cam.astype(np.float32, copy=False)), volume)
         score_map = resample_to(space.with_array(result.score_map.astype(np.float32)), volume, order=1)
 
     p = float(result.max_score)
@@ -246,12 +244,19 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
 CAM_STEP = 2.0 ** -10
 
 
-def _quantise(cam: np.ndarray) -> None:
-    """Clip ``cam`` to [0, 1] and round it to multiples of :data:`CAM_STEP`, in place."""
-    np.clip(cam, 0.0, 1.0, out=cam)
-    cam *= 1.0 / CAM_STEP
-    np.rint(cam, out=cam)
-    cam *= CAM_STEP
+def cam_on_ct_grid(cam: Volume, ct: Volume) -> Volume:
+    """A CAM on the model's grid (float32, [0, 1]) brought onto the CT's grid: trilinear, by
+    :func:`~LungGradCAMLib.volume.resample_to`'s separable path (slab by slab, no CT-sized
+    temporary), 0 outside, clipped to [0, 1] and rounded to multiples of :data:`CAM_STEP`.
+    Within ``CAM_STEP / 2`` (+ float32 rounding) of SimpleITK's trilinear resampling of the same
+    map, which this replaces (Testing/Python/test_pipeline.py checks it)."""
+    out = resample_to(cam, ct, order=1, default_value=0.0)
+    a = out.array
+    np.clip(a, 0.0, 1.0, out=a)
+    a *= 1.0 / CAM_STEP
+    np.rint(a, out=a)
+    a *= CAM_STEP
+    return out
 
 
 # --------------------------------------------------------------------------------------------

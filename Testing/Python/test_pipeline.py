@@ -69,6 +69,32 @@ def test_explain_geometry_and_contents(small_phantom, explanation):
         assert explanation.timings[stage] >= 0
 
 
+def test_cam_on_the_ct_grid_within_the_stated_tolerance_of_simpleitk(small_phantom):
+    """The CAM's way home (separable trilinear, rounded to CAM_STEP) against what explain() did
+    before: SimpleITK's trilinear Resample of the same model-grid map, then clipping. Stated
+    tolerance: |difference| <= CAM_STEP / 2 + 1e-6 everywhere, and so a threshold puts a voxel on
+    the other side only when SimpleITK's value lies within that distance of the threshold."""
+    from scipy import ndimage
+
+    ct = small_phantom.volume
+    ct = ct.with_array(np.zeros(ct.shape, np.float32))
+    space = lgc.resample(ct, (1.5, 1.7, 2.3))  # a model grid: 2x finer in-plane, coarser in k
+    rng = np.random.default_rng(4)
+    smooth = ndimage.gaussian_filter(rng.random(space.shape), 2.0)
+    coarse = space.with_array(((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32))
+    cam = pipeline.cam_on_ct_grid(coarse, ct)
+    assert lgc.same_geometry(cam, ct) and cam.array.dtype == np.float32
+    assert np.array_equal(cam.array, np.round(cam.array / pipeline.CAM_STEP) * pipeline.CAM_STEP)
+    before = sitk.GetArrayFromImage(sitk.Resample(coarse.to_sitk(), ct.to_sitk(), sitk.Transform(),
+                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    before = np.clip(before, 0.0, 1.0)
+    tolerance = pipeline.CAM_STEP / 2 + 1e-6
+    assert np.abs(cam.array - before).max() <= tolerance
+    for level in (0.3, 0.5, 0.7):
+        flipped = (cam.array >= level) != (before >= level)
+        assert np.all(np.abs(before[flipped] - level) <= tolerance)
+
+
 def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
     ct = small_phantom.volume
     nodule = small_phantom.nodules[0]
@@ -115,6 +141,7 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
                                                 "overlay.png", "report.json"}
     cam = lgc.read_volume(tmp_path / "out" / "cam.nrrd")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-6)
+    assert cam.array.dtype == np.float32  # Slicer shows the heat map in [0, 1], as before
     np.testing.assert_array_equal(cam.array, explanation.cam.array)
     # SimpleITK sees the same LPS geometry as the CT written by the same writer
     img = sitk.ReadImage(str(tmp_path / "out" / "cam.nrrd"))
@@ -123,6 +150,12 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
     assert len(s["segments"]) == len(seg.regions)
     lungs = slicerio.read_segmentation(str(tmp_path / "out" / "lungs.seg.nrrd"))
     assert [x["name"] for x in lungs["segments"]] == ["lungs"]
+    # both segmentations: the CT's whole grid (not cropped), the labels exactly as computed
+    lps = lgc.volume.LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
+    for read, labels in ((s, seg.labelmap.array), (lungs, explanation.lung_mask)):
+        np.testing.assert_allclose(read["ijkToLPS"], lps, atol=1e-6)
+        assert read["referenceImageExtentOffset"] == [0, 0, 0]
+        np.testing.assert_array_equal(read["voxels"].transpose(2, 1, 0), labels)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["predicted_class"] == explanation.predicted_class
     assert report["probabilities"] == pytest.approx(explanation.probabilities)
