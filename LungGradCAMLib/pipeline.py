@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ import numpy as np
 
 from . import __version__
 from .atomic import atomic_path, write_text
-from .errors import InvalidInputError, LungGradCAMError, ResourceError, VolumeError
+from .errors import CancelledError, InvalidInputError, LungGradCAMError, ResourceError, VolumeError
 from .results import Explanation, Segmentation
 from .volume import Volume, crop, resample, resample_to
 
@@ -88,6 +89,70 @@ def default_batch_size(device: "torch.device", patch: Sequence[int]) -> int:  # 
     return int(max(1, min(32, (1 << 20) // int(np.prod(patch)))))
 
 
+@dataclass
+class CostEstimate:
+    """The cost of a CAM stage, estimated before it starts: ``patches`` model inputs of ``patch``
+    voxels (K, J, I) and ``passes`` forward passes of one patch in all (Score-CAM: the patch's
+    own and one per channel of the CAM layer, masked: ``channels``); ``seconds`` scales a timed
+    forward pass on ``device`` (rough: within about a factor of 2)."""
+
+    method: str
+    patches: int
+    passes: int
+    channels: int
+    patch: Tuple[int, ...]
+    device: str
+    seconds: float
+
+    def __str__(self) -> str:
+        minutes = self.seconds / 60.0
+        took = f"{minutes:.1f} min" if minutes >= 1 else f"{self.seconds:.0f} s"
+        return (f"{self.method}: {self.patches} patches of {'x'.join(map(str, self.patch))} voxels, "
+                f"{self.passes:,} forward passes; about {took} on {self.device}")
+
+
+#: Forward-pass equivalents per patch besides Score-CAM's masked passes: the Grad-CAM family
+#: differentiates from the layer only (the graph is cut there) plus blending; guided methods run a
+#: second forward and a full backward to the input.
+_COST_PER_PATCH = {"guided-backprop": 4.0, "guided-gradcam": 4.0}
+_GRADIENT_COST = 1.5
+
+
+def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], device: "torch.device",  # noqa: F821
+                  batch_size: int) -> CostEstimate:
+    """A :class:`CostEstimate` for ``patches`` patches of ``patch`` voxels with ``loaded``
+    (a ``LoadedModel``) on ``device``: times one forward pass of a batch of zero patches (the
+    second of two, after the set-up of the first), as many as the method puts in one call."""
+    import torch
+
+    from .cam import ScoreCAM
+
+    scorecam = method == ScoreCAM.name
+    batch = max(batch_size, 32) if scorecam else batch_size  # Score-CAM's masked passes: 32 a call
+    shapes: List[Tuple[int, ...]] = []
+    hook = loaded.target_layer.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    x = torch.zeros(batch, int(loaded.card.kwargs.get("in_channels", 1)), *patch, device=device)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                t0 = time.perf_counter()
+                loaded.module(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    per_pass = seconds / batch
+    channels = int(shapes[0][1])
+    if scorecam:
+        passes = patches * (1 + channels)
+        total = passes * per_pass
+    else:
+        passes = patches * (2 if method.startswith("guided") else 1)
+        total = patches * per_pass * _COST_PER_PATCH.get(method, _GRADIENT_COST)
+    return CostEstimate(method, int(patches), int(passes), channels, tuple(int(p) for p in patch), str(device), total)
+
+
 # --------------------------------------------------------------------------------------------
 # explain
 # --------------------------------------------------------------------------------------------
@@ -141,7 +206,8 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             mode: str = "auto", roi: Any = None, lung_mask: Optional[np.ndarray] = None,
             device: Any = None, batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None,
             stride: Optional[Sequence[int]] = None, amp: bool = False,
-            cancel: Optional[Callable[[], bool]] = None) -> Explanation:
+            cancel: Optional[Callable[[], bool]] = None,
+            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
     Steps: lung mask (computed unless ``lung_mask``, bool K, J, I on the CT grid, is given) ->
@@ -160,13 +226,15 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     blended patch score; ``score_map`` holds the blended scores on the CT grid.
     ``target``: class name or index to explain (default: the card's ``cam_class``).
     ``progress(done, total)`` is called per batch; ``cancel()`` returning True stops the run.
+    ``on_estimate(estimate)``, when given, is called with the :class:`CostEstimate` of the CAM
+    stage before it starts; returning False stops the run there (:class:`CancelledError`).
     """
     import torch
 
     from .cam import METHODS
     from .lung import lung_bbox
     from .lung import lung_mask as compute_lung_mask
-    from .sliding import sliding_cam
+    from .sliding import patch_counts, sliding_cam
 
     volume = _check_volume(volume)
     if mode not in MODES:
@@ -212,11 +280,17 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
         box = lung_bbox(lungs_space, margin_vox=[p // 4 for p in patch])
 
+    stride = stride or [max(1, p // 2) for p in patch]
+    batch_size = batch_size or default_batch_size(dev, patch)
+    if on_estimate is not None:
+        n_patches = int(np.prod(patch_counts(box, patch, stride)))
+        estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
+        if on_estimate(estimate) is False:
+            raise CancelledError(f"not started: {estimate}")
     with _stage(timings, "cam"):
         result = sliding_cam(
-            loaded.module, torch.from_numpy(space.array), patch,
-            stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
-            layer=card.target_layer, roi=box, batch_size=batch_size or default_batch_size(dev, patch),
+            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
+            target=target_index, layer=card.target_layer, roi=box, batch_size=batch_size,
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
             activation=card.activation, blend="score",
         )
@@ -417,12 +491,14 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
 def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "default",
             method: str = "gradcam", threshold: Any = 0.5, roi: Any = None, device: Any = None,
             dicom_seg: bool = False, input_desc: str = "", progress: Optional[ProgressFn] = None,
-            batch_size: Optional[int] = None) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+            batch_size: Optional[int] = None,
+            on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
+            ) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT."""
     from .segment import segment_cam
 
     explanation = explain(volume, model=model, method=method, roi=roi, device=device,
-                          progress=progress, batch_size=batch_size)
+                          progress=progress, batch_size=batch_size, on_estimate=on_estimate)
     t0 = time.perf_counter()
     segmentation = segment_cam(explanation, threshold=threshold)
     explanation.timings["segment"] = time.perf_counter() - t0
@@ -476,6 +552,12 @@ def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
     p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM Segmentation (needs highdicom)")
 
 
+def print_estimate(estimate: CostEstimate) -> None:
+    """The CLI's announcement of a long CAM stage (Score-CAM always, others from 30 s), on stderr."""
+    if estimate.method == "scorecam" or estimate.seconds >= 30:
+        print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
+
+
 def _cmd_run(args: Any) -> int:
     volume = load_input(args.input, series_uid=args.series)
     update, close = _tqdm_progress("Grad-CAM")
@@ -483,7 +565,8 @@ def _cmd_run(args: Any) -> int:
         explanation, segmentation, files = run_one(
             volume, args.out, model=args.model, method=args.method, threshold=args.threshold,
             roi=_parse_roi(args.roi), device=args.device, dicom_seg=args.dicom_seg,
-            input_desc=str(args.input), progress=update, batch_size=args.batch_size)
+            input_desc=str(args.input), progress=update, batch_size=args.batch_size,
+            on_estimate=print_estimate)
     finally:
         close()
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
@@ -581,14 +664,32 @@ def _dist_env() -> Tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noqa: F821
+    """The futures of ``loads``, in order, each run in one background thread: load n + 1 starts
+    when future n is handed out, so reading the next series overlaps explaining this one. A
+    load's error comes out of its future's ``result()``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lgc-read")
+    try:
+        upcoming = pool.submit(loads[0]) if loads else None
+        for n in range(len(loads)):
+            current, upcoming = upcoming, (pool.submit(loads[n + 1]) if n + 1 < len(loads) else None)
+            yield current
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
               model: Any = "default", method: str = "gradcam", threshold: Any = 0.5,
               device: Any = "auto", dicom_seg: bool = False, redo_failed: bool = False,
-              batch_size: Optional[int] = None, show_progress: bool = True) -> Path:
+              batch_size: Optional[int] = None, show_progress: bool = True,
+              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/``.
 
     Resumable: a series whose folder holds ``report.json`` is skipped; one that failed (its
     ``error.json``) is skipped unless ``redo_failed``. A failure is recorded and the rest go on.
+    The next series is read (a background thread) while the current one is explained.
     Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes series r, r+N, ...; rank 0 writes
     ``summary.csv`` after all ranks finish. Returns the summary path.
     """
@@ -608,17 +709,19 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         if (device in (None, "auto")) and torch.cuda.is_available():
             device = f"cuda:{local_rank}"
-    mine = jobs[rank::world]
-    for job in tqdm(mine, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
-                    disable=not show_progress or None):
+    todo = [job for job in jobs[rank::world]
+            if not ((out / safe_name(job.uid) / "report.json").is_file()
+                    or ((out / safe_name(job.uid) / "error.json").is_file() and not redo_failed))]
+    progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
+                        disable=not show_progress or None)
+    for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
         folder = out / safe_name(job.uid)
-        if (folder / "report.json").is_file() or ((folder / "error.json").is_file() and not redo_failed):
-            continue
         for stale in folder.glob(".tmp-*"):  # left by a run that was killed mid-write
             stale.unlink()
         try:
-            run_one(job.load(), folder, model=model, method=method, threshold=threshold, device=device,
-                    dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size)
+            run_one(volume.result(), folder, model=model, method=method, threshold=threshold, device=device,
+                    dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size,
+                    on_estimate=on_estimate)
             (folder / "error.json").unlink(missing_ok=True)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
@@ -641,7 +744,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
 def _cmd_batch(args: Any) -> int:
     summary = run_batch(args.source, args.out, model=args.model, method=args.method,
                         threshold=args.threshold, device=args.device, dicom_seg=args.dicom_seg,
-                        redo_failed=args.redo_failed, batch_size=args.batch_size)
+                        redo_failed=args.redo_failed, batch_size=args.batch_size, on_estimate=print_estimate)
     if _dist_env()[0] == 0:
         with open(summary, newline="") as fh:
             rows = list(csv.DictReader(fh))

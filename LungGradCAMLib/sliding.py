@@ -22,7 +22,7 @@ from torch import nn
 from .cam import CAM, CamResult, Target, _resolve_layer, minmax_per_sample
 from .errors import CancelledError, InvalidInputError, ResourceError
 
-__all__ = ["PatchScore", "SlidingResult", "sliding_cam"]
+__all__ = ["PatchScore", "SlidingResult", "patch_counts", "sliding_cam"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,12 @@ def _same_device(asked: torch.device, actual: torch.device) -> bool:
     if index is None and asked.type == "cuda":
         index = torch.cuda.current_device()
     return index is None or index == actual.index
+
+
+def patch_counts(box: Sequence[Sequence[int]], patch: Sequence[int], stride: Sequence[int]) -> List[int]:
+    """Patches along K, J, I that cover ``box`` ((k0, k1), (j0, j1), (i0, i1)) from its corner,
+    every ``stride`` voxels (the last one may reach past the box)."""
+    return [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
 
 
 class _Explainer:
@@ -214,7 +220,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     layer_name = _resolve_layer(model, layer)[0]
     target = -1 if target is None else target
 
-    counts = [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
+    counts = patch_counts(box, patch, stride)
     extent = tuple((n - 1) * s + p for n, s, p in zip(counts, stride, patch))
     corners = list(itertools.product(*(range(0, n * s, s) for n, s in zip(counts, stride))))
 

@@ -268,6 +268,37 @@ def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
         assert not (tmp_path / argv[3].split("/")[-1] / "report.json").exists()
 
 
+def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path, capsys):
+    """explain(on_estimate=...) gets the CAM stage's cost before it starts (Score-CAM: one masked
+    pass per patch and channel of the CAM layer); returning False stops the run there; the CLI
+    prints the estimate of a Score-CAM run before it starts."""
+    from LungGradCAMLib.errors import CancelledError
+
+    ct = small_phantom.volume
+    estimates, batches = [], []
+    exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
+                      progress=lambda done, total: batches.append(total))
+    (gradcam,) = estimates
+    assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
+    assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
+    loaded = pipeline.get_model(str(tiny_model), pipeline.resolve_device("cpu"))
+    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, pipeline.resolve_device("cpu"), 2)
+    assert score.channels == 32 and score.passes == gradcam.patches * 33  # gradcam3d_cnn width 2: 16 * 2
+    assert score.seconds > gradcam.seconds and f"{score.passes:,} forward passes" in str(score)
+
+    batches.clear()
+    with pytest.raises(CancelledError, match="not started: scorecam"):
+        lgc.explain(ct, model=str(tiny_model), method="scorecam", device="cpu", on_estimate=lambda e: False,
+                    progress=lambda done, total: batches.append(done))
+    assert batches == []  # no patch was explained
+
+    lgc.write_volume(ct, tmp_path / "ct.nrrd")
+    assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu", "--method", "scorecam", "--roi", "0,0,0,40"]) == 0
+    err = capsys.readouterr().err
+    assert "estimated cost: scorecam:" in err and "forward passes" in err
+
+
 def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     """`lunggradcam demo`: phantom -> DICOM -> volume -> explanation -> outputs, and the bundled
     model's heat map lands on (or within a few mm of) a true nodule."""
