@@ -257,15 +257,15 @@ def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value
     makes) and ``order`` is 0, or 1 on float data, the same values are computed separably, slab
     by slab (:func:`_resample_separable`): far faster and lighter on a CT-sized grid.
     """
-    import SimpleITK as sitk
-
-    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
-    if order not in interp:
+    if order not in (0, 1, 3):
         raise VolumeError(f"order must be 0, 1 or 3; got {order}")
     axes = _axis_map(volume, reference)
     if axes is not None and (order == 0 or (order == 1 and volume.array.dtype.kind == "f")):
         array = _resample_separable(volume.array, reference.shape, axes, order, default_value)
         return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
+    import SimpleITK as sitk
+
+    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
     src = volume.to_sitk()
     ref = reference.to_sitk()
     out = sitk.Resample(src, ref, sitk.Transform(), interp[order], float(default_value), src.GetPixelID())
