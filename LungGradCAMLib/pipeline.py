@@ -267,7 +267,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         roi_space = None
         if isinstance(roi, np.ndarray):
             roi_space = resample_to(volume.with_array(roi.astype(np.uint8)), space, order=0).array > 0
-        lungs_space = resample_to(volume.with_array(lungs.astype(np.uint8)), space, order=0).array > 0
+        lungs_space = resample_to(volume.with_array(lungs.view(np.uint8)), space, order=0).array > 0
 
     patch = tuple(card.patch_size) if card.patch_size is not None else space.shape
     if mode == "whole":
@@ -324,13 +324,13 @@ def cam_on_ct_grid(cam: Volume, ct: Volume) -> Volume:
     temporary), 0 outside, clipped to [0, 1] and rounded to multiples of :data:`CAM_STEP`.
     Within ``CAM_STEP / 2`` (+ float32 rounding) of SimpleITK's trilinear resampling of the same
     map, which this replaces (Testing/Python/test_pipeline.py checks it)."""
-    out = resample_to(cam, ct, order=1, default_value=0.0)
-    a = out.array
-    np.clip(a, 0.0, 1.0, out=a)
-    a *= 1.0 / CAM_STEP
-    np.rint(a, out=a)
-    a *= CAM_STEP
-    return out
+    def quantise(a: np.ndarray) -> None:  # a slab at a time, while it is in the cache
+        np.clip(a, 0.0, 1.0, out=a)
+        a *= 1.0 / CAM_STEP
+        np.rint(a, out=a)
+        a *= CAM_STEP
+
+    return resample_to(cam, ct, order=1, default_value=0.0, finish=quantise)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     else:
         k, j, i = np.unravel_index(int(np.argmax(explanation.cam.array)), explanation.cam.shape)
         center_ijk = (int(i), int(j), int(k))
-    contours = {"hot regions": segmentation.labelmap.array > 0}
+    contours = {"hot regions": segmentation.labelmap.array}  # non-zero = inside; cast per drawn slice
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)

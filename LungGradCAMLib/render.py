@@ -59,9 +59,9 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     """Write a PNG with axial, coronal and sagittal views of ``volume`` through ``center_ijk``.
 
     ``center_ijk``: voxel (i, j, k) the three planes pass through (default: the volume centre).
-    ``contours``: name -> bool mask (K, J, I, the volume's grid), drawn as coloured outlines with a
-    legend (e.g. {"lungs": ..., "nodules": ...}); names containing "lung" are cyan, the others
-    red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
+    ``contours``: name -> mask (K, J, I, the volume's grid; bool, or labels with non-zero inside),
+    drawn as coloured outlines with a legend (e.g. {"lungs": ..., "nodules": ...}); names
+    containing "lung" are cyan, the others red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
     (array K, J, I or a :class:`Volume`), overlaid with the jet colour map (high = red), transparent
     near zero, at most ``cam_opacity`` opaque, with a colour bar. ``window``: (low, high) HU shown
     black to white (default: lung window). The file is written atomically; returns its path.

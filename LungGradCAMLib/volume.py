@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -247,7 +247,8 @@ def resample(volume: Volume, spacing_mm: Sequence[float], order: int = 1,
     return resample_to(volume, reference, order=order, default_value=default_value)
 
 
-def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0) -> Volume:
+def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0,
+                finish: Optional[Callable[[np.ndarray], None]] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default.
 
     ``order``: 0 nearest neighbour, 1 linear, 3 B-spline. The result is SimpleITK's
@@ -256,12 +257,14 @@ def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value
     mapping between their indices is a scaling and a shift per axis: every grid :func:`resample`
     makes) and ``order`` is 0, or 1 on float data, the same values are computed separably, slab
     by slab (:func:`_resample_separable`): far faster and lighter on a CT-sized grid.
+    ``finish(array)``, when given, changes the result in place (e.g. clipping), a slab of slices
+    at a time while it is in the cache on the separable path, and then no voxel lies outside.
     """
     if order not in (0, 1, 3):
         raise VolumeError(f"order must be 0, 1 or 3; got {order}")
     axes = _axis_map(volume, reference)
     if axes is not None and (order == 0 or (order == 1 and volume.array.dtype.kind == "f")):
-        array = _resample_separable(volume.array, reference.shape, axes, order, default_value)
+        array = _resample_separable(volume.array, reference.shape, axes, order, default_value, finish)
         return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
     import SimpleITK as sitk
 
@@ -269,7 +272,10 @@ def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value
     src = volume.to_sitk()
     ref = reference.to_sitk()
     out = sitk.Resample(src, ref, sitk.Transform(), interp[order], float(default_value), src.GetPixelID())
-    return Volume(sitk.GetArrayFromImage(out), reference.ijk_to_ras.copy(), dict(volume.meta))
+    array = sitk.GetArrayFromImage(out)
+    if finish is not None:
+        finish(array)
+    return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
 
 
 #: Largest off-diagonal term (input voxels per output voxel) still taken as parallel axes: over
@@ -301,12 +307,13 @@ def _axis_weights(n_in: int, n_out: int, scale: float, shift: float, order: int)
 
 
 def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray, order: int,
-                        default_value: float, slab_bytes: int = 16 << 20) -> np.ndarray:
+                        default_value: float, finish: Optional[Callable[[np.ndarray], None]] = None,
+                        slab_bytes: int = 16 << 20) -> np.ndarray:
     """``src`` (K, J, I) sampled at ``index = scale * output index + shift`` per axis (``axes``
     from :func:`_axis_map`) into a new (K, J, I) array of ``shape``: nearest neighbour (order 0)
     or linear (order 1, in ``src``'s float type). One axis at a time, the most shrinking first,
     on a slab of about ``slab_bytes`` of output slices at a time, so that no temporary is larger
-    than a slab."""
+    than a slab; the last axis writes into the output, and ``finish`` then changes the slab."""
     weights = [_axis_weights(n_in, n_out, scale, shift, order)
                for n_in, n_out, (scale, shift) in zip(src.shape, shape, axes)]
     out = np.empty(tuple(shape), dtype=src.dtype)
@@ -317,24 +324,27 @@ def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray,
         first = int(k0[ks].min())
         part = src[first:int(k1[ks].max()) + 1]
         steps = [(0, k0[ks] - first, k1[ks] - first, weights[0][2][ks])] + [(a,) + weights[a][:3] for a in (1, 2)]
-        for axis, lo, hi, w in sorted(steps, key=lambda step: len(step[1]) / part.shape[step[0]]):
-            part = _lerp_axis(part, axis, lo, hi, w, order)
-        out[ks] = part
-    for axis, (*_, inside) in enumerate(weights):
-        if not inside.all():
-            index = [slice(None)] * 3
-            index[axis] = ~inside
-            out[tuple(index)] = default_value
+        steps.sort(key=lambda step: len(step[1]) / part.shape[step[0]])
+        for n, (axis, lo, hi, w) in enumerate(steps):
+            part = _lerp_axis(part, axis, lo, hi, w, order, out[ks] if n == 2 else None)
+        for axis, (*_, inside) in enumerate(weights):
+            if not inside.all():
+                index = [slice(None)] * 3
+                index[axis] = ~(inside[ks] if axis == 0 else inside)
+                part[tuple(index)] = default_value
+        if finish is not None:
+            finish(part)
     return out
 
 
-def _lerp_axis(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray,
-               order: int) -> np.ndarray:
-    """``a`` sampled along ``axis``: ``a[lo]`` (order 0) or ``a[lo] + w * (a[hi] - a[lo])``."""
-    out = np.take(a, lo, axis=axis)
+def _lerp_axis(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray, order: int,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``a`` sampled along ``axis`` (into ``out`` when given): ``a[lo]`` (order 0) or
+    ``a[lo] + w * (a[hi] - a[lo])``."""
+    out = np.take(a, lo, axis=axis, out=out, mode="clip")  # "clip": in range anyway, and unbuffered
     if order == 0:
         return out
-    step = np.take(a, hi, axis=axis)
+    step = np.take(a, hi, axis=axis, mode="clip")
     step -= out
     step *= w.reshape([-1 if n == axis else 1 for n in range(3)]).astype(a.dtype, copy=False)
     out += step
