@@ -494,15 +494,9 @@ def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "d
             batch_size: Optional[int] = None,
             on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
             ) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
-    """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT.
-
-    The writers' libraries are imported in a background thread meanwhile (matplotlib, slicerio,
-    SimpleITK: about a second of CPU in a fresh process, on a core the lung mask leaves idle)."""
-    import threading
-
+    """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT."""
     from .segment import segment_cam
 
-    threading.Thread(target=_import_writers, name="lgc-import", daemon=True).start()
     explanation = explain(volume, model=model, method=method, roi=roi, device=device,
                           progress=progress, batch_size=batch_size, on_estimate=on_estimate)
     t0 = time.perf_counter()
@@ -512,17 +506,6 @@ def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "d
     files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, input_desc=input_desc)
     explanation.timings["write"] = time.perf_counter() - t0
     return explanation, segmentation, files
-
-
-def _import_writers() -> None:
-    """Import what write_outputs uses (a missing one is reported by the writer that needs it)."""
-    import importlib
-
-    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg", "SimpleITK", "slicerio"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
 
 
 def _parse_threshold(text: str) -> Any:
