@@ -122,16 +122,20 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
                   batch_size: int) -> CostEstimate:
     """A :class:`CostEstimate` for ``patches`` patches of ``patch`` voxels with ``loaded``
     (a ``LoadedModel``) on ``device``: times one forward pass of a batch of zero patches (the
-    second of two, after the set-up of the first), as many as the method puts in one call."""
+    second of two, after the set-up of the first), as many as the method puts in one call, run
+    as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
     import torch
 
     from .cam import ScoreCAM
 
     scorecam = method == ScoreCAM.name
     batch = max(batch_size, 32) if scorecam else batch_size  # Score-CAM's masked passes: 32 a call
+    threads = torch.get_num_threads()
+    workers = threads if device.type == "cpu" else 1
     shapes: List[Tuple[int, ...]] = []
     hook = loaded.target_layer.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
     x = torch.zeros(batch, int(loaded.card.kwargs.get("in_channels", 1)), *patch, device=device)
+    torch.set_num_threads(1 if device.type == "cpu" else threads)
     try:
         with torch.inference_mode():
             for _ in range(2):
@@ -142,7 +146,8 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
                 seconds = time.perf_counter() - t0
     finally:
         hook.remove()
-    per_pass = seconds / batch
+        torch.set_num_threads(threads)
+    per_pass = seconds / batch / workers
     channels = int(shapes[0][1])
     if scorecam:
         passes = patches * (1 + channels)
