@@ -313,14 +313,16 @@ def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray,
     from :func:`_axis_map`) into a new (K, J, I) array of ``shape``: nearest neighbour (order 0)
     or linear (order 1, in ``src``'s float type). One axis at a time, the most shrinking first,
     on a slab of about ``slab_bytes`` of output slices at a time, so that no temporary is larger
-    than a slab; the last axis writes into the output, and ``finish`` then changes the slab."""
+    than a slab; the last axis writes into the output, and ``finish`` then changes the slab. The
+    slabs are shared among threads (numpy's loops run outside the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     weights = [_axis_weights(n_in, n_out, scale, shift, order)
                for n_in, n_out, (scale, shift) in zip(src.shape, shape, axes)]
     out = np.empty(tuple(shape), dtype=src.dtype)
     k0, k1 = weights[0][:2]
-    slab = max(1, slab_bytes // max(1, out[0].nbytes))
-    for start in range(0, shape[0], slab):
-        ks = slice(start, min(start + slab, shape[0]))
+
+    def fill(ks: slice) -> None:
         first = int(k0[ks].min())
         part = src[first:int(k1[ks].max()) + 1]
         steps = [(0, k0[ks] - first, k1[ks] - first, weights[0][2][ks])] + [(a,) + weights[a][:3] for a in (1, 2)]
@@ -334,6 +336,11 @@ def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray,
                 part[tuple(index)] = default_value
         if finish is not None:
             finish(part)
+
+    slab = max(1, slab_bytes // max(1, out[0].nbytes))
+    slabs = [slice(start, min(start + slab, shape[0])) for start in range(0, shape[0], slab)]
+    with ThreadPoolExecutor(min(len(slabs), os.cpu_count() or 1)) as pool:
+        list(pool.map(fill, slabs))  # list(): a slab's error is raised here
     return out
 
 

@@ -184,3 +184,12 @@ def test_resampling_between_grids_with_turned_axes_uses_simpleitk():
     turned[:3, :3] = Rotation.from_euler("z", 10, degrees=True).as_matrix() * 1.2
     reference = lgc.Volume(np.zeros((8, 9, 9), np.uint8), turned)
     np.testing.assert_array_equal(resample_to(src, reference).array, _sitk_resample(src, reference, 1, 0))
+
+
+def test_separable_resampling_in_several_slabs_equals_simpleitk():
+    """An output of more than one 16 MB slab (so several threads fill it) gives SimpleITK's values."""
+    rng = np.random.default_rng(9)
+    src = lgc.Volume(rng.random((20, 40, 40), dtype=np.float32), np.diag([6.0, 6.0, 7.0, 1.0]))
+    fine = resample(src.with_array(np.zeros(src.shape, np.uint8)), (0.9, 0.9, 2.0))
+    assert np.prod(fine.shape) * 4 > 3 * (16 << 20)
+    np.testing.assert_allclose(resample_to(src, fine).array, _sitk_resample(src, fine, 1, 0), rtol=0, atol=1e-6)
