@@ -129,7 +129,8 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     from .cam import ScoreCAM
 
     scorecam = method == ScoreCAM.name
-    batch = max(batch_size, 32) if scorecam else batch_size  # Score-CAM's masked passes: 32 a call
+    # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
+    batch = max(batch_size, 32) if scorecam else max(1, min(batch_size, patches))
     threads = torch.get_num_threads()
     workers = threads if device.type == "cpu" else 1
     shapes: List[Tuple[int, ...]] = []
