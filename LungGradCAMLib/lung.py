@@ -175,7 +175,8 @@ def _input(volume: Union[Volume, np.ndarray], spacing_mm: Optional[Sequence[floa
 def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
     """Mean HU of (fk, fj, fi) blocks (float32); the remainder at each far edge is a block
     completed by repeating the last slice/row/column. One axis at a time, K first (whole planes,
-    the cheapest to stride over), each as a sum of ``f`` strided views: no padded copy of the CT."""
+    the cheapest to stride over), each as a sum of ``f`` strided views (the first two added into
+    the new array directly): no padded or converted copy of the CT."""
     out = hu
     for axis, f in enumerate(factors):
         if f == 1:
@@ -183,17 +184,20 @@ def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
         n = out.shape[axis]
         blocks = -(-n // f)
 
-        def every(start: int, stop: Optional[int] = None, step: int = f) -> np.ndarray:
+        def along(start: int, stop: Optional[int] = None, step: int = f) -> Tuple[slice, ...]:
             index = [slice(None)] * 3
             index[axis] = slice(start, stop, step)
-            return out[tuple(index)]
+            return tuple(index)
 
-        acc = every(0).astype(np.float32)  # a copy: ``blocks`` slices
-        for start in range(1, f):
-            part = every(start, n)
-            if part.shape[axis] < blocks:  # the last block is short: repeat the last slice
-                part = np.concatenate([part, every(n - 1, n, 1)], axis=axis)
-            acc += part
+        parts = [out[along(start, n)] for start in range(f)]  # the later ones may be one short
+        whole = [p.shape[axis] == blocks for p in parts]
+        acc = np.add(parts[0], parts[1], dtype=np.float32) if whole[1] else parts[0].astype(np.float32)
+        for part, full in list(zip(parts, whole))[2 if whole[1] else 1:]:
+            if full:
+                acc += part
+            else:  # the last block is short: it repeats the last slice
+                acc[along(0, blocks - 1, 1)] += part
+                acc[along(blocks - 1, blocks, 1)] += out[along(n - 1, n, 1)]
         acc *= np.float32(1.0 / f)
         out = acc
     return out.astype(np.float32, copy=False)
