@@ -127,16 +127,17 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     import torch
 
     from .cam import ScoreCAM
+    from .sliding import cpu_workers
 
     scorecam = method == ScoreCAM.name
     # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
     batch = max(batch_size, 32) if scorecam else max(1, min(batch_size, patches))
     threads = torch.get_num_threads()
-    workers = threads if device.type == "cpu" else 1
+    workers = cpu_workers(device, batch_size, patches)
     shapes: List[Tuple[int, ...]] = []
     hook = loaded.target_layer.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
     x = torch.zeros(batch, int(loaded.card.kwargs.get("in_channels", 1)), *patch, device=device)
-    torch.set_num_threads(1 if device.type == "cpu" else threads)
+    torch.set_num_threads(1 if workers > 1 else threads)
     try:
         with torch.inference_mode():
             for _ in range(2):

@@ -22,7 +22,7 @@ from torch import nn
 from .cam import CAM, CamResult, Target, _resolve_layer, minmax_per_sample
 from .errors import CancelledError, InvalidInputError, ResourceError
 
-__all__ = ["PatchScore", "SlidingResult", "patch_counts", "sliding_cam"]
+__all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
 log = logging.getLogger(__name__)
 
@@ -121,19 +121,24 @@ def patch_counts(box: Sequence[Sequence[int]], patch: Sequence[int], stride: Seq
     return [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
 
 
+def cpu_workers(device: torch.device, batch: int, patches: int) -> int:
+    """Worker threads for the CPU: one per torch thread, no more than a batch or the run holds
+    patches (a single patch, e.g. a whole volume, keeps torch's own threads); 1 elsewhere."""
+    return min(torch.get_num_threads(), batch, patches) if device.type == "cpu" else 1
+
+
 class _Explainer:
-    """A :class:`CAM` of the model, or, on the CPU with ``workers`` > 1, one CAM per worker thread
-    on copies of the model, each explaining its share of every batch with one intra-op thread.
+    """A :class:`CAM` of the model, or, with ``workers`` > 1 (CPU), one CAM per worker thread on
+    copies of the model, each explaining its share of every batch with one intra-op thread.
 
     Why: torch's intra-op threads meet at a barrier after every operation, and a sliding window
     runs tens of thousands of small operations. When anything else runs on the machine, a thread
-    that is descheduled holds the others at each barrier for a scheduler time slice: the same CAM
-    stage took 5.5 s with one thread and 150 s with two on a shared 2-core machine
-    (benchmarks/end_to_end.py). Workers that each run whole sub-batches only meet once per batch.
+    that is descheduled holds the others at each barrier for a scheduler time slice: the same 2288
+    patches took 5.5 s with one thread and 150 s with two on a shared 2-core machine (README,
+    "Speed"). Workers that each run whole sub-batches only meet once per batch.
     """
 
-    def __init__(self, model: nn.Module, layer: str, method: str, **options: Any) -> None:
-        workers = torch.get_num_threads() if _model_device(model).type == "cpu" else 1
+    def __init__(self, model: nn.Module, layer: str, method: str, workers: int, **options: Any) -> None:
         self.threads = torch.get_num_threads()
         # copies before any hook is installed: a deep copy carries the hooks of the model
         models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
@@ -234,7 +239,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     batch = int(batch_size)
     scores: List[PatchScore] = []
     options = {"normalize": False, "amp": amp, "activation": activation}
-    cam = _Explainer(model, layer_name, method, **options)
+    cam = _Explainer(model, layer_name, method, cpu_workers(dev, batch, len(corners)), **options)
     fallen_back = False
     try:
         done = 0
@@ -265,7 +270,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                               f"continuing on the CPU (slower)", RuntimeWarning, stacklevel=2)
                 cam.close()
                 dev = torch.device("cpu")
-                cam = _Explainer(copy.deepcopy(model).to(dev), layer_name, method, **options)
+                cam = _Explainer(copy.deepcopy(model).to(dev), layer_name, method,
+                                 cpu_workers(dev, batch, len(corners) - done), **options)
                 src, weight, acc_cam, acc_score, acc_w = (
                     t.to(dev) for t in (src, weight, acc_cam, acc_score, acc_w))
                 fallen_back = True

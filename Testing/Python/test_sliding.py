@@ -243,6 +243,28 @@ def test_cpu_workers_share_each_batch_and_give_the_one_thread_result(one_thread)
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_cpu_workers_only_where_a_batch_can_be_shared(one_thread):
+    """One patch (a whole volume) or batches of one keep torch's own threads; batches of several
+    patches go to single-threaded workers, one per torch thread."""
+
+    class Threads(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.seen = net, []
+
+        def forward(self, x):
+            self.seen.append((x.shape[0], torch.get_num_threads()))
+            return self.net(x)
+
+    torch.set_num_threads(2)
+    for patch, batch, expected in ((16, 4, {(1, 2)}), (8, 1, {(1, 2)}), (8, 4, {(2, 1)})):
+        model = Threads(make_net())
+        sliding_cam(model, make_volume((12, 12, 16)), patch, 4, batch_size=batch, preprocess=window)
+        # the copies record on their own: the original saw its share of every batch
+        assert set(model.seen) == expected, (patch, batch, model.seen)
+        assert torch.get_num_threads() == 2
+
+
 def test_out_of_memory_everywhere_raises_resource_error():
     def fault(x):
         raise oom()
