@@ -81,9 +81,18 @@ def test_cam_on_the_ct_grid_within_the_stated_tolerance_of_simpleitk(small_phant
     space = lgc.resample(ct, (1.5, 1.7, 2.3))  # a model grid: 2x finer in-plane, coarser in k
     rng = np.random.default_rng(4)
     smooth = ndimage.gaussian_filter(rng.random(space.shape), 2.0)
-    coarse = space.with_array(((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32))
-    cam = pipeline.cam_on_ct_grid(coarse, ct)
+    smooth = ((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32)
+    box = ((3, space.shape[0] - 4), (5, space.shape[1] - 9), (0, space.shape[2] - 2))  # the window's box
+    outside = np.ones(space.shape, bool)
+    outside[tuple(slice(a, b) for a, b in box)] = False
+    smooth[outside] = 0.0  # as the sliding window leaves it
+    coarse = space.with_array(smooth)
+    cam = pipeline.cam_on_ct_grid(coarse, ct, box)
     assert lgc.same_geometry(cam, ct) and cam.array.dtype == np.float32
+    # only the CT voxels within reach of the box are computed: the same values as all of them
+    everywhere = pipeline.on_ct_grid(coarse, ct)
+    np.testing.assert_allclose(pipeline.on_ct_grid(coarse, ct, box).array, everywhere.array, rtol=0, atol=1e-6)
+    assert (everywhere.array == 0).any() and (everywhere.array > 0).mean() > 0.5
     assert np.array_equal(cam.array, np.round(cam.array / pipeline.CAM_STEP) * pipeline.CAM_STEP)
     before = sitk.GetArrayFromImage(sitk.Resample(coarse.to_sitk(), ct.to_sitk(), sitk.Transform(),
                                                   sitk.sitkLinear, 0.0, sitk.sitkFloat32))
