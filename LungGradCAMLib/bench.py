@@ -33,7 +33,7 @@ FLOORS = {
     "load_model": "read the weights file into tensors (safetensors), torch already imported",
     "lung_mask": "one pass over the CT: the voxels below -350 HU",
     "resample": "nearest-neighbour copy of the CT onto the model grid (no interpolation)",
-    "cam": "plain forward passes of as many zero patches (no CAM), one thread, divided by the threads",
+    "cam": "plain forward passes of as many zero patches (no CAM); on the CPU one thread's, divided by the threads",
     "resample_back": "fill two CT-sized float32 arrays (the CAM and the score map) in fresh memory",
     "segment": "one pass over the CAM: the voxels >= 0.5",
     "write": "write the output files' bytes, as compressed, to disk",
@@ -131,13 +131,17 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
     n, batch = run["n_patches"], 32
     x = torch.zeros(batch, 1, *patch, device=device)
     threads = torch.get_num_threads()
+    cpu = torch.device(device).type == "cpu"
+    workers = threads if cpu else 1  # the CPU's floor: one thread's forward passes, shared out
 
     def forward() -> None:
-        torch.set_num_threads(1)
+        torch.set_num_threads(1 if cpu else threads)
         try:
             with torch.inference_mode():
                 for _ in range(0, n, batch):
                     loaded.module(x)
+            if not cpu:
+                torch.cuda.synchronize()
         finally:
             torch.set_num_threads(threads)
 
@@ -152,7 +156,7 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
             "load_model": _best_of(lambda: load_file(str(weights))),
             "lung_mask": _best_of(lambda: ct < -350),
             "resample": _best_of(lambda: resample_to(volume, grid, order=0)),
-            "cam": _best_of(forward, 1) / threads,
+            "cam": _best_of(forward, 2) / workers,
             "resample_back": _best_of(lambda: [np.zeros(ct.shape, np.float32).fill(0) for _ in range(2)]),
             "segment": _best_of(lambda: ct >= 0.5),
             "write": _best_of(write),
