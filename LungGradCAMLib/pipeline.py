@@ -229,8 +229,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     * ``auto``: ``roi`` if a roi is given, else ``whole`` for whole-volume models, else ``sliding``.
 
     Returns an :class:`Explanation` whose ``cam`` (float32 in [0, 1] in steps of
-    :data:`CAM_STEP`, high = important) has the input CT's exact geometry. The scan-level probability of the explained class is the highest
-    blended patch score; ``score_map`` holds the blended scores on the CT grid.
+    :data:`CAM_STEP`, high = important) has the input CT's exact geometry. The scan-level
+    probability of the explained class is the highest blended patch score; ``score_map`` holds
+    the blended scores on the CT grid.
     ``target``: class name or index to explain (default: the card's ``cam_class``).
     ``progress(done, total)`` is called per batch; ``cancel()`` returning True stops the run.
     ``on_estimate(estimate)``, when given, is called with the :class:`CostEstimate` of the CAM
