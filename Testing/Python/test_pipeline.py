@@ -147,7 +147,7 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     np.testing.assert_allclose(from_dicom.array, np.round(from_nrrd.array), atol=1.0)
 
     # a Slicer database (CTK schema subset) that indexes the folder, with relative file names
-    _make_ctk_db(tmp_path / "db", dicom_dir)
+    make_ctk_db(tmp_path / "db", dicom_dir)
     from_db = pipeline.load_input(tmp_path / "db")
     np.testing.assert_array_equal(from_db.array, from_dicom.array)
 
@@ -170,7 +170,7 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     assert back.number_of_segments == len(seg.regions)
 
 
-def _make_ctk_db(folder, dicom_dir):
+def make_ctk_db(folder, dicom_dir):
     """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
     from LungGradCAMLib.dicom import list_dicom_series
 
@@ -242,7 +242,14 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
         pytest.skip("no bundled default model in Resources/Models")
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "model 'default': nodule" in out and "pointing game:" in out
+    lines = out.splitlines()
+    # first the honest line: what the heat map is, the model's intended use, how well it localises
+    assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
+    assert "held-out test scans" in lines[0]
+    assert "prediction: nodule" in out and "the heat map's maximum is" in out
+    # where the outputs are and how to open them in Slicer
+    assert f"Outputs in {tmp_path.resolve()}" in out and "drag and drop" in out
+    assert str((tmp_path / "result" / "cam.nrrd").resolve()) in out
     for name in ("montage.png", "phantom.nrrd", "nodules_truth.seg.nrrd", "result/cam.nrrd",
                  "result/segmentation.seg.nrrd", "result/overlay.png", "result/report.json"):
         assert (tmp_path / name).is_file(), name

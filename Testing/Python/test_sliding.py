@@ -157,11 +157,11 @@ def test_progress_and_cancellation():
     net, vol = make_net(), make_volume((12, 12, 12))
     calls = []
     sliding_cam(net, vol, 8, 4, batch_size=3, progress=lambda d, t: calls.append((d, t)))
-    assert calls == [(3, 8), (6, 8), (8, 8)]
+    assert calls == [(0, 8), (3, 8), (6, 8), (8, 8)]
 
     stop = threading.Event()
     with pytest.raises(CancelledError, match="after 3 of 8 patches"):
-        sliding_cam(net, vol, 8, 4, batch_size=3, progress=lambda d, t: stop.set(), cancel=stop)
+        sliding_cam(net, vol, 8, 4, batch_size=3, progress=lambda d, t: d and stop.set(), cancel=stop)
     with pytest.raises(CancelledError, match="after 0 of 8"):
         sliding_cam(net, vol, 8, 4, cancel=lambda: True)
     assert all(not m._forward_hooks for m in net.modules())
