@@ -506,7 +506,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def dicomDatabasePath() -> Optional[str]:
         """The ctkDICOM.sql file of Slicer's DICOM database, or None when no database is open."""
-        database = slicer.dicomDatabase
+        database = slicer.app.dicomDatabase()
         return database.databaseFilename if database is not None and database.isOpen else None
 
     @staticmethod

@@ -3,9 +3,9 @@ imports and its Logic runs on the ``slicer-core`` wheel.
 
 Real (slicer-core): MRML and its scene, ``slicer.util``, the Segmentations, Volume Rendering,
 Markups and Colors logics. Stand-ins (the application layer, which needs Qt): the ``qt`` module,
-``slicer.app``, ``slicer.modules.<name>.logic()`` (returning the real logic classes, given the
-scene, as the application does), ``slicer.dicomDatabase`` (only where its ``ctkDICOM.sql`` file is:
-the file itself is a real CTK database), and the Python layer the application ships:
+``slicer.app`` (its ``dicomDatabase()`` says only where its ``ctkDICOM.sql`` file is: the file
+itself is a real CTK database), ``slicer.modules.<name>.logic()`` (returning the real logic
+classes, given the scene, as the application does), and the Python layer the application ships:
 ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper`` and ``slicer.i18n``. Each
 stand-in has only names that Slicer has (test_slicer_api.py checks them against the API list taken
 from Slicer's source) and does the least that lets the module's code run.
@@ -91,19 +91,25 @@ def WithinRange(minimum: float, maximum: float) -> tuple:  # noqa: N802 - Slicer
     return ("WithinRange", minimum, maximum)
 
 
-class _App:
-    """``slicer.app``: no event loop to run."""
-
-    def processEvents(self) -> None:  # noqa: N802 - Qt's name
-        pass
-
-
 class _Database:
-    """``slicer.dicomDatabase``: only where its (real) ctkDICOM.sql file is."""
+    """The application's ctkDICOMDatabase: only where its (real) ctkDICOM.sql file is."""
 
     def __init__(self, path: Optional[Path]) -> None:
         self.databaseFilename = "" if path is None else str(path)
         self.isOpen = path is not None
+
+
+class _App:
+    """``slicer.app``: no event loop to run; the DICOM database at ``path``."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.database = _Database(path)
+
+    def processEvents(self) -> None:  # noqa: N802 - Qt's name
+        pass
+
+    def dicomDatabase(self) -> _Database:  # noqa: N802 - Slicer's name
+        return self.database
 
 
 @contextmanager
@@ -135,10 +141,9 @@ def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Ite
         "slicer.i18n": _module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
     }
     attributes = {
-        "app": _App(),
+        "app": _App(dicom_database),
         "modules": types.SimpleNamespace(**{name: types.SimpleNamespace(logic=lambda logic=logic: logic)
                                             for name, logic in logics.items()}),
-        "dicomDatabase": _Database(dicom_database),
     }
     saved_modules = {name: sys.modules.get(name) for name in (*modules, "LungGradCAM")}
     sys.modules.update(modules)

@@ -79,7 +79,7 @@ def test_lists_and_loads_ct_series_of_the_dicom_database(app, chest, database):
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), reference.array)
     np.testing.assert_allclose(_matrix(node), reference.ijk_to_ras, atol=1e-6)
     # with no database open there is nothing to list, and loading says what to do
-    slicer.dicomDatabase.isOpen = False
+    slicer.app.dicomDatabase().isOpen = False
     assert logic.listCTSeries() == []
     with pytest.raises(lgc.LungGradCAMError, match="DICOM database is not open"):
         logic.loadSeries(series[0]["seriesUID"])

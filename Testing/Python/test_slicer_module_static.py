@@ -4,6 +4,7 @@ built and installed against a stand-in for Slicer's SDK; the icon."""
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import struct
@@ -89,8 +90,8 @@ def _module_constant(name: str):
     raise AssertionError(f"{name} is not a literal module constant in {MODULE.name}")
 
 
-# Qt/CTK/MRML API that LungGradCAM.py may use per widget class (a subset of the real API:
-# extend it when the module starts using more). Catches e.g. setCurrentNode on a QComboBox.
+# Qt API that LungGradCAM.py may use per Qt widget class (a subset of Qt 5.15's, whose source is not
+# Slicer's: extend it when the module starts using more). Catches e.g. setCurrentNode on a QComboBox.
 _QOBJECT = {"connect", "blockSignals", "enabled", "visible", "toolTip", "setToolTip", "show", "hide",
             "setEnabled", "setVisible", "styleSheet", "objectName"}
 WIDGET_API = {
@@ -101,12 +102,24 @@ WIDGET_API = {
                              "currentData", "itemData", "itemText", "findData", "findText", "currentIndexChanged"},
     "QSpinBox": _QOBJECT | {"value", "setValue", "minimum", "maximum", "valueChanged"},
     "QProgressBar": _QOBJECT | {"value", "setValue", "minimum", "maximum", "setRange", "setMaximum"},
-    "ctkSliderWidget": _QOBJECT | {"value", "setValue", "minimum", "maximum", "singleStep", "valueChanged"},
-    "ctkCollapsibleButton": _QOBJECT | {"collapsed", "text"},
-    "qMRMLNodeComboBox": _QOBJECT | {"currentNode", "setCurrentNode", "currentNodeID", "setCurrentNodeID",
-                                     "addNode", "baseName", "currentNodeChanged", "setMRMLScene"},
-    "qMRMLTableView": _QOBJECT | {"setMRMLTableNode", "mrmlTableNode", "setMRMLScene"},
 }
+# CTK's and Slicer's widgets: what PythonQt exposes of them (properties, signals, slots,
+# Q_INVOKABLE methods) in the API list taken from Slicer's and CTK's source (test_slicer_api.py).
+_API = json.loads((REPO / "Testing" / "SlicerAPI" / "slicer_api.json").read_text())
+
+
+def _slicer_widget_api(name: str) -> Set[str]:
+    members, todo = set(_QOBJECT), [name]
+    while todo:
+        cls = _API["classes"].get(todo.pop())
+        if cls:
+            members |= set(cls["methods"]) | set(cls.get("properties", ()))
+            todo += cls["bases"]
+    return members
+
+
+WIDGET_API.update({name: _slicer_widget_api(name) for name in
+                   ("ctkSliderWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLTableView")})
 
 # parameterNodeWrapper's GUI connectors: parameter type -> widget classes it can bind to.
 CONNECTABLE = {
@@ -131,10 +144,11 @@ def test_module_has_the_template_classes():
     assert decorators == ["parameterNodeWrapper"]
     process = next(n for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef) and n.name == "process")
     names = [a.arg for a in process.args.args]
-    assert names[:11] == ["self", "inputVolume", "camVolume", "segmentation", "table", "model", "method",
-                          "threshold", "restrictToLungs", "device", "progressCallback"]
-    assert {"listCTSeries", "loadSeries"} <= {n.name for n in _class("LungGradCAMLogic").body
-                                               if isinstance(n, ast.FunctionDef)}
+    assert names == ["self", "inputVolume", "camVolume", "segmentation", "table", "options", "progressCallback",
+                     "showResult"]
+    assert process.args.kwarg.arg == "optionKeywords"  # ExplainOptions' fields, from the Python console
+    assert {"listCTSeries", "loadSeries", "optionsFromParameterNode", "progressText", "resultText"} <= {
+        n.name for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef)}
 
 
 def test_every_ui_widget_used_exists_with_a_fitting_class():
@@ -180,13 +194,17 @@ def test_every_mrml_widget_gets_the_scene():
 
 
 def test_choice_defaults_are_choices_and_methods_match_the_engine():
-    methods = _module_constant("METHODS")
+    """The panel's methods are LungGradCAMLib.options.METHODS (importable before torch is
+    installed), which are the engine's (LungGradCAMLib.cam.METHODS)."""
+    from LungGradCAMLib import options
+
+    assert "from LungGradCAMLib.options import METHODS, ExplainOptions" in SOURCE
     default = ast.literal_eval(_parameter_fields()["method"][2])
-    assert default in methods
+    assert default in options.METHODS
     pytest.importorskip("torch")
     from LungGradCAMLib.cam import METHODS
 
-    assert tuple(methods) == tuple(METHODS), "LungGradCAM.METHODS differs from LungGradCAMLib.cam.METHODS"
+    assert tuple(options.METHODS) == tuple(METHODS), "options.METHODS differs from LungGradCAMLib.cam.METHODS"
 
 
 def test_every_slicer_util_function_called_exists_in_slicer_core():
