@@ -97,14 +97,17 @@ def parse_stride(value: Any) -> Optional[Tuple[int, int, int]]:
     if value is None or (not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value == 0):
         return None
     if isinstance(value, str):
-        value = [part for part in value.replace(",", " ").split()]
-    values = [value] * 3 if isinstance(value, (int, np.integer)) else list(value)
+        values = value.replace(",", " ").split()
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        values = list(value)
+    else:
+        values = [value]
     try:
         steps = tuple(int(v) for v in values)
-        exact = all(float(v) == s for v, s in zip(values, steps))
+        exact = not any(isinstance(v, bool) for v in values) and all(float(v) == s for v, s in zip(values, steps))
     except (TypeError, ValueError):
         steps, exact = (), False
-    if len(values) == 1 and exact:
+    if len(steps) == 1:
         steps = steps * 3
     if len(steps) != 3 or not exact or min(steps) < 1:
         raise InvalidInputError(f"stride {value!r}: give one positive whole number of model voxels, or three "
