@@ -17,6 +17,7 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
     """Seconds per stage for a phantom of ``shape_kji`` (K, J, I) voxels at ``spacing_mm`` (i, j, k)."""
     from . import phantom
     from .dicom import load_dicom_series
+    from .options import ExplainOptions
     from .pipeline import resolve_device, run_one
 
     with tempfile.TemporaryDirectory(prefix="lgc-bench-") as tmp:
@@ -30,7 +31,7 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
         # warm the model cache and the device once, as a server or the Slicer module would
         dev = resolve_device(device)
         t0 = time.perf_counter()
-        explanation, segmentation, _ = run_one(volume, Path(tmp) / "out", model=model, device=dev)
+        explanation, segmentation, _ = run_one(volume, Path(tmp) / "out", ExplainOptions(model=model, device=str(dev)))
         run = time.perf_counter() - t0
     return {
         "shape_kji": list(shape_kji), "spacing_ijk_mm": list(spacing_mm), "device": str(dev),

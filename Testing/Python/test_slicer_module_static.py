@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -241,10 +242,51 @@ def test_cmake_lists_name_the_module_and_existing_files():
                    "include(${Slicer_USE_FILE})", "add_subdirectory(LungGradCAM)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in top, f"top-level CMakeLists.txt lacks {needed}"
-    for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+    for var in ("CATEGORY", "CONTRIBUTORS", "DESCRIPTION"):
         assert f"set(EXTENSION_{var} " in top
     module = (REPO / "LungGradCAM" / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+
+
+def _cmake_settings() -> Dict[str, str]:
+    top = (REPO / "CMakeLists.txt").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r'^set\((EXTENSION_\w+) "?([^")]*)"?\)', top, re.M)}
+
+
+def test_extension_metadata_has_no_placeholders():
+    """No homepage, icon or screenshot URL that leads nowhere: the extension has no public home
+    yet, so they are left out (Slicer's description spec makes them optional); what is set is real."""
+    settings = _cmake_settings()
+    assert not {"EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"} & set(settings)
+    text = (REPO / "CMakeLists.txt").read_text().lower()
+    assert not re.search(r"example\.(com|org)|todo|fixme|your[-_ ]?name|<[a-z ]+>", text)
+    assert settings["EXTENSION_CATEGORY"] == "Quantification"
+    assert "Research use only" in settings["EXTENSION_DESCRIPTION"] and "\n" not in settings["EXTENSION_DESCRIPTION"]
+    assert "LungGradCAM.py" in (REPO / "LungGradCAM" / "CMakeLists.txt").read_text()
+    assert settings["EXTENSION_README_FILE"] == "${CMAKE_CURRENT_SOURCE_DIR}/README.md"
+    # the module's own category is the extension's
+    assert 'translate("qSlicerAbstractCoreModule", "Quantification")' in SOURCE.replace("'", '"')
+
+
+def test_extensions_index_entry_follows_slicers_catalog_schema():
+    """ExtensionsIndex/LungGradCAM.json, the file to submit to Slicer's ExtensionsIndex, against the
+    catalog entry schema of the pinned Slicer (required and allowed keys, types, enumerations)."""
+    entry = json.loads((REPO / "ExtensionsIndex" / "LungGradCAM.json").read_text())
+    schema = _API["extension_catalog_entry_schema"]
+    assert entry["$schema"] == schema["id"]
+    assert set(schema["required"]) <= set(entry), f"missing {set(schema['required']) - set(entry)}"
+    assert schema["additionalProperties"] is False and set(entry) <= set(schema["properties"])
+    python_type = {"string": str, "array": list, "boolean": bool, "integer": int}
+    for key, value in entry.items():
+        rule = schema["properties"][key]
+        assert isinstance(value, python_type[rule["type"]]), key
+        assert value in rule.get("enum", [value]), key
+        assert rule.get("minimum", value) <= value <= rule.get("maximum", value) if rule["type"] == "integer" else True
+    settings = _cmake_settings()
+    assert entry["category"] == settings["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == settings["EXTENSION_DEPENDS"].split()
+    # a local entry builds this checkout (scm_url relative to Slicer_LOCAL_EXTENSIONS_DIR = ExtensionsIndex/)
+    assert entry["scm_type"] == "local" and (REPO / "ExtensionsIndex" / entry["scm_url"] / "CMakeLists.txt").is_file()
 
 
 # A stand-in for the parts of Slicer's SDK an extension's CMakeLists.txt uses (no Slicer build
@@ -286,7 +328,7 @@ function(slicer_add_python_unittest)
 endfunction()
 """,
     "ExtensionGenerateConfig.cmake": """
-foreach(_v EXTENSION_HOMEPAGE EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION EXTENSION_ICONURL EXTENSION_DEPENDS)
+foreach(_v EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION EXTENSION_DEPENDS EXTENSION_README_FILE)
   if("${${_v}}" STREQUAL "")
     message(FATAL_ERROR "${_v} is not set")
   endif()
