@@ -445,6 +445,7 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "predicted_class": explanation.predicted_class,
         "probabilities": explanation.probabilities,
         "mode": explanation.extra.get("mode"),
+        "n_patches": explanation.extra.get("n_patches"),
         "device": explanation.extra.get("device_used", explanation.extra.get("device")),
         "chest_check": explanation.extra.get("chest_check"),
         "threshold": segmentation.threshold,
