@@ -122,8 +122,8 @@ def _demo(args: argparse.Namespace) -> int:
     print("   the heat map's maximum is " + ("inside a true nodule" if distance == 0 else
           f"{distance:.1f} mm from the nearest true nodule (outside it)"))
 
-    slicer_files = [out / "phantom.nrrd", out / "result" / "cam.nrrd", out / "result" / "segmentation.seg.nrrd",
-                    out / "nodules_truth.seg.nrrd"]
+    slicer_files = {"the phantom": [out / "phantom.nrrd", out / "result" / "cam.nrrd",
+                                    out / "result" / "segmentation.seg.nrrd", out / "nodules_truth.seg.nrrd"]}
     if args.ct is not None:
         print(f"2. Your CT, {args.ct}, through the same pipeline:")
         update, close = cli_progress(options.method)
@@ -137,18 +137,18 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "
               f"{100 * chest['aerated_share']:.0f} % aerated")
-        slicer_files[1:3] = [out / "ct" / "cam.nrrd", out / "ct" / "segmentation.seg.nrrd"]
-        slicer_files = slicer_files[1:3]
+        slicer_files["your CT"] = [Path(args.ct), out / "ct" / "cam.nrrd", out / "ct" / "segmentation.seg.nrrd"]
 
     print()
     print(f"Outputs in {out.resolve()}:")
     print(f"  montage.png, result/overlay.png{', ct/overlay.png' if args.ct else ''}   pictures: open them in any viewer")
-    print("  result/report.json   prediction, hot regions (ml, RAS mm), timings, the model and its intended use")
-    print("To see them in 3D Slicer (5.6 or newer): drag and drop these files onto its window:")
-    for path in slicer_files:
-        print(f"  {path.resolve()}")
-    print("  then set cam as the foreground of the slice views (opacity 0.4); the LungGradCAM module does all "
-          "this itself: open the CT there and press Apply.")
+    print(f"  result/report.json{', ct/report.json' if args.ct else ''}   prediction, hot regions (ml, RAS mm), "
+          "timings, the model and its intended use")
+    print("To see them in 3D Slicer (5.6 or newer), drag and drop onto its window, for")
+    for what, paths in slicer_files.items():
+        print(f"  {what}: " + "  ".join(str(p.resolve()) for p in paths))
+    print("  (a DICOM folder is imported into Slicer's DICOM database first), then set cam as the foreground of "
+          "the slice views (opacity 0.4); the LungGradCAM module does all this itself: load the CT and press Apply.")
     return 0
 
 
