@@ -409,3 +409,20 @@ def test_real_chest_cts_give_reports_marked_with_the_intended_use(name, tmp_path
     assert report["chest_check"]["ok"] and report["intended_use"].endswith("Not for clinical use.")
     assert report["outcome"] in (f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}",
                                  "no region above threshold 0.50")
+
+
+def test_demo_takes_a_real_ct_through_the_same_pipeline(tmp_path, capsys, tiny_model):
+    """`lunggradcam demo --ct PATH`: after the phantom, the given CT into ct/, with its chest-CT
+    check, and the files to open in Slicer (the CT itself among them)."""
+    source = data_path("totalsegmentator", "chest_crop_pulmonary.nii.gz")
+    assert main(["demo", "--out", str(tmp_path), "--model", str(tiny_model), "--device", "cpu",
+                 "--ct", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert f"2. Your CT, {source}, through the same pipeline:" in out and "chest-CT check: lungs" in out
+    report = json.loads((tmp_path / "ct" / "report.json").read_text())
+    assert report["input"] == str(source) and report["chest_check"]["ok"]
+    assert lgc.same_geometry(lgc.read_volume(tmp_path / "ct" / "cam.nrrd"), lgc.read_volume(source), atol_mm=1e-4)
+    ct_line = next(line for line in out.splitlines() if line.startswith("  your CT: "))
+    assert str(source.resolve()) in ct_line and str((tmp_path / "ct" / "cam.nrrd").resolve()) in ct_line
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--ct", str(tmp_path / "missing")]) == 2  # before any work
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "d2").exists()
