@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NoReturn, Optional
 
 from . import __version__, pipeline
 from .errors import LungGradCAMError
@@ -178,7 +178,7 @@ def _add_info(sub: "argparse._SubParsersAction") -> None:
 class _Parser(argparse.ArgumentParser):
     """Parse errors as one message naming the option and what to give, without the usage block."""
 
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_printable(message)} (see {self.prog} --help)\n")
 
 

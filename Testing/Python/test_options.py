@@ -10,7 +10,7 @@ import pytest
 
 from LungGradCAMLib.cli import build_parser, main
 from LungGradCAMLib.errors import InvalidInputError
-from LungGradCAMLib.options import METHODS, ExplainOptions, parse_roi, parse_stride, parse_threshold
+from LungGradCAMLib.options import METHODS, ExplainOptions, parse_roi, parse_threshold
 from LungGradCAMLib.pipeline import options_from_args
 
 

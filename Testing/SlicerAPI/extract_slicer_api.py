@@ -21,8 +21,8 @@ What is extracted:
   overload, including the methods VTK's Set/Get/Boolean macros declare); Qt classes of Slicer and
   CTK (qMRML widgets, the application, ctkDICOMDatabase, CTK widgets) with their properties,
   signals, slots and Q_INVOKABLE methods, which are what PythonQt exposes of them;
-* the extension catalog entry schema (ExtensionsIndex's ``<Extension>.json``): its required and
-  allowed keys, their types and enumerations.
+* the newest extension catalog entry schema (ExtensionsIndex's ``<Extension>.json``): its
+  required and allowed keys, their types and enumerations.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ CLASSES = [
 ]
 #: Where class headers are searched (file name = class name + ".h").
 HEADER_ROOTS = {"slicer": ("Libs/", "Base/", "Modules/Loadable/"), "ctk": ("Libs/",)}
-SCHEMA = "Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json"
+SCHEMA = re.compile(r"Schemas/slicer-extension-catalog-entry-schema-v(\d+)\.(\d+)\.(\d+)\.json")
 
 
 def git_show(repo: Path, rev: str, path: str) -> str:
@@ -289,8 +289,12 @@ def cpp_api(repos: Dict[str, Tuple[Path, str]]) -> dict:
     return dict(sorted(classes.items()))
 
 
-def catalog_schema(repo: Path, rev: str) -> dict:
-    schema = json.loads(git_show(repo, rev, SCHEMA))
+def catalog_schema(repo: Path, rev: str) -> Optional[dict]:
+    """The newest extension catalog entry schema of the revision, in short (None before Slicer had one)."""
+    versions = {tuple(map(int, m.groups())): m.group(0) for m in map(SCHEMA.fullmatch, git_files(repo, rev)) if m}
+    if not versions:
+        return None
+    schema = json.loads(git_show(repo, rev, versions[max(versions)]))
     return {"id": schema["$id"], "required": schema["required"],
             "additionalProperties": schema.get("additionalProperties", True),
             "properties": {k: {f: v[f] for f in ("type", "enum", "minimum", "maximum") if f in v}
@@ -322,7 +326,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "classes": cpp_api({"slicer": (args.slicer, slicer_sha), "ctk": (args.ctk, pinned)}),
         "extension_catalog_entry_schema": catalog_schema(args.slicer, slicer_sha),
     }
-    args.out.write_text(json.dumps(api, indent=1, sort_keys=False) + "\n")
+    text = json.dumps(api, indent=1)
+    # innermost lists (argument counts, parameters, name lists) on one line each: a short, diffable file
+    text = re.sub(r"\[[^\[\]{}]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
+    args.out.write_text(text + "\n")
     print(f"{args.out}: {len(api['classes'])} classes, {sum(len(m['functions']) for m in python.values())} "
           f"Python functions (Slicer {args.slicer_rev} {slicer_sha[:10]}, CTK {pinned[:10]})")
     return 0
