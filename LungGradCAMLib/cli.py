@@ -147,8 +147,10 @@ def _demo(args: argparse.Namespace) -> int:
     print("To see them in 3D Slicer (5.6 or newer), drag and drop onto its window, for")
     for what, paths in slicer_files.items():
         print(f"  {what}: " + "  ".join(str(p.resolve()) for p in paths))
-    print("  (a DICOM folder is imported into Slicer's DICOM database first), then set cam as the foreground of "
-          "the slice views (opacity 0.4); the LungGradCAM module does all this itself: load the CT and press Apply.")
+    if args.ct is not None and Path(args.ct).is_dir():
+        print("  (Slicer offers to import a DICOM folder into its DICOM database: do so, then load the series)")
+    print("  then set cam as the foreground of the slice views (opacity 0.4); the LungGradCAM module does all "
+          "this itself: load the CT and press Apply.")
     return 0
 
 
