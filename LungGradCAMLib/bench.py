@@ -5,11 +5,12 @@ as ``lunggradcam run`` does, with the time of each stage. ``benchmarks/end_to_en
 """
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 
 def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[float] = (0.7, 0.7, 1.0),
@@ -42,19 +43,35 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
     }
 
 
+def _numbers(text: str, separator: str, kind: type, what: str) -> List[Any]:
+    """``text`` split at ``separator`` into three positive numbers (an argparse ``type=``)."""
+    try:
+        values = [kind(x) for x in text.lower().split(separator)]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {what}")
+    return values
+
+
 def _cmd_bench(args: Any) -> int:
-    shape = [int(x) for x in args.shape.split("x")]
-    result = end_to_end(shape, [float(x) for x in args.spacing.split(",")], device=args.device, model=args.model)
+    result = end_to_end(args.shape, args.spacing, device=args.device or "auto", model=args.model)
     print(json.dumps(result, indent=2))
     return 0
 
 
 def add_cli(sub: Any) -> None:
+    from .pipeline import _argument_type, _device
+
     p = sub.add_parser("bench", help="time 'lunggradcam run' end to end on a phantom DICOM series",
                        description="Write a phantom CT as DICOM, then load + explain + segment + write it, "
                                    "printing the seconds of each stage as JSON.")
-    p.add_argument("--shape", default="300x512x512", help="K x J x I voxels (default 300x512x512)")
-    p.add_argument("--spacing", default="0.7,0.7,1.0", help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--shape", default=[300, 512, 512], metavar="KxJxI",
+                   type=lambda t: _numbers(t, "x", int, "three positive voxel counts K x J x I, e.g. 300x512x512"),
+                   help="K x J x I voxels (default 300x512x512)")
+    p.add_argument("--spacing", default=[0.7, 0.7, 1.0], metavar="I,J,K",
+                   type=lambda t: _numbers(t, ",", float, "three positive voxel sizes in mm i,j,k, e.g. 0.7,0.7,1.0"),
+                   help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
+    p.add_argument("--device", default=None, type=_argument_type(_device), help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--model", default="default", help="model name or path")
     p.set_defaults(func=_cmd_bench)

@@ -152,3 +152,15 @@ def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys
     assert main(["run", str(tmp_path / "two"), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "2 CT series found" in err and "--series" in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "--shape", "300x512"], "argument --shape: '300x512': give three positive voxel counts"),
+    (["bench", "--spacing", "0.7,0,1"], "argument --spacing"),
+    (["bench", "--device", "tpu"], "argument --device"),
+    (["demo", "--device", "gpu"], "argument --device"),
+])
+def test_other_commands_check_their_options_as_parsed(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
