@@ -125,6 +125,7 @@ def _stamps(out: Path, uids) -> dict:
     return {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
 
 
+@pytest.mark.slow
 def test_batch_redoes_a_series_whose_options_changed(cohort, tmp_path, capsys):
     """Each report records the options; a rerun with other result options redoes the series, a
     rerun that changes only where or how fast (batch size) skips them."""

@@ -411,6 +411,7 @@ def test_real_chest_cts_give_reports_marked_with_the_intended_use(name, tmp_path
                                  "no region above threshold 0.50")
 
 
+@pytest.mark.slow
 def test_demo_takes_a_real_ct_through_the_same_pipeline(tmp_path, capsys, tiny_model):
     """`lunggradcam demo --ct PATH`: after the phantom, the given CT into ct/, with its chest-CT
     check, and the files to open in Slicer (the CT itself among them)."""
