@@ -24,7 +24,7 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 venv: $(VENV)/.test
 
 demo: $(VENV)/.runtime
-	$(VENV)/bin/lunggradcam demo --out lunggradcam-demo
+	$(VENV)/bin/lunggradcam demo --out lunggradcam-demo $(DEMO_ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS)

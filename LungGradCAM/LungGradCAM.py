@@ -34,11 +34,10 @@ _ROOT = _MODULE_DIR if os.path.isdir(os.path.join(_MODULE_DIR, "LungGradCAMLib")
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from LungGradCAMLib.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above; no torch)
+# Neither needs torch, so the panel opens before torch is installed.
+from LungGradCAMLib.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
+from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
 
-#: The engine's CAM methods (LungGradCAMLib.cam.METHODS, which needs torch). Listed here so the
-#: panel opens before torch is installed; Testing/Python/test_slicer_module_static.py checks they match.
-METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "scorecam", "guided-backprop", "guided-gradcam")
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
 
 #: Import name -> pip requirement of what LungGradCAMLib needs beyond Slicer's own Python.
@@ -345,11 +344,14 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not running:
             self._checkCanApply()
 
-    def _onProgress(self, done: int, total: int) -> None:
-        """Engine progress (patches done of total), once per batch; lets Qt handle events (Cancel) between batches."""
+    def _onProgress(self, stage: str, done: int, total: int) -> None:
+        """Engine progress: each stage as it starts and ends, the heat map once per batch (patches).
+        Shown in the panel and the status bar; lets Qt handle events (Cancel) in between."""
+        text = self.logic.progressText(stage, done, total)
         self.ui.progressBar.setRange(0, max(total, 1))
         self.ui.progressBar.value = done
-        self.ui.statusLabel.text = _("Computing the heat map: {done} of {total} patches").format(done=done, total=total)
+        self.ui.statusLabel.text = text
+        slicer.util.showStatusMessage(text)
         slicer.app.processEvents()
 
     def _onEstimate(self, estimate) -> bool:
@@ -367,7 +369,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Run processing when user clicks "Apply"; cancel it when the same button says "Cancel"."""
         if self._running:
             self.logic.requestCancel()
-            self.ui.statusLabel.text = _("Cancelling after the current batch...")
+            self.ui.statusLabel.text = _("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to install what LungGradCAM needs."), waitCursor=True):
             if not self.logic.setupPythonRequirements():
@@ -378,16 +380,13 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         startTime = time.time()
         self._setRunning(True)
-        self.ui.statusLabel.text = _("Loading the model and segmenting the lungs...")
         slicer.app.processEvents()
         try:
             with slicer.util.tryWithErrorDisplay(_("LungGradCAM failed."), waitCursor=False):
                 try:
-                    result = self.logic.process(
-                        p.inputVolume, p.camVolume, p.segmentation, p.table, model=p.model, method=p.method,
-                        threshold=p.threshold, restrictToLungs=p.restrictToLungs, device=p.device,
-                        progressCallback=self._onProgress, target=p.targetClass or None, stride=p.stride,
-                        batchSize=p.batchSize, amp=p.amp, estimateCallback=self._onEstimate)
+                    result = self.logic.process(p.inputVolume, p.camVolume, p.segmentation, p.table,
+                                                options=self.logic.optionsFromParameterNode(p),
+                                                progressCallback=self._onProgress, estimateCallback=self._onEstimate)
                 except CancelledError:
                     self.ui.statusLabel.text = _("Cancelled.")
                     return
@@ -400,16 +399,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showResult(self, result, seconds: float) -> None:
         self._result = result
-        explanation = result.explanation
-        rows = "".join(
-            f"<tr><td>{name}</td><td align='right'>{100 * probability:.1f} %</td></tr>"
-            for name, probability in sorted(explanation.probabilities.items(), key=lambda item: -item[1]))
-        self.ui.predictionLabel.text = (
-            _("Predicted: <b>{name}</b>").format(name=explanation.predicted_class)
-            + f"<table>{rows}</table>"
-            + _("Heat map for class {name} ({method}); {count} region(s) at threshold {level:.2f}.").format(
-                name=explanation.target_class, method=explanation.method, count=len(result.segmentation.regions),
-                level=result.segmentation.threshold))
+        self.ui.predictionLabel.text = self.logic.resultText(result)
         self.ui.regionsTableView.setMRMLTableNode(result.table_node)
         self.ui.jumpToHottestButton.enabled = bool(result.segmentation.regions)
         self.ui.resultsCollapsibleButton.collapsed = False
@@ -465,6 +455,14 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return LungGradCAMParameterNode(super().getParameterNode())
 
+    @staticmethod
+    def optionsFromParameterNode(parameterNode) -> ExplainOptions:
+        """The panel's settings as the engine's ExplainOptions (checked: a wrong value raises)."""
+        p = parameterNode
+        return ExplainOptions(model=p.model, method=p.method, target=p.targetClass or None, threshold=p.threshold,
+                              restrict_to_lungs=p.restrictToLungs, device=p.device, stride=p.stride or None,
+                              batch_size=p.batchSize or None, amp=p.amp)
+
     # --- dependencies ---------------------------------------------------------------------------
     @staticmethod
     def dependenciesInstalled() -> bool:
@@ -517,63 +515,70 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
 
     # --- DICOM database -------------------------------------------------------------------------
     @staticmethod
-    def listCTSeries() -> List[dict]:
-        """The CT series of Slicer's DICOM database: dicts with seriesUID, title (for display:
-        patient, study date, series number and description, image count), files."""
-        database = slicer.dicomDatabase
-        if not database or not database.isOpen:
+    def dicomDatabasePath() -> Optional[str]:
+        """The ctkDICOM.sql file of Slicer's DICOM database, or None when no database is open."""
+        database = slicer.app.dicomDatabase()
+        return database.databaseFilename if database is not None and database.isOpen else None
+
+    @staticmethod
+    def listCTSeries(databasePath: Optional[str] = None) -> List[dict]:
+        """The CT series of Slicer's DICOM database (or of the ctkDICOM.sql at ``databasePath``):
+        dicts with seriesUID, title (for display: patient, study date, series number and
+        description, image count) and files. Read read-only with LungGradCAMLib.DicomDatabase."""
+        from LungGradCAMLib.ctkdb import DicomDatabase
+
+        path = databasePath or LungGradCAMLogic.dicomDatabasePath()
+        if not path:
             return []
+        database = DicomDatabase(path)
         found = []
         for patient in database.patients():
-            for study in database.studiesForPatient(patient):
-                for seriesUID in database.seriesForStudy(study):
-                    files = database.filesForSeries(seriesUID)
-                    if not files or database.fileValue(files[0], "0008,0060") != "CT":
+            for study in database.studies(patient):
+                for series in database.series(study):
+                    if series.modality.upper() != "CT" or not series.n_images:
                         continue
-                    # patient name, study date, series number, series description
-                    parts = [database.fileValue(files[0], tag).strip()
-                             for tag in ("0010,0010", "0008,0020", "0020,0011", "0008,103E")]
-                    title = " | ".join(part for part in parts if part)
-                    found.append({"seriesUID": seriesUID, "title": f"{title} ({len(files)} images)",
-                                  "files": len(files)})
+                    parts = [patient.name, study.date, "" if series.number is None else str(series.number),
+                             series.description]
+                    title = " | ".join(part.strip() for part in parts if part and part.strip())
+                    found.append({"seriesUID": series.series_uid, "title": f"{title} ({series.n_images} images)",
+                                  "files": series.n_images})
         return found
 
     @staticmethod
-    def loadSeries(seriesUID: str):
-        """Load a series of the DICOM database through Slicer's DICOM loader; returns its scalar volume node."""
-        from DICOMLib import DICOMUtils
+    def loadSeries(seriesUID: str, databasePath: Optional[str] = None):
+        """Load a CT series of Slicer's DICOM database (or of ``databasePath``) into a new scalar
+        volume node named as Slicer's DICOM module names it ("<number>: <description>"), with the
+        reader of the command line (slices ordered by position, rescale and padding applied,
+        geometry checked), so the panel and ``lunggradcam run`` see the same CT. Returns the node."""
+        from LungGradCAMLib.ctkdb import DicomDatabase
 
-        for nodeID in DICOMUtils.loadSeriesByUID([seriesUID]):
-            node = slicer.mrmlScene.GetNodeByID(nodeID)
-            if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
-                return node
-        raise LungGradCAMError(f"DICOM series {seriesUID} did not load as a scalar volume; open it in the DICOM "
-                               "browser to see which loader applies and what it reports")
+        path = databasePath or LungGradCAMLogic.dicomDatabasePath()
+        if not path:
+            raise LungGradCAMError("Slicer's DICOM database is not open: open the DICOM module and import the CT first")
+        database = DicomDatabase(path)
+        volume = database.load(seriesUID)
+        series = next((s for s in database.series() if s.series_uid == seriesUID), None)
+        number = "" if series is None or series.number is None else f"{series.number}: "
+        name = (number + (series.description if series else "")).strip(": ") or "CT"
+        return slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras, name=name)
 
     # --- processing -----------------------------------------------------------------------------
     def requestCancel(self) -> None:
-        """Stop a running :meth:`process` before its next batch (it raises CancelledError)."""
+        """Stop a running :meth:`process` before its next stage or batch (it raises CancelledError)."""
         self._cancelRequested = True
 
-    def process(self, inputVolume, camVolume=None, segmentation=None, table=None, model: str = "default",
-                method: str = "gradcam", threshold: float = 0.5, restrictToLungs: bool = True, device=None,
-                progressCallback=None, target=None, stride: int = 0, batchSize: int = 0, amp: bool = False,
-                showResult: bool = True, estimateCallback=None):
+    def process(self, inputVolume, camVolume=None, segmentation=None, table=None, options: Optional[ExplainOptions] = None,
+                progressCallback=None, showResult: bool = True, estimateCallback=None, **optionKeywords):
         """
         Explain the model's decision on a CT and put the results into nodes.
         Can be used without GUI widget.
         :param inputVolume: the CT (scalar volume node, HU); not under a non-identity transform
         :param camVolume, segmentation, table: output nodes, created when None
-        :param model: bundled model name or model file path; loaded once per device (the engine caches it)
-        :param method: one of METHODS
-        :param threshold: heat-map level (0..1) of the segmented regions
-        :param restrictToLungs: keep only regions inside the lungs
-        :param device: None/"auto", "cuda", "cpu" or "mps"
-        :param progressCallback: called as progressCallback(done, total) in patches, after each batch
-        :param target: class name to explain; None = the model card's default
-        :param stride: sliding-window step in model voxels (0 = half a patch)
-        :param batchSize: patches per model call (0 = automatic)
-        :param amp: 16-bit mixed precision on CUDA
+        :param options: LungGradCAMLib.options.ExplainOptions (model, method, target, layer, threshold,
+            restrict_to_lungs, device, batch_size, stride, amp, ...), or its fields as keywords,
+            e.g. ``process(node, model="default", threshold=0.5, device="cpu")``
+        :param progressCallback: called as progressCallback(stage, done, total) as each stage starts and
+            ends, and after each batch of the heat map (patches); progressText() words it
         :param showResult: show the heat map, segmentation and 3D rendering in the views
         :param estimateCallback: called as estimateCallback(estimate) with the heat map's estimated cost
             (LungGradCAMLib.pipeline.CostEstimate: patches, forward passes, seconds) before it is computed;
@@ -585,15 +590,41 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         startTime = time.time()
         logging.info("LungGradCAM: processing started")
         self._cancelRequested = False
-        result = mrml.explain_volume_node(
-            inputVolume, camVolume, segmentation, table, threshold=threshold, restrict_to_lungs=restrictToLungs,
-            model=model, method=method, target=target, device=None if device in (None, "auto") else device,
-            batch_size=batchSize or None, stride=(stride,) * 3 if stride else None, amp=amp,
-            progress=progressCallback, cancel=lambda: self._cancelRequested, on_estimate=estimateCallback)
+        result = mrml.explain_volume_node(inputVolume, camVolume, segmentation, table, options,
+                                          progress=progressCallback, cancel=lambda: self._cancelRequested,
+                                          on_estimate=estimateCallback, **optionKeywords)
         if showResult:
             self.showResult(inputVolume, result)
         logging.info(f"LungGradCAM: processing completed in {time.time() - startTime:.2f} seconds")
         return result
+
+    @staticmethod
+    def progressText(stage: str, done: int, total: int) -> str:
+        """What the panel and the status bar say about a progress report of process()."""
+        from LungGradCAMLib.pipeline import STAGES
+
+        text = STAGES.get(stage, stage)
+        return text[:1].upper() + text[1:] + (f": {done} of {total} patches" if stage == "cam" else "...")
+
+    @staticmethod
+    def resultText(result) -> str:
+        """Rich text of a result for the panel: prediction, probabilities, the outcome (regions or
+        "no region above threshold"), a note when the GPU ran out of memory, and the model's
+        intended use (research, not clinical)."""
+        from LungGradCAMLib.pipeline import intended_use, outcome
+
+        explanation = result.explanation
+        rows = "".join(
+            f"<tr><td>{name}</td><td align='right'>{100 * probability:.1f} %</td></tr>"
+            for name, probability in sorted(explanation.probabilities.items(), key=lambda item: -item[1]))
+        text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
+                + _("Heat map for class {name} ({method}): {outcome}.").format(
+                    name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
+        asked, used = explanation.extra.get("device", ""), explanation.extra.get("device_used", "")
+        if used and used.split(":")[0] != asked.split(":")[0]:
+            text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(
+                asked=asked, used=used)
+        return text + "<br><i>" + _("Research model: {use}").format(use=intended_use(explanation)) + "</i>"
 
     @staticmethod
     def showResult(inputVolume, result) -> None:

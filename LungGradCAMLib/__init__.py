@@ -21,11 +21,11 @@ _EXPORTS = {
     "load_model": "models", "LoadedModel": "models", "ModelCard": "models",
     "compute_cam": "cam", "CAM": "cam", "sliding_cam": "sliding",
     "segment_cam": "segment", "write_segmentation": "segment",
-    "explain": "pipeline", "write_outputs": "pipeline",
+    "explain": "pipeline", "write_outputs": "pipeline", "ExplainOptions": "options",
 }
 _SUBMODULES = {"phantom", "render", "dicomseg", "mrml", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
                "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data", "cam_retrain",
-               "bench", "atomic", "results", "cli"}
+               "bench", "atomic", "results", "cli", "options"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

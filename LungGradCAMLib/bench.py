@@ -14,6 +14,7 @@ A floor is the least work any implementation of the stage must do on the same da
 """
 from __future__ import annotations
 
+import argparse
 import cProfile
 import json
 import os
@@ -63,6 +64,7 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     ``files`` each output file's size and time when written alone (after the run, not counted)."""
     t0 = time.perf_counter()
     from .dicom import load_dicom_series
+    from .options import ExplainOptions
     from .pipeline import resolve_device, run_one
 
     dev = resolve_device(device)
@@ -70,7 +72,7 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     t0, cpu0 = time.perf_counter(), time.process_time()
     volume = load_dicom_series(dicom_dir)
     load = time.perf_counter() - t0
-    explanation, segmentation, written = run_one(volume, out_dir, model=model, device=dev)
+    explanation, segmentation, written = run_one(volume, out_dir, ExplainOptions(model=model, device=str(dev)))
     stages = {"dicom_load": load, **explanation.timings}
     result = {
         "imports_s": imports, "stages_s": {k: stages[k] for k in STAGES}, "peak_rss_mb": _peak_rss_mb(),
@@ -253,23 +255,38 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _numbers(text: str, separator: str, kind: type, what: str) -> List[Any]:
+    """``text`` split at ``separator`` into three positive numbers (an argparse ``type=``)."""
+    try:
+        values = [kind(x) for x in text.lower().split(separator)]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give {what}")
+    return values
+
+
 def _cmd_bench(args: Any) -> int:
-    shape = [int(x) for x in args.shape.split("x")]
-    report = end_to_end(shape, [float(x) for x in args.spacing.split(",")], device=args.device, model=args.model,
-                        runs=args.runs)
+    report = end_to_end(args.shape, args.spacing, device=args.device or "auto", model=args.model, runs=args.runs)
     print(format_table(report), file=sys.stderr)
     print(json.dumps(report, indent=2))
     return 0
 
 
 def add_cli(sub: Any) -> None:
+    from .pipeline import _argument_type, _device
+
     p = sub.add_parser("bench", help="time 'lunggradcam run' end to end on a phantom DICOM series",
                        description="Write a phantom CT as DICOM, then load + explain + segment + write it in "
                                    "--runs fresh processes: a table of the stages (median, spread, floor) on "
                                    "stderr, the full report as JSON on stdout.")
-    p.add_argument("--shape", default="300x512x512", help="K x J x I voxels (default 300x512x512)")
-    p.add_argument("--spacing", default="0.7,0.7,1.0", help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--shape", default=[300, 512, 512], metavar="KxJxI",
+                   type=lambda t: _numbers(t, "x", int, "three positive voxel counts K x J x I, e.g. 300x512x512"),
+                   help="K x J x I voxels (default 300x512x512)")
+    p.add_argument("--spacing", default=[0.7, 0.7, 1.0], metavar="I,J,K",
+                   type=lambda t: _numbers(t, ",", float, "three positive voxel sizes in mm i,j,k, e.g. 0.7,0.7,1.0"),
+                   help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
+    p.add_argument("--device", default=None, type=_argument_type(_device), help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--model", default="default", help="model name or path")
     p.add_argument("--runs", type=int, default=3, help="runs, each in a fresh process (default 3)")
     p.set_defaults(func=_cmd_bench)

@@ -216,7 +216,8 @@ class DicomDatabase:
             raise NoSeriesFoundError(f"{self.path}: no CT series in the database")
         if len(ct) > 1:
             listing = "\n".join(f"  {s.series_uid}  '{s.description}'  {s.n_images} image(s)" for s in ct)
-            raise AmbiguousSeriesError(f"{self.path}: {len(ct)} CT series; pick one by its UID:\n{listing}")
+            raise AmbiguousSeriesError(f"{self.path}: {len(ct)} CT series; pick one by its UID "
+                                       f"(series_uid= in Python, --series on the command line):\n{listing}")
         return self.load(ct[0].series_uid, **kwargs)
 
 

@@ -511,12 +511,12 @@ def _select(parts: List[Tuple[SeriesInfo, List[_Frame]]], series_uid: Optional[s
         if len({p[0].series_uid for p in chosen}) > 1:
             raise AmbiguousSeriesError(
                 f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
-                f"its UID as series_uid:\n{_listing([p[0] for p in chosen])}")
+                f"its UID (series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
     if len(chosen) > 1:
         raise SeriesGeometryError(
             f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "
-            f"pixel spacing or overlapping acquisitions; pick one stack by passing its key as "
-            f"series_uid:\n{_listing([p[0] for p in chosen])}")
+            f"pixel spacing or overlapping acquisitions; pick one stack by passing its key "
+            f"(series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
     return chosen[0]
 
 

@@ -1,13 +1,16 @@
 """DICOM Segmentation objects (highdicom) for a :class:`Segmentation` of a CT loaded from DICOM.
 
 The DICOM SEG references the source CT series (same Study, Frame of Reference, per-frame source
-image references), so it can be imported into Slicer's DICOM database or a PACS next to the CT.
+image references), so it can be imported into Slicer's DICOM database or a research PACS next to
+the CT. Each segment is coded as what it is, a region of a heat map (category "Spatial and
+Relational Concept", type "Gradient-weighted class activation" for Grad-CAM and its kin), never as
+a finding such as a lesion, and the series says it comes from a research model.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -49,8 +52,19 @@ def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
     return [by_k[k] for k in range(ct.shape[0])]
 
 
-def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.PathLike]) -> Path:
+#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method.
+_HEAT_MAP_CODE = {"scorecam": "ClassActivation", "guided-backprop": "Saliency"}
+#: Series description: DICOM LO, at most 64 characters.
+SERIES_DESCRIPTION = "LungGradCAM heat-map regions - research only, not clinical"
+
+
+def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.PathLike], *,
+                    method: str = "gradcam", intended_use: Optional[str] = None) -> Path:
     """Write ``segmentation`` (labels 1..N on ``ct``'s grid) as a binary DICOM SEG at ``path``.
+
+    Segments are labelled by their region names ("heat-map region 1", ...) and coded as regions of
+    the ``method``'s heat map, not as lesions; the series description says research use only and
+    ``intended_use`` (the model card's) goes into the content description (64 characters).
 
     Raises :class:`InvalidInputError` when there is no region (a SEG needs one segment) or the CT
     did not come from DICOM, :class:`DicomError` when its slices cannot be matched.
@@ -59,7 +73,8 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
         import highdicom as hd
         from pydicom.sr.codedict import codes
     except ImportError as exc:
-        raise InvalidInputError("writing DICOM SEG needs highdicom: pip install 'LungGradCAMLib[dicomseg]'") from exc
+        raise InvalidInputError("writing a DICOM SEG needs highdicom, which this installation lacks: "
+                                "pip install highdicom") from exc
 
     if not segmentation.regions:
         raise InvalidInputError("no hot region to store: a DICOM Segmentation needs at least one segment "
@@ -69,11 +84,12 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
     sources = _source_datasets(ct)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="LungGradCAM", version=__version__, family=codes.cid7162.ArtificialIntelligence)
+    heat_map = getattr(codes.DCM, _HEAT_MAP_CODE.get(method, "GradientWeightedClassActivation"))
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=i + 1, segment_label=region.name[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-            segmented_property_type=codes.SCT.Lesion,
+            segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+            segmented_property_type=heat_map,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
         for i, region in enumerate(segmentation.regions)]
@@ -88,7 +104,8 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
         series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="LungGradCAM", manufacturer_model_name="LungGradCAM Grad-CAM",
         software_versions=__version__, device_serial_number="0",
-        series_description="LungGradCAM hot regions")
+        series_description=SERIES_DESCRIPTION, content_label="HEATMAP",
+        content_description=(intended_use or "Research use only. Not for clinical use.")[:64])
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     return Path(path)

@@ -18,6 +18,10 @@ class VolumeError(InvalidInputError):
     """A volume is malformed: wrong dimensions, bad geometry, NaN/Inf voxels, or too large."""
 
 
+class NotChestCTError(VolumeError):
+    """The CT does not look like a chest CT that holds lungs (checked before the CAM is computed)."""
+
+
 class UnsupportedFormatError(InvalidInputError):
     """A file format or extension that LungGradCAM cannot read or write."""
 

@@ -270,7 +270,7 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     p = subparsers.add_parser(
         "evaluate", help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
         description="Evaluate a model on labelled patches: accuracy, precision, recall/sensitivity, "
-                    "specificity, F1 and ROC AUC with 95%% bootstrap CIs (patients resampled), the "
+                    "specificity, F1 and ROC AUC with 95% bootstrap CIs (patients resampled), the "
                     "confusion matrix, roc.png and report.json (and loss.png from a training log).")
     p.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
     add_data_arguments(p)

@@ -10,7 +10,8 @@ intensities are CT numbers in HU.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -425,3 +426,79 @@ def _add_margin(mask: np.ndarray, zone: np.ndarray, zone_origin: Sequence[int], 
         grown = _dilate(mask[tuple(slice(a, b) for a, b in zip(lo, hi))], radius)
         near = grown[tuple(slice(b.start - a, b.stop - a) for b, a in zip(box, lo))]
         mask[box] |= near & _upsample(labels[region] == n, factors, near.shape)
+
+
+# --- is it a chest CT? ------------------------------------------------------------------------------
+#: The chest-CT check's limits. Measured on the real CTs of ../shared/data (a full chest CT, two
+#: LIDC-IDRI slabs of 15 and 40 mm, two chest crops): largest lung cross-section 166-332 cm², lungs
+#: 21-41 % of lung + tissue, 86-94 % of the lung mask aerated lung; on an upper-abdomen series,
+#: whose "lungs" were stomach and bowel gas: 23 cm², 1.4 %, 28 %.
+MIN_LUNG_AREA_CM2 = 40.0
+MIN_LUNG_SHARE = 0.05
+MIN_AERATED_SHARE = 0.30
+#: HU of aerated lung (parenchyma, about -850): darker is pure gas, brighter is tissue.
+AERATED_HU = (-950.0, -500.0)
+
+
+@dataclass
+class ChestCheck:
+    """What :func:`check_chest_ct` measured (values in report.json under ``chest_check``).
+
+    ``lung_ml``: lung mask volume (ml); ``max_lung_area_cm2``: its largest cross-section across
+    the head-foot axis (cm²); ``lung_share``: lung voxels / (lung + tissue voxels above -500 HU);
+    ``aerated_share``: share of the lung mask at aerated-lung HU (:data:`AERATED_HU`), low for gas;
+    ``problems``: one sentence per failed limit (empty: it is a chest CT holding lungs).
+    """
+
+    lung_ml: float
+    max_lung_area_cm2: float
+    lung_share: float
+    aerated_share: float
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "lung_ml": round(self.lung_ml, 1),
+                "max_lung_area_cm2": round(self.max_lung_area_cm2, 1), "lung_share": round(self.lung_share, 4),
+                "aerated_share": round(self.aerated_share, 4), "problems": list(self.problems)}
+
+
+def check_chest_ct(volume: Volume, lungs: np.ndarray) -> ChestCheck:
+    """Does ``volume`` (HU, K, J, I) look like a chest CT that holds lungs, given its lung mask
+    ``lungs`` (bool, K, J, I; from :func:`lung_mask`)?
+
+    Three limits: the lungs' largest cross-section across the head-foot axis is at least
+    :data:`MIN_LUNG_AREA_CM2` (a thin slab through both lungs has 200 cm²; stomach and bowel gas a
+    few tens); lungs are at least :data:`MIN_LUNG_SHARE` of lung plus tissue (also true of a
+    chest-abdomen scan); at least :data:`MIN_AERATED_SHARE` of the mask is aerated lung (gas is
+    darker; severe emphysema still leaves about half). Returns the values and what failed.
+    """
+    lungs = np.asarray(lungs, dtype=bool)
+    if lungs.shape != volume.shape:
+        raise VolumeError(f"check_chest_ct: the lung mask {lungs.shape} is not on the CT's grid {volume.shape}")
+    spacing = volume.spacing  # (i, j, k) mm
+    si_axis = 2 - int(np.argmax(np.abs(volume.direction[2])))  # array axis most nearly head-foot
+    pixel_cm2 = float(np.prod([spacing[2 - a] for a in range(3) if a != si_axis])) / 100.0
+    others = tuple(a for a in range(3) if a != si_axis)
+    n_lung = int(lungs.sum())
+    inside = volume.array[lungs]
+    low, high = AERATED_HU
+    check = ChestCheck(
+        lung_ml=n_lung * float(np.prod(spacing)) / 1000.0,
+        max_lung_area_cm2=float(lungs.sum(axis=others).max(initial=0)) * pixel_cm2,
+        lung_share=n_lung / max(n_lung + int(np.count_nonzero(volume.array > high)), 1),
+        aerated_share=float(np.mean((inside >= low) & (inside < high))) if n_lung else 0.0)
+    if check.max_lung_area_cm2 < MIN_LUNG_AREA_CM2:
+        check.problems.append(f"the largest lung cross-section is {check.max_lung_area_cm2:.0f} cm² "
+                              f"(a chest CT has at least {MIN_LUNG_AREA_CM2:.0f})")
+    if check.lung_share < MIN_LUNG_SHARE:
+        check.problems.append(f"lungs are {100 * check.lung_share:.1f} % of the body "
+                              f"(a chest CT has at least {100 * MIN_LUNG_SHARE:.0f} %)")
+    if check.aerated_share < MIN_AERATED_SHARE:
+        check.problems.append(f"only {100 * check.aerated_share:.0f} % of the 'lungs' is aerated lung "
+                              f"({low:.0f} to {high:.0f} HU), the rest is gas or tissue "
+                              f"(a chest CT has at least {100 * MIN_AERATED_SHARE:.0f} %)")
+    return check

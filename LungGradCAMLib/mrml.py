@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import slicer
 import vtk
 
 from .errors import InvalidInputError, VolumeError
+from .options import ExplainOptions
 from .results import Explanation, Region, Segmentation
 from .volume import Volume
 
@@ -284,24 +285,33 @@ class NodeResult:
 
 
 def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node: Any = None,
-                        table_node: Any = None, *, threshold: float = 0.5, restrict_to_lungs: bool = True,
-                        **explain_options: Any) -> NodeResult:
+                        table_node: Any = None, options: Optional[ExplainOptions] = None, *,
+                        progress: Optional[Callable[[str, int, int], None]] = None,
+                        cancel: Optional[Callable[[], bool]] = None,
+                        on_estimate: Optional[Callable[[Any], Optional[bool]]] = None, **option_keywords: Any) -> NodeResult:
     """Explain the CT of ``input_node`` and put the results into nodes (each created when None).
 
-    ``explain_options`` go to :func:`LungGradCAMLib.pipeline.explain` (``model``, ``method``,
-    ``target``, ``device``, ``batch_size``, ``stride``, ``amp``, ``progress``, ``cancel``...).
-    The heat map's regions at ``threshold`` (0..1) become segments and table rows; with
-    ``restrict_to_lungs`` only regions inside the lungs count. Output nodes are named after the
-    input node.
+    The settings are one :class:`~LungGradCAMLib.options.ExplainOptions` (``options``), or its
+    fields as keywords (``model``, ``method``, ``target``, ``threshold``, ``restrict_to_lungs``,
+    ``device``, ``batch_size``, ``stride``, ``amp``...). The heat map's regions at the threshold
+    become segments and table rows; with ``restrict_to_lungs`` only regions inside the lungs count.
+    ``progress(stage, done, total)`` and ``cancel()`` are those of
+    :func:`~LungGradCAMLib.pipeline.explain`; a cancelled run creates no node. ``on_estimate`` gets the
+    heat map's estimated cost before it is computed (see ``explain``). Output nodes are named after
+    the input node.
     """
-    from .pipeline import explain
-    from .segment import segment_cam
+    from .pipeline import explain_and_segment
 
+    if options is None:
+        options = ExplainOptions(**option_keywords)
+    elif option_keywords:
+        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
+                                f"not both (also given: {', '.join(sorted(option_keywords))})")
     if cam_node is not None and cam_node is input_node:
         raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
                                 "(a new one is created) so the CT is not overwritten")
-    explanation = explain(volume_from_node(input_node), **explain_options)
-    segmentation = segment_cam(explanation, threshold=threshold, within=None if restrict_to_lungs else False)
+    explanation, segmentation = explain_and_segment(volume_from_node(input_node), options,
+                                                    progress=progress, cancel=cancel, on_estimate=on_estimate)
     name = input_node.GetName()
     return NodeResult(
         explanation=explanation,

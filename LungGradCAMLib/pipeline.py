@@ -5,7 +5,9 @@ files a run produces; ``run_batch`` explains a cohort, resumably, sharded under 
 """
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -13,10 +15,8 @@ import logging
 import os
 import platform
 import re
-import shutil
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +25,16 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_path, write_text
-from .errors import CancelledError, InvalidInputError, LungGradCAMError, ResourceError, VolumeError
+from .atomic import write_text
+from .errors import CancelledError, InvalidInputError, LungGradCAMError, NotChestCTError, VolumeError
+from .options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from .results import Explanation, Segmentation
 from .volume import Volume, crop, resample, resample_to
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "sliding", "whole", "roi")
-ProgressFn = Callable[[int, int], None]
+#: ``progress(stage, done, total)``: a stage of :data:`STAGES`, and how far it is.
+Progress = Callable[[str, int, int], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,11 +164,47 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
 # --------------------------------------------------------------------------------------------
 # explain
 # --------------------------------------------------------------------------------------------
-@contextmanager
-def _stage(timings: Dict[str, float], name: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    yield
-    timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+#: Stages of a run in order (the keys of ``Explanation.timings`` and of progress reports) and
+#: what a user is shown for each.
+STAGES = {
+    "load": "loading the CT", "load_model": "loading the model", "lung_mask": "finding the lungs",
+    "resample": "resampling to the model's grid", "cam": "computing the heat map",
+    "resample_back": "resampling the heat map to the CT", "segment": "finding hot regions",
+    "write": "writing the outputs",
+}
+
+
+class _Stages:
+    """Times each stage of a run into ``timings`` (seconds), logs its time, checks ``cancel()``
+    before it starts (raising :class:`CancelledError`) and reports it to ``progress(stage, done,
+    total)``: 0 of 1 as it starts, the counts the stage itself reports (:meth:`report`: files
+    read, patches explained) meanwhile, and all done as it ends."""
+
+    def __init__(self, timings: Dict[str, float], progress: Optional[Progress] = None,
+                 cancel: Optional[Callable[[], bool]] = None) -> None:
+        self.timings, self.progress, self.cancel = timings, progress, cancel
+        self.total = 1
+
+    def report(self, name: str, done: int, total: int) -> None:
+        self.total = total
+        if self.progress is not None:
+            self.progress(name, done, total)
+
+    def counter(self, name: str) -> Optional[Callable[[int, int], None]]:
+        """A ``progress(done, total)`` for the engine's functions, reporting as stage ``name``."""
+        return None if self.progress is None else (lambda done, total: self.report(name, done, total))
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.cancel is not None and self.cancel():
+            raise CancelledError(f"cancelled before {STAGES[name]}")
+        self.report(name, 0, 1)
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        log.info("%s: %.2f s", STAGES[name], seconds)
+        self.report(name, self.total, self.total)
 
 
 def _check_volume(volume: Any) -> Volume:
@@ -183,22 +220,13 @@ def _check_volume(volume: Any) -> Volume:
 
 def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
     """A (k, j, i) half-open box in ``space`` voxels from ``roi``: a bool mask on the CT grid
-    (resampled already to ``space``) or ``(centre_ras_mm, size_mm)``."""
+    (resampled already to ``space``) or ``(centre_ras_mm, size_mm)`` (checked by ExplainOptions)."""
     if isinstance(roi, np.ndarray):
         if roi.shape != space.shape or not roi.any():
             raise InvalidInputError("roi mask must be a non-empty boolean array with the CT's shape")
         idx = np.nonzero(roi)
         return tuple((int(a.min()), int(a.max()) + 1) for a in idx)
-    try:
-        centre, size = roi
-        centre = np.asarray(centre, dtype=float).reshape(3)
-        size = np.broadcast_to(np.asarray(size, dtype=float), (3,))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            "roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or three numbers))"
-        ) from exc
-    if np.any(size <= 0):
-        raise InvalidInputError(f"roi size must be positive mm; got {size.tolist()}")
+    centre, size = (np.asarray(v, dtype=float) for v in roi)
     c_ijk = space.ras_to_ijk_points(centre)[0]
     half = np.maximum(size / space.spacing, np.asarray(patch)[::-1]) / 2.0  # at least one patch
     lo = np.floor(c_ijk - half).astype(int)
@@ -209,16 +237,63 @@ def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, 
     return box
 
 
+#: ``explain``'s option keywords and their defaults (those of :class:`ExplainOptions`).
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExplainOptions)}
+
+
+def _options(options: Optional[ExplainOptions], keywords: Dict[str, Any]) -> ExplainOptions:
+    """``options``, or one made of the option keywords; both at once is refused."""
+    if options is None:
+        return ExplainOptions(**keywords)
+    if not isinstance(options, ExplainOptions):
+        raise InvalidInputError(f"options must be an ExplainOptions, got {type(options).__name__}")
+
+    def differs(value: Any, default: Any) -> bool:
+        return value is not None if default is None else (isinstance(value, np.ndarray) or value != default)
+
+    given = sorted(k for k, v in keywords.items() if differs(v, _OPTION_DEFAULTS[k]))
+    if given:
+        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
+                                f"not both (also given: {', '.join(given)})")
+    return options
+
+
+def _target_index(card: Any, target: Any) -> int:
+    """The card's output index for ``target`` (a class name, an index, or an index as text)."""
+    if isinstance(target, str) and target not in card.class_names and target.strip().isdigit():
+        target = int(target)
+    return card.class_index(target)
+
+
+def check_options(options: ExplainOptions, device: Any = None) -> Any:
+    """Load ``options.model`` on the device (cached) and check the options that need it: the
+    target class and the CAM layer. Returns the ``LoadedModel``. Called before any CT is read by
+    the command line and the batch, and by :func:`explain` before the lung mask."""
+    from .cam import _resolve_layer
+
+    loaded = get_model(options.model, resolve_device(options.device) if device is None else device)
+    _target_index(loaded.card, options.target)
+    for part in (options.layer or loaded.card.target_layer).split("+"):
+        _resolve_layer(loaded.module, part)
+    return loaded
+
+
 def explain(volume: Volume, model: Any = "default", method: str = "gradcam", target: Any = None,
             mode: str = "auto", roi: Any = None, lung_mask: Optional[np.ndarray] = None,
-            device: Any = None, batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None,
+            device: Any = None, batch_size: Optional[int] = None, progress: Optional[Progress] = None,
             stride: Optional[Sequence[int]] = None, amp: bool = False,
-            cancel: Optional[Callable[[], bool]] = None,
+            cancel: Optional[Callable[[], bool]] = None, *, layer: Optional[str] = None,
+            chest_check: bool = True, options: Optional[ExplainOptions] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
-    Steps: lung mask (computed unless ``lung_mask``, bool K, J, I on the CT grid, is given) ->
-    resampling to the model card's spacing -> CAM, by ``mode``:
+    The settings (``model`` ... ``amp``, ``layer``, ``chest_check``) are those of
+    :class:`~LungGradCAMLib.options.ExplainOptions`; give them as keywords or as one ``options``.
+
+    Steps: the model (checked: target class, layer) -> lung mask (computed unless ``lung_mask``,
+    bool K, J, I on the CT grid, is given) -> the chest-CT check (:func:`~LungGradCAMLib.lung.
+    check_chest_ct`; a CT without lungs raises :class:`NotChestCTError` unless ``chest_check`` is
+    False or a roi is explained) -> resampling to the model card's spacing -> CAM, by ``mode``:
 
     * ``sliding``: patches of the card's patch size over the lungs' bounding box, batched; each
       patch's CAM is weighted by its score, then CAMs and scores are blended with Gaussian
@@ -231,49 +306,61 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     Returns an :class:`Explanation` whose ``cam`` (float32 in [0, 1] in steps of
     :data:`CAM_STEP`, high = important) has the input CT's exact geometry. The scan-level
     probability of the explained class is the highest blended patch score; ``score_map`` holds
-    the blended scores on the CT grid.
-    ``target``: class name or index to explain (default: the card's ``cam_class``).
-    ``progress(done, total)`` is called per batch; ``cancel()`` returning True stops the run.
-    ``on_estimate(estimate)``, when given, is called with the :class:`CostEstimate` of the CAM
-    stage before it starts; returning False stops the run there (:class:`CancelledError`).
+    the blended scores on the CT grid. ``timings`` holds seconds per stage (:data:`STAGES`) and
+    ``total``, the wall time of the call.
+    ``progress(stage, done, total)`` is called as each stage starts and ends and, in the ``cam``
+    stage, after each batch (counts of patches); ``cancel()`` returning True stops the run before
+    the next stage or batch (:class:`CancelledError`). ``on_estimate(estimate)``, when given, is
+    called with the :class:`CostEstimate` of the CAM stage before it starts; returning False stops
+    the run there (:class:`CancelledError`).
     """
     import torch
 
-    from .cam import METHODS
-    from .lung import lung_bbox
+    from .lung import check_chest_ct, lung_bbox
     from .lung import lung_mask as compute_lung_mask
     from .sliding import patch_counts, sliding_cam
 
+    started = time.perf_counter()
+    opts = _options(options, dict(model=model, method=method, target=target, mode=mode, roi=roi,
+                                  device=device, batch_size=batch_size, stride=stride, amp=amp,
+                                  layer=layer, chest_check=chest_check))
     volume = _check_volume(volume)
-    if mode not in MODES:
-        raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if method not in METHODS:
-        raise InvalidInputError(f"unknown CAM method {method!r}; use one of {', '.join(METHODS)}")
     timings: Dict[str, float] = {}
-    dev = resolve_device(device)
-    with _stage(timings, "load_model"):
-        loaded = get_model(model, dev)
+    stage = _Stages(timings, progress, cancel)
+    dev = resolve_device(opts.device)
+    with stage("load_model"):
+        loaded = check_options(opts, dev)
     card = loaded.card
-    target_index = card.class_index(target)
+    target_index = _target_index(card, opts.target)
+    roi = opts.roi
 
-    with _stage(timings, "lung_mask"):
+    with stage("lung_mask"):
         if lung_mask is None:
             lungs = compute_lung_mask(volume)
         else:
             lungs = np.asarray(lung_mask.array if isinstance(lung_mask, Volume) else lung_mask).astype(bool)
             if lungs.shape != volume.shape:
                 raise InvalidInputError(f"lung_mask shape {lungs.shape} differs from the CT's {volume.shape}")
+        chest = check_chest_ct(volume, lungs)
 
+    mode = opts.mode
     if mode == "auto":
         mode = "roi" if roi is not None else ("whole" if card.patch_size is None else "sliding")
     if mode == "roi" and roi is None:
         raise InvalidInputError("mode 'roi' needs roi=(centre_ras_mm, size_mm) or a mask")
+    if opts.chest_check and mode != "roi" and not chest.ok:
+        raise NotChestCTError(
+            "this CT does not look like a chest CT that holds lungs: " + "; ".join(chest.problems)
+            + ". LungGradCAM explains chest CTs. If it is one, check that its values are HU; to explain a region "
+            "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False).")
 
-    with _stage(timings, "resample"):
+    with stage("resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
         space = resample(ct, card.spacing_mm, order=1, default_value=-1024.0)
         roi_space = None
         if isinstance(roi, np.ndarray):
+            if roi.shape != volume.shape:
+                raise InvalidInputError(f"roi mask shape {roi.shape} differs from the CT's {volume.shape}")
             roi_space = resample_to(volume.with_array(roi.astype(np.uint8)), space, order=0).array > 0
         lungs_space = resample_to(volume.with_array(lungs.view(np.uint8)), space, order=0).array > 0
 
@@ -288,22 +375,22 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
         box = lung_bbox(lungs_space, margin_vox=[p // 4 for p in patch])
 
-    stride = stride or [max(1, p // 2) for p in patch]
-    batch_size = batch_size or default_batch_size(dev, patch)
+    stride = opts.stride or [max(1, p // 2) for p in patch]
+    batch_size = opts.batch_size or default_batch_size(dev, patch)
     if on_estimate is not None:
         n_patches = int(np.prod(patch_counts(box, patch, stride)))
-        estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
+        estimate = estimate_cost(loaded, opts.method, n_patches, patch, dev, batch_size)
         if on_estimate(estimate) is False:
             raise CancelledError(f"not started: {estimate}")
-    with _stage(timings, "cam"):
+    with stage("cam"):
         result = sliding_cam(
-            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
-            target=target_index, layer=card.target_layer, roi=box, batch_size=batch_size,
-            preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
+            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=opts.method,
+            target=target_index, layer=opts.layer or card.target_layer, roi=box, batch_size=batch_size,
+            preprocess=loaded.prepare, progress=stage.counter("cam"), cancel=cancel, device=dev, amp=opts.amp,
             activation=card.activation, blend="score",
         )
 
-    with _stage(timings, "resample_back"):
+    with stage("resample_back"):
         # both maps are 0 outside the sliding window's box: only the CT voxels within its reach are computed
         cam = cam_on_ct_grid(space.with_array(result.cam.astype(np.float32, copy=False)), volume, box)
         score_map = on_ct_grid(space.with_array(result.score_map.astype(np.float32, copy=False)), volume, box)
@@ -311,13 +398,15 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     p = float(result.max_score)
     probabilities = card.probabilities_from_score(target_index, p)
     predicted = max(probabilities, key=probabilities.get)
-    timings["total"] = sum(timings.values())
+    timings["total"] = time.perf_counter() - started
     return Explanation(
-        probabilities=probabilities, predicted_class=predicted, cam=cam, method=method,
+        probabilities=probabilities, predicted_class=predicted, cam=cam, method=opts.method,
         target_class=card.class_names[target_index], timings=timings, ct=volume, lung_mask=lungs,
         score_map=score_map,
-        extra={"mode": mode, "device": str(dev), "box_model_space": [list(b) for b in box],
-               "n_patches": len(result.patch_scores), "model": card.summary()},
+        extra={"mode": mode, "device": str(dev), "device_used": result.device, "batch_size_used": result.batch_size,
+               "layer": opts.layer or card.target_layer, "box_model_space": [list(b) for b in box],
+               "n_patches": len(result.patch_scores), "model": card.summary(), "chest_check": chest.to_dict(),
+               "options": opts.to_dict()},
     )
 
 
@@ -364,45 +453,78 @@ def on_ct_grid(values: Volume, ct: Volume, box: Optional[Sequence[Sequence[int]]
     out[tuple(slice(a, b) for a, b in zip(lo, hi))] = resample_to(sub, reach, order=1, default_value=0.0,
                                                                   finish=finish).array
     return ct.with_array(out)
+def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: Optional[np.ndarray] = None,
+                        progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+                        on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
+                        ) -> Tuple[Explanation, Segmentation]:
+    """:func:`explain`, then :func:`~LungGradCAMLib.segment.segment_cam` at ``options.threshold``
+    (inside the lungs when ``options.restrict_to_lungs``): what the command line, the batch and the
+    Slicer module do. The segmentation stage is timed and reported as ``segment``."""
+    from .segment import segment_cam
+
+    explanation = explain(volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options,
+                          on_estimate=on_estimate)
+    with _Stages(explanation.timings, progress, cancel)("segment"):
+        segmentation = segment_cam(explanation, threshold=options.threshold,
+                                   within=None if options.restrict_to_lungs else False)
+    return explanation, segmentation
 
 
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
-def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None) -> Volume:
-    """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
-    database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
-    when it holds several CT series)."""
-    from .volume import SUPPORTED_SUFFIXES, read_volume
+def _is_database(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".sql" or (path / "ctkDICOM.sql").is_file()
 
+
+def _is_volume_file(path: Path) -> bool:
+    from .volume import SUPPORTED_SUFFIXES
+
+    return path.is_file() and any(path.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
+
+
+def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None) -> Path:
+    """``source`` as a path after the checks that need no reading: it exists, and ``series_uid``
+    is only given for a DICOM folder or database (a volume file holds one series)."""
     path = Path(source)
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix.lower() == ".sql" or (path / "ctkDICOM.sql").is_file():
+    if series_uid is not None and _is_volume_file(path):
+        raise InvalidInputError(f"{path} is a volume file, which holds one series: leave out --series "
+                                "(series_uid), which picks a series of a DICOM folder or database")
+    return path
+
+
+def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> Volume:
+    """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
+    database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
+    when it holds several CT series). ``progress(done, total)`` counts DICOM files read."""
+    from .volume import read_volume
+
+    path = check_input(source, series_uid)
+    if _is_database(path):
         from .ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
-        return db.load(series_uid) if series_uid else db.load_single_ct()
-    if path.is_dir():
-        from .dicom import load_dicom_series
-
-        return load_dicom_series(path, series_uid=series_uid)
-    if any(path.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES):
+        return db.load(series_uid, progress=progress) if series_uid else db.load_single_ct(progress=progress)
+    if _is_volume_file(path):
         return read_volume(path)
     from .dicom import load_dicom_series
 
-    return load_dicom_series([path], series_uid=series_uid)
+    return load_dicom_series(path if path.is_dir() else [path], series_uid=series_uid, progress=progress)
 
 
 def safe_name(text: str, fallback: str = "series") -> str:
     """A file-system-safe folder name from a UID-like string (no separators, dots kept, <= 64).
 
     A text that is already such a name (every valid UID) is kept; any other (a part key
-    ``<uid>#2``, a hostile UID holding ``../``, more than 64 characters) gets a hash of the whole
-    text appended, so that two different UIDs never share a folder."""
+    ``<uid>#2``, a hostile UID holding ``../``, an empty UID, more than 64 characters) gets a hash
+    of the whole text appended, so that two different UIDs never share a folder and none is the
+    batch's own folder."""
     text = str(text)
     name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
-    if name == text and len(name) <= 64:
+    if name and name == text and len(name) <= 64:
         return name
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{name[:51] or fallback}-{digest}"
@@ -411,6 +533,12 @@ def safe_name(text: str, fallback: str = "series") -> str:
 # --------------------------------------------------------------------------------------------
 # outputs
 # --------------------------------------------------------------------------------------------
+#: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
+VOLUME_FORMATS = ("nrrd", "nii.gz")
+#: What the report and every output say when the heat map has no region above the threshold.
+NO_REGION = "no region above threshold"
+
+
 def _versions() -> Dict[str, str]:
     import torch
 
@@ -418,10 +546,25 @@ def _versions() -> Dict[str, str]:
             "numpy": np.__version__}
 
 
+def intended_use(explanation: Explanation) -> str:
+    """The model card's intended use (e.g. "... not for clinical use"), as every output shows it."""
+    from .models.card import NOT_CLINICAL
+
+    return (explanation.extra.get("model") or {}).get("intended_use") or NOT_CLINICAL
+
+
+def outcome(segmentation: Segmentation) -> str:
+    """"N hot region(s)" or :data:`NO_REGION` (with the level), as the outputs state it."""
+    level = "" if segmentation.threshold is None else f" {segmentation.threshold:.2f}"
+    n = len(segmentation.regions)
+    return f"{n} hot region{'s' if n != 1 else ''}" if n else NO_REGION + level
+
+
 def build_report(explanation: Explanation, segmentation: Segmentation, input_desc: str = "") -> dict:
     """The JSON-able report of a run (no patient name or ID: UIDs only)."""
     ct_meta = explanation.ct.meta if explanation.ct is not None else {}
     return {
+        "intended_use": intended_use(explanation),
         "input": input_desc,
         "study_instance_uid": ct_meta.get("study_uid"),
         "series_instance_uid": ct_meta.get("series_uid"),
@@ -429,13 +572,18 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "ct_shape_kji": list(explanation.cam.shape),
         "ct_spacing_ijk_mm": [float(s) for s in explanation.cam.spacing],
         "model": explanation.extra.get("model"),
+        "options": explanation.extra.get("options"),
         "method": explanation.method,
+        "layer": explanation.extra.get("layer"),
         "target_class": explanation.target_class,
         "predicted_class": explanation.predicted_class,
         "probabilities": explanation.probabilities,
         "mode": explanation.extra.get("mode"),
-        "device": explanation.extra.get("device"),
+        "n_patches": explanation.extra.get("n_patches"),
+        "device": explanation.extra.get("device_used", explanation.extra.get("device")),
+        "chest_check": explanation.extra.get("chest_check"),
         "threshold": segmentation.threshold,
+        "outcome": outcome(segmentation),
         "regions": [r.to_dict() for r in segmentation.regions],
         "timings_s": explanation.timings,
         "versions": _versions(),
@@ -444,14 +592,20 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
 
 def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir: Union[str, os.PathLike],
                   *, lungs: bool = True, overlay: bool = True, dicom_seg: bool = False,
-                  input_desc: str = "") -> Dict[str, Path]:
+                  input_desc: str = "", volume_format: str = "nrrd", started: Optional[float] = None,
+                  progress: Optional[Progress] = None, report_extra: Optional[dict] = None) -> Dict[str, Path]:
     """Write a run's files into ``out_dir``: ``cam.nrrd``, ``segmentation.seg.nrrd``,
     ``lungs.seg.nrrd`` (``lungs``), ``overlay.png`` (``overlay``), ``segmentation.dcm``
     (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``.
+    With ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files
+    instead (``cam.nii.gz``, ``segmentation.nii.gz`` labelled as the report's regions,
+    ``lungs.nii.gz``).
 
     Every file is written atomically; ``report.json`` is written last, so its presence means the
     folder is complete. The other files are written at the same time, one thread each: their
-    compression (zlib) runs outside the GIL, beside the overlay's rendering. Returns name -> path.
+    compression (zlib) runs outside the GIL, beside the overlay's rendering. The report's
+    ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
+    ``total`` = the wall time since then; ``report_extra`` adds fields to it. Returns name -> path.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -459,30 +613,47 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
     from .segment import write_segmentation
     from .volume import write_volume
 
+    if volume_format not in VOLUME_FORMATS:
+        raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
+    timings = explanation.timings
+    t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    jobs: Dict[str, Callable[[], Path]] = {
-        "cam": lambda: write_volume(explanation.cam, out / "cam.nrrd"),
-        "segmentation": lambda: write_segmentation(segmentation, out / "segmentation.seg.nrrd"),
-    }
-    if lungs and explanation.lung_mask is not None:
-        lung_seg = Seg(explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8)), [])
-        jobs["lungs"] = lambda: write_segmentation(lung_seg, out / "lungs.seg.nrrd", names={1: "lungs"},
-                                                   colors={1: (0.5, 0.68, 0.5)})
+    lung_labels = None if not lungs or explanation.lung_mask is None else \
+        explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8))
+    jobs: Dict[str, Callable[[], Path]] = {"cam": lambda: write_volume(explanation.cam, out / f"cam.{volume_format}")}
+    if volume_format == "nrrd":
+        jobs["segmentation"] = lambda: write_segmentation(segmentation, out / "segmentation.seg.nrrd")
+        if lung_labels is not None:
+            jobs["lungs"] = lambda: write_segmentation(Seg(lung_labels, []), out / "lungs.seg.nrrd",
+                                                       names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)})
+    else:
+        jobs["segmentation"] = lambda: write_volume(segmentation.labelmap, out / f"segmentation.{volume_format}")
+        if lung_labels is not None:
+            jobs["lungs"] = lambda: write_volume(lung_labels, out / f"lungs.{volume_format}")
     if overlay and explanation.ct is not None:
         jobs["overlay"] = lambda: write_overlay(explanation, segmentation, out / "overlay.png")
-    report = build_report(explanation, segmentation, input_desc)
-    if dicom_seg and not segmentation.regions:
-        report["dicom_seg"] = "not written: no hot region above the threshold"
-    elif dicom_seg:
-        from .dicomseg import write_dicom_seg
+    with _Stages(timings, progress)("write"):
+        report = {**build_report(explanation, segmentation, input_desc), **(report_extra or {})}
+        if dicom_seg and not segmentation.regions:
+            report["dicom_seg"] = f"not written: {NO_REGION}"
+        elif dicom_seg:
+            from .dicomseg import write_dicom_seg
 
-        jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm")
-    with ThreadPoolExecutor(len(jobs), thread_name_prefix="lgc-write") as pool:
-        futures = {name: pool.submit(job) for name, job in jobs.items()}
-        written = {name: future.result() for name, future in futures.items()}
-    report["files"] = sorted(p.name for p in written.values())
-    written["report"] = write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
+            jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm",
+                                                        method=explanation.method,
+                                                        intended_use=intended_use(explanation))
+        with ThreadPoolExecutor(len(jobs), thread_name_prefix="lgc-write") as pool:
+            futures = {name: pool.submit(job) for name, job in jobs.items()}
+            written = {name: future.result() for name, future in futures.items()}
+        report["files"] = sorted(p.name for p in written.values()) + ["report.json"]
+        now = time.perf_counter()
+        report["timings_s"] = {**timings, "write": timings.get("write", 0.0) + now - t0}
+        if started is not None:
+            report["timings_s"]["total"] = now - started
+        written["report"] = write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
+    if started is not None:
+        timings["total"] = time.perf_counter() - started
     return written
 
 
@@ -500,7 +671,8 @@ def _json_default(obj: Any) -> Any:
 
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, colour bar."""
+    CAM colour map, region and lung contours, colour bar; the title states the prediction and the
+    outcome, the caption the model's intended use."""
     from .render import save_montage
 
     if segmentation.regions:
@@ -513,76 +685,137 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)
-    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}"
+    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}"
     return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours,
-                        cam=explanation.cam, title=title)
+                        cam=explanation.cam, title=title, caption="Research model. " + intended_use(explanation))
 
 
 # --------------------------------------------------------------------------------------------
 # one scan
 # --------------------------------------------------------------------------------------------
-def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "default",
-            method: str = "gradcam", threshold: Any = 0.5, roi: Any = None, device: Any = None,
-            dicom_seg: bool = False, input_desc: str = "", progress: Optional[ProgressFn] = None,
-            batch_size: Optional[int] = None,
-            on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
-            ) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
-    """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT."""
-    from .segment import segment_cam
+Source = Union[Volume, str, os.PathLike, Callable[[], Volume]]
 
-    explanation = explain(volume, model=model, method=method, roi=roi, device=device,
-                          progress=progress, batch_size=batch_size, on_estimate=on_estimate)
-    t0 = time.perf_counter()
-    segmentation = segment_cam(explanation, threshold=threshold)
-    explanation.timings["segment"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, input_desc=input_desc)
-    explanation.timings["write"] = time.perf_counter() - t0
+
+def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[ExplainOptions] = None, *,
+            series_uid: Optional[str] = None, dicom_seg: bool = False, volume_format: str = "nrrd",
+            input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+            report_extra: Optional[dict] = None, started: Optional[float] = None,
+            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
+            ) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+    """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
+    explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
+
+    ``explanation.timings`` (and the report's ``timings_s``) hold every stage, loading and
+    writing included, and ``total``: the wall time since ``started`` (a ``time.perf_counter()``
+    value; default: the start of this call). ``on_estimate``: see :func:`explain`."""
+    started = time.perf_counter() if started is None else started
+    options = ExplainOptions() if options is None else options
+    timings: Dict[str, float] = {}
+    stage = _Stages(timings, progress, cancel)
+    with stage("load"):
+        if isinstance(source, Volume):
+            volume = source
+        elif callable(source):
+            volume = source()
+        else:
+            volume = load_input(source, series_uid=series_uid, progress=stage.counter("load"))
+    explanation, segmentation = explain_and_segment(volume, options, progress=progress, cancel=cancel,
+                                                    on_estimate=on_estimate)
+    explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
+    files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
+                          input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
     return explanation, segmentation, files
 
 
-def _parse_threshold(text: str) -> Any:
-    """"0.5" -> 0.5, "otsu" -> "otsu", "p99" -> "p99" (percentile)."""
+# --- the command line: every option is checked by its argparse type= as it is parsed --------
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a parser of :mod:`LungGradCAMLib.options`: its message, at parse time."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.replace("parse_", "")
+    return convert
+
+
+def _batch_size(text: str) -> int:
     try:
-        return float(text)
+        value = int(text)
     except ValueError:
-        return text
+        value = 0
+    if value < 1:
+        raise InvalidInputError(f"batch size {text!r}: give a positive whole number of patches")
+    return value
 
 
-def _parse_roi(text: Optional[str]) -> Any:
-    if not text:
-        return None
-    try:
-        nums = [float(x) for x in text.replace(",", " ").split()]
-    except ValueError:
-        nums = []
-    if len(nums) not in (4, 6):
-        raise InvalidInputError(f"--roi {text!r}: give 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' in RAS mm")
-    return nums[:3], nums[3:] if len(nums) == 6 else nums[3]
+def _device(text: str) -> Optional[str]:
+    return ExplainOptions(device=text).device
 
 
-def _tqdm_progress(desc: str) -> Tuple[ProgressFn, Callable[[], None]]:
+#: ``--roi``'s value may start with "-" (a negative RAS coordinate): cli.main joins it to the option.
+NEGATIVE_VALUE_OPTIONS = ("--roi",)
+
+
+def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
+    """The options of an explanation (:class:`ExplainOptions`) and of its outputs, checked as parsed."""
+    g = p.add_argument_group("explanation (as the Slicer panel)")
+    g.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
+    g.add_argument("--method", default="gradcam", choices=METHODS, metavar="METHOD",
+                   help="CAM method: " + ", ".join(METHODS) + " (default gradcam)")
+    g.add_argument("--target", default=None, help="class to explain, a name or an index (default: the model card's)")
+    g.add_argument("--layer", default=None, help="CAM layer, a dotted module name (default: the model card's)")
+    g.add_argument("--mode", default="auto", choices=MODES,
+                   help="sliding (patches over the lungs), whole (whole-volume models), roi, or auto (default)")
+    if roi:
+        g.add_argument("--roi", default=None, type=_argument_type(parse_roi), metavar="X,Y,Z,SIZE",
+                       help="explain only a region: 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' (RAS mm; negative values are fine)")
+    g.add_argument("--threshold", default=0.5, type=_argument_type(parse_threshold),
+                   help="heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
+    g.add_argument("--restrict-to-lungs", default=True, action=argparse.BooleanOptionalAction,
+                   help="keep only hot regions inside the lungs (default: yes)")
+    g.add_argument("--chest-check", default=True, action=argparse.BooleanOptionalAction,
+                   help="refuse a CT that holds no lungs before computing (default: yes)")
+    g.add_argument("--device", default=None, type=_argument_type(_device),
+                   help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    g.add_argument("--batch-size", type=_argument_type(_batch_size), default=None,
+                   help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+    g.add_argument("--stride", default=None, type=_argument_type(parse_stride), metavar="K[,J,I]",
+                   help="sliding-window step in model voxels (default: half a patch)")
+    g.add_argument("--amp", action="store_true", help="16-bit mixed precision on CUDA")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
+                   help="heat map, regions and lungs as .nrrd + Slicer .seg.nrrd (default) or as NIfTI .nii.gz")
+    o.add_argument("--dicom-seg", action="store_true",
+                   help="also write segmentation.dcm, a DICOM Segmentation of the regions (DICOM input only)")
+
+
+def options_from_args(args: argparse.Namespace) -> ExplainOptions:
+    """The :class:`ExplainOptions` of parsed command-line arguments."""
+    return ExplainOptions(model=args.model, method=args.method, target=args.target, layer=args.layer,
+                          mode=args.mode, roi=getattr(args, "roi", None), threshold=args.threshold,
+                          restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
+                          device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp)
+
+
+def cli_progress(method: str) -> Tuple[Progress, Callable[[], None]]:
+    """A tqdm line on stderr naming the current stage (the heat map counted in patches)."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=desc, unit="batch", leave=False, disable=None)
+    bar = tqdm(total=1, leave=False, disable=None, bar_format="{desc}: {n}/{total} {unit} [{elapsed}]")
+    current = [""]
 
-    def update(done: int, total: int) -> None:
+    def update(stage: str, done: int, total: int) -> None:
+        if stage != current[0]:
+            current[0] = stage
+            bar.set_description_str(STAGES[stage] + (f" ({method})" if stage == "cam" else ""), refresh=False)
+            bar.unit = "patches" if stage == "cam" else "steps"
+            bar.reset(total=total)
         bar.total = total
         bar.n = done
         bar.refresh()
 
     return update, bar.close
-
-
-def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
-    p.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
-    p.add_argument("--method", default="gradcam",
-                   help="gradcam, gradcam++, xgradcam, hirescam, layercam, scorecam, guided-gradcam")
-    p.add_argument("--threshold", default="0.5", type=_parse_threshold,
-                   help="CAM level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 8 on CUDA; on the CPU up to 32, about 1 M voxels)")
-    p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM Segmentation (needs highdicom)")
 
 
 def print_estimate(estimate: CostEstimate) -> None:
@@ -591,89 +824,98 @@ def print_estimate(estimate: CostEstimate) -> None:
         print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
 
 
-def _cmd_run(args: Any) -> int:
-    volume = load_input(args.input, series_uid=args.series)
-    update, close = _tqdm_progress("Grad-CAM")
+def _cmd_run(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    path = check_input(args.input, args.series)
+    if args.dicom_seg and _is_volume_file(path):
+        raise InvalidInputError(f"--dicom-seg needs a DICOM input (its segments reference the CT's slices); "
+                                f"{path} is a volume file: leave out --dicom-seg")
+    check_options(options)  # model, target class, layer and device, before the CT is read
+    update, close = cli_progress(options.method)
     try:
         explanation, segmentation, files = run_one(
-            volume, args.out, model=args.model, method=args.method, threshold=args.threshold,
-            roi=_parse_roi(args.roi), device=args.device, dicom_seg=args.dicom_seg,
-            input_desc=str(args.input), progress=update, batch_size=args.batch_size,
-            on_estimate=print_estimate)
+            args.input, args.out, options, series_uid=args.series, dicom_seg=args.dicom_seg,
+            volume_format=args.volume_format, input_desc=str(args.input), progress=update,
+            started=getattr(args, "started", None), on_estimate=print_estimate)
     finally:
         close()
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
-    print(f"prediction: {explanation.predicted_class} ({probs}); {len(segmentation.regions)} hot region(s); "
+    print(f"prediction: {explanation.predicted_class} ({probs}); {outcome(segmentation)}; "
           f"{explanation.timings['total']:.1f} s")
     print(f"outputs in {Path(args.out).resolve()}: {', '.join(sorted(p.name for p in files.values()))}")
+    print(intended_use(explanation))
     return 0
 
 
 def add_cli(sub: Any) -> None:
     p = sub.add_parser("run", help="explain one CT: DICOM folder, Slicer DICOM database or volume file",
                        description="Explain one CT and write cam.nrrd, segmentation.seg.nrrd, lungs.seg.nrrd, "
-                                   "overlay.png, report.json (and segmentation.dcm with --dicom-seg).")
+                                   "overlay.png, report.json (and segmentation.dcm with --dicom-seg). Every "
+                                   "option of the Slicer panel is here.")
     p.add_argument("input", help="DICOM folder, Slicer DICOM database (folder or ctkDICOM.sql), or .nrrd/.nii.gz/.mha")
     p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the input holds several CT series")
-    p.add_argument("--roi", default=None, help="explain only a region: 'X,Y,Z,SIZE' (RAS mm), or X,Y,Z,SX,SY,SZ")
-    _add_common_options(p)
+    add_explain_options(p, roi=True)
     p.set_defaults(func=_cmd_run)
 
     b = sub.add_parser("batch", help="explain every CT series of a DICOM tree or Slicer DICOM database",
                        description="One output folder per series (named by SeriesInstanceUID) and a "
-                                   "summary.csv. Resumable: finished series are skipped. Under "
-                                   "'torchrun --nproc_per_node N' the series are shared among the ranks.")
+                                   "summary.csv. Resumable: finished series are skipped unless their options "
+                                   "differ. Under 'torchrun --nproc_per_node N' the series are shared among "
+                                   "the ranks.")
     b.add_argument("source", help="DICOM folder tree, or Slicer DICOM database (folder or ctkDICOM.sql)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--redo-failed", action="store_true", help="retry series that failed in an earlier run")
-    _add_common_options(b)
+    add_explain_options(b, roi=False)
     b.set_defaults(func=_cmd_batch)
 
 
 # --------------------------------------------------------------------------------------------
 # cohort
 # --------------------------------------------------------------------------------------------
-SUMMARY_FIELDS = ("series_uid", "status", "predicted_class", "target_probability", "n_regions",
-                  "largest_region_ml", "peak_cam", "seconds", "output", "error")
+#: summary.csv's columns: ``output`` is the series' folder inside --out, ``input`` where it was read.
+SUMMARY_FIELDS = ("series_uid", "status", "predicted_class", "target_probability", "outcome", "n_regions",
+                  "largest_region_ml", "peak_cam", "seconds", "output", "input", "error")
 
 
 @dataclass
 class _SeriesJob:
     uid: str
     load: Callable[[], Volume]
+    input: str  #: where the series is read from: its folder, or the database and UID
 
 
 def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID."""
-    path = Path(source)
-    if not path.exists():
-        raise InvalidInputError(f"{path}: no such file or folder")
-    if path.suffix.lower() == ".sql" or (path / "ctkDICOM.sql").is_file():
+    path = check_input(source)
+    if _is_database(path):
         from .ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
-        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid))) for s in db.ct_series()]
+        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}")
+                for s in db.ct_series()]
     else:
         from .dicom import list_dicom_series, load_dicom_series
 
-        jobs = [_SeriesJob(s.key, (lambda files=list(s.files), key=s.key: load_dicom_series(files, key)))
+        jobs = [_SeriesJob(s.key, (lambda files=list(s.files), key=s.key: load_dicom_series(files, key)),
+                           os.path.commonpath([str(Path(f).parent) for f in s.files]))
                 for s in list_dicom_series(path) if s.modality.upper() == "CT"]
     if not jobs:
         raise InvalidInputError(f"{path}: no CT series found")
     return sorted(jobs, key=lambda j: j.uid)
 
 
-def _summary_row(uid: str, folder: Path) -> Dict[str, Any]:
+def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
+    folder = out_dir / safe_name(job.uid)
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
-    row.update(series_uid=uid, output=folder.name, status="pending")
+    row.update(series_uid=job.uid, output=folder.name, input=job.input, status="pending")
     report, error = folder / "report.json", folder / "error.json"
     if report.is_file():
         r = json.loads(report.read_text())
         regions = r.get("regions") or []
         row.update(status="done", predicted_class=r["predicted_class"],
                    target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
-                   n_regions=len(regions),
+                   outcome=r.get("outcome", ""), n_regions=len(regions),
                    largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
                    peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
                    seconds=f"{r['timings_s'].get('total', 0.0):.2f}")
@@ -688,7 +930,7 @@ def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for job in jobs:
-        writer.writerow(_summary_row(job.uid, out_dir / safe_name(job.uid)))
+        writer.writerow(_summary_row(job, out_dir))
     return write_text(out_dir / "summary.csv", buf.getvalue())
 
 
@@ -713,24 +955,37 @@ def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noq
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
-              model: Any = "default", method: str = "gradcam", threshold: Any = 0.5,
-              device: Any = "auto", dicom_seg: bool = False, redo_failed: bool = False,
-              batch_size: Optional[int] = None, show_progress: bool = True,
-              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
-    """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/``.
+def _recorded(folder: Path, key: Dict[str, Any]) -> Optional[str]:
+    """How the series in ``folder`` stands for a run with result options ``key``: "done" (its
+    report has these options), "failed" (its error.json has them), or None (nothing, or another run's)."""
+    for name, status in (("report.json", "done"), ("error.json", "failed")):
+        try:
+            recorded = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        return status if recorded.get("result_key") == key else None
+    return None
 
-    Resumable: a series whose folder holds ``report.json`` is skipped; one that failed (its
-    ``error.json``) is skipped unless ``redo_failed``. A failure is recorded and the rest go on.
-    The next series is read (a background thread) while the current one is explained.
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes series r, r+N, ...; rank 0 writes
-    ``summary.csv`` after all ranks finish. Returns the summary path.
+
+def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+              options: Optional[ExplainOptions] = None, *, dicom_seg: bool = False, volume_format: str = "nrrd",
+              redo_failed: bool = False, show_progress: bool = True,
+              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
+    """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
+
+    Resumable: a series whose ``report.json`` was made with the same result options and model
+    (``result_key`` in the report: :meth:`ExplainOptions.result_options` without the model's name,
+    plus the weights' SHA-256) is skipped; one that failed with them (its ``error.json``) is
+    skipped unless ``redo_failed``; a series done or failed with other options is done again. A
+    failure is recorded and the rest go on. The next series is read (a background thread) while
+    the current one is explained. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes
+    series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish. Returns its path.
     """
     from tqdm import tqdm
 
+    options = ExplainOptions() if options is None else options
     rank, world, local_rank = _dist_env()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     jobs = _list_ct_series(source)
     if world > 1:
         import datetime
@@ -740,26 +995,31 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
 
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        if (device in (None, "auto")) and torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
-    todo = [job for job in jobs[rank::world]
-            if not ((out / safe_name(job.uid) / "report.json").is_file()
-                    or ((out / safe_name(job.uid) / "error.json").is_file() and not redo_failed))]
+        if options.device is None and torch.cuda.is_available():
+            options = dataclasses.replace(options, device=f"cuda:{local_rank}")
+    loaded = check_options(options)  # once, before any series: a wrong option stops the batch here
+    key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256}
+    out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for job in jobs[rank::world]:
+        status = _recorded(out / safe_name(job.uid), key)
+        if not (status == "done" or (status == "failed" and not redo_failed)):
+            todo.append(job)
     progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
                         disable=not show_progress or None)
     for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
         folder = out / safe_name(job.uid)
         for stale in folder.glob(".tmp-*"):  # left by a run that was killed mid-write
             stale.unlink()
+        for old in ("report.json", "error.json"):  # another run's: this series is done again
+            (folder / old).unlink(missing_ok=True)
         try:
-            run_one(volume.result(), folder, model=model, method=method, threshold=threshold, device=device,
-                    dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size,
-                    on_estimate=on_estimate)
-            (folder / "error.json").unlink(missing_ok=True)
+            run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
+                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
             info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
-                    "user_error": isinstance(exc, LungGradCAMError)}
+                    "user_error": isinstance(exc, LungGradCAMError), "result_key": key}
             write_text(folder / "error.json", json.dumps(info, indent=2))
     if world > 1:
         import torch.distributed as dist
@@ -774,10 +1034,9 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     return summary
 
 
-def _cmd_batch(args: Any) -> int:
-    summary = run_batch(args.source, args.out, model=args.model, method=args.method,
-                        threshold=args.threshold, device=args.device, dicom_seg=args.dicom_seg,
-                        redo_failed=args.redo_failed, batch_size=args.batch_size, on_estimate=print_estimate)
+def _cmd_batch(args: argparse.Namespace) -> int:
+    summary = run_batch(args.source, args.out, options_from_args(args), dicom_seg=args.dicom_seg,
+                        volume_format=args.volume_format, redo_failed=args.redo_failed, on_estimate=print_estimate)
     if _dist_env()[0] == 0:
         with open(summary, newline="") as fh:
             rows = list(csv.DictReader(fh))

@@ -55,7 +55,7 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
                  contours: Optional[Dict[str, np.ndarray]] = None,
                  cam: Union[np.ndarray, Volume, None] = None, cam_opacity: float = 0.4,
                  window: Tuple[float, float] = (-1350.0, 150.0), title: Optional[str] = None,
-                 dpi: int = 100) -> Path:
+                 caption: Optional[str] = None, dpi: int = 100) -> Path:
     """Write a PNG with axial, coronal and sagittal views of ``volume`` through ``center_ijk``.
 
     ``center_ijk``: voxel (i, j, k) the three planes pass through (default: the volume centre).
@@ -64,7 +64,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     containing "lung" are cyan, the others red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
     (array K, J, I or a :class:`Volume`), overlaid with the jet colour map (high = red), transparent
     near zero, at most ``cam_opacity`` opaque, with a colour bar. ``window``: (low, high) HU shown
-    black to white (default: lung window). The file is written atomically; returns its path.
+    black to white (default: lung window). ``caption``: a line of small text along the bottom (e.g.
+    the model's intended use). The file is written atomically; returns its path.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
@@ -125,10 +126,10 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     heights = [n_p * s_p, n_s * s_s, n_s * s_s]
     inch_per_mm = 4.5 / max(heights)
     fig = Figure(figsize=(sum(widths) * inch_per_mm + 1.6 + (0.9 if cam_d is not None else 0.0),
-                          max(heights) * inch_per_mm + 1.1), facecolor="black")
+                          max(heights) * inch_per_mm + 1.1 + (0.4 if caption else 0.0)), facecolor="black")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(1, 3, width_ratios=widths, left=0.03, right=0.9 if cam_d is not None else 0.97,
-                            top=0.86, bottom=0.04, wspace=0.08)
+                            top=0.86, bottom=0.1 if caption else 0.04, wspace=0.08)
     jet = matplotlib.colormaps["jet"]
     others = iter(PALETTE * len(masks))
     colours = {name: LUNG_COLOUR if "lung" in name.lower() else next(others) for name in masks}
@@ -175,6 +176,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     window_text = f"W {hi - lo:.0f} / L {(hi + lo) / 2:.0f} HU"
     fig.text(0.01, 0.97, (title + "   " if title else "") + window_text, color="white", fontsize=11,
              ha="left", va="top")
+    if caption:
+        fig.text(0.01, 0.01, caption, color="orange", fontsize=9, ha="left", va="bottom", wrap=True)
     with atomic_path(path) as tmp:
         # PNG zlib level 1: a quarter of the default's encoding time, for a slightly larger file
         fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png", pil_kwargs={"compress_level": 1})

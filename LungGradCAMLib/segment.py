@@ -268,7 +268,7 @@ def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu
         volume_mm3 = float(counts[r]) * voxel_mm3
         regions.append(Region(
             label=r + 1,
-            name=f"hot region {r + 1}",
+            name=f"heat-map region {r + 1}",
             voxels=int(counts[r]),
             volume_mm3=volume_mm3,
             volume_ml=volume_mm3 / 1000.0,

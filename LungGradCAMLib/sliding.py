@@ -193,8 +193,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
     patches explain the same class. ``activation``: ``"softmax"`` or ``"sigmoid"`` (the model
-    card's), how logits become the patch probabilities. ``progress(done, total)`` is called after
-    each batch (counts of patches); ``cancel`` (a callable returning True, or a
+    card's), how logits become the patch probabilities. ``progress(done, total)`` is called before
+    the first batch (0) and after each batch (counts of patches); ``cancel`` (a callable returning True, or a
     ``threading.Event``) is checked before each batch and raises :class:`CancelledError`.
 
     Memory: the device holds the box (plus padding) three times in float32 and one batch. A
@@ -241,6 +241,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     options = {"normalize": False, "amp": amp, "activation": activation}
     cam = _Explainer(model, layer_name, method, cpu_workers(dev, batch, len(corners)), **options)
     fallen_back = False
+    if progress is not None:
+        progress(0, len(corners))
     try:
         done = 0
         while done < len(corners):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,3 +144,68 @@ def test_prefetched_reads_the_next_series_while_this_one_is_used():
             seen.append(str(exc))
     assert seen == [0, 1, "series 2 is broken", 3]
     assert list(pipeline.prefetched([])) == []
+def _stamps(out: Path, uids) -> dict:
+    return {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
+
+
+@pytest.mark.slow
+def test_batch_redoes_a_series_whose_options_changed(cohort, tmp_path, capsys):
+    """Each report records the options; a rerun with other result options redoes the series, a
+    rerun that changes only where or how fast (batch size) skips them."""
+    tree, uids, model = cohort
+    out = tmp_path / "out"
+    args = ["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"]
+    main(args + ["--threshold", "0.5"])
+    first = _stamps(out, uids)
+    report = json.loads((out / pipeline.safe_name(uids[0]) / "report.json").read_text())
+    assert report["options"]["threshold"] == 0.5 and report["options"]["method"] == "gradcam"
+    assert report["result_key"]["model_sha256"] == lgc.load_model(model).card.sha256
+
+    main(args + ["--threshold", "0.5", "--batch-size", "3"])  # same result options: skipped
+    assert _stamps(out, uids) == first
+    capsys.readouterr()
+    main(args + ["--threshold", "0.3"])  # another threshold: every series again
+    again = _stamps(out, uids)
+    assert all(again[uid] != first[uid] for uid in uids)
+    assert "3 of 4 series done" in capsys.readouterr().out
+    report = json.loads((out / pipeline.safe_name(uids[0]) / "report.json").read_text())
+    assert report["options"]["threshold"] == 0.3 and report["threshold"] == pytest.approx(0.3)
+    # the failed series was failed with the old options: it was tried again, and failed again
+    error = json.loads(next(out.glob("*/error.json")).read_text())
+    assert error["result_key"]["threshold"] == 0.3
+
+
+def test_summary_names_the_folder_and_the_input_of_each_series(cohort, tmp_path):
+    tree, uids, model = cohort
+    out = tmp_path / "out"
+    main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    rows = _summary(out)
+    for uid in uids:
+        row = rows[uid]
+        assert (out / row["output"] / "report.json").is_file()
+        assert Path(row["input"]).is_dir() and Path(row["input"]).parent == tree  # patient<seed>/
+        assert re.fullmatch(r"[1-9]\d* hot regions?|no region above threshold 0\.50", row["outcome"]), row["outcome"]
+    broken = next(r for r in rows.values() if r["status"] == "failed")
+    assert Path(broken["input"]) == tree / "broken"
+
+
+def test_series_with_an_empty_uid_gets_its_own_folder(tmp_path, cohort):
+    """A series whose SeriesInstanceUID is empty is written into a folder of its own, never into
+    --out itself beside summary.csv."""
+    import pydicom
+
+    _, _, model = cohort
+    tree = tmp_path / "dicom"
+    ph = phantom.chest_ct(seed=1, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+    for f in phantom.write_dicom_series(ph.volume, tree / "no-uid"):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = ""
+        ds.save_as(f)
+    out = tmp_path / "out"
+    assert main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"]) == 0
+    assert pipeline.safe_name("") != "" and "/" not in pipeline.safe_name("")
+    rows = list(_summary(out).values())
+    assert len(rows) == 1 and rows[0]["status"] == "done"
+    folder = out / rows[0]["output"]
+    assert folder.parent == out and folder != out and (folder / "report.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == sorted([folder.name, "summary.csv"])

@@ -391,8 +391,10 @@ def test_explain_volume_node_fills_the_output_nodes(scene, chest, tiny_model):
     calls = []
     result = mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", threshold=0.3,
                                       restrict_to_lungs=False, **FAST,
-                                      progress=lambda done, total: calls.append((done, total)))
-    assert calls and calls[-1][0] == calls[-1][1]
+                                      progress=lambda stage, done, total: calls.append((stage, done, total)))
+    assert calls[-1] == ("segment", 1, 1)  # every stage reported, the last one too
+    cam = [(done, total) for stage, done, total in calls if stage == "cam"]
+    assert cam[-1] == (result.explanation.extra["n_patches"],) * 2
     # heat map: the CT's geometry, the engine's values
     assert result.cam_node.GetName() == "chest Grad-CAM"
     np.testing.assert_allclose(_node_matrix(result.cam_node), _node_matrix(ct), atol=1e-9, rtol=0)

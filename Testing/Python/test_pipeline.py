@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 
 import numpy as np
@@ -14,6 +15,8 @@ from LungGradCAMLib import pipeline
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.errors import InvalidInputError, VolumeError
 from LungGradCAMLib.models import ModelCard, build_model, save_model
+
+from conftest import data_path
 
 
 def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
@@ -189,7 +192,7 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     np.testing.assert_allclose(from_dicom.array, np.round(from_nrrd.array), atol=1.0)
 
     # a Slicer database (CTK schema subset) that indexes the folder, with relative file names
-    _make_ctk_db(tmp_path / "db", dicom_dir)
+    make_ctk_db(tmp_path / "db", dicom_dir)
     from_db = pipeline.load_input(tmp_path / "db")
     np.testing.assert_array_equal(from_db.array, from_dicom.array)
 
@@ -212,7 +215,7 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     assert back.number_of_segments == len(seg.regions)
 
 
-def _make_ctk_db(folder, dicom_dir):
+def make_ctk_db(folder, dicom_dir):
     """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
     from LungGradCAMLib.dicom import list_dicom_series
 
@@ -286,7 +289,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     ct = small_phantom.volume
     estimates, batches = [], []
     exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
-                      progress=lambda done, total: batches.append(total))
+                      progress=lambda stage, done, total: stage == "cam" and batches.append(total))
     (gradcam,) = estimates
     assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
     assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
@@ -298,7 +301,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     batches.clear()
     with pytest.raises(CancelledError, match="not started: scorecam"):
         lgc.explain(ct, model=str(tiny_model), method="scorecam", device="cpu", on_estimate=lambda e: False,
-                    progress=lambda done, total: batches.append(done))
+                    progress=lambda stage, done, total: stage == "cam" and batches.append(done))
     assert batches == []  # no patch was explained
 
     lgc.write_volume(ct, tmp_path / "ct.nrrd")
@@ -315,7 +318,16 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
         pytest.skip("no bundled default model in Resources/Models")
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "model 'default': nodule" in out and "pointing game:" in out
+    lines = out.splitlines()
+    # first the honest line: what the heat map is, the model's intended use, how well it localises
+    assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
+    assert "held-out test scans" in lines[0]
+    assert "prediction: nodule" in out and "the heat map's maximum is" in out
+    # where the outputs are and how to open them in Slicer
+    assert f"Outputs in {tmp_path.resolve()}" in out and "drag and drop" in out
+    slicer_line = next(line for line in lines if line.startswith("  the phantom: "))
+    for name in ("phantom.nrrd", "result/cam.nrrd", "result/segmentation.seg.nrrd"):
+        assert str((tmp_path / name).resolve()) in slicer_line
     for name in ("montage.png", "phantom.nrrd", "nodules_truth.seg.nrrd", "result/cam.nrrd",
                  "result/segmentation.seg.nrrd", "result/overlay.png", "result/report.json"):
         assert (tmp_path / name).is_file(), name
@@ -327,3 +339,164 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     assert report["predicted_class"] == "nodule" and report["regions"]
     truth = lgc.phantom.chest_ct(seed=7).nodule_labelmap > 0  # the demo's phantom (seed 7)
     assert lgc.metrics.peak_distance_mm(cam, cam.with_array(truth)) <= 10.0
+
+
+def test_report_records_options_outcome_intended_use_and_wall_time(small_phantom, tiny_model, tmp_path):
+    """The report states the options, the outcome and the model's intended use, and its total is
+    the wall time of the run: every stage, loading and writing included."""
+    import time
+
+    from LungGradCAMLib.options import ExplainOptions
+
+    lgc.write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
+    options = ExplainOptions(model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3)
+    reports = []
+    started = time.perf_counter()
+    exp, seg, files = pipeline.run_one(tmp_path / "ct.nrrd", tmp_path / "out", options,
+                                       progress=lambda *r: reports.append(r))
+    wall = time.perf_counter() - started
+    report = json.loads(files["report"].read_text())
+    timings = report["timings_s"]
+    assert set(timings) == {"load", "load_model", "lung_mask", "resample", "cam", "resample_back", "segment",
+                            "write", "total"}
+    assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] <= wall
+    assert report["options"] == {**options.to_dict(), "threshold": 0.3}
+    assert report["outcome"] == f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
+    assert report["intended_use"] == exp.extra["model"]["intended_use"] and "clinical" in report["intended_use"]
+    assert report["chest_check"]["ok"] and report["layer"] == "features.act6"
+    assert report["files"] == sorted(p.name for k, p in files.items() if k != "report") + ["report.json"]
+    # progress: every stage in order, each from 0 to done
+    order = [s for n, (s, _, _) in enumerate(reports) if n == 0 or s != reports[n - 1][0]]
+    assert order == ["load", "load_model", "lung_mask", "resample", "cam", "resample_back", "segment", "write"]
+    assert all(reports[n][1] <= reports[n + 1][1] for n in range(len(reports) - 1) if reports[n][0] == reports[n + 1][0])
+
+
+def test_cli_options_of_the_panel_and_nifti_outputs(small_phantom, tiny_model, tmp_path, caplog):
+    """target, layer, mode, stride, restrict-to-lungs and NIfTI outputs from the command line."""
+    lgc.write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
+    out = tmp_path / "out"
+    assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(out), "--model", str(tiny_model), "--device", "cpu",
+                 "--target", "background", "--layer", "features.act5", "--mode", "sliding", "--stride", "8",
+                 "--no-restrict-to-lungs", "--threshold", "0.4", "--format", "nii.gz", "-v"]) == 0
+    logged = [r.getMessage() for r in caplog.records if r.name == "LungGradCAMLib.pipeline"]
+    assert any(m.startswith("computing the heat map: ") for m in logged)  # -v: each stage and its time
+    assert logging.getLogger("LungGradCAMLib").getEffectiveLevel() == logging.INFO
+    report = json.loads((out / "report.json").read_text())
+    assert report["target_class"] == "background" and report["layer"] == "features.act5"
+    assert report["options"]["stride"] == [8, 8, 8] and report["options"]["restrict_to_lungs"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["cam.nii.gz", "lungs.nii.gz", "overlay.png", "report.json",
+                                                   "segmentation.nii.gz"]
+    cam = lgc.read_volume(out / "cam.nii.gz")
+    labels = lgc.read_volume(out / "segmentation.nii.gz")
+    assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-4) and lgc.same_geometry(labels, cam, atol_mm=1e-4)
+    assert sorted(int(v) for v in np.unique(labels.array) if v) == [r["label"] for r in report["regions"]]
+    assert lgc.read_volume(out / "lungs.nii.gz").array.max() == 1
+
+
+def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, tmp_path):
+    """A heat map with nothing above the threshold: a complete run whose report, DICOM SEG note
+    and summary say so."""
+    import torch
+
+    from LungGradCAMLib.models import load_model
+    from LungGradCAMLib.options import ExplainOptions
+
+    blind = load_model(tiny_model, device="cpu")
+    with torch.no_grad():
+        blind.module.head[-1].weight.zero_()  # no evidence anywhere: the heat map is all zeros
+    dicom = tmp_path / "dicom"
+    lgc.phantom.write_dicom_series(small_phantom.volume, dicom)
+    exp, seg, files = pipeline.run_one(dicom, tmp_path / "out", ExplainOptions(model=blind, device="cpu"),
+                                       dicom_seg=True)
+    report = json.loads(files["report"].read_text())
+    assert seg.regions == [] and report["outcome"] == "no region above threshold 0.50"
+    assert report["dicom_seg"] == "not written: no region above threshold"
+    assert "dicom_seg" not in files and {"overlay", "cam", "segmentation"} <= set(files)
+
+
+def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phantom, tiny_model, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from LungGradCAMLib.options import ExplainOptions
+
+    dicom = tmp_path / "dicom"
+    lgc.phantom.write_dicom_series(small_phantom.volume, dicom)
+    exp, seg, files = pipeline.run_one(dicom, tmp_path / "out", ExplainOptions(
+        model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
+    ds = pydicom.dcmread(files["dicom_seg"])
+    assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
+    assert ds.ContentDescription == exp.extra["model"]["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
+    for item, region in zip(ds.SegmentSequence, seg.regions):
+        assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        kind = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (category.CodingSchemeDesignator, category.CodeValue) == ("SCT", "309825002")  # spatial/relational
+        assert (kind.CodingSchemeDesignator, kind.CodeValue, kind.CodeMeaning) == (
+            "DCM", "130403", "Gradient-weighted class activation")
+
+
+REAL_CHEST_CTS = ["full_chest_ct/dicom", "lidc/LIDC-IDRI-0001", "lidc/LIDC-IDRI-0002",
+                  "totalsegmentator/chest_crop_pulmonary.nii.gz", "totalsegmentator/chest_crop_aorta.nii.gz"]
+
+
+@pytest.mark.parametrize("name", REAL_CHEST_CTS)
+def test_every_real_chest_ct_passes_the_chest_check(name):
+    """The real chest CTs of ../shared/data, whole scans, slabs of 15 and 40 mm and crops, hold lungs."""
+    from LungGradCAMLib.lung import check_chest_ct
+
+    ct = pipeline.load_input(data_path(*name.split("/")))
+    check = check_chest_ct(ct, lgc.lung_mask(ct))
+    assert check.ok, check.problems
+    assert check.max_lung_area_cm2 > 150 and check.lung_share > 0.2 and check.aerated_share > 0.8
+
+
+def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tiny_model):
+    """The real upper-abdomen series, whose "lungs" are stomach and bowel gas, is refused as not a
+    chest CT, after the lung mask and before any patch is explained; nothing is written."""
+    from LungGradCAMLib.errors import NotChestCTError
+    from LungGradCAMLib.options import ExplainOptions
+
+    source = data_path("totalsegmentator", "abdomen_dicom_series")
+    assert main(["run", str(source), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "does not look like a chest CT" in err and "largest lung cross-section is 23 cm²" in err
+    assert not (tmp_path / "out").exists()
+    stages = []
+    with pytest.raises(NotChestCTError):
+        pipeline.run_one(source, tmp_path / "o", ExplainOptions(model=str(tiny_model), device="cpu"),
+                         progress=lambda stage, done, total: stages.append(stage))
+    assert "lung_mask" in stages and "cam" not in stages
+    # switched off, or with a region given, it runs
+    exp = lgc.explain(pipeline.load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
+    assert not exp.extra["chest_check"]["ok"] and exp.extra["chest_check"]["lung_share"] < 0.05
+
+
+@pytest.mark.parametrize("name", ["lidc/LIDC-IDRI-0001", "totalsegmentator/chest_crop_pulmonary.nii.gz"])
+def test_real_chest_cts_give_reports_marked_with_the_intended_use(name, tmp_path, tiny_model):
+    from LungGradCAMLib.options import ExplainOptions
+
+    source = data_path(*name.split("/"))
+    _, seg, files = pipeline.run_one(source, tmp_path / "out", ExplainOptions(
+        model=str(tiny_model), device="cpu", batch_size=8))
+    report = json.loads(files["report"].read_text())
+    assert report["chest_check"]["ok"] and report["intended_use"].endswith("Not for clinical use.")
+    assert report["outcome"] in (f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}",
+                                 "no region above threshold 0.50")
+
+
+@pytest.mark.slow
+def test_demo_takes_a_real_ct_through_the_same_pipeline(tmp_path, capsys, tiny_model):
+    """`lunggradcam demo --ct PATH`: after the phantom, the given CT into ct/, with its chest-CT
+    check, and the files to open in Slicer (the CT itself among them)."""
+    source = data_path("totalsegmentator", "chest_crop_pulmonary.nii.gz")
+    assert main(["demo", "--out", str(tmp_path), "--model", str(tiny_model), "--device", "cpu",
+                 "--ct", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert f"2. Your CT, {source}, through the same pipeline:" in out and "chest-CT check: lungs" in out
+    report = json.loads((tmp_path / "ct" / "report.json").read_text())
+    assert report["input"] == str(source) and report["chest_check"]["ok"]
+    assert lgc.same_geometry(lgc.read_volume(tmp_path / "ct" / "cam.nrrd"), lgc.read_volume(source), atol_mm=1e-4)
+    ct_line = next(line for line in out.splitlines() if line.startswith("  your CT: "))
+    assert str(source.resolve()) in ct_line and str((tmp_path / "ct" / "cam.nrrd").resolve()) in ct_line
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--ct", str(tmp_path / "missing")]) == 2  # before any work
+    assert "no such file" in capsys.readouterr().err and not (tmp_path / "d2").exists()

@@ -44,7 +44,7 @@ def test_regions_volumes_and_ras_positions_on_a_flipped_anisotropic_grid():
     assert a.bbox_ijk == ((2, 5), (3, 6), (4, 8))
     assert a.bbox_ras[0] == pytest.approx((50 - 0.7 * 7, 60 - 0.8 * 5, -25.0))
     assert a.bbox_ras[1] == pytest.approx((50 - 0.7 * 4, 60 - 0.8 * 3, -20.0))
-    assert (a.name, a.color, b.color) == ("hot region 1", PALETTE[0], PALETTE[1])
+    assert (a.name, a.color, b.color) == ("heat-map region 1", PALETTE[0], PALETTE[1])
     assert a.mean_hu is None and a.score is None
     labels = seg.labelmap.array
     np.testing.assert_array_equal(seg.labelmap.ijk_to_ras, FLIPPED)
@@ -188,7 +188,7 @@ def test_seg_nrrd_round_trip_with_slicerio_and_simpleitk(tmp_path, matrix):
     voxels = read["voxels"].transpose(2, 1, 0)                              # i, j, k -> K, J, I
     np.testing.assert_array_equal(voxels, seg.labelmap.array)
     segments = read["segments"]
-    assert [s["name"] for s in segments] == ["hot region 1", "second", "hot region 3"]
+    assert [s["name"] for s in segments] == ["heat-map region 1", "second", "heat-map region 3"]
     assert [s["labelValue"] for s in segments] == [1, 2, 3]
     for segment, region in zip(segments, seg.regions):
         assert np.count_nonzero(slicerio.segment_mask(read, segment["id"])) == region.voxels

@@ -4,7 +4,9 @@ built and installed against a stand-in for Slicer's SDK; the icon."""
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -89,8 +91,8 @@ def _module_constant(name: str):
     raise AssertionError(f"{name} is not a literal module constant in {MODULE.name}")
 
 
-# Qt/CTK/MRML API that LungGradCAM.py may use per widget class (a subset of the real API:
-# extend it when the module starts using more). Catches e.g. setCurrentNode on a QComboBox.
+# Qt API that LungGradCAM.py may use per Qt widget class (a subset of Qt 5.15's, whose source is not
+# Slicer's: extend it when the module starts using more). Catches e.g. setCurrentNode on a QComboBox.
 _QOBJECT = {"connect", "blockSignals", "enabled", "visible", "toolTip", "setToolTip", "show", "hide",
             "setEnabled", "setVisible", "styleSheet", "objectName"}
 WIDGET_API = {
@@ -101,12 +103,24 @@ WIDGET_API = {
                              "currentData", "itemData", "itemText", "findData", "findText", "currentIndexChanged"},
     "QSpinBox": _QOBJECT | {"value", "setValue", "minimum", "maximum", "valueChanged"},
     "QProgressBar": _QOBJECT | {"value", "setValue", "minimum", "maximum", "setRange", "setMaximum"},
-    "ctkSliderWidget": _QOBJECT | {"value", "setValue", "minimum", "maximum", "singleStep", "valueChanged"},
-    "ctkCollapsibleButton": _QOBJECT | {"collapsed", "text"},
-    "qMRMLNodeComboBox": _QOBJECT | {"currentNode", "setCurrentNode", "currentNodeID", "setCurrentNodeID",
-                                     "addNode", "baseName", "currentNodeChanged", "setMRMLScene"},
-    "qMRMLTableView": _QOBJECT | {"setMRMLTableNode", "mrmlTableNode", "setMRMLScene"},
 }
+# CTK's and Slicer's widgets: what PythonQt exposes of them (properties, signals, slots,
+# Q_INVOKABLE methods) in the API list taken from Slicer's and CTK's source (test_slicer_api.py).
+_API = json.loads((REPO / "Testing" / "SlicerAPI" / "slicer_api.json").read_text())
+
+
+def _slicer_widget_api(name: str) -> Set[str]:
+    members, todo = set(_QOBJECT), [name]
+    while todo:
+        cls = _API["classes"].get(todo.pop())
+        if cls:
+            members |= set(cls["methods"]) | set(cls.get("properties", ()))
+            todo += cls["bases"]
+    return members
+
+
+WIDGET_API.update({name: _slicer_widget_api(name) for name in
+                   ("ctkSliderWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLTableView")})
 
 # parameterNodeWrapper's GUI connectors: parameter type -> widget classes it can bind to.
 CONNECTABLE = {
@@ -131,10 +145,11 @@ def test_module_has_the_template_classes():
     assert decorators == ["parameterNodeWrapper"]
     process = next(n for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef) and n.name == "process")
     names = [a.arg for a in process.args.args]
-    assert names[:11] == ["self", "inputVolume", "camVolume", "segmentation", "table", "model", "method",
-                          "threshold", "restrictToLungs", "device", "progressCallback"]
-    assert {"listCTSeries", "loadSeries"} <= {n.name for n in _class("LungGradCAMLogic").body
-                                               if isinstance(n, ast.FunctionDef)}
+    assert names == ["self", "inputVolume", "camVolume", "segmentation", "table", "options", "progressCallback",
+                     "showResult", "estimateCallback"]
+    assert process.args.kwarg.arg == "optionKeywords"  # ExplainOptions' fields, from the Python console
+    assert {"listCTSeries", "loadSeries", "optionsFromParameterNode", "progressText", "resultText"} <= {
+        n.name for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef)}
 
 
 def test_every_ui_widget_used_exists_with_a_fitting_class():
@@ -180,13 +195,17 @@ def test_every_mrml_widget_gets_the_scene():
 
 
 def test_choice_defaults_are_choices_and_methods_match_the_engine():
-    methods = _module_constant("METHODS")
+    """The panel's methods are LungGradCAMLib.options.METHODS (importable before torch is
+    installed), which are the engine's (LungGradCAMLib.cam.METHODS)."""
+    from LungGradCAMLib import options
+
+    assert "from LungGradCAMLib.options import METHODS, ExplainOptions" in SOURCE
     default = ast.literal_eval(_parameter_fields()["method"][2])
-    assert default in methods
+    assert default in options.METHODS
     pytest.importorskip("torch")
     from LungGradCAMLib.cam import METHODS
 
-    assert tuple(methods) == tuple(METHODS), "LungGradCAM.METHODS differs from LungGradCAMLib.cam.METHODS"
+    assert tuple(options.METHODS) == tuple(METHODS), "options.METHODS differs from LungGradCAMLib.cam.METHODS"
 
 
 def test_every_slicer_util_function_called_exists_in_slicer_core():
@@ -223,10 +242,51 @@ def test_cmake_lists_name_the_module_and_existing_files():
                    "include(${Slicer_USE_FILE})", "add_subdirectory(LungGradCAM)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in top, f"top-level CMakeLists.txt lacks {needed}"
-    for var in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS"):
+    for var in ("CATEGORY", "CONTRIBUTORS", "DESCRIPTION"):
         assert f"set(EXTENSION_{var} " in top
     module = (REPO / "LungGradCAM" / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in module and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+
+
+def _cmake_settings() -> Dict[str, str]:
+    top = (REPO / "CMakeLists.txt").read_text()
+    return {m.group(1): m.group(2) for m in re.finditer(r'^set\((EXTENSION_\w+) "?([^")]*)"?\)', top, re.M)}
+
+
+def test_extension_metadata_has_no_placeholders():
+    """No homepage, icon or screenshot URL that leads nowhere: the extension has no public home
+    yet, so they are left out (Slicer's description spec makes them optional); what is set is real."""
+    settings = _cmake_settings()
+    assert not {"EXTENSION_HOMEPAGE", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"} & set(settings)
+    text = (REPO / "CMakeLists.txt").read_text().lower()
+    assert not re.search(r"example\.(com|org)|todo|fixme|your[-_ ]?name|<[a-z ]+>", text)
+    assert settings["EXTENSION_CATEGORY"] == "Quantification"
+    assert "Research use only" in settings["EXTENSION_DESCRIPTION"] and "\n" not in settings["EXTENSION_DESCRIPTION"]
+    assert "LungGradCAM.py" in (REPO / "LungGradCAM" / "CMakeLists.txt").read_text()
+    assert settings["EXTENSION_README_FILE"] == "${CMAKE_CURRENT_SOURCE_DIR}/README.md"
+    # the module's own category is the extension's
+    assert 'translate("qSlicerAbstractCoreModule", "Quantification")' in SOURCE.replace("'", '"')
+
+
+def test_extensions_index_entry_follows_slicers_catalog_schema():
+    """ExtensionsIndex/LungGradCAM.json, the file to submit to Slicer's ExtensionsIndex, against the
+    catalog entry schema of the pinned Slicer (required and allowed keys, types, enumerations)."""
+    entry = json.loads((REPO / "ExtensionsIndex" / "LungGradCAM.json").read_text())
+    schema = _API["extension_catalog_entry_schema"]
+    assert entry["$schema"] == schema["id"]
+    assert set(schema["required"]) <= set(entry), f"missing {set(schema['required']) - set(entry)}"
+    assert schema["additionalProperties"] is False and set(entry) <= set(schema["properties"])
+    python_type = {"string": str, "array": list, "boolean": bool, "integer": int}
+    for key, value in entry.items():
+        rule = schema["properties"][key]
+        assert isinstance(value, python_type[rule["type"]]), key
+        assert value in rule.get("enum", [value]), key
+        assert rule.get("minimum", value) <= value <= rule.get("maximum", value) if rule["type"] == "integer" else True
+    settings = _cmake_settings()
+    assert entry["category"] == settings["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == settings["EXTENSION_DEPENDS"].split()
+    # a local entry builds this checkout (scm_url relative to Slicer_LOCAL_EXTENSIONS_DIR = ExtensionsIndex/)
+    assert entry["scm_type"] == "local" and (REPO / "ExtensionsIndex" / entry["scm_url"] / "CMakeLists.txt").is_file()
 
 
 # A stand-in for the parts of Slicer's SDK an extension's CMakeLists.txt uses (no Slicer build
@@ -268,7 +328,7 @@ function(slicer_add_python_unittest)
 endfunction()
 """,
     "ExtensionGenerateConfig.cmake": """
-foreach(_v EXTENSION_HOMEPAGE EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION EXTENSION_ICONURL EXTENSION_DEPENDS)
+foreach(_v EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION EXTENSION_DEPENDS EXTENSION_README_FILE)
   if("${${_v}}" STREQUAL "")
     message(FATAL_ERROR "${_v} is not set")
   endif()
