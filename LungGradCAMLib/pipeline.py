@@ -24,15 +24,21 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import __version__
-from .atomic import atomic_path, write_text
-from .errors import InvalidInputError, LungGradCAMError, ResourceError, VolumeError
+from .atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
+from .errors import (DatabaseError, DicomDecodeError, DicomError, FolderBusyError, InvalidInputError,
+                     LungGradCAMError, OutputError, ResourceError, VolumeError)
 from .results import Explanation, Segmentation
-from .volume import Volume, crop, resample, resample_to
+from .volume import Volume, crop, resample, resample_to, resampled_shape
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "sliding", "whole", "roi")
 ProgressFn = Callable[[int, int], None]
+#: Bytes ``explain`` holds per voxel of the CT's grid (the float32 CT, masks, the heat and score
+#: maps and their resampling) and per voxel of the model's grid (the resampled CT, its padded
+#: copy, three blending accumulators, the results): with the model's activations, the memory
+#: checked before the work starts.
+CT_BYTES_PER_VOXEL, GRID_BYTES_PER_VOXEL = 24, 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +62,13 @@ def resolve_device(device: Any = None) -> "torch.device":  # noqa: F821
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidInputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: torch knows them, the engine does not run there
+        raise InvalidInputError(f"device {device!r} is not one LungGradCAM runs on: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                "use cuda:0 ... or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InvalidInputError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
@@ -116,8 +127,9 @@ def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, 
         raise InvalidInputError(
             "roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or three numbers))"
         ) from exc
-    if np.any(size <= 0):
-        raise InvalidInputError(f"roi size must be positive mm; got {size.tolist()}")
+    if not (np.all(np.isfinite(centre)) and np.all(np.isfinite(size))) or np.any(size <= 0):
+        raise InvalidInputError(f"roi centre {centre.tolist()} mm and size {size.tolist()} mm must be finite "
+                                "numbers, the size positive")
     c_ijk = space.ras_to_ijk_points(centre)[0]
     half = np.maximum(size / space.spacing, np.asarray(patch)[::-1]) / 2.0  # at least one patch
     lo = np.floor(c_ijk - half).astype(int)
@@ -126,6 +138,20 @@ def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, 
     if any(b <= a for a, b in box):
         raise InvalidInputError(f"roi centre {centre.tolist()} mm (RAS) lies outside the CT")
     return box
+
+
+def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int],
+                  batch: int, dev: "torch.device") -> None:  # noqa: F821
+    """Refuse (:class:`ResourceError`) before resampling when the grids the model card implies,
+    and on the CPU the model's activations for one batch, need more memory than there is."""
+    from .limits import check_bytes
+
+    need = volume.array.size * CT_BYTES_PER_VOXEL + float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL
+    if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
+        need += batch * loaded.activation_bytes(patch)
+    check_bytes(need, f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
+                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels)", ResourceError,
+                "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 
 def explain(volume: Volume, model: Any = "default", method: str = "gradcam", target: Any = None,
@@ -160,6 +186,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     from .sliding import sliding_cam
 
     volume = _check_volume(volume)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise InvalidInputError(f"batch size {batch_size!r}: give a positive whole number of patches")
     if mode not in MODES:
         raise InvalidInputError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     if method not in METHODS:
@@ -183,6 +212,10 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         mode = "roi" if roi is not None else ("whole" if card.patch_size is None else "sliding")
     if mode == "roi" and roi is None:
         raise InvalidInputError("mode 'roi' needs roi=(centre_ras_mm, size_mm) or a mask")
+    space_shape = resampled_shape(volume, card.spacing_mm)
+    batch_size = batch_size or (8 if dev.type == "cuda" else 2)
+    _check_memory(volume, space_shape, loaded, space_shape if mode == "whole" or card.patch_size is None
+                  else card.patch_size, batch_size, dev)
 
     with _stage(timings, "resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
@@ -207,7 +240,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         result = sliding_cam(
             loaded.module, torch.from_numpy(space.array), patch,
             stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
-            layer=card.target_layer, roi=box, batch_size=batch_size or (8 if dev.type == "cuda" else 2),
+            layer=card.target_layer, roi=box, batch_size=batch_size,
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
             activation=card.activation, blend="score",
         )
@@ -238,11 +271,15 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
     """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
     database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
     when it holds several CT series)."""
+    from .paths import check_path, is_special, kind
     from .volume import SUPPORTED_SUFFIXES, read_volume
 
-    path = Path(source)
+    path = check_path(source, "input")
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder")
+    if is_special(path):  # reading a FIFO, /dev/stdin or a device would block or never end
+        raise InvalidInputError(f"{path} is a {kind(path.stat().st_mode)}: give a DICOM folder, a Slicer DICOM "
+                                "database or a volume file")
     if path.is_file() and path.suffix.lower() == ".sql" or (path / "ctkDICOM.sql").is_file():
         from .ctkdb import DicomDatabase
 
@@ -259,16 +296,21 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
     return load_dicom_series([path], series_uid=series_uid)
 
 
-def safe_name(text: str, fallback: str = "series") -> str:
-    """A file-system-safe folder name from a UID-like string (no separators, dots kept, <= 64).
+#: A DICOM UID (PS3.5 9.1): up to 64 characters, components of digits without leading zeros.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
-    A text that is already such a name (every valid UID) is kept; any other (a part key
-    ``<uid>#2``, a hostile UID holding ``../``, more than 64 characters) gets a hash of the whole
-    text appended, so that two different UIDs never share a folder."""
+
+def safe_name(text: str, fallback: str = "series") -> str:
+    """A file-system-safe folder name from a SeriesInstanceUID (no separators, dots kept, <= 64).
+
+    A valid UID is kept as it is: digits and dots, so it is never the name of a batch's own files
+    (``summary.csv``, ``.tmp-*``). Any other text (a part key ``<uid>#2``, a hostile "UID" such as
+    ``../x`` or ``summary.csv``, more than 64 characters) gets a hash of the whole text appended,
+    so that two different UIDs never share a folder and none is a file of the batch."""
     text = str(text)
     name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
-    if name == text and len(name) <= 64:
-        return name
+    if UID_PATTERN.match(text) and len(text) <= 64:
+        return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{name[:51] or fallback}-{digest}"
 
@@ -308,20 +350,34 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
 
 
 def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir: Union[str, os.PathLike],
-                  *, lungs: bool = True, overlay: bool = True, dicom_seg: bool = False,
-                  input_desc: str = "") -> Dict[str, Path]:
+                  **options: Any) -> Dict[str, Path]:
     """Write a run's files into ``out_dir``: ``cam.nrrd``, ``segmentation.seg.nrrd``,
     ``lungs.seg.nrrd`` (``lungs``), ``overlay.png`` (``overlay``), ``segmentation.dcm``
-    (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``.
+    (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``
+    (strict JSON, its ``files`` listing the others); ``options`` are those of :func:`_write_files`.
 
-    Every file is written atomically; ``report.json`` is written last, so its presence means the
-    folder is complete. Returns name -> path.
+    The run owns ``out_dir`` (:func:`~LungGradCAMLib.atomic.output_folder`): a second run into it
+    at the same time is refused, and a folder holding files no run wrote is refused. The files are
+    written into a staging folder inside it and then replace the previous run's outputs, report
+    last, so ``report.json`` always describes the files beside it; on an error nothing changes.
+    Returns name -> path.
     """
+    final = Path(out_dir)
+    try:
+        with output_folder(final) as staging:
+            written = _write_files(explanation, segmentation, staging, **options)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the run's files are gone
+        raise OutputError(f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose "
+                          "another output folder") from None
+    return {name: final / path.name for name, path in written.items()}
+
+
+def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path, *, lungs: bool = True,
+                 overlay: bool = True, dicom_seg: bool = False, input_desc: str = "") -> Dict[str, Path]:
+    """The files of :func:`write_outputs`, written into the folder ``out``, report last."""
     from .results import Region, Segmentation as Seg
     from .segment import write_segmentation
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written: Dict[str, Path] = {}
     from .volume import write_volume
 
@@ -341,7 +397,7 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
 
         written["dicom_seg"] = write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm")
     report["files"] = sorted(p.name for p in written.values())
-    written["report"] = write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
+    written["report"] = write_json(out / "report.json", report, default=_json_default)
     return written
 
 
@@ -383,18 +439,21 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
 def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "default",
             method: str = "gradcam", threshold: Any = 0.5, roi: Any = None, device: Any = None,
             dicom_seg: bool = False, input_desc: str = "", progress: Optional[ProgressFn] = None,
-            batch_size: Optional[int] = None) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
-    """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT."""
+            batch_size: Optional[int] = None,
+            inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+    """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT. ``out_dir`` is checked and
+    owned before the work (it may not be nor hold one of ``inputs``, the paths the CT came from)."""
     from .segment import segment_cam
 
-    explanation = explain(volume, model=model, method=method, roi=roi, device=device,
-                          progress=progress, batch_size=batch_size)
-    t0 = time.perf_counter()
-    segmentation = segment_cam(explanation, threshold=threshold)
-    explanation.timings["segment"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, input_desc=input_desc)
-    explanation.timings["write"] = time.perf_counter() - t0
+    with output_folder(out_dir, inputs):
+        explanation = explain(volume, model=model, method=method, roi=roi, device=device,
+                              progress=progress, batch_size=batch_size)
+        t0 = time.perf_counter()
+        segmentation = segment_cam(explanation, threshold=threshold)
+        explanation.timings["segment"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, input_desc=input_desc)
+        explanation.timings["write"] = time.perf_counter() - t0
     return explanation, segmentation, files
 
 
@@ -413,8 +472,8 @@ def _parse_roi(text: Optional[str]) -> Any:
         nums = [float(x) for x in text.replace(",", " ").split()]
     except ValueError:
         nums = []
-    if len(nums) not in (4, 6):
-        raise InvalidInputError(f"--roi {text!r}: give 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' in RAS mm")
+    if len(nums) not in (4, 6) or not np.all(np.isfinite(nums)):
+        raise InvalidInputError(f"--roi {text!r}: give 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' in RAS mm (finite numbers)")
     return nums[:3], nums[3:] if len(nums) == 6 else nums[3]
 
 
@@ -431,6 +490,19 @@ def _tqdm_progress(desc: str) -> Tuple[ProgressFn, Callable[[], None]]:
     return update, bar.close
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
     p.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
     p.add_argument("--method", default="gradcam",
@@ -438,18 +510,19 @@ def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
     p.add_argument("--threshold", default="0.5", type=_parse_threshold,
                    help="CAM level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--batch-size", type=int, default=None, help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="patches per batch (default: 8 on CUDA, 2 on CPU)")
     p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM Segmentation (needs highdicom)")
 
 
 def _cmd_run(args: Any) -> int:
+    check_output_folder(args.out, [args.input])  # before any work: an unusable --out fails now, not at the end
     volume = load_input(args.input, series_uid=args.series)
     update, close = _tqdm_progress("Grad-CAM")
     try:
         explanation, segmentation, files = run_one(
             volume, args.out, model=args.model, method=args.method, threshold=args.threshold,
             roi=_parse_roi(args.roi), device=args.device, dicom_seg=args.dicom_seg,
-            input_desc=str(args.input), progress=update, batch_size=args.batch_size)
+            input_desc=str(args.input), progress=update, batch_size=args.batch_size, inputs=[args.input])
     finally:
         close()
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
@@ -494,9 +567,22 @@ class _SeriesJob:
     load: Callable[[], Volume]
 
 
+def _unreadable_load(message: str) -> Callable[[], Volume]:
+    def load() -> Volume:
+        raise DicomDecodeError(f"{message}. It lies among this series' files and may be one of its slices: "
+                               "repair or remove it, then run again with --redo-failed")
+    return load
+
+
 def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
-    """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID."""
-    path = Path(source)
+    """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID.
+
+    A file of the tree that cannot be read does not stop the listing: the series whose files share
+    its folder fail with its message (it may be one of their slices); one in a folder of its own
+    is logged."""
+    from .paths import check_path
+
+    path = check_path(source, "input")
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder")
     if path.suffix.lower() == ".sql" or (path / "ctkDICOM.sql").is_file():
@@ -507,19 +593,36 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     else:
         from .dicom import list_dicom_series, load_dicom_series
 
-        jobs = [_SeriesJob(s.key, (lambda files=list(s.files), key=s.key: load_dicom_series(files, key)))
-                for s in list_dicom_series(path) if s.modality.upper() == "CT"]
+        unreadable: Dict[Path, str] = {}
+        series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]
+        jobs = []
+        for s in series:
+            bad = [message for f, message in unreadable.items() if f.parent in {g.parent for g in s.files}]
+            jobs.append(_SeriesJob(s.key, _unreadable_load(bad[0]) if bad else
+                                   (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))))
+        placed = {g.parent for s in series for g in s.files}
+        for f, message in unreadable.items():
+            if f.parent not in placed:
+                log.warning("skipped: %r", message)
     if not jobs:
         raise InvalidInputError(f"{path}: no CT series found")
     return sorted(jobs, key=lambda j: j.uid)
 
 
+def _record(path: Path) -> Optional[dict]:
+    """A run's record (``report.json``, ``error.json``), or None when missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _summary_row(uid: str, folder: Path) -> Dict[str, Any]:
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
     row.update(series_uid=uid, output=folder.name, status="pending")
-    report, error = folder / "report.json", folder / "error.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
+    r, error = _record(folder / "report.json"), _record(folder / "error.json")
+    if r is not None:
         regions = r.get("regions") or []
         row.update(status="done", predicted_class=r["predicted_class"],
                    target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
@@ -527,8 +630,8 @@ def _summary_row(uid: str, folder: Path) -> Dict[str, Any]:
                    largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
                    peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
                    seconds=f"{r['timings_s'].get('total', 0.0):.2f}")
-    elif error.is_file():
-        row.update(status="failed", error=json.loads(error.read_text()).get("error", ""))
+    elif error is not None:
+        row.update(status="failed", error=error.get("error", ""))
     return row
 
 
@@ -539,7 +642,8 @@ def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     writer.writeheader()
     for job in jobs:
         writer.writerow(_summary_row(job.uid, out_dir / safe_name(job.uid)))
-    return write_text(out_dir / "summary.csv", buf.getvalue())
+    with folder_lock(out_dir):  # one writer at a time; clears temporaries a killed run left
+        return write_text(out_dir / "summary.csv", buf.getvalue())
 
 
 def _dist_env() -> Tuple[int, int, int]:
@@ -553,16 +657,22 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
               batch_size: Optional[int] = None, show_progress: bool = True) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/``.
 
-    Resumable: a series whose folder holds ``report.json`` is skipped; one that failed (its
-    ``error.json``) is skipped unless ``redo_failed``. A failure is recorded and the rest go on.
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes series r, r+N, ...; rank 0 writes
-    ``summary.csv`` after all ranks finish. Returns the summary path.
+    Resumable: a series whose folder holds ``report.json`` is skipped. A series whose data fails
+    (DICOM, volume or database errors) is recorded in its ``error.json`` and the rest go on; it is
+    skipped by later runs unless ``redo_failed``. A failure that is not the series' own is never
+    recorded for good: the model, device, method and threshold are checked before the first
+    series, an error of the run's options or output folder stops the batch, and a series that ran
+    out of memory or failed unexpectedly is recorded to be retried by the next run. A series whose
+    folder another process is writing is left to it. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank
+    r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish. Returns the
+    summary path.
     """
     from tqdm import tqdm
 
+    from .segment import threshold_level
+
     rank, world, local_rank = _dist_env()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(out_dir, [source], exclusive=False)
     jobs = _list_ct_series(source)
     if world > 1:
         import datetime
@@ -574,23 +684,33 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
             dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
         if (device in (None, "auto")) and torch.cuda.is_available():
             device = f"cuda:{local_rank}"
+    from .cam import METHODS  # the run's own settings, checked once: a wrong one fails no series
+
+    if method not in METHODS:
+        raise InvalidInputError(f"unknown CAM method {method!r}; use one of {', '.join(METHODS)}")
+    threshold_level(np.zeros(1, np.float32), threshold)
+    get_model(model, resolve_device(device))
+    out.mkdir(parents=True, exist_ok=True)
     mine = jobs[rank::world]
     for job in tqdm(mine, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
                     disable=not show_progress or None):
         folder = out / safe_name(job.uid)
-        if (folder / "report.json").is_file() or ((folder / "error.json").is_file() and not redo_failed):
+        error = _record(folder / "error.json")
+        if (folder / "report.json").is_file() or (error is not None and not error.get("retry") and not redo_failed):
             continue
-        for stale in folder.glob(".tmp-*"):  # left by a run that was killed mid-write
-            stale.unlink()
         try:
             run_one(job.load(), folder, model=model, method=method, threshold=threshold, device=device,
                     dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size)
-            (folder / "error.json").unlink(missing_ok=True)
+        except FolderBusyError:
+            log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
+            data = isinstance(exc, (DicomError, VolumeError, DatabaseError))
+            if isinstance(exc, LungGradCAMError) and not data and not isinstance(exc, ResourceError):
+                raise  # the run's options or output folder: every series would fail alike; record nothing
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
             info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
-                    "user_error": isinstance(exc, LungGradCAMError)}
-            write_text(folder / "error.json", json.dumps(info, indent=2))
+                    "user_error": isinstance(exc, LungGradCAMError), "retry": not data}
+            write_json(folder / "error.json", info)
     if world > 1:
         import torch.distributed as dist
 

@@ -72,8 +72,13 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
 
     # resume: finished series are skipped (their files are not rewritten)
     stamp = {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
-    (out / pipeline.safe_name(uids[1]) / "report.json").unlink()  # as if interrupted before finishing
+    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed before finishing leaves it:
+    for f in unfinished.iterdir():  # no report, its files in a staging folder
+        f.unlink()
+    (unfinished / ".tmp-run-killed").mkdir()
+    (unfinished / ".tmp-run-killed" / "cam.nrrd").write_bytes(b"half written")
     main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    assert not list(unfinished.glob(".tmp-*"))
     for i, uid in enumerate(uids):
         now = (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns
         assert (now == stamp[uid]) == (i != 1)
