@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Type
+from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import InvalidInputError, LungGradCAMError, VolumeError
+from .errors import InvalidInputError, ResourceError, VolumeError
 
 DEFAULT_MAX_VOXELS = 1_500_000_000
 DEFAULT_MAX_MODEL_BYTES = 4 << 30
@@ -82,8 +82,8 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def check_bytes(n_bytes: float, what: str, error: Type[LungGradCAMError] = VolumeError, advice: str = "") -> None:
-    """Raise ``error`` before ``what`` allocates ``n_bytes`` when that is more than
+def check_bytes(n_bytes: float, what: str, advice: str = "") -> None:
+    """Raise :class:`ResourceError` before ``what`` allocates ``n_bytes`` when that is more than
     ``LUNGGRADCAM_MAX_BYTES`` or, without it, than the memory this process can still get."""
     limit = _env_int("LUNGGRADCAM_MAX_BYTES")
     source = "the limit LUNGGRADCAM_MAX_BYTES"
@@ -91,7 +91,7 @@ def check_bytes(n_bytes: float, what: str, error: Type[LungGradCAMError] = Volum
         limit = available_memory()
         source = "the memory this process can get now (free memory, cgroup limit and ulimit -v)"
     if limit is not None and n_bytes > limit:
-        raise error(f"{what} needs {_gb(n_bytes)} of memory, more than {source}, {_gb(limit)}; {advice}"
+        raise ResourceError(f"{what} needs {_gb(n_bytes)} of memory, more than {source}, {_gb(limit)}; {advice}"
                     "free memory, or set LUNGGRADCAM_MAX_BYTES (bytes) to change the limit")
 
 
@@ -102,7 +102,8 @@ def max_voxels() -> int:
 
 def check_voxel_limit(shape: Sequence[float], source: str = "volume", bytes_per_voxel: float = 0) -> None:
     """Raise :class:`VolumeError` before allocating a volume of ``shape`` over the voxel limit, or
-    (with ``bytes_per_voxel``, all the memory the step allocates per voxel) over the byte limit."""
+    :class:`ResourceError` when (with ``bytes_per_voxel``, all the memory the step allocates per
+    voxel) it needs more memory than :func:`check_bytes` allows."""
     shape = [float(s) for s in shape]  # float: a hostile size must not overflow before it is checked
     n = float(np.prod(shape))
     limit = max_voxels()
@@ -113,7 +114,7 @@ def check_voxel_limit(shape: Sequence[float], source: str = "volume", bytes_per_
             "Crop or downsample the volume, or raise LUNGGRADCAM_MAX_VOXELS if you have the memory."
         )
     if bytes_per_voxel:
-        check_bytes(n * bytes_per_voxel, f"{source} ({int(n)} voxels)", VolumeError, "crop or downsample it, or ")
+        check_bytes(n * bytes_per_voxel, f"{source} ({int(n)} voxels)", advice="crop or downsample it, or ")
 
 
 def max_model_bytes() -> int:

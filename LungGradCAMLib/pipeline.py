@@ -150,7 +150,7 @@ def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
     if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
         need += batch * loaded.activation_bytes(patch)
     check_bytes(need, f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
-                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels)", ResourceError,
+                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels)",
                 "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 

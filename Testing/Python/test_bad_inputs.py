@@ -44,7 +44,7 @@ from LungGradCAMLib.cli import main
 from LungGradCAMLib.ctkdb import DicomDatabase
 from LungGradCAMLib.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
 from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
-                                   NoSeriesFoundError, SeriesGeometryError, VolumeError)
+                                   NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
 from conftest import REPO
@@ -483,7 +483,7 @@ CASES: Dict[str, Case] = {
                              "origin .* more than"),
     "dicom_pixel_spacing_1e30": Case(_dicom_huge_pixel_spacing, SeriesGeometryError, "PixelSpacing"),
     # the memory limit, set low: the message names it and how to change it
-    "nrrd_over_byte_limit": Case(_nrrd_over_byte_limit, VolumeError, "more than the limit LUNGGRADCAM_MAX_BYTES"),
+    "nrrd_over_byte_limit": Case(_nrrd_over_byte_limit, ResourceError, "more than the limit LUNGGRADCAM_MAX_BYTES"),
 }
 
 
