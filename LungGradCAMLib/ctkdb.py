@@ -98,7 +98,7 @@ class DicomDatabase:
                 raise DatabaseError(f"{path.parent}: not a Slicer DICOM database folder (no {DATABASE_FILENAME}); "
                                     "give the folder shown in Slicer's DICOM module settings")
         elif not path.is_file():
-            what = kind(path.stat().st_mode) if path.exists() else "nothing: no such file or folder"
+            what = f"a {kind(path.stat().st_mode)}, not a database" if path.exists() else "no such file or folder"
             raise DatabaseError(f"{path}: {what}; give Slicer's DICOM database folder or its {DATABASE_FILENAME}")
         self.path = path.resolve()
         #: Folder that relative ``Images.Filename`` entries start from.

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import stat
@@ -47,7 +46,7 @@ from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDec
                                    NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
-from conftest import REPO
+from conftest import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from test_ctkdb import make_database
 from test_pipeline import make_tiny_model
@@ -966,18 +965,11 @@ def test_unwritable_out_fails_before_the_work(how, tmp_path, tiny, capsys):
 
 
 def test_out_on_a_read_only_mount_fails_before_the_work(tmp_path, tiny):
-    """A read-only bind mount in a private mount namespace (unshare), where one is allowed."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not available")
     ct = _not_a_chest(tmp_path)
     (tmp_path / "ro").mkdir()
-    script = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 97; shift; exec "$@"')
-    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(tmp_path / "ro"),
-                             sys.executable, "-m", "LungGradCAMLib.cli", "run", str(ct), "--out",
-                             str(tmp_path / "ro" / "out"), "--model", str(tiny), "--device", "cpu"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
-    if result.returncode == 97 or "unshare:" in result.stderr:
-        pytest.skip(f"no read-only mount possible here: {result.stderr.strip()[-200:]}")
+    result = run_on_read_only_mount(tmp_path / "ro", [sys.executable, "-m", "LungGradCAMLib.cli", "run", ct, "--out",
+                                                      tmp_path / "ro" / "out", "--model", tiny, "--device", "cpu"],
+                                    cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr
     assert "cannot write there (Read-only file system)" in result.stderr and "Traceback" not in result.stderr
 
