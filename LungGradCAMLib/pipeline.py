@@ -537,7 +537,8 @@ def add_cli(sub: Any) -> None:
                        description="Explain one CT and write cam.nrrd, segmentation.seg.nrrd, lungs.seg.nrrd, "
                                    "overlay.png, report.json (and segmentation.dcm with --dicom-seg).")
     p.add_argument("input", help="DICOM folder, Slicer DICOM database (folder or ctkDICOM.sql), or .nrrd/.nii.gz/.mha")
-    p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
+    p.add_argument("--out", required=True, help="output folder (created; a previous run's outputs there are "
+                                                "replaced; one holding other files is refused)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the input holds several CT series")
     p.add_argument("--roi", default=None, help="explain only a region: 'X,Y,Z,SIZE' (RAS mm), or X,Y,Z,SX,SY,SZ")
     _add_common_options(p)
