@@ -841,7 +841,7 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
     ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
     first = _start(ct, out, tiny)
     try:
-        _wait_for(lambda: (out / ".lunggradcam.lock").exists(), first, "it owned --out")
+        _wait_for(lambda: bool(list(out.glob(".tmp-run-*"))), first, "it owned --out")  # made once locked
         first.send_signal(signal.SIGSTOP)  # hold it there, owning the folder
         assert _run(ct, out, tiny) == 2
         assert "another run is writing into this folder" in capsys.readouterr().err
