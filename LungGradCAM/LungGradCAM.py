@@ -352,6 +352,17 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = _("Computing the heat map: {done} of {total} patches").format(done=done, total=total)
         slicer.app.processEvents()
 
+    def _onEstimate(self, estimate) -> bool:
+        """The heat map's cost, before it is computed (LungGradCAMLib.pipeline.CostEstimate): shown
+        in the status line; past a minute (Score-CAM on a whole scan) the user confirms first."""
+        self.ui.statusLabel.text = _("Estimated cost: {estimate}").format(estimate=estimate)
+        slicer.app.processEvents()
+        if estimate.seconds < 60 or slicer.app.testingEnabled():
+            return True
+        return slicer.util.confirmOkCancelDisplay(
+            _("Computing this heat map will take {minutes:.0f} minute(s) or so:\n\n{estimate}\n\nContinue?")
+            .format(minutes=estimate.seconds / 60, estimate=estimate), _("LungGradCAM"))
+
     def onApplyButton(self) -> None:
         """Run processing when user clicks "Apply"; cancel it when the same button says "Cancel"."""
         if self._running:
@@ -376,7 +387,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         p.inputVolume, p.camVolume, p.segmentation, p.table, model=p.model, method=p.method,
                         threshold=p.threshold, restrictToLungs=p.restrictToLungs, device=p.device,
                         progressCallback=self._onProgress, target=p.targetClass or None, stride=p.stride,
-                        batchSize=p.batchSize, amp=p.amp)
+                        batchSize=p.batchSize, amp=p.amp, estimateCallback=self._onEstimate)
                 except CancelledError:
                     self.ui.statusLabel.text = _("Cancelled.")
                     return
@@ -547,7 +558,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, camVolume=None, segmentation=None, table=None, model: str = "default",
                 method: str = "gradcam", threshold: float = 0.5, restrictToLungs: bool = True, device=None,
                 progressCallback=None, target=None, stride: int = 0, batchSize: int = 0, amp: bool = False,
-                showResult: bool = True):
+                showResult: bool = True, estimateCallback=None):
         """
         Explain the model's decision on a CT and put the results into nodes.
         Can be used without GUI widget.
@@ -564,6 +575,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         :param batchSize: patches per model call (0 = automatic)
         :param amp: 16-bit mixed precision on CUDA
         :param showResult: show the heat map, segmentation and 3D rendering in the views
+        :param estimateCallback: called as estimateCallback(estimate) with the heat map's estimated cost
+            (LungGradCAMLib.pipeline.CostEstimate: patches, forward passes, seconds) before it is computed;
+            returning False stops there (CancelledError)
         :return: LungGradCAMLib.mrml.NodeResult (explanation, segmentation, cam_node, segmentation_node, table_node)
         """
         from LungGradCAMLib import mrml
@@ -575,7 +589,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
             inputVolume, camVolume, segmentation, table, threshold=threshold, restrict_to_lungs=restrictToLungs,
             model=model, method=method, target=target, device=None if device in (None, "auto") else device,
             batch_size=batchSize or None, stride=(stride,) * 3 if stride else None, amp=amp,
-            progress=progressCallback, cancel=lambda: self._cancelRequested)
+            progress=progressCallback, cancel=lambda: self._cancelRequested, on_estimate=estimateCallback)
         if showResult:
             self.showResult(inputVolume, result)
         logging.info(f"LungGradCAM: processing completed in {time.time() - startTime:.2f} seconds")

@@ -198,7 +198,7 @@ class CAM:
 
     def __init__(self, model: nn.Module, layer: Layer = None, method: Optional[str] = None, *,
                  upsample: bool = True, normalize: bool = True,
-                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = 16,
+                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = 32,
                  activation: str = "softmax") -> None:
         if not isinstance(model, nn.Module):
             raise CamError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -432,8 +432,13 @@ class LayerCAM(CAM):
 class ScoreCAM(CAM):
     """Score-CAM (Wang et al. 2020), gradient free: each channel ``A_c`` is upsampled to the
     input (trilinear), min-max scaled to a [0, 1] mask ``M_c``, the model scores ``x * M_c``;
-    ``w = softmax_c(score)``, map = ReLU(sum_c w_c A_c). Costs C extra forward passes per sample,
-    ``score_batch_size`` masked inputs at a time (that bounds the memory)."""
+    ``w = softmax_c(score)``, map = ReLU(sum_c w_c A_c).
+
+    Costs one masked forward pass per sample and channel: a batch's masked inputs (all its
+    samples and channels together) go through the model ``score_batch_size`` at a time, which
+    bounds the memory. A channel that is constant over a sample (a ReLU channel that never fired)
+    gives the all-zero mask, so ``x * M_c`` is the all-zero input for every such channel: the
+    model scores it once per call instead of once per channel."""
 
     name = "scorecam"
     uses_gradients = False
@@ -442,18 +447,23 @@ class ScoreCAM(CAM):
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
         a = _wide(a)
         n, c = a.shape[:2]
+        flat = a.flatten(2)
+        constant = flat.amax(2) == flat.amin(2)  # (n, c): minmax_per_sample makes these masks 0
         weights = torch.empty(n, c, device=a.device, dtype=a.dtype)
-        step = self.score_batch_size
         with torch.no_grad():
-            for i in range(n):
-                for c0 in range(0, c, step):
-                    masks = F.interpolate(a[i, c0:c0 + step, None], size=x.shape[2:],
-                                          mode="trilinear", align_corners=False)
-                    masks = minmax_per_sample(masks)
-                    with self._autocast(x.device):
-                        out = self.model(x[i:i + 1] * masks.to(x.dtype))
-                    cls = None if classes is None else classes[i].expand(out.shape[0])
-                    weights[i, c0:c0 + step] = self._score(out, cls, target)
+            if bool(constant.any()):
+                with self._autocast(x.device):
+                    out = self.model(torch.zeros_like(x[:1]))
+                zero_score = self._score(out.expand(n, -1), classes, target).to(a.dtype)
+                weights[constant] = zero_score[:, None].expand(n, c)[constant]
+            pairs = (~constant).nonzero()
+            for start in range(0, len(pairs), self.score_batch_size):
+                s, ch = pairs[start:start + self.score_batch_size].unbind(1)
+                masks = F.interpolate(a[s, ch][:, None], size=x.shape[2:], mode="trilinear",
+                                      align_corners=False)
+                with self._autocast(x.device):
+                    out = self.model(x[s] * minmax_per_sample(masks).to(x.dtype))
+                weights[s, ch] = self._score(out, None if classes is None else classes[s], target).to(a.dtype)
         w = torch.softmax(weights, dim=1)
         return (w[:, :, None, None, None] * a).sum(1)
 

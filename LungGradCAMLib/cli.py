@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -143,6 +144,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # numpy asks the kernel for transparent huge pages for every large array; where the kernel
+    # then compacts memory on the spot (defrag "madvise", the common default) and other processes
+    # have fragmented it, the first touch of each CT-sized array stalls: 3 s of CPU in a 512x512x300
+    # run on a shared machine (README, "Speed"). Off in this process, before numpy is imported,
+    # unless the user chose.
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -173,18 +173,34 @@ def _input(volume: Union[Volume, np.ndarray], spacing_mm: Optional[Sequence[floa
 
 
 def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
-    """Mean HU of (fk, fj, fi) blocks (float32); the remainder at each far edge is a smaller block."""
-    import SimpleITK as sitk
+    """Mean HU of (fk, fj, fi) blocks (float32); the remainder at each far edge is a block
+    completed by repeating the last slice/row/column. One axis at a time, K first (whole planes,
+    the cheapest to stride over), each as a sum of ``f`` strided views (the first two added into
+    the new array directly): no padded or converted copy of the CT."""
+    out = hu
+    for axis, f in enumerate(factors):
+        if f == 1:
+            continue
+        n = out.shape[axis]
+        blocks = -(-n // f)
 
-    if factors == (1, 1, 1):
-        return hu.astype(np.float32, copy=False)
-    # pad the far edges to whole blocks by repeating the last slice/row/column
-    pad = [(0, (-n) % f) for n, f in zip(hu.shape, factors)]
-    src = np.pad(hu, pad, mode="edge") if any(p for _, p in pad) else hu
-    if src.dtype not in (np.int16, np.int32, np.float32, np.float64):
-        src = src.astype(np.float32)  # pixel types SimpleITK averages without overflow
-    image = sitk.GetImageFromArray(src)
-    return sitk.GetArrayFromImage(sitk.BinShrink(image, [int(f) for f in factors[::-1]])).astype(np.float32)
+        def along(start: int, stop: Optional[int] = None, step: int = f) -> Tuple[slice, ...]:
+            index = [slice(None)] * 3
+            index[axis] = slice(start, stop, step)
+            return tuple(index)
+
+        parts = [out[along(start, n)] for start in range(f)]  # the later ones may be one short
+        whole = [p.shape[axis] == blocks for p in parts]
+        acc = np.add(parts[0], parts[1], dtype=np.float32) if whole[1] else parts[0].astype(np.float32)
+        for part, full in list(zip(parts, whole))[2 if whole[1] else 1:]:
+            if full:
+                acc += part
+            else:  # the last block is short: it repeats the last slice
+                acc[along(0, blocks - 1, 1)] += part
+                acc[along(blocks - 1, blocks, 1)] += out[along(n - 1, n, 1)]
+        acc *= np.float32(1.0 / f)
+        out = acc
+    return out.astype(np.float32, copy=False)
 
 
 # --- working-grid steps ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ import numpy as np
 
 from . import __version__
 from .atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
-from .errors import (DatabaseError, DicomDecodeError, DicomError, FolderBusyError, InvalidInputError,
-                     LungGradCAMError, OutputError, ResourceError, VolumeError)
+from .errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
+                     InvalidInputError, LungGradCAMError, OutputError, ResourceError, VolumeError)
 from .results import Explanation, Segmentation
 from .volume import Volume, crop, resample, resample_to, resampled_shape
 
@@ -91,6 +92,85 @@ def get_model(model: Any, device: "torch.device") -> Any:  # noqa: F821
     return _MODEL_CACHE[key]
 
 
+def default_batch_size(device: "torch.device", patch: Sequence[int]) -> int:  # noqa: F821
+    """Patches per batch: 8 on a GPU; on the CPU as many as fit in about 1 M voxels (at most 32),
+    since a CPU batch is shared among worker threads and small batches pay per-call overhead."""
+    if device.type != "cpu":
+        return 8
+    return int(max(1, min(32, (1 << 20) // int(np.prod(patch)))))
+
+
+@dataclass
+class CostEstimate:
+    """The cost of a CAM stage, estimated before it starts: ``patches`` model inputs of ``patch``
+    voxels (K, J, I) and ``passes`` forward passes of one patch in all (Score-CAM: the patch's
+    own and one per channel of the CAM layer, masked: ``channels``); ``seconds`` scales a timed
+    forward pass on ``device`` (rough: within about a factor of 2)."""
+
+    method: str
+    patches: int
+    passes: int
+    channels: int
+    patch: Tuple[int, ...]
+    device: str
+    seconds: float
+
+    def __str__(self) -> str:
+        minutes = self.seconds / 60.0
+        took = f"{minutes:.1f} min" if minutes >= 1 else f"{self.seconds:.0f} s"
+        return (f"{self.method}: {self.patches} patches of {'x'.join(map(str, self.patch))} voxels, "
+                f"{self.passes:,} forward passes; about {took} on {self.device}")
+
+
+#: Forward-pass equivalents per patch besides Score-CAM's masked passes: the Grad-CAM family
+#: differentiates from the layer only (the graph is cut there) plus blending; guided methods run a
+#: second forward and a full backward to the input.
+_COST_PER_PATCH = {"guided-backprop": 4.0, "guided-gradcam": 4.0}
+_GRADIENT_COST = 1.5
+
+
+def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], device: "torch.device",  # noqa: F821
+                  batch_size: int) -> CostEstimate:
+    """A :class:`CostEstimate` for ``patches`` patches of ``patch`` voxels with ``loaded``
+    (a ``LoadedModel``) on ``device``: times one forward pass of a batch of zero patches (the
+    second of two, after the set-up of the first), as many as the method puts in one call, run
+    as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
+    import torch
+
+    from .cam import ScoreCAM
+    from .sliding import cpu_workers
+
+    scorecam = method == ScoreCAM.name
+    # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
+    batch = max(batch_size, 32) if scorecam else max(1, min(batch_size, patches))
+    threads = torch.get_num_threads()
+    workers = cpu_workers(device, batch_size, patches)
+    shapes: List[Tuple[int, ...]] = []
+    hook = loaded.target_layer.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape)))
+    x = torch.zeros(batch, int(loaded.card.kwargs.get("in_channels", 1)), *patch, device=device)
+    torch.set_num_threads(1 if workers > 1 else threads)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                t0 = time.perf_counter()
+                loaded.module(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+    finally:
+        hook.remove()
+        torch.set_num_threads(threads)
+    per_pass = seconds / batch / workers
+    channels = int(shapes[0][1])
+    if scorecam:
+        passes = patches * (1 + channels)
+        total = passes * per_pass
+    else:
+        passes = patches * (2 if method.startswith("guided") else 1)
+        total = patches * per_pass * _COST_PER_PATCH.get(method, _GRADIENT_COST)
+    return CostEstimate(method, int(patches), int(passes), channels, tuple(int(p) for p in patch), str(device), total)
+
+
 # --------------------------------------------------------------------------------------------
 # explain
 # --------------------------------------------------------------------------------------------
@@ -106,7 +186,8 @@ def _check_volume(volume: Any) -> Volume:
         raise InvalidInputError(f"explain() needs a LungGradCAMLib.Volume, got {type(volume).__name__}")
     if volume.array.dtype.kind not in "iuf":
         raise VolumeError(f"the CT must hold numbers (HU); got dtype {volume.array.dtype}")
-    if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
+    # min and max are NaN if any voxel is (and inf if any is): two passes, no CT-sized temporary
+    if volume.array.dtype.kind == "f" and not np.isfinite([volume.array.min(), volume.array.max()]).all():
         raise VolumeError("the CT has NaN or infinite voxels; fix or mask them before explaining")
     return volume
 
@@ -158,7 +239,8 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             mode: str = "auto", roi: Any = None, lung_mask: Optional[np.ndarray] = None,
             device: Any = None, batch_size: Optional[int] = None, progress: Optional[ProgressFn] = None,
             stride: Optional[Sequence[int]] = None, amp: bool = False,
-            cancel: Optional[Callable[[], bool]] = None) -> Explanation:
+            cancel: Optional[Callable[[], bool]] = None,
+            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
     Steps: lung mask (computed unless ``lung_mask``, bool K, J, I on the CT grid, is given) ->
@@ -172,18 +254,21 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
       ``(centre_ras_mm, size_mm)``;
     * ``auto``: ``roi`` if a roi is given, else ``whole`` for whole-volume models, else ``sliding``.
 
-    Returns an :class:`Explanation` whose ``cam`` (float32 in [0, 1], high = important) has the
-    input CT's exact geometry. The scan-level probability of the explained class is the highest
-    blended patch score; ``score_map`` holds the blended scores on the CT grid.
+    Returns an :class:`Explanation` whose ``cam`` (float32 in [0, 1] in steps of
+    :data:`CAM_STEP`, high = important) has the input CT's exact geometry. The scan-level
+    probability of the explained class is the highest blended patch score; ``score_map`` holds
+    the blended scores on the CT grid.
     ``target``: class name or index to explain (default: the card's ``cam_class``).
     ``progress(done, total)`` is called per batch; ``cancel()`` returning True stops the run.
+    ``on_estimate(estimate)``, when given, is called with the :class:`CostEstimate` of the CAM
+    stage before it starts; returning False stops the run there (:class:`CancelledError`).
     """
     import torch
 
     from .cam import METHODS
     from .lung import lung_bbox
     from .lung import lung_mask as compute_lung_mask
-    from .sliding import sliding_cam
+    from .sliding import patch_counts, sliding_cam
 
     volume = _check_volume(volume)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
@@ -213,9 +298,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     if mode == "roi" and roi is None:
         raise InvalidInputError("mode 'roi' needs roi=(centre_ras_mm, size_mm) or a mask")
     space_shape = resampled_shape(volume, card.spacing_mm)
-    batch_size = batch_size or (8 if dev.type == "cuda" else 2)
-    _check_memory(volume, space_shape, loaded, space_shape if mode == "whole" or card.patch_size is None
-                  else card.patch_size, batch_size, dev)
+    patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
+    batch_size = batch_size or default_batch_size(dev, patch)
+    _check_memory(volume, space_shape, loaded, patch, batch_size, dev)
 
     with _stage(timings, "resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
@@ -223,7 +308,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         roi_space = None
         if isinstance(roi, np.ndarray):
             roi_space = resample_to(volume.with_array(roi.astype(np.uint8)), space, order=0).array > 0
-        lungs_space = resample_to(volume.with_array(lungs.astype(np.uint8)), space, order=0).array > 0
+        lungs_space = resample_to(volume.with_array(lungs.view(np.uint8)), space, order=0).array > 0
 
     patch = tuple(card.patch_size) if card.patch_size is not None else space.shape
     if mode == "whole":
@@ -236,20 +321,25 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
         box = lung_bbox(lungs_space, margin_vox=[p // 4 for p in patch])
 
+    stride = stride or [max(1, p // 2) for p in patch]
+    batch_size = batch_size or default_batch_size(dev, patch)
+    if on_estimate is not None:
+        n_patches = int(np.prod(patch_counts(box, patch, stride)))
+        estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
+        if on_estimate(estimate) is False:
+            raise CancelledError(f"not started: {estimate}")
     with _stage(timings, "cam"):
         result = sliding_cam(
-            loaded.module, torch.from_numpy(space.array), patch,
-            stride=stride or [max(1, p // 2) for p in patch], method=method, target=target_index,
-            layer=card.target_layer, roi=box, batch_size=batch_size,
+            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
+            target=target_index, layer=card.target_layer, roi=box, batch_size=batch_size,
             preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=amp,
             activation=card.activation, blend="score",
         )
 
     with _stage(timings, "resample_back"):
-        cam_space = space.with_array(result.cam.astype(np.float32))
-        cam = resample_to(cam_space, volume, order=1, default_value=0.0)
-        cam.array = np.clip(cam.array, 0.0, 1.0).astype(np.float32)
-        score_map = resample_to(space.with_array(result.score_map.astype(np.float32)), volume, order=1)
+        # both maps are 0 outside the sliding window's box: only the CT voxels within its reach are computed
+        cam = cam_on_ct_grid(space.with_array(result.cam.astype(np.float32, copy=False)), volume, box)
+        score_map = on_ct_grid(space.with_array(result.score_map.astype(np.float32, copy=False)), volume, box)
 
     p = float(result.max_score)
     probabilities = card.probabilities_from_score(target_index, p)
@@ -262,6 +352,51 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         extra={"mode": mode, "device": str(dev), "box_model_space": [list(b) for b in box],
                "n_patches": len(result.patch_scores), "model": card.summary()},
     )
+
+
+#: The CAM's resolution: values are multiples of 1/1024 (float16's precision near 1). The heat
+#: map is coarse (one model feature per ~12 mm) and shown through a 256-colour map, so nothing
+#: visible changes, and gzip makes cam.nrrd 7x smaller and twice as fast to write.
+CAM_STEP = 2.0 ** -10
+
+
+def cam_on_ct_grid(cam: Volume, ct: Volume, box: Optional[Sequence[Sequence[int]]] = None) -> Volume:
+    """A CAM on the model's grid (float32, [0, 1]) brought onto the CT's grid by
+    :func:`on_ct_grid`, clipped to [0, 1] and rounded to multiples of :data:`CAM_STEP`. Within
+    ``CAM_STEP / 2`` (+ float32 rounding) of SimpleITK's trilinear resampling of the same map,
+    which this replaces (Testing/Python/test_pipeline.py checks it)."""
+    def quantise(a: np.ndarray) -> None:  # a slab at a time, while it is in the cache
+        np.clip(a, 0.0, 1.0, out=a)
+        a *= 1.0 / CAM_STEP
+        np.rint(a, out=a)
+        a *= CAM_STEP
+
+    return on_ct_grid(cam, ct, box, finish=quantise)
+
+
+def on_ct_grid(values: Volume, ct: Volume, box: Optional[Sequence[Sequence[int]]] = None,
+               finish: Optional[Callable[[np.ndarray], None]] = None) -> Volume:
+    """A float32 map on the model's grid (the grid :func:`~LungGradCAMLib.volume.resample`
+    made from ``ct``) onto the CT's grid: trilinear, by ``resample_to``'s separable path (slab by
+    slab), 0 outside. ``box`` ((k0, k1), (j0, j1), (i0, i1), model voxels): the map is 0 outside
+    it (the sliding window's box), so only the CT voxels within reach of the box are interpolated
+    and the others stay 0 (untouched memory); the values are the same as without it."""
+    if box is None:
+        return resample_to(values, ct, order=1, default_value=0.0, finish=finish)
+    # the box and one voxel around it (zeros, which the interpolation at its edge reads)
+    sub = crop(values, [(max(0, a - 1), min(n, b + 1)) for (a, b), n in zip(box, values.shape)])
+    corners = [[i, j, k] for i in (-0.5, sub.shape[2] - 0.5) for j in (-0.5, sub.shape[1] - 0.5)
+               for k in (-0.5, sub.shape[0] - 0.5)]
+    ijk = ct.ras_to_ijk_points(sub.ijk_to_ras_points(corners))
+    lo = np.clip(np.floor(ijk.min(axis=0)), 0, None).astype(int)[::-1]  # k, j, i
+    hi = np.minimum(np.ceil(ijk.max(axis=0)).astype(int)[::-1] + 1, ct.shape)
+    m = ct.ijk_to_ras.copy()
+    m[:3, 3] = ct.ijk_to_ras_points(lo[::-1])[0]
+    reach = Volume(np.broadcast_to(np.uint8(0), tuple(hi - lo)), m)  # geometry only
+    out = np.zeros(ct.shape, dtype=np.float32)
+    out[tuple(slice(a, b) for a, b in zip(lo, hi))] = resample_to(sub, reach, order=1, default_value=0.0,
+                                                                  finish=finish).array
+    return ct.with_array(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,28 +509,35 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
 
 def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path, *, lungs: bool = True,
                  overlay: bool = True, dicom_seg: bool = False, input_desc: str = "") -> Dict[str, Path]:
-    """The files of :func:`write_outputs`, written into the folder ``out``, report last."""
-    from .results import Region, Segmentation as Seg
-    from .segment import write_segmentation
+    """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
+    The other files are written at the same time, one thread each: their compression (zlib) runs
+    outside the GIL, beside the overlay's rendering."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    written: Dict[str, Path] = {}
+    from .results import Segmentation as Seg
+    from .segment import write_segmentation
     from .volume import write_volume
 
-    written["cam"] = write_volume(explanation.cam, out / "cam.nrrd")
-    written["segmentation"] = write_segmentation(segmentation, out / "segmentation.seg.nrrd")
+    jobs: Dict[str, Callable[[], Path]] = {
+        "cam": lambda: write_volume(explanation.cam, out / "cam.nrrd"),
+        "segmentation": lambda: write_segmentation(segmentation, out / "segmentation.seg.nrrd"),
+    }
     if lungs and explanation.lung_mask is not None:
-        lung_seg = Seg(explanation.cam.with_array(explanation.lung_mask.astype(np.uint8)), [])
-        written["lungs"] = write_segmentation(lung_seg, out / "lungs.seg.nrrd", names={1: "lungs"},
-                                              colors={1: (0.5, 0.68, 0.5)})
+        lung_seg = Seg(explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8)), [])
+        jobs["lungs"] = lambda: write_segmentation(lung_seg, out / "lungs.seg.nrrd", names={1: "lungs"},
+                                                   colors={1: (0.5, 0.68, 0.5)})
     if overlay and explanation.ct is not None:
-        written["overlay"] = write_overlay(explanation, segmentation, out / "overlay.png")
+        jobs["overlay"] = lambda: write_overlay(explanation, segmentation, out / "overlay.png")
     report = build_report(explanation, segmentation, input_desc)
     if dicom_seg and not segmentation.regions:
         report["dicom_seg"] = "not written: no hot region above the threshold"
     elif dicom_seg:
         from .dicomseg import write_dicom_seg
 
-        written["dicom_seg"] = write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm")
+        jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm")
+    with ThreadPoolExecutor(len(jobs), thread_name_prefix="lgc-write") as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+        written = {name: future.result() for name, future in futures.items()}
     report["files"] = sorted(p.name for p in written.values())
     written["report"] = write_json(out / "report.json", report, default=_json_default)
     return written
@@ -424,7 +566,7 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     else:
         k, j, i = np.unravel_index(int(np.argmax(explanation.cam.array)), explanation.cam.shape)
         center_ijk = (int(i), int(j), int(k))
-    contours = {"hot regions": segmentation.labelmap.array > 0}
+    contours = {"hot regions": segmentation.labelmap.array}  # non-zero = inside; cast per drawn slice
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)
@@ -440,6 +582,7 @@ def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "d
             method: str = "gradcam", threshold: Any = 0.5, roi: Any = None, device: Any = None,
             dicom_seg: bool = False, input_desc: str = "", progress: Optional[ProgressFn] = None,
             batch_size: Optional[int] = None,
+            on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
             inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """``explain`` + ``segment_cam`` + ``write_outputs`` for one CT. ``out_dir`` is checked and
     owned before the work (it may not be nor hold one of ``inputs``, the paths the CT came from)."""
@@ -447,7 +590,7 @@ def run_one(volume: Volume, out_dir: Union[str, os.PathLike], *, model: Any = "d
 
     with output_folder(out_dir, inputs):
         explanation = explain(volume, model=model, method=method, roi=roi, device=device,
-                              progress=progress, batch_size=batch_size)
+                              progress=progress, batch_size=batch_size, on_estimate=on_estimate)
         t0 = time.perf_counter()
         segmentation = segment_cam(explanation, threshold=threshold)
         explanation.timings["segment"] = time.perf_counter() - t0
@@ -510,8 +653,15 @@ def _add_common_options(p: "argparse.ArgumentParser") -> None:  # noqa: F821
     p.add_argument("--threshold", default="0.5", type=_parse_threshold,
                    help="CAM level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="patches per batch (default: 8 on CUDA; on the CPU up to 32, about 1 M voxels)")
     p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM Segmentation (needs highdicom)")
+
+
+def print_estimate(estimate: CostEstimate) -> None:
+    """The CLI's announcement of a long CAM stage (Score-CAM always, others from 30 s), on stderr."""
+    if estimate.method == "scorecam" or estimate.seconds >= 30:
+        print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
 
 
 def _cmd_run(args: Any) -> int:
@@ -522,7 +672,8 @@ def _cmd_run(args: Any) -> int:
         explanation, segmentation, files = run_one(
             volume, args.out, model=args.model, method=args.method, threshold=args.threshold,
             roi=_parse_roi(args.roi), device=args.device, dicom_seg=args.dicom_seg,
-            input_desc=str(args.input), progress=update, batch_size=args.batch_size, inputs=[args.input])
+            input_desc=str(args.input), progress=update, batch_size=args.batch_size,
+            on_estimate=print_estimate, inputs=[args.input])
     finally:
         close()
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
@@ -652,10 +803,27 @@ def _dist_env() -> Tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noqa: F821
+    """The futures of ``loads``, in order, each run in one background thread: load n + 1 starts
+    when future n is handed out, so reading the next series overlaps explaining this one. A
+    load's error comes out of its future's ``result()``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lgc-read")
+    try:
+        upcoming = pool.submit(loads[0]) if loads else None
+        for n in range(len(loads)):
+            current, upcoming = upcoming, (pool.submit(loads[n + 1]) if n + 1 < len(loads) else None)
+            yield current
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], *,
               model: Any = "default", method: str = "gradcam", threshold: Any = 0.5,
               device: Any = "auto", dicom_seg: bool = False, redo_failed: bool = False,
-              batch_size: Optional[int] = None, show_progress: bool = True) -> Path:
+              batch_size: Optional[int] = None, show_progress: bool = True,
+              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/``.
 
     Resumable: a series whose folder holds ``report.json`` is skipped. A series whose data fails
@@ -664,8 +832,9 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     recorded for good: the model, device, method and threshold are checked before the first
     series, an error of the run's options or output folder stops the batch, and a series that ran
     out of memory or failed unexpectedly is recorded to be retried by the next run. A series whose
-    folder another process is writing is left to it. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank
-    r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish. Returns the
+    folder another process is writing is left to it. The next series is read (a background
+    thread) while the current one is explained. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r
+    takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish. Returns the
     summary path.
     """
     from tqdm import tqdm
@@ -692,16 +861,22 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     threshold_level(np.zeros(1, np.float32), threshold)
     get_model(model, resolve_device(device))
     out.mkdir(parents=True, exist_ok=True)
-    mine = jobs[rank::world]
-    for job in tqdm(mine, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
-                    disable=not show_progress or None):
+
+    def pending(job: _SeriesJob) -> bool:
         folder = out / safe_name(job.uid)
         error = _record(folder / "error.json")
-        if (folder / "report.json").is_file() or (error is not None and not error.get("retry") and not redo_failed):
-            continue
+        return not ((folder / "report.json").is_file()
+                    or (error is not None and not error.get("retry") and not redo_failed))
+
+    todo = [job for job in jobs[rank::world] if pending(job)]
+    progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
+                        disable=not show_progress or None)
+    for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
+        folder = out / safe_name(job.uid)
         try:
-            run_one(job.load(), folder, model=model, method=method, threshold=threshold, device=device,
-                    dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size)
+            run_one(volume.result(), folder, model=model, method=method, threshold=threshold, device=device,
+                    dicom_seg=dicom_seg, input_desc=f"series {job.uid}", batch_size=batch_size,
+                    on_estimate=on_estimate)
         except FolderBusyError:
             log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
@@ -728,7 +903,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
 def _cmd_batch(args: Any) -> int:
     summary = run_batch(args.source, args.out, model=args.model, method=args.method,
                         threshold=args.threshold, device=args.device, dicom_seg=args.dicom_seg,
-                        redo_failed=args.redo_failed, batch_size=args.batch_size)
+                        redo_failed=args.redo_failed, batch_size=args.batch_size, on_estimate=print_estimate)
     if _dist_env()[0] == 0:
         with open(summary, newline="") as fh:
             rows = list(csv.DictReader(fh))

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import InvalidInputError
 from .volume import Volume, axis_aligned_matrix, resample
@@ -194,6 +193,8 @@ def sobel_magnitude(x: ArrayLike) -> ArrayLike:
     a = _float(_array(x, "sobel_magnitude"))
     axes = range(a.ndim - 3, a.ndim)
 
+    from scipy import ndimage  # here, not at import: loading a model must not pay for scipy
+
     def sobel(axis: int) -> np.ndarray:
         # ndimage.sobel would also smooth across leading (batch) axes: smooth only K, J, I.
         g = ndimage.correlate1d(a, [-1.0, 0.0, 1.0], axis=axis, mode="reflect")
@@ -229,6 +230,8 @@ def noise_score(x: Union[Volume, np.ndarray], mask: Optional[np.ndarray] = None,
     dominate). Returns one float for the scan, or with ``per_slice=True`` a (K,) float64 array
     (NaN for slices with no masked voxel). Flag the noisiest with :func:`flag_noisy`.
     """
+    from scipy import ndimage
+
     a = _array(x, "noise_score").astype(np.float64, copy=False)
     if a.ndim != 3:
         raise InvalidInputError(f"noise_score: expected one (K, J, I) volume; got shape {a.shape}")

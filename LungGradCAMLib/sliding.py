@@ -11,6 +11,7 @@ import itertools
 import logging
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -18,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import CAM, Target, _resolve_layer, minmax_per_sample
+from .cam import CAM, CamResult, Target, _resolve_layer, minmax_per_sample
 from .errors import CancelledError, InvalidInputError, ResourceError
 
-__all__ = ["PatchScore", "SlidingResult", "sliding_cam"]
+__all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,57 @@ def _same_device(asked: torch.device, actual: torch.device) -> bool:
     return index is None or index == actual.index
 
 
+def patch_counts(box: Sequence[Sequence[int]], patch: Sequence[int], stride: Sequence[int]) -> List[int]:
+    """Patches along K, J, I that cover ``box`` ((k0, k1), (j0, j1), (i0, i1)) from its corner,
+    every ``stride`` voxels (the last one may reach past the box)."""
+    return [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
+
+
+def cpu_workers(device: torch.device, batch: int, patches: int) -> int:
+    """Worker threads for the CPU: one per torch thread, no more than a batch or the run holds
+    patches (a single patch, e.g. a whole volume, keeps torch's own threads); 1 elsewhere."""
+    return min(torch.get_num_threads(), batch, patches) if device.type == "cpu" else 1
+
+
+class _Explainer:
+    """A :class:`CAM` of the model, or, with ``workers`` > 1 (CPU), one CAM per worker thread on
+    copies of the model, each explaining its share of every batch with one intra-op thread.
+
+    Why: torch's intra-op threads meet at a barrier after every operation, and a sliding window
+    runs tens of thousands of small operations. When anything else runs on the machine, a thread
+    that is descheduled holds the others at each barrier for a scheduler time slice: the same 2288
+    patches took 5.5 s with one thread and 150 s with two on a shared 2-core machine (README,
+    "Speed"). Workers that each run whole sub-batches only meet once per batch.
+    """
+
+    def __init__(self, model: nn.Module, layer: str, method: str, workers: int, **options: Any) -> None:
+        self.threads = torch.get_num_threads()
+        # copies before any hook is installed: a deep copy carries the hooks of the model
+        models = [model] + [copy.deepcopy(model) for _ in range(workers - 1)]
+        self.cams = [CAM(m, layer, method, **options).__enter__() for m in models]
+        self.pool = None
+        if workers > 1:
+            torch.set_num_threads(1)  # process-wide, restored by close()
+            self.pool = ThreadPoolExecutor(workers, thread_name_prefix="lgc-cam")
+
+    def __call__(self, x: torch.Tensor, target: Target) -> CamResult:
+        if self.pool is None or x.shape[0] == 1:
+            return self.cams[0](x, target)
+        parts = x.tensor_split(min(len(self.cams), x.shape[0]))
+        results = list(self.pool.map(lambda cam, part: cam(part, target), self.cams, parts))
+        first = results[0]
+        classes = None if first.classes is None else torch.cat([r.classes for r in results])
+        return CamResult(torch.cat([r.cam for r in results]), torch.cat([r.logits for r in results]),
+                         classes, torch.cat([r.scores for r in results]), first.activation)
+
+    def close(self) -> None:
+        for cam in self.cams:
+            cam.__exit__()
+        if self.pool is not None:
+            self.pool.shutdown()
+            torch.set_num_threads(self.threads)
+
+
 def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence[int]],
                 stride: Union[int, Sequence[int]], *, method: str = "gradcam",
                 target: Target = None, layer: Union[None, str, nn.Module] = None,
@@ -173,7 +225,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     layer_name = _resolve_layer(model, layer)[0]
     target = -1 if target is None else target
 
-    counts = [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
+    counts = patch_counts(box, patch, stride)
     extent = tuple((n - 1) * s + p for n, s, p in zip(counts, stride, patch))
     corners = list(itertools.product(*(range(0, n * s, s) for n, s in zip(counts, stride))))
 
@@ -187,7 +239,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     batch = int(batch_size)
     scores: List[PatchScore] = []
     options = {"normalize": False, "amp": amp, "activation": activation}
-    cam = CAM(model, layer_name, method, **options).__enter__()
+    cam = _Explainer(model, layer_name, method, cpu_workers(dev, batch, len(corners)), **options)
     fallen_back = False
     try:
         done = 0
@@ -216,9 +268,10 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                         f"smaller patch or a machine with more memory") from None
                 warnings.warn(f"out of memory on {dev} with one {patch} patch per batch: "
                               f"continuing on the CPU (slower)", RuntimeWarning, stacklevel=2)
-                cam.__exit__()
+                cam.close()
                 dev = torch.device("cpu")
-                cam = CAM(copy.deepcopy(model).to(dev), layer_name, method, **options).__enter__()
+                cam = _Explainer(copy.deepcopy(model).to(dev), layer_name, method,
+                                 cpu_workers(dev, batch, len(corners) - done), **options)
                 src, weight, acc_cam, acc_score, acc_w = (
                     t.to(dev) for t in (src, weight, acc_cam, acc_score, acc_w))
                 fallen_back = True
@@ -243,7 +296,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
             if progress is not None:
                 progress(done, len(corners))
     finally:
-        cam.__exit__()
+        cam.close()
 
     inside = tuple(slice(0, b - a) for a, b in box)
     blended = acc_cam[inside] / acc_w[inside]

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
+import math
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import InvalidInputError, ModelError
-from ..limits import available_memory, max_model_bytes
+from ..limits import available_memory, check_bytes, max_model_bytes
 from ..paths import check_path, kind, open_regular
 from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
@@ -121,29 +123,29 @@ class LoadedModel:
         """(N, classes) logits -> probabilities with the card's activation (softmax/sigmoid)."""
         return torch.softmax(logits, 1) if self.card.activation == "softmax" else torch.sigmoid(logits)
 
-    def activation_bytes(self, patch: Sequence[int]) -> int:
-        """Bytes of every layer's output for one input of ``patch`` voxels (K, J, I) in float32:
-        at most what one sample of a batch holds while its CAM is computed (found on the meta
-        device, nothing allocated)."""
-        with torch.device("meta"):
-            module = build_model(self.card.architecture, **self.card.kwargs)
-        return _meta_forward(module, patch)[1]
+    #: Bytes of all layers' outputs per input voxel, measured by :func:`load_model`'s probe.
+    bytes_per_voxel: float = 0.0
+
+    def activation_bytes(self, patch: Sequence[int]) -> float:
+        """Bytes of every layer's output for one input of ``patch`` voxels (K, J, I): at most what
+        one sample of a batch holds while its CAM is computed."""
+        return self.bytes_per_voxel * float(math.prod(int(p) for p in patch))
 
 
-def _meta_forward(module: nn.Module, patch: Sequence[int]) -> Tuple[Tuple[int, ...], int]:
-    """(logits shape, bytes of all leaf layers' float32 outputs) of a one-channel input of
-    ``patch`` voxels through a module on the meta device."""
+def _probe(module: nn.Module, patch: Sequence[int], device: Any) -> Tuple[Tuple[int, ...], int]:
+    """(logits shape, bytes of every leaf layer's output) of one zero patch of ``patch`` voxels
+    (one channel) through ``module`` on ``device``."""
     total = 0
 
     def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
         nonlocal total
         if isinstance(output, torch.Tensor):
-            total += output.numel() * 4
+            total += output.numel() * output.element_size()
 
     hooks = [m.register_forward_hook(count) for m in module.modules() if not any(m.children())]
-    module.eval()
     try:
-        logits = module(torch.empty(1, 1, *[int(p) for p in patch], device="meta"))
+        with torch.inference_mode():
+            logits = module(torch.zeros(1, 1, *[int(p) for p in patch], device=device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -226,13 +228,17 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                device: "Optional[Union[str, torch.device]]" = None) -> LoadedModel:
     """Load a model by name (``Resources/Models/<name>.safetensors`` + ``.json``) or path.
 
-    Validates, in this order and before allocating the network: the card (fields, known
+    Validates, in this order and before allocating anything: the card (fields, known
     architecture, patch size limit), the network's size (built on the meta device; limit
     ``LUNGGRADCAM_MAX_MODEL_BYTES``, default 4 GiB, and the memory the process can get), one
     input channel, the weights file's size and, for a torch zip, the sizes its entries unpack to
-    (at most twice the network's bytes), the weights' SHA-256 against the card, the target layer, a
-    shape-only forward of one patch (the patch fits, one output per class name), and every tensor
-    name and shape against the architecture. ``device`` defaults to CUDA when available, else CPU. The module is in eval mode.
+    (at most twice the network's bytes + 1 MiB), the weights' SHA-256 against the card, the target
+    layer, and every tensor name and shape against the architecture. Then a forward of a small zero
+    patch on ``device`` measures the layers' output bytes per input voxel
+    (:attr:`LoadedModel.bytes_per_voxel`), the memory one patch of the card's size needs is
+    checked (:class:`ResourceError`), and one forward of such a patch checks that it fits and gives
+    one output per class name. ``device`` defaults to CUDA when available, else CPU. The module is
+    in eval mode (on the CPU with channels-last weights, the fast layout there; results are the same).
     Any failure raises :class:`ModelError` naming the file.
     """
     weights = resolve_model_path(path_or_name)
@@ -262,18 +268,9 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     except AttributeError:
         raise ModelError(f"{weights}: target_layer {card.target_layer!r} is not a layer of "
                          f"{card.architecture}") from None
-    # a shape-only forward on the meta device: the patch fits the network, one logit per class
-    probe = card.patch_size or [32, 32, 32]
-    try:
-        logits_shape = _meta_forward(module, probe)[0]
-    except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"{weights}: {card.architecture} cannot take a {probe} voxel input: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if logits_shape != (1, len(card.class_names)):
-        raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
-                         f"{len(card.class_names)} classes {card.class_names}")
     state = _read_state_dict(weights)
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    meta_state = module.state_dict()
+    expected = {k: tuple(v.shape) for k, v in meta_state.items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         missing = sorted(set(expected) - set(got))[:5]
@@ -284,6 +281,29 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                          f"missing {missing}, unexpected {extra}, wrong shapes {wrong}")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = module.to_empty(device=device)
-    module.load_state_dict(state)
-    return LoadedModel(module, card)
+    # the loaded tensors replace the meta ones (assign): no second allocation, no initialisation,
+    # and none of to_empty's meta kernels (which import sympy, 0.7 s at first use)
+    module.load_state_dict({k: v.to(meta_state[k].dtype) for k, v in state.items()}, assign=True)
+    if any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
+        raise ModelError(f"{weights}: {card.architecture} holds tensors its weights file does not set")
+    module = module.to(device).eval()
+    if torch.device(device).type == "cpu":
+        # oneDNN's 3D convolutions and pools run about twice as fast on channels-last weights
+        module = module.to(memory_format=torch.channels_last_3d)
+    # On the real device, not the meta one (meta kernels import torch._dynamo: 1-2 s at first use):
+    # a small zero patch measures the layers' output bytes per input voxel; then one patch of the
+    # card's size, when that fits into memory, shows that it fits the network, one logit per class
+    full = card.patch_size or [32, 32, 32]
+    small = [min(int(p), 16) for p in full]
+    try:
+        per_voxel = _probe(module, small, device)[1] / math.prod(small)
+        check_bytes(per_voxel * math.prod(full), f"{weights}: one {full}-voxel patch through {card.architecture}",
+                    advice="use a model with smaller patches, or ")
+        logits_shape = _probe(module, full, device)[0]
+    except (RuntimeError, ValueError) as exc:
+        raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
+                         f"{str(exc).splitlines()[0]}") from None
+    if logits_shape != (1, len(card.class_names)):
+        raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
+                         f"{len(card.class_names)} classes {card.class_names}")
+    return LoadedModel(module, card, per_voxel)

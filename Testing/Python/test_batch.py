@@ -173,3 +173,28 @@ def test_batch_records_no_failure_that_is_the_runs_own(cohort, tmp_path, capsys,
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids
     assert [r["error"] for r in rows.values() if r["status"] == "failed"] == [
         next(r["error"] for r in rows.values() if "single slice" in r["error"])]
+
+
+def test_prefetched_reads_the_next_series_while_this_one_is_used():
+    """pipeline.prefetched: load n + 1 runs (in a background thread) while future n is used; a
+    load's error comes out of its own future and the rest go on."""
+    import threading
+
+    started = [threading.Event() for _ in range(4)]
+
+    def load(n: int) -> int:
+        started[n].set()
+        if n == 2:
+            raise lgc.LungGradCAMError("series 2 is broken")
+        return n
+
+    seen = []
+    for n, future in enumerate(pipeline.prefetched([lambda n=n: load(n) for n in range(4)])):
+        if n + 1 < 4:  # the consumer still holds series n: without prefetching this would time out
+            assert started[n + 1].wait(timeout=30)
+        try:
+            seen.append(future.result())
+        except lgc.LungGradCAMError as exc:
+            seen.append(str(exc))
+    assert seen == [0, 1, "series 2 is broken", 3]
+    assert list(pipeline.prefetched([])) == []

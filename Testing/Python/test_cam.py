@@ -137,10 +137,16 @@ def test_minmax_of_a_constant_sample_is_zero():
     assert float(out[1].max()) == 1.0 and float(out[1].min()) == 0.0
 
 
-def test_scorecam_matches_its_definition_across_channel_batches():
+@pytest.mark.parametrize("dead", [False, True])
+def test_scorecam_matches_its_definition_across_channel_batches(dead):
+    """Masked inputs batched across samples and channels (12 of them, 5 at a time); with
+    ``dead``, channels 0 and 3 never fire (all-zero masks: the model scores x * 0 once)."""
     net, x, classes = make_net(), make_input(2), [1, 2]
-    with CAM(net, method="scorecam", upsample=False, normalize=False, score_batch_size=4) as cam:
-        ours = cam(x, classes).cam  # 6 channels: batches of 4 and 2
+    if dead:
+        with torch.no_grad():
+            net.conv2.bias[[0, 3]] = -1e3
+    with CAM(net, method="scorecam", upsample=False, normalize=False, score_batch_size=5) as cam:
+        ours = cam(x, classes).cam
     features, _ = split_at(net, "act2")
     with torch.no_grad():
         a = features(x)
@@ -150,9 +156,11 @@ def test_scorecam_matches_its_definition_across_channel_batches():
             for c in range(a.shape[1]):
                 mask = F.interpolate(a[n:n + 1, c:c + 1], size=SHAPE, mode="trilinear",
                                      align_corners=False)
-                mask = (mask - mask.min()) / (mask.max() - mask.min())
+                span = mask.max() - mask.min()
+                mask = (mask - mask.min()) / span if span > 0 else torch.zeros_like(mask)
                 scores.append(net(x[n:n + 1] * mask)[0, classes[n]])
             w = torch.softmax(torch.stack(scores), 0)
+            assert not dead or (a[n, [0, 3]] == 0).all()
             expected.append(F.relu((w[:, None, None, None] * a[n]).sum(0)))
     close(ours, torch.stack(expected))
 

@@ -214,3 +214,19 @@ def test_lung_bbox_margins_clipping_and_crop():
         lung_bbox(np.zeros((4, 4, 4), dtype=bool))
     with pytest.raises(VolumeError, match="margin_vox"):
         lung_bbox(mask, -1)
+
+
+@pytest.mark.parametrize("shape, factors", [((7, 10, 11), (2, 3, 3)), ((9, 8, 13), (3, 2, 4)),
+                                            ((6, 6, 6), (1, 2, 2)), ((5, 7, 9), (2, 2, 2))])
+def test_block_mean_equals_the_mean_of_edge_padded_blocks(shape, factors):
+    """The working grid's block means, with the far edge's short blocks completed by repeating the
+    last slice, row or column: against numpy's padded reshape-and-mean."""
+    from LungGradCAMLib.lung import _block_mean
+
+    hu = np.random.default_rng(2).normal(-500, 300, size=shape).astype(np.float32)
+    padded = np.pad(hu, [(0, (-n) % f) for n, f in zip(shape, factors)], mode="edge").astype(np.float64)
+    k, j, i = (n // f for n, f in zip(padded.shape, factors))
+    expected = padded.reshape(k, factors[0], j, factors[1], i, factors[2]).mean(axis=(1, 3, 5))
+    result = _block_mean(hu, factors)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-3)  # HU, float32 sums

@@ -440,6 +440,17 @@ def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
     ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
     with pytest.raises(CancelledError):
         mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", cancel=lambda: True, **FAST)
+    # the Slicer panel's way: the user declines once the cost estimate is shown (Score-CAM)
+    estimates = []
+
+    def decline(estimate) -> bool:
+        estimates.append(estimate)
+        return False
+
+    with pytest.raises(CancelledError, match="not started: scorecam"):
+        mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", method="scorecam", **FAST,
+                                 on_estimate=decline)
+    assert estimates[0].method == "scorecam" and estimates[0].passes > estimates[0].patches
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0

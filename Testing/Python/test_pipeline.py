@@ -69,6 +69,41 @@ def test_explain_geometry_and_contents(small_phantom, explanation):
         assert explanation.timings[stage] >= 0
 
 
+def test_cam_on_the_ct_grid_within_the_stated_tolerance_of_simpleitk(small_phantom):
+    """The CAM's way home (separable trilinear, rounded to CAM_STEP) against what explain() did
+    before: SimpleITK's trilinear Resample of the same model-grid map, then clipping. Stated
+    tolerance: |difference| <= CAM_STEP / 2 + 1e-6 everywhere, and so a threshold puts a voxel on
+    the other side only when SimpleITK's value lies within that distance of the threshold."""
+    from scipy import ndimage
+
+    ct = small_phantom.volume
+    ct = ct.with_array(np.zeros(ct.shape, np.float32))
+    space = lgc.resample(ct, (1.5, 1.7, 2.3))  # a model grid: 2x finer in-plane, coarser in k
+    rng = np.random.default_rng(4)
+    smooth = ndimage.gaussian_filter(rng.random(space.shape), 2.0)
+    smooth = ((smooth - smooth.min()) / np.ptp(smooth)).astype(np.float32)
+    box = ((3, space.shape[0] - 4), (5, space.shape[1] - 9), (0, space.shape[2] - 2))  # the window's box
+    outside = np.ones(space.shape, bool)
+    outside[tuple(slice(a, b) for a, b in box)] = False
+    smooth[outside] = 0.0  # as the sliding window leaves it
+    coarse = space.with_array(smooth)
+    cam = pipeline.cam_on_ct_grid(coarse, ct, box)
+    assert lgc.same_geometry(cam, ct) and cam.array.dtype == np.float32
+    # only the CT voxels within reach of the box are computed: the same values as all of them
+    everywhere = pipeline.on_ct_grid(coarse, ct)
+    np.testing.assert_allclose(pipeline.on_ct_grid(coarse, ct, box).array, everywhere.array, rtol=0, atol=1e-6)
+    assert (everywhere.array == 0).any() and (everywhere.array > 0).mean() > 0.5
+    assert np.array_equal(cam.array, np.round(cam.array / pipeline.CAM_STEP) * pipeline.CAM_STEP)
+    before = sitk.GetArrayFromImage(sitk.Resample(coarse.to_sitk(), ct.to_sitk(), sitk.Transform(),
+                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    before = np.clip(before, 0.0, 1.0)
+    tolerance = pipeline.CAM_STEP / 2 + 1e-6
+    assert np.abs(cam.array - before).max() <= tolerance
+    for level in (0.3, 0.5, 0.7):
+        flipped = (cam.array >= level) != (before >= level)
+        assert np.all(np.abs(before[flipped] - level) <= tolerance)
+
+
 def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
     ct = small_phantom.volume
     nodule = small_phantom.nodules[0]
@@ -115,6 +150,7 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
                                                 "overlay.png", "report.json"}
     cam = lgc.read_volume(tmp_path / "out" / "cam.nrrd")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-6)
+    assert cam.array.dtype == np.float32  # Slicer shows the heat map in [0, 1], as before
     np.testing.assert_array_equal(cam.array, explanation.cam.array)
     # SimpleITK sees the same LPS geometry as the CT written by the same writer
     img = sitk.ReadImage(str(tmp_path / "out" / "cam.nrrd"))
@@ -123,6 +159,12 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
     assert len(s["segments"]) == len(seg.regions)
     lungs = slicerio.read_segmentation(str(tmp_path / "out" / "lungs.seg.nrrd"))
     assert [x["name"] for x in lungs["segments"]] == ["lungs"]
+    # both segmentations: the CT's whole grid (not cropped), the labels exactly as computed
+    lps = lgc.volume.LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
+    for read, labels in ((s, seg.labelmap.array), (lungs, explanation.lung_mask)):
+        np.testing.assert_allclose(read["ijkToLPS"], lps, atol=1e-6)
+        assert read["referenceImageExtentOffset"] == [0, 0, 0]
+        np.testing.assert_array_equal(read["voxels"].transpose(2, 1, 0), labels)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["predicted_class"] == explanation.predicted_class
     assert report["probabilities"] == pytest.approx(explanation.probabilities)
@@ -233,6 +275,37 @@ def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not (tmp_path / argv[3].split("/")[-1] / "report.json").exists()
+
+
+def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path, capsys):
+    """explain(on_estimate=...) gets the CAM stage's cost before it starts (Score-CAM: one masked
+    pass per patch and channel of the CAM layer); returning False stops the run there; the CLI
+    prints the estimate of a Score-CAM run before it starts."""
+    from LungGradCAMLib.errors import CancelledError
+
+    ct = small_phantom.volume
+    estimates, batches = [], []
+    exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
+                      progress=lambda done, total: batches.append(total))
+    (gradcam,) = estimates
+    assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
+    assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
+    loaded = pipeline.get_model(str(tiny_model), pipeline.resolve_device("cpu"))
+    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, pipeline.resolve_device("cpu"), 2)
+    assert score.channels == 32 and score.passes == gradcam.patches * 33  # gradcam3d_cnn width 2: 16 * 2
+    assert score.seconds > gradcam.seconds and f"{score.passes:,} forward passes" in str(score)
+
+    batches.clear()
+    with pytest.raises(CancelledError, match="not started: scorecam"):
+        lgc.explain(ct, model=str(tiny_model), method="scorecam", device="cpu", on_estimate=lambda e: False,
+                    progress=lambda done, total: batches.append(done))
+    assert batches == []  # no patch was explained
+
+    lgc.write_volume(ct, tmp_path / "ct.nrrd")
+    assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
+                 "--device", "cpu", "--method", "scorecam", "--roi", "0,0,0,40"]) == 0
+    err = capsys.readouterr().err
+    assert "estimated cost: scorecam:" in err and "forward passes" in err
 
 
 def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):

@@ -67,6 +67,16 @@ def oom():
     return torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one intra-op thread: the CPU path then runs one explainer, so a test sees the
+    batches exactly as sliding_cam forms them (with N threads, N workers each get a share)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gaussian(p: int) -> np.ndarray:
     d = np.arange(p) - (p - 1) / 2
     g = np.exp(-0.5 * (d / (0.125 * p)) ** 2)
@@ -167,7 +177,7 @@ def test_progress_and_cancellation():
     assert all(not m._forward_hooks for m in net.modules())
 
 
-def test_out_of_memory_halves_the_batch():
+def test_out_of_memory_halves_the_batch(one_thread):
     vol = make_volume((12, 12, 16))
     seen = []
 
@@ -187,7 +197,7 @@ def test_out_of_memory_halves_the_batch():
     assert np.array_equal(result.score_map, expected.score_map)
 
 
-def test_out_of_memory_at_batch_one_falls_back_to_a_cpu_copy():
+def test_out_of_memory_at_batch_one_falls_back_to_a_cpu_copy(one_thread):
     vol = make_volume((12, 12, 16))
     failures = [3]  # batch 4, 2 and 1 fail on the original model
 
@@ -205,6 +215,54 @@ def test_out_of_memory_at_batch_one_falls_back_to_a_cpu_copy():
     assert np.array_equal(result.cam, expected.cam)
     assert [p.data_ptr() for p in model.parameters()] == params  # the caller's model untouched
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_cpu_workers_share_each_batch_and_give_the_one_thread_result(one_thread):
+    """With N intra-op threads the CPU path runs N single-threaded workers on copies of the model;
+    the maps and scores are those of one thread, the caller's model and thread count untouched."""
+    vol = make_volume((12, 16, 20))
+    expected = sliding_cam(make_net(), vol, 8, 4, batch_size=6, preprocess=window)
+    seen = []
+
+    def fault(x):  # every worker's sub-batch; more than 2 patches "run out of memory"
+        seen.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise oom()
+
+    model = Faulty(make_net(), fault)
+    params = [p.data_ptr() for p in model.parameters()]
+    torch.set_num_threads(2)
+    result = sliding_cam(model, vol, 8, 4, batch_size=8, preprocess=window)
+    assert torch.get_num_threads() == 2
+    assert seen[:2] == [4, 4] and set(seen[2:]) == {2}  # 8 split in two, then 4 split in two
+    assert result.batch_size == 4 and result.device == "cpu"
+    assert np.allclose(result.cam, expected.cam, atol=1e-6)
+    assert np.allclose(result.score_map, expected.score_map, atol=1e-6)
+    assert [p.box for p in result.patch_scores] == [p.box for p in expected.patch_scores]
+    assert [p.data_ptr() for p in model.parameters()] == params
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_cpu_workers_only_where_a_batch_can_be_shared(one_thread):
+    """One patch (a whole volume) or batches of one keep torch's own threads; batches of several
+    patches go to single-threaded workers, one per torch thread."""
+
+    class Threads(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net, self.seen = net, []
+
+        def forward(self, x):
+            self.seen.append((x.shape[0], torch.get_num_threads()))
+            return self.net(x)
+
+    torch.set_num_threads(2)
+    for patch, batch, expected in ((16, 4, {(1, 2)}), (8, 1, {(1, 2)}), (8, 4, {(2, 1)})):
+        model = Threads(make_net())
+        sliding_cam(model, make_volume((12, 12, 16)), patch, 4, batch_size=batch, preprocess=window)
+        # the copies record on their own: the original saw its share of every batch
+        assert set(model.seen) == expected, (patch, batch, model.seen)
+        assert torch.get_num_threads() == 2
 
 
 def test_out_of_memory_everywhere_raises_resource_error():
