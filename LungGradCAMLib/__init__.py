@@ -25,7 +25,7 @@ _EXPORTS = {
 }
 _SUBMODULES = {"phantom", "render", "dicomseg", "mrml", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
                "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data", "cam_retrain",
-               "bench", "atomic", "results", "cli", "options"}
+               "bench", "atomic", "results", "cli", "options", "limits", "paths"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -9,7 +9,9 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional
@@ -224,6 +226,15 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the process is, so that every ``finally`` removes the
+    temporaries it made (a killed batch under torchrun gets SIGTERM first)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     # numpy asks the kernel for transparent huge pages for every large array; where the kernel
     # then compacts memory on the spot (defrag "madvise", the common default) and other processes
@@ -241,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger(__package__).setLevel(logging.INFO)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except LungGradCAMError as exc:
@@ -249,6 +262,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lunggradcam {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lunggradcam {args.command}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,8 +8,12 @@ StudyInstanceUID, SeriesNumber, SeriesDate, SeriesDescription, Modality, BodyPar
 FrameOfReferenceUID)`` and ``Images(SOPInstanceUID, Filename, SeriesInstanceUID)``, where
 ``Filename`` is relative to the database folder for files inside it and absolute otherwise.
 
-The file is opened with SQLite's ``mode=ro`` URI for each query and closed right after: this module
-never writes, and never holds a lock that would block Slicer using the same database.
+The file is opened for each query and closed right after, so that nothing is ever written (no
+``-wal``/``-shm`` files, no journal) and no lock is held that would block Slicer using the same
+database: a database in rollback-journal mode (CTK's default) with SQLite's ``mode=ro`` URI, which
+only takes shared locks; one in write-ahead-log (WAL) mode with ``immutable=1`` (no locks, no
+``-shm``), unless a ``-wal`` file beside it holds changes a writer (Slicer) has not yet copied
+into it, which only ``mode=ro`` reads. Either works on read-only media.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
 from .errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
+from .paths import check_path, kind
 from .volume import Volume
 
 DATABASE_FILENAME = "ctkDICOM.sql"
@@ -86,15 +91,15 @@ class DicomDatabase:
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        path = Path(path).expanduser()
+        path = check_path(Path(path).expanduser(), "DICOM database")
         if path.is_dir():
             path = path / DATABASE_FILENAME
             if not path.is_file():
                 raise DatabaseError(f"{path.parent}: not a Slicer DICOM database folder (no {DATABASE_FILENAME}); "
                                     "give the folder shown in Slicer's DICOM module settings")
         elif not path.is_file():
-            raise DatabaseError(f"{path}: no such file or folder; give Slicer's DICOM database folder or "
-                                f"its {DATABASE_FILENAME}")
+            what = f"a {kind(path.stat().st_mode)}, not a database" if path.exists() else "no such file or folder"
+            raise DatabaseError(f"{path}: {what}; give Slicer's DICOM database folder or its {DATABASE_FILENAME}")
         self.path = path.resolve()
         #: Folder that relative ``Images.Filename`` entries start from.
         self.folder = self.path.parent
@@ -104,20 +109,35 @@ class DicomDatabase:
         return f"DicomDatabase({str(self.path)!r}, schema {self.schema_version})"
 
     # --- queries ------------------------------------------------------------------------------
+    def _uri(self) -> str:
+        """The SQLite URI that reads the database without writing anything (see the module notes)."""
+        try:
+            with open(self.path, "rb") as f:
+                wal_mode = f.read(20)[18:20] == b"\x02\x02"  # the header's read/write versions: 2 = WAL
+        except OSError:
+            wal_mode = False  # SQLite reports why it cannot read the file
+        wal = Path(f"{self.path}-wal")
+        pending = wal.is_file() and wal.stat().st_size > 0
+        return f"{self.path.as_uri()}?" + ("immutable=1" if wal_mode and not pending else "mode=ro")
+
     def _query(self, sql: str, params: Sequence[Any] = ()) -> List[tuple]:
         """Run one SELECT on a fresh read-only connection, fetch everything, close (no lock kept)."""
-        uri = f"{self.path.as_uri()}?mode=ro"
+        uri = self._uri()
         try:
             with closing(sqlite3.connect(uri, uri=True, timeout=10.0)) as conn:
                 return conn.execute(sql, tuple(params)).fetchall()
         except sqlite3.DatabaseError as exc:  # also OperationalError: locked, unreadable, no table
-            raise DatabaseError(f"{self.path}: cannot read the database ({exc}); it is corrupt, not a "
+            wal = " (its -wal file, changes not yet in the database, needs a writable folder to be read: " \
+                  "copy the database folder)" if "mode=ro" in uri and Path(f"{self.path}-wal").is_file() else ""
+            raise DatabaseError(f"{self.path}: cannot read the database ({exc}){wal}; it is corrupt, not a "
                                 "Slicer DICOM database, or locked by another program") from None
 
     def _check_schema(self) -> str:
         try:
             tables = {row[0] for row in self._query("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        except DatabaseError:
+        except DatabaseError as exc:
+            if Path(f"{self.path}-wal").is_file():  # its message says what the write-ahead log needs
+                raise exc from None
             raise DatabaseError(f"{self.path}: not an SQLite database (corrupt, or not Slicer's "
                                 f"{DATABASE_FILENAME}); give the folder of Slicer's DICOM database") from None
         missing = [t for t in ("SchemaInfo",) + tuple(_REQUIRED) if t not in tables]
@@ -193,7 +213,7 @@ class DicomDatabase:
             raise DatabaseError(f"{self.path}: series {uid} has no local files (only URLs of a remote store); "
                                 "retrieve it into the database with Slicer's DICOM module first")
         paths = [Path(n) if os.path.isabs(n) else self.folder / n for n in names]
-        missing = [p for p in paths if not p.is_file()]
+        missing = [p for p in paths if not p.exists()]
         if missing:
             shown = ", ".join(str(p) for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise DatabaseError(

@@ -44,7 +44,8 @@ import numpy as np
 from .atomic import atomic_path
 from .errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError, SeriesGeometryError,
                      VolumeError)
-from .volume import LPS_TO_RAS, Volume, check_voxel_limit
+from .paths import is_special, open_regular
+from .volume import LPS_TO_RAS, SPACING_RANGE_MM, Volume, check_voxel_limit
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def _read_dataset(path: Path, header_only: bool = False):
 
     kwargs = {"stop_before_pixels": True, "defer_size": 4096} if header_only else {}
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO or device named like a slice would block or never end
             try:
                 ds = pydicom.dcmread(f, **kwargs)
             except InvalidDicomError:
@@ -325,8 +326,8 @@ def _source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, Lis
             files = []
             for folder, dirs, names in os.walk(root):
                 dirs.sort()
-                files.extend(Path(folder) / n for n in sorted(names)  # a named pipe would block open()
-                             if n.upper() != "DICOMDIR" and not (Path(folder) / n).is_fifo())
+                files.extend(Path(folder) / n for n in sorted(names)  # a FIFO would block open()
+                             if n.upper() != "DICOMDIR" and not is_special(Path(folder) / n))
             return str(root), files
         if not root.exists() and not root.is_symlink():
             raise NoSeriesFoundError(f"{root}: no such file or folder; give a DICOM folder or files")
@@ -335,9 +336,20 @@ def _source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, Lis
     return (f"{len(files)} files" if len(files) != 1 else str(files[0])), files
 
 
-def _scan(files: Sequence[Path], workers: int) -> List[_Frame]:
+def _scan(files: Sequence[Path], workers: int, unreadable: Optional[Dict[Path, str]] = None) -> List[_Frame]:
+    """The frames of ``files``; with ``unreadable``, a file whose header cannot be read is recorded
+    there (path -> message) instead of raising."""
+    def read(path: Path) -> List[_Frame]:
+        try:
+            return _read_header(path)
+        except DicomDecodeError as exc:
+            if unreadable is None:
+                raise
+            unreadable[path] = str(exc)
+            return []
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [frame for frames in pool.map(_read_header, files) for frame in frames]
+        return [frame for frames in pool.map(read, files) for frame in frames]
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,12 +486,14 @@ def _parts(frames: List[_Frame]) -> List[Tuple[SeriesInfo, List[_Frame]]]:
     return out
 
 
-def list_dicom_series(source: Union[PathLike, Iterable[PathLike]], *,
-                      workers: Optional[int] = None) -> List[SeriesInfo]:
+def list_dicom_series(source: Union[PathLike, Iterable[PathLike]], *, workers: Optional[int] = None,
+                      unreadable: Optional[Dict[Path, str]] = None) -> List[SeriesInfo]:
     """Every image stack under ``source`` (a folder searched recursively, or a list of files),
-    sorted by study, series number and UID. Reads headers only."""
+    sorted by study, series number and UID. Reads headers only. A file that cannot be read raises
+    :class:`DicomDecodeError`, or with ``unreadable`` (a dict) is recorded there (path -> message)
+    and the listing goes on."""
     _, files = _source_files(source)
-    return [info for info, _ in _parts(_scan(files, _workers(workers)))]
+    return [info for info, _ in _parts(_scan(files, _workers(workers), unreadable))]
 
 
 def _workers(workers: Optional[int]) -> int:
@@ -530,7 +544,7 @@ def _decode_native(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarra
         raise DicomDecodeError(
             f"{h.path}: Pixel Data holds {h.pixel_length} bytes but {n_frames} frame(s) of "
             f"{rows}x{cols} 16-bit pixels need {expected}; the file is damaged, replace it")
-    with open(h.path, "rb") as f:
+    with open_regular(h.path) as f:
         f.seek(h.pixel_offset)
         raw = f.read(expected)
     if len(raw) < expected:
@@ -648,7 +662,8 @@ def _check_frames(frames: List[_Frame], key: str) -> None:
             where = f"{f.path}" if f.frame is None else f"frame {f.frame + 1} of {f.path} (multi-frame)"
             raise SeriesGeometryError(f"series {key}: {where} lacks {', '.join(missing)}; the slices "
                                       "cannot be placed in space")
-        if min(f.pixel_spacing) <= 0 or not _valid_orientation(f.iop):
+        if not (SPACING_RANGE_MM[0] <= min(f.pixel_spacing) <= max(f.pixel_spacing) <= SPACING_RANGE_MM[1]) \
+                or not _valid_orientation(f.iop):
             raise SeriesGeometryError(f"series {key}: {f.path} has invalid ImageOrientationPatient "
                                       f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}")
 
@@ -678,7 +693,7 @@ def _regularise(hu: np.ndarray, d: np.ndarray, offsets: np.ndarray, pixel_spacin
     from scipy import ndimage
 
     n_out = int(round((d[-1] - d[0]) / spacing)) + 1
-    check_voxel_limit((n_out,) + hu.shape[1:], "resampled DICOM series")
+    check_voxel_limit((n_out,) + hu.shape[1:], "resampled DICOM series", bytes_per_voxel=4)
     out = np.empty((n_out,) + hu.shape[1:], dtype=np.float32)
     tilted = bool(np.any(np.abs(offsets) > POSITION_TOL_MM))
 
@@ -769,7 +784,10 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
         raise SeriesGeometryError(f"series {info.key}: a single slice ({frames[0].path}) is not a volume; "
                                   "load the whole series (at least two slices)")
     shape = (len(frames), frames[0].rows, frames[0].cols)
-    check_voxel_limit(shape, f"series {info.key}")
+    # the float32 volume, and each decoding thread's file: its stored pixels and the decoder's copies
+    per_file = max(f.n_frames for f in frames) * frames[0].rows * frames[0].cols * 2 * 3
+    decoding = per_file * min(workers, len({f.path for f in frames}))
+    check_voxel_limit(shape, f"series {info.key}", bytes_per_voxel=4 + decoding / float(np.prod(shape)))
     hu = np.empty(shape, dtype=np.float32)
     _decode_all(frames, hu, min_hu if info.modality.upper() == "CT" else None, workers, progress)
     array, ijk_to_ras, note = _stack(frames, hu, info.key, max_gap_slices)
@@ -784,7 +802,10 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
         meta["series_part"] = info.key
     if note:
         meta["resampled"] = note
-    return Volume(array, ijk_to_ras, meta)
+    try:
+        return Volume(array, ijk_to_ras, meta)
+    except VolumeError as exc:  # positions or slice spacing no CT has
+        raise SeriesGeometryError(f"series {info.key} ({where}): {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,15 @@ class ResourceError(LungGradCAMError):
     """The work does not fit into the available (GPU) memory even after falling back."""
 
 
+class OutputError(LungGradCAMError):
+    """An output folder cannot be used: not writable, the input itself, a file, or holding files
+    that LungGradCAM did not write."""
+
+
+class FolderBusyError(OutputError):
+    """Another run is writing into the same output folder."""
+
+
 class CancelledError(LungGradCAMError):
     """The user cancelled a long-running operation."""
 

@@ -25,16 +25,22 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import __version__
-from .atomic import write_text
-from .errors import CancelledError, InvalidInputError, LungGradCAMError, NotChestCTError, VolumeError
+from .atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
+from .errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
+                     InvalidInputError, LungGradCAMError, NotChestCTError, OutputError, ResourceError, VolumeError)
 from .options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from .results import Explanation, Segmentation
-from .volume import Volume, crop, resample, resample_to
+from .volume import Volume, crop, resample, resample_to, resampled_shape
 
 log = logging.getLogger(__name__)
 
 #: ``progress(stage, done, total)``: a stage of :data:`STAGES`, and how far it is.
 Progress = Callable[[str, int, int], None]
+#: Bytes ``explain`` holds per voxel of the CT's grid (the float32 CT, masks, the heat and score
+#: maps and their resampling) and per voxel of the model's grid (the resampled CT, its padded
+#: copy, three blending accumulators, the results): with the model's activations, the memory
+#: checked before the work starts.
+CT_BYTES_PER_VOXEL, GRID_BYTES_PER_VOXEL = 24, 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,8 +64,13 @@ def resolve_device(device: Any = None) -> "torch.device":  # noqa: F821
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise InvalidInputError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: torch knows them, the engine does not run there
+        raise InvalidInputError(f"device {device!r} is not one LungGradCAM runs on: use auto, cpu, cuda, cuda:N or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                "use cuda:0 ... or auto")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InvalidInputError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev
@@ -226,7 +237,17 @@ def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, 
             raise InvalidInputError("roi mask must be a non-empty boolean array with the CT's shape")
         idx = np.nonzero(roi)
         return tuple((int(a.min()), int(a.max()) + 1) for a in idx)
-    centre, size = (np.asarray(v, dtype=float) for v in roi)
+    try:
+        centre, size = roi
+        centre = np.asarray(centre, dtype=float).reshape(3)
+        size = np.broadcast_to(np.asarray(size, dtype=float), (3,))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            "roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or three numbers))"
+        ) from exc
+    if not (np.all(np.isfinite(centre)) and np.all(np.isfinite(size))) or np.any(size <= 0):
+        raise InvalidInputError(f"roi centre {centre.tolist()} mm and size {size.tolist()} mm must be finite "
+                                "numbers, the size positive")
     c_ijk = space.ras_to_ijk_points(centre)[0]
     half = np.maximum(size / space.spacing, np.asarray(patch)[::-1]) / 2.0  # at least one patch
     lo = np.floor(c_ijk - half).astype(int)
@@ -276,6 +297,18 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
     for part in (options.layer or loaded.card.target_layer).split("+"):
         _resolve_layer(loaded.module, part)
     return loaded
+def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int],
+                  batch: int, dev: "torch.device") -> None:  # noqa: F821
+    """Refuse (:class:`ResourceError`) before resampling when the grids the model card implies,
+    and on the CPU the model's activations for one batch, need more memory than there is."""
+    from .limits import check_bytes
+
+    need = volume.array.size * CT_BYTES_PER_VOXEL + float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL
+    if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
+        need += batch * loaded.activation_bytes(patch)
+    check_bytes(need, f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
+                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels)",
+                "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 
 def explain(volume: Volume, model: Any = "default", method: str = "gradcam", target: Any = None,
@@ -353,6 +386,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             "this CT does not look like a chest CT that holds lungs: " + "; ".join(chest.problems)
             + ". LungGradCAM explains chest CTs. If it is one, check that its values are HU; to explain a region "
             "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False).")
+    space_shape = resampled_shape(volume, card.spacing_mm)
+    patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
+    _check_memory(volume, space_shape, loaded, patch, opts.batch_size or default_batch_size(dev, patch), dev)
 
     with stage("resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
@@ -484,11 +520,18 @@ def _is_volume_file(path: Path) -> bool:
 
 
 def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None) -> Path:
-    """``source`` as a path after the checks that need no reading: it exists, and ``series_uid``
-    is only given for a DICOM folder or database (a volume file holds one series)."""
-    path = Path(source)
+    """``source`` as a path after the checks that need no reading: a path ITK can take (UTF-8,
+    short names), it exists, it is no FIFO, socket or device (reading one would block or never
+    end), and ``series_uid`` is only given for a DICOM folder or database (a volume file holds one
+    series)."""
+    from .paths import check_path, is_special, kind
+
+    path = check_path(source, "input")
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder")
+    if is_special(path):
+        raise InvalidInputError(f"{path} is a {kind(path.stat().st_mode)}: give a DICOM folder, a Slicer DICOM "
+                                "database or a volume file")
     if series_uid is not None and _is_volume_file(path):
         raise InvalidInputError(f"{path} is a volume file, which holds one series: leave out --series "
                                 "(series_uid), which picks a series of a DICOM folder or database")
@@ -515,17 +558,21 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
     return load_dicom_series(path if path.is_dir() else [path], series_uid=series_uid, progress=progress)
 
 
-def safe_name(text: str, fallback: str = "series") -> str:
-    """A file-system-safe folder name from a UID-like string (no separators, dots kept, <= 64).
+#: A DICOM UID (PS3.5 9.1): up to 64 characters, components of digits without leading zeros.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
-    A text that is already such a name (every valid UID) is kept; any other (a part key
-    ``<uid>#2``, a hostile UID holding ``../``, an empty UID, more than 64 characters) gets a hash
-    of the whole text appended, so that two different UIDs never share a folder and none is the
-    batch's own folder."""
+
+def safe_name(text: str, fallback: str = "series") -> str:
+    """A file-system-safe folder name from a SeriesInstanceUID (no separators, dots kept, <= 64).
+
+    A valid UID is kept as it is: digits and dots, so it is never the name of a batch's own files
+    (``summary.csv``, ``.tmp-*``). Any other text (a part key ``<uid>#2``, a hostile "UID" such as
+    ``../x`` or ``summary.csv``, more than 64 characters) gets a hash of the whole text appended,
+    so that two different UIDs never share a folder and none is a file of the batch."""
     text = str(text)
     name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
-    if name and name == text and len(name) <= 64:
-        return name
+    if UID_PATTERN.match(text) and len(text) <= 64:
+        return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{name[:51] or fallback}-{digest}"
 
@@ -591,22 +638,39 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
 
 
 def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir: Union[str, os.PathLike],
-                  *, lungs: bool = True, overlay: bool = True, dicom_seg: bool = False,
-                  input_desc: str = "", volume_format: str = "nrrd", started: Optional[float] = None,
-                  progress: Optional[Progress] = None, report_extra: Optional[dict] = None) -> Dict[str, Path]:
+                  **options: Any) -> Dict[str, Path]:
     """Write a run's files into ``out_dir``: ``cam.nrrd``, ``segmentation.seg.nrrd``,
     ``lungs.seg.nrrd`` (``lungs``), ``overlay.png`` (``overlay``), ``segmentation.dcm``
-    (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``.
-    With ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files
-    instead (``cam.nii.gz``, ``segmentation.nii.gz`` labelled as the report's regions,
-    ``lungs.nii.gz``).
+    (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``
+    (strict JSON, its ``files`` listing the others); ``options`` are those of :func:`_write_files`
+    (with ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files).
 
-    Every file is written atomically; ``report.json`` is written last, so its presence means the
-    folder is complete. The other files are written at the same time, one thread each: their
-    compression (zlib) runs outside the GIL, beside the overlay's rendering. The report's
-    ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
-    ``total`` = the wall time since then; ``report_extra`` adds fields to it. Returns name -> path.
+    The run owns ``out_dir`` (:func:`~LungGradCAMLib.atomic.output_folder`): a second run into it
+    at the same time is refused, and a folder holding files no run wrote is refused. The files are
+    written into a staging folder inside it and then replace the previous run's outputs, report
+    last, so ``report.json`` always describes the files beside it; on an error nothing changes.
+    Returns name -> path.
     """
+    final = Path(out_dir)
+    try:
+        with output_folder(final) as staging:
+            written = _write_files(explanation, segmentation, staging, **options)
+    except OSError as exc:  # a full disk, a folder made read-only meanwhile: the run's files are gone
+        raise OutputError(f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose "
+                          "another output folder") from None
+    return {name: final / path.name for name, path in written.items()}
+
+
+def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path, *, lungs: bool = True,
+                 overlay: bool = True, dicom_seg: bool = False, input_desc: str = "", volume_format: str = "nrrd",
+                 started: Optional[float] = None, progress: Optional[Progress] = None,
+                 report_extra: Optional[dict] = None) -> Dict[str, Path]:
+    """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
+    The other files are written at the same time, one thread each: their compression (zlib) runs
+    outside the GIL, beside the overlay's rendering. ``volume_format="nii.gz"``: the heat map, the
+    regions (labelled as the report's regions) and the lungs as NIfTI files. The report's
+    ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
+    ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .results import Segmentation as Seg
@@ -617,8 +681,6 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
         raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
     timings = explanation.timings
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     lung_labels = None if not lungs or explanation.lung_mask is None else \
         explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8))
     jobs: Dict[str, Callable[[], Path]] = {"cam": lambda: write_volume(explanation.cam, out / f"cam.{volume_format}")}
@@ -651,7 +713,7 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
         report["timings_s"] = {**timings, "write": timings.get("write", 0.0) + now - t0}
         if started is not None:
             report["timings_s"]["total"] = now - started
-        written["report"] = write_text(out / "report.json", json.dumps(report, indent=2, default=_json_default))
+        written["report"] = write_json(out / "report.json", report, default=_json_default)
     if started is not None:
         timings["total"] = time.perf_counter() - started
     return written
@@ -701,29 +763,34 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
             input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             report_extra: Optional[dict] = None, started: Optional[float] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
-            ) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+            inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
-    ``explanation.timings`` (and the report's ``timings_s``) hold every stage, loading and
-    writing included, and ``total``: the wall time since ``started`` (a ``time.perf_counter()``
-    value; default: the start of this call). ``on_estimate``: see :func:`explain`."""
+    ``out_dir`` is checked and owned before the work (it may not be nor hold the source path or
+    one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
+    ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
+    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call).
+    ``on_estimate``: see :func:`explain`."""
     started = time.perf_counter() if started is None else started
     options = ExplainOptions() if options is None else options
     timings: Dict[str, float] = {}
     stage = _Stages(timings, progress, cancel)
-    with stage("load"):
-        if isinstance(source, Volume):
-            volume = source
-        elif callable(source):
-            volume = source()
-        else:
-            volume = load_input(source, series_uid=series_uid, progress=stage.counter("load"))
-    explanation, segmentation = explain_and_segment(volume, options, progress=progress, cancel=cancel,
-                                                    on_estimate=on_estimate)
-    explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
-    files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
-                          input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
+    if isinstance(source, (str, os.PathLike)):
+        inputs = [source, *inputs]
+    with output_folder(out_dir, inputs):
+        with stage("load"):
+            if isinstance(source, Volume):
+                volume = source
+            elif callable(source):
+                volume = source()
+            else:
+                volume = load_input(source, series_uid=series_uid, progress=stage.counter("load"))
+        explanation, segmentation = explain_and_segment(volume, options, progress=progress, cancel=cancel,
+                                                        on_estimate=on_estimate)
+        explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
+        files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
+                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
     return explanation, segmentation, files
 
 
@@ -827,6 +894,7 @@ def print_estimate(estimate: CostEstimate) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     path = check_input(args.input, args.series)
+    check_output_folder(args.out, [args.input])  # before any work: an unusable --out fails now, not at the end
     if args.dicom_seg and _is_volume_file(path):
         raise InvalidInputError(f"--dicom-seg needs a DICOM input (its segments reference the CT's slices); "
                                 f"{path} is a volume file: leave out --dicom-seg")
@@ -853,7 +921,8 @@ def add_cli(sub: Any) -> None:
                                    "overlay.png, report.json (and segmentation.dcm with --dicom-seg). Every "
                                    "option of the Slicer panel is here.")
     p.add_argument("input", help="DICOM folder, Slicer DICOM database (folder or ctkDICOM.sql), or .nrrd/.nii.gz/.mha")
-    p.add_argument("--out", required=True, help="output folder (created; existing files are replaced)")
+    p.add_argument("--out", required=True, help="output folder (created; a previous run's outputs there are "
+                                                "replaced; one holding other files is refused)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the input holds several CT series")
     add_explain_options(p, roi=True)
     p.set_defaults(func=_cmd_run)
@@ -885,8 +954,19 @@ class _SeriesJob:
     input: str  #: where the series is read from: its folder, or the database and UID
 
 
+def _unreadable_load(message: str) -> Callable[[], Volume]:
+    def load() -> Volume:
+        raise DicomDecodeError(f"{message}. It lies among this series' files and may be one of its slices: "
+                               "repair or remove it, then run again with --redo-failed")
+    return load
+
+
 def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
-    """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID."""
+    """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID.
+
+    A file of the tree that cannot be read does not stop the listing: the series whose files share
+    its folder fail with its message (it may be one of their slices); one in a folder of its own
+    is logged."""
     path = check_input(source)
     if _is_database(path):
         from .ctkdb import DicomDatabase
@@ -897,21 +977,37 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     else:
         from .dicom import list_dicom_series, load_dicom_series
 
-        jobs = [_SeriesJob(s.key, (lambda files=list(s.files), key=s.key: load_dicom_series(files, key)),
-                           os.path.commonpath([str(Path(f).parent) for f in s.files]))
-                for s in list_dicom_series(path) if s.modality.upper() == "CT"]
+        unreadable: Dict[Path, str] = {}
+        series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]
+        jobs = []
+        for s in series:
+            bad = [message for f, message in unreadable.items() if f.parent in {g.parent for g in s.files}]
+            load = _unreadable_load(bad[0]) if bad else (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))
+            jobs.append(_SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files])))
+        placed = {g.parent for s in series for g in s.files}
+        for f, message in unreadable.items():
+            if f.parent not in placed:
+                log.warning("skipped: %r", message)
     if not jobs:
         raise InvalidInputError(f"{path}: no CT series found")
     return sorted(jobs, key=lambda j: j.uid)
+
+
+def _record(path: Path) -> Optional[dict]:
+    """A run's record (``report.json``, ``error.json``), or None when missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
     folder = out_dir / safe_name(job.uid)
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
     row.update(series_uid=job.uid, output=folder.name, input=job.input, status="pending")
-    report, error = folder / "report.json", folder / "error.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
+    r, error = _record(folder / "report.json"), _record(folder / "error.json")
+    if r is not None:
         regions = r.get("regions") or []
         row.update(status="done", predicted_class=r["predicted_class"],
                    target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
@@ -919,8 +1015,8 @@ def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
                    largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
                    peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
                    seconds=f"{r['timings_s'].get('total', 0.0):.2f}")
-    elif error.is_file():
-        row.update(status="failed", error=json.loads(error.read_text()).get("error", ""))
+    elif error is not None:
+        row.update(status="failed", error=error.get("error", ""))
     return row
 
 
@@ -931,7 +1027,8 @@ def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     writer.writeheader()
     for job in jobs:
         writer.writerow(_summary_row(job, out_dir))
-    return write_text(out_dir / "summary.csv", buf.getvalue())
+    with folder_lock(out_dir):  # one writer at a time; clears temporaries a killed run left
+        return write_text(out_dir / "summary.csv", buf.getvalue())
 
 
 def _dist_env() -> Tuple[int, int, int]:
@@ -955,16 +1052,16 @@ def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noq
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _recorded(folder: Path, key: Dict[str, Any]) -> Optional[str]:
-    """How the series in ``folder`` stands for a run with result options ``key``: "done" (its
-    report has these options), "failed" (its error.json has them), or None (nothing, or another run's)."""
-    for name, status in (("report.json", "done"), ("error.json", "failed")):
-        try:
-            recorded = json.loads((folder / name).read_text())
-        except (OSError, ValueError):
-            continue
-        return status if recorded.get("result_key") == key else None
-    return None
+def _pending(folder: Path, key: Dict[str, Any], redo_failed: bool) -> bool:
+    """Whether the series in ``folder`` is to be done by a run with result options ``key``: not
+    when its report has these options, nor when it failed with them for a reason of its own data
+    (its error.json says no ``retry``) unless ``redo_failed``."""
+    report, error = _record(folder / "report.json"), _record(folder / "error.json")
+    if report is not None:
+        return report.get("result_key") != key
+    if error is not None and error.get("result_key") == key and not error.get("retry"):
+        return redo_failed
+    return True
 
 
 def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
@@ -975,17 +1072,22 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
 
     Resumable: a series whose ``report.json`` was made with the same result options and model
     (``result_key`` in the report: :meth:`ExplainOptions.result_options` without the model's name,
-    plus the weights' SHA-256) is skipped; one that failed with them (its ``error.json``) is
-    skipped unless ``redo_failed``; a series done or failed with other options is done again. A
-    failure is recorded and the rest go on. The next series is read (a background thread) while
-    the current one is explained. Under ``torchrun`` (``WORLD_SIZE`` > 1) rank r takes
-    series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish. Returns its path.
+    plus the weights' SHA-256) is skipped; a series done with other options is done again. A
+    series whose data fails (DICOM, volume or database errors) is recorded in its ``error.json``
+    and the rest go on; later runs with the same options skip it unless ``redo_failed``. A failure
+    that is not the series' own is never recorded for good: the options and the model are checked
+    before the first series, an error of the run's options or output folder stops the batch, and
+    a series that ran out of memory or failed unexpectedly is recorded to be retried by the next
+    run. A series whose folder another process is writing is left to it. The next series is read
+    (a background thread) while the current one is explained. Under ``torchrun`` (``WORLD_SIZE``
+    > 1) rank r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish.
+    Returns its path.
     """
     from tqdm import tqdm
 
     options = ExplainOptions() if options is None else options
     rank, world, local_rank = _dist_env()
-    out = Path(out_dir)
+    out = check_output_folder(out_dir, [source], exclusive=False)
     jobs = _list_ct_series(source)
     if world > 1:
         import datetime
@@ -1000,27 +1102,24 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     loaded = check_options(options)  # once, before any series: a wrong option stops the batch here
     key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256}
     out.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for job in jobs[rank::world]:
-        status = _recorded(out / safe_name(job.uid), key)
-        if not (status == "done" or (status == "failed" and not redo_failed)):
-            todo.append(job)
+    todo = [job for job in jobs[rank::world] if _pending(out / safe_name(job.uid), key, redo_failed)]
     progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
                         disable=not show_progress or None)
     for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
         folder = out / safe_name(job.uid)
-        for stale in folder.glob(".tmp-*"):  # left by a run that was killed mid-write
-            stale.unlink()
-        for old in ("report.json", "error.json"):  # another run's: this series is done again
-            (folder / old).unlink(missing_ok=True)
         try:
             run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
                     input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate)
+        except FolderBusyError:
+            log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
+            data = isinstance(exc, (DicomError, VolumeError, DatabaseError))
+            if isinstance(exc, LungGradCAMError) and not data and not isinstance(exc, ResourceError):
+                raise  # the run's options or output folder: every series would fail alike; record nothing
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
             info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
-                    "user_error": isinstance(exc, LungGradCAMError), "result_key": key}
-            write_text(folder / "error.json", json.dumps(info, indent=2))
+                    "user_error": isinstance(exc, LungGradCAMError), "retry": not data, "result_key": key}
+            write_json(folder / "error.json", info)
     if world > 1:
         import torch.distributed as dist
 

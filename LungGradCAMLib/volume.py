@@ -9,6 +9,7 @@ DICOM reader/writer, nowhere else.
 """
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,30 +19,19 @@ import numpy as np
 
 from .atomic import atomic_path
 from .errors import UnsupportedFormatError, VolumeError
+from .limits import DEFAULT_MAX_VOXELS, check_voxel_limit, max_voxels  # noqa: F401 - public here too
+from .paths import check_path, kind, open_regular
 
 #: Flips the first two axes: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
-#: Largest volume (in voxels) any reader accepts; override with LUNGGRADCAM_MAX_VOXELS.
-DEFAULT_MAX_VOXELS = 1_500_000_000
-
 SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-
-
-def max_voxels() -> int:
-    """The configured voxel limit (env ``LUNGGRADCAM_MAX_VOXELS``, default 1.5e9)."""
-    return int(os.environ.get("LUNGGRADCAM_MAX_VOXELS", DEFAULT_MAX_VOXELS))
-
-
-def check_voxel_limit(shape: Sequence[int], source: str = "volume") -> None:
-    """Raise :class:`VolumeError` before allocating a volume of ``shape`` over the voxel limit."""
-    n = int(np.prod([int(s) for s in shape], dtype=np.int64))
-    limit = max_voxels()
-    if n > limit:
-        raise VolumeError(
-            f"{source}: {tuple(int(s) for s in shape)} = {n} voxels exceeds the limit of {limit}. "
-            "Crop or downsample the volume, or raise LUNGGRADCAM_MAX_VOXELS if you have the memory."
-        )
+#: Voxel sizes (mm) and distances from the origin (mm) a CT can have: anything else is a broken
+#: header, and would overflow the resampling arithmetic.
+SPACING_RANGE_MM = (1e-3, 1e3)
+MAX_POSITION_MM = 1e6
+#: Bytes of an NRRD or MetaImage header that are searched for a detached data file.
+HEADER_BYTES = 1 << 16
 
 
 @dataclass
@@ -63,6 +53,13 @@ class Volume:
         m = np.array(self.ijk_to_ras, dtype=np.float64)
         if m.shape != (4, 4) or not np.all(np.isfinite(m)):
             raise VolumeError(f"ijk_to_ras must be a finite 4x4 matrix; got {np.asarray(self.ijk_to_ras)!r}")
+        spacing = np.linalg.norm(m[:3, :3], axis=0)
+        if not (np.all(spacing >= SPACING_RANGE_MM[0]) and np.all(spacing <= SPACING_RANGE_MM[1])):
+            raise VolumeError(f"voxel spacing (i, j, k) {spacing.tolist()} mm is outside the {SPACING_RANGE_MM[0]:g}"
+                              f" to {SPACING_RANGE_MM[1]:g} mm a CT can have: the geometry is broken")
+        if np.any(np.abs(m[:3, 3]) > MAX_POSITION_MM):
+            raise VolumeError(f"origin {m[:3, 3].tolist()} mm (RAS) is more than {MAX_POSITION_MM:g} mm from the "
+                              "scanner's origin: the geometry is broken")
         if not np.allclose(m[3], [0, 0, 0, 1]) or abs(np.linalg.det(m[:3, :3])) < 1e-12:
             raise VolumeError("ijk_to_ras must be affine ([0,0,0,1] last row) and invertible")
         self.ijk_to_ras = m
@@ -154,36 +151,146 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _detached_data(path: Path, suffix: str) -> None:
+    """Refuse an NRRD ``data file:`` or MetaImage ``ElementDataFile`` that names data anywhere but
+    in one regular file beside the header (``/etc/passwd``, ``../secret``, ``/dev/zero``, a FIFO,
+    lists and patterns of files): ITK would read whatever it names."""
+    nrrd = suffix in (".nrrd", ".nhdr")
+    if not nrrd and suffix not in (".mha", ".mhd"):
+        return
+    with open_regular(path) as f:
+        head = f.read(HEADER_BYTES).decode("latin-1")
+    lines = head.split("\n")[1:] if nrrd else head.split("\n")  # NRRD starts with its magic line
+    value = None
+    for line in lines:
+        line = line.rstrip("\r")
+        if nrrd and not line:
+            break  # the end of the header
+        field, sep, rest = line.partition(": " if nrrd else "=")
+        if sep and field.strip().lower() in (("data file", "datafile") if nrrd else ("elementdatafile",)):
+            value = rest.strip()
+            break
+    if value is None or (not nrrd and value.upper() == "LOCAL"):
+        return  # the data follows the header in this file
+    where = f"{path}: its header names the data file {value!r}"
+    if len(value.split()) != 1 or value.upper() == "LIST":
+        raise VolumeError(f"{where}: lists or numbered patterns of data files are not read; write the volume "
+                          "as one file (e.g. .nrrd)")
+    data = path.parent / value
+    if os.path.isabs(value) or Path(value).name != value or data.resolve().parent != path.resolve().parent:
+        raise VolumeError(f"{where}, which is not beside the header: only a data file in the header's own "
+                          "folder is read; copy the data beside it")
+    try:
+        mode = os.stat(data).st_mode
+    except OSError as exc:
+        raise VolumeError(f"{where}, which cannot be read ({exc.strerror})") from None
+    if kind(mode) != "file":
+        raise VolumeError(f"{where}, which is a {kind(mode)}, not a file")
+
+
+def _nonfinite_message(path: Path, count: int, first_ijk: Sequence[int]) -> str:
+    return (f"{path}: {count} voxels are NaN or infinite (the first at voxel i, j, k = "
+            f"{', '.join(str(int(v)) for v in first_ijk)}); fix or mask them before use")
+
+
+#: Raw NIfTI-1 (header of 348 bytes) and NIfTI-2 (540) fields: offset, type, count. ITK reports
+#: them only after its fix-ups, which are the silent changes checked here.
+_NIFTI_FIELDS = {348: {"dim": (40, "i2", 8), "datatype": (70, "i2", 1), "pixdim": (76, "f4", 8),
+                       "vox_offset": (108, "f4", 1), "scl": (112, "f4", 2)},
+                 540: {"dim": (16, "i8", 8), "datatype": (12, "i2", 1), "pixdim": (104, "f8", 8),
+                       "vox_offset": (168, "i8", 1), "scl": (176, "f8", 2)}}
+
+
+def _check_nifti(path: Path) -> None:
+    """What ITK's NIfTI reader would change silently: non-positive or non-finite voxel sizes
+    (read as 1 mm), a non-finite scaling (ignored), and NaN/Inf float voxels (read as 0)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read(540)
+        order = next((o for o in "<>" if len(raw) >= 4 and int(np.frombuffer(raw[:4], o + "i4")[0]) in _NIFTI_FIELDS),
+                     None)
+        if order is None:
+            return  # not a NIfTI header: ITK says so
+        h = {name: np.frombuffer(raw, order + t, n, offset) for name, (offset, t, n)
+             in _NIFTI_FIELDS[int(np.frombuffer(raw[:4], order + "i4")[0])].items()}
+        n_spatial = int(min(max(h["dim"][0], 1), 3))
+        pixdim = h["pixdim"][1:1 + n_spatial].astype(float)
+        if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+            raise VolumeError(f"{path}: NIfTI voxel size pixdim = {pixdim.tolist()} mm; each must be a positive "
+                              "number (ITK would read 1 mm): fix the header")
+        if not np.all(np.isfinite(h["scl"])):
+            raise VolumeError(f"{path}: NIfTI scaling scl_slope, scl_inter = {h['scl'].tolist()} is not finite: "
+                              "fix the header")
+        dtype = {16: "f4", 64: "f8"}.get(int(h["datatype"][0]))
+        if dtype is None:
+            return
+        item = np.dtype(order + dtype)
+        f.seek(int(h["vox_offset"][0]))
+        count, first, done = 0, -1, 0
+        while True:  # in chunks of 4 Mi voxels: the check allocates no volume
+            chunk = np.frombuffer(f.read(item.itemsize << 22), dtype=item)
+            if not chunk.size:
+                break
+            bad = np.flatnonzero(~np.isfinite(chunk))
+            if bad.size and first < 0:
+                first = done + int(bad[0])
+            count, done = count + bad.size, done + chunk.size
+    if count:
+        nx, ny = int(h["dim"][1]), int(h["dim"][2]) if n_spatial > 1 else 1
+        raise VolumeError(_nonfinite_message(path, count, (first % nx, first // nx % ny, first // (nx * ny))))
+
+
 def read_volume(path: "str | os.PathLike[str]") -> Volume:
     """Read a .nrrd/.nhdr/.nii/.nii.gz/.mha/.mhd scalar volume (any pixel type) into a Volume.
 
-    Raises :class:`VolumeError` for NaN/Inf voxels or volumes over the voxel limit.
+    Raises :class:`VolumeError`, naming the file, for: a path that is not a regular file (a FIFO,
+    a device), a header whose data file lies elsewhere than beside it, a declared size over the
+    voxel or memory limit (checked from the header, before reading), NaN/Inf voxels, and voxel
+    sizes or positions that are not those of a CT (see :class:`Volume`).
     """
     import SimpleITK as sitk
 
-    path = Path(path)
-    if _suffix(path) not in SUPPORTED_SUFFIXES:
+    path = check_path(path, "volume file")
+    suffix = _suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
         raise UnsupportedFormatError(
             f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)} "
             "(or a DICOM folder)"
         )
-    if not path.is_file():
-        raise VolumeError(f"{path}: no such file")
+    try:
+        what = kind(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot read it ({exc.strerror})") from None
+    if what != "file":
+        raise VolumeError(f"{path}: a {what}, not a volume file")
+    try:
+        _detached_data(path, suffix)
+    except OSError as exc:
+        raise VolumeError(f"{path}: cannot read it ({exc.strerror})") from None
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
-        check_voxel_limit(reader.GetSize()[::-1], str(path))
+        size = reader.GetSize()
+        one = sitk.Image([1] * len(size), reader.GetPixelID(), reader.GetNumberOfComponents())
+        # ITK's buffer and the numpy copy of it
+        check_voxel_limit(size[::-1], str(path), bytes_per_voxel=2 * sitk.GetArrayViewFromImage(one).nbytes)
+        if suffix in (".nii", ".nii.gz"):
+            _check_nifti(path)
         image = reader.Execute()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, EOFError) as exc:
         raise VolumeError(f"{path}: cannot read the volume ({str(exc).strip().splitlines()[-1]})") from None
     try:
         volume = Volume.from_sitk(image, {"source": str(path)})
-    except VolumeError as exc:  # 2D/4D or vector images: name the file
+    except VolumeError as exc:  # 2D/4D or vector images, broken geometry: name the file
         raise VolumeError(f"{path}: {exc}") from None
-    if volume.array.dtype.kind == "f" and not np.all(np.isfinite(volume.array)):
-        bad = int(np.count_nonzero(~np.isfinite(volume.array)))
-        raise VolumeError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them before use")
+    if volume.array.dtype.kind == "f":
+        bad = ~np.isfinite(volume.array)
+        if bad.any():
+            k, j, i = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            raise VolumeError(_nonfinite_message(path, int(np.count_nonzero(bad)), (i, j, k)))
     return volume
 
 
@@ -197,7 +304,7 @@ def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool 
     :class:`VolumeError` there."""
     import SimpleITK as sitk
 
-    path = Path(path)
+    path = check_path(path, "output file")
     if _suffix(path) not in SUPPORTED_SUFFIXES:
         raise UnsupportedFormatError(
             f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)}"
@@ -236,15 +343,21 @@ def resample(volume: Volume, spacing_mm: Sequence[float], order: int = 1,
     new_spacing = np.asarray(spacing_mm, dtype=np.float64)
     if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
         raise VolumeError(f"spacing_mm must be three positive numbers (i, j, k); got {spacing_mm}")
-    old_spacing = volume.spacing
-    size_ijk = np.maximum(1, np.round(np.array(volume.shape[::-1]) * old_spacing / new_spacing)).astype(int)
-    check_voxel_limit(size_ijk[::-1], "resampled volume")
+    size_ijk = np.array(resampled_shape(volume, new_spacing)[::-1])
     m = np.eye(4)
     m[:3, :3] = volume.direction * new_spacing
     corner = volume.ijk_to_ras_points([-0.5, -0.5, -0.5])[0]
     m[:3, 3] = corner + m[:3, :3] @ np.full(3, 0.5)
     reference = Volume(np.zeros(size_ijk[::-1], dtype=np.uint8), m)
     return resample_to(volume, reference, order=order, default_value=default_value)
+
+
+def resampled_shape(volume: Volume, spacing_mm: Sequence[float]) -> Tuple[int, int, int]:
+    """(K, J, I) of ``volume`` resampled to ``spacing_mm`` (i, j, k, mm) by :func:`resample`,
+    computed without allocating and refused over the voxel limit."""
+    size_ijk = np.maximum(1, np.round(np.array(volume.shape[::-1]) * volume.spacing / np.asarray(spacing_mm)))
+    check_voxel_limit(size_ijk[::-1], "resampled volume")  # in floats: a huge grid cannot overflow
+    return tuple(int(s) for s in size_ijk[::-1])  # type: ignore[return-value]
 
 
 def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0,

@@ -10,16 +10,20 @@ from __future__ import annotations
 import hashlib
 import inspect
 import itertools
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..atomic import atomic_path
-from ..errors import ModelError
+from ..errors import InvalidInputError, ModelError
+from ..limits import available_memory, check_bytes, max_model_bytes
+from ..paths import check_path, kind, open_regular
 from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
 from .networks import ARCHITECTURES
@@ -27,8 +31,6 @@ from .networks import ARCHITECTURES
 __all__ = ["ARCHITECTURES", "LoadedModel", "ModelCard", "available_models", "build_model",
            "load_model", "models_dir", "resolve_model_path", "save_model"]
 
-#: Largest model ``load_model`` will build (parameters): 4 GB of float32.
-MAX_PARAMETERS = 1_000_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
@@ -72,7 +74,10 @@ def available_models() -> List[str]:
 def resolve_model_path(path_or_name: "Union[str, os.PathLike[str]]") -> Path:
     """The weights file for a model name (in :func:`models_dir`), a weights path, or a card path."""
     text = os.fspath(path_or_name)
-    path = Path(text)
+    try:
+        path = check_path(text, "model")
+    except InvalidInputError as exc:
+        raise ModelError(str(exc)) from None
     if path.suffix == ".json":
         for suffix in WEIGHT_SUFFIXES:
             if path.with_suffix(suffix).is_file():
@@ -80,7 +85,8 @@ def resolve_model_path(path_or_name: "Union[str, os.PathLike[str]]") -> Path:
         raise ModelError(f"{path}: no weights beside this card (expected {path.stem}.safetensors)")
     if path.suffix in WEIGHT_SUFFIXES:
         if not path.is_file():
-            raise ModelError(f"{path}: model weights file not found")
+            what = f"a {kind(path.stat().st_mode)}, not a file" if path.exists() else "model weights file not found"
+            raise ModelError(f"{path}: {what}")
         return path
     if os.sep in text or (os.altsep and os.altsep in text) or path.suffix:
         raise ModelError(f"{text}: not a model file; give a .safetensors/.pt/.pth file, its .json "
@@ -117,11 +123,39 @@ class LoadedModel:
         """(N, classes) logits -> probabilities with the card's activation (softmax/sigmoid)."""
         return torch.softmax(logits, 1) if self.card.activation == "softmax" else torch.sigmoid(logits)
 
+    #: Bytes of all layers' outputs per input voxel, measured by :func:`load_model`'s probe.
+    bytes_per_voxel: float = 0.0
+
+    def activation_bytes(self, patch: Sequence[int]) -> float:
+        """Bytes of every layer's output for one input of ``patch`` voxels (K, J, I): at most what
+        one sample of a batch holds while its CAM is computed."""
+        return self.bytes_per_voxel * float(math.prod(int(p) for p in patch))
+
+
+def _probe(module: nn.Module, patch: Sequence[int], device: Any) -> Tuple[Tuple[int, ...], int]:
+    """(logits shape, bytes of every leaf layer's output) of one zero patch of ``patch`` voxels
+    (one channel) through ``module`` on ``device``."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: tuple, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if not any(m.children())]
+    try:
+        with torch.inference_mode():
+            logits = module(torch.zeros(1, 1, *[int(p) for p in patch], device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return tuple(logits.shape), total
+
 
 def sha256_file(path: "Union[str, os.PathLike[str]]") -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -170,16 +204,41 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
+def _check_declared_size(path: Path, allowed: int) -> None:
+    """Refuse weights that are, or unpack to, more than ``allowed`` bytes, before reading them:
+    the file itself, and for a torch file (a zip archive, which may hold deflate-compressed
+    entries) the sizes its directory declares, which torch allocates as it reads."""
+    size = path.stat().st_size
+    if size > allowed:
+        raise ModelError(f"{path}: {size} bytes, more than the {allowed} the card's network can hold; "
+                         "refusing to read it (is it the card's weights file?)")
+    if path.suffix == ".safetensors":
+        return  # stored uncompressed: the file size bounds what it holds
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: refused to load: not a torch zip archive (torch.save since torch 1.6); the legacy "
+                         "format is not read: save the state_dict again with a current torch, or as .safetensors")
+    with zipfile.ZipFile(path) as archive:
+        declared = sum(info.file_size for info in archive.infolist())
+    if declared > allowed:
+        raise ModelError(f"{path}: its entries unpack to {declared} bytes, more than the {allowed} the card's "
+                         "network can hold; refusing to allocate them")
+
+
 def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                device: "Optional[Union[str, torch.device]]" = None) -> LoadedModel:
     """Load a model by name (``Resources/Models/<name>.safetensors`` + ``.json``) or path.
 
-    Validates, in this order: the card (fields, known architecture, patch size limit), the
-    weights' SHA-256 against the card, the parameter count (built on the meta device, limit 1e9,
-    before anything is allocated), the target layer, every tensor name and shape against the
-    architecture, and one forward of a zero patch on ``device`` (the patch fits, one output per
-    class name). ``device`` defaults to CUDA when available, else CPU. The module is in eval mode
-    (on the CPU with channels-last weights, the fast layout there; results are the same).
+    Validates, in this order and before allocating anything: the card (fields, known
+    architecture, patch size limit), the network's size (built on the meta device; limit
+    ``LUNGGRADCAM_MAX_MODEL_BYTES``, default 4 GiB, and the memory the process can get), one
+    input channel, the weights file's size and, for a torch zip, the sizes its entries unpack to
+    (at most twice the network's bytes + 1 MiB), the weights' SHA-256 against the card, the target
+    layer, and every tensor name and shape against the architecture. Then a forward of a small zero
+    patch on ``device`` measures the layers' output bytes per input voxel
+    (:attr:`LoadedModel.bytes_per_voxel`), the memory one patch of the card's size needs is
+    checked (:class:`ResourceError`), and one forward of such a patch checks that it fits and gives
+    one output per class name. ``device`` defaults to CUDA when available, else CPU. The module is
+    in eval mode (on the CPU with channels-last weights, the fast layout there; results are the same).
     Any failure raises :class:`ModelError` naming the file.
     """
     weights = resolve_model_path(path_or_name)
@@ -187,16 +246,23 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     if not card.sha256:
         raise ModelError(f"{weights}: the card has no 'sha256' of its weights; save models with "
                          "save_model() so the card records it")
+    with torch.device("meta"):
+        module = build_model(card.architecture, **card.kwargs)
+    n_params = sum(p.numel() for p in module.parameters())
+    n_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    limit = min(max_model_bytes(), available_memory() or max_model_bytes())
+    if n_bytes > limit:
+        raise ModelError(f"{weights}: the card declares a {card.architecture} with {n_params} parameters "
+                         f"({n_bytes / 1e9:.2f} GB), over the model size limit of {limit / 1e9:.2f} GB "
+                         "(LUNGGRADCAM_MAX_MODEL_BYTES, and the memory this process can get); refusing to allocate it")
+    if card.kwargs.get("in_channels", 1) != 1:
+        raise ModelError(f"{weights}: the card's network takes {card.kwargs['in_channels']} input channels; "
+                         "LungGradCAM explains single-channel CT (in_channels 1)")
+    _check_declared_size(weights, 2 * n_bytes + (1 << 20))  # float64 weights and a pickle's bookkeeping
     digest = sha256_file(weights)
     if card.sha256.lower() != digest:
         raise ModelError(f"{weights}: SHA-256 {digest} does not match the card's {card.sha256}; "
                          "the weights file is corrupt or belongs to another card")
-    with torch.device("meta"):
-        module = build_model(card.architecture, **card.kwargs)
-    n_params = sum(p.numel() for p in module.parameters())
-    if n_params > MAX_PARAMETERS:
-        raise ModelError(f"{weights}: the card declares a {card.architecture} with {n_params} "
-                         f"parameters (limit {MAX_PARAMETERS}); refusing to allocate it")
     try:
         module.get_submodule(card.target_layer)
     except AttributeError:
@@ -224,16 +290,20 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     if torch.device(device).type == "cpu":
         # oneDNN's 3D convolutions and pools run about twice as fast on channels-last weights
         module = module.to(memory_format=torch.channels_last_3d)
-    # one forward of one zero patch: the patch fits the network and it gives one logit per class.
-    # On the real device, not the meta one: meta kernels import torch._dynamo (1-2 s at first use)
-    probe = card.patch_size or [32, 32, 32]
+    # On the real device, not the meta one (meta kernels import torch._dynamo: 1-2 s at first use):
+    # a small zero patch measures the layers' output bytes per input voxel; then one patch of the
+    # card's size, when that fits into memory, shows that it fits the network, one logit per class
+    full = card.patch_size or [32, 32, 32]
+    small = [min(int(p), 16) for p in full]
     try:
-        with torch.inference_mode():
-            logits = module(torch.zeros(1, int(card.kwargs.get("in_channels", 1)), *probe, device=device))
+        per_voxel = _probe(module, small, device)[1] / math.prod(small)
+        check_bytes(per_voxel * math.prod(full), f"{weights}: one {full}-voxel patch through {card.architecture}",
+                    advice="use a model with smaller patches, or ")
+        logits_shape = _probe(module, full, device)[0]
     except (RuntimeError, ValueError) as exc:
-        raise ModelError(f"{weights}: {card.architecture} cannot take a {probe} voxel input: "
+        raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
                          f"{str(exc).splitlines()[0]}") from None
-    if tuple(logits.shape) != (1, len(card.class_names)):
-        raise ModelError(f"{weights}: the network has {logits.shape[-1]} outputs but the card names "
+    if logits_shape != (1, len(card.class_names)):
+        raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
                          f"{len(card.class_names)} classes {card.class_names}")
-    return LoadedModel(module, card)
+    return LoadedModel(module, card, per_voxel)

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..atomic import write_text
+from ..atomic import write_json
 from ..errors import CamError, ModelError
+from ..paths import open_regular
 from ..preprocess import NORMALISATIONS
 
 CARD_FORMAT = 1
@@ -169,23 +170,32 @@ class ModelCard:
         return card.validate(source)
 
     def save(self, path: "str | os.PathLike[str]") -> Path:
-        """Write the card as indented JSON, atomically."""
-        return write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the card as indented, strict JSON (a NaN metric becomes null), atomically."""
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: "str | os.PathLike[str]") -> "ModelCard":
-        """Read and validate a card JSON file (refusing files over 1 MiB before reading them)."""
+        """Read and validate a card JSON file (refusing files over 1 MiB, FIFOs and devices before
+        reading them, and JSON nested too deeply to parse)."""
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ModelError(f"{path}: model card not found; a model needs its card JSON beside the "
                              "weights (same name, .json)")
-        if path.stat().st_size > MAX_CARD_BYTES:
-            raise ModelError(f"{path}: {path.stat().st_size} bytes is too large for a model card "
-                             f"(limit {MAX_CARD_BYTES}); is this the right file?")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            with open_regular(path) as f:
+                raw = f.read(MAX_CARD_BYTES + 1)
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read the model card ({exc.strerror})") from None
+        if len(raw) > MAX_CARD_BYTES:
+            raise ModelError(f"{path}: more than {MAX_CARD_BYTES} bytes is too large for a model card; "
+                             "is this the right file?")
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: the model card is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ModelError(f"{path}: the model card's JSON is nested too deeply to read; it is not a "
+                             "model card") from None
         return cls.from_dict(data, str(path))
 
 

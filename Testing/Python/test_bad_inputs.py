@@ -12,16 +12,23 @@ series) give the correct volume, and ``lunggradcam run`` completes on the tilted
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
+import re
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+import time
 import warnings
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pydicom
@@ -36,9 +43,10 @@ from LungGradCAMLib.cli import main
 from LungGradCAMLib.ctkdb import DicomDatabase
 from LungGradCAMLib.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
 from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
-                                   NoSeriesFoundError, SeriesGeometryError, VolumeError)
+                                   NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
+from conftest import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from test_ctkdb import make_database
 from test_pipeline import make_tiny_model
@@ -327,6 +335,93 @@ def _database_files_deleted(root: Path) -> Made:
     return Made(root, lambda: DicomDatabase(root).load(uid), [uid, str(files[1]), str(files[3]), "2 of 4 files"])
 
 
+#: Bytes of a file that a hostile header points at: they must never appear in a message.
+SECRET = b"TOPSECRET-" * 205  # 2050 bytes: a little more than the 4 x 16 x 16 shorts the headers below declare
+
+
+def _nrrd_pointing(value: str, beside: bool = False) -> Callable[[Path], Made]:
+    """A detached NRRD header ``sub/ct.nhdr`` whose ``data file:`` is ``value`` (formatted with
+    {root}); ``root/secret.raw`` holds SECRET, and with ``beside`` so does ``sub/data.raw``, a
+    link to it."""
+    def make(root: Path) -> Made:
+        (root / "sub").mkdir(parents=True)
+        (root / "secret.raw").write_bytes(SECRET)
+        if beside:
+            os.symlink(root / "secret.raw", root / "sub" / "data.raw")
+        path = root / "sub" / "ct.nhdr"
+        header = NRRD_HEADER.format(dim=3, sizes="16 16 4", dirs="(1,0,0) (0,1,0) (0,0,1)", origin="0,0,0")
+        path.write_text(header.rstrip("\n") + f"\ndata file: {value.format(root=root)}\n\n")
+        return Made(path, lambda: read_volume(path), [str(path), value.format(root=root).split()[0]])
+    return make
+
+
+def _mhd_pointing_elsewhere(root: Path) -> Made:
+    (root / "sub").mkdir(parents=True)
+    (root / "secret.raw").write_bytes(SECRET)
+    path = root / "sub" / "ct.mhd"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 16 16 4\nElementSpacing = 1 1 1\n"
+                    "ElementType = MET_SHORT\nElementDataFile = ../secret.raw\n")
+    return Made(path, lambda: read_volume(path), [str(path), "../secret.raw"])
+
+
+def _nifti(root: Path, name: str, array: np.ndarray, patch: Dict[int, tuple] = ()) -> Path:
+    """``array`` as NIfTI-1 (float32, 1 x 1 x 2.5 mm), then ``patch``: header byte offset ->
+    (struct format, value) written over the raw header."""
+    import gzip
+    import struct
+
+    root.mkdir(parents=True)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 2.5))
+    path = root / name
+    sitk.WriteImage(image, str(root / "plain.nii"))
+    raw = bytearray((root / "plain.nii").read_bytes())
+    (root / "plain.nii").unlink()
+    for offset, (fmt, value) in dict(patch).items():
+        raw[offset:offset + struct.calcsize(fmt)] = struct.pack(fmt, value)
+    path.write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+    return path
+
+
+def _nifti_nan_inf(root: Path) -> Made:
+    array = _hu()
+    array[1, 2, 3], array[3, 15, 0] = np.nan, -np.inf  # NIfTI's reader would make them 0 HU
+    path = _nifti(root, "ct.nii.gz", array)
+    return Made(path, lambda: read_volume(path), [str(path), "2 voxels", "i, j, k = 3, 2, 1"])
+
+
+def _nifti_header(offset: int, value: float, shown: str) -> Callable[[Path], Made]:
+    def make(root: Path) -> Made:
+        path = _nifti(root, "ct.nii", _hu(), {offset: ("<f", value)})
+        return Made(path, lambda: read_volume(path), [str(path), shown])
+    return make
+
+
+def _volume_with(matrix: np.ndarray) -> Callable[[Path], Made]:
+    def make(root: Path) -> Made:
+        root.mkdir(parents=True)
+        image = Volume(_hu(), np.eye(4)).to_sitk()
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ matrix
+        image.SetSpacing([float(v) for v in np.linalg.norm(lps[:3, :3], axis=0)])
+        image.SetOrigin([float(v) for v in lps[:3, 3]])
+        path = root / "ct.nrrd"
+        sitk.WriteImage(image, str(path))
+        return Made(path, lambda: read_volume(path), [str(path)])
+    return make
+
+
+def _dicom_huge_pixel_spacing(root: Path) -> Made:
+    files = _series(root)
+    for f in files:
+        edit(f, lambda ds: setattr(ds, "PixelSpacing", [1e30, 1e30]))
+    return Made(root, lambda: load_dicom_series(root), [str(files[0])])
+
+
+def _nrrd_over_byte_limit(root: Path) -> Made:
+    path = _nrrd(root, "ct.nrrd", _hu())
+    return Made(path, lambda: read_volume(path), [str(path)], env={"LUNGGRADCAM_MAX_BYTES": "1000"})
+
+
 CASES: Dict[str, Case] = {
     "truncated_file": Case(_one_bad_file(truncate), DicomDecodeError, "truncated"),
     "truncated_header": Case(_one_bad_file(truncate_header), DicomDecodeError, "truncated or damaged"),
@@ -368,6 +463,26 @@ CASES: Dict[str, Case] = {
                                                "invalid ImageOrientationPatient"),
     # refused from the header: one record per declared frame would let 2**31 frames exhaust memory
     "absurd_number_of_frames": Case(_absurd_frame_count, DicomDecodeError, "declares 20000 frames"),
+    # headers that point elsewhere: only one regular data file beside the header is read
+    "nrrd_data_file_outside_its_folder": Case(_nrrd_pointing("../secret.raw"), VolumeError, "not beside the header"),
+    "nrrd_data_file_absolute": Case(_nrrd_pointing("{root}/secret.raw"), VolumeError, "not beside the header"),
+    "nrrd_data_file_is_a_link_out": Case(_nrrd_pointing("data.raw", beside=True), VolumeError,
+                                         "not beside the header"),
+    "nrrd_data_file_is_a_device": Case(_nrrd_pointing("/dev/zero"), VolumeError, "not beside the header"),
+    "nrrd_data_file_list": Case(_nrrd_pointing("LIST"), VolumeError, "lists or numbered patterns"),
+    "mhd_data_file_outside_its_folder": Case(_mhd_pointing_elsewhere, VolumeError, "not beside the header"),
+    # silent data changes: refused, naming the file
+    "nifti_nan_inf_voxels": Case(_nifti_nan_inf, VolumeError, "NaN or infinite"),
+    "nifti_pixdim_zero": Case(_nifti_header(80, 0.0, "pixdim"), VolumeError, "voxel size pixdim = \\[0.0, 1.0, 2.5\\]"),
+    "nifti_pixdim_nan": Case(_nifti_header(88, float("nan"), "pixdim"), VolumeError, "voxel size pixdim .*nan"),
+    "nifti_scl_slope_nan": Case(_nifti_header(112, float("nan"), "scl_slope"), VolumeError, "is not finite"),
+    "nrrd_spacing_1e30": Case(_volume_with(axis_aligned_matrix((1e30, 1, 2.5))), VolumeError,
+                              "voxel spacing .* outside"),
+    "nrrd_origin_1e30": Case(_volume_with(axis_aligned_matrix((1, 1, 2.5), (1e30, 0, 0))), VolumeError,
+                             "origin .* more than"),
+    "dicom_pixel_spacing_1e30": Case(_dicom_huge_pixel_spacing, SeriesGeometryError, "PixelSpacing"),
+    # the memory limit, set low: the message names it and how to change it
+    "nrrd_over_byte_limit": Case(_nrrd_over_byte_limit, ResourceError, "more than the limit LUNGGRADCAM_MAX_BYTES"),
 }
 
 
@@ -397,6 +512,7 @@ def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypa
     assert isinstance(err.value, LungGradCAMError)
     for text in made.names:
         assert text in str(err.value), f"{text!r} not named in: {err.value}"
+    assert "TOPSECRET" not in str(err.value)
     assert _snapshot(tmp_path / "in") == before
 
 
@@ -406,10 +522,13 @@ def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeyp
     made = _build(case, tmp_path, monkeypatch)
     before = _snapshot(tmp_path / "in")
     out = tmp_path / "out"
-    code = main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"])
+    with warnings.catch_warnings(record=True) as caught:  # one message, no RuntimeWarning beside it
+        warnings.simplefilter("always")
+        code = main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"])
     captured = capsys.readouterr()
     assert code == 2, captured.err
-    assert "Traceback" not in captured.err + captured.out
+    assert "Traceback" not in captured.err + captured.out and "TOPSECRET" not in captured.err
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
     assert captured.err.startswith("lunggradcam run: error: ")
     with pytest.raises(case.error) as err:  # the library's own message reaches the user, whole
         made.call()
@@ -473,6 +592,17 @@ def _named_pipe_beside(root: Path, chest: Volume):
     return _same_as(chest)
 
 
+def _socket_beside(root: Path, chest: Volume):
+    """A Unix socket named like a slice (a live one: bound, not listening): skipped like a FIFO."""
+    import socket
+
+    phantom.write_dicom_series(chest, root)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(root / "IMG99998.dcm"))  # the socket file stays after close
+    server.close()
+    return _same_as(chest)
+
+
 def _same_as(chest: Volume):
     def check(volume: Volume) -> None:
         assert np.array_equal(volume.array, _expected(chest))
@@ -481,7 +611,7 @@ def _same_as(chest: Volume):
 
 
 OK_CASES = {"gantry_tilt": _tilt, "non_dicom_files_beside": _non_dicom_beside,
-            "named_pipe_beside": _named_pipe_beside}
+            "named_pipe_beside": _named_pipe_beside, "unix_socket_beside": _socket_beside}
 
 
 def _within(seconds: float, fn: Callable[[], Any], root: Path) -> Any:
@@ -532,3 +662,483 @@ def test_accepted_inputs_give_the_correct_volume(name, tmp_path, chest, tiny, ca
     cam = read_volume(out / "cam.nrrd")
     assert lgc.same_geometry(cam, volume, atol_mm=1e-6)
     assert _snapshot(root) == before
+
+
+# --------------------------------------------------------------------------------------------
+# a FIFO, a device or /dev/stdin where a file is expected: refused at once, never opened to read
+# --------------------------------------------------------------------------------------------
+def _fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def _fifo_ct(root: Path) -> Made:
+    path = _fifo(root / "ct.nrrd")
+    return Made(path, lambda: read_volume(path), [str(path), "named pipe"])
+
+
+def _fifo_ct_without_suffix(root: Path) -> Made:
+    path = _fifo(root / "ct")
+    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path), "named pipe"])
+
+
+def _fifo_data_file(root: Path) -> Made:
+    _fifo(root / "data.raw")
+    path = root / "ct.nhdr"
+    header = NRRD_HEADER.format(dim=3, sizes="16 16 4", dirs="(1,0,0) (0,1,0) (0,0,1)", origin="0,0,0")
+    path.write_text(header.rstrip("\n") + "\ndata file: data.raw\n\n")
+    return Made(path, lambda: read_volume(path), [str(path), "data.raw", "named pipe"])
+
+
+def _database_file_is_fifo(root: Path) -> Made:
+    files = _series(root / "dicom")
+    make_database(root, files)
+    files[2].unlink()
+    _fifo(files[2])
+    uid = _uid(files[0])
+    return Made(root, lambda: DicomDatabase(root).load(uid), [str(files[2]), "named pipe"])
+
+
+SPECIAL = {
+    "fifo_as_the_ct": Case(_fifo_ct, VolumeError, "named pipe"),
+    "fifo_as_the_ct_without_suffix": Case(_fifo_ct_without_suffix, lgc.errors.InvalidInputError, "named pipe"),
+    "fifo_as_detached_data": Case(_fifo_data_file, VolumeError, "named pipe"),
+    "fifo_in_the_dicom_database": Case(_database_file_is_fifo, DicomDecodeError, "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECIAL))
+def test_special_files_are_refused_without_blocking(name, tmp_path, capsys, tiny):
+    case = SPECIAL[name]
+    made = case.make(tmp_path / "in")
+    with pytest.raises(case.error, match=case.text) as err:
+        _within(60, made.call, tmp_path)
+    for text in made.names:
+        assert text in str(err.value)
+    out = tmp_path / "out"
+    code = _within(60, lambda: main(["run", str(made.input), "--out", str(out), "--model", str(tiny),
+                                     "--device", "cpu"]), tmp_path)
+    cli_err = capsys.readouterr().err
+    assert code == 2 and all(text in cli_err for text in made.names), cli_err
+    assert not out.exists()
+
+
+def test_dev_stdin_as_the_ct_is_refused(tmp_path, tiny):
+    """stdin a pipe that nobody writes to: reading it would wait forever."""
+    proc = subprocess.Popen([sys.executable, "-m", "LungGradCAMLib.cli", "run", "/dev/stdin", "--out",
+                             str(tmp_path / "out"), "--model", str(tiny), "--device", "cpu"],
+                            cwd=REPO, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "/dev/stdin is a named pipe" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the output folder: never the input, never another's files, owned by one run, whole or untouched
+# --------------------------------------------------------------------------------------------
+def _run(ct: Path, out: Path, model: Path, *extra: str, command: str = "run") -> int:
+    """``lunggradcam run`` in this process; an option argparse refuses gives its exit status."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            code = main([command, str(ct), "--out", str(out), "--model", str(model), "--device", "cpu", *extra])
+        except SystemExit as exc:
+            code = exc.code
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+    return code
+
+
+def _complete(out: Path) -> dict:
+    """``out`` holds exactly the files its report lists, the report, nothing else; the report."""
+    report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert {p.name for p in out.iterdir()} == set(report["files"]) | {"report.json"}
+    return report
+
+
+def _ct_named_like_an_output(tmp: Path, chest: Volume):
+    return write_volume(chest, tmp / "out" / "cam.nrrd"), tmp / "out", "holds the input"
+
+
+def _out_is_the_dicom_folder(tmp: Path, chest: Volume):
+    phantom.write_dicom_series(chest, tmp / "dicom")
+    return tmp / "dicom", tmp / "dicom", "is the input"
+
+
+def _out_links_to_the_inputs_folder(tmp: Path, chest: Volume):
+    ct = write_volume(chest, tmp / "data" / "ct.nrrd")
+    os.symlink(tmp / "data", tmp / "out")
+    return ct, tmp / "out", "holds the input"
+
+
+def _input_links_into_out(tmp: Path, chest: Volume):
+    write_volume(chest, tmp / "out" / "scan.nrrd")
+    os.symlink(tmp / "out" / "scan.nrrd", tmp / "ct.nrrd")
+    return tmp / "ct.nrrd", tmp / "out", "holds the input"
+
+
+def _foreign_file_in_out(tmp: Path, chest: Volume):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "overlay.png").write_bytes(b"the user's own picture")
+    return write_volume(chest, tmp / "ct.nrrd"), tmp / "out", "1 file\\(s\\) that no LungGradCAM run wrote"
+
+
+OUT_CASES = {"ct_named_like_an_output": _ct_named_like_an_output, "out_is_the_dicom_folder": _out_is_the_dicom_folder,
+             "out_links_to_the_inputs_folder": _out_links_to_the_inputs_folder,
+             "input_links_into_out": _input_links_into_out, "foreign_file_in_out": _foreign_file_in_out}
+
+
+@pytest.mark.parametrize("name, command", [(name, "run") for name in OUT_CASES] + [
+    (name, "batch") for name in ("out_is_the_dicom_folder", "out_links_to_the_inputs_folder")])  # batches read folders
+def test_out_never_is_nor_holds_the_input_nor_replaces_anothers_file(name, command, tmp_path, chest, tiny, capsys):
+    ct, out, text = OUT_CASES[name](tmp_path, chest)
+    before = _snapshot(tmp_path)
+    assert _run(ct, out, tiny, command=command) == 2
+    err = capsys.readouterr().err
+    assert re.search(text, err) and "Traceback" not in err, err
+    assert _snapshot(tmp_path) == before  # nothing written, nothing replaced
+
+
+def test_rerun_replaces_the_previous_outputs_whole(tmp_path, chest, tiny, capsys):
+    phantom.write_dicom_series(chest, tmp_path / "dicom")
+    out = tmp_path / "out"
+    assert _run(tmp_path / "dicom", out, tiny, "--dicom-seg", "--threshold", "0") == 0
+    assert "segmentation.dcm" in _complete(out)["files"]
+    assert _run(tmp_path / "dicom", out, tiny, "--threshold", "0.9") == 0
+    report = _complete(out)  # the first run's DICOM SEG went with it
+    assert "segmentation.dcm" not in report["files"] and report["threshold"] == 0.9
+    second = _snapshot(out)
+    # a run that fails while writing (a DICOM SEG needs a DICOM input) leaves the folder as it was
+    assert _run(write_volume(chest, tmp_path / "ct.nrrd"), out, tiny, "--dicom-seg", "--threshold", "0") == 2
+    assert "DICOM" in capsys.readouterr().err
+    assert _snapshot(out) == second
+
+
+def _start(ct: Path, out: Path, model: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "LungGradCAMLib.cli", "run", str(ct), "--out", str(out),
+                             "--model", str(model), "--device", "cpu"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
+    """Poll ``condition`` until it holds; fail if ``proc`` ends first."""
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (status {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.005)
+
+
+def _temporaries(out: Path) -> List[Path]:
+    return [p for p in out.rglob("*") if p.name.startswith(".tmp-")] if out.is_dir() else []
+
+
+def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
+    ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
+    first = _start(ct, out, tiny)
+    try:
+        _wait_for(lambda: bool(list(out.glob(".tmp-run-*"))), first, "it owned --out")  # made once locked
+        first.send_signal(signal.SIGSTOP)  # hold it there, owning the folder
+        assert _run(ct, out, tiny) == 2
+        assert "another run is writing into this folder" in capsys.readouterr().err
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert _complete(out)["input"] == str(ct) and not (out / ".lunggradcam.lock").exists()
+
+
+def test_sigterm_and_sigkill_leave_no_temporaries(tmp_path, chest, tiny):
+    ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
+    # SIGTERM while the run has temporaries: it removes them and says so
+    proc = _start(ct, out, tiny)
+    _wait_for(lambda: bool(_temporaries(out)), proc, "it wrote a temporary")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    err = proc.stderr.read()
+    assert "terminated" in err and "Traceback" not in err, err
+    assert not _temporaries(out) and not (out / ".lunggradcam.lock").exists()
+    # SIGKILL cannot be caught: the next run into the folder removes what it left
+    proc = _start(ct, out, tiny)
+    _wait_for(lambda: bool(_temporaries(out)), proc, "it wrote a temporary")
+    proc.kill()
+    proc.wait(timeout=120)
+    assert _temporaries(out)
+    assert _run(ct, out, tiny) == 0
+    assert not _temporaries(out) and not (out / ".lunggradcam.lock").exists()
+    _complete(out)
+
+
+# --------------------------------------------------------------------------------------------
+# options and paths that can be checked before the work: exit 2 at once, one message
+# --------------------------------------------------------------------------------------------
+def _model_variant(tmp: Path, tiny: Path, card: Callable[[dict], Any], weights: Optional[bytes] = None) -> Path:
+    """A copy of the tiny model whose card JSON text is ``card(card_dict)`` (and other weights)."""
+    path = tmp / "variant.safetensors"
+    path.write_bytes(weights if weights is not None else tiny.read_bytes())
+    data = json.loads(tiny.with_suffix(".json").read_text())
+    data["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    changed = card(data)
+    path.with_suffix(".json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    return path
+
+
+def _two_channel_model(tmp: Path, tiny: Path) -> Path:
+    from safetensors.torch import save
+
+    module = lgc.models.build_model("gradcam3d_cnn", width=2, in_channels=2)
+    weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
+    return _model_variant(tmp, tiny, lambda c: {**c, "kwargs": {"width": 2, "in_channels": 2}}, weights)
+
+
+BAD_OPTIONS = {
+    # name: (make(tmp, ct, tiny) -> (ct, out, model, extra args, env), message)
+    "device_meta": (lambda t, ct, m: (ct, t / "out", m, ["--device", "meta"], {}), "unknown device 'meta'"),
+    "device_xpu": (lambda t, ct, m: (ct, t / "out", m, ["--device", "xpu"], {}), "unknown device 'xpu'"),
+    "batch_size_0": (lambda t, ct, m: (ct, t / "out", m, ["--batch-size", "0"], {}), "give a positive whole number"),
+    "batch_size_negative": (lambda t, ct, m: (ct, t / "out", m, ["--batch-size", "-3"], {}),
+                            "give a positive whole number"),
+    "roi_of_nan_size": (lambda t, ct, m: (ct, t / "out", m, ["--roi", "0,0,0,nan"], {}), "finite"),
+    "out_is_a_file": (lambda t, ct, m: (ct, t / "report.txt", m, [], {}), "report.txt is a file, not a folder"),
+    "out_name_over_255_bytes": (lambda t, ct, m: (ct, t / ("x" * 300) / "out", m, [], {}), "more than the 255"),
+    "input_name_over_255_bytes": (lambda t, ct, m: (t / ("y" * 300 + ".nrrd"), t / "out", m, [], {}),
+                                  "more than the 255"),
+    "model_with_two_input_channels": (lambda t, ct, m: (ct, t / "out", _two_channel_model(t, m), [], {}),
+                                      "takes 2 input channels"),
+    "model_card_nested_200000_deep": (lambda t, ct, m: (ct, t / "out", _model_variant(
+        t, m, lambda c: "[" * 200_000 + "]" * 200_000), [], {}), "nested too deeply"),
+    "model_over_the_size_limit": (lambda t, ct, m: (ct, t / "out", _model_variant(t, m, lambda c: c), [],
+                                                    {"LUNGGRADCAM_MAX_MODEL_BYTES": "1000"}),
+                                  "over the model size limit .* refusing to allocate"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_OPTIONS))
+def test_bad_options_and_paths_exit_2_at_once(name, tmp_path, chest, tiny, capsys, monkeypatch):
+    make, text = BAD_OPTIONS[name]
+    (tmp_path / "report.txt").write_text("the user's notes\n")
+    ct, out, model, extra, env = make(tmp_path, write_volume(chest, tmp_path / "ct.nrrd"), tiny)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    before = _snapshot(tmp_path)
+    assert _run(ct, out, model, *extra) == 2
+    err = capsys.readouterr().err
+    assert re.search(text, err) and "Traceback" not in err, err
+    assert _snapshot(tmp_path) == before
+
+
+@contextlib.contextmanager
+def _unwritable(folder: Path, how: str):
+    """``folder`` made unwritable: "immutable" (chattr +i), "permissions" (chmod, not for root)."""
+    folder.mkdir()
+    if how == "permissions":
+        if os.geteuid() == 0:
+            pytest.skip("root writes whatever the permissions say (see immutable, read_only_mount)")
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root and a file system that has it)")
+    try:
+        yield folder
+    finally:
+        if how == "permissions":
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def _not_a_chest(tmp: Path) -> Path:
+    """A CT the run would refuse only after reading it: an unwritable --out must be named first."""
+    return write_volume(Volume(np.zeros((8, 16, 16), np.float32), AXIAL), tmp / "zeros.nrrd")
+
+
+@pytest.mark.parametrize("how", ["immutable", "permissions"])
+def test_unwritable_out_fails_before_the_work(how, tmp_path, tiny, capsys):
+    ct = _not_a_chest(tmp_path)
+    with _unwritable(tmp_path / "locked", how) as locked:
+        assert _run(ct, locked / "out", tiny) == 2
+        err = capsys.readouterr().err
+        assert f"{locked / 'out'}: cannot write there" in err and "Traceback" not in err, err
+        assert not (locked / "out").exists()
+
+
+def test_out_on_a_read_only_mount_fails_before_the_work(tmp_path, tiny):
+    ct = _not_a_chest(tmp_path)
+    (tmp_path / "ro").mkdir()
+    result = run_on_read_only_mount(tmp_path / "ro", [sys.executable, "-m", "LungGradCAMLib.cli", "run", ct, "--out",
+                                                      tmp_path / "ro" / "out", "--model", tiny, "--device", "cpu"],
+                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "cannot write there (Read-only file system)" in result.stderr and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# memory bombs: small files that declare huge work. Run in a child process whose address space
+# is limited (RLIMIT_AS), so that a regression fails there instead of taking the machine.
+# --------------------------------------------------------------------------------------------
+#: Bytes of address space the child may add to what it has mapped after its imports: the
+#: control run needs about 0.3 GB; every bomb declares at least 1 GB.
+HEADROOM = 500_000_000
+LIMITED = """
+import contextlib, io, json, resource, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot, numpy, pydicom, scipy.ndimage, SimpleITK, skimage.measure, torch
+from LungGradCAMLib import cam, cli, lung, models, pipeline, render, segment, sliding
+pages = int(open("/proc/self/statm").read().split()[0])
+limit = pages * resource.getpagesize() + int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for name, args in json.loads(sys.argv[2]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(args)
+        except BaseException as exc:  # MemoryError, SystemExit, ...: what a regression raises
+            code = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({name: {"code": code, "stderr": err.getvalue()[-3000:]}}), flush=True)
+"""
+
+
+def _gzip_zeros(prefix: bytes, n_zeros: int, chunk: int = 1 << 24) -> bytes:
+    """A valid gzip file of ``prefix`` then ``n_zeros`` zero bytes (a multiple of ``chunk``),
+    made without compressing them all: after a full flush, every chunk of zeros compresses to the
+    same bytes."""
+    import struct
+    import zlib
+
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(prefix) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(chunk)) + c.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(prefix)
+    for _ in range(n_zeros // chunk):
+        crc = zlib.crc32(bytes(chunk), crc)
+    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + head + block * (n_zeros // chunk) + c.flush()
+            + struct.pack("<II", crc, (len(prefix) + n_zeros) & 0xFFFFFFFF))
+
+
+def _bomb_nrrd_dev_zero(tmp: Path, tiny: Path):
+    """A 200-byte detached header whose data file is /dev/zero, declaring a billion voxels."""
+    (tmp / "sub").mkdir()
+    path = tmp / "sub" / "ct.nhdr"
+    path.write_text("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1000 1000 1000\nspacings: 1 1 1\n"
+                    "encoding: raw\ndata file: /dev/zero\n\n")
+    return [str(path), "--model", str(tiny)], "not beside the header"
+
+
+def _bomb_nrrd_gzip(tmp: Path, tiny: Path):
+    """A 1 MB gzip NRRD of a billion zero voxels."""
+    header = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1024 1024 1024\nspacings: 1 1 1\nencoding: gzip\n\n"
+    path = tmp / "ct.nrrd"
+    path.write_bytes(header + _gzip_zeros(b"", 1 << 30))
+    return [str(path), "--model", str(tiny)], r"needs 2\.15 GB of memory, more than the memory this process can get"
+
+
+def _bomb_nifti_gzip(tmp: Path, tiny: Path):
+    """A 1 MB .nii.gz of a billion zero voxels: a valid NIfTI header, its dimensions made 1024^3."""
+    import struct
+
+    sitk.WriteImage(sitk.Image([1, 1, 1], sitk.sitkUInt8), str(tmp / "one.nii"))
+    header = bytearray((tmp / "one.nii").read_bytes()[:352])
+    header[42:48] = struct.pack("<3h", 1024, 1024, 1024)
+    path = tmp / "ct.nii.gz"
+    path.write_bytes(_gzip_zeros(bytes(header), 1 << 30))
+    return [str(path), "--model", str(tiny)], r"needs 2\.15 GB of memory"
+
+
+def _bomb_dicom_jpegls(tmp: Path, tiny: Path):
+    """Three tiny JPEG-LS files whose headers declare 20000 x 20000 pixels each."""
+    files = _series(tmp / "dicom", shape=(3, 16, 16), compression="jpeg-ls")
+    for f in files:
+        edit(f, lambda ds: (setattr(ds, "Rows", 20000), setattr(ds, "Columns", 20000)))
+    return [str(tmp / "dicom"), "--model", str(tiny)], r"series .*\(1200000000 voxels\) needs .* GB of memory"
+
+
+def _bomb_model_deflate(tmp: Path, tiny: Path):
+    """A torch model file (a zip) whose first tensor's entry unpacks to 512 MiB of zeros, 3 MB on disk."""
+    import torch
+    import zipfile
+
+    card = lgc.models.ModelCard.load(tiny.with_suffix(".json"))
+    card.kwargs = {"width": 24}
+    torch.save(lgc.models.build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
+    path = tmp / "bomb.pt"
+    with zipfile.ZipFile(tmp / "plain.pt") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED,
+                                                                   compresslevel=1) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("/data/0"):
+                with dst.open(info.filename, "w", force_zip64=True) as f:
+                    for _ in range(32):
+                        f.write(bytes(1 << 24))
+            else:
+                dst.writestr(info.filename, data)
+    card.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    card.save(path.with_suffix(".json"))
+    ct = write_volume(Volume(_hu((8, 16, 16)), AXIAL), tmp / "ct.nrrd")
+    return [str(ct), "--model", str(path)], r"unpack to 5388\d+ bytes, more than the \d+ the card's network can hold"
+
+
+def _bomb_card(change: Dict[str, Any], expected: str):
+    """The tiny model with a card asking for a grid or patch far larger than memory."""
+    def make(tmp: Path, tiny: Path):
+        model = _model_variant(tmp, tiny, lambda c: {**c, **change})
+        ct = phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+        return [str(write_volume(ct, tmp / "ct.nrrd")), "--model", str(model)], expected
+    return make
+
+
+BOMBS = {
+    "nrrd_data_file_dev_zero": _bomb_nrrd_dev_zero,
+    "nrrd_gzip_billion_voxels": _bomb_nrrd_gzip,
+    "nifti_gzip_billion_voxels": _bomb_nifti_gzip,
+    "dicom_jpegls_20000_square": _bomb_dicom_jpegls,
+    "model_deflate_512MiB_tensor": _bomb_model_deflate,
+    "card_patch_512_cubed": _bomb_card({"patch_size": [512, 512, 512]},
+                                       r"one \[512, 512, 512\]-voxel patch through gradcam3d_cnn needs .* GB of memory"),
+    "card_spacing_0_27_mm": _bomb_card({"spacing_mm": [0.27, 0.27, 0.27]},
+                                       r"explaining this CT .*\(830, 1067, 1067\) on the model's .* needs .* GB"),
+}
+
+
+@pytest.fixture(scope="module")
+def bomb_results(tmp_path_factory, tiny):
+    """Every bomb, and a control run that must succeed, through ``lunggradcam run`` in one child
+    process with RLIMIT_AS = its mapped size after the imports + HEADROOM."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("RLIMIT_AS is enforced on Linux")
+    runs = {}
+    for name, make in BOMBS.items():
+        tmp = tmp_path_factory.mktemp(name)
+        args, expected = make(tmp, tiny)
+        runs[name] = (["run", args[0], "--out", str(tmp / "out"), *args[1:], "--device", "cpu"], expected, tmp)
+    control = tmp_path_factory.mktemp("control")
+    chest = phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+    runs["control"] = (["run", str(write_volume(chest, control / "ct.nrrd")), "--out", str(control / "out"),
+                        "--model", str(tiny), "--device", "cpu"], "", control)
+    result = subprocess.run([sys.executable, "-c", LIMITED, str(HEADROOM),
+                             json.dumps({name: args for name, (args, _, _) in runs.items()})],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            done.update(json.loads(line))
+    return runs, done, result
+
+
+def test_the_memory_limit_lets_a_real_run_through(bomb_results):
+    runs, done, result = bomb_results
+    assert "control" in done, f"the child died (status {result.returncode}): {result.stderr[-3000:]}"
+    assert done["control"]["code"] == 0, done["control"]["stderr"]
+    assert (runs["control"][2] / "out" / "report.json").is_file()
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_memory_bombs_are_refused_before_allocating(name, bomb_results):
+    runs, done, result = bomb_results
+    assert name in done, f"the child died at or before {name} (status {result.returncode}): {result.stderr[-3000:]}"
+    code, err = done[name]["code"], done[name]["stderr"]
+    assert code == 2 and "Traceback" not in err, (code, err)
+    assert re.search(runs[name][1], err), err
+    # the limit and how to change it (a model's file is bounded by its card's network instead)
+    assert re.search("LUNGGRADCAM_MAX_BYTES|not beside the header|the card's network can hold", err), err
+    assert not (runs[name][2] / "out").exists()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,8 +75,13 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
 
     # resume: finished series are skipped (their files are not rewritten)
     stamp = {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
-    (out / pipeline.safe_name(uids[1]) / "report.json").unlink()  # as if interrupted before finishing
+    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed before finishing leaves it:
+    for f in unfinished.iterdir():  # no report, its files in a staging folder
+        f.unlink()
+    (unfinished / ".tmp-run-killed").mkdir()
+    (unfinished / ".tmp-run-killed" / "cam.nrrd").write_bytes(b"half written")
     main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
+    assert not list(unfinished.glob(".tmp-*"))
     for i, uid in enumerate(uids):
         now = (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns
         assert (now == stamp[uid]) == (i != 1)
@@ -119,6 +125,56 @@ def test_batch_torchrun_two_processes(cohort, tmp_path):
     rows = _summary(out)  # rank 0 merged every rank's series
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids, result.stderr[-2000:]
     assert [r["status"] for r in rows.values()].count("failed") == 1
+
+
+def _uid_of(folder: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID)
+
+
+def test_batch_goes_on_past_unreadable_files(cohort, tmp_path, caplog):
+    """A file nobody can open (a link to itself) beside a series fails that series only, naming
+    it; one in a folder of its own is reported; the other series are done."""
+    tree, _, model = cohort
+    mine = tmp_path / "tree"
+    for name in ("patient1", "patient2"):
+        shutil.copytree(tree / name, mine / name)
+    os.symlink("IMG-loop.dcm", mine / "patient1" / "IMG-loop.dcm")
+    (mine / "stray").mkdir()
+    os.symlink("loop.dcm", mine / "stray" / "loop.dcm")
+    out = tmp_path / "out"
+    assert main(["batch", str(mine), "--out", str(out), "--model", str(model), "--device", "cpu"]) == 1
+    rows = _summary(out)
+    first, second = _uid_of(mine / "patient1"), _uid_of(mine / "patient2")
+    assert set(rows) == {first, second}
+    assert rows[first]["status"] == "failed" and "IMG-loop.dcm: cannot read the file" in rows[first]["error"]
+    assert rows[second]["status"] == "done"
+    assert "stray/loop.dcm: cannot read the file" in caplog.text
+
+
+def test_batch_records_no_failure_that_is_the_runs_own(cohort, tmp_path, capsys, monkeypatch):
+    """A wrong model, device, method or threshold stops the batch before its first series and
+    records nothing; a series that ran out of memory is recorded to be retried: the corrected run
+    does them all, without --redo-failed."""
+    tree, uids, model = cohort
+    out = tmp_path / "out"
+    good = {"--model": str(model), "--device": "cpu"}
+    for bad in ({"--model": str(tmp_path / "missing.safetensors")}, {"--device": "meta"}, {"--method": "nope"},
+                {"--threshold": "2"}):
+        options = [v for item in {**good, **bad}.items() for v in item]
+        assert main(["batch", str(tree), "--out", str(out), *options]) == 2, bad
+        assert "error:" in capsys.readouterr().err and not list(out.rglob("*.json")), bad
+    monkeypatch.setenv("LUNGGRADCAM_MAX_BYTES", "1000")  # no series fits: the machine's fault, not theirs
+    assert main(["batch", str(tree), "--out", str(out), *[v for item in good.items() for v in item]]) == 1
+    rows = _summary(out)
+    assert all(rows[uid]["status"] == "failed" and "LUNGGRADCAM_MAX_BYTES" in rows[uid]["error"] for uid in uids)
+    monkeypatch.delenv("LUNGGRADCAM_MAX_BYTES")
+    assert main(["batch", str(tree), "--out", str(out), *[v for item in good.items() for v in item]]) == 1
+    rows = _summary(out)
+    assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids
+    assert [r["error"] for r in rows.values() if r["status"] == "failed"] == [
+        next(r["error"] for r in rows.values() if "single slice" in r["error"])]
 
 
 def test_prefetched_reads_the_next_series_while_this_one_is_used():

@@ -2,9 +2,14 @@
 holding relative and absolute Filename entries, opened strictly read-only."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
 from contextlib import closing
 from pathlib import Path
 
@@ -12,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import data_path
+from conftest import REPO, data_path, run_on_read_only_mount
 from LungGradCAMLib.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
 from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
 from LungGradCAMLib.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
@@ -236,3 +241,89 @@ def test_missing_paths(tmp_path):
         DicomDatabase(tmp_path)
     with pytest.raises(DatabaseError, match="no such file or folder"):
         DicomDatabase(tmp_path / "absent")
+
+
+def _journal(db_file: Path, mode: str) -> None:
+    """Set the database's journal mode (stored in the file: WAL stays after the connection closes)."""
+    with closing(sqlite3.connect(db_file)) as db:
+        assert db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0] == mode
+
+
+def _state(folder: Path) -> dict:
+    return {p.name: _digest(p) for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_nothing_is_written_beside_the_database(two_series, mode):
+    """Rollback-journal and write-ahead-log (WAL) databases alike: no -wal, -shm or journal file
+    appears, no byte changes."""
+    folder, db_file, inside, _ = two_series
+    _journal(db_file, mode)
+    before = _state(folder)
+    db = DicomDatabase(folder)
+    uid = next(s.series_uid for s in db.series() if s.description == "inside")
+    assert len(db.patients()) == 2 and db.load(uid).shape == (6, 16, 16)
+    assert _state(folder) == before
+
+
+def test_wal_changes_not_yet_in_the_file_are_read(two_series):
+    """While Slicer holds a WAL database open, its last changes are only in the -wal file."""
+    folder, db_file, _, _ = two_series
+    _journal(db_file, "wal")
+    with closing(sqlite3.connect(db_file)) as slicer:
+        slicer.execute("PRAGMA wal_autocheckpoint=0")
+        slicer.execute("UPDATE Series SET SeriesDescription = 'renamed' WHERE SeriesDescription = 'inside'")
+        slicer.commit()
+        assert Path(f"{db_file}-wal").stat().st_size > 0
+        assert {s.description for s in DicomDatabase(folder).series()} == {"renamed", "outside"}
+
+
+#: Loads series argv 3 from the database argv 1 (so that every module is imported), then, as user
+#: nobody when run as root and argv 4 is "nobody", from its read-only copy argv 2.
+READ_COPY = """
+import os, sys
+from LungGradCAMLib.ctkdb import DicomDatabase
+DicomDatabase(sys.argv[1]).load(sys.argv[3])
+if os.geteuid() == 0 and sys.argv[4] == "nobody":
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+db = DicomDatabase(sys.argv[2])
+print(len(db.patients()), db.load(sys.argv[3]).shape)
+"""
+
+
+@contextlib.contextmanager
+def _read_only_copy(folder: Path, how: str):
+    """A copy of the database folder that cannot be written: on a read-only mount (even root
+    cannot write there), or with read-only permissions (in a folder every user can reach: root,
+    who ignores permissions, reads it as user nobody). Yields (copy, a function like
+    subprocess.run that runs a command there)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        copy = Path(tmp) / "media"
+        shutil.copytree(folder, copy)
+        if how == "mount":
+            yield copy, lambda command, **kw: run_on_read_only_mount(copy, command, **kw)
+            return
+        for path in [copy, *copy.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield copy, lambda command, **kw: subprocess.run([str(c) for c in command], **kw)
+        finally:
+            for path in [copy, *copy.rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+@pytest.mark.parametrize("how", ["mount", "permissions"])
+@pytest.mark.parametrize("mode", ["delete", "wal"])
+def test_read_only_copy(two_series, mode, how):
+    """The database folder on read-only media: it is read, nothing is written."""
+    folder, db_file, inside, _ = two_series
+    _journal(db_file, mode)
+    uid = str(pydicom.dcmread(inside[0], stop_before_pixels=True).SeriesInstanceUID)
+    with _read_only_copy(folder, how) as (copy, run):
+        before = _state(copy)
+        result = run([sys.executable, "-c", READ_COPY, folder, copy, uid, "nobody" if how == "permissions" else "-"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("\n")[0] == "2 (6, 16, 16)"
+        assert _state(copy) == before

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 import pickle
 import re
 import subprocess
@@ -37,7 +38,8 @@ SECRET_ID = "PID-SECRET-4242"
 HOSTILE_TEXT = "../../../outside/evil/name\x1b[2J\x07\n" + "D" * 300
 #: SeriesInstanceUIDs no valid file holds, but a hostile one can (none may shape a path)
 HOSTILE_UIDS = ["..", "/etc/cron.d/lunggradcam", "~/.ssh/authorized_keys", ".hidden",
-                "9" * 300, "a\x1b[2Jb\x07c", "1.2.826.0.1.3680043.10.1/7", "1.2.826.0.1.3680043.10.1_7"]
+                "9" * 300, "a\x1b[2Jb\x07c", "1.2.826.0.1.3680043.10.1/7", "1.2.826.0.1.3680043.10.1_7",
+                "summary.csv", ".tmp-0000-summary.csv"]  # the names of the batch's own files
 #: the longest valid UID (64 characters, as LIDC's): its series splits into two stacks, <uid>#1 and #2
 LONG_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 FOLDER_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
@@ -207,3 +209,39 @@ def test_hostile_model_files_through_the_cli(tmp_path, capsys, make, card_change
         with open(tmp_path / "probe.pkl", "rb") as f:
             pickle.load(f).close()
         assert (tmp_path / "control").exists()
+
+
+@pytest.mark.parametrize("where", ["input", "out"])
+def test_paths_that_are_not_utf8_are_refused(where, tmp_path, model):
+    """ITK aborts the process (SIGABRT) on such a name: it is refused before it gets there."""
+    root = os.fsencode(tmp_path)
+    ct = write_volume(phantom.chest_ct(seed=5, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume,
+                      tmp_path / "ct.nrrd")
+    if where == "input":
+        ct = Path(os.fsdecode(root + b"/ct\xff.nrrd"))
+        (tmp_path / "ct.nrrd").rename(ct)
+    out = root + (b"/out\xff" if where == "out" else b"/out")
+    result = subprocess.run([sys.executable, "-m", "LungGradCAMLib.cli", "run", os.fsencode(ct), "--out", out,
+                             "--model", str(model), "--device", "cpu"], cwd=REPO, capture_output=True, timeout=600)
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode == 2, (result.returncode, err[-2000:])
+    assert "holds bytes that are not UTF-8 text" in err and "\\xff" in err and "Traceback" not in err
+    assert not os.path.exists(out)
+
+
+def test_report_is_strict_json_when_the_card_has_nan_metrics(tmp_path, model, capsys):
+    """NaN and Infinity are not JSON: a card's metrics holding them are written as null."""
+    weights = tmp_path / "nan.safetensors"
+    weights.write_bytes(model.read_bytes())
+    card = json.loads(model.with_suffix(".json").read_text())
+    card["metrics"] = {"roc_auc": {"value": float("nan"), "ci95": [float("-inf"), float("inf")]},
+                       "accuracy": float("nan")}
+    weights.with_suffix(".json").write_text(json.dumps(card))  # Python writes NaN, as a careless tool does
+    ct = write_volume(phantom.chest_ct(seed=5, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume,
+                      tmp_path / "ct.nrrd")
+    assert main(["run", str(ct), "--out", str(tmp_path / "out"), "--model", str(weights), "--device", "cpu"]) == 0
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
+    assert report["model"]["metrics"] == {"roc_auc": {"value": None, "ci95": [None, None]}, "accuracy": None}
