@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResC
 
 Target = Union[None, int, List[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 Layer = Union[None, str, nn.Module]
+Layers = Union[Layer, Sequence[Union[str, nn.Module]]]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                 nn.SiLU, nn.Mish, nn.Hardswish)
@@ -124,6 +125,21 @@ def _resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
     convs = [n for n, m in modules.items() if isinstance(m, (nn.Conv3d,) + _ACTIVATIONS)]
     raise CamError(f"layer {layer!r} is not a module of {type(model).__name__}; use a dotted "
                    f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}")
+
+
+def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
+    """One or more (name, module) pairs: ``layer`` is None, a module, a dotted name, several names
+    joined by ``+`` (``"features.act4+features.act6"``), or a list of names/modules."""
+    if isinstance(layer, str) and "+" in layer:
+        layer = [part.strip() for part in layer.split("+")]
+    if isinstance(layer, (list, tuple)):
+        if not layer:
+            raise CamError("an empty list of CAM layers; give at least one")
+        found = [_resolve_layer(model, one) for one in layer]
+        if len({name for name, _ in found}) != len(found):
+            raise CamError(f"CAM layers {[n for n, _ in found]} name one layer twice")
+        return found
+    return [_resolve_layer(model, layer)]
 
 
 def _canonical(method: str) -> str:

@@ -179,6 +179,10 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
             if lungs.shape != volume.shape:
                 raise InvalidInputError(f"lung_mask shape {lungs.shape} differs from the CT's {volume.shape}")
 
+    if card.input == "roi" and (roi is None or mode not in ("auto", "roi")):
+        raise InvalidInputError(
+            f"model {card.name!r} judges a region around ONE nodule, not a whole scan: give the region "
+            "(roi=(centre_ras_mm, size_mm) or a mask; CLI --roi X,Y,Z,SIZE; Slicer: an ROI on the nodule)")
     if mode == "auto":
         mode = "roi" if roi is not None else ("whole" if card.patch_size is None else "sliding")
     if mode == "roi" and roi is None:
@@ -198,6 +202,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         patch = space.shape
     elif mode == "roi":
         box = _roi_box(roi_space if roi_space is not None else roi, space, patch)
+        if card.input == "roi":  # one patch centred on the region: the model judges one lesion
+            centre = [(a + b) // 2 for a, b in box]
+            box = tuple((max(0, c - p // 2), min(n, c - p // 2 + p)) for c, p, n in zip(centre, patch, space.shape))
     else:
         if not lungs_space.any():
             raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
