@@ -72,10 +72,12 @@ class FitResult:
 # --------------------------------------------------------------------------------------------
 def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
             zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
-            scale: float = 0.1, shift: float = 0.05, noise: float = 0.02) -> "torch.Tensor":
+            rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02) -> "torch.Tensor":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
-    about each axis, a flip of each axis with probability 1/2, isotropic zoom in ``zoom``, shear
-    up to ``shear``, all as one trilinear resampling (border values extend); then intensity
+    about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
+    the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
+    isotropic zoom in ``zoom``, shear up to ``shear``, all as one trilinear resampling (border
+    values extend); then intensity
     ``x * (1 + U(-scale, scale)) + U(-shift, shift) + N(0, noise)``. Random numbers come from the
     CPU ``generator``, so runs are reproducible on any device."""
     import torch
@@ -98,6 +100,9 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     z = u(1 / zoom[1], 1 / zoom[0], n)[:, None, None]  # sampling grid scale = 1 / zoom
     signs = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n, 3)
     matrix = rx @ ry @ rz @ sh * z @ torch.diag_embed(signs.double())
+    if rot90:  # swap the grid's x (I) and y (J) axes for half of the samples
+        swap = torch.rand(n, generator=generator) < 0.5
+        matrix[swap] = matrix[swap][:, :, [1, 0, 2]]
     theta = torch.cat([matrix, torch.zeros(n, 3, 1, dtype=torch.float64)], dim=2).to(x.device, torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
