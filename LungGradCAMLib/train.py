@@ -416,8 +416,6 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
                    help="LUNA16 candidates of class 0 kept per scan (default 20)")
     g.add_argument("--classes", default="background,nodule",
                    help="class names for manifest/LUNA16 data, index order (default background,nodule)")
-    g.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
-    g.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     g.add_argument("--cache", help="save/load the patches here (.npz) so a second run skips building them")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling, splits and training (default 0)")
 
@@ -479,7 +477,9 @@ def _voi_data(args: argparse.Namespace, size: List[int], spacing: List[float], p
     if not args.backgrounds:
         raise InvalidInputError("--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
                                 "hold the placed nodules and give the negatives)")
-    fractions = (1 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    # evaluate has no split options: it rebuilds a training run's split from the default fractions and --seed
+    val, test = (args.val_fraction, args.test_fraction) if args.command == "train" else (0.15, 0.15)
+    fractions = (1 - val - test, val, test)
     return lidc_voi_detection_patches(
         records, load_backgrounds(args.backgrounds, spacing, size, SPLITS), size, spacing, fractions=fractions,
         placements=args.placements or 3, negatives_per_kind=args.negatives_per_region,
@@ -541,6 +541,8 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
     o.add_argument("--folds", type=int, default=0,
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
+    o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
+    o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     o.add_argument("--resume", action="store_true", help="continue from --out/resume.pt")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     o.add_argument("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
