@@ -799,8 +799,9 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
                                patch_size: Sequence[int], spacing_mm: Sequence[float],
                                fractions: Sequence[float] = (0.7, 0.15, 0.15), placements: int = 3,
                                jitter_vox: Optional[int] = None, negatives_per_kind: int = 100,
-                               phantom_seeds: Sequence[int] = (), phantom_negatives_per_kind: int = 16,
-                               seed: int = 0, progress: bool = False) -> PatchSet:
+                               phantom_seeds: Sequence[int] = (), phantom_positives_per_nodule: int = 6,
+                               phantom_negatives_per_kind: int = 16, seed: int = 0,
+                               progress: bool = False) -> PatchSet:
     """Nodule-vs-background patches (classes background, nodule) from real nodules placed into
     real lungs, with fixed ``splits``: the VOIs' patients (and the phantoms' seeds) are split by
     patient into train / validation / test by ``fractions``; each split's nodules are placed into
@@ -808,7 +809,8 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     shifted by up to ``jitter_vox`` voxels, default a quarter patch), and its negatives are
     ``negatives_per_kind`` patches of each :data:`~LungGradCAMLib.placement.BACKGROUND_KINDS` from
     each of its regions (patient ``background:<region>``). ``phantom_seeds`` adds synthetic chest
-    CTs (:func:`phantom_patches`), split by seed the same way."""
+    CTs (:func:`phantom_patches` with ``phantom_positives_per_nodule`` and
+    ``phantom_negatives_per_kind``), split by seed the same way."""
     from .placement import SPLITS, background_patches, pick
 
     size = tuple(int(s) for s in patch_size)
@@ -830,6 +832,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
         found = [nodules, negatives]
         if len(phantoms):
             found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
+                                         positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
                                          progress=progress))
         part = PatchSet.concatenate(found)

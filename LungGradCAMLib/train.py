@@ -409,9 +409,10 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
     g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
                    help="phantom and lidc-vois labels: nodule vs background, or benign vs malignant nodules "
                         "(default nodule)")
-    g.add_argument("--positives-per-nodule", type=int, default=6, help="phantom patches per nodule (default 6)")
+    g.add_argument("--positives-per-nodule", type=int, default=6,
+                   help="phantom patches per nodule (default 6; also for --with-phantoms)")
     g.add_argument("--negatives-per-kind", type=int, default=4,
-                   help="phantom background patches per kind per scan (default 4)")
+                   help="phantom background patches per kind per scan (default 4; also for --with-phantoms)")
     g.add_argument("--max-negatives-per-scan", type=int, default=20,
                    help="LUNA16 candidates of class 0 kept per scan (default 20)")
     g.add_argument("--classes", default="background,nodule",
@@ -483,8 +484,9 @@ def _voi_data(args: argparse.Namespace, size: List[int], spacing: List[float], p
     return lidc_voi_detection_patches(
         records, load_backgrounds(args.backgrounds, spacing, size, SPLITS), size, spacing, fractions=fractions,
         placements=args.placements or 3, negatives_per_kind=args.negatives_per_region,
-        phantom_seeds=parse_seeds(args.with_phantoms) if args.with_phantoms else (), seed=args.seed,
-        progress=progress)
+        phantom_seeds=parse_seeds(args.with_phantoms) if args.with_phantoms else (),
+        phantom_positives_per_nodule=args.positives_per_nodule, phantom_negatives_per_kind=args.negatives_per_kind,
+        seed=args.seed, progress=progress)
 
 
 def _describe_data(args: argparse.Namespace) -> str:

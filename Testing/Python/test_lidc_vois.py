@@ -191,3 +191,62 @@ def test_real_voi_folder():
         centre_lps = np.array([float(record.row[c]) for c in ("coordX", "coordY", "coordZ")])
         centre_ras = image.ijk_to_ras_points(np.argwhere(mask).mean(axis=0)[::-1])[0]
         assert np.allclose(centre_ras * [-1, -1, 1], centre_lps, atol=3.0)
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """A VOI folder of 8 patients and a backgrounds CSV of one phantom chest cut into bands."""
+    from LungGradCAMLib import phantom
+
+    root = tmp_path_factory.mktemp("cli")
+    _write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
+    chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
+    write_volume(chest.volume, root / "chest.nrrd")
+    (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
+    return root
+
+
+COMMON = ["--patch-size", "12", "12", "12", "--spacing", "3", "3", "3", "--arch-kwargs", '{"width": 2}',
+          "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+
+
+def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.models import ModelCard
+
+    out = tmp_path / "malignancy"
+    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--folds", "2",
+                 "--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "fold1" / "best.json")
+    assert card.input == "roi" and card.class_names == ["benign", "malignant"] and "ONE lung nodule" in card.intended_use
+    split = card.training["split"]
+    assert not set(split["train_patients"]) & set(split["test_patients"])
+    assert "real LIDC-IDRI nodules" in card.training["data"]
+    assert (out / "cv_report.json").is_file()
+
+
+def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys):
+    import json
+
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.models import ModelCard
+
+    out = tmp_path / "nodule"
+    data_args = ["--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "nodule",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--negatives-per-region", "3"]
+    assert main(["train"] + data_args + ["--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "best.json")
+    assert card.input == "scan" and card.class_names == ["background", "nodule"]
+    split = card.training["split"]
+    assert any(p.endswith(":test") for p in split["test_patients"])  # the test background region
+    assert not set(split["train_patients"]) & set(split["test_patients"])
+    assert main(["train"] + data_args + ["--out", str(tmp_path / "x"), "--folds", "2"] + COMMON) == 2
+    assert "--folds cannot re-split" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"] + data_args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["data"]["patients"] == len(split["test_patients"])  # the test split, rebuilt
+    no_backgrounds = data_args[:6]
+    assert main(["train"] + no_backgrounds + ["--out", str(tmp_path / "y")] + COMMON) == 2
+    assert "needs --backgrounds" in capsys.readouterr().err
