@@ -4,9 +4,10 @@ fixed on the validation split.
 The data is the model's own training data source rebuilt exactly (``lunggradcam train --source
 lidc-vois --task nodule``: real LIDC nodules of each split's patients placed into that split's
 background regions, plus that split's real background patches and phantoms), so the test split
-holds only patients and background regions the model never saw. The threshold is the highest
-one whose sensitivity on the validation split's real nodules of ``--min-diameter`` mm and more is
-at least ``--sensitivity`` (default 0.90); on the test split the script reports the sensitivity
+holds only patients and background regions the model never saw. The threshold is fixed on the
+validation split: the lowest one whose specificity on its real background patches is at least
+``--specificity`` (default 0.95), or with ``--sensitivity S`` the highest one whose sensitivity on
+its real nodules of ``--min-diameter`` mm and more is at least S; on the test split the script reports the sensitivity
 for real nodules of at least ``--min-diameter`` mm (and for all), the specificity on real
 background patches (per kind), and the same on phantom patches, with patient-bootstrap 95% CIs.
 Prints JSON; ``--out`` also writes it (and ``--card`` copies the result into a model card).
@@ -59,7 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15])
     p.add_argument("--placements", type=int, default=3, help="the training run's --placements (default 3)")
     p.add_argument("--min-diameter", type=float, default=4.0, help="nodule size the aim is about (mm, default 4)")
-    p.add_argument("--sensitivity", type=float, default=0.90, help="validation sensitivity to fix (default 0.90)")
+    p.add_argument("--specificity", type=float, default=0.95,
+                   help="validation specificity (real backgrounds) the threshold keeps (default 0.95)")
+    p.add_argument("--sensitivity", type=float, help="instead: validation sensitivity to keep (nodules >= --min-diameter)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--card", help="write the result into this model card (.json beside the weights)")
@@ -94,12 +97,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 real_background=(labels == 0) & np.char.startswith(patients.astype(str), "background:"),
                                 phantom=np.char.startswith(patients.astype(str), "phantom-"))
     v = per_split["validation"]
-    big = v["diameters"] >= args.min_diameter
-    nodule_scores = np.sort(v["s"][v["real_nodule"]][big])
-    # the highest threshold that keeps the asked sensitivity on validation
-    threshold = float(nodule_scores[int(np.floor((1 - args.sensitivity) * len(nodule_scores)))])
-    result["threshold"] = {"value": threshold, "fixed_on": f"validation: sensitivity >= {args.sensitivity} for real "
-                                                            f"nodules >= {args.min_diameter} mm"}
+    if args.sensitivity is not None:  # the highest threshold that keeps the sensitivity on validation
+        nodule_scores = np.sort(v["s"][v["real_nodule"]][v["diameters"] >= args.min_diameter])
+        threshold = float(nodule_scores[int(np.floor((1 - args.sensitivity) * len(nodule_scores)))])
+        rule = f"validation: sensitivity >= {args.sensitivity} for real nodules >= {args.min_diameter} mm"
+    else:  # the lowest threshold that keeps the specificity on validation's real backgrounds
+        background = np.sort(v["s"][v["real_background"]])
+        threshold = float(np.nextafter(background[int(np.ceil(args.specificity * len(background))) - 1], 1.0))
+        rule = f"validation: specificity >= {args.specificity} on real background patches"
+    result["threshold"] = {"value": threshold, "fixed_on": rule}
     for split, d in per_split.items():
         s, hit = d["s"], d["s"] >= threshold
         nodules = d["real_nodule"]
