@@ -98,7 +98,7 @@ class LungGradCAMParameterNode:
 
     inputVolume - the CT (HU) to explain.
     model - a bundled model name or the path of a model file.
-    method - the CAM method.
+    method - the CAM method; auto = the model card's (the one its heat maps scored best with).
     targetClass - the class to explain; empty = the model card's default.
     threshold - heat-map level (0..1) above which voxels are segmented.
     restrictToLungs - keep only regions inside the lungs.
@@ -111,7 +111,7 @@ class LungGradCAMParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = "default"
-    method: Annotated[str, Choice(METHODS)] = "gradcam"
+    method: Annotated[str, Choice(("auto",) + METHODS)] = "auto"
     targetClass: str = ""
     threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     restrictToLungs: bool = True
@@ -459,7 +459,8 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     def optionsFromParameterNode(parameterNode) -> ExplainOptions:
         """The panel's settings as the engine's ExplainOptions (checked: a wrong value raises)."""
         p = parameterNode
-        return ExplainOptions(model=p.model, method=p.method, target=p.targetClass or None, threshold=p.threshold,
+        method = None if p.method == "auto" else p.method  # auto: the model card's own method
+        return ExplainOptions(model=p.model, method=method, target=p.targetClass or None, threshold=p.threshold,
                               restrict_to_lungs=p.restrictToLungs, device=p.device, stride=p.stride or None,
                               batch_size=p.batchSize or None, amp=p.amp)
 

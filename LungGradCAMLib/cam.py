@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ __all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResC
 
 Target = Union[None, int, List[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 Layer = Union[None, str, nn.Module]
+Layers = Union[Layer, Sequence[Union[str, nn.Module]]]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                 nn.SiLU, nn.Mish, nn.Hardswish)
@@ -126,6 +127,21 @@ def _resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
                    f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}")
 
 
+def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
+    """One or more (name, module) pairs: ``layer`` is None, a module, a dotted name, several names
+    joined by ``+`` (``"features.act4+features.act6"``), or a list of names/modules."""
+    if isinstance(layer, str) and "+" in layer:
+        layer = [part.strip() for part in layer.split("+")]
+    if isinstance(layer, (list, tuple)):
+        if not layer:
+            raise CamError("an empty list of CAM layers; give at least one")
+        found = [_resolve_layer(model, one) for one in layer]
+        if len({name for name, _ in found}) != len(found):
+            raise CamError(f"CAM layers {[n for n, _ in found]} name one layer twice")
+        return found
+    return [_resolve_layer(model, layer)]
+
+
 def _canonical(method: str) -> str:
     key = str(method).lower().replace("_", "").replace("-", "").replace(" ", "")
     key = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
@@ -165,8 +181,10 @@ class CAM:
 
     ``cam_obj(x, target=None) -> CamResult``: the maps and the model output of ONE forward pass.
 
-    ``layer``: None (see :func:`default_layer`), a dotted module name, or a module. The layer's
-    output must be a 5-D tensor produced once per forward pass. ``upsample``: trilinear
+    ``layer``: None (see :func:`default_layer`), a dotted module name, a module, or several
+    layers (a list, or names joined by ``+``: ``"features.act4+features.act6"``), whose maps the
+    gradient methods fuse (see :meth:`_fused`). Each layer's output must be a 5-D tensor produced
+    once per forward pass. ``upsample``: trilinear
     (``align_corners=False``) to the input size; ``normalize``: per-sample min-max to [0, 1].
     ``amp``: ``True`` (bfloat16, or float16 where bfloat16 is unsupported) or a dtype runs the
     model under ``torch.autocast`` on CUDA; ignored on other devices. ``score_batch_size``:
@@ -207,34 +225,43 @@ class CAM:
         if int(score_batch_size) < 1:
             raise CamError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.model = model
-        self.layer_name, self.layer = _resolve_layer(model, layer)
+        self.layers = _resolve_layers(model, layer)
+        if len(self.layers) > 1 and type(self)._map is not CAM._map:
+            raise CamError(f"{self.name} takes one layer; several layers ({'+'.join(n for n, _ in self.layers)}) "
+                           "are fused only by the gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam)")
+        self.layer_name = "+".join(name for name, _ in self.layers)
+        self.layer = self.layers[0][1]
         self.upsample = bool(upsample)
         self.normalize = bool(normalize)
         self.amp = amp
         self.score_batch_size = int(score_batch_size)
         self.activation = activation
-        self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._capture = False
         self._acts: List[torch.Tensor] = []
 
     # -- hook lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> "CAM":
-        if self._handle is None:
-            self._handle = self.layer.register_forward_hook(self._hook)
+        if not self._handles:
+            self._handles = [module.register_forward_hook(self._hook) for _, module in self.layers]
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Optional[torch.Tensor]:
         if not self._capture:
             return None
+        name = next(n for n, m in self.layers if m is module)
         if not isinstance(output, torch.Tensor) or output.dim() != 5:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise CamError(f"layer {self.layer_name!r} outputs {shape}; a 3D CAM needs a 5-D "
+            raise CamError(f"layer {name!r} outputs {shape}; a 3D CAM needs a 5-D "
                            f"(N, C, D, H, W) feature map: choose a convolutional layer")
+        if self._acts:  # a later layer of several: stays in the graph that starts at the first
+            self._acts.append(output)
+            return output.clone()
         a = output.detach()
         if self.uses_gradients:
             a.requires_grad_(True)
@@ -244,7 +271,7 @@ class CAM:
     # -- one call --------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target: Target = None) -> CamResult:
         """Maps (N, D, H, W) and scores of ``x`` (N, C, D, H, W) for ``target`` (see module doc)."""
-        if self._handle is None:
+        if not self._handles:
             with self:
                 return self(x, target)
         x = self._input(x)
@@ -260,19 +287,41 @@ class CAM:
             if not isinstance(out, torch.Tensor):
                 raise CamError(f"the model returned {type(out).__name__}; a CAM needs a tensor "
                                f"output (wrap the model to return its logits)")
-            if len(acts) != 1:
-                raise CamError(f"layer {self.layer_name!r} ran {len(acts)} times in one forward "
-                               f"pass; choose a layer that runs exactly once")
+            if len(acts) != len(self.layers):
+                raise CamError(f"layer(s) {self.layer_name!r} ran {len(acts)} times in one forward "
+                               f"pass; choose layers that run exactly once each")
             classes = self._classes(out, target)
             score = self._score(out, classes, target)
-            cam = F.relu(self._map(x, acts[0], score, classes, target).float())
-            if self.upsample and cam.shape[1:] != x.shape[2:]:
-                cam = F.interpolate(cam[:, None], size=x.shape[2:], mode="trilinear",
-                                    align_corners=False)[:, 0]
+            if len(acts) == 1:
+                cam = self._resize(x, F.relu(self._map(x, acts[0], score, classes, target).float()))
+            else:
+                cam = self._fused(x, acts, score)
             if self.normalize:
                 cam = minmax_per_sample(cam)
         return CamResult(cam.detach(), out.detach().float(), classes, score.detach().float(),
                          self.activation)
+
+    def _resize(self, x: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+        """``cam`` (N, d, h, w) trilinearly upsampled to ``x``'s size when ``upsample``."""
+        if self.upsample and cam.shape[1:] != x.shape[2:]:
+            cam = F.interpolate(cam[:, None], size=x.shape[2:], mode="trilinear", align_corners=False)[:, 0]
+        return cam
+
+    def _fused(self, x: torch.Tensor, acts: List[torch.Tensor], score: torch.Tensor) -> torch.Tensor:
+        """Several layers: each layer's map (this method's weighting, ReLU), upsampled to the input
+        and min-max scaled per sample, then their geometric mean, so a voxel is hot only where
+        every layer agrees (the coarse layers say what, the fine ones where). One backward pass
+        from the score to the first layer gives every layer's gradient."""
+        grads = torch.autograd.grad(score.sum(), acts, allow_unused=True)
+        if any(g is None for g in grads):
+            raise CamError(f"the target score does not depend on every layer of {self.layer_name!r}")
+        if not self.upsample:
+            raise CamError("several CAM layers have different sizes: they are fused at the input size (upsample=True)")
+        fused = None
+        for a, g in zip(acts, grads):
+            cam = minmax_per_sample(self._resize(x, F.relu(self._weigh(_wide(a.detach()), _wide(g)).float())))
+            fused = cam if fused is None else fused * cam
+        return fused ** (1.0 / len(acts))
 
     def _input(self, x: Any) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

@@ -140,10 +140,11 @@ def model_inputs(patches: np.ndarray, card: Any, batch_size: int = 256) -> np.nd
 
 
 def patch_cams(loaded: Any, inputs: np.ndarray, method: str = "gradcam", target: Optional[int] = None,
-               batch_size: int = 32) -> np.ndarray:
+               batch_size: int = 32, layer: Optional[str] = None) -> np.ndarray:
     """Normalised CAMs (N, K, J, I) float32 in [0, 1] of ``loaded`` (a LoadedModel) for model
     ``inputs`` (N, K, J, I, already preprocessed), each min-max scaled on its own, upsampled to the
-    patch; ``target``: the explained class index (default the card's ``cam_class``)."""
+    patch; ``target``: the explained class index (default the card's ``cam_class``); ``layer``: the
+    CAM layer(s) (default the card's ``target_layer``)."""
     import torch
 
     from .cam import compute_cam
@@ -153,7 +154,7 @@ def patch_cams(loaded: Any, inputs: np.ndarray, method: str = "gradcam", target:
     out = np.empty(inputs.shape, dtype=np.float32)
     for start in range(0, len(inputs), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size]))[:, None].to(loaded.device)
-        cam = compute_cam(loaded.module, x, method=method, target=index, layer=card.target_layer,
+        cam = compute_cam(loaded.module, x, method=method, target=index, layer=layer or card.target_layer,
                           activation=card.activation)
         out[start:start + batch_size] = cam.cpu().numpy()
     return out

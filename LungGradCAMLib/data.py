@@ -16,15 +16,17 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .atomic import atomic_path
-from .errors import DataError
+from .errors import DataError, LungGradCAMError
 from .volume import Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
+if TYPE_CHECKING:
+    from .placement import Background
 log = logging.getLogger(__name__)
 #: HU outside the scan (air), used for resampling and for padding patches at the border.
 AIR_HU = -1024.0
@@ -38,7 +40,11 @@ class PatchSet:
     """Labelled patches: ``patches`` (N, K, J, I) int16 HU at ``spacing_mm`` (i, j, k mm),
     ``labels`` (N,) class indices into ``class_names``, ``patients`` (N,) patient IDs,
     ``kinds`` (N,) what each patch shows (e.g. ``nodule``, ``vessel``, ``chest_wall``),
-    ``centres`` (N, 3) RAS mm of each patch's centre voxel (NaN where unknown)."""
+    ``centres`` (N, 3) RAS mm of each patch's centre voxel (NaN where unknown),
+    ``masks`` (N, K, J, I) bool, the lesion's outline in each patch where known (e.g. the readers'
+    nodule mask of a LIDC VOI; all False for background patches), or None, and ``splits`` (N,)
+    ``train``/``validation``/``test`` where the source fixes the split (e.g. background regions
+    that must not serve two splits), or None (split by patient later)."""
 
     patches: np.ndarray
     labels: np.ndarray
@@ -47,6 +53,11 @@ class PatchSet:
     spacing_mm: Tuple[float, float, float]
     kinds: np.ndarray = field(default=None)  # type: ignore[assignment]
     centres: np.ndarray = field(default=None)  # type: ignore[assignment]
+    masks: Optional[np.ndarray] = None
+    splits: Optional[np.ndarray] = None
+
+    #: per-patch arrays, in constructor order after ``spacing_mm``; the last two are optional
+    _PER_PATCH = ("kinds", "centres", "masks", "splits")
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches)
@@ -56,10 +67,19 @@ class PatchSet:
         self.kinds = np.full(n, "", dtype="<U16") if self.kinds is None else np.asarray(self.kinds).astype(str)
         self.centres = (np.full((n, 3), np.nan) if self.centres is None
                         else np.asarray(self.centres, dtype=np.float64).reshape(-1, 3))
+        if self.masks is not None:
+            self.masks = np.asarray(self.masks, dtype=bool)
+        if self.splits is not None:
+            self.splits = np.asarray(self.splits).astype(str)
+            unknown = sorted(set(self.splits) - {"train", "validation", "test"})
+            if unknown:
+                raise DataError(f"a PatchSet's splits must be train, validation or test; got {unknown}")
         if (self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n
-                or len(self.kinds) != n or len(self.centres) != n):
-            raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres; got "
-                            f"{self.patches.shape}, {n} labels, {len(self.patients)} patients")
+                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits))
+                or (self.masks is not None and self.masks.shape != self.patches.shape)):
+            raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres "
+                            f"(and masks/splits when given); got {self.patches.shape}, {n} labels, "
+                            f"{len(self.patients)} patients")
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise DataError(f"labels must be 0..{len(self.class_names) - 1} for classes {self.class_names}")
 
@@ -75,32 +95,51 @@ class PatchSet:
         """Number of patches per class name."""
         return {c: int(np.sum(self.labels == i)) for i, c in enumerate(self.class_names)}
 
+    def _rest(self, index: np.ndarray) -> List[Optional[np.ndarray]]:
+        return [None if getattr(self, f) is None else getattr(self, f)[index] for f in self._PER_PATCH]
+
     def subset(self, index: Sequence[int]) -> "PatchSet":
         index = np.asarray(index, dtype=np.int64)
         return PatchSet(self.patches[index], self.labels[index], self.patients[index],
-                        list(self.class_names), self.spacing_mm, self.kinds[index], self.centres[index])
+                        list(self.class_names), self.spacing_mm, *self._rest(index))
+
+    def split_index(self, name: str) -> np.ndarray:
+        """Indices of the patches of the fixed split ``name`` (needs ``splits``)."""
+        if self.splits is None:
+            raise DataError("this patch set has no fixed splits; split it by patient")
+        return np.flatnonzero(self.splits == name)
 
     @staticmethod
     def concatenate(sets: Sequence["PatchSet"]) -> "PatchSet":
-        """One PatchSet from several with the same classes, spacing and patch size."""
+        """One PatchSet from several with the same classes, spacing and patch size. Masks are kept
+        when every set has them; splits must be given by all or none."""
         first = sets[0]
         for s in sets[1:]:
             if (s.class_names != first.class_names or s.patch_size != first.patch_size
                     or not np.allclose(s.spacing_mm, first.spacing_mm)):
                 raise DataError("cannot concatenate patch sets with different classes, patch size or spacing")
+        if len({s.splits is None for s in sets}) > 1:
+            raise DataError("cannot concatenate patch sets with and without fixed splits")
+        masks = None if any(s.masks is None for s in sets) else np.concatenate([s.masks for s in sets])
+        splits = None if first.splits is None else np.concatenate([s.splits for s in sets])
         return PatchSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.labels for s in sets]),
                         np.concatenate([s.patients for s in sets]), list(first.class_names),
                         first.spacing_mm, np.concatenate([s.kinds for s in sets]),
-                        np.concatenate([s.centres for s in sets]))
+                        np.concatenate([s.centres for s in sets]), masks, splits)
 
     def save(self, path: PathLike) -> Path:
-        """Cache as an uncompressed .npz (no pickled objects), atomically."""
+        """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically."""
         path = Path(path)
+        extra: Dict[str, np.ndarray] = {}
+        if self.masks is not None:
+            extra["masks"] = np.packbits(self.masks, axis=-1)
+        if self.splits is not None:
+            extra["splits"] = self.splits
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
                          kinds=self.kinds, centres=self.centres, class_names=np.array(self.class_names),
-                         spacing_mm=np.array(self.spacing_mm, dtype=np.float64))
+                         spacing_mm=np.array(self.spacing_mm, dtype=np.float64), **extra)
         return path
 
     @classmethod
@@ -108,8 +147,12 @@ class PatchSet:
         """Read a cache written by :meth:`save` (``allow_pickle=False``)."""
         try:
             with np.load(path, allow_pickle=False) as z:
+                masks = None
+                if "masks" in z.files:
+                    masks = np.unpackbits(z["masks"], axis=-1, count=z["patches"].shape[-1]).astype(bool)
                 return cls(z["patches"], z["labels"], z["patients"], [str(c) for c in z["class_names"]],
-                           tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"])
+                           tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"], masks,
+                           z["splits"] if "splits" in z.files else None)
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it "
                             "to rebuild") from None
@@ -606,6 +649,198 @@ def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence
                         "in the series present")
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), ["benign", "malignant"],
                     tuple(float(v) for v in spacing_mm), np.full(len(labels), "nodule"), np.array(centres))
+
+
+# --------------------------------------------------------------------------------------------
+# LIDC-IDRI volumes of interest (nodule crops in HU with the readers' masks)
+# --------------------------------------------------------------------------------------------
+#: Columns of ``nodules.csv`` a LIDC VOI folder must have.
+VOI_COLUMNS = ("patient_id", "nodule_id", "Diagnosis", "diameter_mm")
+
+
+@dataclass
+class LidcVoi:
+    """One real LIDC-IDRI nodule: ``image`` (a NIfTI VOI in HU; spacing and origin from its
+    header) and ``mask`` (the readers' outline on the same grid), ``malignant`` (1 when the table's
+    Diagnosis is Malign, 0 Benign), ``malignancy`` (median reader rating 1-5, NaN if absent),
+    ``diameter_mm`` and the table's other columns in ``row``."""
+
+    patient: str
+    nodule_id: str
+    image: Path
+    mask: Path
+    malignant: int
+    malignancy: float
+    diameter_mm: float
+    row: Dict[str, str] = field(default_factory=dict, repr=False)
+
+    def load(self) -> Tuple[Volume, np.ndarray]:
+        """The VOI (float32 HU) and its nodule mask (bool, K, J, I on the same grid)."""
+        image, mask = read_volume(self.image), read_volume(self.mask)
+        if image.shape != mask.shape or not np.allclose(image.ijk_to_ras, mask.ijk_to_ras, atol=1e-3):
+            raise DataError(f"{self.mask}: the mask's grid differs from its image {self.image.name}")
+        outline = mask.array > 0
+        if not outline.any():
+            raise DataError(f"{self.mask}: the nodule mask is empty")
+        return image.with_array(image.array.astype(np.float32)), outline
+
+
+def lidc_voi_records(root: PathLike) -> List[LidcVoi]:
+    """The nodules of a LIDC VOI folder: ``nodules.csv`` (one row per nodule: patient_id,
+    nodule_id, Diagnosis Benign/Malign, diameter_mm, Malignancy_value, ...) with
+    ``image/<patient_id>_R_<nodule_id>.nii.gz`` and ``nodule_mask/<same name>``. Rows whose
+    files are missing are skipped with one warning naming them; a bad table -> :class:`DataError`."""
+    root = Path(root)
+    table = root / "nodules.csv"
+    if not table.is_file():
+        raise DataError(f"{root}: no nodules.csv; a LIDC VOI folder holds nodules.csv, image/ and nodule_mask/")
+    records, missing = [], []
+    for n, row in enumerate(_read_csv(table, VOI_COLUMNS), start=2):
+        where = f"{table} line {n}"
+        diagnosis = row["Diagnosis"].strip().lower()
+        if diagnosis not in ("benign", "malign", "malignant"):
+            raise DataError(f"{where}: Diagnosis must be Benign or Malign; got {row['Diagnosis']!r}")
+        name = f"{row['patient_id'].strip()}_R_{row['nodule_id'].strip()}.nii.gz"
+        image, mask = root / "image" / name, root / "nodule_mask" / name
+        if not image.is_file() or not mask.is_file():
+            missing.append(str(image if not image.is_file() else mask))
+            continue
+        rating = (row.get("Malignancy_value") or "").strip()
+        records.append(LidcVoi(row["patient_id"].strip(), row["nodule_id"].strip(), image, mask,
+                               int(diagnosis != "benign"), float(rating) if rating else math.nan,
+                               _float_cells(row, ("diameter_mm",), where)[0], row))
+    if missing:
+        log.warning("%d row(s) of %s have no image or mask file and are skipped: %s", len(missing), table,
+                    ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if not records:
+        raise DataError(f"{table}: none of its rows has its image and mask files under {root}")
+    return records
+
+
+def voi_on_grid(voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int],
+                offset_vox: Sequence[int] = (0, 0, 0)) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The VOI resampled to ``spacing_mm`` (i, j, k mm) and cut to a ``size`` (K, J, I) block
+    centred on the mask's centre of mass shifted by ``offset_vox`` (K, J, I): (HU float32 with NaN
+    outside the VOI's field of view, the nodule mask, the block's centre in RAS mm)."""
+    image, outline = voi.load()
+    grid = resample(image, spacing_mm, order=1, default_value=math.nan)
+    mask = resample(image.with_array(outline.astype(np.float32)), spacing_mm, order=1).array >= 0.5
+    if not mask.any():  # a nodule smaller than one voxel of the new grid: keep the voxel at its centre
+        centre_ras = image.ijk_to_ras_points(np.argwhere(outline).mean(axis=0)[None, ::-1])
+        ijk = np.rint(grid.ras_to_ijk_points(centre_ras)[0]).astype(int)
+        mask[tuple(np.clip(ijk[::-1], 0, np.asarray(mask.shape) - 1))] = True
+    centre = np.argwhere(mask).mean(axis=0) + np.asarray(offset_vox)
+    hu = crop_patch(grid.array, centre, size, fill=math.nan)
+    cut = crop_patch(mask, centre, size, fill=False)
+    return hu, cut, _kji_to_ras(grid, np.rint(centre))
+
+
+def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spacing_mm: Sequence[float],
+                     task: str = "malignancy", backgrounds: Optional[Sequence["Background"]] = None,
+                     placements: int = 1, jitter_vox: int = 0, feather_mm: float = 3.0, seed: int = 0,
+                     progress: bool = False) -> PatchSet:
+    """Patches of real nodules (with their reader masks in ``PatchSet.masks``), ``placements`` per
+    nodule, each centred on the nodule shifted by up to ``jitter_vox`` voxels per axis.
+
+    The VOIs are tight crops (along K only the slices the nodule spans), so the rest of each patch
+    comes from a real lung. ``task="malignancy"`` (classes benign, malignant: the table's
+    Diagnosis): the VOI with its own surroundings is pasted into a ``backgrounds`` patch at a random
+    lung position (weight 1 on the nodule and inside the VOI, falling to 0 over ``feather_mm``
+    towards the VOI's edges). ``task="nodule"`` (class ``nodule``; add background patches
+    separately): the nodule alone (its outline, feathered over ``feather_mm``) is put into the
+    parenchyma, next to a vessel and on the pleura in turn (the VOI's box edges would tell a
+    detector where nodules are). Without backgrounds the rest of the patch is air.
+    Deterministic for a ``seed``; the patient is ``patient_id``."""
+    from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, sample_centres
+
+    if task not in ("malignancy", "nodule"):
+        raise DataError(f"task must be 'malignancy' or 'nodule'; got {task!r}")
+    size = tuple(int(s) for s in patch_size)
+    rng = np.random.default_rng(seed)
+    patches, labels, patients, kinds, centres, masks = [], [], [], [], [], []
+    iterator: Iterable[LidcVoi] = records
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(records, desc="nodules", unit="nodule")
+    for voi in iterator:
+        for p in range(max(1, placements)):
+            offset = rng.integers(-jitter_vox, jitter_vox + 1, size=3) if jitter_vox else np.zeros(3, int)
+            try:
+                hu, mask, centre = voi_on_grid(voi, spacing_mm, size, offset)
+            except LungGradCAMError as exc:
+                log.warning("%s skipped: %s", voi.image, exc)
+                break
+            kind = "own" if task == "malignancy" else PLACEMENT_KINDS[p % len(PLACEMENT_KINDS)]
+            weight = feather_weight(mask, spacing_mm, feather_mm)
+            if kind == "own":  # the VOI's own surroundings too, fading out towards its edges
+                weight = np.maximum(weight, inner_weight(np.isfinite(hu), spacing_mm, feather_mm))
+            background = np.full(size, AIR_HU, np.float32)
+            if backgrounds:
+                bg = backgrounds[int(rng.integers(len(backgrounds)))]
+                radius = (3 * mask.sum() * float(np.prod(spacing_mm)) / (4 * math.pi)) ** (1 / 3)
+                site = sample_centres(bg, "lung" if kind == "own" else kind, 1, rng, radius_mm=radius)
+                if len(site) == 0:
+                    site = sample_centres(bg, "lung", 1, rng)
+                # the nodule's centre goes to the site: shift the patch by the jitter offset
+                background = crop_patch(bg.hu, site[0] - np.asarray(offset), size)
+            patches.append(paste(background, hu, weight))
+            masks.append(mask)
+            labels.append(voi.malignant if task == "malignancy" else 1)
+            patients.append(voi.patient)
+            kinds.append(kind if task == "nodule" else "nodule")
+            centres.append(centre)
+    if not patches:
+        raise DataError("no LIDC VOI could be read")
+    classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
+    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
+
+
+def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence["Background"],
+                               patch_size: Sequence[int], spacing_mm: Sequence[float],
+                               fractions: Sequence[float] = (0.7, 0.15, 0.15), placements: int = 3,
+                               jitter_vox: Optional[int] = None, negatives_per_kind: int = 100,
+                               phantom_seeds: Sequence[int] = (), phantom_positives_per_nodule: int = 6,
+                               phantom_negatives_per_kind: int = 16, seed: int = 0,
+                               progress: bool = False) -> PatchSet:
+    """Nodule-vs-background patches (classes background, nodule) from real nodules placed into
+    real lungs, with fixed ``splits``: the VOIs' patients (and the phantoms' seeds) are split by
+    patient into train / validation / test by ``fractions``; each split's nodules are placed into
+    that split's background regions only (:func:`lidc_voi_patches`, ``placements`` per nodule,
+    shifted by up to ``jitter_vox`` voxels, default a quarter patch), and its negatives are
+    ``negatives_per_kind`` patches of each :data:`~LungGradCAMLib.placement.BACKGROUND_KINDS` from
+    each of its regions (patient ``background:<region>``). ``phantom_seeds`` adds synthetic chest
+    CTs (:func:`phantom_patches` with ``phantom_positives_per_nodule`` and
+    ``phantom_negatives_per_kind``), split by seed the same way."""
+    from .placement import SPLITS, background_patches, pick
+
+    size = tuple(int(s) for s in patch_size)
+    jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
+    rng = np.random.default_rng(seed)
+    classes = ["background", "nodule"]
+    parts = patient_split([r.patient for r in records], fractions, seed=seed)
+    phantom_parts = (patient_split([f"phantom-{s}" for s in phantom_seeds], fractions, seed=seed)
+                     if len(phantom_seeds) else [[] for _ in SPLITS])
+    sets = []
+    for n, (split, index, phantoms) in enumerate(zip(SPLITS, parts, phantom_parts)):
+        regions = pick(backgrounds, split)
+        nodules = lidc_voi_patches([records[i] for i in index], size, spacing_mm, task="nodule",
+                                   backgrounds=regions, placements=placements, jitter_vox=jitter,
+                                   seed=seed * 31 + n, progress=progress)
+        hu, kinds, names = background_patches(regions, size, negatives_per_kind, rng)
+        negatives = PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
+                             classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool))
+        found = [nodules, negatives]
+        if len(phantoms):
+            found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
+                                         positives_per_nodule=phantom_positives_per_nodule,
+                                         negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
+                                         progress=progress))
+        part = PatchSet.concatenate(found)
+        part.splits = np.full(len(part), split)
+        sets.append(part)
+    return PatchSet.concatenate(sets)
 
 
 # --------------------------------------------------------------------------------------------

@@ -293,8 +293,11 @@ def _run_cli(args: argparse.Namespace) -> int:
         return run_cli(args)
     loaded = load_model(args.model, device=args.device)
     data = load_data(args, loaded.card)
+    if data.splits is not None:  # the source fixes its splits (background regions): score the test part
+        data = data.subset(data.split_index("test"))
     report = evaluate_model(loaded, data, args.threshold, n_boot=args.bootstrap, seed=args.seed)
     report["model"] = loaded.card.summary()
+    report["data"] = {"patches": len(data), "patients": int(len(set(data.patients))), "classes": data.counts()}
     paths = write_report(report, args.out, read_log(args.log) if args.log else None, title=loaded.card.name)
     m = report["metrics"]
     print(json.dumps({k: round(m[k]["value"], 4) for k in METRICS}))

@@ -265,7 +265,7 @@ def _central_airways(hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, hea
     ok = (area >= 50) & (area <= 700) & (mean < -800) & (np.abs(cols - centre_i) * spacing[0] < 30)
     if not ok.any():
         return nothing
-    seed_label = int(np.flatnonzero(ok)[np.argmin(np.where(ok, mean, np.inf))]) + 1
+    seed_label = int(np.argmin(np.where(ok, mean, np.inf))) + 1  # the darkest candidate
     darkest = np.argmin(np.where(labels == seed_label, hu[top], np.inf))
     seed = (top,) + tuple(int(v) for v in np.unravel_index(darkest, labels.shape))
     voxel_ml = float(np.prod(spacing)) / 1000.0

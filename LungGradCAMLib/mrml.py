@@ -24,7 +24,7 @@ from .results import Explanation, Region, Segmentation
 from .volume import Volume
 
 __all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "explain_volume_node",
-           "regions_to_table", "segmentation_to_node", "volume_from_node"]
+           "region_to_roi_node", "regions_to_table", "roi_from_node", "segmentation_to_node", "volume_from_node"]
 
 #: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
 #: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
@@ -270,6 +270,35 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
         node.SetColumnUnitLabel(column_name, unit)
         node.SetColumnDescription(column_name, description)
     node.EndModify(was_modifying)
+    return node
+
+
+def roi_from_node(roi_node: Any) -> tuple:
+    """``(centre_ras_mm, size_mm)`` of a placed markups ROI node in world RAS: the ``roi`` that
+    :func:`~LungGradCAMLib.pipeline.explain` takes (a region model looks at one patch centred on it)."""
+    if roi_node is None or not roi_node.IsA("vtkMRMLMarkupsROINode"):
+        raise InvalidInputError("the region must be a markups ROI node (Markups: ROI); place one on the nodule")
+    if roi_node.GetNumberOfControlPoints() == 0:
+        raise InvalidInputError(f"ROI {roi_node.GetName()!r} is not placed yet: click on the nodule to place it")
+    centre, size = [0.0] * 3, [0.0] * 3
+    roi_node.GetCenterWorld(centre)
+    roi_node.GetSizeWorld(size)
+    if not all(math.isfinite(v) for v in centre + size) or min(size) <= 0:
+        raise InvalidInputError(f"ROI {roi_node.GetName()!r} has no size (size {size} mm): drag its handles "
+                                "to cover the nodule")
+    return tuple(centre), tuple(size)
+
+
+def region_to_roi_node(region: Region, node: Any = None, margin_mm: float = 5.0,
+                       name: Optional[str] = None) -> Any:
+    """A markups ROI node around a hot region (its RAS bounding box plus ``margin_mm`` on each
+    side, centred on its centroid): the region a region model (e.g. malignancy) is asked about."""
+    lo, hi = (np.asarray(v, dtype=float) for v in region.bbox_ras)
+    size = np.abs(hi - lo) + 2 * margin_mm
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name or f"{region.name} ROI")
+    node.SetCenterWorld(*[float(c) for c in region.centroid_ras])
+    node.SetSizeWorld(*[float(s) for s in size])
     return node
 
 

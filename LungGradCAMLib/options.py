@@ -133,9 +133,10 @@ class ExplainOptions:
     """Everything that decides one explanation, checked when made.
 
     * ``model``: a bundled model name, a model file path, or a loaded ``LoadedModel``;
-    * ``method``: one of :data:`METHODS`; ``target``: class name or index to explain (None = the
-      model card's ``cam_class``); ``layer``: the CAM layer's dotted name (None = the card's
-      ``target_layer``);
+    * ``method``: one of :data:`METHODS` (None = the model card's ``cam_method``: the method its
+      heat maps were scored best with); ``target``: class name or index to explain (None = the
+      model card's ``cam_class``); ``layer``: the CAM layer's dotted name, several joined by ``+``
+      to fuse them (None = the card's ``target_layer``);
     * ``mode``: one of :data:`MODES`; ``roi``: see :func:`parse_roi` (RAS mm, or a K, J, I mask);
     * ``threshold``: see :func:`parse_threshold`; ``restrict_to_lungs``: hot regions only inside
       the lung mask; ``chest_check``: refuse a CT that does not hold lungs (see
@@ -149,7 +150,7 @@ class ExplainOptions:
     """
 
     model: Any = "default"
-    method: str = "gradcam"
+    method: Optional[str] = None
     target: Optional[Union[str, int]] = None
     layer: Optional[str] = None
     mode: str = "auto"
@@ -165,7 +166,7 @@ class ExplainOptions:
     def __post_init__(self) -> None:
         if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
             raise InvalidInputError("model: give a bundled model name (e.g. 'default') or a model file path")
-        if self.method not in METHODS:
+        if self.method is not None and self.method not in METHODS:
             raise InvalidInputError(f"unknown CAM method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.mode not in MODES:
             raise InvalidInputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")

@@ -311,7 +311,7 @@ def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                 "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 
-def explain(volume: Volume, model: Any = "default", method: str = "gradcam", target: Any = None,
+def explain(volume: Volume, model: Any = "default", method: Optional[str] = None, target: Any = None,
             mode: str = "auto", roi: Any = None, lung_mask: Optional[np.ndarray] = None,
             device: Any = None, batch_size: Optional[int] = None, progress: Optional[Progress] = None,
             stride: Optional[Sequence[int]] = None, amp: bool = False,
@@ -365,7 +365,12 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         loaded = check_options(opts, dev)
     card = loaded.card
     target_index = _target_index(card, opts.target)
+    method = opts.method or card.cam_method
     roi = opts.roi
+    if card.input == "roi" and (roi is None or opts.mode not in ("auto", "roi")):
+        raise InvalidInputError(
+            f"model {card.name!r} judges a region around ONE nodule, not a whole scan: give the region "
+            "(roi=(centre_ras_mm, size_mm) or a mask; CLI --roi X,Y,Z,SIZE; Slicer: an ROI on the nodule)")
 
     with stage("lung_mask"):
         if lung_mask is None:
@@ -406,6 +411,9 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
         patch = space.shape
     elif mode == "roi":
         box = _roi_box(roi_space if roi_space is not None else roi, space, patch)
+        if card.input == "roi":  # one patch centred on the region: the model judges one lesion
+            centre = [(a + b) // 2 for a, b in box]
+            box = tuple((max(0, c - p // 2), min(n, c - p // 2 + p)) for c, p, n in zip(centre, patch, space.shape))
     else:
         if not lungs_space.any():
             raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
@@ -415,12 +423,12 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     batch_size = opts.batch_size or default_batch_size(dev, patch)
     if on_estimate is not None:
         n_patches = int(np.prod(patch_counts(box, patch, stride)))
-        estimate = estimate_cost(loaded, opts.method, n_patches, patch, dev, batch_size)
+        estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
         if on_estimate(estimate) is False:
             raise CancelledError(f"not started: {estimate}")
     with stage("cam"):
         result = sliding_cam(
-            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=opts.method,
+            loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
             target=target_index, layer=opts.layer or card.target_layer, roi=box, batch_size=batch_size,
             preprocess=loaded.prepare, progress=stage.counter("cam"), cancel=cancel, device=dev, amp=opts.amp,
             activation=card.activation, blend="score",
@@ -436,7 +444,7 @@ def explain(volume: Volume, model: Any = "default", method: str = "gradcam", tar
     predicted = max(probabilities, key=probabilities.get)
     timings["total"] = time.perf_counter() - started
     return Explanation(
-        probabilities=probabilities, predicted_class=predicted, cam=cam, method=opts.method,
+        probabilities=probabilities, predicted_class=predicted, cam=cam, method=method,
         target_class=card.class_names[target_index], timings=timings, ct=volume, lung_mask=lungs,
         score_map=score_map,
         extra={"mode": mode, "device": str(dev), "device_used": result.device, "batch_size_used": result.batch_size,
@@ -828,8 +836,9 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
     """The options of an explanation (:class:`ExplainOptions`) and of its outputs, checked as parsed."""
     g = p.add_argument_group("explanation (as the Slicer panel)")
     g.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
-    g.add_argument("--method", default="gradcam", choices=METHODS, metavar="METHOD",
-                   help="CAM method: " + ", ".join(METHODS) + " (default gradcam)")
+    g.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
+                   help="CAM method: " + ", ".join(METHODS) + " (default: the model card's; gradcam for the "
+                        "default model)")
     g.add_argument("--target", default=None, help="class to explain, a name or an index (default: the model card's)")
     g.add_argument("--layer", default=None, help="CAM layer, a dotted module name (default: the model card's)")
     g.add_argument("--mode", default="auto", choices=MODES,
@@ -865,7 +874,7 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
                           device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp)
 
 
-def cli_progress(method: str) -> Tuple[Progress, Callable[[], None]]:
+def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:
     """A tqdm line on stderr naming the current stage (the heat map counted in patches)."""
     from tqdm import tqdm
 
@@ -875,7 +884,8 @@ def cli_progress(method: str) -> Tuple[Progress, Callable[[], None]]:
     def update(stage: str, done: int, total: int) -> None:
         if stage != current[0]:
             current[0] = stage
-            bar.set_description_str(STAGES[stage] + (f" ({method})" if stage == "cam" else ""), refresh=False)
+            bar.set_description_str(STAGES[stage] + (f" ({method})" if stage == "cam" and method else ""),
+                                    refresh=False)
             bar.unit = "patches" if stage == "cam" else "steps"
             bar.reset(total=total)
         bar.total = total

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import CAM, CamResult, Target, _resolve_layer, minmax_per_sample
+from .cam import CAM, CamResult, Target, _resolve_layers, minmax_per_sample
 from .errors import CancelledError, InvalidInputError, ResourceError
 
 __all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
@@ -221,8 +221,8 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     if device is not None and not _same_device(torch.device(device), dev):
         raise InvalidInputError(f"the model is on {dev} but device={device}; move the model "
                                 f"there first (model.to(device))")
-    # a name, not a module, so the CPU fallback can find the layer in its copy of the model
-    layer_name = _resolve_layer(model, layer)[0]
+    # names, not modules, so the CPU fallback can find the layers in its copy of the model
+    layer_name = "+".join(name for name, _ in _resolve_layers(model, layer))
     target = -1 if target is None else target
 
     counts = patch_counts(box, patch, stride)

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .atomic import atomic_path, write_text
-from .data import (PatchSet, lidc_patches, luna16_samples, manifest_samples, patches_from_samples, patient_kfold,
-                   patient_split, phantom_patches)
+from .data import (PatchSet, lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records,
+                   luna16_samples, manifest_samples, patches_from_samples, patient_kfold, patient_split,
+                   phantom_patches)
 from .errors import DataError, InvalidInputError
 
 if TYPE_CHECKING:
@@ -71,10 +72,12 @@ class FitResult:
 # --------------------------------------------------------------------------------------------
 def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
             zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
-            scale: float = 0.1, shift: float = 0.05, noise: float = 0.02) -> "torch.Tensor":
+            rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02) -> "torch.Tensor":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
-    about each axis, a flip of each axis with probability 1/2, isotropic zoom in ``zoom``, shear
-    up to ``shear``, all as one trilinear resampling (border values extend); then intensity
+    about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
+    the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
+    isotropic zoom in ``zoom``, shear up to ``shear``, all as one trilinear resampling (border
+    values extend); then intensity
     ``x * (1 + U(-scale, scale)) + U(-shift, shift) + N(0, noise)``. Random numbers come from the
     CPU ``generator``, so runs are reproducible on any device."""
     import torch
@@ -97,6 +100,9 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     z = u(1 / zoom[1], 1 / zoom[0], n)[:, None, None]  # sampling grid scale = 1 / zoom
     signs = torch.where(torch.rand(n, 3, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(n, 3)
     matrix = rx @ ry @ rz @ sh * z @ torch.diag_embed(signs.double())
+    if rot90:  # swap the grid's x (I) and y (J) axes for half of the samples
+        swap = torch.rand(n, generator=generator) < 0.5
+        matrix[swap] = matrix[swap][:, :, [1, 0, 2]]
     theta = torch.cat([matrix, torch.zeros(n, 3, 1, dtype=torch.float64)], dim=2).to(x.device, torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -347,7 +353,7 @@ def _training_info(card: Any, train_set: PatchSet, val_set: PatchSet, cfg: Train
 # --------------------------------------------------------------------------------------------
 # data from command-line arguments
 # --------------------------------------------------------------------------------------------
-SOURCES = ("phantom", "luna16", "lidc", "manifest", "patches")
+SOURCES = ("phantom", "luna16", "lidc", "lidc-vois", "manifest", "patches")
 
 
 def json_object_argument(text: str, option: str) -> Dict[str, Any]:
@@ -384,16 +390,29 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
     g.add_argument("--source", choices=SOURCES, default="phantom",
                    help="phantom: synthetic chest CTs; luna16: a LUNA16 folder (subset*/*.mhd + "
                         "annotations.csv/candidates.csv); lidc: a LIDC-IDRI folder (patient folders with "
-                        "DICOM + reader XML; benign vs malignant); manifest: a CSV "
+                        "DICOM + reader XML; benign vs malignant); lidc-vois: a LIDC VOI folder (nodules.csv, "
+                        "image/, nodule_mask/: real nodules with reader masks); manifest: a CSV "
                         "(image,label[,patient,x,y,z,space]); patches: a .npz patch cache (default: phantom)")
-    g.add_argument("--path", help="the LUNA16/LIDC folder, manifest CSV or patch cache (not for phantom)")
+    g.add_argument("--path", help="the LUNA16/LIDC/VOI folder, manifest CSV or patch cache (not for phantom)")
+    g.add_argument("--backgrounds", help="lidc-vois: a CSV (image,split) of real CTs whose lungs hold the "
+                                         "placed nodules and give the background patches; split is train, "
+                                         "validation, test or bands (see README)")
+    g.add_argument("--placements", type=int, default=None,
+                   help="lidc-vois: patches per nodule, each in another background place (default 4 for "
+                        "malignancy, 3 for nodule)")
+    g.add_argument("--negatives-per-region", type=int, default=100,
+                   help="lidc-vois --task nodule: background patches per kind per background region (default 100)")
+    g.add_argument("--with-phantoms", metavar="SEEDS", default="",
+                   help="lidc-vois --task nodule: also phantom patches of these seeds (e.g. '0-79'), split by seed")
     g.add_argument("--phantom-seeds", default=default_seeds,
                    help=f"phantom seeds, e.g. '0-63' or '1,2,5-7'; one patient each (default {default_seeds})")
     g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
-                   help="phantom labels: nodule vs background, or benign vs malignant nodules (default nodule)")
-    g.add_argument("--positives-per-nodule", type=int, default=6, help="phantom patches per nodule (default 6)")
+                   help="phantom and lidc-vois labels: nodule vs background, or benign vs malignant nodules "
+                        "(default nodule)")
+    g.add_argument("--positives-per-nodule", type=int, default=6,
+                   help="phantom patches per nodule (default 6; also for --with-phantoms)")
     g.add_argument("--negatives-per-kind", type=int, default=4,
-                   help="phantom background patches per kind per scan (default 4)")
+                   help="phantom background patches per kind per scan (default 4; also for --with-phantoms)")
     g.add_argument("--max-negatives-per-scan", type=int, default=20,
                    help="LUNA16 candidates of class 0 kept per scan (default 20)")
     g.add_argument("--classes", default="background,nodule",
@@ -433,6 +452,8 @@ def load_data(args: argparse.Namespace, card: Any) -> PatchSet:
             raise InvalidInputError(f"--source {args.source} needs --path")
         if args.source == "lidc":
             data = lidc_patches(args.path, size, spacing, progress=progress)
+        elif args.source == "lidc-vois":
+            data = _voi_data(args, size, spacing, progress)
         else:
             samples = (luna16_samples(args.path, args.max_negatives_per_scan, seed=args.seed)
                        if args.source == "luna16" else manifest_samples(args.path, classes))
@@ -444,7 +465,39 @@ def load_data(args: argparse.Namespace, card: Any) -> PatchSet:
     return data
 
 
+def _voi_data(args: argparse.Namespace, size: List[int], spacing: List[float], progress: bool) -> PatchSet:
+    """The lidc-vois PatchSet: malignancy patches (split later by patient or fold), or nodule-vs-
+    background patches with splits fixed by their background regions."""
+    from .placement import SPLITS, load_backgrounds
+
+    records = lidc_voi_records(args.path)
+    if args.task == "malignancy":
+        backgrounds = load_backgrounds(args.backgrounds, spacing, size) if args.backgrounds else None
+        return lidc_voi_patches(records, size, spacing, task="malignancy", backgrounds=backgrounds,
+                                placements=args.placements or 4, jitter_vox=2, seed=args.seed, progress=progress)
+    if not args.backgrounds:
+        raise InvalidInputError("--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
+                                "hold the placed nodules and give the negatives)")
+    # evaluate has no split options: it rebuilds a training run's split from the default fractions and --seed
+    val, test = (args.val_fraction, args.test_fraction) if args.command == "train" else (0.15, 0.15)
+    fractions = (1 - val - test, val, test)
+    return lidc_voi_detection_patches(
+        records, load_backgrounds(args.backgrounds, spacing, size, SPLITS), size, spacing, fractions=fractions,
+        placements=args.placements or 3, negatives_per_kind=args.negatives_per_region,
+        phantom_seeds=parse_seeds(args.with_phantoms) if args.with_phantoms else (),
+        phantom_positives_per_nodule=args.positives_per_nodule, phantom_negatives_per_kind=args.negatives_per_kind,
+        seed=args.seed, progress=progress)
+
+
 def _describe_data(args: argparse.Namespace) -> str:
+    if args.source == "lidc-vois":
+        text = (f"real LIDC-IDRI nodules (VOIs with the readers' masks) from {args.path}, task {args.task}, "
+                f"{args.placements or (4 if args.task == 'malignancy' else 3)} placement(s) per nodule")
+        if args.backgrounds:
+            text += f" into the lungs of the real CTs listed in {args.backgrounds}"
+        if args.with_phantoms:
+            text += f", plus synthetic chest CT phantoms (seeds {args.with_phantoms})"
+        return text
     if args.source == "phantom":
         return (f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds {args.phantom_seeds}, "
                 f"one patient each; task {args.task}; {args.positives_per_nodule} jittered patches per nodule, "
@@ -488,10 +541,10 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     o.add_argument("--no-augment", action="store_true", help="switch off 3D augmentation")
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
-    o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
-    o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     o.add_argument("--folds", type=int, default=0,
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
+    o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
+    o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     o.add_argument("--resume", action="store_true", help="continue from --out/resume.pt")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     o.add_argument("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
@@ -528,23 +581,35 @@ def _run_cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.source == "phantom":
         classes = ["benign", "malignant"] if args.task == "malignancy" else ["background", "nodule"]
-    elif args.source == "lidc":
+    elif args.source == "lidc" or (args.source == "lidc-vois" and args.task == "malignancy"):
         classes = ["benign", "malignant"]
+    elif args.source == "lidc-vois":
+        classes = ["background", "nodule"]
     else:
         classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     card = _card_from_args(args, classes)
     card.training = {"data": _describe_data(args),
                      "command": "lunggradcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     card.description = f"{card.architecture} {card.kwargs} {' vs '.join(classes)} patch classifier"
+    if classes == ["benign", "malignant"]:  # judges one nodule: explained on a region, never a whole scan
+        card.input = "roi"
     if args.source == "phantom":
         card.intended_use = ("Trained on synthetic chest CT phantoms only: for demonstration and testing, "
                              "not for clinical use. Train on real data with `lunggradcam train` for research.")
+    elif card.input == "roi":
+        card.intended_use = ("Research only, not for clinical use. Takes a region around ONE lung nodule (an "
+                             "ROI centred on it), not a whole scan, and scores how malignant-looking it is.")
     data = load_data(args, card)
     rank, _, _ = _dist()
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                       augment=not args.no_augment, amp=not args.no_amp, seed=args.seed)
     out = Path(args.out)
-    if args.folds:
+    if data.splits is not None:
+        if args.folds:
+            raise InvalidInputError("this data fixes its train/validation/test split (background regions); "
+                                    "--folds cannot re-split it")
+        splits = [("", data.split_index("train"), data.split_index("validation"), data.split_index("test"))]
+    elif args.folds:
         splits = []
         for k, (rest, test) in enumerate(patient_kfold(data.patients, args.folds, seed=args.seed)):
             tr, va = patient_split(data.patients[rest], (1 - args.val_fraction, args.val_fraction), seed=args.seed + k)

@@ -27,10 +27,17 @@ the same held-out seeds, centred on nodules up to a quarter patch off, truth fro
 ``cam_retrain.phantom_patch_masks``), which separates the CAM's own localisation from the
 whole-scan blending. ``--method``/``--layer`` try another CAM method or layer than the card's.
 
-Targets (issue 7): pointing >= 0.90 and mean-Dice >= 0.45 on the phantoms. Prints a JSON object
-and a markdown table; ``--out`` also writes the JSON.
+``--source lidc-vois`` scores real nodules instead: the LIDC VOIs of the patients the model never
+saw (its card's test split), each put into a real lung (the test regions of ``--backgrounds``) as
+the model's input patch, against the readers' masks, for each of ``--methods`` and ``--layers``
+(see :func:`voi_rows`).
+
+Targets (issues 7 and 14): pointing >= 0.90 and mean-Dice >= 0.45. Prints a JSON object and a
+markdown table; ``--out`` also writes the JSON.
 
     .venv/bin/python benchmarks/cam_quality.py --seeds 1000-1019 --n 5 --device cpu --threads 2
+    .venv/bin/python benchmarks/cam_quality.py --source lidc-vois --model lidc-malignancy \
+        --methods gradcam,layercam --layers 'features.act6;features.act4+features.act6' --threads 2
 """
 from __future__ import annotations
 
@@ -172,6 +179,55 @@ def patch_rows(loaded: Any, seeds: Sequence[int], method: str) -> List[Dict[str,
     return rows
 
 
+def held_out_patients(card: Any, patients: Sequence[str]) -> List[str]:
+    """The patients of ``patients`` the model never trained or validated on: those of its card's
+    test split, or all of them when its split names none of them (trained on other data)."""
+    split = (card.training or {}).get("split") or {}
+    named = set().union(*(set(v) for v in split.values())) if split else set()
+    if not named & set(patients):
+        return sorted(set(patients))
+    return sorted(set(patients) & set(split.get("test_patients", [])))
+
+
+def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequence[str],
+             layers: Sequence[str], seed: int = 0) -> Dict[str, List[Dict[str, Any]]]:
+    """Per (method @ layer), one row per real LIDC nodule of the held-out patients: the CAM of the
+    model's own input patch (the nodule in a real lung: a region model's patch is the VOI with its
+    own surroundings centred on the nodule, up to 2 voxels off; a whole-scan model's patches put the
+    nodule alone into the parenchyma, next to a vessel and on the pleura, up to a quarter patch
+    off) against the readers' mask."""
+    from LungGradCAMLib import metrics
+    from LungGradCAMLib.cam_retrain import model_inputs, patch_cams
+    from LungGradCAMLib.data import lidc_voi_patches, lidc_voi_records
+    from LungGradCAMLib.placement import load_backgrounds
+
+    card = loaded.card
+    records = lidc_voi_records(root)
+    keep = set(held_out_patients(card, [r.patient for r in records]))
+    records = [r for r in records if r.patient in keep]
+    regions = load_backgrounds(backgrounds, card.spacing_mm, card.patch_size, ("test",)) if backgrounds else None
+    region_model = card.input == "roi"
+    patches = lidc_voi_patches(records, card.patch_size, card.spacing_mm,
+                               task="malignancy" if region_model else "nodule", backgrounds=regions,
+                               placements=1 if region_model else 3,
+                               jitter_vox=2 if region_model else max(card.patch_size) // 4, seed=seed)
+    inputs = model_inputs(patches.patches, card)
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for method in methods:
+        for layer in layers:
+            cams = patch_cams(loaded, inputs, method, layer=layer)
+            rows = []
+            for n, (cam, truth) in enumerate(zip(cams, patches.masks)):
+                peak_mm = metrics.peak_distance_mm(cam, truth, spacing=card.spacing_mm)
+                rows.append({"case": f"{patches.patients[n]} {patches.kinds[n]} {n}", "pointing": peak_mm == 0.0,
+                             "pointing_tol": peak_mm <= TOLERANCE_MM[0], "peak_mm": peak_mm,
+                             "mean_dice": metrics.mean_dice(cam, truth), "best_dice": metrics.best_dice(cam, truth).dice,
+                             "energy": metrics.energy_pointing_game(cam, truth),
+                             "energy_uniform": float(truth.mean())})
+            out[f"{method} @ {layer}"] = rows
+    return out
+
+
 def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     """Mean of every numeric metric over the rows (booleans as hit rates)."""
     keys = [k for k in METRIC_KEYS + ("found", "seconds") if rows and k in rows[0]]
@@ -193,6 +249,33 @@ def markdown(title: str, rows: Sequence[Dict[str, Any]], mean: Dict[str, float],
         lines += ["| " + r["case"] + " | " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
     lines.append(f"| **mean of {len(rows)}** | " + " | ".join(f"**{mean[c]:.3f}**" for c in cols) + " |")
     return "\n".join(lines)
+
+
+def voi_main(args: argparse.Namespace, loaded: Any) -> int:
+    """``--source lidc-vois``: one summary row per CAM method and layer (see :func:`voi_rows`)."""
+    from LungGradCAMLib.atomic import write_text
+
+    card = loaded.card
+    layers = args.layers.split(";") if args.layers else [card.target_layer]
+    t0 = time.perf_counter()
+    results = voi_rows(loaded, Path(args.vois), Path(args.backgrounds) if args.backgrounds != "none" else None,
+                       [m.strip() for m in args.methods.split(",")], layers)
+    summary = {name: summarise(rows) for name, rows in results.items()}
+    n = len(next(iter(results.values())))
+    report = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256, "input": card.input,
+                        "patch_size": card.patch_size, "spacing_mm": card.spacing_mm},
+              "source": "lidc-vois", "patches": n, "seconds": round(time.perf_counter() - t0, 1),
+              "targets": TARGETS, "mean": summary, "rows": results}
+    text = json.dumps(report, indent=1, default=float)
+    print(text)
+    if args.out:
+        write_text(args.out, text + "\n")
+    cols = ("pointing", "pointing_tol", "peak_mm", "mean_dice", "best_dice", "energy", "energy_uniform")
+    print(f"\n**Real LIDC nodules of held-out patients, {card.name} ({n} patches)**\n")
+    print("| method @ layer | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+    for name, mean in summary.items():
+        print(f"| {name} | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -217,12 +300,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--source", choices=("phantom", "lidc-vois"), default="phantom",
+                        help="phantom: held-out phantoms + LIDC slabs, whole scan (default); lidc-vois: real "
+                             "LIDC nodules of the model's held-out patients, on its input patches")
+    parser.add_argument("--vois", default=str(REPO.parent / "shared" / "data" / "lidc_vois"),
+                        help="LIDC VOI folder (nodules.csv, image/, nodule_mask/) for --source lidc-vois")
+    parser.add_argument("--backgrounds", default=str(REPO / "benchmarks" / "real_backgrounds.csv"),
+                        help="backgrounds CSV whose test regions hold the nodules (--source lidc-vois)")
+    parser.add_argument("--methods", default="gradcam", help="--source lidc-vois: comma-separated CAM methods")
+    parser.add_argument("--layers", help="--source lidc-vois: ';'-separated CAM layers, '+' fuses several "
+                                         "(default: the card's target_layer)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     TOLERANCE_MM[0] = args.tolerance_mm
 
     loaded = load_model(args.model, device=args.device)
+    if args.source == "lidc-vois":
+        return voi_main(args, loaded)
     if args.layer:
         loaded.card.target_layer = args.layer
     seen = training_seeds(loaded.card)

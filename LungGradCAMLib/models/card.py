@@ -22,6 +22,8 @@ MAX_CARD_BYTES = 1 << 20
 #: Largest patch a card may declare (voxels): 512^3, 8x a whole 64x512x512 scan.
 MAX_PATCH_VOXELS = 512 ** 3
 ACTIVATIONS = ("softmax", "sigmoid")
+#: What a model takes: a whole scan (sliding window over the lungs) or a region around one lesion.
+INPUTS = ("scan", "roi")
 NOT_CLINICAL = "Not for clinical use."
 
 
@@ -39,10 +41,15 @@ class ModelCard:
     * ``activation``: ``"softmax"`` (trained with cross-entropy) or ``"sigmoid"`` (one-vs-rest
       binary cross-entropy per class).
     * ``class_names``: one per output logit; ``cam_class``: the class explained by default.
-    * ``target_layer``: dotted module name of the Grad-CAM layer.
+    * ``target_layer``: dotted module name of the CAM layer, or several joined by ``+`` (fused);
+      ``cam_method``: the CAM method used when the caller does not choose one (the one whose maps
+      were scored best for this model, see its ``metrics``).
     * ``training``: data (what, how many, splits), command, seed, epochs...; ``metrics``: held-out
       metrics, each ``{"value", "ci95": [lo, hi]}`` where known.
     * ``sha256``: hex digest of the weights file; ``intended_use``: plain-language statement.
+    * ``input``: ``"scan"`` (the model looks for findings anywhere: explained over a whole scan
+      with a sliding window) or ``"roi"`` (it judges a region around ONE lesion, e.g. a nodule's
+      malignancy: explained only on one patch centred on a region the user gives).
     """
 
     architecture: str
@@ -65,6 +72,8 @@ class ModelCard:
     metrics: Dict[str, Any] = field(default_factory=dict)
     intended_use: str = "Research and demonstration only. " + NOT_CLINICAL
     sha256: str = ""
+    input: str = "scan"
+    cam_method: str = "gradcam"
     format: int = CARD_FORMAT
 
     # --- validation --------------------------------------------------------------------------
@@ -110,6 +119,12 @@ class ModelCard:
             raise bad(f"'clahe' must be null, true, 'slice' or '3d'; got {self.clahe!r}")
         if not (self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)):
             raise bad(f"'sobel' must be null, true/false or a weight in [0, 10]; got {self.sobel!r}")
+        from ..cam import METHODS
+
+        if self.cam_method not in METHODS:
+            raise bad(f"'cam_method' must be one of {METHODS}; got {self.cam_method!r}")
+        if self.input not in INPUTS:
+            raise bad(f"'input' must be one of {INPUTS}; got {self.input!r}")
         if self.activation not in ACTIVATIONS:
             raise bad(f"'activation' must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.format != CARD_FORMAT:
@@ -143,7 +158,7 @@ class ModelCard:
     def summary(self) -> dict:
         """The JSON-able facts a report about one explanation needs."""
         keys = ("name", "version", "architecture", "class_names", "cam_class", "target_layer",
-                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "intended_use")
+                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "input", "cam_method", "intended_use")
         out = {k: getattr(self, k) for k in keys}
         out["sha256"] = self.sha256
         out["metrics"] = {k: v for k, v in self.metrics.items() if k in ("roc_auc", "accuracy")}

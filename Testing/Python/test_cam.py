@@ -484,3 +484,30 @@ def test_sigmoid_activation_is_one_vs_rest():
         compute_cam(one, x, target=1, activation="sigmoid")
     with pytest.raises(CamError, match="activation must be"):
         CAM(one, activation="relu")
+
+
+# several layers
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("method", GRADIENT_METHODS)
+def test_several_layers_fuse_each_layers_own_map(method, inplace):
+    """``layer="act1+act2"``: the geometric mean of the layers' own (upsampled, min-max scaled)
+    maps, each with exactly the gradient a one-layer CAM at that layer gets."""
+    net, x, classes = make_net(inplace=inplace), make_input(2), [2, 0]
+    fused = compute_cam(net, x, method=method, target=classes, layer="act1+act2", normalize=False)
+    single = [compute_cam(net, x, method=method, target=classes, layer=name) for name in ("act1", "act2")]
+    close(fused, torch.sqrt(single[0] * single[1]))
+    assert compute_cam(net, x, method=method, target=classes, layer=["act2", "act1"]).shape == (2,) + SHAPE
+    assert all(p.requires_grad for p in net.parameters()) and not net.training
+
+
+def test_several_layers_errors():
+    net, x = make_net(), make_input(1)
+    with pytest.raises(CamError, match="takes one layer"):
+        compute_cam(net, x, method="scorecam", layer="act1+act2")
+    with pytest.raises(CamError, match="twice"):
+        compute_cam(net, x, layer="act2+act2")
+    with pytest.raises(CamError, match="not a module"):
+        compute_cam(net, x, layer="act1+nothing")
+    with pytest.raises(CamError, match="input size"):
+        compute_cam(net, x, layer="act1+act2", upsample=False)

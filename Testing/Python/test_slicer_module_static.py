@@ -201,7 +201,8 @@ def test_choice_defaults_are_choices_and_methods_match_the_engine():
 
     assert "from LungGradCAMLib.options import METHODS, ExplainOptions" in SOURCE
     default = ast.literal_eval(_parameter_fields()["method"][2])
-    assert default in options.METHODS
+    assert default == "auto", "the panel's default method is the model card's own (auto)"
+    assert 'Annotated[str, Choice(("auto",) + METHODS)] = "auto"' in SOURCE
     pytest.importorskip("torch")
     from LungGradCAMLib.cam import METHODS
 

@@ -57,12 +57,18 @@ def test_class_weights_formula():
 def test_augment_identity_flips_and_determinism():
     x = torch.randn(3, 1, 8, 10, 12)
     g = torch.Generator().manual_seed(0)
-    same = augment(x, g, rotate_deg=0, zoom=(1, 1), shear=0, flip=False, scale=0, shift=0, noise=0)
+    still = dict(rotate_deg=0, zoom=(1, 1), shear=0, scale=0, shift=0, noise=0)
+    same = augment(x, g, flip=False, rot90=False, **still)
     assert torch.allclose(same, x, atol=1e-5)
-    flipped = augment(x, g, rotate_deg=0, zoom=(1, 1), shear=0, flip=True, scale=0, shift=0, noise=0)
+    flipped = augment(x, g, flip=True, rot90=False, **still)
     for n in range(3):  # each sample is one of the 8 axis flips of itself
         assert any(torch.allclose(flipped[n], x[n].flip(dims), atol=1e-5)
                    for dims in [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)])
+    cube = torch.randn(8, 1, 6, 6, 6)
+    turned = augment(cube, g, flip=False, rot90=True, **still)
+    swapped = [torch.allclose(turned[n], cube[n].transpose(2, 3), atol=1e-5) for n in range(8)]
+    kept = [torch.allclose(turned[n], cube[n], atol=1e-5) for n in range(8)]
+    assert all(s or k for s, k in zip(swapped, kept)) and any(swapped) and any(kept)
     a = augment(x, torch.Generator().manual_seed(5))
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(5)))
     assert not torch.allclose(a, augment(x, torch.Generator().manual_seed(6)))

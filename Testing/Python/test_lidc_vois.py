@@ -1,0 +1,252 @@
+"""Real nodules: the LIDC VOI source, background regions, nodule placement, fixed splits."""
+from __future__ import annotations
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+
+from conftest import data_path
+from LungGradCAMLib import data, placement
+from LungGradCAMLib.errors import DataError
+from LungGradCAMLib.volume import Volume, axis_aligned_matrix, write_volume
+
+SIZE = (16, 16, 16)
+SPACING = (1.5, 1.5, 1.5)
+
+
+def _write_voi_folder(root, rows):
+    """A LIDC VOI folder: for each (patient, nodule, diagnosis, radius_vox) a 12x20x20 VOI at
+    0.8 x 0.8 x 1.25 mm with a ball of +40 HU in -850 HU lung and its mask."""
+    (root / "image").mkdir(parents=True)
+    (root / "nodule_mask").mkdir()
+    m = axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0))
+    k, j, i = np.indices((12, 20, 20))
+    with open(root / "nodules.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "nodule_id", "Diagnosis", "diameter_mm", "Malignancy_value"])
+        for patient, nodule, diagnosis, r in rows:
+            ball = ((k - 6) * 1.25) ** 2 + ((j - 10) * 0.8) ** 2 + ((i - 10) * 0.8) ** 2 <= (r * 0.8) ** 2
+            hu = np.where(ball, 40, -850).astype(np.int16)
+            name = f"{patient}_R_{nodule}.nii.gz"
+            write_volume(Volume(hu, m), root / "image" / name)
+            write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
+            w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])
+
+
+@pytest.fixture
+def voi_folder(tmp_path):
+    root = tmp_path / "vois"
+    _write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
+                             ("P3", 1, "Benign", 2)])
+    return root
+
+
+def test_records_read_the_table_and_skip_missing_files(voi_folder, caplog):
+    (voi_folder / "image" / "P3_R_1.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING):
+        records = data.lidc_voi_records(voi_folder)
+    assert [(r.patient, r.nodule_id, r.malignant) for r in records] == [("P1", "1", 0), ("P1", "2", 1), ("P2", "1", 1)]
+    assert records[1].malignancy == 4 and records[1].diameter_mm == pytest.approx(8.0)
+    assert "P3_R_1.nii.gz" in caplog.text  # the missing file is named
+    image, mask = records[2].load()
+    assert image.array.dtype == np.float32 and mask.dtype == bool and mask.sum() > 100
+    assert np.allclose(image.spacing, (0.8, 0.8, 1.25))
+
+
+def test_records_errors_name_the_file(voi_folder):
+    with pytest.raises(DataError, match="nodules.csv"):
+        data.lidc_voi_records(voi_folder / "image")
+    text = (voi_folder / "nodules.csv").read_text().replace("Malign,", "Maybe,", 1)
+    (voi_folder / "nodules.csv").write_text(text)
+    with pytest.raises(DataError, match="line 3: Diagnosis"):
+        data.lidc_voi_records(voi_folder)
+    for p in (voi_folder / "image").iterdir():
+        p.unlink()
+    (voi_folder / "nodules.csv").write_text(text.replace("Maybe,", "Malign,"))
+    with pytest.raises(DataError, match="none of its rows"):
+        data.lidc_voi_records(voi_folder)
+
+
+def test_empty_mask_is_named(voi_folder):
+    record = data.lidc_voi_records(voi_folder)[0]
+    blank = Volume(np.zeros((12, 20, 20), np.int16), axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0)))
+    write_volume(blank, record.mask)
+    with pytest.raises(DataError, match="P1_R_1.nii.gz: the nodule mask is empty"):
+        record.load()
+
+
+def test_malignancy_patches_keep_the_nodule_and_its_mask(voi_folder):
+    records = data.lidc_voi_records(voi_folder)
+    ps = data.lidc_voi_patches(records, SIZE, SPACING, task="malignancy", placements=2, seed=1)
+    assert ps.class_names == ["benign", "malignant"] and len(ps) == 8
+    assert ps.labels.tolist() == [0, 0, 1, 1, 1, 1, 0, 0] and ps.patients.tolist()[:4] == ["P1"] * 4
+    for n, record in enumerate(np.repeat(records, 2)):
+        hu, mask, _ = data.voi_on_grid(record, SPACING, SIZE)
+        assert np.array_equal(ps.masks[n], mask)
+        # the placed nodule's HU are the source's (int16-rounded) wherever the outline is
+        assert np.array_equal(ps.patches[n][mask], np.rint(hu[mask]).astype(np.int16))
+        # no background given: outside the VOI's field of view the patch is air
+        assert np.all(ps.patches[n][~np.isfinite(hu)] == data.AIR_HU)
+
+
+def test_paste_and_weights():
+    mask = np.zeros((9, 9, 9), bool)
+    mask[3:6, 3:6, 3:6] = True
+    w = placement.feather_weight(mask, (1.0, 1.0, 1.0), 2.0)
+    assert np.all(w[mask] == 1) and w[4, 4, 7] == pytest.approx(0.0) and w[4, 4, 6] == pytest.approx(0.5)
+    source = np.full(mask.shape, 100.0, np.float32)
+    source[0] = np.nan  # outside the source's field of view
+    out = placement.paste(np.full(mask.shape, -800.0, np.float32), source, np.ones(mask.shape, np.float32))
+    assert np.all(out[1:] == 100) and np.all(out[0] == -800)
+    inner = placement.inner_weight(np.isfinite(source), (1.0, 1.0, 1.0), 2.0)
+    assert np.all(inner[0] == 0) and inner[1, 4, 4] == pytest.approx(0.5) and inner[5, 4, 4] == 1.0
+    assert inner[5, 0, 0] == 1.0  # the array's own border is not an edge of the field of view
+
+
+@pytest.fixture(scope="module")
+def chest_backgrounds(tmp_path_factory):
+    """Background regions from one real chest CT cut into bands (the test module's real data)."""
+    folder = tmp_path_factory.mktemp("bg")
+    manifest = folder / "backgrounds.csv"
+    manifest.write_text(f"image,split\n{data_path('full_chest_ct', 'dicom')},bands\n")
+    return placement.load_backgrounds(manifest, (3.0, 3.0, 3.0), (12, 12, 12))
+
+
+def test_background_bands_keep_test_apart(chest_backgrounds):
+    regions = {b.split: b for b in chest_backgrounds}
+    assert sorted(regions) == ["test", "train", "validation"]
+    slices = {s: np.flatnonzero(b.region.any(axis=(1, 2))) for s, b in regions.items()}
+    assert not set(slices["train"]) & set(slices["validation"])
+    # every test centre is at least one patch (12 slices) away from every training/validation centre
+    others = np.concatenate([slices["train"], slices["validation"]])
+    assert np.min(np.abs(slices["test"][:, None] - others[None, :])) >= 12
+    rng = np.random.default_rng(0)
+    bg = regions["train"]
+    depth = bg._map("depth")
+    for kind in placement.BACKGROUND_KINDS + placement.PLACEMENT_KINDS:
+        centres = placement.sample_centres(bg, kind, 20, rng, radius_mm=3.0)
+        assert len(centres) == 20, kind
+        k, j, i = centres.T
+        assert bg.region[k, j, i].all()
+        if kind == "wall":
+            assert not bg.lungs[k, j, i].any() and np.all(bg.hu[k, j, i] > -300)
+        elif kind == "pleura":
+            assert np.all(depth[k, j, i] <= 3.0) and bg.lungs[k, j, i].all()
+        elif kind == "juxta_pleural":
+            assert np.all(np.abs(depth[k, j, i] - 3.0) <= 1.0)
+        elif kind == "parenchyma":
+            assert np.all(depth[k, j, i] > 7.0) and np.all(bg._map("vessel")[k, j, i] > 5.0)
+
+
+def test_bad_background_manifest(tmp_path):
+    manifest = tmp_path / "bg.csv"
+    manifest.write_text("image,split\nnowhere.nrrd,sometimes\n")
+    with pytest.raises(DataError, match="line 2: split must be"):
+        placement.load_backgrounds(manifest, SPACING, SIZE)
+    manifest.write_text("image,split\nnowhere.nrrd,train\n")
+    with pytest.raises(DataError, match="no background scan could be read"):
+        placement.load_backgrounds(manifest, SPACING, SIZE)
+
+
+def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_backgrounds):
+    _write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
+    records = data.lidc_voi_records(voi_folder) + data.lidc_voi_records(voi_folder.parent / "more")
+    ps = data.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
+                                         fractions=(0.6, 0.2, 0.2), placements=3, negatives_per_kind=2,
+                                         phantom_seeds=[5, 6, 7], phantom_negatives_per_kind=1)
+    assert ps.class_names == ["background", "nodule"] and set(ps.splits) == {"train", "validation", "test"}
+    owner = {}
+    for patient, split in zip(ps.patients, ps.splits):
+        assert owner.setdefault(patient, split) == split  # one split per patient
+    negatives = ps.labels == 0
+    real_negatives = negatives & np.char.startswith(ps.patients.astype(str), "background:")
+    for patient, split in zip(ps.patients[real_negatives], ps.splits[real_negatives]):
+        assert patient.endswith(f":{split}")  # a region serves its own split only
+    placed = (ps.labels == 1) & np.isin(ps.kinds, placement.PLACEMENT_KINDS)
+    assert placed.sum() == 3 * len(records) and set(ps.kinds[placed]) == set(placement.PLACEMENT_KINDS)
+    assert {p for p in ps.patients if p.startswith("phantom-")} == {"phantom-5", "phantom-6", "phantom-7"}
+    assert ps.masks is None  # phantom patches carry no outline: none is claimed
+
+
+def test_patch_set_splits_and_masks_round_trip(tmp_path, voi_folder):
+    ps = data.lidc_voi_patches(data.lidc_voi_records(voi_folder), SIZE, SPACING, placements=1)
+    ps.splits = np.array(["train", "train", "test", "validation"])
+    back = data.PatchSet.load(ps.save(tmp_path / "cache.npz"))
+    assert np.array_equal(back.masks, ps.masks) and back.splits.tolist() == ps.splits.tolist()
+    assert back.split_index("test").tolist() == [2]
+    with pytest.raises(DataError, match="splits must be"):
+        data.PatchSet(ps.patches, ps.labels, ps.patients, ps.class_names, SPACING, splits=["a"] * 4)
+
+
+def test_real_voi_folder():
+    root = data_path("lidc_vois")
+    records = data.lidc_voi_records(root)
+    assert len(records) == 795 and len({r.patient for r in records}) == 440
+    assert sum(r.malignant for r in records) == 279  # 281 Malign rows, 2 of them without files
+    for record in records[::40]:
+        image, mask = record.load()
+        # the nodule sits where the table says (nodules.csv centres are LPS world mm)
+        centre_lps = np.array([float(record.row[c]) for c in ("coordX", "coordY", "coordZ")])
+        centre_ras = image.ijk_to_ras_points(np.argwhere(mask).mean(axis=0)[::-1])[0]
+        assert np.allclose(centre_ras * [-1, -1, 1], centre_lps, atol=3.0)
+
+
+@pytest.fixture(scope="module")
+def cli_inputs(tmp_path_factory):
+    """A VOI folder of 8 patients and a backgrounds CSV of one phantom chest cut into bands."""
+    from LungGradCAMLib import phantom
+
+    root = tmp_path_factory.mktemp("cli")
+    _write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
+    chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
+    write_volume(chest.volume, root / "chest.nrrd")
+    (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
+    return root
+
+
+COMMON = ["--patch-size", "12", "12", "12", "--spacing", "3", "3", "3", "--arch-kwargs", '{"width": 2}',
+          "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+
+
+def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.models import ModelCard
+
+    out = tmp_path / "malignancy"
+    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--folds", "2",
+                 "--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "fold1" / "best.json")
+    assert card.input == "roi" and card.class_names == ["benign", "malignant"] and "ONE lung nodule" in card.intended_use
+    split = card.training["split"]
+    assert not set(split["train_patients"]) & set(split["test_patients"])
+    assert "real LIDC-IDRI nodules" in card.training["data"]
+    assert (out / "cv_report.json").is_file()
+
+
+def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys):
+    import json
+
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.models import ModelCard
+
+    out = tmp_path / "nodule"
+    data_args = ["--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "nodule",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--negatives-per-region", "3"]
+    assert main(["train"] + data_args + ["--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "best.json")
+    assert card.input == "scan" and card.class_names == ["background", "nodule"]
+    split = card.training["split"]
+    assert any(p.endswith(":test") for p in split["test_patients"])  # the test background region
+    assert not set(split["train_patients"]) & set(split["test_patients"])
+    assert main(["train"] + data_args + ["--out", str(tmp_path / "x"), "--folds", "2"] + COMMON) == 2
+    assert "--folds cannot re-split" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"] + data_args) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["data"]["patients"] == len(split["test_patients"])  # the test split, rebuilt
+    no_backgrounds = data_args[:6]
+    assert main(["train"] + no_backgrounds + ["--out", str(tmp_path / "y")] + COMMON) == 2
+    assert "needs --backgrounds" in capsys.readouterr().err

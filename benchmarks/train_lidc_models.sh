@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Reproduces the two bundled real-data models from ../shared/data (see its README) on 2 CPU threads:
+#
+#   default          whole-scan nodule vs background (gradcam3d_cnn width 8, 24^3 patches at 1.5 mm):
+#                    real LIDC-IDRI nodules (lidc_vois) placed into the lungs of real chest CTs
+#                    (benchmarks/real_backgrounds.csv), real background patches, plus phantoms 0-79;
+#                    patients and background regions split 70/15/15 (train/validation/test).
+#   lidc-malignancy  region model, benign vs malignant (the table's Diagnosis) on a 40 mm region
+#                    around one nodule (gradcam3d_cnn width 8, 32^3 patches at 1.25 mm); patient-wise
+#                    5-fold cross-validation for the reported metrics, then the bundled model on a
+#                    70/15/15 patient split.
+#
+# Usage: benchmarks/train_lidc_models.sh [OUT_DIR]   then copy OUT_DIR/default/best.* to
+# Resources/Models/default.* and OUT_DIR/malignancy/best.* to Resources/Models/lidc-malignancy.*
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-lidc-model-runs}"
+VOIS=../shared/data/lidc_vois
+BG=benchmarks/real_backgrounds.csv
+LGC=.venv/bin/lunggradcam
+
+# 1. the whole-scan default model, then its operating point on the held-out split
+$LGC train --name default --version 2.0.0 \
+  --source lidc-vois --path "$VOIS" --task nodule --backgrounds "$BG" --placements 3 --negatives-per-region 400 \
+  --with-phantoms 0-79 --positives-per-nodule 6 --negatives-per-kind 8 \
+  --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}' \
+  --patch-size 24 24 24 --spacing 1.5 1.5 1.5 --hu-window -1000 400 --normalisation minmax \
+  --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 2 \
+  --cache "$OUT/default/patches.npz" --out "$OUT/default" --no-progress
+.venv/bin/python benchmarks/nodule_operating_point.py --model "$OUT/default/best.safetensors" \
+  --cache "$OUT/default/patches.npz" --out "$OUT/default/operating_point.json" --card "$OUT/default/best.json"
+
+# 2. the malignancy region model: 5-fold cross-validation, then the bundled split
+MAL=(--source lidc-vois --path "$VOIS" --task malignancy --backgrounds "$BG" --placements 4
+     --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}'
+     --patch-size 32 32 32 --spacing 1.25 1.25 1.25 --hu-window -1000 400 --normalisation minmax
+     --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 2 --no-progress)
+$LGC train --name lidc-malignancy --version 1.0.0 "${MAL[@]}" --folds 5 \
+  --cache "$OUT/malignancy/patches.npz" --out "$OUT/malignancy-cv"
+$LGC train --name lidc-malignancy --version 1.0.0 "${MAL[@]}" \
+  --cache "$OUT/malignancy/patches.npz" --out "$OUT/malignancy"
