@@ -35,7 +35,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 # Neither needs torch, so the panel opens before torch is installed.
-from LungGradCAMLib.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
+from LungGradCAMLib.core.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
 from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
@@ -503,14 +503,14 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """Names of the models in Resources/Models (["default"] until torch is installed)."""
         if not LungGradCAMLogic.dependenciesInstalled():
             return ["default"]
-        from LungGradCAMLib.models import available_models
+        from LungGradCAMLib.engine.models import available_models
 
         return available_models()
 
     @staticmethod
     def modelCard(model: str = "default"):
         """The ModelCard of a bundled model name or a model file (read without loading weights)."""
-        from LungGradCAMLib.models import ModelCard, resolve_model_path
+        from LungGradCAMLib.engine.models import ModelCard, resolve_model_path
 
         return ModelCard.load(resolve_model_path(model).with_suffix(".json"))
 
@@ -526,7 +526,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """The CT series of Slicer's DICOM database (or of the ctkDICOM.sql at ``databasePath``):
         dicts with seriesUID, title (for display: patient, study date, series number and
         description, image count) and files. Read read-only with LungGradCAMLib.DicomDatabase."""
-        from LungGradCAMLib.ctkdb import DicomDatabase
+        from LungGradCAMLib.io.ctkdb import DicomDatabase
 
         path = databasePath or LungGradCAMLogic.dicomDatabasePath()
         if not path:
@@ -551,7 +551,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         volume node named as Slicer's DICOM module names it ("<number>: <description>"), with the
         reader of the command line (slices ordered by position, rescale and padding applied,
         geometry checked), so the panel and ``lunggradcam run`` see the same CT. Returns the node."""
-        from LungGradCAMLib.ctkdb import DicomDatabase
+        from LungGradCAMLib.io.ctkdb import DicomDatabase
 
         path = databasePath or LungGradCAMLogic.dicomDatabasePath()
         if not path:

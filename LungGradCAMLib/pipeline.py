@@ -25,12 +25,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from . import __version__
-from .atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
-from .errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
+from .core.atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
+from .core.errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
                      InvalidInputError, LungGradCAMError, NotChestCTError, OutputError, ResourceError, VolumeError)
 from .options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
-from .results import Explanation, Segmentation
-from .volume import Volume, crop, resample, resample_to, resampled_shape
+from .core.results import Explanation, Segmentation
+from .core.volume import Volume, crop, resample, resample_to, resampled_shape
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ _MODEL_CACHE: Dict[Tuple[str, str], Any] = {}
 
 def get_model(model: Any, device: "torch.device") -> Any:  # noqa: F821
     """A ``LoadedModel`` on ``device``: pass one through, or load a name/path once per device."""
-    from .models import LoadedModel, load_model
+    from .engine.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         if next(model.module.parameters()).device != device:
@@ -138,8 +138,8 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
     import torch
 
-    from .cam import ScoreCAM
-    from .sliding import cpu_workers
+    from .engine.cam import ScoreCAM
+    from .engine.sliding import cpu_workers
 
     scorecam = method == ScoreCAM.name
     # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
@@ -290,7 +290,7 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
     """Load ``options.model`` on the device (cached) and check the options that need it: the
     target class and the CAM layer. Returns the ``LoadedModel``. Called before any CT is read by
     the command line and the batch, and by :func:`explain` before the lung mask."""
-    from .cam import _resolve_layer
+    from .engine.cam import _resolve_layer
 
     loaded = get_model(options.model, resolve_device(options.device) if device is None else device)
     _target_index(loaded.card, options.target)
@@ -301,7 +301,7 @@ def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                   batch: int, dev: "torch.device") -> None:  # noqa: F821
     """Refuse (:class:`ResourceError`) before resampling when the grids the model card implies,
     and on the CPU the model's activations for one batch, need more memory than there is."""
-    from .limits import check_bytes
+    from .core.limits import check_bytes
 
     need = volume.array.size * CT_BYTES_PER_VOXEL + float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL
     if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
@@ -324,7 +324,7 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     :class:`~LungGradCAMLib.options.ExplainOptions`; give them as keywords or as one ``options``.
 
     Steps: the model (checked: target class, layer) -> lung mask (computed unless ``lung_mask``,
-    bool K, J, I on the CT grid, is given) -> the chest-CT check (:func:`~LungGradCAMLib.lung.
+    bool K, J, I on the CT grid, is given) -> the chest-CT check (:func:`~LungGradCAMLib.engine.lung.
     check_chest_ct`; a CT without lungs raises :class:`NotChestCTError` unless ``chest_check`` is
     False or a roi is explained) -> resampling to the model card's spacing -> CAM, by ``mode``:
 
@@ -349,9 +349,9 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     """
     import torch
 
-    from .lung import check_chest_ct, lung_bbox
-    from .lung import lung_mask as compute_lung_mask
-    from .sliding import patch_counts, sliding_cam
+    from .engine.lung import check_chest_ct, lung_bbox
+    from .engine.lung import lung_mask as compute_lung_mask
+    from .engine.sliding import patch_counts, sliding_cam
 
     started = time.perf_counter()
     opts = _options(options, dict(model=model, method=method, target=target, mode=mode, roi=roi,
@@ -476,7 +476,7 @@ def cam_on_ct_grid(cam: Volume, ct: Volume, box: Optional[Sequence[Sequence[int]
 
 def on_ct_grid(values: Volume, ct: Volume, box: Optional[Sequence[Sequence[int]]] = None,
                finish: Optional[Callable[[np.ndarray], None]] = None) -> Volume:
-    """A float32 map on the model's grid (the grid :func:`~LungGradCAMLib.volume.resample`
+    """A float32 map on the model's grid (the grid :func:`~LungGradCAMLib.core.volume.resample`
     made from ``ct``) onto the CT's grid: trilinear, by ``resample_to``'s separable path (slab by
     slab), 0 outside. ``box`` ((k0, k1), (j0, j1), (i0, i1), model voxels): the map is 0 outside
     it (the sliding window's box), so only the CT voxels within reach of the box are interpolated
@@ -522,7 +522,7 @@ def _is_database(path: Path) -> bool:
 
 
 def _is_volume_file(path: Path) -> bool:
-    from .volume import SUPPORTED_SUFFIXES
+    from .core.volume import SUPPORTED_SUFFIXES
 
     return path.is_file() and any(path.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
 
@@ -532,7 +532,7 @@ def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = Non
     short names), it exists, it is no FIFO, socket or device (reading one would block or never
     end), and ``series_uid`` is only given for a DICOM folder or database (a volume file holds one
     series)."""
-    from .paths import check_path, is_special, kind
+    from .core.paths import check_path, is_special, kind
 
     path = check_path(source, "input")
     if not path.exists():
@@ -551,17 +551,17 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
     """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
     database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
     when it holds several CT series). ``progress(done, total)`` counts DICOM files read."""
-    from .volume import read_volume
+    from .core.volume import read_volume
 
     path = check_input(source, series_uid)
     if _is_database(path):
-        from .ctkdb import DicomDatabase
+        from .io.ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
         return db.load(series_uid, progress=progress) if series_uid else db.load_single_ct(progress=progress)
     if _is_volume_file(path):
         return read_volume(path)
-    from .dicom import load_dicom_series
+    from .io.dicom import load_dicom_series
 
     return load_dicom_series(path if path.is_dir() else [path], series_uid=series_uid, progress=progress)
 
@@ -603,7 +603,7 @@ def _versions() -> Dict[str, str]:
 
 def intended_use(explanation: Explanation) -> str:
     """The model card's intended use (e.g. "... not for clinical use"), as every output shows it."""
-    from .models.card import NOT_CLINICAL
+    from .engine.models.card import NOT_CLINICAL
 
     return (explanation.extra.get("model") or {}).get("intended_use") or NOT_CLINICAL
 
@@ -653,7 +653,7 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
     (strict JSON, its ``files`` listing the others); ``options`` are those of :func:`_write_files`
     (with ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files).
 
-    The run owns ``out_dir`` (:func:`~LungGradCAMLib.atomic.output_folder`): a second run into it
+    The run owns ``out_dir`` (:func:`~LungGradCAMLib.core.atomic.output_folder`): a second run into it
     at the same time is refused, and a folder holding files no run wrote is refused. The files are
     written into a staging folder inside it and then replace the previous run's outputs, report
     last, so ``report.json`` always describes the files beside it; on an error nothing changes.
@@ -681,9 +681,9 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .results import Segmentation as Seg
+    from .core.results import Segmentation as Seg
     from .segment import write_segmentation
-    from .volume import write_volume
+    from .core.volume import write_volume
 
     if volume_format not in VOLUME_FORMATS:
         raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
@@ -708,7 +708,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
         if dicom_seg and not segmentation.regions:
             report["dicom_seg"] = f"not written: {NO_REGION}"
         elif dicom_seg:
-            from .dicomseg import write_dicom_seg
+            from .io.dicomseg import write_dicom_seg
 
             jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm",
                                                         method=explanation.method,
@@ -743,7 +743,7 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
     CAM colour map, region and lung contours, colour bar; the title states the prediction and the
     outcome, the caption the model's intended use."""
-    from .render import save_montage
+    from .io.render import save_montage
 
     if segmentation.regions:
         centre = explanation.cam.ras_to_ijk_points(segmentation.regions[0].peak_ras)[0]
@@ -979,13 +979,13 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     is logged."""
     path = check_input(source)
     if _is_database(path):
-        from .ctkdb import DicomDatabase
+        from .io.ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
         jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}")
                 for s in db.ct_series()]
     else:
-        from .dicom import list_dicom_series, load_dicom_series
+        from .io.dicom import list_dicom_series, load_dicom_series
 
         unreadable: Dict[Path, str] = {}
         series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]

@@ -7,7 +7,7 @@ bounding box, the product's path) and the CAM is scored against the phantom's no
 for each LIDC slab (``../shared/data/lidc``) against each nodule's reader consensus (voxels
 outlined by >= 50% of the readings that cover it, on the slices present: ``data.lidc_nodules``).
 
-Metrics (``LungGradCAMLib.metrics``), all within the region R = lungs (the pipeline's lung mask)
+Metrics (``LungGradCAMLib.evaluation.metrics``), all within the region R = lungs (the pipeline's lung mask)
 plus the nodule(s), minus any OTHER nodule (for per-nodule rows), as the product segments within
 the lungs:
 
@@ -65,7 +65,7 @@ TOLERANCE_MM = [10.0]
 def training_seeds(card: Any) -> Set[int]:
     """Phantom seeds the card's training data came from (its split's patients ``phantom-<seed>``
     and the ``--phantom-seeds`` of its training command)."""
-    from LungGradCAMLib.train import parse_seeds
+    from LungGradCAMLib.training.train import parse_seeds
 
     training = card.training or {}
     seeds: Set[int] = set()
@@ -124,8 +124,8 @@ def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device
 
 def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[str, Any]]:
     """One row per LIDC nodule (reader consensus >= 50% on the slices present)."""
-    from LungGradCAMLib.data import lidc_nodules, parse_lidc_xml
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.training.data import lidc_nodules, parse_lidc_xml
+    from LungGradCAMLib.io.dicom import load_dicom_series
     from LungGradCAMLib.pipeline import explain
 
     rows = []
@@ -162,8 +162,8 @@ def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[st
 def patch_rows(loaded: Any, seeds: Sequence[int], method: str) -> List[Dict[str, Any]]:
     """One row per nodule patch (2 per nodule): the model's CAM of the patch against its nodule voxels."""
     from LungGradCAMLib import metrics
-    from LungGradCAMLib.cam_retrain import model_inputs, patch_cams, phantom_patch_masks
-    from LungGradCAMLib.data import phantom_patches
+    from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams, phantom_patch_masks
+    from LungGradCAMLib.training.data import phantom_patches
 
     card = loaded.card
     patches = phantom_patches(seeds, card.patch_size, card.spacing_mm, positives_per_nodule=2, negatives_per_kind=0)
@@ -197,9 +197,9 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     nodule alone into the parenchyma, next to a vessel and on the pleura, up to a quarter patch
     off) against the readers' mask."""
     from LungGradCAMLib import metrics
-    from LungGradCAMLib.cam_retrain import model_inputs, patch_cams
-    from LungGradCAMLib.data import lidc_voi_patches, lidc_voi_records
-    from LungGradCAMLib.placement import load_backgrounds
+    from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams
+    from LungGradCAMLib.training.data import lidc_voi_patches, lidc_voi_records
+    from LungGradCAMLib.training.placement import load_backgrounds
 
     card = loaded.card
     records = lidc_voi_records(root)
@@ -253,7 +253,7 @@ def markdown(title: str, rows: Sequence[Dict[str, Any]], mean: Dict[str, float],
 
 def voi_main(args: argparse.Namespace, loaded: Any) -> int:
     """``--source lidc-vois``: one summary row per CAM method and layer (see :func:`voi_rows`)."""
-    from LungGradCAMLib.atomic import write_text
+    from LungGradCAMLib.core.atomic import write_text
 
     card = loaded.card
     layers = args.layers.split(";") if args.layers else [card.target_layer]
@@ -281,9 +281,9 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from LungGradCAMLib.atomic import write_text
-    from LungGradCAMLib.models import load_model
-    from LungGradCAMLib.train import parse_seeds
+    from LungGradCAMLib.core.atomic import write_text
+    from LungGradCAMLib.engine.models import load_model
+    from LungGradCAMLib.training.train import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")

@@ -19,7 +19,7 @@ def main() -> None:
 
     from LungGradCAMLib import metrics, phantom
     from LungGradCAMLib.pipeline import explain
-    from LungGradCAMLib.train import parse_seeds
+    from LungGradCAMLib.training.train import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

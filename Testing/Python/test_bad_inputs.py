@@ -40,11 +40,11 @@ from pydicom.uid import generate_uid
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.ctkdb import DicomDatabase
-from LungGradCAMLib.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
-from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
+from LungGradCAMLib.io.ctkdb import DicomDatabase
+from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
+from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
                                    NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
 from conftest import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header

@@ -1,4 +1,4 @@
-"""The CAM engine (LungGradCAMLib.cam) on small random 3D CNNs, on the CPU: each method against
+"""The CAM engine (LungGradCAMLib.engine.cam) on small random 3D CNNs, on the CPU: each method against
 its definition computed directly (split network, plain autograd), per-sample targets, binary
 single-logit models, in-place ReLU, and the model left exactly as it was."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from LungGradCAMLib.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
-from LungGradCAMLib.errors import CamError
+from LungGradCAMLib.engine.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
+from LungGradCAMLib.core.errors import CamError
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
 SHAPE = (8, 8, 8)
@@ -381,7 +381,7 @@ def test_default_layer():
                                          ("small3d_cnn", {"channels": (2, 3, 4),
                                                           "hidden": (4, 4)})])
 def test_default_layer_of_the_bundled_architectures(name, kwargs):
-    from LungGradCAMLib.models import build_model
+    from LungGradCAMLib.engine.models import build_model
 
     torch.manual_seed(0)
     net = build_model(name, **kwargs)
@@ -436,7 +436,7 @@ def test_bad_layers_and_models():
     elu = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ELU(), nn.Flatten(), nn.Linear(128, 2))
     with pytest.raises(CamError, match="no nn.ReLU"):
         compute_cam(elu, x, method="guided-backprop")
-    from LungGradCAMLib.cam import GradCAM
+    from LungGradCAMLib.engine.cam import GradCAM
 
     with pytest.raises(CamError, match="not 'layercam'"):
         GradCAM(elu, method="layercam")

@@ -1,4 +1,4 @@
-"""The heat-map retraining test (LungGradCAMLib.cam_retrain): truth masks of phantom patches, masks
+"""The heat-map retraining test (LungGradCAMLib.training.cam_retrain): truth masks of phantom patches, masks
 for background patches, what is multiplied, the four trainings end to end, and the CLI."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from scipy import ndimage
 
 from LungGradCAMLib import cam_retrain as cr
-from LungGradCAMLib.data import PatchSet, phantom_patches
-from LungGradCAMLib.errors import DataError, InvalidInputError
-from LungGradCAMLib.models import ModelCard
-from LungGradCAMLib.train import TrainConfig
+from LungGradCAMLib.training.data import PatchSet, phantom_patches
+from LungGradCAMLib.core.errors import DataError, InvalidInputError
+from LungGradCAMLib.engine.models import ModelCard
+from LungGradCAMLib.training.train import TrainConfig
 
 SIZE = (16, 16, 16)
 
@@ -153,7 +153,7 @@ def test_evaluate_cli_cam_retrain(tmp_path, phantom_set, one_thread):
     import torch
 
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import build_model, save_model
+    from LungGradCAMLib.engine.models import build_model, save_model
 
     card = _card()
     torch.manual_seed(0)

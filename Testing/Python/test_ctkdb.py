@@ -18,10 +18,10 @@ import pydicom
 import pytest
 
 from conftest import REPO, data_path, run_on_read_only_mount
-from LungGradCAMLib.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
-from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
-from LungGradCAMLib.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
+from LungGradCAMLib.io.dicom import load_dicom_series, write_dicom_series
+from LungGradCAMLib.core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 
 # CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
 SCHEMA = """
@@ -282,7 +282,7 @@ def test_wal_changes_not_yet_in_the_file_are_read(two_series):
 #: nobody when run as root and argv 4 is "nobody", from its read-only copy argv 2.
 READ_COPY = """
 import os, sys
-from LungGradCAMLib.ctkdb import DicomDatabase
+from LungGradCAMLib.io.ctkdb import DicomDatabase
 DicomDatabase(sys.argv[1]).load(sys.argv[3])
 if os.geteuid() == 0 and sys.argv[4] == "nobody":
     os.setgroups([]); os.setgid(65534); os.setuid(65534)

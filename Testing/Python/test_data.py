@@ -8,8 +8,8 @@ import pytest
 
 from conftest import data_path
 from LungGradCAMLib import data
-from LungGradCAMLib.errors import DataError
-from LungGradCAMLib.volume import write_volume
+from LungGradCAMLib.core.errors import DataError
+from LungGradCAMLib.core.volume import write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (3.0, 3.0, 3.0)
@@ -32,7 +32,7 @@ def test_crop_patch_places_centre_and_pads():
 
 def test_phantom_patches_truth(phantom_set):
     from LungGradCAMLib import phantom
-    from LungGradCAMLib.volume import resample_to
+    from LungGradCAMLib.core.volume import resample_to
 
     ps = phantom_set
     assert ps.patch_size == SIZE and ps.class_names == ["background", "nodule"]
@@ -149,7 +149,7 @@ def test_manifest(tmp_path, small_phantom):
 
 
 def test_lidc_xml_consensus_on_real_series():
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     root = data_path("lidc", "LIDC-IDRI-0001")
     series_uid, readings = data.parse_lidc_xml(root / "69.xml")
@@ -167,7 +167,7 @@ def test_lidc_xml_consensus_on_real_series():
 
 
 def test_lidc_partial_nodule_and_bad_xml(tmp_path):
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     root = data_path("lidc", "LIDC-IDRI-0002")
     volume = load_dicom_series(next(p for p in root.rglob("*.dcm")).parent)

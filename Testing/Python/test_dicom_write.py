@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
-from LungGradCAMLib.errors import VolumeError
-from LungGradCAMLib.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
+from LungGradCAMLib.io.dicom import load_dicom_series, write_dicom_series
+from LungGradCAMLib.core.errors import VolumeError
+from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 
 OBLIQUE = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix()
 GEOMETRIES = {
@@ -201,7 +201,7 @@ def test_any_orthogonal_geometry_round_trips_through_dicom_and_nrrd(tmp_path_fac
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from LungGradCAMLib.volume import read_volume, write_volume
+    from LungGradCAMLib.core.volume import read_volume, write_volume
 
     @hypothesis.settings(max_examples=20, deadline=None)
     @hypothesis.given(

@@ -24,9 +24,9 @@ import torch
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.dicom import list_dicom_series, load_dicom_series, write_dicom_series
-from LungGradCAMLib.models import ModelCard
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series, write_dicom_series
+from LungGradCAMLib.engine.models import ModelCard
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
 from test_pipeline import make_tiny_model
 

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import data_path
 from LungGradCAMLib import data, placement
-from LungGradCAMLib.errors import DataError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.errors import DataError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
@@ -212,7 +212,7 @@ COMMON = ["--patch-size", "12", "12", "12", "--spacing", "3", "3", "3", "--arch-
 
 def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import ModelCard
+    from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "malignancy"
     assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
@@ -230,7 +230,7 @@ def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys
     import json
 
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import ModelCard
+    from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "nodule"
     data_args = ["--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "nodule",

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib import metrics
-from LungGradCAMLib.errors import InvalidInputError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.core.errors import InvalidInputError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 
 
 def line(values) -> np.ndarray:

@@ -8,10 +8,10 @@ import pickle
 import pytest
 import torch
 
-from LungGradCAMLib.errors import ModelError
-from LungGradCAMLib.models import (ARCHITECTURES, ModelCard, available_models, build_model,
+from LungGradCAMLib.core.errors import ModelError
+from LungGradCAMLib.engine.models import (ARCHITECTURES, ModelCard, available_models, build_model,
                                    load_model, save_model)
-from LungGradCAMLib.errors import CamError
+from LungGradCAMLib.core.errors import CamError
 
 SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},

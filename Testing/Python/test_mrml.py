@@ -8,9 +8,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 vtk = pytest.importorskip("vtk")
 
 from LungGradCAMLib import mrml  # noqa: E402  (needs slicer)
-from LungGradCAMLib.errors import InvalidInputError, VolumeError  # noqa: E402
-from LungGradCAMLib.results import Region, Segmentation  # noqa: E402
-from LungGradCAMLib.volume import Volume  # noqa: E402
+from LungGradCAMLib.core.errors import InvalidInputError, VolumeError  # noqa: E402
+from LungGradCAMLib.core.results import Region, Segmentation  # noqa: E402
+from LungGradCAMLib.core.volume import Volume  # noqa: E402
 
 SHAPE = (6, 9, 11)  # K, J, I: all different so an axis mix-up cannot pass
 
@@ -376,7 +376,7 @@ def chest():
 def tiny_model(tmp_path_factory):
     """A small untrained (seeded) 3D CNN saved as a model file: exercises the plumbing, not accuracy."""
     torch = pytest.importorskip("torch")
-    from LungGradCAMLib.models import ModelCard, build_model, save_model
+    from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
     torch.manual_seed(0)
     kwargs = {"channels": [4, 8, 8], "hidden": [8, 8]}
@@ -437,7 +437,7 @@ def test_explain_volume_node_never_overwrites_the_ct(scene, chest):
 
 
 def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
-    from LungGradCAMLib.errors import CancelledError
+    from LungGradCAMLib.core.errors import CancelledError
 
     ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
     with pytest.raises(CancelledError):
@@ -462,7 +462,7 @@ def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, ches
     """What the Slicer self-test checks, here in CI: the heat map peaks in the nodule and a segment overlaps it."""
     pytest.importorskip("torch")
     from LungGradCAMLib import metrics
-    from LungGradCAMLib.models import available_models
+    from LungGradCAMLib.engine.models import available_models
 
     if "default" not in available_models():
         pytest.skip("no bundled default model in Resources/Models yet")

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.errors import InvalidInputError
+from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.phantom import TISSUES, NoduleSpec
 
 # an adult chest at a coarse, quick resolution (FOV 317 x 317 x 216 mm)

@@ -13,8 +13,8 @@ import SimpleITK as sitk
 import LungGradCAMLib as lgc
 from LungGradCAMLib import pipeline
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.errors import InvalidInputError, VolumeError
-from LungGradCAMLib.models import ModelCard, build_model, save_model
+from LungGradCAMLib.core.errors import InvalidInputError, VolumeError
+from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
 from conftest import data_path
 
@@ -217,7 +217,7 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
 
 def make_ctk_db(folder, dicom_dir):
     """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
-    from LungGradCAMLib.dicom import list_dicom_series
+    from LungGradCAMLib.io.dicom import list_dicom_series
 
     info = list_dicom_series(dicom_dir)[0]
     con = sqlite3.connect(folder / "ctkDICOM.sql")
@@ -284,7 +284,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     """explain(on_estimate=...) gets the CAM stage's cost before it starts (Score-CAM: one masked
     pass per patch and channel of the CAM layer); returning False stops the run there; the CLI
     prints the estimate of a Score-CAM run before it starts."""
-    from LungGradCAMLib.errors import CancelledError
+    from LungGradCAMLib.core.errors import CancelledError
 
     ct = small_phantom.volume
     estimates, batches = [], []
@@ -398,7 +398,7 @@ def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, 
     and summary say so."""
     import torch
 
-    from LungGradCAMLib.models import load_model
+    from LungGradCAMLib.engine.models import load_model
     from LungGradCAMLib.options import ExplainOptions
 
     blind = load_model(tiny_model, device="cpu")
@@ -441,7 +441,7 @@ REAL_CHEST_CTS = ["full_chest_ct/dicom", "lidc/LIDC-IDRI-0001", "lidc/LIDC-IDRI-
 @pytest.mark.parametrize("name", REAL_CHEST_CTS)
 def test_every_real_chest_ct_passes_the_chest_check(name):
     """The real chest CTs of ../shared/data, whole scans, slabs of 15 and 40 mm and crops, hold lungs."""
-    from LungGradCAMLib.lung import check_chest_ct
+    from LungGradCAMLib.engine.lung import check_chest_ct
 
     ct = pipeline.load_input(data_path(*name.split("/")))
     check = check_chest_ct(ct, lgc.lung_mask(ct))
@@ -452,7 +452,7 @@ def test_every_real_chest_ct_passes_the_chest_check(name):
 def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tiny_model):
     """The real upper-abdomen series, whose "lungs" are stomach and bowel gas, is refused as not a
     chest CT, after the lung mask and before any patch is explained; nothing is written."""
-    from LungGradCAMLib.errors import NotChestCTError
+    from LungGradCAMLib.core.errors import NotChestCTError
     from LungGradCAMLib.options import ExplainOptions
 
     source = data_path("totalsegmentator", "abdomen_dicom_series")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.errors import InvalidInputError
-from LungGradCAMLib.models import ModelCard, build_model, load_model, save_model
+from LungGradCAMLib.core.errors import InvalidInputError
+from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
 from LungGradCAMLib.pipeline import explain
 
 NODULE_RAS = (60.0, 20.0, -150.0)
@@ -61,7 +61,7 @@ def test_a_region_model_sees_one_patch_centred_on_the_region(chest, region_model
 
 def test_the_cli_needs_roi_for_a_region_model(tmp_path, chest, region_model, capsys):
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.volume import write_volume
+    from LungGradCAMLib.core.volume import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
     assert main(["run", str(ct), "--out", str(tmp_path / "no-roi"), "--model", str(region_model),

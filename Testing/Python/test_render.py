@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from LungGradCAMLib.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.render import save_montage
-from LungGradCAMLib.volume import Volume
+from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.io.render import save_montage
+from LungGradCAMLib.core.volume import Volume
 
 mpimg = pytest.importorskip("matplotlib.image")
 

@@ -16,8 +16,8 @@ vtk = pytest.importorskip("vtk")
 
 import LungGradCAMLib as lgc  # noqa: E402
 from LungGradCAMLib import phantom  # noqa: E402
-from LungGradCAMLib.errors import CancelledError  # noqa: E402
-from LungGradCAMLib.models import load_model  # noqa: E402
+from LungGradCAMLib.core.errors import CancelledError  # noqa: E402
+from LungGradCAMLib.engine.models import load_model  # noqa: E402
 from LungGradCAMLib.options import ExplainOptions  # noqa: E402
 
 from slicer_app_standin import slicer_application  # noqa: E402

@@ -1,4 +1,4 @@
-"""The sliding-window CAM (LungGradCAMLib.sliding) on small random 3D CNNs, on the CPU: patch
+"""The sliding-window CAM (LungGradCAMLib.engine.sliding) on small random 3D CNNs, on the CPU: patch
 grid and air padding, Gaussian blending against a direct computation, progress, cancellation,
 and out-of-memory recovery (a CUDA out-of-memory error injected by a model wrapper)."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from LungGradCAMLib.cam import compute_cam
-from LungGradCAMLib.errors import CamError, CancelledError, InvalidInputError, ResourceError
-from LungGradCAMLib.sliding import sliding_cam
+from LungGradCAMLib.engine.cam import compute_cam
+from LungGradCAMLib.core.errors import CamError, CancelledError, InvalidInputError, ResourceError
+from LungGradCAMLib.engine.sliding import sliding_cam
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -337,7 +337,7 @@ def test_score_blend_silences_background_patches():
     import torch
     from torch import nn
 
-    from LungGradCAMLib.sliding import sliding_cam
+    from LungGradCAMLib.engine.sliding import sliding_cam
 
     class Bright(nn.Module):  # "nodule" logit = mean of the ReLU'd conv output: high where bright
         def __init__(self):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main as cli_main
-from LungGradCAMLib.data import PatchSet
-from LungGradCAMLib.models import ModelCard, load_model
-from LungGradCAMLib.train import TrainConfig, augment, class_weights, fit
+from LungGradCAMLib.training.data import PatchSet
+from LungGradCAMLib.engine.models import ModelCard, load_model
+from LungGradCAMLib.training.train import TrainConfig, augment, class_weights, fit
 
 SIZE = 16
 CLASSES = ["background", "nodule"]

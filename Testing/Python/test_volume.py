@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 import LungGradCAMLib as lgc
-from LungGradCAMLib.errors import LungGradCAMError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.volume import crop, max_voxels, resample, resample_to
+from LungGradCAMLib.core.errors import LungGradCAMError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.core.volume import crop, max_voxels, resample, resample_to
 
 
 def _oblique_matrix(flip: bool = False) -> np.ndarray:

@@ -16,8 +16,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from .errors import VolumeError
-from .volume import Volume
+from ..core.errors import VolumeError
+from ..core.volume import Volume
 
 #: In-plane (J, I) 4-connectivity: labels each axial slice on its own in one call.
 _INPLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -122,7 +122,7 @@ def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, d
 def lung_bbox(mask: np.ndarray, margin_vox: Union[int, Sequence[int]] = 0) -> Tuple[Tuple[int, int], ...]:
     """Bounding box of a (K, J, I) mask: ((k0, k1), (j0, j1), (i0, i1)) half-open index ranges,
     grown by ``margin_vox`` voxels (one int, or (k, j, i)) and clipped to the array — the ``box`` that
-    :func:`LungGradCAMLib.volume.crop` takes. Raises :class:`VolumeError` for an empty mask."""
+    :func:`LungGradCAMLib.core.volume.crop` takes. Raises :class:`VolumeError` for an empty mask."""
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 3:
         raise VolumeError(f"lung_bbox: expected a (K, J, I) mask; got shape {mask.shape}")

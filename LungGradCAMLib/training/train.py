@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import atomic_path, write_text
+from ..core.atomic import atomic_path, write_text
 from .data import (PatchSet, lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records,
                    luna16_samples, manifest_samples, patches_from_samples, patient_kfold, patient_split,
                    phantom_patches)
-from .errors import DataError, InvalidInputError
+from ..core.errors import DataError, InvalidInputError
 
 if TYPE_CHECKING:
     import torch
@@ -170,9 +170,9 @@ def fit(train_set: PatchSet, val_set: PatchSet, card: Any, out_dir: Any, config:
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
-    from .evaluate import roc_auc
-    from .models import build_model, save_model
-    from .preprocess import apply_card_preprocessing
+    from ..evaluation.evaluate import roc_auc
+    from ..engine.models import build_model, save_model
+    from ..engine.preprocess import apply_card_preprocessing
 
     cfg = config or TrainConfig()
     out = Path(out_dir)
@@ -553,8 +553,8 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def _card_from_args(args: argparse.Namespace, classes: List[str]) -> Any:
-    from .errors import ModelError
-    from .models import ARCHITECTURES, ModelCard, build_model
+    from ..core.errors import ModelError
+    from ..engine.models import ARCHITECTURES, ModelCard, build_model
 
     kwargs = json_object_argument(args.arch_kwargs, "--arch-kwargs")
     kwargs.setdefault("num_classes", len(classes))
@@ -574,8 +574,8 @@ def _card_from_args(args: argparse.Namespace, classes: List[str]) -> Any:
 def _run_cli(args: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import cross_validation_report, evaluate_model, write_report
-    from .models import load_model, save_model
+    from ..evaluation.evaluate import cross_validation_report, evaluate_model, write_report
+    from ..engine.models import load_model, save_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

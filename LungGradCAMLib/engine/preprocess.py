@@ -1,6 +1,6 @@
 """CT intensity preprocessing and resampling, applied as a model card asks.
 
-Every function takes a :class:`~LungGradCAMLib.volume.Volume`, a numpy array or (where it makes
+Every function takes a :class:`~LungGradCAMLib.core.volume.Volume`, a numpy array or (where it makes
 sense) a torch tensor, and returns the same kind (a Volume keeps its geometry and meta).
 
 Axis order: the last three axes are always **K, J, I** (slice, row, column) — torch's D, H, W.
@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .volume import Volume, axis_aligned_matrix, resample
+from ..core.errors import InvalidInputError
+from ..core.volume import Volume, axis_aligned_matrix, resample
 
 ArrayLike = Any  # Volume | np.ndarray | torch.Tensor (torch is imported only when given one)
 
@@ -281,7 +281,7 @@ def resample_to_spacing(x: ArrayLike, target_spacing_mm: Sequence[float],
                         spacing_mm: Optional[Sequence[float]] = None, order: int = 1) -> ArrayLike:
     """Resample to ``target_spacing_mm`` (i, j, k, mm), covering the same physical extent.
 
-    * Volume: :func:`LungGradCAMLib.volume.resample` (SimpleITK; geometry kept, ``spacing_mm`` unused).
+    * Volume: :func:`LungGradCAMLib.core.volume.resample` (SimpleITK; geometry kept, ``spacing_mm`` unused).
     * numpy (K, J, I): needs ``spacing_mm`` (i, j, k); same SimpleITK path, returns the array.
     * torch (..., D, H, W) = (..., K, J, I), e.g. (N, C, D, H, W): needs ``spacing_mm``; runs on the
       tensor's device with ``F.interpolate(scale_factor=spacing/target, align_corners=False)``

@@ -41,11 +41,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError, SeriesGeometryError,
+from ..core.atomic import atomic_path
+from ..core.errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError, SeriesGeometryError,
                      VolumeError)
-from .paths import is_special, open_regular
-from .volume import LPS_TO_RAS, SPACING_RANGE_MM, Volume, check_voxel_limit
+from ..core.paths import is_special, open_regular
+from ..core.volume import LPS_TO_RAS, SPACING_RANGE_MM, Volume, check_voxel_limit
 
 log = logging.getLogger(__name__)
 

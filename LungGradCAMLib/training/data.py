@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import DataError, LungGradCAMError
-from .volume import Volume, read_volume, resample
+from ..core.atomic import atomic_path
+from ..core.errors import DataError, LungGradCAMError
+from ..core.volume import Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
 if TYPE_CHECKING:
@@ -232,8 +232,8 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     """
     from scipy import ndimage
 
-    from . import phantom
-    from .volume import resample_to
+    from .. import phantom
+    from ..core.volume import resample_to
 
     if task not in ("nodule", "malignancy"):
         raise DataError(f"task must be 'nodule' or 'malignancy'; got {task!r}")
@@ -314,7 +314,7 @@ def read_image(path: PathLike) -> Volume:
     """A CT volume from a volume file or a DICOM series folder."""
     path = Path(path)
     if path.is_dir():
-        from .dicom import load_dicom_series
+        from ..io.dicom import load_dicom_series
 
         return load_dicom_series(path)
     if not path.exists():
@@ -614,8 +614,8 @@ def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence
     reader XML files anywhere below it. Each XML's series is loaded, its nodules are found with
     :func:`lidc_nodules`, and each nodule with a malignancy label (median rating not 3) gives one
     patch centred on its consensus mask. XMLs whose series is not present are skipped."""
-    from .dicom import load_dicom_series
-    from .errors import DicomError
+    from ..io.dicom import load_dicom_series
+    from ..core.errors import DicomError
 
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and any(p.rglob("*.xml"))) if root.is_dir() else []
@@ -809,7 +809,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     patient into train / validation / test by ``fractions``; each split's nodules are placed into
     that split's background regions only (:func:`lidc_voi_patches`, ``placements`` per nodule,
     shifted by up to ``jitter_vox`` voxels, default a quarter patch), and its negatives are
-    ``negatives_per_kind`` patches of each :data:`~LungGradCAMLib.placement.BACKGROUND_KINDS` from
+    ``negatives_per_kind`` patches of each :data:`~LungGradCAMLib.training.placement.BACKGROUND_KINDS` from
     each of its regions (patient ``background:<region>``). ``phantom_seeds`` adds synthetic chest
     CTs (:func:`phantom_patches` with ``phantom_positives_per_nodule`` and
     ``phantom_negatives_per_kind``), split by seed the same way."""

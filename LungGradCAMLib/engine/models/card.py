@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..atomic import write_json
-from ..errors import CamError, ModelError
-from ..paths import open_regular
+from ...core.atomic import write_json
+from ...core.errors import CamError, ModelError
+from ...core.paths import open_regular
 from ..preprocess import NORMALISATIONS
 
 CARD_FORMAT = 1
@@ -36,7 +36,7 @@ class ModelCard:
     * ``spacing_mm``: voxel size (i, j, k) in mm the model was trained at.
     * ``hu_window``, ``normalisation`` (``"minmax"``, ``"zscore"``, ``"none"``) and the optional
       enhancements ``gamma``, ``clahe``, ``sobel``: the intensity preprocessing, applied by
-      :func:`LungGradCAMLib.preprocess.apply_card_preprocessing` (HU clipped to the window, then
+      :func:`LungGradCAMLib.engine.preprocess.apply_card_preprocessing` (HU clipped to the window, then
       the window mapped to [0, 1], ...).
     * ``activation``: ``"softmax"`` (trained with cross-entropy) or ``"sigmoid"`` (one-vs-rest
       binary cross-entropy per class).

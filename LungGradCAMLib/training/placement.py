@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
-from .errors import DataError
+from ..core.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,9 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     the regions of ``splits`` are returned. A scan that cannot be read is skipped with a warning
     naming it; none at all -> :class:`DataError`."""
     from .data import _read_csv, read_image, to_model_grid
-    from .errors import LungGradCAMError
-    from .lung import lung_bbox, lung_mask
-    from .volume import crop
+    from ..core.errors import LungGradCAMError
+    from ..engine.lung import lung_bbox, lung_mask
+    from ..core.volume import crop
 
     manifest = Path(manifest)
     rows = _read_csv(manifest, ("image", "split"))

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Union
 
-from .errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
-from .paths import check_path, kind
-from .volume import Volume
+from ..core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
+from ..core.paths import check_path, kind
+from ..core.volume import Volume
 
 DATABASE_FILENAME = "ctkDICOM.sql"
 #: Schema versions (major.minor) whose tables and columns this reader knows.
@@ -222,7 +222,7 @@ class DicomDatabase:
         return paths
 
     def load(self, series_uid: str, **kwargs: Any) -> Volume:
-        """The series as a HU :class:`Volume` via :func:`~LungGradCAMLib.dicom.load_dicom_series`
+        """The series as a HU :class:`Volume` via :func:`~LungGradCAMLib.io.dicom.load_dicom_series`
         (``kwargs`` are passed on; ``series_uid`` may be a part key ``"<uid>#<n>"``)."""
         from .dicom import load_dicom_series
 

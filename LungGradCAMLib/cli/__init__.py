@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, NoReturn, Optional
 
-from . import __version__, pipeline
-from .errors import LungGradCAMError
-from .options import ExplainOptions
+from .. import __version__, pipeline
+from ..core.errors import LungGradCAMError
+from ..options import ExplainOptions
 
 # Library modules that contribute subcommands through ``add_cli(subparsers)``.
-_COMMAND_MODULES = ("pipeline", "train", "evaluate", "bench")
+_COMMAND_MODULES = ("..pipeline", "..training.train", "..evaluation.evaluate", "..bench")
 _VERBOSE_HELP = "log each stage and its time"
 
 
@@ -34,7 +34,7 @@ def _info(args: argparse.Namespace) -> int:
     import SimpleITK
     import torch
 
-    from .models import available_models
+    from ..engine.models import available_models
 
     print(f"LungGradCAM {__version__} (Python {platform.python_version()}, {platform.system()})")
     for name, mod in (("torch", torch), ("numpy", numpy), ("pydicom", pydicom), ("SimpleITK", SimpleITK)):
@@ -66,7 +66,7 @@ def _heat_map_statement(card: Any) -> str:
 
 
 def _print_result(name: str, explanation: Any, segmentation: Any, files: Dict[str, Path]) -> None:
-    from .pipeline import outcome
+    from ..pipeline import outcome
 
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
     print(f"{name}: {explanation.predicted_class} ({probs}); {outcome(segmentation)}; "
@@ -80,13 +80,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from . import metrics, phantom
-    from .lung import lung_mask
-    from .pipeline import check_options, cli_progress, run_one
-    from .render import save_montage
-    from .results import Segmentation
-    from .segment import write_segmentation
-    from .volume import write_volume
+    from ..evaluation import metrics
+    from .. import phantom
+    from ..engine.lung import lung_mask
+    from ..pipeline import check_options, cli_progress, run_one
+    from ..io.render import save_montage
+    from ..core.results import Segmentation
+    from ..segment import write_segmentation
+    from ..core.volume import write_volume
 
     out = Path(args.out)
     options = ExplainOptions(model=args.model, device=args.device)
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(sub)
     for name in _COMMAND_MODULES:
-        importlib.import_module(f".{name}", __package__).add_cli(sub)
+        importlib.import_module(name, __package__).add_cli(sub)
     _add_info(sub)
     for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps one given before it
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
@@ -251,7 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.started = started  # a run's report counts its total time from here
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
-        logging.getLogger(__package__).setLevel(logging.INFO)
+        logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.INFO)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
@@ -268,7 +269,3 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -52,9 +52,9 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from .atomic import write_text
+from ..core.atomic import write_text
 from .data import PatchSet, crop_patch, patient_split
-from .errors import DataError, InvalidInputError
+from ..core.errors import DataError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,9 @@ def phantom_patch_masks(patch_set: PatchSet) -> np.ndarray:
     ``centres`` (RAS mm) with :func:`data.crop_patch`; a recropped patch that differs from the
     stored one by more than 1 HU raises :class:`DataError` (the patches were not made that way).
     """
-    from . import phantom
+    from .. import phantom
     from .data import _phantom_geometry, _ras_to_kji, _to_int16, to_model_grid
-    from .volume import resample_to
+    from ..core.volume import resample_to
 
     seeds = []
     for patient in patch_set.patients:
@@ -130,7 +130,7 @@ def fill_empty_masks(masks: np.ndarray, seed: int = 0) -> np.ndarray:
 def model_inputs(patches: np.ndarray, card: Any, batch_size: int = 256) -> np.ndarray:
     """The model input (N, K, J, I) float32 of HU ``patches`` (N, K, J, I): the card's intensity
     preprocessing (for a ``minmax`` card with an HU window: [0, 1], 0 = the window's low end)."""
-    from .preprocess import apply_card_preprocessing
+    from ..engine.preprocess import apply_card_preprocessing
 
     out = np.empty(patches.shape, dtype=np.float32)
     for start in range(0, len(patches), batch_size):
@@ -147,7 +147,7 @@ def patch_cams(loaded: Any, inputs: np.ndarray, method: str = "gradcam", target:
     CAM layer(s) (default the card's ``target_layer``)."""
     import torch
 
-    from .cam import compute_cam
+    from ..engine.cam import compute_cam
 
     card = loaded.card
     index = card.cam_class_index if target is None else int(target)
@@ -202,9 +202,9 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
                 progress: bool = False) -> RetrainResult:
     """Guan & Loew's heat-map retraining test on ``data`` (HU patches) with truth ``masks``
     (N, K, J, I, non-zero = lesion; empty for background patches), training ``card``'s
-    architecture (a :class:`~LungGradCAMLib.models.ModelCard`; its preprocessing, patch size and
+    architecture (a :class:`~LungGradCAMLib.engine.models.ModelCard`; its preprocessing, patch size and
     classes) four times with :func:`train.fit` and ``config`` (a
-    :class:`~LungGradCAMLib.train.TrainConfig`, the same for all four).
+    :class:`~LungGradCAMLib.training.train.TrainConfig`, the same for all four).
 
     Patients are split with :func:`data.patient_split` into train and validation (``val_fraction``
     of the patients, ``seed``). ``mask_dilation`` (voxels, 26-connected) grows every truth mask
@@ -215,8 +215,8 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
     """
     import torch
 
-    from .evaluate import evaluate_model
-    from .models import load_model
+    from ..evaluation.evaluate import evaluate_model
+    from ..engine.models import load_model
     from .train import TrainConfig, fit
 
     masks = np.asarray(masks)
@@ -267,7 +267,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
         tr, va = (PatchSet(p.astype(np.float32), s.labels, s.patients, list(s.class_names), s.spacing_mm,
                            s.kinds, s.centres) for p, s in zip(products, (train_set, val_set)))
         variant_card = _input_card(card, products)
-        variant_card.training["cam_retrain"] = f"inputs multiplied by the {variant} map (LungGradCAMLib.cam_retrain)"
+        variant_card.training["cam_retrain"] = f"inputs multiplied by the {variant} map (LungGradCAMLib.training.cam_retrain)"
         train_and_score(variant, tr, va, variant_card)
 
     blank = np.concatenate([cam_train, cam_val]).reshape(len(data), -1).max(axis=1) == 0
@@ -322,7 +322,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """``lunggradcam evaluate --cam-retrain``."""
     import torch
 
-    from .models import ModelCard, build_model, resolve_model_path
+    from ..engine.models import ModelCard, build_model, resolve_model_path
     from .train import TrainConfig, json_object_argument, load_data
 
     if args.threads:

@@ -20,10 +20,10 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..atomic import atomic_path
-from ..errors import InvalidInputError, ModelError
-from ..limits import available_memory, check_bytes, max_model_bytes
-from ..paths import check_path, kind, open_regular
+from ...core.atomic import atomic_path
+from ...core.errors import InvalidInputError, ModelError
+from ...core.limits import available_memory, check_bytes, max_model_bytes
+from ...core.paths import check_path, kind, open_regular
 from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
 from .networks import ARCHITECTURES
@@ -59,7 +59,7 @@ def models_dir() -> Path:
     env = os.environ.get("LUNGGRADCAM_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    return Path(__file__).resolve().parents[3] / "Resources" / "Models"
 
 
 def available_models() -> List[str]:

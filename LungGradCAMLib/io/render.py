@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .atomic import atomic_path
-from .errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from .volume import Volume
+from ..core.atomic import atomic_path
+from ..core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from ..core.volume import Volume
 
 #: Contour colours: cyan for lungs, the others in the order the contours are given.
 LUNG_COLOUR = "#00e5ff"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CamError
+from ..core.errors import CamError
 
 __all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResCAM", "LayerCAM",
            "ScoreCAM", "GuidedBackprop", "GuidedGradCAM", "METHODS", "compute_cam",

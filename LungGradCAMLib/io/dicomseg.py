@@ -14,11 +14,11 @@ from typing import List, Optional, Union
 
 import numpy as np
 
-from . import __version__
-from .atomic import atomic_path
-from .errors import DicomError, InvalidInputError
-from .results import Segmentation
-from .volume import LPS_TO_RAS, Volume
+from .. import __version__
+from ..core.atomic import atomic_path
+from ..core.errors import DicomError, InvalidInputError
+from ..core.results import Segmentation
+from ..core.volume import LPS_TO_RAS, Volume
 
 
 def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821

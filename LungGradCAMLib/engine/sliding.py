@@ -2,7 +2,7 @@
 weights into full-size maps, with progress, cancellation and out-of-memory recovery.
 
 Arrays are (D, H, W) = (K, J, I) voxels; boxes are ((k0, k1), (j0, j1), (i0, i1)) half-open
-voxel ranges, as in :class:`LungGradCAMLib.results.Region`.
+voxel ranges, as in :class:`LungGradCAMLib.core.results.Region`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cam import CAM, CamResult, Target, _resolve_layers, minmax_per_sample
-from .errors import CancelledError, InvalidInputError, ResourceError
+from ..core.errors import CancelledError, InvalidInputError, ResourceError
 
 __all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
@@ -182,7 +182,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     (``stride <= patch``) until they cover the box; where a patch reaches past the volume it is
     padded with ``pad_value_hu`` (air) before ``preprocess`` (a callable applied on the device to
     each (B, 1, *patch) HU batch; default: none) turns HU into model input. Each batch gets one
-    forward pass (:class:`~LungGradCAMLib.cam.CAM`: maps upsampled to the patch, not normalised);
+    forward pass (:class:`~LungGradCAMLib.engine.cam.CAM`: maps upsampled to the patch, not normalised);
     the raw maps and the patches' scores are blended with Gaussian weights (sigma =
     ``sigma_scale`` x patch), the blended map is min-max scaled to [0, 1] over the box.
     ``blend="score"`` instead blends each patch's raw map multiplied by the patch's score: a patch
@@ -190,7 +190,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     explained class is rather than every structure each patch attends to (the pipeline's choice:
     on held-out phantoms it raised mean-Dice and the energy inside nodules over "raw").
 
-    ``target``: as for :func:`~LungGradCAMLib.cam.compute_cam`, except that None means the LAST
+    ``target``: as for :func:`~LungGradCAMLib.engine.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
     patches explain the same class. ``activation``: ``"softmax"`` or ``"sigmoid"`` (the model
     card's), how logits become the patch probabilities. ``progress(done, total)`` is called before

@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .atomic import atomic_path, write_text
-from .errors import DataError, InvalidInputError
+from ..core.atomic import atomic_path, write_text
+from ..core.errors import DataError, InvalidInputError
 
 METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc")
 
@@ -223,7 +223,7 @@ def read_log(path: Any) -> List[Dict[str, Any]]:
 # models on patch sets
 # --------------------------------------------------------------------------------------------
 def predict(loaded: Any, patches: Any, batch_size: int = 16) -> np.ndarray:
-    """Probabilities (N, classes) of a :class:`~LungGradCAMLib.models.LoadedModel` on HU patches
+    """Probabilities (N, classes) of a :class:`~LungGradCAMLib.engine.models.LoadedModel` on HU patches
     ``patches`` (N, K, J, I) (a numpy array or a PatchSet), preprocessed as its card says."""
     import torch
 
@@ -264,8 +264,8 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
 
 def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Register ``lunggradcam evaluate``."""
-    from .cam_retrain import add_arguments as add_cam_retrain_arguments
-    from .train import add_data_arguments
+    from ..training.cam_retrain import add_arguments as add_cam_retrain_arguments
+    from ..training.train import add_data_arguments
 
     p = subparsers.add_parser(
         "evaluate", help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
@@ -284,11 +284,11 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from .models import load_model
-    from .train import load_data
+    from ..engine.models import load_model
+    from ..training.train import load_data
 
     if args.cam_retrain:
-        from .cam_retrain import run_cli
+        from ..training.cam_retrain import run_cli
 
         return run_cli(args)
     loaded = load_model(args.model, device=args.device)

@@ -3,7 +3,7 @@
 Every function accepts :class:`Volume` objects or numpy arrays (axis order K, J, I); the CAM and
 the truth must have the same shape (and, when both are Volumes, the same geometry). Truth masks are
 taken as ``truth != 0``. Distances are in mm. Classification metrics (accuracy, AUC, confidence
-intervals) live in :mod:`LungGradCAMLib.evaluate`.
+intervals) live in :mod:`LungGradCAMLib.evaluation.evaluate`.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .volume import Volume, same_geometry
+from ..core.errors import InvalidInputError
+from ..core.volume import Volume, same_geometry
 
 ArrayOrVolume = Union[np.ndarray, Volume]
 
