@@ -681,7 +681,8 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
 
         self.delayDisplay("Making a chest CT phantom with a nodule")
-        from LungGradCAMLib import metrics, phantom
+        from LungGradCAMLib.evaluation import metrics
+        from LungGradCAMLib import phantom
 
         nodule = phantom.NoduleSpec(center_ras=(60.0, 20.0, -150.0), diameter_mm=20.0, malignant=True)
         # a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm slices)

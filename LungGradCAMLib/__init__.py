@@ -8,7 +8,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (the parts: core, io, engine, explain, training, evaluation, cli)
+# public name -> module that defines it (the parts: core, io, engine, pipeline, training, evaluation, cli)
 _EXPORTS = {
     "Volume": "core.volume", "read_volume": "core.volume", "write_volume": "core.volume",
     "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
@@ -23,19 +23,10 @@ _EXPORTS = {
     "segment_cam": "segment", "write_segmentation": "segment",
     "explain": "pipeline", "write_outputs": "pipeline", "ExplainOptions": "options",
 }
-# lgc.<name> -> module, for the modules the README names by their short name
-_SUBMODULES = {
-    "core": "core", "io": "io", "engine": "engine", "training": "training",
-    "evaluation": "evaluation", "cli": "cli", "phantom": "phantom", "mrml": "mrml", "options": "options",
-    "pipeline": "pipeline", "segment": "segment", "bench": "bench",
-    "volume": "core.volume", "errors": "core.errors", "results": "core.results", "atomic": "core.atomic",
-    "limits": "core.limits", "paths": "core.paths",
-    "dicom": "io.dicom", "ctkdb": "io.ctkdb", "dicomseg": "io.dicomseg", "render": "io.render",
-    "cam": "engine.cam", "sliding": "engine.sliding", "lung": "engine.lung", "preprocess": "engine.preprocess",
-    "models": "engine.models",
-    "metrics": "evaluation.metrics", "evaluate": "evaluation.evaluate",
-    "data": "training.data", "train": "training.train", "cam_retrain": "training.cam_retrain",
-}
+# lgc.<name> -> module: the parts, the top-level modules, and lgc.metrics (named in the README)
+_SUBMODULES = {name: name for name in ("core", "io", "engine", "training", "evaluation", "cli", "phantom", "mrml",
+                                       "options", "pipeline", "segment", "bench")}
+_SUBMODULES["metrics"] = "evaluation.metrics"
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

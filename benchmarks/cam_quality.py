@@ -80,7 +80,7 @@ def training_seeds(card: Any) -> Set[int]:
 def heatmap_metrics(cam: Any, truth: np.ndarray, region: np.ndarray) -> Dict[str, Any]:
     """The metrics of one CAM (a Volume, K, J, I in [0, 1]) against one bool ``truth`` mask, within
     the bool ``region`` (see the module doc)."""
-    from LungGradCAMLib import metrics
+    from LungGradCAMLib.evaluation import metrics
 
     inside = cam.with_array(np.where(region, cam.array, 0.0).astype(np.float32))
     peak_mm = metrics.peak_distance_mm(inside, truth)
@@ -161,7 +161,7 @@ def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[st
 
 def patch_rows(loaded: Any, seeds: Sequence[int], method: str) -> List[Dict[str, Any]]:
     """One row per nodule patch (2 per nodule): the model's CAM of the patch against its nodule voxels."""
-    from LungGradCAMLib import metrics
+    from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams, phantom_patch_masks
     from LungGradCAMLib.training.data import phantom_patches
 
@@ -196,7 +196,7 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     own surroundings centred on the nodule, up to 2 voxels off; a whole-scan model's patches put the
     nodule alone into the parenchyma, next to a vessel and on the pleura, up to a quarter patch
     off) against the readers' mask."""
-    from LungGradCAMLib import metrics
+    from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams
     from LungGradCAMLib.training.data import lidc_voi_patches, lidc_voi_records
     from LungGradCAMLib.training.placement import load_backgrounds

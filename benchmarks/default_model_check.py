@@ -17,7 +17,8 @@ import numpy as np
 def main() -> None:
     import torch
 
-    from LungGradCAMLib import metrics, phantom
+    from LungGradCAMLib.evaluation import metrics
+    from LungGradCAMLib import phantom
     from LungGradCAMLib.pipeline import explain
     from LungGradCAMLib.training.train import parse_seeds
 

@@ -42,9 +42,10 @@ from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.io.ctkdb import DicomDatabase
 from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
-from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
-                                   NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
+from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, InvalidInputError,
+                                        LungGradCAMError, NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.engine.models import ModelCard, build_model
 
 from conftest import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
@@ -702,7 +703,7 @@ def _database_file_is_fifo(root: Path) -> Made:
 
 SPECIAL = {
     "fifo_as_the_ct": Case(_fifo_ct, VolumeError, "named pipe"),
-    "fifo_as_the_ct_without_suffix": Case(_fifo_ct_without_suffix, lgc.errors.InvalidInputError, "named pipe"),
+    "fifo_as_the_ct_without_suffix": Case(_fifo_ct_without_suffix, InvalidInputError, "named pipe"),
     "fifo_as_detached_data": Case(_fifo_data_file, VolumeError, "named pipe"),
     "fifo_in_the_dicom_database": Case(_database_file_is_fifo, DicomDecodeError, "not a regular file"),
 }
@@ -887,7 +888,7 @@ def _model_variant(tmp: Path, tiny: Path, card: Callable[[dict], Any], weights: 
 def _two_channel_model(tmp: Path, tiny: Path) -> Path:
     from safetensors.torch import save
 
-    module = lgc.models.build_model("gradcam3d_cnn", width=2, in_channels=2)
+    module = build_model("gradcam3d_cnn", width=2, in_channels=2)
     weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
     return _model_variant(tmp, tiny, lambda c: {**c, "kwargs": {"width": 2, "in_channels": 2}}, weights)
 
@@ -984,7 +985,9 @@ import contextlib, io, json, resource, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot, numpy, pydicom, scipy.ndimage, SimpleITK, skimage.measure, torch
-from LungGradCAMLib import cam, cli, lung, models, pipeline, render, segment, sliding
+from LungGradCAMLib.engine import cam, lung, models, sliding
+from LungGradCAMLib import cli, pipeline, segment
+from LungGradCAMLib.io import render
 pages = int(open("/proc/self/statm").read().split()[0])
 limit = pages * resource.getpagesize() + int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -1058,9 +1061,9 @@ def _bomb_model_deflate(tmp: Path, tiny: Path):
     import torch
     import zipfile
 
-    card = lgc.models.ModelCard.load(tiny.with_suffix(".json"))
+    card = ModelCard.load(tiny.with_suffix(".json"))
     card.kwargs = {"width": 24}
-    torch.save(lgc.models.build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
+    torch.save(build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
     path = tmp / "bomb.pt"
     with zipfile.ZipFile(tmp / "plain.pt") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED,
                                                                    compresslevel=1) as dst:

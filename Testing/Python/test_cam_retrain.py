@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LungGradCAMLib import cam_retrain as cr
+from LungGradCAMLib.training import cam_retrain as cr
 from LungGradCAMLib.training.data import PatchSet, phantom_patches
 from LungGradCAMLib.core.errors import DataError, InvalidInputError
 from LungGradCAMLib.engine.models import ModelCard

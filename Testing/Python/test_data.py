@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import data_path
-from LungGradCAMLib import data
+from LungGradCAMLib.training import data
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import write_volume
 

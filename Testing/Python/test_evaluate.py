@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from LungGradCAMLib import evaluate as ev
+from LungGradCAMLib.evaluation import evaluate as ev
 from LungGradCAMLib.cli import main as cli_main
 from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.core.errors import DataError, InvalidInputError

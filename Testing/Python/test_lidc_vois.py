@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import data_path
-from LungGradCAMLib import data, placement
+from LungGradCAMLib.training import data, placement
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LungGradCAMLib import metrics
+from LungGradCAMLib.evaluation import metrics
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 

@@ -14,7 +14,8 @@ import LungGradCAMLib as lgc
 from LungGradCAMLib import pipeline
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import InvalidInputError, VolumeError
-from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+from LungGradCAMLib.core.volume import LPS_TO_RAS
+from LungGradCAMLib.engine.models import ModelCard, available_models, build_model, save_model
 
 from conftest import data_path
 
@@ -163,7 +164,7 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
     lungs = slicerio.read_segmentation(str(tmp_path / "out" / "lungs.seg.nrrd"))
     assert [x["name"] for x in lungs["segments"]] == ["lungs"]
     # both segmentations: the CT's whole grid (not cropped), the labels exactly as computed
-    lps = lgc.volume.LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
+    lps = LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
     for read, labels in ((s, seg.labelmap.array), (lungs, explanation.lung_mask)):
         np.testing.assert_allclose(read["ijkToLPS"], lps, atol=1e-6)
         assert read["referenceImageExtentOffset"] == [0, 0, 0]
@@ -314,7 +315,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
 def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     """`lunggradcam demo`: phantom -> DICOM -> volume -> explanation -> outputs, and the bundled
     model's heat map lands on (or within a few mm of) a true nodule."""
-    if "default" not in lgc.models.available_models():
+    if "default" not in available_models():
         pytest.skip("no bundled default model in Resources/Models")
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from conftest import data_path
-from LungGradCAMLib import preprocess as pp
+from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
 
