@@ -243,6 +243,14 @@ _REGION_COLUMNS = (
     ("Peak S [mm]", float, "mm", "hottest voxel, superior (RAS)", lambda r: r.peak_ras[2]),
     ("Score", float, "", "the model's probability for the region, when known", lambda r: r.score),
 )
+#: Columns added when a region model was asked about the regions (``ExplainOptions.region_model``).
+_SECOND_OPINION_COLUMNS = tuple(
+    (name, kind, "", description, lambda r, key=key: (r.second_opinion or {}).get(key))
+    for name, kind, description, key in (
+        ("Region model", str, "the region model asked about the region (its second opinion)", "model"),
+        ("Region model class", str, "the class the region model explains", "target_class"),
+        ("Region model P", float, "the region model's probability of that class", "probability"),
+    ))
 _VTK_ARRAYS = {str: vtk.vtkStringArray, int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}
 
 
@@ -251,21 +259,25 @@ def _column(name: str, kind: type, values: Sequence[Any]) -> vtk.vtkAbstractArra
     column.SetName(name)
     for value in values:
         # unknown numbers (None, e.g. no HU without a CT) become NaN so the column stays numeric
-        column.InsertNextValue(math.nan if value is None and kind is float else kind(value))
+        if value is None:
+            value = {float: math.nan, str: ""}.get(kind, value)
+        column.InsertNextValue(kind(value))
     return column
 
 
 def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "LungGradCAM regions table") -> Any:
     """Fill a table node with one row per region: name, label, volume (ml, mm³), voxel count,
     peak/mean CAM, mean/max HU, centroid and hottest point (RAS mm) and score, with unit labels
-    and descriptions on the columns. ``node`` is cleared and refilled, or created when None."""
+    and descriptions on the columns; when a region model was asked about them, its name, class and
+    probability too. ``node`` is cleared and refilled, or created when None."""
     if node is None:
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
     elif not node.IsA("vtkMRMLTableNode"):
         raise InvalidInputError(f"the results table output must be a table node; got a {node.GetClassName()}")
     was_modifying = node.StartModify()
     node.RemoveAllColumns()
-    for column_name, kind, unit, description, value in _REGION_COLUMNS:
+    columns = _REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+    for column_name, kind, unit, description, value in columns:
         node.AddColumn(_column(column_name, kind, [value(r) for r in regions]))
         node.SetColumnUnitLabel(column_name, unit)
         node.SetColumnDescription(column_name, description)

@@ -128,6 +128,12 @@ def _positive_int_or_none(value: Any, name: str) -> Optional[int]:
     return number
 
 
+def _model_name(model: Any) -> str:
+    """A model as the user named it: a name or path, or a loaded model's card name."""
+    card = getattr(model, "card", None)
+    return str(card.name if card is not None else model)
+
+
 @dataclass
 class ExplainOptions:
     """Everything that decides one explanation, checked when made.
@@ -143,7 +149,10 @@ class ExplainOptions:
       :func:`LungGradCAMLib.engine.lung.check_chest_ct`) before the CAM is computed;
     * ``device``: auto / cpu / cuda / cuda:N / mps (None = auto); ``batch_size``: patches per model
       call (None = 8 on CUDA, 2 elsewhere); ``stride``: sliding-window step in model voxels
-      (K, J, I; None = half a patch); ``amp``: 16-bit mixed precision on CUDA.
+      (K, J, I; None = half a patch); ``amp``: 16-bit mixed precision on CUDA;
+    * ``region_model``: a model made for one region (its card's ``input`` is ``roi``, e.g. the
+      bundled ``lidc-malignancy``) asked about each hot region, hottest first: its answer is each
+      region's ``second_opinion`` (None = none asked).
 
     Values are normalised (threshold text to a number, stride to three ints, ``"auto"`` device to
     None); use :func:`dataclasses.replace` for a changed copy (it checks again).
@@ -162,6 +171,7 @@ class ExplainOptions:
     batch_size: Optional[int] = None
     stride: Optional[Tuple[int, int, int]] = None
     amp: bool = False
+    region_model: Any = None
 
     def __post_init__(self) -> None:
         if self.model is None or (isinstance(self.model, str) and not self.model.strip()):
@@ -178,6 +188,8 @@ class ExplainOptions:
             self.layer = None
         if self.layer is not None and not isinstance(self.layer, str):
             raise InvalidInputError(f"layer {self.layer!r}: give the dotted name of a module, e.g. features.act6")
+        if isinstance(self.region_model, str) and not self.region_model.strip():
+            self.region_model = None
         self.roi = parse_roi(self.roi)
         if self.mode == "roi" and self.roi is None:
             raise InvalidInputError("mode 'roi' needs a roi: (centre_ras_mm, size_mm) or a mask (CLI: --roi X,Y,Z,SIZE)")
@@ -196,13 +208,13 @@ class ExplainOptions:
     @property
     def model_name(self) -> str:
         """The model as the user named it (a loaded model: its card's name)."""
-        card = getattr(self.model, "card", None)
-        return str(card.name if card is not None else self.model)
+        return _model_name(self.model)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able options, as recorded in ``report.json`` (a roi mask as ``"mask"``)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["model"] = self.model_name
+        out["region_model"] = None if self.region_model is None else _model_name(self.region_model)
         if isinstance(self.roi, np.ndarray):
             out["roi"] = "mask"
         elif self.roi is not None:

@@ -181,7 +181,7 @@ STAGES = {
     "load": "loading the CT", "load_model": "loading the model", "lung_mask": "finding the lungs",
     "resample": "resampling to the model's grid", "cam": "computing the heat map",
     "resample_back": "resampling the heat map to the CT", "segment": "finding hot regions",
-    "write": "writing the outputs",
+    "second_opinion": "asking the region model about each hot region", "write": "writing the outputs",
 }
 
 
@@ -292,10 +292,16 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
     the command line and the batch, and by :func:`explain` before the lung mask."""
     from .engine.cam import _resolve_layer
 
-    loaded = get_model(options.model, resolve_device(options.device) if device is None else device)
+    device = resolve_device(options.device) if device is None else device
+    loaded = get_model(options.model, device)
     _target_index(loaded.card, options.target)
     for part in (options.layer or loaded.card.target_layer).split("+"):
         _resolve_layer(loaded.module, part)
+    if options.region_model is not None:
+        card = get_model(options.region_model, device).card
+        if card.input != "roi":
+            raise InvalidInputError(f"region model {card.name!r} takes a whole scan, not one region (its card's "
+                                    "input is 'scan'): give a region model, e.g. lidc-malignancy")
     return loaded
 def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int],
                   batch: int, dev: "torch.device") -> None:  # noqa: F821
@@ -508,10 +514,46 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
 
     explanation = explain(volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options,
                           on_estimate=on_estimate)
-    with _Stages(explanation.timings, progress, cancel)("segment"):
+    stage = _Stages(explanation.timings, progress, cancel)
+    with stage("segment"):
         segmentation = segment_cam(explanation, threshold=options.threshold,
                                    within=None if options.restrict_to_lungs else False)
+    if options.region_model is not None and segmentation.regions:
+        with stage("second_opinion"):
+            second_opinions(volume, explanation, segmentation, options, cancel=cancel)
     return explanation, segmentation
+
+
+#: The most hot regions (hottest first) a region model is asked about in one run.
+MAX_SECOND_OPINIONS = 20
+
+
+def second_opinions(volume: Volume, explanation: Explanation, segmentation: Segmentation,
+                    options: ExplainOptions, cancel: Optional[Callable[[], bool]] = None) -> None:
+    """Ask ``options.region_model`` about each hot region of ``segmentation`` (the
+    :data:`MAX_SECOND_OPINIONS` hottest): the CT is cut to a block of two of the region model's
+    patches around the region's centroid, and one patch centred there goes through the model
+    (``mode="roi"``, its card's method and class). Sets each region's ``second_opinion``."""
+    loaded = get_model(options.region_model, resolve_device(options.device))
+    card = loaded.card
+    extent_mm = np.asarray(card.patch_size[::-1], dtype=float) * np.asarray(card.spacing_mm)  # i, j, k
+    for region in segmentation.regions[:MAX_SECOND_OPINIONS]:
+        centre = np.asarray(region.centroid_ras, dtype=float)
+        c = volume.ras_to_ijk_points(centre)[0]
+        half = extent_mm / volume.spacing  # a patch on each side
+        box = tuple((int(np.floor(c[a] - half[a])), int(np.ceil(c[a] + half[a])) + 1) for a in (2, 1, 0))
+        block = crop(volume, box)
+        lungs = None
+        if explanation.lung_mask is not None:
+            lo = [max(0, a) for a, _ in box]
+            lungs = np.asarray(explanation.lung_mask)[tuple(slice(l, l + n) for l, n in zip(lo, block.shape))]
+        answer = explain(block, lung_mask=lungs, cancel=cancel, options=ExplainOptions(
+            model=loaded, mode="roi", roi=(tuple(centre), 1.0), chest_check=False, device=options.device,
+            batch_size=options.batch_size, amp=options.amp))
+        region.second_opinion = {
+            "model": card.name, "version": card.version, "target_class": answer.target_class,
+            "probability": answer.probabilities.get(answer.target_class), "predicted_class": answer.predicted_class,
+            "probabilities": answer.probabilities}
 
 
 # --------------------------------------------------------------------------------------------
@@ -637,6 +679,7 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "n_patches": explanation.extra.get("n_patches"),
         "device": explanation.extra.get("device_used", explanation.extra.get("device")),
         "chest_check": explanation.extra.get("chest_check"),
+        "region_model": (explanation.extra.get("options") or {}).get("region_model"),
         "threshold": segmentation.threshold,
         "outcome": outcome(segmentation),
         "regions": [r.to_dict() for r in segmentation.regions],
@@ -846,6 +889,9 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
     if roi:
         g.add_argument("--roi", default=None, type=_argument_type(parse_roi), metavar="X,Y,Z,SIZE",
                        help="explain only a region: 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' (RAS mm; negative values are fine)")
+    g.add_argument("--region-model", default=None, metavar="MODEL",
+                   help="also ask a region model (e.g. lidc-malignancy) about each hot region; its answer is "
+                        "in the report's regions (second_opinion) and summary")
     g.add_argument("--threshold", default=0.5, type=_argument_type(parse_threshold),
                    help="heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
     g.add_argument("--restrict-to-lungs", default=True, action=argparse.BooleanOptionalAction,
@@ -871,7 +917,8 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
     return ExplainOptions(model=args.model, method=args.method, target=args.target, layer=args.layer,
                           mode=args.mode, roi=getattr(args, "roi", None), threshold=args.threshold,
                           restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
-                          device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp)
+                          device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp,
+                          region_model=args.region_model)
 
 
 def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:
@@ -920,6 +967,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
     print(f"prediction: {explanation.predicted_class} ({probs}); {outcome(segmentation)}; "
           f"{explanation.timings['total']:.1f} s")
+    for region in segmentation.regions:
+        if region.second_opinion:
+            o = region.second_opinion
+            print(f"  {region.name} ({region.volume_ml:.2f} ml at RAS {', '.join(f'{c:.1f}' for c in region.centroid_ras)}"
+                  f" mm): {o['model']} P({o['target_class']}) = {o['probability']:.3f}")
     print(f"outputs in {Path(args.out).resolve()}: {', '.join(sorted(p.name for p in files.values()))}")
     print(intended_use(explanation))
     return 0

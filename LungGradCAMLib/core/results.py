@@ -38,6 +38,9 @@ class Region:
     Volumes in mm³ and ml, CAM in [0, 1], HU from the CT, centroid in RAS mm, bounding boxes as
     ((k0, k1), (j0, j1), (i0, i1)) half-open voxel ranges and as RAS (min xyz, max xyz) of the
     voxel centres. ``score`` is the model's probability for the region when known.
+    ``second_opinion``: a region model's answer about this region when one was asked
+    (``ExplainOptions.region_model``): ``model``, ``version``, ``target_class``, ``probability``
+    (of the target class), ``predicted_class`` and ``probabilities``.
     """
 
     label: int
@@ -55,6 +58,7 @@ class Region:
     bbox_ras: Tuple[Tuple[float, float, float], Tuple[float, float, float]]
     color: Tuple[float, float, float] = (1.0, 0.0, 0.0)
     score: Optional[float] = None
+    second_opinion: Optional[dict] = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,3 +46,22 @@ def run_on_read_only_mount(folder: Path, command: list, **kwargs):
     if result.returncode == NO_MOUNT or stderr.startswith("unshare:"):
         pytest.skip(f"no read-only mount can be made here: {stderr.strip()[-200:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def region_model(tmp_path_factory):
+    """An untrained narrow gradcam3d_cnn whose card says it judges a region (benign vs malignant)."""
+    import torch
+
+    from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+
+    torch.manual_seed(0)
+    module = build_model("gradcam3d_cnn", width=2).eval()
+    head = module.head[-1]
+    with torch.no_grad():  # "malignant" = +mean of the last features: a CAM that is not all zero
+        head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
+        head.bias.zero_()
+    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["benign", "malignant"],
+                     cam_class="malignant", target_layer="features.act6", patch_size=[16, 16, 16],
+                     spacing_mm=[2.0, 2.0, 2.0], name="tiny-region", input="roi")
+    return save_model(module, card, tmp_path_factory.mktemp("models") / "tiny-region.safetensors")

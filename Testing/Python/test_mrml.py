@@ -471,3 +471,51 @@ def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, ches
     nodule = chest.nodule_labelmap > 0
     assert metrics.pointing_game(slicer.util.arrayFromVolume(result.cam_node), nodule)
     assert np.any((result.segmentation.labelmap.array > 0) & nodule)
+
+
+# --- region models (card input "roi", e.g. lidc-malignancy) --------------------------------------------
+def test_a_region_model_explains_a_markups_roi(scene, chest, region_model):
+    """An ROI node placed on the nodule is the region a region model judges: one patch centred on it."""
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    roi_node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    with pytest.raises(InvalidInputError, match="not placed yet"):
+        mrml.roi_from_node(roi_node)
+    with pytest.raises(InvalidInputError, match="markups ROI node"):
+        mrml.roi_from_node(ct)
+    roi_node.SetCenterWorld(*NODULE_RAS)
+    roi_node.SetSizeWorld(30.0, 30.0, 30.0)
+    centre, size = mrml.roi_from_node(roi_node)
+    np.testing.assert_allclose(centre, NODULE_RAS)
+    np.testing.assert_allclose(size, 30.0)
+    with pytest.raises(InvalidInputError, match="judges a region"):  # no roi: refused, no node made
+        mrml.explain_volume_node(ct, model=str(region_model), device="cpu")
+    assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
+    result = mrml.explain_volume_node(ct, model=str(region_model), device="cpu", roi=(centre, size),
+                                      restrict_to_lungs=False, threshold=0.1)
+    assert result.explanation.extra["mode"] == "roi" and result.explanation.extra["n_patches"] == 1
+    assert set(result.explanation.probabilities) == {"benign", "malignant"}
+    hot = np.argwhere(slicer.util.arrayFromVolume(result.cam_node) > 0)
+    middle = result.explanation.cam.ijk_to_ras_points((hot.min(axis=0) + hot.max(axis=0))[::-1] / 2)[0]
+    assert np.all(np.abs(middle - NODULE_RAS) <= 4.0)  # the patch is centred on the ROI
+
+
+def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_answer(scene, chest, region_model):
+    """The whole-scan model's regions, each with the region model's second opinion in the table; a
+    region turned into an ROI node gives back its centre for the region model."""
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    result = mrml.explain_volume_node(ct, model="default", device="cpu", threshold=0.3,
+                                      region_model=str(region_model))
+    regions = result.segmentation.regions
+    assert regions, "the default model finds the phantom's nodule at 0.3"
+    table = result.table_node.GetTable()
+    assert result.table_node.GetNumberOfColumns() == 19
+    for row, region in enumerate(regions):
+        assert table.GetColumnByName("Region model").GetValue(row) == "tiny-region"
+        assert table.GetColumnByName("Region model class").GetValue(row) == "malignant"
+        assert table.GetColumnByName("Region model P").GetValue(row) == pytest.approx(
+            region.second_opinion["probability"])
+    roi_node = mrml.region_to_roi_node(regions[0], margin_mm=5.0)
+    centre, size = mrml.roi_from_node(roi_node)
+    np.testing.assert_allclose(centre, regions[0].centroid_ras, atol=1e-6)
+    lo, hi = (np.asarray(v) for v in regions[0].bbox_ras)
+    np.testing.assert_allclose(size, np.abs(hi - lo) + 10.0, atol=1e-6)

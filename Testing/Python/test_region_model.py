@@ -9,27 +9,10 @@ import pytest
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import InvalidInputError
-from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
+from LungGradCAMLib.engine.models import load_model
 from LungGradCAMLib.pipeline import explain
 
 NODULE_RAS = (60.0, 20.0, -150.0)
-
-
-@pytest.fixture(scope="module")
-def region_model(tmp_path_factory):
-    """An untrained narrow gradcam3d_cnn whose card says it judges a region (benign vs malignant)."""
-    import torch
-
-    torch.manual_seed(0)
-    module = build_model("gradcam3d_cnn", width=2).eval()
-    head = module.head[-1]
-    with torch.no_grad():  # "malignant" = +mean of the last features: a CAM that is not all zero
-        head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
-        head.bias.zero_()
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["benign", "malignant"],
-                     cam_class="malignant", target_layer="features.act6", patch_size=[16, 16, 16],
-                     spacing_mm=[2.0, 2.0, 2.0], name="tiny-region", input="roi")
-    return save_model(module, card, tmp_path_factory.mktemp("models") / "tiny-region.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +56,40 @@ def test_the_cli_needs_roi_for_a_region_model(tmp_path, chest, region_model, cap
                  "--device", "cpu", f"--roi={roi}"]) == 0
     report = json.loads((tmp_path / "roi" / "report.json").read_text())
     assert report["model"]["input"] == "roi" and report["mode"] == "roi"
+
+
+def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, region_model, capsys):
+    """--region-model: the whole-scan model finds the hot regions, the region model answers for each
+    one (report, printed summary); a whole-scan model is refused as a region model before any work."""
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.core.volume import write_volume
+
+    ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
+    args = ["run", str(ct), "--device", "cpu", "--threshold", "0.3"]
+    assert main(args + ["--out", str(tmp_path / "scan-as-region"), "--region-model", "default"]) == 2
+    assert "takes a whole scan" in capsys.readouterr().err
+    assert not (tmp_path / "scan-as-region").exists()
+
+    assert main(args + ["--out", str(tmp_path / "both"), "--region-model", str(region_model)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "both" / "report.json").read_text())
+    assert report["model"]["name"] == "default" and report["region_model"] == str(region_model)
+    assert report["regions"], "the default model finds the phantom's nodule at 0.3"
+    for region in report["regions"]:
+        opinion = region["second_opinion"]
+        assert opinion["model"] == "tiny-region" and opinion["target_class"] == "malignant"
+        assert set(opinion["probabilities"]) == {"benign", "malignant"}
+        assert opinion["probability"] == opinion["probabilities"]["malignant"]
+        assert f"tiny-region P(malignant) = {opinion['probability']:.3f}" in printed
+    assert "second_opinion" in report["timings_s"]
+
+
+def test_the_bundled_malignancy_model_loads_and_fuses_its_layers(chest):
+    """lidc-malignancy: a region model whose card fuses three layers (LayerCAM), explained on a roi."""
+    loaded = load_model("lidc-malignancy")
+    assert loaded.card.input == "roi" and loaded.card.cam_method == "layercam"
+    assert [loaded.module.get_submodule(n) for n in loaded.card.target_layer.split("+")] == loaded.target_layers
+    assert len(loaded.target_layers) == 3 and loaded.target_layer is loaded.target_layers[-1]
+    exp = explain(chest.volume, model="lidc-malignancy", device="cpu", roi=(NODULE_RAS, 30.0))
+    assert exp.method == "layercam" and exp.extra["n_patches"] == 1
+    assert sum(exp.probabilities.values()) == pytest.approx(1.0) and exp.cam.array.max() > 0

@@ -111,9 +111,14 @@ class LoadedModel:
         return next(self.module.parameters()).device
 
     @property
+    def target_layers(self) -> List[nn.Module]:
+        """The card's CAM layers (several when its ``target_layer`` joins names with ``+``)."""
+        return [self.module.get_submodule(name) for name in self.card.target_layer.split("+")]
+
+    @property
     def target_layer(self) -> nn.Module:
-        """The card's Grad-CAM layer."""
-        return self.module.get_submodule(self.card.target_layer)
+        """The card's CAM layer (of several fused ones, the deepest: the last named)."""
+        return self.target_layers[-1]
 
     def prepare(self, hu: torch.Tensor) -> torch.Tensor:
         """HU tensor (N, C, K, J, I) -> model input, windowed and normalised as the card says."""
@@ -264,7 +269,8 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
         raise ModelError(f"{weights}: SHA-256 {digest} does not match the card's {card.sha256}; "
                          "the weights file is corrupt or belongs to another card")
     try:
-        module.get_submodule(card.target_layer)
+        for name in card.target_layer.split("+"):
+            module.get_submodule(name)
     except AttributeError:
         raise ModelError(f"{weights}: target_layer {card.target_layer!r} is not a layer of "
                          f"{card.architecture}") from None
