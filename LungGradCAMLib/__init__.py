@@ -20,12 +20,12 @@ _EXPORTS = {
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",
     "load_model": "engine.models", "LoadedModel": "engine.models", "ModelCard": "engine.models",
     "compute_cam": "engine.cam", "CAM": "engine.cam", "sliding_cam": "engine.sliding",
-    "segment_cam": "segment", "write_segmentation": "segment",
+    "segment_cam": "pipeline.segment", "write_segmentation": "pipeline.segment",
     "explain": "pipeline", "write_outputs": "pipeline", "ExplainOptions": "options",
 }
 # lgc.<name> -> module: the parts, the top-level modules, and lgc.metrics (named in the README)
 _SUBMODULES = {name: name for name in ("core", "io", "engine", "training", "evaluation", "cli", "phantom", "mrml",
-                                       "options", "pipeline", "segment", "bench")}
+                                       "options", "pipeline")}
 _SUBMODULES["metrics"] = "evaluation.metrics"
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -21,7 +21,7 @@ from ..core.errors import LungGradCAMError
 from ..options import ExplainOptions
 
 # Library modules that contribute subcommands through ``add_cli(subparsers)``.
-_COMMAND_MODULES = ("..pipeline", "..training.train", "..evaluation.evaluate", "..bench")
+_COMMAND_MODULES = ("..pipeline", "..training.train", "..evaluation.evaluate", "..pipeline.bench")
 _VERBOSE_HELP = "log each stage and its time"
 
 
@@ -86,7 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..pipeline import check_options, cli_progress, run_one
     from ..io.render import save_montage
     from ..core.results import Segmentation
-    from ..segment import write_segmentation
+    from ..pipeline.segment import write_segmentation
     from ..core.volume import write_volume
 
     out = Path(args.out)

@@ -340,7 +340,7 @@ def test_regions_to_table_refills_and_handles_no_regions(scene):
 
 # --- files written by the library, read by Slicer's own reader ---------------------------------------
 def test_seg_nrrd_from_write_segmentation_loads_in_slicer(tmp_path, scene):
-    segment = pytest.importorskip("LungGradCAMLib.segment", reason="segment.py not written yet")
+    segment = pytest.importorskip("LungGradCAMLib.pipeline.segment", reason="segment.py not written yet")
     seg = _segmentation(OBLIQUE)
     path = segment.write_segmentation(seg, tmp_path / "regions.seg.nrrd")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -6,7 +6,7 @@ import pytest
 
 from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
 from LungGradCAMLib.core.results import Explanation, Segmentation
-from LungGradCAMLib.segment import PALETTE, segment_cam, write_segmentation
+from LungGradCAMLib.pipeline.segment import PALETTE, segment_cam, write_segmentation
 from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 
 SPACING = (0.7, 0.8, 2.5)                   # i, j, k mm: anisotropic

@@ -24,13 +24,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from . import __version__
-from .core.atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
-from .core.errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
+from .. import __version__
+from ..core.atomic import check_output_folder, folder_lock, output_folder, write_json, write_text
+from ..core.errors import (CancelledError, DatabaseError, DicomDecodeError, DicomError, FolderBusyError,
                      InvalidInputError, LungGradCAMError, NotChestCTError, OutputError, ResourceError, VolumeError)
-from .options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
-from .core.results import Explanation, Segmentation
-from .core.volume import Volume, crop, resample, resample_to, resampled_shape
+from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
+from ..core.results import Explanation, Segmentation
+from ..core.volume import Volume, crop, resample, resample_to, resampled_shape
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ _MODEL_CACHE: Dict[Tuple[str, str], Any] = {}
 
 def get_model(model: Any, device: "torch.device") -> Any:  # noqa: F821
     """A ``LoadedModel`` on ``device``: pass one through, or load a name/path once per device."""
-    from .engine.models import LoadedModel, load_model
+    from ..engine.models import LoadedModel, load_model
 
     if isinstance(model, LoadedModel):
         if next(model.module.parameters()).device != device:
@@ -138,8 +138,8 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
     import torch
 
-    from .engine.cam import ScoreCAM
-    from .engine.sliding import cpu_workers
+    from ..engine.cam import ScoreCAM
+    from ..engine.sliding import cpu_workers
 
     scorecam = method == ScoreCAM.name
     # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
@@ -290,7 +290,7 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
     """Load ``options.model`` on the device (cached) and check the options that need it: the
     target class and the CAM layer. Returns the ``LoadedModel``. Called before any CT is read by
     the command line and the batch, and by :func:`explain` before the lung mask."""
-    from .engine.cam import _resolve_layer
+    from ..engine.cam import _resolve_layer
 
     device = resolve_device(options.device) if device is None else device
     loaded = get_model(options.model, device)
@@ -307,7 +307,7 @@ def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                   batch: int, dev: "torch.device") -> None:  # noqa: F821
     """Refuse (:class:`ResourceError`) before resampling when the grids the model card implies,
     and on the CPU the model's activations for one batch, need more memory than there is."""
-    from .core.limits import check_bytes
+    from ..core.limits import check_bytes
 
     need = volume.array.size * CT_BYTES_PER_VOXEL + float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL
     if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
@@ -355,9 +355,9 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     """
     import torch
 
-    from .engine.lung import check_chest_ct, lung_bbox
-    from .engine.lung import lung_mask as compute_lung_mask
-    from .engine.sliding import patch_counts, sliding_cam
+    from ..engine.lung import check_chest_ct, lung_bbox
+    from ..engine.lung import lung_mask as compute_lung_mask
+    from ..engine.sliding import patch_counts, sliding_cam
 
     started = time.perf_counter()
     opts = _options(options, dict(model=model, method=method, target=target, mode=mode, roi=roi,
@@ -507,7 +507,7 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
                         progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
                         on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
                         ) -> Tuple[Explanation, Segmentation]:
-    """:func:`explain`, then :func:`~LungGradCAMLib.segment.segment_cam` at ``options.threshold``
+    """:func:`explain`, then :func:`~LungGradCAMLib.pipeline.segment.segment_cam` at ``options.threshold``
     (inside the lungs when ``options.restrict_to_lungs``): what the command line, the batch and the
     Slicer module do. The segmentation stage is timed and reported as ``segment``."""
     from .segment import segment_cam
@@ -564,7 +564,7 @@ def _is_database(path: Path) -> bool:
 
 
 def _is_volume_file(path: Path) -> bool:
-    from .core.volume import SUPPORTED_SUFFIXES
+    from ..core.volume import SUPPORTED_SUFFIXES
 
     return path.is_file() and any(path.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
 
@@ -574,7 +574,7 @@ def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = Non
     short names), it exists, it is no FIFO, socket or device (reading one would block or never
     end), and ``series_uid`` is only given for a DICOM folder or database (a volume file holds one
     series)."""
-    from .core.paths import check_path, is_special, kind
+    from ..core.paths import check_path, is_special, kind
 
     path = check_path(source, "input")
     if not path.exists():
@@ -593,17 +593,17 @@ def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None
     """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
     database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
     when it holds several CT series). ``progress(done, total)`` counts DICOM files read."""
-    from .core.volume import read_volume
+    from ..core.volume import read_volume
 
     path = check_input(source, series_uid)
     if _is_database(path):
-        from .io.ctkdb import DicomDatabase
+        from ..io.ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
         return db.load(series_uid, progress=progress) if series_uid else db.load_single_ct(progress=progress)
     if _is_volume_file(path):
         return read_volume(path)
-    from .io.dicom import load_dicom_series
+    from ..io.dicom import load_dicom_series
 
     return load_dicom_series(path if path.is_dir() else [path], series_uid=series_uid, progress=progress)
 
@@ -645,7 +645,7 @@ def _versions() -> Dict[str, str]:
 
 def intended_use(explanation: Explanation) -> str:
     """The model card's intended use (e.g. "... not for clinical use"), as every output shows it."""
-    from .engine.models.card import NOT_CLINICAL
+    from ..engine.models.card import NOT_CLINICAL
 
     return (explanation.extra.get("model") or {}).get("intended_use") or NOT_CLINICAL
 
@@ -724,9 +724,9 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .core.results import Segmentation as Seg
+    from ..core.results import Segmentation as Seg
     from .segment import write_segmentation
-    from .core.volume import write_volume
+    from ..core.volume import write_volume
 
     if volume_format not in VOLUME_FORMATS:
         raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
@@ -751,7 +751,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
         if dicom_seg and not segmentation.regions:
             report["dicom_seg"] = f"not written: {NO_REGION}"
         elif dicom_seg:
-            from .io.dicomseg import write_dicom_seg
+            from ..io.dicomseg import write_dicom_seg
 
             jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm",
                                                         method=explanation.method,
@@ -786,7 +786,7 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
     CAM colour map, region and lung contours, colour bar; the title states the prediction and the
     outcome, the caption the model's intended use."""
-    from .io.render import save_montage
+    from ..io.render import save_montage
 
     if segmentation.regions:
         centre = explanation.cam.ras_to_ijk_points(segmentation.regions[0].peak_ras)[0]
@@ -1031,13 +1031,13 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
     is logged."""
     path = check_input(source)
     if _is_database(path):
-        from .io.ctkdb import DicomDatabase
+        from ..io.ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
         jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}")
                 for s in db.ct_series()]
     else:
-        from .io.dicom import list_dicom_series, load_dicom_series
+        from ..io.dicom import list_dicom_series, load_dicom_series
 
         unreadable: Dict[Path, str] = {}
         series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]

@@ -63,9 +63,9 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     """One ``lunggradcam run`` in this (fresh) process: seconds per stage, peak memory, and with
     ``files`` each output file's size and time when written alone (after the run, not counted)."""
     t0 = time.perf_counter()
-    from .io.dicom import load_dicom_series
-    from .options import ExplainOptions
-    from .pipeline import resolve_device, run_one
+    from ..io.dicom import load_dicom_series
+    from ..options import ExplainOptions
+    from . import resolve_device, run_one
 
     dev = resolve_device(device)
     imports = time.perf_counter() - t0
@@ -88,10 +88,10 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
 
 def _file_costs(explanation: Any, segmentation: Any, folder: Path) -> Dict[str, Dict[str, float]]:
     """Each output file written alone: seconds and bytes."""
-    from .pipeline import write_overlay
-    from .core.results import Segmentation
+    from . import write_overlay
+    from ..core.results import Segmentation
     from .segment import write_segmentation
-    from .core.volume import write_volume
+    from ..core.volume import write_volume
 
     lungs = Segmentation(explanation.cam.with_array(explanation.lung_mask.view(np.uint8)), [])
     writers = {
@@ -113,8 +113,8 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
     import torch
     from safetensors.torch import load_file
 
-    from .engine.models import load_model, resolve_model_path
-    from .core.volume import resample, resample_to
+    from ..engine.models import load_model, resolve_model_path
+    from ..core.volume import resample, resample_to
 
     files = sorted(dicom_dir.iterdir())
     ct = volume.array
@@ -169,7 +169,7 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
 def _lung_mask_profile(volume: Any, top: int = 8) -> List[Dict[str, Any]]:
     """Where :func:`~LungGradCAMLib.engine.lung.lung_mask`'s time goes: the functions with the most
     time of their own (a cProfile run on the benchmark's CT)."""
-    from .engine.lung import lung_mask
+    from ..engine.lung import lung_mask
 
     lung_mask(volume)  # imports and first-touch costs apart
     profile = cProfile.Profile()
@@ -188,8 +188,8 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
     (i, j, k): see the module docstring."""
     import multiprocessing
 
-    from . import phantom
-    from .io.dicom import load_dicom_series
+    from .. import phantom
+    from ..io.dicom import load_dicom_series
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lgc-bench-") as tmp:
@@ -274,7 +274,7 @@ def _cmd_bench(args: Any) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    from .pipeline import _argument_type, _device
+    from . import _argument_type, _device
 
     p = sub.add_parser("bench", help="time 'lunggradcam run' end to end on a phantom DICOM series",
                        description="Write a phantom CT as DICOM, then load + explain + segment + write it in "

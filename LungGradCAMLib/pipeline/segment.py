@@ -17,10 +17,10 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from .core.atomic import atomic_path
-from .core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from .core.results import Explanation, Region, Segmentation
-from .core.volume import LPS_TO_RAS, Volume, same_geometry
+from ..core.atomic import atomic_path
+from ..core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from ..core.results import Explanation, Region, Segmentation
+from ..core.volume import LPS_TO_RAS, Volume, same_geometry
 
 Threshold = Union[float, str, Tuple[str, float]]
 Color = Tuple[float, float, float]
