@@ -48,6 +48,18 @@ _NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm
 _EPS = 1e-7
 
 
+def probabilities(logits: torch.Tensor, activation: str = "softmax") -> torch.Tensor:
+    """(N, K) logits -> (N, K) probabilities, the package's one rule: the softmax, or with
+    ``activation="sigmoid"`` each logit's sigmoid (one-vs-rest); a single-logit softmax-mode model is
+    binary, (N, 2): [1 - p, p], p = sigmoid(logit)."""
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
 @dataclass
 class CamResult:
     """What one :class:`CAM` call returns: the maps and the scores of the same forward pass.
@@ -67,14 +79,8 @@ class CamResult:
 
     @property
     def probabilities(self) -> torch.Tensor:
-        """(N, K) softmax (or sigmoid) of the logits; for a binary single-logit softmax-mode
-        model (N, 2): [1 - p, p], p = sigmoid(logit)."""
-        if self.activation == "sigmoid":
-            return torch.sigmoid(self.logits)
-        if self.logits.shape[1] == 1:
-            p = torch.sigmoid(self.logits)
-            return torch.cat([1 - p, p], dim=1)
-        return torch.softmax(self.logits, dim=1)
+        """:func:`probabilities` of the logits."""
+        return probabilities(self.logits, self.activation)
 
     @property
     def target_probability(self) -> Optional[torch.Tensor]:

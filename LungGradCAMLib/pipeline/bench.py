@@ -1,4 +1,4 @@
-"""``lunggradcam bench``: ``lunggradcam run`` timed end to end on a phantom DICOM series, stage by
+"""``lunggradcam run`` timed end to end on a phantom DICOM series, stage by
 stage, beside the floor each stage is measured against.
 
 A phantom CT of the given size is written once as a DICOM series. Then ``runs`` runs, each in a
@@ -14,9 +14,7 @@ A floor is the least work any implementation of the stage must do on the same da
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import os
 import pstats
 import statistics
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
+
 
 #: The stages of a run, in order, and what each one's floor does.
 FLOORS = {
@@ -65,7 +64,8 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     t0 = time.perf_counter()
     from ..io.dicom import load_dicom_series
     from ..options import ExplainOptions
-    from . import resolve_device, run_one
+    from ..engine.device import resolve_device
+    from .outputs import run_one
 
     dev = resolve_device(device)
     imports = time.perf_counter() - t0
@@ -88,7 +88,7 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
 
 def _file_costs(explanation: Any, segmentation: Any, folder: Path) -> Dict[str, Dict[str, float]]:
     """Each output file written alone: seconds and bytes."""
-    from . import write_overlay
+    from .outputs import write_overlay
     from ..core.results import Segmentation
     from .segment import write_segmentation
     from ..core.volume import write_volume
@@ -253,40 +253,3 @@ def format_table(report: Dict[str, Any]) -> str:
                  f"{', '.join(map(str, report['imports_s']))} s); peak RSS {max(report['peak_rss_mb'])} MB; "
                  f"CPU {', '.join(f'{c:.1f}' for c in report['cpu_s'])} s")
     return "\n".join(lines)
-
-
-def _numbers(text: str, separator: str, kind: type, what: str) -> List[Any]:
-    """``text`` split at ``separator`` into three positive numbers (an argparse ``type=``)."""
-    try:
-        values = [kind(x) for x in text.lower().split(separator)]
-    except ValueError:
-        values = []
-    if len(values) != 3 or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give {what}")
-    return values
-
-
-def _cmd_bench(args: Any) -> int:
-    report = end_to_end(args.shape, args.spacing, device=args.device or "auto", model=args.model, runs=args.runs)
-    print(format_table(report), file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    return 0
-
-
-def add_cli(sub: Any) -> None:
-    from . import _argument_type, _device
-
-    p = sub.add_parser("bench", help="time 'lunggradcam run' end to end on a phantom DICOM series",
-                       description="Write a phantom CT as DICOM, then load + explain + segment + write it in "
-                                   "--runs fresh processes: a table of the stages (median, spread, floor) on "
-                                   "stderr, the full report as JSON on stdout.")
-    p.add_argument("--shape", default=[300, 512, 512], metavar="KxJxI",
-                   type=lambda t: _numbers(t, "x", int, "three positive voxel counts K x J x I, e.g. 300x512x512"),
-                   help="K x J x I voxels (default 300x512x512)")
-    p.add_argument("--spacing", default=[0.7, 0.7, 1.0], metavar="I,J,K",
-                   type=lambda t: _numbers(t, ",", float, "three positive voxel sizes in mm i,j,k, e.g. 0.7,0.7,1.0"),
-                   help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
-    p.add_argument("--device", default=None, type=_argument_type(_device), help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--model", default="default", help="model name or path")
-    p.add_argument("--runs", type=int, default=3, help="runs, each in a fresh process (default 3)")
-    p.set_defaults(func=_cmd_bench)

@@ -46,6 +46,7 @@ from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, Dic
                                         LungGradCAMError, NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model
+from LungGradCAMLib.io.inputs import load_input
 
 from conftest import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
@@ -214,7 +215,7 @@ def _not_a_volume_file(root: Path) -> Made:
     root.mkdir(parents=True)
     path = root / "scan.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path)])
+    return Made(path, lambda: load_input(path), [str(path)])
 
 
 def _unreadable_chmod(root: Path) -> Made:
@@ -681,7 +682,7 @@ def _fifo_ct(root: Path) -> Made:
 
 def _fifo_ct_without_suffix(root: Path) -> Made:
     path = _fifo(root / "ct")
-    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path), "named pipe"])
+    return Made(path, lambda: load_input(path), [str(path), "named pipe"])
 
 
 def _fifo_data_file(root: Path) -> Made:
@@ -986,7 +987,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot, numpy, pydicom, scipy.ndimage, SimpleITK, skimage.measure, torch
 from LungGradCAMLib.engine import cam, lung, models, sliding
-from LungGradCAMLib import cli, pipeline, segment
+from LungGradCAMLib import cli, pipeline
+from LungGradCAMLib.pipeline import segment
 from LungGradCAMLib.io import render
 pages = int(open("/proc/self/statm").read().split()[0])
 limit = pages * resource.getpagesize() + int(sys.argv[1])

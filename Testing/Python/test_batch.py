@@ -18,6 +18,7 @@ import pytest
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom, pipeline
 from LungGradCAMLib.cli import main
+from LungGradCAMLib.io.inputs import load_input
 
 from test_pipeline import make_tiny_model
 
@@ -41,7 +42,7 @@ def cohort(tmp_path_factory):
     for seed in (1, 2, 3):
         ph = phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
         files = phantom.write_dicom_series(ph.volume, tree / f"patient{seed}")
-        uids.append(pipeline.load_input(files[0].parent).meta["series_uid"])
+        uids.append(load_input(files[0].parent).meta["series_uid"])
     broken = phantom.chest_ct(seed=4, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
     files = phantom.write_dicom_series(broken.volume, root / "tmp-broken")
     (tree / "broken").mkdir()

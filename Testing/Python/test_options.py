@@ -11,7 +11,7 @@ import pytest
 from LungGradCAMLib.cli import build_parser, main
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.options import METHODS, ExplainOptions, parse_roi, parse_threshold
-from LungGradCAMLib.pipeline import options_from_args
+from LungGradCAMLib.cli.common import options_from_args
 
 
 def test_options_are_normalised():

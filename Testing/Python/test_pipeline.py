@@ -16,6 +16,8 @@ from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import InvalidInputError, VolumeError
 from LungGradCAMLib.core.volume import LPS_TO_RAS
 from LungGradCAMLib.engine.models import ModelCard, available_models, build_model, save_model
+from LungGradCAMLib.engine.device import resolve_device
+from LungGradCAMLib.io.inputs import load_input
 
 from conftest import data_path
 
@@ -186,15 +188,15 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     ct = small_phantom.volume
     dicom_dir = tmp_path / "db" / "dicom"
     lgc.phantom.write_dicom_series(ct, dicom_dir, shuffle_names=True)
-    from_dicom = pipeline.load_input(dicom_dir)
+    from_dicom = load_input(dicom_dir)
     lgc.write_volume(ct, tmp_path / "ct.nrrd")
-    from_nrrd = pipeline.load_input(tmp_path / "ct.nrrd")
+    from_nrrd = load_input(tmp_path / "ct.nrrd")
     assert lgc.same_geometry(from_dicom, from_nrrd, atol_mm=1e-4)
     np.testing.assert_allclose(from_dicom.array, np.round(from_nrrd.array), atol=1.0)
 
     # a Slicer database (CTK schema subset) that indexes the folder, with relative file names
     make_ctk_db(tmp_path / "db", dicom_dir)
-    from_db = pipeline.load_input(tmp_path / "db")
+    from_db = load_input(tmp_path / "db")
     np.testing.assert_array_equal(from_db.array, from_dicom.array)
 
     exp = lgc.explain(from_dicom, model=str(tiny_model), device="cpu", batch_size=8)
@@ -294,8 +296,8 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     (gradcam,) = estimates
     assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
     assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
-    loaded = pipeline.get_model(str(tiny_model), pipeline.resolve_device("cpu"))
-    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, pipeline.resolve_device("cpu"), 2)
+    loaded = pipeline.get_model(str(tiny_model), resolve_device("cpu"))
+    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, resolve_device("cpu"), 2)
     assert score.channels == 32 and score.passes == gradcam.patches * 33  # gradcam3d_cnn width 2: 16 * 2
     assert score.seconds > gradcam.seconds and f"{score.passes:,} forward passes" in str(score)
 
@@ -444,7 +446,7 @@ def test_every_real_chest_ct_passes_the_chest_check(name):
     """The real chest CTs of ../shared/data, whole scans, slabs of 15 and 40 mm and crops, hold lungs."""
     from LungGradCAMLib.engine.lung import check_chest_ct
 
-    ct = pipeline.load_input(data_path(*name.split("/")))
+    ct = load_input(data_path(*name.split("/")))
     check = check_chest_ct(ct, lgc.lung_mask(ct))
     assert check.ok, check.problems
     assert check.max_lung_area_cm2 > 150 and check.lung_share > 0.2 and check.aerated_share > 0.8
@@ -468,7 +470,7 @@ def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tin
                          progress=lambda stage, done, total: stages.append(stage))
     assert "lung_mask" in stages and "cam" not in stages
     # switched off, or with a region given, it runs
-    exp = lgc.explain(pipeline.load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
+    exp = lgc.explain(load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
     assert not exp.extra["chest_check"]["ok"] and exp.extra["chest_check"]["lung_share"] < 0.05
 
 

@@ -99,6 +99,8 @@ import importlib, json, pkgutil
 import LungGradCAMLib
 missing = {}
 for info in pkgutil.walk_packages(LungGradCAMLib.__path__, "LungGradCAMLib."):
+    if info.name.endswith(".__main__"):  # python -m LungGradCAMLib.cli: runs the command line
+        continue
     try:
         importlib.import_module(info.name)
     except ModuleNotFoundError as exc:

@@ -13,6 +13,8 @@ import itertools
 import math
 import os
 import zipfile
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -24,6 +26,8 @@ from ...core.atomic import atomic_path
 from ...core.errors import InvalidInputError, ModelError
 from ...core.limits import available_memory, check_bytes, max_model_bytes
 from ...core.paths import check_path, kind, open_regular
+from ..cam import probabilities as _probabilities
+from ..device import resolve_device
 from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
 from .networks import ARCHITECTURES
@@ -125,8 +129,8 @@ class LoadedModel:
         return apply_card_preprocessing(hu, self.card)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, classes) logits -> probabilities with the card's activation (softmax/sigmoid)."""
-        return torch.softmax(logits, 1) if self.card.activation == "softmax" else torch.sigmoid(logits)
+        """(N, classes) logits -> probabilities with the card's activation (:func:`cam.probabilities`)."""
+        return _probabilities(logits, self.card.activation)
 
     #: Bytes of all layers' outputs per input voxel, measured by :func:`load_model`'s probe.
     bytes_per_voxel: float = 0.0
@@ -285,8 +289,7 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                  if got[k] != expected[k]][:5]
         raise ModelError(f"{weights}: weights do not match {card.architecture}{card.kwargs}: "
                          f"missing {missing}, unexpected {extra}, wrong shapes {wrong}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     # the loaded tensors replace the meta ones (assign): no second allocation, no initialisation,
     # and none of to_empty's meta kernels (which import sympy, 0.7 s at first use)
     module.load_state_dict({k: v.to(meta_state[k].dtype) for k, v in state.items()}, assign=True)
@@ -313,3 +316,36 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
         raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
                          f"{len(card.class_names)} classes {card.class_names}")
     return LoadedModel(module, card, per_voxel)
+
+
+#: How many models :func:`cached_model` keeps (the least recently used is dropped).
+MODEL_CACHE_SIZE = 4
+_CACHE: "OrderedDict[Tuple[Any, ...], LoadedModel]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _file_key(path: Path) -> Tuple[Any, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def cached_model(path_or_name: "Union[str, os.PathLike[str]]" = "default", device: Any = None) -> LoadedModel:
+    """:func:`load_model`, once per weights file and device: keyed by the weights' and the card's
+    resolved paths, sizes, modification times and inodes, so a model replaced at the same path
+    is loaded anew. Keeps the :data:`MODEL_CACHE_SIZE` most recently used models."""
+    weights = resolve_model_path(path_or_name).resolve()
+    dev = resolve_device(device)
+    key = (_file_key(weights), _file_key(weights.with_suffix(".json")), str(dev))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+    loaded = load_model(path_or_name, device=dev)
+    with _CACHE_LOCK:
+        _CACHE[key] = loaded
+        while len(_CACHE) > MODEL_CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
