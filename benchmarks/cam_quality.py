@@ -65,7 +65,7 @@ TOLERANCE_MM = [10.0]
 def training_seeds(card: Any) -> Set[int]:
     """Phantom seeds the card's training data came from (its split's patients ``phantom-<seed>``
     and the ``--phantom-seeds`` of its training command)."""
-    from LungGradCAMLib.training.train import parse_seeds
+    from LungGradCAMLib.training.sources import parse_seeds
 
     training = card.training or {}
     seeds: Set[int] = set()
@@ -283,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from LungGradCAMLib.core.atomic import write_text
     from LungGradCAMLib.engine.models import load_model
-    from LungGradCAMLib.training.train import parse_seeds
+    from LungGradCAMLib.training.sources import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")

@@ -20,7 +20,7 @@ def main() -> None:
     from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib import phantom
     from LungGradCAMLib.pipeline import explain
-    from LungGradCAMLib.training.train import parse_seeds
+    from LungGradCAMLib.training.sources import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")

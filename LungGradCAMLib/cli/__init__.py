@@ -21,7 +21,7 @@ from .common import NEGATIVE_VALUE_OPTIONS
 
 
 # One module per command, each registering it with ``add_cli(subparsers)``, in the order of --help.
-_COMMAND_MODULES = (".demo", ".run", ".batch", "..training.train", "..evaluation.evaluate", ".bench", ".info")
+_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".info")
 _VERBOSE_HELP = "log each stage and its time"
 
 

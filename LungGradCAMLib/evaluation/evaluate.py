@@ -1,5 +1,5 @@
-"""Classification metrics with confidence intervals, ROC and loss-curve figures, and the
-``lunggradcam evaluate`` command.
+"""Classification metrics with confidence intervals, ROC and loss-curve figures, and a model's
+evaluation on labelled patches (what ``lunggradcam evaluate`` reports).
 
 Binary metrics treat one class as positive (the model card's ``cam_class`` by default):
 accuracy, precision, recall (= sensitivity), specificity, F1 and ROC AUC, each with a 95%
@@ -9,7 +9,6 @@ values. These functions are the project's one implementation of classification m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -260,46 +259,3 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
     if history:
         paths["loss"] = save_loss_curves_png(history, out / "loss.png", title=title or "training")
     return paths
-
-
-def add_cli(subparsers: "argparse._SubParsersAction") -> None:
-    """Register ``lunggradcam evaluate``."""
-    from ..training.cam_retrain import add_arguments as add_cam_retrain_arguments
-    from ..training.train import add_data_arguments
-
-    p = subparsers.add_parser(
-        "evaluate", help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
-        description="Evaluate a model on labelled patches: accuracy, precision, recall/sensitivity, "
-                    "specificity, F1 and ROC AUC with 95% bootstrap CIs (patients resampled), the "
-                    "confusion matrix, roc.png and report.json (and loss.png from a training log).")
-    p.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
-    add_data_arguments(p)
-    p.add_argument("--out", required=True, help="output folder for report.json, roc.png, loss.png")
-    p.add_argument("--log", help="a training log.jsonl to plot as loss curves")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    add_cam_retrain_arguments(p)
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from ..engine.models import load_model
-    from ..training.train import load_data
-
-    if args.cam_retrain:
-        from ..training.cam_retrain import run_cli
-
-        return run_cli(args)
-    loaded = load_model(args.model, device=args.device)
-    data = load_data(args, loaded.card)
-    if data.splits is not None:  # the source fixes its splits (background regions): score the test part
-        data = data.subset(data.split_index("test"))
-    report = evaluate_model(loaded, data, args.threshold, n_boot=args.bootstrap, seed=args.seed)
-    report["model"] = loaded.card.summary()
-    report["data"] = {"patches": len(data), "patients": int(len(set(data.patients))), "classes": data.counts()}
-    paths = write_report(report, args.out, read_log(args.log) if args.log else None, title=loaded.card.name)
-    m = report["metrics"]
-    print(json.dumps({k: round(m[k]["value"], 4) for k in METRICS}))
-    print("wrote " + ", ".join(str(v) for v in paths.values()))
-    return 0

@@ -40,7 +40,6 @@ writes ``cam_retrain.json``.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -53,8 +52,12 @@ from typing import Any, Dict, Optional, Sequence
 import numpy as np
 
 from ..core.atomic import write_text
-from .data import PatchSet, crop_patch, patient_split
 from ..core.errors import DataError, InvalidInputError
+from ..engine.device import resolve_device
+from ..engine.models import LoadedModel, ModelCard, load_model
+from ..evaluation.evaluate import evaluate_model
+from .data import PatchSet, crop_patch, patient_split
+from .train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ def fill_empty_masks(masks: np.ndarray, seed: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # model inputs
 # --------------------------------------------------------------------------------------------
-def model_inputs(patches: np.ndarray, card: Any, batch_size: int = 256) -> np.ndarray:
+def model_inputs(patches: np.ndarray, card: ModelCard, batch_size: int = 256) -> np.ndarray:
     """The model input (N, K, J, I) float32 of HU ``patches`` (N, K, J, I): the card's intensity
     preprocessing (for a ``minmax`` card with an HU window: [0, 1], 0 = the window's low end)."""
     from ..engine.preprocess import apply_card_preprocessing
@@ -139,7 +142,7 @@ def model_inputs(patches: np.ndarray, card: Any, batch_size: int = 256) -> np.nd
     return out
 
 
-def patch_cams(loaded: Any, inputs: np.ndarray, method: str = "gradcam", target: Optional[int] = None,
+def patch_cams(loaded: LoadedModel, inputs: np.ndarray, method: str = "gradcam", target: Optional[int] = None,
                batch_size: int = 32, layer: Optional[str] = None) -> np.ndarray:
     """Normalised CAMs (N, K, J, I) float32 in [0, 1] of ``loaded`` (a LoadedModel) for model
     ``inputs`` (N, K, J, I, already preprocessed), each min-max scaled on its own, upsampled to the
@@ -160,7 +163,7 @@ def patch_cams(loaded: Any, inputs: np.ndarray, method: str = "gradcam", target:
     return out
 
 
-def _input_card(card: Any, inputs: Sequence[np.ndarray]) -> Any:
+def _input_card(card: ModelCard, inputs: Sequence[np.ndarray]) -> ModelCard:
     """The card of a model that takes already-preprocessed ``inputs`` as they are."""
     lo = math.floor(min(float(a.min()) for a in inputs))
     hi = max(math.ceil(max(float(a.max()) for a in inputs)), lo + 1)
@@ -196,7 +199,8 @@ class RetrainResult:
                 "reports": self.reports}
 
 
-def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, config: Any = None,
+def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any, *,
+                config: Optional[TrainConfig] = None,
                 val_fraction: float = 0.3, method: str = "gradcam", mask_dilation: int = 0,
                 device: Optional[str] = None, seed: int = 0, n_boot: int = 1000,
                 progress: bool = False) -> RetrainResult:
@@ -213,12 +217,6 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
     is also written to ``out_dir/cam_retrain.json``. See the module doc for what is multiplied and
     how background patches are masked.
     """
-    import torch
-
-    from ..evaluation.evaluate import evaluate_model
-    from ..engine.models import load_model
-    from .train import TrainConfig, fit
-
     masks = np.asarray(masks)
     if masks.shape != data.patches.shape:
         raise InvalidInputError(f"masks {masks.shape} must have the patches' shape {data.patches.shape} (N, K, J, I)")
@@ -230,7 +228,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
         raise InvalidInputError(f"the retraining test needs a two-class model; {card.name or card.architecture} "
                                 f"has classes {card.class_names}")
     cfg = config or TrainConfig(seed=seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(device))
     out = Path(out_dir)
     train_idx, val_idx = patient_split(data.patients, (1 - val_fraction, val_fraction), seed=seed)
     train_set, val_set = data.subset(train_idx), data.subset(val_idx)
@@ -248,7 +246,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
 
     reports: Dict[str, Dict[str, Any]] = {}
 
-    def train_and_score(variant: str, tr: PatchSet, va: PatchSet, variant_card: Any) -> Any:
+    def train_and_score(variant: str, tr: PatchSet, va: PatchSet, variant_card: ModelCard) -> LoadedModel:
         log.info("cam_retrain: training %s", variant)
         result = fit(tr, va, variant_card, out / variant, cfg, progress=progress, device=device)
         loaded = load_model(result.best_path, device=device)
@@ -292,53 +290,3 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: Any, out_dir: Any, *, c
     )
     write_text(out / "cam_retrain.json", json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
     return result
-
-
-# --------------------------------------------------------------------------------------------
-# lunggradcam evaluate --cam-retrain
-# --------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``--cam-retrain`` options of ``lunggradcam evaluate``."""
-    g = p.add_argument_group("heat-map retraining test (--cam-retrain)")
-    g.add_argument("--cam-retrain", action="store_true",
-                   help="instead of evaluating --model, train its architecture (its card: architecture, patch "
-                        "size, preprocessing) from scratch on the phantom data, then retrain it on inputs multiplied "
-                        "by the CAM, the truth mask and the inverted truth mask; writes --out/cam_retrain.json")
-    g.add_argument("--retrain-epochs", type=int, default=15, help="epochs per training (default 15)")
-    g.add_argument("--retrain-patience", type=int, default=5, help="early-stopping patience (default 5)")
-    g.add_argument("--retrain-batch-size", type=int, default=32, help="batch size (default 32)")
-    g.add_argument("--retrain-lr", type=float, default=1e-3, help="learning rate (default 0.001)")
-    g.add_argument("--retrain-arch-kwargs", default="{}",
-                   help='JSON merged into the card\'s architecture arguments, e.g. \'{"width": 4}\'')
-    g.add_argument("--retrain-no-augment", action="store_true", help="switch off 3D augmentation")
-    g.add_argument("--val-fraction", type=float, default=0.3, help="patients for validation (default 0.3)")
-    g.add_argument("--cam-method", default="gradcam", help="CAM method for the cam variant (default gradcam)")
-    g.add_argument("--mask-dilation", type=int, default=0,
-                   help="grow the truth masks by this many voxels first (default 0: the truth as drawn)")
-    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """``lunggradcam evaluate --cam-retrain``."""
-    import torch
-
-    from ..engine.models import ModelCard, build_model, resolve_model_path
-    from .train import TrainConfig, json_object_argument, load_data
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    card = ModelCard.load(resolve_model_path(args.model).with_suffix(".json"))
-    extra = json_object_argument(args.retrain_arch_kwargs, "--retrain-arch-kwargs")
-    card.kwargs = {**card.kwargs, **extra}
-    build_model(card.architecture, **card.kwargs)  # bad arguments fail before any data work
-    data = load_data(args, card)
-    masks = phantom_patch_masks(data)
-    cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
-                      patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=args.seed)
-    result = cam_retrain(data, masks, card, args.out, config=cfg, val_fraction=args.val_fraction,
-                         method=args.cam_method, mask_dilation=args.mask_dilation, device=args.device,
-                         seed=args.seed, n_boot=args.bootstrap)
-    print(json.dumps({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
-                      "chance": round(result.chance, 4)}))
-    print(f"wrote {Path(args.out) / 'cam_retrain.json'}")
-    return 0
