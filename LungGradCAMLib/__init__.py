@@ -15,12 +15,12 @@ _EXPORTS = {
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
     "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
-    "write_dicom_series": "io.dicom", "DicomResampledWarning": "io.dicom",
+    "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
     "DicomDatabase": "io.ctkdb",
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",
     "load_model": "engine.models", "LoadedModel": "engine.models", "ModelCard": "engine.models",
     "compute_cam": "engine.cam", "CAM": "engine.cam", "sliding_cam": "engine.sliding",
-    "segment_cam": "pipeline.segment", "write_segmentation": "pipeline.segment",
+    "segment_cam": "pipeline.segment", "write_segmentation": "io.segnrrd",
     "explain": "pipeline", "write_outputs": "pipeline", "ExplainOptions": "options",
 }
 # lgc.<name> -> module: the parts, the top-level modules, and lgc.metrics (named in the README)

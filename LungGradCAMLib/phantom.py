@@ -876,10 +876,10 @@ def _blur_and_noise(hu: np.ndarray, noise_hu: float, rng: np.random.Generator) -
 
 def write_dicom_series(volume: Volume, folder: "str | Path", **kwargs: Any) -> List[Path]:
     """Write ``volume`` as a CT Image Storage DICOM series into ``folder`` with
-    :func:`LungGradCAMLib.io.dicom.write_dicom_series` (options such as ``shuffle_names``). Patient
+    :func:`LungGradCAMLib.io.dicom_write.write_dicom_series` (options such as ``shuffle_names``). Patient
     and UIDs default to those in ``volume.meta`` (a phantom's deterministic ones); returns the
     file paths in k order."""
-    from .io.dicom import write_dicom_series as write
+    from .io.dicom_write import write_dicom_series as write
 
     meta = volume.meta
     for key, meta_key in (("patient_id", "patient_id"), ("patient_name", "patient_name"), ("study_uid", "study_uid"),

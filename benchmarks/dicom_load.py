@@ -63,7 +63,8 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from LungGradCAMLib.io.dicom import load_dicom_series, write_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom_write import write_dicom_series
 
     volume, kind = make_volume(args.slices, args.size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..io.inputs import check_input
     from ..io.render import save_montage
     from ..pipeline import check_options, run_one
-    from ..pipeline.segment import write_segmentation
+    from ..io.segnrrd import write_segmentation
     from .common import cli_progress
 
     out = Path(args.out)

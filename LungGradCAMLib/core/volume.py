@@ -13,7 +13,7 @@ import gzip
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from .paths import check_path, kind, open_regular
 
 #: Flips the first two axes: LPS <-> RAS (its own inverse).
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Air in HU: the fill outside a CT (resampling, padding, deletion), where DICOM pixel padding
+#: marks "no data", and the default floor of CT values. The package's one definition.
+AIR_HU = -1024.0
 
 SUPPORTED_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 #: Voxel sizes (mm) and distances from the origin (mm) a CT can have: anything else is a broken
@@ -107,7 +110,7 @@ class Volume:
         array = np.asarray(array)
         if array.shape != self.array.shape:
             raise VolumeError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
-        return Volume(array, self.ijk_to_ras.copy(), {**self.meta, **meta})
+        return type(self)(array, self.ijk_to_ras.copy(), {**self.meta, **meta})
 
     # --- SimpleITK (LPS) boundary ---------------------------------------------------------------
     @classmethod
@@ -136,6 +139,65 @@ class Volume:
         image.SetOrigin([float(o) for o in lps[:3, 3]])
         image.SetDirection([float(d) for d in (lps[:3, :3] / spacing).ravel()])
         return image
+
+
+@dataclass
+class LabelMap(Volume):
+    """A :class:`Volume` of integer labels (a mask, the lungs, hot regions), as TorchIO's
+    ``LabelMap``: :func:`resample` and :func:`resample_to` take the nearest neighbour for it by
+    themselves and refuse to interpolate it, so labels are never blended."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.array.dtype.kind not in "biu":
+            raise VolumeError(f"a LabelMap holds integer labels or a bool mask; got dtype {self.array.dtype}")
+
+    @classmethod
+    def like(cls, volume: Volume, array: np.ndarray, **meta: Any) -> "LabelMap":
+        """``array`` (labels, K, J, I) on ``volume``'s grid."""
+        array = np.asarray(array)
+        if array.shape != volume.shape:
+            raise VolumeError(f"array shape {array.shape} differs from the volume's {volume.shape}")
+        return cls(array.view(np.uint8) if array.dtype == bool else array, volume.ijk_to_ras.copy(),
+                   {**volume.meta, **meta})
+
+
+def bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
+    """The bounding box of a (K, J, I) mask's non-zero voxels as slices (None when it has none),
+    from its three projections: much faster than ``ndimage.find_objects`` on a whole scan."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def label_boxes(labels: np.ndarray) -> List[Optional[Tuple[slice, ...]]]:
+    """``ndimage.find_objects`` of an integer labelmap (index label - 1), computed inside the
+    bounding box of its non-zero voxels only, and not at all for a binary mask."""
+    from scipy import ndimage
+
+    box = bbox(labels)
+    if box is None:
+        return []
+    inside = labels[box]
+    if inside.max() == 1:
+        return [box]
+    offset = [b.start for b in box]
+    return [None if found is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(found, offset))
+            for found in ndimage.find_objects(inside)]
+
+
+def _order(volume: Volume, order: Optional[int]) -> int:
+    """The interpolation order: nearest neighbour (0) for a :class:`LabelMap`, else ``order``
+    (default 1, linear)."""
+    if isinstance(volume, LabelMap):
+        if order not in (None, 0):
+            raise VolumeError(f"a LabelMap is resampled by nearest neighbour only (order 0), not order {order}")
+        return 0
+    return 1 if order is None else order
 
 
 def same_geometry(a: Volume, b: Volume, atol_mm: float = 1e-5) -> bool:
@@ -330,15 +392,16 @@ def crop(volume: Volume, box: Sequence[Tuple[int, int]]) -> Volume:
     m = volume.ijk_to_ras.copy()
     m[:3, 3] = volume.ijk_to_ras_points([lo[2], lo[1], lo[0]])[0]
     arr = volume.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    return Volume(arr.copy(), m, dict(volume.meta))
+    return type(volume)(arr.copy(), m, dict(volume.meta))
 
 
-def resample(volume: Volume, spacing_mm: Sequence[float], order: int = 1,
+def resample(volume: Volume, spacing_mm: Sequence[float], order: Optional[int] = None,
              default_value: float = 0.0) -> Volume:
     """Resample to a new voxel size ``spacing_mm`` (i, j, k, mm) keeping direction and covering
     the same physical extent; voxel (0,0,0)'s corner stays at the same place.
 
-    ``order``: 0 nearest neighbour (labels), 1 linear, 3 B-spline.
+    ``order``: 0 nearest neighbour (labels), 1 linear (the default), 3 B-spline; a
+    :class:`LabelMap` is always resampled by nearest neighbour.
     """
     new_spacing = np.asarray(spacing_mm, dtype=np.float64)
     if new_spacing.shape != (3,) or np.any(new_spacing <= 0):
@@ -360,11 +423,12 @@ def resampled_shape(volume: Volume, spacing_mm: Sequence[float]) -> Tuple[int, i
     return tuple(int(s) for s in size_ijk[::-1])  # type: ignore[return-value]
 
 
-def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value: float = 0.0,
+def resample_to(volume: Volume, reference: Volume, order: Optional[int] = None, default_value: float = 0.0,
                 finish: Optional[Callable[[np.ndarray], None]] = None) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default.
 
-    ``order``: 0 nearest neighbour, 1 linear, 3 B-spline. The result is SimpleITK's
+    ``order``: 0 nearest neighbour, 1 linear (the default), 3 B-spline; a :class:`LabelMap` is
+    always resampled by nearest neighbour (and stays a LabelMap). The result is SimpleITK's
     ``sitk.Resample`` (same pixel type; points within half a voxel outside the input take the edge
     value, points further out ``default_value``). When the two grids' axes are parallel (the
     mapping between their indices is a scaling and a shift per axis: every grid :func:`resample`
@@ -373,12 +437,13 @@ def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value
     ``finish(array)``, when given, changes the result in place (e.g. clipping), a slab of slices
     at a time while it is in the cache on the separable path, and then no voxel lies outside.
     """
+    order = _order(volume, order)
     if order not in (0, 1, 3):
         raise VolumeError(f"order must be 0, 1 or 3; got {order}")
     axes = _axis_map(volume, reference)
     if axes is not None and (order == 0 or (order == 1 and volume.array.dtype.kind == "f")):
         array = _resample_separable(volume.array, reference.shape, axes, order, default_value, finish)
-        return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
+        return type(volume)(array, reference.ijk_to_ras.copy(), dict(volume.meta))
     import SimpleITK as sitk
 
     interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}
@@ -388,7 +453,7 @@ def resample_to(volume: Volume, reference: Volume, order: int = 1, default_value
     array = sitk.GetArrayFromImage(out)
     if finish is not None:
         finish(array)
-    return Volume(array, reference.ijk_to_ras.copy(), dict(volume.meta))
+    return type(volume)(array, reference.ijk_to_ras.copy(), dict(volume.meta))
 
 
 #: Largest off-diagonal term (input voxels per output voxel) still taken as parallel axes: over

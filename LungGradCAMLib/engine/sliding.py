@@ -21,6 +21,7 @@ from torch import nn
 
 from .cam import CAM, CamResult, Target, _resolve_layers, minmax_per_sample
 from ..core.errors import CancelledError, InvalidInputError, ResourceError
+from ..core.volume import AIR_HU
 
 __all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
@@ -171,7 +172,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                 target: Target = None, layer: Union[None, str, nn.Module] = None,
                 roi: Optional[Sequence[Sequence[int]]] = None, batch_size: int = 4,
                 preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                pad_value_hu: float = -1024.0,
+                pad_value_hu: float = AIR_HU,
                 progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
                 device: Union[None, str, torch.device] = None, amp: bool = False,
                 activation: str = "softmax", sigma_scale: float = 0.125,

@@ -12,12 +12,10 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.errors import InvalidInputError
-from ..core.volume import Volume, same_geometry
+from ..core.volume import AIR_HU, Volume, same_geometry
 
 ArrayOrVolume = Union[np.ndarray, Volume]
 
-#: Air in HU: what deletion puts in place of removed voxels (and insertion starts from).
-AIR_HU = -1024.0
 
 
 def _array(x: ArrayOrVolume, what: str) -> np.ndarray:

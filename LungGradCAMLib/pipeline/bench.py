@@ -90,7 +90,7 @@ def _file_costs(explanation: Any, segmentation: Any, folder: Path) -> Dict[str, 
     """Each output file written alone: seconds and bytes."""
     from .outputs import write_overlay
     from ..core.results import Segmentation
-    from .segment import write_segmentation
+    from ..io.segnrrd import write_segmentation
     from ..core.volume import write_volume
 
     lungs = Segmentation(explanation.cam.with_array(explanation.lung_mask.view(np.uint8)), [])

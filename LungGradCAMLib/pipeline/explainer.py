@@ -16,7 +16,7 @@ import numpy as np
 
 from ..core.errors import CancelledError, InvalidInputError, NotChestCTError, VolumeError
 from ..core.results import Explanation, Segmentation
-from ..core.volume import Volume, crop, resample, resample_to, resampled_shape
+from ..core.volume import AIR_HU, LabelMap, Volume, crop, resample, resample_to, resampled_shape
 from ..options import ExplainOptions
 
 log = logging.getLogger(__name__)
@@ -358,13 +358,13 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
 
     with stage("resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
-        space = resample(ct, card.spacing_mm, order=1, default_value=-1024.0)
+        space = resample(ct, card.spacing_mm, order=1, default_value=AIR_HU)
         roi_space = None
         if isinstance(roi, np.ndarray):
             if roi.shape != volume.shape:
                 raise InvalidInputError(f"roi mask shape {roi.shape} differs from the CT's {volume.shape}")
-            roi_space = resample_to(volume.with_array(roi.astype(np.uint8)), space, order=0).array > 0
-        lungs_space = resample_to(volume.with_array(lungs.view(np.uint8)), space, order=0).array > 0
+            roi_space = resample_to(LabelMap.like(volume, roi.astype(bool)), space).array > 0
+        lungs_space = resample_to(LabelMap.like(volume, lungs), space).array > 0
 
     patch = tuple(card.patch_size) if card.patch_size is not None else space.shape
     if mode == "whole":

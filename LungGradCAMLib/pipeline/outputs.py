@@ -115,7 +115,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     from concurrent.futures import ThreadPoolExecutor
 
     from ..core.results import Segmentation as Seg
-    from .segment import write_segmentation
+    from ..io.segnrrd import write_segmentation
     from ..core.volume import write_volume
 
     if volume_format not in VOLUME_FORMATS:

@@ -1,36 +1,25 @@
-"""From a CAM heat map to a segmentation of its hot regions, and Slicer ``.seg.nrrd`` files.
+"""From a CAM heat map to a segmentation of its hot regions.
 
 ``segment_cam`` thresholds a CAM (absolute level, percentile or Otsu), optionally inside a mask
 (the lungs by default), splits the result into 26-connected regions, drops small ones, keeps the
 hottest N and measures each (volume, CAM, HU, RAS position, bounding box, the model's score).
-``write_segmentation`` writes a labelmap as a Slicer segmentation file (one named, coloured
-segment per label).
+:func:`~LungGradCAMLib.io.segnrrd.write_segmentation` writes it as a Slicer segmentation file.
 
 All arrays are in the library's axis order **K, J, I**; positions are **RAS** mm.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
 
-from ..core.atomic import atomic_path
-from ..core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from ..core.errors import InvalidInputError, VolumeError
 from ..core.results import Explanation, Region, Segmentation
-from ..core.volume import LPS_TO_RAS, Volume, same_geometry
+from ..core.volume import LabelMap, Volume, bbox, same_geometry
+from ..io.segnrrd import PALETTE
 
 Threshold = Union[float, str, Tuple[str, float]]
-Color = Tuple[float, float, float]
-
-#: Region colours, hottest first (then repeating): distinct, readable over a grey CT.
-PALETTE: Tuple[Color, ...] = (
-    (0.90, 0.10, 0.10), (1.00, 0.55, 0.00), (1.00, 0.90, 0.10), (0.60, 0.20, 0.80),
-    (0.10, 0.60, 0.90), (0.20, 0.75, 0.30), (0.95, 0.40, 0.70), (0.55, 0.35, 0.15),
-    (0.00, 0.80, 0.80), (0.70, 0.70, 0.70),
-)
 
 #: 26-connectivity: voxels touching by a face, an edge or a corner belong to one region.
 _FULL_3X3X3 = np.ones((3, 3, 3), dtype=bool)
@@ -169,7 +158,7 @@ def segment_cam(
 
     # label and measure inside the hot voxels' bounding box only: on a whole scan that is a
     # fraction of the volume, and every pass below (label, nonzero, find_objects) shrinks with it
-    sub = _bbox(hot) or (slice(0, 0),) * 3
+    sub = bbox(hot) or (slice(0, 0),) * 3
     labels, n = ndimage.label(hot[sub], structure=_FULL_3X3X3)
     cam_sub = cam[sub]
     labelled = labels > 0
@@ -188,33 +177,7 @@ def segment_cam(
     offset = np.array([s.start for s in sub])
     regions = _measure(labelmap[sub], len(keep), offset, cam_sub, None if hu is None else hu[sub],
                        None if scores is None else scores[sub], cam_volume, voxel_mm3)
-    return Segmentation(cam_volume.with_array(labelmap, kind="labelmap"), regions, level)
-
-
-def _bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
-    """The bounding box of a (K, J, I) mask's non-zero voxels as slices (None when it has none),
-    from its three projections: much faster than ``ndimage.find_objects`` on a whole scan."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
-
-
-def _label_boxes(labels: np.ndarray) -> List[Optional[Tuple[slice, ...]]]:
-    """``ndimage.find_objects`` of an integer labelmap (index label - 1), computed inside the
-    bounding box of its non-zero voxels only, and not at all for a binary mask."""
-    box = _bbox(labels)
-    if box is None:
-        return []
-    inside = labels[box]
-    if inside.max() == 1:
-        return [box]
-    offset = [b.start for b in box]
-    return [None if found is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(found, offset))
-            for found in ndimage.find_objects(inside)]
+    return Segmentation(LabelMap.like(cam_volume, labelmap, kind="labelmap"), regions, level)
 
 
 def _label_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
@@ -285,92 +248,3 @@ def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu
             score=None if region_scores[r] is None else float(region_scores[r]),
         ))
     return regions
-
-
-def _geometry_string(volume: Volume) -> str:
-    """Slicer's serialised image geometry: the IJK-to-RAS matrix row by row, then the extent."""
-    k, j, i = volume.shape
-    values = [f"{v:.17g}" for v in volume.ijk_to_ras.ravel()] + [str(v) for v in (0, i - 1, 0, j - 1, 0, k - 1)]
-    return "".join(f"{v};" for v in values)
-
-
-def write_segmentation(
-    seg: Union[Segmentation, Volume],
-    path: "str | os.PathLike[str]",
-    *,
-    names: Optional[Mapping[int, str]] = None,
-    colors: Optional[Mapping[int, Sequence[float]]] = None,
-) -> Path:
-    """Write a labelmap as a Slicer segmentation file (``.seg.nrrd``), atomically.
-
-    ``seg``: a :class:`Segmentation` (one segment per region: its label, name and colour) or a
-    labelmap :class:`Volume` (bool or integer, K, J, I; one segment per non-zero label, e.g. a lung
-    mask). ``names``/``colors`` map label -> segment name / RGB in [0, 1] and override the defaults.
-    The file is a NRRD labelmap in LPS with Slicer's ``Segment<N>_*`` and ``Segmentation_*``
-    header fields, so Slicer loads it as a Segmentation node and ``slicerio`` reads it back.
-    """
-    import slicerio
-
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd"):
-        raise UnsupportedFormatError(f"{path}: a Slicer segmentation file must end in .seg.nrrd")
-    labelmap = seg.labelmap if isinstance(seg, Segmentation) else seg
-    if not isinstance(labelmap, Volume):
-        raise InvalidInputError(
-            f"write_segmentation: expected a Segmentation or a labelmap Volume, got {type(seg).__name__}"
-        )
-    array = labelmap.array
-    if array.dtype == bool:
-        array = array.astype(np.uint8)
-    if array.dtype.kind not in "iu" or (array.size and array.min() < 0):
-        raise InvalidInputError(
-            f"write_segmentation({path}): the labelmap must hold non-negative integer labels, "
-            f"got dtype {labelmap.array.dtype}; convert a mask with mask.astype(np.uint8)"
-        )
-    if array.dtype.itemsize > 2 and array.size and array.max() <= np.iinfo(np.uint16).max:
-        array = array.astype(np.uint16 if array.max() > 255 else np.uint8)
-
-    regions: Dict[int, Region] = {r.label: r for r in seg.regions} if isinstance(seg, Segmentation) else {}
-    if regions:  # their boxes are known: no pass over the labelmap
-        labels = sorted(regions)
-        boxes = [None] * max(labels)
-        for label, region in regions.items():
-            if region.voxels:
-                boxes[label - 1] = tuple(slice(a, b) for a, b in region.bbox_ijk)
-    else:
-        boxes = _label_boxes(array)
-        labels = [n + 1 for n, box in enumerate(boxes) if box is not None]
-    names, colors = dict(names or {}), dict(colors or {})
-    segments = []
-    for n, label in enumerate(labels):
-        region = regions.get(label)
-        box = boxes[label - 1]
-        # Slicer's extent: inclusive i0 i1 j0 j1 k0 k1; an empty segment is "0 -1 0 -1 0 -1"
-        extent = [0, -1] * 3 if box is None else [v for s in box[::-1] for v in (s.start, s.stop - 1)]
-        segments.append({
-            "id": f"Segment_{label}",
-            "name": names.get(label, region.name if region else f"segment {label}"),
-            "color": [float(c) for c in colors.get(label, region.color if region else PALETTE[n % len(PALETTE)])],
-            "nameAutoGenerated": False,
-            "colorAutoGenerated": False,
-            "labelValue": label,
-            "layer": 0,
-            "extent": [int(v) for v in extent],
-        })
-    document = {
-        "voxels": np.ascontiguousarray(array),
-        "ijkToLPS": LPS_TO_RAS @ labelmap.ijk_to_ras,
-        "segments": segments,
-        "masterRepresentation": "Binary labelmap",
-        "containedRepresentationNames": ["Binary labelmap"],
-        "referenceImageExtentOffset": [0, 0, 0],
-        "conversionParameters": [
-            {"name": "Reference image geometry", "value": _geometry_string(labelmap), "description": ""},
-        ],
-    }
-    with atomic_path(path) as tmp:
-        # the array is K, J, I (C order): pynrrd writes it with i fastest, as NRRD wants
-        # zlib level 1: a CT-sized labelmap in a tenth of the time of slicerio's default (9), for
-        # a file of well under a megabyte either way
-        slicerio.write_segmentation(str(tmp), document, compression_level=1, index_order="C")
-    return path

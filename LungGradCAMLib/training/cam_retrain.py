@@ -82,7 +82,7 @@ def phantom_patch_masks(patch_set: PatchSet) -> np.ndarray:
     """
     from .. import phantom
     from .data import _phantom_geometry, _ras_to_kji, _to_int16, to_model_grid
-    from ..core.volume import resample_to
+    from ..core.volume import LabelMap, resample_to
 
     seeds = []
     for patient in patch_set.patients:
@@ -101,7 +101,7 @@ def phantom_patch_masks(patch_set: PatchSet) -> np.ndarray:
         shape, spacing, noise = _phantom_geometry(np.random.default_rng([int(seed), 20240605]))
         ph = phantom.chest_ct(seed=int(seed), shape=shape, spacing_mm=spacing, noise_hu=noise)
         grid = to_model_grid(ph.volume, patch_set.spacing_mm)
-        nodules = resample_to(ph.volume.with_array((ph.nodule_labelmap > 0).astype(np.uint8)), grid, order=0).array
+        nodules = resample_to(LabelMap.like(ph.volume, ph.nodule_labelmap > 0), grid).array
         index = np.flatnonzero(seeds_arr == seed)
         for n, kji in zip(index, _ras_to_kji(grid, patch_set.centres[index])):
             again = _to_int16([crop_patch(grid.array, kji, size)])[0]

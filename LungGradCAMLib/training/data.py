@@ -22,14 +22,12 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import DataError, LungGradCAMError
-from ..core.volume import Volume, read_volume, resample
+from ..core.volume import AIR_HU, LabelMap, Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
 if TYPE_CHECKING:
     from .placement import Background
 log = logging.getLogger(__name__)
-#: HU outside the scan (air), used for resampling and for padding patches at the border.
-AIR_HU = -1024.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +252,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
         grid = to_model_grid(ph.volume, spacing_mm)
 
         def on_grid(mask: np.ndarray) -> np.ndarray:
-            return resample_to(ph.volume.with_array(mask.astype(np.uint8)), grid, order=0).array
+            return resample_to(LabelMap.like(ph.volume, mask.astype(np.uint8)), grid).array
 
         def add(centre: np.ndarray, label: int, kind: str) -> None:
             patches.append(crop_patch(grid.array, centre, size))

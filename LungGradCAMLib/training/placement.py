@@ -212,7 +212,8 @@ def background_patches(backgrounds: Sequence[Background], patch_size: Sequence[i
                        ) -> Tuple[np.ndarray, List[str], List[str]]:
     """``per_kind`` patches of each kind from each background (HU float32, (N, K, J, I)) with
     their kinds and background names."""
-    from .data import AIR_HU, crop_patch
+    from ..core.volume import AIR_HU
+    from .data import crop_patch
 
     patches, kinds_out, names = [], [], []
     for bg in backgrounds:

@@ -41,17 +41,18 @@ import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.io.ctkdb import DicomDatabase
-from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
+from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, InvalidInputError,
                                         LungGradCAMError, NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model
 from LungGradCAMLib.io.inputs import load_input
 
-from conftest import REPO, run_on_read_only_mount
+from helpers import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
-from test_ctkdb import make_database
-from test_pipeline import make_tiny_model
+from helpers import make_database
+from helpers import make_tiny_model
 
 AXIAL = axis_aligned_matrix((0.8, 0.8, 2.5), (-10.0, 20.0, -40.0))
 CORONAL = axis_aligned_matrix((0.8, 2.5, 0.8), (0.0, 0.0, 0.0),

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from LungGradCAMLib.engine.cam import compute_cam, minmax_per_sample
-from test_cam import SHAPE, make_input, make_net
+from helpers import SHAPE, make_input, make_net
 
 CLASSES = [2, 0, 1]
 

@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import data_path
+from helpers import data_path
 from LungGradCAMLib.training import data
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import write_volume

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from LungGradCAMLib.io.dicom import load_dicom_series, write_dicom_series
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import VolumeError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 

@@ -24,11 +24,12 @@ import torch
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series, write_dicom_series
+from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.engine.models import ModelCard
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
-from test_pipeline import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_NAME = "Qxzwv^Secretname"

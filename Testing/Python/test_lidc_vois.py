@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import data_path
+from helpers import data_path
 from LungGradCAMLib.training import data, placement
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume

@@ -8,7 +8,7 @@ import glob
 import numpy as np
 import pytest
 
-from conftest import data_path
+from helpers import data_path
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import VolumeError
 from LungGradCAMLib.engine.lung import lung_bbox, lung_mask

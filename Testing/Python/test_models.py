@@ -10,7 +10,7 @@ import torch
 
 from LungGradCAMLib.core.errors import ModelError
 from LungGradCAMLib.engine.models import (ARCHITECTURES, ModelCard, available_models, build_model,
-                                   load_model, save_model)
+                                          load_model, save_model)
 from LungGradCAMLib.core.errors import CamError
 
 SMALL_KWARGS = {

@@ -145,7 +145,7 @@ def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, sma
 
 
 def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys, small_phantom):
-    from LungGradCAMLib.io.dicom import write_dicom_series
+    from LungGradCAMLib.io.dicom_write import write_dicom_series
 
     write_dicom_series(small_phantom.volume, tmp_path / "two" / "a", series_uid="1.2.826.0.1.3680043.10.1.1")
     write_dicom_series(small_phantom.volume, tmp_path / "two" / "b", series_uid="1.2.826.0.1.3680043.10.1.2")

@@ -300,7 +300,8 @@ def test_small_field_of_view_gets_a_smaller_patient():
 
 
 def test_write_dicom_series_round_trip(tmp_path):
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
+
     ph = phantom.chest_ct(seed=4, shape=(12, 40, 40), spacing_mm=(8.0, 8.0, 12.0), nodules=[])
     files = phantom.write_dicom_series(ph.volume, tmp_path / "dicom", shuffle_names=True)
     assert len(files) == 12

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import data_path
+from helpers import data_path
 from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume

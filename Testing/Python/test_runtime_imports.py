@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Set
 
 import pytest
 
-from test_pipeline import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "LungGradCAMLib"

@@ -6,7 +6,8 @@ import pytest
 
 from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
 from LungGradCAMLib.core.results import Explanation, Segmentation
-from LungGradCAMLib.pipeline.segment import PALETTE, segment_cam, write_segmentation
+from LungGradCAMLib.io.segnrrd import PALETTE, write_segmentation
+from LungGradCAMLib.pipeline.segment import segment_cam
 from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 
 SPACING = (0.7, 0.8, 2.5)                   # i, j, k mm: anisotropic

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
-torch = pytest.importorskip("torch")
 vtk = pytest.importorskip("vtk")
 
 import LungGradCAMLib as lgc  # noqa: E402
@@ -21,7 +21,7 @@ from LungGradCAMLib.engine.models import load_model  # noqa: E402
 from LungGradCAMLib.options import ExplainOptions  # noqa: E402
 
 from slicer_app_standin import slicer_application  # noqa: E402
-from test_pipeline import make_ctk_db, make_tiny_model  # noqa: E402
+from helpers import make_ctk_db, make_tiny_model  # noqa: E402
 
 NODULE_RAS = (60.0, 20.0, -150.0)
 
