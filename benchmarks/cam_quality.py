@@ -5,7 +5,7 @@ For each held-out phantom chest CT (seeds the model card's training never used) 
 explains the whole scan (``explain(..., mode="sliding")``: the sliding window over the lungs'
 bounding box, the product's path) and the CAM is scored against the phantom's nodule labelmap;
 for each LIDC slab (``../shared/data/lidc``) against each nodule's reader consensus (voxels
-outlined by >= 50% of the readings that cover it, on the slices present: ``data.lidc_nodules``).
+outlined by >= 50% of the readings that cover it, on the slices present: ``lidc.lidc_nodules``).
 
 Metrics (``LungGradCAMLib.evaluation.metrics``), all within the region R = lungs (the pipeline's lung mask)
 plus the nodule(s), minus any OTHER nodule (for per-nodule rows), as the product segments within
@@ -124,7 +124,7 @@ def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device
 
 def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[str, Any]]:
     """One row per LIDC nodule (reader consensus >= 50% on the slices present)."""
-    from LungGradCAMLib.training.data import lidc_nodules, parse_lidc_xml
+    from LungGradCAMLib.training.lidc import lidc_nodules, parse_lidc_xml
     from LungGradCAMLib.io.dicom import load_dicom_series
     from LungGradCAMLib.pipeline import explain
 
@@ -198,7 +198,7 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     off) against the readers' mask."""
     from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams
-    from LungGradCAMLib.training.data import lidc_voi_patches, lidc_voi_records
+    from LungGradCAMLib.training.lidc import lidc_voi_patches, lidc_voi_records
     from LungGradCAMLib.training.placement import load_backgrounds
 
     card = loaded.card

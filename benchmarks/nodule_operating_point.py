@@ -46,7 +46,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from LungGradCAMLib.core.atomic import write_text
-    from LungGradCAMLib.training.data import PatchSet, lidc_voi_detection_patches, lidc_voi_records, patient_split
+    from LungGradCAMLib.training.data import PatchSet, patient_split
+    from LungGradCAMLib.training.lidc import lidc_voi_detection_patches, lidc_voi_records
     from LungGradCAMLib.evaluation.evaluate import predict
     from LungGradCAMLib.engine.models import load_model, save_model
     from LungGradCAMLib.training.placement import PLACEMENT_KINDS, SPLITS, load_backgrounds

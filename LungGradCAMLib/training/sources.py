@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.errors import DataError, InvalidInputError
-from .data import (PatchSet, lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records,
-                   luna16_samples, manifest_samples, patches_from_samples, phantom_patches)
+from .data import PatchSet, luna16_samples, manifest_samples, patches_from_samples, phantom_patches
+from .lidc import lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records
 
 if TYPE_CHECKING:
     from ..engine.models import ModelCard

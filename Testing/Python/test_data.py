@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from helpers import data_path
-from LungGradCAMLib.training import data
+from LungGradCAMLib.training import data, lidc
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import write_volume
 
@@ -152,11 +152,11 @@ def test_lidc_xml_consensus_on_real_series():
     from LungGradCAMLib.io.dicom import load_dicom_series
 
     root = data_path("lidc", "LIDC-IDRI-0001")
-    series_uid, readings = data.parse_lidc_xml(root / "69.xml")
+    series_uid, readings = lidc.parse_lidc_xml(root / "69.xml")
     assert series_uid.startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.")
     assert len({r.reader for r in readings}) == 4
     volume = load_dicom_series(next(p for p in root.rglob("*.dcm")).parent)
-    nodules = data.lidc_nodules(root / "69.xml", volume)
+    nodules = lidc.lidc_nodules(root / "69.xml", volume)
     big = nodules[0]
     assert sorted(big.malignancy) == [4, 5, 5, 5] and big.label == 1 and len(big.readers) == 4
     zs = volume.ijk_to_ras_points(np.argwhere(big.mask)[:, ::-1])[:, 2]
@@ -171,13 +171,13 @@ def test_lidc_partial_nodule_and_bad_xml(tmp_path):
 
     root = data_path("lidc", "LIDC-IDRI-0002")
     volume = load_dicom_series(next(p for p in root.rglob("*.dcm")).parent)
-    nodules = data.lidc_nodules(root / "71.xml", volume)
+    nodules = lidc.lidc_nodules(root / "71.xml", volume)
     rated = [n for n in nodules if n.malignancy]
     assert rated and sorted(rated[0].malignancy) == [4, 5] and rated[0].label == 1
     assert 1 <= rated[0].mask.any(axis=(1, 2)).sum() <= volume.shape[0]
     (tmp_path / "x.xml").write_text("<LidcReadMessage><oops")
     with pytest.raises(DataError, match="x.xml: not a readable LIDC XML"):
-        data.parse_lidc_xml(tmp_path / "x.xml")
+        lidc.parse_lidc_xml(tmp_path / "x.xml")
 
 
 def test_patient_kfold_and_split():
@@ -200,7 +200,7 @@ def test_patient_kfold_and_split():
 
 def test_lidc_patches_from_real_folder():
     root = data_path("lidc")
-    ps = data.lidc_patches(root, SIZE, SPACING)
+    ps = lidc.lidc_patches(root, SIZE, SPACING)
     assert ps.class_names == ["benign", "malignant"]
     assert sorted(set(ps.patients)) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
     first = ps.subset(np.flatnonzero(ps.patients == "LIDC-IDRI-0001"))

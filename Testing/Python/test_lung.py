@@ -93,7 +93,7 @@ def test_dilation_grows_the_mask(chest_phantoms, phantom_masks):
 def _lidc(patient: str):
     import SimpleITK as sitk
 
-    from LungGradCAMLib.training.data import lidc_nodules
+    from LungGradCAMLib.training.lidc import lidc_nodules
     from LungGradCAMLib.io.dicom import load_dicom_series
 
     folder = glob.glob(str(data_path("lidc", f"LIDC-IDRI-{patient}") / "*" / "*"))[0]
