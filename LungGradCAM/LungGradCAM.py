@@ -621,7 +621,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
                 + _("Heat map for class {name} ({method}): {outcome}.").format(
                     name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
-        asked, used = explanation.extra.get("device", ""), explanation.extra.get("device_used", "")
+        asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(
                 asked=asked, used=used)

@@ -45,7 +45,7 @@ def main() -> None:
             "pointing_game_5mm": metrics.pointing_game(exp.cam, truth, tolerance_mm=5.0),
             "peak_distance_mm": round(metrics.peak_distance_mm(exp.cam, truth), 1),
             "mean_dice": round(metrics.mean_dice(exp.cam, truth, within=exp.lung_mask), 4),
-            "seconds": round(seconds, 1), "n_patches": exp.extra.get("n_patches"),
+            "seconds": round(seconds, 1), "n_patches": exp.n_patches,
         })
     summary = {k: float(np.mean([r[k] for r in rows])) for k in
                ("pointing_game", "pointing_game_5mm", "peak_distance_mm", "mean_dice", "p_nodule", "seconds")}

@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
         finally:
             close()
         _print_result("   prediction", real, real_seg, real_files)
-        chest = real.extra["chest_check"]
+        chest = real.chest_check
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "
               f"{100 * chest['aerated_share']:.0f} % aerated")

@@ -16,7 +16,14 @@ class Explanation:
     ``cam`` is a float32 :class:`Volume` in [0, 1] with exactly the input CT's geometry
     (high = important). ``probabilities`` maps class name -> probability. ``timings`` maps stage
     name -> seconds. ``ct`` and ``lung_mask`` (bool, K, J, I) are kept for segmentation and
-    reporting; ``extra`` holds JSON-able details (mode, patch scores, model card summary).
+    reporting; ``score_map`` holds the blended patch scores on the CT's grid.
+
+    How it was made: ``mode`` (sliding, whole or roi), ``layer`` (the CAM layer, "+" fusing
+    several), ``n_patches`` (model inputs), ``device`` (asked for, resolved) and ``device_used``
+    (where it finished: the CPU after a GPU ran out of memory), ``batch_size_used`` (after any
+    halving), ``box_model_space`` ((k0, k1), (j0, j1), (i0, i1) on the model's grid), ``model``
+    (the card's summary), ``chest_check`` (the chest-CT check's values) and ``options`` (the
+    :class:`~LungGradCAMLib.options.ExplainOptions` as a dict).
     """
 
     probabilities: Dict[str, float]
@@ -28,7 +35,16 @@ class Explanation:
     ct: Optional[Volume] = None
     lung_mask: Optional[np.ndarray] = None
     score_map: Optional[Volume] = None
-    extra: dict = field(default_factory=dict)
+    mode: str = ""
+    layer: str = ""
+    n_patches: int = 0
+    device: str = ""
+    device_used: str = ""
+    batch_size_used: Optional[int] = None
+    box_model_space: List[List[int]] = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    chest_check: Optional[dict] = None
+    options: dict = field(default_factory=dict)
 
 
 @dataclass

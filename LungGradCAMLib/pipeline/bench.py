@@ -77,8 +77,8 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     result = {
         "imports_s": imports, "stages_s": {k: stages[k] for k in STAGES}, "peak_rss_mb": _peak_rss_mb(),
         "cpu_s": time.process_time() - cpu0,
-        "device": str(dev), "n_patches": explanation.extra["n_patches"], "n_regions": len(segmentation.regions),
-        "shape_model_grid": [b - a for a, b in explanation.extra["box_model_space"]],
+        "device": str(dev), "n_patches": explanation.n_patches, "n_regions": len(segmentation.regions),
+        "shape_model_grid": [b - a for a, b in explanation.box_model_space],
         "output_bytes": {p.name: p.stat().st_size for p in written.values()},
     }
     if files:

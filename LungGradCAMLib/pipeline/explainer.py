@@ -408,10 +408,9 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
         probabilities=probabilities, predicted_class=predicted, cam=cam, method=method,
         target_class=card.class_names[target_index], timings=timings, ct=volume, lung_mask=lungs,
         score_map=score_map,
-        extra={"mode": mode, "device": str(dev), "device_used": result.device, "batch_size_used": result.batch_size,
-               "layer": opts.layer or card.target_layer, "box_model_space": [list(b) for b in box],
-               "n_patches": len(result.patch_scores), "model": card.summary(), "chest_check": chest.to_dict(),
-               "options": opts.to_dict()},
+        mode=mode, layer=opts.layer or card.target_layer, n_patches=len(result.patch_scores), device=str(dev),
+        device_used=result.device, batch_size_used=result.batch_size, box_model_space=[list(b) for b in box],
+        model=card.summary(), chest_check=chest.to_dict(), options=opts.to_dict(),
     )
 
 

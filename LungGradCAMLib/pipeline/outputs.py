@@ -37,7 +37,7 @@ def intended_use(explanation: Explanation) -> str:
     """The model card's intended use (e.g. "... not for clinical use"), as every output shows it."""
     from ..engine.models.card import NOT_CLINICAL
 
-    return (explanation.extra.get("model") or {}).get("intended_use") or NOT_CLINICAL
+    return explanation.model.get("intended_use") or NOT_CLINICAL
 
 
 def outcome(segmentation: Segmentation) -> str:
@@ -58,18 +58,18 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "frame_of_reference_uid": ct_meta.get("frame_of_reference_uid"),
         "ct_shape_kji": list(explanation.cam.shape),
         "ct_spacing_ijk_mm": [float(s) for s in explanation.cam.spacing],
-        "model": explanation.extra.get("model"),
-        "options": explanation.extra.get("options"),
+        "model": explanation.model,
+        "options": explanation.options,
         "method": explanation.method,
-        "layer": explanation.extra.get("layer"),
+        "layer": explanation.layer,
         "target_class": explanation.target_class,
         "predicted_class": explanation.predicted_class,
         "probabilities": explanation.probabilities,
-        "mode": explanation.extra.get("mode"),
-        "n_patches": explanation.extra.get("n_patches"),
-        "device": explanation.extra.get("device_used", explanation.extra.get("device")),
-        "chest_check": explanation.extra.get("chest_check"),
-        "region_model": (explanation.extra.get("options") or {}).get("region_model"),
+        "mode": explanation.mode,
+        "n_patches": explanation.n_patches,
+        "device": explanation.device_used or explanation.device,
+        "chest_check": explanation.chest_check,
+        "region_model": explanation.options.get("region_model"),
         "threshold": segmentation.threshold,
         "outcome": outcome(segmentation),
         "regions": [r.to_dict() for r in segmentation.regions],

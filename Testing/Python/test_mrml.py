@@ -397,7 +397,7 @@ def test_explain_volume_node_fills_the_output_nodes(scene, chest, tiny_model):
                                       progress=lambda stage, done, total: calls.append((stage, done, total)))
     assert calls[-1] == ("segment", 1, 1)  # every stage reported, the last one too
     cam = [(done, total) for stage, done, total in calls if stage == "cam"]
-    assert cam[-1] == (result.explanation.extra["n_patches"],) * 2
+    assert cam[-1] == (result.explanation.n_patches,) * 2
     # heat map: the CT's geometry, the engine's values
     assert result.cam_node.GetName() == "chest Grad-CAM"
     np.testing.assert_allclose(_node_matrix(result.cam_node), _node_matrix(ct), atol=1e-9, rtol=0)
@@ -493,7 +493,7 @@ def test_a_region_model_explains_a_markups_roi(scene, chest, region_model):
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
     result = mrml.explain_volume_node(ct, model=str(region_model), device="cpu", roi=(centre, size),
                                       restrict_to_lungs=False, threshold=0.1)
-    assert result.explanation.extra["mode"] == "roi" and result.explanation.extra["n_patches"] == 1
+    assert result.explanation.mode == "roi" and result.explanation.n_patches == 1
     assert set(result.explanation.probabilities) == {"benign", "malignant"}
     hot = np.argwhere(slicer.util.arrayFromVolume(result.cam_node) > 0)
     middle = result.explanation.cam.ijk_to_ras_points((hot.min(axis=0) + hot.max(axis=0))[::-1] / 2)[0]

@@ -41,7 +41,7 @@ def test_explain_geometry_and_contents(small_phantom, explanation):
     assert sum(explanation.probabilities.values()) == pytest.approx(1.0)
     assert explanation.predicted_class == max(explanation.probabilities, key=explanation.probabilities.get)
     assert explanation.target_class == "nodule" and explanation.method == "gradcam"
-    assert explanation.extra["mode"] == "sliding" and explanation.extra["n_patches"] > 0
+    assert explanation.mode == "sliding" and explanation.n_patches > 0
     assert explanation.lung_mask.shape == ct.shape and explanation.lung_mask.any()
     assert lgc.same_geometry(explanation.score_map, ct)
     # the CAM lives where the sliding window ran: the lungs' bounding box (plus margin), not far outside
@@ -92,7 +92,7 @@ def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
     ct = small_phantom.volume
     nodule = small_phantom.nodules[0]
     roi = lgc.explain(ct, model=str(tiny_model), roi=(nodule.center_ras, 40.0), device="cpu")
-    assert roi.extra["mode"] == "roi"
+    assert roi.mode == "roi"
     hot = np.argwhere(roi.cam.array > 0)
     ras = ct.ijk_to_ras_points(hot[:, ::-1])
     # everything the roi run touched lies within the roi box (half size + one patch of 64 mm)
@@ -100,7 +100,7 @@ def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
 
     whole = make_tiny_model(tmp_path, name="whole", patch=None, spacing=(6.0, 6.0, 6.0))
     exp = lgc.explain(ct, model=str(whole), device="cpu")
-    assert exp.extra["mode"] == "whole" and exp.extra["n_patches"] == 1
+    assert exp.mode == "whole" and exp.n_patches == 1
     assert lgc.same_geometry(exp.cam, ct)
 
 
@@ -234,7 +234,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
                       progress=lambda stage, done, total: stage == "cam" and batches.append(total))
     (gradcam,) = estimates
-    assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
+    assert gradcam.method == "gradcam" and gradcam.patches == exp.n_patches == batches[-1]
     assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
     loaded = pipeline.get_model(str(tiny_model), resolve_device("cpu"))
     score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, resolve_device("cpu"), 2)
@@ -304,7 +304,7 @@ def test_report_records_options_outcome_intended_use_and_wall_time(small_phantom
     assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] <= wall
     assert report["options"] == {**options.to_dict(), "threshold": 0.3}
     assert report["outcome"] == f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
-    assert report["intended_use"] == exp.extra["model"]["intended_use"] and "clinical" in report["intended_use"]
+    assert report["intended_use"] == exp.model["intended_use"] and "clinical" in report["intended_use"]
     assert report["chest_check"]["ok"] and report["layer"] == "features.act6"
     assert report["files"] == sorted(p.name for k, p in files.items() if k != "report") + ["report.json"]
     # progress: every stage in order, each from 0 to done
@@ -365,7 +365,7 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
-    assert ds.ContentDescription == exp.extra["model"]["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
+    assert ds.ContentDescription == exp.model["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
     for item, region in zip(ds.SegmentSequence, seg.regions):
         assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
         category = item.SegmentedPropertyCategoryCodeSequence[0]
@@ -409,7 +409,7 @@ def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tin
     assert "lung_mask" in stages and "cam" not in stages
     # switched off, or with a region given, it runs
     exp = lgc.explain(load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
-    assert not exp.extra["chest_check"]["ok"] and exp.extra["chest_check"]["lung_share"] < 0.05
+    assert not exp.chest_check["ok"] and exp.chest_check["lung_share"] < 0.05
 
 
 @pytest.mark.parametrize("name", ["lidc/LIDC-IDRI-0001", "totalsegmentator/chest_crop_pulmonary.nii.gz"])

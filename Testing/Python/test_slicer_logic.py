@@ -104,7 +104,7 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     order = [s for n, s in enumerate(stages) if n == 0 or s != stages[n - 1]]
     assert order == ["load_model", "lung_mask", "resample", "cam", "resample_back", "segment"]
     cam = [(done, total) for stage, done, total in reports if stage == "cam"]
-    assert cam[-1][0] == cam[-1][1] == result.explanation.extra["n_patches"]
+    assert cam[-1][0] == cam[-1][1] == result.explanation.n_patches
     assert [done for done, _ in cam] == sorted(done for done, _ in cam) and len(cam) > 3
     assert logic.progressText("cam", 3, 9) == "Computing the heat map: 3 of 9 patches"
     assert logic.progressText("lung_mask", 0, 1) == "Finding the lungs..."
@@ -139,7 +139,7 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     # what the panel says: prediction, outcome, and that this is a research model
     text = logic.resultText(result)
     assert f"{len(regions)} hot region" in text and "Research model:" in text
-    assert result.explanation.extra["model"]["intended_use"] in text
+    assert result.explanation.model["intended_use"] in text
     assert logic.jumpToHottestRegion(result)
 
 
@@ -204,7 +204,7 @@ def test_out_of_memory_halves_the_batch_and_finishes(app, chest, tiny_model):
         handle.remove()
     one_by_one = logic.process(ct, model=loaded, device="cpu", batch_size=1, showResult=False)
     # halved until each CPU worker (one per torch thread) runs one patch at a time
-    assert result.explanation.extra["batch_size_used"] <= max(1, torch.get_num_threads()) < 8
+    assert result.explanation.batch_size_used <= max(1, torch.get_num_threads()) < 8
     np.testing.assert_array_equal(result.explanation.cam.array, one_by_one.explanation.cam.array)
     assert "ran out of memory" not in logic.resultText(result)  # it stayed on its device
 
@@ -227,7 +227,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(app, chest, tiny_model):
     loaded.module.register_forward_pre_hook(no_gpu_memory)
     with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
         result = logic.process(ct, model=loaded, device="cuda", batch_size=4, showResult=False)
-    assert result.explanation.extra["device_used"] == "cpu"
+    assert result.explanation.device_used == "cpu"
     assert "ran out of memory: the heat map was finished on the cpu" in logic.resultText(result)
 
 
@@ -250,6 +250,6 @@ def test_gpu_real_out_of_memory_is_recovered_at_logic_level(app, chest, tiny_mod
         result = logic.process(ct, model=str(wide), device="cuda", batch_size=256, showResult=False)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert result.explanation.extra["device_used"].startswith("cuda")
-    assert result.explanation.extra["batch_size_used"] < 256
+    assert result.explanation.device_used.startswith("cuda")
+    assert result.explanation.batch_size_used < 256
     np.testing.assert_allclose(result.explanation.cam.array, expected.explanation.cam.array, atol=1e-3)
