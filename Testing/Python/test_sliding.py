@@ -132,7 +132,7 @@ def test_patch_grid_covers_the_roi_and_nothing_else():
 
 def test_gaussian_blending_of_maps_and_scores():
     net, vol = make_net(), make_volume((8, 8, 24))
-    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3)
+    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3, blend="raw")
     # direct: each patch's raw CAM and score, weighted by a separable Gaussian (sigma = p/8,
     # peak 1, floor 1e-3), summed and divided by the summed weights
     g = gaussian(8)
