@@ -60,6 +60,11 @@ def _heat_map_statement(card: Any) -> str:
                  f"{quality['peak_in_lesion']}" + (f" and within 10 mm of one in {quality['peak_within_10mm']}"
                                                     if "peak_within_10mm" in quality else "")
                  + (f" (mean-Dice {quality['mean_dice']:.2f})" if "mean_dice" in quality else "") + ".")
+        slabs = quality.get("lidc_slabs")
+        if isinstance(slabs, dict) and slabs:
+            text += " On real LIDC-IDRI slabs: " + "; ".join(
+                f"{name}: {'inside the nodule' if r.get('peak_in_nodule') else 'missed, %.0f mm away' % r.get('peak_mm', 0)}"
+                for name, r in slabs.items() if isinstance(r, dict)) + "."
     else:
         text += " How well its heat maps localise lesions has not been measured (no metrics.heat_map in its card)."
     return text
@@ -89,7 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .volume import write_volume
 
     out = Path(args.out)
-    options = ExplainOptions(model=args.model, device=args.device)
+    options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
     if args.ct is not None:
         pipeline.check_input(args.ct, args.series)
     loaded = check_options(options)
@@ -121,6 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         close()
     _print_result("   prediction", explanation, segmentation, written)
+    pipeline.print_second_opinions(segmentation, indent="     ")
     distance = metrics.peak_distance_mm(explanation.cam, truth)  # 0 when the CAM's maximum is in a nodule
     print("   the heat map's maximum is " + ("inside a true nodule" if distance == 0 else
           f"{distance:.1f} mm from the nearest true nodule (outside it)"))
@@ -136,6 +142,7 @@ def _demo(args: argparse.Namespace) -> int:
         finally:
             close()
         _print_result("   prediction", real, real_seg, real_files)
+        pipeline.print_second_opinions(real_seg, indent="     ")
         chest = real.extra["chest_check"]
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "
@@ -169,6 +176,8 @@ def _add_demo(sub: "argparse._SubParsersAction") -> None:
                    help="also explain this real chest CT: DICOM folder, Slicer DICOM database or volume file")
     p.add_argument("--series", default=None, help="SeriesInstanceUID of --ct, when it holds several CT series")
     p.add_argument("--model", default="default", help="model name or path (default: default)")
+    p.add_argument("--region-model", default=None, metavar="MODEL",
+                   help="also ask a region model (e.g. lidc-malignancy) about each hot region")
     p.add_argument("--device", default=None, type=pipeline._argument_type(pipeline._device),
                    help="auto, cpu, cuda, cuda:N, mps")
     p.set_defaults(func=_demo)

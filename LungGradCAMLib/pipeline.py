@@ -967,14 +967,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     probs = ", ".join(f"{k} {v:.3f}" for k, v in explanation.probabilities.items())
     print(f"prediction: {explanation.predicted_class} ({probs}); {outcome(segmentation)}; "
           f"{explanation.timings['total']:.1f} s")
-    for region in segmentation.regions:
-        if region.second_opinion:
-            o = region.second_opinion
-            print(f"  {region.name} ({region.volume_ml:.2f} ml at RAS {', '.join(f'{c:.1f}' for c in region.centroid_ras)}"
-                  f" mm): {o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+    print_second_opinions(segmentation)
     print(f"outputs in {Path(args.out).resolve()}: {', '.join(sorted(p.name for p in files.values()))}")
     print(intended_use(explanation))
     return 0
+
+
+def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per hot region a region model was asked about: where, and its answer."""
+    for region in segmentation.regions:
+        if region.second_opinion:
+            o = region.second_opinion
+            where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
+            print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
+                  f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
 
 
 def add_cli(sub: Any) -> None:
