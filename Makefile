@@ -23,6 +23,10 @@ $(VENV)/.test: pyproject.toml $(VENV)/.runtime
 
 venv: $(VENV)/.test
 
+# With the project's real data beside the checkout, the demo also explains a real LIDC-IDRI CT.
+LIDC_CT ?= ../shared/data/lidc/LIDC-IDRI-0001
+DEMO_ARGS ?= $(if $(wildcard $(LIDC_CT)),--ct $(LIDC_CT) --region-model lidc-malignancy)
+
 demo: $(VENV)/.runtime
 	$(VENV)/bin/lunggradcam demo --out lunggradcam-demo $(DEMO_ARGS)
 

@@ -24,7 +24,7 @@ from slicer.parameterNodeWrapper import (
     WithinRange,
 )
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
 # Built and installed, LungGradCAMLib/ and Resources/ sit beside this file in Slicer's
 # scripted-modules folder. Used from a source checkout (this folder added in Application
@@ -106,6 +106,8 @@ class LungGradCAMParameterNode:
     stride - sliding-window step in model voxels; 0 = half a patch.
     batchSize - patches per model call; 0 = automatic.
     amp - 16-bit mixed precision on CUDA.
+    roi - a markups ROI: explain only this region (a region model, e.g. lidc-malignancy, needs one).
+    regionModel - a region model asked about each hot region (its second opinion); empty = none.
     camVolume, segmentation, table - the outputs (created when empty).
     """
 
@@ -119,6 +121,8 @@ class LungGradCAMParameterNode:
     stride: Annotated[int, WithinRange(0, 512)] = 0
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0
     amp: bool = False
+    roi: vtkMRMLMarkupsROINode
+    regionModel: str = ""
     camVolume: vtkMRMLScalarVolumeNode
     segmentation: vtkMRMLSegmentationNode
     table: vtkMRMLTableNode
@@ -168,6 +172,8 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # through SlicerParameterName but kept in the parameter node here.
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.targetClassComboBox.connect("currentIndexChanged(int)", self.onTargetClassChanged)
+        self.ui.regionModelComboBox.connect("currentIndexChanged(int)", self.onRegionModelChanged)
+        self.ui.roiSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onRoiAdded)
 
         # Buttons
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -175,6 +181,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.dicomRefreshButton.connect("clicked(bool)", self.onDicomRefresh)
         self.ui.dicomLoadButton.connect("clicked(bool)", self.onDicomLoad)
         self.ui.jumpToHottestButton.connect("clicked(bool)", self.onJumpToHottest)
+        self.ui.explainRegionButton.connect("clicked(bool)", self.onExplainRegion)
         self.ui.progressBar.visible = False
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -262,6 +269,14 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(os.path.basename(current), current)
         combo.setCurrentIndex(combo.findData(current))
         combo.blockSignals(wasBlocked)
+        combo = self.ui.regionModelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItem(_("(none)"), "")
+        for name in self.logic.regionModels():
+            combo.addItem(name, name)
+        combo.setCurrentIndex(max(combo.findData(self._parameterNode.regionModel), 0))
+        combo.blockSignals(wasBlocked)
         self._updateModelInfo()
 
     def onModelChanged(self, index: int) -> None:
@@ -311,6 +326,33 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onTargetClassChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
             self._parameterNode.targetClass = self.ui.targetClassComboBox.itemData(index)
+
+    def onRegionModelChanged(self, index: int) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.regionModel = self.ui.regionModelComboBox.itemData(index)
+
+    # --- region (markups ROI) -------------------------------------------------------------------
+    def onRoiAdded(self, node) -> None:
+        """A new ROI from the selector: the next click in a slice view places it (its centre; an ROI
+        left without size is explained as the one patch centred there)."""
+        self.logic.startPlacingRoi(node)
+
+    def onExplainRegion(self) -> None:
+        """"Explain this region": the hot region selected in the table (else the hottest) becomes
+        an ROI, and the region model (the second-opinion one, else the model) explains it into new
+        output nodes, so the whole-scan result stays in the scene."""
+        if self._result is None or not self._result.segmentation.regions:
+            return
+        p = self._parameterNode
+        row = self.ui.regionsTableView.currentIndex().row()
+        regions = self._result.segmentation.regions
+        region = regions[row] if 0 <= row < len(regions) else regions[0]
+        p.roi = self.logic.regionToRoi(region)
+        if p.regionModel:
+            p.model, p.regionModel, p.targetClass, p.method = p.regionModel, "", "", "auto"
+        p.camVolume, p.segmentation, p.table = None, None, None
+        self._updateModelList()
+        self.onApplyButton()
 
     # --- DICOM database -----------------------------------------------------------------------
     def onDicomRefresh(self) -> None:
@@ -402,6 +444,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.predictionLabel.text = self.logic.resultText(result)
         self.ui.regionsTableView.setMRMLTableNode(result.table_node)
         self.ui.jumpToHottestButton.enabled = bool(result.segmentation.regions)
+        self.ui.explainRegionButton.enabled = bool(result.segmentation.regions)
         self.ui.resultsCollapsibleButton.collapsed = False
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds)
 
@@ -460,9 +503,14 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """The panel's settings as the engine's ExplainOptions (checked: a wrong value raises)."""
         p = parameterNode
         method = None if p.method == "auto" else p.method  # auto: the model card's own method
+        roi = None
+        if p.roi is not None:
+            from LungGradCAMLib.mrml import roi_from_node
+
+            roi = roi_from_node(p.roi, default_size_mm=1.0)  # placed by a click: the one patch centred there
         return ExplainOptions(model=p.model, method=method, target=p.targetClass or None, threshold=p.threshold,
                               restrict_to_lungs=p.restrictToLungs, device=p.device, stride=p.stride or None,
-                              batch_size=p.batchSize or None, amp=p.amp)
+                              batch_size=p.batchSize or None, amp=p.amp, roi=roi, region_model=p.regionModel or None)
 
     # --- dependencies ---------------------------------------------------------------------------
     @staticmethod
@@ -506,6 +554,13 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         from LungGradCAMLib.engine.models import available_models
 
         return available_models()
+
+    @staticmethod
+    def regionModels() -> List[str]:
+        """Bundled models that judge one region (card ``input: roi``, e.g. lidc-malignancy)."""
+        if not LungGradCAMLogic.dependenciesInstalled():
+            return []
+        return [name for name in LungGradCAMLogic.bundledModels() if LungGradCAMLogic.modelCard(name).input == "roi"]
 
     @staticmethod
     def modelCard(model: str = "default"):
@@ -639,6 +694,23 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         segmentationDisplay = result.segmentation_node.GetDisplayNode()
         segmentationDisplay.SetVisibility2D(True)
         segmentationDisplay.SetVisibility3D(True)
+
+    @staticmethod
+    def regionToRoi(region, roiNode=None):
+        """A markups ROI node around a hot region (LungGradCAMLib.core.results.Region): the region a
+        region model is asked about. ``roiNode`` is moved there, or a new one is made."""
+        from LungGradCAMLib.mrml import region_to_roi_node
+
+        return region_to_roi_node(region, roiNode)
+
+    @staticmethod
+    def startPlacingRoi(roiNode) -> None:
+        """Make ``roiNode`` the active markups node and start place mode: the next click in a view
+        places it."""
+        slicer.modules.markups.logic().SetActiveList(roiNode)  # the place node: this ROI, of its class
+        interactionNode = slicer.mrmlScene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+        interactionNode.SetPlaceModePersistence(0)  # markups logic's StartPlaceMode would switch to points
+        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
 
     @staticmethod
     def jumpToHottestRegion(result) -> bool:

@@ -285,9 +285,11 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
     return node
 
 
-def roi_from_node(roi_node: Any) -> tuple:
+def roi_from_node(roi_node: Any, default_size_mm: Optional[float] = None) -> tuple:
     """``(centre_ras_mm, size_mm)`` of a placed markups ROI node in world RAS: the ``roi`` that
-    :func:`~LungGradCAMLib.pipeline.explain` takes (a region model looks at one patch centred on it)."""
+    :func:`~LungGradCAMLib.pipeline.explain` takes (a region model looks at one patch centred on it).
+    An ROI placed by a click but not sized gets ``default_size_mm`` when given (explain covers at
+    least one patch anyway), else it is refused."""
     if roi_node is None or not roi_node.IsA("vtkMRMLMarkupsROINode"):
         raise InvalidInputError("the region must be a markups ROI node (Markups: ROI); place one on the nodule")
     if roi_node.GetNumberOfControlPoints() == 0:
@@ -295,6 +297,8 @@ def roi_from_node(roi_node: Any) -> tuple:
     centre, size = [0.0] * 3, [0.0] * 3
     roi_node.GetCenterWorld(centre)
     roi_node.GetSizeWorld(size)
+    if default_size_mm is not None and max(size) <= 0:
+        size = [float(default_size_mm)] * 3
     if not all(math.isfinite(v) for v in centre + size) or min(size) <= 0:
         raise InvalidInputError(f"ROI {roi_node.GetName()!r} has no size (size {size} mm): drag its handles "
                                 "to cover the nodule")

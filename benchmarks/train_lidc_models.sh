@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Reproduces the two bundled real-data models from ../shared/data (see its README) on 2 CPU threads:
+# Reproduces the two bundled real-data models from ../shared/data (see its README) on one CPU thread
+# (--threads 1, as they were trained: another thread count changes the floating-point sums):
 #
 #   default          whole-scan nodule vs background (gradcam3d_cnn width 8, 24^3 patches at 1.5 mm):
 #                    real LIDC-IDRI nodules (lidc_vois) placed into the lungs of real chest CTs
@@ -25,7 +26,7 @@ $LGC train --name default --version 2.0.0 \
   --with-phantoms 0-79 --positives-per-nodule 6 --negatives-per-kind 8 \
   --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}' \
   --patch-size 24 24 24 --spacing 1.5 1.5 1.5 --hu-window -1000 400 --normalisation minmax \
-  --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 2 \
+  --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 1 \
   --cache "$OUT/default/patches.npz" --out "$OUT/default" --no-progress
 .venv/bin/python benchmarks/nodule_operating_point.py --model "$OUT/default/best.safetensors" \
   --cache "$OUT/default/patches.npz" --out "$OUT/default/operating_point.json" --card "$OUT/default/best.json"
@@ -34,7 +35,7 @@ $LGC train --name default --version 2.0.0 \
 MAL=(--source lidc-vois --path "$VOIS" --task malignancy --backgrounds "$BG" --placements 4
      --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}'
      --patch-size 32 32 32 --spacing 1.25 1.25 1.25 --hu-window -1000 400 --normalisation minmax
-     --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 2 --no-progress)
+     --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 1 --no-progress)
 $LGC train --name lidc-malignancy --version 1.0.0 "${MAL[@]}" --folds 5 \
   --cache "$OUT/malignancy/patches.npz" --out "$OUT/malignancy-cv"
 $LGC train --name lidc-malignancy --version 1.0.0 "${MAL[@]}" \

@@ -7,6 +7,7 @@ import sys
 from typing import Any, Callable, Optional, Tuple
 
 from ..core.errors import InvalidInputError
+from ..core.results import Segmentation
 from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from ..pipeline.explainer import STAGES, CostEstimate, Progress
 from ..pipeline.outputs import VOLUME_FORMATS
@@ -112,3 +113,13 @@ def print_estimate(estimate: CostEstimate) -> None:
     """The CLI's announcement of a long CAM stage (Score-CAM always, others from 30 s), on stderr."""
     if estimate.method == "scorecam" or estimate.seconds >= 30:
         print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
+
+
+def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per hot region a region model was asked about: where, and its answer."""
+    for region in segmentation.regions:
+        if region.second_opinion:
+            o = region.second_opinion
+            where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
+            print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
+                  f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")

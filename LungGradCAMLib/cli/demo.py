@@ -20,6 +20,11 @@ def _heat_map_statement(card: Any) -> str:
                  f"{quality['peak_in_lesion']}" + (f" and within 10 mm of one in {quality['peak_within_10mm']}"
                                                     if "peak_within_10mm" in quality else "")
                  + (f" (mean-Dice {quality['mean_dice']:.2f})" if "mean_dice" in quality else "") + ".")
+        slabs = quality.get("lidc_slabs")
+        if isinstance(slabs, dict) and slabs:
+            text += " On real LIDC-IDRI slabs: " + "; ".join(
+                f"{name}: {'inside the nodule' if r.get('peak_in_nodule') else 'missed, %.0f mm away' % r.get('peak_mm', 0)}"
+                for name, r in slabs.items() if isinstance(r, dict)) + "."
     else:
         text += " How well its heat maps localise lesions has not been measured (no metrics.heat_map in its card)."
     return text
@@ -49,10 +54,10 @@ def _demo(args: argparse.Namespace) -> int:
     from ..io.render import save_montage
     from ..pipeline import check_options, run_one
     from ..io.segnrrd import write_segmentation
-    from .common import cli_progress
+    from .common import cli_progress, print_second_opinions
 
     out = Path(args.out)
-    options = ExplainOptions(model=args.model, device=args.device)
+    options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
     if args.ct is not None:
         check_input(args.ct, args.series)
     loaded = check_options(options)
@@ -84,6 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         close()
     _print_result("   prediction", explanation, segmentation, written)
+    print_second_opinions(segmentation, indent="     ")
     distance = metrics.peak_distance_mm(explanation.cam, truth)  # 0 when the CAM's maximum is in a nodule
     print("   the heat map's maximum is " + ("inside a true nodule" if distance == 0 else
           f"{distance:.1f} mm from the nearest true nodule (outside it)"))
@@ -99,6 +105,7 @@ def _demo(args: argparse.Namespace) -> int:
         finally:
             close()
         _print_result("   prediction", real, real_seg, real_files)
+        print_second_opinions(real_seg, indent="     ")
         chest = real.chest_check
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "
@@ -132,6 +139,8 @@ def add_cli(sub: "argparse._SubParsersAction") -> None:
                    help="also explain this real chest CT: DICOM folder, Slicer DICOM database or volume file")
     p.add_argument("--series", default=None, help="SeriesInstanceUID of --ct, when it holds several CT series")
     p.add_argument("--model", default="default", help="model name or path (default: default)")
+    p.add_argument("--region-model", default=None, metavar="MODEL",
+                   help="also ask a region model (e.g. lidc-malignancy) about each hot region")
     p.add_argument("--device", default=None, type=argument_type(device),
                    help="auto, cpu, cuda, cuda:N, mps")
     p.set_defaults(func=_demo)

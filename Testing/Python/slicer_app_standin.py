@@ -116,16 +116,16 @@ class _App:
 def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Iterator[Dict[str, Any]]:
     """Install the stand-ins and the application's logics for ``scene``; yields the logics by
     module name. Everything is removed afterwards."""
-    logics = {"volumerendering": slicer.vtkSlicerVolumeRenderingLogic(), "markups": slicer.vtkSlicerMarkupsLogic(),
-              "colors": slicer.vtkSlicerColorLogic()}
-    for logic in logics.values():
-        logic.SetMRMLScene(scene)
-    # what the application adds to every scene: selection and interaction singletons, and a
-    # composite node for each slice view of the layout
+    # what the application adds to every scene before its modules' logics see it: selection and
+    # interaction singletons, and a composite node for each slice view of the layout
     for cls in (slicer.vtkMRMLSelectionNode, slicer.vtkMRMLInteractionNode):
         node = cls()
         node.SetSingletonTag("Singleton")
         scene.AddNode(node)
+    logics = {"volumerendering": slicer.vtkSlicerVolumeRenderingLogic(), "markups": slicer.vtkSlicerMarkupsLogic(),
+              "colors": slicer.vtkSlicerColorLogic()}
+    for logic in logics.values():
+        logic.SetMRMLScene(scene)
     for view in ("Red", "Yellow", "Green"):
         composite = slicer.vtkMRMLSliceCompositeNode()
         composite.SetLayoutName(view)

@@ -253,3 +253,42 @@ def test_gpu_real_out_of_memory_is_recovered_at_logic_level(app, chest, tiny_mod
     assert result.explanation.device_used.startswith("cuda")
     assert result.explanation.batch_size_used < 256
     np.testing.assert_allclose(result.explanation.cam.array, expected.explanation.cam.array, atol=1e-3)
+
+
+def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, region_model):
+    """The panel's region-model path: a second opinion on each hot region in the table, then the
+    selected region as an ROI explained by the region model; a new ROI is placed by a click."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    assert logic.regionModels() == ["lidc-malignancy"]  # the bundled region model; default judges scans
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    p = logic.getParameterNode()
+    p.inputVolume, p.model, p.threshold, p.device, p.regionModel = ct, str(tiny_model), 0.3, "cpu", str(region_model)
+    options = logic.optionsFromParameterNode(p)
+    assert options.region_model == str(region_model) and options.roi is None
+    result = logic.process(ct, options=options)
+    regions = result.segmentation.regions
+    assert regions and all(r.second_opinion["model"] == "tiny-region" for r in regions)
+    column = result.table_node.GetTable().GetColumnByName("Region model P")
+    assert [column.GetValue(n) for n in range(len(regions))] == pytest.approx(
+        [r.second_opinion["probability"] for r in regions])
+
+    # "Explain selected region": an ROI around it, explained by the region model (one patch on it)
+    p.roi, p.model, p.regionModel = logic.regionToRoi(regions[0]), str(region_model), ""
+    options = logic.optionsFromParameterNode(p)
+    np.testing.assert_allclose(options.roi[0], regions[0].centroid_ras, atol=1e-6)
+    again = logic.process(ct, options=options)
+    assert again.explanation.mode == "roi" and again.explanation.n_patches == 1
+    assert again.explanation.target_class == "malignant" and again.cam_node is not result.cam_node
+
+    # a new ROI: the next click places it (place mode on it); placed but not sized, it is one patch
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    logic.startPlacingRoi(roi)
+    selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
+    assert selection.GetActivePlaceNodeID() == roi.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsROINode"
+    interaction = scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+    assert interaction.GetCurrentInteractionMode() == interaction.Place and not interaction.GetPlaceModePersistence()
+    roi.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))
+    p.roi = roi
+    assert logic.optionsFromParameterNode(p).roi == (NODULE_RAS, (1.0, 1.0, 1.0))

@@ -121,6 +121,7 @@ def _slicer_widget_api(name: str) -> Set[str]:
 
 WIDGET_API.update({name: _slicer_widget_api(name) for name in
                    ("ctkSliderWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLTableView")})
+WIDGET_API["qMRMLTableView"] |= {"currentIndex", "selectionModel"}  # from Qt's QTableView, its base
 
 # parameterNodeWrapper's GUI connectors: parameter type -> widget classes it can bind to.
 CONNECTABLE = {
