@@ -852,6 +852,7 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
     assert _complete(out)["input"] == str(ct) and not (out / ".lunggradcam.lock").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_leave_no_temporaries(tmp_path, chest, tiny):
     ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
     # SIGTERM while the run has temporaries: it removes them and says so
@@ -1131,6 +1132,7 @@ def bomb_results(tmp_path_factory, tiny):
     return runs, done, result
 
 
+@pytest.mark.slow
 def test_the_memory_limit_lets_a_real_run_through(bomb_results):
     runs, done, result = bomb_results
     assert "control" in done, f"the child died (status {result.returncode}): {result.stderr[-3000:]}"

@@ -89,6 +89,7 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
     assert [r["status"] for r in _summary(out).values()].count("done") == 3
 
 
+@pytest.mark.slow
 def test_batch_survives_sigkill(cohort, tmp_path):
     """Kill `lunggradcam batch` with SIGKILL mid-run, start it again: the cohort finishes whole."""
     tree, uids, model = cohort
@@ -114,6 +115,7 @@ def test_batch_survives_sigkill(cohort, tmp_path):
         assert not list(folder.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_batch_torchrun_two_processes(cohort, tmp_path):
     tree, uids, model = cohort
     out = tmp_path / "out"

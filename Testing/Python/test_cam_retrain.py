@@ -112,6 +112,7 @@ def _separable_set(n: int = 64, seed: int = 0):
     return data, masks
 
 
+@pytest.mark.slow
 def test_cam_retrain_end_to_end_truth_separates_inverted_does_not(tmp_path, one_thread):
     data, masks = _separable_set()
     cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, patience=20, augment=False, amp=False, seed=0)

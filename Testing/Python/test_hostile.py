@@ -96,6 +96,7 @@ def test_hostile_fields_are_read_as_data(hostile_tree):
     assert keys == {"../../../escaped", *HOSTILE_UIDS, f"{LONG_UID}#1", f"{LONG_UID}#2"}
 
 
+@pytest.mark.slow
 def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree, model, tmp_path):
     root, tree = hostile_tree
     before = _snapshot(root, skip=tmp_path)

@@ -461,6 +461,7 @@ def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
 
 
+@pytest.mark.slow
 def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, chest):
     """What the Slicer self-test checks, here in CI: the heat map peaks in the nodule and a segment overlaps it."""
     from LungGradCAMLib.evaluation import metrics

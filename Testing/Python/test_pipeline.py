@@ -254,6 +254,7 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     assert "estimated cost: scorecam:" in err and "forward passes" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     """`lunggradcam demo`: phantom -> DICOM -> volume -> explanation -> outputs, and the bundled
     model's heat map lands on (or within a few mm of) a true nodule."""

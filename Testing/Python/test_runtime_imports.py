@@ -116,6 +116,7 @@ print(json.dumps(missing))
     assert json.loads(done.stdout.splitlines()[-1]) == {"LungGradCAMLib.mrml": "slicer", "(check) pytest": "pytest"}
 
 
+@pytest.mark.slow
 def test_a_whole_run_needs_no_test_only_package(tmp_path, small_phantom):
     """`lunggradcam run` from DICOM with every output (seg.nrrd, overlay, DICOM SEG; then NIfTI)."""
     from LungGradCAMLib import phantom

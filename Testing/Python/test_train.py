@@ -137,6 +137,7 @@ def test_cli_cross_validation(tmp_path, spheres, capsys):
     assert "unknown architecture 'vgg3d'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path, spheres):
     cache = spheres.save(tmp_path / "spheres.npz")
     out = tmp_path / "ddp"
