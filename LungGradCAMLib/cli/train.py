@@ -9,7 +9,7 @@ import sys
 
 from ..core.errors import InvalidInputError, ModelError
 from ..training.sources import DataSpec, load_data
-from .common import argument_type
+from .common import argument_type, device
 from .data import add_data_arguments, data_spec, json_object
 
 
@@ -53,7 +53,8 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
     o.add_argument("--resume", action="store_true", help="continue from --out/resume.pt")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    o.add_argument("--device", help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
+    o.add_argument("--device", default=None, type=argument_type(device),
+                   help="auto (CUDA: cuda:LOCAL_RANK under torchrun; else MPS; else CPU), cpu, cuda, cuda:N, mps")
     o.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(func=_run)
 
