@@ -35,7 +35,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 # Neither needs torch, so the panel opens before torch is installed.
-from LungGradCAMLib.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
+from LungGradCAMLib.core.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
 from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
@@ -551,7 +551,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """Names of the models in Resources/Models (["default"] until torch is installed)."""
         if not LungGradCAMLogic.dependenciesInstalled():
             return ["default"]
-        from LungGradCAMLib.models import available_models
+        from LungGradCAMLib.engine.models import available_models
 
         return available_models()
 
@@ -565,7 +565,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def modelCard(model: str = "default"):
         """The ModelCard of a bundled model name or a model file (read without loading weights)."""
-        from LungGradCAMLib.models import ModelCard, resolve_model_path
+        from LungGradCAMLib.engine.models import ModelCard, resolve_model_path
 
         return ModelCard.load(resolve_model_path(model).with_suffix(".json"))
 
@@ -581,7 +581,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """The CT series of Slicer's DICOM database (or of the ctkDICOM.sql at ``databasePath``):
         dicts with seriesUID, title (for display: patient, study date, series number and
         description, image count) and files. Read read-only with LungGradCAMLib.DicomDatabase."""
-        from LungGradCAMLib.ctkdb import DicomDatabase
+        from LungGradCAMLib.io.ctkdb import DicomDatabase
 
         path = databasePath or LungGradCAMLogic.dicomDatabasePath()
         if not path:
@@ -606,7 +606,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         volume node named as Slicer's DICOM module names it ("<number>: <description>"), with the
         reader of the command line (slices ordered by position, rescale and padding applied,
         geometry checked), so the panel and ``lunggradcam run`` see the same CT. Returns the node."""
-        from LungGradCAMLib.ctkdb import DicomDatabase
+        from LungGradCAMLib.io.ctkdb import DicomDatabase
 
         path = databasePath or LungGradCAMLogic.dicomDatabasePath()
         if not path:
@@ -676,7 +676,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
                 + _("Heat map for class {name} ({method}): {outcome}.").format(
                     name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
-        asked, used = explanation.extra.get("device", ""), explanation.extra.get("device_used", "")
+        asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(
                 asked=asked, used=used)
@@ -697,7 +697,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def regionToRoi(region, roiNode=None):
-        """A markups ROI node around a hot region (LungGradCAMLib.results.Region): the region a
+        """A markups ROI node around a hot region (LungGradCAMLib.core.results.Region): the region a
         region model is asked about. ``roiNode`` is moved there, or a new one is made."""
         from LungGradCAMLib.mrml import region_to_roi_node
 
@@ -753,7 +753,8 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
 
         self.delayDisplay("Making a chest CT phantom with a nodule")
-        from LungGradCAMLib import metrics, phantom
+        from LungGradCAMLib.evaluation import metrics
+        from LungGradCAMLib import phantom
 
         nodule = phantom.NoduleSpec(center_ras=(60.0, 20.0, -150.0), diameter_mm=20.0, malignant=True)
         # a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm slices)

@@ -8,24 +8,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it (the parts: core, io, engine, pipeline, training, evaluation, cli)
 _EXPORTS = {
-    "Volume": "volume", "read_volume": "volume", "write_volume": "volume",
-    "same_geometry": "volume", "resample": "volume", "resample_to": "volume", "crop": "volume",
-    "LungGradCAMError": "errors",
-    "Explanation": "results", "Segmentation": "results", "Region": "results",
-    "load_dicom_series": "dicom", "list_dicom_series": "dicom", "SeriesInfo": "dicom",
-    "write_dicom_series": "dicom", "DicomResampledWarning": "dicom",
-    "DicomDatabase": "ctkdb",
-    "lung_mask": "lung", "lung_bbox": "lung",
-    "load_model": "models", "LoadedModel": "models", "ModelCard": "models",
-    "compute_cam": "cam", "CAM": "cam", "sliding_cam": "sliding",
-    "segment_cam": "segment", "write_segmentation": "segment",
+    "Volume": "core.volume", "read_volume": "core.volume", "write_volume": "core.volume",
+    "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
+    "LungGradCAMError": "core.errors",
+    "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
+    "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
+    "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
+    "DicomDatabase": "io.ctkdb",
+    "lung_mask": "engine.lung", "lung_bbox": "engine.lung",
+    "load_model": "engine.models", "LoadedModel": "engine.models", "ModelCard": "engine.models",
+    "compute_cam": "engine.cam", "CAM": "engine.cam", "sliding_cam": "engine.sliding",
+    "segment_cam": "pipeline.segment", "write_segmentation": "io.segnrrd",
     "explain": "pipeline", "write_outputs": "pipeline", "ExplainOptions": "options",
 }
-_SUBMODULES = {"phantom", "render", "dicomseg", "mrml", "metrics", "preprocess", "cam", "sliding", "dicom", "ctkdb", "lung",
-               "models", "segment", "pipeline", "errors", "volume", "train", "evaluate", "data", "cam_retrain",
-               "bench", "atomic", "results", "cli", "options", "limits", "paths"}
+# lgc.<name> -> module: the parts, the top-level modules, and lgc.metrics (named in the README)
+_SUBMODULES = {name: name for name in ("core", "io", "engine", "training", "evaluation", "cli", "phantom", "mrml",
+                                       "options", "pipeline")}
+_SUBMODULES["metrics"] = "evaluation.metrics"
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -34,7 +35,7 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     raise AttributeError(f"module 'LungGradCAMLib' has no attribute {name!r}")
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import slicer
 import vtk
 
-from .errors import InvalidInputError, VolumeError
+from .core.errors import InvalidInputError, VolumeError
 from .options import ExplainOptions
-from .results import Explanation, Region, Segmentation
-from .volume import Volume
+from .core.results import Explanation, Region, Segmentation
+from .core.volume import Volume
 
 __all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "explain_volume_node",
            "region_to_roi_node", "regions_to_table", "roi_from_node", "segmentation_to_node", "volume_from_node"]

@@ -15,9 +15,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .errors import InvalidInputError
+from .core.errors import InvalidInputError
 
-#: The CAM methods of :mod:`LungGradCAMLib.cam` (``cam.METHODS``, which needs torch; a test keeps
+#: The CAM methods of :mod:`LungGradCAMLib.engine.cam` (``cam.METHODS``, which needs torch; a test keeps
 #: the two equal).
 METHODS: Tuple[str, ...] = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "scorecam",
                             "guided-backprop", "guided-gradcam")
@@ -146,7 +146,7 @@ class ExplainOptions:
     * ``mode``: one of :data:`MODES`; ``roi``: see :func:`parse_roi` (RAS mm, or a K, J, I mask);
     * ``threshold``: see :func:`parse_threshold`; ``restrict_to_lungs``: hot regions only inside
       the lung mask; ``chest_check``: refuse a CT that does not hold lungs (see
-      :func:`LungGradCAMLib.lung.check_chest_ct`) before the CAM is computed;
+      :func:`LungGradCAMLib.engine.lung.check_chest_ct`) before the CAM is computed;
     * ``device``: auto / cpu / cuda / cuda:N / mps (None = auto); ``batch_size``: patches per model
       call (None = 8 on CUDA, 2 elsewhere); ``stride``: sliding-window step in model voxels
       (K, J, I; None = half a patch); ``amp``: 16-bit mixed precision on CUDA;

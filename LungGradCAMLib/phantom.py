@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from scipy import ndimage
 
-from .errors import InvalidInputError
-from .volume import Volume, check_voxel_limit
+from .core.errors import InvalidInputError
+from .core.volume import Volume, check_voxel_limit
 
 KINDS = ("solid", "part-solid", "ground-glass", "calcified")
 MARGINS = ("smooth", "lobulated", "spiculated")
@@ -876,10 +876,10 @@ def _blur_and_noise(hu: np.ndarray, noise_hu: float, rng: np.random.Generator) -
 
 def write_dicom_series(volume: Volume, folder: "str | Path", **kwargs: Any) -> List[Path]:
     """Write ``volume`` as a CT Image Storage DICOM series into ``folder`` with
-    :func:`LungGradCAMLib.dicom.write_dicom_series` (options such as ``shuffle_names``). Patient
+    :func:`LungGradCAMLib.io.dicom_write.write_dicom_series` (options such as ``shuffle_names``). Patient
     and UIDs default to those in ``volume.meta`` (a phantom's deterministic ones); returns the
     file paths in k order."""
-    from .dicom import write_dicom_series as write
+    from .io.dicom_write import write_dicom_series as write
 
     meta = volume.meta
     for key, meta_key in (("patient_id", "patient_id"), ("patient_name", "patient_name"), ("study_uid", "study_uid"),

@@ -5,9 +5,9 @@ For each held-out phantom chest CT (seeds the model card's training never used) 
 explains the whole scan (``explain(..., mode="sliding")``: the sliding window over the lungs'
 bounding box, the product's path) and the CAM is scored against the phantom's nodule labelmap;
 for each LIDC slab (``../shared/data/lidc``) against each nodule's reader consensus (voxels
-outlined by >= 50% of the readings that cover it, on the slices present: ``data.lidc_nodules``).
+outlined by >= 50% of the readings that cover it, on the slices present: ``lidc.lidc_nodules``).
 
-Metrics (``LungGradCAMLib.metrics``), all within the region R = lungs (the pipeline's lung mask)
+Metrics (``LungGradCAMLib.evaluation.metrics``), all within the region R = lungs (the pipeline's lung mask)
 plus the nodule(s), minus any OTHER nodule (for per-nodule rows), as the product segments within
 the lungs:
 
@@ -65,7 +65,7 @@ TOLERANCE_MM = [10.0]
 def training_seeds(card: Any) -> Set[int]:
     """Phantom seeds the card's training data came from (its split's patients ``phantom-<seed>``
     and the ``--phantom-seeds`` of its training command)."""
-    from LungGradCAMLib.train import parse_seeds
+    from LungGradCAMLib.training.sources import parse_seeds
 
     training = card.training or {}
     seeds: Set[int] = set()
@@ -80,7 +80,7 @@ def training_seeds(card: Any) -> Set[int]:
 def heatmap_metrics(cam: Any, truth: np.ndarray, region: np.ndarray) -> Dict[str, Any]:
     """The metrics of one CAM (a Volume, K, J, I in [0, 1]) against one bool ``truth`` mask, within
     the bool ``region`` (see the module doc)."""
-    from LungGradCAMLib import metrics
+    from LungGradCAMLib.evaluation import metrics
 
     inside = cam.with_array(np.where(region, cam.array, 0.0).astype(np.float32))
     peak_mm = metrics.peak_distance_mm(inside, truth)
@@ -97,7 +97,7 @@ def heatmap_metrics(cam: Any, truth: np.ndarray, region: np.ndarray) -> Dict[str
 
 
 def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device: str,
-                 method: str) -> List[Dict[str, Any]]:
+                 method: str, layer: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per phantom: the whole-scan CAM against all its nodules."""
     from LungGradCAMLib import phantom
     from LungGradCAMLib.pipeline import explain
@@ -108,7 +108,7 @@ def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device
         ph = phantom.chest_ct(seed=seed, shape=shape, spacing_mm=spacing)
         truth = ph.nodule_labelmap > 0
         t0 = time.perf_counter()
-        exp = explain(ph.volume, model=loaded, method=method, mode="sliding", device=device)
+        exp = explain(ph.volume, model=loaded, method=method, mode="sliding", device=device, layer=layer)
         seconds = time.perf_counter() - t0
         region = exp.lung_mask | truth
         labels = [int(v) for v in np.unique(ph.nodule_labelmap) if v]
@@ -122,10 +122,11 @@ def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device
     return rows
 
 
-def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[str, Any]]:
+def lidc_rows(loaded: Any, root: Path, device: str, method: str,
+              layer: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per LIDC nodule (reader consensus >= 50% on the slices present)."""
-    from LungGradCAMLib.data import lidc_nodules, parse_lidc_xml
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.training.lidc import lidc_nodules, parse_lidc_xml
+    from LungGradCAMLib.io.dicom import load_dicom_series
     from LungGradCAMLib.pipeline import explain
 
     rows = []
@@ -137,7 +138,7 @@ def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[st
             if not nodules:
                 continue
             t0 = time.perf_counter()
-            exp = explain(volume, model=loaded, method=method, mode="sliding", device=device)
+            exp = explain(volume, model=loaded, method=method, mode="sliding", device=device, layer=layer)
             seconds = time.perf_counter() - t0
             voxel_ml = float(np.prod(volume.spacing)) / 1000.0
             for n, nodule in enumerate(nodules):
@@ -159,16 +160,16 @@ def lidc_rows(loaded: Any, root: Path, device: str, method: str) -> List[Dict[st
     return rows
 
 
-def patch_rows(loaded: Any, seeds: Sequence[int], method: str) -> List[Dict[str, Any]]:
+def patch_rows(loaded: Any, seeds: Sequence[int], method: str, layer: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per nodule patch (2 per nodule): the model's CAM of the patch against its nodule voxels."""
-    from LungGradCAMLib import metrics
-    from LungGradCAMLib.cam_retrain import model_inputs, patch_cams, phantom_patch_masks
-    from LungGradCAMLib.data import phantom_patches
+    from LungGradCAMLib.evaluation import metrics
+    from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams, phantom_patch_masks
+    from LungGradCAMLib.training.data import phantom_patches
 
     card = loaded.card
     patches = phantom_patches(seeds, card.patch_size, card.spacing_mm, positives_per_nodule=2, negatives_per_kind=0)
     masks = phantom_patch_masks(patches)
-    cams = patch_cams(loaded, model_inputs(patches.patches, card), method)
+    cams = patch_cams(loaded, model_inputs(patches.patches, card), method, layer=layer)
     rows = []
     for n, (cam, truth) in enumerate(zip(cams, masks)):
         peak_mm = metrics.peak_distance_mm(cam, truth, spacing=card.spacing_mm)
@@ -196,10 +197,10 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     own surroundings centred on the nodule, up to 2 voxels off; a whole-scan model's patches put the
     nodule alone into the parenchyma, next to a vessel and on the pleura, up to a quarter patch
     off) against the readers' mask."""
-    from LungGradCAMLib import metrics
-    from LungGradCAMLib.cam_retrain import model_inputs, patch_cams
-    from LungGradCAMLib.data import lidc_voi_patches, lidc_voi_records
-    from LungGradCAMLib.placement import load_backgrounds
+    from LungGradCAMLib.evaluation import metrics
+    from LungGradCAMLib.training.cam_retrain import model_inputs, patch_cams
+    from LungGradCAMLib.training.lidc import lidc_voi_patches, lidc_voi_records
+    from LungGradCAMLib.training.placement import load_backgrounds
 
     card = loaded.card
     records = lidc_voi_records(root)
@@ -253,7 +254,7 @@ def markdown(title: str, rows: Sequence[Dict[str, Any]], mean: Dict[str, float],
 
 def voi_main(args: argparse.Namespace, loaded: Any) -> int:
     """``--source lidc-vois``: one summary row per CAM method and layer (see :func:`voi_rows`)."""
-    from LungGradCAMLib.atomic import write_text
+    from LungGradCAMLib.core.atomic import write_text
 
     card = loaded.card
     layers = args.layers.split(";") if args.layers else [card.target_layer]
@@ -281,9 +282,9 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from LungGradCAMLib.atomic import write_text
-    from LungGradCAMLib.models import load_model
-    from LungGradCAMLib.train import parse_seeds
+    from LungGradCAMLib.core.atomic import write_text
+    from LungGradCAMLib.engine.models import load_model
+    from LungGradCAMLib.training.sources import parse_seeds
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
@@ -318,8 +319,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_model(args.model, device=args.device)
     if args.source == "lidc-vois":
         return voi_main(args, loaded)
-    if args.layer:
-        loaded.card.target_layer = args.layer
     seen = training_seeds(loaded.card)
     seeds = parse_seeds(args.seeds)[: args.n]
     overlap = sorted(set(seeds) & seen)
@@ -327,16 +326,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"seeds {overlap} were used to train {args.model}; choose held-out seeds (e.g. 1000+)", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    phantoms = phantom_rows(loaded, seeds, args.shape, args.device, args.method)
+    layer = args.layer or loaded.card.target_layer  # explain(layer=...): the card stays as it is
+    phantoms = phantom_rows(loaded, seeds, args.shape, args.device, args.method, layer)
     lidc_root = Path(args.lidc)
-    lidc = lidc_rows(loaded, lidc_root, args.device, args.method) if args.lidc != "none" and lidc_root.is_dir() else []
-    patches = [] if args.no_patches else patch_rows(loaded, seeds, args.method)
+    lidc = (lidc_rows(loaded, lidc_root, args.device, args.method, layer)
+            if args.lidc != "none" and lidc_root.is_dir() else [])
+    patches = [] if args.no_patches else patch_rows(loaded, seeds, args.method, layer)
     card = loaded.card
     report = {
         "model": {"name": args.model, "sha256": card.sha256, "architecture": card.architecture,
                   "kwargs": card.kwargs, "patch_size": card.patch_size, "spacing_mm": card.spacing_mm,
                   "training_seeds": f"{min(seen)}-{max(seen)}" if seen else "unknown"},
-        "method": args.method, "layer": card.target_layer, "mode": "sliding", "device": args.device,
+        "method": args.method, "layer": layer, "mode": "sliding", "device": args.device,
         "threads": torch.get_num_threads(), "phantom_shape_kji": args.shape, "tolerance_mm": args.tolerance_mm,
         "targets": TARGETS, "seconds": round(time.perf_counter() - t0, 1),
         "phantoms": {"mean": summarise(phantoms), "scans": phantoms},
@@ -349,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text)
     if args.out:
         write_text(args.out, text + "\n")
-    what = f"{args.method} at {card.target_layer}"
+    what = f"{args.method} at {layer}"
     print()
     print(markdown(f"Held-out phantoms, whole scan ({what}; seeds {seeds[0]}-{seeds[-1]}, shape {args.shape})",
                    phantoms, mean))

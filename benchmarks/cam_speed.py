@@ -24,8 +24,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from LungGradCAMLib.cam import CAM
-from LungGradCAMLib.models import build_model
+from LungGradCAMLib.engine.cam import CAM
+from LungGradCAMLib.engine.models import build_model
 
 TARGET = 1
 

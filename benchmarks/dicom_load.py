@@ -23,7 +23,7 @@ import numpy as np
 
 
 def make_volume(slices: int, size: int):
-    from LungGradCAMLib.volume import Volume, axis_aligned_matrix
+    from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 
     try:
         from LungGradCAMLib import phantom
@@ -63,7 +63,8 @@ def main() -> None:
 
     import SimpleITK as sitk
 
-    from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom_write import write_dicom_series
 
     volume, kind = make_volume(args.slices, args.size)
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,7 +71,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_case(name: str, volume, truth: Optional[np.ndarray], repeats: int, peer: bool) -> Dict[str, object]:
-    from LungGradCAMLib.lung import lung_mask
+    from LungGradCAMLib.engine.lung import lung_mask
 
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
     case: Dict[str, object] = {"volume": name, "shape_kji": list(volume.shape),
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from LungGradCAMLib import phantom
-    from LungGradCAMLib.volume import resample
+    from LungGradCAMLib.core.volume import resample
 
     t = time.perf_counter()
     ph = phantom.chest_ct(seed=0, shape=(args.slices, 512, 512), spacing_mm=(0.7, 0.7, 1.0))
@@ -108,7 +108,7 @@ def main() -> None:
     report["cases"].append(run_case("phantom seed 0", ph.volume, ph.lungs, args.repeats, not args.no_peer))
     del ph
     if FULL_CHEST.is_dir():
-        from LungGradCAMLib.dicom import load_dicom_series
+        from LungGradCAMLib.io.dicom import load_dicom_series
 
         chest = load_dicom_series(FULL_CHEST)
         extent_k = chest.shape[0] * chest.spacing[2]

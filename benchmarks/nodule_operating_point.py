@@ -45,11 +45,12 @@ def _rate(hit: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from LungGradCAMLib.atomic import write_text
-    from LungGradCAMLib.data import PatchSet, lidc_voi_detection_patches, lidc_voi_records, patient_split
-    from LungGradCAMLib.evaluate import predict
-    from LungGradCAMLib.models import load_model, save_model
-    from LungGradCAMLib.placement import PLACEMENT_KINDS, SPLITS, load_backgrounds
+    from LungGradCAMLib.core.atomic import write_text
+    from LungGradCAMLib.training.data import PatchSet, patient_split
+    from LungGradCAMLib.training.lidc import lidc_voi_detection_patches, lidc_voi_records
+    from LungGradCAMLib.evaluation.evaluate import predict
+    from LungGradCAMLib.engine.models import load_model, save_model
+    from LungGradCAMLib.training.placement import PLACEMENT_KINDS, SPLITS, load_backgrounds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default")

@@ -40,16 +40,19 @@ from pydicom.uid import generate_uid
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.ctkdb import DicomDatabase
-from LungGradCAMLib.dicom import DicomResampledWarning, load_dicom_series, write_dicom_series
-from LungGradCAMLib.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, LungGradCAMError,
-                                   NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.io.ctkdb import DicomDatabase
+from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, InvalidInputError,
+                                        LungGradCAMError, NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.engine.models import ModelCard, build_model
+from LungGradCAMLib.io.inputs import load_input
 
-from conftest import REPO, run_on_read_only_mount
+from helpers import REPO, run_on_read_only_mount
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
-from test_ctkdb import make_database
-from test_pipeline import make_tiny_model
+from helpers import make_database
+from helpers import make_tiny_model
 
 AXIAL = axis_aligned_matrix((0.8, 0.8, 2.5), (-10.0, 20.0, -40.0))
 CORONAL = axis_aligned_matrix((0.8, 2.5, 0.8), (0.0, 0.0, 0.0),
@@ -213,7 +216,7 @@ def _not_a_volume_file(root: Path) -> Made:
     root.mkdir(parents=True)
     path = root / "scan.png"
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
-    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path)])
+    return Made(path, lambda: load_input(path), [str(path)])
 
 
 def _unreadable_chmod(root: Path) -> Made:
@@ -680,7 +683,7 @@ def _fifo_ct(root: Path) -> Made:
 
 def _fifo_ct_without_suffix(root: Path) -> Made:
     path = _fifo(root / "ct")
-    return Made(path, lambda: lgc.pipeline.load_input(path), [str(path), "named pipe"])
+    return Made(path, lambda: load_input(path), [str(path), "named pipe"])
 
 
 def _fifo_data_file(root: Path) -> Made:
@@ -702,7 +705,7 @@ def _database_file_is_fifo(root: Path) -> Made:
 
 SPECIAL = {
     "fifo_as_the_ct": Case(_fifo_ct, VolumeError, "named pipe"),
-    "fifo_as_the_ct_without_suffix": Case(_fifo_ct_without_suffix, lgc.errors.InvalidInputError, "named pipe"),
+    "fifo_as_the_ct_without_suffix": Case(_fifo_ct_without_suffix, InvalidInputError, "named pipe"),
     "fifo_as_detached_data": Case(_fifo_data_file, VolumeError, "named pipe"),
     "fifo_in_the_dicom_database": Case(_database_file_is_fifo, DicomDecodeError, "not a regular file"),
 }
@@ -849,6 +852,7 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
     assert _complete(out)["input"] == str(ct) and not (out / ".lunggradcam.lock").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigkill_leave_no_temporaries(tmp_path, chest, tiny):
     ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
     # SIGTERM while the run has temporaries: it removes them and says so
@@ -887,7 +891,7 @@ def _model_variant(tmp: Path, tiny: Path, card: Callable[[dict], Any], weights: 
 def _two_channel_model(tmp: Path, tiny: Path) -> Path:
     from safetensors.torch import save
 
-    module = lgc.models.build_model("gradcam3d_cnn", width=2, in_channels=2)
+    module = build_model("gradcam3d_cnn", width=2, in_channels=2)
     weights = save({k: v.contiguous() for k, v in module.state_dict().items()})
     return _model_variant(tmp, tiny, lambda c: {**c, "kwargs": {"width": 2, "in_channels": 2}}, weights)
 
@@ -984,7 +988,10 @@ import contextlib, io, json, resource, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot, numpy, pydicom, scipy.ndimage, SimpleITK, skimage.measure, torch
-from LungGradCAMLib import cam, cli, lung, models, pipeline, render, segment, sliding
+from LungGradCAMLib.engine import cam, lung, models, sliding
+from LungGradCAMLib import cli, pipeline
+from LungGradCAMLib.pipeline import segment
+from LungGradCAMLib.io import render
 pages = int(open("/proc/self/statm").read().split()[0])
 limit = pages * resource.getpagesize() + int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -1058,9 +1065,9 @@ def _bomb_model_deflate(tmp: Path, tiny: Path):
     import torch
     import zipfile
 
-    card = lgc.models.ModelCard.load(tiny.with_suffix(".json"))
+    card = ModelCard.load(tiny.with_suffix(".json"))
     card.kwargs = {"width": 24}
-    torch.save(lgc.models.build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
+    torch.save(build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
     path = tmp / "bomb.pt"
     with zipfile.ZipFile(tmp / "plain.pt") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED,
                                                                    compresslevel=1) as dst:
@@ -1125,6 +1132,7 @@ def bomb_results(tmp_path_factory, tiny):
     return runs, done, result
 
 
+@pytest.mark.slow
 def test_the_memory_limit_lets_a_real_run_through(bomb_results):
     runs, done, result = bomb_results
     assert "control" in done, f"the child died (status {result.returncode}): {result.stderr[-3000:]}"

@@ -18,8 +18,9 @@ import pytest
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom, pipeline
 from LungGradCAMLib.cli import main
+from LungGradCAMLib.io.inputs import load_input
 
-from test_pipeline import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +42,7 @@ def cohort(tmp_path_factory):
     for seed in (1, 2, 3):
         ph = phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
         files = phantom.write_dicom_series(ph.volume, tree / f"patient{seed}")
-        uids.append(pipeline.load_input(files[0].parent).meta["series_uid"])
+        uids.append(load_input(files[0].parent).meta["series_uid"])
     broken = phantom.chest_ct(seed=4, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
     files = phantom.write_dicom_series(broken.volume, root / "tmp-broken")
     (tree / "broken").mkdir()
@@ -88,6 +89,7 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
     assert [r["status"] for r in _summary(out).values()].count("done") == 3
 
 
+@pytest.mark.slow
 def test_batch_survives_sigkill(cohort, tmp_path):
     """Kill `lunggradcam batch` with SIGKILL mid-run, start it again: the cohort finishes whole."""
     tree, uids, model = cohort
@@ -96,24 +98,24 @@ def test_batch_survives_sigkill(cohort, tmp_path):
            "--model", str(model), "--device", "cpu"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    # wait until the first series is finished and the second one has started writing
-    while time.time() < deadline and proc.poll() is None:
-        reports = list(out.glob("*/report.json"))
-        if reports and len([p for p in out.glob("*/cam.nrrd")]) > len(reports):
-            break
-        time.sleep(0.05)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(cmd, cwd=REPO, check=False, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until the first series is finished: the next one is being read or explained
+    while time.time() < deadline and proc.poll() is None and not list(out.glob("*/report.json")):
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the batch ended (status {proc.returncode}) before it could be killed mid-run"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    again = subprocess.run(cmd, cwd=REPO, check=False, timeout=300, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     rows = _summary(out)
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids
+    assert again.returncode == (1 if any(r["status"] == "failed" for r in rows.values()) else 0)
     for uid in uids:  # every output file is complete and readable
         folder = out / pipeline.safe_name(uid)
         assert lgc.read_volume(folder / "cam.nrrd").shape == (28, 64, 64)
         assert not list(folder.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_batch_torchrun_two_processes(cohort, tmp_path):
     tree, uids, model = cohort
     out = tmp_path / "out"

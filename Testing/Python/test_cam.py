@@ -1,10 +1,9 @@
-"""The CAM engine (LungGradCAMLib.cam) on small random 3D CNNs, on the CPU: each method against
+"""The CAM engine (LungGradCAMLib.engine.cam) on small random 3D CNNs, on the CPU: each method against
 its definition computed directly (split network, plain autograd), per-sample targets, binary
 single-logit models, in-place ReLU, and the model left exactly as it was."""
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -12,34 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from LungGradCAMLib.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
-from LungGradCAMLib.errors import CamError
+from LungGradCAMLib.engine.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
+from LungGradCAMLib.core.errors import CamError
+
+from helpers import SHAPE, make_input, make_net
 
 GRADIENT_METHODS = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
-SHAPE = (8, 8, 8)
-
-
-def make_net(classes: int = 3, inplace: bool = False, seed: int = 0,
-             dtype: torch.dtype = torch.float64) -> nn.Sequential:
-    """conv-ReLU-pool-BN-conv-ReLU-linear: the CAM layer (act2) is 6 x 4^3 and the linear head
-    makes the gradient vary in space, so every method gives a different map."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv3d(1, 4, 3, padding=1)), ("act1", nn.ReLU(inplace=inplace)),
-        ("pool1", nn.MaxPool3d(2)), ("bn1", nn.BatchNorm3d(4)),
-        ("conv2", nn.Conv3d(4, 6, 3, padding=1)), ("act2", nn.ReLU(inplace=inplace)),
-        ("flat", nn.Flatten()), ("fc", nn.Linear(6 * 4 ** 3, classes)),
-    ]))
-    with torch.no_grad():  # BN statistics that are not the identity
-        net.bn1.running_mean.uniform_(-0.2, 0.2)
-        net.bn1.running_var.uniform_(0.5, 2.0)
-        net.bn1.weight.uniform_(0.5, 1.5)
-    return net.to(dtype).eval()
-
-
-def make_input(n: int = 2, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((n, 1) + SHAPE, generator=g, dtype=dtype)
 
 
 def split_at(net: nn.Sequential, layer: str):
@@ -381,7 +358,7 @@ def test_default_layer():
                                          ("small3d_cnn", {"channels": (2, 3, 4),
                                                           "hidden": (4, 4)})])
 def test_default_layer_of_the_bundled_architectures(name, kwargs):
-    from LungGradCAMLib.models import build_model
+    from LungGradCAMLib.engine.models import build_model
 
     torch.manual_seed(0)
     net = build_model(name, **kwargs)
@@ -436,7 +413,7 @@ def test_bad_layers_and_models():
     elu = nn.Sequential(nn.Conv3d(1, 2, 3, padding=1), nn.ELU(), nn.Flatten(), nn.Linear(128, 2))
     with pytest.raises(CamError, match="no nn.ReLU"):
         compute_cam(elu, x, method="guided-backprop")
-    from LungGradCAMLib.cam import GradCAM
+    from LungGradCAMLib.engine.cam import GradCAM
 
     with pytest.raises(CamError, match="not 'layercam'"):
         GradCAM(elu, method="layercam")

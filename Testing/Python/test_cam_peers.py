@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from LungGradCAMLib.cam import compute_cam, minmax_per_sample
-from test_cam import SHAPE, make_input, make_net
+from LungGradCAMLib.engine.cam import compute_cam, minmax_per_sample
+from helpers import SHAPE, make_input, make_net
 
 CLASSES = [2, 0, 1]
 

@@ -1,4 +1,4 @@
-"""The heat-map retraining test (LungGradCAMLib.cam_retrain): truth masks of phantom patches, masks
+"""The heat-map retraining test (LungGradCAMLib.training.cam_retrain): truth masks of phantom patches, masks
 for background patches, what is multiplied, the four trainings end to end, and the CLI."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LungGradCAMLib import cam_retrain as cr
-from LungGradCAMLib.data import PatchSet, phantom_patches
-from LungGradCAMLib.errors import DataError, InvalidInputError
-from LungGradCAMLib.models import ModelCard
-from LungGradCAMLib.train import TrainConfig
+from LungGradCAMLib.training import cam_retrain as cr
+from LungGradCAMLib.training.data import PatchSet, phantom_patches
+from LungGradCAMLib.core.errors import DataError, InvalidInputError
+from LungGradCAMLib.engine.models import ModelCard
+from LungGradCAMLib.training.train import TrainConfig
 
 SIZE = (16, 16, 16)
 
@@ -112,6 +112,7 @@ def _separable_set(n: int = 64, seed: int = 0):
     return data, masks
 
 
+@pytest.mark.slow
 def test_cam_retrain_end_to_end_truth_separates_inverted_does_not(tmp_path, one_thread):
     data, masks = _separable_set()
     cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, patience=20, augment=False, amp=False, seed=0)
@@ -153,7 +154,7 @@ def test_evaluate_cli_cam_retrain(tmp_path, phantom_set, one_thread):
     import torch
 
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import build_model, save_model
+    from LungGradCAMLib.engine.models import build_model, save_model
 
     card = _card()
     torch.manual_seed(0)

@@ -6,10 +6,10 @@ import csv
 import numpy as np
 import pytest
 
-from conftest import data_path
-from LungGradCAMLib import data
-from LungGradCAMLib.errors import DataError
-from LungGradCAMLib.volume import write_volume
+from helpers import data_path
+from LungGradCAMLib.training import data, lidc
+from LungGradCAMLib.core.errors import DataError
+from LungGradCAMLib.core.volume import write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (3.0, 3.0, 3.0)
@@ -32,7 +32,7 @@ def test_crop_patch_places_centre_and_pads():
 
 def test_phantom_patches_truth(phantom_set):
     from LungGradCAMLib import phantom
-    from LungGradCAMLib.volume import resample_to
+    from LungGradCAMLib.core.volume import resample_to
 
     ps = phantom_set
     assert ps.patch_size == SIZE and ps.class_names == ["background", "nodule"]
@@ -149,14 +149,14 @@ def test_manifest(tmp_path, small_phantom):
 
 
 def test_lidc_xml_consensus_on_real_series():
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     root = data_path("lidc", "LIDC-IDRI-0001")
-    series_uid, readings = data.parse_lidc_xml(root / "69.xml")
+    series_uid, readings = lidc.parse_lidc_xml(root / "69.xml")
     assert series_uid.startswith("1.3.6.1.4.1.14519.5.2.1.6279.6001.")
     assert len({r.reader for r in readings}) == 4
     volume = load_dicom_series(next(p for p in root.rglob("*.dcm")).parent)
-    nodules = data.lidc_nodules(root / "69.xml", volume)
+    nodules = lidc.lidc_nodules(root / "69.xml", volume)
     big = nodules[0]
     assert sorted(big.malignancy) == [4, 5, 5, 5] and big.label == 1 and len(big.readers) == 4
     zs = volume.ijk_to_ras_points(np.argwhere(big.mask)[:, ::-1])[:, 2]
@@ -167,17 +167,17 @@ def test_lidc_xml_consensus_on_real_series():
 
 
 def test_lidc_partial_nodule_and_bad_xml(tmp_path):
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     root = data_path("lidc", "LIDC-IDRI-0002")
     volume = load_dicom_series(next(p for p in root.rglob("*.dcm")).parent)
-    nodules = data.lidc_nodules(root / "71.xml", volume)
+    nodules = lidc.lidc_nodules(root / "71.xml", volume)
     rated = [n for n in nodules if n.malignancy]
     assert rated and sorted(rated[0].malignancy) == [4, 5] and rated[0].label == 1
     assert 1 <= rated[0].mask.any(axis=(1, 2)).sum() <= volume.shape[0]
     (tmp_path / "x.xml").write_text("<LidcReadMessage><oops")
     with pytest.raises(DataError, match="x.xml: not a readable LIDC XML"):
-        data.parse_lidc_xml(tmp_path / "x.xml")
+        lidc.parse_lidc_xml(tmp_path / "x.xml")
 
 
 def test_patient_kfold_and_split():
@@ -200,7 +200,7 @@ def test_patient_kfold_and_split():
 
 def test_lidc_patches_from_real_folder():
     root = data_path("lidc")
-    ps = data.lidc_patches(root, SIZE, SPACING)
+    ps = lidc.lidc_patches(root, SIZE, SPACING)
     assert ps.class_names == ["benign", "malignant"]
     assert sorted(set(ps.patients)) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
     first = ps.subset(np.flatnonzero(ps.patients == "LIDC-IDRI-0001"))

@@ -17,13 +17,13 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from conftest import data_path
+from helpers import data_path
 from dicom_damage import drop_pixels, short_pixels, truncate, truncate_header
-from LungGradCAMLib.dicom import (DicomResampledWarning, SeriesInfo, list_dicom_series, load_dicom_series,
-                                  write_dicom_series)
-from LungGradCAMLib.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMError, NoSeriesFoundError,
-                                   SeriesGeometryError, VolumeError)
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.dicom import DicomResampledWarning, SeriesInfo, list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMError, NoSeriesFoundError,
+                                        SeriesGeometryError, VolumeError)
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 
 AXIAL = axis_aligned_matrix((0.8, 0.8, 2.5), (-10.0, 20.0, -40.0))
 

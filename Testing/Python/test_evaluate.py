@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from LungGradCAMLib import evaluate as ev
+from LungGradCAMLib.evaluation import evaluate as ev
 from LungGradCAMLib.cli import main as cli_main
-from LungGradCAMLib.data import PatchSet
-from LungGradCAMLib.errors import DataError, InvalidInputError
-from LungGradCAMLib.models import ModelCard, build_model, load_model, save_model
+from LungGradCAMLib.training.data import PatchSet
+from LungGradCAMLib.core.errors import DataError, InvalidInputError
+from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

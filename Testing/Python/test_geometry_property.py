@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from LungGradCAMLib.dicom import load_dicom_series, write_dicom_series
-from LungGradCAMLib.errors import VolumeError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.core.errors import VolumeError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 
 TOL_MM = 1e-4
 SIGNED_PERMUTATIONS = [np.eye(3)[list(p)].T * np.array(s, dtype=float)

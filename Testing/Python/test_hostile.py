@@ -24,11 +24,12 @@ import torch
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.dicom import list_dicom_series, load_dicom_series, write_dicom_series
-from LungGradCAMLib.models import ModelCard
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.engine.models import ModelCard
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
-from test_pipeline import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_NAME = "Qxzwv^Secretname"
@@ -95,6 +96,7 @@ def test_hostile_fields_are_read_as_data(hostile_tree):
     assert keys == {"../../../escaped", *HOSTILE_UIDS, f"{LONG_UID}#1", f"{LONG_UID}#2"}
 
 
+@pytest.mark.slow
 def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree, model, tmp_path):
     root, tree = hostile_tree
     before = _snapshot(root, skip=tmp_path)

@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import data_path
-from LungGradCAMLib import data, placement
-from LungGradCAMLib.errors import DataError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, write_volume
+from helpers import data_path
+from LungGradCAMLib.training import data, lidc, placement
+from LungGradCAMLib.core.errors import DataError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
@@ -46,7 +46,7 @@ def voi_folder(tmp_path):
 def test_records_read_the_table_and_skip_missing_files(voi_folder, caplog):
     (voi_folder / "image" / "P3_R_1.nii.gz").unlink()
     with caplog.at_level(logging.WARNING):
-        records = data.lidc_voi_records(voi_folder)
+        records = lidc.lidc_voi_records(voi_folder)
     assert [(r.patient, r.nodule_id, r.malignant) for r in records] == [("P1", "1", 0), ("P1", "2", 1), ("P2", "1", 1)]
     assert records[1].malignancy == 4 and records[1].diameter_mm == pytest.approx(8.0)
     assert "P3_R_1.nii.gz" in caplog.text  # the missing file is named
@@ -57,20 +57,20 @@ def test_records_read_the_table_and_skip_missing_files(voi_folder, caplog):
 
 def test_records_errors_name_the_file(voi_folder):
     with pytest.raises(DataError, match="nodules.csv"):
-        data.lidc_voi_records(voi_folder / "image")
+        lidc.lidc_voi_records(voi_folder / "image")
     text = (voi_folder / "nodules.csv").read_text().replace("Malign,", "Maybe,", 1)
     (voi_folder / "nodules.csv").write_text(text)
     with pytest.raises(DataError, match="line 3: Diagnosis"):
-        data.lidc_voi_records(voi_folder)
+        lidc.lidc_voi_records(voi_folder)
     for p in (voi_folder / "image").iterdir():
         p.unlink()
     (voi_folder / "nodules.csv").write_text(text.replace("Maybe,", "Malign,"))
     with pytest.raises(DataError, match="none of its rows"):
-        data.lidc_voi_records(voi_folder)
+        lidc.lidc_voi_records(voi_folder)
 
 
 def test_empty_mask_is_named(voi_folder):
-    record = data.lidc_voi_records(voi_folder)[0]
+    record = lidc.lidc_voi_records(voi_folder)[0]
     blank = Volume(np.zeros((12, 20, 20), np.int16), axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0)))
     write_volume(blank, record.mask)
     with pytest.raises(DataError, match="P1_R_1.nii.gz: the nodule mask is empty"):
@@ -78,12 +78,12 @@ def test_empty_mask_is_named(voi_folder):
 
 
 def test_malignancy_patches_keep_the_nodule_and_its_mask(voi_folder):
-    records = data.lidc_voi_records(voi_folder)
-    ps = data.lidc_voi_patches(records, SIZE, SPACING, task="malignancy", placements=2, seed=1)
+    records = lidc.lidc_voi_records(voi_folder)
+    ps = lidc.lidc_voi_patches(records, SIZE, SPACING, task="malignancy", placements=2, seed=1)
     assert ps.class_names == ["benign", "malignant"] and len(ps) == 8
     assert ps.labels.tolist() == [0, 0, 1, 1, 1, 1, 0, 0] and ps.patients.tolist()[:4] == ["P1"] * 4
     for n, record in enumerate(np.repeat(records, 2)):
-        hu, mask, _ = data.voi_on_grid(record, SPACING, SIZE)
+        hu, mask, _ = lidc.voi_on_grid(record, SPACING, SIZE)
         assert np.array_equal(ps.masks[n], mask)
         # the placed nodule's HU are the source's (int16-rounded) wherever the outline is
         assert np.array_equal(ps.patches[n][mask], np.rint(hu[mask]).astype(np.int16))
@@ -152,8 +152,8 @@ def test_bad_background_manifest(tmp_path):
 
 def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_backgrounds):
     _write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
-    records = data.lidc_voi_records(voi_folder) + data.lidc_voi_records(voi_folder.parent / "more")
-    ps = data.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
+    records = lidc.lidc_voi_records(voi_folder) + lidc.lidc_voi_records(voi_folder.parent / "more")
+    ps = lidc.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
                                          fractions=(0.6, 0.2, 0.2), placements=3, negatives_per_kind=2,
                                          phantom_seeds=[5, 6, 7], phantom_negatives_per_kind=1)
     assert ps.class_names == ["background", "nodule"] and set(ps.splits) == {"train", "validation", "test"}
@@ -171,7 +171,7 @@ def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_ba
 
 
 def test_patch_set_splits_and_masks_round_trip(tmp_path, voi_folder):
-    ps = data.lidc_voi_patches(data.lidc_voi_records(voi_folder), SIZE, SPACING, placements=1)
+    ps = lidc.lidc_voi_patches(lidc.lidc_voi_records(voi_folder), SIZE, SPACING, placements=1)
     ps.splits = np.array(["train", "train", "test", "validation"])
     back = data.PatchSet.load(ps.save(tmp_path / "cache.npz"))
     assert np.array_equal(back.masks, ps.masks) and back.splits.tolist() == ps.splits.tolist()
@@ -182,7 +182,7 @@ def test_patch_set_splits_and_masks_round_trip(tmp_path, voi_folder):
 
 def test_real_voi_folder():
     root = data_path("lidc_vois")
-    records = data.lidc_voi_records(root)
+    records = lidc.lidc_voi_records(root)
     assert len(records) == 795 and len({r.patient for r in records}) == 440
     assert sum(r.malignant for r in records) == 279  # 281 Malign rows, 2 of them without files
     for record in records[::40]:
@@ -212,7 +212,7 @@ COMMON = ["--patch-size", "12", "12", "12", "--spacing", "3", "3", "3", "--arch-
 
 def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import ModelCard
+    from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "malignancy"
     assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
@@ -230,7 +230,7 @@ def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys
     import json
 
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.models import ModelCard
+    from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "nodule"
     data_args = ["--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "nodule",

@@ -1,4 +1,4 @@
-"""Tests of LungGradCAMLib.lung: lung_mask on phantoms (against their true lungs) and on real CT
+"""Tests of LungGradCAMLib.engine.lung: lung_mask on phantoms (against their true lungs) and on real CT
 (LIDC slabs with reader-outlined nodules, the full chest CT, TotalSegmentator chest crops), and
 lung_bbox."""
 from __future__ import annotations
@@ -8,11 +8,11 @@ import glob
 import numpy as np
 import pytest
 
-from conftest import data_path
+from helpers import data_path
 from LungGradCAMLib import phantom
-from LungGradCAMLib.errors import VolumeError
-from LungGradCAMLib.lung import lung_bbox, lung_mask
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, crop, read_volume
+from LungGradCAMLib.core.errors import VolumeError
+from LungGradCAMLib.engine.lung import lung_bbox, lung_mask
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, crop, read_volume
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,7 +38,7 @@ def phantom_masks(chest_phantoms):
 
 @pytest.fixture(scope="module")
 def full_chest():
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     volume = load_dicom_series(data_path("full_chest_ct", "dicom"))
     return volume, lung_mask(volume)
@@ -93,8 +93,8 @@ def test_dilation_grows_the_mask(chest_phantoms, phantom_masks):
 def _lidc(patient: str):
     import SimpleITK as sitk
 
-    from LungGradCAMLib.data import lidc_nodules
-    from LungGradCAMLib.dicom import load_dicom_series
+    from LungGradCAMLib.training.lidc import lidc_nodules
+    from LungGradCAMLib.io.dicom import load_dicom_series
 
     folder = glob.glob(str(data_path("lidc", f"LIDC-IDRI-{patient}") / "*" / "*"))[0]
     xml = glob.glob(str(data_path("lidc", f"LIDC-IDRI-{patient}") / "*.xml"))[0]
@@ -226,7 +226,7 @@ def test_lung_bbox_margins_clipping_and_crop():
 def test_block_mean_equals_the_mean_of_edge_padded_blocks(shape, factors):
     """The working grid's block means, with the far edge's short blocks completed by repeating the
     last slice, row or column: against numpy's padded reshape-and-mean."""
-    from LungGradCAMLib.lung import _block_mean
+    from LungGradCAMLib.engine.lung import _block_mean
 
     hu = np.random.default_rng(2).normal(-500, 300, size=shape).astype(np.float32)
     padded = np.pad(hu, [(0, (-n) % f) for n, f in zip(shape, factors)], mode="edge").astype(np.float64)

@@ -8,10 +8,10 @@ import pickle
 import pytest
 import torch
 
-from LungGradCAMLib.errors import ModelError
-from LungGradCAMLib.models import (ARCHITECTURES, ModelCard, available_models, build_model,
-                                   load_model, save_model)
-from LungGradCAMLib.errors import CamError
+from LungGradCAMLib.core.errors import ModelError
+from LungGradCAMLib.engine.models import (ARCHITECTURES, ModelCard, available_models, build_model,
+                                          load_model, save_model)
+from LungGradCAMLib.core.errors import CamError
 
 SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},
@@ -215,3 +215,28 @@ def test_card_class_helpers():
         card.class_index("tumour")
     assert card.probabilities_from_score(1, 0.8) == pytest.approx({"nodule": 0.8, "background": 0.2})
     assert card.summary()["cam_class"] == "nodule"
+
+
+def test_model_cache_follows_the_file_and_keeps_four(tmp_path, monkeypatch):
+    """cached_model loads a path once; a model replaced at the same path is loaded anew (its new
+    weights, not the old ones); at most MODEL_CACHE_SIZE models are kept."""
+    import os
+
+    from LungGradCAMLib.engine import models
+    from helpers import make_tiny_model
+
+    monkeypatch.setattr(models, "_CACHE", type(models._CACHE)())
+    path = make_tiny_model(tmp_path, seed=0)
+    first = models.cached_model(str(path), "cpu")
+    assert models.cached_model(str(path), "cpu") is first
+    before = {k: v.clone() for k, v in first.module.state_dict().items()}
+    stat = os.stat(path)
+    make_tiny_model(tmp_path, seed=1)  # the same path, other weights (and card checksum)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old modification time
+    second = models.cached_model(str(path), "cpu")
+    assert second is not first
+    assert any(not torch.equal(before[k], v) for k, v in second.module.state_dict().items())
+    assert second.card.sha256 == models.sha256_file(path)
+    for n in range(models.MODEL_CACHE_SIZE + 1):
+        models.cached_model(str(make_tiny_model(tmp_path, name=f"m{n}", seed=n)), "cpu")
+    assert len(models._CACHE) == models.MODEL_CACHE_SIZE

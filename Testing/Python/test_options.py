@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.cli import build_parser, main
-from LungGradCAMLib.errors import InvalidInputError
+from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.options import METHODS, ExplainOptions, parse_roi, parse_threshold
-from LungGradCAMLib.pipeline import options_from_args
+from LungGradCAMLib.cli.common import options_from_args
 
 
 def test_options_are_normalised():
@@ -134,7 +134,7 @@ def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, c
 
 
 def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, small_phantom):
-    from LungGradCAMLib.volume import write_volume
+    from LungGradCAMLib.core.volume import write_volume
 
     ct = write_volume(small_phantom.volume, tmp_path / "ct.nii.gz")
     assert main(["run", str(ct), "--out", str(tmp_path / "o"), "--series", "1.2.3"]) == 2
@@ -145,7 +145,7 @@ def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, sma
 
 
 def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys, small_phantom):
-    from LungGradCAMLib.dicom import write_dicom_series
+    from LungGradCAMLib.io.dicom_write import write_dicom_series
 
     write_dicom_series(small_phantom.volume, tmp_path / "two" / "a", series_uid="1.2.826.0.1.3680043.10.1.1")
     write_dicom_series(small_phantom.volume, tmp_path / "two" / "b", series_uid="1.2.826.0.1.3680043.10.1.2")

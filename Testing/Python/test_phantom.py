@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.errors import InvalidInputError
+from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.phantom import TISSUES, NoduleSpec
 
 # an adult chest at a coarse, quick resolution (FOV 317 x 317 x 216 mm)
@@ -300,7 +300,8 @@ def test_small_field_of_view_gets_a_smaller_patient():
 
 
 def test_write_dicom_series_round_trip(tmp_path):
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
+
     ph = phantom.chest_ct(seed=4, shape=(12, 40, 40), spacing_mm=(8.0, 8.0, 12.0), nodules=[])
     files = phantom.write_dicom_series(ph.volume, tmp_path / "dicom", shuffle_names=True)
     assert len(files) == 12

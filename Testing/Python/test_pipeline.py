@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 
 import numpy as np
 import pydicom
@@ -13,31 +12,13 @@ import SimpleITK as sitk
 import LungGradCAMLib as lgc
 from LungGradCAMLib import pipeline
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.errors import InvalidInputError, VolumeError
-from LungGradCAMLib.models import ModelCard, build_model, save_model
+from LungGradCAMLib.core.errors import InvalidInputError, VolumeError
+from LungGradCAMLib.core.volume import LPS_TO_RAS
+from LungGradCAMLib.engine.models import available_models
+from LungGradCAMLib.engine.device import resolve_device
+from LungGradCAMLib.io.inputs import load_input
 
-from conftest import data_path
-
-
-def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
-    """An untrained, narrow gradcam3d_cnn saved as a model file (fast enough for every test).
-
-    Its head is set so that "nodule" = +mean of the last features and "background" = -mean: the
-    CAM of "nodule" is then positive wherever the last layer responds (a random head may give an
-    all-zero Grad-CAM, which would test nothing)."""
-    import torch
-
-    torch.manual_seed(seed)
-    module = build_model("gradcam3d_cnn", width=2).eval()
-    head = module.head[-1]
-    with torch.no_grad():
-        head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
-        head.bias.zero_()
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["background", "nodule"],
-                     cam_class="nodule", target_layer="features.act6",
-                     patch_size=None if patch is None else list(patch), spacing_mm=list(spacing),
-                     name=name, description="untrained test model")
-    return save_model(module, card, folder / f"{name}.safetensors")
+from helpers import data_path, make_ctk_db, make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +41,7 @@ def test_explain_geometry_and_contents(small_phantom, explanation):
     assert sum(explanation.probabilities.values()) == pytest.approx(1.0)
     assert explanation.predicted_class == max(explanation.probabilities, key=explanation.probabilities.get)
     assert explanation.target_class == "nodule" and explanation.method == "gradcam"
-    assert explanation.extra["mode"] == "sliding" and explanation.extra["n_patches"] > 0
+    assert explanation.mode == "sliding" and explanation.n_patches > 0
     assert explanation.lung_mask.shape == ct.shape and explanation.lung_mask.any()
     assert lgc.same_geometry(explanation.score_map, ct)
     # the CAM lives where the sliding window ran: the lungs' bounding box (plus margin), not far outside
@@ -111,7 +92,7 @@ def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
     ct = small_phantom.volume
     nodule = small_phantom.nodules[0]
     roi = lgc.explain(ct, model=str(tiny_model), roi=(nodule.center_ras, 40.0), device="cpu")
-    assert roi.extra["mode"] == "roi"
+    assert roi.mode == "roi"
     hot = np.argwhere(roi.cam.array > 0)
     ras = ct.ijk_to_ras_points(hot[:, ::-1])
     # everything the roi run touched lies within the roi box (half size + one patch of 64 mm)
@@ -119,7 +100,7 @@ def test_explain_roi_and_whole_modes(small_phantom, tiny_model, tmp_path):
 
     whole = make_tiny_model(tmp_path, name="whole", patch=None, spacing=(6.0, 6.0, 6.0))
     exp = lgc.explain(ct, model=str(whole), device="cpu")
-    assert exp.extra["mode"] == "whole" and exp.extra["n_patches"] == 1
+    assert exp.mode == "whole" and exp.n_patches == 1
     assert lgc.same_geometry(exp.cam, ct)
 
 
@@ -137,11 +118,15 @@ def test_explain_rejects_bad_input(small_phantom, tiny_model):
         lgc.explain(bad, model=str(tiny_model), device="cpu")
     with pytest.raises(InvalidInputError, match="lies outside the CT"):
         lgc.explain(ct, model=str(tiny_model), roi=((5000.0, 0.0, 0.0), 10.0), device="cpu")
-    with pytest.raises(InvalidInputError, match="CUDA is not available|cuda"):
-        if not __import__("torch").cuda.is_available():
-            lgc.explain(ct, model=str(tiny_model), device="cuda")
-        else:
-            raise InvalidInputError("cuda present: nothing to check")
+    # a CUDA device that is not there: any CUDA without CUDA, one past the last with it
+    import torch
+
+    if torch.cuda.is_available():
+        absent, message = f"cuda:{torch.cuda.device_count()}", "CUDA device"
+    else:
+        absent, message = "cuda", "CUDA is not available"
+    with pytest.raises(InvalidInputError, match=message):
+        lgc.explain(ct, model=str(tiny_model), device=absent)
 
 
 def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
@@ -163,7 +148,7 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
     lungs = slicerio.read_segmentation(str(tmp_path / "out" / "lungs.seg.nrrd"))
     assert [x["name"] for x in lungs["segments"]] == ["lungs"]
     # both segmentations: the CT's whole grid (not cropped), the labels exactly as computed
-    lps = lgc.volume.LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
+    lps = LPS_TO_RAS @ small_phantom.volume.ijk_to_ras
     for read, labels in ((s, seg.labelmap.array), (lungs, explanation.lung_mask)):
         np.testing.assert_allclose(read["ijkToLPS"], lps, atol=1e-6)
         assert read["referenceImageExtentOffset"] == [0, 0, 0]
@@ -181,19 +166,18 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
 
 def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     """DICOM folder, Slicer database and NRRD give the same CT; --dicom-seg references the series."""
-    pytest.importorskip("highdicom")
     ct = small_phantom.volume
     dicom_dir = tmp_path / "db" / "dicom"
     lgc.phantom.write_dicom_series(ct, dicom_dir, shuffle_names=True)
-    from_dicom = pipeline.load_input(dicom_dir)
+    from_dicom = load_input(dicom_dir)
     lgc.write_volume(ct, tmp_path / "ct.nrrd")
-    from_nrrd = pipeline.load_input(tmp_path / "ct.nrrd")
+    from_nrrd = load_input(tmp_path / "ct.nrrd")
     assert lgc.same_geometry(from_dicom, from_nrrd, atol_mm=1e-4)
     np.testing.assert_allclose(from_dicom.array, np.round(from_nrrd.array), atol=1.0)
 
     # a Slicer database (CTK schema subset) that indexes the folder, with relative file names
     make_ctk_db(tmp_path / "db", dicom_dir)
-    from_db = pipeline.load_input(tmp_path / "db")
+    from_db = load_input(tmp_path / "db")
     np.testing.assert_array_equal(from_db.array, from_dicom.array)
 
     exp = lgc.explain(from_dicom, model=str(tiny_model), device="cpu", batch_size=8)
@@ -213,47 +197,6 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
 
     back = hd.seg.segread(files["dicom_seg"])
     assert back.number_of_segments == len(seg.regions)
-
-
-def make_ctk_db(folder, dicom_dir):
-    """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
-    from LungGradCAMLib.dicom import list_dicom_series
-
-    info = list_dicom_series(dicom_dir)[0]
-    con = sqlite3.connect(folder / "ctkDICOM.sql")
-    con.executescript("""
-        CREATE TABLE SchemaInfo (Version VARCHAR(1024) NOT NULL);
-        INSERT INTO SchemaInfo VALUES ('0.8.1');
-        CREATE TABLE Patients (UID INTEGER PRIMARY KEY AUTOINCREMENT, PatientsName VARCHAR(255),
-            PatientID VARCHAR(255), PatientsBirthDate DATE, PatientsBirthTime TIME, PatientsSex VARCHAR(1),
-            PatientsAge VARCHAR(10), PatientsComments VARCHAR(255), InsertTimestamp VARCHAR(20),
-            DisplayedPatientsName VARCHAR(255), DisplayedNumberOfStudies INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Studies (StudyInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, PatientsUID INT NOT NULL,
-            StudyID VARCHAR(255), StudyDate DATE, StudyTime VARCHAR(20), AccessionNumber VARCHAR(255),
-            ModalitiesInStudy VARCHAR(255), InstitutionName VARCHAR(255), ReferringPhysician VARCHAR(255),
-            PerformingPhysiciansName VARCHAR(255), StudyDescription VARCHAR(255), InsertTimestamp VARCHAR(20),
-            DisplayedNumberOfSeries INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Series (SeriesInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, StudyInstanceUID VARCHAR(64) NOT NULL,
-            SeriesNumber INT, SeriesDate DATE, SeriesTime VARCHAR(20), SeriesDescription VARCHAR(255),
-            Modality VARCHAR(20), BodyPartExamined VARCHAR(255), FrameOfReferenceUID VARCHAR(64),
-            AcquisitionNumber INT, ContrastAgent VARCHAR(255), ScanningSequence VARCHAR(45),
-            EchoNumber INT, TemporalPosition INT, InsertTimestamp VARCHAR(20), DisplayedSize VARCHAR(20),
-            DisplayedCount INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Images (SOPInstanceUID VARCHAR(64) NOT NULL, Filename VARCHAR(1024) NOT NULL,
-            URL VARCHAR(2048), SeriesInstanceUID VARCHAR(64) NOT NULL, InsertTimestamp VARCHAR(20) NOT NULL,
-            DisplayedFieldsUpdatedTimestamp DATETIME, PRIMARY KEY (SOPInstanceUID, Filename));
-    """)
-    con.execute("INSERT INTO Patients (UID, PatientsName, PatientID) VALUES (1, 'Phantom^Test', 'LGC-1')")
-    con.execute("INSERT INTO Studies (StudyInstanceUID, PatientsUID, StudyDescription, ModalitiesInStudy) "
-                "VALUES (?, 1, 'phantom', 'CT')", (info.study_uid,))
-    con.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesDescription, Modality) "
-                "VALUES (?, ?, 'phantom', 'CT')", (info.series_uid, info.study_uid))
-    for f in info.files:
-        sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-        con.execute("INSERT INTO Images VALUES (?, ?, '', ?, '2026-11-23', NULL)",
-                    (sop, str(f.relative_to(folder)), info.series_uid))
-    con.commit()
-    con.close()
 
 
 def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
@@ -284,17 +227,17 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     """explain(on_estimate=...) gets the CAM stage's cost before it starts (Score-CAM: one masked
     pass per patch and channel of the CAM layer); returning False stops the run there; the CLI
     prints the estimate of a Score-CAM run before it starts."""
-    from LungGradCAMLib.errors import CancelledError
+    from LungGradCAMLib.core.errors import CancelledError
 
     ct = small_phantom.volume
     estimates, batches = [], []
     exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
                       progress=lambda stage, done, total: stage == "cam" and batches.append(total))
     (gradcam,) = estimates
-    assert gradcam.method == "gradcam" and gradcam.patches == exp.extra["n_patches"] == batches[-1]
+    assert gradcam.method == "gradcam" and gradcam.patches == exp.n_patches == batches[-1]
     assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
-    loaded = pipeline.get_model(str(tiny_model), pipeline.resolve_device("cpu"))
-    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, pipeline.resolve_device("cpu"), 2)
+    loaded = pipeline.get_model(str(tiny_model), resolve_device("cpu"))
+    score = pipeline.estimate_cost(loaded, "scorecam", gradcam.patches, gradcam.patch, resolve_device("cpu"), 2)
     assert score.channels == 32 and score.passes == gradcam.patches * 33  # gradcam3d_cnn width 2: 16 * 2
     assert score.seconds > gradcam.seconds and f"{score.passes:,} forward passes" in str(score)
 
@@ -311,11 +254,11 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
     assert "estimated cost: scorecam:" in err and "forward passes" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     """`lunggradcam demo`: phantom -> DICOM -> volume -> explanation -> outputs, and the bundled
     model's heat map lands on (or within a few mm of) a true nodule."""
-    if "default" not in lgc.models.available_models():
-        pytest.skip("no bundled default model in Resources/Models")
+    assert "default" in available_models()  # part of the package
     assert main(["demo", "--out", str(tmp_path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -362,7 +305,7 @@ def test_report_records_options_outcome_intended_use_and_wall_time(small_phantom
     assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] <= wall
     assert report["options"] == {**options.to_dict(), "threshold": 0.3}
     assert report["outcome"] == f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
-    assert report["intended_use"] == exp.extra["model"]["intended_use"] and "clinical" in report["intended_use"]
+    assert report["intended_use"] == exp.model["intended_use"] and "clinical" in report["intended_use"]
     assert report["chest_check"]["ok"] and report["layer"] == "features.act6"
     assert report["files"] == sorted(p.name for k, p in files.items() if k != "report") + ["report.json"]
     # progress: every stage in order, each from 0 to done
@@ -378,7 +321,7 @@ def test_cli_options_of_the_panel_and_nifti_outputs(small_phantom, tiny_model, t
     assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(out), "--model", str(tiny_model), "--device", "cpu",
                  "--target", "background", "--layer", "features.act5", "--mode", "sliding", "--stride", "8",
                  "--no-restrict-to-lungs", "--threshold", "0.4", "--format", "nii.gz", "-v"]) == 0
-    logged = [r.getMessage() for r in caplog.records if r.name == "LungGradCAMLib.pipeline"]
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("LungGradCAMLib.pipeline")]
     assert any(m.startswith("computing the heat map: ") for m in logged)  # -v: each stage and its time
     assert logging.getLogger("LungGradCAMLib").getEffectiveLevel() == logging.INFO
     report = json.loads((out / "report.json").read_text())
@@ -398,7 +341,7 @@ def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, 
     and summary say so."""
     import torch
 
-    from LungGradCAMLib.models import load_model
+    from LungGradCAMLib.engine.models import load_model
     from LungGradCAMLib.options import ExplainOptions
 
     blind = load_model(tiny_model, device="cpu")
@@ -415,7 +358,6 @@ def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, 
 
 
 def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phantom, tiny_model, tmp_path):
-    pydicom = pytest.importorskip("pydicom")
     from LungGradCAMLib.options import ExplainOptions
 
     dicom = tmp_path / "dicom"
@@ -424,7 +366,7 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
-    assert ds.ContentDescription == exp.extra["model"]["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
+    assert ds.ContentDescription == exp.model["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
     for item, region in zip(ds.SegmentSequence, seg.regions):
         assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
         category = item.SegmentedPropertyCategoryCodeSequence[0]
@@ -441,9 +383,9 @@ REAL_CHEST_CTS = ["full_chest_ct/dicom", "lidc/LIDC-IDRI-0001", "lidc/LIDC-IDRI-
 @pytest.mark.parametrize("name", REAL_CHEST_CTS)
 def test_every_real_chest_ct_passes_the_chest_check(name):
     """The real chest CTs of ../shared/data, whole scans, slabs of 15 and 40 mm and crops, hold lungs."""
-    from LungGradCAMLib.lung import check_chest_ct
+    from LungGradCAMLib.engine.lung import check_chest_ct
 
-    ct = pipeline.load_input(data_path(*name.split("/")))
+    ct = load_input(data_path(*name.split("/")))
     check = check_chest_ct(ct, lgc.lung_mask(ct))
     assert check.ok, check.problems
     assert check.max_lung_area_cm2 > 150 and check.lung_share > 0.2 and check.aerated_share > 0.8
@@ -452,7 +394,7 @@ def test_every_real_chest_ct_passes_the_chest_check(name):
 def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tiny_model):
     """The real upper-abdomen series, whose "lungs" are stomach and bowel gas, is refused as not a
     chest CT, after the lung mask and before any patch is explained; nothing is written."""
-    from LungGradCAMLib.errors import NotChestCTError
+    from LungGradCAMLib.core.errors import NotChestCTError
     from LungGradCAMLib.options import ExplainOptions
 
     source = data_path("totalsegmentator", "abdomen_dicom_series")
@@ -467,8 +409,8 @@ def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tin
                          progress=lambda stage, done, total: stages.append(stage))
     assert "lung_mask" in stages and "cam" not in stages
     # switched off, or with a region given, it runs
-    exp = lgc.explain(pipeline.load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
-    assert not exp.extra["chest_check"]["ok"] and exp.extra["chest_check"]["lung_share"] < 0.05
+    exp = lgc.explain(load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
+    assert not exp.chest_check["ok"] and exp.chest_check["lung_share"] < 0.05
 
 
 @pytest.mark.parametrize("name", ["lidc/LIDC-IDRI-0001", "totalsegmentator/chest_crop_pulmonary.nii.gz"])

@@ -1,4 +1,4 @@
-"""Tests of LungGradCAMLib.preprocess: windowing, normalisation, gamma, CLAHE, Sobel, noise score,
+"""Tests of LungGradCAMLib.engine.preprocess: windowing, normalisation, gamma, CLAHE, Sobel, noise score,
 resampling (SimpleITK and torch paths) and the model card's preprocessing."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from conftest import data_path
-from LungGradCAMLib import preprocess as pp
-from LungGradCAMLib.errors import InvalidInputError
-from LungGradCAMLib.volume import Volume, axis_aligned_matrix, read_volume
+from helpers import data_path
+from LungGradCAMLib.engine import preprocess as pp
+from LungGradCAMLib.core.errors import InvalidInputError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
 
 
 def _ct(seed: int = 0, shape=(12, 32, 40)) -> np.ndarray:

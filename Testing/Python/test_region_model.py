@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.errors import InvalidInputError
-from LungGradCAMLib.models import load_model
+from LungGradCAMLib.core.errors import InvalidInputError
+from LungGradCAMLib.engine.models import load_model
 from LungGradCAMLib.pipeline import explain
 
 NODULE_RAS = (60.0, 20.0, -150.0)
@@ -31,7 +31,7 @@ def test_a_region_model_refuses_a_whole_scan(chest, region_model):
 
 def test_a_region_model_sees_one_patch_centred_on_the_region(chest, region_model):
     exp = explain(chest.volume, model=str(region_model), device="cpu", roi=(NODULE_RAS, 60.0))
-    assert exp.extra["mode"] == "roi" and exp.extra["n_patches"] == 1  # a 60 mm ROI, still one 32 mm patch
+    assert exp.mode == "roi" and exp.n_patches == 1  # a 60 mm ROI, still one 32 mm patch
     hot = np.argwhere(exp.cam.array > 0)
     assert len(hot)
     lo = exp.cam.ijk_to_ras_points(hot.min(axis=0)[::-1])[0]
@@ -44,7 +44,7 @@ def test_a_region_model_sees_one_patch_centred_on_the_region(chest, region_model
 
 def test_the_cli_needs_roi_for_a_region_model(tmp_path, chest, region_model, capsys):
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.volume import write_volume
+    from LungGradCAMLib.core.volume import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
     assert main(["run", str(ct), "--out", str(tmp_path / "no-roi"), "--model", str(region_model),
@@ -62,7 +62,7 @@ def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, regi
     """--region-model: the whole-scan model finds the hot regions, the region model answers for each
     one (report, printed summary); a whole-scan model is refused as a region model before any work."""
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.volume import write_volume
+    from LungGradCAMLib.core.volume import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
     args = ["run", str(ct), "--device", "cpu", "--threshold", "0.3"]
@@ -91,5 +91,5 @@ def test_the_bundled_malignancy_model_loads_and_fuses_its_layers(chest):
     assert [loaded.module.get_submodule(n) for n in loaded.card.target_layer.split("+")] == loaded.target_layers
     assert len(loaded.target_layers) == 3 and loaded.target_layer is loaded.target_layers[-1]
     exp = explain(chest.volume, model="lidc-malignancy", device="cpu", roi=(NODULE_RAS, 30.0))
-    assert exp.method == "layercam" and exp.extra["n_patches"] == 1
+    assert exp.method == "layercam" and exp.n_patches == 1
     assert sum(exp.probabilities.values()) == pytest.approx(1.0) and exp.cam.array.max() > 0

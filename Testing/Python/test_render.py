@@ -4,14 +4,14 @@ from __future__ import annotations
 import itertools
 import sys
 
+import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from LungGradCAMLib.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.render import save_montage
-from LungGradCAMLib.volume import Volume
+from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.io.render import save_montage
+from LungGradCAMLib.core.volume import Volume
 
-mpimg = pytest.importorskip("matplotlib.image")
 
 CENTRE = np.array([10.0, -20.0, -150.0])             # RAS of the scene's centre
 EXTENT = np.array([100.0, 120.0, 120.0])             # mm along x (R), y (A), z (S)

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Set
 
 import pytest
 
-from test_pipeline import make_tiny_model
+from helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "LungGradCAMLib"
@@ -99,6 +99,8 @@ import importlib, json, pkgutil
 import LungGradCAMLib
 missing = {}
 for info in pkgutil.walk_packages(LungGradCAMLib.__path__, "LungGradCAMLib."):
+    if info.name.endswith(".__main__"):  # python -m LungGradCAMLib.cli: runs the command line
+        continue
     try:
         importlib.import_module(info.name)
     except ModuleNotFoundError as exc:
@@ -114,6 +116,7 @@ print(json.dumps(missing))
     assert json.loads(done.stdout.splitlines()[-1]) == {"LungGradCAMLib.mrml": "slicer", "(check) pytest": "pytest"}
 
 
+@pytest.mark.slow
 def test_a_whole_run_needs_no_test_only_package(tmp_path, small_phantom):
     """`lunggradcam run` from DICOM with every output (seg.nrrd, overlay, DICOM SEG; then NIfTI)."""
     from LungGradCAMLib import phantom

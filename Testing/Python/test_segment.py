@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from LungGradCAMLib.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.results import Explanation, Segmentation
-from LungGradCAMLib.segment import PALETTE, segment_cam, write_segmentation
-from LungGradCAMLib.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
+from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.core.results import Explanation, Segmentation
+from LungGradCAMLib.io.segnrrd import PALETTE, write_segmentation
+from LungGradCAMLib.pipeline.segment import segment_cam
+from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 
 SPACING = (0.7, 0.8, 2.5)                   # i, j, k mm: anisotropic
 VOXEL_MM3 = 0.7 * 0.8 * 2.5

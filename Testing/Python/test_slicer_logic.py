@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
-torch = pytest.importorskip("torch")
 vtk = pytest.importorskip("vtk")
 
 import LungGradCAMLib as lgc  # noqa: E402
 from LungGradCAMLib import phantom  # noqa: E402
-from LungGradCAMLib.errors import CancelledError  # noqa: E402
-from LungGradCAMLib.models import load_model  # noqa: E402
+from LungGradCAMLib.core.errors import CancelledError  # noqa: E402
+from LungGradCAMLib.engine.models import load_model  # noqa: E402
 from LungGradCAMLib.options import ExplainOptions  # noqa: E402
 
 from slicer_app_standin import slicer_application  # noqa: E402
-from test_pipeline import make_ctk_db, make_tiny_model  # noqa: E402
+from helpers import make_ctk_db, make_tiny_model  # noqa: E402
 
 NODULE_RAS = (60.0, 20.0, -150.0)
 
@@ -104,7 +104,7 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     order = [s for n, s in enumerate(stages) if n == 0 or s != stages[n - 1]]
     assert order == ["load_model", "lung_mask", "resample", "cam", "resample_back", "segment"]
     cam = [(done, total) for stage, done, total in reports if stage == "cam"]
-    assert cam[-1][0] == cam[-1][1] == result.explanation.extra["n_patches"]
+    assert cam[-1][0] == cam[-1][1] == result.explanation.n_patches
     assert [done for done, _ in cam] == sorted(done for done, _ in cam) and len(cam) > 3
     assert logic.progressText("cam", 3, 9) == "Computing the heat map: 3 of 9 patches"
     assert logic.progressText("lung_mask", 0, 1) == "Finding the lungs..."
@@ -139,7 +139,7 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     # what the panel says: prediction, outcome, and that this is a research model
     text = logic.resultText(result)
     assert f"{len(regions)} hot region" in text and "Research model:" in text
-    assert result.explanation.extra["model"]["intended_use"] in text
+    assert result.explanation.model["intended_use"] in text
     assert logic.jumpToHottestRegion(result)
 
 
@@ -204,7 +204,7 @@ def test_out_of_memory_halves_the_batch_and_finishes(app, chest, tiny_model):
         handle.remove()
     one_by_one = logic.process(ct, model=loaded, device="cpu", batch_size=1, showResult=False)
     # halved until each CPU worker (one per torch thread) runs one patch at a time
-    assert result.explanation.extra["batch_size_used"] <= max(1, torch.get_num_threads()) < 8
+    assert result.explanation.batch_size_used <= max(1, torch.get_num_threads()) < 8
     np.testing.assert_array_equal(result.explanation.cam.array, one_by_one.explanation.cam.array)
     assert "ran out of memory" not in logic.resultText(result)  # it stayed on its device
 
@@ -227,7 +227,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(app, chest, tiny_model):
     loaded.module.register_forward_pre_hook(no_gpu_memory)
     with pytest.warns(RuntimeWarning, match="continuing on the CPU"):
         result = logic.process(ct, model=loaded, device="cuda", batch_size=4, showResult=False)
-    assert result.explanation.extra["device_used"] == "cpu"
+    assert result.explanation.device_used == "cpu"
     assert "ran out of memory: the heat map was finished on the cpu" in logic.resultText(result)
 
 
@@ -250,8 +250,8 @@ def test_gpu_real_out_of_memory_is_recovered_at_logic_level(app, chest, tiny_mod
         result = logic.process(ct, model=str(wide), device="cuda", batch_size=256, showResult=False)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-    assert result.explanation.extra["device_used"].startswith("cuda")
-    assert result.explanation.extra["batch_size_used"] < 256
+    assert result.explanation.device_used.startswith("cuda")
+    assert result.explanation.batch_size_used < 256
     np.testing.assert_allclose(result.explanation.cam.array, expected.explanation.cam.array, atol=1e-3)
 
 
@@ -278,7 +278,7 @@ def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, regi
     options = logic.optionsFromParameterNode(p)
     np.testing.assert_allclose(options.roi[0], regions[0].centroid_ras, atol=1e-6)
     again = logic.process(ct, options=options)
-    assert again.explanation.extra["mode"] == "roi" and again.explanation.extra["n_patches"] == 1
+    assert again.explanation.mode == "roi" and again.explanation.n_patches == 1
     assert again.explanation.target_class == "malignant" and again.cam_node is not result.cam_node
 
     # a new ROI: the next click places it (place mode on it); placed but not sized, it is one patch

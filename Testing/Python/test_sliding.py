@@ -1,4 +1,4 @@
-"""The sliding-window CAM (LungGradCAMLib.sliding) on small random 3D CNNs, on the CPU: patch
+"""The sliding-window CAM (LungGradCAMLib.engine.sliding) on small random 3D CNNs, on the CPU: patch
 grid and air padding, Gaussian blending against a direct computation, progress, cancellation,
 and out-of-memory recovery (a CUDA out-of-memory error injected by a model wrapper)."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from LungGradCAMLib.cam import compute_cam
-from LungGradCAMLib.errors import CamError, CancelledError, InvalidInputError, ResourceError
-from LungGradCAMLib.sliding import sliding_cam
+from LungGradCAMLib.engine.cam import compute_cam
+from LungGradCAMLib.core.errors import CamError, CancelledError, InvalidInputError, ResourceError
+from LungGradCAMLib.engine.sliding import sliding_cam
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -132,7 +132,7 @@ def test_patch_grid_covers_the_roi_and_nothing_else():
 
 def test_gaussian_blending_of_maps_and_scores():
     net, vol = make_net(), make_volume((8, 8, 24))
-    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3)
+    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3, blend="raw")
     # direct: each patch's raw CAM and score, weighted by a separable Gaussian (sigma = p/8,
     # peak 1, floor 1e-3), summed and divided by the summed weights
     g = gaussian(8)
@@ -337,7 +337,7 @@ def test_score_blend_silences_background_patches():
     import torch
     from torch import nn
 
-    from LungGradCAMLib.sliding import sliding_cam
+    from LungGradCAMLib.engine.sliding import sliding_cam
 
     class Bright(nn.Module):  # "nodule" logit = mean of the ReLU'd conv output: high where bright
         def __init__(self):

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main as cli_main
-from LungGradCAMLib.data import PatchSet
-from LungGradCAMLib.models import ModelCard, load_model
-from LungGradCAMLib.train import TrainConfig, augment, class_weights, fit
+from LungGradCAMLib.training.data import PatchSet
+from LungGradCAMLib.engine.models import ModelCard, load_model
+from LungGradCAMLib.training.augment import augment
+from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
 SIZE = 16
 CLASSES = ["background", "nodule"]
@@ -131,11 +132,12 @@ def test_cli_cross_validation(tmp_path, spheres, capsys):
     assert "ci95" in card["metrics"]["roc_auc"] and card["training"]["command"].startswith("lunggradcam ")
     assert (out / "fold2" / "roc.png").is_file() and (out / "fold2" / "loss.png").is_file()
     assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch-kwargs", "{width"]) == 2
-    assert "--arch-kwargs is not valid JSON" in capsys.readouterr().err
+    assert "argument --arch-kwargs: not valid JSON" in capsys.readouterr().err  # at parse time
     assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch", "vgg3d"]) == 2
     assert "unknown architecture 'vgg3d'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path, spheres):
     cache = spheres.save(tmp_path / "spheres.npz")
     out = tmp_path / "ddp"
@@ -149,3 +151,22 @@ def test_ddp_two_processes_gloo(tmp_path, spheres):
     assert card["training"]["world_size"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
     assert load_model(out / "best.safetensors").card.metrics["roc_auc"]["value"] >= 0
+
+
+def test_fit_leaves_the_global_random_state_and_cudnn_flags_as_they_were(tmp_path):
+    """fit seeds torch and numpy and makes cuDNN deterministic for itself only: the caller's random
+    streams and flags go on afterwards as if it had not run."""
+    data = _spheres(n_patients=2, per_class=1)
+    torch.manual_seed(123)
+    np.random.seed(456)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    try:
+        fit(data.subset(np.arange(0, 4)), data.subset(np.arange(2, 4)), _card(), tmp_path,
+            TrainConfig(epochs=1, batch_size=4, seed=7, amp=False), progress=False, device="cpu")
+        assert torch.equal(torch.get_rng_state(), torch_state)
+        after = np.random.get_state()
+        assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, False

@@ -7,8 +7,8 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 import LungGradCAMLib as lgc
-from LungGradCAMLib.errors import LungGradCAMError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.volume import crop, max_voxels, resample, resample_to
+from LungGradCAMLib.core.errors import LungGradCAMError, UnsupportedFormatError, VolumeError
+from LungGradCAMLib.core.volume import crop, max_voxels, resample, resample_to
 
 
 def _oblique_matrix(flip: bool = False) -> np.ndarray:
@@ -193,3 +193,25 @@ def test_separable_resampling_in_several_slabs_equals_simpleitk():
     fine = resample(src.with_array(np.zeros(src.shape, np.uint8)), (0.9, 0.9, 2.0))
     assert np.prod(fine.shape) * 4 > (16 << 20)  # two slabs at least
     np.testing.assert_allclose(resample_to(src, fine).array, _sitk_resample(src, fine, 1, 0), rtol=0, atol=1e-6)
+
+
+def test_a_label_map_is_resampled_by_nearest_neighbour_by_itself():
+    """LabelMap (TorchIO's kind): resample/resample_to pick order 0 without being told, keep the
+    kind and the labels, and refuse to interpolate; a LabelMap holds integers or a mask."""
+    from LungGradCAMLib.core.volume import LabelMap, Volume
+
+    labels = np.zeros((6, 6, 6), dtype=np.uint8)
+    labels[2:4, 2:4, 2:4] = 3
+    ct = Volume(np.zeros((6, 6, 6), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    label_map = LabelMap.like(ct, labels)
+    fine = resample(label_map, (0.4, 0.4, 0.4))
+    assert isinstance(fine, LabelMap) and set(np.unique(fine.array)) == {0, 3}
+    back = resample_to(fine, label_map)
+    assert isinstance(back, LabelMap) and np.array_equal(back.array, labels)
+    as_float = resample(ct.with_array(labels.astype(np.float32)), (0.4, 0.4, 0.4))
+    assert len(np.unique(as_float.array)) > 2  # what a label map is protected from
+    with pytest.raises(VolumeError, match="nearest neighbour"):
+        resample(label_map, (0.4, 0.4, 0.4), order=1)
+    with pytest.raises(VolumeError, match="integer labels"):
+        LabelMap.like(ct, np.zeros((6, 6, 6), np.float32))
+    assert LabelMap.like(ct, labels > 0).array.dtype == np.uint8

@@ -1,0 +1,113 @@
+"""The ``lunggradcam`` command line: demo | run | batch | train | evaluate | bench | info.
+
+Errors a user can cause (:class:`LungGradCAMError`) are printed without a traceback, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from typing import List, NoReturn, Optional
+
+from .. import __version__
+from ..core.errors import LungGradCAMError
+from .common import NEGATIVE_VALUE_OPTIONS
+
+
+# One module per command, each registering it with ``add_cli(subparsers)``, in the order of --help.
+_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".info")
+_VERBOSE_HELP = "log each stage and its time"
+
+
+class _Parser(argparse.ArgumentParser):
+    """Parse errors as one message naming the option and what to give, without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_printable(message)} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lunggradcam",
+        description="Grad-CAM explanations of 3D CNNs on lung CT (LungGradCAM).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        importlib.import_module(name, __package__).add_cli(sub)
+    for command in sub.choices.values():  # -v also after the command; SUPPRESS keeps one given before it
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    return parser
+
+
+def _join_negative_values(argv: List[str]) -> List[str]:
+    """``--roi -55.5,-85.6,-116,40`` as ``--roi=-55.5,...``: argparse takes a value starting with
+    "-" that is not a plain number for an option, and negative RAS coordinates are normal."""
+    joined: List[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"^-[\d.]", argv[i + 1]):
+            joined.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(argv[i])
+            i += 1
+    return joined
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab escaped (``\\x1b``): messages
+    quote DICOM fields such as SeriesDescription, which a hostile file can fill with terminal
+    escape sequences."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the process is, so that every ``finally`` removes the
+    temporaries it made (a killed batch under torchrun gets SIGTERM first)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    # numpy asks the kernel for transparent huge pages for every large array; where the kernel
+    # then compacts memory on the spot (defrag "madvise", the common default) and other processes
+    # have fragmented it, the first touch of each CT-sized array stalls: 3 s of CPU in a 512x512x300
+    # run on a shared machine (README, "Speed"). Off in this process, before numpy is imported,
+    # unless the user chose.
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    started = time.perf_counter()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    except SystemExit as exc:  # --help, --version, or a wrong option (message printed, status 2)
+        return int(exc.code or 0)
+    args.started = started  # a run's report counts its total time from here
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.INFO)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return int(args.func(args) or 0)
+    except LungGradCAMError as exc:
+        print(f"lunggradcam {args.command}: error: {_printable(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lunggradcam {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"lunggradcam {args.command}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

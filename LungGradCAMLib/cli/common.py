@@ -1,0 +1,125 @@
+"""What the commands share: argparse ``type=`` checks of the explanation options (every option is
+checked as it is parsed), the options themselves, the progress line and the cost announcement."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Optional, Tuple
+
+from ..core.errors import InvalidInputError
+from ..core.results import Segmentation
+from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
+from ..pipeline.explainer import STAGES, CostEstimate, Progress
+from ..pipeline.outputs import VOLUME_FORMATS
+
+
+def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a parser of :mod:`LungGradCAMLib.options`: its message, at parse time."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except InvalidInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__.replace("parse_", "")
+    return convert
+
+
+def batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidInputError(f"batch size {text!r}: give a positive whole number of patches")
+    return value
+
+
+def device(text: str) -> Optional[str]:
+    return ExplainOptions(device=text).device
+
+
+#: ``--roi``'s value may start with "-" (a negative RAS coordinate): cli.main joins it to the option.
+NEGATIVE_VALUE_OPTIONS = ("--roi",)
+
+
+def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
+    """The options of an explanation (:class:`ExplainOptions`) and of its outputs, checked as parsed."""
+    g = p.add_argument_group("explanation (as the Slicer panel)")
+    g.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
+    g.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
+                   help="CAM method: " + ", ".join(METHODS) + " (default: the model card's; gradcam for the "
+                        "default model)")
+    g.add_argument("--target", default=None, help="class to explain, a name or an index (default: the model card's)")
+    g.add_argument("--layer", default=None, help="CAM layer, a dotted module name (default: the model card's)")
+    g.add_argument("--mode", default="auto", choices=MODES,
+                   help="sliding (patches over the lungs), whole (whole-volume models), roi, or auto (default)")
+    if roi:
+        g.add_argument("--roi", default=None, type=argument_type(parse_roi), metavar="X,Y,Z,SIZE",
+                       help="explain only a region: 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' (RAS mm; negative values are fine)")
+    g.add_argument("--region-model", default=None, metavar="MODEL",
+                   help="also ask a region model (e.g. lidc-malignancy) about each hot region; its answer is "
+                        "in the report's regions (second_opinion) and summary")
+    g.add_argument("--threshold", default=0.5, type=argument_type(parse_threshold),
+                   help="heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
+    g.add_argument("--restrict-to-lungs", default=True, action=argparse.BooleanOptionalAction,
+                   help="keep only hot regions inside the lungs (default: yes)")
+    g.add_argument("--chest-check", default=True, action=argparse.BooleanOptionalAction,
+                   help="refuse a CT that holds no lungs before computing (default: yes)")
+    g.add_argument("--device", default=None, type=argument_type(device),
+                   help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    g.add_argument("--batch-size", type=argument_type(batch_size), default=None,
+                   help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+    g.add_argument("--stride", default=None, type=argument_type(parse_stride), metavar="K[,J,I]",
+                   help="sliding-window step in model voxels (default: half a patch)")
+    g.add_argument("--amp", action="store_true", help="16-bit mixed precision on CUDA")
+    o = p.add_argument_group("outputs")
+    o.add_argument("--format", dest="volume_format", default="nrrd", choices=VOLUME_FORMATS,
+                   help="heat map, regions and lungs as .nrrd + Slicer .seg.nrrd (default) or as NIfTI .nii.gz")
+    o.add_argument("--dicom-seg", action="store_true",
+                   help="also write segmentation.dcm, a DICOM Segmentation of the regions (DICOM input only)")
+
+
+def options_from_args(args: argparse.Namespace) -> ExplainOptions:
+    """The :class:`ExplainOptions` of parsed command-line arguments."""
+    return ExplainOptions(model=args.model, method=args.method, target=args.target, layer=args.layer,
+                          mode=args.mode, roi=getattr(args, "roi", None), threshold=args.threshold,
+                          restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
+                          device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp,
+                          region_model=args.region_model)
+
+
+def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:
+    """A tqdm line on stderr naming the current stage (the heat map counted in patches)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, leave=False, disable=None, bar_format="{desc}: {n}/{total} {unit} [{elapsed}]")
+    current = [""]
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage != current[0]:
+            current[0] = stage
+            bar.set_description_str(STAGES[stage] + (f" ({method})" if stage == "cam" and method else ""),
+                                    refresh=False)
+            bar.unit = "patches" if stage == "cam" else "steps"
+            bar.reset(total=total)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
+def print_estimate(estimate: CostEstimate) -> None:
+    """The CLI's announcement of a long CAM stage (Score-CAM always, others from 30 s), on stderr."""
+    if estimate.method == "scorecam" or estimate.seconds >= 30:
+        print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
+
+
+def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per hot region a region model was asked about: where, and its answer."""
+    for region in segmentation.regions:
+        if region.second_opinion:
+            o = region.second_opinion
+            where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
+            print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
+                  f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")

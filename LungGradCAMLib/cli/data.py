@@ -1,0 +1,71 @@
+"""The data-source options shared by ``lunggradcam train`` and ``evaluate``, checked as parsed,
+and the :class:`~LungGradCAMLib.training.sources.DataSpec` they describe."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Dict
+
+from ..core.errors import InvalidInputError
+from ..training.sources import SOURCES, DataSpec, parse_seeds
+from .common import argument_type
+
+
+def json_object(text: str) -> Dict[str, Any]:
+    """A JSON object given on the command line (e.g. architecture arguments)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"give a JSON object, e.g. '{{\"width\": 8}}'; got {text!r}")
+    return value
+
+
+def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-1015") -> None:
+    """The data-source options shared by ``train`` and ``evaluate``."""
+    g = p.add_argument_group("data")
+    g.add_argument("--source", choices=SOURCES, default="phantom",
+                   help="phantom: synthetic chest CTs; luna16: a LUNA16 folder (subset*/*.mhd + "
+                        "annotations.csv/candidates.csv); lidc: a LIDC-IDRI folder (patient folders with "
+                        "DICOM + reader XML; benign vs malignant); lidc-vois: a LIDC VOI folder (nodules.csv, "
+                        "image/, nodule_mask/: real nodules with reader masks); manifest: a CSV "
+                        "(image,label[,patient,x,y,z,space]); patches: a .npz patch cache (default: phantom)")
+    g.add_argument("--path", help="the LUNA16/LIDC/VOI folder, manifest CSV or patch cache (not for phantom)")
+    g.add_argument("--backgrounds", help="lidc-vois: a CSV (image,split) of real CTs whose lungs hold the "
+                                         "placed nodules and give the background patches; split is train, "
+                                         "validation, test or bands (see README)")
+    g.add_argument("--placements", type=int, default=None,
+                   help="lidc-vois: patches per nodule, each in another background place (default 4 for "
+                        "malignancy, 3 for nodule)")
+    g.add_argument("--negatives-per-region", type=int, default=100,
+                   help="lidc-vois --task nodule: background patches per kind per background region (default 100)")
+    g.add_argument("--with-phantoms", metavar="SEEDS", default=[], type=argument_type(parse_seeds),
+                   help="lidc-vois --task nodule: also phantom patches of these seeds (e.g. '0-79'), split by seed")
+    g.add_argument("--phantom-seeds", default=parse_seeds(default_seeds), type=argument_type(parse_seeds),
+                   help=f"phantom seeds, e.g. '0-63' or '1,2,5-7'; one patient each (default {default_seeds})")
+    g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
+                   help="phantom and lidc-vois labels: nodule vs background, or benign vs malignant nodules "
+                        "(default nodule)")
+    g.add_argument("--positives-per-nodule", type=int, default=6,
+                   help="phantom patches per nodule (default 6; also for --with-phantoms)")
+    g.add_argument("--negatives-per-kind", type=int, default=4,
+                   help="phantom background patches per kind per scan (default 4; also for --with-phantoms)")
+    g.add_argument("--max-negatives-per-scan", type=int, default=20,
+                   help="LUNA16 candidates of class 0 kept per scan (default 20)")
+    g.add_argument("--classes", default="background,nodule",
+                   help="class names for manifest/LUNA16 data, index order (default background,nodule)")
+    g.add_argument("--cache", help="save/load the patches here (.npz) so a second run skips building them")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling, splits and training (default 0)")
+
+
+def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15)) -> DataSpec:
+    """The :class:`DataSpec` of parsed data options; ``split_fractions``: (validation, test) of a
+    source with fixed splits (evaluate rebuilds a training run's split from the defaults)."""
+    return DataSpec(
+        source=args.source, path=args.path, backgrounds=args.backgrounds, placements=args.placements,
+        negatives_per_region=args.negatives_per_region, with_phantoms=tuple(args.with_phantoms),
+        phantom_seeds=tuple(args.phantom_seeds), task=args.task, positives_per_nodule=args.positives_per_nodule,
+        negatives_per_kind=args.negatives_per_kind, max_negatives_per_scan=args.max_negatives_per_scan,
+        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), cache=args.cache, seed=args.seed,
+        split_fractions=tuple(split_fractions))

@@ -1,0 +1,98 @@
+"""``lunggradcam evaluate``: a model's metrics on labelled patches
+(:func:`~LungGradCAMLib.evaluation.evaluate.evaluate_model`), or with ``--cam-retrain`` the
+heat-map retraining test (:func:`~LungGradCAMLib.training.cam_retrain.cam_retrain`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..training.sources import load_data
+from .common import argument_type, device
+from .data import add_data_arguments, data_spec, json_object
+
+
+def add_cli(subparsers: "argparse._SubParsersAction") -> None:
+    """Register ``lunggradcam evaluate``."""
+    p = subparsers.add_parser(
+        "evaluate", help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
+        description="Evaluate a model on labelled patches: accuracy, precision, recall/sensitivity, "
+                    "specificity, F1 and ROC AUC with 95% bootstrap CIs (patients resampled), the "
+                    "confusion matrix, roc.png and report.json (and loss.png from a training log).")
+    p.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="output folder for report.json, roc.png, loss.png")
+    p.add_argument("--log", help="a training log.jsonl to plot as loss curves")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    p.add_argument("--device", default=None, type=argument_type(device),
+                   help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    _add_cam_retrain_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _add_cam_retrain_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--cam-retrain`` options of ``lunggradcam evaluate``."""
+    g = p.add_argument_group("heat-map retraining test (--cam-retrain)")
+    g.add_argument("--cam-retrain", action="store_true",
+                   help="instead of evaluating --model, train its architecture (its card: architecture, patch "
+                        "size, preprocessing) from scratch on the phantom data, then retrain it on inputs multiplied "
+                        "by the CAM, the truth mask and the inverted truth mask; writes --out/cam_retrain.json")
+    g.add_argument("--retrain-epochs", type=int, default=15, help="epochs per training (default 15)")
+    g.add_argument("--retrain-patience", type=int, default=5, help="early-stopping patience (default 5)")
+    g.add_argument("--retrain-batch-size", type=int, default=32, help="batch size (default 32)")
+    g.add_argument("--retrain-lr", type=float, default=1e-3, help="learning rate (default 0.001)")
+    g.add_argument("--retrain-arch-kwargs", default={}, type=argument_type(json_object),
+                   help='JSON merged into the card\'s architecture arguments, e.g. \'{"width": 4}\'')
+    g.add_argument("--retrain-no-augment", action="store_true", help="switch off 3D augmentation")
+    g.add_argument("--val-fraction", type=float, default=0.3, help="patients for validation (default 0.3)")
+    g.add_argument("--cam-method", default="gradcam", help="CAM method for the cam variant (default gradcam)")
+    g.add_argument("--mask-dilation", type=int, default=0,
+                   help="grow the truth masks by this many voxels first (default 0: the truth as drawn)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..engine.models import load_model
+    from ..evaluation.evaluate import METRICS, evaluate_model, read_log, write_report
+
+    if args.cam_retrain:
+        return _run_cam_retrain(args)
+    loaded = load_model(args.model, device=args.device)
+    data = load_data(data_spec(args), loaded.card)
+    if data.splits is not None:  # the source fixes its splits (background regions): score the test part
+        data = data.subset(data.split_index("test"))
+    report = evaluate_model(loaded, data, args.threshold, n_boot=args.bootstrap, seed=args.seed)
+    report["model"] = loaded.card.summary()
+    report["data"] = {"patches": len(data), "patients": int(len(set(data.patients))), "classes": data.counts()}
+    paths = write_report(report, args.out, read_log(args.log) if args.log else None, title=loaded.card.name)
+    m = report["metrics"]
+    print(json.dumps({k: round(m[k]["value"], 4) for k in METRICS}))
+    print("wrote " + ", ".join(str(v) for v in paths.values()))
+    return 0
+
+
+def _run_cam_retrain(args: argparse.Namespace) -> int:
+    """``lunggradcam evaluate --cam-retrain``."""
+    import torch
+
+    from ..engine.models import ModelCard, build_model, resolve_model_path
+    from ..training.cam_retrain import cam_retrain, phantom_patch_masks
+    from ..training.train import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    card = ModelCard.load(resolve_model_path(args.model).with_suffix(".json"))
+    card.kwargs = {**card.kwargs, **args.retrain_arch_kwargs}
+    build_model(card.architecture, **card.kwargs)  # bad arguments fail before any data work
+    data = load_data(data_spec(args), card)
+    masks = phantom_patch_masks(data)
+    cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
+                      patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=args.seed)
+    result = cam_retrain(data, masks, card, args.out, config=cfg, val_fraction=args.val_fraction,
+                         method=args.cam_method, mask_dilation=args.mask_dilation, device=args.device,
+                         seed=args.seed, n_boot=args.bootstrap)
+    print(json.dumps({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
+                      "chance": round(result.chance, 4)}))
+    print(f"wrote {Path(args.out) / 'cam_retrain.json'}")
+    return 0

@@ -1,0 +1,115 @@
+"""``lunggradcam train``: parse the options into a :class:`DataSpec`, a :class:`ModelCard` and a
+:class:`TrainConfig`, and call :func:`~LungGradCAMLib.training.train.train_and_evaluate`."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from ..core.errors import InvalidInputError, ModelError
+from ..training.sources import DataSpec, load_data
+from .common import argument_type, device
+from .data import add_data_arguments, data_spec, json_object
+
+
+def add_cli(subparsers: "argparse._SubParsersAction") -> None:
+    """Register ``lunggradcam train``."""
+    p = subparsers.add_parser(
+        "train", help="train a 3D CNN (single process, or multi-GPU/multi-node under torchrun)",
+        description="Train a 3D CNN classifier on labelled CT patches and write best/last checkpoints "
+                    "(.safetensors + model card .json), log.jsonl, and a held-out evaluation "
+                    "(report.json, roc.png, loss.png). Patients never cross splits. Run under "
+                    "`torchrun --nproc_per_node N -m LungGradCAMLib.cli train ...` for DDP.")
+    add_data_arguments(p, default_seeds="0-63")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="gradcam3d_cnn", help="gradcam3d_cnn, small3d_cnn or resnet18_3d")
+    m.add_argument("--arch-kwargs", default={}, type=argument_type(json_object),
+                   help='architecture arguments as JSON, e.g. \'{"width": 8}\'')
+    m.add_argument("--patch-size", type=int, nargs=3, default=[32, 32, 32], metavar=("K", "J", "I"),
+                   help="patch size in voxels (default 32 32 32)")
+    m.add_argument("--spacing", type=float, nargs=3, default=[1.5, 1.5, 1.5], metavar=("I", "J", "K"),
+                   help="voxel spacing in mm (default 1.5 1.5 1.5)")
+    m.add_argument("--hu-window", type=float, nargs=2, default=[-1000.0, 400.0], metavar=("LOW", "HIGH"),
+                   help="HU window (default -1000 400)")
+    m.add_argument("--normalisation", choices=("minmax", "zscore"), default="minmax")
+    m.add_argument("--activation", choices=("softmax", "sigmoid"), default="softmax",
+                   help="softmax + cross-entropy, or sigmoid + binary cross-entropy")
+    m.add_argument("--cam-class", help="class the CAM explains by default (default: the last class)")
+    m.add_argument("--target-layer", help="Grad-CAM layer (default: the architecture's)")
+    m.add_argument("--name", default="model", help="model name written in the card")
+    m.add_argument("--version", default="1.0.0", help="model version written in the card")
+    o = p.add_argument_group("training")
+    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--epochs", type=int, default=30)
+    o.add_argument("--batch-size", type=int, default=32)
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
+    o.add_argument("--no-augment", action="store_true", help="switch off 3D augmentation")
+    o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
+    o.add_argument("--folds", type=int, default=0,
+                   help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
+    o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
+    o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
+    o.add_argument("--resume", action="store_true", help="continue from --out/resume.pt")
+    o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    o.add_argument("--device", default=None, type=argument_type(device),
+                   help="auto (CUDA: cuda:LOCAL_RANK under torchrun; else MPS; else CPU), cpu, cuda, cuda:N, mps")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(func=_run)
+
+
+def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F821
+    """The model card of the options: architecture, patch, preprocessing, classes, and what the
+    training data makes of its description and intended use."""
+    from ..engine.models import ARCHITECTURES, ModelCard, build_model
+
+    classes = spec.class_names()
+    kwargs = dict(args.arch_kwargs)
+    kwargs.setdefault("num_classes", len(classes))
+    build_model(args.arch, **kwargs)  # unknown architecture/arguments fail here, before any data work
+    card = ModelCard(
+        architecture=args.arch, kwargs=kwargs, class_names=classes, cam_class=args.cam_class or classes[-1],
+        target_layer=args.target_layer or ARCHITECTURES[args.arch].cam_layer, patch_size=list(args.patch_size),
+        spacing_mm=list(args.spacing), hu_window=list(args.hu_window), normalisation=args.normalisation,
+        activation=args.activation, name=args.name, version=args.version,
+    )
+    try:
+        card.validate("--arch/--cam-class/...")
+    except ModelError as exc:
+        raise InvalidInputError(str(exc)) from None
+    card.training = {"data": spec.describe(),
+                     "command": "lunggradcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    card.description = f"{card.architecture} {card.kwargs} {' vs '.join(classes)} patch classifier"
+    if classes == ["benign", "malignant"]:  # judges one nodule: explained on a region, never a whole scan
+        card.input = "roi"
+    if spec.source == "phantom":
+        card.intended_use = ("Trained on synthetic chest CT phantoms only: for demonstration and testing, "
+                             "not for clinical use. Train on real data with `lunggradcam train` for research.")
+    elif card.input == "roi":
+        card.intended_use = ("Research only, not for clinical use. Takes a region around ONE lung nodule (an "
+                             "ROI centred on it), not a whole scan, and scores how malignant-looking it is.")
+    return card
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..engine.distributed import init_torchrun
+    from ..training.train import TrainConfig, train_and_evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = data_spec(args, (args.val_fraction, args.test_fraction))
+    card = _card(args, spec)
+    data = load_data(spec, card)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                         augment=not args.no_augment, amp=not args.no_amp, seed=args.seed)
+    results = train_and_evaluate(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
+                                 test_fraction=args.test_fraction, resume=args.resume,
+                                 progress=not args.no_progress, device=args.device)
+    if init_torchrun()[0] == 0:
+        for r in results:
+            print(json.dumps({"fold": r.name or "holdout", "best_epoch": r.fit.best_epoch,
+                              **{k: round(v["value"], 4) for k, v in r.report["metrics"].items()}}))
+    return 0

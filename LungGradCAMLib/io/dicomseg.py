@@ -1,0 +1,111 @@
+"""DICOM Segmentation objects (highdicom) for a :class:`Segmentation` of a CT loaded from DICOM.
+
+The DICOM SEG references the source CT series (same Study, Frame of Reference, per-frame source
+image references), so it can be imported into Slicer's DICOM database or a research PACS next to
+the CT. Each segment is coded as what it is, a region of a heat map (category "Spatial and
+Relational Concept", type "Gradient-weighted class activation" for Grad-CAM and its kin), never as
+a finding such as a lesion, and the series says it comes from a research model.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+import numpy as np
+
+from .. import __version__
+from ..core.atomic import atomic_path
+from ..core.errors import DicomError, InvalidInputError
+from ..core.results import Segmentation
+from ..core.volume import LPS_TO_RAS, Volume
+
+
+def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
+    """The CT's source slices in the volume's k order, checked slice by slice against its geometry."""
+    import pydicom
+
+    from .dicom import list_dicom_series
+
+    source, uid = ct.meta.get("source"), ct.meta.get("series_uid")
+    if not source or not uid:
+        raise InvalidInputError("a DICOM Segmentation needs a CT loaded from DICOM (its source series); "
+                                "this volume has no DICOM source")
+    if ct.meta.get("resampled"):
+        raise DicomError(f"series {uid} was resampled on loading ({ct.meta['resampled']}); its slices no "
+                         "longer match the volume, so no DICOM Segmentation can reference them")
+    key = ct.meta.get("series_part", uid)
+    infos = [s for s in list_dicom_series(source) if s.key == key]
+    if not infos:
+        raise DicomError(f"series {uid}: its source files are no longer in {source}")
+    datasets = [pydicom.dcmread(str(f)) for f in infos[0].files]
+    # each slice's ImagePositionPatient (LPS) must be the volume's voxel (0, 0, k)
+    lps_origin = (LPS_TO_RAS @ ct.ijk_to_ras)[:3]
+    by_k = {}
+    for ds in datasets:
+        ipp = np.array(ds.ImagePositionPatient, dtype=float)
+        k = float(np.linalg.lstsq(lps_origin[:, 2:3], ipp - lps_origin[:, 3], rcond=None)[0][0])
+        by_k[int(round(k))] = ds
+    if sorted(by_k) != list(range(ct.shape[0])):
+        raise DicomError(f"series {uid}: its {len(datasets)} files do not match the volume's {ct.shape[0]} slices "
+                         "(enhanced multi-frame or deduplicated slices); no DICOM Segmentation written")
+    return [by_k[k] for k in range(ct.shape[0])]
+
+
+#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method.
+_HEAT_MAP_CODE = {"scorecam": "ClassActivation", "guided-backprop": "Saliency"}
+#: Series description: DICOM LO, at most 64 characters.
+SERIES_DESCRIPTION = "LungGradCAM heat-map regions - research only, not clinical"
+
+
+def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.PathLike], *,
+                    method: str = "gradcam", intended_use: Optional[str] = None) -> Path:
+    """Write ``segmentation`` (labels 1..N on ``ct``'s grid) as a binary DICOM SEG at ``path``.
+
+    Segments are labelled by their region names ("heat-map region 1", ...) and coded as regions of
+    the ``method``'s heat map, not as lesions; the series description says research use only and
+    ``intended_use`` (the model card's) goes into the content description (64 characters).
+
+    Raises :class:`InvalidInputError` when there is no region (a SEG needs one segment) or the CT
+    did not come from DICOM, :class:`DicomError` when its slices cannot be matched.
+    """
+    try:
+        import highdicom as hd
+        from pydicom.sr.codedict import codes
+    except ImportError as exc:
+        raise InvalidInputError("writing a DICOM SEG needs highdicom, which this installation lacks: "
+                                "pip install highdicom") from exc
+
+    if not segmentation.regions:
+        raise InvalidInputError("no hot region to store: a DICOM Segmentation needs at least one segment "
+                                "(lower the threshold, or leave out --dicom-seg)")
+    if segmentation.labelmap.shape != ct.shape:
+        raise InvalidInputError("the segmentation and the CT have different shapes")
+    sources = _source_datasets(ct)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="LungGradCAM", version=__version__, family=codes.cid7162.ArtificialIntelligence)
+    heat_map = getattr(codes.DCM, _HEAT_MAP_CODE.get(method, "GradientWeightedClassActivation"))
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1, segment_label=region.name[:64],
+            segmented_property_category=codes.SCT.SpatialAndRelationalConcept,
+            segmented_property_type=heat_map,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm)
+        for i, region in enumerate(segmentation.regions)]
+    # labels in the labelmap -> segment numbers 1..N in region order
+    lut = np.zeros(int(segmentation.labelmap.array.max()) + 1, dtype=np.uint8)
+    for i, region in enumerate(segmentation.regions):
+        lut[region.label] = i + 1
+    pixels = lut[segmentation.labelmap.array.astype(np.int64)]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=9001, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="LungGradCAM", manufacturer_model_name="LungGradCAM Grad-CAM",
+        software_versions=__version__, device_serial_number="0",
+        series_description=SERIES_DESCRIPTION, content_label="HEATMAP",
+        content_description=(intended_use or "Research use only. Not for clinical use.")[:64])
+    with atomic_path(path) as tmp:
+        seg.save_as(str(tmp))
+    return Path(path)

@@ -1,0 +1,223 @@
+"""A cohort: every CT series of a DICOM tree or Slicer DICOM database, resumably, sharded under torchrun."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+from ..core.atomic import check_output_folder, folder_lock, write_json, write_text
+from ..core.errors import (DatabaseError, DicomDecodeError, DicomError, FolderBusyError, InvalidInputError,
+                           LungGradCAMError, ResourceError, VolumeError)
+from ..core.volume import Volume
+from ..io.inputs import check_input, is_database
+from ..options import ExplainOptions
+from .explainer import CostEstimate, check_options
+from .outputs import run_one
+
+log = logging.getLogger(__name__)
+
+#: A DICOM UID (PS3.5 9.1): up to 64 characters, components of digits without leading zeros.
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def safe_name(text: str, fallback: str = "series") -> str:
+    """A file-system-safe folder name from a SeriesInstanceUID (no separators, dots kept, <= 64).
+
+    A valid UID is kept as it is: digits and dots, so it is never the name of a batch's own files
+    (``summary.csv``, ``.tmp-*``). Any other text (a part key ``<uid>#2``, a hostile "UID" such as
+    ``../x`` or ``summary.csv``, more than 64 characters) gets a hash of the whole text appended,
+    so that two different UIDs never share a folder and none is a file of the batch."""
+    text = str(text)
+    name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
+    if UID_PATTERN.match(text) and len(text) <= 64:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{name[:51] or fallback}-{digest}"
+
+
+#: summary.csv's columns: ``output`` is the series' folder inside --out, ``input`` where it was read.
+SUMMARY_FIELDS = ("series_uid", "status", "predicted_class", "target_probability", "outcome", "n_regions",
+                  "largest_region_ml", "peak_cam", "seconds", "output", "input", "error")
+
+
+@dataclass
+class _SeriesJob:
+    uid: str
+    load: Callable[[], Volume]
+    input: str  #: where the series is read from: its folder, or the database and UID
+
+
+def _unreadable_load(message: str) -> Callable[[], Volume]:
+    def load() -> Volume:
+        raise DicomDecodeError(f"{message}. It lies among this series' files and may be one of its slices: "
+                               "repair or remove it, then run again with --redo-failed")
+    return load
+
+
+def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
+    """Every CT series of a DICOM tree or a Slicer DICOM database, sorted by SeriesInstanceUID.
+
+    A file of the tree that cannot be read does not stop the listing: the series whose files share
+    its folder fail with its message (it may be one of their slices); one in a folder of its own
+    is logged."""
+    path = check_input(source)
+    if is_database(path):
+        from ..io.ctkdb import DicomDatabase
+
+        db = DicomDatabase(path)
+        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}")
+                for s in db.ct_series()]
+    else:
+        from ..io.dicom import list_dicom_series, load_dicom_series
+
+        unreadable: Dict[Path, str] = {}
+        series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]
+        jobs = []
+        for s in series:
+            bad = [message for f, message in unreadable.items() if f.parent in {g.parent for g in s.files}]
+            load = _unreadable_load(bad[0]) if bad else (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))
+            jobs.append(_SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files])))
+        placed = {g.parent for s in series for g in s.files}
+        for f, message in unreadable.items():
+            if f.parent not in placed:
+                log.warning("skipped: %r", message)
+    if not jobs:
+        raise InvalidInputError(f"{path}: no CT series found")
+    return sorted(jobs, key=lambda j: j.uid)
+
+
+def _record(path: Path) -> Optional[dict]:
+    """A run's record (``report.json``, ``error.json``), or None when missing or unreadable."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
+    folder = out_dir / safe_name(job.uid)
+    row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
+    row.update(series_uid=job.uid, output=folder.name, input=job.input, status="pending")
+    r, error = _record(folder / "report.json"), _record(folder / "error.json")
+    if r is not None:
+        regions = r.get("regions") or []
+        row.update(status="done", predicted_class=r["predicted_class"],
+                   target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
+                   outcome=r.get("outcome", ""), n_regions=len(regions),
+                   largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
+                   peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
+                   seconds=f"{r['timings_s'].get('total', 0.0):.2f}")
+    elif error is not None:
+        row.update(status="failed", error=error.get("error", ""))
+    return row
+
+
+def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
+    """``summary.csv`` from what is on disk (so it is whole after any interruption)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    writer.writeheader()
+    for job in jobs:
+        writer.writerow(_summary_row(job, out_dir))
+    with folder_lock(out_dir):  # one writer at a time; clears temporaries a killed run left
+        return write_text(out_dir / "summary.csv", buf.getvalue())
+
+
+def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noqa: F821
+    """The futures of ``loads``, in order, each run in one background thread: load n + 1 starts
+    when future n is handed out, so reading the next series overlaps explaining this one. A
+    load's error comes out of its future's ``result()``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lgc-read")
+    try:
+        upcoming = pool.submit(loads[0]) if loads else None
+        for n in range(len(loads)):
+            current, upcoming = upcoming, (pool.submit(loads[n + 1]) if n + 1 < len(loads) else None)
+            yield current
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _pending(folder: Path, key: Dict[str, Any], redo_failed: bool) -> bool:
+    """Whether the series in ``folder`` is to be done by a run with result options ``key``: not
+    when its report has these options, nor when it failed with them for a reason of its own data
+    (its error.json says no ``retry``) unless ``redo_failed``."""
+    report, error = _record(folder / "report.json"), _record(folder / "error.json")
+    if report is not None:
+        return report.get("result_key") != key
+    if error is not None and error.get("result_key") == key and not error.get("retry"):
+        return redo_failed
+    return True
+
+
+def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
+              options: Optional[ExplainOptions] = None, *, dicom_seg: bool = False, volume_format: str = "nrrd",
+              redo_failed: bool = False, show_progress: bool = True,
+              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
+    """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
+
+    Resumable: a series whose ``report.json`` was made with the same result options and model
+    (``result_key`` in the report: :meth:`ExplainOptions.result_options` without the model's name,
+    plus the weights' SHA-256) is skipped; a series done with other options is done again. A
+    series whose data fails (DICOM, volume or database errors) is recorded in its ``error.json``
+    and the rest go on; later runs with the same options skip it unless ``redo_failed``. A failure
+    that is not the series' own is never recorded for good: the options and the model are checked
+    before the first series, an error of the run's options or output folder stops the batch, and
+    a series that ran out of memory or failed unexpectedly is recorded to be retried by the next
+    run. A series whose folder another process is writing is left to it. The next series is read
+    (a background thread) while the current one is explained. Under ``torchrun`` (``WORLD_SIZE``
+    > 1) rank r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish.
+    Returns its path.
+    """
+    from tqdm import tqdm
+
+    import datetime
+
+    from ..engine.distributed import barrier, init_torchrun, torchrun_env
+
+    options = ExplainOptions() if options is None else options
+    rank, world, _ = torchrun_env()
+    out = check_output_folder(out_dir, [source], exclusive=False)
+    jobs = _list_ct_series(source)
+    if world > 1:  # gloo: the ranks only wait for each other, for as long as the cohort takes
+        init_torchrun("gloo", timeout=datetime.timedelta(days=7))
+    loaded = check_options(options)  # once, before any series: a wrong option stops the batch here
+    key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256}
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [job for job in jobs[rank::world] if _pending(out / safe_name(job.uid), key, redo_failed)]
+    progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
+                        disable=not show_progress or None)
+    for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
+        folder = out / safe_name(job.uid)
+        try:
+            run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
+                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate)
+        except FolderBusyError:
+            log.warning("series %r: another process is writing its folder; left to it", job.uid)
+        except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
+            data = isinstance(exc, (DicomError, VolumeError, DatabaseError))
+            if isinstance(exc, LungGradCAMError) and not data and not isinstance(exc, ResourceError):
+                raise  # the run's options or output folder: every series would fail alike; record nothing
+            log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
+            info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
+                    "user_error": isinstance(exc, LungGradCAMError), "retry": not data, "result_key": key}
+            write_json(folder / "error.json", info)
+    barrier()
+    summary = out / "summary.csv"
+    if rank == 0:
+        summary = write_summary(jobs, out)
+    if world > 1:
+        import torch.distributed as dist
+
+        barrier()
+        dist.destroy_process_group()
+    return summary

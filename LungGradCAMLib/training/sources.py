@@ -1,0 +1,172 @@
+"""Where training and evaluation patches come from: :class:`DataSpec`, a typed description of a
+data source (what ``lunggradcam train``/``evaluate``'s data options say), and :func:`load_data`,
+the :class:`PatchSet` it describes, cut at a model card's patch size and spacing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..core.errors import DataError, InvalidInputError
+from .data import PatchSet, luna16_samples, manifest_samples, patches_from_samples, phantom_patches
+from .lidc import lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records
+
+if TYPE_CHECKING:
+    from ..engine.models import ModelCard
+
+#: The data sources, as ``--source`` names them.
+SOURCES = ("phantom", "luna16", "lidc", "lidc-vois", "manifest", "patches")
+
+
+def parse_seeds(text: str) -> List[int]:
+    """'0-31' or '1,2,5-7' -> list of ints."""
+    seeds: List[int] = []
+    try:
+        for part in str(text).split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                seeds.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                seeds.append(int(part))
+    except ValueError:
+        raise InvalidInputError(f"--phantom-seeds: expected e.g. '0-31' or '1,2,5-7'; got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise InvalidInputError(f"--phantom-seeds: expected non-negative seeds; got {text!r}")
+    return seeds
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5' (the form :func:`parse_seeds` reads)."""
+    parts, values = [], sorted(set(int(s) for s in seeds))
+    start = prev = None
+    for s in values + [None]:
+        if s is not None and prev is not None and s == prev + 1:
+            prev = s
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = s
+    return ",".join(parts)
+
+
+@dataclass
+class DataSpec:
+    """A data source. ``source``: one of :data:`SOURCES` (``path``: its folder, CSV or patch
+    cache; not for phantom); ``task``: nodule vs background, or benign vs malignant; ``cache``:
+    a .npz the patches are saved to and read back from; ``split_fractions``: the validation and
+    test fractions of the fixed lidc-vois nodule splits. The rest are the counts of each source
+    (see ``lunggradcam train --help``)."""
+
+    source: str = "phantom"
+    path: Optional[str] = None
+    backgrounds: Optional[str] = None
+    placements: Optional[int] = None
+    negatives_per_region: int = 100
+    with_phantoms: Sequence[int] = ()
+    phantom_seeds: Sequence[int] = tuple(range(1000, 1016))
+    task: str = "nodule"
+    positives_per_nodule: int = 6
+    negatives_per_kind: int = 4
+    max_negatives_per_scan: int = 20
+    classes: Sequence[str] = ("background", "nodule")
+    cache: Optional[str] = None
+    seed: int = 0
+    split_fractions: Tuple[float, float] = (0.15, 0.15)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise InvalidInputError(f"data source {self.source!r}: use one of {', '.join(SOURCES)}")
+        if self.source not in ("phantom", "patches") and not self.path:
+            raise InvalidInputError(f"--source {self.source} needs --path")
+
+    def class_names(self) -> List[str]:
+        """The classes this source labels, in index order."""
+        if self.source == "lidc" or (self.source in ("phantom", "lidc-vois") and self.task == "malignancy"):
+            return ["benign", "malignant"]
+        if self.source in ("phantom", "lidc-vois"):
+            return ["background", "nodule"]
+        return list(self.classes)
+
+    def describe(self) -> str:
+        """What the data is, as the model card's ``training.data`` says it."""
+        if self.source == "lidc-vois":
+            text = (f"real LIDC-IDRI nodules (VOIs with the readers' masks) from {self.path}, task {self.task}, "
+                    f"{self.placements or (4 if self.task == 'malignancy' else 3)} placement(s) per nodule")
+            if self.backgrounds:
+                text += f" into the lungs of the real CTs listed in {self.backgrounds}"
+            if self.with_phantoms:
+                text += f", plus synthetic chest CT phantoms (seeds {seeds_text(self.with_phantoms)})"
+            return text
+        if self.source == "phantom":
+            return (f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds "
+                    f"{seeds_text(self.phantom_seeds)}, one patient each; task {self.task}; "
+                    f"{self.positives_per_nodule} jittered patches per nodule, "
+                    f"{self.negatives_per_kind} background patches per kind per scan")
+        return f"{self.source} data from {self.path}"
+
+
+def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
+    """The PatchSet ``spec`` describes, cut at ``card``'s patch size and spacing. Under
+    ``torchrun`` rank 0 builds a ``spec.cache`` and the other ranks read it."""
+    from ..engine.distributed import barrier, init_torchrun
+
+    if card.patch_size is None:
+        raise DataError("this model is whole-volume (patch_size null); training and evaluation here "
+                        "use patches: give the card a patch_size")
+    size, spacing = list(card.patch_size), list(card.spacing_mm)
+    cache = Path(spec.cache) if spec.cache else None
+    if spec.source == "patches" or (cache is not None and cache.is_file()):
+        path = Path(spec.path if spec.source == "patches" else cache)  # type: ignore[arg-type]
+        if not path.is_file():
+            raise DataError(f"{path}: patch cache not found")
+        data = PatchSet.load(path)
+        if list(data.patch_size) != size or not np.allclose(data.spacing_mm, spacing):
+            raise DataError(f"{path}: patches are {list(data.patch_size)} voxels at {list(data.spacing_mm)} mm "
+                            f"but the model needs {size} at {spacing} mm; delete the cache to rebuild")
+        return data
+    rank, world, _ = init_torchrun()
+    if cache is not None and rank != 0:
+        barrier()  # rank 0 builds the cache; the others read it
+        return PatchSet.load(cache)
+    progress = rank == 0
+    if spec.source == "phantom":
+        data = phantom_patches(list(spec.phantom_seeds), size, spacing, task=spec.task,
+                               positives_per_nodule=spec.positives_per_nodule,
+                               negatives_per_kind=spec.negatives_per_kind, progress=progress)
+    elif spec.source == "lidc":
+        data = lidc_patches(spec.path, size, spacing, progress=progress)
+    elif spec.source == "lidc-vois":
+        data = _voi_data(spec, size, spacing, progress)
+    else:
+        samples = (luna16_samples(spec.path, spec.max_negatives_per_scan, seed=spec.seed)
+                   if spec.source == "luna16" else manifest_samples(spec.path, list(spec.classes)))
+        data = patches_from_samples(samples, list(spec.classes), size, spacing, progress=progress)
+    if cache is not None:
+        data.save(cache)
+        if world > 1:
+            barrier()
+    return data
+
+
+def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: bool) -> PatchSet:
+    """The lidc-vois PatchSet: malignancy patches (split later by patient or fold), or nodule-vs-
+    background patches with splits fixed by their background regions."""
+    from .placement import SPLITS, load_backgrounds
+
+    records = lidc_voi_records(spec.path)
+    if spec.task == "malignancy":
+        backgrounds = load_backgrounds(spec.backgrounds, spacing, size) if spec.backgrounds else None
+        return lidc_voi_patches(records, size, spacing, task="malignancy", backgrounds=backgrounds,
+                                placements=spec.placements or 4, jitter_vox=2, seed=spec.seed, progress=progress)
+    if not spec.backgrounds:
+        raise InvalidInputError("--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
+                                "hold the placed nodules and give the negatives)")
+    val, test = spec.split_fractions
+    return lidc_voi_detection_patches(
+        records, load_backgrounds(spec.backgrounds, spacing, size, SPLITS), size, spacing,
+        fractions=(1 - val - test, val, test), placements=spec.placements or 3,
+        negatives_per_kind=spec.negatives_per_region, phantom_seeds=list(spec.with_phantoms),
+        phantom_positives_per_nodule=spec.positives_per_nodule, phantom_negatives_per_kind=spec.negatives_per_kind,
+        seed=spec.seed, progress=progress)

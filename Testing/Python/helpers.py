@@ -1,0 +1,199 @@
+"""What several test modules share: paths, the real-data folder, a read-only mount, tiny models,
+test networks and inputs, and Slicer DICOM databases (``from helpers import ...``)."""
+from __future__ import annotations
+
+import sqlite3
+from collections import OrderedDict
+from contextlib import closing
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from torch import nn
+
+from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: Real CT data (../shared/data beside the checkout); tests using it skip when it is absent.
+DATA_DIR = REPO.parent / "shared" / "data"
+
+def data_path(*parts: str) -> Path:
+    """Path under the shared real-data folder, or skip the test when it is not there."""
+    path = DATA_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path
+
+#: Exit status of :func:`run_on_read_only_mount` when no read-only mount can be made here.
+NO_MOUNT = 97
+
+def run_on_read_only_mount(folder: Path, command: list, **kwargs):
+    """Run ``command`` (subprocess.run ``kwargs``) where ``folder`` is a read-only bind mount: in a
+    private mount namespace (``unshare``), so that even root cannot write there and nothing
+    outside the command sees it. Skips the test where no such mount can be made."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    script = f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit {NO_MOUNT}; shift; exec "$@"'
+    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(folder),
+                             *[str(c) for c in command]], **kwargs)
+    stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode("utf-8", "replace")
+    if result.returncode == NO_MOUNT or stderr.startswith("unshare:"):
+        pytest.skip(f"no read-only mount can be made here: {stderr.strip()[-200:]}")
+    return result
+
+def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
+    """An untrained, narrow gradcam3d_cnn saved as a model file (fast enough for every test).
+
+    Its head is set so that "nodule" = +mean of the last features and "background" = -mean: the
+    CAM of "nodule" is then positive wherever the last layer responds (a random head may give an
+    all-zero Grad-CAM, which would test nothing)."""
+    import torch
+
+    torch.manual_seed(seed)
+    module = build_model("gradcam3d_cnn", width=2).eval()
+    head = module.head[-1]
+    with torch.no_grad():
+        head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
+        head.bias.zero_()
+    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["background", "nodule"],
+                     cam_class="nodule", target_layer="features.act6",
+                     patch_size=None if patch is None else list(patch), spacing_mm=list(spacing),
+                     name=name, description="untrained test model")
+    return save_model(module, card, folder / f"{name}.safetensors")
+
+def make_ctk_db(folder, dicom_dir):
+    """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
+    from LungGradCAMLib.io.dicom import list_dicom_series
+
+    info = list_dicom_series(dicom_dir)[0]
+    con = sqlite3.connect(folder / "ctkDICOM.sql")
+    con.executescript("""
+        CREATE TABLE SchemaInfo (Version VARCHAR(1024) NOT NULL);
+        INSERT INTO SchemaInfo VALUES ('0.8.1');
+        CREATE TABLE Patients (UID INTEGER PRIMARY KEY AUTOINCREMENT, PatientsName VARCHAR(255),
+            PatientID VARCHAR(255), PatientsBirthDate DATE, PatientsBirthTime TIME, PatientsSex VARCHAR(1),
+            PatientsAge VARCHAR(10), PatientsComments VARCHAR(255), InsertTimestamp VARCHAR(20),
+            DisplayedPatientsName VARCHAR(255), DisplayedNumberOfStudies INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Studies (StudyInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, PatientsUID INT NOT NULL,
+            StudyID VARCHAR(255), StudyDate DATE, StudyTime VARCHAR(20), AccessionNumber VARCHAR(255),
+            ModalitiesInStudy VARCHAR(255), InstitutionName VARCHAR(255), ReferringPhysician VARCHAR(255),
+            PerformingPhysiciansName VARCHAR(255), StudyDescription VARCHAR(255), InsertTimestamp VARCHAR(20),
+            DisplayedNumberOfSeries INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Series (SeriesInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, StudyInstanceUID VARCHAR(64) NOT NULL,
+            SeriesNumber INT, SeriesDate DATE, SeriesTime VARCHAR(20), SeriesDescription VARCHAR(255),
+            Modality VARCHAR(20), BodyPartExamined VARCHAR(255), FrameOfReferenceUID VARCHAR(64),
+            AcquisitionNumber INT, ContrastAgent VARCHAR(255), ScanningSequence VARCHAR(45),
+            EchoNumber INT, TemporalPosition INT, InsertTimestamp VARCHAR(20), DisplayedSize VARCHAR(20),
+            DisplayedCount INT, DisplayedFieldsUpdatedTimestamp DATETIME);
+        CREATE TABLE Images (SOPInstanceUID VARCHAR(64) NOT NULL, Filename VARCHAR(1024) NOT NULL,
+            URL VARCHAR(2048), SeriesInstanceUID VARCHAR(64) NOT NULL, InsertTimestamp VARCHAR(20) NOT NULL,
+            DisplayedFieldsUpdatedTimestamp DATETIME, PRIMARY KEY (SOPInstanceUID, Filename));
+    """)
+    con.execute("INSERT INTO Patients (UID, PatientsName, PatientID) VALUES (1, 'Phantom^Test', 'LGC-1')")
+    con.execute("INSERT INTO Studies (StudyInstanceUID, PatientsUID, StudyDescription, ModalitiesInStudy) "
+                "VALUES (?, 1, 'phantom', 'CT')", (info.study_uid,))
+    con.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesDescription, Modality) "
+                "VALUES (?, ?, 'phantom', 'CT')", (info.series_uid, info.study_uid))
+    for f in info.files:
+        sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        con.execute("INSERT INTO Images VALUES (?, ?, '', ?, '2026-11-23', NULL)",
+                    (sop, str(f.relative_to(folder)), info.series_uid))
+    con.commit()
+    con.close()
+
+# CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
+SCHEMA = """
+CREATE TABLE 'SchemaInfo' ( 'Version' VARCHAR(1024) NOT NULL );
+CREATE TABLE 'Images' ( 'SOPInstanceUID' VARCHAR(64) NOT NULL, 'Filename' VARCHAR(1024) NOT NULL,
+  'URL' VARCHAR(2048) NOT NULL, 'SeriesInstanceUID' VARCHAR(64) NOT NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
+  PRIMARY KEY ('SOPInstanceUID') );
+CREATE TABLE 'Patients' ( 'UID' INTEGER PRIMARY KEY AUTOINCREMENT, 'PatientsName' VARCHAR(255) NULL,
+  'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL,
+  'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL,
+  'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL,
+  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL );
+CREATE TABLE 'Studies' ( 'StudyInstanceUID' VARCHAR(64) NOT NULL, 'PatientsUID' INT NOT NULL,
+  'StudyID' VARCHAR(255) NULL, 'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL,
+  'StudyDescription' VARCHAR(255) NULL, 'AccessionNumber' VARCHAR(255) NULL,
+  'ModalitiesInStudy' VARCHAR(255) NULL, 'InstitutionName' VARCHAR(255) NULL,
+  'ReferringPhysician' VARCHAR(255) NULL, 'PerformingPhysiciansName' VARCHAR(255) NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedNumberOfSeries' INT NULL,
+  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('StudyInstanceUID') );
+CREATE TABLE 'Series' ( 'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'StudyInstanceUID' VARCHAR(64) NOT NULL,
+  'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL,
+  'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, 'BodyPartExamined' VARCHAR(255) NULL,
+  'FrameOfReferenceUID' VARCHAR(64) NULL, 'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL,
+  'ScanningSequence' VARCHAR(45) NULL, 'EchoNumber' INT NULL, 'TemporalPosition' INT NULL,
+  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL,
+  'DisplayedNumberOfFrames' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
+  PRIMARY KEY ('SeriesInstanceUID') );
+CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');
+CREATE INDEX 'ImagesSeriesIndex' ON 'Images' ('SeriesInstanceUID');
+CREATE INDEX 'SeriesStudyIndex' ON 'Series' ('StudyInstanceUID');
+CREATE INDEX 'StudiesPatientIndex' ON 'Studies' ('PatientsUID');
+CREATE TABLE 'Directories' ( 'Dirname' VARCHAR(1024), PRIMARY KEY ('Dirname') );
+"""
+
+STAMP = "2026-01-01 12:00:00"
+
+def make_database(folder: Path, files, version: str = "0.8.1") -> Path:
+    """Index ``files`` as CTK does: one Patients/Studies/Series row each, one Images row per file,
+    Filename relative to ``folder`` when the file lies inside it, absolute otherwise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ctkDICOM.sql"
+    with closing(sqlite3.connect(path)) as db, db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO SchemaInfo VALUES (?)", (version,))
+        patients = {}
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            key = (str(ds.PatientName), ds.PatientID)
+            if key not in patients:
+                cur = db.execute("INSERT INTO Patients (PatientsName, PatientID, PatientsBirthDate, InsertTimestamp) "
+                                 "VALUES (?, ?, ?, ?)", (key[0], key[1], ds.get("PatientBirthDate", ""), STAMP))
+                patients[key] = cur.lastrowid
+            db.execute("INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, StudyDate, StudyDescription, "
+                       "ModalitiesInStudy, InsertTimestamp) VALUES (?, ?, ?, ?, ?, ?)",
+                       (ds.StudyInstanceUID, patients[key], ds.get("StudyDate", ""),
+                        ds.get("StudyDescription", ""), ds.Modality, STAMP))
+            db.execute("INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesNumber, SeriesDate, "
+                       "SeriesDescription, Modality, BodyPartExamined, FrameOfReferenceUID, InsertTimestamp) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.get("SeriesNumber"), ds.get("SeriesDate", ""),
+                        ds.get("SeriesDescription", ""), ds.Modality, ds.get("BodyPartExamined", ""),
+                        ds.get("FrameOfReferenceUID", ""), STAMP))
+            f = Path(f).resolve()
+            name = f.relative_to(folder.resolve()).as_posix() if folder.resolve() in f.parents else str(f)
+            db.execute("INSERT INTO Images (SOPInstanceUID, Filename, URL, SeriesInstanceUID, InsertTimestamp) "
+                       "VALUES (?, ?, '', ?, ?)", (ds.SOPInstanceUID, name, ds.SeriesInstanceUID, STAMP))
+    return path
+
+SHAPE = (8, 8, 8)
+
+def make_net(classes: int = 3, inplace: bool = False, seed: int = 0,
+             dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    """conv-ReLU-pool-BN-conv-ReLU-linear: the CAM layer (act2) is 6 x 4^3 and the linear head
+    makes the gradient vary in space, so every method gives a different map."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv3d(1, 4, 3, padding=1)), ("act1", nn.ReLU(inplace=inplace)),
+        ("pool1", nn.MaxPool3d(2)), ("bn1", nn.BatchNorm3d(4)),
+        ("conv2", nn.Conv3d(4, 6, 3, padding=1)), ("act2", nn.ReLU(inplace=inplace)),
+        ("flat", nn.Flatten()), ("fc", nn.Linear(6 * 4 ** 3, classes)),
+    ]))
+    with torch.no_grad():  # BN statistics that are not the identity
+        net.bn1.running_mean.uniform_(-0.2, 0.2)
+        net.bn1.running_var.uniform_(0.5, 2.0)
+        net.bn1.weight.uniform_(0.5, 1.5)
+    return net.to(dtype).eval()
+
+def make_input(n: int = 2, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, 1) + SHAPE, generator=g, dtype=dtype)
