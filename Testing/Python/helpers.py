@@ -67,44 +67,11 @@ def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 
     return save_model(module, card, folder / f"{name}.safetensors")
 
 def make_ctk_db(folder, dicom_dir):
-    """A ctkDICOM.sql with the columns LungGradCAM reads (CTK schema 0.8.x naming)."""
+    """A Slicer DICOM database in ``folder`` indexing the first series of ``dicom_dir``."""
     from LungGradCAMLib.io.dicom import list_dicom_series
 
-    info = list_dicom_series(dicom_dir)[0]
-    con = sqlite3.connect(folder / "ctkDICOM.sql")
-    con.executescript("""
-        CREATE TABLE SchemaInfo (Version VARCHAR(1024) NOT NULL);
-        INSERT INTO SchemaInfo VALUES ('0.8.1');
-        CREATE TABLE Patients (UID INTEGER PRIMARY KEY AUTOINCREMENT, PatientsName VARCHAR(255),
-            PatientID VARCHAR(255), PatientsBirthDate DATE, PatientsBirthTime TIME, PatientsSex VARCHAR(1),
-            PatientsAge VARCHAR(10), PatientsComments VARCHAR(255), InsertTimestamp VARCHAR(20),
-            DisplayedPatientsName VARCHAR(255), DisplayedNumberOfStudies INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Studies (StudyInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, PatientsUID INT NOT NULL,
-            StudyID VARCHAR(255), StudyDate DATE, StudyTime VARCHAR(20), AccessionNumber VARCHAR(255),
-            ModalitiesInStudy VARCHAR(255), InstitutionName VARCHAR(255), ReferringPhysician VARCHAR(255),
-            PerformingPhysiciansName VARCHAR(255), StudyDescription VARCHAR(255), InsertTimestamp VARCHAR(20),
-            DisplayedNumberOfSeries INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Series (SeriesInstanceUID VARCHAR(64) NOT NULL PRIMARY KEY, StudyInstanceUID VARCHAR(64) NOT NULL,
-            SeriesNumber INT, SeriesDate DATE, SeriesTime VARCHAR(20), SeriesDescription VARCHAR(255),
-            Modality VARCHAR(20), BodyPartExamined VARCHAR(255), FrameOfReferenceUID VARCHAR(64),
-            AcquisitionNumber INT, ContrastAgent VARCHAR(255), ScanningSequence VARCHAR(45),
-            EchoNumber INT, TemporalPosition INT, InsertTimestamp VARCHAR(20), DisplayedSize VARCHAR(20),
-            DisplayedCount INT, DisplayedFieldsUpdatedTimestamp DATETIME);
-        CREATE TABLE Images (SOPInstanceUID VARCHAR(64) NOT NULL, Filename VARCHAR(1024) NOT NULL,
-            URL VARCHAR(2048), SeriesInstanceUID VARCHAR(64) NOT NULL, InsertTimestamp VARCHAR(20) NOT NULL,
-            DisplayedFieldsUpdatedTimestamp DATETIME, PRIMARY KEY (SOPInstanceUID, Filename));
-    """)
-    con.execute("INSERT INTO Patients (UID, PatientsName, PatientID) VALUES (1, 'Phantom^Test', 'LGC-1')")
-    con.execute("INSERT INTO Studies (StudyInstanceUID, PatientsUID, StudyDescription, ModalitiesInStudy) "
-                "VALUES (?, 1, 'phantom', 'CT')", (info.study_uid,))
-    con.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesDescription, Modality) "
-                "VALUES (?, ?, 'phantom', 'CT')", (info.series_uid, info.study_uid))
-    for f in info.files:
-        sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-        con.execute("INSERT INTO Images VALUES (?, ?, '', ?, '2026-11-23', NULL)",
-                    (sop, str(f.relative_to(folder)), info.series_uid))
-    con.commit()
-    con.close()
+    return make_database(Path(folder), list_dicom_series(dicom_dir)[0].files)
+
 
 # CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
 SCHEMA = """

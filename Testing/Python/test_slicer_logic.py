@@ -8,6 +8,7 @@ Python layer: see slicer_app_standin.py); MRML, slicer.util and Slicer's logics 
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -72,9 +73,11 @@ def test_lists_and_loads_ct_series_of_the_dicom_database(app, chest, database):
     series = logic.listCTSeries()
     expected = lgc.DicomDatabase(database).ct_series()
     assert [s["seriesUID"] for s in series] == [s.series_uid for s in expected]
-    assert series[0]["title"] == f"Phantom^Test | phantom ({chest.volume.shape[0]} images)"
+    header = pydicom.dcmread(next((database / "dicom").iterdir()), stop_before_pixels=True)
+    assert series[0]["title"] == (f"{header.PatientName} | {header.SeriesNumber} | {header.SeriesDescription} "
+                                  f"({chest.volume.shape[0]} images)")
     node = logic.loadSeries(series[0]["seriesUID"])
-    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == "phantom"
+    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == f"{header.SeriesNumber}: {header.SeriesDescription}"
     reference = lgc.load_dicom_series(database / "dicom")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), reference.array)
     np.testing.assert_allclose(_matrix(node), reference.ijk_to_ras, atol=1e-6)
