@@ -83,8 +83,12 @@ class Region:
 @dataclass
 class Segmentation:
     """``labelmap``: integer :class:`Volume` (0 = background, region ``label`` elsewhere) with the
-    CT's geometry; ``regions``: one :class:`Region` per label, hottest first."""
+    CT's geometry; ``regions``: one :class:`Region` per label, hottest first; ``threshold``: the
+    level used; ``peak``: the hottest region's peak CAM or, with no region, the highest CAM
+    value where regions were looked for (e.g. inside the lungs): how far it stayed below the
+    threshold."""
 
     labelmap: Volume
     regions: List[Region] = field(default_factory=list)
     threshold: Optional[float] = None
+    peak: Optional[float] = None

@@ -54,6 +54,7 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
                  center_ijk: Optional[Sequence[int]] = None, *,
                  contours: Optional[Dict[str, np.ndarray]] = None,
                  cam: Union[np.ndarray, Volume, None] = None, cam_opacity: float = 0.4,
+                 cam_label: str = "CAM", cam_threshold: Optional[float] = None,
                  window: Tuple[float, float] = (-1350.0, 150.0), title: Optional[str] = None,
                  caption: Optional[str] = None, dpi: int = 100) -> Path:
     """Write a PNG with axial, coronal and sagittal views of ``volume`` through ``center_ijk``.
@@ -63,7 +64,8 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     drawn as coloured outlines with a legend (e.g. {"lungs": ..., "nodules": ...}); names
     containing "lung" are cyan, the others red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
     (array K, J, I or a :class:`Volume`), overlaid with the jet colour map (high = red), transparent
-    near zero, at most ``cam_opacity`` opaque, with a colour bar. ``window``: (low, high) HU shown
+    near zero, at most ``cam_opacity`` opaque, with a colour bar labelled ``cam_label`` (e.g. what
+    the scale means) and, when given, a white line at ``cam_threshold``. ``window``: (low, high) HU shown
     black to white (default: lung window). ``caption``: a line of small text along the bottom (e.g.
     the model's intended use). The file is written atomically; returns its path.
     """
@@ -171,7 +173,9 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     if cam_d is not None:
         bar_ax = fig.add_axes((0.92, 0.12, 0.015, 0.66))
         bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=jet), cax=bar_ax)
-        bar.set_label("CAM", color="white")
+        bar.set_label(cam_label, color="white")
+        if cam_threshold is not None:
+            bar.ax.axhline(float(cam_threshold), color="white", linewidth=2)
         bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
     window_text = f"W {hi - lo:.0f} / L {(hi + lo) / 2:.0f} HU"
     fig.text(0.01, 0.97, (title + "   " if title else "") + window_text, color="white", fontsize=11,

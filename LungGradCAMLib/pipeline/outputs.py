@@ -41,10 +41,15 @@ def intended_use(explanation: Explanation) -> str:
 
 
 def outcome(segmentation: Segmentation) -> str:
-    """"N hot region(s)" or :data:`NO_REGION` (with the level), as the outputs state it."""
-    level = "" if segmentation.threshold is None else f" {segmentation.threshold:.2f}"
+    """"N hot region(s)" or :data:`NO_REGION` with the level and the heat map's highest value
+    (e.g. "no region above threshold 0.50 (highest heat 0.23)"), as the outputs state it."""
     n = len(segmentation.regions)
-    return f"{n} hot region{'s' if n != 1 else ''}" if n else NO_REGION + level
+    if n:
+        return f"{n} hot region{'s' if n != 1 else ''}"
+    level = "" if segmentation.threshold is None else f" {segmentation.threshold:.2f}"
+    # rounded down, so a heat map just below the threshold never reads as reaching it
+    peak = "" if segmentation.peak is None else f" (highest heat {np.floor(segmentation.peak * 100) / 100:.2f})"
+    return NO_REGION + level + peak
 
 
 def build_report(explanation: Explanation, segmentation: Segmentation, input_desc: str = "") -> dict:
@@ -174,8 +179,8 @@ def _json_default(obj: Any) -> Any:
 
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, colour bar; the title states the prediction and the
-    outcome, the caption the model's intended use."""
+    CAM colour map, region and lung contours, a colour bar that states the scale and marks the
+    threshold; the title states the prediction and the outcome, the caption the model's intended use."""
     from ..io.render import save_montage
 
     if segmentation.regions:
@@ -190,7 +195,15 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     p = explanation.probabilities.get(explanation.target_class, 0.0)
     title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}"
     return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours,
-                        cam=explanation.cam, title=title, caption="Research model. " + intended_use(explanation))
+                        cam=explanation.cam, cam_label=scale_text(explanation), cam_threshold=segmentation.threshold,
+                        title=title, caption="Research model. " + intended_use(explanation))
+
+
+def scale_text(explanation: Explanation) -> str:
+    """What a heat-map value means, in a few words (the overlay's colour bar, the Slicer panel)."""
+    if explanation.options.get("scale", "absolute") == "relative":
+        return "heat, relative: this CT's maximum = 1"
+    return f"heat = P({explanation.target_class}) x map, absolute: same on every CT"
 
 
 # --------------------------------------------------------------------------------------------
