@@ -42,6 +42,13 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
                    help="lidc-vois --task nodule: background patches per kind per background region (default 100)")
     g.add_argument("--with-phantoms", metavar="SEEDS", default=[], type=argument_type(parse_seeds),
                    help="lidc-vois --task nodule: also phantom patches of these seeds (e.g. '0-79'), split by seed")
+    g.add_argument("--hard-negatives", metavar="MODELS", default="",
+                   help="lidc-vois --task nodule: comma-separated models (names or .safetensors paths) whose false hot "
+                        "spots in each background region become negatives (rounds of hard-negative mining)")
+    g.add_argument("--hard-negatives-per-region", type=int, default=200,
+                   help="lidc-vois --task nodule: hard negatives per background region and model (default 200)")
+    g.add_argument("--hard-negative-threshold", type=float, default=0.3,
+                   help="lidc-vois --task nodule: the heat a false hot spot reaches (absolute scale; default 0.3)")
     g.add_argument("--phantom-seeds", default=parse_seeds(default_seeds), type=argument_type(parse_seeds),
                    help=f"phantom seeds, e.g. '0-63' or '1,2,5-7'; one patient each (default {default_seeds})")
     g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
@@ -68,4 +75,7 @@ def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15)) -> 
         phantom_seeds=tuple(args.phantom_seeds), task=args.task, positives_per_nodule=args.positives_per_nodule,
         negatives_per_kind=args.negatives_per_kind, max_negatives_per_scan=args.max_negatives_per_scan,
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), cache=args.cache, seed=args.seed,
+        hard_negatives=tuple(m.strip() for m in args.hard_negatives.split(",") if m.strip()),
+        hard_negatives_per_region=args.hard_negatives_per_region,
+        hard_negative_threshold=args.hard_negative_threshold,
         split_fractions=tuple(split_fractions))

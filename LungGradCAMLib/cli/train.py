@@ -46,6 +46,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--lr", type=float, default=1e-3)
     o.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     o.add_argument("--no-augment", action="store_true", help="switch off 3D augmentation")
+    o.add_argument("--contrast-hu", type=float, default=0.0,
+                   help="augmentation: half the patches get their tissue outside the nodule enhanced by up to this "
+                        "many HU, as contrast medium does to vessels (e.g. 600; default 0: off)")
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
     o.add_argument("--folds", type=int, default=0,
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
@@ -104,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     card = _card(args, spec)
     data = load_data(spec, card)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         augment=not args.no_augment, amp=not args.no_amp, seed=args.seed)
+                         augment=not args.no_augment, contrast_hu=args.contrast_hu, amp=not args.no_amp, seed=args.seed)
     results = train_and_evaluate(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
                                  test_fraction=args.test_fraction, resume=args.resume,
                                  progress=not args.no_progress, device=args.device)

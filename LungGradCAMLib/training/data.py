@@ -224,6 +224,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     wall and mediastinum near the lungs, anywhere in the lungs' bounding box), none holding a nodule
     voxel. ``task="malignancy"`` (classes benign, malignant): the nodule patches only, labelled by
     the phantom's ``malignant`` flag. Deterministic per seed; patient ID ``phantom-<seed>``.
+    ``PatchSet.masks`` holds each patch's nodule voxels (the phantom's truth on the model grid).
     """
     from scipy import ndimage
 
@@ -235,7 +236,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     size = tuple(int(v) for v in patch_size)
     jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
     codes = phantom.TISSUES
-    patches, labels, patients, kinds, centres = [], [], [], [], []
+    patches, labels, patients, kinds, centres, masks = [], [], [], [], [], []
     seeds = list(seeds)
     iterator = seeds
     if progress:
@@ -251,8 +252,11 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
         def on_grid(mask: np.ndarray) -> np.ndarray:
             return resample_to(LabelMap.like(ph.volume, mask.astype(np.uint8)), grid).array
 
+        nodules = on_grid(ph.nodule_labelmap > 0) > 0
+
         def add(centre: np.ndarray, label: int, kind: str) -> None:
             patches.append(crop_patch(grid.array, centre, size))
+            masks.append(crop_patch(nodules, centre, size, fill=False))
             labels.append(label)
             patients.append(f"phantom-{seed}")
             kinds.append(kind)
@@ -268,7 +272,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
         tissues = on_grid(ph.tissues)
         lungs = on_grid(ph.lungs).astype(bool)
         # centres whose patch would hold a nodule voxel
-        forbidden = ndimage.maximum_filter(on_grid(ph.nodule_labelmap > 0), size=size) > 0
+        forbidden = ndimage.maximum_filter(nodules, size=size)
         near = ndimage.maximum_filter(lungs.astype(np.uint8), size=int(round(20.0 / min(spacing_mm))) | 1) > 0
         box = np.zeros_like(lungs)
         if lungs.any():
@@ -287,7 +291,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     if not patches:
         raise DataError(f"phantoms {seeds} gave no patches")
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
 
 
 # --------------------------------------------------------------------------------------------

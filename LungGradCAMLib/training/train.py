@@ -32,7 +32,7 @@ from ..engine.distributed import all_sum, barrier, init_torchrun
 from ..engine.models import ModelCard, build_model, load_model, save_model
 from ..engine.preprocess import apply_card_preprocessing
 from ..evaluation.evaluate import cross_validation_report, evaluate_model, roc_auc, write_report
-from .augment import augment
+from .augment import augment, enhance_vessels
 from .data import PatchSet, patient_kfold, patient_split
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Optimisation settings. ``patience``: epochs without a validation-loss improvement before
     stopping; ``lr_patience``/``lr_factor``: ReduceLROnPlateau; ``augment``: 3D augmentation of
-    training batches; ``amp``: mixed precision (CUDA only)."""
+    training batches; ``contrast_hu``: with ``augment``, half the training patches get their
+    tissue outside the lesion enhanced by up to this many HU (:func:`.augment.enhance_vessels`;
+    0 = off); ``amp``: mixed precision (CUDA only)."""
 
     epochs: int = 30
     batch_size: int = 32
@@ -52,6 +54,7 @@ class TrainConfig:
     lr_patience: int = 3
     lr_factor: float = 0.5
     augment: bool = True
+    contrast_hu: float = 0.0
     class_weights: bool = True
     amp: bool = True
     seed: int = 0
@@ -181,7 +184,10 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
         history = json.loads(state["history"])
         log.info("resuming after epoch %d", start_epoch - 1)
 
-    train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels))
+    # the lesion's voxels (kept out of the contrast enhancement); without masks, a positive's whole patch
+    lesion = (torch.from_numpy(train_set.masks) if train_set.masks is not None
+              else torch.from_numpy(train_set.labels == card.cam_class_index).view(-1, 1, 1, 1))
+    train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels), lesion)
     # validation: each rank takes every world-th sample; losses and scores are gathered
     val_index = np.arange(rank, len(val_set), world)
     val_ds = TensorDataset(torch.from_numpy(val_set.patches[val_index]), torch.from_numpy(val_set.labels[val_index]),
@@ -212,7 +218,9 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
             from tqdm import tqdm
 
             batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for xb, yb in batches:
+        for xb, yb, lb in batches:
+            if cfg.augment and cfg.contrast_hu > 0:
+                xb = enhance_vessels(xb.float(), lb, gen, cfg.contrast_hu)
             x = prepare(xb)
             if cfg.augment:
                 x = augment(x, gen)

@@ -14,7 +14,7 @@ import torch
 from LungGradCAMLib.cli import main as cli_main
 from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.engine.models import ModelCard, load_model
-from LungGradCAMLib.training.augment import augment
+from LungGradCAMLib.training.augment import augment, enhance_vessels
 from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
 SIZE = 16
@@ -74,6 +74,30 @@ def test_augment_identity_flips_and_determinism():
     assert torch.equal(a, augment(x, torch.Generator().manual_seed(5)))
     assert not torch.allclose(a, augment(x, torch.Generator().manual_seed(6)))
     assert a.shape == x.shape
+
+
+def test_enhance_vessels_brightens_tissue_but_not_the_lesion():
+    """Contrast as augmentation (HU): in the chosen samples, tissue outside the lesion and its
+    one-voxel rim gains the same amount, scaled by its density from -600 HU (0) to -200 HU (1);
+    air-filled lung, the lesion and the other samples are unchanged; reproducible."""
+    hu = torch.full((8, 6, 6, 6), -850.0)
+    hu[:, :, :, 0] = 40.0    # a vessel along one face
+    hu[:, :, 0, 3] = -400.0  # partial volume: half weight
+    hu[:, 2:4, 2:4, 2:4] = 30.0
+    lesion = torch.zeros(hu.shape, dtype=torch.bool)
+    lesion[:, 2:4, 2:4, 2:4] = True
+    out = enhance_vessels(hu, lesion, torch.Generator().manual_seed(0), max_hu=600.0, p=0.5)
+    gain = out[:, 0, 1, 0] - hu[:, 0, 1, 0]
+    changed = gain > 0
+    assert 0 < changed.sum() < 8 and gain.max() <= 600.0
+    assert torch.allclose(out[:, 0, 0, 3] - hu[:, 0, 0, 3], gain / 2)
+    assert torch.equal(out[:, 1:5, 1:5, 1:5], hu[:, 1:5, 1:5, 1:5])  # the lesion and its rim
+    assert torch.equal(out[:, :, 5, 5], hu[:, :, 5, 5])  # aerated lung
+    assert torch.equal(out[~changed], hu[~changed])
+    assert torch.equal(out, enhance_vessels(hu, lesion, torch.Generator().manual_seed(0), max_hu=600.0, p=0.5))
+    # without outlines (N, 1, 1, 1): a positive's whole patch counts as the lesion
+    whole = enhance_vessels(hu, torch.ones(8, 1, 1, 1, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert torch.equal(whole, hu)
 
 
 @pytest.fixture(scope="module")
