@@ -34,7 +34,9 @@ layer, the absolute heat-map scale):
 * **Nodule-free real CTs** (and the two LIDC slabs): every hot region at the default threshold,
   by CT, with whether the model trained on part of that CT.
 
-95% confidence intervals: percentile bootstrap over patients (1000 replicates). Prints the JSON
+``--split validation`` runs the same on the card's validation patients in the validation regions
+(the full chest CT's validation band): to choose settings (e.g. ``--method``/``--layer``) without
+looking at the test. 95% confidence intervals: percentile bootstrap over patients (1000 replicates). Prints the JSON
 and a markdown summary; ``--out DIR`` writes ``real_nodules.json`` and ``real_nodules.md``.
 Aims (issue 22): sensitivity >= 0.90 at <= 1 false hot region per scan for nodules >= 4 mm, CPM
 >= 0.85, pointing >= 0.90 and mean-Dice >= 0.45 for the whole-scan map, no hot region on the
@@ -72,16 +74,16 @@ CLEAN_CTS = ("full_chest_ct/dicom", "totalsegmentator/chest_crop_pulmonary.nii.g
 # --------------------------------------------------------------------------------------------
 # the scans: real nodules pasted into held-out real lung regions
 # --------------------------------------------------------------------------------------------
-def test_backgrounds(manifest: Path) -> List[Any]:
-    """The test regions of ``manifest`` on their CTs' own grids: a Background per region (the CT cut
-    to the test band's slices for a ``bands`` scan), with its lungs and the region nodules go in."""
+def split_backgrounds(manifest: Path, split: str = "test") -> List[Any]:
+    """The ``split`` regions of ``manifest`` on their CTs' own grids: a Background per region (the CT
+    cut to the band's slices for a ``bands`` scan), with its lungs and the region nodules go in."""
     from LungGradCAMLib.core.volume import crop
     from LungGradCAMLib.engine.lung import lung_mask
     from LungGradCAMLib.training.data import read_image
     from LungGradCAMLib.training.placement import Background, load_backgrounds
 
     out = []
-    for bg in load_backgrounds(manifest, BAND_SPACING_MM, BAND_PATCH, ("test",)):
+    for bg in load_backgrounds(manifest, BAND_SPACING_MM, BAND_PATCH, (split,)):
         ct = read_image(bg.source)
         ct = ct.with_array(ct.array.astype(np.float32, copy=False))
         if ":" in bg.name:  # a band: the native slices whose centres lie within the test band's
@@ -94,7 +96,7 @@ def test_backgrounds(manifest: Path) -> List[Any]:
         region = np.zeros(ct.shape, bool)  # nodules at least 10 mm inside the CT's edges
         margin = [int(math.ceil(10.0 / s)) for s in ct.spacing[::-1]]
         region[tuple(slice(m, n - m) for m, n in zip(margin, ct.shape))] = True
-        out.append(Background(bg.name, "test", ct.array, lungs, region, tuple(float(s) for s in ct.spacing),
+        out.append(Background(bg.name, split, ct.array, lungs, region, tuple(float(s) for s in ct.spacing),
                               bg.source, ct.ijk_to_ras))
     return out
 
@@ -208,16 +210,17 @@ def faithfulness(loaded: Any, space: Any, maps: Dict[str, Any], centre_ras: np.n
     return out
 
 
-def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator) -> Dict[str, Any]:
-    """Explain one scan (whole, then one ROI per nodule) and score it: per-level hits and false
-    regions, and one row of heat-map metrics per nodule."""
+def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator, **cam: Any) -> Dict[str, Any]:
+    """Explain one scan (whole, then one ROI per nodule; ``cam``: ``method``/``layer`` other than
+    the card's) and score it: per-level hits and false regions, and one row of heat-map metrics
+    per nodule."""
     import LungGradCAMLib as lgc
     from LungGradCAMLib.core.volume import AIR_HU, resample
     from cam_quality import heatmap_metrics
 
     volume, truth, nodules = scan["volume"], scan["truth"], scan["nodules"]
     t0 = time.perf_counter()
-    exp = lgc.explain(volume, model=loaded, device="cpu")
+    exp = lgc.explain(volume, model=loaded, device="cpu", **cam)
     seconds = time.perf_counter() - t0
     hits, false = region_hits(exp, truth, nodules, LEVELS)
     card = loaded.card
@@ -233,7 +236,7 @@ def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator) -> D
         centre = volume.ijk_to_ras_points(nod["centre_kji"][::-1])[0]
         roi_centre = centre + rng.uniform(-ROI_JITTER_MM, ROI_JITTER_MM, 3)
         roi = lgc.explain(volume, model=loaded, mode="roi", roi=(tuple(roi_centre), tuple(size_mm)), device="cpu",
-                          lung_mask=exp.lung_mask)
+                          lung_mask=exp.lung_mask, **cam)
         box = _roi_box(volume, roi_centre, size_mm)
         in_box = np.zeros(volume.shape, bool)
         in_box[box] = True
@@ -302,7 +305,8 @@ def trained_on(card: Any, name: str) -> str:
     used = [p for key in ("train_patients", "validation_patients") for p in split.get(key, [])
             if p.startswith("background:")]
     stem = Path(name).name if not name.endswith("dicom") else "dicom"
-    return "yes: " + ", ".join(sorted(used)) if any(stem in u for u in used) else "no"
+    mine = sorted(u[len("background:"):] for u in used if u[len("background:"):].split(":")[0] == stem)
+    return "yes: " + ", ".join(mine) if mine else "no"
 
 
 def region_list(seg: Any) -> List[Dict[str, Any]]:
@@ -311,7 +315,7 @@ def region_list(seg: Any) -> List[Dict[str, Any]]:
             for r in seg.regions]
 
 
-def clean_cts(loaded: Any, backgrounds: Sequence[Any]) -> List[Dict[str, Any]]:
+def clean_cts(loaded: Any, backgrounds: Sequence[Any], **cam: Any) -> List[Dict[str, Any]]:
     """Every hot region at the default threshold on the nodule-free real CTs (and the test band alone)."""
     import LungGradCAMLib as lgc
     from LungGradCAMLib.core.volume import Volume
@@ -323,7 +327,7 @@ def clean_cts(loaded: Any, backgrounds: Sequence[Any]) -> List[Dict[str, Any]]:
     out = []
     for name, load in cases:
         t0 = time.perf_counter()
-        exp = lgc.explain(load(), model=loaded, device="cpu")
+        exp = lgc.explain(load(), model=loaded, device="cpu", **cam)
         seg = lgc.segment_cam(exp, threshold=DEFAULT_LEVEL, max_regions=None)
         out.append({"ct": name, "trained_on": trained_on(loaded.card, name.split(" ")[0]),
                     "p": round(exp.probabilities[exp.target_class], 4), "hot_regions": len(seg.regions),
@@ -332,7 +336,7 @@ def clean_cts(loaded: Any, backgrounds: Sequence[Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def lidc_slabs(loaded: Any) -> List[Dict[str, Any]]:
+def lidc_slabs(loaded: Any, **cam: Any) -> List[Dict[str, Any]]:
     """LIDC-IDRI-0001 and 0002: is each nodule (reader consensus) hit, and how many other hot regions?"""
     import LungGradCAMLib as lgc
     from LungGradCAMLib.io.dicom import load_dicom_series
@@ -347,7 +351,7 @@ def lidc_slabs(loaded: Any) -> List[Dict[str, Any]]:
             nodules = lidc_nodules(xml, volume, consensus=0.5)
             if not nodules:
                 continue
-            exp = lgc.explain(volume, model=loaded, device="cpu")
+            exp = lgc.explain(volume, model=loaded, device="cpu", **cam)
             seg = lgc.segment_cam(exp, threshold=DEFAULT_LEVEL, max_regions=None)
             truth = np.zeros(volume.shape, np.uint8)
             for n, nodule in enumerate(nodules):
@@ -377,8 +381,8 @@ def _ci(entry: Dict[str, Any]) -> str:
 
 def markdown(report: Dict[str, Any]) -> str:
     model, fr, frall, mean = report["model"], report["froc_ge4mm"], report["froc_all"], report["heat_maps"]
-    lines = [f"**Real nodules of {report['patients']} held-out patients in held-out real lungs: {model['name']} "
-             f"{model['version']}** ({report['scans']} scans, {frall['nodules']} nodules, {fr['nodules']} >= 4 mm; "
+    lines = [f"**Real nodules of {report['patients']} {report['split']} patients in {report['split']} real lungs: "
+             f"{model['name']} {model['version']}, {model['method']} @ {model['layer']}** ({report['scans']} scans, {frall['nodules']} nodules, {fr['nodules']} >= 4 mm; "
              f"{report['seconds']:.0f} s)", "",
              "| FROC (false hot regions per scan) | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 | CPM | at 0.5: sensitivity | at 0.5: FP/scan |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -422,6 +426,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backgrounds", default=str(HERE / "real_backgrounds.csv"),
                         help="backgrounds CSV whose test regions hold the nodules (default benchmarks/real_backgrounds.csv)")
     parser.add_argument("--patients", type=int, default=0, help="only the first N held-out patients (0 = all)")
+    parser.add_argument("--split", choices=("test", "validation"), default="test",
+                        help="test (default): the card's test patients in the test regions; validation: its "
+                             "validation patients in the validation regions, to choose settings before the test")
+    parser.add_argument("--method", help="CAM method (default: the card's)")
+    parser.add_argument("--layer", help="CAM layer(s), '+' fuses (default: the card's)")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="placement seed (default 0)")
@@ -433,29 +442,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loaded = load_model(args.model, device="cpu")
     card = loaded.card
     records = lidc_voi_records(args.vois)
-    keep = set(held_out_patients(card, [r.patient for r in records]))
+    if args.split == "test":
+        keep = set(held_out_patients(card, [r.patient for r in records]))
+    else:
+        keep = set(((card.training or {}).get("split") or {}).get("validation_patients", []))
     patients = sorted(keep)[: args.patients or None]
     records = [r for r in records if r.patient in set(patients)]
-    backgrounds = test_backgrounds(Path(args.backgrounds))
+    backgrounds = split_backgrounds(Path(args.backgrounds), args.split)
+    cam = {k: v for k, v in (("method", args.method), ("layer", args.layer)) if v}
     rng = np.random.default_rng(args.seed)
     scored = []
     for scan in make_scans(records, backgrounds, seed=args.seed):
         if scan["nodules"]:
-            scored.append(score_scan(loaded, scan, rng))
+            scored.append(score_scan(loaded, scan, rng, **cam))
             print(f"{scan['patient']} in {scan['background']}: {scored[-1]['nodules']} nodules, "
                   f"{scored[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
     rows = [r for s in scored for r in s["rows"]]
     report = {
         "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "architecture": card.architecture,
                   "kwargs": card.kwargs, "patch_size": card.patch_size, "spacing_mm": card.spacing_mm,
-                  "method": card.cam_method, "layer": card.target_layer},
+                  "method": args.method or card.cam_method, "layer": args.layer or card.target_layer},
+        "split": args.split,
         "command": "python benchmarks/real_nodules.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "patients": len({s["patient"] for s in scored}), "scans": len(scored), "levels": list(LEVELS),
         "backgrounds": [b.name for b in backgrounds], "aims": AIMS,
         "froc_ge4mm": froc_summary(scored, SMALL_MM, args.boot), "froc_all": froc_summary(scored, 0.0, args.boot),
         "heat_maps": row_summary(rows, args.boot),
-        "clean_cts": [] if args.no_real_cts else clean_cts(loaded, backgrounds),
-        "lidc_slabs": [] if args.no_real_cts else lidc_slabs(loaded),
+        "clean_cts": [] if args.no_real_cts else clean_cts(loaded, backgrounds, **cam),
+        "lidc_slabs": [] if args.no_real_cts else lidc_slabs(loaded, **cam),
         "seconds_per_scan": float(np.median([s["seconds"] for s in scored])),
         "nodules": rows,
     }

@@ -50,6 +50,8 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
                    help="augmentation: half the patches get their tissue outside the nodule enhanced by up to this "
                         "many HU, as contrast medium does to vessels (e.g. 600; default 0: off)")
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
+    o.add_argument("--init", metavar="MODEL", help="start from this model's weights (name or path; same architecture) "
+                                                   "instead of random ones: fine-tuning")
     o.add_argument("--folds", type=int, default=0,
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
     o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
@@ -107,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     card = _card(args, spec)
     data = load_data(spec, card)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         augment=not args.no_augment, contrast_hu=args.contrast_hu, amp=not args.no_amp, seed=args.seed)
+                         augment=not args.no_augment, contrast_hu=args.contrast_hu, amp=not args.no_amp, seed=args.seed,
+                         init=args.init)
     results = train_and_evaluate(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
                                  test_fraction=args.test_fraction, resume=args.resume,
                                  progress=not args.no_progress, device=args.device)

@@ -44,7 +44,10 @@ class TrainConfig:
     stopping; ``lr_patience``/``lr_factor``: ReduceLROnPlateau; ``augment``: 3D augmentation of
     training batches; ``contrast_hu``: with ``augment``, half the training patches get their
     tissue outside the lesion enhanced by up to this many HU (:func:`.augment.enhance_vessels`;
-    0 = off); ``amp``: mixed precision (CUDA only)."""
+    0 = off); ``amp``: mixed precision (CUDA only); ``init``: a model (name or path) whose
+    weights start the training instead of random ones (fine-tuning, e.g. a round of hard-negative
+    mining that continues from the model that mined them; its tensors must match the card's
+    architecture)."""
 
     epochs: int = 30
     batch_size: int = 32
@@ -59,6 +62,7 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     workers: int = 0
+    init: Optional[str] = None
 
 
 @dataclass
@@ -151,6 +155,8 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     module = build_model(card.architecture, **card.kwargs).to(dev)
+    if cfg.init:
+        _initialise(module, cfg.init)
     net = module
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -263,6 +269,19 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
         barrier()
     return FitResult(out / "best.safetensors", out / "last.safetensors", history, best_epoch,
                      time.perf_counter() - t_start)
+
+
+def _initialise(module: torch.nn.Module, init: str) -> None:
+    """Copy the weights of model ``init`` (a name or path) into ``module``; tensors that differ in
+    name or shape -> :class:`InvalidInputError` naming them."""
+    source = load_model(init, device="cpu").module.state_dict()
+    target = module.state_dict()
+    wrong = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
+    if wrong or set(source) - set(target):
+        raise InvalidInputError(f"--init {init}: its weights do not fit this architecture (differing tensors: "
+                                f"{', '.join(wrong or sorted(set(source) - set(target)))}); give a model of the same "
+                                "architecture and widths")
+    module.load_state_dict({k: v.to(target[k].device, target[k].dtype) for k, v in source.items()})
 
 
 def _validate(module: torch.nn.Module, val_ds: Any, val_set: PatchSet, val_index: np.ndarray, card: ModelCard,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main as cli_main
+from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.engine.models import ModelCard, load_model
 from LungGradCAMLib.training.augment import augment, enhance_vessels
@@ -118,6 +119,21 @@ def test_fit_learns_writes_and_loads(tmp_path, spheres):
     assert loaded.card.training["best_epoch"] == result.best_epoch
     assert loaded.card.training["train"]["classes"] == spheres.counts()
     assert load_model(result.last_path).card.training["epoch"] == 4
+
+
+def test_init_starts_from_a_model_s_weights_and_contrast_augmentation_trains(tmp_path, spheres):
+    """--init: fine-tuning starts from the given model's weights (with lr 0 they stay as they were);
+    contrast enhancement runs inside the training loop; a model of other widths is refused."""
+    first = fit(spheres, spheres, _card(), tmp_path / "a", TrainConfig(epochs=1, batch_size=16, seed=0), progress=False)
+    tuned = fit(spheres, spheres, _card(), tmp_path / "b", TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=1,
+                                                                       init=str(first.best_path), contrast_hu=600.0),
+                progress=False)
+    before, after = (load_model(p).module.state_dict() for p in (first.best_path, tuned.last_path))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight") and "bn" not in k)
+    wide = _card()
+    wide.kwargs = {"width": 8, "num_classes": 2}
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        fit(spheres, spheres, wide, tmp_path / "c", TrainConfig(epochs=1, init=str(first.best_path)), progress=False)
 
 
 def test_resume_continues_exactly(tmp_path, spheres):
