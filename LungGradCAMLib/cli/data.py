@@ -47,6 +47,8 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
                         "spots in each background region become negatives (rounds of hard-negative mining)")
     g.add_argument("--hard-negatives-per-region", type=int, default=200,
                    help="lidc-vois --task nodule: hard negatives per background region and model (default 200)")
+    g.add_argument("--hard-negatives-per-phantom", type=int, default=0,
+                   help="lidc-vois --task nodule with --with-phantoms: hard negatives per phantom and model (default 0)")
     g.add_argument("--hard-negative-threshold", type=float, default=0.3,
                    help="lidc-vois --task nodule: the heat a false hot spot reaches (absolute scale; default 0.3)")
     g.add_argument("--phantom-seeds", default=parse_seeds(default_seeds), type=argument_type(parse_seeds),
@@ -77,5 +79,6 @@ def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15)) -> 
         classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), cache=args.cache, seed=args.seed,
         hard_negatives=tuple(m.strip() for m in args.hard_negatives.split(",") if m.strip()),
         hard_negatives_per_region=args.hard_negatives_per_region,
+        hard_negatives_per_phantom=args.hard_negatives_per_phantom,
         hard_negative_threshold=args.hard_negative_threshold,
         split_fractions=tuple(split_fractions))

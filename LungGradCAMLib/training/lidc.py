@@ -386,7 +386,8 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
                                phantom_seeds: Sequence[int] = (), phantom_positives_per_nodule: int = 6,
                                phantom_negatives_per_kind: int = 16, seed: int = 0,
                                hard_negative_models: Sequence[Any] = (), hard_negatives_per_region: int = 0,
-                               hard_negative_threshold: float = 0.3, progress: bool = False) -> PatchSet:
+                               hard_negatives_per_phantom: int = 0, hard_negative_threshold: float = 0.3,
+                               progress: bool = False) -> PatchSet:
     """Nodule-vs-background patches (classes background, nodule) from real nodules placed into
     real lungs, with fixed ``splits``: the VOIs' patients (and the phantoms' seeds) are split by
     patient into train / validation / test by ``fractions``; each split's nodules are placed into
@@ -398,7 +399,8 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     ``phantom_negatives_per_kind``), split by seed the same way. Each of ``hard_negative_models``
     (``LoadedModel``: rounds of hard-negative mining) adds ``hard_negatives_per_region`` patches
     of each region around the spots where it paints the nodule-free lung at
-    ``hard_negative_threshold`` or more (:func:`~LungGradCAMLib.training.placement.hard_negative_patches`)."""
+    ``hard_negative_threshold`` or more (:func:`~LungGradCAMLib.training.placement.hard_negative_patches`),
+    and ``hard_negatives_per_phantom`` of each phantom's lungs away from its nodules."""
     from .placement import SPLITS, background_patches, hard_negative_patches, pick
 
     size = tuple(int(s) for s in patch_size)
@@ -425,7 +427,9 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
             found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
                                          positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
-                                         progress=progress))
+                                         hard_negative_models=hard_negative_models,
+                                         hard_negatives_per_scan=hard_negatives_per_phantom,
+                                         hard_negative_threshold=hard_negative_threshold, progress=progress))
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)
         sets.append(part)

@@ -75,6 +75,7 @@ class DataSpec:
     cache: Optional[str] = None
     hard_negatives: Sequence[str] = ()
     hard_negatives_per_region: int = 200
+    hard_negatives_per_phantom: int = 0
     hard_negative_threshold: float = 0.3
     seed: int = 0
     split_fractions: Tuple[float, float] = (0.15, 0.15)
@@ -103,9 +104,9 @@ class DataSpec:
             if self.with_phantoms:
                 text += f", plus synthetic chest CT phantoms (seeds {seeds_text(self.with_phantoms)})"
             if self.hard_negatives:
-                text += (f", plus {self.hard_negatives_per_region} hard negatives per background region from the "
-                         f"false hot spots (heat >= {self.hard_negative_threshold:g}) of "
-                         + ", ".join(self.hard_negatives))
+                text += (f", plus {self.hard_negatives_per_region} hard negatives per background region "
+                         f"({self.hard_negatives_per_phantom} per phantom) from the false hot spots (heat >= "
+                         f"{self.hard_negative_threshold:g}) of " + ", ".join(self.hard_negatives))
             return text
         if self.source == "phantom":
             return (f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds "
@@ -181,4 +182,5 @@ def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: b
         negatives_per_kind=spec.negatives_per_region, phantom_seeds=list(spec.with_phantoms),
         phantom_positives_per_nodule=spec.positives_per_nodule, phantom_negatives_per_kind=spec.negatives_per_kind,
         hard_negative_models=miners, hard_negatives_per_region=spec.hard_negatives_per_region,
+        hard_negatives_per_phantom=spec.hard_negatives_per_phantom,
         hard_negative_threshold=spec.hard_negative_threshold, seed=spec.seed, progress=progress)

@@ -201,6 +201,11 @@ def test_hard_negatives_sit_on_a_model_s_hot_spots(chest_backgrounds):
     # the first patch is the hottest spot's, shifted by at most a quarter patch (3 voxels)
     offsets = np.argwhere(np.ones((7, 7, 7), bool)) - 3
     assert any(np.array_equal(data.crop_patch(bg.hu, np.asarray(hottest) + d, (12, 12, 12)), hu[0]) for d in offsets)
+    # a phantom's lungs away from its nodules: the same mining, as negatives of that phantom
+    ps = data.phantom_patches([5], (12, 12, 12), (3.0, 3.0, 3.0), positives_per_nodule=1, negatives_per_kind=1,
+                              hard_negative_models=[model], hard_negatives_per_scan=3, hard_negative_threshold=0.0)
+    hard = ps.kinds == "hard"
+    assert hard.sum() == 3 and not ps.labels[hard].any() and set(ps.patients[hard]) == {"phantom-5"}
     # another patch size: the model explains with its own, the negatives are cut at the size asked
     assert placement.hard_negative_patches(regions, model, (16, 16, 16), 2, rng, threshold=0.0)[0].shape == (2, 16, 16, 16)
     model.card.spacing_mm = [1.5, 1.5, 1.5]
