@@ -244,9 +244,9 @@ def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator, **ca
                "malignant": nod["malignant"], "kind": nod["kind"], "background": scan["background"],
                "p_at_nodule": float(exp.score_map.array[mask].max()),
                "found_at_default": bool(hits[LEVELS.index(DEFAULT_LEVEL), n])}
-        for name, cam, where in (("whole", exp.cam, region), ("whole_roi", exp.cam, region & in_box),
-                                 ("roi", roi.cam, region & in_box), ("hu", density, region)):
-            for key, value in heatmap_metrics(cam, mask, where).items():
+        for name, heat, where in (("whole", exp.cam, region), ("whole_roi", exp.cam, region & in_box),
+                                  ("roi", roi.cam, region & in_box), ("hu", density, region)):
+            for key, value in heatmap_metrics(heat, mask, where).items():
                 if key in ("pointing", "peak_mm", "mean_dice", "best_dice"):
                     row[f"{name}_{key}"] = float(value)
             row[f"{name}_pointing_5mm"] = float(row[f"{name}_peak_mm"] <= 5.0)

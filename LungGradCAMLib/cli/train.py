@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from ..core.errors import InvalidInputError, ModelError
+from ..options import METHODS
 from ..training.sources import DataSpec, load_data
 from .common import argument_type, device
 from .data import add_data_arguments, data_spec, json_object
@@ -36,7 +37,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     m.add_argument("--activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax + cross-entropy, or sigmoid + binary cross-entropy")
     m.add_argument("--cam-class", help="class the CAM explains by default (default: the last class)")
-    m.add_argument("--target-layer", help="Grad-CAM layer (default: the architecture's)")
+    m.add_argument("--target-layer", help="CAM layer, '+' fuses several (default: the architecture's)")
+    m.add_argument("--cam-method", default="gradcam", choices=METHODS, metavar="METHOD",
+                   help="the card's CAM method, used when a run does not choose one (default gradcam)")
     m.add_argument("--name", default="model", help="model name written in the card")
     m.add_argument("--version", default="1.0.0", help="model version written in the card")
     o = p.add_argument_group("training")
@@ -77,7 +80,7 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
         architecture=args.arch, kwargs=kwargs, class_names=classes, cam_class=args.cam_class or classes[-1],
         target_layer=args.target_layer or ARCHITECTURES[args.arch].cam_layer, patch_size=list(args.patch_size),
         spacing_mm=list(args.spacing), hu_window=list(args.hu_window), normalisation=args.normalisation,
-        activation=args.activation, name=args.name, version=args.version,
+        activation=args.activation, name=args.name, version=args.version, cam_method=args.cam_method,
     )
     try:
         card.validate("--arch/--cam-class/...")
