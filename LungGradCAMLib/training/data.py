@@ -15,7 +15,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -212,8 +212,8 @@ def _phantom_geometry(rng: np.random.Generator) -> Tuple[Tuple[int, int, int], T
 def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 32),
                     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5), task: str = "nodule",
                     positives_per_nodule: int = 6, negatives_per_kind: int = 4,
-                    jitter_vox: Optional[int] = None, hard_negative_models: Sequence[Any] = (),
-                    hard_negatives_per_scan: int = 0, hard_negative_threshold: float = 0.3,
+                    jitter_vox: Optional[int] = None,
+                    hard_negatives: Optional[Callable[..., Sequence[np.ndarray]]] = None,
                     progress: bool = False) -> PatchSet:
     """Patches from one synthetic chest CT per seed (:func:`LungGradCAMLib.phantom.chest_ct` with
     its random nodules, at a scanner setting drawn from the seed: in-plane 1.6-2 mm, slices 2-3
@@ -224,9 +224,10 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     so the model sees nodules anywhere near the middle of a window; and ``negatives_per_kind``
     patches centred in each of :data:`NEGATIVE_KINDS` (lung parenchyma, vessels, airways, chest
     wall and mediastinum near the lungs, anywhere in the lungs' bounding box), none holding a nodule
-    voxel; each of ``hard_negative_models`` adds ``hard_negatives_per_scan`` patches around the
-    spots where it paints the phantom's lungs away from its nodules
-    (:func:`~LungGradCAMLib.training.placement.hard_negative_patches`, kind ``hard``).
+    voxel; ``hard_negatives(hu, lungs, clear, patient, rng)`` (the phantom on the model grid, its
+    lungs, where a patch holds no nodule voxel even when shifted by a quarter patch, its patient ID
+    and the seed's random generator) returns more negative patches (kind ``hard``: e.g. around a model's false hot spots,
+    :func:`~LungGradCAMLib.training.placement.hard_negative_patches`).
     ``task="malignancy"`` (classes benign, malignant): the nodule patches only, labelled by
     the phantom's ``malignant`` flag. Deterministic per seed; patient ID ``phantom-<seed>``.
     ``PatchSet.masks`` holds each patch's nodule voxels (the phantom's truth on the model grid).
@@ -292,21 +293,15 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
             cand = np.flatnonzero(where[kind] & ~forbidden)
             for flat in rng.choice(cand, size=min(negatives_per_kind, cand.size), replace=False):
                 add(np.array(np.unravel_index(flat, grid.shape), dtype=np.float64), 0, kind)
-        if hard_negative_models and hard_negatives_per_scan > 0:
-            from .placement import Background, hard_negative_patches
-
-            # spots whose jittered patches hold no nodule voxel
+        if hard_negatives is not None:
             clear = ~ndimage.maximum_filter(nodules, size=tuple(s + 2 * (s // 4) for s in size))
-            scan = Background(f"phantom-{seed}", "", grid.array, lungs, clear, tuple(float(v) for v in spacing_mm))
-            for model in hard_negative_models:
-                for hu in hard_negative_patches([scan], model, size, hard_negatives_per_scan, rng,
-                                                hard_negative_threshold)[0]:
-                    patches.append(hu)
-                    masks.append(np.zeros(size, bool))
-                    labels.append(0)
-                    patients.append(f"phantom-{seed}")
-                    kinds.append("hard")
-                    centres.append(np.full(3, np.nan))
+            for hu in hard_negatives(grid.array, lungs, clear, f"phantom-{seed}", rng):
+                patches.append(hu)
+                masks.append(np.zeros(size, bool))
+                labels.append(0)
+                patients.append(f"phantom-{seed}")
+                kinds.append("hard")
+                centres.append(np.full(3, np.nan))
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
     if not patches:
         raise DataError(f"phantoms {seeds} gave no patches")

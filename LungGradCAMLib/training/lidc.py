@@ -401,7 +401,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     of each region around the spots where it paints the nodule-free lung at
     ``hard_negative_threshold`` or more (:func:`~LungGradCAMLib.training.placement.hard_negative_patches`),
     and ``hard_negatives_per_phantom`` of each phantom's lungs away from its nodules."""
-    from .placement import SPLITS, background_patches, hard_negative_patches, pick
+    from .placement import SPLITS, Background, background_patches, hard_negative_patches, pick
 
     size = tuple(int(s) for s in patch_size)
     jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
@@ -424,12 +424,17 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
             found.append(PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
                                   classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool)))
         if len(phantoms):
+            def hard(hu: np.ndarray, lungs: np.ndarray, clear: np.ndarray, patient: str,
+                     draw: np.random.Generator) -> List[np.ndarray]:
+                scan = Background(patient, split, hu, lungs, clear, tuple(float(v) for v in spacing_mm))
+                return [p for model in hard_negative_models for p in hard_negative_patches(
+                    [scan], model, size, hard_negatives_per_phantom, draw, hard_negative_threshold)[0]]
+
             found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
                                          positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
-                                         hard_negative_models=hard_negative_models,
-                                         hard_negatives_per_scan=hard_negatives_per_phantom,
-                                         hard_negative_threshold=hard_negative_threshold, progress=progress))
+                                         hard_negatives=hard if hard_negatives_per_phantom > 0 else None,
+                                         progress=progress))
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)
         sets.append(part)

@@ -202,8 +202,12 @@ def test_hard_negatives_sit_on_a_model_s_hot_spots(chest_backgrounds):
     offsets = np.argwhere(np.ones((7, 7, 7), bool)) - 3
     assert any(np.array_equal(data.crop_patch(bg.hu, np.asarray(hottest) + d, (12, 12, 12)), hu[0]) for d in offsets)
     # a phantom's lungs away from its nodules: the same mining, as negatives of that phantom
+    def mine(hu, lungs, clear, patient, draw):
+        scan = placement.Background(patient, "train", hu, lungs, clear, (3.0, 3.0, 3.0))
+        return placement.hard_negative_patches([scan], model, (12, 12, 12), 3, draw, threshold=0.0)[0]
+
     ps = data.phantom_patches([5], (12, 12, 12), (3.0, 3.0, 3.0), positives_per_nodule=1, negatives_per_kind=1,
-                              hard_negative_models=[model], hard_negatives_per_scan=3, hard_negative_threshold=0.0)
+                              hard_negatives=mine)
     hard = ps.kinds == "hard"
     assert hard.sum() == 3 and not ps.labels[hard].any() and set(ps.patients[hard]) == {"phantom-5"}
     # another patch size: the model explains with its own, the negatives are cut at the size asked
