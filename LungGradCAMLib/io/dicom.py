@@ -764,7 +764,8 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     per decoded file.
 
     ``meta`` holds patient_id, study_uid, series_uid, frame_of_reference_uid, modality,
-    description, series_number, n_slices and source.
+    description, series_number, n_slices, source (where it was read, for messages) and
+    source_files (the paths of its files, in slice order).
     """
     workers = _workers(workers)
     where, files = _source_files(source)
@@ -789,7 +790,8 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     meta = {"patient_id": h.patient_id, "study_uid": h.study_uid, "series_uid": info.series_uid,
             "frame_of_reference_uid": h.frame_of_reference_uid, "modality": h.modality,
             "description": h.description, "series_number": h.series_number,
-            "n_slices": int(array.shape[0]), "source": where}
+            "n_slices": int(array.shape[0]), "source": where,
+            "source_files": list(dict.fromkeys(str(f.path) for f in frames))}
     if info.part:
         meta["series_part"] = info.key
     if note:
