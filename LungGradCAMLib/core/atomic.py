@@ -100,9 +100,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON text (NaN and infinities become null, which every JSON reader takes);
+    ``kwargs`` as for :func:`json.dumps`."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: "str | os.PathLike[str]", obj: Any, default: Optional[Callable[[Any], Any]] = None) -> Path:
     """Write ``obj`` as indented, strict JSON (NaN and infinities become null) atomically."""
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=default) + "\n")
+    return write_text(path, strict_json(obj, indent=2, default=default) + "\n")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.atomic import atomic_path, write_text
+from ..core.atomic import atomic_path, write_json
 from ..core.errors import DataError, InvalidInputError
 
 METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc")
@@ -197,16 +197,21 @@ def save_loss_curves_png(history: Sequence[Dict[str, Any]], path: Any, title: st
     ax = fig.add_subplot()
     for key in ("train_loss", "val_loss"):
         if any(key in h for h in history):
-            ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=key)
+            ax.plot(epochs, [_number(h.get(key)) for h in history], marker="o", ms=3, label=key)
     ax.set(xlabel="epoch", ylabel="loss", title=title)
     if any("val_auc" in h for h in history):
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h.get("val_auc", float("nan")) for h in history], color="green", ls=":", label="val_auc")
+        ax2.plot(epochs, [_number(h.get("val_auc")) for h in history], color="green", ls=":", label="val_auc")
         ax2.set_ylabel("validation ROC AUC")
         ax2.legend(loc="center right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return _save_figure(fig, Path(path))
+
+
+def _number(value: Any) -> float:
+    """A logged number; NaN for a missing or undefined one (strict JSON writes it as null)."""
+    return float("nan") if value is None else float(value)
 
 
 def read_log(path: Any) -> List[Dict[str, Any]]:
@@ -253,7 +258,7 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
                  title: str = "") -> Dict[str, Path]:
     """Write ``report.json``, ``roc.png`` (and ``loss.png`` from ``history``) into ``out_dir``."""
     out = Path(out_dir)
-    paths = {"report": write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")}
+    paths = {"report": write_json(out / "report.json", report)}  # strict JSON: an undefined metric is null
     if "roc" in report:
         paths["roc"] = save_roc_png(report, out / "roc.png", title=f"ROC {title}".strip())
     if history:

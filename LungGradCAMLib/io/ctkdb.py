@@ -27,6 +27,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 from ..core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
 from ..core.paths import check_path, kind
+from ..core.text import escaped
 from ..core.volume import Volume
 
 DATABASE_FILENAME = "ctkDICOM.sql"
@@ -235,7 +236,8 @@ class DicomDatabase:
         if not ct:
             raise NoSeriesFoundError(f"{self.path}: no CT series in the database")
         if len(ct) > 1:
-            listing = "\n".join(f"  {s.series_uid}  '{s.description}'  {s.n_images} image(s)" for s in ct)
+            listing = "\n".join(f"  {escaped(s.series_uid, 80)}  '{escaped(s.description, 80)}'  {s.n_images} image(s)"
+                                for s in ct)
             raise AmbiguousSeriesError(f"{self.path}: {len(ct)} CT series; pick one by its UID "
                                        f"(series_uid= in Python, --series on the command line):\n{listing}")
         return self.load(ct[0].series_uid, **kwargs)

@@ -118,13 +118,28 @@ def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
     return row
 
 
+def spreadsheet_cell(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet shows and never runs as a formula: text starting with
+    ``=``, ``+``, ``-``, ``@`` (or a tab or carriage return) gets a leading apostrophe, as OWASP
+    advises; a number stays as it is. (Series UIDs, folder names and error messages come from
+    the files.)"""
+    text = str(value)
+    if text[:1] not in ("=", "+", "-", "@", "\t", "\r"):
+        return value
+    try:
+        float(text)
+        return value
+    except ValueError:
+        return "'" + text
+
+
 def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     """``summary.csv`` from what is on disk (so it is whole after any interruption)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for job in jobs:
-        writer.writerow(_summary_row(job, out_dir))
+        writer.writerow({k: spreadsheet_cell(v) for k, v in _summary_row(job, out_dir).items()})
     with output_folder(out_dir, names=(SUMMARY,), exclusive=False, replace=False, wait=True) as staging:
         write_text(staging / SUMMARY, buf.getvalue())  # one writer at a time (it waits for another)
     return out_dir / SUMMARY

@@ -164,12 +164,11 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     from ..core.volume import crop
 
     manifest = Path(manifest)
-    rows = _read_csv(manifest, ("image", "split"))
     out: List[Background] = []
-    for n, row in enumerate(rows, start=2):
+    for where, row in _read_csv(manifest, ("image", "split")):
         split = row["split"].strip()
         if split not in SPLITS + ("bands",):
-            raise DataError(f"{manifest} line {n}: split must be train, validation, test or bands; got {split!r}")
+            raise DataError(f"{where}: split must be train, validation, test or bands; got {split!r}")
         if split != "bands" and split not in splits:
             continue
         image = Path(row["image"])
