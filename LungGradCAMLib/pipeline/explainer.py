@@ -33,13 +33,16 @@ CT_BYTES_PER_VOXEL, GRID_BYTES_PER_VOXEL = 24, 32
 HU_LIMITS = (-32768.0, 65535.0)
 #: On the CPU, the memory one patch of a batch needs while its heat map is computed, in multiples of
 #: the layers' outputs the model's probe measured (:meth:`LoadedModel.activation_bytes`), by CAM
-#: method (guided backpropagation keeps every layer's output for its backward to the input), and
-#: what each worker thread of the sliding window holds besides (its copy of the model, the
-#: allocator's arena, oneDNN's buffers). Measured with benchmarks/memory_estimate.py, with a
-#: quarter or more to spare in every case measured (README, "Reliability and security").
-PATCH_MEMORY = {"guided-backprop": 1.75, "guided-gradcam": 1.75}
-PATCH_MEMORY_DEFAULT = 1.25
-WORKER_BYTES = 256 << 20
+#: method (guided backpropagation keeps every layer's output for its backward to the input); what
+#: a heat map holds besides its patches (oneDNN's and autograd's buffers; a full backward more);
+#: and what each worker thread of the sliding window beyond the first holds (its copy of the model,
+#: its allocator arena). Measured with benchmarks/memory_estimate.py: the real peak was at most
+#: 0.88 of the estimate in every case measured (README, "Reliability and security").
+PATCH_MEMORY = {"guided-backprop": 2.5, "guided-gradcam": 2.5}
+PATCH_MEMORY_DEFAULT = 2.0
+CAM_BYTES = {"guided-backprop": 192 << 20, "guided-gradcam": 192 << 20}
+CAM_BYTES_DEFAULT = 96 << 20
+WORKER_BYTES = 192 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,9 +288,10 @@ def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                   dev: "torch.device", method: str) -> Dict[str, float]:  # noqa: F821
     """What explaining ``volume`` needs, in bytes, before it starts: ``ct`` and ``grid`` (the CT's
     and the model grid's voxels, ``space_shape``), and on the CPU ``patches``, what a batch of
-    ``batch`` patches needs with ``method`` (:data:`PATCH_MEMORY`; with Score-CAM each worker's
-    batch of masked copies of a patch too) and ``workers`` (:data:`WORKER_BYTES` each). On a GPU,
-    running out of its memory halves the batch instead."""
+    ``batch`` patches needs with ``method`` (:data:`PATCH_MEMORY`, :data:`CAM_BYTES`; with
+    Score-CAM each worker's batch of masked copies of a patch too) and ``workers``
+    (:data:`WORKER_BYTES` for each beyond the first). On a GPU, running out of its memory halves
+    the batch instead."""
     import torch
 
     from ..engine.cam import CAM, ScoreCAM
@@ -296,10 +300,11 @@ def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
     if dev.type != "cuda":
         workers = max(1, min(torch.get_num_threads(), batch))  # as sliding_cam's cpu_workers, at most
         per_patch = loaded.activation_bytes(patch)
-        need["patches"] = batch * per_patch * PATCH_MEMORY.get(method, PATCH_MEMORY_DEFAULT)
+        need["patches"] = (batch * per_patch * PATCH_MEMORY.get(method, PATCH_MEMORY_DEFAULT)
+                           + CAM_BYTES.get(method, CAM_BYTES_DEFAULT))
         if method == ScoreCAM.name:
             need["patches"] += workers * CAM.SCORE_BATCH_SIZE * per_patch
-        need["workers"] = workers * WORKER_BYTES
+        need["workers"] = (workers - 1) * WORKER_BYTES
     return need
 
 
@@ -398,7 +403,10 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
             "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False).")
     space_shape = resampled_shape(volume, card.spacing_mm)
     patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
-    _check_memory(volume, space_shape, loaded, patch, opts.batch_size or default_batch_size(dev, patch), dev, method)
+    # a batch never holds more patches than cover the whole grid (a whole-volume model: one)
+    grid_patches = np.prod(patch_counts([(0, n) for n in space_shape], patch, opts.stride or [max(1, p // 2) for p in patch]))
+    _check_memory(volume, space_shape, loaded, patch, min(opts.batch_size or default_batch_size(dev, patch),
+                                                          int(grid_patches)), dev, method)
 
     with stage("resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))

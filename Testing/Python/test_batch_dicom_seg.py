@@ -14,14 +14,9 @@ import pytest
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 
-from helpers import data_path, make_ctk_db, make_tiny_model
+from helpers import data_path, make_ctk_db
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
 
 
 def _summary(out: Path) -> dict:
@@ -56,8 +51,7 @@ def test_batch_dicom_seg_on_a_real_lidc_series(tmp_path, capsys):
     _check_seg(out / row["output"], sorted(patient.rglob("*.dcm")))
 
 
-def test_run_dicom_seg_from_a_slicer_database(tmp_path, tiny, capsys):
-    chest = phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+def test_run_dicom_seg_from_a_slicer_database(tmp_path, chest, tiny, capsys):
     files = phantom.write_dicom_series(chest, tmp_path / "db" / "dicom")
     db = make_ctk_db(tmp_path / "db", tmp_path / "db" / "dicom")
     out = tmp_path / "out"
@@ -67,11 +61,10 @@ def test_run_dicom_seg_from_a_slicer_database(tmp_path, tiny, capsys):
     _check_seg(out, files)
 
 
-def test_a_series_that_cannot_give_a_dicom_seg_is_done_without_the_option(tmp_path, tiny, capsys):
+def test_a_series_that_cannot_give_a_dicom_seg_is_done_without_the_option(tmp_path, chest, tiny, capsys):
     """A slice missing from the middle: the loader fills the gap, so no DICOM SEG can reference
     the slices. That is a failure of --dicom-seg on this series, not of the series: a later batch
     without the option does it (it used to be skipped as a data error for good)."""
-    chest = phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
     files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
     files[14].unlink()
     out = tmp_path / "out"

@@ -23,7 +23,7 @@ from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.training import data, lidc
 
-from helpers import make_tiny_model, write_voi_folder
+from helpers import write_voi_folder
 
 
 def _strict(text: str):
@@ -113,16 +113,15 @@ FORMULAS = ['=HYPERLINK("http://attacker.example/","open me")', "@SUM(1+1)*cmd|'
             "+1+cmd|' /C calc'!A0"]
 
 
-def test_summary_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path, capsys):
+def test_summary_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path, tiny, capsys):
     """Series whose UIDs are formulas (a hostile file can hold any text there; one slice each, so
     they fail fast and are listed as failed)."""
-    model = make_tiny_model(tmp_path, name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
     for n, uid in enumerate(FORMULAS):
         hu = np.random.default_rng(n).integers(-1000, 1000, (1, 8, 8)).astype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             write_dicom_series(Volume(hu, axis_aligned_matrix((1, 1, 2))), tmp_path / "in" / f"s{n}", series_uid=uid)
-    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(model),
+    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny),
                  "--device", "cpu"]) == 1
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         cells = [cell for row in csv.reader(f) for cell in row]

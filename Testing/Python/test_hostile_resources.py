@@ -21,24 +21,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.volume import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
-from helpers import REPO, make_tiny_model
+from helpers import REPO
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="resource limits and tmpfs: Linux")
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory) -> Path:
-    chest = phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+def ct(tmp_path_factory, chest) -> Path:
     return write_volume(chest, tmp_path_factory.mktemp("ct") / "ct.nrrd")
 
 

@@ -16,24 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LungGradCAMLib import phantom
 from LungGradCAMLib.core.volume import Volume, write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 
-from helpers import REPO, make_tiny_model
+from helpers import REPO
 
 #: A description that tries to clear the screen, set the window title, ring and forge a message.
 FORGED = "kernel B\nlunggradcam run: error: forged\x1b[2J\x1b]0;pwned\x07"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
-
-
-@pytest.fixture(scope="module")
-def chest() -> Volume:
-    return phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
 
 
 def _series(volume: Volume, folder: Path, **kwargs):
