@@ -63,7 +63,8 @@ peak = rss("VmHWM:") - before
 vpeak = rss("VmPeak:")  # address space (what ulimit -v limits); its peak cannot be reset
 address_space = vpeak - size_before if vpeak > vpeak_before else None
 total = sum(estimate.values())
-print(json.dumps({{"arch": "{arch}", "method": "{method}", "patch": {patch}, "batch": {batch}, "width": {width}, "n_patches": exp.n_patches,
+print(json.dumps({{"arch": "{arch}", "method": "{method}", "patch": {patch}, "batch": {batch}, "width": {width},
+                  "n_patches": exp.n_patches,
                   "bytes_per_voxel": loaded.bytes_per_voxel, "estimate": estimate, "estimate_total": total,
                   "peak": peak, "ratio": peak / total, "address_space_peak": address_space,
                   "address_space_ratio": address_space and address_space / total}}))

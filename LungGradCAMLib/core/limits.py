@@ -131,7 +131,9 @@ _ALLOCATOR_WORDS = ("can't allocate memory", "not enough memory", "out of memory
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocator's failure: a :class:`MemoryError` (numpy, Python) or a
     RuntimeError of torch's allocators (``torch.OutOfMemoryError`` is one)."""
-    return isinstance(exc, MemoryError) or isinstance(exc, RuntimeError) and any(w in str(exc) for w in _ALLOCATOR_WORDS)
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(word in str(exc) for word in _ALLOCATOR_WORDS)
 
 
 def out_of_memory(what: str, exc: BaseException) -> ResourceError:

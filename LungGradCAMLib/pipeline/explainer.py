@@ -404,7 +404,8 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     space_shape = resampled_shape(volume, card.spacing_mm)
     patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
     # a batch never holds more patches than cover the whole grid (a whole-volume model: one)
-    grid_patches = np.prod(patch_counts([(0, n) for n in space_shape], patch, opts.stride or [max(1, p // 2) for p in patch]))
+    grid_patches = np.prod(patch_counts([(0, n) for n in space_shape], patch,
+                                        opts.stride or [max(1, p // 2) for p in patch]))
     _check_memory(volume, space_shape, loaded, patch, min(opts.batch_size or default_batch_size(dev, patch),
                                                           int(grid_patches)), dev, method)
 

@@ -99,7 +99,8 @@ def test_manifest_rows_that_cannot_be_true_are_refused_with_their_line(rows, tex
 
 def test_luna16_points_1e300_mm_away_are_refused(tmp_path):
     (tmp_path / "subset0").mkdir()
-    write_volume(Volume(np.zeros((4, 8, 8), np.int16), axis_aligned_matrix((1, 1, 1))), tmp_path / "subset0" / "1.2.3.mha")
+    scan = Volume(np.zeros((4, 8, 8), np.int16), axis_aligned_matrix((1, 1, 1)))
+    write_volume(scan, tmp_path / "subset0" / "1.2.3.mha")
     (tmp_path / "subset0" / "1.2.3.mhd").write_text("")  # the scan's name is what the table matches
     (tmp_path / "annotations.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,1e300,0,0,5\n")
     with pytest.raises(DataError, match="annotations.csv line 2: coordX, coordY, coordZ must be numbers from"):
@@ -132,7 +133,8 @@ def test_summary_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path, tin
 def test_spreadsheet_cell_keeps_numbers_and_plain_text():
     from LungGradCAMLib.pipeline.batch import spreadsheet_cell
 
-    assert [spreadsheet_cell(v) for v in ("-0.5", "+3", "1e-3", 12, "done", "")] == ["-0.5", "+3", "1e-3", 12, "done", ""]
+    kept = ["-0.5", "+3", "1e-3", 12, "done", ""]
+    assert [spreadsheet_cell(v) for v in kept] == kept
     assert [spreadsheet_cell(v) for v in ("=1+1", "-1+1", "@A1", "\t=1")] == ["'=1+1", "'-1+1", "'@A1", "'\t=1"]
 
 

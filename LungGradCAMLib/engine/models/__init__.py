@@ -314,7 +314,8 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
         if is_out_of_memory(exc):
             raise out_of_memory(f"trying one {full}-voxel patch through {weights.name}'s {card.architecture}",
                                 exc) from None
-        raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: {first_line(exc)}") from None
+        raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
+                         f"{first_line(exc)}") from None
     if logits_shape != (1, len(card.class_names)):
         raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
                          f"{len(card.class_names)} classes {card.class_names}")
