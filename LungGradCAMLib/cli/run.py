@@ -7,16 +7,16 @@ from typing import Any
 
 from ..core.atomic import check_output_folder
 from ..core.errors import InvalidInputError
-from ..io.inputs import check_input, is_volume_file
+from ..io.inputs import check_input, input_tree, is_volume_file
 from ..pipeline.explainer import check_options
-from ..pipeline.outputs import intended_use, outcome, run_one
+from ..pipeline.outputs import OUTPUT_FILES, intended_use, outcome, run_one
 from .common import add_explain_options, cli_progress, options_from_args, print_estimate, print_second_opinions
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     path = check_input(args.input, args.series)
-    check_output_folder(args.out, [args.input])  # before any work: an unusable --out fails now, not at the end
+    check_output_folder(args.out, [input_tree(path)], OUTPUT_FILES)  # before any work: an unusable --out fails now
     if args.dicom_seg and is_volume_file(path):
         raise InvalidInputError(f"--dicom-seg needs a DICOM input (its segments reference the CT's slices); "
                                 f"{path} is a volume file: leave out --dicom-seg")
@@ -44,8 +44,8 @@ def add_cli(sub: Any) -> None:
                                    "overlay.png, report.json (and segmentation.dcm with --dicom-seg). Every "
                                    "option of the Slicer panel is here.")
     p.add_argument("input", help="DICOM folder, Slicer DICOM database (folder or ctkDICOM.sql), or .nrrd/.nii.gz/.mha")
-    p.add_argument("--out", required=True, help="output folder (created; a previous run's outputs there are "
-                                                "replaced; one holding other files is refused)")
+    p.add_argument("--out", required=True, help="output folder, outside the input (created; a previous run's "
+                                                "outputs there are replaced; one holding other files is refused)")
     p.add_argument("--series", default=None, help="SeriesInstanceUID when the input holds several CT series")
     add_explain_options(p, roi=True)
     p.set_defaults(func=_cmd_run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -12,14 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from ..core.atomic import check_output_folder, folder_lock, write_json, write_text
+from ..core.atomic import check_output_folder, output_folder, read_record, write_json, write_text
 from ..core.errors import (DatabaseError, DicomDecodeError, DicomError, FolderBusyError, InvalidInputError,
                            LungGradCAMError, ResourceError, VolumeError)
 from ..core.volume import Volume
-from ..io.inputs import check_input, is_database
+from ..io.inputs import check_input, input_tree, is_database
 from ..options import ExplainOptions
 from .explainer import CostEstimate, check_options
-from .outputs import run_one
+from .outputs import OUTPUT_FILES, run_one
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +30,9 @@ def safe_name(text: str, fallback: str = "series") -> str:
     """A file-system-safe folder name from a SeriesInstanceUID (no separators, dots kept, <= 64).
 
     A valid UID is kept as it is: digits and dots, so it is never the name of a batch's own files
-    (``summary.csv``, ``.tmp-*``). Any other text (a part key ``<uid>#2``, a hostile "UID" such as
-    ``../x`` or ``summary.csv``, more than 64 characters) gets a hash of the whole text appended,
-    so that two different UIDs never share a folder and none is a file of the batch."""
+    (``summary.csv``, ``.lunggradcam.json``). Any other text (a part key ``<uid>#2``, a hostile
+    "UID" such as ``../x`` or ``summary.csv``, more than 64 characters) gets a hash of the whole
+    text appended, so that two different UIDs never share a folder and none is a file of the batch."""
     text = str(text)
     name = re.sub(r"[^0-9A-Za-z._-]", "_", text).strip("._")
     if UID_PATTERN.match(text) and len(text) <= 64:
@@ -42,6 +41,8 @@ def safe_name(text: str, fallback: str = "series") -> str:
     return f"{name[:51] or fallback}-{digest}"
 
 
+#: The batch's own file in its output folder (each series has a folder of its own).
+SUMMARY = "summary.csv"
 #: summary.csv's columns: ``output`` is the series' folder inside --out, ``input`` where it was read.
 SUMMARY_FIELDS = ("series_uid", "status", "predicted_class", "target_probability", "outcome", "n_regions",
                   "largest_region_ml", "peak_cam", "seconds", "output", "input", "error")
@@ -94,12 +95,9 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
 
 
 def _record(path: Path) -> Optional[dict]:
-    """A run's record (``report.json``, ``error.json``), or None when missing or unreadable."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return record if isinstance(record, dict) else None
+    """A run's record (``report.json``, ``error.json``), or None when missing, unreadable or not
+    one LungGradCAM wrote (its folder's marker vouches for it)."""
+    return read_record(path.parent, path.name, OUTPUT_FILES)
 
 
 def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
@@ -127,8 +125,9 @@ def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     writer.writeheader()
     for job in jobs:
         writer.writerow(_summary_row(job, out_dir))
-    with folder_lock(out_dir):  # one writer at a time; clears temporaries a killed run left
-        return write_text(out_dir / "summary.csv", buf.getvalue())
+    with output_folder(out_dir, names=(SUMMARY,), exclusive=False, replace=False, wait=True) as staging:
+        write_text(staging / SUMMARY, buf.getvalue())  # one writer at a time (it waits for another)
+    return out_dir / SUMMARY
 
 
 def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noqa: F821
@@ -186,7 +185,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
 
     options = ExplainOptions() if options is None else options
     rank, world, _ = torchrun_env()
-    out = check_output_folder(out_dir, [source], exclusive=False)
+    out = check_output_folder(out_dir, [input_tree(source)], (SUMMARY,), exclusive=False)
     jobs = _list_ct_series(source)
     if world > 1:  # gloo: the ranks only wait for each other, for as long as the cohort takes
         init_torchrun("gloo", timeout=datetime.timedelta(days=7))
@@ -210,9 +209,13 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
             info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
                     "user_error": isinstance(exc, LungGradCAMError), "retry": not data, "result_key": key}
-            write_json(folder / "error.json", info)
+            try:
+                with output_folder(folder, names=OUTPUT_FILES, replace=False) as staging:  # beside its outputs
+                    write_json(staging / "error.json", info)
+            except FolderBusyError:
+                log.warning("series %r: another process is writing its folder; left to it", job.uid)
     barrier()
-    summary = out / "summary.csv"
+    summary = out / SUMMARY
     if rank == 0:
         summary = write_summary(jobs, out)
     if world > 1:

@@ -15,13 +15,17 @@ from ..core.atomic import output_folder, write_json
 from ..core.errors import InvalidInputError, OutputError
 from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
-from ..io.inputs import load_input
+from ..io.inputs import input_tree, load_input
 from ..options import ExplainOptions
 from .explainer import CostEstimate, Progress, Stages, explain_and_segment
 
 
 #: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
 VOLUME_FORMATS = ("nrrd", "nii.gz")
+#: Every file a run (and a batch, for a series) may leave in its output folder: the marker that
+#: proves which files there are LungGradCAM's may name no other (``core.atomic``).
+OUTPUT_FILES = frozenset({"cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "cam.nii.gz", "segmentation.nii.gz",
+                          "lungs.nii.gz", "overlay.png", "segmentation.dcm", "report.json", "error.json"})
 #: What the report and every output say when the heat map has no region above the threshold.
 NO_REGION = "no region above threshold"
 
@@ -87,14 +91,15 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
     (with ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files).
 
     The run owns ``out_dir`` (:func:`~LungGradCAMLib.core.atomic.output_folder`): a second run into it
-    at the same time is refused, and a folder holding files no run wrote is refused. The files are
-    written into a staging folder inside it and then replace the previous run's outputs, report
-    last, so ``report.json`` always describes the files beside it; on an error nothing changes.
+    at the same time is refused, and a folder holding anything its marker does not prove a run
+    wrote is refused. The files are written into a staging folder inside it and, once all are
+    written, replace the previous run's outputs, report last, so ``report.json`` always describes
+    the files beside it; on an error nothing changes.
     Returns name -> path.
     """
     final = Path(out_dir)
     try:
-        with output_folder(final) as staging:
+        with output_folder(final, names=OUTPUT_FILES) as staging:
             written = _write_files(explanation, segmentation, staging, **options)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: the run's files are gone
         raise OutputError(f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose "
@@ -150,6 +155,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
             futures = {name: pool.submit(job) for name, job in jobs.items()}
             written = {name: future.result() for name, future in futures.items()}
         report["files"] = sorted(p.name for p in written.values()) + ["report.json"]
+        assert set(report["files"]) <= OUTPUT_FILES, f"name the new output in OUTPUT_FILES: {report['files']}"
         now = time.perf_counter()
         report["timings_s"] = {**timings, "write": timings.get("write", 0.0) + now - t0}
         if started is not None:
@@ -208,8 +214,8 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
-    ``out_dir`` is checked and owned before the work (it may not be nor hold the source path or
-    one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
+    ``out_dir`` is checked and owned before the work (it may not be, hold or lie inside the source
+    path or one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
     ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
     since ``started`` (a ``time.perf_counter()`` value; default: the start of this call).
     ``on_estimate``: see :func:`explain`."""
@@ -218,8 +224,8 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
     timings: Dict[str, float] = {}
     stage = Stages(timings, progress, cancel)
     if isinstance(source, (str, os.PathLike)):
-        inputs = [source, *inputs]
-    with output_folder(out_dir, inputs):
+        inputs = [input_tree(source), *inputs]
+    with output_folder(out_dir, inputs, OUTPUT_FILES):
         with stage("load"):
             if isinstance(source, Volume):
                 volume = source

@@ -2,10 +2,14 @@
 test networks and inputs, and Slicer DICOM databases (``from helpers import ...``)."""
 from __future__ import annotations
 
+import hashlib
+import os
 import sqlite3
+import stat
 from collections import OrderedDict
 from contextlib import closing
 from pathlib import Path
+from typing import Dict
 
 import pydicom
 import pytest
@@ -45,6 +49,27 @@ def run_on_read_only_mount(folder: Path, command: list, **kwargs):
     if result.returncode == NO_MOUNT or stderr.startswith("unshare:"):
         pytest.skip(f"no read-only mount can be made here: {stderr.strip()[-200:]}")
     return result
+
+def snapshot(root: Path) -> Dict[str, tuple]:
+    """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
+    other types; unreadable files (chmod 000) by size and modification time."""
+    entries: Dict[str, tuple] = {}
+    for folder, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    entries[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+                except PermissionError:
+                    entries[rel] = ("unreadable", st.st_size, st.st_mtime_ns)
+            else:
+                entries[rel] = ("type", stat.S_IFMT(st.st_mode))
+    return entries
+
 
 def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
     """An untrained, narrow gradcam3d_cnn saved as a model file (fast enough for every test).

@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import sqlite3
-import stat
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from LungGradCAMLib.engine.models import ModelCard, build_model
 from LungGradCAMLib.io.inputs import load_input
 
 from helpers import REPO, run_on_read_only_mount
+from helpers import snapshot as _snapshot
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from helpers import make_database
 from helpers import make_tiny_model
@@ -72,27 +72,6 @@ def _series(folder: Path, shape=(4, 16, 16), seed=0, matrix=AXIAL, **kwargs) -> 
 
 def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
-
-
-def _snapshot(root: Path) -> Dict[str, tuple]:
-    """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
-    other types; unreadable files (chmod 000) by size and modification time."""
-    entries: Dict[str, tuple] = {}
-    for folder, dirs, names in os.walk(root):
-        for name in sorted(dirs + names):
-            p = Path(folder) / name
-            rel = p.relative_to(root).as_posix()
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                try:
-                    entries[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
-                except PermissionError:
-                    entries[rel] = ("unreadable", st.st_size, st.st_mtime_ns)
-            else:
-                entries[rel] = ("type", stat.S_IFMT(st.st_mode))
-    return entries
 
 
 @dataclass
@@ -756,9 +735,9 @@ def _run(ct: Path, out: Path, model: Path, *extra: str, command: str = "run") ->
 
 
 def _complete(out: Path) -> dict:
-    """``out`` holds exactly the files its report lists, the report, nothing else; the report."""
+    """``out`` holds exactly the files its report lists, the report and the marker, nothing else; the report."""
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert {p.name for p in out.iterdir()} == set(report["files"]) | {"report.json"}
+    assert {p.name for p in out.iterdir()} == set(report["files"]) | {"report.json", ".lunggradcam.json"}
     return report
 
 
@@ -842,7 +821,7 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
     ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
     first = _start(ct, out, tiny)
     try:
-        _wait_for(lambda: bool(list(out.glob(".tmp-run-*"))), first, "it owned --out")  # made once locked
+        _wait_for(lambda: (out / ".lunggradcam-work").exists(), first, "it owned --out")  # made once locked
         first.send_signal(signal.SIGSTOP)  # hold it there, owning the folder
         assert _run(ct, out, tiny) == 2
         assert "another run is writing into this folder" in capsys.readouterr().err

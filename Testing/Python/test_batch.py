@@ -76,13 +76,15 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
 
     # resume: finished series are skipped (their files are not rewritten)
     stamp = {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
-    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed before finishing leaves it:
-    for f in unfinished.iterdir():  # no report, its files in a staging folder
-        f.unlink()
-    (unfinished / ".tmp-run-killed").mkdir()
-    (unfinished / ".tmp-run-killed" / "cam.nrrd").write_bytes(b"half written")
+    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed while moving its files in leaves it:
+    work = unfinished / ".lunggradcam-work"  # the old outputs moved aside, report first; the new ones not yet in
+    (work / "old").mkdir(parents=True)
+    (work / "new").mkdir()
+    for f in [f for f in unfinished.iterdir() if not f.name.startswith(".lunggradcam")]:
+        f.rename(work / "old" / f.name)
+    (work / "new" / "cam.nrrd").write_bytes(b"half written")
     main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
-    assert not list(unfinished.glob(".tmp-*"))
+    assert not work.exists()
     for i, uid in enumerate(uids):
         now = (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns
         assert (now == stamp[uid]) == (i != 1)
@@ -267,4 +269,4 @@ def test_series_with_an_empty_uid_gets_its_own_folder(tmp_path, cohort):
     assert len(rows) == 1 and rows[0]["status"] == "done"
     folder = out / rows[0]["output"]
     assert folder.parent == out and folder != out and (folder / "report.json").is_file()
-    assert sorted(p.name for p in out.iterdir()) == sorted([folder.name, "summary.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([folder.name, "summary.csv", ".lunggradcam.json"])

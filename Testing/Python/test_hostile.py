@@ -116,7 +116,7 @@ def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree
     # one folder per series, never shared, each a plain name directly inside --out
     outputs = [r["output"] for r in rows.values()]
     assert len(set(outputs)) == len(outputs)
-    assert sorted(p.name for p in out.iterdir()) == sorted(outputs + ["summary.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(outputs + ["summary.csv", ".lunggradcam.json"])
     for uid, row in rows.items():
         folder = out / row["output"]
         assert FOLDER_NAME.match(row["output"]), row["output"]

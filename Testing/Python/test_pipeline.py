@@ -327,8 +327,8 @@ def test_cli_options_of_the_panel_and_nifti_outputs(small_phantom, tiny_model, t
     report = json.loads((out / "report.json").read_text())
     assert report["target_class"] == "background" and report["layer"] == "features.act5"
     assert report["options"]["stride"] == [8, 8, 8] and report["options"]["restrict_to_lungs"] is False
-    assert sorted(p.name for p in out.iterdir()) == ["cam.nii.gz", "lungs.nii.gz", "overlay.png", "report.json",
-                                                   "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".lunggradcam.json", "cam.nii.gz", "lungs.nii.gz", "overlay.png",
+                                                   "report.json", "segmentation.nii.gz"]
     cam = lgc.read_volume(out / "cam.nii.gz")
     labels = lgc.read_volume(out / "segmentation.nii.gz")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-4) and lgc.same_geometry(labels, cam, atol_mm=1e-4)
