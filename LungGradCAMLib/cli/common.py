@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..core.errors import InvalidInputError
-from ..core.results import Segmentation
+from ..core.results import Region, Segmentation
 from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from ..pipeline.explainer import STAGES, CostEstimate, Progress
 from ..pipeline.outputs import VOLUME_FORMATS
@@ -68,7 +68,8 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
     g.add_argument("--device", default=None, type=argument_type(device),
                    help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--batch-size", type=argument_type(batch_size), default=None,
-                   help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+                   help="patches per model call (default: 8 on a GPU; on the CPU as many as fit in about "
+                        "1 M voxels, at most 32: 32 for the bundled models)")
     g.add_argument("--stride", default=None, type=argument_type(parse_stride), metavar="K[,J,I]",
                    help="sliding-window step in model voxels (default: half a patch)")
     g.add_argument("--amp", action="store_true", help="16-bit mixed precision on CUDA")
@@ -115,11 +116,22 @@ def print_estimate(estimate: CostEstimate) -> None:
         print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
 
 
-def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> None:
-    """One line per hot region a region model was asked about: where, and its answer."""
+def region_fields(region: Region) -> List[str]:
+    """What a command prints of one hot region, in order: volume (ml), centroid (RAS mm), peak heat
+    (0..1), mean HU and, when a region model was asked, its answer. Add a field here and every
+    command that lists regions prints it."""
+    fields = [f"{region.volume_ml:.2f} ml",
+              "centre RAS (" + ", ".join(f"{c:.1f}" for c in region.centroid_ras) + ") mm",
+              f"peak {region.peak_cam:.2f}"]
+    if region.mean_hu is not None:
+        fields.append(f"mean {region.mean_hu:.0f} HU")
+    if region.second_opinion:
+        o = region.second_opinion
+        fields.append(f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+    return fields
+
+
+def print_regions(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per hot region (hottest first): its name and :func:`region_fields`."""
     for region in segmentation.regions:
-        if region.second_opinion:
-            o = region.second_opinion
-            where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
-            print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
-                  f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+        print(f"{indent}{region.name}: " + ", ".join(region_fields(region)))

@@ -383,6 +383,12 @@ class SeriesInfo:
         return (f"{self.key or '(no SeriesInstanceUID)'}  '{self.description}'  {self.modality or '?'}  {self.n_slices} slice(s)  "
                 f"{self.rows}x{self.cols}")
 
+    def describe_for_choice(self) -> str:
+        """:meth:`describe` with the patient ID and the series' folder, to tell the series of two
+        patients apart when the user must pick one (for the user's terminal, never for logs)."""
+        folder = os.path.commonpath([str(f.parent) for f in self.files]) if self.files else "?"
+        return f"{self.describe()}  patient {self.patient_id or '(no PatientID)'!r}  in {folder}"
+
 
 def _valid_orientation(iop: Optional[np.ndarray]) -> bool:
     """Two unit, orthogonal direction cosines."""
@@ -517,7 +523,8 @@ def _select(parts: List[Tuple[SeriesInfo, List[_Frame]]], series_uid: Optional[s
         if len({p[0].series_uid for p in chosen}) > 1:
             raise AmbiguousSeriesError(
                 f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
-                f"its UID (series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
+                f"its UID (series_uid= in Python, --series on the command line):\n"
+                + "\n".join("  " + p[0].describe_for_choice() for p in chosen))
     if len(chosen) > 1:
         raise SeriesGeometryError(
             f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "

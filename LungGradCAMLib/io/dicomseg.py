@@ -52,6 +52,14 @@ def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
     return [by_k[k] for k in range(ct.shape[0])]
 
 
+def content_description(intended_use: Optional[str]) -> str:
+    """The SEG's ContentDescription (LO, at most 64 characters): the intended use, shortened at a
+    word boundary with "..." when longer, never cut mid-word."""
+    import textwrap
+
+    return textwrap.shorten(intended_use or "Research use only. Not for clinical use.", width=64, placeholder="...")
+
+
 #: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method.
 _HEAT_MAP_CODE = {"scorecam": "ClassActivation", "guided-backprop": "Saliency"}
 #: Series description: DICOM LO, at most 64 characters.
@@ -64,7 +72,8 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
 
     Segments are labelled by their region names ("heat-map region 1", ...) and coded as regions of
     the ``method``'s heat map, not as lesions; the series description says research use only and
-    ``intended_use`` (the model card's) goes into the content description (64 characters).
+    ``intended_use`` (the model card's) goes into the content description (DICOM LO: 64
+    characters, shortened at a word with "..." when longer: :func:`content_description`).
 
     Raises :class:`InvalidInputError` when there is no region (a SEG needs one segment) or the CT
     did not come from DICOM, :class:`DicomError` when its slices cannot be matched.
@@ -105,7 +114,7 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
         manufacturer="LungGradCAM", manufacturer_model_name="LungGradCAM Grad-CAM",
         software_versions=__version__, device_serial_number="0",
         series_description=SERIES_DESCRIPTION, content_label="HEATMAP",
-        content_description=(intended_use or "Research use only. Not for clinical use.")[:64])
+        content_description=content_description(intended_use))
     with atomic_path(path) as tmp:
         seg.save_as(str(tmp))
     return Path(path)

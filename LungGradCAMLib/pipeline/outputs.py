@@ -211,11 +211,15 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
     ``out_dir`` is checked and owned before the work (it may not be nor hold the source path or
     one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
     ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
-    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call).
-    ``on_estimate``: see :func:`explain`."""
-    started = time.perf_counter() if started is None else started
-    options = ExplainOptions() if options is None else options
+    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call). With
+    ``started`` given, ``startup`` is the time from it to this call (for ``lunggradcam run``: the
+    imports and the option checks). ``on_estimate``: see :func:`explain`."""
     timings: Dict[str, float] = {}
+    if started is None:
+        started = time.perf_counter()
+    else:
+        timings["startup"] = time.perf_counter() - started
+    options = ExplainOptions() if options is None else options
     stage = Stages(timings, progress, cancel)
     if isinstance(source, (str, os.PathLike)):
         inputs = [source, *inputs]
