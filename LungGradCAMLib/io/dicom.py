@@ -557,14 +557,27 @@ def _decode_native(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarra
     return arr
 
 
-def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
-    import pydicom.pixels
+def decoder_available(transfer_syntax: str) -> bool:
+    """Whether the installed pydicom can decode ``transfer_syntax`` (with its plugins): pydicom 3's
+    decoders, or pydicom 2's pixel data handlers (Slicer 5.8 and 5.10 bundle pydicom 2.4.4)."""
+    from pydicom.uid import UID
 
     try:
-        decoder = pydicom.pixels.get_decoder(h.transfer_syntax)
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom import config
+
+        return any(handler.supports_transfer_syntax(UID(transfer_syntax)) and handler.is_available()
+                   for handler in config.pixel_data_handlers)
+    try:
+        decoder = get_decoder(transfer_syntax)
     except NotImplementedError:
-        decoder = None
-    if decoder is None or not decoder.is_available:
+        return False
+    return decoder is not None and decoder.is_available
+
+
+def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    if not decoder_available(h.transfer_syntax):
         raise DicomDecodeError(f"{h.path}: no decoder available for transfer syntax {h.transfer_syntax} "
                                f"({_uid_name(h.transfer_syntax)}); {_DECODER_HINT}")
     ds = _read_dataset(h.path)[0]

@@ -19,6 +19,7 @@ from ..core.atomic import atomic_path
 from ..core.errors import DicomError, InvalidInputError
 from ..core.results import Segmentation
 from ..core.volume import LPS_TO_RAS, Volume
+from .dicom_write import save_dicom_file
 
 
 def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
@@ -116,5 +117,5 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
         series_description=SERIES_DESCRIPTION, content_label="HEATMAP",
         content_description=content_description(intended_use))
     with atomic_path(path) as tmp:
-        seg.save_as(str(tmp))
+        save_dicom_file(seg, tmp)
     return Path(path)

@@ -8,6 +8,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Optional
 
+import pydicom
 import pytest
 import torch
 from torch import nn
@@ -88,6 +89,22 @@ def make_database(folder: Path, files, version: Optional[str] = None) -> Path:
 
 
 STAMP = "2026-01-01 12:00:00"
+
+#: pydicom 3 or newer; Slicer 5.8 and 5.10 bundle pydicom 2.4.4 (`make test-slicer58` runs on it).
+PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
+
+
+def encoder_available(syntax) -> bool:
+    """Whether this pydicom can encode ``syntax`` (pydicom 2 encodes RLE only)."""
+    try:
+        from pydicom.pixels import get_encoder  # pydicom >= 3
+    except ImportError:
+        from pydicom.encoders import get_encoder
+    try:
+        return get_encoder(syntax).is_available
+    except NotImplementedError:
+        return False
+
 
 SHAPE = (8, 8, 8)
 
