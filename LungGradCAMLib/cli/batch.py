@@ -13,7 +13,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     skipped: dict = {}
     summary = run_batch(args.source, args.out, options_from_args(args), dicom_seg=args.dicom_seg,
                         volume_format=args.volume_format, redo_failed=args.redo_failed, on_estimate=print_estimate,
-                        skipped=skipped)
+                        skipped=skipped, overlay=args.overlay, lungs=args.lungs)
     from ..engine.distributed import torchrun_env
 
     if torchrun_env()[0] == 0:  # rank 0 wrote the summary

@@ -3,6 +3,8 @@ checked as it is parsed), the options themselves, the progress line and the cost
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -78,6 +80,10 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
                    help="heat map, regions and lungs as .nrrd + Slicer .seg.nrrd (default) or as NIfTI .nii.gz")
     o.add_argument("--dicom-seg", action="store_true",
                    help="also write segmentation.dcm, a DICOM Segmentation of the regions (DICOM input only)")
+    o.add_argument("--overlay", default=True, action=argparse.BooleanOptionalAction,
+                   help="write overlay.png (default: yes)")
+    o.add_argument("--lungs", default=True, action=argparse.BooleanOptionalAction,
+                   help="write the lung mask, lungs.seg.nrrd (default: yes)")
 
 
 def options_from_args(args: argparse.Namespace) -> ExplainOptions:
@@ -87,6 +93,43 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
                           restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
                           device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp,
                           region_model=args.region_model)
+
+
+def args_from_options(options: ExplainOptions) -> List[str]:
+    """The command-line arguments of ``run`` that give ``options`` (the inverse of
+    :func:`options_from_args`): how the Slicer module hands its settings to ``lunggradcam run`` in
+    a background process. The model and region model must be names or paths, the roi a box."""
+    import numpy as np
+
+    o = options
+    for name, value in (("model", o.model), ("region_model", o.region_model)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InvalidInputError(f"{name}: a loaded model cannot be passed to a command; give its name or path")
+    if isinstance(o.roi, np.ndarray):
+        raise InvalidInputError("a roi mask cannot be passed to a command; give (centre_ras_mm, size_mm)")
+    args = ["--model", str(o.model), "--mode", o.mode, "--threshold", str(o.threshold)]
+    for flag, value in (("--method", o.method), ("--target", o.target), ("--layer", o.layer),
+                        ("--device", o.device), ("--batch-size", o.batch_size), ("--region-model", o.region_model)):
+        if value is not None:
+            args += [flag, str(value)]
+    if o.stride is not None:
+        args += ["--stride", ",".join(str(s) for s in o.stride)]
+    if o.roi is not None:
+        args.append("--roi=" + ",".join(f"{v:.6g}" for v in (*o.roi[0], *o.roi[1])))
+    args += [] if o.restrict_to_lungs else ["--no-restrict-to-lungs"]
+    args += [] if o.chest_check else ["--no-chest-check"]
+    return args + (["--amp"] if o.amp else [])
+
+
+def emit_json(event: str, **fields: Any) -> None:
+    """One machine-readable line on stdout (``--progress json``): ``{"event": ..., ...}``."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def json_progress(stage: str, done: int, total: int) -> None:
+    """``--progress json``: each progress report as a line ``{"event": "progress", "stage": ...,
+    "done": ..., "total": ...}`` (stages as :data:`STAGES` names them)."""
+    emit_json("progress", stage=stage, done=done, total=total)
 
 
 def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:

@@ -174,7 +174,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
               options: Optional[ExplainOptions] = None, *, dicom_seg: bool = False, volume_format: str = "nrrd",
               redo_failed: bool = False, show_progress: bool = True,
               on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
-              skipped: Optional[Dict[str, int]] = None) -> Path:
+              skipped: Optional[Dict[str, int]] = None, overlay: bool = True, lungs: bool = True) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
 
     Resumable: a series whose ``report.json`` was made with the same result options and model
@@ -189,7 +189,8 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     (a background thread) while the current one is explained. Under ``torchrun`` (``WORLD_SIZE``
     > 1) rank r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish.
     ``skipped`` (a dict), when given, gets the number of series this rank skipped per reason
-    (:data:`SKIP_DONE`, :data:`SKIP_FAILED`). Returns the summary's path.
+    (:data:`SKIP_DONE`, :data:`SKIP_FAILED`). ``overlay``, ``lungs``: write each series'
+    ``overlay.png`` and lung mask. Returns the summary's path.
     """
     from tqdm import tqdm
 
@@ -217,7 +218,8 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
         folder = out / safe_name(job.uid)
         try:
             run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
-                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate)
+                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate,
+                    overlay=overlay, lungs=lungs)
         except FolderBusyError:
             log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort

@@ -68,6 +68,7 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "mode": explanation.mode,
         "n_patches": explanation.n_patches,
         "device": explanation.device_used or explanation.device,
+        "device_requested": explanation.device,
         "chest_check": explanation.chest_check,
         "region_model": explanation.options.get("region_model"),
         "threshold": segmentation.threshold,
@@ -193,6 +194,38 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
                         cam=explanation.cam, title=title, caption="Research model. " + intended_use(explanation))
 
 
+def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentation]:
+    """A finished run's results read back from its folder (``report.json``, the heat map and the
+    regions' labelmap, in either volume format): what the Slicer module shows after running
+    ``lunggradcam run`` in a background process. The CT and the lung mask are not read back
+    (``explanation.ct`` and ``lung_mask`` are None). Raises :class:`OutputError` when the folder
+    holds no complete run."""
+    import json
+
+    from ..core.results import Region
+    from ..core.volume import read_volume
+
+    folder = Path(out_dir)
+    try:
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        names = set(report["files"])
+        cam_name = next(n for n in names if n.startswith("cam."))
+        labels_name = next(n for n in names if n.startswith("segmentation.") and n != "segmentation.dcm")
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise OutputError(f"{folder}: no complete LungGradCAM run there ({exc}); run it again") from None
+    options = report.get("options") or {}
+    explanation = Explanation(
+        probabilities=report["probabilities"], predicted_class=report["predicted_class"],
+        cam=read_volume(folder / cam_name), method=report["method"], target_class=report["target_class"],
+        timings=report.get("timings_s", {}), mode=report.get("mode", ""), layer=report.get("layer", ""),
+        n_patches=report.get("n_patches", 0), device=report.get("device_requested", ""),
+        device_used=report.get("device", ""), model=report.get("model", {}), chest_check=report.get("chest_check"),
+        options=options)
+    labelmap = read_volume(folder / labels_name)
+    regions = [Region.from_dict(r) for r in report.get("regions", [])]
+    return explanation, Segmentation(labelmap, regions, report.get("threshold"))
+
+
 # --------------------------------------------------------------------------------------------
 # one scan
 # --------------------------------------------------------------------------------------------
@@ -204,7 +237,8 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
             input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             report_extra: Optional[dict] = None, started: Optional[float] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
-            inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+            inputs: Sequence[Union[str, os.PathLike]] = (), overlay: bool = True,
+            lungs: bool = True) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
@@ -213,7 +247,8 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
     ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
     since ``started`` (a ``time.perf_counter()`` value; default: the start of this call). With
     ``started`` given, ``startup`` is the time from it to this call (for ``lunggradcam run``: the
-    imports and the option checks). ``on_estimate``: see :func:`explain`."""
+    imports and the option checks). ``on_estimate``: see :func:`explain`. ``overlay``, ``lungs``:
+    write ``overlay.png`` and the lung mask."""
     timings: Dict[str, float] = {}
     if started is None:
         started = time.perf_counter()
@@ -235,5 +270,6 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
                                                         on_estimate=on_estimate)
         explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
         files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
-                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
+                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra,
+                              overlay=overlay, lungs=lungs)
     return explanation, segmentation, files
