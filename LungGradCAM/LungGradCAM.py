@@ -65,6 +65,14 @@ ASK_OVER_SECONDS = 60.0
 CAM_OPACITY = 0.4
 
 
+def documentationUrl() -> str:
+    """The module's documentation: the README installed beside it (or of the source checkout), as a
+    file URL; the extension has no public web page yet."""
+    from pathlib import Path
+
+    return Path(_ROOT, "README.md").as_uri()
+
+
 def resourcePath(relativePath: str) -> str:
     """Path of a file under Resources/ (e.g. "UI/LungGradCAM.ui"), built or in a source checkout."""
     return os.path.join(_ROOT, "Resources", relativePath)
@@ -85,14 +93,14 @@ class LungGradCAM(ScriptedLoadableModule):
         self.parent.title = _("Lung Grad-CAM")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LungGradCAM developers"]
+        self.parent.contributors = ["LungGradCAM developers (LungGradCAM project)"]
         self.parent.helpText = _("""
 Explains a 3D CNN's decision on a chest CT with Grad-CAM: the model's prediction, a heat map
 shown over the CT and in 3D, a segmentation of the hot regions inside the lungs and a table of
 their measurements (volume, heat, HU, position). Choose a CT (or load one from the DICOM
 database), a model and a method, and press Apply.
 Research use only: not for clinical use.
-""")
+""") + _('See the <a href="{url}">documentation</a> (the extension\'s README).').format(url=documentationUrl())
         self.parent.acknowledgementText = _("""
 Grad-CAM: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
 Localization", ICCV 2017. Module layout after Slicer's scripted-module template.

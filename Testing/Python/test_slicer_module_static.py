@@ -269,6 +269,24 @@ def test_extension_metadata_has_no_placeholders():
     assert 'translate("qSlicerAbstractCoreModule", "Quantification")' in SOURCE.replace("'", '"')
 
 
+def test_what_slicers_extensions_index_checks_that_can_be_checked_here():
+    """The checks of Slicer's ExtensionsIndex (scripts/check_description_files.py) that need no
+    public repository: a license file in the root matching the package's declared license, the
+    CMake project named as the extension, contributors as "Name (Organisation)", and help text
+    with a documentation link. (Its URL checks need a public home: see the README.)"""
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^project\(LungGradCAM\)", (REPO / "CMakeLists.txt").read_text(), re.M)
+    quoted = re.search(r'^set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text(), re.M)
+    contributors = [c.strip() for c in quoted.group(1).split(",")]
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in contributors), contributors
+    module = _class("LungGradCAM")
+    text = ast.unparse(module)
+    assert "contributors = ['LungGradCAM developers (LungGradCAM project)']" in text
+    assert "documentationUrl()" in text and "<a href=" in text
+
+
 def test_extensions_index_entry_follows_slicers_catalog_schema():
     """ExtensionsIndex/LungGradCAM.json, the file to submit to Slicer's ExtensionsIndex, against the
     catalog entry schema of the pinned Slicer (required and allowed keys, types, enumerations)."""
@@ -364,7 +382,8 @@ def cmake_install(tmp_path_factory):
 
 
 EXPECTED_FILES = ["LungGradCAM.py", "LungGradCAMLib/__init__.py", "LungGradCAMLib/mrml.py",
-                  "LungGradCAMLib/engine/models/__init__.py", "Resources/UI/LungGradCAM.ui", "Resources/Icons/LungGradCAM.png"]
+                  "LungGradCAMLib/engine/models/__init__.py", "Resources/UI/LungGradCAM.ui", "Resources/Icons/LungGradCAM.png",
+                  "README.md", "LICENSE"]
 
 
 def test_cmake_registers_the_module_and_its_self_test(cmake_install):
