@@ -35,13 +35,15 @@ test: $(VENV)/.test
 
 # The DICOM, database and pipeline tests once more on the packages Slicer 5.8.1 bundles, which
 # the engine uses inside Slicer (SuperBuild/External_python-*.cmake and External_SimpleITK.cmake of
-# Slicer v5.8.1), in a venv of their own, so that a break only Slicer would show fails here.
+# Slicer v5.8.1; and a setuptools that still has pkg_resources, which pydicom 2.4 uses: Slicer has
+# 70.0, torch asks for 77 or newer), in a venv of their own, so
+# that a break only Slicer would show fails here.
 SLICER58_VENV ?= .venv-slicer58
-SLICER58_PINS := pydicom==2.4.4 numpy==1.26.4 scipy==1.13.1 SimpleITK==2.3.1
+SLICER58_PINS := pydicom==2.4.4 numpy==1.26.4 scipy==1.13.1 SimpleITK==2.3.1 setuptools==80.9.0
 SLICER58_TESTS := Testing/Python/test_dicom.py Testing/Python/test_dicom_write.py Testing/Python/test_ctkdb.py \
 	Testing/Python/test_pipeline.py Testing/Python/test_slicer_logic.py Testing/Python/test_mrml.py
 
-$(SLICER58_VENV)/.test: pyproject.toml
+$(SLICER58_VENV)/.test: pyproject.toml Makefile
 	$(PYTHON) -m venv $(SLICER58_VENV)
 	$(SLICER58_VENV)/bin/python -m pip install -q --upgrade pip
 	$(SLICER58_VENV)/bin/python -m pip install -q $(TORCH) $(SLICER58_PINS) -e '.[test]'
