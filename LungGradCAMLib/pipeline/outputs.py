@@ -173,11 +173,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+#: overlay.png shows zoomed views of at most this many hot regions (the hottest).
+OVERLAY_REGIONS = 6
+
+
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
-    """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, colour bar; the title states the prediction and the
-    outcome, the caption the model's intended use."""
-    from ..io.render import save_montage
+    """Axial/coronal/sagittal views through the hottest region (or the CAM peak), then a row of
+    zoomed views through each hot region (the :data:`OVERLAY_REGIONS` hottest): lung window, CAM
+    colour map (only inside the lungs when the run kept regions there), region and lung contours,
+    colour bar; the title states the prediction and the outcome, the caption the model's intended
+    use. A thin slab's coronal and sagittal views are stretched to stay readable."""
+    from ..io.render import ZoomView, save_montage
 
     if segmentation.regions:
         centre = explanation.cam.ras_to_ijk_points(segmentation.regions[0].peak_ras)[0]
@@ -189,9 +195,16 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)
-    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}"
-    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours,
-                        cam=explanation.cam, title=title, caption="Research model. " + intended_use(explanation))
+    shown = segmentation.regions[:OVERLAY_REGIONS]
+    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}" + (
+        f" ({len(shown)} hottest shown)" if len(segmentation.regions) > len(shown) else "")
+    zooms = [ZoomView(f"{r.name} ({r.volume_ml:.2f} ml, peak {r.peak_cam:.2f})",
+                      tuple(int(round(c)) for c in explanation.cam.ras_to_ijk_points(r.peak_ras)[0]), r.bbox_ijk)
+             for r in shown]
+    in_lungs = explanation.lung_mask if explanation.options.get("restrict_to_lungs", True) else None
+    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours, cam=explanation.cam,
+                        cam_mask=in_lungs, zooms=zooms, title=title,
+                        caption="Research model. " + intended_use(explanation))
 
 
 def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentation]:
