@@ -61,8 +61,11 @@ def content_description(intended_use: Optional[str]) -> str:
     return textwrap.shorten(intended_use or "Research use only. Not for clinical use.", width=64, placeholder="...")
 
 
-#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method.
-_HEAT_MAP_CODE = {"scorecam": "ClassActivation", "guided-backprop": "Saliency"}
+#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method: (code
+#: value, meaning). Written out, not taken from pydicom's code dictionary, whose 2.4 (Slicer's)
+#: lacks these codes.
+_HEAT_MAP_CODES = {"gradcam": ("130403", "Gradient-weighted class activation"),
+                   "scorecam": ("130402", "Class activation"), "guided-backprop": ("130404", "Saliency")}
 #: Series description: DICOM LO, at most 64 characters.
 SERIES_DESCRIPTION = "LungGradCAM heat-map regions - research only, not clinical"
 
@@ -94,7 +97,10 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
     sources = _source_datasets(ct)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="LungGradCAM", version=__version__, family=codes.cid7162.ArtificialIntelligence)
-    heat_map = getattr(codes.DCM, _HEAT_MAP_CODE.get(method, "GradientWeightedClassActivation"))
+    from pydicom.sr.coding import Code
+
+    value, meaning = _HEAT_MAP_CODES.get(method, _HEAT_MAP_CODES["gradcam"])
+    heat_map = Code(value, "DCM", meaning)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=i + 1, segment_label=region.name[:64],

@@ -376,11 +376,14 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
-    use = exp.model["intended_use"]
-    assert len(use) > 64 and ds.ContentLabel == "HEATMAP"
-    # LO holds 64 characters: the intended use shortened at a word, never cut mid-word
-    assert len(ds.ContentDescription) <= 64 and ds.ContentDescription.endswith("...")
-    assert use.startswith(ds.ContentDescription[:-3]) and use[len(ds.ContentDescription) - 3] == " "
+    assert ds.ContentDescription == exp.model["intended_use"] and ds.ContentLabel == "HEATMAP"  # short: whole
+    # LO holds 64 characters: a longer intended use (the bundled model's) is shortened at a word
+    from LungGradCAMLib.io.dicomseg import content_description
+
+    use = lgc.load_model("default").card.intended_use
+    short = content_description(use)
+    assert len(use) > 64 and len(short) <= 64 and short.endswith("...")
+    assert use.startswith(short[:-3]) and use[len(short) - 3] == " "
     for item, region in zip(ds.SegmentSequence, seg.regions):
         assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
         category = item.SegmentedPropertyCategoryCodeSequence[0]
