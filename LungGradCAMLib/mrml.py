@@ -362,30 +362,29 @@ def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any
     shn.SetItemUID(series_item, constants.GetDICOMInstanceUIDName(), uids)
     study_uid = text("StudyInstanceUID")
     patient_id = text("PatientID") or f"Patient-{study_uid}"  # Slicer's rule for a missing PatientID
-    new_patient = not shn.GetItemByUID(constants.GetDICOMUIDName(), patient_id)
-    new_study = not shn.GetItemByUID(constants.GetDICOMUIDName(), study_uid)
+    patient_name = text("PatientName") or "No name"
+    description = text("StudyDescription") or "No study description"
+    # (UID, the item's name, its attributes): set only on items this call makes, as Slicer does
+    items = [(patient_id, patient_name, (
+        (constants.GetDICOMPatientNameAttributeName(), patient_name),
+        (constants.GetDICOMPatientIDAttributeName(), patient_id),
+        (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
+        (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
+        (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments")))),
+        (study_uid, description + (f" ({text('StudyDate')})" if text("StudyDate") else ""), (
+            (constants.GetDICOMStudyDescriptionAttributeName(), description),
+            (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
+            (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
+            (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
+            (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime"))))]
+    new = [entry for entry in items if not shn.GetItemByUID(constants.GetDICOMUIDName(), entry[0])]
     slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(shn, patient_id, study_uid,
                                                                             text("SeriesInstanceUID"))
-    if new_patient:
-        patient = shn.GetItemByUID(constants.GetDICOMUIDName(), patient_id)
-        patient_name = text("PatientName") or "No name"
-        for attribute, value in ((constants.GetDICOMPatientNameAttributeName(), patient_name),
-                                 (constants.GetDICOMPatientIDAttributeName(), patient_id),
-                                 (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
-                                 (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
-                                 (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments"))):
-            shn.SetItemAttribute(patient, attribute, value)
-        shn.SetItemName(patient, patient_name)
-    if new_study:
-        study = shn.GetItemByUID(constants.GetDICOMUIDName(), study_uid)
-        description = text("StudyDescription") or "No study description"
-        for attribute, value in ((constants.GetDICOMStudyDescriptionAttributeName(), description),
-                                 (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
-                                 (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
-                                 (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
-                                 (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime"))):
-            shn.SetItemAttribute(study, attribute, value)
-        shn.SetItemName(study, description + (f" ({text('StudyDate')})" if text("StudyDate") else ""))
+    for uid, item_name, attributes in new:
+        item = shn.GetItemByUID(constants.GetDICOMUIDName(), uid)
+        for attribute, value in attributes:
+            shn.SetItemAttribute(item, attribute, value)
+        shn.SetItemName(item, item_name)
     return node
 
 
