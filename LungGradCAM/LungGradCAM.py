@@ -515,8 +515,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._setRunning(False)
         try:
-            with slicer.util.tryWithErrorDisplay(_("LungGradCAM failed."), waitCursor=True):
-                result = job.result()
+            result = job.result()
         except CancelledError:
             estimate = job.estimate
             if estimate and estimate.get("stopped") and not job.cancelled and slicer.util.confirmOkCancelDisplay(
@@ -526,8 +525,9 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.statusLabel.text = _("Cancelled.")
             return
-        except Exception:  # shown by tryWithErrorDisplay
+        except Exception as error:  # the child's own message (LungGradCAMError), or reading its outputs failed
             self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("LungGradCAM failed.") + "\n\n" + str(error))
             return
         if self._jobStoreOutputs:
             p = self._parameterNode
@@ -677,9 +677,9 @@ class BackgroundRun:
     def failure(self, code: int) -> str:
         """What went wrong, from the child's exit status and its last words."""
         prefix = "lunggradcam run: error: "
-        said = next((line[len(prefix):] for line in reversed(self._log) if line.startswith(prefix)), None)
-        if said is not None:
-            return said
+        start = next((n for n in range(len(self._log) - 1, -1, -1) if self._log[n].startswith(prefix)), None)
+        if start is not None:  # the message and its further lines (e.g. the series to choose from)
+            return "\n".join([self._log[start][len(prefix):]] + self._log[start + 1:])
         if code < 0:
             try:
                 name = signal.Signals(-code).name
