@@ -12,7 +12,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Annotated, Dict, List, Optional
+from typing import Annotated, List, Optional
 
 import qt
 import vtk
