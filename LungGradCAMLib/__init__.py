@@ -4,7 +4,12 @@ torch is only loaded when a model is used."""
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
+
+#: When this package began to be imported (``time.perf_counter()``): a ``lunggradcam`` command's
+#: report counts its ``total`` from here, so that the imports (torch, numpy, ...) are in it.
+IMPORT_STARTED = time.perf_counter()
 
 __version__ = "0.1.0"
 
@@ -16,7 +21,7 @@ _EXPORTS = {
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
     "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
     "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
-    "DicomDatabase": "io.ctkdb",
+    "DicomDatabase": "io.ctkdb", "make_dicom_database": "io.ctkdb_write",
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",
     "load_model": "engine.models", "LoadedModel": "engine.models", "ModelCard": "engine.models",
     "compute_cam": "engine.cam", "CAM": "engine.cam", "sliding_cam": "engine.sliding",
@@ -40,4 +45,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

@@ -23,8 +23,9 @@ from .options import ExplainOptions
 from .core.results import Explanation, Region, Segmentation
 from .core.volume import Volume
 
-__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "explain_volume_node",
-           "region_to_roi_node", "regions_to_table", "roi_from_node", "segmentation_to_node", "volume_from_node"]
+__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "dicom_series_to_node",
+           "explain_volume_node", "region_to_roi_node", "regions_to_table", "result_to_nodes", "roi_at_point",
+           "roi_from_node", "segmentation_to_node", "volume_from_node"]
 
 #: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
 #: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
@@ -305,6 +306,88 @@ def roi_from_node(roi_node: Any, default_size_mm: Optional[float] = None) -> tup
     return tuple(centre), tuple(size)
 
 
+def roi_at_point(centre_ras: Sequence[float], size_mm: Sequence[float], node: Any = None,
+                 name: str = "LungGradCAM region") -> Any:
+    """A markups ROI node of ``size_mm`` (R, A, S extents) centred on ``centre_ras`` (RAS mm): one
+    click on a nodule gives the region a region model looks at. ``node`` is moved and resized, or
+    a new one is made."""
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    node.SetCenterWorld(*[float(c) for c in centre_ras])
+    node.SetSizeWorld(*[float(s) for s in size_mm])
+    return node
+
+
+#: Subject hierarchy attributes of a series item and the DICOM keywords they come from, as Slicer's
+#: DICOM plugins set them (DICOMLib.DICOMPlugin.addSeriesInSubjectHierarchy, Slicer 5.8.1).
+_SERIES_ATTRIBUTES = (("SeriesModality", "Modality"), ("SeriesNumber", "SeriesNumber"),
+                      ("FrameOfReferenceUID", "FrameOfReferenceUID"), ("SeriesDescription", "SeriesDescription"),
+                      ("SeriesDate", "SeriesDate"), ("SeriesTime", "SeriesTime"), ("ContentDate", "ContentDate"),
+                      ("ContentTime", "ContentTime"), ("Manufacturer", "Manufacturer"), ("Model", "ManufacturerModelName"))
+
+
+def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any:
+    """A scalar volume node holding a CT read from DICOM ``files`` (by
+    :func:`~LungGradCAMLib.io.dicom.load_dicom_series`), set up as Slicer's DICOM module sets up the
+    series it loads: the ``DICOM.instanceUIDs`` attribute (SOPInstanceUIDs in slice order), and a
+    subject hierarchy item with the series' UID and DICOM attributes under its study and patient
+    items (made when missing, found by StudyInstanceUID and PatientID as Slicer does, with their
+    attributes and names), so that DICOM export, segment references and the Data module treat it
+    as Slicer's own. Returns the node."""
+    import pydicom
+
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    normal = volume.ijk_to_ras[:3, 2]
+    ras = [np.array([-float(v) for v in h.ImagePositionPatient[:2]] + [float(h.ImagePositionPatient[2])])
+           if "ImagePositionPatient" in h else np.zeros(3) for h in headers]
+    headers = [h for _, h in sorted(zip([float(p @ normal) for p in ras], headers), key=lambda t: t[0])]
+    first = headers[0]
+
+    def text(keyword: str) -> str:
+        value = first.get(keyword)
+        return "" if value is None else str(value)
+
+    node = slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras, name=name)
+    uids = " ".join(str(h.get("SOPInstanceUID", "")) or "Unknown" for h in headers)
+    node.SetAttribute("DICOM.instanceUIDs", uids)
+
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(_scene(node))
+    series_item = shn.GetItemByDataNode(node)
+    if not series_item:
+        series_item = shn.CreateItem(shn.GetSceneItemID(), node)
+    shn.SetItemUID(series_item, constants.GetDICOMUIDName(), text("SeriesInstanceUID"))
+    for attribute, keyword in _SERIES_ATTRIBUTES:
+        shn.SetItemAttribute(series_item, constants.GetDICOMAttributePrefix() + attribute, text(keyword))
+    shn.SetItemUID(series_item, constants.GetDICOMInstanceUIDName(), uids)
+    study_uid = text("StudyInstanceUID")
+    patient_id = text("PatientID") or f"Patient-{study_uid}"  # Slicer's rule for a missing PatientID
+    patient_name = text("PatientName") or "No name"
+    description = text("StudyDescription") or "No study description"
+    # (UID, the item's name, its attributes): set only on items this call makes, as Slicer does
+    items = [(patient_id, patient_name, (
+        (constants.GetDICOMPatientNameAttributeName(), patient_name),
+        (constants.GetDICOMPatientIDAttributeName(), patient_id),
+        (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
+        (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
+        (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments")))),
+        (study_uid, description + (f" ({text('StudyDate')})" if text("StudyDate") else ""), (
+            (constants.GetDICOMStudyDescriptionAttributeName(), description),
+            (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
+            (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
+            (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
+            (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime"))))]
+    new = [entry for entry in items if not shn.GetItemByUID(constants.GetDICOMUIDName(), entry[0])]
+    slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(shn, patient_id, study_uid,
+                                                                            text("SeriesInstanceUID"))
+    for uid, item_name, attributes in new:
+        item = shn.GetItemByUID(constants.GetDICOMUIDName(), uid)
+        for attribute, value in attributes:
+            shn.SetItemAttribute(item, attribute, value)
+        shn.SetItemName(item, item_name)
+    return node
+
+
 def region_to_roi_node(region: Region, node: Any = None, margin_mm: float = 5.0,
                        name: Optional[str] = None) -> Any:
     """A markups ROI node around a hot region (its RAS bounding box plus ``margin_mm`` on each
@@ -357,6 +440,18 @@ def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node
                                 "(a new one is created) so the CT is not overwritten")
     explanation, segmentation = explain_and_segment(volume_from_node(input_node), options,
                                                     progress=progress, cancel=cancel, on_estimate=on_estimate)
+    return result_to_nodes(input_node, explanation, segmentation, cam_node, segmentation_node, table_node)
+
+
+def result_to_nodes(input_node: Any, explanation: Explanation, segmentation: Segmentation, cam_node: Any = None,
+                    segmentation_node: Any = None, table_node: Any = None) -> NodeResult:
+    """Put an explanation of ``input_node``'s CT and its hot regions into nodes (each created when
+    None, named after the input node): the heat map volume, the regions' segmentation and table.
+    Used for a run in this process (:func:`explain_volume_node`) and for one read back from a
+    ``lunggradcam run`` folder (:func:`~LungGradCAMLib.pipeline.outputs.read_run`)."""
+    if cam_node is not None and cam_node is input_node:
+        raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
+                                "(a new one is created) so the CT is not overwritten")
     name = input_node.GetName()
     return NodeResult(
         explanation=explanation,

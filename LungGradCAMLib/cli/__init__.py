@@ -1,4 +1,4 @@
-"""The ``lunggradcam`` command line: demo | run | batch | train | evaluate | bench | info.
+"""The ``lunggradcam`` command line: demo | run | batch | train | evaluate | bench | dicom-db | info.
 
 Errors a user can cause (:class:`LungGradCAMError`) are printed without a traceback, exit status 2.
 Besides that one message a command prints its own warnings (:class:`LungGradCAMWarning`) as one
@@ -27,7 +27,7 @@ from .common import NEGATIVE_VALUE_OPTIONS
 
 
 # One module per command, each registering it with ``add_cli(subparsers)``, in the order of --help.
-_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".info")
+_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".dicomdb", ".info")
 _VERBOSE_HELP = "log each stage and its time"
 
 
@@ -119,7 +119,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exc:  # --help, --version, or a wrong option (message printed, status 2)
         return int(exc.code or 0)
-    args.started = started  # a run's report counts its total time from here
+    # A command's report counts its total from the package's import (before the imports of numpy,
+    # torch...): its wall time but for the interpreter's own start (tens of ms). Called from Python
+    # with argv (a test, a script), from this call.
+    from .. import IMPORT_STARTED
+
+    args.started = IMPORT_STARTED if argv is None else started
     package = __package__.rpartition(".")[0]
     handler = logging.StreamHandler()
     handler.setFormatter(_OneLine("%(levelname)s %(name)s: %(message)s"))

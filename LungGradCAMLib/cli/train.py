@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from ..core.atomic import strict_json
 from ..core.errors import InvalidInputError, ModelError
@@ -37,7 +38,8 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
                    help="softmax + cross-entropy, or sigmoid + binary cross-entropy")
     m.add_argument("--cam-class", help="class the CAM explains by default (default: the last class)")
     m.add_argument("--target-layer", help="Grad-CAM layer (default: the architecture's)")
-    m.add_argument("--name", default="model", help="model name written in the card")
+    m.add_argument("--name", default=None, help="model name written in the card and the plots' titles "
+                                                "(default: the --out folder's name)")
     m.add_argument("--version", default="1.0.0", help="model version written in the card")
     o = p.add_argument_group("training")
     o.add_argument("--out", required=True, help="output folder")
@@ -72,7 +74,7 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
         architecture=args.arch, kwargs=kwargs, class_names=classes, cam_class=args.cam_class or classes[-1],
         target_layer=args.target_layer or ARCHITECTURES[args.arch].cam_layer, patch_size=list(args.patch_size),
         spacing_mm=list(args.spacing), hu_window=list(args.hu_window), normalisation=args.normalisation,
-        activation=args.activation, name=args.name, version=args.version,
+        activation=args.activation, name=args.name or Path(args.out).resolve().name, version=args.version,
     )
     try:
         card.validate("--arch/--cam-class/...")

@@ -1,7 +1,7 @@
 """Result types shared by the engine, the pipeline, the writers and the Slicer layer."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -78,6 +78,15 @@ class Region:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Region":
+        """A region from its :meth:`to_dict` (e.g. a ``report.json`` entry): lists become tuples,
+        keys it does not know are left out."""
+        def tuples(value):
+            return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+        return cls(**{f.name: tuples(record[f.name]) for f in fields(cls) if f.name in record})
 
 
 @dataclass

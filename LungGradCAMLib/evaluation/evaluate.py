@@ -186,27 +186,37 @@ def save_roc_png(report: Dict[str, Any], path: Any, title: str = "ROC") -> Path:
     return _save_figure(fig, Path(path))
 
 
-def save_loss_curves_png(history: Sequence[Dict[str, Any]], path: Any, title: str = "training") -> Path:
-    """Plot per-epoch ``train_loss`` / ``val_loss`` (and ``val_auc`` if logged) to a PNG file."""
+def loss_curves_figure(history: Sequence[Dict[str, Any]], title: str = "training") -> Any:
+    """A matplotlib Figure of per-epoch ``train_loss`` / ``val_loss`` and, when logged, the
+    validation ROC AUC in a panel of its own (its axis 0 to 1: never on the loss axis)."""
     from matplotlib.figure import Figure
 
     if not history:
         raise DataError("no training history to plot (the log is empty)")
     epochs = [h["epoch"] for h in history]
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
-    for key in ("train_loss", "val_loss"):
+    with_auc = any("val_auc" in h for h in history)
+    fig = Figure(figsize=(10 if with_auc else 6, 4))
+    fig.suptitle(title)
+    ax = fig.add_subplot(1, 2 if with_auc else 1, 1)
+    for key, label in (("train_loss", "training loss"), ("val_loss", "validation loss")):
         if any(key in h for h in history):
-            ax.plot(epochs, [_number(h.get(key)) for h in history], marker="o", ms=3, label=key)
-    ax.set(xlabel="epoch", ylabel="loss", title=title)
-    if any("val_auc" in h for h in history):
-        ax2 = ax.twinx()
-        ax2.plot(epochs, [_number(h.get("val_auc")) for h in history], color="green", ls=":", label="val_auc")
-        ax2.set_ylabel("validation ROC AUC")
-        ax2.legend(loc="center right", fontsize=8)
+            ax.plot(epochs, [_number(h.get(key)) for h in history], marker="o", ms=3, label=label)
+    ax.set(xlabel="epoch", ylabel="loss", title="loss")
     ax.legend(loc="upper right", fontsize=8)
+    if with_auc:
+        auc = fig.add_subplot(1, 2, 2)
+        auc.plot(epochs, [_number(h.get("val_auc")) for h in history], color="green", marker="o", ms=3,
+                 label="validation ROC AUC")
+        auc.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
+        auc.set(xlabel="epoch", ylabel="ROC AUC", title="validation ROC AUC", ylim=(0, 1.01))
+        auc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return fig
+
+
+def save_loss_curves_png(history: Sequence[Dict[str, Any]], path: Any, title: str = "training") -> Path:
+    """:func:`loss_curves_figure` as a PNG file."""
+    return _save_figure(loss_curves_figure(history, title), Path(path))
 
 
 def _number(value: Any) -> float:

@@ -384,6 +384,12 @@ class SeriesInfo:
         return (f"{escaped(self.key or '(no SeriesInstanceUID)', 80)}  '{escaped(self.description, 80)}'  "
                 f"{escaped(self.modality or '?', 16)}  {self.n_slices} slice(s)  {self.rows}x{self.cols}")
 
+    def describe_for_choice(self) -> str:
+        """:meth:`describe` with the patient ID and the series' folder, to tell the series of two
+        patients apart when the user must pick one (for the user's terminal, never for logs)."""
+        folder = os.path.commonpath([str(f.parent) for f in self.files]) if self.files else "?"
+        return f"{self.describe()}  patient {self.patient_id or '(no PatientID)'!r}  in {folder}"
+
 
 def _valid_orientation(iop: Optional[np.ndarray]) -> bool:
     """Two unit, orthogonal direction cosines."""
@@ -518,7 +524,8 @@ def _select(parts: List[Tuple[SeriesInfo, List[_Frame]]], series_uid: Optional[s
         if len({p[0].series_uid for p in chosen}) > 1:
             raise AmbiguousSeriesError(
                 f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
-                f"its UID (series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
+                f"its UID (series_uid= in Python, --series on the command line):\n"
+                + "\n".join("  " + p[0].describe_for_choice() for p in chosen))
     if len(chosen) > 1:
         raise SeriesGeometryError(
             f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "
@@ -551,14 +558,27 @@ def _decode_native(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarra
     return arr
 
 
-def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
-    import pydicom.pixels
+def decoder_available(transfer_syntax: str) -> bool:
+    """Whether the installed pydicom can decode ``transfer_syntax`` (with its plugins): pydicom 3's
+    decoders, or pydicom 2's pixel data handlers (Slicer 5.8 and 5.10 bundle pydicom 2.4.4)."""
+    from pydicom.uid import UID
 
     try:
-        decoder = pydicom.pixels.get_decoder(h.transfer_syntax)
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom import config
+
+        return any(handler.supports_transfer_syntax(UID(transfer_syntax)) and handler.is_available()
+                   for handler in config.pixel_data_handlers)
+    try:
+        decoder = get_decoder(transfer_syntax)
     except NotImplementedError:
-        decoder = None
-    if decoder is None or not decoder.is_available:
+        return False
+    return decoder is not None and decoder.is_available
+
+
+def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    if not decoder_available(h.transfer_syntax):
         raise DicomDecodeError(f"{h.path}: no decoder available for transfer syntax {h.transfer_syntax} "
                                f"({_uid_name(h.transfer_syntax)}); {_DECODER_HINT}")
     ds = _read_dataset(h.path)[0]

@@ -19,6 +19,7 @@ from ..core.atomic import atomic_path
 from ..core.errors import DicomError, InvalidInputError
 from ..core.results import Segmentation
 from ..core.volume import LPS_TO_RAS, Volume
+from .dicom_write import save_dicom_file
 
 
 def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
@@ -52,8 +53,19 @@ def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
     return [by_k[k] for k in range(ct.shape[0])]
 
 
-#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method.
-_HEAT_MAP_CODE = {"scorecam": "ClassActivation", "guided-backprop": "Saliency"}
+def content_description(intended_use: Optional[str]) -> str:
+    """The SEG's ContentDescription (LO, at most 64 characters): the intended use, shortened at a
+    word boundary with "..." when longer, never cut mid-word."""
+    import textwrap
+
+    return textwrap.shorten(intended_use or "Research use only. Not for clinical use.", width=64, placeholder="...")
+
+
+#: The heat map a segment was cut from, as DICOM codes it (DCM, CID 7180), by CAM method: (code
+#: value, meaning). Written out, not taken from pydicom's code dictionary, whose 2.4 (Slicer's)
+#: lacks these codes.
+_HEAT_MAP_CODES = {"gradcam": ("130403", "Gradient-weighted class activation"),
+                   "scorecam": ("130402", "Class activation"), "guided-backprop": ("130404", "Saliency")}
 #: Series description: DICOM LO, at most 64 characters.
 SERIES_DESCRIPTION = "LungGradCAM heat-map regions - research only, not clinical"
 
@@ -64,7 +76,8 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
 
     Segments are labelled by their region names ("heat-map region 1", ...) and coded as regions of
     the ``method``'s heat map, not as lesions; the series description says research use only and
-    ``intended_use`` (the model card's) goes into the content description (64 characters).
+    ``intended_use`` (the model card's) goes into the content description (DICOM LO: 64
+    characters, shortened at a word with "..." when longer: :func:`content_description`).
 
     Raises :class:`InvalidInputError` when there is no region (a SEG needs one segment) or the CT
     did not come from DICOM, :class:`DicomError` when its slices cannot be matched.
@@ -84,7 +97,10 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
     sources = _source_datasets(ct)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="LungGradCAM", version=__version__, family=codes.cid7162.ArtificialIntelligence)
-    heat_map = getattr(codes.DCM, _HEAT_MAP_CODE.get(method, "GradientWeightedClassActivation"))
+    from pydicom.sr.coding import Code
+
+    value, meaning = _HEAT_MAP_CODES.get(method, _HEAT_MAP_CODES["gradcam"])
+    heat_map = Code(value, "DCM", meaning)
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=i + 1, segment_label=region.name[:64],
@@ -105,7 +121,7 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
         manufacturer="LungGradCAM", manufacturer_model_name="LungGradCAM Grad-CAM",
         software_versions=__version__, device_serial_number="0",
         series_description=SERIES_DESCRIPTION, content_label="HEATMAP",
-        content_description=(intended_use or "Research use only. Not for clinical use.")[:64])
+        content_description=content_description(intended_use))
     with atomic_path(path) as tmp:
-        seg.save_as(str(tmp))
+        save_dicom_file(seg, tmp)
     return Path(path)

@@ -43,8 +43,9 @@ def safe_name(text: str, fallback: str = "series") -> str:
 
 #: The batch's own file in its output folder (each series has a folder of its own).
 SUMMARY = "summary.csv"
-#: summary.csv's columns: ``output`` is the series' folder inside --out, ``input`` where it was read.
-SUMMARY_FIELDS = ("series_uid", "status", "predicted_class", "target_probability", "outcome", "n_regions",
+#: summary.csv's columns: ``output`` is the series' folder inside --out (named by the UID, never by
+#: patient), ``input`` where it was read, ``patient_id`` the series' PatientID (as in its DICOM).
+SUMMARY_FIELDS = ("series_uid", "patient_id", "status", "predicted_class", "target_probability", "outcome", "n_regions",
                   "largest_region_ml", "peak_cam", "seconds", "output", "input", "error")
 
 
@@ -53,6 +54,7 @@ class _SeriesJob:
     uid: str
     load: Callable[[], Volume]
     input: str  #: where the series is read from: its folder, or the database and UID
+    patient_id: str = ""
 
 
 def _unreadable_load(message: str) -> Callable[[], Volume]:
@@ -73,8 +75,10 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
         from ..io.ctkdb import DicomDatabase
 
         db = DicomDatabase(path)
-        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}")
-                for s in db.ct_series()]
+        patient_ids = {p.uid: p.patient_id for p in db.patients()}
+        patient_of_study = {s.study_uid: patient_ids.get(s.patient_uid, "") for s in db.studies()}
+        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}",
+                           patient_of_study.get(s.study_uid, "")) for s in db.ct_series()]
     else:
         from ..io.dicom import list_dicom_series, load_dicom_series
 
@@ -84,7 +88,8 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
         for s in series:
             bad = [message for f, message in unreadable.items() if f.parent in {g.parent for g in s.files}]
             load = _unreadable_load(bad[0]) if bad else (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))
-            jobs.append(_SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files])))
+            jobs.append(_SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files]),
+                                   s.patient_id))
         placed = {g.parent for s in series for g in s.files}
         for f, message in unreadable.items():
             if f.parent not in placed:
@@ -103,7 +108,8 @@ def _record(path: Path) -> Optional[dict]:
 def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
     folder = out_dir / safe_name(job.uid)
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
-    row.update(series_uid=job.uid, output=folder.name, input=job.input, status="pending")
+    row.update(series_uid=job.uid, patient_id=getattr(job, "patient_id", ""), output=folder.name, input=job.input,
+               status="pending")
     r, error = _record(folder / "report.json"), _record(folder / "error.json")
     if r is not None:
         regions = r.get("regions") or []
@@ -161,22 +167,28 @@ def prefetched(loads: Sequence[Callable[[], Any]]) -> Iterator["Future"]:  # noq
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _pending(folder: Path, key: Dict[str, Any], redo_failed: bool) -> bool:
-    """Whether the series in ``folder`` is to be done by a run with result options ``key``: not
-    when its report has these options, nor when it failed with them for a reason of its own data
-    (its error.json says no ``retry``) unless ``redo_failed``."""
+#: Why a batch skips a series (:func:`run_batch`'s ``skipped``).
+SKIP_DONE = "already done with the same options and model"
+SKIP_FAILED = "failed before with the same options for a reason of its own data (--redo-failed retries it)"
+
+
+def _skip_reason(folder: Path, key: Dict[str, Any], redo_failed: bool) -> Optional[str]:
+    """Why a run with result options ``key`` skips the series in ``folder`` (None: it does it):
+    :data:`SKIP_DONE` when its report has these options, :data:`SKIP_FAILED` when it failed with
+    them for a reason of its own data (its error.json says no ``retry``) and not ``redo_failed``."""
     report, error = _record(folder / "report.json"), _record(folder / "error.json")
     if report is not None:
-        return report.get("result_key") != key
-    if error is not None and error.get("result_key") == key and not error.get("retry"):
-        return redo_failed
-    return True
+        return SKIP_DONE if report.get("result_key") == key else None
+    if error is not None and error.get("result_key") == key and not error.get("retry") and not redo_failed:
+        return SKIP_FAILED
+    return None
 
 
 def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
               options: Optional[ExplainOptions] = None, *, dicom_seg: bool = False, volume_format: str = "nrrd",
               redo_failed: bool = False, show_progress: bool = True,
-              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None) -> Path:
+              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
+              skipped: Optional[Dict[str, int]] = None, overlay: bool = True, lungs: bool = True) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
 
     Resumable: a series whose ``report.json`` was made with the same result options, outputs and
@@ -192,7 +204,9 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     run. A series whose folder another process is writing is left to it. The next series is read
     (a background thread) while the current one is explained. Under ``torchrun`` (``WORLD_SIZE``
     > 1) rank r takes series r, r+N, ...; rank 0 writes ``summary.csv`` after all ranks finish.
-    Returns its path.
+    ``skipped`` (a dict), when given, gets the number of series this rank skipped per reason
+    (:data:`SKIP_DONE`, :data:`SKIP_FAILED`). ``overlay``, ``lungs``: write each series'
+    ``overlay.png`` and lung mask. Returns the summary's path.
     """
     from tqdm import tqdm
 
@@ -210,14 +224,19 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256,
            "dicom_seg": dicom_seg, "volume_format": volume_format}
     out.mkdir(parents=True, exist_ok=True)
-    todo = [job for job in jobs[rank::world] if _pending(out / safe_name(job.uid), key, redo_failed)]
+    reasons = {job.uid: _skip_reason(out / safe_name(job.uid), key, redo_failed) for job in jobs[rank::world]}
+    todo = [job for job in jobs[rank::world] if reasons[job.uid] is None]
+    if skipped is not None:
+        for reason in filter(None, reasons.values()):
+            skipped[reason] = skipped.get(reason, 0) + 1
     progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
                         disable=not show_progress or None)
     for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
         folder = out / safe_name(job.uid)
         try:
             run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
-                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate)
+                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate,
+                    overlay=overlay, lungs=lungs)
         except FolderBusyError:
             log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort

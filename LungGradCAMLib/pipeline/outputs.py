@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..core.atomic import output_folder, write_json
+from ..core.atomic import output_folder, read_record, write_json
 from ..core.errors import InvalidInputError, OutputError
 from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
@@ -72,6 +72,7 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "mode": explanation.mode,
         "n_patches": explanation.n_patches,
         "device": explanation.device_used or explanation.device,
+        "device_requested": explanation.device,
         "chest_check": explanation.chest_check,
         "region_model": explanation.options.get("region_model"),
         "threshold": segmentation.threshold,
@@ -178,11 +179,17 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+#: overlay.png shows zoomed views of at most this many hot regions (the hottest).
+OVERLAY_REGIONS = 6
+
+
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
-    """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, colour bar; the title states the prediction and the
-    outcome, the caption the model's intended use."""
-    from ..io.render import save_montage
+    """Axial/coronal/sagittal views through the hottest region (or the CAM peak), then a row of
+    zoomed views through each hot region (the :data:`OVERLAY_REGIONS` hottest): lung window, CAM
+    colour map (only inside the lungs when the run kept regions there), region and lung contours,
+    colour bar; the title states the prediction and the outcome, the caption the model's intended
+    use. A thin slab's coronal and sagittal views are stretched to stay readable."""
+    from ..io.render import ZoomView, save_montage
 
     if segmentation.regions:
         centre = explanation.cam.ras_to_ijk_points(segmentation.regions[0].peak_ras)[0]
@@ -194,9 +201,48 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)
-    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}"
-    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours,
-                        cam=explanation.cam, title=title, caption="Research model. " + intended_use(explanation))
+    shown = segmentation.regions[:OVERLAY_REGIONS]
+    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}" + (
+        f" ({len(shown)} hottest shown)" if len(segmentation.regions) > len(shown) else "")
+    zooms = [ZoomView(f"{r.name} ({r.volume_ml:.2f} ml, peak {r.peak_cam:.2f})",
+                      tuple(int(round(c)) for c in explanation.cam.ras_to_ijk_points(r.peak_ras)[0]), r.bbox_ijk)
+             for r in shown]
+    in_lungs = explanation.lung_mask if explanation.options.get("restrict_to_lungs", True) else None
+    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours, cam=explanation.cam,
+                        cam_mask=in_lungs, zooms=zooms, title=title,
+                        caption="Research model. " + intended_use(explanation))
+
+
+def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentation]:
+    """A finished run's results read back from its folder (``report.json``, the heat map and the
+    regions' labelmap, in either volume format): what the Slicer module shows after running
+    ``lunggradcam run`` in a background process. The CT and the lung mask are not read back
+    (``explanation.ct`` and ``lung_mask`` are None). Raises :class:`OutputError` when the folder
+    holds no complete run."""
+    from ..core.results import Region
+    from ..core.volume import read_volume
+
+    folder = Path(out_dir)
+    try:
+        report = read_record(folder, "report.json", OUTPUT_FILES)  # only a report this program wrote there
+        if report is None:
+            raise OSError("no report.json that a LungGradCAM run wrote")
+        names = set(report["files"])
+        cam_name = next(n for n in names if n.startswith("cam."))
+        labels_name = next(n for n in names if n.startswith("segmentation.") and n != "segmentation.dcm")
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise OutputError(f"{folder}: no complete LungGradCAM run there ({exc}); run it again") from None
+    options = report.get("options") or {}
+    explanation = Explanation(
+        probabilities=report["probabilities"], predicted_class=report["predicted_class"],
+        cam=read_volume(folder / cam_name), method=report["method"], target_class=report["target_class"],
+        timings=report.get("timings_s", {}), mode=report.get("mode", ""), layer=report.get("layer", ""),
+        n_patches=report.get("n_patches", 0), device=report.get("device_requested", ""),
+        device_used=report.get("device", ""), model=report.get("model", {}), chest_check=report.get("chest_check"),
+        options=options)
+    labelmap = read_volume(folder / labels_name)
+    regions = [Region.from_dict(r) for r in report.get("regions", [])]
+    return explanation, Segmentation(labelmap, regions, report.get("threshold"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,18 +256,24 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
             input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             report_extra: Optional[dict] = None, started: Optional[float] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
-            inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+            inputs: Sequence[Union[str, os.PathLike]] = (), overlay: bool = True,
+            lungs: bool = True) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
     ``out_dir`` is checked and owned before the work (it may not be, hold or lie inside the source
     path or one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
     ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
-    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call).
-    ``on_estimate``: see :func:`explain`."""
-    started = time.perf_counter() if started is None else started
-    options = ExplainOptions() if options is None else options
+    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call). With
+    ``started`` given, ``startup`` is the time from it to this call (for ``lunggradcam run``: the
+    imports and the option checks). ``on_estimate``: see :func:`explain`. ``overlay``, ``lungs``:
+    write ``overlay.png`` and the lung mask."""
     timings: Dict[str, float] = {}
+    if started is None:
+        started = time.perf_counter()
+    else:
+        timings["startup"] = time.perf_counter() - started
+    options = ExplainOptions() if options is None else options
     stage = Stages(timings, progress, cancel)
     if isinstance(source, (str, os.PathLike)):
         inputs = [input_tree(source), *inputs]
@@ -237,5 +289,6 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
                                                         on_estimate=on_estimate)
         explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
         files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
-                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
+                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra,
+                              overlay=overlay, lungs=lungs)
     return explanation, segmentation, files

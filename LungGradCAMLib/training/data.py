@@ -212,7 +212,7 @@ def _phantom_geometry(rng: np.random.Generator) -> Tuple[Tuple[int, int, int], T
 def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 32),
                     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5), task: str = "nodule",
                     positives_per_nodule: int = 6, negatives_per_kind: int = 4,
-                    jitter_vox: Optional[int] = None, progress: bool = False) -> PatchSet:
+                    jitter_vox: Optional[int] = None, progress: Union[bool, str] = False) -> PatchSet:
     """Patches from one synthetic chest CT per seed (:func:`LungGradCAMLib.phantom.chest_ct` with
     its random nodules, at a scanner setting drawn from the seed: in-plane 1.6-2 mm, slices 2-3
     mm, noise 10-30 HU), resampled to ``spacing_mm`` (i, j, k mm) as the pipeline does.
@@ -241,7 +241,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(seeds, desc="phantoms", unit="scan")
+        iterator = tqdm(seeds, desc=progress if isinstance(progress, str) else "phantoms", unit="scan")
     for seed in iterator:
         rng = np.random.default_rng([int(seed), 20240605])
         shape, spacing, noise = _phantom_geometry(rng)

@@ -313,7 +313,7 @@ def voi_on_grid(voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int],
 def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spacing_mm: Sequence[float],
                      task: str = "malignancy", backgrounds: Optional[Sequence["Background"]] = None,
                      placements: int = 1, jitter_vox: int = 0, feather_mm: float = 3.0, seed: int = 0,
-                     progress: bool = False) -> PatchSet:
+                     progress: Union[bool, str] = False) -> PatchSet:
     """Patches of real nodules (with their reader masks in ``PatchSet.masks``), ``placements`` per
     nodule, each centred on the nodule shifted by up to ``jitter_vox`` voxels per axis.
 
@@ -325,7 +325,8 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
     separately): the nodule alone (its outline, feathered over ``feather_mm``) is put into the
     parenchyma, next to a vessel and on the pleura in turn (the VOI's box edges would tell a
     detector where nodules are). Without backgrounds the rest of the patch is air.
-    Deterministic for a ``seed``; the patient is ``patient_id``."""
+    Deterministic for a ``seed``; the patient is ``patient_id``. ``progress``: a progress bar,
+    labelled with it when it is a string (e.g. "nodules (validation)")."""
     from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, sample_centres
 
     if task not in ("malignancy", "nodule"):
@@ -337,7 +338,7 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(records, desc="nodules", unit="nodule")
+        iterator = tqdm(records, desc=progress if isinstance(progress, str) else "nodules", unit="nodule")
     for voi in iterator:
         for p in range(max(1, placements)):
             offset = rng.integers(-jitter_vox, jitter_vox + 1, size=3) if jitter_vox else np.zeros(3, int)
@@ -402,7 +403,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
         regions = pick(backgrounds, split)
         nodules = lidc_voi_patches([records[i] for i in index], size, spacing_mm, task="nodule",
                                    backgrounds=regions, placements=placements, jitter_vox=jitter,
-                                   seed=seed * 31 + n, progress=progress)
+                                   seed=seed * 31 + n, progress=progress and f"nodules ({split})")
         hu, kinds, names = background_patches(regions, size, negatives_per_kind, rng)
         negatives = PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
                              classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool))
@@ -411,7 +412,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
             found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
                                          positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
-                                         progress=progress))
+                                         progress=progress and f"phantoms ({split})"))
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)
         sets.append(part)

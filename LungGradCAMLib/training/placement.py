@@ -16,7 +16,7 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -149,7 +149,7 @@ def _bands(lungs: np.ndarray, gap_vox: int) -> Dict[str, np.ndarray]:
 
 
 def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_size: Sequence[int],
-                     splits: Sequence[str] = SPLITS) -> List[Background]:
+                     splits: Sequence[str] = SPLITS, progress: bool = False) -> List[Background]:
     """The background regions a CSV ``manifest`` lists: columns ``image`` (a volume file or DICOM
     folder, relative to the manifest's folder or absolute) and ``split`` (``train``,
     ``validation``, ``test``, or ``bands``: the scan's lungs cut along the slice axis into
@@ -157,7 +157,8 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     away from the others). Each scan
     is resampled to ``spacing_mm`` (i, j, k mm) and its lungs found with :func:`lung_mask`. Only
     the regions of ``splits`` are returned. A scan that cannot be read is skipped with a warning
-    naming it; none at all -> :class:`DataError`."""
+    naming it; none at all -> :class:`DataError`. ``progress``: a bar over the scans (reading and
+    segmenting each takes seconds)."""
     from .data import _read_csv, read_image, to_model_grid
     from ..core.errors import LungGradCAMError
     from ..engine.lung import lung_bbox, lung_mask
@@ -165,7 +166,12 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
 
     manifest = Path(manifest)
     out: List[Background] = []
-    for where, row in _read_csv(manifest, ("image", "split")):
+    rows: Any = _read_csv(manifest, ("image", "split"))
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="background CTs", unit="scan")
+    for where, row in rows:
         split = row["split"].strip()
         if split not in SPLITS + ("bands",):
             raise DataError(f"{where}: split must be train, validation, test or bands; got {split!r}")

@@ -157,7 +157,7 @@ def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: b
 
     records = lidc_voi_records(spec.path)
     if spec.task == "malignancy":
-        backgrounds = load_backgrounds(spec.backgrounds, spacing, size) if spec.backgrounds else None
+        backgrounds = load_backgrounds(spec.backgrounds, spacing, size, progress=progress) if spec.backgrounds else None
         return lidc_voi_patches(records, size, spacing, task="malignancy", backgrounds=backgrounds,
                                 placements=spec.placements or 4, jitter_vox=2, seed=spec.seed, progress=progress)
     if not spec.backgrounds:
@@ -165,7 +165,7 @@ def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: b
                                 "hold the placed nodules and give the negatives)")
     val, test = spec.split_fractions
     return lidc_voi_detection_patches(
-        records, load_backgrounds(spec.backgrounds, spacing, size, SPLITS), size, spacing,
+        records, load_backgrounds(spec.backgrounds, spacing, size, SPLITS, progress=progress), size, spacing,
         fractions=(1 - val - test, val, test), placements=spec.placements or 3,
         negatives_per_kind=spec.negatives_per_region, phantom_seeds=list(spec.with_phantoms),
         phantom_positives_per_nodule=spec.positives_per_nodule, phantom_negatives_per_kind=spec.negatives_per_kind,

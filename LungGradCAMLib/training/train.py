@@ -369,7 +369,8 @@ def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             best.metrics = {"held_out_test": {"data": report["data"], "ci_method": report["ci_method"]},
                             **{k: v for k, v in report["metrics"].items()}}
             save_model(loaded.module, best, result.fit.best_path)
-            write_report(report, folder, result.fit.history, title=best.name)
+            write_report(report, folder, result.fit.history,
+                         title=f"{best.name} {best.version}" + (f", {name}" if name else ", held-out test"))
             result.report = report
         results.append(result)
     if rank == 0 and folds:

@@ -11,7 +11,7 @@ import stat
 from collections import OrderedDict
 from contextlib import closing
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pydicom
@@ -96,80 +96,43 @@ def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 
     return save_model(module, card, folder / f"{name}.safetensors")
 
 def make_ctk_db(folder, dicom_dir):
-    """A Slicer DICOM database in ``folder`` indexing the first series of ``dicom_dir``."""
-    from LungGradCAMLib.io.dicom import list_dicom_series
+    """A Slicer DICOM database in ``folder`` indexing the series under ``dicom_dir``: the user's
+    command (``lunggradcam dicom-db``, :func:`~LungGradCAMLib.io.ctkdb_write.make_dicom_database`)."""
+    from LungGradCAMLib.io.ctkdb_write import make_dicom_database
 
-    return make_database(Path(folder), list_dicom_series(dicom_dir)[0].files)
+    return make_dicom_database(dicom_dir, folder).path
 
 
-# CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
-SCHEMA = """
-CREATE TABLE 'SchemaInfo' ( 'Version' VARCHAR(1024) NOT NULL );
-CREATE TABLE 'Images' ( 'SOPInstanceUID' VARCHAR(64) NOT NULL, 'Filename' VARCHAR(1024) NOT NULL,
-  'URL' VARCHAR(2048) NOT NULL, 'SeriesInstanceUID' VARCHAR(64) NOT NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
-  PRIMARY KEY ('SOPInstanceUID') );
-CREATE TABLE 'Patients' ( 'UID' INTEGER PRIMARY KEY AUTOINCREMENT, 'PatientsName' VARCHAR(255) NULL,
-  'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL,
-  'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL,
-  'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL,
-  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL );
-CREATE TABLE 'Studies' ( 'StudyInstanceUID' VARCHAR(64) NOT NULL, 'PatientsUID' INT NOT NULL,
-  'StudyID' VARCHAR(255) NULL, 'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL,
-  'StudyDescription' VARCHAR(255) NULL, 'AccessionNumber' VARCHAR(255) NULL,
-  'ModalitiesInStudy' VARCHAR(255) NULL, 'InstitutionName' VARCHAR(255) NULL,
-  'ReferringPhysician' VARCHAR(255) NULL, 'PerformingPhysiciansName' VARCHAR(255) NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedNumberOfSeries' INT NULL,
-  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('StudyInstanceUID') );
-CREATE TABLE 'Series' ( 'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'StudyInstanceUID' VARCHAR(64) NOT NULL,
-  'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL,
-  'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, 'BodyPartExamined' VARCHAR(255) NULL,
-  'FrameOfReferenceUID' VARCHAR(64) NULL, 'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL,
-  'ScanningSequence' VARCHAR(45) NULL, 'EchoNumber' INT NULL, 'TemporalPosition' INT NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL,
-  'DisplayedNumberOfFrames' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
-  PRIMARY KEY ('SeriesInstanceUID') );
-CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');
-CREATE INDEX 'ImagesSeriesIndex' ON 'Images' ('SeriesInstanceUID');
-CREATE INDEX 'SeriesStudyIndex' ON 'Series' ('StudyInstanceUID');
-CREATE INDEX 'StudiesPatientIndex' ON 'Studies' ('PatientsUID');
-CREATE TABLE 'Directories' ( 'Dirname' VARCHAR(1024), PRIMARY KEY ('Dirname') );
-"""
+def make_database(folder: Path, files, version: Optional[str] = None) -> Path:
+    """A Slicer DICOM database in ``folder`` indexing ``files`` (none: an empty one) with
+    LungGradCAM's writer, its SchemaInfo version then set to ``version`` when given (another
+    CTK schema, or a broken one)."""
+    from LungGradCAMLib.io.ctkdb_write import create_dicom_database, make_dicom_database
+
+    path = make_dicom_database(list(files), folder).path if files else create_dicom_database(folder)
+    if version is not None:
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE SchemaInfo SET Version = ?", (version,))
+    return path
+
 
 STAMP = "2026-01-01 12:00:00"
 
-def make_database(folder: Path, files, version: str = "0.8.1") -> Path:
-    """Index ``files`` as CTK does: one Patients/Studies/Series row each, one Images row per file,
-    Filename relative to ``folder`` when the file lies inside it, absolute otherwise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "ctkDICOM.sql"
-    with closing(sqlite3.connect(path)) as db, db:
-        db.executescript(SCHEMA)
-        db.execute("INSERT INTO SchemaInfo VALUES (?)", (version,))
-        patients = {}
-        for f in files:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            key = (str(ds.PatientName), ds.PatientID)
-            if key not in patients:
-                cur = db.execute("INSERT INTO Patients (PatientsName, PatientID, PatientsBirthDate, InsertTimestamp) "
-                                 "VALUES (?, ?, ?, ?)", (key[0], key[1], ds.get("PatientBirthDate", ""), STAMP))
-                patients[key] = cur.lastrowid
-            db.execute("INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, StudyDate, StudyDescription, "
-                       "ModalitiesInStudy, InsertTimestamp) VALUES (?, ?, ?, ?, ?, ?)",
-                       (ds.StudyInstanceUID, patients[key], ds.get("StudyDate", ""),
-                        ds.get("StudyDescription", ""), ds.Modality, STAMP))
-            db.execute("INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesNumber, SeriesDate, "
-                       "SeriesDescription, Modality, BodyPartExamined, FrameOfReferenceUID, InsertTimestamp) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.get("SeriesNumber"), ds.get("SeriesDate", ""),
-                        ds.get("SeriesDescription", ""), ds.Modality, ds.get("BodyPartExamined", ""),
-                        ds.get("FrameOfReferenceUID", ""), STAMP))
-            f = Path(f).resolve()
-            name = f.relative_to(folder.resolve()).as_posix() if folder.resolve() in f.parents else str(f)
-            db.execute("INSERT INTO Images (SOPInstanceUID, Filename, URL, SeriesInstanceUID, InsertTimestamp) "
-                       "VALUES (?, ?, '', ?, ?)", (ds.SOPInstanceUID, name, ds.SeriesInstanceUID, STAMP))
-    return path
+#: pydicom 3 or newer; Slicer 5.8 and 5.10 bundle pydicom 2.4.4 (`make test-slicer58` runs on it).
+PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
+
+
+def encoder_available(syntax) -> bool:
+    """Whether this pydicom can encode ``syntax`` (pydicom 2 encodes RLE only)."""
+    try:
+        from pydicom.pixels import get_encoder  # pydicom >= 3
+    except ImportError:
+        from pydicom.encoders import get_encoder
+    try:
+        return get_encoder(syntax).is_available
+    except NotImplementedError:
+        return False
+
 
 SHAPE = (8, 8, 8)
 

@@ -174,9 +174,12 @@ def _mixed_orientations(root: Path) -> Made:
 
 
 def _two_ct_series(root: Path) -> Made:
-    a = _series(root / "a", series_description="lung kernel")
-    b = _series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel")
-    return Made(root, lambda: load_dicom_series(root), [_uid(a[0]), _uid(b[0]), "lung kernel", "soft kernel"])
+    # two patients' CTs in one tree: each series is named with its patient and folder
+    a = _series(root / "a", series_description="lung kernel", patient_id="LIDC-IDRI-0001")
+    b = _series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel", patient_id="LIDC-IDRI-0002")
+    return Made(root, lambda: load_dicom_series(root), [_uid(a[0]), _uid(b[0]), "lung kernel", "soft kernel",
+                                                         f"patient 'LIDC-IDRI-0001'  in {root / 'a'}",
+                                                         f"patient 'LIDC-IDRI-0002'  in {root / 'b'}"])
 
 
 def _empty_folder(root: Path) -> Made:

@@ -89,6 +89,17 @@ def test_report_figures(tmp_path):
         ev.save_loss_curves_png([], tmp_path / "x.png")
 
 
+def test_loss_figure_keeps_the_auc_off_the_loss_axis():
+    """loss.png: the losses on a loss axis, the validation AUC in a panel of its own (0 to 1)."""
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_auc": 0.5 + e / 10} for e in range(1, 4)]
+    loss, auc = ev.loss_curves_figure(history, title="nodule-v2 2.0.0, held-out test").axes
+    assert [line.get_label() for line in loss.get_lines()] == ["training loss", "validation loss"]
+    assert loss.get_ylabel() == "loss" and auc.get_ylabel() == "ROC AUC" and auc.get_ylim() == (0, 1.01)
+    np.testing.assert_allclose(auc.get_lines()[0].get_ydata(), [0.6, 0.7, 0.8])
+    only_loss = ev.loss_curves_figure([{"epoch": 1, "train_loss": 0.7}])
+    assert len(only_loss.axes) == 1
+
+
 def _tiny_model_and_data(tmp_path):
     torch.manual_seed(0)
     card = ModelCard("gradcam3d_cnn", {"width": 4}, ["background", "nodule"], "nodule", "features.act6",

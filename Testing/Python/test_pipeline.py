@@ -266,6 +266,16 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
     assert "held-out test scans" in lines[0]
     assert "prediction: nodule" in out and "the heat map's maximum is" in out
+    # each hot region, and each true nodule found or missed
+    report = json.loads((tmp_path / "result" / "report.json").read_text())
+    for region in report["regions"]:
+        assert f"     {region['name']}: {region['volume_ml']:.2f} ml, centre RAS (" in out
+    phantom_ = lgc.phantom.chest_ct(seed=7)
+    nodule_lines = [line.strip() for line in lines if line.strip().startswith("nodule ")]
+    assert len(nodule_lines) == len(phantom_.nodules)
+    found = sum(": found: heat-map region" in line for line in nodule_lines)
+    assert found + sum(": missed (heat at most" in line for line in nodule_lines) == len(phantom_.nodules)
+    assert f"{found} of {len(phantom_.nodules)} phantom nodules found by a hot region" in out and found >= 1
     # where the outputs are and how to open them in Slicer
     assert f"Outputs in {tmp_path.resolve()}" in out and "drag and drop" in out
     slicer_line = next(line for line in lines if line.startswith("  the phantom: "))
@@ -366,7 +376,14 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
-    assert ds.ContentDescription == exp.model["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
+    assert ds.ContentDescription == exp.model["intended_use"] and ds.ContentLabel == "HEATMAP"  # short: whole
+    # LO holds 64 characters: a longer intended use (the bundled model's) is shortened at a word
+    from LungGradCAMLib.io.dicomseg import content_description
+
+    use = lgc.load_model("default").card.intended_use
+    short = content_description(use)
+    assert len(use) > 64 and len(short) <= 64 and short.endswith("...")
+    assert use.startswith(short[:-3]) and use[len(short) - 3] == " "
     for item, region in zip(ds.SegmentSequence, seg.regions):
         assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
         category = item.SegmentedPropertyCategoryCodeSequence[0]

@@ -80,7 +80,11 @@ def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, regi
         assert opinion["model"] == "tiny-region" and opinion["target_class"] == "malignant"
         assert set(opinion["probabilities"]) == {"benign", "malignant"}
         assert opinion["probability"] == opinion["probabilities"]["malignant"]
-        assert f"tiny-region P(malignant) = {opinion['probability']:.3f}" in printed
+        centre = ", ".join(f"{c:.1f}" for c in region["centroid_ras"])
+        # one line per region: where, how big, how hot, its HU, and the region model's answer
+        assert (f"  {region['name']}: {region['volume_ml']:.2f} ml, centre RAS ({centre}) mm, peak "
+                f"{region['peak_cam']:.2f}, mean {region['mean_hu']:.0f} HU, tiny-region P(malignant) = "
+                f"{opinion['probability']:.3f}") in printed
     assert "second_opinion" in report["timings_s"]
 
 
