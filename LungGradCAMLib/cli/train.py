@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
+from ..core.atomic import strict_json
 from ..core.errors import InvalidInputError, ModelError
 from ..training.sources import DataSpec, load_data
 from .common import argument_type, device
@@ -112,6 +112,6 @@ def _run(args: argparse.Namespace) -> int:
                                  progress=not args.no_progress, device=args.device)
     if init_torchrun()[0] == 0:
         for r in results:
-            print(json.dumps({"fold": r.name or "holdout", "best_epoch": r.fit.best_epoch,
-                              **{k: round(v["value"], 4) for k, v in r.report["metrics"].items()}}))
+            print(strict_json({"fold": r.name or "holdout", "best_epoch": r.fit.best_epoch,
+                               **{k: round(v["value"], 4) for k, v in r.report["metrics"].items()}}))
     return 0

@@ -100,9 +100,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON text (NaN and infinities become null, which every JSON reader takes);
+    ``kwargs`` as for :func:`json.dumps`."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: "str | os.PathLike[str]", obj: Any, default: Optional[Callable[[Any], Any]] = None) -> Path:
     """Write ``obj`` as indented, strict JSON (NaN and infinities become null) atomically."""
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=default) + "\n")
+    return write_text(path, strict_json(obj, indent=2, default=default) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +182,10 @@ def _ownership(folder: Path, names: Collection[str], exclusive: bool) -> Tuple[O
         marker["present"], marker["identity"] = {}, {}
         for name, digests in marker["vouched"].items():
             ident = _identity(folder / name)
-            digest = _sha256(folder / name) if ident is not None else None
+            try:
+                digest = _sha256(folder / name) if ident is not None else None
+            except OSError:  # unreadable now: not provably the file a run wrote
+                digest = None
             if digest in digests:
                 ours.add(name)
                 marker["present"][name], marker["identity"][name] = digest, ident
@@ -384,15 +393,18 @@ def output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.Path
         raise OutputError(f"{final}: cannot write there ({exc.strerror}); choose another output folder") from None
     run, first, done = secrets.token_hex(16), False, False
     try:
-        marker, foreign = _ownership(final, names, exclusive)  # again, now that no other run can change it
-        if foreign:
-            raise _not_ours(final, foreign)
-        if marker is None or marker["run"] is None:
-            (final / MARKER).unlink(missing_ok=True)  # an empty one: a run killed as it made it
-            _first_marker(final, run)
-            first, marker = True, {"run": run, "present": {}, "identity": {}}
-        shutil.rmtree(final / WORK, ignore_errors=True)  # what a killed run left (the marker vouches for it)
-        (final / WORK / "new").mkdir(parents=True)
+        try:
+            marker, foreign = _ownership(final, names, exclusive)  # again, now that no other run can change it
+            if foreign:
+                raise _not_ours(final, foreign)
+            if marker is None or marker["run"] is None:
+                (final / MARKER).unlink(missing_ok=True)  # an empty one: a run killed as it made it
+                first, marker = True, {"run": run, "present": {}, "identity": {}}
+                _first_marker(final, run)
+            shutil.rmtree(final / WORK, ignore_errors=True)  # what a killed run left (the marker vouches for it)
+            (final / WORK / "new").mkdir(parents=True)
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile
+            raise OutputError(f"{final}: cannot write there ({exc.strerror}); choose another output folder") from None
         _OWNED[key] = final / WORK / "new"
         yield final / WORK / "new"
         try:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..core.atomic import atomic_path, write_text
+from ..core.atomic import atomic_path, write_json
 from ..core.errors import DataError, InvalidInputError
 
 METRICS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "roc_auc")
@@ -200,12 +200,12 @@ def loss_curves_figure(history: Sequence[Dict[str, Any]], title: str = "training
     ax = fig.add_subplot(1, 2 if with_auc else 1, 1)
     for key, label in (("train_loss", "training loss"), ("val_loss", "validation loss")):
         if any(key in h for h in history):
-            ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3, label=label)
+            ax.plot(epochs, [_number(h.get(key)) for h in history], marker="o", ms=3, label=label)
     ax.set(xlabel="epoch", ylabel="loss", title="loss")
     ax.legend(loc="upper right", fontsize=8)
     if with_auc:
         auc = fig.add_subplot(1, 2, 2)
-        auc.plot(epochs, [h.get("val_auc", float("nan")) for h in history], color="green", marker="o", ms=3,
+        auc.plot(epochs, [_number(h.get("val_auc")) for h in history], color="green", marker="o", ms=3,
                  label="validation ROC AUC")
         auc.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
         auc.set(xlabel="epoch", ylabel="ROC AUC", title="validation ROC AUC", ylim=(0, 1.01))
@@ -217,6 +217,11 @@ def loss_curves_figure(history: Sequence[Dict[str, Any]], title: str = "training
 def save_loss_curves_png(history: Sequence[Dict[str, Any]], path: Any, title: str = "training") -> Path:
     """:func:`loss_curves_figure` as a PNG file."""
     return _save_figure(loss_curves_figure(history, title), Path(path))
+
+
+def _number(value: Any) -> float:
+    """A logged number; NaN for a missing or undefined one (strict JSON writes it as null)."""
+    return float("nan") if value is None else float(value)
 
 
 def read_log(path: Any) -> List[Dict[str, Any]]:
@@ -263,7 +268,7 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
                  title: str = "") -> Dict[str, Path]:
     """Write ``report.json``, ``roc.png`` (and ``loss.png`` from ``history``) into ``out_dir``."""
     out = Path(out_dir)
-    paths = {"report": write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=True) + "\n")}
+    paths = {"report": write_json(out / "report.json", report)}  # strict JSON: an undefined metric is null
     if "roc" in report:
         paths["roc"] = save_roc_png(report, out / "roc.png", title=f"ROC {title}".strip())
     if history:

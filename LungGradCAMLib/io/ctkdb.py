@@ -27,6 +27,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 from ..core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
 from ..core.paths import check_path, kind
+from ..core.text import escaped
 from ..core.volume import Volume
 
 DATABASE_FILENAME = "ctkDICOM.sql"
@@ -238,8 +239,8 @@ class DicomDatabase:
                                                    (series.series_uid,)) if _text(r[0])]
         paths = [str(Path(n).parent if os.path.isabs(n) else (self.folder / n).parent) for n in names]
         folder = os.path.commonpath(paths) if paths else "?"
-        return (f"{series.series_uid}  '{series.description}'  {series.n_images} image(s)  "
-                f"patient {patient or '(no PatientID)'!r}  in {folder}")
+        return (f"{escaped(series.series_uid, 80)}  '{escaped(series.description, 80)}'  "
+                f"{series.n_images} image(s)  patient '{escaped(patient or '(no PatientID)', 80)}'  in {escaped(folder)}")
 
     def load_single_ct(self, **kwargs: Any) -> Volume:
         """The database's only CT series (none -> :class:`NoSeriesFoundError`, several ->

@@ -28,17 +28,17 @@ def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
 
     from .dicom import list_dicom_series
 
-    source, uid = ct.meta.get("source"), ct.meta.get("series_uid")
-    if not source or not uid:
+    files, uid = ct.meta.get("source_files"), ct.meta.get("series_uid")
+    if not files or not uid:
         raise InvalidInputError("a DICOM Segmentation needs a CT loaded from DICOM (its source series); "
                                 "this volume has no DICOM source")
     if ct.meta.get("resampled"):
         raise DicomError(f"series {uid} was resampled on loading ({ct.meta['resampled']}); its slices no "
                          "longer match the volume, so no DICOM Segmentation can reference them")
     key = ct.meta.get("series_part", uid)
-    infos = [s for s in list_dicom_series(source) if s.key == key]
+    infos = [s for s in list_dicom_series(files) if s.key == key]  # the files it was loaded from, read again
     if not infos:
-        raise DicomError(f"series {uid}: its source files are no longer in {source}")
+        raise DicomError(f"series {uid}: its source files ({ct.meta.get('source')}) no longer hold it")
     datasets = [pydicom.dcmread(str(f)) for f in infos[0].files]
     # each slice's ImagePositionPatient (LPS) must be the volume's voxel (0, 0, k)
     lps_origin = (LPS_TO_RAS @ ct.ijk_to_ras)[:3]

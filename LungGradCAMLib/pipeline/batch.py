@@ -124,13 +124,28 @@ def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
     return row
 
 
+def spreadsheet_cell(value: Any) -> Any:
+    """``value`` as a CSV cell a spreadsheet shows and never runs as a formula: text starting with
+    ``=``, ``+``, ``-``, ``@`` (or a tab or carriage return) gets a leading apostrophe, as OWASP
+    advises; a number stays as it is. (Series UIDs, folder names and error messages come from
+    the files.)"""
+    text = str(value)
+    if text[:1] not in ("=", "+", "-", "@", "\t", "\r"):
+        return value
+    try:
+        float(text)
+        return value
+    except ValueError:
+        return "'" + text
+
+
 def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
     """``summary.csv`` from what is on disk (so it is whole after any interruption)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for job in jobs:
-        writer.writerow(_summary_row(job, out_dir))
+        writer.writerow({k: spreadsheet_cell(v) for k, v in _summary_row(job, out_dir).items()})
     with output_folder(out_dir, names=(SUMMARY,), exclusive=False, replace=False, wait=True) as staging:
         write_text(staging / SUMMARY, buf.getvalue())  # one writer at a time (it waits for another)
     return out_dir / SUMMARY
@@ -176,11 +191,13 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
               skipped: Optional[Dict[str, int]] = None, overlay: bool = True, lungs: bool = True) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
 
-    Resumable: a series whose ``report.json`` was made with the same result options and model
-    (``result_key`` in the report: :meth:`ExplainOptions.result_options` without the model's name,
-    plus the weights' SHA-256) is skipped; a series done with other options is done again. A
-    series whose data fails (DICOM, volume or database errors) is recorded in its ``error.json``
-    and the rest go on; later runs with the same options skip it unless ``redo_failed``. A failure
+    Resumable: a series whose ``report.json`` was made with the same result options, outputs and
+    model (``result_key`` in the report: :meth:`ExplainOptions.result_options` without the model's
+    name, ``dicom_seg`` and ``volume_format``, plus the weights' SHA-256) is skipped; a series done
+    with other options is done again. A series whose data fails (DICOM, volume or database errors)
+    is recorded in its ``error.json`` with that key and the rest go on; later runs with the same
+    key skip it unless ``redo_failed``, and a run with other options (e.g. without ``dicom_seg``,
+    when it was the DICOM SEG that the series could not give) tries it again. A failure
     that is not the series' own is never recorded for good: the options and the model are checked
     before the first series, an error of the run's options or output folder stops the batch, and
     a series that ran out of memory or failed unexpectedly is recorded to be retried by the next
@@ -204,7 +221,8 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     if world > 1:  # gloo: the ranks only wait for each other, for as long as the cohort takes
         init_torchrun("gloo", timeout=datetime.timedelta(days=7))
     loaded = check_options(options)  # once, before any series: a wrong option stops the batch here
-    key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256}
+    key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256,
+           "dicom_seg": dicom_seg, "volume_format": volume_format}
     out.mkdir(parents=True, exist_ok=True)
     reasons = {job.uid: _skip_reason(out / safe_name(job.uid), key, redo_failed) for job in jobs[rank::world]}
     todo = [job for job in jobs[rank::world] if reasons[job.uid] is None]

@@ -51,7 +51,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from ..core.atomic import write_text
+from ..core.atomic import write_json
 from ..core.errors import DataError, InvalidInputError
 from ..engine.device import resolve_device
 from ..engine.models import LoadedModel, ModelCard, load_model
@@ -288,5 +288,5 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
                   "empty_masks": "background patches borrow the truth mask of a random lesion patch of their split"},
         cam_blank={c: int(np.sum(blank & (labels == i))) for i, c in enumerate(card.class_names)},
     )
-    write_text(out / "cam_retrain.json", json.dumps(result.to_dict(), indent=2, allow_nan=True) + "\n")
+    write_json(out / "cam_retrain.json", result.to_dict())
     return result

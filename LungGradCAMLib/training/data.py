@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import DataError
-from ..core.volume import AIR_HU, LabelMap, Volume, read_volume, resample
+from ..core.volume import AIR_HU, MAX_POSITION_MM, LabelMap, Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
 log = logging.getLogger(__name__)
@@ -347,28 +347,41 @@ def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
                     tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> List[Dict[str, str]]:
+def _read_csv(path: Path, required: Sequence[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """The rows of the CSV table ``path``, each as (where: "<path> line N", the row), every row
+    with one cell per column of the header. A table without the ``required`` columns, or a row
+    with fewer or more cells than the header, raises :class:`DataError` naming its line."""
+    rows = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; expected at least {list(required)}")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or None in row.values():
+                    cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                    raise DataError(f"{where}: {cells} cell(s) where the header has {len(header)} columns; "
+                                    "give each row one cell per column (an empty one for no value)")
+                rows.append((where, row))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the CSV ({exc})") from None
-    header = set(rows[0]) if rows else set()
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected at least {list(required)}"
-                        + ("" if rows else " (the file has no data rows)"))
     return rows
 
 
-def _float_cells(row: Dict[str, str], names: Sequence[str], where: str) -> Tuple[float, ...]:
+def _float_cells(row: Dict[str, str], names: Sequence[str], where: str,
+                 low: float = -MAX_POSITION_MM, high: float = MAX_POSITION_MM) -> Tuple[float, ...]:
+    """The cells ``names`` of ``row`` as numbers from ``low`` to ``high`` (default: a position in
+    mm, at most :data:`MAX_POSITION_MM` from the origin, as a CT's); else :class:`DataError`."""
+    what = f"{where}: {', '.join(names)} must be " + ("a number" if len(names) == 1 else "numbers")
     try:
         values = tuple(float(row[n]) for n in names)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: {', '.join(names)} must be numbers; got "
-                        f"{[row.get(n) for n in names]}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise DataError(f"{where}: {', '.join(names)} must be finite numbers")
+        raise DataError(f"{what}; got {[row.get(n) for n in names]}") from None
+    if not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise DataError(f"{what} from {low:g} to {high:g}; got {[row.get(n) for n in names]}")
     return values
 
 
@@ -399,16 +412,15 @@ def luna16_samples(root: PathLike, max_negatives_per_scan: Optional[int] = 20,
     positives: List[Sample] = []
     negatives: Dict[str, List[Sample]] = defaultdict(list)
     if ann_path.is_file():
-        for n, row in enumerate(_read_csv(ann_path, ("seriesuid",) + xyz), start=2):
+        for where, row in _read_csv(ann_path, ("seriesuid",) + xyz):
             if row["seriesuid"] in scans:
-                centre = lps_to_ras(_float_cells(row, xyz, f"{ann_path} line {n}"))
+                centre = lps_to_ras(_float_cells(row, xyz, where))
                 positives.append(Sample(scans[row["seriesuid"]], centre, 1, row["seriesuid"], "nodule"))
     if cand_path.is_file():
-        for n, row in enumerate(_read_csv(cand_path, ("seriesuid", "class") + xyz), start=2):
+        for where, row in _read_csv(cand_path, ("seriesuid", "class") + xyz):
             uid = row["seriesuid"]
             if uid not in scans:
                 continue
-            where = f"{cand_path} line {n}"
             if row["class"].strip() not in ("0", "1"):
                 raise DataError(f"{where}: class must be 0 or 1; got {row['class']!r}")
             centre = lps_to_ras(_float_cells(row, xyz, where))
@@ -434,10 +446,8 @@ def manifest_samples(path: PathLike, class_names: Sequence[str]) -> List[Sample]
     ``patient`` (defaults to the image path), ``x, y, z`` (patch centre, mm) and ``space``
     (``RAS``, the default, or ``LPS``). Without x, y, z the patch is the scan's centre."""
     path = Path(path)
-    rows = _read_csv(path, ("image", "label"))
     samples = []
-    for n, row in enumerate(rows, start=2):
-        where = f"{path} line {n}"
+    for where, row in _read_csv(path, ("image", "label")):
         label = row["label"].strip()
         if label in class_names:
             index = list(class_names).index(label)

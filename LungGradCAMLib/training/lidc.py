@@ -215,6 +215,21 @@ def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence
 # --------------------------------------------------------------------------------------------
 #: Columns of ``nodules.csv`` a LIDC VOI folder must have.
 VOI_COLUMNS = ("patient_id", "nodule_id", "Diagnosis", "diameter_mm")
+#: The values ``nodules.csv`` may hold: LIDC's malignancy ratings, a lesion's diameter (mm;
+#: a chest is about 500 mm wide).
+MALIGNANCY_RATINGS = (1.0, 5.0)
+DIAMETERS_MM = (1e-3, 500.0)
+
+
+def _plain_name(row: Dict[str, str], column: str, where: str) -> str:
+    """``row[column]`` when it can be part of a file name inside the VOI folder: not empty, no
+    path separator or control character (an ID such as ``../../x`` or ``/etc/x`` would read files
+    outside it)."""
+    value = row[column].strip()
+    if not value or any(c in value for c in "/\\:") or not value.isprintable():
+        raise DataError(f"{where}: {column} {value!r} is not a plain name; the VOI folder's files are named "
+                        "image/<patient_id>_R_<nodule_id>.nii.gz, so IDs hold no path separators")
+    return value
 
 
 @dataclass
@@ -254,20 +269,21 @@ def lidc_voi_records(root: PathLike) -> List[LidcVoi]:
     if not table.is_file():
         raise DataError(f"{root}: no nodules.csv; a LIDC VOI folder holds nodules.csv, image/ and nodule_mask/")
     records, missing = [], []
-    for n, row in enumerate(_read_csv(table, VOI_COLUMNS), start=2):
-        where = f"{table} line {n}"
+    for where, row in _read_csv(table, VOI_COLUMNS):
         diagnosis = row["Diagnosis"].strip().lower()
         if diagnosis not in ("benign", "malign", "malignant"):
             raise DataError(f"{where}: Diagnosis must be Benign or Malign; got {row['Diagnosis']!r}")
-        name = f"{row['patient_id'].strip()}_R_{row['nodule_id'].strip()}.nii.gz"
+        patient, nodule = (_plain_name(row, column, where) for column in ("patient_id", "nodule_id"))
+        name = f"{patient}_R_{nodule}.nii.gz"
         image, mask = root / "image" / name, root / "nodule_mask" / name
         if not image.is_file() or not mask.is_file():
             missing.append(str(image if not image.is_file() else mask))
             continue
-        rating = (row.get("Malignancy_value") or "").strip()
-        records.append(LidcVoi(row["patient_id"].strip(), row["nodule_id"].strip(), image, mask,
-                               int(diagnosis != "benign"), float(rating) if rating else math.nan,
-                               _float_cells(row, ("diameter_mm",), where)[0], row))
+        rating = math.nan
+        if (row.get("Malignancy_value") or "").strip():
+            rating = _float_cells(row, ("Malignancy_value",), where, *MALIGNANCY_RATINGS)[0]
+        records.append(LidcVoi(patient, nodule, image, mask, int(diagnosis != "benign"), rating,
+                               _float_cells(row, ("diameter_mm",), where, *DIAMETERS_MM)[0], row))
     if missing:
         log.warning("%d row(s) of %s have no image or mask file and are skipped: %s", len(missing), table,
                     ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))

@@ -16,7 +16,7 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -165,17 +165,16 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     from ..core.volume import crop
 
     manifest = Path(manifest)
-    rows = _read_csv(manifest, ("image", "split"))
     out: List[Background] = []
-    numbered = enumerate(rows, start=2)
+    rows: Any = _read_csv(manifest, ("image", "split"))
     if progress:
         from tqdm import tqdm
 
-        numbered = tqdm(numbered, total=len(rows), desc="background CTs", unit="scan")
-    for n, row in numbered:
+        rows = tqdm(rows, desc="background CTs", unit="scan")
+    for where, row in rows:
         split = row["split"].strip()
         if split not in SPLITS + ("bands",):
-            raise DataError(f"{manifest} line {n}: split must be train, validation, test or bands; got {split!r}")
+            raise DataError(f"{where}: split must be train, validation, test or bands; got {split!r}")
         if split != "bands" and split not in splits:
             continue
         image = Path(row["image"])

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.atomic import atomic_path, write_text
+from ..core.atomic import atomic_path, strict_json, write_json, write_text
 from ..core.errors import DataError, InvalidInputError
 from ..engine.cam import probabilities
 from ..engine.device import resolve_device
@@ -248,9 +248,9 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
                             "scheduler": sched.state_dict(), "epoch": epoch, "best_loss": best_loss,
                             "bad_epochs": bad_epochs, "best_epoch": best_epoch,
                             "history": json.dumps(history), "fingerprint": fingerprint}, tmp)
-            write_text(out / "log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            write_text(out / "log.jsonl", "".join(strict_json(h) + "\n" for h in history))
             if progress:
-                print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
+                print(strict_json({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
                       file=sys.stderr, flush=True)
         barrier()
     return FitResult(out / "best.safetensors", out / "last.safetensors", history, best_epoch,
@@ -374,7 +374,6 @@ def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             result.report = report
         results.append(result)
     if rank == 0 and folds:
-        write_text(out / "cv_report.json",
-                   json.dumps(cross_validation_report([r.report for r in results]), indent=2) + "\n")
+        write_json(out / "cv_report.json", cross_validation_report([r.report for r in results]))
     barrier()
     return results

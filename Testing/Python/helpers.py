@@ -1,7 +1,9 @@
 """What several test modules share: paths, the real-data folder, a read-only mount, tiny models,
-test networks and inputs, and Slicer DICOM databases (``from helpers import ...``)."""
+test networks and inputs, Slicer DICOM databases, LIDC VOI folders and folder snapshots
+(``from helpers import ...``)."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import sqlite3
@@ -11,11 +13,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import pydicom
 import pytest
 import torch
 from torch import nn
 
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,3 +156,22 @@ def make_net(classes: int = 3, inplace: bool = False, seed: int = 0,
 def make_input(n: int = 2, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, 1) + SHAPE, generator=g, dtype=dtype)
+
+
+def write_voi_folder(root, rows):
+    """A LIDC VOI folder: for each (patient, nodule, diagnosis, radius_vox) a 12x20x20 VOI at
+    0.8 x 0.8 x 1.25 mm with a ball of +40 HU in -850 HU lung and its mask."""
+    (root / "image").mkdir(parents=True)
+    (root / "nodule_mask").mkdir()
+    m = axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0))
+    k, j, i = np.indices((12, 20, 20))
+    with open(root / "nodules.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "nodule_id", "Diagnosis", "diameter_mm", "Malignancy_value"])
+        for patient, nodule, diagnosis, r in rows:
+            ball = ((k - 6) * 1.25) ** 2 + ((j - 10) * 0.8) ** 2 + ((i - 10) * 0.8) ** 2 <= (r * 0.8) ** 2
+            hu = np.where(ball, 40, -850).astype(np.int16)
+            name = f"{patient}_R_{nodule}.nii.gz"
+            write_volume(Volume(hu, m), root / "image" / name)
+            write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
+            w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])

@@ -21,20 +21,9 @@ from LungGradCAMLib.core.volume import Volume, write_volume
 from LungGradCAMLib.options import ExplainOptions
 from LungGradCAMLib.pipeline import run_one
 
-from helpers import make_ctk_db, make_tiny_model, snapshot
+from helpers import make_ctk_db, snapshot
 
 MARKER = ".lunggradcam.json"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A whole-volume tiny model (one pass over the CT at 8 mm): fast on CPU."""
-    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
-
-
-@pytest.fixture(scope="module")
-def chest() -> Volume:
-    return phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,12 @@
 """Real nodules: the LIDC VOI source, background regions, nodule placement, fixed splits."""
 from __future__ import annotations
 
-import csv
 import logging
 
 import numpy as np
 import pytest
 
-from helpers import data_path
+from helpers import data_path, write_voi_folder
 from LungGradCAMLib.training import data, lidc, placement
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
@@ -16,29 +15,10 @@ SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
 
 
-def _write_voi_folder(root, rows):
-    """A LIDC VOI folder: for each (patient, nodule, diagnosis, radius_vox) a 12x20x20 VOI at
-    0.8 x 0.8 x 1.25 mm with a ball of +40 HU in -850 HU lung and its mask."""
-    (root / "image").mkdir(parents=True)
-    (root / "nodule_mask").mkdir()
-    m = axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0))
-    k, j, i = np.indices((12, 20, 20))
-    with open(root / "nodules.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient_id", "nodule_id", "Diagnosis", "diameter_mm", "Malignancy_value"])
-        for patient, nodule, diagnosis, r in rows:
-            ball = ((k - 6) * 1.25) ** 2 + ((j - 10) * 0.8) ** 2 + ((i - 10) * 0.8) ** 2 <= (r * 0.8) ** 2
-            hu = np.where(ball, 40, -850).astype(np.int16)
-            name = f"{patient}_R_{nodule}.nii.gz"
-            write_volume(Volume(hu, m), root / "image" / name)
-            write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
-            w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])
-
-
 @pytest.fixture
 def voi_folder(tmp_path):
     root = tmp_path / "vois"
-    _write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
+    write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
                              ("P3", 1, "Benign", 2)])
     return root
 
@@ -151,7 +131,7 @@ def test_bad_background_manifest(tmp_path):
 
 
 def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_backgrounds):
-    _write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
+    write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
     records = lidc.lidc_voi_records(voi_folder) + lidc.lidc_voi_records(voi_folder.parent / "more")
     ps = lidc.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
                                          fractions=(0.6, 0.2, 0.2), placements=3, negatives_per_kind=2,
@@ -199,7 +179,7 @@ def cli_inputs(tmp_path_factory):
     from LungGradCAMLib import phantom
 
     root = tmp_path_factory.mktemp("cli")
-    _write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
+    write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
     chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
     write_volume(chest.volume, root / "chest.nrrd")
     (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")

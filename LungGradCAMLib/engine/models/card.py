@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from ...core.atomic import write_json
 from ...core.errors import CamError, ModelError
 from ...core.paths import open_regular
+from ...core.text import escaped
 from ..preprocess import NORMALISATIONS
 
 CARD_FORMAT = 1
@@ -89,9 +90,14 @@ class ModelCard:
         if not isinstance(self.kwargs, dict):
             raise bad("'kwargs' must be an object")
         if (not isinstance(self.class_names, list) or not self.class_names
-                or not all(isinstance(c, str) and c for c in self.class_names)
+                or not all(isinstance(c, str) and c and c.isprintable() for c in self.class_names)
                 or len(set(self.class_names)) != len(self.class_names)):
-            raise bad("'class_names' must be a non-empty list of distinct names")
+            raise bad("'class_names' must be a non-empty list of distinct names, each one line of printable text")
+        for name in ("name", "version", "intended_use"):  # shown on screen and in every output
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.isprintable()):
+                raise bad(f"'{name}' must be one line of printable text (no newline, no terminal escape); "
+                          f"got '{escaped(value, 80)}'")
         if self.cam_class not in self.class_names:
             raise bad(f"'cam_class' {self.cam_class!r} is not one of class_names {self.class_names}")
         if not isinstance(self.target_layer, str) or not self.target_layer:
