@@ -38,8 +38,9 @@ def _add_cam_retrain_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("heat-map retraining test (--cam-retrain)")
     g.add_argument("--cam-retrain", action="store_true",
                    help="instead of evaluating --model, train its architecture (its card: architecture, patch "
-                        "size, preprocessing) from scratch on the phantom data, then retrain it on inputs multiplied "
-                        "by the CAM, the truth mask and the inverted truth mask; writes --out/cam_retrain.json")
+                        "size, preprocessing) from scratch on the data (the card's by default: phantoms, or real "
+                        "LIDC nodules with the readers' outlines), then retrain it on inputs multiplied by the CAM, the "
+                        "truth mask and the inverted truth mask; writes --out/cam_retrain.json")
     g.add_argument("--retrain-epochs", type=int, default=15, help="epochs per training (default 15)")
     g.add_argument("--retrain-patience", type=int, default=5, help="early-stopping patience (default 5)")
     g.add_argument("--retrain-batch-size", type=int, default=32, help="batch size (default 32)")
@@ -48,7 +49,10 @@ def _add_cam_retrain_arguments(p: argparse.ArgumentParser) -> None:
                    help='JSON merged into the card\'s architecture arguments, e.g. \'{"width": 4}\'')
     g.add_argument("--retrain-no-augment", action="store_true", help="switch off 3D augmentation")
     g.add_argument("--val-fraction", type=float, default=0.3, help="patients for validation (default 0.3)")
-    g.add_argument("--cam-method", default="gradcam", help="CAM method for the cam variant (default gradcam)")
+    g.add_argument("--cam-method", help="CAM method for the cam variant (default: the card's cam_method)")
+    g.add_argument("--retrain-mask-loss", type=float,
+                   help="weight of the outline loss of models with an attention head (default: the card's training "
+                        "config); needs data with lesion outlines (lidc-vois)")
     g.add_argument("--mask-dilation", type=int, default=0,
                    help="grow the truth masks by this many voxels first (default 0: the truth as drawn)")
     g.add_argument("--threads", type=int, help="torch CPU threads, also without --cam-retrain (default: torch's)")
@@ -130,12 +134,16 @@ def _run_cam_retrain(args: argparse.Namespace) -> int:
     build_model(card.architecture, **card.kwargs)  # bad arguments fail before any data work
     spec = data_spec(args, card_spec=(card.training or {}).get("data_spec"))
     data = load_data(spec, card)
-    masks = phantom_patch_masks(data)
+    masks = data.masks if data.masks is not None else phantom_patch_masks(data)
+    mask_loss = args.retrain_mask_loss
+    if mask_loss is None:
+        mask_loss = float(((card.training or {}).get("config") or {}).get("mask_loss", 0.0))
     cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
-                      patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=spec.seed)
+                      patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=spec.seed,
+                      mask_loss=mask_loss)
     result = cam_retrain(data, masks, card, args.out, config=cfg, val_fraction=args.val_fraction,
-                         method=args.cam_method, mask_dilation=args.mask_dilation, device=args.device,
-                         seed=spec.seed, n_boot=args.bootstrap)
+                         method=args.cam_method or card.cam_method, mask_dilation=args.mask_dilation,
+                         device=args.device, seed=spec.seed, n_boot=args.bootstrap)
     print(json.dumps({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
                       "chance": round(result.chance, 4)}))
     print(f"wrote {Path(args.out) / 'cam_retrain.json'}")

@@ -306,11 +306,11 @@ class RegionNet(nn.Module):
         return [tuple(a for bit, a in enumerate(axes) if n >> bit & 1) for n in range(self.n_flips)]
 
     def _view(self, x: torch.Tensor, view: Tuple[int, int]) -> torch.Tensor:
+        """The view of ``x``: its central ``crop`` voxels (all of an axis shorter than that, e.g.
+        the small probe ``load_model`` measures memory with), average-pooled by ``factor``."""
         crop, factor = view
-        lo = [(n - crop) // 2 for n in x.shape[2:]]
-        if any(v < 0 for v in lo):
-            raise ValueError(f"the input {tuple(x.shape[2:])} is smaller than the view's crop {crop}")
-        x = x[(slice(None), slice(None)) + tuple(slice(a, a + crop) for a in lo)]
+        x = x[(slice(None), slice(None)) + tuple(slice(max(0, (n - crop) // 2), max(0, (n - crop) // 2) + crop)
+                                                 for n in x.shape[2:])]
         return F.avg_pool3d(x, factor) if factor > 1 else x
 
     def _cell(self) -> int:
@@ -322,7 +322,7 @@ class RegionNet(nn.Module):
         crop, factor = view
         cell = self._cell()
         repeat = factor * self._reduction // cell
-        offsets = [(n - crop) // 2 // cell for n in size]
+        offsets = [max(0, (n - crop) // 2) // cell for n in size]
         return repeat, offsets
 
     # -- forward ----------------------------------------------------------------------------------
