@@ -317,12 +317,36 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
     print(text)
     if args.out:
         write_text(args.out, text + "\n")
+    if args.card:
+        _record(loaded, Path(args.card), results, summary, report["path"])
     cols = ("pointing", "pointing_tol", "peak_mm", "mean_dice", "best_dice", "energy", "energy_uniform")
     print(f"\n**Real LIDC nodules of held-out patients, {card.name} ({n} patches)**\n")
     print("| method @ layer | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name, mean in summary.items():
         print(f"| {name} | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
     return 0
+
+
+def _record(loaded: Any, card_path: Path, results: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any],
+            path: str) -> None:
+    """Write the heat maps' quality on real nodules into the model card at ``card_path`` (beside the
+    weights ``loaded`` came from): ``metrics.heat_map`` (the card's method and layer: what the demo
+    states) and ``metrics.heat_map_real_nodules`` (every method and layer measured)."""
+    from LungGradCAMLib.engine.models import save_model
+
+    card = loaded.card
+    name = f"{card.cam_method} @ {card.target_layer}"
+    rows = results.get(name) or next(iter(results.values()))
+    card.metrics["heat_map"] = {
+        "data": f"{card.cam_method} at {card.target_layer} on the real LIDC nodules of the test-split patients, {path}",
+        "scans": len(rows), "peak_in_lesion": int(sum(bool(r["pointing"]) for r in rows)),
+        "peak_within_10mm": int(sum(bool(r["pointing_tol"]) for r in rows)),
+        "mean_dice": round(float(np.mean([r["mean_dice"] for r in rows])), 4)}
+    card.metrics["heat_map_real_nodules"] = {
+        "data": f"{len(rows)} real LIDC nodules of the test-split patients with their own surroundings, {path} "
+                "(benchmarks/cam_quality.py --source lidc-vois)",
+        **{k: {m: round(float(v), 4) for m, v in mean.items() if m in METRIC_KEYS} for k, mean in summary.items()}}
+    save_model(loaded.module, card, card_path.with_suffix(".safetensors"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -347,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--card", help="--source lidc-vois: write the result into this model card (.json beside the "
+                                       "weights of --model)")
     parser.add_argument("--source", choices=("phantom", "lidc-vois"), default="phantom",
                         help="phantom: held-out phantoms + LIDC slabs, whole scan (default); lidc-vois: real "
                              "LIDC nodules of the model's held-out patients, on its input patches")

@@ -41,10 +41,21 @@ fi
 #    core): they share the members (OUT/malignancy/viewV/foldK) and one bundles them into
 #    OUT/malignancy/region.safetensors + .json.
 [ "$STEP" = all ] || [ "$STEP" = malignancy ] || exit 0
-REGION_KWARGS='{"member": {"width": 8, "dropout": 0.3, "cam_pools": 2, "head": "attention", "evidence_channels": 16}, "views": [[24, 1], [48, 2]], "flips": 4, "features": ["solid_component", "density_profile"]}'
+REGION_KWARGS='{"member": {"width": 8, "dropout": 0.3, "cam_pools": 2, "head": "attention", "evidence_channels": 16}, "views": [[24, 1], [48, 2]], "flips": 4, "features": ["radial_extent", "density_profile"]}'
 $LGC train --name lidc-malignancy --version 2.0.0 \
   --source lidc-vois --path "$VOIS" --task malignancy --backgrounds "$BG" --placements 2 \
   --arch region_net --arch-kwargs "$REGION_KWARGS" --mask-loss 1 \
   --patch-size 48 48 48 --spacing 1 1 1 --hu-window -1000 400 --normalisation minmax \
   --epochs 24 --patience 5 --batch-size 32 --lr 0.001 --seed 0 --threads 1 --no-progress \
   --folds 5 --cache "$OUT/malignancy/patches.npz" --out "$OUT/malignancy"
+# (with two processes, the first here does the rest)
+exec 9>"$OUT/malignancy/.after-training.lock"
+flock -n 9 || exit 0
+# its heat maps on the real nodules of the test patients, through lgc.explain with an ROI, into its card
+.venv/bin/python benchmarks/cam_quality.py --source lidc-vois --model "$OUT/malignancy/region.safetensors" \
+  --explain --threads 1 --out "$OUT/malignancy/heat_map.json" --card "$OUT/malignancy/region.json"
+# the heat-map retraining test on the real nodules: one member (the nodule's scale) of its architecture,
+# trained four times on the card's data (the readers' outlines as truth), patients split 70/30
+$LGC evaluate --cam-retrain --model "$OUT/malignancy/region.safetensors" --cache "$OUT/malignancy/patches.npz" \
+  --retrain-arch-kwargs '{"members": 1, "views": [[24, 1]], "flips": 1, "features": []}' \
+  --retrain-epochs 24 --retrain-patience 5 --threads 1 --out "$OUT/malignancy/cam-retrain"

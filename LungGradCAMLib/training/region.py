@@ -88,27 +88,40 @@ def _member_card(card: ModelCard, view: Sequence[int]) -> ModelCard:
 
 
 def _view_scores(module: torch.nn.Module, card: ModelCard, patches: np.ndarray, flips: int,
-                 batch_size: int = 16) -> Tuple[np.ndarray, np.ndarray]:
-    """(logit differences (N,), image features (N, n)) of a one-member ``region_net`` ``module``
-    (a member's card is ``card``'s with its view) on HU ``patches``, with ``flips`` test-time
-    mirror images; the features as the bundled model computes them (from its normalised input)."""
-    from ..engine.models.features import image_features
+                 batch_size: int = 16) -> np.ndarray:
+    """The logit differences (malignant - benign) (N,) of a one-member ``region_net`` ``module``
+    on HU ``patches``, with ``flips`` test-time mirror images."""
     from ..engine.preprocess import apply_card_preprocessing
 
     net = build_model(card.architecture, **{**module_kwargs(module), "flips": flips})
     net.load_state_dict(module.state_dict())
     net.eval()
-    lo, hi = card.kwargs.get("hu_window", card.hu_window)
-    names = list(card.kwargs.get("features", []))
-    z, feats = [], []
+    z = []
     with torch.inference_mode():
         for start in range(0, len(patches), batch_size):
             x = apply_card_preprocessing(torch.from_numpy(patches[start:start + batch_size]).float().unsqueeze(1), card)
             out = net(x)
             z.append((out[:, 1] - out[:, 0]).numpy())
-            feats.append(image_features(x * (hi - lo) + lo, float(card.kwargs.get("voxel_mm", 1.0)), names).numpy()
-                         if names else np.zeros((len(x), 0)))
-    return np.concatenate(z), np.concatenate(feats)
+    return np.concatenate(z)
+
+
+def _image_features(card: ModelCard, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, n) the card's image features of HU ``patches``, as the bundled model computes them
+    (from its normalised input)."""
+    from ..engine.models.features import feature_names, image_features
+    from ..engine.preprocess import apply_card_preprocessing
+
+    names = list(card.kwargs.get("features", []))
+    lo, hi = card.kwargs.get("hu_window", card.hu_window)
+    out = [np.zeros((len(patches), len(feature_names(names))))]
+    if names:
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(patches), batch_size):
+                x = apply_card_preprocessing(torch.from_numpy(patches[start:start + batch_size]).float().unsqueeze(1),
+                                             card)
+                out.append(image_features(x * (hi - lo) + lo, float(card.kwargs.get("voxel_mm", 1.0)), names).numpy())
+    return np.concatenate(out)
 
 
 def module_kwargs(module: torch.nn.Module) -> Dict[str, Any]:
@@ -122,8 +135,11 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
     """Train and bundle the region model ``card`` describes (a ``region_net``: its member, views,
     flips and features) on ``data`` (benign/malignant patches of nodules with their outlines and
     diameters); see the module doc. Members already trained in ``out_dir`` (their ``oof.npz``)
-    are reused, so an interrupted run continues. Writes ``out_dir/region.safetensors`` + card,
-    ``report.json`` (test), ``cv_report.json`` and their figures."""
+    are reused, so an interrupted run continues, and a bundle newer than every member is kept
+    (remove ``region.*`` to bundle again). Two processes may share the work (each member is
+    claimed by one; one bundles, the other waits for it and returns no reports). Writes
+    ``out_dir/region.safetensors`` + card, ``report.json`` (test), ``cv_report.json`` and their
+    figures."""
     cfg = config or TrainConfig()
     if card.architecture != "region_net" or card.class_names != ["benign", "malignant"]:
         raise InvalidInputError("--folds with --arch region_net trains a benign/malignant region ensemble; "
@@ -139,7 +155,6 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
     fold_of = np.full(len(pool), -1)
     z_oof = np.zeros((len(pool), len(views)))
     members: List[Dict[str, torch.Tensor]] = []
-    features_oof = None
     jobs = [(v, view, k, train_part, held) for v, view in enumerate(views)
             for k, (train_part, held) in enumerate(patient_kfold(pool.patients, folds, seed=cfg.seed))]
     for v, view, k, train_part, held in jobs:  # members another process trains are waited for below
@@ -157,9 +172,9 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             result = fit(pool.subset(train_part[tr]), pool.subset(train_part[va]), fold_card, folder, cfg,
                          resume=True, progress=progress, device=device)
             loaded = load_model(result.best_path, device="cpu")
-            z_held, f_held = _view_scores(loaded.module, card, pool.patches[held], flips)
+            z_held = _view_scores(loaded.module, card, pool.patches[held], flips)
             with open(folder / "oof.tmp.npz", "wb") as f:
-                np.savez(f, held=held, z_held=z_held, f_held=f_held)
+                np.savez(f, held=held, z_held=z_held)
             (folder / "oof.tmp.npz").replace(folder / "oof.npz")
         finally:
             (folder / CLAIM).unlink(missing_ok=True)
@@ -178,15 +193,20 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             if not np.array_equal(saved["held"], held):
                 raise DataError(f"{cache}: written for another split or data; remove {out} to start again")
             z_oof[held, v] = saved["z_held"]
-            if features_oof is None:
-                features_oof = np.zeros((len(pool), saved["f_held"].shape[1]))
-            features_oof[held] = saved["f_held"]
         members.append(load_model(folder / "best.safetensors", device="cpu").module.members[0].state_dict())
+    bundle = out / "region.json"
+    newest = max((out / f"view{v + 1}" / f"fold{k + 1}" / "oof.npz").stat().st_mtime for v, _, k, _, _ in jobs)
+    if bundle.is_file() and bundle.stat().st_mtime > newest:
+        log.info("%s: bundled already from these members (remove region.* to bundle again)", out)
+        return RegionResult(out / "region.safetensors", {}, {})
     if not _claim(out):
-        log.info("%s: another process bundles the members", out)
+        log.info("%s: another process bundles the members; waiting for it", out)
+        while (out / CLAIM).is_file():
+            time.sleep(10)
         return RegionResult(out / "region.safetensors", {}, {})
     try:
-        return _bundle(card, pool, test, y_pool, fold_of, z_oof, features_oof, members, folds, out, cfg)
+        return _bundle(card, pool, test, y_pool, fold_of, z_oof, _image_features(card, pool.patches), members, folds,
+                       out, cfg)
     finally:
         (out / CLAIM).unlink(missing_ok=True)
 

@@ -4,7 +4,6 @@ outputs and CAMs averaged, image features fused; loaded and explained through th
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from LungGradCAMLib import phantom
 from LungGradCAMLib.engine.cam import compute_cam
 from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
-from LungGradCAMLib.engine.models.features import central_component, image_features
+from LungGradCAMLib.engine.models.features import image_features
 from LungGradCAMLib.pipeline import explain
 
 MEMBER = {"width": 4, "cam_pools": 2, "head": "attention", "evidence_channels": 4}
@@ -65,10 +64,10 @@ def test_a_crop_views_evidence_is_in_its_place():
 
 
 def test_the_fusion_is_a_logistic_regression_of_views_and_features():
-    net = _net(views=[[16, 1], [32, 2]], features=["solid_component"])
+    net = _net(views=[[16, 1], [32, 2]], features=["radial_extent"])
     x = torch.rand(2, 1, 32, 32, 32)
     with torch.no_grad():
-        net.fusion.weight.copy_(torch.tensor([[0.5, -1.0, 2.0, 0.0, 0.0]]))
+        net.fusion.weight.copy_(torch.tensor([[0.5, -1.0, 2.0, 0.0]]))
         net.fusion.bias.fill_(0.25)
         out = net(x)
         per_view = [(m(x[:, :, 8:24, 8:24, 8:24]) if v == 0 else None) for v, m in enumerate(net.members[:1])]
@@ -82,23 +81,23 @@ def test_the_fusion_is_a_logistic_regression_of_views_and_features():
 
 
 def test_image_features_measure_the_central_nodule_not_the_vessel_beside_it():
-    """A 10 mm ball of +40 HU in -850 HU lung with a 1-voxel vessel running into it: the component
-    grown from the centre is the ball (the opening cuts the vessel off), its volume and HU the ball's."""
+    """A 10 mm ball of +40 HU in -850 HU lung with a 1-voxel vessel running through it: the shells
+    around the centre are solid out to the ball's radius (the vessel fills no shell), the mean HU
+    is the ball's."""
     k, j, i = np.indices((48, 48, 48)) - 23.5
-    ball = k ** 2 + j ** 2 + i ** 2 <= 5.0 ** 2
+    distance = np.sqrt(k ** 2 + j ** 2 + i ** 2)
+    ball = distance <= 5.0
     hu = np.where(ball, 40.0, -850.0)
     hu[24, 24, :] = 0.0  # a thin vessel through the patch
     x = torch.from_numpy(hu).float()[None, None]
-    comp = central_component(x, 1.0)[0, 0].numpy() > 0
-    # the ball less the corners the one-voxel opening trims from its surface; none of the vessel
-    assert not (comp & ~ball).any() and comp.sum() >= 0.85 * ball.sum()
-    values = image_features(x, 1.0, ["solid_component"])[0].numpy()
-    assert values[0] == pytest.approx(math.log1p(comp.sum()), rel=1e-6)
-    assert abs(values[0] - math.log(4 / 3 * math.pi * 5.0 ** 3)) < 0.2  # within about 20 % of the volume
-    assert values[1] == pytest.approx(hu[comp].mean() / 1000, abs=1e-6)  # 40 HU, less the vessel line across it
-    assert 0.9 < values[2] < 1.0  # the vessel is solid too, but not part of it
-    empty = image_features(torch.full((1, 1, 48, 48, 48), -850.0), 1.0, ["solid_component", "density_profile"])
-    assert empty[0, 0] == 0 and torch.all(empty[0, 3:] == 0)
+    radius, mean_hu = image_features(x, 1.0, ["radial_extent"])[0].numpy()
+    assert radius == 5.0
+    assert mean_hu == pytest.approx(hu[distance < 5.0].mean() / 1000, abs=1e-6)  # 40 HU less the vessel's line
+    assert image_features(x, 0.5, ["radial_extent"])[0, 0] == 2.5  # the same shells at 0.5 mm voxels
+    profile = image_features(x, 1.0, ["density_profile"])[0].numpy()
+    assert profile[0] == 1.0 and profile[1] < 1.0 and np.all(np.diff(profile) < 0)
+    empty = image_features(torch.full((1, 1, 48, 48, 48), -850.0), 1.0, ["radial_extent", "density_profile"])
+    assert empty[0, 0] == 0 and empty[0, 1] == pytest.approx(-0.85) and torch.all(empty[0, 2:] == 0)
 
 
 def test_an_ensemble_region_model_loads_and_explains_through_the_public_api(tmp_path):
@@ -131,7 +130,7 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
     write_volume(chest.volume, root / "chest.nrrd")
     (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
-    kwargs = {"member": MEMBER, "views": [[8, 1], [16, 2]], "flips": 2, "features": ["solid_component"]}
+    kwargs = {"member": MEMBER, "views": [[8, 1], [16, 2]], "flips": 2, "features": ["radial_extent"]}
     assert main(["train", "--source", "lidc-vois", "--path", str(root / "vois"), "--task", "malignancy",
                  "--backgrounds", str(root / "backgrounds.csv"), "--placements", "2", "--patch-size", "16", "16", "16",
                  "--spacing", "2", "2", "2", "--arch", "region_net", "--arch-kwargs", json.dumps(kwargs),
@@ -140,7 +139,7 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     card = ModelCard.load(root / "out" / "region.json")
     ensemble = card.training["ensemble"]
     assert card.kwargs["members"] == 3 and ensemble["members"] == 6 and card.input == "roi"
-    assert len(ensemble["fusion"]["weights"]) == 2 + 3
+    assert len(ensemble["fusion"]["weights"]) == 2 + 2
     folds = [set(p) for p in ensemble["fold_patients"].values()]
     test = set(card.training["split"]["test_patients"])
     assert not test & set().union(*folds) and sum(len(f) for f in folds) == len(set().union(*folds))

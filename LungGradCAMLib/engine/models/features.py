@@ -13,65 +13,46 @@ retraining the networks.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 #: HU above which a voxel counts as solid enough to belong to a nodule (part-solid and solid
 #: nodules; pure ground glass mostly lies below it).
 SOLID_HU = -500.0
-#: How far (mm) the nodule's component may grow from the patch's centre.
-GROW_MM = 20.0
-#: Radius (mm) around the centre where the component's seed may lie.
-SEED_MM = 3.0
+#: The nodule's edge: the first spherical shell (1 voxel thick) around the centre of which less
+#: than this share is solid. Vessels and fissures cross a shell without filling it.
+SHELL_SOLID = 0.7
+#: How far out (mm) the shells go.
+MAX_RADIUS_MM = 20.0
 
 
-def _dilate(mask: torch.Tensor) -> torch.Tensor:
-    return F.max_pool3d(mask, 3, stride=1, padding=1)
-
-
-def _erode(mask: torch.Tensor) -> torch.Tensor:
-    return -F.max_pool3d(-mask, 3, stride=1, padding=1)
+def _distance(shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(K, J, I) distance in voxels of each voxel from the patch's centre."""
+    axes = [(torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) ** 2 for n in shape]
+    return (axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]).sqrt()
 
 
 def _ball(shape: Sequence[int], radius_vox: float, device: torch.device) -> torch.Tensor:
     """(K, J, I) bool: the voxels within ``radius_vox`` of the patch's centre."""
-    axes = [(torch.arange(n, device=device, dtype=torch.float32) - (n - 1) / 2) ** 2 for n in shape]
-    dist2 = axes[0][:, None, None] + axes[1][None, :, None] + axes[2][None, None, :]
-    return dist2 <= radius_vox ** 2
+    return _distance(shape, device) <= radius_vox
 
 
-def central_component(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
-    """(N, 1, K, J, I) float 0/1: the solid component at the patch's centre: voxels above
-    :data:`SOLID_HU`, opened by one voxel (thin vessels and fissures fall away), grown from those
-    within :data:`SEED_MM` of the centre for at most :data:`GROW_MM`."""
-    solid = (hu > SOLID_HU).float()
-    opened = _dilate(_erode(solid)) * solid
-    seed = opened * _ball(hu.shape[2:], max(SEED_MM / voxel_mm, 1.0), hu.device).float()
-    grown = seed
-    for _ in range(int(math.ceil(GROW_MM / voxel_mm))):
-        nxt = _dilate(grown) * opened
-        if torch.equal(nxt, grown):
-            break
-        grown = nxt
-    return grown
-
-
-def solid_component(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
-    """The central solid component's log volume (log(1 + mm³)), mean HU (/1000; the centre
-    voxel's where there is no component) and its share of the voxels above :data:`SOLID_HU` within
-    :data:`GROW_MM` of the centre (how separate it is from vessels and pleura)."""
-    comp = central_component(hu, voxel_mm)
-    n = comp.sum(dim=(1, 2, 3, 4))
-    volume = torch.log1p(n * voxel_mm ** 3)
+def radial_extent(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
+    """The nodule's radius (mm): how many 1-voxel shells around the centre are at least
+    :data:`SHELL_SOLID` solid (> :data:`SOLID_HU`) before the first that is not (at most
+    :data:`MAX_RADIUS_MM`), and the mean HU (/1000) within that radius (the centre voxel's when
+    it is 0): a size and density the readers' outline is not needed for."""
+    distance = _distance(hu.shape[2:], hu.device)
+    solid = (hu[:, 0] > SOLID_HU).float()
+    shells = [(distance >= r) & (distance < r + 1) for r in range(int(MAX_RADIUS_MM / voxel_mm))]
+    share = torch.stack([(solid * s).sum(dim=(1, 2, 3)) / s.sum().clamp_min(1) for s in shells], dim=1)
+    run = torch.cumprod((share >= SHELL_SOLID).float(), dim=1).sum(dim=1)  # shells, from the centre out
+    inside = (distance[None] < run[:, None, None, None]).float()
+    n = inside.sum(dim=(1, 2, 3))
     centre = hu[(slice(None), 0) + tuple(s // 2 for s in hu.shape[2:])]
-    mean_hu = torch.where(n > 0, (hu * comp).sum(dim=(1, 2, 3, 4)) / n.clamp_min(1), centre) / 1000.0
-    near = _ball(hu.shape[2:], GROW_MM / voxel_mm, hu.device)
-    solid_near = ((hu[:, 0] > SOLID_HU) & near).sum(dim=(1, 2, 3)).float()
-    share = n / solid_near.clamp_min(1)
-    return torch.stack([volume, mean_hu, share], dim=1)
+    mean_hu = torch.where(n > 0, (hu[:, 0] * inside).sum(dim=(1, 2, 3)) / n.clamp_min(1), centre) / 1000.0
+    return torch.stack([run * voxel_mm, mean_hu], dim=1)
 
 
 def density_profile(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
@@ -84,7 +65,7 @@ def density_profile(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
 
 #: name -> (function, the names of its values)
 FEATURES: Dict[str, Tuple[Callable[[torch.Tensor, float], torch.Tensor], List[str]]] = {
-    "solid_component": (solid_component, ["log_volume_mm3", "mean_hu_per_1000", "share_of_solid_within_20mm"]),
+    "radial_extent": (radial_extent, ["radius_mm", "mean_hu_per_1000"]),
     "density_profile": (density_profile, ["solid_within_3mm", "solid_within_6mm", "solid_within_10mm",
                                           "solid_within_15mm"]),
 }
