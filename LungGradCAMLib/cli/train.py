@@ -90,6 +90,14 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
     card.training = {"data": spec.describe(), "data_spec": spec.to_dict(),
                      "command": "lunggradcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     card.description = f"{card.architecture} {card.kwargs} {' vs '.join(classes)} patch classifier"
+    if args.arch == "region_net":
+        step = float(args.spacing[0])
+        views = " and ".join(f"{c * step:g} mm at {f * step:g} mm" for c, f in kwargs.get("views", []))
+        card.description = (f"region_net: {' vs '.join(classes)} classifier of a {args.patch_size[0] * args.spacing[0]:g} mm "
+                            f"region ({args.patch_size[0]}^3 voxels at {args.spacing[0]:g} mm) centred on ONE lung "
+                            f"nodule; gradcam3d_cnn members {kwargs.get('member', {})} seeing {views}, "
+                            f"{kwargs.get('flips', 1)} mirror image(s) each, their logits averaged"
+                            + (f", image features {kwargs['features']} fused" if kwargs.get("features") else ""))
     if classes == ["benign", "malignant"]:  # judges one nodule: explained on a region, never a whole scan
         card.input = "roi"
     if args.arch == "region_net":
@@ -125,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
         if result.test_report:  # else another process bundled the members
             print(json.dumps({"region_model": str(result.path),
                               "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
-                              "cv": {k: round(v["value"], 4) for k, v in result.cv_report["fused"]["metrics"].items()}}))
+                              "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
         return 0
     results = train_and_evaluate(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
                                  test_fraction=args.test_fraction, resume=args.resume,

@@ -8,16 +8,17 @@ what ``lunggradcam train --arch region_net --folds K`` runs.
    stopping) as a one-member, one-view region model of its own (``viewV/foldK/best.*``).
 3. Each member scores its fold's held-out patients (out of fold) and the test patients, with the
    card's test-time flips: per view, the logit difference (malignant - benign).
-4. The fusion (a class-balanced logistic regression of the views' logit differences and the
-   image features, :func:`fit_fusion`) is fitted on all out-of-fold outputs; for the reported
-   cross-validation each fold's scores come from a fusion fitted on the other folds only.
+4. With image ``features``, the fusion (a class-balanced logistic regression of the views' logit
+   differences and the features, :func:`fit_fusion`) is fitted on all out-of-fold outputs; for
+   the reported cross-validation each fold's scores come from a fusion fitted on the other folds
+   only. Without, the model averages its members' logits.
 5. The bundled model: one ``region_net`` holding every member (views x folds), the flips and the
    fusion, saved as one safetensors file with its card, then scored on the test patients with
    :func:`evaluate.evaluate_model` (exactly what ``lunggradcam evaluate`` computes).
 
 The card's metrics: the held-out test (with the diameter-only baseline and the size bands), the
 cross-validation pooled over patients (out-of-fold, the same baseline with each fold's own cut-off)
-and its ablations (each view alone, the networks without the image features).
+and its ablations (each view alone; with features, the networks without them).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -246,12 +247,15 @@ def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray,
     features = list(card.kwargs.get("features", []))
     mean, std = f_oof.mean(axis=0), f_oof.std(axis=0) + 1e-6
     inputs = np.concatenate([z_oof, (f_oof - mean) / std], axis=1)
-    w, b = fit_fusion(inputs, y_pool)
-    # cross-fitted: each fold's scores from a fusion fitted on the other folds' out-of-fold outputs
-    fused = np.zeros(len(pool))
-    for k in range(folds):
-        w_k, b_k = fit_fusion(inputs[fold_of != k], y_pool[fold_of != k])
-        fused[fold_of == k] = _sigmoid(inputs[fold_of == k] @ w_k + b_k)
+    networks = _sigmoid(z_oof.mean(axis=1))  # no features: the members' logits averaged
+    scores, w, b = networks, np.zeros(0), 0.0
+    if features:
+        w, b = fit_fusion(inputs, y_pool)
+        # cross-fitted: each fold's scores from a fusion fitted on the other folds' out-of-fold outputs
+        scores = np.zeros(len(pool))
+        for k in range(folds):
+            w_k, b_k = fit_fusion(inputs[fold_of != k], y_pool[fold_of != k])
+            scores[fold_of == k] = _sigmoid(inputs[fold_of == k] @ w_k + b_k)
 
     kwargs = {**card.kwargs, "members": folds}
     net = build_model("region_net", **kwargs)
@@ -268,13 +272,16 @@ def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray,
     bundled.kwargs = kwargs
     bundled.training["split"] = {"train_patients": sorted(set(pool.patients)), "validation_patients": [],
                                  "test_patients": sorted(set(test.patients))}
+    bundled.training["config"] = asdict(cfg)  # each member's training, e.g. its outline loss
     bundled.training["ensemble"] = {
         "folds": folds, "views": kwargs["views"], "members": n_views * folds, "flips": kwargs.get("flips", 1),
         "fold_patients": {f"fold{k + 1}": sorted(set(pool.patients[fold_of == k])) for k in range(folds)},
-        "features": features, "fusion": {"inputs": [f"view{v + 1} logit difference" for v in range(n_views)]
-                                         + _feature_names(features),
-                                         "weights": [float(x) for x in w], "bias": b,
-                                         "fitted_on": "all out-of-fold outputs (class-balanced logistic regression)"}}
+        "features": features}
+    if features:
+        bundled.training["ensemble"]["fusion"] = {
+            "inputs": [f"view{v + 1} logit difference" for v in range(n_views)] + _feature_names(features),
+            "weights": [float(x) for x in w], "bias": b,
+            "fitted_on": "all out-of-fold outputs (class-balanced logistic regression)"}
     cut = diameter_threshold(y_pool, pool.diameters) if has_diameters(pool) else None
     bundled.metrics = {"diameter_baseline": {"threshold_mm": cut}} if cut is not None else {}
     path = save_model(net, bundled, out / "region.safetensors")
@@ -289,12 +296,13 @@ def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray,
         per_fold = [diameter_threshold(y_pool[fold_of != k], pool.diameters[fold_of != k]) for k in range(folds)]
         cuts = np.asarray(per_fold)[fold_of]
     cv = {"what": f"patient-wise {folds}-fold cross-validation on the {len(set(pool.patients))} patients outside "
-                  "the test part; out-of-fold scores pooled; 95% CIs: bootstrap over patients",
-          "fused": _pooled(y_pool, fused, pool, cuts, cfg.seed)}
+                  "the test part; each patient scored by the members that never saw it (one per view), out-of-fold "
+                  "scores pooled; 95% CIs: bootstrap over patients",
+          "model": _pooled(y_pool, scores, pool, cuts, cfg.seed)}
     for v in range(n_views):
         cv[f"view{v + 1}_alone"] = _pooled(y_pool, _sigmoid(z_oof[:, v]), pool, cuts, cfg.seed, baseline=False)
-    cv["networks_without_features"] = _pooled(y_pool, _sigmoid(z_oof.mean(axis=1)), pool, cuts, cfg.seed,
-                                              baseline=False)
+    if features:
+        cv["networks_without_features"] = _pooled(y_pool, networks, pool, cuts, cfg.seed, baseline=False)
     loaded.card.metrics = {**card_metrics(test_report), "cross_validation": _card_cv(cv)}
     save_model(loaded.module, loaded.card, path)
     write_report(test_report, out, title=card.name)

@@ -139,6 +139,7 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     card = ModelCard.load(root / "out" / "region.json")
     ensemble = card.training["ensemble"]
     assert card.kwargs["members"] == 3 and ensemble["members"] == 6 and card.input == "roi"
+    assert card.training["config"]["mask_loss"] == 1.0  # the members' training, for the retraining test
     assert len(ensemble["fusion"]["weights"]) == 2 + 2
     folds = [set(p) for p in ensemble["fold_patients"].values()]
     test = set(card.training["split"]["test_patients"])
@@ -148,8 +149,8 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
             member = ModelCard.load(root / "out" / f"view{v}" / f"fold{k}" / "best.json")
             assert not set(member.training["split"]["train_patients"]) & (test | set(member.training["split"]["test_patients"]))
     cv = card.metrics["cross_validation"]
-    assert {"fused", "view1_alone", "view2_alone", "networks_without_features"} <= set(cv)
-    assert "diameter_baseline" in cv["fused"] and len(cv["fused"]["size_bands"]) == 4
+    assert {"model", "view1_alone", "view2_alone", "networks_without_features"} <= set(cv)
+    assert "diameter_baseline" in cv["model"] and len(cv["model"]["size_bands"]) == 4
     capsys.readouterr()
     assert main(["evaluate", "--model", str(root / "out" / "region.safetensors"), "--out", str(root / "eval"),
                  "--device", "cpu", "--threads", "1"]) == 0
