@@ -17,6 +17,7 @@ SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},
     "small3d_cnn": {"channels": [4, 8, 8], "hidden": [16, 8]},
     "resnet18_3d": {"base_width": 4, "stem_stride": 1, "stem_pool": False},
+    "region_net": {"member": {"width": 4, "cam_pools": 2, "head": "attention"}, "views": [[16, 1]]},
 }
 
 
