@@ -665,9 +665,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def resultText(result) -> str:
         """Rich text of a result for the panel: prediction, probabilities, the outcome (regions or
-        "no region above threshold"), a note when the GPU ran out of memory, and the model's
-        intended use (research, not clinical)."""
+        "no region above threshold"), each explained region's nodule outline (volume, diameters),
+        a note when the GPU ran out of memory, and the model's intended use (research, not clinical)."""
         from LungGradCAMLib.pipeline import intended_use, outcome
+        from LungGradCAMLib.pipeline.outlines import outline_text
 
         explanation = result.explanation
         rows = "".join(
@@ -676,6 +677,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
                 + _("Heat map for class {name} ({method}): {outcome}.").format(
                     name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
+        for region in result.segmentation.regions:
+            if region.outline:
+                text += "<br>" + f"{region.name}: {outline_text(region.outline)}"
         asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(

@@ -123,3 +123,13 @@ def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> Non
             where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
             print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
                   f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+
+
+def print_outlines(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per explained region with its nodule outline's measurements."""
+    from ..pipeline.outlines import outline_text
+
+    for region in segmentation.regions:
+        if region.outline:
+            print(f"{indent}{region.name}: {outline_text(region.outline)}")
+

@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..io.render import save_montage
     from ..pipeline import check_options, run_one
     from ..io.segnrrd import write_segmentation
-    from .common import cli_progress, print_second_opinions
+    from .common import cli_progress, print_outlines, print_second_opinions
 
     out = Path(args.out)
     options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
@@ -90,6 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         close()
     _print_result("   prediction", explanation, segmentation, written)
     print_second_opinions(segmentation, indent="     ")
+    print_outlines(segmentation, indent="     ")
     distance = metrics.peak_distance_mm(explanation.cam, truth)  # 0 when the CAM's maximum is in a nodule
     print("   the heat map's maximum is " + ("inside a true nodule" if distance == 0 else
           f"{distance:.1f} mm from the nearest true nodule (outside it)"))
@@ -106,6 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
             close()
         _print_result("   prediction", real, real_seg, real_files)
         print_second_opinions(real_seg, indent="     ")
+        print_outlines(real_seg, indent="     ")
         chest = real.chest_check
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "

@@ -10,7 +10,8 @@ from ..core.errors import InvalidInputError
 from ..io.inputs import check_input, is_volume_file
 from ..pipeline.explainer import check_options
 from ..pipeline.outputs import intended_use, outcome, run_one
-from .common import add_explain_options, cli_progress, options_from_args, print_estimate, print_second_opinions
+from .common import add_explain_options, cli_progress, options_from_args, print_estimate, print_outlines,
+                     print_second_opinions
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -33,6 +34,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"prediction: {explanation.predicted_class} ({probs}); {outcome(segmentation)}; "
           f"{explanation.timings['total']:.1f} s")
     print_second_opinions(segmentation)
+    print_outlines(segmentation)
     print(f"outputs in {Path(args.out).resolve()}: {', '.join(sorted(p.name for p in files.values()))}")
     print(intended_use(explanation))
     return 0

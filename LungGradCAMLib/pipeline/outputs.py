@@ -109,7 +109,8 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
     The other files are written at the same time, one thread each: their compression (zlib) runs
     outside the GIL, beside the overlay's rendering. ``volume_format="nii.gz"``: the heat map, the
-    regions (labelled as the report's regions) and the lungs as NIfTI files. The report's
+    regions (labelled as the report's regions), the nodule outlines (``outlines``, labelled as
+    ``Outline.label``) and the lungs as NIfTI files. The report's
     ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
     ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,9 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
                                                        names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)})
     else:
         jobs["segmentation"] = lambda: write_volume(segmentation.labelmap, out / f"segmentation.{volume_format}")
+        if segmentation.outlines:  # they overlap the regions: a labelmap of their own
+            jobs["outlines"] = lambda: write_volume(segmentation.labelmap.with_array(segmentation.outline_labels()),
+                                                    out / f"outlines.{volume_format}")
         if lung_labels is not None:
             jobs["lungs"] = lambda: write_volume(lung_labels, out / f"lungs.{volume_format}")
     if overlay and explanation.ct is not None:
@@ -174,7 +178,7 @@ def _json_default(obj: Any) -> Any:
 
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, colour bar; the title states the prediction and the
+    CAM colour map, region, nodule outline and lung contours, colour bar; the title states the prediction and the
     outcome, the caption the model's intended use."""
     from ..io.render import save_montage
 
@@ -185,6 +189,8 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
         k, j, i = np.unravel_index(int(np.argmax(explanation.cam.array)), explanation.cam.shape)
         center_ijk = (int(i), int(j), int(k))
     contours = {"hot regions": segmentation.labelmap.array}  # non-zero = inside; cast per drawn slice
+    if segmentation.outlines:
+        contours["nodule outline"] = segmentation.outline_labels()
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)

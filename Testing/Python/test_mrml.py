@@ -295,6 +295,57 @@ def test_segmentation_to_node_refuses_bad_input(scene):
         mrml.segmentation_to_node(negative, ct)
 
 
+def _with_outline(matrix: np.ndarray) -> Segmentation:
+    """The regions of :func:`_segmentation` and a nodule outline overlapping the hottest region (a
+    box of the grid: the outline's own small volume), as the pipeline makes them."""
+    from LungGradCAMLib.core.results import Outline
+    from LungGradCAMLib.core.volume import LabelMap, crop
+    from LungGradCAMLib.engine.outline import measure_outline
+
+    seg = _segmentation(matrix)
+    box = ((2, 6), (4, 9), (5, 11))
+    mask = crop(LabelMap(np.zeros(SHAPE, np.uint8), matrix), box)
+    mask.array[1:3, 1:4, 1:5] = 1  # voxels (3-4, 5-7, 6-9): partly inside region label 2
+    outline = Outline(mask=mask, seed_ras=tuple(mask.ijk_to_ras_points([[2, 2, 1]])[0]), method="network",
+                      model="nodule-outline 1.0.0", name="nodule outline 1", label=1, **measure_outline(mask))
+    seg.outlines.append(outline)
+    seg.regions[0].outline = outline.to_dict()
+    return seg
+
+
+@pytest.mark.parametrize("kind", sorted(MATRICES))
+def test_segmentation_to_node_adds_the_nodule_outline_as_its_own_segment(kind, scene):
+    """The outline overlaps a heat-map region: both are whole segments of the node."""
+    ct, _ = _ct_node(MATRICES[kind])
+    seg = _with_outline(MATRICES[kind])
+    node = mrml.segmentation_to_node(seg, ct, closed_surface=False)
+    segments = node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == 4
+    by_name = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(4)}
+    outline = _segment_mask(node, by_name["nodule outline 1"], ct)
+    np.testing.assert_array_equal(outline, seg.outline_labels() == 1)
+    assert outline.sum() == seg.outlines[0].voxels == 24
+    hottest = _segment_mask(node, by_name[seg.regions[0].name], ct)
+    np.testing.assert_array_equal(hottest, seg.labelmap.array == seg.regions[0].label)
+    assert (hottest & outline).any()  # they overlap, and neither lost a voxel
+    assert segments.GetSegment(by_name["nodule outline 1"]).GetColor() == pytest.approx(seg.outlines[0].color)
+
+
+def test_regions_to_table_shows_the_outline_measurements(scene):
+    seg = _with_outline(OBLIQUE)
+    table = mrml.regions_to_table(seg.regions)
+    assert table.GetNumberOfColumns() == 16 + 5
+    column = table.GetTable().GetColumnByName
+    outline = seg.outlines[0]
+    assert column("Outline").GetValue(0) == "nodule outline 1" and column("Outline").GetValue(1) == ""
+    assert column("Outline volume [ml]").GetValue(0) == pytest.approx(outline.volume_ml)
+    assert column("Long axis [mm]").GetValue(0) == pytest.approx(outline.long_axis_mm)
+    assert column("Short axis [mm]").GetValue(0) == pytest.approx(outline.short_axis_mm)
+    assert column("Mean diameter [mm]").GetValue(0) == pytest.approx(outline.mean_diameter_mm)
+    assert np.isnan(column("Mean diameter [mm]").GetValue(1))
+    assert table.GetColumnUnitLabel("Mean diameter [mm]") == "mm"
+
+
 # --- regions_to_table --------------------------------------------------------------------------------
 def test_regions_to_table_contents_and_units(scene):
     seg = _segmentation(OBLIQUE)
@@ -356,6 +407,26 @@ def test_seg_nrrd_from_write_segmentation_loads_in_slicer(tmp_path, scene):
         assert region.name in names
         mask = _segment_mask(node, names[region.name], ct)
         np.testing.assert_array_equal(mask, seg.labelmap.array == region.label)
+
+
+def test_seg_nrrd_with_a_nodule_outline_loads_in_slicer(tmp_path, scene):
+    """The outline overlaps a region: the file has two layers, and Slicer's reader gives every
+    segment its voxels."""
+    from LungGradCAMLib.io.segnrrd import write_segmentation
+
+    seg = _with_outline(OBLIQUE)
+    path = write_segmentation(seg, tmp_path / "regions.seg.nrrd")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer's segmentation reader could not read {path}"
+    ct, _ = _ct_node(OBLIQUE)
+    segments = node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == 4
+    names = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(4)}
+    np.testing.assert_array_equal(_segment_mask(node, names["nodule outline 1"], ct), seg.outline_labels() == 1)
+    for region in seg.regions:
+        np.testing.assert_array_equal(_segment_mask(node, names[region.name], ct), seg.labelmap.array == region.label)
 
 
 # --- the whole run on nodes ----------------------------------------------------------------------------
