@@ -548,12 +548,14 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     # --- models ---------------------------------------------------------------------------------
     @staticmethod
     def bundledModels() -> List[str]:
-        """Names of the models in Resources/Models (["default"] until torch is installed)."""
+        """Names of the models in Resources/Models whose decision is explained (classifiers: not the
+        nodule outline network, which outlines the explained regions by itself; ["default"] until
+        torch is installed)."""
         if not LungGradCAMLogic.dependenciesInstalled():
             return ["default"]
         from LungGradCAMLib.engine.models import available_models
 
-        return available_models()
+        return [name for name in available_models() if LungGradCAMLogic.modelCard(name).output == "classes"]
 
     @staticmethod
     def regionModels() -> List[str]:

@@ -10,8 +10,8 @@ from ..core.errors import InvalidInputError
 from ..io.inputs import check_input, is_volume_file
 from ..pipeline.explainer import check_options
 from ..pipeline.outputs import intended_use, outcome, run_one
-from .common import add_explain_options, cli_progress, options_from_args, print_estimate, print_outlines,
-                     print_second_opinions
+from .common import (add_explain_options, cli_progress, options_from_args, print_estimate, print_outlines,
+                     print_second_opinions)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

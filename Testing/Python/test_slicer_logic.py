@@ -283,6 +283,15 @@ def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, regi
     again = logic.process(ct, options=options)
     assert again.explanation.mode == "roi" and again.explanation.n_patches == 1
     assert again.explanation.target_class == "malignant" and again.cam_node is not result.cam_node
+    # an ROI run outlines the nodule at its heat map's peak: a segment of its own, measured in the table
+    outline = again.segmentation.regions[0].outline
+    assert outline["found"] and outline["name"] == "nodule outline 1"
+    segments = again.segmentation_node.GetSegmentation()
+    assert "nodule outline 1" in [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
+    table = again.table_node.GetTable()
+    assert table.GetColumnByName("Mean diameter [mm]").GetValue(0) == pytest.approx(outline["mean_diameter_mm"])
+    assert table.GetColumnByName("Outline volume [ml]").GetValue(0) == pytest.approx(outline["volume_ml"])
+    assert f"nodule outline 1: {outline['volume_ml']:.2f} ml" in logic.resultText(again)
 
     # a new ROI: the next click places it (place mode on it); placed but not sized, it is one patch
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
