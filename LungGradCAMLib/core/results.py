@@ -123,9 +123,12 @@ class Outline:
         return self.voxels > 0
 
     def to_dict(self) -> dict:
-        """The outline's facts without its mask (JSON-able)."""
+        """The outline's facts without its mask (JSON-able); an empty outline has no segment (its
+        ``name`` is None)."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mask"}
         out["found"] = self.found
+        if not self.found:
+            out["name"] = None
         return out
 
 

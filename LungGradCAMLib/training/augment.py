@@ -11,7 +11,8 @@ import torch.nn.functional as F
 def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
             zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
             rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02,
-            masks: Optional["torch.Tensor"] = None) -> Union["torch.Tensor", Tuple["torch.Tensor", "torch.Tensor"]]:
+            masks: "Optional[torch.Tensor]" = None, mask_padding: str = "zeros",
+            ) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
     about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
     the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
@@ -19,8 +20,9 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     values extend); then intensity
     ``x * (1 + U(-scale, scale)) + U(-shift, shift) + N(0, noise)``. Random numbers come from the
     CPU ``generator``, so runs are reproducible on any device. With ``masks`` (N, C', K, J, I,
-    float in [0, 1]: a segmentation's truth) returns ``(x, masks)``, the masks moved by the same
-    geometric transform (trilinear: threshold them at 0.5) and no intensity change."""
+    e.g. lesion outlines) returns (x, masks), the masks moved by the same resampling (linear, 0
+    outside, or with ``mask_padding="border"`` the border values extended, as ``x``'s) and not by
+    the intensity changes; the random draws are the same as without."""
     n = x.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -44,10 +46,10 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     theta = torch.cat([matrix, torch.zeros(n, 3, 1, dtype=torch.float64)], dim=2).to(x.device, torch.float32)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    moved = None if masks is None else F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="border",
-                                                     align_corners=False)
     gain = (1 + u(-scale, scale, n)).float().to(x.device).view(n, 1, 1, 1, 1)
     offset = u(-shift, shift, n).float().to(x.device).view(n, 1, 1, 1, 1)
     jitter = torch.randn(out.shape, generator=generator).to(x.device) * noise
     out = out * gain + offset + jitter
-    return out if moved is None else (out, moved)
+    if masks is None:
+        return out
+    return out, F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode=mask_padding, align_corners=False)

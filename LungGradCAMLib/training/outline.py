@@ -133,7 +133,9 @@ def fit_outline(train: PatchSet, val: PatchSet, card: "ModelCard", out_dir: "str
                 starts = rng.integers(0, np.asarray(train.patch_size) - crop + 1, size=(len(index), 3))
                 x = torch.from_numpy(_crop(train.patches[index], starts, crop).astype(np.float32))[:, None]
                 y = torch.from_numpy(_crop(train.masks[index], starts, crop).astype(np.float32))[:, None]
-                x, y = augment(apply_card_preprocessing(x, card), generator, zoom=tuple(zoom), masks=y)
+                # the masks' border extends as the image's does (a nodule cut by the crop stays cut)
+                x, y = augment(apply_card_preprocessing(x, card), generator, zoom=tuple(zoom), masks=y,
+                               mask_padding="border")
                 y = (y >= 0.5).float()
                 logits = module(x.contiguous(memory_format=torch.channels_last_3d))
                 p = torch.sigmoid(logits)

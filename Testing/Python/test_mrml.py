@@ -246,6 +246,13 @@ def _segment_mask(seg_node, segment_id: str, reference_node) -> np.ndarray:
     return mask
 
 
+def _by_name(node) -> dict:
+    """Segment name -> segment ID of a segmentation node."""
+    segments = node.GetSegmentation()
+    return {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n)
+            for n in range(segments.GetNumberOfSegments())}
+
+
 @pytest.mark.parametrize("kind", sorted(MATRICES))
 def test_segmentation_to_node_segments_equal_the_labelmap(kind, scene):
     ct, _ = _ct_node(MATRICES[kind])
@@ -255,7 +262,7 @@ def test_segmentation_to_node_segments_equal_the_labelmap(kind, scene):
     assert segments.GetNumberOfSegments() == 3
     # the temporary labelmap is gone
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
-    by_name = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(3)}
+    by_name = _by_name(node)
     assert set(by_name) == {r.name for r in seg.regions}
     for region in seg.regions:
         segment = segments.GetSegment(by_name[region.name])
@@ -320,8 +327,8 @@ def test_segmentation_to_node_adds_the_nodule_outline_as_its_own_segment(kind, s
     seg = _with_outline(MATRICES[kind])
     node = mrml.segmentation_to_node(seg, ct, closed_surface=False)
     segments = node.GetSegmentation()
-    assert segments.GetNumberOfSegments() == 4
-    by_name = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(4)}
+    by_name = _by_name(node)
+    assert len(by_name) == 4
     outline = _segment_mask(node, by_name["nodule outline 1"], ct)
     np.testing.assert_array_equal(outline, seg.outline_labels() == 1)
     assert outline.sum() == seg.outlines[0].voxels == 24
@@ -421,9 +428,8 @@ def test_seg_nrrd_with_a_nodule_outline_loads_in_slicer(tmp_path, scene):
     storage.SetFileName(str(path))
     assert storage.ReadData(node), f"Slicer's segmentation reader could not read {path}"
     ct, _ = _ct_node(OBLIQUE)
-    segments = node.GetSegmentation()
-    assert segments.GetNumberOfSegments() == 4
-    names = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(4)}
+    names = _by_name(node)
+    assert len(names) == 4
     np.testing.assert_array_equal(_segment_mask(node, names["nodule outline 1"], ct), seg.outline_labels() == 1)
     for region in seg.regions:
         np.testing.assert_array_equal(_segment_mask(node, names[region.name], ct), seg.labelmap.array == region.label)
@@ -581,8 +587,9 @@ def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_ans
     regions = result.segmentation.regions
     assert regions, "the default model finds the phantom's nodule at 0.3"
     table = result.table_node.GetTable()
-    assert result.table_node.GetNumberOfColumns() == 19
+    assert result.table_node.GetNumberOfColumns() == 16 + 3 + 5  # regions, second opinion, nodule outline
     for row, region in enumerate(regions):
+        assert table.GetColumnByName("Outline").GetValue(row) == (region.outline["name"] or "")
         assert table.GetColumnByName("Region model").GetValue(row) == "tiny-region"
         assert table.GetColumnByName("Region model class").GetValue(row) == "malignant"
         assert table.GetColumnByName("Region model P").GetValue(row) == pytest.approx(
