@@ -11,7 +11,8 @@ import torch.nn.functional as F
 def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
             zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
             rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02,
-            masks: "Optional[torch.Tensor]" = None) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
+            masks: "Optional[torch.Tensor]" = None, mask_padding: str = "zeros",
+            ) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
     about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
     the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
@@ -20,7 +21,8 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     ``x * (1 + U(-scale, scale)) + U(-shift, shift) + N(0, noise)``. Random numbers come from the
     CPU ``generator``, so runs are reproducible on any device. With ``masks`` (N, C', K, J, I,
     e.g. lesion outlines) returns (x, masks), the masks moved by the same resampling (linear, 0
-    outside) and not by the intensity changes; the random draws are the same as without."""
+    outside, or with ``mask_padding="border"`` the border values extended, as ``x``'s) and not by
+    the intensity changes; the random draws are the same as without."""
     n = x.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -50,4 +52,4 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     out = out * gain + offset + jitter
     if masks is None:
         return out
-    return out, F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out, F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode=mask_padding, align_corners=False)

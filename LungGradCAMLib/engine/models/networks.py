@@ -1,6 +1,7 @@
 """The 3D CNN architectures. Inputs are (N, C, K, J, I) tensors (K = slice axis); outputs are
-(N, num_classes) logits. Each class names its default Grad-CAM target layer in ``cam_layer`` (a
-dotted module name for ``module.get_submodule``).
+(N, num_classes) logits, or for the segmentation network (:class:`UNet3D`, ``output = "mask"``)
+(N, num_classes, K, J, I) logits per voxel. Each class names its default Grad-CAM target layer in
+``cam_layer`` (a dotted module name for ``module.get_submodule``).
 """
 from __future__ import annotations
 
@@ -395,10 +396,63 @@ class RegionNet(nn.Module):
         return torch.stack(losses).mean()
 
 
+def _double_conv(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(),
+                         nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+
+
+class UNet3D(nn.Module):
+    """A small 3D U-Net (Ronneberger et al. / Cicek et al.): ``depth`` 2x poolings, two 3x3x3
+    convolutions with batch norm and ReLU per level, ``width`` x 1, 2, 4, ... filters, transposed
+    convolutions up, skip connections by concatenation, a 1x1x1 convolution to ``num_classes``
+    logits per voxel. Any input size works: it is padded (edge values) to a multiple of
+    ``2 ** depth`` and the output cropped back, so the output has the input's K, J, I.
+
+    ``cam_layer`` is the bottleneck: the network is a segmenter (its card's ``output`` is
+    ``"mask"``), not explained with a heat map; the name is there for the card.
+    """
+
+    cam_layer = "bottleneck"
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 1, width: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        if not 1 <= int(depth) <= 5:
+            raise ValueError("unet3d needs 1 <= depth <= 5")
+        widths = [int(width) * 2 ** n for n in range(int(depth) + 1)]
+        self.depth = int(depth)
+        self.down = nn.ModuleList([_double_conv(cin, cout) for cin, cout in zip([in_channels] + widths[:-2],
+                                                                              widths[:-1])])
+        self.pool = nn.MaxPool3d(2)
+        self.bottleneck = _double_conv(widths[-2], widths[-1])
+        self.up = nn.ModuleList([nn.ConvTranspose3d(widths[n + 1], widths[n], 2, stride=2)
+                                 for n in reversed(range(self.depth))])
+        self.merge = nn.ModuleList([_double_conv(2 * widths[n], widths[n]) for n in reversed(range(self.depth))])
+        self.head = nn.Conv3d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[2:]
+        step = 2 ** self.depth
+        pad = [p for n in reversed(size) for p in (0, -n % step)]  # F.pad's order: I, J, K
+        if any(pad):
+            x = nn.functional.pad(x, pad, mode="replicate")
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = self.pool(x)
+        x = self.bottleneck(x)
+        for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
+            x = merge(torch.cat([up(x), skip], dim=1))
+        return self.head(x)[:, :, :size[0], :size[1], :size[2]]
+
+
 #: architecture name -> class; ``build_model`` and model cards use these names.
-ARCHITECTURES = {
+CLASSIFIERS = {
     "gradcam3d_cnn": GradCAM3DCNN,
     "small3d_cnn": Small3DCNN,
     "resnet18_3d": ResNet18_3D,
     "region_net": RegionNet,
 }
+#: Networks whose output is a mask (logits per voxel), for model cards with ``output = "mask"``.
+SEGMENTERS = {"unet3d": UNet3D}
+ARCHITECTURES = {**CLASSIFIERS, **SEGMENTERS}
