@@ -1,7 +1,16 @@
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Annotated, List, Optional
 
@@ -41,12 +50,27 @@ from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
 
 #: Import name -> pip requirement of what LungGradCAMLib needs beyond Slicer's own Python.
-#: numpy, SimpleITK, pydicom and VTK come with Slicer and are never reinstalled; torch comes
-#: through the PyTorch extension (PyTorchUtils).
-PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.19", "scipy": "scipy>=1.9", "safetensors": "safetensors>=0.4"}
+#: numpy, SimpleITK, pydicom, scipy (Slicer 5.8.1 bundles 1.13.1) and VTK come with Slicer and are
+#: never reinstalled or upgraded; torch comes through the PyTorch extension (PyTorchUtils).
+PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.19", "scipy": "scipy>=1.9", "safetensors": "safetensors>=0.4",
+                    "tqdm": "tqdm>=4.60", "slicerio": "slicerio>=0.1.8"}
+#: The PyTorch versions the engine supports (pyproject.toml's torch>=2.1).
+TORCH_REQUIREMENT = ">=2.1"
+#: Region size (mm) an ROI placed by one click gets when no region model is chosen.
+DEFAULT_ROI_MM = 40.0
+#: Past this estimated cost (seconds) of the heat map the panel asks before computing it.
+ASK_OVER_SECONDS = 60.0
 
 #: Opacity of the heat map over the CT in the slice views.
 CAM_OPACITY = 0.4
+
+
+def documentationUrl() -> str:
+    """The module's documentation: the README installed beside it (or of the source checkout), as a
+    file URL; the extension has no public web page yet."""
+    from pathlib import Path
+
+    return Path(_ROOT, "README.md").as_uri()
 
 
 def resourcePath(relativePath: str) -> str:
@@ -69,14 +93,14 @@ class LungGradCAM(ScriptedLoadableModule):
         self.parent.title = _("Lung Grad-CAM")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
-        self.parent.contributors = ["LungGradCAM developers"]
+        self.parent.contributors = ["LungGradCAM developers (LungGradCAM project)"]
         self.parent.helpText = _("""
 Explains a 3D CNN's decision on a chest CT with Grad-CAM: the model's prediction, a heat map
 shown over the CT and in 3D, a segmentation of the hot regions inside the lungs and a table of
 their measurements (volume, heat, HU, position). Choose a CT (or load one from the DICOM
 database), a model and a method, and press Apply.
 Research use only: not for clinical use.
-""")
+""") + _('See the <a href="{url}">documentation</a> (the extension\'s README).').format(url=documentationUrl())
         self.parent.acknowledgementText = _("""
 Grad-CAM: Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
 Localization", ICCV 2017. Module layout after Slicer's scripted-module template.
@@ -148,6 +172,12 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._running = False
         self._result = None
+        self._job = None  # the BackgroundRun of Apply, while it runs
+        self._jobTimer = None
+        self._jobStarted = 0.0
+        self._jobRetry = None  # how to start the run again without the cost limit
+        self._pointObservation = None  # (point list, observer tag) while a click places an ROI
+        self._dicomRefreshPending = False
 
     def setup(self) -> None:
         """Called when the user opens the module the first time and the widget is initialized."""
@@ -185,12 +215,21 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainRegionButton.connect("clicked(bool)", self.onExplainRegion)
         self.ui.progressBar.visible = False
 
+        # The DICOM series list follows Slicer's database: imports, removals, another database.
+        database = slicer.app.dicomDatabase()
+        if database is not None:
+            for signalName in ("databaseChanged()", "opened()", "closed()", "seriesAdded(QString)",
+                               "seriesRemoved(QString)"):
+                database.connect(signalName, self._scheduleDicomRefresh)
+
         # Make sure parameter node is initialized (needed for module reload)
         self.initializeParameterNode()
         self.onDicomRefresh()
 
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed."""
+        if self._job is not None:
+            self._job.cancel()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -251,7 +290,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._running:
             return  # the button is Cancel while running
         if self._parameterNode and self._parameterNode.inputVolume:
-            self.ui.applyButton.toolTip = _("Explain the model's decision on the input CT")
+            self.ui.applyButton.toolTip = self.logic.applyDescription(self._parameterNode)
             self.ui.applyButton.enabled = True
         else:
             self.ui.applyButton.toolTip = _("Select an input CT volume")
@@ -334,9 +373,29 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- region (markups ROI) -------------------------------------------------------------------
     def onRoiAdded(self, node) -> None:
-        """A new ROI from the selector: the next click in a slice view places it (its centre; an ROI
-        left without size is explained as the one patch centred there)."""
-        self.logic.startPlacingRoi(node)
+        """A new ROI from the selector: one click on the nodule in a slice view places a point, and
+        the ROI becomes the region model's patch centred there (see LungGradCAMLogic.roiFromPoint)."""
+        self._stopObservingPoint()
+        points = self.logic.startPlacingPoint()
+        tag = points.AddObserver(points.PointPositionDefinedEvent,
+                                 lambda caller, event, roi=node: self._onPointPlaced(caller, roi))
+        self._pointObservation = (points, tag)
+        self.ui.statusLabel.text = _("Click on the nodule in a slice view.")
+
+    def _onPointPlaced(self, points, roiNode) -> None:
+        self._pointObservation = None
+        p = self._parameterNode
+        size = self.logic.regionSizeMm(p.model, p.regionModel)
+        with slicer.util.tryWithErrorDisplay(_("Failed to place the region.")):
+            p.roi = self.logic.roiFromPoint(points, roiNode, size)
+            self.ui.statusLabel.text = _("Region of {size} mm placed: {next}").format(
+                size=" x ".join(f"{s:.0f}" for s in size), next=self.logic.applyDescription(p))
+
+    def _stopObservingPoint(self) -> None:
+        if self._pointObservation is not None:
+            points, tag = self._pointObservation
+            points.RemoveObserver(tag)
+            self._pointObservation = None
 
     def onExplainRegion(self) -> None:
         """"Explain this region": the hot region selected in the table (else the hottest) becomes
@@ -344,25 +403,39 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         output nodes, so the whole-scan result stays in the scene."""
         if self._result is None or not self._result.segmentation.regions:
             return
-        p = self._parameterNode
         row = self.ui.regionsTableView.currentIndex().row()
         regions = self._result.segmentation.regions
         region = regions[row] if 0 <= row < len(regions) else regions[0]
-        p.roi = self.logic.regionToRoi(region)
-        if p.regionModel:
-            p.model, p.regionModel, p.targetClass, p.method = p.regionModel, "", "", "auto"
-        p.camVolume, p.segmentation, p.table = None, None, None
-        self._updateModelList()
-        self.onApplyButton()
+        with slicer.util.tryWithErrorDisplay(_("Failed to explain the region.")):
+            options, roiNode = self.logic.regionRunOptions(self._parameterNode, region)
+            # new output nodes; the panel's settings stay, so the next Apply is what it said before
+            self._start(self._parameterNode.inputVolume, None, None, None, options, storeOutputs=False)
+            self.ui.statusLabel.text = _("Explaining {region} ({roi}) with '{model}'...").format(
+                region=region.name, roi=roiNode.GetName(), model=os.path.basename(str(options.model)))
 
     # --- DICOM database -----------------------------------------------------------------------
+    def _scheduleDicomRefresh(self, *args) -> None:
+        """Slicer's DICOM database changed: list it again once, a moment after a burst of changes
+        (an import adds many series)."""
+        if not self._dicomRefreshPending:
+            self._dicomRefreshPending = True
+            qt.QTimer.singleShot(500, self.onDicomRefresh)
+
     def onDicomRefresh(self) -> None:
+        """List the CT series of Slicer's DICOM database. A database that cannot be read is said in
+        the list and the status line; the panel stays usable (volumes already in the scene)."""
+        self._dicomRefreshPending = False
         combo = self.ui.dicomSeriesComboBox
         combo.clear()
-        with slicer.util.tryWithErrorDisplay(_("Failed to read Slicer's DICOM database.")):
-            for series in self.logic.listCTSeries():
-                combo.addItem(series["title"], series["seriesUID"])
-        self.ui.dicomLoadButton.enabled = combo.count > 0
+        try:
+            series = self.logic.listCTSeries()
+        except LungGradCAMError as error:
+            series = []
+            combo.addItem(_("(Slicer's DICOM database cannot be read)"), "")
+            self.ui.statusLabel.text = _("Slicer's DICOM database cannot be read: {error}").format(error=error)
+        for item in series:
+            combo.addItem(item["title"], item["seriesUID"])
+        self.ui.dicomLoadButton.enabled = bool(series)
         if combo.count == 0:
             combo.addItem(_("(no CT series in the DICOM database)"), "")
 
@@ -389,56 +462,79 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onProgress(self, stage: str, done: int, total: int) -> None:
         """Engine progress: each stage as it starts and ends, the heat map once per batch (patches).
-        Shown in the panel and the status bar; lets Qt handle events (Cancel) in between."""
+        Shown in the panel and the status bar."""
         text = self.logic.progressText(stage, done, total)
         self.ui.progressBar.setRange(0, max(total, 1))
         self.ui.progressBar.value = done
         self.ui.statusLabel.text = text
         slicer.util.showStatusMessage(text)
-        slicer.app.processEvents()
-
-    def _onEstimate(self, estimate) -> bool:
-        """The heat map's cost, before it is computed (LungGradCAMLib.pipeline.CostEstimate): shown
-        in the status line; past a minute (Score-CAM on a whole scan) the user confirms first."""
-        self.ui.statusLabel.text = _("Estimated cost: {estimate}").format(estimate=estimate)
-        slicer.app.processEvents()
-        if estimate.seconds < 60 or slicer.app.testingEnabled():
-            return True
-        return slicer.util.confirmOkCancelDisplay(
-            _("Computing this heat map will take {minutes:.0f} minute(s) or so:\n\n{estimate}\n\nContinue?")
-            .format(minutes=estimate.seconds / 60, estimate=estimate), _("LungGradCAM"))
 
     def onApplyButton(self) -> None:
         """Run processing when user clicks "Apply"; cancel it when the same button says "Cancel"."""
         if self._running:
-            self.logic.requestCancel()
             self.ui.statusLabel.text = _("Cancelling...")
+            if self._job is not None:
+                self._job.cancel()  # the child process ends; _pollJob reports it
             return
-        with slicer.util.tryWithErrorDisplay(_("Failed to install what LungGradCAM needs."), waitCursor=True):
+        # no busy cursor here: the installation asks first (setupPythonRequirements shows one while installing)
+        with slicer.util.tryWithErrorDisplay(_("Failed to install what LungGradCAM needs.")):
             if not self.logic.setupPythonRequirements():
                 self.ui.statusLabel.text = _("LungGradCAM needs PyTorch and a few Python packages to run.")
                 return
         self._updateModelList()
-
         p = self._parameterNode
-        startTime = time.time()
+        with slicer.util.tryWithErrorDisplay(_("LungGradCAM failed.")):
+            self._start(p.inputVolume, p.camVolume, p.segmentation, p.table, self.logic.optionsFromParameterNode(p))
+
+    def _start(self, inputVolume, camVolume, segmentation, table, options, storeOutputs: bool = True,
+               maxEstimateSeconds: Optional[float] = ASK_OVER_SECONDS) -> None:
+        """Start the explanation in a background process (LungGradCAMLogic.startProcess) and poll
+        it from a timer: Slicer stays responsive, Apply reads Cancel."""
+        self._job = self.logic.startProcess(inputVolume, camVolume, segmentation, table, options=options,
+                                            maxEstimateSeconds=maxEstimateSeconds)
+        self._jobRetry = lambda: self._start(inputVolume, camVolume, segmentation, table, options, storeOutputs, None)
+        self._jobStoreOutputs = storeOutputs
+        self._jobStarted = time.time()
         self._setRunning(True)
-        slicer.app.processEvents()
+        self.ui.statusLabel.text = _("Starting...")
+        if self._jobTimer is None:
+            self._jobTimer = qt.QTimer()
+            self._jobTimer.setInterval(200)
+            self._jobTimer.connect("timeout()", self._pollJob)
+        self._jobTimer.start()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        for event in job.poll():
+            if event["event"] == "progress":
+                self._onProgress(event["stage"], event["done"], event["total"])
+            elif event["event"] == "estimate":
+                self.ui.statusLabel.text = _("Estimated cost: {estimate}").format(estimate=event["text"])
+        if job.running:
+            return
+        self._jobTimer.stop()
+        self._job = None
+        self._setRunning(False)
         try:
-            with slicer.util.tryWithErrorDisplay(_("LungGradCAM failed."), waitCursor=False):
-                try:
-                    result = self.logic.process(p.inputVolume, p.camVolume, p.segmentation, p.table,
-                                                options=self.logic.optionsFromParameterNode(p),
-                                                progressCallback=self._onProgress, estimateCallback=self._onEstimate)
-                except CancelledError:
-                    self.ui.statusLabel.text = _("Cancelled.")
-                    return
-        finally:
-            self._setRunning(False)
-        p.camVolume = result.cam_node
-        p.segmentation = result.segmentation_node
-        p.table = result.table_node
-        self._showResult(result, time.time() - startTime)
+            result = job.result()
+        except CancelledError:
+            estimate = job.estimate
+            if estimate and estimate.get("stopped") and not job.cancelled and slicer.util.confirmOkCancelDisplay(
+                    _("Computing this heat map will take {minutes:.0f} minute(s) or so:\n\n{estimate}\n\nContinue?")
+                    .format(minutes=estimate["seconds"] / 60, estimate=estimate["text"]), _("LungGradCAM")):
+                self._jobRetry()
+            else:
+                self.ui.statusLabel.text = _("Cancelled.")
+            return
+        except Exception as error:  # the child's own message (LungGradCAMError), or reading its outputs failed
+            self.ui.statusLabel.text = _("Failed.")
+            slicer.util.errorDisplay(_("LungGradCAM failed.") + "\n\n" + str(error))
+            return
+        if self._jobStoreOutputs:
+            p = self._parameterNode
+            p.camVolume, p.segmentation, p.table = result.cam_node, result.segmentation_node, result.table_node
+        self.logic.showResult(self._parameterNode.inputVolume, result)
+        self._showResult(result, time.time() - self._jobStarted)
 
     def _showResult(self, result, seconds: float) -> None:
         self._result = result
@@ -447,7 +543,8 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToHottestButton.enabled = bool(result.segmentation.regions)
         self.ui.explainRegionButton.enabled = bool(result.segmentation.regions)
         self.ui.resultsCollapsibleButton.collapsed = False
-        self.ui.statusLabel.text = _("Done in {seconds:.1f} s.").format(seconds=seconds)
+        self.ui.statusLabel.text = _("Done in {seconds:.1f} s. Next: {next}").format(
+            seconds=seconds, next=self.logic.applyDescription(self._parameterNode))
 
     def onJumpToHottest(self) -> None:
         if self._result is not None:
@@ -468,6 +565,133 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ci = metric.get("ci95")
                 lines.append(f"{label} {metric['value']:.3f}" + (f" (95% CI {ci[0]:.3f} to {ci[1]:.3f})" if ci else ""))
         return "<br>".join(lines)
+
+
+#
+# BackgroundRun
+#
+
+
+class BackgroundRun:
+    """``lunggradcam run`` on a CT of the scene in a child process, as SlicerTotalSegmentator runs
+    its engine: Slicer stays responsive, and a crash or an out-of-memory of torch ends the child,
+    not Slicer. The child reports progress as JSON lines (``--progress json``); :meth:`poll` reads
+    them without waiting, :meth:`cancel` stops the child (SIGTERM: it removes its temporaries),
+    :meth:`result` loads its outputs into nodes when it has ended. Everything it writes is in a
+    temporary folder of its own, removed at the end."""
+
+    def __init__(self, command: List[str], folder: str, inputVolume, outputNodes: tuple) -> None:
+        self.command, self.folder, self.inputVolume, self.outputNodes = command, folder, inputVolume, outputNodes
+        self.out = os.path.join(folder, "result")
+        self.estimate: Optional[dict] = None  # the heat map's estimated cost, when the child reported it
+        self._events: "queue.Queue[dict]" = queue.Queue()
+        self._log: List[str] = []  # the child's other output lines: its error message, a traceback
+        self._cancelled = False
+        pythonPath = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+        self.process = slicer.util.launchConsoleProcess(command, updateEnvironment={"PYTHONPATH": pythonPath})
+        self._reader = threading.Thread(target=self._read, name="LungGradCAM-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:  # stdout and stderr together (launchConsoleProcess)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and "event" in event:
+                self._events.put(event)
+            elif line.strip():
+                self._log.append(line.rstrip())
+        self.process.stdout.close()
+
+    def poll(self) -> List[dict]:
+        """The child's events since the last call (``progress``, ``estimate``, ``done``), without waiting."""
+        events = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return events
+            if event["event"] == "estimate":
+                self.estimate = event
+            events.append(event)
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` stopped it."""
+        return self._cancelled
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None or self._reader.is_alive()
+
+    def cancel(self) -> None:
+        """Stop the child: SIGTERM (it removes its temporaries), then SIGKILL after 10 s."""
+        self._cancelled = True
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        self._cleanup()
+
+    def wait(self, onEvent=None, timeout: Optional[float] = None) -> None:
+        """Wait for the child to end (the Python console's way), calling ``onEvent(event)`` per event."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            for event in self.poll():
+                if onEvent is not None:
+                    onEvent(event)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise LungGradCAMError(f"the explanation did not end within {timeout:.0f} s and was stopped")
+            time.sleep(0.05)
+        for event in self.poll():
+            if onEvent is not None:
+                onEvent(event)
+
+    def result(self):
+        """The outputs of a child that has ended, as nodes (LungGradCAMLib.mrml.NodeResult). Raises
+        CancelledError after :meth:`cancel` or when the child stopped before a costly heat map
+        (``--max-estimate``), LungGradCAMError with the child's own message when it failed."""
+        from LungGradCAMLib import mrml
+        from LungGradCAMLib.pipeline.outputs import read_run
+
+        if self.running:
+            raise LungGradCAMError("the explanation is still running")
+        try:
+            code = self.process.returncode
+            if self._cancelled:
+                raise CancelledError("cancelled")
+            if self.estimate is not None and self.estimate.get("stopped"):
+                raise CancelledError(f"not started: {self.estimate['text']}")
+            if code != 0:
+                raise LungGradCAMError(self.failure(code))
+            explanation, segmentation = read_run(self.out)
+            return mrml.result_to_nodes(self.inputVolume, explanation, segmentation, *self.outputNodes)
+        finally:
+            self._cleanup()
+
+    def failure(self, code: int) -> str:
+        """What went wrong, from the child's exit status and its last words."""
+        prefix = "lunggradcam run: error: "
+        start = next((n for n in range(len(self._log) - 1, -1, -1) if self._log[n].startswith(prefix)), None)
+        if start is not None:  # the message and its further lines (e.g. the series to choose from)
+            return "\n".join([self._log[start][len(prefix):]] + self._log[start + 1:])
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return (f"the explanation process ended unexpectedly ({name}{', most likely out of memory' if -code == 9 else ''}); "
+                    "Slicer is not affected. Try a smaller batch size or the CPU.")
+        return f"the explanation process failed (exit status {code}): " + " | ".join(self._log[-3:])
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 #
@@ -519,11 +743,34 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """True when torch and the packages of PIP_REQUIREMENTS can be imported."""
         return all(importlib.util.find_spec(name) is not None for name in ("torch", *PIP_REQUIREMENTS))
 
+    @staticmethod
+    def torchVersionProblem(version: Optional[str] = None) -> Optional[str]:
+        """Why the installed PyTorch (or ``version``) will not do, or None when it does (or is not
+        installed yet): older than TORCH_REQUIREMENT. Compared as numbers, as TotalSegmentator does."""
+        if version is None:
+            try:
+                version = importlib.metadata.version("torch")
+            except importlib.metadata.PackageNotFoundError:
+                return None
+
+        def numbers(text: str) -> tuple:
+            return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
+
+        needed = TORCH_REQUIREMENT.lstrip(">=")
+        if numbers(version) >= numbers(needed):
+            return None
+        return (f"PyTorch {version} is installed, but LungGradCAM needs PyTorch {needed} or newer. Open the "
+                f"'PyTorch Util' module, set the version requirement to '{TORCH_REQUIREMENT}', reinstall PyTorch, "
+                "restart Slicer and press Apply again.")
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """Install what is missing: torch through the PyTorch extension's PyTorchUtils (which picks
         the build for this computer's GPU), the packages of PIP_REQUIREMENTS with pip. Each asks
         the user first (unless ``askConfirmation`` is False or Slicer runs in testing mode).
         Returns False when the user declined."""
+        problem = self.torchVersionProblem()
+        if problem:
+            raise LungGradCAMError(problem)
         if importlib.util.find_spec("torch") is None:
             try:
                 import PyTorchUtils
@@ -531,7 +778,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
                 raise LungGradCAMError(
                     "LungGradCAM needs PyTorch, which comes through the 'PyTorch' extension. Install it from "
                     "the Extensions Manager, restart Slicer, and press Apply again.") from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation, torchVersionRequirement=">=2.1")
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 return False
         missing = [requirement for name, requirement in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
@@ -542,19 +789,26 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
                     .format(packages="\n".join(missing)),
                     _("Install Python packages")):
                 return False
-            slicer.util.pip_install(" ".join(missing))
+            # the busy cursor only while installing, never under the question
+            slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
+            try:
+                slicer.util.pip_install(" ".join(missing))
+            finally:
+                slicer.app.restoreOverrideCursor()
             importlib.invalidate_caches()
         return True
 
     # --- models ---------------------------------------------------------------------------------
     @staticmethod
     def bundledModels() -> List[str]:
-        """Names of the models in Resources/Models (["default"] until torch is installed)."""
+        """Names of the models in Resources/Models whose decision is explained (classifiers: not the
+        nodule outline network, which outlines the explained regions by itself; ["default"] until
+        torch is installed)."""
         if not LungGradCAMLogic.dependenciesInstalled():
             return ["default"]
         from LungGradCAMLib.engine.models import available_models
 
-        return available_models()
+        return [name for name in available_models() if LungGradCAMLogic.modelCard(name).output == "classes"]
 
     @staticmethod
     def regionModels() -> List[str]:
@@ -602,11 +856,19 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         return found
 
     @staticmethod
-    def loadSeries(seriesUID: str, databasePath: Optional[str] = None):
+    def loadSeries(seriesUID: str, databasePath: Optional[str] = None, show: bool = True):
         """Load a CT series of Slicer's DICOM database (or of ``databasePath``) into a new scalar
-        volume node named as Slicer's DICOM module names it ("<number>: <description>"), with the
-        reader of the command line (slices ordered by position, rescale and padding applied,
-        geometry checked), so the panel and ``lunggradcam run`` see the same CT. Returns the node."""
+        volume node named as Slicer's DICOM module names it ("<number>: <description>"), placed
+        under its patient and study in the subject hierarchy with the DICOM attributes Slicer's
+        DICOM plugins set (``DICOM.instanceUIDs`` and the series, study and patient items), and,
+        with ``show``, shown in the slice views at once. Returns the node.
+
+        The series is read with the reader of the command line, not DICOMUtils.loadSeriesByUID
+        (Slicer's scalar volume plugin), so that the panel and ``lunggradcam run`` explain the same
+        voxels: it orders slices by position, maps Pixel Padding Value and values below -1024 HU
+        to air, and resamples gantry tilt and irregular spacing onto a regular grid, where Slicer's
+        plugin keeps the padding (-2048/-3024 HU) and, by default, irregular geometry."""
+        from LungGradCAMLib import mrml
         from LungGradCAMLib.io.ctkdb import DicomDatabase
 
         path = databasePath or LungGradCAMLogic.dicomDatabasePath()
@@ -617,9 +879,125 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         series = next((s for s in database.series() if s.series_uid == seriesUID), None)
         number = "" if series is None or series.number is None else f"{series.number}: "
         name = (number + (series.description if series else "")).strip(": ") or "CT"
-        return slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras, name=name)
+        node = mrml.dicom_series_to_node(volume, database.files(seriesUID), name)
+        if show:
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+        return node
+
+    # --- region (ROI) ---------------------------------------------------------------------------
+    @staticmethod
+    def regionSizeMm(model: str = "", regionModel: str = "") -> List[float]:
+        """The (R, A, S) size in mm of the one patch a region model looks at: the model's when it
+        is a region model, else the second-opinion model's, else DEFAULT_ROI_MM."""
+        for name in (model, regionModel):
+            if not name or not LungGradCAMLogic.dependenciesInstalled():
+                continue
+            try:
+                card = LungGradCAMLogic.modelCard(name)
+            except LungGradCAMError:
+                continue
+            if card.input == "roi" and card.patch_size:
+                # patch_size is (K, J, I) voxels, spacing_mm (i, j, k): the patch's extent along i, j, k
+                return [float(n * s) for n, s in zip(card.patch_size[::-1], card.spacing_mm)]
+        return [DEFAULT_ROI_MM] * 3
+
+    @staticmethod
+    def startPlacingPoint(name: str = "LungGradCAM nodule"):
+        """One click for a region: a new point list is made the place node and place mode starts,
+        so the next click in a view puts one point; :meth:`roiFromPoint` turns it into the ROI.
+        Returns the point list node."""
+        points = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        points.SetMaximumNumberOfControlPoints(1)
+        slicer.modules.markups.logic().SetActiveList(points)
+        interactionNode = slicer.mrmlScene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+        interactionNode.SetPlaceModePersistence(0)
+        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
+        return points
+
+    @staticmethod
+    def roiFromPoint(points, roiNode=None, sizeMm: Optional[List[float]] = None):
+        """The ROI centred on the clicked point of ``points`` (a point list with one point), of
+        ``sizeMm`` (R, A, S; default: DEFAULT_ROI_MM): ``roiNode`` moved there, or a new one. The
+        point list is removed. Returns the ROI node."""
+        from LungGradCAMLib.mrml import roi_at_point
+
+        if points.GetNumberOfControlPoints() == 0:
+            raise LungGradCAMError("no point was placed: click on the nodule in a slice view")
+        centre = [0.0, 0.0, 0.0]
+        points.GetNthControlPointPositionWorld(0, centre)
+        slicer.mrmlScene.RemoveNode(points)
+        return roi_at_point(centre, sizeMm or [DEFAULT_ROI_MM] * 3, roiNode)
+
+    def regionRunOptions(self, parameterNode, region):
+        """The settings of "Explain selected region": the panel's, with the region (an ROI node
+        made around it, returned too) and the second-opinion model as the model when one is
+        chosen. The parameter node is left as it is, so the next Apply runs as before."""
+        p = parameterNode
+        roiNode = self.regionToRoi(region)
+        options = self.optionsFromParameterNode(p)
+        from LungGradCAMLib.mrml import roi_from_node
+
+        changes = {"roi": roi_from_node(roiNode), "mode": "roi", "region_model": None}
+        if p.regionModel:
+            changes.update(model=p.regionModel, method=None, target=None, layer=None)
+        from dataclasses import replace
+
+        return replace(options, **changes), roiNode
+
+    @staticmethod
+    def applyDescription(parameterNode) -> str:
+        """What the next Apply will do, in words (shown beside the button)."""
+        p = parameterNode
+        if not p.inputVolume:
+            return _("Select a CT volume.")
+        model = os.path.basename(p.model) if p.model else "default"
+        where = (_("the region '{roi}'").format(roi=p.roi.GetName()) if p.roi is not None
+                 else _("the whole scan"))
+        text = _("Apply explains {where} of '{ct}' with model '{model}'").format(
+            where=where, ct=p.inputVolume.GetName(), model=model)
+        if p.regionModel:
+            text += _(", asking '{regionModel}' about each hot region").format(regionModel=p.regionModel)
+        return text + "."
 
     # --- processing -----------------------------------------------------------------------------
+    @staticmethod
+    def pythonExecutable() -> str:
+        """The Python that runs the engine's command line: Slicer's PythonSlicer (on the PATH
+        inside Slicer), else this interpreter."""
+        return shutil.which("PythonSlicer") or sys.executable
+
+    def startProcess(self, inputVolume, camVolume=None, segmentation=None, table=None,
+                     options: Optional[ExplainOptions] = None, maxEstimateSeconds: Optional[float] = None,
+                     **optionKeywords) -> BackgroundRun:
+        """Start explaining ``inputVolume`` in a background process (``lunggradcam run``, see
+        BackgroundRun): the CT is written to a temporary NRRD file, the options become the
+        command's arguments. With ``maxEstimateSeconds`` the child stops before a heat map
+        estimated to take longer (the panel then asks and starts again without the limit). Poll
+        the returned run, then call its ``result()`` for the output nodes. The Python console's
+        :meth:`process` stays synchronous, in this process."""
+        from LungGradCAMLib import mrml
+        from LungGradCAMLib.cli.common import args_from_options
+        from LungGradCAMLib.core.volume import write_volume
+
+        if options is None:
+            options = ExplainOptions(**optionKeywords)
+        if camVolume is not None and camVolume is inputVolume:
+            raise LungGradCAMError("the heat map output is the input CT itself; choose another volume or none")
+        arguments = args_from_options(options)  # before any file is written: a loaded model is refused here
+        volume = mrml.volume_from_node(inputVolume)
+        folder = tempfile.mkdtemp(prefix="LungGradCAM-")
+        try:
+            ct = write_volume(volume, os.path.join(folder, "ct.nrrd"))
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        command = [self.pythonExecutable(), "-m", "LungGradCAMLib.cli", "run", str(ct), "--out",
+                   os.path.join(folder, "result"), "--progress", "json", "--no-overlay", "--no-lungs", *arguments]
+        if maxEstimateSeconds is not None:
+            command += ["--max-estimate", str(maxEstimateSeconds)]
+        logging.info("LungGradCAM: background run started")
+        return BackgroundRun(command, folder, inputVolume, (camVolume, segmentation, table))
+
     def requestCancel(self) -> None:
         """Stop a running :meth:`process` before its next stage or batch (it raises CancelledError)."""
         self._cancelRequested = True
@@ -666,9 +1044,11 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def resultText(result) -> str:
         """Rich text of a result for the panel: prediction, probabilities, the outcome (regions or
-        "no region above threshold"), a note when the GPU ran out of memory, and the model's
-        intended use (research, not clinical)."""
+        "no region above threshold"), the heat map's scale, each explained region's nodule outline
+        (volume, diameters), a note when the GPU ran out of memory, and the model's intended use
+        (research, not clinical)."""
         from LungGradCAMLib.pipeline import intended_use, outcome, scale_text
+        from LungGradCAMLib.pipeline.outlines import outline_text
 
         explanation = result.explanation
         rows = "".join(
@@ -679,6 +1059,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
                     name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation))
                 + "<br>" + _("Heat-map scale: {scale}.")
                 .format(scale=scale_text(explanation)))
+        for region in result.segmentation.regions:
+            if region.outline:
+                text += "<br>" + f"{region.name}: {outline_text(region.outline)}"
         asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(
@@ -705,15 +1088,6 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         from LungGradCAMLib.mrml import region_to_roi_node
 
         return region_to_roi_node(region, roiNode)
-
-    @staticmethod
-    def startPlacingRoi(roiNode) -> None:
-        """Make ``roiNode`` the active markups node and start place mode: the next click in a view
-        places it."""
-        slicer.modules.markups.logic().SetActiveList(roiNode)  # the place node: this ROI, of its class
-        interactionNode = slicer.mrmlScene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
-        interactionNode.SetPlaceModePersistence(0)  # markups logic's StartPlaceMode would switch to points
-        interactionNode.SetCurrentInteractionMode(interactionNode.Place)
 
     @staticmethod
     def jumpToHottestRegion(result) -> bool:

@@ -4,7 +4,12 @@ torch is only loaded when a model is used."""
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
+
+#: When this package began to be imported (``time.perf_counter()``): a ``lunggradcam`` command's
+#: report counts its ``total`` from here, so that the imports (torch, numpy, ...) are in it.
+IMPORT_STARTED = time.perf_counter()
 
 __version__ = "0.1.0"
 
@@ -14,9 +19,10 @@ _EXPORTS = {
     "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
+    "Outline": "core.results", "nodule_outline": "engine.outline", "measure_outline": "engine.outline",
     "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
     "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
-    "DicomDatabase": "io.ctkdb",
+    "DicomDatabase": "io.ctkdb", "make_dicom_database": "io.ctkdb_write",
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",
     "load_model": "engine.models", "LoadedModel": "engine.models", "ModelCard": "engine.models",
     "compute_cam": "engine.cam", "CAM": "engine.cam", "sliding_cam": "engine.sliding",
@@ -40,4 +46,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

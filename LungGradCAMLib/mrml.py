@@ -23,8 +23,9 @@ from .options import ExplainOptions
 from .core.results import Explanation, Region, Segmentation
 from .core.volume import Volume
 
-__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "explain_volume_node",
-           "region_to_roi_node", "regions_to_table", "roi_from_node", "segmentation_to_node", "volume_from_node"]
+__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "dicom_series_to_node",
+           "explain_volume_node", "region_to_roi_node", "regions_to_table", "result_to_nodes", "roi_at_point",
+           "roi_from_node", "segmentation_to_node", "volume_from_node"]
 
 #: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
 #: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
@@ -181,7 +182,8 @@ def _label_array(labelmap: Volume) -> np.ndarray:
 
 def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: Any = None,
                          name: str = "LungGradCAM regions", closed_surface: bool = True) -> Any:
-    """Put a :class:`Segmentation` into a segmentation node, one segment per region.
+    """Put a :class:`Segmentation` into a segmentation node, one segment per region and one per
+    nodule outline (``Segmentation.outlines``; they overlap the regions).
 
     The labelmap (K, J, I, with its own ``ijk_to_ras``) is imported through a temporary labelmap
     node with ``vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode``; the reference
@@ -201,23 +203,28 @@ def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: 
     node.GetSegmentation().RemoveAllSegments()
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
 
-    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LungGradCAM temporary labelmap")
-    try:
-        temporary.SetIJKToRASMatrix(_vtk_matrix(segmentation.labelmap.ijk_to_ras))
-        slicer.util.updateVolumeFromArray(temporary, _label_array(segmentation.labelmap))
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ""):
-            raise VolumeError("Slicer could not import the region labelmap into the segmentation node")
-    finally:
-        scene.RemoveNode(temporary)
-
-    by_label = {int(region.label): region for region in segmentation.regions}
+    # the regions, then the nodule outlines (which overlap them: Slicer keeps them in a layer of their own)
+    layers = [(segmentation.labelmap, segmentation.regions)]
+    if segmentation.outlines:
+        layers.append((segmentation.labelmap.with_array(segmentation.outline_labels()), segmentation.outlines))
     segments = node.GetSegmentation()
-    for index in range(segments.GetNumberOfSegments()):
-        segment = segments.GetNthSegment(index)
-        region = by_label.get(int(segment.GetLabelValue()))
-        if region is not None:
-            segment.SetName(region.name)
-            segment.SetColor(*[float(c) for c in region.color])
+    for labelmap, named in layers:
+        first = segments.GetNumberOfSegments()
+        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LungGradCAM temporary labelmap")
+        try:
+            temporary.SetIJKToRASMatrix(_vtk_matrix(labelmap.ijk_to_ras))
+            slicer.util.updateVolumeFromArray(temporary, _label_array(labelmap))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ""):
+                raise VolumeError("Slicer could not import the region labelmap into the segmentation node")
+        finally:
+            scene.RemoveNode(temporary)
+        by_label = {int(item.label): item for item in named}
+        for index in range(first, segments.GetNumberOfSegments()):
+            segment = segments.GetNthSegment(index)
+            item = by_label.get(int(segment.GetLabelValue()))
+            if item is not None:
+                segment.SetName(item.name)
+                segment.SetColor(*[float(c) for c in item.color])
     if closed_surface:
         node.CreateClosedSurfaceRepresentation()
     return node
@@ -251,6 +258,18 @@ _SECOND_OPINION_COLUMNS = tuple(
         ("Region model class", str, "the class the region model explains", "target_class"),
         ("Region model P", float, "the region model's probability of that class", "probability"),
     ))
+#: Columns added when regions have a nodule outline (an ROI run, or a second opinion): the
+#: outline's segment and what a radiologist measures on it.
+_OUTLINE_COLUMNS = tuple(
+    (name, kind, unit, description, lambda r, key=key: (r.outline or {}).get(key))
+    for name, kind, unit, description, key in (
+        ("Outline", str, "", "the nodule outline at the region's peak (its segment; empty: no nodule found)", "name"),
+        ("Outline volume [ml]", float, "ml", "the outlined nodule's volume", "volume_ml"),
+        ("Long axis [mm]", float, "mm", "the nodule's longest diameter in a slice of the CT", "long_axis_mm"),
+        ("Short axis [mm]", float, "mm", "its widest extent perpendicular to the long axis, same slice",
+         "short_axis_mm"),
+        ("Mean diameter [mm]", float, "mm", "mean of the long and short axis (Lung-RADS' size)", "mean_diameter_mm"),
+    ))
 _VTK_ARRAYS = {str: vtk.vtkStringArray, int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}
 
 
@@ -269,14 +288,16 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
     """Fill a table node with one row per region: name, label, volume (ml, mm³), voxel count,
     peak/mean CAM, mean/max HU, centroid and hottest point (RAS mm) and score, with unit labels
     and descriptions on the columns; when a region model was asked about them, its name, class and
-    probability too. ``node`` is cleared and refilled, or created when None."""
+    probability too; when regions have a nodule outline, its segment, volume (ml) and long, short
+    and mean diameter (mm). ``node`` is cleared and refilled, or created when None."""
     if node is None:
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
     elif not node.IsA("vtkMRMLTableNode"):
         raise InvalidInputError(f"the results table output must be a table node; got a {node.GetClassName()}")
     was_modifying = node.StartModify()
     node.RemoveAllColumns()
-    columns = _REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+    columns = (_REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+               + (_OUTLINE_COLUMNS if any(r.outline for r in regions) else ()))
     for column_name, kind, unit, description, value in columns:
         node.AddColumn(_column(column_name, kind, [value(r) for r in regions]))
         node.SetColumnUnitLabel(column_name, unit)
@@ -303,6 +324,88 @@ def roi_from_node(roi_node: Any, default_size_mm: Optional[float] = None) -> tup
         raise InvalidInputError(f"ROI {roi_node.GetName()!r} has no size (size {size} mm): drag its handles "
                                 "to cover the nodule")
     return tuple(centre), tuple(size)
+
+
+def roi_at_point(centre_ras: Sequence[float], size_mm: Sequence[float], node: Any = None,
+                 name: str = "LungGradCAM region") -> Any:
+    """A markups ROI node of ``size_mm`` (R, A, S extents) centred on ``centre_ras`` (RAS mm): one
+    click on a nodule gives the region a region model looks at. ``node`` is moved and resized, or
+    a new one is made."""
+    if node is None:
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    node.SetCenterWorld(*[float(c) for c in centre_ras])
+    node.SetSizeWorld(*[float(s) for s in size_mm])
+    return node
+
+
+#: Subject hierarchy attributes of a series item and the DICOM keywords they come from, as Slicer's
+#: DICOM plugins set them (DICOMLib.DICOMPlugin.addSeriesInSubjectHierarchy, Slicer 5.8.1).
+_SERIES_ATTRIBUTES = (("SeriesModality", "Modality"), ("SeriesNumber", "SeriesNumber"),
+                      ("FrameOfReferenceUID", "FrameOfReferenceUID"), ("SeriesDescription", "SeriesDescription"),
+                      ("SeriesDate", "SeriesDate"), ("SeriesTime", "SeriesTime"), ("ContentDate", "ContentDate"),
+                      ("ContentTime", "ContentTime"), ("Manufacturer", "Manufacturer"), ("Model", "ManufacturerModelName"))
+
+
+def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any:
+    """A scalar volume node holding a CT read from DICOM ``files`` (by
+    :func:`~LungGradCAMLib.io.dicom.load_dicom_series`), set up as Slicer's DICOM module sets up the
+    series it loads: the ``DICOM.instanceUIDs`` attribute (SOPInstanceUIDs in slice order), and a
+    subject hierarchy item with the series' UID and DICOM attributes under its study and patient
+    items (made when missing, found by StudyInstanceUID and PatientID as Slicer does, with their
+    attributes and names), so that DICOM export, segment references and the Data module treat it
+    as Slicer's own. Returns the node."""
+    import pydicom
+
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
+    normal = volume.ijk_to_ras[:3, 2]
+    ras = [np.array([-float(v) for v in h.ImagePositionPatient[:2]] + [float(h.ImagePositionPatient[2])])
+           if "ImagePositionPatient" in h else np.zeros(3) for h in headers]
+    headers = [h for _, h in sorted(zip([float(p @ normal) for p in ras], headers), key=lambda t: t[0])]
+    first = headers[0]
+
+    def text(keyword: str) -> str:
+        value = first.get(keyword)
+        return "" if value is None else str(value)
+
+    node = slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras, name=name)
+    uids = " ".join(str(h.get("SOPInstanceUID", "")) or "Unknown" for h in headers)
+    node.SetAttribute("DICOM.instanceUIDs", uids)
+
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(_scene(node))
+    series_item = shn.GetItemByDataNode(node)
+    if not series_item:
+        series_item = shn.CreateItem(shn.GetSceneItemID(), node)
+    shn.SetItemUID(series_item, constants.GetDICOMUIDName(), text("SeriesInstanceUID"))
+    for attribute, keyword in _SERIES_ATTRIBUTES:
+        shn.SetItemAttribute(series_item, constants.GetDICOMAttributePrefix() + attribute, text(keyword))
+    shn.SetItemUID(series_item, constants.GetDICOMInstanceUIDName(), uids)
+    study_uid = text("StudyInstanceUID")
+    patient_id = text("PatientID") or f"Patient-{study_uid}"  # Slicer's rule for a missing PatientID
+    patient_name = text("PatientName") or "No name"
+    description = text("StudyDescription") or "No study description"
+    # (UID, the item's name, its attributes): set only on items this call makes, as Slicer does
+    items = [(patient_id, patient_name, (
+        (constants.GetDICOMPatientNameAttributeName(), patient_name),
+        (constants.GetDICOMPatientIDAttributeName(), patient_id),
+        (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
+        (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
+        (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments")))),
+        (study_uid, description + (f" ({text('StudyDate')})" if text("StudyDate") else ""), (
+            (constants.GetDICOMStudyDescriptionAttributeName(), description),
+            (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
+            (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
+            (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
+            (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime"))))]
+    new = [entry for entry in items if not shn.GetItemByUID(constants.GetDICOMUIDName(), entry[0])]
+    slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(shn, patient_id, study_uid,
+                                                                            text("SeriesInstanceUID"))
+    for uid, item_name, attributes in new:
+        item = shn.GetItemByUID(constants.GetDICOMUIDName(), uid)
+        for attribute, value in attributes:
+            shn.SetItemAttribute(item, attribute, value)
+        shn.SetItemName(item, item_name)
+    return node
 
 
 def region_to_roi_node(region: Region, node: Any = None, margin_mm: float = 5.0,
@@ -357,6 +460,18 @@ def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node
                                 "(a new one is created) so the CT is not overwritten")
     explanation, segmentation = explain_and_segment(volume_from_node(input_node), options,
                                                     progress=progress, cancel=cancel, on_estimate=on_estimate)
+    return result_to_nodes(input_node, explanation, segmentation, cam_node, segmentation_node, table_node)
+
+
+def result_to_nodes(input_node: Any, explanation: Explanation, segmentation: Segmentation, cam_node: Any = None,
+                    segmentation_node: Any = None, table_node: Any = None) -> NodeResult:
+    """Put an explanation of ``input_node``'s CT and its hot regions into nodes (each created when
+    None, named after the input node): the heat map volume, the regions' segmentation and table.
+    Used for a run in this process (:func:`explain_volume_node`) and for one read back from a
+    ``lunggradcam run`` folder (:func:`~LungGradCAMLib.pipeline.outputs.read_run`)."""
+    if cam_node is not None and cam_node is input_node:
+        raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
+                                "(a new one is created) so the CT is not overwritten")
     name = input_node.GetName()
     return NodeResult(
         explanation=explanation,

@@ -1,6 +1,9 @@
-"""The ``lunggradcam`` command line: demo | run | batch | train | evaluate | bench | info.
+"""The ``lunggradcam`` command line: demo | run | batch | train | evaluate | bench | dicom-db | info.
 
 Errors a user can cause (:class:`LungGradCAMError`) are printed without a traceback, exit status 2.
+Besides that one message a command prints its own warnings (:class:`LungGradCAMWarning`) as one
+note each; other libraries' warnings and log lines only with ``-v``; all of it escaped (text from
+a file never starts a line of its own nor drives the terminal).
 """
 from __future__ import annotations
 
@@ -13,15 +16,18 @@ import signal
 import sys
 import threading
 import time
-from typing import List, NoReturn, Optional
+import warnings
+from typing import Any, Callable, List, NoReturn, Optional
 
 from .. import __version__
-from ..core.errors import LungGradCAMError
+from ..core.errors import LungGradCAMError, LungGradCAMWarning
+from ..core.limits import is_out_of_memory, out_of_memory
+from ..core.text import escaped
 from .common import NEGATIVE_VALUE_OPTIONS
 
 
 # One module per command, each registering it with ``add_cli(subparsers)``, in the order of --help.
-_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".info")
+_COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".dicomdb", ".info")
 _VERBOSE_HELP = "log each stage and its time"
 
 
@@ -63,10 +69,32 @@ def _join_negative_values(argv: List[str]) -> List[str]:
 
 
 def _printable(text: str) -> str:
-    """``text`` with control characters other than newline and tab escaped (``\\x1b``): messages
-    quote DICOM fields such as SeriesDescription, which a hostile file can fill with terminal
-    escape sequences."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    """A message for the terminal: control characters escaped (``\\x1b``; messages quote DICOM
+    fields, which a hostile file can fill with escape sequences) and every line after the first
+    indented, so that no line of it reads as a message of its own."""
+    lines = [escaped(line, None) for line in text.split("\n")]
+    return "\n".join(lines[:1] + [line if line.startswith(" ") else "  " + line for line in lines[1:]])
+
+
+class _OneLine(logging.Formatter):
+    """Log lines whose message is escaped (:func:`escaped`): one line, no terminal control."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord({**record.__dict__, "msg": escaped(record.getMessage()), "args": ()})
+        return super().format(record)
+
+
+def _show_warnings(command: str) -> Callable[..., None]:
+    """A ``warnings.showwarning``: LungGradCAM's own warnings as one note on stderr, other
+    libraries' (numpy's RuntimeWarning, torch's UserWarning) to the log, shown with ``-v``."""
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, LungGradCAMWarning):
+            from tqdm import tqdm
+
+            tqdm.write(f"lunggradcam {command}: note: {escaped(message)}", file=sys.stderr)
+        else:
+            logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+    return show
 
 
 class Terminated(BaseException):
@@ -91,16 +119,34 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(_join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as exc:  # --help, --version, or a wrong option (message printed, status 2)
         return int(exc.code or 0)
-    args.started = started  # a run's report counts its total time from here
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.verbose:
-        logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.INFO)
+    # A command's report counts its total from the package's import (before the imports of numpy,
+    # torch...): its wall time but for the interpreter's own start (tens of ms). Called from Python
+    # with argv (a test, a script), from this call.
+    from .. import IMPORT_STARTED
+
+    args.started = IMPORT_STARTED if argv is None else started
+    package = __package__.rpartition(".")[0]
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine("%(levelname)s %(name)s: %(message)s"))
+    if not args.verbose:  # other libraries' log lines (pydicom's WARNINGs): with -v only
+        handler.addFilter(lambda record: record.name == package or record.name.startswith(package + "."))
+    logging.basicConfig(handlers=[handler])  # unless the program that calls main configured logging
+    logging.getLogger(package).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    shown = warnings.showwarning
+    if shown is getattr(warnings, "_showwarning_orig", None):  # not when a caller records warnings
+        warnings.showwarning = _show_warnings(args.command)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except LungGradCAMError as exc:
         print(f"lunggradcam {args.command}: error: {_printable(str(exc))}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:  # an allocator's failure where no step turned it into a message
+        if not is_out_of_memory(exc):
+            raise
+        message = out_of_memory(f"running lunggradcam {args.command}", exc)
+        print(f"lunggradcam {args.command}: error: {_printable(str(message))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lunggradcam {args.command}: interrupted", file=sys.stderr)
@@ -109,5 +155,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lunggradcam {args.command}: terminated (SIGTERM); no partial output was left", file=sys.stderr)
         return 128 + signal.SIGTERM
     finally:
+        warnings.showwarning = shown
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -10,8 +10,10 @@ from .common import add_explain_options, options_from_args, print_estimate
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    skipped: dict = {}
     summary = run_batch(args.source, args.out, options_from_args(args), dicom_seg=args.dicom_seg,
-                        volume_format=args.volume_format, redo_failed=args.redo_failed, on_estimate=print_estimate)
+                        volume_format=args.volume_format, redo_failed=args.redo_failed, on_estimate=print_estimate,
+                        skipped=skipped, overlay=args.overlay, lungs=args.lungs)
     from ..engine.distributed import torchrun_env
 
     if torchrun_env()[0] == 0:  # rank 0 wrote the summary
@@ -20,6 +22,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         done = sum(r["status"] == "done" for r in rows)
         failed = [r for r in rows if r["status"] == "failed"]
         print(f"{done} of {len(rows)} series done, {len(failed)} failed; summary: {summary}")
+        for reason, n in skipped.items():
+            print(f"  {n} series skipped: {reason}")
         return 1 if failed else 0
     return 0
 

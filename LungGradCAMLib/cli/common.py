@@ -3,13 +3,16 @@ checked as it is parsed), the options themselves, the progress line and the cost
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..core.errors import InvalidInputError
-from ..core.results import Segmentation
+from ..core.results import Region, Segmentation
 from ..options import METHODS, MODES, SCALES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from ..pipeline.explainer import STAGES, CostEstimate, Progress
+from ..pipeline.outlines import outline_text
 from ..pipeline.outputs import VOLUME_FORMATS
 
 
@@ -72,7 +75,8 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
     g.add_argument("--device", default=None, type=argument_type(device),
                    help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
     g.add_argument("--batch-size", type=argument_type(batch_size), default=None,
-                   help="patches per batch (default: 8 on CUDA, 2 on CPU)")
+                   help="patches per model call (default: 8 on a GPU; on the CPU as many as fit in about "
+                        "1 M voxels, at most 32: 32 for the bundled models)")
     g.add_argument("--stride", default=None, type=argument_type(parse_stride), metavar="K[,J,I]",
                    help="sliding-window step in model voxels (default: half a patch)")
     g.add_argument("--amp", action="store_true", help="16-bit mixed precision on CUDA")
@@ -81,6 +85,10 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
                    help="heat map, regions and lungs as .nrrd + Slicer .seg.nrrd (default) or as NIfTI .nii.gz")
     o.add_argument("--dicom-seg", action="store_true",
                    help="also write segmentation.dcm, a DICOM Segmentation of the regions (DICOM input only)")
+    o.add_argument("--overlay", default=True, action=argparse.BooleanOptionalAction,
+                   help="write overlay.png (default: yes)")
+    o.add_argument("--lungs", default=True, action=argparse.BooleanOptionalAction,
+                   help="write the lung mask, lungs.seg.nrrd (default: yes)")
 
 
 def options_from_args(args: argparse.Namespace) -> ExplainOptions:
@@ -90,6 +98,43 @@ def options_from_args(args: argparse.Namespace) -> ExplainOptions:
                           restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
                           device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp,
                           region_model=args.region_model)
+
+
+def args_from_options(options: ExplainOptions) -> List[str]:
+    """The command-line arguments of ``run`` that give ``options`` (the inverse of
+    :func:`options_from_args`): how the Slicer module hands its settings to ``lunggradcam run`` in
+    a background process. The model and region model must be names or paths, the roi a box."""
+    import numpy as np
+
+    o = options
+    for name, value in (("model", o.model), ("region_model", o.region_model)):
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise InvalidInputError(f"{name}: a loaded model cannot be passed to a command; give its name or path")
+    if isinstance(o.roi, np.ndarray):
+        raise InvalidInputError("a roi mask cannot be passed to a command; give (centre_ras_mm, size_mm)")
+    args = ["--model", str(o.model), "--mode", o.mode, "--threshold", str(o.threshold)]
+    for flag, value in (("--method", o.method), ("--target", o.target), ("--layer", o.layer),
+                        ("--device", o.device), ("--batch-size", o.batch_size), ("--region-model", o.region_model)):
+        if value is not None:
+            args += [flag, str(value)]
+    if o.stride is not None:
+        args += ["--stride", ",".join(str(s) for s in o.stride)]
+    if o.roi is not None:
+        args.append("--roi=" + ",".join(f"{v:.6g}" for v in (*o.roi[0], *o.roi[1])))
+    args += [] if o.restrict_to_lungs else ["--no-restrict-to-lungs"]
+    args += [] if o.chest_check else ["--no-chest-check"]
+    return args + (["--amp"] if o.amp else [])
+
+
+def emit_json(event: str, **fields: Any) -> None:
+    """One machine-readable line on stdout (``--progress json``): ``{"event": ..., ...}``."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def json_progress(stage: str, done: int, total: int) -> None:
+    """``--progress json``: each progress report as a line ``{"event": "progress", "stage": ...,
+    "done": ..., "total": ...}`` (stages as :data:`STAGES` names them)."""
+    emit_json("progress", stage=stage, done=done, total=total)
 
 
 def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:
@@ -119,11 +164,25 @@ def print_estimate(estimate: CostEstimate) -> None:
         print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
 
 
-def print_second_opinions(segmentation: Segmentation, indent: str = "  ") -> None:
-    """One line per hot region a region model was asked about: where, and its answer."""
+def region_fields(region: Region) -> List[str]:
+    """What a command prints of one hot region, in order: volume (ml), centroid (RAS mm), peak heat
+    (0..1), mean HU, when a region model was asked its answer, and the nodule outline's measurements
+    where the region has one. Add a field here and every
+    command that lists regions prints it."""
+    fields = [f"{region.volume_ml:.2f} ml",
+              "centre RAS (" + ", ".join(f"{c:.1f}" for c in region.centroid_ras) + ") mm",
+              f"peak {region.peak_cam:.2f}"]
+    if region.mean_hu is not None:
+        fields.append(f"mean {region.mean_hu:.0f} HU")
+    if region.second_opinion:
+        o = region.second_opinion
+        fields.append(f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+    if region.outline:
+        fields.append(outline_text(region.outline))
+    return fields
+
+
+def print_regions(segmentation: Segmentation, indent: str = "  ") -> None:
+    """One line per hot region (hottest first): its name and :func:`region_fields`."""
     for region in segmentation.regions:
-        if region.second_opinion:
-            o = region.second_opinion
-            where = ", ".join(f"{c:.1f}" for c in region.centroid_ras)
-            print(f"{indent}{region.name} ({region.volume_ml:.2f} ml at RAS {where} mm): "
-                  f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+        print(f"{indent}{region.name}: " + ", ".join(region_fields(region)))

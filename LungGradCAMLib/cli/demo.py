@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from ..options import ExplainOptions
 from .common import argument_type, device
@@ -30,6 +30,26 @@ def _heat_map_statement(card: Any) -> str:
     return text
 
 
+def nodule_findings(nodules: Any, nodule_labelmap: Any, segmentation: Any, cam: Any) -> List[str]:
+    """One line per true phantom nodule: found (the hot regions that overlap it) or missed (the
+    most heat inside it), then how many were found. ``nodule_labelmap`` and ``cam`` are K, J, I
+    arrays on the CT's grid; a nodule is found when a hot region has a voxel inside it."""
+    import numpy as np
+
+    regions = {r.label: r.name for r in segmentation.regions}
+    lines, found = [], 0
+    for nodule in nodules:
+        inside = nodule_labelmap == nodule.label
+        hit = [regions[label] for label in np.unique(segmentation.labelmap.array[inside]) if label in regions]
+        found += bool(hit)
+        where = ", ".join(f"{c:.0f}" for c in nodule.center_ras)
+        status = ("found: " + ", ".join(hit)) if hit else \
+            f"missed (heat at most {float(cam[inside].max(initial=0.0)):.2f} inside it)"
+        lines.append(f"nodule {nodule.label} ({nodule.kind}, {nodule.diameter_mm:.0f} mm, RAS {where} mm): {status}")
+    lines.append(f"{found} of {len(nodules)} phantom nodules found by a hot region")
+    return lines
+
+
 def _print_result(name: str, explanation: Any, segmentation: Any, files: Dict[str, Path]) -> None:
     from ..pipeline.outputs import outcome
 
@@ -54,7 +74,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..io.render import save_montage
     from ..pipeline import check_options, run_one
     from ..io.segnrrd import write_segmentation
-    from .common import cli_progress, print_second_opinions
+    from .common import cli_progress, print_regions
 
     out = Path(args.out)
     options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
@@ -89,7 +109,9 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         close()
     _print_result("   prediction", explanation, segmentation, written)
-    print_second_opinions(segmentation, indent="     ")
+    print_regions(segmentation, indent="     ")
+    for line in nodule_findings(ph.nodules, ph.nodule_labelmap, segmentation, explanation.cam.array):
+        print("   " + line)
     distance = metrics.peak_distance_mm(explanation.cam, truth)  # 0 when the CAM's maximum is in a nodule
     print("   the heat map's maximum is " + ("inside a true nodule" if distance == 0 else
           f"{distance:.1f} mm from the nearest true nodule (outside it)"))
@@ -105,7 +127,7 @@ def _demo(args: argparse.Namespace) -> int:
         finally:
             close()
         _print_result("   prediction", real, real_seg, real_files)
-        print_second_opinions(real_seg, indent="     ")
+        print_regions(real_seg, indent="     ")
         chest = real.chest_check
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "

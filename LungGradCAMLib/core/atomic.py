@@ -1,30 +1,47 @@
 """Atomic writing: a file is written under a temporary name in its folder, then renamed; a run's
 output folder is owned by the run and filled as a whole (:func:`output_folder`).
 
-A crash or error never leaves a half-written file under a final name, a run never writes over a
-file it did not create, and two runs never mix their files in one folder. Temporary names start
-with ``.tmp-``; one left by a killed process is removed by the next run into the folder.
+A crash or error never leaves a half-written file under a final name, a run never deletes or
+writes over a file it did not create, and two runs never mix their files in one folder.
+
+What in a folder is LungGradCAM's is proven only by its marker, ``.lunggradcam.json``, which a
+run writes and no other tool does: it names the run that wrote the folder's outputs and each
+output with the SHA-256 of its bytes, and it may name only the outputs the caller says it makes
+(``names``). A file is the run's when the marker names it and its bytes are the ones named; any
+other entry, whatever its name (``report.json``, ``.tmp-notes``, ``cam.nrrd`` edited by hand),
+is the user's: a folder that holds one is refused, never cleared. A run writes into the marker's
+work folder, ``.lunggradcam-work``, and moves its files in only when all are written.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .errors import FolderBusyError, OutputError
 from .paths import check_path, kind
 
+#: What an atomic write's temporary name starts with (it is never removed by its name alone).
 TMP_PREFIX = ".tmp-"
-#: The lock file a run holds in its output folder (removed when it ends).
+#: The lock file a run holds in its output folder (an empty file; removed when the run ends).
 LOCK_NAME = ".lunggradcam.lock"
-#: A run's records: ``report.json`` lists the files of a complete run (its ``files``) and is
-#: written last; ``error.json`` records a batch series that failed.
+#: The marker that proves which entries of an output folder LungGradCAM wrote (see the module doc).
+MARKER = ".lunggradcam.json"
+#: The folder, vouched for by the marker, a run writes into before its files are moved in.
+WORK = ".lunggradcam-work"
+#: A run's records: ``report.json`` lists the files of a complete run (its ``files``); with
+#: ``error.json`` (a batch series that failed) it is moved out first and in last, so that a
+#: folder with a record holds the whole of that record's run.
 RECORDS = ("report.json", "error.json")
 
 try:
@@ -83,9 +100,15 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def strict_json(obj: Any, **kwargs: Any) -> str:
+    """``obj`` as strict JSON text (NaN and infinities become null, which every JSON reader takes);
+    ``kwargs`` as for :func:`json.dumps`."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
 def write_json(path: "str | os.PathLike[str]", obj: Any, default: Optional[Callable[[Any], Any]] = None) -> Path:
     """Write ``obj`` as indented, strict JSON (NaN and infinities become null) atomically."""
-    return write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False, default=default) + "\n")
+    return write_text(path, strict_json(obj, indent=2, default=default) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,60 +117,136 @@ def write_json(path: "str | os.PathLike[str]", obj: Any, default: Optional[Calla
 #: Output folders owned now ((thread, real path) -> staging folder), so that a run's steps
 #: (``run_one``, then ``write_outputs``) share one ownership.
 _OWNED: Dict[Tuple[int, str], Path] = {}
+#: The marker's "lunggradcam" field: says what the file is.
+_MARK = "LungGradCAM output folder"
+_MAX_MARKER_BYTES = 1 << 20
 
 
-def _listed(report: Path) -> List[str]:
-    """The file names a run's ``report.json`` lists as its outputs ([] when it lists none)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _identity(path: Path) -> Optional[Tuple[int, int, int, int]]:
+    """(device, inode, size, mtime) of a regular file (links not followed); None for anything else."""
     try:
-        files = json.loads(report.read_text(encoding="utf-8")).get("files")
-    except (OSError, ValueError, AttributeError, RecursionError):
-        return []
-    return [f for f in files if isinstance(f, str) and f == Path(f).name] if isinstance(files, list) else []
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
 
 
-def _foreign(folder: Path) -> List[str]:
-    """Entries of ``folder`` that no LungGradCAM run wrote: not a record, the lock, a temporary,
-    nor listed by the report of a complete run or of one killed while moving its files in."""
-    ours = {LOCK_NAME, *RECORDS, *_listed(folder / "report.json")}
-    for staging in folder.glob(f"{TMP_PREFIX}*"):
-        ours.update(_listed(staging / "report.json"))
-    return sorted(n for n in os.listdir(folder) if n not in ours and not n.startswith(TMP_PREFIX))
+def _read_marker(path: Path, names: Collection[str]) -> Optional[Dict[str, Any]]:
+    """The marker at ``path`` as ``{"run": id, "vouched": {name: [sha256, ...]}}`` when it is one
+    LungGradCAM wrote naming only files among ``names``; None when it is anything else. An empty
+    marker is one a run was killed making (it makes it in one write, with nothing else in the
+    folder): it vouches for nothing (``run`` None)."""
+    ident = _identity(path)
+    if ident is None or ident[2] > _MAX_MARKER_BYTES:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if text else {"lunggradcam": _MARK, "run": None, "files": {}}
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict) or data.get("lunggradcam") != _MARK:
+        return None
+    run, parts = data.get("run"), [data.get("files"), data.get("incoming", {})]
+    if not (run is None and text == "" or isinstance(run, str) and re.fullmatch("[0-9a-f]{32}", run)):
+        return None
+    vouched: Dict[str, List[str]] = {}
+    for part in parts:  # a run moving its files in vouches for the old ones and the new ones
+        if not isinstance(part, dict):
+            return None
+        for name, digest in part.items():
+            if name not in names or not isinstance(digest, str):
+                return None
+            vouched.setdefault(name, []).append(digest)
+    return {"run": run, "vouched": vouched}
 
 
-def _remove_stale(folder: Path) -> None:
-    """Remove the temporaries that processes killed while writing into ``folder`` left (call it
-    only while holding the folder's lock: then no live writer has any)."""
-    for entry in folder.glob(f"{TMP_PREFIX}*"):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+def _ownership(folder: Path, names: Collection[str], exclusive: bool) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """(the folder's marker, as :func:`_read_marker` gives it, with ``present``: name -> SHA-256
+    of each output it vouches for that is there, and ``identity``: their :func:`_identity`; the
+    entries of ``folder`` that are not provably LungGradCAM's). With ``exclusive`` every other
+    entry counts; without, only those under a name the run would write (``names``, the marker,
+    the lock, the work folder)."""
+    entries = os.listdir(folder)
+    marker = _read_marker(folder / MARKER, names) if MARKER in entries else None
+    ours = set()
+    if marker is not None:
+        ours.add(MARKER)
+        marker["present"], marker["identity"] = {}, {}
+        for name, digests in marker["vouched"].items():
+            ident = _identity(folder / name)
+            try:
+                digest = _sha256(folder / name) if ident is not None else None
+            except OSError:  # unreadable now: not provably the file a run wrote
+                digest = None
+            if digest in digests:
+                ours.add(name)
+                marker["present"][name], marker["identity"][name] = digest, ident
+        work = folder / WORK
+        if marker["run"] is not None and work.is_dir() and not work.is_symlink():
+            ours.add(WORK)
+    lock = _identity(folder / LOCK_NAME)
+    if lock is not None and lock[2] == 0:  # an empty file: the lock of a run (a killed run leaves one)
+        ours.add(LOCK_NAME)
+    considered = entries if exclusive else [e for e in entries if e in {*names, MARKER, WORK, LOCK_NAME}]
+    return marker, sorted(e for e in considered if e not in ours)
+
+
+def _not_ours(out: Path, foreign: List[str]) -> OutputError:
+    shown = ", ".join(repr(n)[1:-1] for n in foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+    return OutputError(f"{out} holds {len(foreign)} file(s) that no LungGradCAM run wrote ({shown}); a run replaces "
+                       f"only the outputs its marker {MARKER} names, byte for byte: choose an empty or new folder, "
+                       "or move those files away")
+
+
+def read_record(folder: "str | os.PathLike[str]", name: str, names: Collection[str]) -> Optional[Dict[str, Any]]:
+    """The JSON object of ``folder/name`` (a run's ``report.json``, ``error.json``) when the
+    folder's marker vouches for it, byte for byte (``names``: the outputs the folder may hold);
+    None when it is missing, not LungGradCAM's, or not an object."""
+    folder = Path(folder)
+    marker = _read_marker(folder / MARKER, names)
+    if marker is None or name not in marker["vouched"] or _identity(folder / name) is None:
+        return None
+    try:
+        data = (folder / name).read_bytes()
+        record = json.loads(data) if hashlib.sha256(data).hexdigest() in marker["vouched"][name] else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def check_output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.PathLike[str]"] = (),
-                        exclusive: bool = True) -> Path:
+                        names: Collection[str] = (), exclusive: bool = True) -> Path:
     """Check, before any work and without creating anything, that ``out`` can take a run's
-    outputs: a path C++ libraries accept, neither one of ``inputs`` nor a folder that holds one
-    (symbolic links resolved), a folder or nothing yet, writable (a probe file is created and
-    removed; a read-only or immutable folder fails here), and with ``exclusive`` holding only
-    what earlier runs wrote. Raises :class:`OutputError` saying what to do."""
+    outputs (file names ``names``): a path C++ libraries accept, neither one of ``inputs``, nor
+    inside one, nor a folder that holds one (symbolic links resolved), a folder or nothing yet,
+    writable (a probe file is created and removed; a read-only or immutable folder fails here),
+    and holding nothing but what LungGradCAM provably wrote there (see the module doc; without
+    ``exclusive``, nothing under a name the run would write). Raises :class:`OutputError`
+    saying what to do."""
     out = check_path(out, "output folder")
     try:
         real = out.resolve()
         for source in inputs:
             src = Path(source).resolve()
-            if src == real or real in src.parents:
-                raise OutputError(f"{out} {'is' if src == real else 'holds'} the input {source}; a run never "
-                                  "writes among its input: choose another output folder")
+            if src == real or real in src.parents or src in real.parents:
+                where = "is" if src == real else "holds" if real in src.parents else "is inside"
+                raise OutputError(f"{out} {where} the input {source}; a run never writes among its input: "
+                                  "choose an output folder outside it")
         if out.exists() or out.is_symlink():
             if not out.is_dir():
                 raise OutputError(f"{out} is a {kind(out.stat().st_mode) if out.exists() else 'broken link'}, "
                                   "not a folder: choose a folder for the outputs")
-            foreign = _foreign(out) if exclusive else []
+            foreign = _ownership(out, names, exclusive)[1]
             if foreign:
-                shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-                raise OutputError(f"{out} holds {len(foreign)} file(s) that no LungGradCAM run wrote ({shown}); "
-                                  "a run replaces only its own outputs: choose an empty or new folder")
+                raise _not_ours(out, foreign)
             where = out
         else:
             where = next(p for p in real.parents if p.exists())
@@ -162,11 +261,16 @@ def check_output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | o
 
 
 def _lock(folder: Path, wait: bool) -> int:
-    """Hold ``folder``'s lock file (made if missing); without ``wait`` a lock another process
-    holds raises :class:`FolderBusyError`. Returns the file descriptor that holds it."""
+    """Hold ``folder``'s lock file (made if missing; one that is not an empty file is not a lock
+    LungGradCAM made and is left alone); without ``wait`` a lock another process holds raises
+    :class:`FolderBusyError`. Returns the file descriptor that holds it."""
     path = folder / LOCK_NAME
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size:
+            os.close(fd)
+            raise _not_ours(folder, [LOCK_NAME])
         try:
             _flock(fd, wait)
         except BlockingIOError:
@@ -187,65 +291,136 @@ def _unlock(folder: Path, fd: int) -> None:
     os.close(fd)
 
 
-@contextlib.contextmanager
-def folder_lock(folder: "str | os.PathLike[str]") -> Iterator[Path]:
-    """Hold ``folder``'s lock (waiting for another holder) and remove stale temporaries in it."""
-    folder = Path(folder)
-    fd = _lock(folder, wait=True)
+def _write_marker(folder: Path, run: str, files: Dict[str, str], incoming: Optional[Dict[str, str]] = None) -> None:
+    """Replace ``folder``'s marker atomically (its temporary lies in the work folder it vouches for)."""
+    data = {"lunggradcam": _MARK, "run": run, "files": dict(sorted(files.items()))}
+    if incoming:
+        data["incoming"] = dict(sorted(incoming.items()))
+    tmp = folder / WORK / f"marker-{secrets.token_hex(4)}.json"
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, folder / MARKER)
+
+
+def _first_marker(folder: Path, run: str) -> None:
+    """Make the marker of a folder that has none (it holds nothing but the lock): created, never
+    replacing anything, in one write."""
+    fd = os.open(folder / MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
-        _remove_stale(folder)
-        yield folder
+        os.write(fd, (json.dumps({"lunggradcam": _MARK, "run": run, "files": {}}) + "\n").encode("utf-8"))
     finally:
-        _unlock(folder, fd)
+        os.close(fd)
 
 
-def _commit(staging: Path, final: Path) -> None:
-    """Move the files of ``staging`` into ``final``, replacing the previous run's outputs. At every
-    step each entry of ``final`` is listed by ``final``'s report or by ``staging``'s, which moves
-    last: a process killed midway leaves a folder without a report, which the next run clears."""
-    new = sorted(os.listdir(staging))
-    for name in set(_listed(final / "report.json")) - set(new):
-        (final / name).unlink(missing_ok=True)  # an output of the previous run this one did not make
-    for name in RECORDS:
-        (final / name).unlink(missing_ok=True)  # from here the folder reads as incomplete
-    for name in sorted(new, key=lambda n: n in RECORDS):  # the records last
-        os.replace(staging / name, final / name)
-    staging.rmdir()
+def _move_in(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` without ever replacing what is there (another program may have put
+    a file under that name while the run worked): a hard link, which fails when ``dst`` exists,
+    then the unlink of ``src``; a rename after a check where the file system has no hard links."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise _not_ours(dst.parent, [dst.name]) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(dst):
+            raise _not_ours(dst.parent, [dst.name]) from None
+        os.replace(src, dst)
+        return
+    os.unlink(src)
+
+
+def _commit(final: Path, marker: Dict[str, Any], run: str, replace: bool) -> None:
+    """Move the files of the work folder's ``new`` into ``final``. Only now, with every new file
+    written, are the outputs they replace (with ``replace`` every one the marker vouches for,
+    else those of the same names) moved aside into the work folder, the records first; then the
+    new ones move in, the records last, and the marker names them. At every step the marker
+    vouches for each entry of ``final``. On an error everything is moved back, so that the
+    folder is as it was, and the error is raised."""
+    work, staging = final / WORK, final / WORK / "new"
+    new = {name: _sha256(staging / name) for name in sorted(os.listdir(staging))}
+    present = marker["present"]
+    old = [n for n in present if replace or n in new]
+    kept = {n: h for n, h in present.items() if n not in old}
+    aside, moved_out, moved_in = work / "old", [], []
+    try:
+        _write_marker(final, run, present, new)
+        aside.mkdir()
+        for name in sorted(old, key=lambda n: n not in RECORDS):  # the records first
+            if _identity(final / name) != marker["identity"][name]:
+                raise OutputError(f"{final / name} changed while the run was working: it is no longer the file "
+                                  "LungGradCAM wrote, so the run leaves it and its outputs; run again")
+            os.replace(final / name, aside / name)
+            moved_out.append(name)
+        for name in sorted(new, key=lambda n: n in RECORDS):  # the records last
+            _move_in(staging / name, final / name)
+            moved_in.append(name)
+        _write_marker(final, run, {**kept, **new})
+    except BaseException:
+        for name in moved_in:
+            with contextlib.suppress(OSError):
+                os.replace(final / name, staging / name)
+        for name in moved_out:
+            with contextlib.suppress(OSError):
+                _move_in(aside / name, final / name)
+        with contextlib.suppress(OSError):
+            _write_marker(final, marker["run"], present)
+        raise
 
 
 @contextlib.contextmanager
-def output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.PathLike[str]"] = ()) -> Iterator[Path]:
-    """Own ``out`` for one run: checked (:func:`check_output_folder`), made, locked (a second run
-    into it raises :class:`FolderBusyError`), cleared of stale temporaries; yields a fresh staging
-    folder inside it to write the run's files into. On success they replace the previous run's
-    outputs (:func:`_commit`); on error nothing in ``out`` changes, and a folder the run made is
-    removed again. Nested use for the same folder in this process yields the same staging folder."""
+def output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.PathLike[str]"] = (),
+                  names: Collection[str] = (), *, exclusive: bool = True, replace: bool = True,
+                  wait: bool = False) -> Iterator[Path]:
+    """Own ``out`` for one run that writes files named among ``names``: checked
+    (:func:`check_output_folder`), made, locked (a second run into it raises
+    :class:`FolderBusyError`; with ``wait`` it waits for the first), cleared of the work folder a
+    killed run left; yields a fresh staging folder to write the run's files into. On success they
+    replace the outputs the folder's marker vouches for (all of them with ``replace``, else those
+    of the same names) (:func:`_commit`); on error nothing in ``out`` changes, and a folder the
+    run made is removed again. Nested use for the same folder in this process yields the same
+    staging folder."""
     final = check_path(out, "output folder")
     key = (threading.get_ident(), os.path.realpath(final))
     if key in _OWNED:
         yield _OWNED[key]
         return
-    check_output_folder(final, inputs)
+    check_output_folder(final, inputs, names, exclusive)
     made = not final.exists()
     try:
         final.mkdir(parents=True, exist_ok=True)
-        fd = _lock(final, wait=False)
+        fd = _lock(final, wait=wait)
     except OSError as exc:
         raise OutputError(f"{final}: cannot write there ({exc.strerror}); choose another output folder") from None
-    staging = final / f"{TMP_PREFIX}run-{secrets.token_hex(4)}"
+    run, first, done = secrets.token_hex(16), False, False
     try:
-        _remove_stale(final)
-        check_output_folder(final, inputs)  # again, now that no other run can change it
-        staging.mkdir()
-        _OWNED[key] = staging
-        yield staging
         try:
-            _commit(staging, final)
+            marker, foreign = _ownership(final, names, exclusive)  # again, now that no other run can change it
+            if foreign:
+                raise _not_ours(final, foreign)
+            if marker is None or marker["run"] is None:
+                (final / MARKER).unlink(missing_ok=True)  # an empty one: a run killed as it made it
+                first, marker = True, {"run": run, "present": {}, "identity": {}}
+                _first_marker(final, run)
+            shutil.rmtree(final / WORK, ignore_errors=True)  # what a killed run left (the marker vouches for it)
+            (final / WORK / "new").mkdir(parents=True)
+        except OSError as exc:  # a full disk, a folder made read-only meanwhile
+            raise OutputError(f"{final}: cannot write there ({exc.strerror}); choose another output folder") from None
+        _OWNED[key] = final / WORK / "new"
+        yield final / WORK / "new"
+        try:
+            _commit(final, marker, run, replace)
         except OSError as exc:
-            raise OutputError(f"{final}: cannot move the outputs into place ({exc.strerror})") from None
+            raise OutputError(f"{final}: cannot move the outputs into place ({exc.strerror}); the folder is "
+                              "as it was") from None
+        done = True
     finally:
         _OWNED.pop(key, None)
-        shutil.rmtree(staging, ignore_errors=True)
+        # the replaced outputs go too, unless a failed run could not move them back (the next run
+        # into the folder clears them)
+        shutil.rmtree(final / (WORK if done or not any((final / WORK / "old").glob("*")) else f"{WORK}/new"),
+                      ignore_errors=True)
+        if first and not done:
+            (final / MARKER).unlink(missing_ok=True)
         _unlock(final, fd)
         if made:
             with contextlib.suppress(OSError):

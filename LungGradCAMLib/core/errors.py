@@ -77,3 +77,8 @@ class CancelledError(LungGradCAMError):
 
 class DataError(LungGradCAMError):
     """A training/evaluation data source (manifest, annotations, folder) is invalid."""
+
+
+class LungGradCAMWarning(UserWarning):
+    """Something about the user's input or run worth knowing that does not stop it (a series
+    resampled onto regular slices, a run moved to the CPU): the CLI prints it as one note."""

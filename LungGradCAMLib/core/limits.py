@@ -16,6 +16,7 @@ message that names the limit and how to raise it, when it is over:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -120,3 +121,25 @@ def check_voxel_limit(shape: Sequence[float], source: str = "volume", bytes_per_
 def max_model_bytes() -> int:
     """The model size limit in bytes (env ``LUNGGRADCAM_MAX_MODEL_BYTES``, default 4 GiB)."""
     return _env_int("LUNGGRADCAM_MAX_MODEL_BYTES") or DEFAULT_MAX_MODEL_BYTES
+
+
+#: What allocators say when they cannot give memory: torch's CPU allocator ("can't allocate
+#: memory", under ``ulimit -v``), CUDA's ("out of memory"), the C library ("Cannot allocate memory").
+_ALLOCATOR_WORDS = ("can't allocate memory", "not enough memory", "out of memory", "Cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's failure: a :class:`MemoryError` (numpy, Python) or a
+    RuntimeError of torch's allocators (``torch.OutOfMemoryError`` is one)."""
+    if isinstance(exc, MemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(word in str(exc) for word in _ALLOCATOR_WORDS)
+
+
+def out_of_memory(what: str, exc: BaseException) -> ResourceError:
+    """The :class:`ResourceError` for an allocator's failure ``exc`` while doing ``what``."""
+    size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
+    tried = "" if size is None else f" (it asked for {_gb(float(size[1])) if size[1] else size[2]})"
+    return ResourceError(f"out of memory while {what}{tried}: the process may not have more (free memory, its "
+                         "cgroup limit and ulimit -v); free memory, give a smaller --batch-size, use a model of "
+                         "smaller patches or coarser spacing, or crop the CT")

@@ -9,8 +9,10 @@ DICOM reader/writer, nowhere else.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -378,7 +380,11 @@ def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool 
             raise VolumeError(f"{path}: NIfTI cannot hold non-orthogonal (sheared) axes; write .nrrd or "
                               ".mha, or resample the volume onto an orthogonal grid first")
     with atomic_path(path) as tmp:
-        sitk.WriteImage(volume.to_sitk(), str(tmp), compress, int(compression_level))
+        try:
+            sitk.WriteImage(volume.to_sitk(), str(tmp), compress, int(compression_level))
+        except RuntimeError:  # ITK's 9 lines say only that the writer stopped: a full disk, a file size limit
+            free = shutil.disk_usage(tmp.parent).free / 1e6 if tmp.parent.is_dir() else 0.0
+            raise OSError(errno.EIO, f"the image writer stopped with {free:.1f} MB free there", str(path)) from None
     return path
 
 

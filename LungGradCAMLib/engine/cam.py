@@ -202,6 +202,8 @@ class CAM:
     name = ""
     #: whether the method needs dScore/dA at the layer
     uses_gradients = True
+    #: Score-CAM's masked inputs per forward pass, unless ``score_batch_size`` says otherwise
+    SCORE_BATCH_SIZE = 32
     _registry: Dict[str, type] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -222,7 +224,7 @@ class CAM:
 
     def __init__(self, model: nn.Module, layer: Layer = None, method: Optional[str] = None, *,
                  upsample: bool = True, normalize: bool = True,
-                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = 32,
+                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = SCORE_BATCH_SIZE,
                  activation: str = "softmax") -> None:
         if not isinstance(model, nn.Module):
             raise CamError(f"model must be a torch.nn.Module, not {type(model).__name__}")

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .cam import CAM, CamResult, Target, _resolve_layers, minmax_per_sample
-from ..core.errors import CancelledError, InvalidInputError, ResourceError
+from ..core.errors import CancelledError, InvalidInputError, LungGradCAMWarning, ResourceError
+from ..core.limits import is_out_of_memory
 from ..core.volume import AIR_HU
 
 __all__ = ["SCALES", "PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
@@ -31,8 +32,10 @@ log = logging.getLogger(__name__)
 #: The heat map's scales: ``absolute`` (the same on every scan) or ``relative`` (min-max over the scan).
 SCALES = ("absolute", "relative")
 Box = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
-#: torch >= 2.5 raises torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is an alias of it)
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class CpuFallbackWarning(LungGradCAMWarning, RuntimeWarning):
+    """The device ran out of memory with one patch per batch: the run goes on on the CPU."""
 
 
 @dataclass
@@ -267,7 +270,7 @@ class _OutOfMemory:
             raise ResourceError(f"out of memory on the CPU with one {self.patch} patch per batch; use a "
                                 f"smaller patch or a machine with more memory") from None
         warnings.warn(f"out of memory on {dev} with one {self.patch} patch per batch: continuing on the CPU "
-                      "(slower)", RuntimeWarning, stacklevel=3)
+                      "(slower)", CpuFallbackWarning, stacklevel=3)
         self.on_cpu = True
         return False
 
@@ -364,7 +367,9 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                 try:
                     hu = tiling.batch(chunk)
                     result = cam(hu if preprocess is None else preprocess(hu), target)
-                except _OOM:
+                except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError, the CPU allocator's
+                    if not is_out_of_memory(exc):
+                        raise
                     result = None
                 if result is None:  # outside the except block, so the failed batch's memory is free
                     if oom.recover(dev):

@@ -27,6 +27,7 @@ from typing import Any, List, Optional, Sequence, Union
 
 from ..core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
 from ..core.paths import check_path, kind
+from ..core.text import escaped
 from ..core.volume import Volume
 
 DATABASE_FILENAME = "ctkDICOM.sql"
@@ -228,6 +229,19 @@ class DicomDatabase:
 
         return load_dicom_series(self.files(series_uid), series_uid=series_uid, **kwargs)
 
+    def describe_for_choice(self, series: SeriesRecord) -> str:
+        """One line naming a series, its patient ID and its files' folder, to tell the series of
+        two patients apart when the user must pick one (for the user's terminal, never for logs)."""
+        patients = {p.uid: p.patient_id for p in self.patients()}
+        study = next((s for s in self.studies() if s.study_uid == series.study_uid), None)
+        patient = patients.get(study.patient_uid, "") if study is not None else ""
+        names = [_text(r[0]) for r in self._query("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?",
+                                                   (series.series_uid,)) if _text(r[0])]
+        paths = [str(Path(n).parent if os.path.isabs(n) else (self.folder / n).parent) for n in names]
+        folder = os.path.commonpath(paths) if paths else "?"
+        return (f"{escaped(series.series_uid, 80)}  '{escaped(series.description, 80)}'  "
+                f"{series.n_images} image(s)  patient '{escaped(patient or '(no PatientID)', 80)}'  in {escaped(folder)}")
+
     def load_single_ct(self, **kwargs: Any) -> Volume:
         """The database's only CT series (none -> :class:`NoSeriesFoundError`, several ->
         :class:`AmbiguousSeriesError` listing them)."""
@@ -235,7 +249,7 @@ class DicomDatabase:
         if not ct:
             raise NoSeriesFoundError(f"{self.path}: no CT series in the database")
         if len(ct) > 1:
-            listing = "\n".join(f"  {s.series_uid}  '{s.description}'  {s.n_images} image(s)" for s in ct)
+            listing = "\n".join(f"  {self.describe_for_choice(s)}" for s in ct)
             raise AmbiguousSeriesError(f"{self.path}: {len(ct)} CT series; pick one by its UID "
                                        f"(series_uid= in Python, --series on the command line):\n{listing}")
         return self.load(ct[0].series_uid, **kwargs)

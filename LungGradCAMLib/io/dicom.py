@@ -40,9 +40,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from ..core.errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError, SeriesGeometryError,
-                           VolumeError)
+from ..core.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMWarning, NoSeriesFoundError,
+                           SeriesGeometryError, VolumeError)
 from ..core.paths import is_special, open_regular
+from ..core.text import escaped
 from ..core.volume import AIR_HU, LPS_TO_RAS, SPACING_RANGE_MM, Volume, check_voxel_limit
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 ProgressFn = Callable[[int, int], None]
 
 
-class DicomResampledWarning(UserWarning):
+class DicomResampledWarning(LungGradCAMWarning):
     """A series was resampled onto a regular grid (irregular spacing, missing slices, gantry tilt)."""
 
 
@@ -379,9 +380,15 @@ class SeriesInfo:
         return self.series_uid if self.part == 0 else f"{self.series_uid}#{self.part}"
 
     def describe(self) -> str:
-        """One line for listings and error messages (no patient data)."""
-        return (f"{self.key or '(no SeriesInstanceUID)'}  '{self.description}'  {self.modality or '?'}  {self.n_slices} slice(s)  "
-                f"{self.rows}x{self.cols}")
+        """One line for listings and error messages (no patient data; what the files say escaped)."""
+        return (f"{escaped(self.key or '(no SeriesInstanceUID)', 80)}  '{escaped(self.description, 80)}'  "
+                f"{escaped(self.modality or '?', 16)}  {self.n_slices} slice(s)  {self.rows}x{self.cols}")
+
+    def describe_for_choice(self) -> str:
+        """:meth:`describe` with the patient ID and the series' folder, to tell the series of two
+        patients apart when the user must pick one (for the user's terminal, never for logs)."""
+        folder = os.path.commonpath([str(f.parent) for f in self.files]) if self.files else "?"
+        return f"{self.describe()}  patient {self.patient_id or '(no PatientID)'!r}  in {folder}"
 
 
 def _valid_orientation(iop: Optional[np.ndarray]) -> bool:
@@ -511,13 +518,14 @@ def _select(parts: List[Tuple[SeriesInfo, List[_Frame]]], series_uid: Optional[s
         ct = [p for p in parts if p[0].modality.upper() == "CT"]
         if not ct:
             raise NoSeriesFoundError(
-                f"{where}: no CT series; found only:\n{_listing(infos)}\n"
-                "LungGradCAM needs a CT; pass series_uid to load another modality anyway")
+                f"{where}: no CT series (LungGradCAM needs a CT; pass series_uid to load another modality "
+                f"anyway); found only:\n{_listing(infos)}")
         chosen = [p for p in ct if p[0].n_slices > 1] or ct
         if len({p[0].series_uid for p in chosen}) > 1:
             raise AmbiguousSeriesError(
                 f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
-                f"its UID (series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
+                f"its UID (series_uid= in Python, --series on the command line):\n"
+                + "\n".join("  " + p[0].describe_for_choice() for p in chosen))
     if len(chosen) > 1:
         raise SeriesGeometryError(
             f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "
@@ -550,14 +558,27 @@ def _decode_native(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarra
     return arr
 
 
-def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
-    import pydicom.pixels
+def decoder_available(transfer_syntax: str) -> bool:
+    """Whether the installed pydicom can decode ``transfer_syntax`` (with its plugins): pydicom 3's
+    decoders, or pydicom 2's pixel data handlers (Slicer 5.8 and 5.10 bundle pydicom 2.4.4)."""
+    from pydicom.uid import UID
 
     try:
-        decoder = pydicom.pixels.get_decoder(h.transfer_syntax)
+        from pydicom.pixels import get_decoder  # pydicom >= 3
+    except ImportError:  # pydicom 2.x
+        from pydicom import config
+
+        return any(handler.supports_transfer_syntax(UID(transfer_syntax)) and handler.is_available()
+                   for handler in config.pixel_data_handlers)
+    try:
+        decoder = get_decoder(transfer_syntax)
     except NotImplementedError:
-        decoder = None
-    if decoder is None or not decoder.is_available:
+        return False
+    return decoder is not None and decoder.is_available
+
+
+def _decode_pydicom(h: _Header, n_frames: int, rows: int, cols: int) -> np.ndarray:
+    if not decoder_available(h.transfer_syntax):
         raise DicomDecodeError(f"{h.path}: no decoder available for transfer syntax {h.transfer_syntax} "
                                f"({_uid_name(h.transfer_syntax)}); {_DECODER_HINT}")
     ds = _read_dataset(h.path)[0]
@@ -737,7 +758,7 @@ def _stack(frames: List[_Frame], hu: np.ndarray, key: str, max_gap_slices: int):
         return hu, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * step), ""
     reasons = []
     if irregular:
-        reasons.append(f"slice spacing varies from {gaps.min():.3f} to {gaps.max():.3f} mm"
+        reasons.append(f"slice spacing varies from {gaps.min():.6g} to {gaps.max():.6g} mm"
                        + (f" ({int(missing.clip(0).sum())} missing slice(s))" if missing.max() > 0 else ""))
     if tilted:
         shift = float(np.linalg.norm(offsets[-1]))
@@ -746,7 +767,7 @@ def _stack(frames: List[_Frame], hu: np.ndarray, key: str, max_gap_slices: int):
     spacing = (d[-1] - d[0]) / int(round((d[-1] - d[0]) / spacing))
     array = _regularise(hu, d, offsets, pixel_spacing, spacing)
     note = (f"series {key}: {' and '.join(reasons)}; resampled onto {array.shape[0]} regular slices "
-            f"{spacing:.3f} mm apart along the slice normal (linear interpolation)")
+            f"{spacing:.6g} mm apart along the slice normal (linear interpolation)")
     return array, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * spacing), note
 
 
@@ -764,7 +785,8 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     per decoded file.
 
     ``meta`` holds patient_id, study_uid, series_uid, frame_of_reference_uid, modality,
-    description, series_number, n_slices and source.
+    description, series_number, n_slices, source (where it was read, for messages) and
+    source_files (the paths of its files, in slice order).
     """
     workers = _workers(workers)
     where, files = _source_files(source)
@@ -789,7 +811,8 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     meta = {"patient_id": h.patient_id, "study_uid": h.study_uid, "series_uid": info.series_uid,
             "frame_of_reference_uid": h.frame_of_reference_uid, "modality": h.modality,
             "description": h.description, "series_number": h.series_number,
-            "n_slices": int(array.shape[0]), "source": where}
+            "n_slices": int(array.shape[0]), "source": where,
+            "source_files": list(dict.fromkeys(str(f.path) for f in frames))}
     if info.part:
         meta["series_part"] = info.key
     if note:

@@ -19,6 +19,25 @@ _COMPRESSIONS = {"rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.8
                  "jpeg2000": "1.2.840.10008.1.2.4.90"}
 
 
+def _pydicom_version() -> str:
+    import pydicom
+
+    return pydicom.__version__
+
+
+#: pydicom 3 or newer (Slicer 5.8 and 5.10 bundle pydicom 2.4.4: no JPEG-LS/JPEG 2000 encoding there).
+_PYDICOM_3 = int(_pydicom_version().split(".")[0]) >= 3
+
+
+def save_dicom_file(ds: "pydicom.Dataset", path: PathLike, enforce_file_format: bool = True) -> None:  # noqa: F821
+    """Write ``ds`` as a DICOM file (preamble, file meta; else as it was read) with pydicom 3 or 2
+    (Slicer bundles 2.4.4, whose ``save_as`` calls it ``write_like_original=False``)."""
+    if _PYDICOM_3:
+        ds.save_as(path, enforce_file_format=enforce_file_format)
+    else:
+        ds.save_as(path, write_like_original=not enforce_file_format)
+
+
 def _ds_string(value: float) -> str:
     from pydicom.valuerep import format_number_as_ds
 
@@ -51,6 +70,9 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
 
     if compression is not None and compression not in _COMPRESSIONS:
         raise VolumeError(f"compression must be None or one of {', '.join(_COMPRESSIONS)}; got {compression!r}")
+    if compression not in (None, "rle") and not _PYDICOM_3:
+        raise VolumeError(f"{compression} encoding needs pydicom 3 (this is pydicom {_pydicom_version()}, as "
+                          "Slicer bundles it); write with compression='rle' or None here")
     if not slope or not np.isfinite(slope) or not np.isfinite(intercept):
         raise VolumeError(f"RescaleSlope must be finite and non-zero and the intercept finite; got "
                           f"slope={slope}, intercept={intercept}")
@@ -144,6 +166,6 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
                                   f"pixels ({exc}); JPEG 2000 needs at least 32x32, or write uncompressed") from None
         path = folder / f"IMG{names[k]:05d}.dcm"
         with atomic_path(path) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
+            save_dicom_file(ds, tmp)
         paths.append(path)
     return paths

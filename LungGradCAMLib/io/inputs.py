@@ -20,6 +20,13 @@ def is_volume_file(path: Path) -> bool:
     return path.is_file() and any(path.name.lower().endswith(s) for s in SUPPORTED_SUFFIXES)
 
 
+def input_tree(path: Union[str, os.PathLike]) -> Path:
+    """What a run reads from ``path`` as a whole, for the check that it never writes there: a
+    Slicer DICOM database's folder (given as its ``.sql`` file too), else ``path`` itself."""
+    path = Path(path)
+    return path.parent if path.is_file() and is_database(path) else path
+
+
 def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None) -> Path:
     """``source`` as a path after the checks that need no reading: a path ITK can take (UTF-8,
     short names), it exists, it is no FIFO, socket or device (reading one would block or never

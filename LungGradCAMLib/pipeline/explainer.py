@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from ..core.errors import CancelledError, InvalidInputError, NotChestCTError, VolumeError
+from ..core.limits import is_out_of_memory, out_of_memory
 from ..core.results import Explanation, Segmentation
 from ..core.volume import AIR_HU, LabelMap, Volume, crop, resample, resample_to, resampled_shape
 from ..options import ExplainOptions
@@ -28,6 +29,20 @@ Progress = Callable[[str, int, int], None]
 #: copy, three blending accumulators, the results): with the model's activations, the memory
 #: checked before the work starts.
 CT_BYTES_PER_VOXEL, GRID_BYTES_PER_VOXEL = 24, 32
+#: The values a CT in HU can hold (16-bit storage, signed or not, rescaled): anything else is not HU.
+HU_LIMITS = (-32768.0, 65535.0)
+#: On the CPU, the memory one patch of a batch needs while its heat map is computed, in multiples of
+#: the layers' outputs the model's probe measured (:meth:`LoadedModel.activation_bytes`), by CAM
+#: method (guided backpropagation keeps every layer's output for its backward to the input); what
+#: a heat map holds besides its patches (oneDNN's and autograd's buffers; a full backward more);
+#: and what each worker thread of the sliding window beyond the first holds (its copy of the model,
+#: its allocator arena). Measured with benchmarks/memory_estimate.py: the real peak was at most
+#: 0.88 of the estimate in every case measured (README, "Reliability and security").
+PATCH_MEMORY = {"guided-backprop": 2.5, "guided-gradcam": 2.5}
+PATCH_MEMORY_DEFAULT = 2.0
+CAM_BYTES = {"guided-backprop": 192 << 20, "guided-gradcam": 192 << 20}
+CAM_BYTES_DEFAULT = 96 << 20
+WORKER_BYTES = 192 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,12 +105,12 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
     import torch
 
-    from ..engine.cam import ScoreCAM
+    from ..engine.cam import CAM, ScoreCAM
     from ..engine.sliding import cpu_workers
 
     scorecam = method == ScoreCAM.name
     # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
-    batch = max(batch_size, 32) if scorecam else max(1, min(batch_size, patches))
+    batch = max(batch_size, CAM.SCORE_BATCH_SIZE) if scorecam else max(1, min(batch_size, patches))
     threads = torch.get_num_threads()
     workers = cpu_workers(device, batch_size, patches)
     shapes: List[Tuple[int, ...]] = []
@@ -133,7 +148,8 @@ STAGES = {
     "load": "loading the CT", "load_model": "loading the model", "lung_mask": "finding the lungs",
     "resample": "resampling to the model's grid", "cam": "computing the heat map",
     "resample_back": "resampling the heat map to the CT", "segment": "finding hot regions",
-    "second_opinion": "asking the region model about each hot region", "write": "writing the outputs",
+    "second_opinion": "asking the region model about each hot region",
+    "outline": "outlining the nodule at each explained region", "write": "writing the outputs",
 }
 
 
@@ -141,7 +157,8 @@ class Stages:
     """Times each stage of a run into ``timings`` (seconds), logs its time, checks ``cancel()``
     before it starts (raising :class:`CancelledError`) and reports it to ``progress(stage, done,
     total)``: 0 of 1 as it starts, the counts the stage itself reports (:meth:`report`: files
-    read, patches explained) meanwhile, and all done as it ends."""
+    read, patches explained) meanwhile, and all done as it ends. An allocator's failure in a
+    stage (``ulimit -v``, a full GPU) raises :class:`ResourceError` naming the stage."""
 
     def __init__(self, timings: Dict[str, float], progress: Optional[Progress] = None,
                  cancel: Optional[Callable[[], bool]] = None) -> None:
@@ -163,7 +180,12 @@ class Stages:
             raise CancelledError(f"cancelled before {STAGES[name]}")
         self.report(name, 0, 1)
         t0 = time.perf_counter()
-        yield
+        try:
+            yield
+        except (RuntimeError, MemoryError) as exc:  # an allocator's failure: say so, as one message
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory(STAGES[name], exc) from None
         seconds = time.perf_counter() - t0
         self.timings[name] = self.timings.get(name, 0.0) + seconds
         log.info("%s: %.2f s", STAGES[name], seconds)
@@ -176,8 +198,12 @@ def _check_volume(volume: Any) -> Volume:
     if volume.array.dtype.kind not in "iuf":
         raise VolumeError(f"the CT must hold numbers (HU); got dtype {volume.array.dtype}")
     # min and max are NaN if any voxel is (and inf if any is): two passes, no CT-sized temporary
-    if volume.array.dtype.kind == "f" and not np.isfinite([volume.array.min(), volume.array.max()]).all():
+    low, high = float(volume.array.min()), float(volume.array.max())
+    if not np.isfinite([low, high]).all():
         raise VolumeError("the CT has NaN or infinite voxels; fix or mask them before explaining")
+    if low < HU_LIMITS[0] or high > HU_LIMITS[1]:  # float32 arithmetic on 1e38 overflows to NaN
+        raise VolumeError(f"the CT's values run from {low:.4g} to {high:.4g}: not HU, which a CT stores within "
+                          f"{HU_LIMITS[0]:g} to {HU_LIMITS[1]:g}; give the CT in HU (rescaled as its DICOM says)")
     return volume
 
 
@@ -238,6 +264,13 @@ def _target_index(card: Any, target: Any) -> int:
     return card.class_index(target)
 
 
+def _check_classifier(card: Any) -> None:
+    if card.output != "classes":
+        raise InvalidInputError(f"model {card.name!r} outlines nodules (its output is a {card.output}), it has no "
+                                "decision to explain: give a classifier (default, lidc-malignancy); the outline is "
+                                "made for the explained regions by itself")
+
+
 def check_options(options: ExplainOptions, device: Any = None) -> Any:
     """Load ``options.model`` on the device (cached) and check the options that need it: the
     target class and the CAM layer. Returns the ``LoadedModel``. Called before any CT is read by
@@ -248,26 +281,52 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
 
     device = resolve_device(options.device) if device is None else device
     loaded = get_model(options.model, device)
+    _check_classifier(loaded.card)
     _target_index(loaded.card, options.target)
     for part in (options.layer or loaded.card.target_layer).split("+"):
         _resolve_layer(loaded.module, part)
     if options.region_model is not None:
         card = get_model(options.region_model, device).card
+        _check_classifier(card)
         if card.input != "roi":
             raise InvalidInputError(f"region model {card.name!r} takes a whole scan, not one region (its card's "
                                     "input is 'scan'): give a region model, e.g. lidc-malignancy")
     return loaded
+
+
+def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int], batch: int,
+                  dev: "torch.device", method: str) -> Dict[str, float]:  # noqa: F821
+    """What explaining ``volume`` needs, in bytes, before it starts: ``ct`` and ``grid`` (the CT's
+    and the model grid's voxels, ``space_shape``), and on the CPU ``patches``, what a batch of
+    ``batch`` patches needs with ``method`` (:data:`PATCH_MEMORY`, :data:`CAM_BYTES`; with
+    Score-CAM each worker's batch of masked copies of a patch too) and ``workers``
+    (:data:`WORKER_BYTES` for each beyond the first). On a GPU, running out of its memory halves
+    the batch instead."""
+    import torch
+
+    from ..engine.cam import CAM, ScoreCAM
+
+    need = {"ct": volume.array.size * CT_BYTES_PER_VOXEL, "grid": float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL}
+    if dev.type != "cuda":
+        workers = max(1, min(torch.get_num_threads(), batch))  # as sliding_cam's cpu_workers, at most
+        per_patch = loaded.activation_bytes(patch)
+        need["patches"] = (batch * per_patch * PATCH_MEMORY.get(method, PATCH_MEMORY_DEFAULT)
+                           + CAM_BYTES.get(method, CAM_BYTES_DEFAULT))
+        if method == ScoreCAM.name:
+            need["patches"] += workers * CAM.SCORE_BATCH_SIZE * per_patch
+        need["workers"] = (workers - 1) * WORKER_BYTES
+    return need
+
+
 def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int],
-                  batch: int, dev: "torch.device") -> None:  # noqa: F821
-    """Refuse (:class:`ResourceError`) before resampling when the grids the model card implies,
-    and on the CPU the model's activations for one batch, need more memory than there is."""
+                  batch: int, dev: "torch.device", method: str) -> None:  # noqa: F821
+    """Refuse (:class:`ResourceError`) before resampling when :func:`memory_needed` is more
+    than there is."""
     from ..core.limits import check_bytes
 
-    need = volume.array.size * CT_BYTES_PER_VOXEL + float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL
-    if dev.type != "cuda":  # on a GPU, running out of its memory halves the batch (sliding_cam)
-        need += batch * loaded.activation_bytes(patch)
-    check_bytes(need, f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
-                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels)",
+    check_bytes(sum(memory_needed(volume, space_shape, loaded, patch, batch, dev, method).values()),
+                f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
+                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels, {method})",
                 "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 
@@ -360,7 +419,11 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
             "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False).")
     space_shape = resampled_shape(volume, card.spacing_mm)
     patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
-    _check_memory(volume, space_shape, loaded, patch, opts.batch_size or default_batch_size(dev, patch), dev)
+    # a batch never holds more patches than cover the whole grid (a whole-volume model: one)
+    grid_patches = np.prod(patch_counts([(0, n) for n in space_shape], patch,
+                                        opts.stride or [max(1, p // 2) for p in patch]))
+    _check_memory(volume, space_shape, loaded, patch, min(opts.batch_size or default_batch_size(dev, patch),
+                                                          int(grid_patches)), dev, method)
 
     with stage("resample"):
         ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
@@ -390,7 +453,12 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     batch_size = opts.batch_size or default_batch_size(dev, patch)
     if on_estimate is not None:
         n_patches = int(np.prod(patch_counts(box, patch, stride)))
-        estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
+        try:
+            estimate = estimate_cost(loaded, method, n_patches, patch, dev, batch_size)
+        except (RuntimeError, MemoryError) as exc:  # its trial passes: one batch of the CAM stage's size
+            if not is_out_of_memory(exc):
+                raise
+            raise out_of_memory("timing the heat map's first passes", exc) from None
         if on_estimate(estimate) is False:
             raise CancelledError(f"not started: {estimate}")
     with stage("cam"):
@@ -469,7 +537,11 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
                         ) -> Tuple[Explanation, Segmentation]:
     """:func:`explain`, then :func:`~LungGradCAMLib.pipeline.segment.segment_cam` at ``options.threshold``
     (inside the lungs when ``options.restrict_to_lungs``): what the command line, the batch and the
-    Slicer module do. The segmentation stage is timed and reported as ``segment``."""
+    Slicer module do. The segmentation stage is timed and reported as ``segment``. The explained
+    regions (every region of an ROI run; with a region model, those it is asked about) get the
+    nodule outline at their peak (:func:`~LungGradCAMLib.pipeline.outlines.outline_regions`, stage
+    ``outline``)."""
+    from .outlines import outline_regions
     from .segment import segment_cam
 
     explanation = explain(volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options,
@@ -481,6 +553,11 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
     if options.region_model is not None and segmentation.regions:
         with stage("second_opinion"):
             second_opinions(volume, explanation, segmentation, options, cancel=cancel)
+    explained = (segmentation.regions if explanation.mode == "roi" else
+                 segmentation.regions[:MAX_SECOND_OPINIONS] if options.region_model is not None else [])
+    if explained:
+        with stage("outline"):
+            outline_regions(explanation, segmentation, explained, device=options.device, cancel=cancel)
     return explanation, segmentation
 
 

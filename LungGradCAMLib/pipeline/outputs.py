@@ -11,17 +11,21 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..core.atomic import output_folder, write_json
+from ..core.atomic import output_folder, read_record, write_json
 from ..core.errors import InvalidInputError, OutputError
 from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
-from ..io.inputs import load_input
+from ..io.inputs import input_tree, load_input
 from ..options import ExplainOptions
 from .explainer import CostEstimate, Progress, Stages, explain_and_segment
 
 
 #: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
 VOLUME_FORMATS = ("nrrd", "nii.gz")
+#: Every file a run (and a batch, for a series) may leave in its output folder: the marker that
+#: proves which files there are LungGradCAM's may name no other (``core.atomic``).
+OUTPUT_FILES = frozenset({"cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "cam.nii.gz", "segmentation.nii.gz",
+                          "lungs.nii.gz", "overlay.png", "segmentation.dcm", "report.json", "error.json"})
 #: What the report and every output say when the heat map has no region above the threshold.
 NO_REGION = "no region above threshold"
 
@@ -73,9 +77,11 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "mode": explanation.mode,
         "n_patches": explanation.n_patches,
         "device": explanation.device_used or explanation.device,
+        "device_requested": explanation.device,
         "chest_check": explanation.chest_check,
         "region_model": explanation.options.get("region_model"),
         "threshold": segmentation.threshold,
+        "peak_heat": segmentation.peak,
         "outcome": outcome(segmentation),
         "regions": [r.to_dict() for r in segmentation.regions],
         "timings_s": explanation.timings,
@@ -92,14 +98,15 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
     (with ``volume_format="nii.gz"`` the heat map, the regions and the lungs are NIfTI files).
 
     The run owns ``out_dir`` (:func:`~LungGradCAMLib.core.atomic.output_folder`): a second run into it
-    at the same time is refused, and a folder holding files no run wrote is refused. The files are
-    written into a staging folder inside it and then replace the previous run's outputs, report
-    last, so ``report.json`` always describes the files beside it; on an error nothing changes.
+    at the same time is refused, and a folder holding anything its marker does not prove a run
+    wrote is refused. The files are written into a staging folder inside it and, once all are
+    written, replace the previous run's outputs, report last, so ``report.json`` always describes
+    the files beside it; on an error nothing changes.
     Returns name -> path.
     """
     final = Path(out_dir)
     try:
-        with output_folder(final) as staging:
+        with output_folder(final, names=OUTPUT_FILES) as staging:
             written = _write_files(explanation, segmentation, staging, **options)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: the run's files are gone
         raise OutputError(f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose "
@@ -114,7 +121,8 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
     The other files are written at the same time, one thread each: their compression (zlib) runs
     outside the GIL, beside the overlay's rendering. ``volume_format="nii.gz"``: the heat map, the
-    regions (labelled as the report's regions) and the lungs as NIfTI files. The report's
+    regions (labelled as the report's regions), the nodule outlines (``outlines``, labelled as
+    ``Outline.label``) and the lungs as NIfTI files. The report's
     ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
     ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +145,9 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
                                                        names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)})
     else:
         jobs["segmentation"] = lambda: write_volume(segmentation.labelmap, out / f"segmentation.{volume_format}")
+        if segmentation.outlines:  # they overlap the regions: a labelmap of their own
+            jobs["outlines"] = lambda: write_volume(segmentation.labelmap.with_array(segmentation.outline_labels()),
+                                                    out / f"outlines.{volume_format}")
         if lung_labels is not None:
             jobs["lungs"] = lambda: write_volume(lung_labels, out / f"lungs.{volume_format}")
     if overlay and explanation.ct is not None:
@@ -155,6 +166,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
             futures = {name: pool.submit(job) for name, job in jobs.items()}
             written = {name: future.result() for name, future in futures.items()}
         report["files"] = sorted(p.name for p in written.values()) + ["report.json"]
+        assert set(report["files"]) <= OUTPUT_FILES, f"name the new output in OUTPUT_FILES: {report['files']}"
         now = time.perf_counter()
         report["timings_s"] = {**timings, "write": timings.get("write", 0.0) + now - t0}
         if started is not None:
@@ -177,11 +189,18 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+#: overlay.png shows zoomed views of at most this many hot regions (the hottest).
+OVERLAY_REGIONS = 6
+
+
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
-    """Axial/coronal/sagittal views through the hottest region (or the CAM peak): lung window,
-    CAM colour map, region and lung contours, a colour bar that states the scale and marks the
-    threshold; the title states the prediction and the outcome, the caption the model's intended use."""
-    from ..io.render import save_montage
+    """Axial/coronal/sagittal views through the hottest region (or the CAM peak), then a row of
+    zoomed views through each hot region (the :data:`OVERLAY_REGIONS` hottest): lung window, CAM
+    colour map (only inside the lungs when the run kept regions there), region, nodule outline and lung contours,
+    a colour bar that states the scale and marks the threshold; the title states the prediction and
+    the outcome, the caption the model's intended use. A thin slab's coronal and sagittal views are
+    stretched to stay readable."""
+    from ..io.render import ZoomView, save_montage
 
     if segmentation.regions:
         centre = explanation.cam.ras_to_ijk_points(segmentation.regions[0].peak_ras)[0]
@@ -190,13 +209,22 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
         k, j, i = np.unravel_index(int(np.argmax(explanation.cam.array)), explanation.cam.shape)
         center_ijk = (int(i), int(j), int(k))
     contours = {"hot regions": segmentation.labelmap.array}  # non-zero = inside; cast per drawn slice
+    if segmentation.outlines:
+        contours["nodule outline"] = segmentation.outline_labels()
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)
-    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}"
-    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours,
-                        cam=explanation.cam, cam_label=scale_text(explanation), cam_threshold=segmentation.threshold,
-                        title=title, caption="Research model. " + intended_use(explanation))
+    shown = segmentation.regions[:OVERLAY_REGIONS]
+    title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}" + (
+        f" ({len(shown)} hottest shown)" if len(segmentation.regions) > len(shown) else "")
+    zooms = [ZoomView(f"{r.name} ({r.volume_ml:.2f} ml, peak {r.peak_cam:.2f})",
+                      tuple(int(round(c)) for c in explanation.cam.ras_to_ijk_points(r.peak_ras)[0]), r.bbox_ijk)
+             for r in shown]
+    in_lungs = explanation.lung_mask if explanation.options.get("restrict_to_lungs", True) else None
+    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours, cam=explanation.cam,
+                        cam_label=scale_text(explanation), cam_threshold=segmentation.threshold,
+                        cam_mask=in_lungs, zooms=zooms, title=title,
+                        caption="Research model. " + intended_use(explanation))
 
 
 def scale_text(explanation: Explanation) -> str:
@@ -204,6 +232,38 @@ def scale_text(explanation: Explanation) -> str:
     if explanation.options.get("scale", "absolute") == "relative":
         return "heat, relative: this CT's maximum = 1"
     return f"heat = P({explanation.target_class}) x map, absolute: same on every CT"
+
+
+def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentation]:
+    """A finished run's results read back from its folder (``report.json``, the heat map and the
+    regions' labelmap, in either volume format): what the Slicer module shows after running
+    ``lunggradcam run`` in a background process. The CT and the lung mask are not read back
+    (``explanation.ct`` and ``lung_mask`` are None). Raises :class:`OutputError` when the folder
+    holds no complete run."""
+    from ..core.results import Region
+    from ..core.volume import read_volume
+
+    folder = Path(out_dir)
+    try:
+        report = read_record(folder, "report.json", OUTPUT_FILES)  # only a report this program wrote there
+        if report is None:
+            raise OSError("no report.json that a LungGradCAM run wrote")
+        names = set(report["files"])
+        cam_name = next(n for n in names if n.startswith("cam."))
+        labels_name = next(n for n in names if n.startswith("segmentation.") and n != "segmentation.dcm")
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        raise OutputError(f"{folder}: no complete LungGradCAM run there ({exc}); run it again") from None
+    options = report.get("options") or {}
+    explanation = Explanation(
+        probabilities=report["probabilities"], predicted_class=report["predicted_class"],
+        cam=read_volume(folder / cam_name), method=report["method"], target_class=report["target_class"],
+        timings=report.get("timings_s", {}), mode=report.get("mode", ""), layer=report.get("layer", ""),
+        n_patches=report.get("n_patches", 0), device=report.get("device_requested", ""),
+        device_used=report.get("device", ""), model=report.get("model", {}), chest_check=report.get("chest_check"),
+        options=options)
+    labelmap = read_volume(folder / labels_name)
+    regions = [Region.from_dict(r) for r in report.get("regions", [])]
+    return explanation, Segmentation(labelmap, regions, report.get("threshold"), report.get("peak_heat"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,22 +277,28 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
             input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             report_extra: Optional[dict] = None, started: Optional[float] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
-            inputs: Sequence[Union[str, os.PathLike]] = ()) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+            inputs: Sequence[Union[str, os.PathLike]] = (), overlay: bool = True,
+            lungs: bool = True) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
-    ``out_dir`` is checked and owned before the work (it may not be nor hold the source path or
-    one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
+    ``out_dir`` is checked and owned before the work (it may not be, hold or lie inside the source
+    path or one of ``inputs``, the paths the CT came from). ``explanation.timings`` (and the report's
     ``timings_s``) hold every stage, loading and writing included, and ``total``: the wall time
-    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call).
-    ``on_estimate``: see :func:`explain`."""
-    started = time.perf_counter() if started is None else started
-    options = ExplainOptions() if options is None else options
+    since ``started`` (a ``time.perf_counter()`` value; default: the start of this call). With
+    ``started`` given, ``startup`` is the time from it to this call (for ``lunggradcam run``: the
+    imports and the option checks). ``on_estimate``: see :func:`explain`. ``overlay``, ``lungs``:
+    write ``overlay.png`` and the lung mask."""
     timings: Dict[str, float] = {}
+    if started is None:
+        started = time.perf_counter()
+    else:
+        timings["startup"] = time.perf_counter() - started
+    options = ExplainOptions() if options is None else options
     stage = Stages(timings, progress, cancel)
     if isinstance(source, (str, os.PathLike)):
-        inputs = [source, *inputs]
-    with output_folder(out_dir, inputs):
+        inputs = [input_tree(source), *inputs]
+    with output_folder(out_dir, inputs, OUTPUT_FILES):
         with stage("load"):
             if isinstance(source, Volume):
                 volume = source
@@ -244,5 +310,6 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
                                                         on_estimate=on_estimate)
         explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
         files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
-                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra)
+                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra,
+                              overlay=overlay, lungs=lungs)
     return explanation, segmentation, files

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import DataError
-from ..core.volume import AIR_HU, LabelMap, Volume, read_volume, resample
+from ..core.volume import AIR_HU, MAX_POSITION_MM, LabelMap, Volume, read_volume, resample
 
 PathLike = Union[str, "os.PathLike[str]"]
 log = logging.getLogger(__name__)
@@ -37,9 +37,11 @@ class PatchSet:
     ``kinds`` (N,) what each patch shows (e.g. ``nodule``, ``vessel``, ``chest_wall``),
     ``centres`` (N, 3) RAS mm of each patch's centre voxel (NaN where unknown),
     ``masks`` (N, K, J, I) bool, the lesion's outline in each patch where known (e.g. the readers'
-    nodule mask of a LIDC VOI; all False for background patches), or None, and ``splits`` (N,)
+    nodule mask of a LIDC VOI; all False for background patches), or None, ``splits`` (N,)
     ``train``/``validation``/``test`` where the source fixes the split (e.g. background regions
-    that must not serve two splits), or None (split by patient later)."""
+    that must not serve two splits), or None (split by patient later), and ``diameters`` (N,) the
+    readers' nodule diameter in mm where a table gives one (NaN elsewhere), or None: what the
+    diameter-only baseline ranks by (never a model input)."""
 
     patches: np.ndarray
     labels: np.ndarray
@@ -50,9 +52,10 @@ class PatchSet:
     centres: np.ndarray = field(default=None)  # type: ignore[assignment]
     masks: Optional[np.ndarray] = None
     splits: Optional[np.ndarray] = None
+    diameters: Optional[np.ndarray] = None
 
-    #: per-patch arrays, in constructor order after ``spacing_mm``; the last two are optional
-    _PER_PATCH = ("kinds", "centres", "masks", "splits")
+    #: per-patch arrays, in constructor order after ``spacing_mm``; the last three are optional
+    _PER_PATCH = ("kinds", "centres", "masks", "splits", "diameters")
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches)
@@ -69,8 +72,10 @@ class PatchSet:
             unknown = sorted(set(self.splits) - {"train", "validation", "test"})
             if unknown:
                 raise DataError(f"a PatchSet's splits must be train, validation or test; got {unknown}")
+        if self.diameters is not None:
+            self.diameters = np.asarray(self.diameters, dtype=np.float64)
         if (self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n
-                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits))
+                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits, self.diameters))
                 or (self.masks is not None and self.masks.shape != self.patches.shape)):
             raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres "
                             f"(and masks/splits when given); got {self.patches.shape}, {n} labels, "
@@ -117,10 +122,12 @@ class PatchSet:
             raise DataError("cannot concatenate patch sets with and without fixed splits")
         masks = None if any(s.masks is None for s in sets) else np.concatenate([s.masks for s in sets])
         splits = None if first.splits is None else np.concatenate([s.splits for s in sets])
+        diameters = (None if all(s.diameters is None for s in sets) else np.concatenate(
+            [np.full(len(s), np.nan) if s.diameters is None else s.diameters for s in sets]))
         return PatchSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.labels for s in sets]),
                         np.concatenate([s.patients for s in sets]), list(first.class_names),
                         first.spacing_mm, np.concatenate([s.kinds for s in sets]),
-                        np.concatenate([s.centres for s in sets]), masks, splits)
+                        np.concatenate([s.centres for s in sets]), masks, splits, diameters)
 
     def save(self, path: PathLike) -> Path:
         """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically."""
@@ -130,6 +137,8 @@ class PatchSet:
             extra["masks"] = np.packbits(self.masks, axis=-1)
         if self.splits is not None:
             extra["splits"] = self.splits
+        if self.diameters is not None:
+            extra["diameters"] = self.diameters
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
@@ -147,7 +156,8 @@ class PatchSet:
                     masks = np.unpackbits(z["masks"], axis=-1, count=z["patches"].shape[-1]).astype(bool)
                 return cls(z["patches"], z["labels"], z["patients"], [str(c) for c in z["class_names"]],
                            tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"], masks,
-                           z["splits"] if "splits" in z.files else None)
+                           z["splits"] if "splits" in z.files else None,
+                           z["diameters"] if "diameters" in z.files else None)
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it "
                             "to rebuild") from None
@@ -214,7 +224,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
                     positives_per_nodule: int = 6, negatives_per_kind: int = 4,
                     jitter_vox: Optional[int] = None,
                     hard_negatives: Optional[Callable[..., Sequence[np.ndarray]]] = None,
-                    progress: bool = False) -> PatchSet:
+                    progress: Union[bool, str] = False) -> PatchSet:
     """Patches from one synthetic chest CT per seed (:func:`LungGradCAMLib.phantom.chest_ct` with
     its random nodules, at a scanner setting drawn from the seed: in-plane 1.6-2 mm, slices 2-3
     mm, noise 10-30 HU), resampled to ``spacing_mm`` (i, j, k mm) as the pipeline does.
@@ -248,7 +258,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(seeds, desc="phantoms", unit="scan")
+        iterator = tqdm(seeds, desc=progress if isinstance(progress, str) else "phantoms", unit="scan")
     for seed in iterator:
         rng = np.random.default_rng([int(seed), 20240605])
         shape, spacing, noise = _phantom_geometry(rng)
@@ -366,28 +376,41 @@ def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
                     tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
 
 
-def _read_csv(path: Path, required: Sequence[str]) -> List[Dict[str, str]]:
+def _read_csv(path: Path, required: Sequence[str]) -> List[Tuple[str, Dict[str, str]]]:
+    """The rows of the CSV table ``path``, each as (where: "<path> line N", the row), every row
+    with one cell per column of the header. A table without the ``required`` columns, or a row
+    with fewer or more cells than the header, raises :class:`DataError` naming its line."""
+    rows = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; expected at least {list(required)}")
+            for row in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in row or None in row.values():
+                    cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                    raise DataError(f"{where}: {cells} cell(s) where the header has {len(header)} columns; "
+                                    "give each row one cell per column (an empty one for no value)")
+                rows.append((where, row))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the CSV ({exc})") from None
-    header = set(rows[0]) if rows else set()
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; expected at least {list(required)}"
-                        + ("" if rows else " (the file has no data rows)"))
     return rows
 
 
-def _float_cells(row: Dict[str, str], names: Sequence[str], where: str) -> Tuple[float, ...]:
+def _float_cells(row: Dict[str, str], names: Sequence[str], where: str,
+                 low: float = -MAX_POSITION_MM, high: float = MAX_POSITION_MM) -> Tuple[float, ...]:
+    """The cells ``names`` of ``row`` as numbers from ``low`` to ``high`` (default: a position in
+    mm, at most :data:`MAX_POSITION_MM` from the origin, as a CT's); else :class:`DataError`."""
+    what = f"{where}: {', '.join(names)} must be " + ("a number" if len(names) == 1 else "numbers")
     try:
         values = tuple(float(row[n]) for n in names)
     except (TypeError, ValueError):
-        raise DataError(f"{where}: {', '.join(names)} must be numbers; got "
-                        f"{[row.get(n) for n in names]}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise DataError(f"{where}: {', '.join(names)} must be finite numbers")
+        raise DataError(f"{what}; got {[row.get(n) for n in names]}") from None
+    if not all(math.isfinite(v) and low <= v <= high for v in values):
+        raise DataError(f"{what} from {low:g} to {high:g}; got {[row.get(n) for n in names]}")
     return values
 
 
@@ -418,16 +441,15 @@ def luna16_samples(root: PathLike, max_negatives_per_scan: Optional[int] = 20,
     positives: List[Sample] = []
     negatives: Dict[str, List[Sample]] = defaultdict(list)
     if ann_path.is_file():
-        for n, row in enumerate(_read_csv(ann_path, ("seriesuid",) + xyz), start=2):
+        for where, row in _read_csv(ann_path, ("seriesuid",) + xyz):
             if row["seriesuid"] in scans:
-                centre = lps_to_ras(_float_cells(row, xyz, f"{ann_path} line {n}"))
+                centre = lps_to_ras(_float_cells(row, xyz, where))
                 positives.append(Sample(scans[row["seriesuid"]], centre, 1, row["seriesuid"], "nodule"))
     if cand_path.is_file():
-        for n, row in enumerate(_read_csv(cand_path, ("seriesuid", "class") + xyz), start=2):
+        for where, row in _read_csv(cand_path, ("seriesuid", "class") + xyz):
             uid = row["seriesuid"]
             if uid not in scans:
                 continue
-            where = f"{cand_path} line {n}"
             if row["class"].strip() not in ("0", "1"):
                 raise DataError(f"{where}: class must be 0 or 1; got {row['class']!r}")
             centre = lps_to_ras(_float_cells(row, xyz, where))
@@ -453,10 +475,8 @@ def manifest_samples(path: PathLike, class_names: Sequence[str]) -> List[Sample]
     ``patient`` (defaults to the image path), ``x, y, z`` (patch centre, mm) and ``space``
     (``RAS``, the default, or ``LPS``). Without x, y, z the patch is the scan's centre."""
     path = Path(path)
-    rows = _read_csv(path, ("image", "label"))
     samples = []
-    for n, row in enumerate(rows, start=2):
-        where = f"{path} line {n}"
+    for where, row in _read_csv(path, ("image", "label")):
         label = row["label"].strip()
         if label in class_names:
             index = list(class_names).index(label)

@@ -215,6 +215,21 @@ def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence
 # --------------------------------------------------------------------------------------------
 #: Columns of ``nodules.csv`` a LIDC VOI folder must have.
 VOI_COLUMNS = ("patient_id", "nodule_id", "Diagnosis", "diameter_mm")
+#: The values ``nodules.csv`` may hold: LIDC's malignancy ratings, a lesion's diameter (mm;
+#: a chest is about 500 mm wide).
+MALIGNANCY_RATINGS = (1.0, 5.0)
+DIAMETERS_MM = (1e-3, 500.0)
+
+
+def _plain_name(row: Dict[str, str], column: str, where: str) -> str:
+    """``row[column]`` when it can be part of a file name inside the VOI folder: not empty, no
+    path separator or control character (an ID such as ``../../x`` or ``/etc/x`` would read files
+    outside it)."""
+    value = row[column].strip()
+    if not value or any(c in value for c in "/\\:") or not value.isprintable():
+        raise DataError(f"{where}: {column} {value!r} is not a plain name; the VOI folder's files are named "
+                        "image/<patient_id>_R_<nodule_id>.nii.gz, so IDs hold no path separators")
+    return value
 
 
 @dataclass
@@ -254,20 +269,21 @@ def lidc_voi_records(root: PathLike) -> List[LidcVoi]:
     if not table.is_file():
         raise DataError(f"{root}: no nodules.csv; a LIDC VOI folder holds nodules.csv, image/ and nodule_mask/")
     records, missing = [], []
-    for n, row in enumerate(_read_csv(table, VOI_COLUMNS), start=2):
-        where = f"{table} line {n}"
+    for where, row in _read_csv(table, VOI_COLUMNS):
         diagnosis = row["Diagnosis"].strip().lower()
         if diagnosis not in ("benign", "malign", "malignant"):
             raise DataError(f"{where}: Diagnosis must be Benign or Malign; got {row['Diagnosis']!r}")
-        name = f"{row['patient_id'].strip()}_R_{row['nodule_id'].strip()}.nii.gz"
+        patient, nodule = (_plain_name(row, column, where) for column in ("patient_id", "nodule_id"))
+        name = f"{patient}_R_{nodule}.nii.gz"
         image, mask = root / "image" / name, root / "nodule_mask" / name
         if not image.is_file() or not mask.is_file():
             missing.append(str(image if not image.is_file() else mask))
             continue
-        rating = (row.get("Malignancy_value") or "").strip()
-        records.append(LidcVoi(row["patient_id"].strip(), row["nodule_id"].strip(), image, mask,
-                               int(diagnosis != "benign"), float(rating) if rating else math.nan,
-                               _float_cells(row, ("diameter_mm",), where)[0], row))
+        rating = math.nan
+        if (row.get("Malignancy_value") or "").strip():
+            rating = _float_cells(row, ("Malignancy_value",), where, *MALIGNANCY_RATINGS)[0]
+        records.append(LidcVoi(patient, nodule, image, mask, int(diagnosis != "benign"), rating,
+                               _float_cells(row, ("diameter_mm",), where, *DIAMETERS_MM)[0], row))
     if missing:
         log.warning("%d row(s) of %s have no image or mask file and are skipped: %s", len(missing), table,
                     ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
@@ -320,7 +336,7 @@ def place_voi(hu: np.ndarray, spacing_mm: Sequence[float], voi: LidcVoi, centre_
 def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spacing_mm: Sequence[float],
                      task: str = "malignancy", backgrounds: Optional[Sequence["Background"]] = None,
                      placements: int = 1, jitter_vox: int = 0, feather_mm: float = 3.0, seed: int = 0,
-                     progress: bool = False) -> PatchSet:
+                     progress: Union[bool, str] = False) -> PatchSet:
     """Patches of real nodules (with their reader masks in ``PatchSet.masks``), ``placements`` per
     nodule, each centred on the nodule shifted by up to ``jitter_vox`` voxels per axis.
 
@@ -332,20 +348,24 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
     separately): the nodule alone (its outline, feathered over ``feather_mm``) is put into the
     parenchyma, next to a vessel and on the pleura in turn (the VOI's box edges would tell a
     detector where nodules are). Without backgrounds the rest of the patch is air.
-    Deterministic for a ``seed``; the patient is ``patient_id``."""
-    from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, sample_centres
+    Each nodule's placements are drawn from its own random stream (:func:`placement_rng` of
+    ``seed``, patient and nodule), so a nodule's patches are the same whichever other nodules are
+    placed with it (a test patient's patches do not depend on who else was loaded). The patient is
+    ``patient_id``; ``diameters`` holds the table's ``diameter_mm``. ``progress``: a progress bar,
+    labelled with it when it is a string (e.g. "nodules (validation)")."""
+    from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, placement_rng, sample_centres
 
     if task not in ("malignancy", "nodule"):
         raise DataError(f"task must be 'malignancy' or 'nodule'; got {task!r}")
     size = tuple(int(s) for s in patch_size)
-    rng = np.random.default_rng(seed)
-    patches, labels, patients, kinds, centres, masks = [], [], [], [], [], []
+    patches, labels, patients, kinds, centres, masks, diameters = [], [], [], [], [], [], []
     iterator: Iterable[LidcVoi] = records
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(records, desc="nodules", unit="nodule")
+        iterator = tqdm(records, desc=progress if isinstance(progress, str) else "nodules", unit="nodule")
     for voi in iterator:
+        rng = placement_rng(seed, voi.patient, voi.nodule_id)
         for p in range(max(1, placements)):
             offset = rng.integers(-jitter_vox, jitter_vox + 1, size=3) if jitter_vox else np.zeros(3, int)
             try:
@@ -372,11 +392,13 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
             patients.append(voi.patient)
             kinds.append(kind if task == "nodule" else "nodule")
             centres.append(centre)
+            diameters.append(voi.diameter_mm)
     if not patches:
         raise DataError("no LIDC VOI could be read")
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks),
+                    diameters=np.array(diameters))
 
 
 def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence["Background"],
@@ -415,7 +437,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
         regions = pick(backgrounds, split)
         nodules = lidc_voi_patches([records[i] for i in index], size, spacing_mm, task="nodule",
                                    backgrounds=regions, placements=placements, jitter_vox=jitter,
-                                   seed=seed * 31 + n, progress=progress)
+                                   seed=seed * 31 + n, progress=progress and f"nodules ({split})")
         found = [nodules]
         sampled = [background_patches(regions, size, negatives_per_kind, rng)]
         sampled += [hard_negative_patches(regions, model, size, hard_negatives_per_region, rng, hard_negative_threshold)
@@ -434,7 +456,7 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
                                          positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
                                          hard_negatives=hard if hard_negatives_per_phantom > 0 else None,
-                                         progress=progress))
+                                         progress=progress and f"phantoms ({split})"))
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)
         sets.append(part)

@@ -13,10 +13,11 @@ Arrays are (K, J, I) on one grid of ``spacing_mm`` (i, j, k mm); intensities are
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -110,6 +111,13 @@ def sample_centres(background: Background, kind: str, n: int, rng: np.random.Gen
     return np.stack(np.unravel_index(np.sort(chosen), background.hu.shape), axis=1).astype(np.int64)
 
 
+def placement_rng(seed: int, patient: str, nodule: str) -> np.random.Generator:
+    """The random stream of one nodule's placements, from ``seed`` and a stable hash of its
+    ``patient`` and ``nodule`` ID (not Python's salted ``hash``): the same in every process."""
+    digest = hashlib.sha256(f"{patient}\0{nodule}".encode("utf-8")).digest()
+    return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
+
+
 def feather_weight(mask: np.ndarray, spacing_mm: Sequence[float], feather_mm: float) -> np.ndarray:
     """Float32 weight (K, J, I): 1 inside ``mask``, falling linearly to 0 at ``feather_mm`` (mm)
     outside it."""
@@ -152,7 +160,7 @@ def _bands(lungs: np.ndarray, gap_vox: int) -> Dict[str, np.ndarray]:
 
 
 def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_size: Sequence[int],
-                     splits: Sequence[str] = SPLITS) -> List[Background]:
+                     splits: Sequence[str] = SPLITS, progress: bool = False) -> List[Background]:
     """The background regions a CSV ``manifest`` lists: columns ``image`` (a volume file or DICOM
     folder, relative to the manifest's folder or absolute) and ``split`` (``train``,
     ``validation``, ``test``, or ``bands``: the scan's lungs cut along the slice axis into
@@ -160,19 +168,24 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     away from the others). Each scan
     is resampled to ``spacing_mm`` (i, j, k mm) and its lungs found with :func:`lung_mask`. Only
     the regions of ``splits`` are returned. A scan that cannot be read is skipped with a warning
-    naming it; none at all -> :class:`DataError`."""
+    naming it; none at all -> :class:`DataError`. ``progress``: a bar over the scans (reading and
+    segmenting each takes seconds)."""
     from .data import _read_csv, read_image, to_model_grid
     from ..core.errors import LungGradCAMError
     from ..engine.lung import lung_bbox, lung_mask
     from ..core.volume import crop
 
     manifest = Path(manifest)
-    rows = _read_csv(manifest, ("image", "split"))
     out: List[Background] = []
-    for n, row in enumerate(rows, start=2):
+    rows: Any = _read_csv(manifest, ("image", "split"))
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(rows, desc="background CTs", unit="scan")
+    for where, row in rows:
         split = row["split"].strip()
         if split not in SPLITS + ("bands",):
-            raise DataError(f"{manifest} line {n}: split must be train, validation, test or bands; got {split!r}")
+            raise DataError(f"{where}: split must be train, validation, test or bands; got {split!r}")
         if split != "bands" and split not in splits:
             continue
         image = Path(row["image"])

@@ -29,3 +29,19 @@ def region_model(tmp_path_factory):
                      cam_class="malignant", target_layer="features.act6", patch_size=[16, 16, 16],
                      spacing_mm=[2.0, 2.0, 2.0], name="tiny-region", input="roi")
     return save_model(module, card, tmp_path_factory.mktemp("models") / "tiny-region.safetensors")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A whole-volume tiny model (one pass over the CT at 8 mm): fast on CPU."""
+    from helpers import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model"), name="whole", patch=None, spacing=(8.0, 8.0, 8.0))
+
+
+@pytest.fixture(scope="session")
+def chest():
+    """A small chest phantom CT (seed 3, 28x64x64 at 4.5 x 4.5 x 8 mm) that a run explains in seconds."""
+    from LungGradCAMLib import phantom
+
+    return phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume

@@ -7,6 +7,8 @@ from typing import Any, Callable, Optional
 
 import pydicom
 
+from LungGradCAMLib.io.dicom_write import save_dicom_file
+
 
 def edit(path: Path, change: Callable[[Any], None], to: Optional[Path] = None) -> Path:
     """Apply ``change(ds)`` to the file, saving it in place or at ``to``."""
@@ -14,7 +16,7 @@ def edit(path: Path, change: Callable[[Any], None], to: Optional[Path] = None) -
     change(ds)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about the invalid values we write on purpose
-        ds.save_as(to or path, enforce_file_format=True)
+        save_dicom_file(ds, to or path)
     return to or path
 
 

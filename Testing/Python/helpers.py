@@ -1,17 +1,25 @@
 """What several test modules share: paths, the real-data folder, a read-only mount, tiny models,
-test networks and inputs, and Slicer DICOM databases (``from helpers import ...``)."""
+test networks and inputs, Slicer DICOM databases, LIDC VOI folders and folder snapshots
+(``from helpers import ...``)."""
 from __future__ import annotations
 
+import csv
+import hashlib
+import os
 import sqlite3
+import stat
 from collections import OrderedDict
 from contextlib import closing
 from pathlib import Path
+from typing import Dict, Optional
 
+import numpy as np
 import pydicom
 import pytest
 import torch
 from torch import nn
 
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +54,27 @@ def run_on_read_only_mount(folder: Path, command: list, **kwargs):
         pytest.skip(f"no read-only mount can be made here: {stderr.strip()[-200:]}")
     return result
 
+def snapshot(root: Path) -> Dict[str, tuple]:
+    """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
+    other types; unreadable files (chmod 000) by size and modification time."""
+    entries: Dict[str, tuple] = {}
+    for folder, dirs, names in os.walk(root):
+        for name in sorted(dirs + names):
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                entries[rel] = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                try:
+                    entries[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+                except PermissionError:
+                    entries[rel] = ("unreadable", st.st_size, st.st_mtime_ns)
+            else:
+                entries[rel] = ("type", stat.S_IFMT(st.st_mode))
+    return entries
+
+
 def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
     """An untrained, narrow gradcam3d_cnn saved as a model file (fast enough for every test).
 
@@ -67,80 +96,43 @@ def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 
     return save_model(module, card, folder / f"{name}.safetensors")
 
 def make_ctk_db(folder, dicom_dir):
-    """A Slicer DICOM database in ``folder`` indexing the first series of ``dicom_dir``."""
-    from LungGradCAMLib.io.dicom import list_dicom_series
+    """A Slicer DICOM database in ``folder`` indexing the series under ``dicom_dir``: the user's
+    command (``lunggradcam dicom-db``, :func:`~LungGradCAMLib.io.ctkdb_write.make_dicom_database`)."""
+    from LungGradCAMLib.io.ctkdb_write import make_dicom_database
 
-    return make_database(Path(folder), list_dicom_series(dicom_dir)[0].files)
+    return make_dicom_database(dicom_dir, folder).path
 
 
-# CTK's dicom-schema.sql (0.8.x), the columns a reader may touch plus the bookkeeping ones.
-SCHEMA = """
-CREATE TABLE 'SchemaInfo' ( 'Version' VARCHAR(1024) NOT NULL );
-CREATE TABLE 'Images' ( 'SOPInstanceUID' VARCHAR(64) NOT NULL, 'Filename' VARCHAR(1024) NOT NULL,
-  'URL' VARCHAR(2048) NOT NULL, 'SeriesInstanceUID' VARCHAR(64) NOT NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
-  PRIMARY KEY ('SOPInstanceUID') );
-CREATE TABLE 'Patients' ( 'UID' INTEGER PRIMARY KEY AUTOINCREMENT, 'PatientsName' VARCHAR(255) NULL,
-  'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL,
-  'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL,
-  'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL,
-  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL );
-CREATE TABLE 'Studies' ( 'StudyInstanceUID' VARCHAR(64) NOT NULL, 'PatientsUID' INT NOT NULL,
-  'StudyID' VARCHAR(255) NULL, 'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL,
-  'StudyDescription' VARCHAR(255) NULL, 'AccessionNumber' VARCHAR(255) NULL,
-  'ModalitiesInStudy' VARCHAR(255) NULL, 'InstitutionName' VARCHAR(255) NULL,
-  'ReferringPhysician' VARCHAR(255) NULL, 'PerformingPhysiciansName' VARCHAR(255) NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedNumberOfSeries' INT NULL,
-  'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('StudyInstanceUID') );
-CREATE TABLE 'Series' ( 'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'StudyInstanceUID' VARCHAR(64) NOT NULL,
-  'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL,
-  'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, 'BodyPartExamined' VARCHAR(255) NULL,
-  'FrameOfReferenceUID' VARCHAR(64) NULL, 'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL,
-  'ScanningSequence' VARCHAR(45) NULL, 'EchoNumber' INT NULL, 'TemporalPosition' INT NULL,
-  'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL,
-  'DisplayedNumberOfFrames' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL,
-  PRIMARY KEY ('SeriesInstanceUID') );
-CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');
-CREATE INDEX 'ImagesSeriesIndex' ON 'Images' ('SeriesInstanceUID');
-CREATE INDEX 'SeriesStudyIndex' ON 'Series' ('StudyInstanceUID');
-CREATE INDEX 'StudiesPatientIndex' ON 'Studies' ('PatientsUID');
-CREATE TABLE 'Directories' ( 'Dirname' VARCHAR(1024), PRIMARY KEY ('Dirname') );
-"""
+def make_database(folder: Path, files, version: Optional[str] = None) -> Path:
+    """A Slicer DICOM database in ``folder`` indexing ``files`` (none: an empty one) with
+    LungGradCAM's writer, its SchemaInfo version then set to ``version`` when given (another
+    CTK schema, or a broken one)."""
+    from LungGradCAMLib.io.ctkdb_write import create_dicom_database, make_dicom_database
+
+    path = make_dicom_database(list(files), folder).path if files else create_dicom_database(folder)
+    if version is not None:
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE SchemaInfo SET Version = ?", (version,))
+    return path
+
 
 STAMP = "2026-01-01 12:00:00"
 
-def make_database(folder: Path, files, version: str = "0.8.1") -> Path:
-    """Index ``files`` as CTK does: one Patients/Studies/Series row each, one Images row per file,
-    Filename relative to ``folder`` when the file lies inside it, absolute otherwise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "ctkDICOM.sql"
-    with closing(sqlite3.connect(path)) as db, db:
-        db.executescript(SCHEMA)
-        db.execute("INSERT INTO SchemaInfo VALUES (?)", (version,))
-        patients = {}
-        for f in files:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
-            key = (str(ds.PatientName), ds.PatientID)
-            if key not in patients:
-                cur = db.execute("INSERT INTO Patients (PatientsName, PatientID, PatientsBirthDate, InsertTimestamp) "
-                                 "VALUES (?, ?, ?, ?)", (key[0], key[1], ds.get("PatientBirthDate", ""), STAMP))
-                patients[key] = cur.lastrowid
-            db.execute("INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, StudyDate, StudyDescription, "
-                       "ModalitiesInStudy, InsertTimestamp) VALUES (?, ?, ?, ?, ?, ?)",
-                       (ds.StudyInstanceUID, patients[key], ds.get("StudyDate", ""),
-                        ds.get("StudyDescription", ""), ds.Modality, STAMP))
-            db.execute("INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, SeriesNumber, SeriesDate, "
-                       "SeriesDescription, Modality, BodyPartExamined, FrameOfReferenceUID, InsertTimestamp) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.get("SeriesNumber"), ds.get("SeriesDate", ""),
-                        ds.get("SeriesDescription", ""), ds.Modality, ds.get("BodyPartExamined", ""),
-                        ds.get("FrameOfReferenceUID", ""), STAMP))
-            f = Path(f).resolve()
-            name = f.relative_to(folder.resolve()).as_posix() if folder.resolve() in f.parents else str(f)
-            db.execute("INSERT INTO Images (SOPInstanceUID, Filename, URL, SeriesInstanceUID, InsertTimestamp) "
-                       "VALUES (?, ?, '', ?, ?)", (ds.SOPInstanceUID, name, ds.SeriesInstanceUID, STAMP))
-    return path
+#: pydicom 3 or newer; Slicer 5.8 and 5.10 bundle pydicom 2.4.4 (`make test-slicer58` runs on it).
+PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
+
+
+def encoder_available(syntax) -> bool:
+    """Whether this pydicom can encode ``syntax`` (pydicom 2 encodes RLE only)."""
+    try:
+        from pydicom.pixels import get_encoder  # pydicom >= 3
+    except ImportError:
+        from pydicom.encoders import get_encoder
+    try:
+        return get_encoder(syntax).is_available
+    except NotImplementedError:
+        return False
+
 
 SHAPE = (8, 8, 8)
 
@@ -164,3 +156,22 @@ def make_net(classes: int = 3, inplace: bool = False, seed: int = 0,
 def make_input(n: int = 2, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn((n, 1) + SHAPE, generator=g, dtype=dtype)
+
+
+def write_voi_folder(root, rows):
+    """A LIDC VOI folder: for each (patient, nodule, diagnosis, radius_vox) a 12x20x20 VOI at
+    0.8 x 0.8 x 1.25 mm with a ball of +40 HU in -850 HU lung and its mask."""
+    (root / "image").mkdir(parents=True)
+    (root / "nodule_mask").mkdir()
+    m = axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0))
+    k, j, i = np.indices((12, 20, 20))
+    with open(root / "nodules.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "nodule_id", "Diagnosis", "diameter_mm", "Malignancy_value"])
+        for patient, nodule, diagnosis, r in rows:
+            ball = ((k - 6) * 1.25) ** 2 + ((j - 10) * 0.8) ** 2 + ((i - 10) * 0.8) ** 2 <= (r * 0.8) ** 2
+            hu = np.where(ball, 40, -850).astype(np.int16)
+            name = f"{patient}_R_{nodule}.nii.gz"
+            write_volume(Volume(hu, m), root / "image" / name)
+            write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
+            w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])

@@ -12,6 +12,7 @@ from Slicer's source) and does the least that lets the module's code run.
 """
 from __future__ import annotations
 
+import os
 import sys
 import types
 from contextlib import contextmanager
@@ -99,6 +100,17 @@ class _Database:
         self.isOpen = path is not None
 
 
+class _Environment:
+    """What ``slicer.app.startupEnvironment()`` returns (a QProcessEnvironment): here, this
+    process's environment, which is the one it started with."""
+
+    def keys(self):
+        return list(os.environ)
+
+    def value(self, name: str) -> str:
+        return os.environ.get(name, "")
+
+
 class _App:
     """``slicer.app``: no event loop to run; the DICOM database at ``path``."""
 
@@ -107,6 +119,13 @@ class _App:
 
     def processEvents(self) -> None:  # noqa: N802 - Qt's name
         pass
+
+    def startupEnvironment(self) -> _Environment:  # noqa: N802 - Slicer's name
+        return _Environment()
+
+    def layoutManager(self) -> None:  # noqa: N802 - Slicer's name
+        """None, as in a Slicer without its main window (slicer.util then fits no slice view)."""
+        return None
 
     def dicomDatabase(self) -> _Database:  # noqa: N802 - Slicer's name
         return self.database

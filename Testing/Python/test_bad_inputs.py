@@ -19,7 +19,6 @@ import os
 import re
 import signal
 import sqlite3
-import stat
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from LungGradCAMLib.engine.models import ModelCard, build_model
 from LungGradCAMLib.io.inputs import load_input
 
 from helpers import REPO, run_on_read_only_mount
+from helpers import snapshot as _snapshot
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from helpers import make_database
 from helpers import make_tiny_model
@@ -72,27 +72,6 @@ def _series(folder: Path, shape=(4, 16, 16), seed=0, matrix=AXIAL, **kwargs) -> 
 
 def _uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
-
-
-def _snapshot(root: Path) -> Dict[str, tuple]:
-    """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
-    other types; unreadable files (chmod 000) by size and modification time."""
-    entries: Dict[str, tuple] = {}
-    for folder, dirs, names in os.walk(root):
-        for name in sorted(dirs + names):
-            p = Path(folder) / name
-            rel = p.relative_to(root).as_posix()
-            st = os.lstat(p)
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = ("link", os.readlink(p))
-            elif stat.S_ISREG(st.st_mode):
-                try:
-                    entries[rel] = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
-                except PermissionError:
-                    entries[rel] = ("unreadable", st.st_size, st.st_mtime_ns)
-            else:
-                entries[rel] = ("type", stat.S_IFMT(st.st_mode))
-    return entries
 
 
 @dataclass
@@ -195,9 +174,12 @@ def _mixed_orientations(root: Path) -> Made:
 
 
 def _two_ct_series(root: Path) -> Made:
-    a = _series(root / "a", series_description="lung kernel")
-    b = _series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel")
-    return Made(root, lambda: load_dicom_series(root), [_uid(a[0]), _uid(b[0]), "lung kernel", "soft kernel"])
+    # two patients' CTs in one tree: each series is named with its patient and folder
+    a = _series(root / "a", series_description="lung kernel", patient_id="LIDC-IDRI-0001")
+    b = _series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel", patient_id="LIDC-IDRI-0002")
+    return Made(root, lambda: load_dicom_series(root), [_uid(a[0]), _uid(b[0]), "lung kernel", "soft kernel",
+                                                         f"patient 'LIDC-IDRI-0001'  in {root / 'a'}",
+                                                         f"patient 'LIDC-IDRI-0002'  in {root / 'b'}"])
 
 
 def _empty_folder(root: Path) -> Made:
@@ -756,9 +738,9 @@ def _run(ct: Path, out: Path, model: Path, *extra: str, command: str = "run") ->
 
 
 def _complete(out: Path) -> dict:
-    """``out`` holds exactly the files its report lists, the report, nothing else; the report."""
+    """``out`` holds exactly the files its report lists, the report and the marker, nothing else; the report."""
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
-    assert {p.name for p in out.iterdir()} == set(report["files"]) | {"report.json"}
+    assert {p.name for p in out.iterdir()} == set(report["files"]) | {"report.json", ".lunggradcam.json"}
     return report
 
 
@@ -842,7 +824,7 @@ def test_a_second_run_into_a_busy_out_is_refused(tmp_path, chest, tiny, capsys):
     ct, out = write_volume(chest, tmp_path / "ct.nrrd"), tmp_path / "out"
     first = _start(ct, out, tiny)
     try:
-        _wait_for(lambda: bool(list(out.glob(".tmp-run-*"))), first, "it owned --out")  # made once locked
+        _wait_for(lambda: (out / ".lunggradcam-work").exists(), first, "it owned --out")  # made once locked
         first.send_signal(signal.SIGSTOP)  # hold it there, owning the folder
         assert _run(ct, out, tiny) == 2
         assert "another run is writing into this folder" in capsys.readouterr().err
@@ -981,7 +963,9 @@ def test_out_on_a_read_only_mount_fails_before_the_work(tmp_path, tiny):
 # is limited (RLIMIT_AS), so that a regression fails there instead of taking the machine.
 # --------------------------------------------------------------------------------------------
 #: Bytes of address space the child may add to what it has mapped after its imports: the
-#: control run needs about 0.3 GB; every bomb declares at least 1 GB.
+#: control run needs about 0.3 GB; every bomb declares at least 1 GB. glibc reserves 64 MiB of
+#: address space per thread's malloc arena (reserved, not used memory), so the child runs with
+#: MALLOC_ARENA_MAX=2: otherwise the count of threads torch and the writers start decides the test.
 HEADROOM = 500_000_000
 LIMITED = """
 import contextlib, io, json, resource, sys
@@ -1124,7 +1108,8 @@ def bomb_results(tmp_path_factory, tiny):
                         "--model", str(tiny), "--device", "cpu"], "", control)
     result = subprocess.run([sys.executable, "-c", LIMITED, str(HEADROOM),
                              json.dumps({name: args for name, (args, _, _) in runs.items()})],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     done = {}
     for line in result.stdout.splitlines():
         if line.startswith("{"):

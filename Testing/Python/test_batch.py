@@ -41,7 +41,7 @@ def cohort(tmp_path_factory):
     uids = []
     for seed in (1, 2, 3):
         ph = phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
-        files = phantom.write_dicom_series(ph.volume, tree / f"patient{seed}")
+        files = phantom.write_dicom_series(ph.volume, tree / f"patient{seed}", patient_id=f"LIDC-IDRI-000{seed}")
         uids.append(load_input(files[0].parent).meta["series_uid"])
     broken = phantom.chest_ct(seed=4, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
     files = phantom.write_dicom_series(broken.volume, root / "tmp-broken")
@@ -76,13 +76,20 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
 
     # resume: finished series are skipped (their files are not rewritten)
     stamp = {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
-    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed before finishing leaves it:
-    for f in unfinished.iterdir():  # no report, its files in a staging folder
-        f.unlink()
-    (unfinished / ".tmp-run-killed").mkdir()
-    (unfinished / ".tmp-run-killed" / "cam.nrrd").write_bytes(b"half written")
+    unfinished = out / pipeline.safe_name(uids[1])  # as a run killed while moving its files in leaves it:
+    work = unfinished / ".lunggradcam-work"  # the old outputs moved aside, report first; the new ones not yet in
+    (work / "old").mkdir(parents=True)
+    (work / "new").mkdir()
+    for f in [f for f in unfinished.iterdir() if not f.name.startswith(".lunggradcam")]:
+        f.rename(work / "old" / f.name)
+    (work / "new" / "cam.nrrd").write_bytes(b"half written")
+    capsys.readouterr()
     main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
-    assert not list(unfinished.glob(".tmp-*"))
+    printed = capsys.readouterr().out  # what was skipped, and why
+    assert "  2 series skipped: already done with the same options and model" in printed
+    assert "  1 series skipped: failed before with the same options for a reason of its own data " \
+           "(--redo-failed retries it)" in printed
+    assert not work.exists()
     for i, uid in enumerate(uids):
         now = (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns
         assert (now == stamp[uid]) == (i != 1)
@@ -243,6 +250,7 @@ def test_summary_names_the_folder_and_the_input_of_each_series(cohort, tmp_path)
         row = rows[uid]
         assert (out / row["output"] / "report.json").is_file()
         assert Path(row["input"]).is_dir() and Path(row["input"]).parent == tree  # patient<seed>/
+        assert row["patient_id"] == "LIDC-IDRI-000" + Path(row["input"]).name[-1]  # from its DICOM
         assert re.fullmatch(r"[1-9]\d* hot regions?|no region above threshold 0\.50 \(highest heat 0\.[0-4]\d\)", row["outcome"]), row["outcome"]
     broken = next(r for r in rows.values() if r["status"] == "failed")
     assert Path(broken["input"]) == tree / "broken"
@@ -267,4 +275,4 @@ def test_series_with_an_empty_uid_gets_its_own_folder(tmp_path, cohort):
     assert len(rows) == 1 and rows[0]["status"] == "done"
     folder = out / rows[0]["output"]
     assert folder.parent == out and folder != out and (folder / "report.json").is_file()
-    assert sorted(p.name for p in out.iterdir()) == sorted([folder.name, "summary.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([folder.name, "summary.csv", ".lunggradcam.json"])

@@ -17,7 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers import REPO, SCHEMA, STAMP, data_path, make_database, run_on_read_only_mount
+from helpers import REPO, STAMP, data_path, make_database, run_on_read_only_mount
 from LungGradCAMLib.io.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
 from LungGradCAMLib.io.dicom import load_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
@@ -144,9 +144,8 @@ def _sqlite(path: Path, script: str) -> None:
 
 
 def _without_filename(path: Path) -> None:
-    schema = SCHEMA.replace("'Filename' VARCHAR(1024) NOT NULL,", "").replace(
-        "CREATE UNIQUE INDEX 'ImagesFilenameIndex' ON 'Images' ('Filename');", "")
-    _sqlite(path, schema + "INSERT INTO SchemaInfo VALUES ('0.8.1');")
+    make_database(path.parent, [])
+    _sqlite(path, "DROP INDEX ImagesFilenameIndex; ALTER TABLE Images DROP COLUMN Filename;")
 
 
 @pytest.mark.parametrize("make, text", [
@@ -259,3 +258,66 @@ def test_read_only_copy(two_series, mode, how):
         assert result.returncode == 0, result.stderr
         assert result.stdout.split("\n")[0] == "2 (6, 16, 16)"
         assert _state(copy) == before
+
+
+#: CTK's DICOM schema 0.8.1 (Libs/DICOM/Core/Resources/dicom-schema.sql at the CTK commit Slicer 5.8.1
+#: pins): each table's columns, in order, as CTK creates them.
+CTK_0_8_1 = {
+    "SchemaInfo": ["Version"],
+    "Images": ["SOPInstanceUID", "Filename", "URL", "SeriesInstanceUID", "InsertTimestamp",
+               "DisplayedFieldsUpdatedTimestamp"],
+    "Patients": ["UID", "PatientsName", "PatientID", "PatientsBirthDate", "PatientsBirthTime", "PatientsSex",
+                 "PatientsAge", "PatientsComments", "InsertTimestamp", "DisplayedPatientsName",
+                 "DisplayedNumberOfStudies", "DisplayedLastStudyDate", "DisplayedFieldsUpdatedTimestamp", "Connections"],
+    "Studies": ["StudyInstanceUID", "PatientsUID", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
+                "AccessionNumber", "ModalitiesInStudy", "InstitutionName", "ReferringPhysician",
+                "PerformingPhysiciansName", "InsertTimestamp", "DisplayedNumberOfSeries", "DisplayedFieldsUpdatedTimestamp"],
+    "Series": ["SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime", "SeriesDescription",
+               "Modality", "BodyPartExamined", "FrameOfReferenceUID", "AcquisitionNumber", "ContrastAgent",
+               "ScanningSequence", "EchoNumber", "TemporalPosition", "InsertTimestamp", "DisplayedCount",
+               "DisplayedSize", "DisplayedNumberOfFrames", "DisplayedFieldsUpdatedTimestamp"],
+    "Directories": ["Dirname"],
+    "ColumnDisplayProperties": ["TableName", "FieldName", "DisplayedName", "Visibility", "Weight", "Format"],
+    "DisplayedFieldGeneratorRules": ["Name", "Enabled", "Options"],
+}
+
+
+def test_dicom_db_makes_a_slicer_database_from_a_folder(tmp_path, capsys):
+    """`lunggradcam dicom-db FOLDER --out DB` (make_dicom_database): CTK's tables and columns, one row
+    per patient, study, series and file, names relative inside the database folder and absolute
+    outside; DicomDatabase and `run` read it; the DICOM files are untouched; never overwritten."""
+    from LungGradCAMLib.cli import main
+
+    inside = write_dicom_series(Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
+                                tmp_path / "db" / "dicom", patient_id="LIDC-IDRI-0001", series_description="a")
+    outside = write_dicom_series(Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
+                                 tmp_path / "incoming" / "b", patient_id="LIDC-IDRI-0002", series_description="b")
+    (tmp_path / "incoming" / "notes.txt").write_text("not DICOM\n")
+    before = {p: _digest(p) for p in inside + outside}
+    (tmp_path / "empty").mkdir()
+    assert main(["dicom-db", str(tmp_path / "empty"), "--out", str(tmp_path / "db")]) == 2
+    assert "no DICOM image series found" in capsys.readouterr().err and not (tmp_path / "db" / "ctkDICOM.sql").exists()
+    assert main(["dicom-db", str(tmp_path), "--out", str(tmp_path / "db")]) == 0
+    out = capsys.readouterr().out
+    assert f"10 file(s) of 2 series, 2 study(ies), 2 patient(s) indexed into {tmp_path / 'db' / 'ctkDICOM.sql'}" in out
+    path = tmp_path / "db" / "ctkDICOM.sql"
+    with closing(sqlite3.connect(path)) as db:
+        tables = {t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
+        assert tables == set(CTK_0_8_1)
+        for table, columns in CTK_0_8_1.items():
+            assert [row[1] for row in db.execute(f"PRAGMA table_info('{table}')")] == columns, table
+        assert db.execute("SELECT Version FROM SchemaInfo").fetchall() == [("0.8.1",)]
+        names = sorted(n for (n,) in db.execute("SELECT Filename FROM Images"))
+    assert names[:4] == sorted(str(p.resolve()) for p in outside)  # outside the database folder: absolute
+    assert names[4:] == sorted(p.relative_to(tmp_path / "db").as_posix() for p in inside)
+    db = DicomDatabase(tmp_path / "db")
+    assert sorted(p.patient_id for p in db.patients()) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
+    for series, files in zip(sorted(db.ct_series(), key=lambda s: s.description), (inside, outside)):
+        assert np.array_equal(db.load(series.series_uid).array, load_dicom_series(files[0].parent).array)
+    assert {p: _digest(p) for p in inside + outside} == before
+    # the ambiguous-series message tells the two patients' series apart by patient and folder
+    with pytest.raises(AmbiguousSeriesError, match="patient 'LIDC-IDRI-0002'  in " + str(tmp_path / "incoming" / "b")):
+        db.load_single_ct()
+    stamp = _digest(path)
+    assert main(["dicom-db", str(tmp_path / "incoming"), "--out", str(tmp_path / "db")]) == 2
+    assert "exists; LungGradCAM never overwrites a database" in capsys.readouterr().err and _digest(path) == stamp

@@ -116,7 +116,7 @@ def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree
     # one folder per series, never shared, each a plain name directly inside --out
     outputs = [r["output"] for r in rows.values()]
     assert len(set(outputs)) == len(outputs)
-    assert sorted(p.name for p in out.iterdir()) == sorted(outputs + ["summary.csv"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(outputs + ["summary.csv", ".lunggradcam.json"])
     for uid, row in rows.items():
         folder = out / row["output"]
         assert FOLDER_NAME.match(row["output"]), row["output"]
@@ -129,12 +129,16 @@ def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree
     assert _snapshot(root, skip=tmp_path) == before
     assert {p.name for p in tmp_path.iterdir()} == {"out"}
 
-    # patient name and ID: not in log lines or progress, not in any output file
+    # patient name and ID: not in log lines or progress, not in any output file, but for the
+    # summary's patient_id column (issue 24: the cohort's table says whose series each row is)
     for secret in (SECRET_NAME, SECRET_ID, "Qxzwv"):
         assert secret not in stdout and secret not in stderr
         for f in out.rglob("*"):
-            if f.is_file():
+            if f.is_file() and f.name != "summary.csv":
                 assert secret.encode() not in f.read_bytes(), f
+    summary = [{k: v for k, v in row.items() if k != "patient_id"} for row in rows.values()]
+    assert not any(secret in str(summary) for secret in (SECRET_NAME, SECRET_ID, "Qxzwv"))
+    assert SECRET_ID in {row["patient_id"] for row in rows.values()}
 
 
 def test_run_logs_without_patient_data(hostile_tree, model, tmp_path, capsys, caplog):

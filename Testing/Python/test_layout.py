@@ -199,3 +199,18 @@ def test_modules_are_of_a_readable_size():
     assert not over, f"modules over {MAX_LINES} lines (split them, or list them as one idea): {over}"
     stale = [name for name in LONG_MODULES if long.get(name, 0) <= MAX_LINES]
     assert not stale, f"no longer long, drop from LONG_MODULES: {stale}"
+
+
+def test_the_package_answers_dir_help_and_tab_completion():
+    """Slicer's Python console and Jupyter call dir() (tab completion) and help() on the package:
+    every lazily exported name and part is listed, and each resolves."""
+    import pydoc
+
+    import LungGradCAMLib as lgc
+
+    names = dir(lgc)
+    assert {"explain", "DicomDatabase", "metrics", "pipeline", "make_dicom_database"} <= set(names)
+    assert names == sorted(names)
+    assert "DicomDatabase" in pydoc.render_doc(lgc)
+    for name in ("explain", "DicomDatabase", "metrics"):
+        assert getattr(lgc, name) is not None

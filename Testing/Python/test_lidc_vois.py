@@ -1,13 +1,12 @@
 """Real nodules: the LIDC VOI source, background regions, nodule placement, fixed splits."""
 from __future__ import annotations
 
-import csv
 import logging
 
 import numpy as np
 import pytest
 
-from helpers import data_path
+from helpers import data_path, write_voi_folder
 from LungGradCAMLib.training import data, lidc, placement
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
@@ -16,29 +15,10 @@ SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
 
 
-def _write_voi_folder(root, rows):
-    """A LIDC VOI folder: for each (patient, nodule, diagnosis, radius_vox) a 12x20x20 VOI at
-    0.8 x 0.8 x 1.25 mm with a ball of +40 HU in -850 HU lung and its mask."""
-    (root / "image").mkdir(parents=True)
-    (root / "nodule_mask").mkdir()
-    m = axis_aligned_matrix((0.8, 0.8, 1.25), (10.0, 20.0, -100.0))
-    k, j, i = np.indices((12, 20, 20))
-    with open(root / "nodules.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient_id", "nodule_id", "Diagnosis", "diameter_mm", "Malignancy_value"])
-        for patient, nodule, diagnosis, r in rows:
-            ball = ((k - 6) * 1.25) ** 2 + ((j - 10) * 0.8) ** 2 + ((i - 10) * 0.8) ** 2 <= (r * 0.8) ** 2
-            hu = np.where(ball, 40, -850).astype(np.int16)
-            name = f"{patient}_R_{nodule}.nii.gz"
-            write_volume(Volume(hu, m), root / "image" / name)
-            write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
-            w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])
-
-
 @pytest.fixture
 def voi_folder(tmp_path):
     root = tmp_path / "vois"
-    _write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
+    write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
                              ("P3", 1, "Benign", 2)])
     return root
 
@@ -151,7 +131,7 @@ def test_bad_background_manifest(tmp_path):
 
 
 def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_backgrounds):
-    _write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
+    write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
     records = lidc.lidc_voi_records(voi_folder) + lidc.lidc_voi_records(voi_folder.parent / "more")
     ps = lidc.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
                                          fractions=(0.6, 0.2, 0.2), placements=3, negatives_per_kind=2,
@@ -244,6 +224,30 @@ def test_a_pasted_real_nodule_holds_the_source_s_hu_and_outline(voi_folder):
     assert 0 < mask.sum() < outline.sum() and where[0].start == 0
 
 
+def test_a_nodules_placements_do_not_depend_on_the_other_nodules(voi_folder, chest_backgrounds):
+    """Each nodule draws its placements from its own stream (seed, patient, nodule): the patches of
+    one patient are the same whether or not the other patients were loaded with it."""
+    records = lidc.lidc_voi_records(voi_folder)
+    size, spacing = (12, 12, 12), (3.0, 3.0, 3.0)
+    everyone = lidc.lidc_voi_patches(records, size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                     jitter_vox=1, seed=4)
+    alone = lidc.lidc_voi_patches([r for r in records if r.patient == "P2"], size, spacing,
+                                  backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=4)
+    mine = everyone.patients == "P2"
+    assert mine.sum() == len(alone) == 3
+    assert np.array_equal(everyone.patches[mine], alone.patches)
+    assert np.array_equal(everyone.centres[mine], alone.centres) and np.array_equal(everyone.masks[mine], alone.masks)
+    assert everyone.diameters[mine].tolist() == [records[2].diameter_mm] * 3
+    reordered = lidc.lidc_voi_patches(records[::-1], size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                      jitter_vox=1, seed=4)
+    assert np.array_equal(reordered.patches[reordered.patients == "P2"], alone.patches)
+    # another seed places them elsewhere; the placements of one nodule differ from each other
+    other = lidc.lidc_voi_patches(records[2:3], size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                  jitter_vox=1, seed=5)
+    assert not np.array_equal(other.patches, alone.patches)
+    assert not np.array_equal(alone.patches[0], alone.patches[1])
+
+
 def test_patch_set_splits_and_masks_round_trip(tmp_path, voi_folder):
     ps = lidc.lidc_voi_patches(lidc.lidc_voi_records(voi_folder), SIZE, SPACING, placements=1)
     ps.splits = np.array(["train", "train", "test", "validation"])
@@ -273,7 +277,7 @@ def cli_inputs(tmp_path_factory):
     from LungGradCAMLib import phantom
 
     root = tmp_path_factory.mktemp("cli")
-    _write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
+    write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 3 + n % 3) for n in range(8)])
     chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
     write_volume(chest.volume, root / "chest.nrrd")
     (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
@@ -298,6 +302,43 @@ def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
     assert not set(split["train_patients"]) & set(split["test_patients"])
     assert "real LIDC-IDRI nodules" in card.training["data"]
     assert (out / "cv_report.json").is_file()
+
+
+def test_evaluate_scores_the_cards_own_test_patients_with_its_data_settings(cli_inputs, tmp_path, capsys):
+    """The held-out figures of a card come out of `lunggradcam evaluate --model M --out D` exactly:
+    the card's data settings and test patients, placements independent of the other patients."""
+    import json
+
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.engine.models import ModelCard
+
+    out = tmp_path / "malignancy"
+    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--test-fraction", "0.4",
+                 "--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "best.json")
+    assert card.training["data_spec"]["placements"] == 2 and card.training["data_spec"]["task"] == "malignancy"
+    test = card.training["split"]["test_patients"]
+    assert 0 < len(test) < 8
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"]) == 0
+    assert f"scoring the model card's {len(test)} test patients" in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["data"]["patients"] == len(test) and report["data"]["patches"] == 2 * len(test)
+    def strict(value):  # the card is strict JSON: NaN is null there
+        return json.loads(json.dumps(value).replace("NaN", "null"))
+
+    for name, value in report["metrics"].items():  # exactly the card's held-out figures
+        assert strict(value) == card.metrics[name], name
+    assert strict(report["diameter_baseline"]) == card.metrics["diameter_baseline"]
+    assert "training patients" in report["diameter_baseline"]["threshold_from"]
+    assert strict(report["size_bands"]) == card.metrics["size_bands"]
+    # a setting given on the command line overrides the card's; --all-patients scores everyone
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "all"),
+                 "--device", "cpu", "--all-patients", "--placements", "1"]) == 0
+    assert "all 8 patients of the data" in capsys.readouterr().out
+    assert json.loads((tmp_path / "all" / "report.json").read_text())["data"]["patches"] == 8
 
 
 def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys):

@@ -266,6 +266,16 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
     assert "held-out test scans" in lines[0]
     assert "prediction: nodule" in out and "the heat map's maximum is" in out
+    # each hot region, and each true nodule found or missed
+    report = json.loads((tmp_path / "result" / "report.json").read_text())
+    for region in report["regions"]:
+        assert f"     {region['name']}: {region['volume_ml']:.2f} ml, centre RAS (" in out
+    phantom_ = lgc.phantom.chest_ct(seed=7)
+    nodule_lines = [line.strip() for line in lines if line.strip().startswith("nodule ")]
+    assert len(nodule_lines) == len(phantom_.nodules)
+    found = sum(": found: heat-map region" in line for line in nodule_lines)
+    assert found + sum(": missed (heat at most" in line for line in nodule_lines) == len(phantom_.nodules)
+    assert f"{found} of {len(phantom_.nodules)} phantom nodules found by a hot region" in out and found >= 1
     # where the outputs are and how to open them in Slicer
     assert f"Outputs in {tmp_path.resolve()}" in out and "drag and drop" in out
     slicer_line = next(line for line in lines if line.startswith("  the phantom: "))
@@ -327,8 +337,8 @@ def test_cli_options_of_the_panel_and_nifti_outputs(small_phantom, tiny_model, t
     report = json.loads((out / "report.json").read_text())
     assert report["target_class"] == "background" and report["layer"] == "features.act5"
     assert report["options"]["stride"] == [8, 8, 8] and report["options"]["restrict_to_lungs"] is False
-    assert sorted(p.name for p in out.iterdir()) == ["cam.nii.gz", "lungs.nii.gz", "overlay.png", "report.json",
-                                                   "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [".lunggradcam.json", "cam.nii.gz", "lungs.nii.gz", "overlay.png",
+                                                   "report.json", "segmentation.nii.gz"]
     cam = lgc.read_volume(out / "cam.nii.gz")
     labels = lgc.read_volume(out / "segmentation.nii.gz")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-4) and lgc.same_geometry(labels, cam, atol_mm=1e-4)
@@ -392,7 +402,14 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
-    assert ds.ContentDescription == exp.model["intended_use"][:64] and ds.ContentLabel == "HEATMAP"
+    assert ds.ContentDescription == exp.model["intended_use"] and ds.ContentLabel == "HEATMAP"  # short: whole
+    # LO holds 64 characters: a longer intended use (the bundled model's) is shortened at a word
+    from LungGradCAMLib.io.dicomseg import content_description
+
+    use = lgc.load_model("default").card.intended_use
+    short = content_description(use)
+    assert len(use) > 64 and len(short) <= 64 and short.endswith("...")
+    assert use.startswith(short[:-3]) and use[len(short) - 3] == " "
     for item, region in zip(ds.SegmentSequence, seg.regions):
         assert item.SegmentLabel == region.name and region.name.startswith("heat-map region")
         category = item.SegmentedPropertyCategoryCodeSequence[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.io.render import save_montage
+from LungGradCAMLib.io.render import MIN_VIEW_ASPECT, ZoomView, save_montage
 from LungGradCAMLib.core.volume import Volume
 
 
@@ -130,6 +130,42 @@ def test_cam_overlay(tmp_path, small_phantom):
     # near zero the overlay is transparent: a zero CAM colours nothing
     zero = mpimg.imread(save_montage(vol, tmp_path / "zero.png", cam=np.zeros(vol.shape, np.float32)))
     assert coloured(zero) <= coloured(plain) + 100       # labels antialias a little differently
+
+
+def _coloured(png: np.ndarray) -> int:
+    sat = png[..., :3].max(axis=-1) - png[..., :3].min(axis=-1) > 0.2
+    return sum(int(sat[rows, cols].sum()) for cols, rows in panels(png)[:3])
+
+
+def test_no_tint_outside_the_cam_mask_and_a_zoomed_row_per_region(tmp_path, small_phantom):
+    """overlay.png's parts: the CAM is drawn only inside ``cam_mask`` (the lungs), and each
+    ZoomView adds a row of three zoomed views."""
+    vol = small_phantom.volume
+    cam = vol.with_array(np.ones(vol.shape, np.float32))  # heat everywhere
+    zero = mpimg.imread(save_montage(vol, tmp_path / "zero.png", cam=np.zeros(vol.shape, np.float32)))
+    hidden = mpimg.imread(save_montage(vol, tmp_path / "hidden.png", cam=cam, cam_mask=np.zeros(vol.shape, bool)))
+    lungs = mpimg.imread(save_montage(vol, tmp_path / "lungs.png", cam=cam, cam_mask=small_phantom.lungs))
+    full = mpimg.imread(save_montage(vol, tmp_path / "full.png", cam=cam))
+    assert abs(_coloured(hidden) - _coloured(zero)) <= 100
+    assert _coloured(zero) + 1000 < _coloured(lungs) < _coloured(full) - 1000
+    k, j, i = (s // 2 for s in vol.shape)
+    zooms = [ZoomView("heat-map region 1", (i, j, k), ((k - 2, k + 2), (j - 3, j + 3), (i - 3, i + 3))),
+             ZoomView("heat-map region 2", (i // 2, j, k), ((k - 1, k + 1), (j - 1, j + 1), (i // 2 - 1, i // 2 + 1)))]
+    rows = mpimg.imread(save_montage(vol, tmp_path / "rows.png", cam=cam, zooms=zooms))
+    assert rows.shape[0] > full.shape[0] * 1.5 and rows.shape[1] == full.shape[1]
+    with pytest.raises(InvalidInputError, match="outside the volume"):
+        save_montage(vol, tmp_path / "bad.png", zooms=[ZoomView("x", (10 ** 4, 0, 0), ((0, 1),) * 3)])
+
+
+def test_a_thin_slab_is_stretched_to_stay_readable(tmp_path):
+    """A 15 mm slab of a 300 mm field: its coronal and sagittal views would be 1:20 strips; they
+    are stretched by a whole factor to at least MIN_VIEW_ASPECT of their width."""
+    m = np.diag([1.5, 1.5, 3.0, 1.0])
+    slab = Volume(np.where(np.indices((5, 200, 200)).sum(0) % 40 < 20, -800.0, 40.0).astype(np.float32), m)
+    png = mpimg.imread(save_montage(slab, tmp_path / "slab.png"))
+    (axial_cols, axial_rows), (coronal_cols, coronal_rows) = panels(png)[:2]
+    ratio = (coronal_rows.stop - coronal_rows.start) / (coronal_cols.stop - coronal_cols.start)
+    assert ratio >= MIN_VIEW_ASPECT * 0.9 and ratio < 1.0  # 15 mm stretched x6: 90 mm of 300 mm
 
 
 def test_oblique_volume_renders(tmp_path):

@@ -133,9 +133,10 @@ sys.exit(main(["run", {str(dicom)!r}, "--out", {str(tmp_path / 'out')!r}, "--dic
 """, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "overlay.png", "segmentation.dcm", "report.json"}
+        "cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "overlay.png", "segmentation.dcm", "report.json",
+        ".lunggradcam.json"}
     assert {p.name for p in (tmp_path / "nifti").iterdir()} == {
-        "cam.nii.gz", "segmentation.nii.gz", "lungs.nii.gz", "overlay.png", "report.json"}
+        "cam.nii.gz", "segmentation.nii.gz", "lungs.nii.gz", "overlay.png", "report.json", ".lunggradcam.json"}
 
 
 def _imports(path: Path) -> Set[str]:

@@ -37,6 +37,11 @@ QT_API = {
     "QIcon": {"__init__", "isNull", "pixmap", "addFile"},
     "QFileDialog": {"getOpenFileName", "getSaveFileName", "getExistingDirectory"},
     "QCoreApplication": {"processEvents", "instance", "applicationName", "translate"},
+    "QGuiApplication": {"setOverrideCursor", "restoreOverrideCursor"},
+    "QTimer": {"__init__", "singleShot", "setInterval", "start", "stop", "isActive"},
+    "Qt": {"WaitCursor", "ArrowCursor"},
+    # what PythonQt gives every QObject: connect(signal, slot) and disconnect
+    "QObject": {"connect", "disconnect"},
 }
 #: ``slicer.modules.<name>.logic()`` -> the logic class it returns.
 MODULE_LOGICS = {"volumerendering": "vtkSlicerVolumeRenderingLogic", "markups": "vtkSlicerMarkupsLogic",
@@ -66,8 +71,14 @@ def _members(name: str) -> Dict[str, List[List[int]]]:
         for prop in cls.get("properties", []):
             out.setdefault(prop, [])
     if name in ("qSlicerApplication", "qSlicerCoreApplication"):
-        out.update({m: [] for m in QT_API["QCoreApplication"]})
+        out.update({m: [] for m in QT_API["QCoreApplication"] | QT_API["QGuiApplication"]})
+    if any("signals" in cls for cls in _class_chain(name)):  # a Qt class of Slicer or CTK
+        out.update({m: [] for m in QT_API["QObject"]})
     return out
+
+
+def _signals(name: str) -> Set[str]:
+    return {s for cls in _class_chain(name) for s in cls.get("signals", [])}
 
 
 def _vtk_arities(cls: type, method: str) -> List[List[int]]:
@@ -83,7 +94,8 @@ def _vtk_arities(cls: type, method: str) -> List[List[int]]:
                     end = i
                     break
             params = [p for p in line[len(method) + 1:end].split(",")[1:] if p.strip()]
-            ranges.append([len(params), len(params)])
+            required = [p for p in params if "=" not in p]  # "priority: float = 0.0" may be left out
+            ranges.append([len(required), len(params)])
     return ranges
 
 
@@ -227,6 +239,10 @@ class Checker(ast.NodeVisitor):
         if name not in members:
             self.problem(node, f"{cls} has no method {name!r} in Slicer's API list")
             return
+        if name in QT_API["QObject"] and node.args and isinstance(node.args[0], ast.Constant):
+            signal = str(node.args[0].value).split("(")[0]
+            if signal not in _signals(cls):
+                self.problem(node, f"{cls} has no signal {signal!r} in Slicer's API list")
         self.check_arity(node, f"{cls}.{name}", members[name])
 
     def check_arity(self, node: ast.Call, what: str, arities: List[List[int]]) -> None:
@@ -307,12 +323,14 @@ def f(node):
     node.SetIJKToRASMatrix(matrix=None)
     database = slicer.app.dicomDatabase()
     database.databaseFileName
+    database.connect("databaseChange()", f)
     qt.QFileDialog.getOpenFileNames()
 '''
     problems = "\n".join(check(bad))
     for expected in ("NoSuchMixin", "vtkMRMLNoSuchNode", "setSliceViewerLayer does not exist", "foregroundOpacty",
                      "AddNewNodeByClass takes", "GetFirstNodeByClas", "GetFirstVolumeRenderingDisplayNode takes",
-                     "GetImageDta", "no keyword arguments", "databaseFileName", "getOpenFileNames"):
+                     "GetImageDta", "no keyword arguments", "databaseFileName", "getOpenFileNames",
+                     "no signal 'databaseChange'"):
         assert expected in problems, f"not found: {expected}\n{problems}"
 
 

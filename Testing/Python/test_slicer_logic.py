@@ -7,6 +7,11 @@ Python layer: see slicer_app_standin.py); MRML, slicer.util and Slicer's logics 
 """
 from __future__ import annotations
 
+import json
+import signal
+import sys
+from pathlib import Path
+
 import numpy as np
 import pydicom
 import pytest
@@ -81,6 +86,28 @@ def test_lists_and_loads_ct_series_of_the_dicom_database(app, chest, database):
     reference = lgc.load_dicom_series(database / "dicom")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), reference.array)
     np.testing.assert_allclose(_matrix(node), reference.ijk_to_ras, atol=1e-6)
+    # as Slicer's DICOM module loads a series: its instance UIDs in slice order (inferior to superior
+    # here), under its study and patient in the subject hierarchy, shown in the slice views at once
+    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in (database / "dicom").iterdir()),
+                     key=lambda h: float(h.ImagePositionPatient[2]))
+    assert node.GetAttribute("DICOM.instanceUIDs") == " ".join(h.SOPInstanceUID for h in headers)
+    constants = slicer.vtkMRMLSubjectHierarchyConstants
+    shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    item = shn.GetItemByDataNode(node)
+    assert shn.GetItemUID(item, constants.GetDICOMUIDName()) == header.SeriesInstanceUID
+    assert shn.GetItemAttribute(item, constants.GetDICOMAttributePrefix() + "SeriesModality") == "CT"
+    study = shn.GetItemParent(item)
+    patient = shn.GetItemParent(study)
+    assert shn.GetItemUID(study, constants.GetDICOMUIDName()) == header.StudyInstanceUID
+    assert shn.GetItemLevel(study) == constants.GetDICOMLevelStudy()
+    assert shn.GetItemUID(patient, constants.GetDICOMUIDName()) == header.PatientID
+    assert shn.GetItemLevel(patient) == constants.GetDICOMLevelPatient()
+    assert shn.GetItemName(patient) == str(header.PatientName)
+    assert shn.GetItemAttribute(patient, constants.GetDICOMPatientIDAttributeName()) == header.PatientID
+    for n in range(_count(scene, "vtkMRMLSliceCompositeNode")):
+        assert scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode").GetBackgroundVolumeID() == node.GetID()
+    again = logic.loadSeries(series[0]["seriesUID"])  # a second load: the same patient and study items
+    assert shn.GetItemParent(shn.GetItemByDataNode(again)) == study
     # with no database open there is nothing to list, and loading says what to do
     slicer.app.dicomDatabase().isOpen = False
     assert logic.listCTSeries() == []
@@ -276,22 +303,155 @@ def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, regi
     assert [column.GetValue(n) for n in range(len(regions))] == pytest.approx(
         [r.second_opinion["probability"] for r in regions])
 
-    # "Explain selected region": an ROI around it, explained by the region model (one patch on it)
-    p.roi, p.model, p.regionModel = logic.regionToRoi(regions[0]), str(region_model), ""
-    options = logic.optionsFromParameterNode(p)
+    # "Explain selected region": an ROI around it, explained by the region model (one patch on it),
+    # into new nodes; the panel's settings stay, so the next Apply is the whole-scan run it says
+    before = (p.model, p.regionModel, p.roi, p.targetClass, p.method)
+    described = logic.applyDescription(p)
+    assert described == (f"Apply explains the whole scan of 'chest' with model '{tiny_model.name}', asking "
+                         f"'{region_model}' about each hot region.")
+    options, roi_node = logic.regionRunOptions(p, regions[0])
+    assert (p.model, p.regionModel, p.roi, p.targetClass, p.method) == before and logic.applyDescription(p) == described
+    assert options.model == str(region_model) and options.region_model is None and options.mode == "roi"
     np.testing.assert_allclose(options.roi[0], regions[0].centroid_ras, atol=1e-6)
+    center = [0.0] * 3
+    roi_node.GetCenterWorld(center)
+    np.testing.assert_allclose(center, regions[0].centroid_ras, atol=1e-6)
     again = logic.process(ct, options=options)
     assert again.explanation.mode == "roi" and again.explanation.n_patches == 1
     assert again.explanation.target_class == "malignant" and again.cam_node is not result.cam_node
+    assert logic.optionsFromParameterNode(p).roi is None  # the next Apply: the whole scan again
 
-    # a new ROI: the next click places it (place mode on it); placed but not sized, it is one patch
+
+def test_one_click_on_the_nodule_places_the_region_models_roi(app):
+    """A new ROI: place mode for one point, and the clicked point becomes an ROI of the region
+    model's patch (lidc-malignancy: 32 voxels of 1.25 mm, 40 mm) centred there; the point goes."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
-    logic.startPlacingRoi(roi)
+    points = logic.startPlacingPoint()
     selection = scene.GetNodeByID("vtkMRMLSelectionNodeSingleton")
-    assert selection.GetActivePlaceNodeID() == roi.GetID()
-    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsROINode"
+    assert selection.GetActivePlaceNodeID() == points.GetID()
+    assert selection.GetActivePlaceNodeClassName() == "vtkMRMLMarkupsFiducialNode"
     interaction = scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
     assert interaction.GetCurrentInteractionMode() == interaction.Place and not interaction.GetPlaceModePersistence()
-    roi.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))
-    p.roi = roi
-    assert logic.optionsFromParameterNode(p).roi == (NODULE_RAS, (1.0, 1.0, 1.0))
+    with pytest.raises(lgc.LungGradCAMError, match="no point was placed"):
+        logic.roiFromPoint(points, roi)
+    points.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))  # the click
+    size = logic.regionSizeMm("default", "lidc-malignancy")
+    assert size == [40.0, 40.0, 40.0] and logic.regionSizeMm("lidc-malignancy") == size
+    assert logic.regionSizeMm("default") == [module.DEFAULT_ROI_MM] * 3  # no region model chosen
+    assert logic.roiFromPoint(points, roi, size) is roi and scene.GetNodeByID(points.GetID()) is None
+    p = logic.getParameterNode()
+    p.roi, p.model = roi, "lidc-malignancy"
+    centre, extent = logic.optionsFromParameterNode(p).roi
+    np.testing.assert_allclose(centre, NODULE_RAS, atol=1e-9)
+    np.testing.assert_allclose(extent, size, atol=1e-9)
+
+
+def test_torch_older_than_supported_is_refused_with_what_to_do(app):
+    module, _ = app
+    logic = module.LungGradCAMLogic()
+    assert logic.torchVersionProblem() is None  # the installed one
+    assert logic.torchVersionProblem("2.1.0+cu121") is None and logic.torchVersionProblem("2.13.0") is None
+    problem = logic.torchVersionProblem("2.0.1+cpu")
+    assert "PyTorch 2.0.1+cpu is installed" in problem and "'>=2.1'" in problem and "PyTorch Util" in problem
+    assert logic.torchVersionProblem("1.13.1") and logic.torchVersionProblem("2.0")
+
+
+def test_apply_runs_lunggradcam_in_a_background_process(app, chest, tiny_model):
+    """Apply's path: `lunggradcam run --progress json` in a real child process; its progress lines
+    arrive while it runs, its outputs become the same nodes as the console's synchronous process(),
+    and its temporary folder is gone afterwards."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    options = ExplainOptions(model=str(tiny_model), device="cpu", batch_size=4, threshold=0.3)
+    job = logic.startProcess(ct, options=options)
+    assert job.command[:4] == [sys.executable, "-m", "LungGradCAMLib.cli", "run"] and "--progress" in job.command
+    events = []
+    job.wait(onEvent=events.append, timeout=300)
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    order = [s for n, s in enumerate(stages) if n == 0 or s != stages[n - 1]]
+    assert order == ["load", "load_model", "lung_mask", "resample", "cam", "resample_back", "segment", "write"]
+    assert [e["event"] for e in events].count("estimate") == 1 and events[-1]["event"] == "done"
+    report = json.loads((Path(job.out) / "report.json").read_text())
+    assert report["files"] == ["cam.nrrd", "segmentation.seg.nrrd", "report.json"]  # what the scene needs
+    timings = report["timings_s"]  # the command's wall time: its imports (startup) are in the total
+    assert timings["startup"] > 0 and sum(v for k, v in timings.items() if k != "total") <= timings["total"]
+    result = job.result()
+    assert not Path(job.folder).exists()
+
+    here = logic.process(ct, options=options, showResult=False)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.cam_node), slicer.util.arrayFromVolume(here.cam_node))
+    np.testing.assert_allclose(_matrix(result.cam_node), _matrix(ct), atol=1e-9)
+    np.testing.assert_array_equal(result.segmentation.labelmap.array, here.segmentation.labelmap.array)
+    def plain(regions):  # as JSON holds them (tuples as lists, numpy numbers as floats)
+        return json.loads(json.dumps([r.to_dict() for r in regions], default=float))
+
+    assert plain(result.segmentation.regions) == plain(here.segmentation.regions)
+    segments = result.segmentation_node.GetSegmentation()
+    assert segments.GetNumberOfSegments() == len(here.segmentation.regions) > 0
+    assert result.table_node.GetNumberOfRows() == here.table_node.GetNumberOfRows()
+    assert logic.resultText(result) == logic.resultText(here)
+
+
+@pytest.mark.slow
+def test_background_process_cancel_failure_and_a_costly_heat_map(app, chest, tiny_model, tmp_path):
+    """Cancel ends the child (SIGTERM: it removes its temporaries) and makes no node; a failing
+    child's own message is the error; a heat map over the cost limit stops before it is computed."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    options = ExplainOptions(model=str(tiny_model), device="cpu", batch_size=1)
+    nodes = scene.GetNumberOfNodes()
+    job = logic.startProcess(ct, options=options)
+
+    def cancel_at_the_lungs(event):
+        if event["event"] == "progress" and event["stage"] == "lung_mask" and not job.cancelled:
+            job.cancel()
+
+    job.wait(onEvent=cancel_at_the_lungs, timeout=300)
+    assert job.cancelled and job.process.returncode == 128 + signal.SIGTERM  # the CLI's own SIGTERM exit
+    with pytest.raises(CancelledError):
+        job.result()
+    assert scene.GetNumberOfNodes() == nodes and not Path(job.folder).exists()
+
+    job = logic.startProcess(ct, model=str(tmp_path / "missing.safetensors"), device="cpu")
+    job.wait(timeout=300)
+    with pytest.raises(lgc.LungGradCAMError, match="missing.safetensors") as error:
+        job.result()
+    assert "Traceback" not in str(error.value) and scene.GetNumberOfNodes() == nodes
+
+    job = logic.startProcess(ct, options=options, maxEstimateSeconds=0.0)
+    job.wait(timeout=300)
+    assert job.estimate["stopped"] and job.estimate["patches"] > 0
+    with pytest.raises(CancelledError, match="not started: gradcam: "):
+        job.result()
+    assert scene.GetNumberOfNodes() == nodes and not Path(job.folder).exists()
+    with pytest.raises(lgc.LungGradCAMError, match="a loaded model cannot be passed"):
+        logic.startProcess(ct, model=load_model(tiny_model, device="cpu"))
+
+
+def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app):
+    """The bundled region model on an ROI placed on a 20 mm nodule (a clinical resolution): the
+    nodule at its heat map's peak is outlined, a segment of its own beside the heat-map region, its
+    measurements in the results table and the panel's text."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
+    chest = phantom.chest_ct(seed=3, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0), nodules=[nodule])
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    result = logic.process(ct, model="lidc-malignancy", roi=(NODULE_RAS, (40.0, 40.0, 40.0)), threshold=0.2,
+                           device="cpu")
+    outline = result.segmentation.regions[0].outline
+    assert outline["found"] and outline["name"] == "nodule outline 1"
+    segments = result.segmentation_node.GetSegmentation()
+    names = [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
+    assert names[0] == "heat-map region 1" and "nodule outline 1" in names
+    table = result.table_node.GetTable()
+    assert table.GetColumnByName("Outline").GetValue(0) == "nodule outline 1"
+    assert table.GetColumnByName("Mean diameter [mm]").GetValue(0) == pytest.approx(outline["mean_diameter_mm"])
+    assert table.GetColumnByName("Outline volume [ml]").GetValue(0) == pytest.approx(outline["volume_ml"])
+    assert result.table_node.GetColumnUnitLabel("Long axis [mm]") == "mm"
+    assert f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml" in logic.resultText(result)
+

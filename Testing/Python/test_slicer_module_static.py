@@ -269,6 +269,24 @@ def test_extension_metadata_has_no_placeholders():
     assert 'translate("qSlicerAbstractCoreModule", "Quantification")' in SOURCE.replace("'", '"')
 
 
+def test_what_slicers_extensions_index_checks_that_can_be_checked_here():
+    """The checks of Slicer's ExtensionsIndex (scripts/check_description_files.py) that need no
+    public repository: a license file in the root matching the package's declared license, the
+    CMake project named as the extension, contributors as "Name (Organisation)", and help text
+    with a documentation link. (Its URL checks need a public home: see the README.)"""
+    license_text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    assert re.search(r"^project\(LungGradCAM\)", (REPO / "CMakeLists.txt").read_text(), re.M)
+    quoted = re.search(r'^set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text(), re.M)
+    contributors = [c.strip() for c in quoted.group(1).split(",")]
+    assert all(re.fullmatch(r"[^()]+ \([^()]+\)", c) for c in contributors), contributors
+    module = _class("LungGradCAM")
+    text = ast.unparse(module)
+    assert "contributors = ['LungGradCAM developers (LungGradCAM project)']" in text
+    assert "documentationUrl()" in text and "<a href=" in text
+
+
 def test_extensions_index_entry_follows_slicers_catalog_schema():
     """ExtensionsIndex/LungGradCAM.json, the file to submit to Slicer's ExtensionsIndex, against the
     catalog entry schema of the pinned Slicer (required and allowed keys, types, enumerations)."""
@@ -364,7 +382,8 @@ def cmake_install(tmp_path_factory):
 
 
 EXPECTED_FILES = ["LungGradCAM.py", "LungGradCAMLib/__init__.py", "LungGradCAMLib/mrml.py",
-                  "LungGradCAMLib/engine/models/__init__.py", "Resources/UI/LungGradCAM.ui", "Resources/Icons/LungGradCAM.png"]
+                  "LungGradCAMLib/engine/models/__init__.py", "Resources/UI/LungGradCAM.ui", "Resources/Icons/LungGradCAM.png",
+                  "README.md", "LICENSE"]
 
 
 def test_cmake_registers_the_module_and_its_self_test(cmake_install):
@@ -399,3 +418,52 @@ def test_installed_engine_finds_its_bundled_models(cmake_install):
     package, models = done.stdout.split()
     assert Path(package).parent == base / "LungGradCAMLib"
     assert Path(models) == base / "Resources" / "Models"
+
+
+def _method(cls: str, name: str) -> ast.FunctionDef:
+    return next(n for n in _class(cls).body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def _calls(node: ast.AST, name: str) -> List[ast.Call]:
+    return [c for c in ast.walk(node) if isinstance(c, ast.Call) and ast.unparse(c.func).endswith(name)]
+
+
+def test_the_panel_survives_an_unreadable_dicom_database():
+    """setup() lists the DICOM database; slicer.util.tryWithErrorDisplay re-raises after its dialog
+    (Slicer 5.8.1's util.py), which would abort the panel: the listing catches the engine's error
+    and says it in the panel instead. (Static: no Qt widget runs here.)"""
+    refresh = _method("LungGradCAMWidget", "onDicomRefresh")
+    assert not _calls(refresh, "tryWithErrorDisplay")
+    handlers = [h for t in ast.walk(refresh) if isinstance(t, ast.Try) for h in t.handlers]
+    assert any(ast.unparse(h.type) == "LungGradCAMError" for h in handlers)
+    assert _calls(_method("LungGradCAMWidget", "setup"), "onDicomRefresh")
+
+
+def test_no_busy_cursor_under_the_install_questions():
+    """Apply asks before installing (setupPythonRequirements): that call is not under a wait
+    cursor; the cursor is busy only around pip_install itself. (Static.)"""
+    apply = _method("LungGradCAMWidget", "onApplyButton")
+    for with_node in (n for n in ast.walk(apply) if isinstance(n, ast.With)):
+        if _calls(with_node, "setupPythonRequirements"):
+            call = with_node.items[0].context_expr
+            assert not any(k.arg == "waitCursor" and ast.unparse(k.value) == "True" for k in call.keywords)
+    setup = _method("LungGradCAMLogic", "setupPythonRequirements")
+    (install,) = _calls(setup, "pip_install")
+    cursor = _calls(setup, "setOverrideCursor")
+    assert cursor and cursor[0].lineno > _calls(setup, "confirmOkCancelDisplay")[0].lineno
+    assert cursor[0].lineno < install.lineno < _calls(setup, "restoreOverrideCursor")[0].lineno
+
+
+def test_apply_runs_in_a_background_process_and_the_database_list_follows_changes():
+    """The widget starts the run with startProcess and polls it from a timer; Cancel cancels the
+    child; the DICOM list is refreshed on the database's signals. (Static; the run itself is
+    tested on slicer-core with a real child process in test_slicer_logic.py.)"""
+    assert _calls(_method("LungGradCAMWidget", "_start"), "startProcess")
+    assert _calls(_method("LungGradCAMWidget", "_start"), "QTimer")
+    assert not _calls(_method("LungGradCAMWidget", "onApplyButton"), ".process")
+    assert _calls(_method("LungGradCAMWidget", "onApplyButton"), "cancel")
+    connects = _calls(_method("LungGradCAMWidget", "setup"), "connect")
+    assert any("_scheduleDicomRefresh" in ast.unparse(c) for c in connects)
+    signals = {s.value for c in ast.walk(_method("LungGradCAMWidget", "setup")) if isinstance(c, ast.Tuple)
+               for s in c.elts if isinstance(s, ast.Constant) and str(s.value).endswith(")")}
+    assert {"databaseChanged()", "seriesAdded(QString)"} <= signals

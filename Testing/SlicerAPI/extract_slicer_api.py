@@ -55,12 +55,12 @@ CLASSES = [
     "vtkMRMLLinearTransformNode", "vtkMRMLColorTableNode", "vtkMRMLPETProceduralColorNode",
     "vtkMRMLSliceCompositeNode", "vtkMRMLScriptedModuleNode", "vtkMRMLSelectionNode", "vtkMRMLInteractionNode",
     "vtkMRMLSubjectHierarchyNode", "vtkMRMLMarkupsROINode", "vtkMRMLVolumeRenderingDisplayNode",
-    "vtkMRMLVolumePropertyNode",
+    "vtkMRMLVolumePropertyNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLSubjectHierarchyConstants",
     # segmentations
     "vtkSegmentation", "vtkSegment",
     # logics
     "vtkSlicerSegmentationsModuleLogic", "vtkSlicerVolumeRenderingLogic", "vtkSlicerMarkupsLogic",
-    "vtkSlicerColorLogic",
+    "vtkSlicerColorLogic", "vtkSlicerSubjectHierarchyModuleLogic",
     # Qt classes of Slicer and CTK
     "qSlicerApplication", "qMRMLNodeComboBox", "qMRMLTableView", "qMRMLWidget", "ctkDICOMDatabase",
     "ctkCollapsibleButton", "ctkSliderWidget",

@@ -24,7 +24,8 @@ from torch import nn
 
 from ...core.atomic import atomic_path
 from ...core.errors import InvalidInputError, ModelError
-from ...core.limits import available_memory, check_bytes, max_model_bytes
+from ...core.limits import available_memory, check_bytes, is_out_of_memory, max_model_bytes, out_of_memory
+from ...core.text import escaped, first_line
 from ...core.paths import check_path, kind, open_regular
 from ..cam import probabilities as _probabilities
 from ..device import resolve_device
@@ -41,8 +42,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the architecture registered as ``name`` (see ``ARCHITECTURES``) with ``kwargs``.
 
-    Every network takes (N, C, K, J, I) inputs, returns (N, num_classes) logits, and has a
-    ``cam_layer`` attribute naming its default Grad-CAM layer. Unknown names or keyword arguments
+    Every network takes (N, C, K, J, I) inputs, returns (N, num_classes) logits (a segmenter:
+    (N, num_classes, K, J, I)), and has a ``cam_layer`` attribute naming its default Grad-CAM layer. Unknown names or keyword arguments
     raise :class:`ModelError`.
     """
     cls = ARCHITECTURES.get(name)
@@ -55,7 +56,7 @@ def build_model(name: str, **kwargs) -> nn.Module:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"cannot build {name!r} with {kwargs}: {exc}") from None
+        raise ModelError(f"cannot build {name!r} with {escaped(kwargs, 200)}: {first_line(exc)}") from None
 
 
 def models_dir() -> Path:
@@ -205,7 +206,7 @@ def _read_state_dict(path: Path) -> dict:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusals come as UnpicklingError/RuntimeError/...: all mean "bad file"
         raise ModelError(f"{path}: refused to load: it is not a plain tensor state_dict "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                         f"({type(exc).__name__}: {first_line(exc)}). "
                          "Only weights saved with torch.save(model.state_dict()) or safetensors "
                          "are accepted; arbitrary pickled objects are never loaded.") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -309,12 +310,17 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
         check_bytes(per_voxel * math.prod(full), f"{weights}: one {full}-voxel patch through {card.architecture}",
                     advice="use a model with smaller patches, or ")
         logits_shape = _probe(module, full, device)[0]
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, MemoryError) as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory(f"trying one {full}-voxel patch through {weights.name}'s {card.architecture}",
+                                exc) from None
         raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
-                         f"{str(exc).splitlines()[0]}") from None
-    if logits_shape != (1, len(card.class_names)):
-        raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
-                         f"{len(card.class_names)} classes {card.class_names}")
+                         f"{first_line(exc)}") from None
+    per_voxel_shape = tuple(int(p) for p in full) if card.output == "mask" else ()
+    if logits_shape != (1, len(card.class_names)) + per_voxel_shape:
+        raise ModelError(f"{weights}: the network has {logits_shape[1]} outputs{' per voxel' * bool(per_voxel_shape)} "
+                         f"but the card names {len(card.class_names)} classes {card.class_names} "
+                         f"(outputs of shape {logits_shape} for one {full}-voxel input)")
     return LoadedModel(module, card, per_voxel)
 
 
