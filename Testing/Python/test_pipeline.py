@@ -264,7 +264,7 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     lines = out.splitlines()
     # first the honest line: what the heat map is, the model's intended use, how well it localises
     assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
-    assert "held-out test scans" in lines[0]
+    assert "held-out test" in lines[0] and "false hot regions per scan" in lines[0]  # its card's real-nodule benchmark
     assert "prediction: nodule" in out and "the heat map's maximum is" in out
     # each hot region, and each true nodule found or missed
     report = json.loads((tmp_path / "result" / "report.json").read_text())
