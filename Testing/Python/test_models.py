@@ -79,6 +79,7 @@ def test_gradcam3d_cnn_with_two_pools_before_the_cam_layer():
 @pytest.mark.parametrize("arch", ["gradcam3d_cnn", "small3d_cnn"])
 def test_every_voxel_reaches_the_output(arch):
     # 24 is not a multiple of 16: a floor-mode pool would drop the last voxels of each axis
+    torch.manual_seed(0)  # a random initialisation can leave a zero input's gradient all zero (dead ReLUs)
     module = build_model(arch, **SMALL_KWARGS[arch]).eval()
     x = torch.zeros(1, 1, 24, 24, 24, requires_grad=True)
     module(x)[0, 1].backward()
