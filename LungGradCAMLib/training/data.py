@@ -123,14 +123,15 @@ class PatchSet:
                         np.concatenate([s.centres for s in sets]), masks, splits)
 
     def save(self, path: PathLike) -> Path:
-        """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically."""
+        """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically, as a new
+        file: an existing file at ``path`` is never replaced (:class:`OutputError`)."""
         path = Path(path)
         extra: Dict[str, np.ndarray] = {}
         if self.masks is not None:
             extra["masks"] = np.packbits(self.masks, axis=-1)
         if self.splits is not None:
             extra["splits"] = self.splits
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=False) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
                          kinds=self.kinds, centres=self.centres, class_names=np.array(self.class_names),
