@@ -800,12 +800,14 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     # --- models ---------------------------------------------------------------------------------
     @staticmethod
     def bundledModels() -> List[str]:
-        """Names of the models in Resources/Models (["default"] until torch is installed)."""
+        """Names of the models in Resources/Models whose decision is explained (classifiers: not the
+        nodule outline network, which outlines the explained regions by itself; ["default"] until
+        torch is installed)."""
         if not LungGradCAMLogic.dependenciesInstalled():
             return ["default"]
         from LungGradCAMLib.engine.models import available_models
 
-        return available_models()
+        return [name for name in available_models() if LungGradCAMLogic.modelCard(name).output == "classes"]
 
     @staticmethod
     def regionModels() -> List[str]:
@@ -1041,9 +1043,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def resultText(result) -> str:
         """Rich text of a result for the panel: prediction, probabilities, the outcome (regions or
-        "no region above threshold"), a note when the GPU ran out of memory, and the model's
-        intended use (research, not clinical)."""
+        "no region above threshold"), each explained region's nodule outline (volume, diameters),
+        a note when the GPU ran out of memory, and the model's intended use (research, not clinical)."""
         from LungGradCAMLib.pipeline import intended_use, outcome
+        from LungGradCAMLib.pipeline.outlines import outline_text
 
         explanation = result.explanation
         rows = "".join(
@@ -1052,6 +1055,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
                 + _("Heat map for class {name} ({method}): {outcome}.").format(
                     name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
+        for region in result.segmentation.regions:
+            if region.outline:
+                text += "<br>" + f"{region.name}: {outline_text(region.outline)}"
         asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(

@@ -19,6 +19,7 @@ _EXPORTS = {
     "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
+    "Outline": "core.results", "nodule_outline": "engine.outline", "measure_outline": "engine.outline",
     "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
     "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
     "DicomDatabase": "io.ctkdb", "make_dicom_database": "io.ctkdb_write",

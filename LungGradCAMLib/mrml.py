@@ -182,7 +182,8 @@ def _label_array(labelmap: Volume) -> np.ndarray:
 
 def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: Any = None,
                          name: str = "LungGradCAM regions", closed_surface: bool = True) -> Any:
-    """Put a :class:`Segmentation` into a segmentation node, one segment per region.
+    """Put a :class:`Segmentation` into a segmentation node, one segment per region and one per
+    nodule outline (``Segmentation.outlines``; they overlap the regions).
 
     The labelmap (K, J, I, with its own ``ijk_to_ras``) is imported through a temporary labelmap
     node with ``vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode``; the reference
@@ -202,23 +203,28 @@ def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: 
     node.GetSegmentation().RemoveAllSegments()
     node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
 
-    temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LungGradCAM temporary labelmap")
-    try:
-        temporary.SetIJKToRASMatrix(_vtk_matrix(segmentation.labelmap.ijk_to_ras))
-        slicer.util.updateVolumeFromArray(temporary, _label_array(segmentation.labelmap))
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ""):
-            raise VolumeError("Slicer could not import the region labelmap into the segmentation node")
-    finally:
-        scene.RemoveNode(temporary)
-
-    by_label = {int(region.label): region for region in segmentation.regions}
+    # the regions, then the nodule outlines (which overlap them: Slicer keeps them in a layer of their own)
+    layers = [(segmentation.labelmap, segmentation.regions)]
+    if segmentation.outlines:
+        layers.append((segmentation.labelmap.with_array(segmentation.outline_labels()), segmentation.outlines))
     segments = node.GetSegmentation()
-    for index in range(segments.GetNumberOfSegments()):
-        segment = segments.GetNthSegment(index)
-        region = by_label.get(int(segment.GetLabelValue()))
-        if region is not None:
-            segment.SetName(region.name)
-            segment.SetColor(*[float(c) for c in region.color])
+    for labelmap, named in layers:
+        first = segments.GetNumberOfSegments()
+        temporary = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LungGradCAM temporary labelmap")
+        try:
+            temporary.SetIJKToRASMatrix(_vtk_matrix(labelmap.ijk_to_ras))
+            slicer.util.updateVolumeFromArray(temporary, _label_array(labelmap))
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temporary, node, ""):
+                raise VolumeError("Slicer could not import the region labelmap into the segmentation node")
+        finally:
+            scene.RemoveNode(temporary)
+        by_label = {int(item.label): item for item in named}
+        for index in range(first, segments.GetNumberOfSegments()):
+            segment = segments.GetNthSegment(index)
+            item = by_label.get(int(segment.GetLabelValue()))
+            if item is not None:
+                segment.SetName(item.name)
+                segment.SetColor(*[float(c) for c in item.color])
     if closed_surface:
         node.CreateClosedSurfaceRepresentation()
     return node
@@ -252,6 +258,18 @@ _SECOND_OPINION_COLUMNS = tuple(
         ("Region model class", str, "the class the region model explains", "target_class"),
         ("Region model P", float, "the region model's probability of that class", "probability"),
     ))
+#: Columns added when regions have a nodule outline (an ROI run, or a second opinion): the
+#: outline's segment and what a radiologist measures on it.
+_OUTLINE_COLUMNS = tuple(
+    (name, kind, unit, description, lambda r, key=key: (r.outline or {}).get(key))
+    for name, kind, unit, description, key in (
+        ("Outline", str, "", "the nodule outline at the region's peak (its segment; empty: no nodule found)", "name"),
+        ("Outline volume [ml]", float, "ml", "the outlined nodule's volume", "volume_ml"),
+        ("Long axis [mm]", float, "mm", "the nodule's longest diameter in a slice of the CT", "long_axis_mm"),
+        ("Short axis [mm]", float, "mm", "its widest extent perpendicular to the long axis, same slice",
+         "short_axis_mm"),
+        ("Mean diameter [mm]", float, "mm", "mean of the long and short axis (Lung-RADS' size)", "mean_diameter_mm"),
+    ))
 _VTK_ARRAYS = {str: vtk.vtkStringArray, int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}
 
 
@@ -270,14 +288,16 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
     """Fill a table node with one row per region: name, label, volume (ml, mm³), voxel count,
     peak/mean CAM, mean/max HU, centroid and hottest point (RAS mm) and score, with unit labels
     and descriptions on the columns; when a region model was asked about them, its name, class and
-    probability too. ``node`` is cleared and refilled, or created when None."""
+    probability too; when regions have a nodule outline, its segment, volume (ml) and long, short
+    and mean diameter (mm). ``node`` is cleared and refilled, or created when None."""
     if node is None:
         node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", name)
     elif not node.IsA("vtkMRMLTableNode"):
         raise InvalidInputError(f"the results table output must be a table node; got a {node.GetClassName()}")
     was_modifying = node.StartModify()
     node.RemoveAllColumns()
-    columns = _REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+    columns = (_REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+               + (_OUTLINE_COLUMNS if any(r.outline for r in regions) else ()))
     for column_name, kind, unit, description, value in columns:
         node.AddColumn(_column(column_name, kind, [value(r) for r in regions]))
         node.SetColumnUnitLabel(column_name, unit)

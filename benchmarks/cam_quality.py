@@ -38,6 +38,7 @@ markdown table; ``--out`` also writes the JSON.
     .venv/bin/python benchmarks/cam_quality.py --seeds 1000-1019 --n 5 --device cpu --threads 2
     .venv/bin/python benchmarks/cam_quality.py --source lidc-vois --model lidc-malignancy \
         --methods gradcam,layercam --layers 'features.act6;features.act4+features.act6' --threads 2
+    .venv/bin/python benchmarks/cam_quality.py --source lidc-vois --model lidc-malignancy --explain --threads 1
 """
 from __future__ import annotations
 
@@ -229,6 +230,46 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     return out
 
 
+def voi_explain_rows(loaded: Any, root: Path, backgrounds: Optional[Path], margin_mm: float = 16.0,
+                     seed: int = 0, methods: Sequence[str] = (), layers: Sequence[str] = ()
+                     ) -> Dict[str, List[Dict[str, Any]]]:
+    """A region model's heat maps on real nodules of its held-out patients, through the product's
+    path: each nodule (with its own surroundings, in a test lung region, up to 2 voxels off
+    centre) in a CT block ``margin_mm`` wider than the model's patch on every side, explained by
+    ``lgc.explain`` with an ROI at the block's centre (the user's click on the nodule); the heat
+    map on the block's grid against the readers' outline. One row list per method @ layer
+    (default: the card's)."""
+    from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+    from LungGradCAMLib.pipeline import explain
+    from LungGradCAMLib.training.lidc import lidc_voi_patches, lidc_voi_records
+    from LungGradCAMLib.training.placement import load_backgrounds
+
+    card = loaded.card
+    records = lidc_voi_records(root)
+    keep = set(held_out_patients(card, [r.patient for r in records]))
+    records = [r for r in records if r.patient in keep]
+    block = [int(p + 2 * round(margin_mm / s)) for p, s in zip(card.patch_size, card.spacing_mm[::-1])]
+    regions = load_backgrounds(backgrounds, card.spacing_mm, block, ("test",)) if backgrounds else None
+    placed = lidc_voi_patches(records, block, card.spacing_mm, task="malignancy", backgrounds=regions,
+                              placements=1, jitter_vox=2, seed=seed)
+    matrix = axis_aligned_matrix(tuple(card.spacing_mm), (0.0, 0.0, 0.0))
+    centre = [(n // 2) * s for n, s in zip(block[::-1], card.spacing_mm)]  # RAS of the centre voxel (i, j, k)
+    out: Dict[str, List[Dict[str, Any]]] = {}
+    for method in methods or [card.cam_method]:
+        for layer in layers or [card.target_layer]:
+            rows = []
+            for n, (patch, truth) in enumerate(zip(placed.patches, placed.masks)):
+                ct = Volume(patch.astype(np.float32), matrix)
+                # a block is too small for the lung mask (which the ROI path does not use): all of it
+                exp = explain(ct, model=loaded, method=method, layer=layer, roi=(tuple(centre), 1.0), device="cpu",
+                              lung_mask=np.ones(ct.shape, bool))
+                row = heatmap_metrics(exp.cam, truth, np.ones(truth.shape, bool))
+                rows.append({"case": f"{placed.patients[n]} nodule {n}", "diameter_mm": float(placed.diameters[n]),
+                             "label": int(placed.labels[n]), "p": exp.probabilities[card.cam_class], **row})
+            out[f"{method} @ {layer}"] = rows
+    return out
+
+
 def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     """Mean of every numeric metric over the rows (booleans as hit rates)."""
     keys = [k for k in METRIC_KEYS + ("found", "seconds") if rows and k in rows[0]]
@@ -258,25 +299,54 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
 
     card = loaded.card
     layers = args.layers.split(";") if args.layers else [card.target_layer]
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else [card.cam_method]
+    backgrounds = Path(args.backgrounds) if args.backgrounds != "none" else None
     t0 = time.perf_counter()
-    results = voi_rows(loaded, Path(args.vois), Path(args.backgrounds) if args.backgrounds != "none" else None,
-                       [m.strip() for m in args.methods.split(",")], layers)
+    if args.explain:
+        results = voi_explain_rows(loaded, Path(args.vois), backgrounds, methods=methods, layers=layers)
+    else:
+        results = voi_rows(loaded, Path(args.vois), backgrounds, methods, layers)
     summary = {name: summarise(rows) for name, rows in results.items()}
     n = len(next(iter(results.values())))
     report = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256, "input": card.input,
                         "patch_size": card.patch_size, "spacing_mm": card.spacing_mm},
-              "source": "lidc-vois", "patches": n, "seconds": round(time.perf_counter() - t0, 1),
+              "source": "lidc-vois", "path": "lgc.explain with an ROI" if args.explain else "the model's input patch",
+              "patches": n, "seconds": round(time.perf_counter() - t0, 1),
               "targets": TARGETS, "mean": summary, "rows": results}
     text = json.dumps(report, indent=1, default=float)
     print(text)
     if args.out:
         write_text(args.out, text + "\n")
+    if args.card:
+        _record(loaded, Path(args.card), results, summary, report["path"])
     cols = ("pointing", "pointing_tol", "peak_mm", "mean_dice", "best_dice", "energy", "energy_uniform")
     print(f"\n**Real LIDC nodules of held-out patients, {card.name} ({n} patches)**\n")
     print("| method @ layer | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
     for name, mean in summary.items():
         print(f"| {name} | " + " | ".join(f"{mean[c]:.3f}" for c in cols) + " |")
     return 0
+
+
+def _record(loaded: Any, card_path: Path, results: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any],
+            path: str) -> None:
+    """Write the heat maps' quality on real nodules into the model card at ``card_path`` (beside the
+    weights ``loaded`` came from): ``metrics.heat_map`` (the card's method and layer: what the demo
+    states) and ``metrics.heat_map_real_nodules`` (every method and layer measured)."""
+    from LungGradCAMLib.engine.models import save_model
+
+    card = loaded.card
+    name = f"{card.cam_method} @ {card.target_layer}"
+    rows = results.get(name) or next(iter(results.values()))
+    card.metrics["heat_map"] = {
+        "data": f"{card.cam_method} at {card.target_layer} on the real LIDC nodules of the test-split patients, {path}",
+        "scans": len(rows), "peak_in_lesion": int(sum(bool(r["pointing"]) for r in rows)),
+        "peak_within_10mm": int(sum(bool(r["pointing_tol"]) for r in rows)),
+        "mean_dice": round(float(np.mean([r["mean_dice"] for r in rows])), 4)}
+    card.metrics["heat_map_real_nodules"] = {
+        "data": f"{len(rows)} real LIDC nodules of the test-split patients with their own surroundings, {path} "
+                "(benchmarks/cam_quality.py --source lidc-vois)",
+        **{k: {m: round(float(v), 4) for m, v in mean.items() if m in METRIC_KEYS} for k, mean in summary.items()}}
+    save_model(loaded.module, card, card_path.with_suffix(".safetensors"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -301,6 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--card", help="--source lidc-vois: write the result into this model card (.json beside the "
+                                       "weights of --model)")
     parser.add_argument("--source", choices=("phantom", "lidc-vois"), default="phantom",
                         help="phantom: held-out phantoms + LIDC slabs, whole scan (default); lidc-vois: real "
                              "LIDC nodules of the model's held-out patients, on its input patches")
@@ -308,7 +380,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="LIDC VOI folder (nodules.csv, image/, nodule_mask/) for --source lidc-vois")
     parser.add_argument("--backgrounds", default=str(REPO / "benchmarks" / "real_backgrounds.csv"),
                         help="backgrounds CSV whose test regions hold the nodules (--source lidc-vois)")
-    parser.add_argument("--methods", default="gradcam", help="--source lidc-vois: comma-separated CAM methods")
+    parser.add_argument("--methods", help="--source lidc-vois: comma-separated CAM methods (default: the card's)")
+    parser.add_argument("--explain", action="store_true",
+                        help="--source lidc-vois, a region model: through lgc.explain with an ROI on each nodule, in a "
+                             "CT block 16 mm wider than the patch, the heat map on the block's grid (the product's path)")
     parser.add_argument("--layers", help="--source lidc-vois: ';'-separated CAM layers, '+' fuses several "
                                          "(default: the card's target_layer)")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ from ..core.errors import InvalidInputError
 from ..core.results import Region, Segmentation
 from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from ..pipeline.explainer import STAGES, CostEstimate, Progress
+from ..pipeline.outlines import outline_text
 from ..pipeline.outputs import VOLUME_FORMATS
 
 
@@ -161,7 +162,8 @@ def print_estimate(estimate: CostEstimate) -> None:
 
 def region_fields(region: Region) -> List[str]:
     """What a command prints of one hot region, in order: volume (ml), centroid (RAS mm), peak heat
-    (0..1), mean HU and, when a region model was asked, its answer. Add a field here and every
+    (0..1), mean HU, when a region model was asked its answer, and the nodule outline's measurements
+    where the region has one. Add a field here and every
     command that lists regions prints it."""
     fields = [f"{region.volume_ml:.2f} ml",
               "centre RAS (" + ", ".join(f"{c:.1f}" for c in region.centroid_ras) + ") mm",
@@ -171,6 +173,8 @@ def region_fields(region: Region) -> List[str]:
     if region.second_opinion:
         o = region.second_opinion
         fields.append(f"{o['model']} P({o['target_class']}) = {o['probability']:.3f}")
+    if region.outline:
+        fields.append(outline_text(region.outline))
     return fields
 
 

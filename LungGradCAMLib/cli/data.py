@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..core.errors import InvalidInputError
 from ..training.sources import SOURCES, DataSpec, parse_seeds
@@ -22,9 +22,11 @@ def json_object(text: str) -> Dict[str, Any]:
     return value
 
 
-def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-1015") -> None:
-    """The data-source options shared by ``train`` and ``evaluate``."""
-    g = p.add_argument_group("data")
+def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-1015", from_card: bool = False) -> None:
+    """The data-source options shared by ``train`` and ``evaluate``; ``from_card``: an option not
+    given takes the model card's value (its ``training.data_spec``), else the default."""
+    g = p.add_argument_group("data" + (" (each not given: the model card's training data setting, else the "
+                                       "default shown)" if from_card else ""))
     g.add_argument("--source", choices=SOURCES, default="phantom",
                    help="phantom: synthetic chest CTs; luna16: a LUNA16 folder (subset*/*.mhd + "
                         "annotations.csv/candidates.csv); lidc: a LIDC-IDRI folder (patient folders with "
@@ -57,15 +59,28 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
                    help="class names for manifest/LUNA16 data, index order (default background,nodule)")
     g.add_argument("--cache", help="save/load the patches here (.npz) so a second run skips building them")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling, splits and training (default 0)")
+    if from_card:  # absent from the namespace unless given: data_spec() fills them in
+        for action in g._group_actions:
+            action.default = argparse.SUPPRESS
 
 
-def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15)) -> DataSpec:
+def _defaults() -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(add_help=False)
+    add_data_arguments(parser)
+    return vars(parser.parse_args([]))
+
+
+def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15),
+              card_spec: Optional[Dict[str, Any]] = None) -> DataSpec:
     """The :class:`DataSpec` of parsed data options; ``split_fractions``: (validation, test) of a
-    source with fixed splits (evaluate rebuilds a training run's split from the defaults)."""
-    return DataSpec(
-        source=args.source, path=args.path, backgrounds=args.backgrounds, placements=args.placements,
-        negatives_per_region=args.negatives_per_region, with_phantoms=tuple(args.with_phantoms),
-        phantom_seeds=tuple(args.phantom_seeds), task=args.task, positives_per_nodule=args.positives_per_nodule,
-        negatives_per_kind=args.negatives_per_kind, max_negatives_per_scan=args.max_negatives_per_scan,
-        classes=tuple(c.strip() for c in args.classes.split(",") if c.strip()), cache=args.cache, seed=args.seed,
-        split_fractions=tuple(split_fractions))
+    source with fixed splits. ``card_spec`` (a model card's ``training.data_spec``) fills in the
+    options the command line did not give (see ``from_card``), split fractions included."""
+    values = _defaults()
+    values["classes"] = tuple(c.strip() for c in values["classes"].split(",") if c.strip())
+    values["split_fractions"] = tuple(split_fractions)
+    values.update(card_spec or {})
+    given = {k: v for k, v in vars(args).items() if k in values or k in ("cache", "classes")}
+    if isinstance(given.get("classes"), str):
+        given["classes"] = tuple(c.strip() for c in given["classes"].split(",") if c.strip())
+    values.update(given)
+    return DataSpec.from_dict({k: v for k, v in values.items() if k in DataSpec.DESCRIBING or k == "cache"})

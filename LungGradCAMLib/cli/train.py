@@ -25,7 +25,10 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
                     "`torchrun --nproc_per_node N -m LungGradCAMLib.cli train ...` for DDP.")
     add_data_arguments(p, default_seeds="0-63")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="gradcam3d_cnn", help="gradcam3d_cnn, small3d_cnn or resnet18_3d")
+    m.add_argument("--arch", default="gradcam3d_cnn",
+                   help="gradcam3d_cnn, small3d_cnn, resnet18_3d or region_net (a region model: members at one or "
+                        "more scales, test-time flips, image features fused; with --folds K its members are the "
+                        "folds' models and the bundle is region.safetensors, see README)")
     m.add_argument("--arch-kwargs", default={}, type=argument_type(json_object),
                    help='architecture arguments as JSON, e.g. \'{"width": 8}\'')
     m.add_argument("--patch-size", type=int, nargs=3, default=[32, 32, 32], metavar=("K", "J", "I"),
@@ -52,6 +55,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     o.add_argument("--no-augment", action="store_true", help="switch off 3D augmentation")
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
+    o.add_argument("--mask-loss", type=float, default=0.0,
+                   help="weight of the attention head's loss against the lesion outlines of the data (lidc-vois: "
+                        "the readers' masks, a training target only, never an input; default 0: off)")
     o.add_argument("--folds", type=int, default=0,
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
     o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
@@ -74,6 +80,9 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
     classes = spec.class_names()
     kwargs = dict(args.arch_kwargs)
     kwargs.setdefault("num_classes", len(classes))
+    if args.arch == "region_net":  # its image features read HU and mm from the card's window and grid
+        kwargs.setdefault("hu_window", list(args.hu_window))
+        kwargs.setdefault("voxel_mm", float(args.spacing[0]))
     build_model(args.arch, **kwargs)  # unknown architecture/arguments fail here, before any data work
     card = ModelCard(
         architecture=args.arch, kwargs=kwargs, class_names=classes, cam_class=args.cam_class or classes[-1],
@@ -85,11 +94,21 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
         card.validate("--arch/--cam-class/...")
     except ModelError as exc:
         raise InvalidInputError(str(exc)) from None
-    card.training = {"data": spec.describe(),
+    card.training = {"data": spec.describe(), "data_spec": spec.to_dict(),
                      "command": "lunggradcam " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     card.description = f"{card.architecture} {card.kwargs} {' vs '.join(classes)} patch classifier"
+    if args.arch == "region_net":
+        step = float(args.spacing[0])
+        views = " and ".join(f"{c * step:g} mm at {f * step:g} mm" for c, f in kwargs.get("views", []))
+        card.description = (f"region_net: {' vs '.join(classes)} classifier of a {args.patch_size[0] * args.spacing[0]:g} mm "
+                            f"region ({args.patch_size[0]}^3 voxels at {args.spacing[0]:g} mm) centred on ONE lung "
+                            f"nodule; gradcam3d_cnn members {kwargs.get('member', {})} seeing {views}, "
+                            f"{kwargs.get('flips', 1)} mirror image(s) each, their logits averaged"
+                            + (f", image features {kwargs['features']} fused" if kwargs.get("features") else ""))
     if classes == ["benign", "malignant"]:  # judges one nodule: explained on a region, never a whole scan
         card.input = "roi"
+    if args.arch == "region_net":
+        card.cam_method = "layercam"
     if spec.source == "phantom":
         card.intended_use = ("Trained on synthetic chest CT phantoms only: for demonstration and testing, "
                              "not for clinical use. Train on real data with `lunggradcam train` for research.")
@@ -109,11 +128,24 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     spec = data_spec(args, (args.val_fraction, args.test_fraction))
     card = _card(args, spec)
+    region = args.arch == "region_net" and args.folds
     inputs = [p for p in (args.path, args.backgrounds, args.cache) if p]
-    check_output_folder(args.out, inputs, TRAIN_FILES)  # before any work: an unusable --out fails now
+    if not region:  # a region ensemble's folder is its own (members shared by processes, resumed by their files)
+        check_output_folder(args.out, inputs, TRAIN_FILES)  # before any work: an unusable --out fails now
     data = load_data(spec, card)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         augment=not args.no_augment, amp=not args.no_amp, seed=args.seed)
+                         augment=not args.no_augment, amp=not args.no_amp, seed=args.seed, mask_loss=args.mask_loss)
+    if region:
+        from ..training.region import train_region_model
+
+        result = train_region_model(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
+                                    test_fraction=args.test_fraction, progress=not args.no_progress,
+                                    device=args.device)
+        if result.test_report:  # else another process bundled the members
+            print(strict_json({"region_model": str(result.path),
+                               "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
+                               "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
+        return 0
     # --out is owned as run's is; training works in its work folder, which an interrupted run
     # leaves for --resume, and its results replace the folder's outputs only when it has finished
     # (README, "Reliability and security"). Rank 0 owns it; the other ranks work in the same place.

@@ -149,6 +149,66 @@ def evaluation_report(y_true: Any, y_score: Any, threshold: float = 0.5, groups:
     }
 
 
+#: Where the diameter baseline's cut-off of a model card comes from.
+CARD_CUT = "the model card's: fitted on its training patients (Youden index)"
+#: The nodule size bands (readers' diameter, mm; [low, high)) in which size alone cannot decide.
+SIZE_BANDS_MM = ((0.0, 6.0), (6.0, 10.0), (10.0, 20.0), (20.0, math.inf))
+
+
+def diameter_threshold(y_true: Any, diameters: Any) -> float:
+    """The diameter (mm) at or above which the diameter-only rule calls a nodule positive: the
+    cut-off with the highest Youden index (sensitivity + specificity - 1) on ``diameters``, the
+    balanced operating point, as the class-weighted models are trained for."""
+    y, d = _check(y_true, diameters)
+    if y.min() == y.max():
+        raise DataError("the diameter baseline's threshold needs nodules of both classes")
+    fpr, tpr, thresholds = roc_curve(y, d)
+    return float(thresholds[1:][int(np.argmax((tpr - fpr)[1:]))])
+
+
+def _band_label(low: float, high: float) -> str:
+    return f"< {high:g} mm" if low == 0 else (f">= {low:g} mm" if math.isinf(high) else f"{low:g}-{high:g} mm")
+
+
+def baseline_reports(y_true: Any, y_score: Any, diameters: Any, threshold_mm: Any, threshold: float = 0.5,
+                     groups: Optional[Sequence[Any]] = None, n_boot: int = 1000, seed: int = 0,
+                     threshold_from: str = "") -> Dict[str, Any]:
+    """The diameter-only baseline beside a model, on the same samples with the same CIs:
+    ``diameter_baseline`` (the rule "positive when the readers' diameter >= ``threshold_mm``"
+    (one cut-off, or one per sample, e.g. each cross-validation fold's own) scored with every
+    metric of :data:`METRICS`, its ROC AUC ranking by the diameter itself; the bootstrap draws
+    the same patient resamples as the model's report with the same ``seed``) and ``size_bands``
+    (ROC AUC of the model and of the diameter within each of :data:`SIZE_BANDS_MM`, with
+    bootstrap CIs; NaN where a band holds one class only)."""
+    y, s = _check(y_true, y_score)
+    _, d = _check(y_true, diameters)
+    g = None if groups is None else np.asarray(groups).astype(str)
+    calls = (d >= np.asarray(threshold_mm, dtype=np.float64)).astype(np.float64)
+    point = {**binary_metrics(y, calls, 0.5), "roc_auc": roc_auc(y, d)}
+    ci = {**bootstrap_ci(y, calls, 0.5, g, n_boot=n_boot, seed=seed),
+          "roc_auc": bootstrap_ci(y, d, 0.5, g, n_boot=n_boot, seed=seed)["roc_auc"]}
+    cut = np.unique(np.asarray(threshold_mm, dtype=np.float64))
+    baseline = {"what": "the readers' diameter_mm alone, no model: positive when diameter >= threshold_mm",
+                "threshold_mm": float(cut[0]) if cut.size == 1 else [float(c) for c in cut],
+                "threshold_from": threshold_from,
+                "metrics": {m: {"value": point[m], "ci95": ci[m]} for m in METRICS}}
+    bands = []
+    for low, high in SIZE_BANDS_MM:
+        inside = (d >= low) & (d < high)
+        row: Dict[str, Any] = {"band": _band_label(low, high), "low_mm": low, "high_mm": None if math.isinf(high) else high,
+                               "n": int(inside.sum()), "n_positive": int(y[inside].sum())}
+        for name, score in (("model", s), ("diameter", d)):
+            if inside.any():
+                auc = roc_auc(y[inside], score[inside])
+                lo_hi = bootstrap_ci(y[inside], score[inside], threshold, None if g is None else g[inside],
+                                     n_boot=n_boot, seed=seed)["roc_auc"]
+            else:
+                auc, lo_hi = float("nan"), [float("nan")] * 2
+            row[f"{name}_roc_auc"] = {"value": auc, "ci95": lo_hi}
+        bands.append(row)
+    return {"diameter_baseline": baseline, "size_bands": bands}
+
+
 def cross_validation_report(fold_reports: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Combine per-fold :func:`evaluation_report` dicts: each metric's mean and t-interval across
     folds, plus the summed confusion matrix."""
@@ -251,17 +311,54 @@ def predict(loaded: Any, patches: Any, batch_size: int = 16) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0, len(loaded.card.class_names)), np.float32)
 
 
+def has_diameters(patch_set: Any) -> bool:
+    """Whether every patch of ``patch_set`` has the readers' nodule diameter (malignancy data)."""
+    d = getattr(patch_set, "diameters", None)
+    return d is not None and len(d) > 0 and bool(np.isfinite(d).all())
+
+
+def card_diameter_threshold(card: Any) -> Optional[float]:
+    """The diameter baseline's threshold (mm) a model card records (fitted on its training
+    patients), or None."""
+    value = ((card.metrics or {}).get("diameter_baseline") or {}).get("threshold_mm")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def evaluate_model(loaded: Any, patch_set: Any, threshold: float = 0.5, n_boot: int = 1000,
-                   seed: int = 0, batch_size: int = 16) -> Dict[str, Any]:
+                   seed: int = 0, batch_size: int = 16, diameter_threshold_mm: Optional[float] = None
+                   ) -> Dict[str, Any]:
     """:func:`evaluation_report` of a loaded model on a PatchSet, positive = the card's
-    ``cam_class``; the PatchSet's classes must be the card's."""
+    ``cam_class``; the PatchSet's classes must be the card's. When every patch has the readers'
+    diameter (malignancy data), the report also holds :func:`baseline_reports`: the diameter-only
+    rule at ``diameter_threshold_mm`` (default: the card's, fitted on its training patients; else
+    fitted on this data, which favours the baseline, and the report says so)."""
     card = loaded.card
     if list(patch_set.class_names) != list(card.class_names):
         raise DataError(f"the data's classes {patch_set.class_names} differ from the model's {card.class_names}")
     probs = predict(loaded, patch_set, batch_size)
     pos = card.cam_class_index
-    return evaluation_report((patch_set.labels == pos).astype(np.int64), probs[:, pos], threshold,
-                             patch_set.patients, n_boot=n_boot, seed=seed, positive_class=card.cam_class)
+    y = (patch_set.labels == pos).astype(np.int64)
+    cut, origin = diameter_threshold_mm, "given"
+    if cut is None:
+        cut, origin = card_diameter_threshold(card), CARD_CUT
+    if cut is None and has_diameters(patch_set) and y.min() != y.max():
+        cut, origin = diameter_threshold(y, patch_set.diameters), "fitted on the evaluated data itself (optimistic)"
+    return scores_report(y, probs[:, pos], patch_set, threshold, n_boot, seed, card.cam_class, cut, origin)
+
+
+def scores_report(y: np.ndarray, scores: np.ndarray, patch_set: Any, threshold: float = 0.5, n_boot: int = 1000,
+                  seed: int = 0, positive_class: str = "positive", diameter_threshold_mm: Any = None,
+                  threshold_from: str = "") -> Dict[str, Any]:
+    """:func:`evaluation_report` of positive-class ``scores`` against ``y`` (0/1) on ``patch_set``'s
+    patches (its patients are resampled), with :func:`baseline_reports` when every patch has the
+    readers' diameter and a ``diameter_threshold_mm`` is given, and the per-patch ``scores``."""
+    report = evaluation_report(y, scores, threshold, patch_set.patients, n_boot=n_boot, seed=seed,
+                               positive_class=positive_class)
+    if has_diameters(patch_set) and diameter_threshold_mm is not None and y.min() != y.max():
+        report.update(baseline_reports(y, scores, patch_set.diameters, diameter_threshold_mm, threshold,
+                                       patch_set.patients, n_boot=n_boot, seed=seed, threshold_from=threshold_from))
+    report["scores"] = [float(v) for v in scores]
+    return report
 
 
 #: The files :func:`write_report` writes (an output folder's marker may name only these).

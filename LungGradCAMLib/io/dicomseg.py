@@ -4,7 +4,10 @@ The DICOM SEG references the source CT series (same Study, Frame of Reference, p
 image references), so it can be imported into Slicer's DICOM database or a research PACS next to
 the CT. Each segment is coded as what it is, a region of a heat map (category "Spatial and
 Relational Concept", type "Gradient-weighted class activation" for Grad-CAM and its kin), never as
-a finding such as a lesion, and the series says it comes from a research model.
+a finding such as a lesion, and the series says it comes from a research model. A nodule outline
+(made at a region's heat-map peak) is coded as what it is, a lesion outline: category SCT 49755003
+"Morphologically Abnormal Structure", type SCT 27925004 "Nodule", anatomic region SCT 39607008
+"Lung", made automatically by the outline algorithm named in its algorithm identification.
 """
 from __future__ import annotations
 
@@ -75,9 +78,11 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
     """Write ``segmentation`` (labels 1..N on ``ct``'s grid) as a binary DICOM SEG at ``path``.
 
     Segments are labelled by their region names ("heat-map region 1", ...) and coded as regions of
-    the ``method``'s heat map, not as lesions; the series description says research use only and
-    ``intended_use`` (the model card's) goes into the content description (DICOM LO: 64
-    characters, shortened at a word with "..." when longer: :func:`content_description`).
+    the ``method``'s heat map, not as lesions; its nodule outlines ("nodule outline 1", ...) follow
+    as segments of their own (they overlap the regions), coded as lung nodules found automatically.
+    With outlines the SEG covers the slices that hold a segment. The series description says
+    research use only and ``intended_use`` (the model card's) goes into the content description
+    (DICOM LO: 64 characters, shortened at a word with "..." when longer: :func:`content_description`).
 
     Raises :class:`InvalidInputError` when there is no region (a SEG needs one segment) or the CT
     did not come from DICOM, :class:`DicomError` when its slices cannot be matched.
@@ -109,11 +114,31 @@ def write_dicom_seg(segmentation: Segmentation, ct: Volume, path: Union[str, os.
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
         for i, region in enumerate(segmentation.regions)]
-    # labels in the labelmap -> segment numbers 1..N in region order
-    lut = np.zeros(int(segmentation.labelmap.array.max()) + 1, dtype=np.uint8)
-    for i, region in enumerate(segmentation.regions):
-        lut[region.label] = i + 1
-    pixels = lut[segmentation.labelmap.array.astype(np.int64)]
+    for n, outline in enumerate(segmentation.outlines, start=len(descriptions) + 1):
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=n, segment_label=outline.name[:64],
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Nodule, anatomic_regions=[codes.SCT.Lung],
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name=f"LungGradCAM nodule outline ({outline.method})", version=__version__,
+                family=(codes.cid7162.ArtificialIntelligence if outline.method == "network"
+                        else codes.cid7162.MorphologicalOperations),
+                parameters={"seed": "the heat map's peak in a hot region", "model": outline.model or "none"}),
+            tracking_id=outline.name[:64], tracking_uid=hd.UID()))
+    labels = segmentation.labelmap.array
+    if segmentation.outlines:  # overlapping segments: one binary channel each, on the slices that hold one
+        outlines = segmentation.outline_labels()
+        held = np.flatnonzero((labels > 0).any(axis=(1, 2)) | (outlines > 0).any(axis=(1, 2)))
+        k0, k1 = int(held[0]), int(held[-1]) + 1
+        pixels = np.stack([labels[k0:k1] == r.label for r in segmentation.regions]
+                          + [outlines[k0:k1] == o.label for o in segmentation.outlines], axis=-1)
+        sources = sources[k0:k1]
+    else:  # labels in the labelmap -> segment numbers 1..N in region order
+        lut = np.zeros(int(labels.max()) + 1, dtype=np.uint8)
+        for i, region in enumerate(segmentation.regions):
+            lut[region.label] = i + 1
+        pixels = lut[labels.astype(np.int64)]
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,

@@ -148,7 +148,8 @@ STAGES = {
     "load": "loading the CT", "load_model": "loading the model", "lung_mask": "finding the lungs",
     "resample": "resampling to the model's grid", "cam": "computing the heat map",
     "resample_back": "resampling the heat map to the CT", "segment": "finding hot regions",
-    "second_opinion": "asking the region model about each hot region", "write": "writing the outputs",
+    "second_opinion": "asking the region model about each hot region",
+    "outline": "outlining the nodule at each explained region", "write": "writing the outputs",
 }
 
 
@@ -263,6 +264,13 @@ def _target_index(card: Any, target: Any) -> int:
     return card.class_index(target)
 
 
+def _check_classifier(card: Any) -> None:
+    if card.output != "classes":
+        raise InvalidInputError(f"model {card.name!r} outlines nodules (its output is a {card.output}), it has no "
+                                "decision to explain: give a classifier (default, lidc-malignancy); the outline is "
+                                "made for the explained regions by itself")
+
+
 def check_options(options: ExplainOptions, device: Any = None) -> Any:
     """Load ``options.model`` on the device (cached) and check the options that need it: the
     target class and the CAM layer. Returns the ``LoadedModel``. Called before any CT is read by
@@ -273,11 +281,13 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
 
     device = resolve_device(options.device) if device is None else device
     loaded = get_model(options.model, device)
+    _check_classifier(loaded.card)
     _target_index(loaded.card, options.target)
     for part in (options.layer or loaded.card.target_layer).split("+"):
         _resolve_layer(loaded.module, part)
     if options.region_model is not None:
         card = get_model(options.region_model, device).card
+        _check_classifier(card)
         if card.input != "roi":
             raise InvalidInputError(f"region model {card.name!r} takes a whole scan, not one region (its card's "
                                     "input is 'scan'): give a region model, e.g. lidc-malignancy")
@@ -521,7 +531,11 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
                         ) -> Tuple[Explanation, Segmentation]:
     """:func:`explain`, then :func:`~LungGradCAMLib.pipeline.segment.segment_cam` at ``options.threshold``
     (inside the lungs when ``options.restrict_to_lungs``): what the command line, the batch and the
-    Slicer module do. The segmentation stage is timed and reported as ``segment``."""
+    Slicer module do. The segmentation stage is timed and reported as ``segment``. The explained
+    regions (every region of an ROI run; with a region model, those it is asked about) get the
+    nodule outline at their peak (:func:`~LungGradCAMLib.pipeline.outlines.outline_regions`, stage
+    ``outline``)."""
+    from .outlines import outline_regions
     from .segment import segment_cam
 
     explanation = explain(volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options,
@@ -533,6 +547,11 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
     if options.region_model is not None and segmentation.regions:
         with stage("second_opinion"):
             second_opinions(volume, explanation, segmentation, options, cancel=cancel)
+    explained = (segmentation.regions if explanation.mode == "roi" else
+                 segmentation.regions[:MAX_SECOND_OPINIONS] if options.region_model is not None else [])
+    if explained:
+        with stage("outline"):
+            outline_regions(explanation, segmentation, explained, device=options.device, cancel=cancel)
     return explanation, segmentation
 
 

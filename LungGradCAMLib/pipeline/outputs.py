@@ -115,7 +115,8 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
     """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
     The other files are written at the same time, one thread each: their compression (zlib) runs
     outside the GIL, beside the overlay's rendering. ``volume_format="nii.gz"``: the heat map, the
-    regions (labelled as the report's regions) and the lungs as NIfTI files. The report's
+    regions (labelled as the report's regions), the nodule outlines (``outlines``, labelled as
+    ``Outline.label``) and the lungs as NIfTI files. The report's
     ``timings_s`` gets ``write`` and, when ``started`` (a ``time.perf_counter()`` value) is given,
     ``total`` = the wall time since then; ``report_extra`` adds fields to it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,9 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
                                                        names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)})
     else:
         jobs["segmentation"] = lambda: write_volume(segmentation.labelmap, out / f"segmentation.{volume_format}")
+        if segmentation.outlines:  # they overlap the regions: a labelmap of their own
+            jobs["outlines"] = lambda: write_volume(segmentation.labelmap.with_array(segmentation.outline_labels()),
+                                                    out / f"outlines.{volume_format}")
         if lung_labels is not None:
             jobs["lungs"] = lambda: write_volume(lung_labels, out / f"lungs.{volume_format}")
     if overlay and explanation.ct is not None:
@@ -186,7 +190,7 @@ OVERLAY_REGIONS = 6
 def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Path) -> Path:
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak), then a row of
     zoomed views through each hot region (the :data:`OVERLAY_REGIONS` hottest): lung window, CAM
-    colour map (only inside the lungs when the run kept regions there), region and lung contours,
+    colour map (only inside the lungs when the run kept regions there), region, nodule outline and lung contours,
     colour bar; the title states the prediction and the outcome, the caption the model's intended
     use. A thin slab's coronal and sagittal views are stretched to stay readable."""
     from ..io.render import ZoomView, save_montage
@@ -198,6 +202,8 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
         k, j, i = np.unravel_index(int(np.argmax(explanation.cam.array)), explanation.cam.shape)
         center_ijk = (int(i), int(j), int(k))
     contours = {"hot regions": segmentation.labelmap.array}  # non-zero = inside; cast per drawn slice
+    if segmentation.outlines:
+        contours["nodule outline"] = segmentation.outline_labels()
     if explanation.lung_mask is not None:
         contours["lungs"] = explanation.lung_mask
     p = explanation.probabilities.get(explanation.target_class, 0.0)

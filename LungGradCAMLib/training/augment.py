@@ -2,7 +2,7 @@
 trilinear resampling, then intensity scale, shift and noise."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +10,19 @@ import torch.nn.functional as F
 
 def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
             zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
-            rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02) -> "torch.Tensor":
+            rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02,
+            masks: "Optional[torch.Tensor]" = None, mask_padding: str = "zeros",
+            ) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
     about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
     the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
     isotropic zoom in ``zoom``, shear up to ``shear``, all as one trilinear resampling (border
     values extend); then intensity
     ``x * (1 + U(-scale, scale)) + U(-shift, shift) + N(0, noise)``. Random numbers come from the
-    CPU ``generator``, so runs are reproducible on any device."""
+    CPU ``generator``, so runs are reproducible on any device. With ``masks`` (N, C', K, J, I,
+    e.g. lesion outlines) returns (x, masks), the masks moved by the same resampling (linear, 0
+    outside, or with ``mask_padding="border"`` the border values extended, as ``x``'s) and not by
+    the intensity changes; the random draws are the same as without."""
     n = x.shape[0]
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -44,4 +49,7 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     gain = (1 + u(-scale, scale, n)).float().to(x.device).view(n, 1, 1, 1, 1)
     offset = u(-shift, shift, n).float().to(x.device).view(n, 1, 1, 1, 1)
     jitter = torch.randn(out.shape, generator=generator).to(x.device) * noise
-    return out * gain + offset + jitter
+    out = out * gain + offset + jitter
+    if masks is None:
+        return out
+    return out, F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode=mask_padding, align_corners=False)

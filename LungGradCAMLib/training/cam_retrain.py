@@ -33,10 +33,13 @@ LungGradCAM shows), also for background patches; a CAM that is zero everywhere (
 removed everything) blanks its patch, which is information the heat map carries, and the count of
 such patches per class is reported.
 
-Truth masks for phantom patches (:func:`data.phantom_patches`) come from
+Truth masks: for real LIDC nodules (``--source lidc-vois``) the readers' outlines the patches
+carry (``PatchSet.masks``); for phantom patches (:func:`data.phantom_patches`)
 :func:`phantom_patch_masks`, which rebuilds each seed's phantom and crops its nodule labelmap
-exactly where each patch was cut. ``lunggradcam evaluate --cam-retrain`` runs the whole test and
-writes ``cam_retrain.json``.
+exactly where each patch was cut. Models trained with an outline loss (``TrainConfig.mask_loss``,
+an attention head) are retrained with it in all four variants, the outlines unchanged.
+``lunggradcam evaluate --cam-retrain`` runs the whole test (on the model card's data by default)
+and writes ``cam_retrain.json``.
 """
 from __future__ import annotations
 
@@ -265,7 +268,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
         m_train, m_val = multipliers[variant]
         products = (x_train * m_train, x_val * m_val)
         tr, va = (PatchSet(p.astype(np.float32), s.labels, s.patients, list(s.class_names), s.spacing_mm,
-                           s.kinds, s.centres) for p, s in zip(products, (train_set, val_set)))
+                           s.kinds, s.centres, s.masks) for p, s in zip(products, (train_set, val_set)))
         variant_card = _input_card(card, products)
         variant_card.training["cam_retrain"] = f"inputs multiplied by the {variant} map (LungGradCAMLib.training.cam_retrain)"
         train_and_score(variant, tr, va, variant_card)

@@ -37,9 +37,11 @@ class PatchSet:
     ``kinds`` (N,) what each patch shows (e.g. ``nodule``, ``vessel``, ``chest_wall``),
     ``centres`` (N, 3) RAS mm of each patch's centre voxel (NaN where unknown),
     ``masks`` (N, K, J, I) bool, the lesion's outline in each patch where known (e.g. the readers'
-    nodule mask of a LIDC VOI; all False for background patches), or None, and ``splits`` (N,)
+    nodule mask of a LIDC VOI; all False for background patches), or None, ``splits`` (N,)
     ``train``/``validation``/``test`` where the source fixes the split (e.g. background regions
-    that must not serve two splits), or None (split by patient later)."""
+    that must not serve two splits), or None (split by patient later), and ``diameters`` (N,) the
+    readers' nodule diameter in mm where a table gives one (NaN elsewhere), or None: what the
+    diameter-only baseline ranks by (never a model input)."""
 
     patches: np.ndarray
     labels: np.ndarray
@@ -50,9 +52,10 @@ class PatchSet:
     centres: np.ndarray = field(default=None)  # type: ignore[assignment]
     masks: Optional[np.ndarray] = None
     splits: Optional[np.ndarray] = None
+    diameters: Optional[np.ndarray] = None
 
-    #: per-patch arrays, in constructor order after ``spacing_mm``; the last two are optional
-    _PER_PATCH = ("kinds", "centres", "masks", "splits")
+    #: per-patch arrays, in constructor order after ``spacing_mm``; the last three are optional
+    _PER_PATCH = ("kinds", "centres", "masks", "splits", "diameters")
 
     def __post_init__(self) -> None:
         self.patches = np.asarray(self.patches)
@@ -69,8 +72,10 @@ class PatchSet:
             unknown = sorted(set(self.splits) - {"train", "validation", "test"})
             if unknown:
                 raise DataError(f"a PatchSet's splits must be train, validation or test; got {unknown}")
+        if self.diameters is not None:
+            self.diameters = np.asarray(self.diameters, dtype=np.float64)
         if (self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n
-                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits))
+                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits, self.diameters))
                 or (self.masks is not None and self.masks.shape != self.patches.shape)):
             raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres "
                             f"(and masks/splits when given); got {self.patches.shape}, {n} labels, "
@@ -117,10 +122,12 @@ class PatchSet:
             raise DataError("cannot concatenate patch sets with and without fixed splits")
         masks = None if any(s.masks is None for s in sets) else np.concatenate([s.masks for s in sets])
         splits = None if first.splits is None else np.concatenate([s.splits for s in sets])
+        diameters = (None if all(s.diameters is None for s in sets) else np.concatenate(
+            [np.full(len(s), np.nan) if s.diameters is None else s.diameters for s in sets]))
         return PatchSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.labels for s in sets]),
                         np.concatenate([s.patients for s in sets]), list(first.class_names),
                         first.spacing_mm, np.concatenate([s.kinds for s in sets]),
-                        np.concatenate([s.centres for s in sets]), masks, splits)
+                        np.concatenate([s.centres for s in sets]), masks, splits, diameters)
 
     def save(self, path: PathLike) -> Path:
         """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically, as a new
@@ -131,6 +138,8 @@ class PatchSet:
             extra["masks"] = np.packbits(self.masks, axis=-1)
         if self.splits is not None:
             extra["splits"] = self.splits
+        if self.diameters is not None:
+            extra["diameters"] = self.diameters
         with atomic_path(path, replace=False) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
@@ -148,7 +157,8 @@ class PatchSet:
                     masks = np.unpackbits(z["masks"], axis=-1, count=z["patches"].shape[-1]).astype(bool)
                 return cls(z["patches"], z["labels"], z["patients"], [str(c) for c in z["class_names"]],
                            tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"], masks,
-                           z["splits"] if "splits" in z.files else None)
+                           z["splits"] if "splits" in z.files else None,
+                           z["diameters"] if "diameters" in z.files else None)
         except (OSError, KeyError, ValueError) as exc:
             raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it "
                             "to rebuild") from None

@@ -325,21 +325,24 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
     separately): the nodule alone (its outline, feathered over ``feather_mm``) is put into the
     parenchyma, next to a vessel and on the pleura in turn (the VOI's box edges would tell a
     detector where nodules are). Without backgrounds the rest of the patch is air.
-    Deterministic for a ``seed``; the patient is ``patient_id``. ``progress``: a progress bar,
+    Each nodule's placements are drawn from its own random stream (:func:`placement_rng` of
+    ``seed``, patient and nodule), so a nodule's patches are the same whichever other nodules are
+    placed with it (a test patient's patches do not depend on who else was loaded). The patient is
+    ``patient_id``; ``diameters`` holds the table's ``diameter_mm``. ``progress``: a progress bar,
     labelled with it when it is a string (e.g. "nodules (validation)")."""
-    from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, sample_centres
+    from .placement import PLACEMENT_KINDS, feather_weight, inner_weight, paste, placement_rng, sample_centres
 
     if task not in ("malignancy", "nodule"):
         raise DataError(f"task must be 'malignancy' or 'nodule'; got {task!r}")
     size = tuple(int(s) for s in patch_size)
-    rng = np.random.default_rng(seed)
-    patches, labels, patients, kinds, centres, masks = [], [], [], [], [], []
+    patches, labels, patients, kinds, centres, masks, diameters = [], [], [], [], [], [], []
     iterator: Iterable[LidcVoi] = records
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(records, desc=progress if isinstance(progress, str) else "nodules", unit="nodule")
     for voi in iterator:
+        rng = placement_rng(seed, voi.patient, voi.nodule_id)
         for p in range(max(1, placements)):
             offset = rng.integers(-jitter_vox, jitter_vox + 1, size=3) if jitter_vox else np.zeros(3, int)
             try:
@@ -366,11 +369,13 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
             patients.append(voi.patient)
             kinds.append(kind if task == "nodule" else "nodule")
             centres.append(centre)
+            diameters.append(voi.diameter_mm)
     if not patches:
         raise DataError("no LIDC VOI could be read")
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks),
+                    diameters=np.array(diameters))
 
 
 def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence["Background"],

@@ -13,6 +13,7 @@ Arrays are (K, J, I) on one grid of ``spacing_mm`` (i, j, k mm); intensities are
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,13 @@ def sample_centres(background: Background, kind: str, n: int, rng: np.random.Gen
         return np.zeros((0, 3), dtype=np.int64)
     chosen = rng.choice(where, size=min(n, where.size), replace=False)
     return np.stack(np.unravel_index(np.sort(chosen), background.hu.shape), axis=1).astype(np.int64)
+
+
+def placement_rng(seed: int, patient: str, nodule: str) -> np.random.Generator:
+    """The random stream of one nodule's placements, from ``seed`` and a stable hash of its
+    ``patient`` and ``nodule`` ID (not Python's salted ``hash``): the same in every process."""
+    digest = hashlib.sha256(f"{patient}\0{nodule}".encode("utf-8")).digest()
+    return np.random.default_rng([int(seed), int.from_bytes(digest[:8], "little")])
 
 
 def feather_weight(mask: np.ndarray, spacing_mm: Sequence[float], feather_mm: float) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -57,8 +57,9 @@ class DataSpec:
     """A data source. ``source``: one of :data:`SOURCES` (``path``: its folder, CSV or patch
     cache; not for phantom); ``task``: nodule vs background, or benign vs malignant; ``cache``:
     a .npz the patches are saved to and read back from; ``split_fractions``: the validation and
-    test fractions of the fixed lidc-vois nodule splits. The rest are the counts of each source
-    (see ``lunggradcam train --help``)."""
+    test fractions of the fixed lidc-vois nodule splits; ``patients``: only these patients' patches
+    (None: all; e.g. a model card's test patients; a cache is read, never written, when given).
+    The rest are the counts of each source (see ``lunggradcam train --help``)."""
 
     source: str = "phantom"
     path: Optional[str] = None
@@ -75,6 +76,30 @@ class DataSpec:
     cache: Optional[str] = None
     seed: int = 0
     split_fractions: Tuple[float, float] = (0.15, 0.15)
+    patients: Optional[Sequence[str]] = None
+
+    #: The fields that say what the data is (a model card's ``training.data_spec``); the others
+    #: (cache, patients) say where it is kept and which part is read.
+    DESCRIBING = ("source", "path", "backgrounds", "placements", "negatives_per_region", "with_phantoms",
+                  "phantom_seeds", "task", "positives_per_nodule", "negatives_per_kind", "max_negatives_per_scan",
+                  "classes", "seed", "split_fractions")
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The :data:`DESCRIBING` fields as JSON-able values."""
+        return {k: (list(v) if isinstance(v, (tuple, list)) else v)
+                for k, v in ((k, getattr(self, k)) for k in self.DESCRIBING)}
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], **overrides: Any) -> "DataSpec":
+        """A DataSpec from :meth:`to_dict`'s values (unknown keys refused) with ``overrides``."""
+        merged = {**values, **overrides}
+        unknown = sorted(set(merged) - set(cls.DESCRIBING) - {"cache", "patients"})
+        if unknown:
+            raise InvalidInputError(f"unknown data setting(s) {unknown}; known: {list(cls.DESCRIBING)}")
+        for key in ("with_phantoms", "phantom_seeds", "classes", "split_fractions"):
+            if key in merged and merged[key] is not None:
+                merged[key] = tuple(merged[key])
+        return cls(**merged)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -126,7 +151,9 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
         if list(data.patch_size) != size or not np.allclose(data.spacing_mm, spacing):
             raise DataError(f"{path}: patches are {list(data.patch_size)} voxels at {list(data.spacing_mm)} mm "
                             f"but the model needs {size} at {spacing} mm; delete the cache to rebuild")
-        return data
+        return _only(data, spec.patients)
+    if spec.patients is not None:  # a part is built only for reading: never cached
+        cache = None
     rank, world, _ = init_torchrun()
     if cache is not None and rank != 0:
         barrier()  # rank 0 builds the cache; the others read it
@@ -146,6 +173,7 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
         samples = (luna16_samples(spec.path, spec.max_negatives_per_scan, seed=spec.seed)
                    if spec.source == "luna16" else manifest_samples(spec.path, list(spec.classes)))
         data = patches_from_samples(samples, list(spec.classes), size, spacing, progress=progress)
+    data = _only(data, spec.patients)
     if cache is not None:
         data.save(cache)
         if world > 1:
@@ -153,13 +181,26 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
     return data
 
 
+def _only(data: PatchSet, patients: Optional[Sequence[str]]) -> PatchSet:
+    """The patches of ``patients`` (all when None); none of them in the data -> DataError."""
+    if patients is None:
+        return data
+    index = np.flatnonzero(np.isin(data.patients, list(patients)))
+    if index.size == 0:
+        raise DataError(f"none of the {len(set(patients))} patient(s) asked for is in the data")
+    return data.subset(index)
+
+
 def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: bool) -> PatchSet:
     """The lidc-vois PatchSet: malignancy patches (split later by patient or fold), or nodule-vs-
-    background patches with splits fixed by their background regions."""
+    background patches with splits fixed by their background regions. With ``spec.patients``
+    only their nodules are placed (each nodule's placements do not depend on the others)."""
     from .placement import SPLITS, load_backgrounds
 
     records = lidc_voi_records(spec.path)
     if spec.task == "malignancy":
+        if spec.patients is not None:
+            records = [r for r in records if r.patient in set(spec.patients)] or records
         backgrounds = load_backgrounds(spec.backgrounds, spacing, size, progress=progress) if spec.backgrounds else None
         return lidc_voi_patches(records, size, spacing, task="malignancy", backgrounds=backgrounds,
                                 placements=spec.placements or 4, jitter_vox=2, seed=spec.seed, progress=progress)

@@ -31,7 +31,8 @@ from ..engine.device import resolve_device
 from ..engine.distributed import all_sum, barrier, init_torchrun
 from ..engine.models import ModelCard, build_model, load_model, save_model
 from ..engine.preprocess import apply_card_preprocessing
-from ..evaluation.evaluate import REPORT_FILES, cross_validation_report, evaluate_model, roc_auc, write_report
+from ..evaluation.evaluate import (CARD_CUT, REPORT_FILES, cross_validation_report, diameter_threshold, evaluate_model,
+                                   has_diameters, roc_auc, scores_report, write_report)
 from .augment import augment
 from .data import PatchSet, patient_kfold, patient_split
 
@@ -56,6 +57,9 @@ class TrainConfig:
     amp: bool = True
     seed: int = 0
     workers: int = 0
+    #: weight of the model's ``auxiliary_loss`` against the lesion outlines (``PatchSet.masks``),
+    #: for models that have one (e.g. an attention head); 0: not used
+    mask_loss: float = 0.0
 
 
 @dataclass
@@ -185,7 +189,12 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
         history = json.loads(state["history"])
         log.info("resuming after epoch %d", start_epoch - 1)
 
-    train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels))
+    use_masks = cfg.mask_loss > 0
+    if use_masks and (train_set.masks is None or not hasattr(module, "auxiliary_loss")):
+        raise InvalidInputError("the outline loss (mask_loss) needs patches with lesion outlines and a model "
+                                "with an auxiliary loss (e.g. gradcam3d_cnn with head 'attention')")
+    train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels),
+                             *([torch.from_numpy(np.packbits(train_set.masks, axis=-1))] if use_masks else []))
     # validation: each rank takes every world-th sample; losses and scores are gathered
     val_index = np.arange(rank, len(val_set), world)
     val_ds = TensorDataset(torch.from_numpy(val_set.patches[val_index]), torch.from_numpy(val_set.labels[val_index]),
@@ -216,13 +225,21 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
             from tqdm import tqdm
 
             batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for xb, yb in batches:
+        for xb, yb, *mb in batches:
             x = prepare(xb)
+            masks = None
+            if use_masks:
+                bits = np.unpackbits(mb[0].numpy(), axis=-1, count=train_set.patch_size[-1])
+                masks = torch.from_numpy(bits).to(dev, torch.float32).unsqueeze(1)
             if cfg.augment:
-                x = augment(x, gen)
+                x = augment(x, gen, masks=masks)
+                if use_masks:
+                    x, masks = x
             y = yb.to(dev)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp):
                 loss = loss_fn(net(x), y)
+                if use_masks:
+                    loss = loss + cfg.mask_loss * module.auxiliary_loss(masks)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -324,6 +341,8 @@ class FoldResult:
     name: str
     fit: FitResult
     report: Optional[Dict[str, Any]] = None
+    test_index: Optional[np.ndarray] = None
+    diameter_threshold_mm: Optional[float] = None
 
 
 def _splits(data: PatchSet, folds: int, val_fraction: float, test_fraction: float,
@@ -371,17 +390,62 @@ def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
         if rank == 0:
             loaded = load_model(result.fit.best_path, device="cpu")
             test = data.subset(te)
-            report = evaluate_model(loaded, test, seed=cfg.seed)
+            cut = _diameter_cut(data.subset(tr), card)
+            report = evaluate_model(loaded, test, seed=cfg.seed, diameter_threshold_mm=cut)
+            if cut is not None and "diameter_baseline" in report:
+                report["diameter_baseline"]["threshold_from"] = CARD_CUT
             report["data"] = {"patches": len(test), "patients": int(len(set(test.patients))), "classes": test.counts()}
             best = loaded.card
-            best.metrics = {"held_out_test": {"data": report["data"], "ci_method": report["ci_method"]},
-                            **{k: v for k, v in report["metrics"].items()}}
+            best.metrics = card_metrics(report)
             save_model(loaded.module, best, result.fit.best_path)
             write_report(report, folder, result.fit.history,
                          title=f"{best.name} {best.version}" + (f", {name}" if name else ", held-out test"))
             result.report = report
+            result.test_index = te
+            result.diameter_threshold_mm = cut
         results.append(result)
     if rank == 0 and folds:
-        write_json(out / "cv_report.json", cross_validation_report([r.report for r in results]))
+        write_json(out / "cv_report.json", cv_report(data, results, cfg.seed))
     barrier()
     return results
+
+
+def _diameter_cut(train_set: PatchSet, card: ModelCard) -> Optional[float]:
+    """The diameter baseline's cut-off fitted on the training patients, where they have diameters."""
+    if not has_diameters(train_set):
+        return None
+    y = (train_set.labels == card.cam_class_index).astype(np.int64)
+    return diameter_threshold(y, train_set.diameters) if y.min() != y.max() else None
+
+
+def card_metrics(report: Dict[str, Any]) -> Dict[str, Any]:
+    """What a model card keeps of an evaluation report: the held-out data and CI method, each
+    metric, and where the data has diameters the diameter-only baseline and the size bands."""
+    metrics = {"held_out_test": {"data": report.get("data"), "ci_method": report["ci_method"]},
+               **report["metrics"]}
+    for key in ("diameter_baseline", "size_bands"):
+        if key in report:
+            metrics[key] = report[key]
+    return metrics
+
+
+def cv_report(data: PatchSet, results: List[FoldResult], seed: int = 0) -> Dict[str, Any]:
+    """The cross-validation summary: each metric's mean and t-interval over the folds
+    (:func:`cross_validation_report`) and ``pooled``: the out-of-fold scores of every patient
+    pooled into one report whose CIs resample patients (with the diameter baseline, each fold's
+    own cut-off, and the size bands, where the data has diameters)."""
+    summary = cross_validation_report([r.report for r in results])
+    index = np.concatenate([r.test_index for r in results])
+    pooled = data.subset(index)
+    positive = results[0].report["positive_class"]
+    scores = np.concatenate([r.report["scores"] for r in results])
+    y = (pooled.labels == pooled.class_names.index(positive)).astype(np.int64)
+    cuts = (np.concatenate([np.full(len(r.test_index), r.diameter_threshold_mm) for r in results])
+            if all(r.diameter_threshold_mm is not None for r in results) else None)
+    report = scores_report(y, scores, pooled, n_boot=1000, seed=seed, positive_class=positive,
+                           diameter_threshold_mm=cuts,
+                           threshold_from="each fold's own, fitted on its training patients (Youden index)")
+    report["data"] = {"patches": len(pooled), "patients": int(len(set(pooled.patients))), "classes": pooled.counts()}
+    report["what"] = "out-of-fold scores of all folds pooled; 95% CIs: bootstrap over patients"
+    summary["pooled"] = report
+    return summary

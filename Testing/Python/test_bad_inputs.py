@@ -963,7 +963,9 @@ def test_out_on_a_read_only_mount_fails_before_the_work(tmp_path, tiny):
 # is limited (RLIMIT_AS), so that a regression fails there instead of taking the machine.
 # --------------------------------------------------------------------------------------------
 #: Bytes of address space the child may add to what it has mapped after its imports: the
-#: control run needs about 0.3 GB; every bomb declares at least 1 GB.
+#: control run needs about 0.3 GB; every bomb declares at least 1 GB. glibc reserves 64 MiB of
+#: address space per thread's malloc arena (reserved, not used memory), so the child runs with
+#: MALLOC_ARENA_MAX=2: otherwise the count of threads torch and the writers start decides the test.
 HEADROOM = 500_000_000
 LIMITED = """
 import contextlib, io, json, resource, sys
@@ -1106,7 +1108,8 @@ def bomb_results(tmp_path_factory, tiny):
                         "--model", str(tiny), "--device", "cpu"], "", control)
     result = subprocess.run([sys.executable, "-c", LIMITED, str(HEADROOM),
                              json.dumps({name: args for name, (args, _, _) in runs.items()})],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
+                            cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     done = {}
     for line in result.stdout.splitlines():
         if line.startswith("{"):

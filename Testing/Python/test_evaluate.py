@@ -67,6 +67,53 @@ def test_bootstrap_ci_properties():
     assert np.diff(clustered["accuracy"]) > np.diff(plain["accuracy"])
 
 
+def test_diameter_baseline_column_beside_the_model():
+    # 8 nodules of 4 patients; the rule "malignant when diameter >= 8 mm": tp 3, fn 1, fp 0, tn 4
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    d = np.array([12.0, 9.0, 8.0, 5.0, 7.5, 6.0, 4.0, 3.0])
+    model = np.array([0.9, 0.8, 0.6, 0.55, 0.7, 0.3, 0.2, 0.1])
+    patients = np.repeat(["a", "b", "c", "d"], 2)
+    assert ev.diameter_threshold(y, d) == 8.0  # Youden: 3/4 - 0 at 8 mm beats every other cut-off
+    out = ev.baseline_reports(y, model, d, 8.0, groups=patients, n_boot=200, seed=5)
+    base = out["diameter_baseline"]
+    assert base["threshold_mm"] == 8.0
+    m = {k: v["value"] for k, v in base["metrics"].items()}
+    assert m["accuracy"] == pytest.approx(7 / 8) and m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(1.0) and m["precision"] == pytest.approx(1.0)
+    # ranked by the diameter itself: 12, 9 and 8 beat all four benign nodules, 5 beats two
+    assert m["roc_auc"] == pytest.approx(ev.roc_auc(y, d)) == pytest.approx(14 / 16)
+    # the same patient resamples as the model's own report with the same seed: a "model" that IS
+    # the diameter gets exactly the baseline's AUC interval
+    twin = ev.evaluation_report(y, d / 100, groups=patients, n_boot=200, seed=5)
+    assert twin["metrics"]["roc_auc"]["ci95"] == base["metrics"]["roc_auc"]["ci95"]
+    # per-sample cut-offs (each fold its own): the rule applies each sample's
+    per_sample = ev.baseline_reports(y, model, d, np.array([9.0] * 4 + [7.0] * 4), groups=patients, n_boot=50)
+    per = per_sample["diameter_baseline"]["metrics"]
+    assert per["sensitivity"]["value"] == pytest.approx(2 / 4) and per["specificity"]["value"] == pytest.approx(3 / 4)
+    bands = {b["band"]: b for b in out["size_bands"]}
+    assert list(bands) == ["< 6 mm", "6-10 mm", "10-20 mm", ">= 20 mm"]
+    assert bands["< 6 mm"]["n"] == 3 and bands["6-10 mm"]["n"] == 4 and bands[">= 20 mm"]["n"] == 0
+    # within 6-10 mm: malignant 9, 8 vs benign 7.5, 6: the diameter wins all 4 pairs, the model 3
+    assert bands["6-10 mm"]["diameter_roc_auc"]["value"] == pytest.approx(1.0)
+    assert bands["6-10 mm"]["model_roc_auc"]["value"] == pytest.approx(0.75)
+    assert np.isnan(bands["10-20 mm"]["model_roc_auc"]["value"])  # one class only
+
+
+def test_evaluate_model_adds_the_baseline_for_nodules_with_diameters(tmp_path):
+    path, ps = _tiny_model_and_data(tmp_path)
+    loaded = load_model(path)
+    assert "diameter_baseline" not in ev.evaluate_model(loaded, ps, n_boot=20)  # no diameters: no baseline
+    ps.diameters = np.linspace(3.0, 25.0, len(ps))
+    report = ev.evaluate_model(loaded, ps, n_boot=20)
+    base = report["diameter_baseline"]
+    assert "fitted on the evaluated data itself" in base["threshold_from"]
+    assert base["threshold_mm"] == ev.diameter_threshold(ps.labels, ps.diameters)
+    assert set(base["metrics"]) == set(report["metrics"]) and len(report["size_bands"]) == 4
+    loaded.card.metrics = {"diameter_baseline": {"threshold_mm": 7.5}}
+    report = ev.evaluate_model(loaded, ps, n_boot=20)
+    assert report["diameter_baseline"]["threshold_mm"] == 7.5 and report["diameter_baseline"]["threshold_from"] == ev.CARD_CUT
+
+
 def test_fold_ci_t_interval():
     r = ev.fold_ci([0.8, 0.9, 1.0])
     half = 4.302652729911275 * 0.1 / np.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)

@@ -150,6 +150,30 @@ def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_ba
     assert ps.masks is None  # phantom patches carry no outline: none is claimed
 
 
+def test_a_nodules_placements_do_not_depend_on_the_other_nodules(voi_folder, chest_backgrounds):
+    """Each nodule draws its placements from its own stream (seed, patient, nodule): the patches of
+    one patient are the same whether or not the other patients were loaded with it."""
+    records = lidc.lidc_voi_records(voi_folder)
+    size, spacing = (12, 12, 12), (3.0, 3.0, 3.0)
+    everyone = lidc.lidc_voi_patches(records, size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                     jitter_vox=1, seed=4)
+    alone = lidc.lidc_voi_patches([r for r in records if r.patient == "P2"], size, spacing,
+                                  backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=4)
+    mine = everyone.patients == "P2"
+    assert mine.sum() == len(alone) == 3
+    assert np.array_equal(everyone.patches[mine], alone.patches)
+    assert np.array_equal(everyone.centres[mine], alone.centres) and np.array_equal(everyone.masks[mine], alone.masks)
+    assert everyone.diameters[mine].tolist() == [records[2].diameter_mm] * 3
+    reordered = lidc.lidc_voi_patches(records[::-1], size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                      jitter_vox=1, seed=4)
+    assert np.array_equal(reordered.patches[reordered.patients == "P2"], alone.patches)
+    # another seed places them elsewhere; the placements of one nodule differ from each other
+    other = lidc.lidc_voi_patches(records[2:3], size, spacing, backgrounds=chest_backgrounds, placements=3,
+                                  jitter_vox=1, seed=5)
+    assert not np.array_equal(other.patches, alone.patches)
+    assert not np.array_equal(alone.patches[0], alone.patches[1])
+
+
 def test_patch_set_splits_and_masks_round_trip(tmp_path, voi_folder):
     ps = lidc.lidc_voi_patches(lidc.lidc_voi_records(voi_folder), SIZE, SPACING, placements=1)
     ps.splits = np.array(["train", "train", "test", "validation"])
@@ -204,6 +228,43 @@ def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
     assert not set(split["train_patients"]) & set(split["test_patients"])
     assert "real LIDC-IDRI nodules" in card.training["data"]
     assert (out / "cv_report.json").is_file()
+
+
+def test_evaluate_scores_the_cards_own_test_patients_with_its_data_settings(cli_inputs, tmp_path, capsys):
+    """The held-out figures of a card come out of `lunggradcam evaluate --model M --out D` exactly:
+    the card's data settings and test patients, placements independent of the other patients."""
+    import json
+
+    from LungGradCAMLib.cli import main
+    from LungGradCAMLib.engine.models import ModelCard
+
+    out = tmp_path / "malignancy"
+    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
+                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--test-fraction", "0.4",
+                 "--out", str(out)] + COMMON) == 0
+    card = ModelCard.load(out / "best.json")
+    assert card.training["data_spec"]["placements"] == 2 and card.training["data_spec"]["task"] == "malignancy"
+    test = card.training["split"]["test_patients"]
+    assert 0 < len(test) < 8
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
+                 "--device", "cpu"]) == 0
+    assert f"scoring the model card's {len(test)} test patients" in capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["data"]["patients"] == len(test) and report["data"]["patches"] == 2 * len(test)
+    def strict(value):  # the card is strict JSON: NaN is null there
+        return json.loads(json.dumps(value).replace("NaN", "null"))
+
+    for name, value in report["metrics"].items():  # exactly the card's held-out figures
+        assert strict(value) == card.metrics[name], name
+    assert strict(report["diameter_baseline"]) == card.metrics["diameter_baseline"]
+    assert "training patients" in report["diameter_baseline"]["threshold_from"]
+    assert strict(report["size_bands"]) == card.metrics["size_bands"]
+    # a setting given on the command line overrides the card's; --all-patients scores everyone
+    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "all"),
+                 "--device", "cpu", "--all-patients", "--placements", "1"]) == 0
+    assert "all 8 patients of the data" in capsys.readouterr().out
+    assert json.loads((tmp_path / "all" / "report.json").read_text())["data"]["patches"] == 8
 
 
 def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys):

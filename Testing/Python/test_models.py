@@ -11,19 +11,22 @@ import torch
 from LungGradCAMLib.core.errors import ModelError
 from LungGradCAMLib.engine.models import (ARCHITECTURES, ModelCard, available_models, build_model,
                                           load_model, save_model)
+from LungGradCAMLib.engine.models.networks import SEGMENTERS
 from LungGradCAMLib.core.errors import CamError
 
 SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},
     "small3d_cnn": {"channels": [4, 8, 8], "hidden": [16, 8]},
     "resnet18_3d": {"base_width": 4, "stem_stride": 1, "stem_pool": False},
+    "region_net": {"member": {"width": 4, "cam_pools": 2, "head": "attention"}, "views": [[16, 1]]},
+    "unet3d": {"width": 2, "depth": 2, "num_classes": 2},
 }
 
 
 def _card(arch="gradcam3d_cnn", **over) -> ModelCard:
     fields = dict(architecture=arch, kwargs=dict(SMALL_KWARGS[arch]), class_names=["background", "nodule"],
                   cam_class="nodule", target_layer=ARCHITECTURES[arch].cam_layer, patch_size=[16, 16, 16],
-                  spacing_mm=[1.5, 1.5, 1.5], name="tiny")
+                  spacing_mm=[1.5, 1.5, 1.5], name="tiny", output="mask" if arch in SEGMENTERS else "classes")
     fields.update(over)
     return ModelCard(**fields)
 
@@ -42,7 +45,8 @@ def test_architectures_forward_and_cam_layer(arch):
     seen = {}
     module.get_submodule(module.cam_layer).register_forward_hook(lambda m, i, o: seen.update(shape=o.shape))
     out = module(torch.randn(2, 1, 16, 24, 32))
-    assert out.shape == (2, 2)
+    # a segmenter gives logits per voxel, on the input's grid (any size: padded inside, cropped back)
+    assert out.shape == ((2, 2, 16, 24, 32) if arch in SEGMENTERS else (2, 2))
     # the CAM layer keeps a spatial grid (not collapsed to one voxel) for 16-32 voxel patches
     assert len(seen["shape"]) == 5 and min(seen["shape"][2:]) >= 2
 
@@ -142,6 +146,8 @@ def test_shape_mismatch(tmp_path):
     ({"surprise": 1}, "unknown model card field"),
     ({"class_names": ["a", "b", "c"], "cam_class": "a"}, "2 outputs but the card names 3 classes"),
     ({"target_layer": "features.nope"}, "is not a layer of gradcam3d_cnn"),
+    ({"output": "mask"}, "does not give the card's output 'mask'"),
+    ({"output": "logits"}, "'output' must be one of"),
 ])
 def test_bad_cards_refused(tmp_path, change, message):
     _, path = _saved(tmp_path)

@@ -246,6 +246,13 @@ def _segment_mask(seg_node, segment_id: str, reference_node) -> np.ndarray:
     return mask
 
 
+def _by_name(node) -> dict:
+    """Segment name -> segment ID of a segmentation node."""
+    segments = node.GetSegmentation()
+    return {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n)
+            for n in range(segments.GetNumberOfSegments())}
+
+
 @pytest.mark.parametrize("kind", sorted(MATRICES))
 def test_segmentation_to_node_segments_equal_the_labelmap(kind, scene):
     ct, _ = _ct_node(MATRICES[kind])
@@ -255,7 +262,7 @@ def test_segmentation_to_node_segments_equal_the_labelmap(kind, scene):
     assert segments.GetNumberOfSegments() == 3
     # the temporary labelmap is gone
     assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
-    by_name = {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(3)}
+    by_name = _by_name(node)
     assert set(by_name) == {r.name for r in seg.regions}
     for region in seg.regions:
         segment = segments.GetSegment(by_name[region.name])
@@ -293,6 +300,57 @@ def test_segmentation_to_node_refuses_bad_input(scene):
     negative = Segmentation(Volume(np.full(SHAPE, -1, np.int16), OBLIQUE), [])
     with pytest.raises(VolumeError, match="negative"):
         mrml.segmentation_to_node(negative, ct)
+
+
+def _with_outline(matrix: np.ndarray) -> Segmentation:
+    """The regions of :func:`_segmentation` and a nodule outline overlapping the hottest region (a
+    box of the grid: the outline's own small volume), as the pipeline makes them."""
+    from LungGradCAMLib.core.results import Outline
+    from LungGradCAMLib.core.volume import LabelMap, crop
+    from LungGradCAMLib.engine.outline import measure_outline
+
+    seg = _segmentation(matrix)
+    box = ((2, 6), (4, 9), (5, 11))
+    mask = crop(LabelMap(np.zeros(SHAPE, np.uint8), matrix), box)
+    mask.array[1:3, 1:4, 1:5] = 1  # voxels (3-4, 5-7, 6-9): partly inside region label 2
+    outline = Outline(mask=mask, seed_ras=tuple(mask.ijk_to_ras_points([[2, 2, 1]])[0]), method="network",
+                      model="nodule-outline 1.0.0", name="nodule outline 1", label=1, **measure_outline(mask))
+    seg.outlines.append(outline)
+    seg.regions[0].outline = outline.to_dict()
+    return seg
+
+
+@pytest.mark.parametrize("kind", sorted(MATRICES))
+def test_segmentation_to_node_adds_the_nodule_outline_as_its_own_segment(kind, scene):
+    """The outline overlaps a heat-map region: both are whole segments of the node."""
+    ct, _ = _ct_node(MATRICES[kind])
+    seg = _with_outline(MATRICES[kind])
+    node = mrml.segmentation_to_node(seg, ct, closed_surface=False)
+    segments = node.GetSegmentation()
+    by_name = _by_name(node)
+    assert len(by_name) == 4
+    outline = _segment_mask(node, by_name["nodule outline 1"], ct)
+    np.testing.assert_array_equal(outline, seg.outline_labels() == 1)
+    assert outline.sum() == seg.outlines[0].voxels == 24
+    hottest = _segment_mask(node, by_name[seg.regions[0].name], ct)
+    np.testing.assert_array_equal(hottest, seg.labelmap.array == seg.regions[0].label)
+    assert (hottest & outline).any()  # they overlap, and neither lost a voxel
+    assert segments.GetSegment(by_name["nodule outline 1"]).GetColor() == pytest.approx(seg.outlines[0].color)
+
+
+def test_regions_to_table_shows_the_outline_measurements(scene):
+    seg = _with_outline(OBLIQUE)
+    table = mrml.regions_to_table(seg.regions)
+    assert table.GetNumberOfColumns() == 16 + 5
+    column = table.GetTable().GetColumnByName
+    outline = seg.outlines[0]
+    assert column("Outline").GetValue(0) == "nodule outline 1" and column("Outline").GetValue(1) == ""
+    assert column("Outline volume [ml]").GetValue(0) == pytest.approx(outline.volume_ml)
+    assert column("Long axis [mm]").GetValue(0) == pytest.approx(outline.long_axis_mm)
+    assert column("Short axis [mm]").GetValue(0) == pytest.approx(outline.short_axis_mm)
+    assert column("Mean diameter [mm]").GetValue(0) == pytest.approx(outline.mean_diameter_mm)
+    assert np.isnan(column("Mean diameter [mm]").GetValue(1))
+    assert table.GetColumnUnitLabel("Mean diameter [mm]") == "mm"
 
 
 # --- regions_to_table --------------------------------------------------------------------------------
@@ -356,6 +414,25 @@ def test_seg_nrrd_from_write_segmentation_loads_in_slicer(tmp_path, scene):
         assert region.name in names
         mask = _segment_mask(node, names[region.name], ct)
         np.testing.assert_array_equal(mask, seg.labelmap.array == region.label)
+
+
+def test_seg_nrrd_with_a_nodule_outline_loads_in_slicer(tmp_path, scene):
+    """The outline overlaps a region: the file has two layers, and Slicer's reader gives every
+    segment its voxels."""
+    from LungGradCAMLib.io.segnrrd import write_segmentation
+
+    seg = _with_outline(OBLIQUE)
+    path = write_segmentation(seg, tmp_path / "regions.seg.nrrd")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(path))
+    assert storage.ReadData(node), f"Slicer's segmentation reader could not read {path}"
+    ct, _ = _ct_node(OBLIQUE)
+    names = _by_name(node)
+    assert len(names) == 4
+    np.testing.assert_array_equal(_segment_mask(node, names["nodule outline 1"], ct), seg.outline_labels() == 1)
+    for region in seg.regions:
+        np.testing.assert_array_equal(_segment_mask(node, names[region.name], ct), seg.labelmap.array == region.label)
 
 
 # --- the whole run on nodes ----------------------------------------------------------------------------
@@ -510,8 +587,9 @@ def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_ans
     regions = result.segmentation.regions
     assert regions, "the default model finds the phantom's nodule at 0.3"
     table = result.table_node.GetTable()
-    assert result.table_node.GetNumberOfColumns() == 19
+    assert result.table_node.GetNumberOfColumns() == 16 + 3 + 5  # regions, second opinion, nodule outline
     for row, region in enumerate(regions):
+        assert table.GetColumnByName("Outline").GetValue(row) == (region.outline["name"] or "")
         assert table.GetColumnByName("Region model").GetValue(row) == "tiny-region"
         assert table.GetColumnByName("Region model class").GetValue(row) == "malignant"
         assert table.GetColumnByName("Region model P").GetValue(row) == pytest.approx(

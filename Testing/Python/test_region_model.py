@@ -88,12 +88,17 @@ def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, regi
     assert "second_opinion" in report["timings_s"]
 
 
-def test_the_bundled_malignancy_model_loads_and_fuses_its_layers(chest):
-    """lidc-malignancy: a region model whose card fuses three layers (LayerCAM), explained on a roi."""
+def test_the_bundled_malignancy_model_is_an_ensemble_explained_on_a_roi(chest):
+    """lidc-malignancy: a region_net of 5 folds x 2 scales with 4 mirror images, whose LayerCAM at
+    its tap averages every member's map, explained on a roi through the ordinary path."""
     loaded = load_model("lidc-malignancy")
-    assert loaded.card.input == "roi" and loaded.card.cam_method == "layercam"
-    assert [loaded.module.get_submodule(n) for n in loaded.card.target_layer.split("+")] == loaded.target_layers
-    assert len(loaded.target_layers) == 3 and loaded.target_layer is loaded.target_layers[-1]
+    card = loaded.card
+    assert card.input == "roi" and card.cam_method == "layercam" and card.architecture == "region_net"
+    assert card.target_layer == "tap" and loaded.target_layer is loaded.module.tap
+    assert len(loaded.module.members) == card.training["ensemble"]["members"] == 10
+    assert card.kwargs["flips"] == 4 and card.kwargs["views"] == [[24, 1], [48, 2]]
+    # the card says what it reaches against the diameter alone, on the same patients
+    assert {"diameter_baseline", "size_bands", "cross_validation", "heat_map"} <= set(card.metrics)
     exp = explain(chest.volume, model="lidc-malignancy", device="cpu", roi=(NODULE_RAS, 30.0))
     assert exp.method == "layercam" and exp.n_patches == 1
     assert sum(exp.probabilities.values()) == pytest.approx(1.0) and exp.cam.array.max() > 0

@@ -430,3 +430,28 @@ def test_background_process_cancel_failure_and_a_costly_heat_map(app, chest, tin
     assert scene.GetNumberOfNodes() == nodes and not Path(job.folder).exists()
     with pytest.raises(lgc.LungGradCAMError, match="a loaded model cannot be passed"):
         logic.startProcess(ct, model=load_model(tiny_model, device="cpu"))
+
+
+def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app):
+    """The bundled region model on an ROI placed on a 20 mm nodule (a clinical resolution): the
+    nodule at its heat map's peak is outlined, a segment of its own beside the heat-map region, its
+    measurements in the results table and the panel's text."""
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
+    chest = phantom.chest_ct(seed=3, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0), nodules=[nodule])
+    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    result = logic.process(ct, model="lidc-malignancy", roi=(NODULE_RAS, (40.0, 40.0, 40.0)), threshold=0.2,
+                           device="cpu")
+    outline = result.segmentation.regions[0].outline
+    assert outline["found"] and outline["name"] == "nodule outline 1"
+    segments = result.segmentation_node.GetSegmentation()
+    names = [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
+    assert names[0] == "heat-map region 1" and "nodule outline 1" in names
+    table = result.table_node.GetTable()
+    assert table.GetColumnByName("Outline").GetValue(0) == "nodule outline 1"
+    assert table.GetColumnByName("Mean diameter [mm]").GetValue(0) == pytest.approx(outline["mean_diameter_mm"])
+    assert table.GetColumnByName("Outline volume [ml]").GetValue(0) == pytest.approx(outline["volume_ml"])
+    assert result.table_node.GetColumnUnitLabel("Long axis [mm]") == "mm"
+    assert f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml" in logic.resultText(result)
+

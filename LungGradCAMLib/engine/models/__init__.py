@@ -42,8 +42,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 def build_model(name: str, **kwargs) -> nn.Module:
     """Build the architecture registered as ``name`` (see ``ARCHITECTURES``) with ``kwargs``.
 
-    Every network takes (N, C, K, J, I) inputs, returns (N, num_classes) logits, and has a
-    ``cam_layer`` attribute naming its default Grad-CAM layer. Unknown names or keyword arguments
+    Every network takes (N, C, K, J, I) inputs, returns (N, num_classes) logits (a segmenter:
+    (N, num_classes, K, J, I)), and has a ``cam_layer`` attribute naming its default Grad-CAM layer. Unknown names or keyword arguments
     raise :class:`ModelError`.
     """
     cls = ARCHITECTURES.get(name)
@@ -316,9 +316,11 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
                                 exc) from None
         raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
                          f"{first_line(exc)}") from None
-    if logits_shape != (1, len(card.class_names)):
-        raise ModelError(f"{weights}: the network has {logits_shape[-1]} outputs but the card names "
-                         f"{len(card.class_names)} classes {card.class_names}")
+    per_voxel_shape = tuple(int(p) for p in full) if card.output == "mask" else ()
+    if logits_shape != (1, len(card.class_names)) + per_voxel_shape:
+        raise ModelError(f"{weights}: the network has {logits_shape[1]} outputs{' per voxel' * bool(per_voxel_shape)} "
+                         f"but the card names {len(card.class_names)} classes {card.class_names} "
+                         f"(outputs of shape {logits_shape} for one {full}-voxel input)")
     return LoadedModel(module, card, per_voxel)
 
 

@@ -25,6 +25,9 @@ MAX_PATCH_VOXELS = 512 ** 3
 ACTIVATIONS = ("softmax", "sigmoid")
 #: What a model takes: a whole scan (sliding window over the lungs) or a region around one lesion.
 INPUTS = ("scan", "roi")
+#: What a model gives: class logits (a classifier, explained with a heat map) or a mask (logits
+#: per voxel: a segmenter such as the nodule outline model, never explained).
+OUTPUTS = ("classes", "mask")
 NOT_CLINICAL = "Not for clinical use."
 
 
@@ -51,6 +54,8 @@ class ModelCard:
     * ``input``: ``"scan"`` (the model looks for findings anywhere: explained over a whole scan
       with a sliding window) or ``"roi"`` (it judges a region around ONE lesion, e.g. a nodule's
       malignancy: explained only on one patch centred on a region the user gives).
+    * ``output``: ``"classes"`` (one logit per class name) or ``"mask"`` (one logit per class name
+      and voxel, (N, classes, K, J, I): a segmentation network such as ``nodule-outline``).
     """
 
     architecture: str
@@ -75,6 +80,7 @@ class ModelCard:
     sha256: str = ""
     input: str = "scan"
     cam_method: str = "gradcam"
+    output: str = "classes"
     format: int = CARD_FORMAT
 
     # --- validation --------------------------------------------------------------------------
@@ -83,10 +89,15 @@ class ModelCard:
         def bad(what: str) -> ModelError:
             return ModelError(f"{source}: {what}. Fix the model card (JSON beside the weights).")
 
-        from .networks import ARCHITECTURES
+        from .networks import ARCHITECTURES, SEGMENTERS
 
         if self.architecture not in ARCHITECTURES:
             raise bad(f"unknown architecture {self.architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+        if self.output not in OUTPUTS:
+            raise bad(f"'output' must be one of {OUTPUTS}; got {self.output!r}")
+        if (self.output == "mask") != (self.architecture in SEGMENTERS):
+            raise bad(f"architecture {self.architecture!r} does not give the card's output {self.output!r}; "
+                      f"segmenters ({', '.join(sorted(SEGMENTERS))}) give 'mask', the others 'classes'")
         if not isinstance(self.kwargs, dict):
             raise bad("'kwargs' must be an object")
         if (not isinstance(self.class_names, list) or not self.class_names
@@ -164,7 +175,8 @@ class ModelCard:
     def summary(self) -> dict:
         """The JSON-able facts a report about one explanation needs."""
         keys = ("name", "version", "architecture", "class_names", "cam_class", "target_layer",
-                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "input", "cam_method", "intended_use")
+                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "input", "cam_method", "output",
+                "intended_use")
         out = {k: getattr(self, k) for k in keys}
         out["sha256"] = self.sha256
         out["metrics"] = {k: v for k, v in self.metrics.items() if k in ("roc_auc", "accuracy")}
