@@ -72,8 +72,10 @@ def _outputs() -> Tuple[str, ...]:
 
 
 def _inputs(args: argparse.Namespace) -> List[str]:
-    """The files and folders evaluate reads, which --out may not be, hold or lie in."""
-    return [p for p in (args.model, args.path, args.backgrounds, args.cache, args.log) if p and os.path.lexists(p)]
+    """The files and folders evaluate reads, which --out may not be, hold or lie in (those given on
+    the command line; a data option not given is absent from ``args``)."""
+    given = (getattr(args, name, None) for name in ("model", "path", "backgrounds", "cache", "log"))
+    return [p for p in given if p and os.path.lexists(p)]
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -200,9 +200,9 @@ def test_evaluate_owns_its_folder(tmp_path, cache, model, capsys):
     assert snapshot(tmp_path) == before
     (out / "report.json").unlink()
     assert main(_evaluate(out, model, cache, "--log", str(log))) == 0
-    printed = capsys.readouterr().out.splitlines()
+    printed = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("scoring ")]
     assert set(_strict(printed[0])) >= {"accuracy", "precision", "roc_auc"}  # strict JSON (an undefined metric: null)
-    assert printed[1] == f"wrote {out / 'report.json'}, {out / 'roc.png'}, {out / 'loss.png'}"
+    assert printed[-1] == f"wrote {out / 'report.json'}, {out / 'roc.png'}, {out / 'loss.png'}"
     _vouched(out)
     assert main(_evaluate(out, model, cache, "--threshold", "0.3")) == 0  # no --log: its loss.png goes
     _vouched(out)
@@ -225,7 +225,7 @@ def test_evaluate_prints_strict_json_when_a_metric_is_undefined(tmp_path, cache,
     """A threshold no probability reaches: no positive prediction, so precision is 0/0. The
     printed line is strict JSON (null), as report.json is; main printed ``NaN``."""
     assert main(_evaluate(tmp_path / "out", model, cache, "--threshold", "1")) == 0
-    printed = _strict(capsys.readouterr().out.splitlines()[0])
+    printed = _strict(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert printed["precision"] is None and printed["recall"] == 0
     assert _strict((tmp_path / "out" / "report.json").read_text())["metrics"]["precision"]["value"] is None
 
