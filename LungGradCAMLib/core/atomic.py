@@ -285,8 +285,13 @@ def read_record(folder: "str | os.PathLike[str]", name: str, names: Collection[s
     return record if isinstance(record, dict) else None
 
 
-def _probe(where: Path) -> None:
-    """Create and remove a file in the folder ``where``: raises OSError where nothing can be written."""
+def _probe(path: Path, real: Path) -> None:
+    """Create and remove a file in ``real`` (``path`` resolved) when it is a folder, else in the
+    nearest folder above it that exists (where ``path`` would be made): raises OSError where
+    nothing can be written there, :class:`OutputError` where that is a file."""
+    where = real if real.is_dir() else next(p for p in real.parents if p.exists())
+    if not where.is_dir():
+        raise OutputError(f"{path} cannot be made: {where} is a file, not a folder")
     probe = where / f"{TMP_PREFIX}probe-{secrets.token_hex(4)}"
     os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     probe.unlink()
@@ -317,12 +322,7 @@ def check_output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | o
             _, foreign, others = _ownership(out, names, exclusive)
             if foreign:
                 raise _not_ours(out, foreign, others)
-            where = out
-        else:
-            where = next(p for p in real.parents if p.exists())
-            if not where.is_dir():
-                raise OutputError(f"{out} cannot be made: {where} is a file, not a folder")
-        _probe(where)
+        _probe(out, real)
     except OSError as exc:
         raise OutputError(f"{out}: cannot write there ({exc.strerror}); choose another output folder") from None
     return out
@@ -339,10 +339,7 @@ def check_new_file(path: "str | os.PathLike[str]", what: str = "file") -> Path:
         raise OutputError(f"{path} exists (a {there}); LungGradCAM never replaces what it did not write: move it "
                           f"away or choose another {what}")
     try:
-        where = next(p for p in path.resolve().parents if p.exists())
-        if not where.is_dir():
-            raise OutputError(f"{path} cannot be made: {where} is a file, not a folder")
-        _probe(where)
+        _probe(path, path.resolve())
     except OSError as exc:
         raise OutputError(f"{path}: cannot write there ({exc.strerror}); choose another {what}") from None
     return path
