@@ -143,8 +143,8 @@ def _run(args: argparse.Namespace) -> int:
                                     device=args.device)
         if result.test_report:  # else another process bundled the members
             print(strict_json({"region_model": str(result.path),
-                               "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
-                               "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
+                              "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
+                              "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
         return 0
     # --out is owned as run's is; training works in its work folder, which an interrupted run
     # leaves for --resume, and its results replace the folder's outputs only when it has finished
