@@ -22,7 +22,7 @@ from LungGradCAMLib.io.inputs import load_input
 
 from helpers import make_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 
 
 def _tree_hash(folder: Path) -> str:

@@ -31,7 +31,7 @@ from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 
 from helpers import make_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 SECRET_NAME = "Qxzwv^Secretname"
 SECRET_ID = "PID-SECRET-4242"
 #: path separators, "..", terminal escapes, a bell, a newline and 300 more characters (no backslash:

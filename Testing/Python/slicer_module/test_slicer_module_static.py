@@ -17,7 +17,7 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 MODULE = REPO / "LungGradCAM" / "LungGradCAM.py"
 UI = REPO / "Resources" / "UI" / "LungGradCAM.ui"
 ICON = REPO / "Resources" / "Icons" / "LungGradCAM.png"
