@@ -78,37 +78,44 @@ def build(case: Case, tmp_path: Path, monkeypatch) -> Made:
     return made
 
 
-def check_library_error(case: Case, tmp_path: Path, monkeypatch) -> None:
-    """(a) and (c): the library call raises the case's error, naming what it must, input untouched."""
-    made = build(case, tmp_path, monkeypatch)
-    before = snapshot(tmp_path / "in")
-    with pytest.raises(case.error, match=case.text) as err:
-        made.call()
-    assert isinstance(err.value, LungGradCAMError)
-    for text in made.names:
-        assert text in str(err.value), f"{text!r} not named in: {err.value}"
-    assert "TOPSECRET" not in str(err.value)
-    assert snapshot(tmp_path / "in") == before
+def case_tests(cases: Dict[str, Case]):
+    """The two tests every failing case of ``cases`` gets, for a test module to bind to its own
+    names: (a) and (c) on the library call, (b) and (c) on ``lunggradcam run``."""
 
+    @pytest.mark.parametrize("name", list(cases))
+    def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypatch):
+        case = cases[name]
+        made = build(case, tmp_path, monkeypatch)
+        before = snapshot(tmp_path / "in")
+        with pytest.raises(case.error, match=case.text) as err:
+            made.call()
+        assert isinstance(err.value, LungGradCAMError)
+        for text in made.names:
+            assert text in str(err.value), f"{text!r} not named in: {err.value}"
+        assert "TOPSECRET" not in str(err.value)
+        assert snapshot(tmp_path / "in") == before
 
-def check_cli_error(case: Case, tmp_path: Path, monkeypatch, capsys, tiny: Path) -> None:
-    """(b) and (c): ``lunggradcam run`` exits 2 with the library's message, no output, input untouched."""
-    made = build(case, tmp_path, monkeypatch)
-    before = snapshot(tmp_path / "in")
-    out = tmp_path / "out"
-    with warnings.catch_warnings(record=True) as caught:  # one message, no RuntimeWarning beside it
-        warnings.simplefilter("always")
-        code = main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"])
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    assert "Traceback" not in captured.err + captured.out and "TOPSECRET" not in captured.err
-    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
-    assert captured.err.startswith("lunggradcam run: error: ")
-    with pytest.raises(case.error) as err:  # the library's own message reaches the user, whole
-        made.call()
-    assert str(err.value) in captured.err
-    assert not out.exists(), sorted(p.name for p in out.rglob("*"))
-    assert snapshot(tmp_path / "in") == before
+    @pytest.mark.parametrize("name", list(cases))
+    def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeypatch, capsys, tiny):
+        case = cases[name]
+        made = build(case, tmp_path, monkeypatch)
+        before = snapshot(tmp_path / "in")
+        out = tmp_path / "out"
+        with warnings.catch_warnings(record=True) as caught:  # one message, no RuntimeWarning beside it
+            warnings.simplefilter("always")
+            code = main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"])
+        captured = capsys.readouterr()
+        assert code == 2, captured.err
+        assert "Traceback" not in captured.err + captured.out and "TOPSECRET" not in captured.err
+        assert not [w for w in caught if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in caught]
+        assert captured.err.startswith("lunggradcam run: error: ")
+        with pytest.raises(case.error) as err:  # the library's own message reaches the user, whole
+            made.call()
+        assert str(err.value) in captured.err
+        assert not out.exists(), sorted(p.name for p in out.rglob("*"))
+        assert snapshot(tmp_path / "in") == before
+
+    return test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing
 
 
 def within(seconds: float, fn: Callable[[], Any], root: Path) -> Any:

@@ -7,12 +7,10 @@ from contextlib import closing
 from pathlib import Path
 from typing import Dict
 
-import pytest
-
 from LungGradCAMLib.core.errors import DatabaseError
 from LungGradCAMLib.io.ctkdb import DicomDatabase
 
-from bad_inputs import Case, Made, check_cli_error, check_library_error, dicom_series, uid_of
+from bad_inputs import Case, Made, case_tests, dicom_series, uid_of
 from helpers import make_database
 
 
@@ -51,12 +49,5 @@ CASES: Dict[str, Case] = {
     "database_files_deleted": Case(_database_files_deleted, DatabaseError, "files of series .* are missing"),
 }
 
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypatch):
-    check_library_error(CASES[name], tmp_path, monkeypatch)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeypatch, capsys, tiny):
-    check_cli_error(CASES[name], tmp_path, monkeypatch, capsys, tiny)
+test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = \
+    case_tests(CASES)

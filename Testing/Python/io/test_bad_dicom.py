@@ -23,7 +23,7 @@ from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, 
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
 from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
 
-from bad_inputs import Case, Made, check_cli_error, check_library_error, dicom_series, uid_of, within
+from bad_inputs import Case, Made, case_tests, dicom_series, uid_of, within
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from helpers import snapshot as _snapshot
 
@@ -217,15 +217,8 @@ CASES: Dict[str, Case] = {
     "dicom_pixel_spacing_1e30": Case(_dicom_huge_pixel_spacing, SeriesGeometryError, "PixelSpacing"),
 }
 
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypatch):
-    check_library_error(CASES[name], tmp_path, monkeypatch)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeypatch, capsys, tiny):
-    check_cli_error(CASES[name], tmp_path, monkeypatch, capsys, tiny)
+test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = \
+    case_tests(CASES)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,14 +8,13 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 
 from LungGradCAMLib.core.errors import NoSeriesFoundError, ResourceError, VolumeError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
 from LungGradCAMLib.io.inputs import load_input
 
-from bad_inputs import AXIAL, NRRD_HEADER, Case, Made, check_cli_error, check_library_error, random_hu
+from bad_inputs import AXIAL, NRRD_HEADER, Case, Made, case_tests, random_hu
 
 
 def _not_a_volume_file(root: Path) -> Made:
@@ -173,12 +172,5 @@ CASES: Dict[str, Case] = {
     "nrrd_over_byte_limit": Case(_nrrd_over_byte_limit, ResourceError, "more than the limit LUNGGRADCAM_MAX_BYTES"),
 }
 
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_library_raises_specific_error_naming_the_input(name, tmp_path, monkeypatch):
-    check_library_error(CASES[name], tmp_path, monkeypatch)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_cli_exits_2_with_the_message_and_writes_nothing(name, tmp_path, monkeypatch, capsys, tiny):
-    check_cli_error(CASES[name], tmp_path, monkeypatch, capsys, tiny)
+test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = \
+    case_tests(CASES)
