@@ -21,9 +21,6 @@ from helpers import REPO, run_on_read_only_mount
 from helpers import snapshot as _snapshot
 
 
-# --------------------------------------------------------------------------------------------
-# options and paths that can be checked before the work: exit 2 at once, one message
-# --------------------------------------------------------------------------------------------
 def _two_channel_model(tmp: Path, tiny: Path) -> Path:
     from safetensors.torch import save
 

@@ -18,9 +18,6 @@ from bad_inputs import NRRD_HEADER, Case, Made, dicom_series, uid_of, within
 from helpers import REPO, make_database
 
 
-# --------------------------------------------------------------------------------------------
-# a FIFO, a device or /dev/stdin where a file is expected: refused at once, never opened to read
-# --------------------------------------------------------------------------------------------
 def _fifo(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     os.mkfifo(path)

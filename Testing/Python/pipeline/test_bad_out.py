@@ -22,9 +22,6 @@ from helpers import REPO
 from helpers import snapshot as _snapshot
 
 
-# --------------------------------------------------------------------------------------------
-# the output folder: never the input, never another's files, owned by one run, whole or untouched
-# --------------------------------------------------------------------------------------------
 def _complete(out: Path) -> dict:
     """``out`` holds exactly the files its report lists, the report and the marker, nothing else; the report."""
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
