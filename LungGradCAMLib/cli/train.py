@@ -133,7 +133,7 @@ def _run(args: argparse.Namespace) -> int:
                                     test_fraction=args.test_fraction, progress=not args.no_progress,
                                     device=args.device)
         if result.test_report:  # else another process bundled the members
-            print(json.dumps({"region_model": str(result.path),
+            print(strict_json({"region_model": str(result.path),
                               "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
                               "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
         return 0

@@ -203,8 +203,9 @@ def test_the_report_and_the_printed_result_carry_the_outline(roi_run):
     assert np.pi / 6 * 12.0 ** 3 / 1000 <= outline["volume_ml"] <= 1.1 * np.pi / 6 * (12.0 + 2 * 1.2) ** 3 / 1000
     assert outline["long_axis_mm"] >= outline["short_axis_mm"] > 0
     assert "outline" in report["timings_s"]
-    assert (f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml, long axis "
-            f"{outline['long_axis_mm']:.1f} mm") in printed
+    line = next(x for x in printed.splitlines() if x.strip().startswith("heat-map region 1:"))
+    assert line.endswith(f"nodule outline 1: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
+                         f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm")
 
 
 def test_the_segmentation_file_holds_the_outline_as_its_own_segment(roi_run):

@@ -335,7 +335,7 @@ def test_one_click_on_the_nodule_places_the_region_models_roi(app):
         logic.roiFromPoint(points, roi)
     points.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))  # the click
     size = logic.regionSizeMm("default", "lidc-malignancy")
-    assert size == [40.0, 40.0, 40.0] and logic.regionSizeMm("lidc-malignancy") == size
+    assert size == [48.0, 48.0, 48.0] and logic.regionSizeMm("lidc-malignancy") == size
     assert logic.regionSizeMm("default") == [module.DEFAULT_ROI_MM] * 3  # no region model chosen
     assert logic.roiFromPoint(points, roi, size) is roi and scene.GetNodeByID(points.GetID()) is None
     p = logic.getParameterNode()
