@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from LungGradCAMLib import phantom
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
@@ -73,6 +74,27 @@ def snapshot(root: Path) -> Dict[str, tuple]:
             else:
                 entries[rel] = ("type", stat.S_IFMT(st.st_mode))
     return entries
+
+
+def small_chest(seed: int = 3) -> phantom.Phantom:
+    """The small chest phantom that a run explains in seconds: 28 x 64 x 64 voxels (k, j, i) of
+    4.5 x 4.5 x 8 mm; ``seed`` picks its anatomy, nodules and noise. The ``chest`` fixture
+    (conftest.py) is seed 3's volume."""
+    return phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+
+
+#: Where the phantoms with one nodule hold it (RAS mm): in the right lung, as the Slicer module's
+#: self-test does.
+NODULE_RAS = (60.0, 20.0, -150.0)
+
+
+def chest_with_nodule(diameter_mm: float = 20.0, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0)) -> phantom.Phantom:
+    """A chest phantom (seed 3) whose only nodule, malignant, ``diameter_mm`` across, is centred on
+    NODULE_RAS. ``shape`` in voxels (k, j, i), ``spacing_mm`` (i, j, k); by default the self-test's:
+    a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm
+    slices)."""
+    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=diameter_mm, malignant=True)
+    return phantom.chest_ct(seed=3, shape=shape, spacing_mm=spacing_mm, nodules=[nodule])
 
 
 def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):

@@ -14,6 +14,7 @@ import torch
 from LungGradCAMLib.cli import main as cli_main
 from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.engine.models import ModelCard, load_model
+from LungGradCAMLib.evaluation.evaluate import predict, roc_auc
 from LungGradCAMLib.training.augment import augment
 from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
@@ -150,7 +151,15 @@ def test_ddp_two_processes_gloo(tmp_path, spheres):
     card = json.loads((out / "best.json").read_text())
     assert card["training"]["world_size"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert load_model(out / "best.safetensors").card.metrics["roc_auc"]["value"] >= 0
+    # the card's AUC is the saved model's on every held-out patient (not one rank's share of them)
+    best = load_model(out / "best.safetensors", device="cpu")
+    split = best.card.training["split"]
+    assert split["test_patients"] and not set(split["test_patients"]) & set(split["train_patients"])
+    data = PatchSet.load(cache)
+    test = data.subset(np.flatnonzero(np.isin(data.patients, split["test_patients"])))
+    truth = (test.labels == best.card.cam_class_index).astype(np.int64)
+    expected = roc_auc(truth, predict(best, test)[:, best.card.cam_class_index])
+    assert best.card.metrics["roc_auc"]["value"] == pytest.approx(expected, abs=1e-9)
 
 
 def test_fit_leaves_the_global_random_state_and_cudnn_flags_as_they_were(tmp_path):
