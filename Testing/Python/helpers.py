@@ -22,6 +22,7 @@ from torch import nn
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+from LungGradCAMLib.training.data import PatchSet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,3 +198,41 @@ def write_voi_folder(root, rows):
             write_volume(Volume(hu, m), root / "image" / name)
             write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
             w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])
+
+
+#: The training tests' patches: 16^3 voxels of 2 mm, classes background and nodule.
+SPHERES_SIZE = 16
+SPHERES_CLASSES = ["background", "nodule"]
+
+
+def spheres_patches(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> PatchSet:
+    """Noisy lung-like patches (about -800 HU): nodules are 20 HU balls near the centre,
+    background holds a 20 HU tube (a vessel) through a random point along a random axis."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.mgrid[:SPHERES_SIZE, :SPHERES_SIZE, :SPHERES_SIZE].astype(np.float32)
+    patches, labels, patients = [], [], []
+    for p in range(n_patients):
+        for label in (0, 1) * per_class:
+            x = rng.normal(-800, 60, (SPHERES_SIZE, SPHERES_SIZE, SPHERES_SIZE)).astype(np.float32)
+            c = SPHERES_SIZE / 2 + rng.uniform(-2, 2, 3)
+            if label:
+                inside = (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= rng.uniform(2, 4) ** 2
+            else:
+                axis = rng.integers(3)
+                d = [(g - cc) ** 2 for g, cc in zip((k, j, i), c)]
+                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5 ** 2
+            x[inside] = 20.0
+            patches.append(x)
+            labels.append(label)
+            patients.append(f"p{p}")
+    return PatchSet(np.rint(patches).astype(np.int16), labels, patients, SPHERES_CLASSES, (2.0, 2.0, 2.0))
+
+
+def spheres_card(**kw) -> ModelCard:
+    return ModelCard("gradcam3d_cnn", {"width": 4, "num_classes": 2}, SPHERES_CLASSES, "nodule", "features.act6",
+                     patch_size=[SPHERES_SIZE] * 3, spacing_mm=[2.0] * 3, name="spheres", **kw)
+
+
+#: `lunggradcam train` arguments for a cache of :func:`spheres_patches`.
+TRAIN_ARGS = ["--source", "patches", "--patch-size", "16", "16", "16", "--spacing", "2", "2", "2",
+              "--arch-kwargs", '{"width": 4}', "--batch-size", "16", "--no-progress"]

@@ -29,7 +29,7 @@ from LungGradCAMLib.engine.models import build_model, save_model
 from LungGradCAMLib.training.data import PatchSet
 
 from helpers import REPO, snapshot
-from test_train import ARGS, _card, _spheres
+from helpers import TRAIN_ARGS, spheres_card, spheres_patches
 
 MARKER, WORK = ".lunggradcam.json", ".lunggradcam-work"
 
@@ -37,14 +37,14 @@ MARKER, WORK = ".lunggradcam.json", ".lunggradcam-work"
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     """Labelled 16^3 patches of 8 patients (a patch cache, as ``--cache`` writes it)."""
-    return _spheres().save(tmp_path_factory.mktemp("data") / "spheres.npz")
+    return spheres_patches().save(tmp_path_factory.mktemp("data") / "spheres.npz")
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """An untrained model whose card fits the patches."""
     torch.manual_seed(0)
-    card = _card()
+    card = spheres_card()
     return save_model(build_model(card.architecture, **card.kwargs), card,
                       tmp_path_factory.mktemp("model") / "spheres.safetensors")
 
@@ -74,7 +74,7 @@ def _refused(capsys, code: int, *names: str) -> str:
 # train
 # --------------------------------------------------------------------------------------------
 def _train(out: Path, data: Path, *extra: str) -> int:
-    return main(["train", *ARGS, "--path", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu", *extra])
+    return main(["train", *TRAIN_ARGS, "--path", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu", *extra])
 
 
 def test_train_refuses_a_folder_with_a_users_files_before_any_work(tmp_path, capsys):
@@ -116,7 +116,7 @@ def test_an_interrupted_training_leaves_the_folder_as_it_was_and_resumes(tmp_pat
     out = tmp_path / "out"
     assert _train(out, cache) == 0
     before = snapshot(out)
-    args = [sys.executable, "-m", "LungGradCAMLib.cli", "train", *ARGS, "--path", str(cache), "--out", str(out),
+    args = [sys.executable, "-m", "LungGradCAMLib.cli", "train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out),
             "--epochs", "500", "--patience", "500", "--seed", "1", "--device", "cpu", "--threads", "1"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
