@@ -33,9 +33,9 @@ DATA=(--source lidc-vois --path "$VOIS" --task nodule --backgrounds "$BG" --plac
       --batch-size 32 --seed 0 --threads 1 --no-progress)
 $LGC train --name default --version 2.0.0 "${DATA[@]}" \
   --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}' --epochs 40 --patience 6 --lr 0.001 \
-  --cache "$OUT/default-2.0.0/patches.npz" --out "$OUT/default-2.0.0"
+  --cache "$OUT/default-2.0.0-patches.npz" --out "$OUT/default-2.0.0"   # (train refuses a cache inside --out)
 .venv/bin/python benchmarks/nodule_operating_point.py --model "$OUT/default-2.0.0/best.safetensors" \
-  --cache "$OUT/default-2.0.0/patches.npz" --out "$OUT/default-2.0.0/operating_point.json" --card "$OUT/default-2.0.0/best.json"
+  --cache "$OUT/default-2.0.0-patches.npz" --out "$OUT/default-2.0.0/operating_point.json" --card "$OUT/default-2.0.0/best.json"
 
 # 2. and 3. two rounds of hard-negative mining, each fine-tuning the model before it (3.0.0, the bundled default;
 #    round 1's card keeps LayerCAM at act2+act4+act6, the CAM whose hot spots round 2 mines)
@@ -43,12 +43,12 @@ TUNE=(--arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3, "cam_pool
       --hard-negatives-per-region 400 --patience 4 --lr 0.0003 --cam-method layercam)
 V2="$OUT/default-2.0.0/best.safetensors"
 $LGC train --name default --version 3.0.0 "${DATA[@]}" "${TUNE[@]}" --hard-negatives "$V2" --init "$V2" --epochs 12 \
-  --target-layer features.act2+features.act4+features.act6 --cache "$OUT/round1/patches.npz" --out "$OUT/round1"
+  --target-layer features.act2+features.act4+features.act6 --cache "$OUT/round1-patches.npz" --out "$OUT/round1"
 # (round 2 ran 3 epochs, its best the third, when the session that trained it ended: --epochs 3 gives those
 #  weights, each epoch's randomness depending on the seed and the epoch only)
 $LGC train --name default --version 3.0.0 "${DATA[@]}" "${TUNE[@]}" --hard-negatives "$V2,$OUT/round1/best.safetensors" \
   --hard-negatives-per-phantom 10 --init "$OUT/round1/best.safetensors" --epochs 3 \
-  --target-layer features.act2+features.act4 --cache "$OUT/default/patches.npz" --out "$OUT/default"
+  --target-layer features.act2+features.act4 --cache "$OUT/default-patches.npz" --out "$OUT/default"
 fi
 
 # 4. the malignancy region model (lidc-malignancy 2.0.0): an ensemble (region_net) of 5 cross-validation

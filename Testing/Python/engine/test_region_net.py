@@ -15,6 +15,8 @@ from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, sav
 from LungGradCAMLib.engine.models.features import image_features
 from LungGradCAMLib.pipeline import explain
 
+from helpers import NODULE_RAS, chest_with_nodule
+
 MEMBER = {"width": 4, "cam_pools": 2, "head": "attention", "evidence_channels": 4}
 
 
@@ -108,10 +110,8 @@ def test_an_ensemble_region_model_loads_and_explains_through_the_public_api(tmp_
     path = save_model(net, card, tmp_path / "ensemble.safetensors")
     loaded = load_model(path, device="cpu")
     assert len(loaded.module.members) == 4 and loaded.target_layer is loaded.module.tap
-    centre = (60.0, 20.0, -150.0)
-    chest = phantom.chest_ct(seed=3, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0),
-                             nodules=[phantom.NoduleSpec(center_ras=centre, diameter_mm=14.0, malignant=True)])
-    exp = explain(chest.volume, model=str(path), device="cpu", roi=(centre, 40.0))
+    chest = chest_with_nodule(14.0, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0))
+    exp = explain(chest.volume, model=str(path), device="cpu", roi=(NODULE_RAS, 40.0))
     assert exp.method == "layercam" and exp.layer == "tap" and exp.n_patches == 1
     assert sum(exp.probabilities.values()) == pytest.approx(1.0)
     assert exp.cam.array.max() > 0 and exp.cam.shape == chest.volume.shape
