@@ -124,7 +124,8 @@ class LungGradCAMParameterNode:
     model - a bundled model name or the path of a model file.
     method - the CAM method; auto = the model card's (the one its heat maps scored best with).
     targetClass - the class to explain; empty = the model card's default.
-    threshold - heat-map level (0..1) above which voxels are segmented.
+    threshold - heat-map level (0..1) above which voxels are segmented; the scale is absolute (the
+        explained class's patch probability x the patch's map, never rescaled per scan).
     restrictToLungs - keep only regions inside the lungs.
     device - auto, cuda, cpu (or mps on macOS).
     stride - sliding-window step in model voxels; 0 = half a patch.
@@ -1043,9 +1044,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def resultText(result) -> str:
         """Rich text of a result for the panel: prediction, probabilities, the outcome (regions or
-        "no region above threshold"), each explained region's nodule outline (volume, diameters),
-        a note when the GPU ran out of memory, and the model's intended use (research, not clinical)."""
-        from LungGradCAMLib.pipeline import intended_use, outcome
+        "no region above threshold"), the heat map's scale, each explained region's nodule outline
+        (volume, diameters), a note when the GPU ran out of memory, and the model's intended use
+        (research, not clinical)."""
+        from LungGradCAMLib.pipeline import intended_use, outcome, scale_text
         from LungGradCAMLib.pipeline.outlines import outline_text
 
         explanation = result.explanation
@@ -1054,7 +1056,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
             for name, probability in sorted(explanation.probabilities.items(), key=lambda item: -item[1]))
         text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
                 + _("Heat map for class {name} ({method}): {outcome}.").format(
-                    name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)))
+                    name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation))
+                + "<br>" + _("Heat-map scale: {scale}.")
+                .format(scale=scale_text(explanation)))
         for region in result.segmentation.regions:
             if region.outline:
                 text += "<br>" + f"{region.name}: {outline_text(region.outline)}"

@@ -24,6 +24,10 @@ METHODS: Tuple[str, ...] = ("gradcam", "gradcam++", "xgradcam", "hirescam", "lay
 #: How a scan is covered: ``auto`` picks ``roi`` with a roi, ``whole`` for whole-volume models,
 #: else ``sliding`` (see :func:`LungGradCAMLib.pipeline.explain`).
 MODES: Tuple[str, ...] = ("auto", "sliding", "whole", "roi")
+#: The heat map's scale (``engine.sliding.SCALES``; a test keeps the two equal): ``absolute``, a
+#: value means the same evidence on every scan (patch probability x the patch's scaled map, never
+#: rescaled per scan); ``relative``, the same map min-max scaled over the scan (its maximum is 1).
+SCALES: Tuple[str, ...] = ("absolute", "relative")
 #: auto = CUDA, else MPS, else CPU.
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: Options that change where or how fast a result is computed, not the result itself.
@@ -144,6 +148,9 @@ class ExplainOptions:
       model card's ``cam_class``); ``layer``: the CAM layer's dotted name, several joined by ``+``
       to fuse them (None = the card's ``target_layer``);
     * ``mode``: one of :data:`MODES`; ``roi``: see :func:`parse_roi` (RAS mm, or a K, J, I mask);
+    * ``scale``: one of :data:`SCALES` (``absolute``: a heat-map level means the same on every
+      scan, so a scan the model finds nothing in has no hot region; ``relative``: a view whose
+      maximum is 1 on every scan);
     * ``threshold``: see :func:`parse_threshold`; ``restrict_to_lungs``: hot regions only inside
       the lung mask; ``chest_check``: refuse a CT that does not hold lungs (see
       :func:`LungGradCAMLib.engine.lung.check_chest_ct`) before the CAM is computed;
@@ -165,6 +172,7 @@ class ExplainOptions:
     mode: str = "auto"
     roi: Roi = None
     threshold: Threshold = 0.5
+    scale: str = "absolute"
     restrict_to_lungs: bool = True
     chest_check: bool = True
     device: Optional[str] = None
@@ -180,6 +188,8 @@ class ExplainOptions:
             raise InvalidInputError(f"unknown CAM method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.mode not in MODES:
             raise InvalidInputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.scale not in SCALES:
+            raise InvalidInputError(f"unknown heat-map scale {self.scale!r}; use one of {', '.join(SCALES)}")
         if self.target == "":
             self.target = None
         if isinstance(self.target, bool) or not isinstance(self.target, (type(None), str, int, np.integer)):

@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from ..core.errors import InvalidInputError
 from ..core.results import Region, Segmentation
-from ..options import METHODS, MODES, ExplainOptions, parse_roi, parse_stride, parse_threshold
+from ..options import METHODS, MODES, SCALES, ExplainOptions, parse_roi, parse_stride, parse_threshold
 from ..pipeline.explainer import STAGES, CostEstimate, Progress
 from ..pipeline.outlines import outline_text
 from ..pipeline.outputs import VOLUME_FORMATS
@@ -64,6 +64,10 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
                         "in the report's regions (second_opinion) and summary")
     g.add_argument("--threshold", default=0.5, type=argument_type(parse_threshold),
                    help="heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
+    g.add_argument("--scale", default="absolute", choices=SCALES,
+                   help="absolute (default): a heat-map level means the same on every CT (patch probability x "
+                        "the patch's scaled map, never rescaled), so a CT the model finds nothing in has no hot "
+                        "region; relative: the same map scaled to a maximum of 1 on each CT")
     g.add_argument("--restrict-to-lungs", default=True, action=argparse.BooleanOptionalAction,
                    help="keep only hot regions inside the lungs (default: yes)")
     g.add_argument("--chest-check", default=True, action=argparse.BooleanOptionalAction,
@@ -90,7 +94,7 @@ def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
 def options_from_args(args: argparse.Namespace) -> ExplainOptions:
     """The :class:`ExplainOptions` of parsed command-line arguments."""
     return ExplainOptions(model=args.model, method=args.method, target=args.target, layer=args.layer,
-                          mode=args.mode, roi=getattr(args, "roi", None), threshold=args.threshold,
+                          mode=args.mode, roi=getattr(args, "roi", None), threshold=args.threshold, scale=args.scale,
                           restrict_to_lungs=args.restrict_to_lungs, chest_check=args.chest_check,
                           device=args.device, batch_size=args.batch_size, stride=args.stride, amp=args.amp,
                           region_model=args.region_model)

@@ -44,6 +44,15 @@ def add_data_arguments(p: argparse.ArgumentParser, default_seeds: str = "1000-10
                    help="lidc-vois --task nodule: background patches per kind per background region (default 100)")
     g.add_argument("--with-phantoms", metavar="SEEDS", default=[], type=argument_type(parse_seeds),
                    help="lidc-vois --task nodule: also phantom patches of these seeds (e.g. '0-79'), split by seed")
+    g.add_argument("--hard-negatives", metavar="MODELS", default="",
+                   help="lidc-vois --task nodule: comma-separated models (names or .safetensors paths) whose false hot "
+                        "spots in each background region become negatives (rounds of hard-negative mining)")
+    g.add_argument("--hard-negatives-per-region", type=int, default=200,
+                   help="lidc-vois --task nodule: hard negatives per background region and model (default 200)")
+    g.add_argument("--hard-negatives-per-phantom", type=int, default=0,
+                   help="lidc-vois --task nodule with --with-phantoms: hard negatives per phantom and model (default 0)")
+    g.add_argument("--hard-negative-threshold", type=float, default=0.3,
+                   help="lidc-vois --task nodule: the heat a false hot spot reaches (absolute scale; default 0.3)")
     g.add_argument("--phantom-seeds", default=parse_seeds(default_seeds), type=argument_type(parse_seeds),
                    help=f"phantom seeds, e.g. '0-63' or '1,2,5-7'; one patient each (default {default_seeds})")
     g.add_argument("--task", choices=("nodule", "malignancy"), default="nodule",
@@ -76,11 +85,10 @@ def data_spec(args: argparse.Namespace, split_fractions: Any = (0.15, 0.15),
     source with fixed splits. ``card_spec`` (a model card's ``training.data_spec``) fills in the
     options the command line did not give (see ``from_card``), split fractions included."""
     values = _defaults()
-    values["classes"] = tuple(c.strip() for c in values["classes"].split(",") if c.strip())
     values["split_fractions"] = tuple(split_fractions)
     values.update(card_spec or {})
-    given = {k: v for k, v in vars(args).items() if k in values or k in ("cache", "classes")}
-    if isinstance(given.get("classes"), str):
-        given["classes"] = tuple(c.strip() for c in given["classes"].split(",") if c.strip())
-    values.update(given)
+    values.update({k: v for k, v in vars(args).items() if k in values or k in ("cache", "classes")})
+    for key in ("classes", "hard_negatives"):  # comma-separated on the command line
+        if isinstance(values.get(key), str):
+            values[key] = tuple(c.strip() for c in values[key].split(",") if c.strip())
     return DataSpec.from_dict({k: v for k, v in values.items() if k in DataSpec.DESCRIBING or k == "cache"})

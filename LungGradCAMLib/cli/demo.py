@@ -13,11 +13,21 @@ from .common import argument_type, device
 
 def _heat_map_statement(card: Any) -> str:
     """One honest line about the model's heat maps: its intended use and, where its card has
-    them, how often its heat map's maximum lands on a lesion (``metrics.heat_map``)."""
-    quality = card.metrics.get("heat_map") if isinstance(card.metrics, dict) else None
+    them, how well it finds real nodules and how often its heat map's maximum lands on one
+    (``metrics.real_nodules``, else ``metrics.heat_map``)."""
+    metrics = card.metrics if isinstance(card.metrics, dict) else {}
+    quality = metrics.get("heat_map")
+    real = (metrics.get("real_nodules") or {}).get("test")
     text = (f"About the heat map: it shows which voxels drove the score of model '{card.name}' {card.version}; "
             f"it is not a finding. {card.intended_use}")
-    if isinstance(quality, dict) and {"scans", "peak_in_lesion"} <= set(quality):
+    if isinstance(real, dict) and {"patients", "nodules_ge_4mm", "at_threshold_0.5", "whole_scan_heat_map"} <= set(real):
+        found, whole = real["at_threshold_0.5"], real["whole_scan_heat_map"]
+        text += (f" On {real['nodules_ge_4mm']} real nodules (>= 4 mm) of {real['patients']} held-out test patients "
+                 f"placed in held-out real lungs, hot regions at heat 0.5 found {found['sensitivity_ge_4mm']['value']:.0%} "
+                 f"with {found['false_hot_regions_per_scan']['value']:.1f} false hot regions per scan, and the "
+                 f"whole-scan heat map's maximum fell inside the nodule for {whole['pointing']['value']:.0%} "
+                 f"(mean-Dice {whole['mean_dice']['value']:.2f}).")
+    elif isinstance(quality, dict) and {"scans", "peak_in_lesion"} <= set(quality):
         text += (f" On {quality['scans']} held-out test scans its heat map's maximum fell inside a lesion in "
                  f"{quality['peak_in_lesion']}" + (f" and within 10 mm of one in {quality['peak_within_10mm']}"
                                                     if "peak_within_10mm" in quality else "")

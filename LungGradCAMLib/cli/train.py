@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..core.atomic import check_output_folder, output_folder, strict_json, work_folder
 from ..core.errors import InvalidInputError, ModelError
+from ..options import METHODS
 from ..training.sources import DataSpec, load_data
 from .common import argument_type, device
 from .data import add_data_arguments, data_spec, json_object
@@ -41,7 +42,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     m.add_argument("--activation", choices=("softmax", "sigmoid"), default="softmax",
                    help="softmax + cross-entropy, or sigmoid + binary cross-entropy")
     m.add_argument("--cam-class", help="class the CAM explains by default (default: the last class)")
-    m.add_argument("--target-layer", help="Grad-CAM layer (default: the architecture's)")
+    m.add_argument("--target-layer", help="CAM layer, '+' fuses several (default: the architecture's)")
+    m.add_argument("--cam-method", default="gradcam", choices=METHODS, metavar="METHOD",
+                   help="the card's CAM method, used when a run does not choose one (default gradcam)")
     m.add_argument("--name", default=None, help="model name written in the card and the plots' titles "
                                                 "(default: the --out folder's name)")
     m.add_argument("--version", default="1.0.0", help="model version written in the card")
@@ -54,7 +57,12 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     o.add_argument("--lr", type=float, default=1e-3)
     o.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs (default 8)")
     o.add_argument("--no-augment", action="store_true", help="switch off 3D augmentation")
+    o.add_argument("--contrast-hu", type=float, default=0.0,
+                   help="augmentation: half the patches get their tissue outside the nodule enhanced by up to this "
+                        "many HU, as contrast medium does to vessels (e.g. 600; default 0: off)")
     o.add_argument("--no-amp", action="store_true", help="switch off mixed precision on CUDA")
+    o.add_argument("--init", metavar="MODEL", help="start from this model's weights (name or path; same architecture) "
+                                                   "instead of random ones: fine-tuning")
     o.add_argument("--mask-loss", type=float, default=0.0,
                    help="weight of the attention head's loss against the lesion outlines of the data (lidc-vois: "
                         "the readers' masks, a training target only, never an input; default 0: off)")
@@ -89,6 +97,7 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
         target_layer=args.target_layer or ARCHITECTURES[args.arch].cam_layer, patch_size=list(args.patch_size),
         spacing_mm=list(args.spacing), hu_window=list(args.hu_window), normalisation=args.normalisation,
         activation=args.activation, name=args.name or Path(args.out).resolve().name, version=args.version,
+        cam_method=args.cam_method,
     )
     try:
         card.validate("--arch/--cam-class/...")
@@ -134,7 +143,8 @@ def _run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, inputs, TRAIN_FILES)  # before any work: an unusable --out fails now
     data = load_data(spec, card)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         augment=not args.no_augment, amp=not args.no_amp, seed=args.seed, mask_loss=args.mask_loss)
+                         augment=not args.no_augment, contrast_hu=args.contrast_hu, amp=not args.no_amp, seed=args.seed,
+                         init=args.init, mask_loss=args.mask_loss)
     if region:
         from ..training.region import train_region_model
 

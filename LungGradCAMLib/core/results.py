@@ -144,13 +144,17 @@ class Outline:
 @dataclass
 class Segmentation:
     """``labelmap``: integer :class:`Volume` (0 = background, region ``label`` elsewhere) with the
-    CT's geometry; ``regions``: one :class:`Region` per label, hottest first; ``outlines``: the
-    nodule outlines made at regions' peaks (:class:`Outline`, each its own segment, which may
-    overlap the heat-map regions: the heat map explains, the outline measures)."""
+    CT's geometry; ``regions``: one :class:`Region` per label, hottest first; ``threshold``: the
+    level used; ``peak``: the hottest region's peak CAM or, with no region, the highest CAM
+    value where regions were looked for (e.g. inside the lungs): how far it stayed below the
+    threshold; ``outlines``: the nodule outlines made at regions' peaks (:class:`Outline`, each
+    its own segment, which may overlap the heat-map regions: the heat map explains, the outline
+    measures)."""
 
     labelmap: Volume
     regions: List[Region] = field(default_factory=list)
     threshold: Optional[float] = None
+    peak: Optional[float] = None
     outlines: List[Outline] = field(default_factory=list)
 
     def outline_labels(self) -> np.ndarray:

@@ -25,10 +25,12 @@ from ..core.errors import CancelledError, InvalidInputError, LungGradCAMWarning,
 from ..core.limits import is_out_of_memory
 from ..core.volume import AIR_HU
 
-__all__ = ["PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
+__all__ = ["SCALES", "PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
 log = logging.getLogger(__name__)
 
+#: The heat map's scales: ``absolute`` (the same on every scan) or ``relative`` (min-max over the scan).
+SCALES = ("absolute", "relative")
 Box = Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
 
 
@@ -51,7 +53,8 @@ class PatchScore:
 class SlidingResult:
     """What :func:`sliding_cam` returns.
 
-    ``cam``: (D, H, W) float32 in [0, 1] over the whole volume (0 outside the region).
+    ``cam``: (D, H, W) float32 in [0, 1] over the whole volume (0 outside the region), on the
+    scale :func:`sliding_cam` was asked for.
     ``score_map``: (D, H, W) float32, the Gaussian-blended patch scores (0 outside the region).
     ``patch_scores``: one :class:`PatchScore` per patch; ``max_score``: the highest of them.
     ``device`` and ``batch_size``: where and with how many patches per batch the run finished
@@ -207,7 +210,10 @@ class _Tiling:
 
 class _Blend:
     """Gaussian-weighted sums of the patches' maps and scores over the tiling's extent (sigma =
-    ``sigma_scale`` x patch); ``by_score``: each map counts in proportion to its patch's score."""
+    ``sigma_scale`` x patch). ``by_score``: each patch's map is first min-max scaled to [0, 1]
+    within the patch and multiplied by the patch's score (the absolute scale: a voxel's heat is
+    the Gaussian-weighted mean, over the patches covering it, of score x scaled map); otherwise
+    the raw maps are summed as they are (a scale of their own: see :meth:`maps`)."""
 
     def __init__(self, tiling: _Tiling, sigma_scale: float, by_score: bool) -> None:
         self.patch, self.by_score = tiling.patch, by_score
@@ -217,7 +223,7 @@ class _Blend:
 
     def add(self, corners: Sequence[Tuple[int, int, int]], maps: torch.Tensor, scores: torch.Tensor) -> None:
         if self.by_score:
-            maps = maps * scores.to(maps)[:, None, None, None]
+            maps = minmax_per_sample(maps.float()) * scores.to(maps.device, torch.float32)[:, None, None, None]
         p = self.patch
         for n, (k, j, i) in enumerate(corners):
             region = (slice(k, k + p[0]), slice(j, j + p[1]), slice(i, i + p[2]))
@@ -229,14 +235,17 @@ class _Blend:
         self.weight, self.cam, self.score, self.total = (t.to(dev) for t in (self.weight, self.cam, self.score,
                                                                              self.total))
 
-    def maps(self, box: Box, shape: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
-        """The blended CAM (min-max scaled to [0, 1] over the box) and scores on the volume's
-        grid, 0 outside the box."""
+    def maps(self, box: Box, shape: Tuple[int, ...], relative: bool) -> Tuple[np.ndarray, np.ndarray]:
+        """The blended CAM and scores on the volume's grid, 0 outside the box. The CAM is on the
+        absolute scale (clipped to [0, 1] against rounding), or with ``relative`` (always for raw
+        maps) min-max scaled to [0, 1] over the box."""
         inside = tuple(slice(0, b - a) for a, b in box)
         where = tuple(slice(a, b) for a, b in box)
         cam_map = np.zeros(shape, dtype=np.float32)
         score_map = np.zeros(shape, dtype=np.float32)
-        cam_map[where] = minmax_per_sample((self.cam[inside] / self.total[inside])[None])[0].cpu().numpy()
+        blended = self.cam[inside] / self.total[inside]
+        blended = minmax_per_sample(blended[None])[0] if relative else blended.clamp(0.0, 1.0)
+        cam_map[where] = blended.cpu().numpy()
         score_map[where] = (self.score[inside] / self.total[inside]).cpu().numpy()
         return cam_map, score_map
 
@@ -266,8 +275,8 @@ class _OutOfMemory:
         return False
 
 
-def _check_arguments(volume_tensor: Any, patch: Any, stride: Any, batch_size: int,
-                     blend: str) -> Tuple[torch.Tensor, Tuple[int, int, int], Tuple[int, int, int]]:
+def _check_arguments(volume_tensor: Any, patch: Any, stride: Any, batch_size: int, blend: str,
+                     scale: str) -> Tuple[torch.Tensor, Tuple[int, int, int], Tuple[int, int, int]]:
     volume = volume_tensor
     if not isinstance(volume, torch.Tensor):  # numpy, possibly flipped (negative strides)
         volume = torch.from_numpy(np.ascontiguousarray(volume))
@@ -282,6 +291,10 @@ def _check_arguments(volume_tensor: Any, patch: Any, stride: Any, batch_size: in
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     if blend not in ("raw", "score"):
         raise InvalidInputError(f"blend must be 'raw' or 'score', got {blend!r}")
+    if scale not in SCALES:
+        raise InvalidInputError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if blend == "raw" and scale == "absolute":
+        raise InvalidInputError("raw maps have no absolute scale: use blend='score', or scale='relative'")
     return volume, patch, stride
 
 
@@ -294,7 +307,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
                 progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
                 device: Union[None, str, torch.device] = None, amp: bool = False,
                 activation: str = "softmax", sigma_scale: float = 0.125,
-                blend: str = "score") -> SlidingResult:
+                blend: str = "score", scale: str = "absolute") -> SlidingResult:
     """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
 
     Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
@@ -303,12 +316,16 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     each (B, 1, *patch) HU batch; default: none) turns HU into model input. Each batch gets one
     forward pass (:class:`~LungGradCAMLib.engine.cam.CAM`: maps upsampled to the patch, not normalised);
     the maps and the patches' scores are blended with Gaussian weights (sigma =
-    ``sigma_scale`` x patch), the blended map is min-max scaled to [0, 1] over the box.
-    ``blend="score"`` (the default, the product's) blends each patch's raw map multiplied by the
-    patch's score: a patch the model calls background adds (almost) no heat, so a whole-scan map
-    shows where the explained class is rather than every structure each patch attends to (on
-    held-out phantoms it raised mean-Dice and the energy inside nodules over "raw", which blends
-    the raw maps as they are).
+    ``sigma_scale`` x patch).
+    ``blend="score"`` (the default, the product's) blends each patch's map, min-max scaled to
+    [0, 1] within the patch, multiplied by the patch's score (its probability of the explained
+    class): a patch the model calls background adds (almost) no heat, so a whole-scan map shows
+    where the explained class is rather than every structure each patch attends to. With
+    ``scale="absolute"`` (the default) the blend is never rescaled: a voxel's value is the
+    Gaussian-weighted mean over the patches covering it of score x scaled map, so it means the
+    same on every scan, and a scan whose patches all score below 0.5 has no voxel at 0.5 or
+    above. ``scale="relative"`` min-max scales the blend to [0, 1] over the box (every scan then
+    has a maximum of 1); ``blend="raw"`` blends the raw, unscaled maps and needs it.
 
     ``target``: as for :func:`~LungGradCAMLib.engine.cam.compute_cam`, except that None means the LAST
     class (-1: the positive class of a binary or single-logit model) for every patch, so that all
@@ -321,7 +338,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     CUDA out-of-memory error halves the batch and retries; at one patch per batch the rest runs on
     a CPU copy of the model with a warning; running out there raises :class:`ResourceError`.
     """
-    volume, patch, stride = _check_arguments(volume_tensor, patch, stride, batch_size, blend)
+    volume, patch, stride = _check_arguments(volume_tensor, patch, stride, batch_size, blend, scale)
     box = _box(roi, tuple(volume.shape))
     dev = _model_device(model)
     if device is not None and not _same_device(torch.device(device), dev):
@@ -373,5 +390,5 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
             model = copy.deepcopy(model).to(dev)
             tiling.to(dev)
             blended.to(dev)
-    cam_map, score_map = blended.maps(box, tuple(volume.shape))
+    cam_map, score_map = blended.maps(box, tuple(volume.shape), relative=scale == "relative")
     return SlidingResult(cam_map, score_map, scores, max(s.score for s in scores), str(dev), oom.batch)

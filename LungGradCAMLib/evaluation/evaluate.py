@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -376,3 +377,21 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
     if history:
         paths["loss"] = save_loss_curves_png(history, out / "loss.png", title=title or "training")
     return paths
+
+
+def group_bootstrap(groups: Sequence[Any], statistic: Callable[[np.ndarray], Any], n_boot: int = 1000,
+                    confidence: float = 0.95, seed: int = 0) -> np.ndarray:
+    """Percentile bootstrap ``confidence`` interval of ``statistic(index)`` (a number or an array
+    of numbers, of the samples at ``index``) resampling whole groups (e.g. patients) with
+    replacement: an array (2, ...) of the low and high ends; NaN replicates are left out."""
+    g = np.asarray(groups).astype(str)
+    members = [np.flatnonzero(g == u) for u in np.unique(g)]
+    if not members:
+        raise InvalidInputError("group_bootstrap needs at least one sample")
+    rng = np.random.default_rng(seed)
+    draws = [np.asarray(statistic(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])),
+                        dtype=np.float64) for _ in range(n_boot)]
+    alpha = (1 - confidence) / 2
+    with warnings.catch_warnings():  # a statistic that is NaN in every replicate has a NaN interval
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanquantile(np.stack(draws), [alpha, 1 - alpha], axis=0)

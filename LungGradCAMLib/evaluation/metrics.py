@@ -278,3 +278,44 @@ def insertion_curve(volume: ArrayOrVolume, cam: ArrayOrVolume, score_fn: Callabl
     equal steps; a faithful CAM makes the score rise fast (high area is good). Arguments as in
     :func:`deletion_curve`."""
     return _perturbation_curve(True, volume, cam, score_fn, steps, baseline, blur_sigma_mm, spacing, batch_size)
+
+
+# --- detection: FROC ------------------------------------------------------------------------------
+
+#: LUNA16's FROC operating points: false positives (here: false hot regions) per scan.
+FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class Froc(NamedTuple):
+    """A FROC over operating points (e.g. heat-map thresholds): ``sensitivity`` and
+    ``fp_per_scan`` at each point; ``at``: the sensitivity at each of ``rates`` false positives per
+    scan; ``cpm``: their mean (LUNA16's competition performance metric)."""
+
+    sensitivity: np.ndarray
+    fp_per_scan: np.ndarray
+    rates: Tuple[float, ...]
+    at: np.ndarray
+    cpm: float
+
+
+def froc(hits: np.ndarray, false_positives: Sequence[float], n_scans: int,
+         rates: Sequence[float] = FROC_RATES) -> Froc:
+    """The FROC of a detector run at several operating points over ``n_scans`` scans.
+
+    ``hits``: bool (points, nodules), whether each nodule was found at each operating point;
+    ``false_positives``: (points,) the false detections summed over all scans at each point. The
+    sensitivity at a rate r is that of the best operating point with at most r false positives
+    per scan (0 when none has so few): a point the detector can be run at, not an interpolation.
+    ``cpm`` is the mean over ``rates`` (LUNA16: 1/8, 1/4, 1/2, 1, 2, 4, 8 per scan).
+    """
+    found = np.asarray(hits, dtype=bool)
+    fps = np.asarray(false_positives, dtype=np.float64).reshape(-1)
+    if found.ndim != 2 or found.shape[0] != fps.size:
+        raise InvalidInputError(f"hits must be (points, nodules) with one row per entry of false_positives; got "
+                                f"{found.shape} and {fps.size}")
+    if n_scans < 1 or found.shape[1] < 1:
+        raise InvalidInputError(f"a FROC needs scans and nodules; got {n_scans} scans and {found.shape[1]} nodules")
+    sensitivity = found.mean(axis=1)
+    per_scan = fps / n_scans
+    at = np.array([sensitivity[per_scan <= r].max(initial=0.0) for r in rates])
+    return Froc(sensitivity, per_scan, tuple(float(r) for r in rates), at, float(at.mean()))

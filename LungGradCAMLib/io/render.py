@@ -73,6 +73,7 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
                  center_ijk: Optional[Sequence[int]] = None, *,
                  contours: Optional[Dict[str, np.ndarray]] = None,
                  cam: Union[np.ndarray, Volume, None] = None, cam_opacity: float = 0.4,
+                 cam_label: str = "CAM", cam_threshold: Optional[float] = None,
                  cam_mask: Optional[np.ndarray] = None, zooms: Sequence[ZoomView] = (),
                  window: Tuple[float, float] = (-1350.0, 150.0), title: Optional[str] = None,
                  caption: Optional[str] = None, dpi: int = 100) -> Path:
@@ -83,8 +84,9 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     drawn as coloured outlines with a legend (e.g. {"lungs": ..., "nodules": ...}); names
     containing "lung" are cyan, the others red, green, yellow, ... in order. ``cam``: values in [0, 1] on the volume's grid
     (array K, J, I or a :class:`Volume`), overlaid with the jet colour map (high = red), transparent
-    near zero, at most ``cam_opacity`` opaque, with a colour bar; ``cam_mask`` (bool, K, J, I): the
-    CAM is shown only inside it (e.g. the lungs). ``zooms``: one more row of the three views per
+    near zero, at most ``cam_opacity`` opaque, with a colour bar labelled ``cam_label`` (e.g. what
+    the scale means) and, when given, a white line at ``cam_threshold``; ``cam_mask`` (bool, K, J,
+    I): the CAM is shown only inside it (e.g. the lungs). ``zooms``: one more row of the three views per
     :class:`ZoomView`, cropped to its box (e.g. one per hot region). A view much wider than high
     (a thin slab's coronal and sagittal views) is stretched vertically by a whole factor, said in
     its title. ``window``: (low, high) HU shown
@@ -209,7 +211,9 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
         top = 1 - 0.7 / (total + 1.1)
         bar_ax = fig.add_axes((0.92, top - 0.75 * row_inches / (total + 1.1), 0.015, 0.7 * row_inches / (total + 1.1)))
         bar = fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=jet), cax=bar_ax)
-        bar.set_label("CAM", color="white")
+        bar.set_label(cam_label, color="white")
+        if cam_threshold is not None:
+            bar.ax.axhline(float(cam_threshold), color="white", linewidth=2)
         bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
     window_text = f"W {hi - lo:.0f} / L {(hi + lo) / 2:.0f} HU"
     fig.text(0.01, 1 - 0.15 / (total + 1.1), (title + "   " if title else "") + window_text, color="white",

@@ -10,10 +10,11 @@
 from .batch import SUMMARY_FIELDS, prefetched, run_batch, safe_name, write_summary
 from .explainer import (CAM_STEP, STAGES, CostEstimate, Progress, cam_on_ct_grid, check_options, default_batch_size,
                         estimate_cost, explain, explain_and_segment, get_model, on_ct_grid, second_opinions)
-from .outputs import NO_REGION, VOLUME_FORMATS, build_report, intended_use, outcome, run_one, write_outputs, write_overlay
+from .outputs import (NO_REGION, VOLUME_FORMATS, build_report, intended_use, outcome, run_one, scale_text, write_outputs,
+                      write_overlay)
 from .segment import segment_cam
 
 __all__ = ["CAM_STEP", "STAGES", "CostEstimate", "Progress", "cam_on_ct_grid", "check_options", "default_batch_size",
            "estimate_cost", "explain", "explain_and_segment", "get_model", "on_ct_grid", "second_opinions",
-           "NO_REGION", "VOLUME_FORMATS", "build_report", "intended_use", "outcome", "run_one", "write_outputs",
+           "NO_REGION", "VOLUME_FORMATS", "build_report", "intended_use", "outcome", "run_one", "scale_text", "write_outputs",
            "write_overlay", "segment_cam", "SUMMARY_FIELDS", "prefetched", "run_batch", "safe_name", "write_summary"]

@@ -335,11 +335,11 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
             device: Any = None, batch_size: Optional[int] = None, progress: Optional[Progress] = None,
             stride: Optional[Sequence[int]] = None, amp: bool = False,
             cancel: Optional[Callable[[], bool]] = None, *, layer: Optional[str] = None,
-            chest_check: bool = True, options: Optional[ExplainOptions] = None,
+            chest_check: bool = True, scale: str = "absolute", options: Optional[ExplainOptions] = None,
             on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
-    The settings (``model`` ... ``amp``, ``layer``, ``chest_check``) are those of
+    The settings (``model`` ... ``amp``, ``layer``, ``chest_check``, ``scale``) are those of
     :class:`~LungGradCAMLib.options.ExplainOptions`; give them as keywords or as one ``options``.
 
     Steps: the model (checked: target class, layer) -> lung mask (computed unless ``lung_mask``,
@@ -356,7 +356,13 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     * ``auto``: ``roi`` if a roi is given, else ``whole`` for whole-volume models, else ``sliding``.
 
     Returns an :class:`Explanation` whose ``cam`` (float32 in [0, 1] in steps of
-    :data:`CAM_STEP`, high = important) has the input CT's exact geometry. The scan-level
+    :data:`CAM_STEP`, high = important) has the input CT's exact geometry. Its scale is absolute
+    (``scale="absolute"``, the default): each patch's map, min-max scaled within the patch, is
+    multiplied by the patch's probability of the explained class and the products are blended
+    with Gaussian weights, never rescaled per scan (:func:`~LungGradCAMLib.engine.sliding.sliding_cam`),
+    so a level means the same on every CT and a CT whose patches all score below 0.5 has no
+    voxel at 0.5; the same holds in every mode (a region, a whole volume: one patch, its map x
+    its probability). ``scale="relative"`` min-max scales the map over the covered box instead. The scan-level
     probability of the explained class is the highest blended patch score; ``score_map`` holds
     the blended scores on the CT grid. ``timings`` holds seconds per stage (:data:`STAGES`) and
     ``total``, the wall time of the call.
@@ -376,7 +382,7 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     started = time.perf_counter()
     opts = _options(options, dict(model=model, method=method, target=target, mode=mode, roi=roi,
                                   device=device, batch_size=batch_size, stride=stride, amp=amp,
-                                  layer=layer, chest_check=chest_check))
+                                  layer=layer, chest_check=chest_check, scale=scale))
     volume = _check_volume(volume)
     timings: Dict[str, float] = {}
     stage = Stages(timings, progress, cancel)
@@ -460,7 +466,7 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
             loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
             target=target_index, layer=opts.layer or card.target_layer, roi=box, batch_size=batch_size,
             preprocess=loaded.prepare, progress=stage.counter("cam"), cancel=cancel, device=dev, amp=opts.amp,
-            activation=card.activation, blend="score",
+            activation=card.activation, blend="score", scale=opts.scale,
         )
 
     with stage("resample_back"):

@@ -45,10 +45,15 @@ def intended_use(explanation: Explanation) -> str:
 
 
 def outcome(segmentation: Segmentation) -> str:
-    """"N hot region(s)" or :data:`NO_REGION` (with the level), as the outputs state it."""
-    level = "" if segmentation.threshold is None else f" {segmentation.threshold:.2f}"
+    """"N hot region(s)" or :data:`NO_REGION` with the level and the heat map's highest value
+    (e.g. "no region above threshold 0.50 (highest heat 0.23)"), as the outputs state it."""
     n = len(segmentation.regions)
-    return f"{n} hot region{'s' if n != 1 else ''}" if n else NO_REGION + level
+    if n:
+        return f"{n} hot region{'s' if n != 1 else ''}"
+    level = "" if segmentation.threshold is None else f" {segmentation.threshold:.2f}"
+    # rounded down, so a heat map just below the threshold never reads as reaching it
+    peak = "" if segmentation.peak is None else f" (highest heat {np.floor(segmentation.peak * 100) / 100:.2f})"
+    return NO_REGION + level + peak
 
 
 def build_report(explanation: Explanation, segmentation: Segmentation, input_desc: str = "") -> dict:
@@ -76,6 +81,7 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
         "chest_check": explanation.chest_check,
         "region_model": explanation.options.get("region_model"),
         "threshold": segmentation.threshold,
+        "peak_heat": segmentation.peak,
         "outcome": outcome(segmentation),
         "regions": [r.to_dict() for r in segmentation.regions],
         "timings_s": explanation.timings,
@@ -191,8 +197,9 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     """Axial/coronal/sagittal views through the hottest region (or the CAM peak), then a row of
     zoomed views through each hot region (the :data:`OVERLAY_REGIONS` hottest): lung window, CAM
     colour map (only inside the lungs when the run kept regions there), region, nodule outline and lung contours,
-    colour bar; the title states the prediction and the outcome, the caption the model's intended
-    use. A thin slab's coronal and sagittal views are stretched to stay readable."""
+    a colour bar that states the scale and marks the threshold; the title states the prediction and
+    the outcome, the caption the model's intended use. A thin slab's coronal and sagittal views are
+    stretched to stay readable."""
     from ..io.render import ZoomView, save_montage
 
     if segmentation.regions:
@@ -215,8 +222,16 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
              for r in shown]
     in_lungs = explanation.lung_mask if explanation.options.get("restrict_to_lungs", True) else None
     return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours, cam=explanation.cam,
+                        cam_label=scale_text(explanation), cam_threshold=segmentation.threshold,
                         cam_mask=in_lungs, zooms=zooms, title=title,
                         caption="Research model. " + intended_use(explanation))
+
+
+def scale_text(explanation: Explanation) -> str:
+    """What a heat-map value means, in a few words (the overlay's colour bar, the Slicer panel)."""
+    if explanation.options.get("scale", "absolute") == "relative":
+        return "heat, relative: this CT's maximum = 1"
+    return f"heat = P({explanation.target_class}) x map, absolute: same on every CT"
 
 
 def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentation]:
@@ -248,7 +263,7 @@ def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentatio
         options=options)
     labelmap = read_volume(folder / labels_name)
     regions = [Region.from_dict(r) for r in report.get("regions", [])]
-    return explanation, Segmentation(labelmap, regions, report.get("threshold"))
+    return explanation, Segmentation(labelmap, regions, report.get("threshold"), report.get("peak_heat"))
 
 
 # --------------------------------------------------------------------------------------------

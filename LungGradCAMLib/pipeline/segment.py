@@ -119,7 +119,8 @@ def segment_cam(
     voxel); both must have the CAM's geometry.
 
     Regions are 26-connected, ordered hottest first (peak CAM, then volume) and labelled 1..N;
-    ``Segmentation.threshold`` is the level used. Volumes use the voxel volume |det(ijk_to_ras)|
+    ``Segmentation.threshold`` is the level used, ``Segmentation.peak`` the hottest region's peak
+    or, with no region, the highest CAM value inside ``within``. Volumes use the voxel volume |det(ijk_to_ras)|
     in mm³, so oblique grids are measured correctly.
     """
     cam_volume = _cam_volume(explanation_or_cam)
@@ -177,7 +178,9 @@ def segment_cam(
     offset = np.array([s.start for s in sub])
     regions = _measure(labelmap[sub], len(keep), offset, cam_sub, None if hu is None else hu[sub],
                        None if scores is None else scores[sub], cam_volume, voxel_mm3)
-    return Segmentation(LabelMap.like(cam_volume, labelmap, kind="labelmap"), regions, level)
+    # the highest heat looked at: the hottest region's peak, else (nothing kept) one masked pass
+    peak = regions[0].peak_cam if regions else float(high if mask is None else np.max(cam, where=mask, initial=0.0))
+    return Segmentation(LabelMap.like(cam_volume, labelmap, kind="labelmap"), regions, level, peak)
 
 
 def _label_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -223,7 +223,9 @@ def _phantom_geometry(rng: np.random.Generator) -> Tuple[Tuple[int, int, int], T
 def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 32),
                     spacing_mm: Sequence[float] = (1.5, 1.5, 1.5), task: str = "nodule",
                     positives_per_nodule: int = 6, negatives_per_kind: int = 4,
-                    jitter_vox: Optional[int] = None, progress: Union[bool, str] = False) -> PatchSet:
+                    jitter_vox: Optional[int] = None,
+                    hard_negatives: Optional[Callable[..., Sequence[np.ndarray]]] = None,
+                    progress: Union[bool, str] = False) -> PatchSet:
     """Patches from one synthetic chest CT per seed (:func:`LungGradCAMLib.phantom.chest_ct` with
     its random nodules, at a scanner setting drawn from the seed: in-plane 1.6-2 mm, slices 2-3
     mm, noise 10-30 HU), resampled to ``spacing_mm`` (i, j, k mm) as the pipeline does.
@@ -233,8 +235,13 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     so the model sees nodules anywhere near the middle of a window; and ``negatives_per_kind``
     patches centred in each of :data:`NEGATIVE_KINDS` (lung parenchyma, vessels, airways, chest
     wall and mediastinum near the lungs, anywhere in the lungs' bounding box), none holding a nodule
-    voxel. ``task="malignancy"`` (classes benign, malignant): the nodule patches only, labelled by
+    voxel; ``hard_negatives(hu, lungs, clear, patient, rng)`` (the phantom on the model grid, its
+    lungs, where a patch holds no nodule voxel even when shifted by a quarter patch, its patient ID
+    and the seed's random generator) returns more negative patches (kind ``hard``: e.g. around a model's false hot spots,
+    :func:`~LungGradCAMLib.training.placement.hard_negative_patches`).
+    ``task="malignancy"`` (classes benign, malignant): the nodule patches only, labelled by
     the phantom's ``malignant`` flag. Deterministic per seed; patient ID ``phantom-<seed>``.
+    ``PatchSet.masks`` holds each patch's nodule voxels (the phantom's truth on the model grid).
     """
     from scipy import ndimage
 
@@ -246,7 +253,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     size = tuple(int(v) for v in patch_size)
     jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
     codes = phantom.TISSUES
-    patches, labels, patients, kinds, centres = [], [], [], [], []
+    patches, labels, patients, kinds, centres, masks = [], [], [], [], [], []
     seeds = list(seeds)
     iterator = seeds
     if progress:
@@ -262,8 +269,11 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
         def on_grid(mask: np.ndarray) -> np.ndarray:
             return resample_to(LabelMap.like(ph.volume, mask.astype(np.uint8)), grid).array
 
+        nodules = on_grid(ph.nodule_labelmap > 0) > 0
+
         def add(centre: np.ndarray, label: int, kind: str) -> None:
             patches.append(crop_patch(grid.array, centre, size))
+            masks.append(crop_patch(nodules, centre, size, fill=False))
             labels.append(label)
             patients.append(f"phantom-{seed}")
             kinds.append(kind)
@@ -279,7 +289,7 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
         tissues = on_grid(ph.tissues)
         lungs = on_grid(ph.lungs).astype(bool)
         # centres whose patch would hold a nodule voxel
-        forbidden = ndimage.maximum_filter(on_grid(ph.nodule_labelmap > 0), size=size) > 0
+        forbidden = ndimage.maximum_filter(nodules, size=size)
         near = ndimage.maximum_filter(lungs.astype(np.uint8), size=int(round(20.0 / min(spacing_mm))) | 1) > 0
         box = np.zeros_like(lungs)
         if lungs.any():
@@ -294,11 +304,20 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
             cand = np.flatnonzero(where[kind] & ~forbidden)
             for flat in rng.choice(cand, size=min(negatives_per_kind, cand.size), replace=False):
                 add(np.array(np.unravel_index(flat, grid.shape), dtype=np.float64), 0, kind)
+        if hard_negatives is not None:
+            clear = ~ndimage.maximum_filter(nodules, size=tuple(s + 2 * (s // 4) for s in size))
+            for hu in hard_negatives(grid.array, lungs, clear, f"phantom-{seed}", rng):
+                patches.append(hu)
+                masks.append(np.zeros(size, bool))
+                labels.append(0)
+                patients.append(f"phantom-{seed}")
+                kinds.append("hard")
+                centres.append(np.full(3, np.nan))
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
     if not patches:
         raise DataError(f"phantoms {seeds} gave no patches")
     return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
+                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
 
 
 # --------------------------------------------------------------------------------------------

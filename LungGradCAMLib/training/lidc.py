@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -310,6 +310,29 @@ def voi_on_grid(voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int],
     return hu, cut, _kji_to_ras(grid, np.rint(centre))
 
 
+def place_voi(hu: np.ndarray, spacing_mm: Sequence[float], voi: LidcVoi, centre_kji: Sequence[int],
+              feather_mm: float = 2.0) -> Tuple[Tuple[slice, slice, slice], np.ndarray]:
+    """Paste ``voi``'s nodule into ``hu`` (float32 HU, K, J, I, on a grid of ``spacing_mm`` i, j, k
+    mm, changed in place) with its centre of mass at voxel ``centre_kji``: the VOI resampled to
+    the grid (:func:`voi_on_grid`), its outline feathered over ``feather_mm`` into the background
+    (:func:`~LungGradCAMLib.training.placement.paste`), so inside the outline the voxels are
+    exactly the (resampled) source's HU. Returns the block of ``hu`` it wrote (slices) and the
+    nodule's mask on that block; parts past the array's edges are left out."""
+    from .placement import feather_weight, paste
+
+    image = read_volume(voi.image)  # the block: the VOI's extent on the new grid, and room for the feather
+    extent_mm = np.asarray(image.shape) * np.asarray(image.spacing)[::-1]
+    step = np.asarray(spacing_mm, dtype=float)[::-1]
+    size = tuple(int(v) for v in np.ceil(extent_mm / step) + 2 * np.ceil(feather_mm / step) + 3)
+    source, mask, _ = voi_on_grid(voi, spacing_mm, size)
+    weight = feather_weight(mask, spacing_mm, feather_mm)
+    start = [int(c) - n // 2 for c, n in zip(centre_kji, size)]  # crop_patch's convention: centre at size // 2
+    dst = tuple(slice(max(a, 0), min(a + n, m)) for a, n, m in zip(start, size, hu.shape))
+    src = tuple(slice(d.start - a, d.stop - a) for d, a in zip(dst, start))
+    hu[dst] = paste(hu[dst], source[src], weight[src])
+    return dst, mask[src]
+
+
 def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spacing_mm: Sequence[float],
                      task: str = "malignancy", backgrounds: Optional[Sequence["Background"]] = None,
                      placements: int = 1, jitter_vox: int = 0, feather_mm: float = 3.0, seed: int = 0,
@@ -384,6 +407,8 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
                                jitter_vox: Optional[int] = None, negatives_per_kind: int = 100,
                                phantom_seeds: Sequence[int] = (), phantom_positives_per_nodule: int = 6,
                                phantom_negatives_per_kind: int = 16, seed: int = 0,
+                               hard_negative_models: Sequence[Any] = (), hard_negatives_per_region: int = 0,
+                               hard_negatives_per_phantom: int = 0, hard_negative_threshold: float = 0.3,
                                progress: bool = False) -> PatchSet:
     """Nodule-vs-background patches (classes background, nodule) from real nodules placed into
     real lungs, with fixed ``splits``: the VOIs' patients (and the phantoms' seeds) are split by
@@ -393,8 +418,12 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     ``negatives_per_kind`` patches of each :data:`~LungGradCAMLib.training.placement.BACKGROUND_KINDS` from
     each of its regions (patient ``background:<region>``). ``phantom_seeds`` adds synthetic chest
     CTs (:func:`phantom_patches` with ``phantom_positives_per_nodule`` and
-    ``phantom_negatives_per_kind``), split by seed the same way."""
-    from .placement import SPLITS, background_patches, pick
+    ``phantom_negatives_per_kind``), split by seed the same way. Each of ``hard_negative_models``
+    (``LoadedModel``: rounds of hard-negative mining) adds ``hard_negatives_per_region`` patches
+    of each region around the spots where it paints the nodule-free lung at
+    ``hard_negative_threshold`` or more (:func:`~LungGradCAMLib.training.placement.hard_negative_patches`),
+    and ``hard_negatives_per_phantom`` of each phantom's lungs away from its nodules."""
+    from .placement import SPLITS, Background, background_patches, hard_negative_patches, pick
 
     size = tuple(int(s) for s in patch_size)
     jitter = max(s // 4 for s in size) if jitter_vox is None else int(jitter_vox)
@@ -409,14 +438,24 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
         nodules = lidc_voi_patches([records[i] for i in index], size, spacing_mm, task="nodule",
                                    backgrounds=regions, placements=placements, jitter_vox=jitter,
                                    seed=seed * 31 + n, progress=progress and f"nodules ({split})")
-        hu, kinds, names = background_patches(regions, size, negatives_per_kind, rng)
-        negatives = PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
-                             classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool))
-        found = [nodules, negatives]
+        found = [nodules]
+        sampled = [background_patches(regions, size, negatives_per_kind, rng)]
+        sampled += [hard_negative_patches(regions, model, size, hard_negatives_per_region, rng, hard_negative_threshold)
+                    for model in hard_negative_models]
+        for hu, kinds, names in sampled:
+            found.append(PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
+                                  classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool)))
         if len(phantoms):
+            def hard(hu: np.ndarray, lungs: np.ndarray, clear: np.ndarray, patient: str,
+                     draw: np.random.Generator) -> List[np.ndarray]:
+                scan = Background(patient, split, hu, lungs, clear, tuple(float(v) for v in spacing_mm))
+                return [p for model in hard_negative_models for p in hard_negative_patches(
+                    [scan], model, size, hard_negatives_per_phantom, draw, hard_negative_threshold)[0]]
+
             found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
                                          positives_per_nodule=phantom_positives_per_nodule,
                                          negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
+                                         hard_negatives=hard if hard_negatives_per_phantom > 0 else None,
                                          progress=progress and f"phantoms ({split})"))
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)

@@ -40,7 +40,8 @@ BAND_FRACTIONS = (0.5, 0.2, 0.3)
 @dataclass
 class Background:
     """A real CT on a model grid: ``hu`` (float32 HU, K, J, I), ``lungs`` (bool), ``region`` (bool:
-    where patch centres of ``split`` may lie), ``spacing_mm`` (i, j, k), ``name`` (its source)."""
+    where patch centres of ``split`` may lie), ``spacing_mm`` (i, j, k), ``name`` (its source),
+    ``source`` (the file or folder it was read from) and ``ijk_to_ras`` (the grid's 4x4 matrix)."""
 
     name: str
     split: str
@@ -48,6 +49,8 @@ class Background:
     lungs: np.ndarray
     region: np.ndarray
     spacing_mm: Tuple[float, float, float]
+    source: Optional[Path] = None
+    ijk_to_ras: Optional[np.ndarray] = None
     _maps: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # shared by a scan's regions
     _candidates: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -214,7 +217,7 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
         for s, region in regions.items():
             if s in splits and (lungs & region).sum() * np.prod(grid.spacing) > 1e4:  # >= 10 ml of lung
                 out.append(Background(f"{image.name}:{s}" if split == "bands" else image.name, s, hu, lungs,
-                                      region, tuple(float(v) for v in grid.spacing), maps))
+                                      region, tuple(float(v) for v in grid.spacing), image, grid.ijk_to_ras, maps))
     if not out:
         raise DataError(f"{manifest}: no background scan could be read for split(s) {list(splits)}")
     return out
@@ -237,6 +240,54 @@ def background_patches(backgrounds: Sequence[Background], patch_size: Sequence[i
                 names.append(bg.name)
     shape = (0,) + tuple(int(s) for s in patch_size)
     return (np.stack(patches) if patches else np.zeros(shape, np.float32)), kinds_out, names
+
+
+def hard_negative_patches(backgrounds: Sequence[Background], model: "LoadedModel", patch_size: Sequence[int],  # noqa: F821
+                          per_region: int, rng: np.random.Generator, threshold: float = 0.3,
+                          spacing_apart_mm: float = 6.0) -> Tuple[np.ndarray, List[str], List[str]]:
+    """Hard negatives: where ``model`` (a ``LoadedModel`` of the backgrounds' spacing, any patch
+    size) paints a nodule-free lung. Each background's lungs are explained as the product explains a scan (a
+    sliding window of half-patch steps over the lungs' box, the card's method and layer, the
+    absolute scale), and the local maxima of the heat map inside the region's lungs that reach
+    ``threshold``, at least ``spacing_apart_mm`` apart, are its false hot spots. ``per_region``
+    patches of ``patch_size`` per background are cut around them, hottest first and round again, each shifted by
+    up to a quarter patch so the spot is seen anywhere near the middle. Returns the patches (HU
+    float32, (N, K, J, I)), their kind (``hard``) and background names, as
+    :func:`background_patches`."""
+    import torch
+
+    from ..core.volume import AIR_HU
+    from ..engine.lung import lung_bbox
+    from ..engine.sliding import sliding_cam
+    from .data import crop_patch
+
+    card = model.card
+    size = tuple(int(s) for s in patch_size)
+    if not np.allclose(card.spacing_mm, backgrounds[0].spacing_mm):
+        raise DataError(f"the hard-negative model {card.name!r} takes voxels of {card.spacing_mm} mm; the backgrounds "
+                        f"are at {list(backgrounds[0].spacing_mm)} mm")
+    window = tuple(int(s) for s in card.patch_size)  # the model explains with its own patches
+    jitter = max(s // 4 for s in size)
+    patches, names = [], []
+    for bg in backgrounds:
+        where = bg.lungs & bg.region
+        if per_region < 1 or not where.any():
+            continue
+        box = lung_bbox(where, [p // 4 for p in window])
+        cam = sliding_cam(model.module, torch.from_numpy(bg.hu), window, [max(1, p // 2) for p in window],
+                          method=card.cam_method, target=card.cam_class_index, layer=card.target_layer, roi=box,
+                          batch_size=32, preprocess=model.prepare, activation=card.activation).cam
+        reach = [int(round(spacing_apart_mm / s)) * 2 + 1 for s in bg.spacing_mm[::-1]]
+        peaks = where & (cam >= threshold) & (cam == ndimage.maximum_filter(cam, size=reach))
+        spots = np.argwhere(peaks)
+        spots = spots[np.argsort(-cam[peaks], kind="stable")]
+        log.info("hard negatives: %d hot spots >= %.2f in %s", len(spots), threshold, bg.name)
+        for n in range(per_region if len(spots) else 0):
+            centre = spots[n % len(spots)] + rng.integers(-jitter, jitter + 1, 3)
+            patches.append(crop_patch(bg.hu, centre, size, fill=AIR_HU))
+            names.append(bg.name)
+    shape = (0,) + size
+    return (np.stack(patches) if patches else np.zeros(shape, np.float32)), ["hard"] * len(patches), names
 
 
 def pick(backgrounds: Sequence[Background], split: str) -> List[Background]:

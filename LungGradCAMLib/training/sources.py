@@ -57,9 +57,10 @@ class DataSpec:
     """A data source. ``source``: one of :data:`SOURCES` (``path``: its folder, CSV or patch
     cache; not for phantom); ``task``: nodule vs background, or benign vs malignant; ``cache``:
     a .npz the patches are saved to and read back from; ``split_fractions``: the validation and
-    test fractions of the fixed lidc-vois nodule splits; ``patients``: only these patients' patches
-    (None: all; e.g. a model card's test patients; a cache is read, never written, when given).
-    The rest are the counts of each source (see ``lunggradcam train --help``)."""
+    test fractions of the fixed lidc-vois nodule splits; ``hard_negatives``: models (names or
+    paths) whose false hot spots in the background regions become negatives; ``patients``: only
+    these patients' patches (None: all; e.g. a model card's test patients; a cache is read, never
+    written, when given). The rest are the counts of each source (see ``lunggradcam train --help``)."""
 
     source: str = "phantom"
     path: Optional[str] = None
@@ -74,6 +75,10 @@ class DataSpec:
     max_negatives_per_scan: int = 20
     classes: Sequence[str] = ("background", "nodule")
     cache: Optional[str] = None
+    hard_negatives: Sequence[str] = ()
+    hard_negatives_per_region: int = 200
+    hard_negatives_per_phantom: int = 0
+    hard_negative_threshold: float = 0.3
     seed: int = 0
     split_fractions: Tuple[float, float] = (0.15, 0.15)
     patients: Optional[Sequence[str]] = None
@@ -82,7 +87,8 @@ class DataSpec:
     #: (cache, patients) say where it is kept and which part is read.
     DESCRIBING = ("source", "path", "backgrounds", "placements", "negatives_per_region", "with_phantoms",
                   "phantom_seeds", "task", "positives_per_nodule", "negatives_per_kind", "max_negatives_per_scan",
-                  "classes", "seed", "split_fractions")
+                  "classes", "hard_negatives", "hard_negatives_per_region", "hard_negatives_per_phantom",
+                  "hard_negative_threshold", "seed", "split_fractions")
 
     def to_dict(self) -> Dict[str, Any]:
         """The :data:`DESCRIBING` fields as JSON-able values."""
@@ -96,7 +102,7 @@ class DataSpec:
         unknown = sorted(set(merged) - set(cls.DESCRIBING) - {"cache", "patients"})
         if unknown:
             raise InvalidInputError(f"unknown data setting(s) {unknown}; known: {list(cls.DESCRIBING)}")
-        for key in ("with_phantoms", "phantom_seeds", "classes", "split_fractions"):
+        for key in ("with_phantoms", "phantom_seeds", "classes", "hard_negatives", "split_fractions"):
             if key in merged and merged[key] is not None:
                 merged[key] = tuple(merged[key])
         return cls(**merged)
@@ -124,6 +130,10 @@ class DataSpec:
                 text += f" into the lungs of the real CTs listed in {self.backgrounds}"
             if self.with_phantoms:
                 text += f", plus synthetic chest CT phantoms (seeds {seeds_text(self.with_phantoms)})"
+            if self.hard_negatives:
+                text += (f", plus {self.hard_negatives_per_region} hard negatives per background region "
+                         f"({self.hard_negatives_per_phantom} per phantom) from the false hot spots (heat >= "
+                         f"{self.hard_negative_threshold:g}) of " + ", ".join(self.hard_negatives))
             return text
         if self.source == "phantom":
             return (f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds "
@@ -207,10 +217,15 @@ def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: b
     if not spec.backgrounds:
         raise InvalidInputError("--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
                                 "hold the placed nodules and give the negatives)")
+    from ..engine.models import load_model
+
     val, test = spec.split_fractions
+    miners = [load_model(m, device="cpu") for m in spec.hard_negatives]
     return lidc_voi_detection_patches(
         records, load_backgrounds(spec.backgrounds, spacing, size, SPLITS, progress=progress), size, spacing,
         fractions=(1 - val - test, val, test), placements=spec.placements or 3,
         negatives_per_kind=spec.negatives_per_region, phantom_seeds=list(spec.with_phantoms),
         phantom_positives_per_nodule=spec.positives_per_nodule, phantom_negatives_per_kind=spec.negatives_per_kind,
-        seed=spec.seed, progress=progress)
+        hard_negative_models=miners, hard_negatives_per_region=spec.hard_negatives_per_region,
+        hard_negatives_per_phantom=spec.hard_negatives_per_phantom,
+        hard_negative_threshold=spec.hard_negative_threshold, seed=spec.seed, progress=progress)

@@ -33,7 +33,7 @@ from ..engine.models import ModelCard, build_model, load_model, save_model
 from ..engine.preprocess import apply_card_preprocessing
 from ..evaluation.evaluate import (CARD_CUT, REPORT_FILES, cross_validation_report, diameter_threshold, evaluate_model,
                                    has_diameters, roc_auc, scores_report, write_report)
-from .augment import augment
+from .augment import augment, enhance_vessels
 from .data import PatchSet, patient_kfold, patient_split
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Optimisation settings. ``patience``: epochs without a validation-loss improvement before
     stopping; ``lr_patience``/``lr_factor``: ReduceLROnPlateau; ``augment``: 3D augmentation of
-    training batches; ``amp``: mixed precision (CUDA only)."""
+    training batches; ``contrast_hu``: with ``augment``, half the training patches get their
+    tissue outside the lesion enhanced by up to this many HU (:func:`.augment.enhance_vessels`;
+    0 = off); ``amp``: mixed precision (CUDA only); ``init``: a model (name or path) whose
+    weights start the training instead of random ones (fine-tuning, e.g. a round of hard-negative
+    mining that continues from the model that mined them; its tensors must match the card's
+    architecture)."""
 
     epochs: int = 30
     batch_size: int = 32
@@ -53,10 +58,12 @@ class TrainConfig:
     lr_patience: int = 3
     lr_factor: float = 0.5
     augment: bool = True
+    contrast_hu: float = 0.0
     class_weights: bool = True
     amp: bool = True
     seed: int = 0
     workers: int = 0
+    init: Optional[str] = None
     #: weight of the model's ``auxiliary_loss`` against the lesion outlines (``PatchSet.masks``),
     #: for models that have one (e.g. an attention head); 0: not used
     mask_loss: float = 0.0
@@ -156,6 +163,8 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
     module = build_model(card.architecture, **card.kwargs).to(dev)
+    if cfg.init:
+        _initialise(module, cfg.init)
     net = module
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -193,8 +202,11 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
     if use_masks and (train_set.masks is None or not hasattr(module, "auxiliary_loss")):
         raise InvalidInputError("the outline loss (mask_loss) needs patches with lesion outlines and a model "
                                 "with an auxiliary loss (e.g. gradcam3d_cnn with head 'attention')")
+    contrast = cfg.augment and cfg.contrast_hu > 0
+    # the lesions' voxels, bit-packed: the outline loss's target, and what the contrast enhancement leaves as it is
+    packed = train_set.masks is not None and (use_masks or contrast)
     train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels),
-                             *([torch.from_numpy(np.packbits(train_set.masks, axis=-1))] if use_masks else []))
+                             *([torch.from_numpy(np.packbits(train_set.masks, axis=-1))] if packed else []))
     # validation: each rank takes every world-th sample; losses and scores are gathered
     val_index = np.arange(rank, len(val_set), world)
     val_ds = TensorDataset(torch.from_numpy(val_set.patches[val_index]), torch.from_numpy(val_set.labels[val_index]),
@@ -226,11 +238,12 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
 
             batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
         for xb, yb, *mb in batches:
+            lesion = (torch.from_numpy(np.unpackbits(mb[0].numpy(), axis=-1, count=train_set.patch_size[-1])).bool()
+                      if packed else (yb == card.cam_class_index).view(-1, 1, 1, 1))  # no outlines: a positive's whole patch
+            if contrast:
+                xb = enhance_vessels(xb.float(), lesion, gen, cfg.contrast_hu)
             x = prepare(xb)
-            masks = None
-            if use_masks:
-                bits = np.unpackbits(mb[0].numpy(), axis=-1, count=train_set.patch_size[-1])
-                masks = torch.from_numpy(bits).to(dev, torch.float32).unsqueeze(1)
+            masks = lesion.to(dev, torch.float32).unsqueeze(1) if use_masks else None
             if cfg.augment:
                 x = augment(x, gen, masks=masks)
                 if use_masks:
@@ -276,6 +289,19 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
         barrier()
     return FitResult(out / "best.safetensors", out / "last.safetensors", history, best_epoch,
                      time.perf_counter() - t_start)
+
+
+def _initialise(module: torch.nn.Module, init: str) -> None:
+    """Copy the weights of model ``init`` (a name or path) into ``module``; tensors that differ in
+    name or shape -> :class:`InvalidInputError` naming them."""
+    source = load_model(init, device="cpu").module.state_dict()
+    target = module.state_dict()
+    wrong = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
+    if wrong or set(source) - set(target):
+        raise InvalidInputError(f"--init {init}: its weights do not fit this architecture (differing tensors: "
+                                f"{', '.join(wrong or sorted(set(source) - set(target)))}); give a model of the same "
+                                "architecture and widths")
+    module.load_state_dict({k: v.to(target[k].device, target[k].dtype) for k, v in source.items()})
 
 
 def _validate(module: torch.nn.Module, val_ds: Any, val_set: PatchSet, val_index: np.ndarray, card: ModelCard,

@@ -61,9 +61,25 @@ def test_gradcam3d_cnn_paper_widths():
     assert module.eval()(torch.zeros(1, 1, 16, 64, 64)).shape == (1, 2)
 
 
+def test_gradcam3d_cnn_with_two_pools_before_the_cam_layer():
+    """cam_pools=2: the same layers and weights, no pool before convolutions 5 and 6, so the CAM
+    layer keeps twice the resolution (6 cells a side on a 24-voxel patch instead of 3)."""
+    shapes = {}
+    for pools in (3, 2):
+        module = build_model("gradcam3d_cnn", width=2, cam_pools=pools).eval()
+        module.features.act6.register_forward_hook(lambda m, i, o, pools=pools: shapes.update({pools: o.shape[2:]}))
+        assert module(torch.zeros(1, 1, 24, 24, 24)).shape == (1, 2)
+    assert shapes == {3: (3, 3, 3), 2: (6, 6, 6)}
+    coarse, fine = (build_model("gradcam3d_cnn", width=2, cam_pools=p) for p in (3, 2))
+    assert coarse.state_dict().keys() == fine.state_dict().keys()
+    with pytest.raises(ModelError, match="cam_pools"):
+        build_model("gradcam3d_cnn", cam_pools=1)
+
+
 @pytest.mark.parametrize("arch", ["gradcam3d_cnn", "small3d_cnn"])
 def test_every_voxel_reaches_the_output(arch):
     # 24 is not a multiple of 16: a floor-mode pool would drop the last voxels of each axis
+    torch.manual_seed(0)  # a random initialisation can leave a zero input's gradient all zero (dead ReLUs)
     module = build_model(arch, **SMALL_KWARGS[arch]).eval()
     x = torch.zeros(1, 1, 24, 24, 24, requires_grad=True)
     module(x)[0, 1].backward()

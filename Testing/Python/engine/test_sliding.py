@@ -84,14 +84,18 @@ def gaussian(p: int) -> np.ndarray:
 
 
 def test_single_patch_equals_the_cam_of_that_patch():
+    """One patch: its map min-max scaled within the patch times its probability (the absolute
+    scale); the relative view scales the same map to a maximum of 1."""
     net, vol = make_net(), make_volume((16, 16, 16))
     result = sliding_cam(net, vol, 16, 16, method="layercam", preprocess=window)
     x = window(vol)[None, None]
     raw = compute_cam(net, x, method="layercam", target=-1, normalize=False)[0]
-    expected = (raw - raw.min()) / (raw.max() - raw.min())
-    assert result.cam.dtype == np.float32 and result.cam.shape == (16, 16, 16)
-    assert np.allclose(result.cam, expected.numpy(), atol=1e-6)
+    scaled = (raw - raw.min()) / (raw.max() - raw.min())
     p = float(torch.softmax(net(x).detach(), 1)[0, 1])
+    assert result.cam.dtype == np.float32 and result.cam.shape == (16, 16, 16)
+    assert np.allclose(result.cam, p * scaled.numpy(), atol=1e-6)
+    relative = sliding_cam(net, vol, 16, 16, method="layercam", preprocess=window, scale="relative")
+    assert np.allclose(relative.cam, scaled.numpy(), atol=1e-6)
     assert len(result.patch_scores) == 1 and result.patch_scores[0].box == ((0, 16),) * 3
     assert result.max_score == pytest.approx(p, abs=1e-6)
     assert result.patch_scores[0].probabilities == pytest.approx((1 - p, p), abs=1e-6)
@@ -123,18 +127,22 @@ def test_patch_grid_covers_the_roi_and_nothing_else():
     inside = np.zeros(vol.shape, dtype=bool)
     inside[2:18, 0:24, 3:29] = True
     assert not result.cam[~inside].any() and not result.score_map[~inside].any()
-    assert result.cam.min() == 0.0 and result.cam.max() == pytest.approx(1.0)
     scores = [p.score for p in result.patch_scores]
+    # absolute scale: no voxel hotter than the best patch covering the box scored
+    assert 0.0 <= result.cam.min() and result.cam.max() <= max(scores) + 1e-6
     assert result.max_score == max(scores)
     assert min(scores) - 1e-6 <= result.score_map[inside].min()
     assert result.score_map[inside].max() <= max(scores) + 1e-6
 
 
-def test_gaussian_blending_of_maps_and_scores():
+@pytest.mark.parametrize("blend, scale", [("score", "absolute"), ("score", "relative"), ("raw", "relative")])
+def test_gaussian_blending_of_maps_and_scores(blend, scale):
+    """Direct computation: each patch's map ("score": min-max scaled within the patch and
+    multiplied by the patch's probability; "raw": as it is) and score, weighted by a separable
+    Gaussian (sigma = p/8, peak 1, floor 1e-3), summed and divided by the summed weights; the
+    absolute scale stops there, the relative one min-max scales the result."""
     net, vol = make_net(), make_volume((8, 8, 24))
-    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3, blend="raw")
-    # direct: each patch's raw CAM and score, weighted by a separable Gaussian (sigma = p/8,
-    # peak 1, floor 1e-3), summed and divided by the summed weights
+    result = sliding_cam(net, vol, 8, 4, method="layercam", preprocess=window, batch_size=3, blend=blend, scale=scale)
     g = gaussian(8)
     weight = np.maximum(g[:, None, None] * g[None, :, None] * g[None, None, :], 1e-3)
     num, den = np.zeros((8, 8, 24)), np.zeros((8, 8, 24))
@@ -143,11 +151,14 @@ def test_gaussian_blending_of_maps_and_scores():
         x = window(vol[:, :, start:start + 8])[None, None]
         raw = compute_cam(net, x, method="layercam", target=1, normalize=False)[0].double().numpy()
         p = float(torch.softmax(net(x).detach(), 1)[0, 1])
+        if blend == "score":
+            raw = p * (raw - raw.min()) / (raw.max() - raw.min())
         num[:, :, start:start + 8] += weight * raw
         score_num[:, :, start:start + 8] += weight * p
         den[:, :, start:start + 8] += weight
-    blended = num / den
-    expected = (blended - blended.min()) / (blended.max() - blended.min())
+    expected = num / den
+    if scale == "relative":
+        expected = (expected - expected.min()) / (expected.max() - expected.min())
     assert np.allclose(result.cam, expected, atol=1e-5)
     assert np.allclose(result.score_map, score_num / den, atol=1e-6)
     assert len({round(p.score, 6) for p in result.patch_scores}) > 1, "scores must differ"
@@ -331,34 +342,75 @@ def test_sigmoid_patch_scores_and_device_names():
         tuple(torch.sigmoid(logits[0]).tolist()), abs=1e-6)
 
 
+class Brightness(nn.Module):
+    """P(nodule) rises with the mean brightness of a patch (logit = 100 x mean - ``bias``); its
+    CAM layer ``act`` is high where the patch is bright."""
+
+    def __init__(self, bias: float = 5.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(1 / 27)
+            self.conv.bias.zero_()
+        self.act = nn.ReLU()
+        self.bias = bias
+
+    def forward(self, x):
+        m = self.act(self.conv(x)).mean((2, 3, 4))
+        return torch.cat([-m, m], 1) * 100 - torch.tensor([-self.bias, self.bias])
+
+
 def test_score_blend_silences_background_patches():
     """blend="score": a patch's map counts in proportion to its score, so a region only
     low-scoring patches cover stays cold, while "raw" blending keeps their (raw) heat."""
-    import torch
-    from torch import nn
-
-    from LungGradCAMLib.engine.sliding import sliding_cam
-
-    class Bright(nn.Module):  # "nodule" logit = mean of the ReLU'd conv output: high where bright
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv3d(1, 1, 3, padding=1)
-            with torch.no_grad():
-                self.conv.weight.fill_(1 / 27)
-                self.conv.bias.zero_()
-            self.act = nn.ReLU()
-
-        def forward(self, x):
-            m = self.act(self.conv(x)).mean((2, 3, 4))
-            return torch.cat([-m, m], 1) * 100 - torch.tensor([-5.0, 5.0])
-
     vol = torch.zeros(8, 8, 32)
     vol[2:6, 2:6, 2:6] = 1.0      # a bright blob in the first patches
     vol[:, :, 24:] = 0.02         # a faint area only low-scoring patches see
-    raw = sliding_cam(Bright(), vol, 8, 8, layer="act", blend="raw")
-    score = sliding_cam(Bright(), vol, 8, 8, layer="act", blend="score")
+    raw = sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="raw", scale="relative")
+    score = sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="score")
     assert raw.cam[:, :, 26:30].max() > 0.01         # raw: the faint area keeps its heat
     assert score.cam[:, :, 26:30].max() < 0.01       # score-weighted: p(nodule) ~ 0.003 there
-    assert score.cam[2:6, 2:6, 2:6].max() == pytest.approx(1.0)
-    with pytest.raises(Exception, match="blend"):
-        sliding_cam(Bright(), vol, 8, 8, layer="act", blend="max")
+    assert score.cam[2:6, 2:6, 2:6].max() == pytest.approx(1.0, abs=1e-3)  # p(nodule) ~ 1 there
+    with pytest.raises(InvalidInputError, match="blend"):
+        sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="max")
+    with pytest.raises(InvalidInputError, match="no absolute scale"):
+        sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="raw")
+    with pytest.raises(InvalidInputError, match="scale"):
+        sliding_cam(Brightness(), vol, 8, 8, layer="act", scale="per-scan")
+
+
+def test_absolute_scale_a_low_scoring_scan_has_no_hot_region():
+    """A scan whose patches all score low: its heat map stays below the scores, so no voxel
+    reaches 0.5 and segment_cam finds no region; the relative view would still reach 1."""
+    import LungGradCAMLib as lgc
+
+    vol = torch.zeros(8, 8, 32)
+    vol[2:6, 2:6, 2:6] = 0.2  # a faint blob: P(nodule) about 0.1
+    model = Brightness()
+    absolute = sliding_cam(model, vol, 8, 4, layer="act")
+    assert 0.0 < absolute.max_score < 0.5
+    assert 0.0 < absolute.cam.max() <= absolute.max_score + 1e-6
+    seg = lgc.segment_cam(lgc.Volume(absolute.cam, np.eye(4)), threshold=0.5, min_volume_mm3=0)
+    assert seg.regions == [] and seg.peak == pytest.approx(float(absolute.cam.max()))
+    relative = sliding_cam(model, vol, 8, 4, layer="act", scale="relative")
+    assert relative.cam.max() == pytest.approx(1.0)
+    assert lgc.segment_cam(lgc.Volume(relative.cam, np.eye(4)), threshold=0.5, min_volume_mm3=0).regions
+
+
+def test_absolute_scale_same_patch_scores_give_the_same_map_values():
+    """Two scans that share a blob (and so its patches' scores) give it the same heat, whatever
+    else they hold: the second scan's far, brighter blob does not rescale the first one, as a
+    per-scan (relative) scale does."""
+    one = torch.zeros(8, 8, 48)
+    one[2:5, 2:5, 2:5] = 1.0  # 27 voxels: P(nodule) about 0.57
+    two = one.clone()
+    two[2:6, 2:6, 34:38] = 1.0  # a brighter one three patches away: P(nodule) about 1
+    model = Brightness()
+    a, b = sliding_cam(model, one, 8, 8, layer="act"), sliding_cam(model, two, 8, 8, layer="act")
+    shared = (slice(None), slice(None), slice(0, 24))  # patches that see the first blob only
+    assert [p.score for p in a.patch_scores][:3] == [p.score for p in b.patch_scores][:3]
+    assert np.array_equal(a.cam[shared], b.cam[shared])
+    assert a.cam.max() == pytest.approx(a.max_score, abs=1e-3) and 0.5 < a.max_score < 0.7
+    ra, rb = (sliding_cam(model, v, 8, 8, layer="act", scale="relative") for v in (one, two))
+    assert ra.cam[shared].max() == pytest.approx(1.0)
+    assert rb.cam[shared].max() < 0.7

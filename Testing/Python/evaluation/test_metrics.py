@@ -187,3 +187,36 @@ def test_curves_reject_bad_arguments():
         metrics.deletion_curve(ct, cam, lambda b: np.zeros(1), steps=3)
     with pytest.raises(InvalidInputError, match="shape"):
         metrics.deletion_curve(ct, np.ones((1, 2, 3)), first_voxel_is_tissue)
+
+
+# --- FROC -----------------------------------------------------------------------------------------
+
+def test_froc_by_hand():
+    """Three operating points over 2 scans and 3 nodules: 16, 4 and 1 false positives (8, 2 and
+    0.5 per scan) at sensitivities 1, 2/3 and 1/3. At r false positives per scan the best point
+    with at most r counts; below the lowest point the sensitivity is 0."""
+    hits = np.array([[1, 1, 1], [1, 1, 0], [0, 1, 0]], bool)
+    f = metrics.froc(hits, [16, 4, 1], n_scans=2)
+    np.testing.assert_allclose(f.fp_per_scan, [8, 2, 0.5])
+    np.testing.assert_allclose(f.sensitivity, [1, 2 / 3, 1 / 3])
+    assert f.rates == (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+    np.testing.assert_allclose(f.at, [0, 0, 1 / 3, 1 / 3, 2 / 3, 2 / 3, 1])
+    assert f.cpm == pytest.approx(3 / 7)
+    # a point that finds fewer with more false positives never wins
+    worse = metrics.froc(np.vstack([hits, [[0, 0, 0]]]), [16, 4, 1, 2], n_scans=2)
+    np.testing.assert_allclose(worse.at, f.at)
+    with pytest.raises(InvalidInputError, match="one row per entry"):
+        metrics.froc(hits, [1, 2], n_scans=2)
+    with pytest.raises(InvalidInputError, match="scans and nodules"):
+        metrics.froc(hits, [1, 2, 3], n_scans=0)
+
+
+def test_group_bootstrap_resamples_whole_groups():
+    from LungGradCAMLib.evaluation.evaluate import group_bootstrap
+
+    values = np.array([1.0, 1.0, 1.0, 0.0])  # group a always 1, group b always 0
+    ci = group_bootstrap(["a", "a", "a", "b"], lambda i: values[i].mean(), n_boot=200)
+    # a replicate holds 0, 1 or 2 copies of each group: its mean is 0, 1 or 0.75
+    assert ci.shape == (2,) and ci[0] == 0.0 and ci[1] == 1.0
+    both = group_bootstrap(["a", "b"], lambda i: np.array([len(i), np.nan]), n_boot=50)
+    assert both.shape == (2, 2) and np.all(both[:, 0] == 2) and np.isnan(both[:, 1]).all()

@@ -251,7 +251,7 @@ def test_summary_names_the_folder_and_the_input_of_each_series(cohort, tmp_path)
         assert (out / row["output"] / "report.json").is_file()
         assert Path(row["input"]).is_dir() and Path(row["input"]).parent == tree  # patient<seed>/
         assert row["patient_id"] == "LIDC-IDRI-000" + Path(row["input"]).name[-1]  # from its DICOM
-        assert re.fullmatch(r"[1-9]\d* hot regions?|no region above threshold 0\.50", row["outcome"]), row["outcome"]
+        assert re.fullmatch(r"[1-9]\d* hot regions?|no region above threshold 0\.50 \(highest heat 0\.[0-4]\d\)", row["outcome"]), row["outcome"]
     broken = next(r for r in rows.values() if r["status"] == "failed")
     assert Path(broken["input"]) == tree / "broken"
 

@@ -265,7 +265,7 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     lines = out.splitlines()
     # first the honest line: what the heat map is, the model's intended use, how well it localises
     assert lines[0].startswith("About the heat map:") and "not for clinical use" in lines[0]
-    assert "held-out test scans" in lines[0]
+    assert "held-out test" in lines[0] and "false hot regions per scan" in lines[0]  # its card's real-nodule benchmark
     assert "prediction: nodule" in out and "the heat map's maximum is" in out
     # each hot region, and each true nodule found or missed
     report = json.loads((tmp_path / "result" / "report.json").read_text())
@@ -363,9 +363,35 @@ def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, 
     exp, seg, files = pipeline.run_one(dicom, tmp_path / "out", ExplainOptions(model=blind, device="cpu"),
                                        dicom_seg=True)
     report = json.loads(files["report"].read_text())
-    assert seg.regions == [] and report["outcome"] == "no region above threshold 0.50"
+    assert seg.regions == [] and report["outcome"] == "no region above threshold 0.50 (highest heat 0.00)"
     assert report["dicom_seg"] == "not written: no region above threshold"
     assert "dicom_seg" not in files and {"overlay", "cam", "segmentation"} <= set(files)
+
+
+def test_a_low_scoring_scan_has_no_hot_region_on_the_absolute_scale(small_phantom, tiny_model, tmp_path):
+    """The heat map's scale is absolute: a model that gives every patch a low probability (its
+    nodule logit lowered) leaves a heat map below 0.5 everywhere, however structured its maps,
+    and the report's outcome says so with the highest heat; the relative view of the same run
+    still scales it to 1 and finds regions."""
+    import torch
+
+    from LungGradCAMLib.engine.models import load_model
+    from LungGradCAMLib.options import ExplainOptions
+
+    doubtful = load_model(tiny_model, device="cpu")
+    with torch.no_grad():
+        doubtful.module.head[-1].bias[1] -= 2.0  # P(nodule) below 0.5 everywhere, the gradients unchanged
+    exp, seg, files = pipeline.run_one(small_phantom.volume, tmp_path / "out",
+                                       ExplainOptions(model=doubtful, device="cpu", batch_size=8))
+    p = exp.probabilities["nodule"]
+    assert p < 0.5 and 0.0 < exp.cam.array.max() <= p + pipeline.CAM_STEP
+    report = json.loads(files["report"].read_text())
+    assert seg.regions == [] and report["outcome"] == (
+        f"no region above threshold 0.50 (highest heat {np.floor(seg.peak * 100) / 100:.2f})")
+    assert report["options"]["scale"] == "absolute"
+    relative = lgc.explain(small_phantom.volume, options=ExplainOptions(model=doubtful, device="cpu", batch_size=8,
+                                                                        scale="relative"))
+    assert relative.cam.array.max() == pytest.approx(1.0) and lgc.segment_cam(relative).regions
 
 
 def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phantom, tiny_model, tmp_path):
@@ -440,8 +466,9 @@ def test_real_chest_cts_give_reports_marked_with_the_intended_use(name, tmp_path
         model=str(tiny_model), device="cpu", batch_size=8))
     report = json.loads(files["report"].read_text())
     assert report["chest_check"]["ok"] and report["intended_use"].endswith("Not for clinical use.")
-    assert report["outcome"] in (f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}",
-                                 "no region above threshold 0.50")
+    assert report["outcome"] == (f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
+                                 if seg.regions else f"no region above threshold 0.50 (highest heat "
+                                 f"{np.floor(seg.peak * 100) / 100:.2f})")
 
 
 @pytest.mark.slow

@@ -147,7 +147,81 @@ def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_ba
     placed = (ps.labels == 1) & np.isin(ps.kinds, placement.PLACEMENT_KINDS)
     assert placed.sum() == 3 * len(records) and set(ps.kinds[placed]) == set(placement.PLACEMENT_KINDS)
     assert {p for p in ps.patients if p.startswith("phantom-")} == {"phantom-5", "phantom-6", "phantom-7"}
-    assert ps.masks is None  # phantom patches carry no outline: none is claimed
+    # every patch carries its lesion's voxels: the readers' outline, the phantom's truth, none for negatives
+    has_lesion = ps.masks.reshape(len(ps), -1).any(axis=1)
+    assert not has_lesion[negatives].any() and has_lesion[placed].all()
+    phantom_positives = (ps.labels == 1) & np.char.startswith(ps.patients.astype(str), "phantom-")
+    assert has_lesion[phantom_positives].mean() > 0.9  # (a jittered patch may miss a small nodule)
+
+
+def test_hard_negatives_sit_on_a_model_s_hot_spots(chest_backgrounds):
+    """Hard-negative mining: patches of each region around the local maxima of a model's heat map
+    in the region's lungs (here an untrained model: any heat), shifted by up to a quarter patch."""
+    import torch
+
+    from LungGradCAMLib.engine.models import LoadedModel, ModelCard, build_model
+    from LungGradCAMLib.engine.sliding import sliding_cam
+    from LungGradCAMLib.engine.lung import lung_bbox
+
+    torch.manual_seed(0)
+    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2, "num_classes": 2},
+                     class_names=["background", "nodule"], cam_class="nodule", target_layer="features.act6",
+                     patch_size=[12, 12, 12],
+                     spacing_mm=[3.0, 3.0, 3.0], hu_window=[-1000.0, 400.0], normalisation="minmax")
+    model = LoadedModel(build_model("gradcam3d_cnn", width=2).eval(), card)
+    regions = [b for b in chest_backgrounds if b.split == "train"]
+    rng = np.random.default_rng(0)
+    hu, kinds, names = placement.hard_negative_patches(regions, model, (12, 12, 12), 5, rng, threshold=0.0)
+    assert hu.shape == (5, 12, 12, 12) and kinds == ["hard"] * 5 and names == [regions[0].name] * 5
+    bg = regions[0]
+    where = bg.lungs & bg.region
+    cam = sliding_cam(model.module, torch.from_numpy(bg.hu), 12, 6, roi=lung_bbox(where, [3, 3, 3]),
+                      preprocess=model.prepare, target=1, layer="features.act6").cam
+    hottest = np.unravel_index(np.argmax(np.where(where, cam, -1)), cam.shape)
+    # the first patch is the hottest spot's, shifted by at most a quarter patch (3 voxels)
+    offsets = np.argwhere(np.ones((7, 7, 7), bool)) - 3
+    assert any(np.array_equal(data.crop_patch(bg.hu, np.asarray(hottest) + d, (12, 12, 12)), hu[0]) for d in offsets)
+    # a phantom's lungs away from its nodules: the same mining, as negatives of that phantom
+    def mine(hu, lungs, clear, patient, draw):
+        scan = placement.Background(patient, "train", hu, lungs, clear, (3.0, 3.0, 3.0))
+        return placement.hard_negative_patches([scan], model, (12, 12, 12), 3, draw, threshold=0.0)[0]
+
+    ps = data.phantom_patches([5], (12, 12, 12), (3.0, 3.0, 3.0), positives_per_nodule=1, negatives_per_kind=1,
+                              hard_negatives=mine)
+    hard = ps.kinds == "hard"
+    assert hard.sum() == 3 and not ps.labels[hard].any() and set(ps.patients[hard]) == {"phantom-5"}
+    # another patch size: the model explains with its own, the negatives are cut at the size asked
+    assert placement.hard_negative_patches(regions, model, (16, 16, 16), 2, rng, threshold=0.0)[0].shape == (2, 16, 16, 16)
+    model.card.spacing_mm = [1.5, 1.5, 1.5]
+    with pytest.raises(DataError, match="voxels of"):
+        placement.hard_negative_patches(regions, model, (12, 12, 12), 5, rng)
+
+
+def test_a_pasted_real_nodule_holds_the_source_s_hu_and_outline(voi_folder):
+    """place_voi: on a grid of the VOI's own spacing, the pasted nodule's voxels are exactly the
+    source's HU inside its outline, its mask is the source's, centred where asked, and outside the
+    2 mm feather the background is untouched."""
+    records = lidc.lidc_voi_records(voi_folder)
+    voi = records[2]  # a ball of radius 6 voxels
+    image, outline = voi.load()
+    spacing = tuple(float(s) for s in image.spacing)
+    background = np.full((40, 60, 60), -700.0, np.float32)
+    background[::2] = -720.0  # texture, so a background voxel cannot pass for a nodule's
+    hu = background.copy()
+    where, mask = lidc.place_voi(hu, spacing, voi, (20, 30, 30), feather_mm=2.0)
+    assert mask.sum() == outline.sum()
+    placed = np.zeros(hu.shape, bool)
+    placed[where] = mask
+    # the same voxels as the source's outline, shifted so its centre of mass lands on (20, 30, 30)
+    shift = np.array([20, 30, 30]) - np.rint(np.argwhere(outline).mean(axis=0)).astype(int)
+    np.testing.assert_array_equal(np.argwhere(placed), np.argwhere(outline) + shift)
+    np.testing.assert_array_equal(hu[placed], image.array[outline])
+    far = ~placement.feather_weight(placed, spacing, 2.0).astype(bool)
+    np.testing.assert_array_equal(hu[far], background[far])
+    # near an edge: the part inside the array is pasted, the rest left out
+    edge = background.copy()
+    where, mask = lidc.place_voi(edge, spacing, voi, (1, 30, 30))
+    assert 0 < mask.sum() < outline.sum() and where[0].start == 0
 
 
 def test_a_nodules_placements_do_not_depend_on_the_other_nodules(voi_folder, chest_backgrounds):

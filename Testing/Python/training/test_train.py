@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main as cli_main
+from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.engine.models import load_model
 from LungGradCAMLib.evaluation.evaluate import predict, roc_auc
-from LungGradCAMLib.training.augment import augment
+from LungGradCAMLib.training.augment import augment, enhance_vessels
 from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
@@ -47,6 +48,30 @@ def test_augment_identity_flips_and_determinism():
     assert a.shape == x.shape
 
 
+def test_enhance_vessels_brightens_tissue_but_not_the_lesion():
+    """Contrast as augmentation (HU): in the chosen samples, tissue outside the lesion and its
+    one-voxel rim gains the same amount, scaled by its density from -600 HU (0) to -200 HU (1);
+    air-filled lung, the lesion and the other samples are unchanged; reproducible."""
+    hu = torch.full((8, 6, 6, 6), -850.0)
+    hu[:, :, :, 0] = 40.0    # a vessel along one face
+    hu[:, :, 0, 3] = -400.0  # partial volume: half weight
+    hu[:, 2:4, 2:4, 2:4] = 30.0
+    lesion = torch.zeros(hu.shape, dtype=torch.bool)
+    lesion[:, 2:4, 2:4, 2:4] = True
+    out = enhance_vessels(hu, lesion, torch.Generator().manual_seed(0), max_hu=600.0, p=0.5)
+    gain = out[:, 0, 1, 0] - hu[:, 0, 1, 0]
+    changed = gain > 0
+    assert 0 < changed.sum() < 8 and gain.max() <= 600.0
+    assert torch.allclose(out[:, 0, 0, 3] - hu[:, 0, 0, 3], gain / 2)
+    assert torch.equal(out[:, 1:5, 1:5, 1:5], hu[:, 1:5, 1:5, 1:5])  # the lesion and its rim
+    assert torch.equal(out[:, :, 5, 5], hu[:, :, 5, 5])  # aerated lung
+    assert torch.equal(out[~changed], hu[~changed])
+    assert torch.equal(out, enhance_vessels(hu, lesion, torch.Generator().manual_seed(0), max_hu=600.0, p=0.5))
+    # without outlines (N, 1, 1, 1): a positive's whole patch counts as the lesion
+    whole = enhance_vessels(hu, torch.ones(8, 1, 1, 1, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert torch.equal(whole, hu)
+
+
 @pytest.fixture(scope="module")
 def spheres():
     return spheres_patches()
@@ -65,6 +90,21 @@ def test_fit_learns_writes_and_loads(tmp_path, spheres):
     assert loaded.card.training["best_epoch"] == result.best_epoch
     assert loaded.card.training["train"]["classes"] == spheres.counts()
     assert load_model(result.last_path).card.training["epoch"] == 4
+
+
+def test_init_starts_from_a_model_s_weights_and_contrast_augmentation_trains(tmp_path, spheres):
+    """--init: fine-tuning starts from the given model's weights (with lr 0 they stay as they were);
+    contrast enhancement runs inside the training loop; a model of other widths is refused."""
+    first = fit(spheres, spheres, spheres_card(), tmp_path / "a", TrainConfig(epochs=1, batch_size=16, seed=0), progress=False)
+    tuned = fit(spheres, spheres, spheres_card(), tmp_path / "b", TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=1,
+                                                                       init=str(first.best_path), contrast_hu=600.0),
+                progress=False)
+    before, after = (load_model(p).module.state_dict() for p in (first.best_path, tuned.last_path))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight") and "bn" not in k)
+    wide = spheres_card()
+    wide.kwargs = {"width": 8, "num_classes": 2}
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        fit(spheres, spheres, wide, tmp_path / "c", TrainConfig(epochs=1, init=str(first.best_path)), progress=False)
 
 
 def test_resume_continues_exactly(tmp_path, spheres):
