@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CamError
+from .methods import METHODS, TABLE, canonical
 
 __all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResCAM", "LayerCAM",
            "ScoreCAM", "GuidedBackprop", "GuidedGradCAM", "METHODS", "compute_cam",
@@ -149,13 +150,10 @@ def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Modul
 
 
 def _canonical(method: str) -> str:
-    key = str(method).lower().replace("_", "").replace("-", "").replace(" ", "")
-    key = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
-           "guidedbackprop": "guided-backprop", "guidedbp": "guided-backprop",
-           "guidedgradcam": "guided-gradcam"}.get(key, key)
-    if key not in CAM._registry:
-        raise CamError(f"unknown CAM method {method!r}; use one of {', '.join(METHODS)}")
-    return key
+    try:
+        return canonical(method)
+    except KeyError as exc:
+        raise CamError(exc.args[0]) from None
 
 
 @contextlib.contextmanager
@@ -200,7 +198,7 @@ class CAM:
 
     #: method name this class implements (the key in :data:`METHODS`)
     name = ""
-    #: whether the method needs dScore/dA at the layer
+    #: whether the method needs dScore/dA at the layer (from :data:`~.methods.TABLE`)
     uses_gradients = True
     #: Score-CAM's masked inputs per forward pass, unless ``score_batch_size`` says otherwise
     SCORE_BATCH_SIZE = 32
@@ -208,7 +206,11 @@ class CAM:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        if cls.name:  # each method is one row of engine.methods.TABLE, which says what it needs
+            if cls.name not in TABLE:
+                raise CamError(f"{cls.__name__} computes {cls.name!r}, which LungGradCAMLib.engine.methods.TABLE "
+                               "does not list")
+            cls.uses_gradients = TABLE[cls.name].gradients
             CAM._registry[cls.name] = cls
 
     # model defaults to None only so that copy/pickle (which call __new__ without arguments)
@@ -498,7 +500,6 @@ class ScoreCAM(CAM):
     model scores it once per call instead of once per channel."""
 
     name = "scorecam"
-    uses_gradients = False
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -549,7 +550,6 @@ class GuidedBackprop(CAM):
     full backward to the input; ReLUs applied functionally (``F.relu``) are not guided."""
 
     name = "guided-backprop"
-    uses_gradients = False
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -578,7 +578,6 @@ class GuidedGradCAM(GuidedBackprop):
     map upsampled (trilinear) to the input, at input resolution."""
 
     name = "guided-gradcam"
-    uses_gradients = True
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -588,8 +587,9 @@ class GuidedGradCAM(GuidedBackprop):
         return self._guided(x, classes, target) * grad_cam
 
 
-#: canonical method names accepted by :class:`CAM` and :func:`compute_cam`
-METHODS: Tuple[str, ...] = tuple(CAM._registry)
+# every method of the table has its class (METHODS, imported from .methods, lists them)
+if set(CAM._registry) != set(METHODS):
+    raise CamError(f"engine.methods.TABLE lists {sorted(set(METHODS) - set(CAM._registry))} without a CAM class")
 
 
 def compute_cam(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target: Target = None,

@@ -5,7 +5,6 @@
 ``explain`` is what the CLI, the Slicer module and researchers call."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from contextlib import contextmanager
@@ -18,7 +17,7 @@ from ..core.errors import CancelledError, InvalidInputError, NotChestCTError, Vo
 from ..core.limits import is_out_of_memory, out_of_memory
 from ..core.results import Explanation, Segmentation
 from ..core.volume import AIR_HU, LabelMap, Volume, crop, resample, resample_to, resampled_shape
-from ..options import ExplainOptions
+from ..options import ExplainOptions, options_from
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +30,11 @@ Progress = Callable[[str, int, int], None]
 CT_BYTES_PER_VOXEL, GRID_BYTES_PER_VOXEL = 24, 32
 #: The values a CT in HU can hold (16-bit storage, signed or not, rescaled): anything else is not HU.
 HU_LIMITS = (-32768.0, 65535.0)
-#: On the CPU, the memory one patch of a batch needs while its heat map is computed, in multiples of
-#: the layers' outputs the model's probe measured (:meth:`LoadedModel.activation_bytes`), by CAM
-#: method (guided backpropagation keeps every layer's output for its backward to the input); what
-#: a heat map holds besides its patches (oneDNN's and autograd's buffers; a full backward more);
-#: and what each worker thread of the sliding window beyond the first holds (its copy of the model,
-#: its allocator arena). Measured with benchmarks/memory_estimate.py: the real peak was at most
-#: 0.88 of the estimate in every case measured (README, "Reliability and security").
-PATCH_MEMORY = {"guided-backprop": 2.5, "guided-gradcam": 2.5}
-PATCH_MEMORY_DEFAULT = 2.0
-CAM_BYTES = {"guided-backprop": 192 << 20, "guided-gradcam": 192 << 20}
-CAM_BYTES_DEFAULT = 96 << 20
+#: On the CPU, what each worker thread of the sliding window beyond the first holds (its copy of
+#: the model, its allocator arena); what a patch and a heat map need, by CAM method, is in
+#: :data:`~LungGradCAMLib.engine.methods.TABLE` (``patch_memory``, ``cam_bytes``). Measured with
+#: benchmarks/memory_estimate.py: the real peak was at most 0.88 of the estimate in every case
+#: measured (README, "Reliability and security").
 WORKER_BYTES = 192 << 20
 
 
@@ -90,13 +83,6 @@ class CostEstimate:
                 f"{self.passes:,} forward passes; about {took} on {self.device}")
 
 
-#: Forward-pass equivalents per patch besides Score-CAM's masked passes: the Grad-CAM family
-#: differentiates from the layer only (the graph is cut there) plus blending; guided methods run a
-#: second forward and a full backward to the input.
-_COST_PER_PATCH = {"guided-backprop": 4.0, "guided-gradcam": 4.0}
-_GRADIENT_COST = 1.5
-
-
 def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], device: "torch.device",  # noqa: F821
                   batch_size: int) -> CostEstimate:
     """A :class:`CostEstimate` for ``patches`` patches of ``patch`` voxels with ``loaded``
@@ -105,12 +91,13 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     as the sliding window runs it (on the CPU: on one thread, by as many workers as threads)."""
     import torch
 
-    from ..engine.cam import CAM, ScoreCAM
+    from ..engine.cam import CAM
+    from ..engine.methods import TABLE
     from ..engine.sliding import cpu_workers
 
-    scorecam = method == ScoreCAM.name
+    spec = TABLE[method]
     # Score-CAM's masked passes go 32 a call; a batch never holds more patches than there are
-    batch = max(batch_size, CAM.SCORE_BATCH_SIZE) if scorecam else max(1, min(batch_size, patches))
+    batch = max(batch_size, CAM.SCORE_BATCH_SIZE) if spec.masked else max(1, min(batch_size, patches))
     threads = torch.get_num_threads()
     workers = cpu_workers(device, batch_size, patches)
     shapes: List[Tuple[int, ...]] = []
@@ -130,12 +117,12 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
         torch.set_num_threads(threads)
     per_pass = seconds / batch / workers
     channels = int(shapes[0][1])
-    if scorecam:
+    if spec.masked:
         passes = patches * (1 + channels)
         total = passes * per_pass
     else:
-        passes = patches * (2 if method.startswith("guided") else 1)
-        total = patches * per_pass * _COST_PER_PATCH.get(method, _GRADIENT_COST)
+        passes = patches * spec.forwards
+        total = patches * per_pass * spec.cost
     return CostEstimate(method, int(patches), int(passes), channels, tuple(int(p) for p in patch), str(device), total)
 
 
@@ -209,23 +196,14 @@ def _check_volume(volume: Any) -> Volume:
 
 def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
     """A (k, j, i) half-open box in ``space`` voxels from ``roi``: a bool mask on the CT grid
-    (resampled already to ``space``) or ``(centre_ras_mm, size_mm)`` (checked by ExplainOptions)."""
+    (resampled already to ``space``) or ``(centre_ras_mm, size_mm)`` (as
+    :func:`~LungGradCAMLib.options.parse_roi` checked it: three finite numbers each, sizes positive)."""
     if isinstance(roi, np.ndarray):
         if roi.shape != space.shape or not roi.any():
             raise InvalidInputError("roi mask must be a non-empty boolean array with the CT's shape")
         idx = np.nonzero(roi)
         return tuple((int(a.min()), int(a.max()) + 1) for a in idx)
-    try:
-        centre, size = roi
-        centre = np.asarray(centre, dtype=float).reshape(3)
-        size = np.broadcast_to(np.asarray(size, dtype=float), (3,))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            "roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or three numbers))"
-        ) from exc
-    if not (np.all(np.isfinite(centre)) and np.all(np.isfinite(size))) or np.any(size <= 0):
-        raise InvalidInputError(f"roi centre {centre.tolist()} mm and size {size.tolist()} mm must be finite "
-                                "numbers, the size positive")
+    centre, size = np.asarray(roi[0], dtype=float), np.asarray(roi[1], dtype=float)
     c_ijk = space.ras_to_ijk_points(centre)[0]
     half = np.maximum(size / space.spacing, np.asarray(patch)[::-1]) / 2.0  # at least one patch
     lo = np.floor(c_ijk - half).astype(int)
@@ -234,27 +212,6 @@ def _roi_box(roi: Any, space: Volume, patch: Sequence[int]) -> Tuple[Tuple[int, 
     if any(b <= a for a, b in box):
         raise InvalidInputError(f"roi centre {centre.tolist()} mm (RAS) lies outside the CT")
     return box
-
-
-#: ``explain``'s option keywords and their defaults (those of :class:`ExplainOptions`).
-_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExplainOptions)}
-
-
-def _options(options: Optional[ExplainOptions], keywords: Dict[str, Any]) -> ExplainOptions:
-    """``options``, or one made of the option keywords; both at once is refused."""
-    if options is None:
-        return ExplainOptions(**keywords)
-    if not isinstance(options, ExplainOptions):
-        raise InvalidInputError(f"options must be an ExplainOptions, got {type(options).__name__}")
-
-    def differs(value: Any, default: Any) -> bool:
-        return value is not None if default is None else (isinstance(value, np.ndarray) or value != default)
-
-    given = sorted(k for k, v in keywords.items() if differs(v, _OPTION_DEFAULTS[k]))
-    if given:
-        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
-                                f"not both (also given: {', '.join(given)})")
-    return options
 
 
 def _target_index(card: Any, target: Any) -> int:
@@ -298,21 +255,23 @@ def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                   dev: "torch.device", method: str) -> Dict[str, float]:  # noqa: F821
     """What explaining ``volume`` needs, in bytes, before it starts: ``ct`` and ``grid`` (the CT's
     and the model grid's voxels, ``space_shape``), and on the CPU ``patches``, what a batch of
-    ``batch`` patches needs with ``method`` (:data:`PATCH_MEMORY`, :data:`CAM_BYTES`; with
-    Score-CAM each worker's batch of masked copies of a patch too) and ``workers``
+    ``batch`` patches needs with ``method`` (its ``patch_memory`` and ``cam_bytes`` in
+    :data:`~LungGradCAMLib.engine.methods.TABLE`; with Score-CAM each worker's batch of masked
+    copies of a patch too) and ``workers``
     (:data:`WORKER_BYTES` for each beyond the first). On a GPU, running out of its memory halves
     the batch instead."""
     import torch
 
-    from ..engine.cam import CAM, ScoreCAM
+    from ..engine.cam import CAM
+    from ..engine.methods import TABLE
 
+    spec = TABLE[method]
     need = {"ct": volume.array.size * CT_BYTES_PER_VOXEL, "grid": float(np.prod(space_shape)) * GRID_BYTES_PER_VOXEL}
     if dev.type != "cuda":
         workers = max(1, min(torch.get_num_threads(), batch))  # as sliding_cam's cpu_workers, at most
         per_patch = loaded.activation_bytes(patch)
-        need["patches"] = (batch * per_patch * PATCH_MEMORY.get(method, PATCH_MEMORY_DEFAULT)
-                           + CAM_BYTES.get(method, CAM_BYTES_DEFAULT))
-        if method == ScoreCAM.name:
+        need["patches"] = batch * per_patch * spec.patch_memory + spec.cam_bytes
+        if spec.masked:
             need["patches"] += workers * CAM.SCORE_BATCH_SIZE * per_patch
         need["workers"] = (workers - 1) * WORKER_BYTES
     return need
@@ -330,17 +289,14 @@ def _check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
                 "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
 
 
-def explain(volume: Volume, model: Any = "default", method: Optional[str] = None, target: Any = None,
-            mode: str = "auto", roi: Any = None, lung_mask: Optional[np.ndarray] = None,
-            device: Any = None, batch_size: Optional[int] = None, progress: Optional[Progress] = None,
-            stride: Optional[Sequence[int]] = None, amp: bool = False,
-            cancel: Optional[Callable[[], bool]] = None, *, layer: Optional[str] = None,
-            chest_check: bool = True, options: Optional[ExplainOptions] = None,
-            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None) -> Explanation:
+def explain(volume: Volume, options: Optional[ExplainOptions] = None, *, lung_mask: Optional[np.ndarray] = None,
+            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None, **settings: Any) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
-    The settings (``model`` ... ``amp``, ``layer``, ``chest_check``) are those of
-    :class:`~LungGradCAMLib.options.ExplainOptions`; give them as keywords or as one ``options``.
+    The settings are one :class:`~LungGradCAMLib.options.ExplainOptions` (``options``), or its
+    fields as keywords (``model``, ``method``, ``target``, ``layer``, ``mode``, ``roi``, ``device``,
+    ``batch_size``, ``stride``, ``amp``, ``chest_check``...), which make one, once, here.
 
     Steps: the model (checked: target class, layer) -> lung mask (computed unless ``lung_mask``,
     bool K, J, I on the CT grid, is given) -> the chest-CT check (:func:`~LungGradCAMLib.engine.lung.
@@ -374,9 +330,7 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     from ..engine.sliding import patch_counts, sliding_cam
 
     started = time.perf_counter()
-    opts = _options(options, dict(model=model, method=method, target=target, mode=mode, roi=roi,
-                                  device=device, batch_size=batch_size, stride=stride, amp=amp,
-                                  layer=layer, chest_check=chest_check))
+    opts = options_from(options, settings)
     volume = _check_volume(volume)
     timings: Dict[str, float] = {}
     stage = Stages(timings, progress, cancel)
@@ -404,8 +358,6 @@ def explain(volume: Volume, model: Any = "default", method: Optional[str] = None
     mode = opts.mode
     if mode == "auto":
         mode = "roi" if roi is not None else ("whole" if card.patch_size is None else "sliding")
-    if mode == "roi" and roi is None:
-        raise InvalidInputError("mode 'roi' needs roi=(centre_ras_mm, size_mm) or a mask")
     if opts.chest_check and mode != "roi" and not chest.ok:
         raise NotChestCTError(
             "this CT does not look like a chest CT that holds lungs: " + "; ".join(chest.problems)
