@@ -13,7 +13,8 @@ from ..core.results import Region, Segmentation
 from ..engine.methods import TABLE
 from ..options import (DEFAULTS, METHODS, MODES, ExplainOptions, parse_count, parse_device, parse_roi, parse_stride,
                        parse_threshold)
-from ..pipeline.explainer import STAGES, CostEstimate, Progress
+from ..pipeline.cost import CostEstimate
+from ..pipeline.stages import STAGES, Progress
 from ..pipeline.outlines import outline_text
 from ..pipeline.outputs import VOLUME_FORMATS
 

@@ -117,7 +117,7 @@ def default_layer(model: nn.Module) -> str:
     return names[last][0]
 
 
-def _resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
     if layer is None:
         layer = default_layer(model)
     modules = dict(model.named_modules())
@@ -142,11 +142,11 @@ def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Modul
     if isinstance(layer, (list, tuple)):
         if not layer:
             raise CamError("an empty list of CAM layers; give at least one")
-        found = [_resolve_layer(model, one) for one in layer]
+        found = [resolve_layer(model, one) for one in layer]
         if len({name for name, _ in found}) != len(found):
             raise CamError(f"CAM layers {[n for n, _ in found]} name one layer twice")
         return found
-    return [_resolve_layer(model, layer)]
+    return [resolve_layer(model, layer)]
 
 
 def _canonical(method: str) -> str:

@@ -17,7 +17,8 @@ from ..core.errors import (DatabaseError, DicomDecodeError, DicomError, FolderBu
 from ..core.volume import Volume
 from ..io.inputs import check_input, input_tree, is_database
 from ..options import ExplainOptions
-from .explainer import CostEstimate, check_options
+from .cost import CostEstimate
+from .explainer import check_options
 from .outputs import OUTPUT_FILES, run_one
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,9 @@ from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
 from ..io.inputs import input_tree, load_input
 from ..options import ExplainOptions
-from .explainer import CostEstimate, Progress, Stages, explain_and_segment
+from .cost import CostEstimate
+from .regions import explain_and_segment
+from .stages import Progress, Stages
 
 
 #: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
