@@ -993,7 +993,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         :meth:`process` stays synchronous, in this process."""
         from LungGradCAMLib import mrml
         from LungGradCAMLib.cli.common import args_from_options
-        from LungGradCAMLib.core.volume import write_volume
+        from LungGradCAMLib.io.volume_files import write_volume
         from LungGradCAMLib.options import options_from
 
         options = options_from(options, optionKeywords)

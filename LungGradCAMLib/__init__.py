@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (the parts: core, io, engine, pipeline, training, evaluation, cli)
 _EXPORTS = {
-    "Volume": "core.volume", "read_volume": "core.volume", "write_volume": "core.volume",
+    "Volume": "core.volume", "read_volume": "io.volume_files", "write_volume": "io.volume_files",
     "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",

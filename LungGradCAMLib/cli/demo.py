@@ -68,7 +68,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..evaluation import metrics
     from .. import phantom
     from ..core.results import Segmentation
-    from ..core.volume import write_volume
+    from ..io.volume_files import write_volume
     from ..engine.lung import lung_mask
     from ..io.inputs import check_input
     from ..io.render import save_montage

@@ -19,7 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]

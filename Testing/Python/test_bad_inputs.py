@@ -44,7 +44,8 @@ from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DatabaseError, DicomDecodeError, InvalidInputError,
                                         LungGradCAMError, NoSeriesFoundError, ResourceError, SeriesGeometryError, VolumeError)
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import read_volume, write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model
 from LungGradCAMLib.io.inputs import load_input
 

@@ -10,7 +10,8 @@ from scipy import ndimage
 from helpers import data_path
 from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.core.errors import InvalidInputError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import read_volume
 
 
 def _ct(seed: int = 0, shape=(12, 32, 40)) -> np.ndarray:
