@@ -20,7 +20,7 @@ _EXPORTS = {
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
     "Outline": "core.results", "nodule_outline": "engine.outline", "measure_outline": "engine.outline",
-    "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
+    "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom_series", "SeriesInfo": "io.dicom_series",
     "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
     "DicomDatabase": "io.ctkdb", "make_dicom_database": "io.ctkdb_write",
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",

@@ -24,7 +24,8 @@ import torch
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_series import list_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.engine.models import ModelCard
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix

@@ -44,7 +44,6 @@ MAX_LINES = 620
 #: Modules over MAX_LINES, each one idea.
 LONG_MODULES = {
     "phantom.py": "one idea: the synthetic chest CT and its truth (anatomy, nodules, scanner effects)",
-    "io/dicom.py": "one idea: reading a DICOM CT series (headers, series and their parts, decoding, geometry)",
 }
 
 
