@@ -134,7 +134,7 @@ def resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
                    f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}")
 
 
-def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
+def resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
     """One or more (name, module) pairs: ``layer`` is None, a module, a dotted name, several names
     joined by ``+`` (``"features.act4+features.act6"``), or a list of names/modules."""
     if isinstance(layer, str) and "+" in layer:
@@ -235,7 +235,7 @@ class CAM:
         if int(score_batch_size) < 1:
             raise CamError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.model = model
-        self.layers = _resolve_layers(model, layer)
+        self.layers = resolve_layers(model, layer)
         if len(self.layers) > 1 and type(self)._map is not CAM._map:
             raise CamError(f"{self.name} takes one layer; several layers ({'+'.join(n for n, _ in self.layers)}) "
                            "are fused only by the gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam)")

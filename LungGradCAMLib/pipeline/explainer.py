@@ -15,7 +15,7 @@ import numpy as np
 from ..core.errors import CancelledError, InvalidInputError, NotChestCTError, VolumeError
 from ..core.limits import is_out_of_memory, out_of_memory
 from ..core.results import Explanation
-from ..core.volume import AIR_HU, LabelMap, Volume, bbox, resample, resample_to, resampled_shape
+from ..core.volume import AIR_HU, LabelMap, Volume, resample, resample_to, resampled_shape
 from ..options import ExplainOptions, options_from
 from .cost import CostEstimate, check_memory, default_batch_size, estimate_cost
 from .ct_grid import cam_on_ct_grid, on_ct_grid
@@ -278,11 +278,11 @@ def _window(mode: str, card: Any, space: Volume, roi: Any, lungs_space: np.ndarr
             centre = [(a + b) // 2 for a, b in box]
             box = tuple((max(0, c - p // 2), min(n, c - p // 2 + p)) for c, p, n in zip(centre, patch, space.shape))
         return patch, box
-    found = bbox(lungs_space)
-    if found is None:
+    from ..engine.lung import lung_bbox
+
+    if not lungs_space.any():
         raise VolumeError("no lung found in the CT: is it a chest CT in HU? Give a lung_mask or an roi")
-    return patch, tuple((max(0, s.start - p // 4), min(n, s.stop + p // 4))
-                        for s, p, n in zip(found, patch, space.shape))
+    return patch, lung_bbox(lungs_space, margin_vox=[p // 4 for p in patch])
 
 
 def _announce(on_estimate: Callable[[CostEstimate], Optional[bool]], loaded: Any, method: str, box: Box,
