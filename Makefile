@@ -40,8 +40,8 @@ test: $(VENV)/.test
 # that a break only Slicer would show fails here.
 SLICER58_VENV ?= .venv-slicer58
 SLICER58_PINS := pydicom==2.4.4 numpy==1.26.4 scipy==1.13.1 SimpleITK==2.3.1 setuptools==80.9.0
-SLICER58_TESTS := Testing/Python/test_dicom.py Testing/Python/test_dicom_write.py Testing/Python/test_ctkdb.py \
-	Testing/Python/test_pipeline.py Testing/Python/test_slicer_logic.py Testing/Python/test_mrml.py
+SLICER58_TESTS := Testing/Python/io/test_dicom.py Testing/Python/io/test_dicom_write.py Testing/Python/io/test_ctkdb.py \
+	Testing/Python/pipeline/test_pipeline.py Testing/Python/slicer_module/test_slicer_logic.py Testing/Python/mrml/test_mrml.py
 
 $(SLICER58_VENV)/.test: pyproject.toml Makefile
 	$(PYTHON) -m venv $(SLICER58_VENV)

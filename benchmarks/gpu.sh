@@ -119,7 +119,7 @@ fi
 echo "installed into $SITE: ${missing:-nothing}" >&2
 
 # 3. the GPU tests, the CAM speed comparison and the end-to-end benchmark
-gpu_tests=$(grep -l "pytest.mark.gpu" Testing/Python/test_*.py)
+gpu_tests=$(grep -rl --include="test_*.py" "pytest.mark.gpu" Testing/Python)
 timeout 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider $gpu_tests >"$WORK/pytest.log" 2>&1
 status=$?
 tail -n 1 "$WORK/pytest.log" >"$WORK/pytest.txt"

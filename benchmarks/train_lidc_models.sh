@@ -28,9 +28,9 @@ $LGC train --name default --version 2.0.0 \
   --arch gradcam3d_cnn --arch-kwargs '{"width": 8, "dropout": 0.3}' \
   --patch-size 24 24 24 --spacing 1.5 1.5 1.5 --hu-window -1000 400 --normalisation minmax \
   --epochs 40 --patience 6 --batch-size 32 --lr 0.001 --seed 0 --threads 1 \
-  --cache "$OUT/default/patches.npz" --out "$OUT/default" --no-progress
+  --cache "$OUT/default-patches.npz" --out "$OUT/default" --no-progress   # (train refuses a cache inside --out)
 .venv/bin/python benchmarks/nodule_operating_point.py --model "$OUT/default/best.safetensors" \
-  --cache "$OUT/default/patches.npz" --out "$OUT/default/operating_point.json" --card "$OUT/default/best.json"
+  --cache "$OUT/default-patches.npz" --out "$OUT/default/operating_point.json" --card "$OUT/default/best.json"
 fi
 
 # 2. the malignancy region model (lidc-malignancy 2.0.0): an ensemble (region_net) of 5 cross-validation

@@ -5,7 +5,9 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict, List
 
+from ..core.atomic import MARKER, check_output_folder, output_folder
 from ..options import ExplainOptions
+from ..pipeline.outputs import OUTPUT_FILES
 from .common import argument_type, device
 
 
@@ -58,11 +60,10 @@ def _print_result(name: str, explanation: Any, segmentation: Any, files: Dict[st
           f"{explanation.timings['total']:.1f} s")
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Phantom chest CT -> DICOM series -> volume -> Grad-CAM -> segmentation -> outputs; then,
-    with ``--ct``, the same pipeline on a real CT."""
-    import shutil
-
+def _demo_runs(args: argparse.Namespace, options: ExplainOptions, out: Path) -> Dict[str, List[Path]]:
+    """The demo's work, written into ``out`` (its work folder): the phantom as DICOM, NRRD and
+    montage, the run on its DICOM series into result/, and with ``--ct`` the run on that CT into
+    ct/. Returns the files to open in Slicer, per what they show."""
     import numpy as np
 
     from ..evaluation import metrics
@@ -70,25 +71,14 @@ def _demo(args: argparse.Namespace) -> int:
     from ..core.results import Segmentation
     from ..io.volume_files import write_volume
     from ..engine.lung import lung_mask
-    from ..io.inputs import check_input
     from ..io.render import save_montage
-    from ..pipeline import check_options, run_one
     from ..io.segnrrd import write_segmentation
+    from ..pipeline import run_one
     from .common import cli_progress, print_regions
-
-    out = Path(args.out)
-    options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
-    if args.ct is not None:
-        check_input(args.ct, args.series)
-    loaded = check_options(options)
-    print(_heat_map_statement(loaded.card))
-    print()
 
     ph = phantom.chest_ct(seed=args.seed)
     vol = ph.volume
     dicom_dir = out / "dicom"
-    if dicom_dir.exists():  # files from an earlier demo: replace them, never mix two series
-        shutil.rmtree(dicom_dir)
     files = phantom.write_dicom_series(vol, dicom_dir, shuffle_names=True)
     write_volume(vol, out / "phantom.nrrd")
     truth = ph.nodule_labelmap > 0
@@ -132,8 +122,35 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"   chest-CT check: lungs {chest['lung_ml']:.0f} ml, largest cross-section "
               f"{chest['max_lung_area_cm2']:.0f} cm², {100 * chest['lung_share']:.0f} % of the body, "
               f"{100 * chest['aerated_share']:.0f} % aerated")
-        slicer_files["your CT"] = [Path(args.ct), out / "ct" / "cam.nrrd", out / "ct" / "segmentation.seg.nrrd"]
+        slicer_files["your CT"] = [out / "ct" / "cam.nrrd", out / "ct" / "segmentation.seg.nrrd"]
+    return slicer_files
 
+
+#: What ``demo`` writes into --out: the phantom (its DICOM series in dicom/), and the run folders
+#: result/ (the phantom) and ct/ (--ct), each with its own marker.
+DEMO_FILES = ("phantom.nrrd", "nodules_truth.seg.nrrd", "montage.png", "dicom/*",
+              *(f"{run}/{name}" for run in ("result", "ct") for name in (*sorted(OUTPUT_FILES), MARKER)))
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Phantom chest CT -> DICOM series -> volume -> Grad-CAM -> segmentation -> outputs; then,
+    with ``--ct``, the same pipeline on a real CT. --out is owned as ``run``'s is, subfolders
+    included: everything is written into its work folder and moved in at the end."""
+    from ..io.inputs import check_input, input_tree
+    from ..pipeline import check_options
+
+    out = Path(args.out)
+    options = ExplainOptions(model=args.model, device=args.device, region_model=args.region_model)
+    inputs = [input_tree(check_input(args.ct, args.series))] if args.ct is not None else []
+    check_output_folder(out, inputs, DEMO_FILES)  # before any work: an unusable --out fails now
+    loaded = check_options(options)
+    print(_heat_map_statement(loaded.card))
+    print()
+    with output_folder(out, inputs, DEMO_FILES) as work:
+        slicer_files = _demo_runs(args, options, work)
+    slicer_files = {what: [out / p.relative_to(work) for p in paths] for what, paths in slicer_files.items()}
+    if args.ct is not None:
+        slicer_files["your CT"].insert(0, Path(args.ct))
     print()
     print(f"Outputs in {out.resolve()}:")
     print(f"  montage.png, result/overlay.png{', ct/overlay.png' if args.ct else ''}   pictures: open them in any viewer")
@@ -155,7 +172,9 @@ def add_cli(sub: "argparse._SubParsersAction") -> None:
                                    "NRRD, save a montage, then load the DICOM back and explain it with "
                                    "the bundled model (cam.nrrd, segmentation.seg.nrrd, overlay.png, ...). "
                                    "With --ct, then explain a real chest CT the same way.")
-    p.add_argument("--out", default="lunggradcam-demo", help="output folder (default ./lunggradcam-demo)")
+    p.add_argument("--out", default="lunggradcam-demo",
+                   help="output folder (default ./lunggradcam-demo; created; an earlier demo's files there are "
+                        "replaced; one holding other files is refused)")
     p.add_argument("--seed", type=int, default=7, help="phantom seed (default 7)")
     p.add_argument("--ct", default=None, metavar="PATH",
                    help="also explain this real chest CT: DICOM folder, Slicer DICOM database or volume file")

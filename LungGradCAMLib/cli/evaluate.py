@@ -4,9 +4,11 @@ heat-map retraining test (:func:`~LungGradCAMLib.training.cam_retrain.cam_retrai
 from __future__ import annotations
 
 import argparse
-import json
+import os
 from pathlib import Path
+from typing import List, Tuple
 
+from ..core.atomic import check_output_folder, output_folder, strict_json
 from ..training.sources import load_data
 from .common import argument_type, device
 from .data import add_data_arguments, data_spec, json_object
@@ -23,7 +25,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     add_data_arguments(p, from_card=True)
     p.add_argument("--all-patients", action="store_true",
                    help="score every patient of the data, not only the model card's test patients")
-    p.add_argument("--out", required=True, help="output folder for report.json, roc.png, loss.png")
+    p.add_argument("--out", required=True, help="output folder for report.json, roc.png, loss.png (created; an "
+                                                "earlier evaluation's files there are replaced; one holding other "
+                                                "files is refused)")
     p.add_argument("--log", help="a training log.jsonl to plot as loss curves")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
@@ -58,10 +62,27 @@ def _add_cam_retrain_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads, also without --cam-retrain (default: torch's)")
 
 
+def _outputs() -> Tuple[str, ...]:
+    """What ``evaluate`` may write into --out: a report (:data:`REPORT_FILES`), or with
+    ``--cam-retrain`` the retraining test's files; a run of one kind replaces one of the other."""
+    from ..evaluation.evaluate import REPORT_FILES
+    from ..training.cam_retrain import CAM_RETRAIN_FILES
+
+    return (*REPORT_FILES, *CAM_RETRAIN_FILES)
+
+
+def _inputs(args: argparse.Namespace) -> List[str]:
+    """The files and folders evaluate reads, which --out may not be, hold or lie in (those given on
+    the command line; a data option not given is absent from ``args``)."""
+    given = (getattr(args, name, None) for name in ("model", "path", "backgrounds", "cache", "log"))
+    return [p for p in given if p and os.path.lexists(p)]
+
+
 def _run(args: argparse.Namespace) -> int:
     from ..engine.models import load_model
     from ..evaluation.evaluate import METRICS, evaluate_model, read_log, write_report
 
+    check_output_folder(args.out, _inputs(args), _outputs())  # before any work: an unusable --out fails now
     if args.cam_retrain:
         return _run_cam_retrain(args)
     if args.threads:
@@ -75,16 +96,19 @@ def _run(args: argparse.Namespace) -> int:
     report["model"] = loaded.card.summary()
     report["scope"] = scope
     report["data"] = {"patches": len(data), "patients": int(len(set(data.patients))), "classes": data.counts()}
-    paths = write_report(report, args.out, read_log(args.log) if args.log else None, title=loaded.card.name)
-    print(json.dumps({k: round(report["metrics"][k]["value"], 4) for k in METRICS}))
+    history = read_log(args.log) if args.log else None
+    with output_folder(args.out, _inputs(args), _outputs()) as staging:  # replaces an earlier evaluation's files
+        written = write_report(report, staging, history, title=loaded.card.name)
+    # strict JSON, as report.json: an undefined metric is null
+    print(strict_json({k: round(report["metrics"][k]["value"], 4) for k in METRICS}))
     if "diameter_baseline" in report:
         base = report["diameter_baseline"]
-        print(json.dumps({"diameter_baseline": {k: round(base["metrics"][k]["value"], 4) for k in METRICS},
-                          "threshold_mm": base["threshold_mm"]}))
-        print(json.dumps({"roc_auc_by_size": {b["band"]: {"model": round(b["model_roc_auc"]["value"], 4),
-                                                          "diameter": round(b["diameter_roc_auc"]["value"], 4),
-                                                          "n": b["n"]} for b in report["size_bands"]}}))
-    print("wrote " + ", ".join(str(v) for v in paths.values()))
+        print(strict_json({"diameter_baseline": {k: round(base["metrics"][k]["value"], 4) for k in METRICS},
+                           "threshold_mm": base["threshold_mm"]}))
+        print(strict_json({"roc_auc_by_size": {b["band"]: {"model": round(b["model_roc_auc"]["value"], 4),
+                                                           "diameter": round(b["diameter_roc_auc"]["value"], 4),
+                                                           "n": b["n"]} for b in report["size_bands"]}}))
+    print("wrote " + ", ".join(str(Path(args.out) / path.name) for path in written.values()))
     return 0
 
 
@@ -141,10 +165,11 @@ def _run_cam_retrain(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
                       patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=spec.seed,
                       mask_loss=mask_loss)
-    result = cam_retrain(data, masks, card, args.out, config=cfg, val_fraction=args.val_fraction,
-                         method=args.cam_method or card.cam_method, mask_dilation=args.mask_dilation,
-                         device=args.device, seed=spec.seed, n_boot=args.bootstrap)
-    print(json.dumps({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
-                      "chance": round(result.chance, 4)}))
+    with output_folder(args.out, _inputs(args), _outputs()) as staging:  # moved in when all four have trained
+        result = cam_retrain(data, masks, card, staging, config=cfg, val_fraction=args.val_fraction,
+                             method=args.cam_method or card.cam_method, mask_dilation=args.mask_dilation,
+                             device=args.device, seed=spec.seed, n_boot=args.bootstrap)
+    print(strict_json({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
+                       "chance": round(result.chance, 4)}))
     print(f"wrote {Path(args.out) / 'cam_retrain.json'}")
     return 0

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 from pathlib import Path
 
-from ..core.atomic import strict_json
+from ..core.atomic import check_output_folder, output_folder, strict_json, work_folder
 from ..core.errors import InvalidInputError, ModelError
 from ..training.sources import DataSpec, load_data
 from .common import argument_type, device
@@ -45,7 +46,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
                                                 "(default: the --out folder's name)")
     m.add_argument("--version", default="1.0.0", help="model version written in the card")
     o = p.add_argument_group("training")
-    o.add_argument("--out", required=True, help="output folder")
+    o.add_argument("--out", required=True, help="output folder, outside the data (created; a previous training's "
+                                                "outputs there are replaced when this one has finished; one "
+                                                "holding other files is refused)")
     o.add_argument("--epochs", type=int, default=30)
     o.add_argument("--batch-size", type=int, default=32)
     o.add_argument("--lr", type=float, default=1e-3)
@@ -59,7 +62,9 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
                    help="k-fold patient-wise cross-validation instead of one split (k models, CIs across folds)")
     o.add_argument("--val-fraction", type=float, default=0.15, help="patients for validation (default 0.15)")
     o.add_argument("--test-fraction", type=float, default=0.15, help="patients held out for testing (default 0.15)")
-    o.add_argument("--resume", action="store_true", help="continue from --out/resume.pt")
+    o.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training into --out from its last epoch (or a finished one "
+                        "from its resume.pt)")
     o.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     o.add_argument("--device", default=None, type=argument_type(device),
                    help="auto (CUDA: cuda:LOCAL_RANK under torchrun; else MPS; else CPU), cpu, cuda, cuda:N, mps")
@@ -116,31 +121,43 @@ def _card(args: argparse.Namespace, spec: DataSpec) -> "ModelCard":  # noqa: F82
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..engine.distributed import init_torchrun
-    from ..training.train import TrainConfig, train_and_evaluate
+    from ..engine.distributed import barrier, init_torchrun
+    from ..training.train import TRAIN_FILES, TrainConfig, train_and_evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = data_spec(args, (args.val_fraction, args.test_fraction))
     card = _card(args, spec)
+    region = args.arch == "region_net" and args.folds
+    inputs = [p for p in (args.path, args.backgrounds, args.cache) if p]
+    if not region:  # a region ensemble's folder is its own (members shared by processes, resumed by their files)
+        check_output_folder(args.out, inputs, TRAIN_FILES)  # before any work: an unusable --out fails now
     data = load_data(spec, card)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
                          augment=not args.no_augment, amp=not args.no_amp, seed=args.seed, mask_loss=args.mask_loss)
-    if args.arch == "region_net" and args.folds:
+    if region:
         from ..training.region import train_region_model
 
         result = train_region_model(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
                                     test_fraction=args.test_fraction, progress=not args.no_progress,
                                     device=args.device)
         if result.test_report:  # else another process bundled the members
-            print(json.dumps({"region_model": str(result.path),
+            print(strict_json({"region_model": str(result.path),
                               "test": {k: round(v["value"], 4) for k, v in result.test_report["metrics"].items()},
                               "cv": {k: round(v["value"], 4) for k, v in result.cv_report["model"]["metrics"].items()}}))
         return 0
-    results = train_and_evaluate(data, card, args.out, config, folds=args.folds, val_fraction=args.val_fraction,
-                                 test_fraction=args.test_fraction, resume=args.resume,
-                                 progress=not args.no_progress, device=args.device)
-    if init_torchrun()[0] == 0:
+    # --out is owned as run's is; training works in its work folder, which an interrupted run
+    # leaves for --resume, and its results replace the folder's outputs only when it has finished
+    # (README, "Reliability and security"). Rank 0 owns it; the other ranks work in the same place.
+    rank = init_torchrun()[0]
+    owned = (output_folder(args.out, inputs, TRAIN_FILES, keep=True, resume=args.resume) if rank == 0
+             else contextlib.nullcontext(work_folder(args.out)))
+    with owned as work:
+        barrier()  # rank 0 has made the work folder (with the state to resume) before the others read it
+        results = train_and_evaluate(data, card, work, config, folds=args.folds, val_fraction=args.val_fraction,
+                                     test_fraction=args.test_fraction, resume=args.resume,
+                                     progress=not args.no_progress, device=args.device)
+    if rank == 0:
         for r in results:
             print(strict_json({"fold": r.name or "holdout", "best_epoch": r.fit.best_epoch,
                                **{k: round(v["value"], 4) for k, v in r.report["metrics"].items()}}))

@@ -361,9 +361,14 @@ def scores_report(y: np.ndarray, scores: np.ndarray, patch_set: Any, threshold: 
     return report
 
 
+#: The files :func:`write_report` writes (an output folder's marker may name only these).
+REPORT_FILES = ("report.json", "roc.png", "loss.png")
+
+
 def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequence[Dict[str, Any]]] = None,
                  title: str = "") -> Dict[str, Path]:
-    """Write ``report.json``, ``roc.png`` (and ``loss.png`` from ``history``) into ``out_dir``."""
+    """Write ``report.json``, ``roc.png`` (and ``loss.png`` from ``history``) into ``out_dir``
+    (:data:`REPORT_FILES`); ``lunggradcam evaluate`` and ``train`` own the folder it is in."""
     out = Path(out_dir)
     paths = {"report": write_json(out / "report.json", report)}  # strict JSON: an undefined metric is null
     if "roc" in report:

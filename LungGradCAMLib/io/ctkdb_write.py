@@ -130,7 +130,7 @@ def create_dicom_database(database_folder: Union[str, "os.PathLike[str]"]) -> Pa
     folder = Path(database_folder)
     target = _check_new(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace=False) as tmp:  # never over one made meanwhile
         with closing(sqlite3.connect(tmp)) as db, db:
             _create_tables(db)
     return target
@@ -163,7 +163,7 @@ def make_dicom_database(source: Union[str, "os.PathLike[str]", Iterable["os.Path
     root = folder.resolve()
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     files = 0
-    with atomic_path(target) as tmp:
+    with atomic_path(target, replace=False) as tmp:  # never over one made meanwhile
         with closing(sqlite3.connect(tmp)) as db, db:
             _create_tables(db)
             patients: Dict[tuple, int] = {}

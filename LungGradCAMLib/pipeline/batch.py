@@ -107,12 +107,17 @@ def _record(path: Path) -> Optional[dict]:
     return read_record(path.parent, path.name, OUTPUT_FILES)
 
 
-def _summary_row(job: _SeriesJob, out_dir: Path) -> Dict[str, Any]:
+def _summary_row(job: _SeriesJob, out_dir: Path, key: Dict[str, Any]) -> Dict[str, Any]:
+    """The series' row: "done" from its report, "failed" from its error.json, when made with the
+    result options ``key`` (a record of a run with other options, which a failed attempt leaves
+    beside its error, says nothing about this run: "pending" when neither is this run's)."""
     folder = out_dir / safe_name(job.uid)
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
     row.update(series_uid=job.uid, patient_id=getattr(job, "patient_id", ""), output=folder.name, input=job.input,
                status="pending")
     r, error = _record(folder / "report.json"), _record(folder / "error.json")
+    r = r if r is not None and r.get("result_key") == key else None
+    error = error if error is not None and error.get("result_key") == key else None
     if r is not None:
         regions = r.get("regions") or []
         row.update(status="done", predicted_class=r["predicted_class"],
@@ -141,13 +146,14 @@ def spreadsheet_cell(value: Any) -> Any:
         return "'" + text
 
 
-def write_summary(jobs: Sequence[Any], out_dir: Path) -> Path:
-    """``summary.csv`` from what is on disk (so it is whole after any interruption)."""
+def write_summary(jobs: Sequence[Any], out_dir: Path, key: Dict[str, Any]) -> Path:
+    """``summary.csv`` from what is on disk (so it is whole after any interruption): each series'
+    result with the result options ``key`` (:func:`run_batch`'s)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for job in jobs:
-        writer.writerow({k: spreadsheet_cell(v) for k, v in _summary_row(job, out_dir).items()})
+        writer.writerow({k: spreadsheet_cell(v) for k, v in _summary_row(job, out_dir, key).items()})
     with output_folder(out_dir, names=(SUMMARY,), exclusive=False, replace=False, wait=True) as staging:
         write_text(staging / SUMMARY, buf.getvalue())  # one writer at a time (it waits for another)
     return out_dir / SUMMARY
@@ -256,7 +262,7 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     barrier()
     summary = out / SUMMARY
     if rank == 0:
-        summary = write_summary(jobs, out)
+        summary = write_summary(jobs, out, key)
     if world > 1:
         import torch.distributed as dist
 

@@ -60,12 +60,14 @@ from ..engine.device import resolve_device
 from ..engine.models import LoadedModel, ModelCard, load_model
 from ..evaluation.evaluate import evaluate_model
 from .data import PatchSet, crop_patch, patient_split
-from .train import TrainConfig, fit
+from .train import FIT_FILES, TrainConfig, fit
 
 log = logging.getLogger(__name__)
 
 #: The four trainings, in the order they run.
 VARIANTS = ("original", "cam", "truth", "inverted")
+#: The files :func:`cam_retrain` writes, as paths in its folder.
+CAM_RETRAIN_FILES = ("cam_retrain.json", *(f"{variant}/{name}" for variant in VARIANTS for name in FIT_FILES))
 _PHANTOM_PATIENT = re.compile(r"^phantom-(\d+)$")
 
 

@@ -131,7 +131,8 @@ class PatchSet:
                         np.concatenate([s.centres for s in sets]), masks, splits, diameters)
 
     def save(self, path: PathLike) -> Path:
-        """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically."""
+        """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically, as a new
+        file: an existing file at ``path`` is never replaced (:class:`OutputError`)."""
         path = Path(path)
         extra: Dict[str, np.ndarray] = {}
         if self.masks is not None:
@@ -140,7 +141,7 @@ class PatchSet:
             extra["splits"] = self.splits
         if self.diameters is not None:
             extra["diameters"] = self.diameters
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=False) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
                          kinds=self.kinds, centres=self.centres, class_names=np.array(self.class_names),

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..core.atomic import check_new_file
 from ..core.errors import DataError, InvalidInputError
 from .data import PatchSet, luna16_samples, manifest_samples, patches_from_samples, phantom_patches
 from .lidc import lidc_patches, lidc_voi_detection_patches, lidc_voi_patches, lidc_voi_records
@@ -157,6 +158,8 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
     if cache is not None and rank != 0:
         barrier()  # rank 0 builds the cache; the others read it
         return PatchSet.load(cache)
+    if cache is not None:
+        check_new_file(cache, "patch cache")  # before the work: a folder or a link there is refused, never replaced
     progress = rank == 0
     if spec.source == "phantom":
         data = phantom_patches(list(spec.phantom_seeds), size, spacing, task=spec.task,

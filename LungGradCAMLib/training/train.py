@@ -31,8 +31,8 @@ from ..engine.device import resolve_device
 from ..engine.distributed import all_sum, barrier, init_torchrun
 from ..engine.models import ModelCard, build_model, load_model, save_model
 from ..engine.preprocess import apply_card_preprocessing
-from ..evaluation.evaluate import (CARD_CUT, cross_validation_report, diameter_threshold, evaluate_model, has_diameters, roc_auc,
-                                   scores_report, write_report)
+from ..evaluation.evaluate import (CARD_CUT, REPORT_FILES, cross_validation_report, diameter_threshold, evaluate_model,
+                                   has_diameters, roc_auc, scores_report, write_report)
 from .augment import augment
 from .data import PatchSet, patient_kfold, patient_split
 
@@ -122,6 +122,10 @@ def _check_sets(train_set: PatchSet, val_set: PatchSet, card: ModelCard) -> None
         raise DataError(f"patches are {train_set.patch_size} voxels but the card says {card.patch_size}")
     if len(train_set) == 0 or len(val_set) == 0:
         raise DataError("training and validation sets must not be empty")
+
+
+#: The files :func:`fit` writes into its folder.
+FIT_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", "resume.pt", "log.jsonl")
 
 
 def fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out_dir: Any, config: Optional[TrainConfig] = None,
@@ -357,6 +361,10 @@ def _splits(data: PatchSet, folds: int, val_fraction: float, test_fraction: floa
     tr, va, te = patient_split(data.patients, (1 - val_fraction - test_fraction, val_fraction, test_fraction),
                                seed=seed)
     return [("", tr, va, te)]
+
+
+#: The files :func:`train_and_evaluate` writes, as paths in its folder (``fold*/``: one per fold).
+TRAIN_FILES = (*FIT_FILES, *REPORT_FILES, "cv_report.json", *(f"fold*/{name}" for name in (*FIT_FILES, *REPORT_FILES)))
 
 
 def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Optional[TrainConfig] = None, *,

@@ -6,10 +6,20 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_phantom():
-    """A small deterministic chest phantom (seed 0) with default nodules, shared by tests."""
+    """A larger chest phantom (seed 0, 48 x 96 x 96 voxels of 3 x 3 x 5 mm) with its truth (nodules,
+    tissues), for tests that need nodules a model grid resolves; ``chest`` where a CT is enough."""
     from LungGradCAMLib import phantom
 
     return phantom.chest_ct(seed=0, shape=(48, 96, 96), spacing_mm=(3.0, 3.0, 5.0))
+
+
+@pytest.fixture(scope="session")
+def nodule_chest():
+    """The Slicer module self-test's phantom: one 20 mm malignant nodule at helpers.NODULE_RAS, at a
+    clinical resolution (64 x 192 x 192 voxels of 1.8 x 1.8 x 3 mm)."""
+    from helpers import chest_with_nodule
+
+    return chest_with_nodule()
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +51,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def chest():
-    """A small chest phantom CT (seed 3, 28x64x64 at 4.5 x 4.5 x 8 mm) that a run explains in seconds."""
-    from LungGradCAMLib import phantom
+    """The small chest phantom's CT (helpers.small_chest, seed 3) that a run explains in seconds."""
+    from helpers import small_chest
 
-    return phantom.chest_ct(seed=3, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+    return small_chest(seed=3).volume

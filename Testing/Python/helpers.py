@@ -19,10 +19,11 @@ import pytest
 import torch
 from torch import nn
 
+from LungGradCAMLib import phantom
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
-
 from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+from LungGradCAMLib.training.data import PatchSet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,6 +76,27 @@ def snapshot(root: Path) -> Dict[str, tuple]:
             else:
                 entries[rel] = ("type", stat.S_IFMT(st.st_mode))
     return entries
+
+
+def small_chest(seed: int = 3) -> phantom.Phantom:
+    """The small chest phantom that a run explains in seconds: 28 x 64 x 64 voxels (k, j, i) of
+    4.5 x 4.5 x 8 mm; ``seed`` picks its anatomy, nodules and noise. The ``chest`` fixture
+    (conftest.py) is seed 3's volume."""
+    return phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+
+
+#: Where the phantoms with one nodule hold it (RAS mm): in the right lung, as the Slicer module's
+#: self-test does.
+NODULE_RAS = (60.0, 20.0, -150.0)
+
+
+def chest_with_nodule(diameter_mm: float = 20.0, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0)) -> phantom.Phantom:
+    """A chest phantom (seed 3) whose only nodule, malignant, ``diameter_mm`` across, is centred on
+    NODULE_RAS. ``shape`` in voxels (k, j, i), ``spacing_mm`` (i, j, k); by default the self-test's:
+    a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm
+    slices)."""
+    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=diameter_mm, malignant=True)
+    return phantom.chest_ct(seed=3, shape=shape, spacing_mm=spacing_mm, nodules=[nodule])
 
 
 def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 4.0), seed=0):
@@ -177,3 +199,41 @@ def write_voi_folder(root, rows):
             write_volume(Volume(hu, m), root / "image" / name)
             write_volume(Volume(ball.astype(np.int16), m), root / "nodule_mask" / name)
             w.writerow([patient, nodule, diagnosis, 2 * r * 0.8, 4 if diagnosis == "Malign" else 2])
+
+
+#: The training tests' patches: 16^3 voxels of 2 mm, classes background and nodule.
+SPHERES_SIZE = 16
+SPHERES_CLASSES = ["background", "nodule"]
+
+
+def spheres_patches(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> PatchSet:
+    """Noisy lung-like patches (about -800 HU): nodules are 20 HU balls near the centre,
+    background holds a 20 HU tube (a vessel) through a random point along a random axis."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.mgrid[:SPHERES_SIZE, :SPHERES_SIZE, :SPHERES_SIZE].astype(np.float32)
+    patches, labels, patients = [], [], []
+    for p in range(n_patients):
+        for label in (0, 1) * per_class:
+            x = rng.normal(-800, 60, (SPHERES_SIZE, SPHERES_SIZE, SPHERES_SIZE)).astype(np.float32)
+            c = SPHERES_SIZE / 2 + rng.uniform(-2, 2, 3)
+            if label:
+                inside = (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= rng.uniform(2, 4) ** 2
+            else:
+                axis = rng.integers(3)
+                d = [(g - cc) ** 2 for g, cc in zip((k, j, i), c)]
+                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5 ** 2
+            x[inside] = 20.0
+            patches.append(x)
+            labels.append(label)
+            patients.append(f"p{p}")
+    return PatchSet(np.rint(patches).astype(np.int16), labels, patients, SPHERES_CLASSES, (2.0, 2.0, 2.0))
+
+
+def spheres_card(**kw) -> ModelCard:
+    return ModelCard("gradcam3d_cnn", {"width": 4, "num_classes": 2}, SPHERES_CLASSES, "nodule", "features.act6",
+                     patch_size=[SPHERES_SIZE] * 3, spacing_mm=[2.0] * 3, name="spheres", **kw)
+
+
+#: `lunggradcam train` arguments for a cache of :func:`spheres_patches`.
+TRAIN_ARGS = ["--source", "patches", "--patch-size", "16", "16", "16", "--spacing", "2", "2", "2",
+              "--arch-kwargs", '{"width": 4}', "--batch-size", "16", "--no-progress"]

@@ -1,6 +1,6 @@
 """Extract the Slicer API that LungGradCAM may use from Slicer's (and CTK's) source at pinned revisions.
 
-Writes ``Testing/SlicerAPI/slicer_api.json``, which ``Testing/Python/test_slicer_api.py`` checks the
+Writes ``Testing/SlicerAPI/slicer_api.json``, which ``Testing/Python/slicer_module/test_slicer_api.py`` checks the
 Slicer module (``LungGradCAM/LungGradCAM.py``) and ``LungGradCAMLib/mrml.py`` against. Only the
 list of names and signatures is kept here, never Slicer's code. Regenerate with:
 

@@ -117,13 +117,13 @@ def test_wrong_options_stop_at_parse_time(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, capsys, small_phantom):
+def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, capsys, chest):
     """A wrong target class or layer is refused before the CT is read: here the CT is a DICOM
     folder holding a damaged file, whose error would come first otherwise."""
     from LungGradCAMLib import phantom
 
     folder = tmp_path / "dicom"
-    files = phantom.write_dicom_series(small_phantom.volume, folder)
+    files = phantom.write_dicom_series(chest, folder)
     files[3].write_bytes(files[3].read_bytes()[:400])  # truncated
     for argv, message in ((["--target", "tumour"], "target class 'tumour' is not one of"),
                           (["--layer", "features.nope"], "layer 'features.nope' is not a module")):
@@ -133,10 +133,10 @@ def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, c
     assert str(files[3].name) in capsys.readouterr().err  # with right options, the damaged file is reached
 
 
-def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, small_phantom):
+def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, chest):
     from LungGradCAMLib.io.volume_files import write_volume
 
-    ct = write_volume(small_phantom.volume, tmp_path / "ct.nii.gz")
+    ct = write_volume(chest, tmp_path / "ct.nii.gz")
     assert main(["run", str(ct), "--out", str(tmp_path / "o"), "--series", "1.2.3"]) == 2
     assert "leave out --series" in capsys.readouterr().err
     assert main(["run", str(ct), "--out", str(tmp_path / "o"), "--dicom-seg"]) == 2
@@ -144,11 +144,11 @@ def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, sma
     assert not (tmp_path / "o").exists()
 
 
-def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys, small_phantom):
+def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys, chest):
     from LungGradCAMLib.io.dicom_write import write_dicom_series
 
-    write_dicom_series(small_phantom.volume, tmp_path / "two" / "a", series_uid="1.2.826.0.1.3680043.10.1.1")
-    write_dicom_series(small_phantom.volume, tmp_path / "two" / "b", series_uid="1.2.826.0.1.3680043.10.1.2")
+    write_dicom_series(chest, tmp_path / "two" / "a", series_uid="1.2.826.0.1.3680043.10.1.1")
+    write_dicom_series(chest, tmp_path / "two" / "b", series_uid="1.2.826.0.1.3680043.10.1.2")
     assert main(["run", str(tmp_path / "two"), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "2 CT series found" in err and "--series" in err

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 import torch
 
-from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.io.dicom import load_dicom_series
 from LungGradCAMLib.io.dicom_series import list_dicom_series
@@ -33,7 +32,7 @@ from LungGradCAMLib.io.volume_files import write_volume
 
 from helpers import make_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, small_chest
 SECRET_NAME = "Qxzwv^Secretname"
 SECRET_ID = "PID-SECRET-4242"
 #: path separators, "..", terminal escapes, a bell, a newline and 300 more characters (no backslash:
@@ -75,7 +74,7 @@ def hostile_tree(tmp_path_factory):
     hostile UIDs; and a 64-character UID split into two stacks."""
     root = tmp_path_factory.mktemp("hostile")
     tree = root / "dicom"
-    chest = phantom.chest_ct(seed=5, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume
+    chest = small_chest(5).volume
     _write(chest, tree / "s0", patient_name=SECRET_NAME, patient_id=SECRET_ID, series_description=HOSTILE_TEXT,
            study_description=HOSTILE_TEXT, series_uid="../../../escaped")
     for n, uid in enumerate(HOSTILE_UIDS):
@@ -223,8 +222,7 @@ def test_hostile_model_files_through_the_cli(tmp_path, capsys, make, card_change
 def test_paths_that_are_not_utf8_are_refused(where, tmp_path, model):
     """ITK aborts the process (SIGABRT) on such a name: it is refused before it gets there."""
     root = os.fsencode(tmp_path)
-    ct = write_volume(phantom.chest_ct(seed=5, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume,
-                      tmp_path / "ct.nrrd")
+    ct = write_volume(small_chest(5).volume, tmp_path / "ct.nrrd")
     if where == "input":
         ct = Path(os.fsdecode(root + b"/ct\xff.nrrd"))
         (tmp_path / "ct.nrrd").rename(ct)
@@ -245,8 +243,7 @@ def test_report_is_strict_json_when_the_card_has_nan_metrics(tmp_path, model, ca
     card["metrics"] = {"roc_auc": {"value": float("nan"), "ci95": [float("-inf"), float("inf")]},
                        "accuracy": float("nan")}
     weights.with_suffix(".json").write_text(json.dumps(card))  # Python writes NaN, as a careless tool does
-    ct = write_volume(phantom.chest_ct(seed=5, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0)).volume,
-                      tmp_path / "ct.nrrd")
+    ct = write_volume(small_chest(5).volume, tmp_path / "ct.nrrd")
     assert main(["run", str(ct), "--out", str(tmp_path / "out"), "--model", str(weights), "--device", "cpu"]) == 0
 
     def refuse(constant):

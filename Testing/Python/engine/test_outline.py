@@ -14,6 +14,8 @@ from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import LabelMap, Volume
 from LungGradCAMLib.engine.outline import measure_outline, nodule_outline
 
+from helpers import NODULE_RAS, chest_with_nodule
+
 #: A clinical thin-slice grid (mm, i j k), as most LIDC scans: 0.7 mm pixels, 1.25 mm slices.
 SPACING = (0.7, 0.7, 1.25)
 
@@ -169,9 +171,6 @@ def test_bad_outline_requests_are_refused(nodules):
 
 
 # --- the outline in a run's outputs -----------------------------------------------------------------
-NODULE_RAS = (60.0, 20.0, -150.0)
-
-
 @pytest.fixture(scope="module")
 def roi_run(tmp_path_factory):
     """``lunggradcam run --roi`` with the bundled region model on a phantom DICOM series holding one
@@ -182,8 +181,7 @@ def roi_run(tmp_path_factory):
     from LungGradCAMLib.cli import main
 
     tmp = tmp_path_factory.mktemp("roi-run")
-    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=12.0, malignant=True)
-    chest = phantom.chest_ct(seed=3, shape=(64, 256, 256), spacing_mm=(1.2, 1.2, 2.0), nodules=[nodule])
+    chest = chest_with_nodule(12.0, shape=(64, 256, 256), spacing_mm=(1.2, 1.2, 2.0))
     phantom.write_dicom_series(chest.volume, tmp / "dicom")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
@@ -205,8 +203,9 @@ def test_the_report_and_the_printed_result_carry_the_outline(roi_run):
     assert np.pi / 6 * 12.0 ** 3 / 1000 <= outline["volume_ml"] <= 1.1 * np.pi / 6 * (12.0 + 2 * 1.2) ** 3 / 1000
     assert outline["long_axis_mm"] >= outline["short_axis_mm"] > 0
     assert "outline" in report["timings_s"]
-    assert (f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml, long axis "
-            f"{outline['long_axis_mm']:.1f} mm") in printed
+    line = next(x for x in printed.splitlines() if x.strip().startswith("heat-map region 1:"))
+    assert line.endswith(f"nodule outline 1: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
+                         f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm")
 
 
 def test_the_segmentation_file_holds_the_outline_as_its_own_segment(roi_run):

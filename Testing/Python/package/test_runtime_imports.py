@@ -23,7 +23,7 @@ import pytest
 
 from helpers import make_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 PACKAGE = REPO / "LungGradCAMLib"
 #: Imports only the Slicer layer makes (LungGradCAMLib/mrml.py runs inside Slicer or on slicer-core).
 SLICER_ONLY = {"slicer", "vtk"}

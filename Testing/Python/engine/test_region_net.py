@@ -15,6 +15,8 @@ from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, sav
 from LungGradCAMLib.engine.models.features import image_features
 from LungGradCAMLib.pipeline import explain
 
+from helpers import NODULE_RAS, chest_with_nodule
+
 MEMBER = {"width": 4, "cam_pools": 2, "head": "attention", "evidence_channels": 4}
 
 
@@ -108,10 +110,8 @@ def test_an_ensemble_region_model_loads_and_explains_through_the_public_api(tmp_
     path = save_model(net, card, tmp_path / "ensemble.safetensors")
     loaded = load_model(path, device="cpu")
     assert len(loaded.module.members) == 4 and loaded.target_layer is loaded.module.tap
-    centre = (60.0, 20.0, -150.0)
-    chest = phantom.chest_ct(seed=3, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0),
-                             nodules=[phantom.NoduleSpec(center_ras=centre, diameter_mm=14.0, malignant=True)])
-    exp = explain(chest.volume, model=str(path), device="cpu", roi=(centre, 40.0))
+    chest = chest_with_nodule(14.0, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0))
+    exp = explain(chest.volume, model=str(path), device="cpu", roi=(NODULE_RAS, 40.0))
     assert exp.method == "layercam" and exp.layer == "tap" and exp.n_patches == 1
     assert sum(exp.probabilities.values()) == pytest.approx(1.0)
     assert exp.cam.array.max() > 0 and exp.cam.shape == chest.volume.shape
@@ -122,11 +122,11 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     """``train --arch region_net --folds K``: members per view and fold, the fusion fitted out of
     fold, one bundled file whose held-out figures ``evaluate`` reproduces exactly."""
     from LungGradCAMLib.cli import main
-    from test_lidc_vois import _write_voi_folder
+    from helpers import write_voi_folder
     from LungGradCAMLib.io.volume_files import write_volume
 
     root = tmp_path
-    _write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(12)])
+    write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(12)])
     chest = phantom.chest_ct(seed=2, shape=(48, 96, 96), spacing_mm=(3.6, 3.6, 5.0))
     write_volume(chest.volume, root / "chest.nrrd")
     (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
@@ -165,9 +165,9 @@ def test_the_heat_map_retraining_test_runs_on_real_nodule_outlines(tmp_path, cap
     """``evaluate --cam-retrain`` on a region model whose card names LIDC VOIs: the card's data, the
     readers' outlines as the truth masks, one member of its architecture, its outline loss."""
     from LungGradCAMLib.cli import main
-    from test_lidc_vois import _write_voi_folder
+    from helpers import write_voi_folder
 
-    _write_voi_folder(tmp_path / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(8)])
+    write_voi_folder(tmp_path / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(8)])
     net = _net(views=[[8, 1], [16, 2]], members=2, flips=2)
     spec = {"source": "lidc-vois", "path": str(tmp_path / "vois"), "task": "malignancy", "placements": 2}
     card = ModelCard("region_net", dict(net.init_kwargs), ["benign", "malignant"], "malignant", "tap",

@@ -7,18 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.engine.models import load_model
 from LungGradCAMLib.pipeline import explain
 
-NODULE_RAS = (60.0, 20.0, -150.0)
+from helpers import NODULE_RAS, chest_with_nodule
+
 
 
 @pytest.fixture(scope="module")
 def chest():
-    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=14.0, malignant=True)
-    return phantom.chest_ct(seed=3, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0), nodules=[nodule])
+    return chest_with_nodule(14.0, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 6.0))
 
 
 def test_a_region_model_refuses_a_whole_scan(chest, region_model):

@@ -12,42 +12,13 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main as cli_main
-from LungGradCAMLib.training.data import PatchSet
-from LungGradCAMLib.engine.models import ModelCard, load_model
+from LungGradCAMLib.engine.models import load_model
+from LungGradCAMLib.evaluation.evaluate import predict, roc_auc
 from LungGradCAMLib.training.augment import augment
+from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
-SIZE = 16
-CLASSES = ["background", "nodule"]
-
-
-def _spheres(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> PatchSet:
-    """Noisy lung-like patches (about -800 HU): nodules are 20 HU balls near the centre,
-    background holds a 20 HU tube (a vessel) through a random point along a random axis."""
-    rng = np.random.default_rng(seed)
-    k, j, i = np.mgrid[:SIZE, :SIZE, :SIZE].astype(np.float32)
-    patches, labels, patients = [], [], []
-    for p in range(n_patients):
-        for label in (0, 1) * per_class:
-            x = rng.normal(-800, 60, (SIZE, SIZE, SIZE)).astype(np.float32)
-            c = SIZE / 2 + rng.uniform(-2, 2, 3)
-            if label:
-                inside = (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= rng.uniform(2, 4) ** 2
-            else:
-                axis = rng.integers(3)
-                d = [(g - cc) ** 2 for g, cc in zip((k, j, i), c)]
-                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5 ** 2
-            x[inside] = 20.0
-            patches.append(x)
-            labels.append(label)
-            patients.append(f"p{p}")
-    return PatchSet(np.rint(patches).astype(np.int16), labels, patients, CLASSES, (2.0, 2.0, 2.0))
-
-
-def _card(**kw) -> ModelCard:
-    return ModelCard("gradcam3d_cnn", {"width": 4, "num_classes": 2}, CLASSES, "nodule", "features.act6",
-                     patch_size=[SIZE] * 3, spacing_mm=[2.0] * 3, name="spheres", **kw)
-
+from helpers import TRAIN_ARGS, spheres_card, spheres_patches
 
 def test_class_weights_formula():
     w = class_weights(np.array([0, 0, 0, 1]), 2)
@@ -78,12 +49,12 @@ def test_augment_identity_flips_and_determinism():
 
 @pytest.fixture(scope="module")
 def spheres():
-    return _spheres()
+    return spheres_patches()
 
 
 def test_fit_learns_writes_and_loads(tmp_path, spheres):
     cfg = TrainConfig(epochs=4, batch_size=16, lr=1e-2, patience=10, augment=False, seed=0)
-    result = fit(spheres, _spheres(2, 8, seed=2), _card(), tmp_path, cfg, progress=False)
+    result = fit(spheres, spheres_patches(2, 8, seed=2), spheres_card(), tmp_path, cfg, progress=False)
     assert len(result.history) == 4 and 1 <= result.best_epoch <= 4
     # balls vs tubes: it learns (few batches, so BatchNorm running statistics lag; hence 0.8)
     assert result.history[-1]["train_loss"] < 0.3 * result.history[0]["train_loss"]
@@ -100,9 +71,9 @@ def test_resume_continues_exactly(tmp_path, spheres):
     train = spheres.subset(np.flatnonzero(spheres.patients != "p7"))
     val = spheres.subset(np.flatnonzero(spheres.patients == "p7"))
     cfg = TrainConfig(epochs=2, batch_size=16, seed=1)
-    whole = fit(train, val, _card(), tmp_path / "whole", cfg, progress=False)
-    fit(train, val, _card(), tmp_path / "parts", TrainConfig(epochs=1, batch_size=16, seed=1), progress=False)
-    resumed = fit(train, val, _card(), tmp_path / "parts", cfg, resume=True, progress=False)
+    whole = fit(train, val, spheres_card(), tmp_path / "whole", cfg, progress=False)
+    fit(train, val, spheres_card(), tmp_path / "parts", TrainConfig(epochs=1, batch_size=16, seed=1), progress=False)
+    resumed = fit(train, val, spheres_card(), tmp_path / "parts", cfg, resume=True, progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.history[0] == json.loads((tmp_path / "whole" / "log.jsonl").read_text().splitlines()[0]) | {
         "seconds": resumed.history[0]["seconds"]}
@@ -110,19 +81,15 @@ def test_resume_continues_exactly(tmp_path, spheres):
     b = load_model(resumed.last_path).module.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
     with pytest.raises(Exception, match="another model or data set"):
-        other = _card()
+        other = spheres_card()
         other.kwargs["width"] = 8
         fit(train, val, other, tmp_path / "parts", cfg, resume=True, progress=False)
-
-
-ARGS = ["--source", "patches", "--patch-size", "16", "16", "16", "--spacing", "2", "2", "2",
-        "--arch-kwargs", '{"width": 4}', "--batch-size", "16", "--no-progress"]
 
 
 def test_cli_cross_validation(tmp_path, spheres, capsys):
     cache = spheres.save(tmp_path / "spheres.npz")
     out = tmp_path / "cv"
-    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--folds", "2",
+    assert cli_main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--folds", "2",
                      "--name", "cv"]) == 0
     cv = json.loads((out / "cv_report.json").read_text())
     assert cv["folds"] == 2 and len(cv["metrics"]["roc_auc"]["folds"]) == 2
@@ -131,9 +98,9 @@ def test_cli_cross_validation(tmp_path, spheres, capsys):
     assert not set(split["train_patients"]) & set(split["test_patients"])
     assert "ci95" in card["metrics"]["roc_auc"] and card["training"]["command"].startswith("lunggradcam ")
     assert (out / "fold2" / "roc.png").is_file() and (out / "fold2" / "loss.png").is_file()
-    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch-kwargs", "{width"]) == 2
+    assert cli_main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--arch-kwargs", "{width"]) == 2
     assert "argument --arch-kwargs: not valid JSON" in capsys.readouterr().err  # at parse time
-    assert cli_main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--arch", "vgg3d"]) == 2
+    assert cli_main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--arch", "vgg3d"]) == 2
     assert "unknown architecture 'vgg3d'" in capsys.readouterr().err
 
 
@@ -143,26 +110,34 @@ def test_ddp_two_processes_gloo(tmp_path, spheres):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "LungGradCAMLib.cli", "train", *ARGS, "--path", str(cache), "--out", str(out),
+           "-m", "LungGradCAMLib.cli", "train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out),
            "--epochs", "2", "--device", "cpu", "--threads", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((out / "best.json").read_text())
     assert card["training"]["world_size"] == 2
     assert len((out / "log.jsonl").read_text().splitlines()) == 2
-    assert load_model(out / "best.safetensors").card.metrics["roc_auc"]["value"] >= 0
+    # the card's AUC is the saved model's on every held-out patient (not one rank's share of them)
+    best = load_model(out / "best.safetensors", device="cpu")
+    split = best.card.training["split"]
+    assert split["test_patients"] and not set(split["test_patients"]) & set(split["train_patients"])
+    data = PatchSet.load(cache)
+    test = data.subset(np.flatnonzero(np.isin(data.patients, split["test_patients"])))
+    truth = (test.labels == best.card.cam_class_index).astype(np.int64)
+    expected = roc_auc(truth, predict(best, test)[:, best.card.cam_class_index])
+    assert best.card.metrics["roc_auc"]["value"] == pytest.approx(expected, abs=1e-9)
 
 
 def test_fit_leaves_the_global_random_state_and_cudnn_flags_as_they_were(tmp_path):
     """fit seeds torch and numpy and makes cuDNN deterministic for itself only: the caller's random
     streams and flags go on afterwards as if it had not run."""
-    data = _spheres(n_patients=2, per_class=1)
+    data = spheres_patches(n_patients=2, per_class=1)
     torch.manual_seed(123)
     np.random.seed(456)
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     try:
-        fit(data.subset(np.arange(0, 4)), data.subset(np.arange(2, 4)), _card(), tmp_path,
+        fit(data.subset(np.arange(0, 4)), data.subset(np.arange(2, 4)), spheres_card(), tmp_path,
             TrainConfig(epochs=1, batch_size=4, seed=7, amp=False), progress=False, device="cpu")
         assert torch.equal(torch.get_rng_state(), torch_state)
         after = np.random.get_state()

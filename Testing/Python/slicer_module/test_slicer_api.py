@@ -22,12 +22,11 @@ from __future__ import annotations
 import ast
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Set
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 API = json.loads((REPO / "Testing" / "SlicerAPI" / "slicer_api.json").read_text())
 FILES = [REPO / "LungGradCAM" / "LungGradCAM.py", REPO / "LungGradCAMLib" / "mrml.py"]
 

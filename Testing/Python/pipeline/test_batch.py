@@ -22,7 +22,7 @@ from LungGradCAMLib.io.inputs import load_input
 
 from helpers import make_tiny_model
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO, small_chest
 
 
 def _tree_hash(folder: Path) -> str:
@@ -40,10 +40,10 @@ def cohort(tmp_path_factory):
     tree = root / "dicom"
     uids = []
     for seed in (1, 2, 3):
-        ph = phantom.chest_ct(seed=seed, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+        ph = small_chest(seed)
         files = phantom.write_dicom_series(ph.volume, tree / f"patient{seed}", patient_id=f"LIDC-IDRI-000{seed}")
         uids.append(load_input(files[0].parent).meta["series_uid"])
-    broken = phantom.chest_ct(seed=4, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+    broken = small_chest(4)
     files = phantom.write_dicom_series(broken.volume, root / "tmp-broken")
     (tree / "broken").mkdir()
     files[0].rename(tree / "broken" / "only-slice.dcm")
@@ -263,7 +263,7 @@ def test_series_with_an_empty_uid_gets_its_own_folder(tmp_path, cohort):
 
     _, _, model = cohort
     tree = tmp_path / "dicom"
-    ph = phantom.chest_ct(seed=1, shape=(28, 64, 64), spacing_mm=(4.5, 4.5, 8.0))
+    ph = small_chest(1)
     for f in phantom.write_dicom_series(ph.volume, tree / "no-uid"):
         ds = pydicom.dcmread(f)
         ds.SeriesInstanceUID = ""

@@ -12,6 +12,8 @@ from LungGradCAMLib.core.errors import InvalidInputError, VolumeError  # noqa: E
 from LungGradCAMLib.core.results import Region, Segmentation  # noqa: E402
 from LungGradCAMLib.core.volume import Volume  # noqa: E402
 
+from helpers import NODULE_RAS  # noqa: E402
+
 SHAPE = (6, 9, 11)  # K, J, I: all different so an axis mix-up cannot pass
 
 # Column c of the 3x3 part is the RAS step of index axis i, j, k (mm).
@@ -436,19 +438,8 @@ def test_seg_nrrd_with_a_nodule_outline_loads_in_slicer(tmp_path, scene):
 
 
 # --- the whole run on nodes ----------------------------------------------------------------------------
-NODULE_RAS = (60.0, 20.0, -150.0)
 #: Big batches: fewer model calls on the CPU.
 FAST = {"batch_size": 16}
-
-
-@pytest.fixture(scope="module")
-def chest():
-    """A small chest phantom with one 20 mm nodule in the right lung (same nodule as the module's self-test)."""
-    from LungGradCAMLib import phantom
-
-    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
-    # a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm slices)
-    return phantom.chest_ct(seed=3, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0), nodules=[nodule])
 
 
 @pytest.fixture(scope="module")
@@ -466,8 +457,8 @@ def tiny_model(tmp_path_factory):
     return save_model(build_model("small3d_cnn", **kwargs), card, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
-def test_explain_volume_node_fills_the_output_nodes(scene, chest, tiny_model):
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+def test_explain_volume_node_fills_the_output_nodes(scene, nodule_chest, tiny_model):
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     calls = []
     result = mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", threshold=0.3,
                                       restrict_to_lungs=False, **FAST,
@@ -509,17 +500,17 @@ def _check_segments_and_table(result, ct) -> None:
     assert [voxels.GetValue(n) for n in range(len(regions))] == [r.voxels for r in regions]
 
 
-def test_explain_volume_node_never_overwrites_the_ct(scene, chest):
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+def test_explain_volume_node_never_overwrites_the_ct(scene, nodule_chest):
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     with pytest.raises(InvalidInputError, match="input CT itself"):
         mrml.explain_volume_node(ct, ct)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), chest.volume.array)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(ct), nodule_chest.volume.array)
 
 
-def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
+def test_explain_volume_node_cancelled_makes_no_nodes(scene, nodule_chest, tiny_model):
     from LungGradCAMLib.core.errors import CancelledError
 
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     with pytest.raises(CancelledError):
         mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", cancel=lambda: True, **FAST)
     # the Slicer panel's way: the user declines once the cost estimate is shown (Score-CAM)
@@ -539,23 +530,23 @@ def test_explain_volume_node_cancelled_makes_no_nodes(scene, chest, tiny_model):
 
 
 @pytest.mark.slow
-def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, chest):
+def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, nodule_chest):
     """What the Slicer self-test checks, here in CI: the heat map peaks in the nodule and a segment overlaps it."""
     from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib.engine.models import available_models
 
     assert "default" in available_models()  # part of the package
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     result = mrml.explain_volume_node(ct, device="cpu")
-    nodule = chest.nodule_labelmap > 0
+    nodule = nodule_chest.nodule_labelmap > 0
     assert metrics.pointing_game(slicer.util.arrayFromVolume(result.cam_node), nodule)
     assert np.any((result.segmentation.labelmap.array > 0) & nodule)
 
 
 # --- region models (card input "roi", e.g. lidc-malignancy) --------------------------------------------
-def test_a_region_model_explains_a_markups_roi(scene, chest, region_model):
+def test_a_region_model_explains_a_markups_roi(scene, nodule_chest, region_model):
     """An ROI node placed on the nodule is the region a region model judges: one patch centred on it."""
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     roi_node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
     with pytest.raises(InvalidInputError, match="not placed yet"):
         mrml.roi_from_node(roi_node)
@@ -578,10 +569,10 @@ def test_a_region_model_explains_a_markups_roi(scene, chest, region_model):
     assert np.all(np.abs(middle - NODULE_RAS) <= 4.0)  # the patch is centred on the ROI
 
 
-def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_answer(scene, chest, region_model):
+def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_answer(scene, nodule_chest, region_model):
     """The whole-scan model's regions, each with the region model's second opinion in the table; a
     region turned into an ROI node gives back its centre for the region model."""
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     result = mrml.explain_volume_node(ct, model="default", device="cpu", threshold=0.3,
                                       region_model=str(region_model))
     regions = result.segmentation.regions

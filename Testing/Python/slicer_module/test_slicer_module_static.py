@@ -17,7 +17,8 @@ from typing import Dict, List, Set, Tuple
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 MODULE = REPO / "LungGradCAM" / "LungGradCAM.py"
 UI = REPO / "Resources" / "UI" / "LungGradCAM.ui"
 ICON = REPO / "Resources" / "Icons" / "LungGradCAM.png"
@@ -195,18 +196,46 @@ def test_every_mrml_widget_gets_the_scene():
     assert mrml_widgets <= connected, f"no scene connection for {sorted(mrml_widgets - connected)}"
 
 
-def test_choice_defaults_are_choices_and_methods_match_the_engine():
-    """The panel's methods are LungGradCAMLib.options.METHODS (importable before torch is
-    installed), which are the engine's (LungGradCAMLib.engine.cam.METHODS)."""
-    from LungGradCAMLib import options
+#: Imports LungGradCAM.py as Slicer does, on slicer-core and the application stand-ins, in a Python
+#: where torch cannot be imported (the panel loads before Slicer has installed torch), and prints
+#: what the panel offers: the method field's annotation and default, and the module's categories
+#: with the translation context of each.
+PANEL = """
+import json, sys, typing
+sys.modules["torch"] = None
+import slicer
+from slicer_app_standin import slicer_application
+slicer.mrmlScene = slicer.vtkMRMLScene()
+with slicer_application(slicer.mrmlScene):
+    import LungGradCAM
+    method = LungGradCAM.LungGradCAMParameterNode.__annotations__["method"]
+    node = LungGradCAM.LungGradCAMParameterNode(None)
+    parent = type("Parent", (), {})()
+    LungGradCAM.translate = lambda context, text: context + "|" + text
+    LungGradCAM.LungGradCAM(parent)
+print(json.dumps({"method": [list(a) for a in typing.get_args(method)[1:]], "default": node.method,
+                  "categories": parent.categories}))
+"""
 
-    assert "from LungGradCAMLib.options import METHODS, ExplainOptions" in SOURCE
-    default = ast.literal_eval(_parameter_fields()["method"][2])
-    assert default == "auto", "the panel's default method is the model card's own (auto)"
-    assert 'Annotated[str, Choice(("auto",) + METHODS)] = "auto"' in SOURCE
+
+@pytest.fixture(scope="module")
+def panel():
+    """What the panel offers, read from LungGradCAM.py imported without torch (see PANEL)."""
+    pytest.importorskip("slicer")
+    result = subprocess.run([sys.executable, "-c", PANEL], cwd=REPO / "Testing" / "Python", capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "Testing" / "Python")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_choice_defaults_are_choices_and_methods_match_the_engine(panel):
+    """The panel's methods are the engine's (LungGradCAMLib.engine.cam.METHODS) after "auto", which
+    is the default (the model card's own method), and they come without torch: the panel loads
+    before Slicer has installed it."""
     from LungGradCAMLib.engine.cam import METHODS
 
-    assert tuple(options.METHODS) == tuple(METHODS), "options.METHODS differs from LungGradCAMLib.engine.cam.METHODS"
+    assert panel["method"] == [["Choice", ["auto", *METHODS]]]
+    assert panel["default"] == "auto", "the panel's default method is the model card's own (auto)"
 
 
 def test_every_slicer_util_function_called_exists_in_slicer_core():
@@ -265,8 +294,11 @@ def test_extension_metadata_has_no_placeholders():
     assert "Research use only" in settings["EXTENSION_DESCRIPTION"] and "\n" not in settings["EXTENSION_DESCRIPTION"]
     assert "LungGradCAM.py" in (REPO / "LungGradCAM" / "CMakeLists.txt").read_text()
     assert settings["EXTENSION_README_FILE"] == "${CMAKE_CURRENT_SOURCE_DIR}/README.md"
-    # the module's own category is the extension's
-    assert 'translate("qSlicerAbstractCoreModule", "Quantification")' in SOURCE.replace("'", '"')
+
+
+def test_the_modules_category_is_the_extensions_translated_as_slicer_translates_categories(panel):
+    """Slicer translates module categories in the context qSlicerAbstractCoreModule."""
+    assert panel["categories"] == ["qSlicerAbstractCoreModule|" + _cmake_settings()["EXTENSION_CATEGORY"]]
 
 
 def test_what_slicers_extensions_index_checks_that_can_be_checked_here():

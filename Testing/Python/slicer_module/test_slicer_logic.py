@@ -27,15 +27,12 @@ from LungGradCAMLib.engine.models import load_model  # noqa: E402
 from LungGradCAMLib.options import ExplainOptions  # noqa: E402
 
 from slicer_app_standin import slicer_application  # noqa: E402
-from helpers import make_ctk_db, make_tiny_model  # noqa: E402
-
-NODULE_RAS = (60.0, 20.0, -150.0)
+from helpers import NODULE_RAS, chest_with_nodule, make_ctk_db, make_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def chest():
-    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
-    return phantom.chest_ct(seed=3, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 4.5), nodules=[nodule])
+    return chest_with_nodule(20.0, shape=(40, 96, 96), spacing_mm=(3.6, 3.6, 4.5))
 
 
 @pytest.fixture(scope="module")
@@ -338,7 +335,7 @@ def test_one_click_on_the_nodule_places_the_region_models_roi(app):
         logic.roiFromPoint(points, roi)
     points.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))  # the click
     size = logic.regionSizeMm("default", "lidc-malignancy")
-    assert size == [40.0, 40.0, 40.0] and logic.regionSizeMm("lidc-malignancy") == size
+    assert size == [48.0, 48.0, 48.0] and logic.regionSizeMm("lidc-malignancy") == size
     assert logic.regionSizeMm("default") == [module.DEFAULT_ROI_MM] * 3  # no region model chosen
     assert logic.roiFromPoint(points, roi, size) is roi and scene.GetNodeByID(points.GetID()) is None
     p = logic.getParameterNode()
@@ -432,15 +429,13 @@ def test_background_process_cancel_failure_and_a_costly_heat_map(app, chest, tin
         logic.startProcess(ct, model=load_model(tiny_model, device="cpu"))
 
 
-def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app):
+def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app, nodule_chest):
     """The bundled region model on an ROI placed on a 20 mm nodule (a clinical resolution): the
     nodule at its heat map's peak is outlined, a segment of its own beside the heat-map region, its
     measurements in the results table and the panel's text."""
     module, scene = app
     logic = module.LungGradCAMLogic()
-    nodule = phantom.NoduleSpec(center_ras=NODULE_RAS, diameter_mm=20.0, malignant=True)
-    chest = phantom.chest_ct(seed=3, shape=(64, 192, 192), spacing_mm=(1.8, 1.8, 3.0), nodules=[nodule])
-    ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
+    ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     result = logic.process(ct, model="lidc-malignancy", roi=(NODULE_RAS, (40.0, 40.0, 40.0)), threshold=0.2,
                            device="cpu")
     outline = result.segmentation.regions[0].outline

@@ -141,11 +141,11 @@ def test_spreadsheet_cell_keeps_numbers_and_plain_text():
 
 def test_train_writes_strict_json_where_a_metric_is_undefined(tmp_path, capsys):
     """An untrained model that calls no patch a nodule: its precision (0/0) is undefined."""
-    from test_train import ARGS, _spheres
+    from helpers import TRAIN_ARGS, spheres_patches
 
-    cache = _spheres().save(tmp_path / "spheres.npz")
+    cache = spheres_patches().save(tmp_path / "spheres.npz")
     out = tmp_path / "train"
-    assert main(["train", *ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--lr", "1e-9",
+    assert main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--lr", "1e-9",
                  "--seed", "1"]) == 0
     report = _strict((out / "report.json").read_text())
     assert report["metrics"]["precision"]["value"] is None  # undefined, written as null
