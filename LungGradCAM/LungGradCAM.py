@@ -46,8 +46,11 @@ if _ROOT not in sys.path:
 # Neither needs torch, so the panel opens before torch is installed.
 from LungGradCAMLib.core.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
 from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
+from LungGradCAMLib.options import DEFAULTS, MODES, SCALES  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
+#: How the panel thresholds the heat map: at a level, by Otsu's method, or at a percentile.
+THRESHOLD_RULES = ("level", "otsu", "percentile")
 
 #: Import name -> pip requirement of what LungGradCAMLib needs beyond Slicer's own Python.
 #: numpy, SimpleITK, pydicom, scipy (Slicer 5.8.1 bundles 1.13.1) and VTK come with Slicer and are
@@ -124,9 +127,18 @@ class LungGradCAMParameterNode:
     model - a bundled model name or the path of a model file.
     method - the CAM method; auto = the model card's (the one its heat maps scored best with).
     targetClass - the class to explain; empty = the model card's default.
-    threshold - heat-map level (0..1) above which voxels are segmented; the scale is absolute (the
-        explained class's patch probability x the patch's map, never rescaled per scan).
+    thresholdRule - how the heat map is thresholded: at a level (threshold), by Otsu's method, or at a
+        percentile (thresholdPercentile) of the heat inside the lungs (the command line's --threshold
+        0.5 / otsu / p99).
+    threshold - heat-map level (0..1) above which voxels are segmented (thresholdRule "level"); the
+        scale is absolute (the explained class's patch probability x the patch's map, never rescaled
+        per scan).
+    thresholdPercentile - the percentile (0..100) of thresholdRule "percentile".
     restrictToLungs - keep only regions inside the lungs.
+    chestCheck - refuse a CT that holds no lungs before computing.
+    layer - the CAM layer, a dotted module name (several joined by +); empty = the model card's.
+    mode - how the scan is covered: auto, sliding, whole or roi.
+    scale - the heat map's scale: absolute (the same on every CT) or relative (maximum 1 on each CT).
     device - auto, cuda, cpu (or mps on macOS).
     stride - sliding-window step in model voxels; 0 = half a patch.
     batchSize - patches per model call; 0 = automatic.
@@ -137,15 +149,21 @@ class LungGradCAMParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    model: str = "default"
+    model: str = DEFAULTS["model"]
     method: Annotated[str, Choice(("auto",) + METHODS)] = "auto"
     targetClass: str = ""
-    threshold: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    restrictToLungs: bool = True
+    thresholdRule: Annotated[str, Choice(THRESHOLD_RULES)] = "level"
+    threshold: Annotated[float, WithinRange(0.0, 1.0)] = DEFAULTS["threshold"]
+    thresholdPercentile: Annotated[float, WithinRange(0.0, 100.0)] = 99.0
+    restrictToLungs: bool = DEFAULTS["restrict_to_lungs"]
+    chestCheck: bool = DEFAULTS["chest_check"]
+    layer: str = ""
+    mode: Annotated[str, Choice(MODES)] = DEFAULTS["mode"]
+    scale: Annotated[str, Choice(SCALES)] = DEFAULTS["scale"]
     device: Annotated[str, Choice(DEVICES)] = "auto"
     stride: Annotated[int, WithinRange(0, 512)] = 0
     batchSize: Annotated[int, WithinRange(0, 1024)] = 0
-    amp: bool = False
+    amp: bool = DEFAULTS["amp"]
     roi: vtkMRMLMarkupsROINode
     regionModel: str = ""
     camVolume: vtkMRMLScalarVolumeNode
@@ -733,8 +751,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
             from LungGradCAMLib.mrml import roi_from_node
 
             roi = roi_from_node(p.roi, default_size_mm=1.0)  # placed by a click: the one patch centred there
-        return ExplainOptions(model=p.model, method=method, target=p.targetClass or None, threshold=p.threshold,
-                              restrict_to_lungs=p.restrictToLungs, device=p.device, stride=p.stride or None,
+        threshold = {"level": p.threshold, "otsu": "otsu", "percentile": f"p{p.thresholdPercentile:g}"}[p.thresholdRule]
+        return ExplainOptions(model=p.model, method=method, target=p.targetClass or None, layer=p.layer or None,
+                              mode=p.mode, scale=p.scale, threshold=threshold, restrict_to_lungs=p.restrictToLungs,
+                              chest_check=p.chestCheck, device=p.device, stride=p.stride or None,
                               batch_size=p.batchSize or None, amp=p.amp, roi=roi, region_model=p.regionModel or None)
 
     # --- dependencies ---------------------------------------------------------------------------
@@ -950,7 +970,7 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         if not p.inputVolume:
             return _("Select a CT volume.")
-        model = os.path.basename(p.model) if p.model else "default"
+        model = os.path.basename(p.model) if p.model else DEFAULTS["model"]
         where = (_("the region '{roi}'").format(roi=p.roi.GetName()) if p.roi is not None
                  else _("the whole scan"))
         text = _("Apply explains {where} of '{ct}' with model '{model}'").format(
@@ -977,10 +997,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         :meth:`process` stays synchronous, in this process."""
         from LungGradCAMLib import mrml
         from LungGradCAMLib.cli.common import args_from_options
-        from LungGradCAMLib.core.volume import write_volume
+        from LungGradCAMLib.io.volume_files import write_volume
+        from LungGradCAMLib.options import options_from
 
-        if options is None:
-            options = ExplainOptions(**optionKeywords)
+        options = options_from(options, optionKeywords)
         if camVolume is not None and camVolume is inputVolume:
             raise LungGradCAMError("the heat map output is the input CT itself; choose another volume or none")
         arguments = args_from_options(options)  # before any file is written: a loaded model is refused here

@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it (the parts: core, io, engine, pipeline, training, evaluation, cli)
 _EXPORTS = {
-    "Volume": "core.volume", "read_volume": "core.volume", "write_volume": "core.volume",
+    "Volume": "core.volume", "read_volume": "io.volume_files", "write_volume": "io.volume_files",
     "same_geometry": "core.volume", "resample": "core.volume", "resample_to": "core.volume", "crop": "core.volume",
     "LungGradCAMError": "core.errors",
     "Explanation": "core.results", "Segmentation": "core.results", "Region": "core.results",
     "Outline": "core.results", "nodule_outline": "engine.outline", "measure_outline": "engine.outline",
-    "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom", "SeriesInfo": "io.dicom",
+    "load_dicom_series": "io.dicom", "list_dicom_series": "io.dicom_series", "SeriesInfo": "io.dicom_series",
     "write_dicom_series": "io.dicom_write", "DicomResampledWarning": "io.dicom",
     "DicomDatabase": "io.ctkdb", "make_dicom_database": "io.ctkdb_write",
     "lung_mask": "engine.lung", "lung_bbox": "engine.lung",

@@ -19,7 +19,7 @@ import slicer
 import vtk
 
 from .core.errors import InvalidInputError, VolumeError
-from .options import ExplainOptions
+from .options import ExplainOptions, options_from
 from .core.results import Explanation, Region, Segmentation
 from .core.volume import Volume
 
@@ -450,11 +450,7 @@ def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node
     """
     from .pipeline import explain_and_segment
 
-    if options is None:
-        options = ExplainOptions(**option_keywords)
-    elif option_keywords:
-        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
-                                f"not both (also given: {', '.join(sorted(option_keywords))})")
+    options = options_from(options, option_keywords)
     if cam_node is not None and cam_node is input_node:
         raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
                                 "(a new one is created) so the CT is not overwritten")

@@ -16,11 +16,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 import numpy as np
 
 from .core.errors import InvalidInputError
+from .engine.methods import METHODS
 
-#: The CAM methods of :mod:`LungGradCAMLib.engine.cam` (``cam.METHODS``, which needs torch; a test keeps
-#: the two equal).
-METHODS: Tuple[str, ...] = ("gradcam", "gradcam++", "xgradcam", "hirescam", "layercam", "scorecam",
-                            "guided-backprop", "guided-gradcam")
 #: How a scan is covered: ``auto`` picks ``roi`` with a roi, ``whole`` for whole-volume models,
 #: else ``sliding`` (see :func:`LungGradCAMLib.pipeline.explain`).
 MODES: Tuple[str, ...] = ("auto", "sliding", "whole", "roi")
@@ -33,36 +30,45 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 #: Options that change where or how fast a result is computed, not the result itself.
 RUNTIME_ONLY = ("device", "batch_size")
 
+#: A heat-map threshold as :func:`parse_threshold` gives it: a level in [0, 1], ``"otsu"`` or ``"pNN"``.
 Threshold = Union[float, str]
 Roi = Union[None, np.ndarray, Tuple[Tuple[float, float, float], Tuple[float, float, float]]]
 
 
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def parse_threshold(value: Any) -> Threshold:
-    """A heat-map threshold: a level in [0, 1] (float), ``"otsu"``, or a percentile ``"pNN"``
-    (0 <= NN <= 100) of the CAM inside the lungs. Text such as ``"0.5"`` becomes 0.5.
+    """A heat-map threshold, the one parser of it: a level in [0, 1] (float), ``"otsu"``, or a
+    percentile ``"pNN"`` (0 <= NN <= 100) of the CAM inside the lungs (``("percentile", NN)`` too).
+    Text such as ``"0.5"`` becomes 0.5, ``"P99"`` becomes ``"p99"``.
 
     Raises :class:`InvalidInputError` naming the value otherwise."""
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "percentile":
         value = f"p{value[1]}"
-    text = value.strip().lower() if isinstance(value, str) else None
-    if text == "otsu":
-        return text
-    if text is not None and text.startswith("p"):
-        try:
-            percent = float(text[1:])
-        except ValueError:
-            percent = float("nan")
-        if 0.0 <= percent <= 100.0:
-            return f"p{percent:g}"
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "otsu":
+            return text
+        if text.startswith("p") and text[1:2].isdigit():
+            percent = _number(text[1:])
+            if 0.0 <= percent <= 100.0:
+                return f"p{percent:g}"
+            raise InvalidInputError(f"threshold {value!r}: a percentile is within 0 to 100, e.g. 'p99'")
+        level = _number(text)
+        if level != level:  # NaN: no number
+            raise InvalidInputError(f"threshold {value!r} is not understood: use a heat-map level in [0, 1] "
+                                    "(e.g. 0.5), 'otsu', or a percentile such as 'p99'")
     else:
-        try:
-            level = float(value if text is None else text)
-        except (TypeError, ValueError):
-            level = float("nan")
-        if 0.0 <= level <= 1.0 and not isinstance(value, bool):
-            return level
-    raise InvalidInputError(f"threshold {value!r} is not understood: use a heat-map level in [0, 1] "
-                            "(e.g. 0.5), 'otsu', or a percentile such as 'p99'")
+        level = float("nan") if isinstance(value, bool) else _number(value)
+    if 0.0 <= level <= 1.0:
+        return level
+    raise InvalidInputError(f"threshold {value!r} is not a level in [0, 1] (the heat map's range): use a "
+                            "level in [0, 1] (e.g. 0.5), 'otsu', or a percentile such as 'p99'")
 
 
 def parse_roi(value: Any) -> Roi:
@@ -119,7 +125,8 @@ def parse_stride(value: Any) -> Optional[Tuple[int, int, int]]:
     return steps  # type: ignore[return-value]
 
 
-def _positive_int_or_none(value: Any, name: str) -> Optional[int]:
+def parse_count(value: Any, name: str) -> Optional[int]:
+    """A positive whole number (``name`` says of what, in the message), or None for 0/None (automatic)."""
     if value is None or (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == 0):
         return None
     try:
@@ -130,6 +137,14 @@ def _positive_int_or_none(value: Any, name: str) -> Optional[int]:
     if not exact or number < 1 or isinstance(value, bool):
         raise InvalidInputError(f"{name} {value!r}: give a positive whole number (or 0/None for automatic)")
     return number
+
+
+def parse_device(value: Any) -> Optional[str]:
+    """A device: auto (None: CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps (any case)."""
+    device = None if value is None else str(value).strip().lower()
+    if device is not None and not DEVICE_PATTERN.match(device):
+        raise InvalidInputError(f"unknown device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+    return None if device in (None, "auto") else device
 
 
 def _model_name(model: Any) -> str:
@@ -204,11 +219,8 @@ class ExplainOptions:
         if self.mode == "roi" and self.roi is None:
             raise InvalidInputError("mode 'roi' needs a roi: (centre_ras_mm, size_mm) or a mask (CLI: --roi X,Y,Z,SIZE)")
         self.threshold = parse_threshold(self.threshold)
-        device = None if self.device is None else str(self.device).strip().lower()
-        if device is not None and not DEVICE_PATTERN.match(device):
-            raise InvalidInputError(f"unknown device {self.device!r}: use auto, cpu, cuda, cuda:N or mps")
-        self.device = None if device in (None, "auto") else device
-        self.batch_size = _positive_int_or_none(self.batch_size, "batch size")
+        self.device = parse_device(self.device)
+        self.batch_size = parse_count(self.batch_size, "batch size")
         self.stride = parse_stride(self.stride)
         for name in ("restrict_to_lungs", "chest_check", "amp"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
@@ -239,3 +251,24 @@ class ExplainOptions:
         """:meth:`to_dict` without the options that only decide where and how fast
         (:data:`RUNTIME_ONLY`): two runs with equal result options give the same result."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+
+
+#: Each setting's default: the field defaults of :class:`ExplainOptions`, the one place they are
+#: written. The command line, the Slicer panel and :func:`~LungGradCAMLib.pipeline.segment.segment_cam`
+#: take theirs from here.
+DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ExplainOptions)}
+
+
+def options_from(options: Optional[ExplainOptions], keywords: Dict[str, Any]) -> ExplainOptions:
+    """The one door of the functions that take settings as ``options`` or as keywords
+    (:func:`~LungGradCAMLib.pipeline.explain`, ``mrml.explain_volume_node``, the Slicer logic's
+    ``process``): ``options``, or an :class:`ExplainOptions` made once of ``keywords``; both at once
+    is refused."""
+    if options is None:
+        return ExplainOptions(**keywords)
+    if not isinstance(options, ExplainOptions):
+        raise InvalidInputError(f"options must be an ExplainOptions, got {type(options).__name__}")
+    if keywords:
+        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
+                                f"not both (also given: {', '.join(sorted(keywords))})")
+    return options

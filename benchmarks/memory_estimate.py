@@ -1,6 +1,6 @@
 """Is ``explain``'s memory estimate honest? The peak memory (RSS) of explaining one CT on the CPU
 with a model card of a big patch, beside what ``explain`` estimates before it starts (the sum its
-check compares with the memory the process can get, :func:`explainer.memory_needed`: 24 bytes per
+check compares with the memory the process can get, :func:`cost.memory_needed`: 24 bytes per
 CT voxel, 32 per voxel of the model's grid, and a batch of patches: the layer outputs of each
 (:meth:`LoadedModel.activation_bytes`) times a factor per CAM method).
 
@@ -30,7 +30,7 @@ torch.set_num_threads({threads})
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom
 from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
-from LungGradCAMLib.pipeline import explainer
+from LungGradCAMLib.pipeline import cost
 
 def rss(field):
     for line in open("/proc/self/status"):
@@ -48,13 +48,13 @@ path = save_model(module, card, folder / "big.safetensors")
 loaded = load_model(path, device="cpu")
 ct = phantom.chest_ct(seed=0, shape=(80, 192, 192), spacing_mm=(1.6, 1.6, 2.0)).volume
 estimate = {{}}
-needed = explainer.memory_needed
+needed = cost.memory_needed
 
 def spy(*args):  # what explain's check compares with the memory the process can get
     estimate.update(needed(*args))
     return estimate
 
-explainer.memory_needed = spy
+cost.memory_needed = spy
 open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from here
 before, size_before, vpeak_before = rss("VmRSS:"), rss("VmSize:"), rss("VmPeak:")
 exp = lgc.explain(ct, model=loaded, method="{method}", device="cpu", batch_size={batch}, mode="sliding",

@@ -10,8 +10,11 @@ from typing import Any, Callable, List, Optional, Tuple
 
 from ..core.errors import InvalidInputError
 from ..core.results import Region, Segmentation
-from ..options import METHODS, MODES, SCALES, ExplainOptions, parse_roi, parse_stride, parse_threshold
-from ..pipeline.explainer import STAGES, CostEstimate, Progress
+from ..engine.methods import TABLE
+from ..options import (DEFAULTS, METHODS, MODES, SCALES, ExplainOptions, parse_count, parse_device, parse_roi, parse_stride,
+                       parse_threshold)
+from ..pipeline.cost import CostEstimate
+from ..pipeline.stages import STAGES, Progress
 from ..pipeline.outlines import outline_text
 from ..pipeline.outputs import VOLUME_FORMATS
 
@@ -28,18 +31,15 @@ def argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def batch_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    """``--batch-size``: :func:`~LungGradCAMLib.options.parse_count`, but 0 (automatic) is no value to type."""
+    value = parse_count(text, "batch size")
+    if value is None:
         raise InvalidInputError(f"batch size {text!r}: give a positive whole number of patches")
     return value
 
 
-def device(text: str) -> Optional[str]:
-    return ExplainOptions(device=text).device
-
+#: ``--device``'s check (every command's), the options' own.
+device = parse_device
 
 #: ``--roi``'s value may start with "-" (a negative RAS coordinate): cli.main joins it to the option.
 NEGATIVE_VALUE_OPTIONS = ("--roi",)
@@ -48,36 +48,38 @@ NEGATIVE_VALUE_OPTIONS = ("--roi",)
 def add_explain_options(p: argparse.ArgumentParser, *, roi: bool) -> None:
     """The options of an explanation (:class:`ExplainOptions`) and of its outputs, checked as parsed."""
     g = p.add_argument_group("explanation (as the Slicer panel)")
-    g.add_argument("--model", default="default", help="bundled model name or a .safetensors path (default: default)")
-    g.add_argument("--method", default=None, choices=METHODS, metavar="METHOD",
+    g.add_argument("--model", default=DEFAULTS["model"],
+                   help=f"bundled model name or a .safetensors path (default: {DEFAULTS['model']})")
+    g.add_argument("--method", default=DEFAULTS["method"], choices=METHODS, metavar="METHOD",
                    help="CAM method: " + ", ".join(METHODS) + " (default: the model card's; gradcam for the "
                         "default model)")
-    g.add_argument("--target", default=None, help="class to explain, a name or an index (default: the model card's)")
-    g.add_argument("--layer", default=None, help="CAM layer, a dotted module name (default: the model card's)")
-    g.add_argument("--mode", default="auto", choices=MODES,
-                   help="sliding (patches over the lungs), whole (whole-volume models), roi, or auto (default)")
+    g.add_argument("--target", default=DEFAULTS["target"], help="class to explain, a name or an index (default: the model card's)")
+    g.add_argument("--layer", default=DEFAULTS["layer"], help="CAM layer, a dotted module name (default: the model card's)")
+    g.add_argument("--mode", default=DEFAULTS["mode"], choices=MODES,
+                   help=f"sliding (patches over the lungs), whole (whole-volume models), roi, or auto "
+                        f"(default: {DEFAULTS['mode']})")
     if roi:
-        g.add_argument("--roi", default=None, type=argument_type(parse_roi), metavar="X,Y,Z,SIZE",
+        g.add_argument("--roi", default=DEFAULTS["roi"], type=argument_type(parse_roi), metavar="X,Y,Z,SIZE",
                        help="explain only a region: 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' (RAS mm; negative values are fine)")
-    g.add_argument("--region-model", default=None, metavar="MODEL",
+    g.add_argument("--region-model", default=DEFAULTS["region_model"], metavar="MODEL",
                    help="also ask a region model (e.g. lidc-malignancy) about each hot region; its answer is "
                         "in the report's regions (second_opinion) and summary")
-    g.add_argument("--threshold", default=0.5, type=argument_type(parse_threshold),
-                   help="heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default 0.5)")
-    g.add_argument("--scale", default="absolute", choices=SCALES,
+    g.add_argument("--threshold", default=DEFAULTS["threshold"], type=argument_type(parse_threshold),
+                   help=f"heat-map level in [0, 1], 'otsu', or a percentile such as p99 (default {DEFAULTS['threshold']})")
+    g.add_argument("--scale", default=DEFAULTS["scale"], choices=SCALES,
                    help="absolute (default): a heat-map level means the same on every CT (patch probability x "
                         "the patch's scaled map, never rescaled), so a CT the model finds nothing in has no hot "
                         "region; relative: the same map scaled to a maximum of 1 on each CT")
-    g.add_argument("--restrict-to-lungs", default=True, action=argparse.BooleanOptionalAction,
+    g.add_argument("--restrict-to-lungs", default=DEFAULTS["restrict_to_lungs"], action=argparse.BooleanOptionalAction,
                    help="keep only hot regions inside the lungs (default: yes)")
-    g.add_argument("--chest-check", default=True, action=argparse.BooleanOptionalAction,
+    g.add_argument("--chest-check", default=DEFAULTS["chest_check"], action=argparse.BooleanOptionalAction,
                    help="refuse a CT that holds no lungs before computing (default: yes)")
-    g.add_argument("--device", default=None, type=argument_type(device),
+    g.add_argument("--device", default=DEFAULTS["device"], type=argument_type(device),
                    help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
-    g.add_argument("--batch-size", type=argument_type(batch_size), default=None,
+    g.add_argument("--batch-size", type=argument_type(batch_size), default=DEFAULTS["batch_size"],
                    help="patches per model call (default: 8 on a GPU; on the CPU as many as fit in about "
                         "1 M voxels, at most 32: 32 for the bundled models)")
-    g.add_argument("--stride", default=None, type=argument_type(parse_stride), metavar="K[,J,I]",
+    g.add_argument("--stride", default=DEFAULTS["stride"], type=argument_type(parse_stride), metavar="K[,J,I]",
                    help="sliding-window step in model voxels (default: half a patch)")
     g.add_argument("--amp", action="store_true", help="16-bit mixed precision on CUDA")
     o = p.add_argument_group("outputs")
@@ -112,7 +114,7 @@ def args_from_options(options: ExplainOptions) -> List[str]:
             raise InvalidInputError(f"{name}: a loaded model cannot be passed to a command; give its name or path")
     if isinstance(o.roi, np.ndarray):
         raise InvalidInputError("a roi mask cannot be passed to a command; give (centre_ras_mm, size_mm)")
-    args = ["--model", str(o.model), "--mode", o.mode, "--threshold", str(o.threshold)]
+    args = ["--model", str(o.model), "--mode", o.mode, "--threshold", str(o.threshold), "--scale", o.scale]
     for flag, value in (("--method", o.method), ("--target", o.target), ("--layer", o.layer),
                         ("--device", o.device), ("--batch-size", o.batch_size), ("--region-model", o.region_model)):
         if value is not None:
@@ -159,8 +161,9 @@ def cli_progress(method: Optional[str]) -> Tuple[Progress, Callable[[], None]]:
 
 
 def print_estimate(estimate: CostEstimate) -> None:
-    """The CLI's announcement of a long CAM stage (Score-CAM always, others from 30 s), on stderr."""
-    if estimate.method == "scorecam" or estimate.seconds >= 30:
+    """The CLI's announcement of a long CAM stage (a masked method, Score-CAM, always; others from
+    30 s), on stderr."""
+    if TABLE[estimate.method].masked or estimate.seconds >= 30:
         print(f"estimated cost: {estimate}", file=sys.stderr, flush=True)
 
 

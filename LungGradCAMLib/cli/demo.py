@@ -79,7 +79,7 @@ def _demo_runs(args: argparse.Namespace, options: ExplainOptions, out: Path) -> 
     from ..evaluation import metrics
     from .. import phantom
     from ..core.results import Segmentation
-    from ..core.volume import write_volume
+    from ..io.volume_files import write_volume
     from ..engine.lung import lung_mask
     from ..io.render import save_montage
     from ..io.segnrrd import write_segmentation

@@ -8,7 +8,8 @@ from typing import Any, Callable, Optional
 from ..core.atomic import check_output_folder
 from ..core.errors import InvalidInputError
 from ..io.inputs import check_input, input_tree, is_volume_file
-from ..pipeline.explainer import CostEstimate, check_options
+from ..pipeline.cost import CostEstimate
+from ..pipeline.explainer import check_options
 from ..pipeline.outputs import OUTPUT_FILES, intended_use, outcome, run_one
 from .common import (add_explain_options, cli_progress, emit_json, json_progress, options_from_args, print_estimate,
                      print_regions)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CamError
+from .methods import METHODS, TABLE, canonical
 
 __all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResCAM", "LayerCAM",
            "ScoreCAM", "GuidedBackprop", "GuidedGradCAM", "METHODS", "compute_cam",
@@ -116,7 +117,7 @@ def default_layer(model: nn.Module) -> str:
     return names[last][0]
 
 
-def _resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
+def resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
     if layer is None:
         layer = default_layer(model)
     modules = dict(model.named_modules())
@@ -133,7 +134,7 @@ def _resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
                    f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}")
 
 
-def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
+def resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
     """One or more (name, module) pairs: ``layer`` is None, a module, a dotted name, several names
     joined by ``+`` (``"features.act4+features.act6"``), or a list of names/modules."""
     if isinstance(layer, str) and "+" in layer:
@@ -141,21 +142,18 @@ def _resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Modul
     if isinstance(layer, (list, tuple)):
         if not layer:
             raise CamError("an empty list of CAM layers; give at least one")
-        found = [_resolve_layer(model, one) for one in layer]
+        found = [resolve_layer(model, one) for one in layer]
         if len({name for name, _ in found}) != len(found):
             raise CamError(f"CAM layers {[n for n, _ in found]} name one layer twice")
         return found
-    return [_resolve_layer(model, layer)]
+    return [resolve_layer(model, layer)]
 
 
 def _canonical(method: str) -> str:
-    key = str(method).lower().replace("_", "").replace("-", "").replace(" ", "")
-    key = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++",
-           "guidedbackprop": "guided-backprop", "guidedbp": "guided-backprop",
-           "guidedgradcam": "guided-gradcam"}.get(key, key)
-    if key not in CAM._registry:
-        raise CamError(f"unknown CAM method {method!r}; use one of {', '.join(METHODS)}")
-    return key
+    try:
+        return canonical(method)
+    except KeyError as exc:
+        raise CamError(exc.args[0]) from None
 
 
 @contextlib.contextmanager
@@ -200,7 +198,7 @@ class CAM:
 
     #: method name this class implements (the key in :data:`METHODS`)
     name = ""
-    #: whether the method needs dScore/dA at the layer
+    #: whether the method needs dScore/dA at the layer (from :data:`~.methods.TABLE`)
     uses_gradients = True
     #: Score-CAM's masked inputs per forward pass, unless ``score_batch_size`` says otherwise
     SCORE_BATCH_SIZE = 32
@@ -208,7 +206,11 @@ class CAM:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
+        if cls.name:  # each method is one row of engine.methods.TABLE, which says what it needs
+            if cls.name not in TABLE:
+                raise CamError(f"{cls.__name__} computes {cls.name!r}, which LungGradCAMLib.engine.methods.TABLE "
+                               "does not list")
+            cls.uses_gradients = TABLE[cls.name].gradients
             CAM._registry[cls.name] = cls
 
     # model defaults to None only so that copy/pickle (which call __new__ without arguments)
@@ -233,7 +235,7 @@ class CAM:
         if int(score_batch_size) < 1:
             raise CamError(f"score_batch_size must be >= 1, got {score_batch_size}")
         self.model = model
-        self.layers = _resolve_layers(model, layer)
+        self.layers = resolve_layers(model, layer)
         if len(self.layers) > 1 and type(self)._map is not CAM._map:
             raise CamError(f"{self.name} takes one layer; several layers ({'+'.join(n for n, _ in self.layers)}) "
                            "are fused only by the gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam)")
@@ -498,7 +500,6 @@ class ScoreCAM(CAM):
     model scores it once per call instead of once per channel."""
 
     name = "scorecam"
-    uses_gradients = False
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -549,7 +550,6 @@ class GuidedBackprop(CAM):
     full backward to the input; ReLUs applied functionally (``F.relu``) are not guided."""
 
     name = "guided-backprop"
-    uses_gradients = False
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -578,7 +578,6 @@ class GuidedGradCAM(GuidedBackprop):
     map upsampled (trilinear) to the input, at input resolution."""
 
     name = "guided-gradcam"
-    uses_gradients = True
 
     def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
              classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
@@ -588,8 +587,9 @@ class GuidedGradCAM(GuidedBackprop):
         return self._guided(x, classes, target) * grad_cam
 
 
-#: canonical method names accepted by :class:`CAM` and :func:`compute_cam`
-METHODS: Tuple[str, ...] = tuple(CAM._registry)
+# every method of the table has its class (METHODS, imported from .methods, lists them)
+if set(CAM._registry) != set(METHODS):
+    raise CamError(f"engine.methods.TABLE lists {sorted(set(METHODS) - set(CAM._registry))} without a CAM class")
 
 
 def compute_cam(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target: Target = None,

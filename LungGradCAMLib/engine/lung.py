@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..core.errors import VolumeError
-from ..core.volume import Volume
+from ..core.volume import Volume, bbox
 
 #: In-plane (J, I) 4-connectivity: labels each axial slice on its own in one call.
 _INPLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -131,12 +131,8 @@ def lung_bbox(mask: np.ndarray, margin_vox: Union[int, Sequence[int]] = 0) -> Tu
     margin = np.broadcast_to(np.asarray(margin_vox, dtype=int), (3,))
     if np.any(margin < 0):
         raise VolumeError(f"lung_bbox: margin_vox must be >= 0; got {margin_vox!r}")
-    box = []
-    for axis, m in enumerate(margin):
-        others = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=others))
-        box.append((max(0, int(idx[0]) - int(m)), min(mask.shape[axis], int(idx[-1]) + 1 + int(m))))
-    return tuple(box)
+    return tuple((max(0, s.start - int(m)), min(n, s.stop + int(m)))
+                 for s, m, n in zip(bbox(mask), margin, mask.shape))
 
 
 # --- input ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""CT intensity preprocessing and resampling, applied as a model card asks.
+"""CT intensity preprocessing, applied as a model card asks (resampling to its spacing is
+:func:`LungGradCAMLib.core.volume.resample`).
 
 Every function takes a :class:`~LungGradCAMLib.core.volume.Volume`, a numpy array or (where it makes
 sense) a torch tensor, and returns the same kind (a Volume keeps its geometry and meta).
@@ -9,7 +10,6 @@ noise are taken per sample and channel over the last three axes, never across a 
 
 Intensities are CT numbers in **HU** until :func:`minmax_normalise` / :func:`zscore_normalise`;
 gamma, CLAHE and Sobel enhancement work on min-max normalised intensities in [0, 1].
-Spacings are in **mm**, ordered (i, j, k) as :attr:`Volume.spacing`.
 
 :func:`apply_card_preprocessing` is the single implementation of "the model's preprocessing" that
 models, training and the pipeline share.
@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..core.errors import InvalidInputError
-from ..core.volume import Volume, axis_aligned_matrix, resample
+from ..core.volume import Volume
 
 ArrayLike = Any  # Volume | np.ndarray | torch.Tensor (torch is imported only when given one)
 
@@ -269,54 +269,6 @@ def flag_noisy(scores: Sequence[float], n_mad: float = 3.0) -> np.ndarray:
         return ok & (s > med + n_mad * mad) & (s > med)
 
 
-# --- resampling ----------------------------------------------------------------------------------
-def _check_spacing(spacing: Any, name: str) -> np.ndarray:
-    s = np.asarray(spacing, dtype=np.float64).ravel()
-    if s.shape != (3,) or not np.all(np.isfinite(s)) or np.any(s <= 0):
-        raise InvalidInputError(f"{name} must be three positive numbers in mm (i, j, k); got {spacing!r}")
-    return s
-
-
-def resample_to_spacing(x: ArrayLike, target_spacing_mm: Sequence[float],
-                        spacing_mm: Optional[Sequence[float]] = None, order: int = 1) -> ArrayLike:
-    """Resample to ``target_spacing_mm`` (i, j, k, mm), covering the same physical extent.
-
-    * Volume: :func:`LungGradCAMLib.core.volume.resample` (SimpleITK; geometry kept, ``spacing_mm`` unused).
-    * numpy (K, J, I): needs ``spacing_mm`` (i, j, k); same SimpleITK path, returns the array.
-    * torch (..., D, H, W) = (..., K, J, I), e.g. (N, C, D, H, W): needs ``spacing_mm``; runs on the
-      tensor's device with ``F.interpolate(scale_factor=spacing/target, align_corners=False)``
-      (trilinear for ``order=1``, nearest for ``order=0``), so voxel centres lie exactly at the target
-      spacing from the first voxel's corner; the size is floor(n * spacing / target) per axis (the
-      Volume path rounds instead, so the last voxel may differ; the geometry is the same).
-
-    ``order``: 0 nearest (labels), 1 linear; numpy/Volume also 3 (B-spline).
-    """
-    target = _check_spacing(target_spacing_mm, "target_spacing_mm")
-    if isinstance(x, Volume):
-        return resample(x, target, order=order)
-    if spacing_mm is None:
-        raise InvalidInputError("resample_to_spacing: an array or tensor needs spacing_mm (i, j, k mm)")
-    spacing = _check_spacing(spacing_mm, "spacing_mm")
-    if _is_torch(x):
-        import torch.nn.functional as F
-
-        modes = {0: "nearest", 1: "trilinear"}
-        if order not in modes:
-            raise InvalidInputError(f"order must be 0 or 1 for torch tensors; got {order}")
-        if x.ndim < 3:
-            raise InvalidInputError(f"expected a tensor with axes (..., D, H, W); got shape {tuple(x.shape)}")
-        vol = _float(x).reshape((-1, 1) + tuple(x.shape[-3:]))
-        # (k, j, i) = (D, H, W); the 1e-9 nudge keeps e.g. 40 * 0.6 / 1.5 from flooring to 15
-        scale = tuple(float(v) * (1 + 1e-9) for v in (spacing / target)[::-1])
-        kw = {"align_corners": False} if order == 1 else {}
-        out = F.interpolate(vol, scale_factor=scale, mode=modes[order], recompute_scale_factor=False, **kw)
-        return out.reshape(tuple(x.shape[:-3]) + tuple(out.shape[-3:]))
-    a = _array(x, "resample_to_spacing")
-    if a.ndim != 3:
-        raise InvalidInputError(f"resample_to_spacing: expected a (K, J, I) array; got shape {a.shape}")
-    return resample(Volume(a, axis_aligned_matrix(spacing)), target, order=order).array
-
-
 # --- the model card's preprocessing ------------------------------------------------------------------
 def _card_get(card: Any, *names: str, default: Any = None) -> Any:
     for name in names:
@@ -331,7 +283,7 @@ def _card_get(card: Any, *names: str, default: Any = None) -> Any:
 def apply_card_preprocessing(x: ArrayLike, card: Any) -> ArrayLike:
     """Apply the intensity preprocessing a model card asks for; the one implementation shared by
     models, training and the pipeline. Resampling to the card's spacing is separate
-    (:func:`resample_to_spacing`) because it changes the grid.
+    (:func:`LungGradCAMLib.core.volume.resample`) because it changes the grid.
 
     ``card`` is a ModelCard or any object/dict with these fields (missing = default):
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import CAM, CamResult, Target, _resolve_layers, minmax_per_sample
+from .cam import CAM, CamResult, Target, resolve_layers, minmax_per_sample
 from ..core.errors import CancelledError, InvalidInputError, LungGradCAMWarning, ResourceError
 from ..core.limits import is_out_of_memory
 from ..core.volume import AIR_HU
@@ -345,7 +345,7 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
         raise InvalidInputError(f"the model is on {dev} but device={device}; move the model "
                                 f"there first (model.to(device))")
     # names, not modules, so the CPU fallback can find the layers in its copy of the model
-    layer_name = "+".join(name for name, _ in _resolve_layers(model, layer))
+    layer_name = "+".join(name for name, _ in resolve_layers(model, layer))
     target = -1 if target is None else target
     tiling = _Tiling.over(volume, box, patch, stride, pad_value_hu, dev)
     blended = _Blend(tiling, sigma_scale, by_score=blend == "score")

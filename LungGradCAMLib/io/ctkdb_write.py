@@ -151,7 +151,7 @@ def make_dicom_database(source: Union[str, "os.PathLike[str]", Iterable["os.Path
     """
     import pydicom
 
-    from .dicom import list_dicom_series
+    from .dicom_series import list_dicom_series
 
     folder = Path(database_folder)
     target = _check_new(folder)

@@ -12,7 +12,7 @@ import numpy as np
 from ..core.atomic import atomic_path
 from ..core.errors import VolumeError
 from ..core.volume import AIR_HU, LPS_TO_RAS, Volume
-from .dicom import CT_IMAGE_STORAGE, PathLike
+from .dicom_headers import CT_IMAGE_STORAGE, PathLike
 
 #: write_dicom_series' lossless compressions: RLE Lossless, JPEG-LS Lossless, JPEG 2000 Lossless.
 _COMPRESSIONS = {"rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80",

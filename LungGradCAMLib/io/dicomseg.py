@@ -29,7 +29,7 @@ def _source_datasets(ct: Volume) -> List["pydicom.Dataset"]:  # noqa: F821
     """The CT's source slices in the volume's k order, checked slice by slice against its geometry."""
     import pydicom
 
-    from .dicom import list_dicom_series
+    from .dicom_series import list_dicom_series
 
     files, uid = ct.meta.get("source_files"), ct.meta.get("series_uid")
     if not files or not uid:

@@ -7,7 +7,8 @@ from typing import Callable, Optional, Union
 
 from ..core.errors import InvalidInputError
 from ..core.paths import check_path, is_special, kind
-from ..core.volume import SUPPORTED_SUFFIXES, Volume, read_volume
+from ..core.volume import Volume
+from .volume_files import SUPPORTED_SUFFIXES, read_volume
 from .ctkdb import DATABASE_FILENAME, DicomDatabase
 from .dicom import load_dicom_series
 

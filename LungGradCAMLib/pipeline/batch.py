@@ -17,7 +17,8 @@ from ..core.errors import (DatabaseError, DicomDecodeError, DicomError, FolderBu
 from ..core.volume import Volume
 from ..io.inputs import check_input, input_tree, is_database
 from ..options import ExplainOptions
-from .explainer import CostEstimate, check_options
+from .cost import CostEstimate
+from .explainer import check_options
 from .outputs import OUTPUT_FILES, run_one
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
         jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}",
                            patient_of_study.get(s.study_uid, "")) for s in db.ct_series()]
     else:
-        from ..io.dicom import list_dicom_series, load_dicom_series
+        from ..io.dicom import load_dicom_series
+        from ..io.dicom_series import list_dicom_series
 
         unreadable: Dict[Path, str] = {}
         series = [s for s in list_dicom_series(path, unreadable=unreadable) if s.modality.upper() == "CT"]

@@ -91,7 +91,7 @@ def _file_costs(explanation: Any, segmentation: Any, folder: Path) -> Dict[str, 
     from .outputs import write_overlay
     from ..core.results import Segmentation
     from ..io.segnrrd import write_segmentation
-    from ..core.volume import write_volume
+    from ..io.volume_files import write_volume
 
     lungs = Segmentation(explanation.cam.with_array(explanation.lung_mask.view(np.uint8)), [])
     writers = {

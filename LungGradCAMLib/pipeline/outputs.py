@@ -17,7 +17,9 @@ from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
 from ..io.inputs import input_tree, load_input
 from ..options import ExplainOptions
-from .explainer import CostEstimate, Progress, Stages, explain_and_segment
+from .cost import CostEstimate
+from .regions import explain_and_segment
+from .stages import Progress, Stages
 
 
 #: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
@@ -129,7 +131,7 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
 
     from ..core.results import Segmentation as Seg
     from ..io.segnrrd import write_segmentation
-    from ..core.volume import write_volume
+    from ..io.volume_files import write_volume
 
     if volume_format not in VOLUME_FORMATS:
         raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
@@ -241,7 +243,7 @@ def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentatio
     (``explanation.ct`` and ``lung_mask`` are None). Raises :class:`OutputError` when the folder
     holds no complete run."""
     from ..core.results import Region
-    from ..core.volume import read_volume
+    from ..io.volume_files import read_volume
 
     folder = Path(out_dir)
     try:

@@ -9,7 +9,7 @@ All arrays are in the library's axis order **K, J, I**; positions are **RAS** mm
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 from scipy import ndimage
@@ -18,8 +18,7 @@ from ..core.errors import InvalidInputError, VolumeError
 from ..core.results import Explanation, Region, Segmentation
 from ..core.volume import LabelMap, Volume, bbox, same_geometry
 from ..io.segnrrd import PALETTE
-
-Threshold = Union[float, str, Tuple[str, float]]
+from ..options import DEFAULTS, Threshold, parse_threshold
 
 #: 26-connectivity: voxels touching by a face, an edge or a corner belong to one region.
 _FULL_3X3X3 = np.ones((3, 3, 3), dtype=bool)
@@ -58,47 +57,28 @@ def _mask_array(mask: Union[np.ndarray, Volume], shape: Tuple[int, ...], what: s
     return array.astype(bool, copy=False)
 
 
-def threshold_level(values: np.ndarray, threshold: Threshold) -> float:
+def threshold_level(values: np.ndarray, threshold: Any) -> float:
     """The CAM level that ``threshold`` means for ``values`` (the CAM voxels considered).
 
-    ``threshold`` is an absolute level in [0, 1]; ``"otsu"`` (``skimage.filters.threshold_otsu``);
-    or a percentile of ``values``: ``"p99"`` / ``("percentile", 99)``. Voxels ``>= level`` are hot.
+    ``threshold`` (read by :func:`~LungGradCAMLib.options.parse_threshold`): an absolute level in
+    [0, 1]; ``"otsu"`` (``skimage.filters.threshold_otsu``); or a percentile of ``values``:
+    ``"p99"`` / ``("percentile", 99)``. Voxels ``>= level`` are hot.
     """
-    if isinstance(threshold, tuple) and len(threshold) == 2 and threshold[0] == "percentile":
-        threshold = f"p{threshold[1]}"
+    threshold = parse_threshold(threshold)
     if not isinstance(threshold, str):
-        try:
-            level = float(threshold)
-        except (TypeError, ValueError):
-            level = float("nan")
-        if not 0.0 <= level <= 1.0:
-            raise InvalidInputError(
-                f"segment_cam: threshold {threshold!r} is not a level in [0, 1] (the CAM's range); "
-                "use a number in [0, 1], 'otsu', 'p99' or ('percentile', 99)"
-            )
-        return level
-    text = threshold.strip().lower()
-    if text == "otsu":
+        return threshold
+    if threshold == "otsu":
         from skimage.filters import threshold_otsu
 
         if values.size == 0 or values.min() == values.max():
             return float(values.max()) if values.size else 1.0
         return float(threshold_otsu(values))
-    try:
-        percent = float(text[1:]) if text.startswith("p") else -1.0
-    except ValueError:
-        percent = -1.0
-    if not 0.0 <= percent <= 100.0:
-        raise InvalidInputError(
-            f"segment_cam: threshold {threshold!r} is not understood; use a level in [0, 1], "
-            "'otsu', 'p99' or ('percentile', 99) with a percentile in [0, 100]"
-        )
-    return float(np.percentile(values, percent)) if values.size else 1.0
+    return float(np.percentile(values, float(threshold[1:]))) if values.size else 1.0
 
 
 def segment_cam(
     explanation_or_cam: Union[Explanation, Volume],
-    threshold: Threshold = 0.5,
+    threshold: Threshold = DEFAULTS["threshold"],
     within: Union[np.ndarray, Volume, None, bool] = None,
     min_volume_mm3: float = 10.0,
     max_regions: Optional[int] = 10,
@@ -144,7 +124,8 @@ def segment_cam(
     hu = _on_grid(ct, cam_volume, "the CT")
     scores = _on_grid(score_map, cam_volume, "the score map")
 
-    absolute = not isinstance(threshold, (str, tuple))
+    threshold = parse_threshold(threshold)
+    absolute = not isinstance(threshold, str)
     if absolute and (low < 0 or high > 1):
         raise InvalidInputError(
             f"segment_cam: the CAM spans [{low:g}, {high:g}], not [0, 1], so an absolute "

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import DataError
-from ..core.volume import AIR_HU, MAX_POSITION_MM, LabelMap, Volume, read_volume, resample
+from ..core.volume import AIR_HU, MAX_POSITION_MM, LabelMap, Volume, resample
+from ..io.volume_files import read_volume
 
 PathLike = Union[str, "os.PathLike[str]"]
 log = logging.getLogger(__name__)

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence,
 import numpy as np
 
 from ..core.errors import DataError, LungGradCAMError
-from ..core.volume import AIR_HU, Volume, read_volume, resample
+from ..core.volume import AIR_HU, Volume, resample
+from ..io.volume_files import read_volume
 from .data import (PatchSet, _float_cells, _kji_to_ras, _ras_to_kji, _read_csv, _to_int16, crop_patch, patient_split,
                    phantom_patches, to_model_grid)
 

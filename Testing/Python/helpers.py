@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 from LungGradCAMLib.training.data import PatchSet
 

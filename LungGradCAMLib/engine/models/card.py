@@ -136,7 +136,7 @@ class ModelCard:
             raise bad(f"'clahe' must be null, true, 'slice' or '3d'; got {self.clahe!r}")
         if not (self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)):
             raise bad(f"'sobel' must be null, true/false or a weight in [0, 10]; got {self.sobel!r}")
-        from ..cam import METHODS
+        from ..methods import METHODS
 
         if self.cam_method not in METHODS:
             raise bad(f"'cam_method' must be one of {METHODS}; got {self.cam_method!r}")

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LungGradCAMLib.core.volume import Volume, write_volume
+from LungGradCAMLib.core.volume import Volume
+
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import build_model
 
 from bad_inputs import AXIAL, model_variant, run_cli

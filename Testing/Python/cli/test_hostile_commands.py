@@ -24,7 +24,7 @@ import torch
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.atomic import atomic_path
 from LungGradCAMLib.core.errors import OutputError
-from LungGradCAMLib.core.volume import write_volume
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import build_model, save_model
 from LungGradCAMLib.training.data import PatchSet
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.core.volume import write_volume
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
 
 from helpers import REPO

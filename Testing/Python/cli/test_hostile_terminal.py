@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from LungGradCAMLib.core.volume import Volume, write_volume
+from LungGradCAMLib.core.volume import Volume
+
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 
 from helpers import REPO

@@ -14,7 +14,9 @@ from typing import Any, Dict
 import pytest
 import SimpleITK as sitk
 
-from LungGradCAMLib.core.volume import Volume, write_volume
+from LungGradCAMLib.core.volume import Volume
+
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model
 
 from bad_inputs import AXIAL, dicom_series, model_variant, random_hu

@@ -12,7 +12,8 @@ from helpers import data_path
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import VolumeError
 from LungGradCAMLib.engine.lung import lung_bbox, lung_mask
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, crop, read_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, crop
+from LungGradCAMLib.io.volume_files import read_volume
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,7 +10,8 @@ from scipy import ndimage
 from helpers import data_path
 from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.core.errors import InvalidInputError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, resample
+from LungGradCAMLib.io.volume_files import read_volume
 
 
 def _ct(seed: int = 0, shape=(12, 32, 40)) -> np.ndarray:
@@ -133,38 +134,6 @@ def test_noise_score_flags_the_noisy_slice_and_honours_mask():
     assert not pp.flag_noisy([np.nan, np.nan]).any()
 
 
-def test_resample_numpy_volume_and_torch_reproduce_a_linear_ramp():
-    spacing = np.array([0.8, 0.6, 2.5])  # i, j, k mm
-    target = np.array([1.5, 1.5, 1.5])
-    k, j, i = np.mgrid[0:20, 0:40, 0:30].astype(np.float64)
-    # ramp in physical mm of the voxel centres (origin at the first voxel's centre)
-    ramp = (3 * i * spacing[0] - 2 * j * spacing[1] + k * spacing[2]).astype(np.float32)
-    vol = Volume(ramp, axis_aligned_matrix(spacing))
-    out_vol = pp.resample_to_spacing(vol, target)
-    np.testing.assert_allclose(out_vol.spacing, target)
-    out_np = pp.resample_to_spacing(ramp, target, spacing_mm=spacing)
-    np.testing.assert_array_equal(out_np, out_vol.array)
-
-    out_t = pp.resample_to_spacing(torch.from_numpy(ramp)[None, None], target, spacing_mm=spacing)
-    assert tuple(out_t.shape[-3:]) == tuple(np.floor(np.array(ramp.shape) * spacing[::-1] / target[::-1]))
-    # expected value at each new voxel centre: corner-aligned, exact target spacing
-    kk, jj, ii = np.meshgrid(*[np.arange(n) for n in out_t.shape[-3:]], indexing="ij")
-    pos = [(idx + 0.5) * target[ax] - 0.5 * spacing[ax] for ax, idx in zip((0, 1, 2), (ii, jj, kk))]
-    expected = 3 * pos[0] - 2 * pos[1] + pos[2]
-    inner = (slice(2, -2),) * 3  # away from the edges, where interpolation clamps
-    np.testing.assert_allclose(out_t[0, 0].numpy()[inner], expected[inner], atol=1e-3)
-    common = tuple(slice(2, min(a, b) - 2) for a, b in zip(out_t.shape[-3:], out_np.shape))
-    np.testing.assert_allclose(out_t[0, 0].numpy()[common], out_np[common], atol=1e-3)
-
-    labels = (ramp > ramp.mean()).astype(np.float32)
-    nearest = pp.resample_to_spacing(torch.from_numpy(labels), target, spacing_mm=spacing, order=0)
-    assert set(np.unique(nearest.numpy())) <= {0.0, 1.0}
-    with pytest.raises(InvalidInputError, match="spacing_mm"):
-        pp.resample_to_spacing(ramp, target)
-    with pytest.raises(InvalidInputError, match="target_spacing_mm"):
-        pp.resample_to_spacing(vol, (1, 0, 1))
-
-
 def test_apply_card_preprocessing_all_kinds_and_orders():
     a = _ct()
     card = {"hu_window": (-1000, 400), "normalisation": "minmax"}
@@ -207,5 +176,5 @@ def test_real_chest_crop_preprocessing_and_noise():
     noisy[50] += np.random.default_rng(0).normal(0, 150, noisy[50].shape).astype(np.float32)
     flags = pp.flag_noisy(pp.noise_score(noisy, per_slice=True))
     assert np.flatnonzero(flags).tolist() == [50]
-    resampled = pp.resample_to_spacing(vol, (3.0, 3.0, 3.0))
+    resampled = resample(vol, (3.0, 3.0, 3.0))
     np.testing.assert_allclose(resampled.shape, np.round(np.array(vol.shape) / 2), atol=1)

@@ -123,7 +123,7 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     fold, one bundled file whose held-out figures ``evaluate`` reproduces exactly."""
     from LungGradCAMLib.cli import main
     from helpers import write_voi_folder
-    from LungGradCAMLib.core.volume import write_volume
+    from LungGradCAMLib.io.volume_files import write_volume
 
     root = tmp_path
     write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(12)])

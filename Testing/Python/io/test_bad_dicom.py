@@ -20,7 +20,8 @@ from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError,
                                         SeriesGeometryError, VolumeError)
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import read_volume
 from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
 
 from bad_inputs import Case, Made, case_tests, dicom_series, uid_of, within

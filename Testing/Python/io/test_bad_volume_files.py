@@ -11,7 +11,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from LungGradCAMLib.core.errors import NoSeriesFoundError, ResourceError, VolumeError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import read_volume, write_volume
 from LungGradCAMLib.io.inputs import load_input
 
 from bad_inputs import AXIAL, NRRD_HEADER, Case, Made, case_tests, random_hu

@@ -18,7 +18,8 @@ from pydicom.uid import generate_uid
 
 from helpers import PYDICOM_3, data_path, encoder_available
 from dicom_damage import drop_pixels, short_pixels, truncate, truncate_header
-from LungGradCAMLib.io.dicom import DicomResampledWarning, SeriesInfo, list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
+from LungGradCAMLib.io.dicom_series import SeriesInfo, list_dicom_series
 from LungGradCAMLib.io.dicom_write import save_dicom_file, write_dicom_series
 from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMError, NoSeriesFoundError,
                                         SeriesGeometryError, VolumeError)

@@ -208,7 +208,7 @@ def test_any_orthogonal_geometry_round_trips_through_dicom_and_nrrd(tmp_path_fac
     hypothesis = pytest.importorskip("hypothesis")
     from hypothesis import strategies as st
 
-    from LungGradCAMLib.core.volume import read_volume, write_volume
+    from LungGradCAMLib.io.volume_files import read_volume, write_volume
 
     @hypothesis.settings(max_examples=20, deadline=None)
     @hypothesis.given(

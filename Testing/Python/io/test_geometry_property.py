@@ -23,7 +23,8 @@ from scipy.spatial.transform import Rotation
 from LungGradCAMLib.io.dicom import load_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import VolumeError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, read_volume, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import read_volume, write_volume
 
 TOL_MM = 1e-4
 SIGNED_PERMUTATIONS = [np.eye(3)[list(p)].T * np.array(s, dtype=float)

@@ -10,7 +10,7 @@ import pytest
 
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import DicomDecodeError, InvalidInputError, VolumeError
-from LungGradCAMLib.core.volume import read_volume
+from LungGradCAMLib.io.volume_files import read_volume
 from LungGradCAMLib.io.ctkdb import DicomDatabase
 from LungGradCAMLib.io.inputs import load_input
 

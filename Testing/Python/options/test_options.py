@@ -134,7 +134,7 @@ def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, c
 
 
 def test_series_and_dicom_seg_on_a_volume_file_are_refused(tmp_path, capsys, chest):
-    from LungGradCAMLib.core.volume import write_volume
+    from LungGradCAMLib.io.volume_files import write_volume
 
     ct = write_volume(chest, tmp_path / "ct.nii.gz")
     assert main(["run", str(ct), "--out", str(tmp_path / "o"), "--series", "1.2.3"]) == 2

@@ -6,7 +6,7 @@ Parts, lowest first; a module may import its own part and the parts below it, ne
 
     core        Volume, LabelMap, results, errors, limits, paths, atomic writes (no torch)
     io          DICOM read and write, Slicer's DICOM database, DICOM SEG, seg.nrrd, inputs, PNG (no torch)
-    phantom     the synthetic chest CT (phantom.py: core and io only)
+    phantom     the synthetic chest CT (phantom/: core and io only)
     engine      CAM methods, sliding window, lung mask, preprocessing, models, device, torchrun
     options     ExplainOptions (options.py: what every face passes on)
     pipeline    explain, hot regions, outputs, batch, bench
@@ -43,8 +43,6 @@ ENGINE_NEVER = {"io", "pipeline", "training", "evaluation", "cli", "mrml"}
 MAX_LINES = 620
 #: Modules over MAX_LINES, each one idea.
 LONG_MODULES = {
-    "phantom.py": "one idea: the synthetic chest CT and its truth (anatomy, nodules, scanner effects)",
-    "io/dicom.py": "one idea: reading a DICOM CT series (headers, series and their parts, decoding, geometry)",
 }
 
 

@@ -9,6 +9,7 @@ from scipy import ndimage
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import InvalidInputError
+from LungGradCAMLib.core.volume import Volume
 from LungGradCAMLib.phantom import TISSUES, NoduleSpec
 
 # an adult chest at a coarse, quick resolution (FOV 317 x 317 x 216 mm)
@@ -308,7 +309,7 @@ def test_write_dicom_series_round_trip(tmp_path):
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "dicom")))
     image = reader.Execute()
-    back = phantom.Volume.from_sitk(image)
+    back = Volume.from_sitk(image)
     np.testing.assert_allclose(back.ijk_to_ras, ph.volume.ijk_to_ras, atol=1e-4)
     np.testing.assert_allclose(back.array, ph.volume.array, atol=0.51)
     import pydicom

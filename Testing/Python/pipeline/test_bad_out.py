@@ -15,7 +15,8 @@ from typing import Callable, List
 import pytest
 
 from LungGradCAMLib import phantom
-from LungGradCAMLib.core.volume import Volume, write_volume
+from LungGradCAMLib.core.volume import Volume
+from LungGradCAMLib.io.volume_files import write_volume
 
 from bad_inputs import run_cli
 from helpers import REPO

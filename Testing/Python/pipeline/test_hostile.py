@@ -23,10 +23,12 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.io.dicom import list_dicom_series, load_dicom_series
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_series import list_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.engine.models import ModelCard
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import write_volume
 
 from helpers import make_tiny_model
 

@@ -17,7 +17,8 @@ import pytest
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import OutputError
-from LungGradCAMLib.core.volume import Volume, write_volume
+from LungGradCAMLib.core.volume import Volume
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.options import ExplainOptions
 from LungGradCAMLib.pipeline import run_one
 

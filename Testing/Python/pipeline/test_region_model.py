@@ -43,7 +43,7 @@ def test_a_region_model_sees_one_patch_centred_on_the_region(chest, region_model
 
 def test_the_cli_needs_roi_for_a_region_model(tmp_path, chest, region_model, capsys):
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.core.volume import write_volume
+    from LungGradCAMLib.io.volume_files import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
     assert main(["run", str(ct), "--out", str(tmp_path / "no-roi"), "--model", str(region_model),
@@ -61,7 +61,7 @@ def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, regi
     """--region-model: the whole-scan model finds the hot regions, the region model answers for each
     one (report, printed summary); a whole-scan model is refused as a region model before any work."""
     from LungGradCAMLib.cli import main
-    from LungGradCAMLib.core.volume import write_volume
+    from LungGradCAMLib.io.volume_files import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
     args = ["run", str(ct), "--device", "cpu", "--threshold", "0.3"]

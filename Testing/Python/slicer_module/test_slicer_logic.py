@@ -450,3 +450,31 @@ def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app, nodul
     assert result.table_node.GetColumnUnitLabel("Long axis [mm]") == "mm"
     assert f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml" in logic.resultText(result)
 
+
+
+def test_the_panel_chooses_every_setting_of_the_command_line(app):
+    """Threshold rules (level, otsu, a percentile), layer, mode, scale and the chest-CT check from the
+    parameter node, defaulted as ExplainOptions is, reach the command the panel runs unchanged."""
+    from LungGradCAMLib.cli import build_parser
+    from LungGradCAMLib.cli.common import args_from_options, options_from_args
+    from LungGradCAMLib.options import DEFAULTS
+
+    module, scene = app
+    logic = module.LungGradCAMLogic()
+    p = logic.getParameterNode()
+    defaults = logic.optionsFromParameterNode(p)
+    assert (defaults.threshold, defaults.mode, defaults.scale, defaults.layer, defaults.chest_check,
+            defaults.restrict_to_lungs) == (DEFAULTS["threshold"], DEFAULTS["mode"], DEFAULTS["scale"], DEFAULTS["layer"],
+                                            DEFAULTS["chest_check"], DEFAULTS["restrict_to_lungs"])
+    assert [logic.optionsFromParameterNode(p).threshold for p.thresholdRule in module.THRESHOLD_RULES] == [
+        DEFAULTS["threshold"], "otsu", "p99"]
+    p.thresholdPercentile, p.layer, p.mode, p.chestCheck = 99.5, "features.act4+features.act6", "sliding", False
+    p.scale = "relative"
+    options = logic.optionsFromParameterNode(p)
+    assert (options.threshold, options.layer, options.mode, options.chest_check, options.scale) == (
+        "p99.5", "features.act4+features.act6", "sliding", False, "relative")
+    args = build_parser().parse_args(["run", "ct.nrrd", "--out", "o", *args_from_options(options)])
+    assert options_from_args(args) == options
+    p.thresholdPercentile = 101.0
+    with pytest.raises(lgc.LungGradCAMError, match="percentile"):
+        logic.optionsFromParameterNode(p)

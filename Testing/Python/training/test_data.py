@@ -9,7 +9,7 @@ import pytest
 from helpers import data_path
 from LungGradCAMLib.training import data, lidc
 from LungGradCAMLib.core.errors import DataError
-from LungGradCAMLib.core.volume import write_volume
+from LungGradCAMLib.io.volume_files import write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (3.0, 3.0, 3.0)

@@ -19,7 +19,8 @@ import pytest
 
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import DataError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.training import data, lidc
 

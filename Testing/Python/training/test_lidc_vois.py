@@ -9,7 +9,8 @@ import pytest
 from helpers import data_path, write_voi_folder
 from LungGradCAMLib.training import data, lidc, placement
 from LungGradCAMLib.core.errors import DataError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, write_volume
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.volume_files import write_volume
 
 SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
