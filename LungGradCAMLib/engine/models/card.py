@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from ...core.atomic import write_json
 from ...core.errors import CamError, ModelError
@@ -89,6 +89,13 @@ class ModelCard:
         def bad(what: str) -> ModelError:
             return ModelError(f"{source}: {what}. Fix the model card (JSON beside the weights).")
 
+        self._check_network(bad)
+        self._check_classes_and_text(bad)
+        self._check_grid(bad)
+        self._check_choices(bad)
+        return self
+
+    def _check_network(self, bad: Callable[[str], ModelError]) -> None:
         from .networks import ARCHITECTURES, SEGMENTERS
 
         if self.architecture not in ARCHITECTURES:
@@ -100,6 +107,10 @@ class ModelCard:
                       f"segmenters ({', '.join(sorted(SEGMENTERS))}) give 'mask', the others 'classes'")
         if not isinstance(self.kwargs, dict):
             raise bad("'kwargs' must be an object")
+        if not isinstance(self.target_layer, str) or not self.target_layer:
+            raise bad("'target_layer' must be a module name such as 'features.act6'")
+
+    def _check_classes_and_text(self, bad: Callable[[str], ModelError]) -> None:
         if (not isinstance(self.class_names, list) or not self.class_names
                 or not all(isinstance(c, str) and c and c.isprintable() for c in self.class_names)
                 or len(set(self.class_names)) != len(self.class_names)):
@@ -111,8 +122,8 @@ class ModelCard:
                           f"got '{escaped(value, 80)}'")
         if self.cam_class not in self.class_names:
             raise bad(f"'cam_class' {self.cam_class!r} is not one of class_names {self.class_names}")
-        if not isinstance(self.target_layer, str) or not self.target_layer:
-            raise bad("'target_layer' must be a module name such as 'features.act6'")
+
+    def _check_grid(self, bad: Callable[[str], ModelError]) -> None:
         if self.patch_size is not None:
             if (not isinstance(self.patch_size, list) or len(self.patch_size) != 3
                     or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.patch_size)):
@@ -128,6 +139,10 @@ class ModelCard:
             raise bad(f"'spacing_mm' must be in (0, 100] mm; got {self.spacing_mm}")
         if not self.hu_window[0] < self.hu_window[1]:
             raise bad(f"'hu_window' must be [low, high] with low < high; got {self.hu_window}")
+
+    def _check_choices(self, bad: Callable[[str], ModelError]) -> None:
+        from ..methods import METHODS
+
         if self.normalisation not in NORMALISATIONS:
             raise bad(f"'normalisation' must be one of {NORMALISATIONS}; got {self.normalisation!r}")
         if self.gamma is not None and not (_is_number(self.gamma) and 0 < self.gamma <= 10):
@@ -136,8 +151,6 @@ class ModelCard:
             raise bad(f"'clahe' must be null, true, 'slice' or '3d'; got {self.clahe!r}")
         if not (self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)):
             raise bad(f"'sobel' must be null, true/false or a weight in [0, 10]; got {self.sobel!r}")
-        from ..methods import METHODS
-
         if self.cam_method not in METHODS:
             raise bad(f"'cam_method' must be one of {METHODS}; got {self.cam_method!r}")
         if self.input not in INPUTS:
@@ -146,7 +159,6 @@ class ModelCard:
             raise bad(f"'activation' must be one of {ACTIVATIONS}; got {self.activation!r}")
         if self.format != CARD_FORMAT:
             raise bad(f"card format {self.format!r} is not supported (this version reads {CARD_FORMAT})")
-        return self
 
     @property
     def cam_class_index(self) -> int:
