@@ -30,7 +30,10 @@ DEMO_ARGS ?= $(if $(wildcard $(LIDC_CT)),--ct $(LIDC_CT) --region-model lidc-mal
 demo: $(VENV)/.runtime
 	$(VENV)/bin/lunggradcam demo --out lunggradcam-demo $(DEMO_ARGS)
 
+# ruff (configured in pyproject.toml): lint (unused names, import order, complexity) and format
 test: $(VENV)/.test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The DICOM, database and pipeline tests once more on the packages Slicer 5.8.1 bundles, which

@@ -15,11 +15,16 @@ import time
 from typing import Annotated, List, Optional
 
 import qt
-import vtk
-
 import slicer
+import vtk
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
+from slicer.parameterNodeWrapper import (
+    Choice,
+    WithinRange,
+    parameterNodeWrapper,
+)
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -27,13 +32,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import (
-    parameterNodeWrapper,
-    Choice,
-    WithinRange,
-)
-
-from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 
 # Built and installed, LungGradCAMLib/ and Resources/ sit beside this file in Slicer's
 # scripted-modules folder. Used from a source checkout (this folder added in Application
@@ -45,8 +43,7 @@ if _ROOT not in sys.path:
 
 # Neither needs torch, so the panel opens before torch is installed.
 from LungGradCAMLib.core.errors import CancelledError, LungGradCAMError  # noqa: E402  (needs the path above)
-from LungGradCAMLib.options import METHODS, ExplainOptions  # noqa: E402
-from LungGradCAMLib.options import DEFAULTS, MODES, SCALES  # noqa: E402
+from LungGradCAMLib.options import DEFAULTS, METHODS, MODES, SCALES, ExplainOptions  # noqa: E402  # noqa: E402
 
 DEVICES = ("auto", "cuda", "cpu") + (("mps",) if sys.platform == "darwin" else ())
 #: How the panel thresholds the heat map: at a level, by Otsu's method, or at a percentile.
@@ -55,8 +52,13 @@ THRESHOLD_RULES = ("level", "otsu", "percentile")
 #: Import name -> pip requirement of what LungGradCAMLib needs beyond Slicer's own Python.
 #: numpy, SimpleITK, pydicom, scipy (Slicer 5.8.1 bundles 1.13.1) and VTK come with Slicer and are
 #: never reinstalled or upgraded; torch comes through the PyTorch extension (PyTorchUtils).
-PIP_REQUIREMENTS = {"skimage": "scikit-image>=0.19", "scipy": "scipy>=1.9", "safetensors": "safetensors>=0.4",
-                    "tqdm": "tqdm>=4.60", "slicerio": "slicerio>=0.1.8"}
+PIP_REQUIREMENTS = {
+    "skimage": "scikit-image>=0.19",
+    "scipy": "scipy>=1.9",
+    "safetensors": "safetensors>=0.4",
+    "tqdm": "tqdm>=4.60",
+    "slicerio": "slicerio>=0.1.8",
+}
 #: The PyTorch versions the engine supports (pyproject.toml's torch>=2.1).
 TORCH_REQUIREMENT = ">=2.1"
 #: Region size (mm) an ROI placed by one click gets when no region model is chosen.
@@ -236,8 +238,13 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # The DICOM series list follows Slicer's database: imports, removals, another database.
         database = slicer.app.dicomDatabase()
         if database is not None:
-            for signalName in ("databaseChanged()", "opened()", "closed()", "seriesAdded(QString)",
-                               "seriesRemoved(QString)"):
+            for signalName in (
+                "databaseChanged()",
+                "opened()",
+                "closed()",
+                "seriesAdded(QString)",
+                "seriesRemoved(QString)",
+            ):
                 database.connect(signalName, self._scheduleDicomRefresh)
 
         # Make sure parameter node is initialized (needed for module reload)
@@ -345,8 +352,11 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelBrowse(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            self.parent, _("Choose a LungGradCAM model"), "",
-            _("Model weights (*.safetensors *.pt *.pth);;Model card (*.json)"))
+            self.parent,
+            _("Choose a LungGradCAM model"),
+            "",
+            _("Model weights (*.safetensors *.pt *.pth);;Model card (*.json)"),
+        )
         if path:
             self._parameterNode.model = path
             self._parameterNode.targetClass = ""
@@ -361,8 +371,10 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clinicalUseLabel.visible = False
         if not self.logic.dependenciesInstalled():
             combo.addItem(_("(model default)"), "")
-            self.ui.modelInfoLabel.text = _("PyTorch and the Python packages LungGradCAM needs are installed "
-                                            "when you press Apply (after you confirm).")
+            self.ui.modelInfoLabel.text = _(
+                "PyTorch and the Python packages LungGradCAM needs are installed "
+                "when you press Apply (after you confirm)."
+            )
         else:
             try:
                 card = self.logic.modelCard(model)
@@ -395,8 +407,9 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         the ROI becomes the region model's patch centred there (see LungGradCAMLogic.roiFromPoint)."""
         self._stopObservingPoint()
         points = self.logic.startPlacingPoint()
-        tag = points.AddObserver(points.PointPositionDefinedEvent,
-                                 lambda caller, event, roi=node: self._onPointPlaced(caller, roi))
+        tag = points.AddObserver(
+            points.PointPositionDefinedEvent, lambda caller, event, roi=node: self._onPointPlaced(caller, roi)
+        )
         self._pointObservation = (points, tag)
         self.ui.statusLabel.text = _("Click on the nodule in a slice view.")
 
@@ -407,7 +420,8 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Failed to place the region.")):
             p.roi = self.logic.roiFromPoint(points, roiNode, size)
             self.ui.statusLabel.text = _("Region of {size} mm placed: {next}").format(
-                size=" x ".join(f"{s:.0f}" for s in size), next=self.logic.applyDescription(p))
+                size=" x ".join(f"{s:.0f}" for s in size), next=self.logic.applyDescription(p)
+            )
 
     def _stopObservingPoint(self) -> None:
         if self._pointObservation is not None:
@@ -416,7 +430,7 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pointObservation = None
 
     def onExplainRegion(self) -> None:
-        """"Explain this region": the hot region selected in the table (else the hottest) becomes
+        """ "Explain this region": the hot region selected in the table (else the hottest) becomes
         an ROI, and the region model (the second-opinion one, else the model) explains it into new
         output nodes, so the whole-scan result stays in the scene."""
         if self._result is None or not self._result.segmentation.regions:
@@ -429,7 +443,8 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # new output nodes; the panel's settings stay, so the next Apply is what it said before
             self._start(self._parameterNode.inputVolume, None, None, None, options, storeOutputs=False)
             self.ui.statusLabel.text = _("Explaining {region} ({roi}) with '{model}'...").format(
-                region=region.name, roi=roiNode.GetName(), model=os.path.basename(str(options.model)))
+                region=region.name, roi=roiNode.GetName(), model=os.path.basename(str(options.model))
+            )
 
     # --- DICOM database -----------------------------------------------------------------------
     def _scheduleDicomRefresh(self, *args) -> None:
@@ -472,8 +487,12 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = True
         self.ui.progressBar.visible = running
         self.ui.progressBar.setRange(0, 0)  # busy until the engine reports its first batch
-        for section in (self.ui.inputsCollapsibleButton, self.ui.modelCollapsibleButton,
-                        self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
+        for section in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.modelCollapsibleButton,
+            self.ui.advancedCollapsibleButton,
+            self.ui.outputsCollapsibleButton,
+        ):
             section.enabled = not running
         if not running:
             self._checkCanApply()
@@ -504,12 +523,21 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("LungGradCAM failed.")):
             self._start(p.inputVolume, p.camVolume, p.segmentation, p.table, self.logic.optionsFromParameterNode(p))
 
-    def _start(self, inputVolume, camVolume, segmentation, table, options, storeOutputs: bool = True,
-               maxEstimateSeconds: Optional[float] = ASK_OVER_SECONDS) -> None:
+    def _start(
+        self,
+        inputVolume,
+        camVolume,
+        segmentation,
+        table,
+        options,
+        storeOutputs: bool = True,
+        maxEstimateSeconds: Optional[float] = ASK_OVER_SECONDS,
+    ) -> None:
         """Start the explanation in a background process (LungGradCAMLogic.startProcess) and poll
         it from a timer: Slicer stays responsive, Apply reads Cancel."""
-        self._job = self.logic.startProcess(inputVolume, camVolume, segmentation, table, options=options,
-                                            maxEstimateSeconds=maxEstimateSeconds)
+        self._job = self.logic.startProcess(
+            inputVolume, camVolume, segmentation, table, options=options, maxEstimateSeconds=maxEstimateSeconds
+        )
         self._jobRetry = lambda: self._start(inputVolume, camVolume, segmentation, table, options, storeOutputs, None)
         self._jobStoreOutputs = storeOutputs
         self._jobStarted = time.time()
@@ -537,9 +565,17 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             result = job.result()
         except CancelledError:
             estimate = job.estimate
-            if estimate and estimate.get("stopped") and not job.cancelled and slicer.util.confirmOkCancelDisplay(
-                    _("Computing this heat map will take {minutes:.0f} minute(s) or so:\n\n{estimate}\n\nContinue?")
-                    .format(minutes=estimate["seconds"] / 60, estimate=estimate["text"]), _("LungGradCAM")):
+            if (
+                estimate
+                and estimate.get("stopped")
+                and not job.cancelled
+                and slicer.util.confirmOkCancelDisplay(
+                    _(
+                        "Computing this heat map will take {minutes:.0f} minute(s) or so:\n\n{estimate}\n\nContinue?"
+                    ).format(minutes=estimate["seconds"] / 60, estimate=estimate["text"]),
+                    _("LungGradCAM"),
+                )
+            ):
                 self._jobRetry()
             else:
                 self.ui.statusLabel.text = _("Cancelled.")
@@ -562,7 +598,8 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.explainRegionButton.enabled = bool(result.segmentation.regions)
         self.ui.resultsCollapsibleButton.collapsed = False
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s. Next: {next}").format(
-            seconds=seconds, next=self.logic.applyDescription(self._parameterNode))
+            seconds=seconds, next=self.logic.applyDescription(self._parameterNode)
+        )
 
     def onJumpToHottest(self) -> None:
         if self._result is not None:
@@ -574,9 +611,11 @@ class LungGradCAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         patch = "x".join(str(n) for n in card.patch_size) + " voxels" if card.patch_size else "whole volume"
         spacing = " x ".join(f"{s:g}" for s in card.spacing_mm)
         low, high = card.hu_window
-        lines = [f"<b>{card.name or 'model'}</b> {card.version}" + (f": {card.description}" if card.description else ""),
-                 f"{card.architecture}; input {patch} at {spacing} mm; HU window {low:g} to {high:g}",
-                 "Classes: " + ", ".join(card.class_names)]
+        lines = [
+            f"<b>{card.name or 'model'}</b> {card.version}" + (f": {card.description}" if card.description else ""),
+            f"{card.architecture}; input {patch} at {spacing} mm; HU window {low:g} to {high:g}",
+            "Classes: " + ", ".join(card.class_names),
+        ]
         for key, label in (("roc_auc", "AUC"), ("accuracy", "Accuracy")):
             metric = card.metrics.get(key)
             if isinstance(metric, dict) and "value" in metric:
@@ -698,14 +737,16 @@ class BackgroundRun:
         prefix = "lunggradcam run: error: "
         start = next((n for n in range(len(self._log) - 1, -1, -1) if self._log[n].startswith(prefix)), None)
         if start is not None:  # the message and its further lines (e.g. the series to choose from)
-            return "\n".join([self._log[start][len(prefix):]] + self._log[start + 1:])
+            return "\n".join([self._log[start][len(prefix) :]] + self._log[start + 1 :])
         if code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
-            return (f"the explanation process ended unexpectedly ({name}{', most likely out of memory' if -code == 9 else ''}); "
-                    "Slicer is not affected. Try a smaller batch size or the CPU.")
+            return (
+                f"the explanation process ended unexpectedly ({name}{', most likely out of memory' if -code == 9 else ''}); "
+                "Slicer is not affected. Try a smaller batch size or the CPU."
+            )
         return f"the explanation process failed (exit status {code}): " + " | ".join(self._log[-3:])
 
     def _cleanup(self) -> None:
@@ -752,10 +793,23 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
 
             roi = roi_from_node(p.roi, default_size_mm=1.0)  # placed by a click: the one patch centred there
         threshold = {"level": p.threshold, "otsu": "otsu", "percentile": f"p{p.thresholdPercentile:g}"}[p.thresholdRule]
-        return ExplainOptions(model=p.model, method=method, target=p.targetClass or None, layer=p.layer or None,
-                              mode=p.mode, scale=p.scale, threshold=threshold, restrict_to_lungs=p.restrictToLungs,
-                              chest_check=p.chestCheck, device=p.device, stride=p.stride or None,
-                              batch_size=p.batchSize or None, amp=p.amp, roi=roi, region_model=p.regionModel or None)
+        return ExplainOptions(
+            model=p.model,
+            method=method,
+            target=p.targetClass or None,
+            layer=p.layer or None,
+            mode=p.mode,
+            scale=p.scale,
+            threshold=threshold,
+            restrict_to_lungs=p.restrictToLungs,
+            chest_check=p.chestCheck,
+            device=p.device,
+            stride=p.stride or None,
+            batch_size=p.batchSize or None,
+            amp=p.amp,
+            roi=roi,
+            region_model=p.regionModel or None,
+        )
 
     # --- dependencies ---------------------------------------------------------------------------
     @staticmethod
@@ -779,9 +833,11 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         needed = TORCH_REQUIREMENT.lstrip(">=")
         if numbers(version) >= numbers(needed):
             return None
-        return (f"PyTorch {version} is installed, but LungGradCAM needs PyTorch {needed} or newer. Open the "
-                f"'PyTorch Util' module, set the version requirement to '{TORCH_REQUIREMENT}', reinstall PyTorch, "
-                "restart Slicer and press Apply again.")
+        return (
+            f"PyTorch {version} is installed, but LungGradCAM needs PyTorch {needed} or newer. Open the "
+            f"'PyTorch Util' module, set the version requirement to '{TORCH_REQUIREMENT}', reinstall PyTorch, "
+            "restart Slicer and press Apply again."
+        )
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """Install what is missing: torch through the PyTorch extension's PyTorchUtils (which picks
@@ -797,17 +853,24 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
             except ModuleNotFoundError:
                 raise LungGradCAMError(
                     "LungGradCAM needs PyTorch, which comes through the 'PyTorch' extension. Install it from "
-                    "the Extensions Manager, restart Slicer, and press Apply again.") from None
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT)
+                    "the Extensions Manager, restart Slicer, and press Apply again."
+                ) from None
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT
+            )
             if torch is None:
                 return False
-        missing = [requirement for name, requirement in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+        missing = [
+            requirement for name, requirement in PIP_REQUIREMENTS.items() if importlib.util.find_spec(name) is None
+        ]
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    _("LungGradCAM needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
-                      "Install them now? This downloads them from the Python Package Index and takes a minute.")
-                    .format(packages="\n".join(missing)),
-                    _("Install Python packages")):
+                _(
+                    "LungGradCAM needs these Python packages, which are not installed yet:\n\n{packages}\n\n"
+                    "Install them now? This downloads them from the Python Package Index and takes a minute."
+                ).format(packages="\n".join(missing)),
+                _("Install Python packages"),
+            ):
                 return False
             # the busy cursor only while installing, never under the question
             slicer.app.setOverrideCursor(qt.Qt.WaitCursor)
@@ -868,11 +931,20 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
                 for series in database.series(study):
                     if series.modality.upper() != "CT" or not series.n_images:
                         continue
-                    parts = [patient.name, study.date, "" if series.number is None else str(series.number),
-                             series.description]
+                    parts = [
+                        patient.name,
+                        study.date,
+                        "" if series.number is None else str(series.number),
+                        series.description,
+                    ]
                     title = " | ".join(part.strip() for part in parts if part and part.strip())
-                    found.append({"seriesUID": series.series_uid, "title": f"{title} ({series.n_images} images)",
-                                  "files": series.n_images})
+                    found.append(
+                        {
+                            "seriesUID": series.series_uid,
+                            "title": f"{title} ({series.n_images} images)",
+                            "files": series.n_images,
+                        }
+                    )
         return found
 
     @staticmethod
@@ -971,10 +1043,10 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         if not p.inputVolume:
             return _("Select a CT volume.")
         model = os.path.basename(p.model) if p.model else DEFAULTS["model"]
-        where = (_("the region '{roi}'").format(roi=p.roi.GetName()) if p.roi is not None
-                 else _("the whole scan"))
+        where = _("the region '{roi}'").format(roi=p.roi.GetName()) if p.roi is not None else _("the whole scan")
         text = _("Apply explains {where} of '{ct}' with model '{model}'").format(
-            where=where, ct=p.inputVolume.GetName(), model=model)
+            where=where, ct=p.inputVolume.GetName(), model=model
+        )
         if p.regionModel:
             text += _(", asking '{regionModel}' about each hot region").format(regionModel=p.regionModel)
         return text + "."
@@ -986,9 +1058,16 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         inside Slicer), else this interpreter."""
         return shutil.which("PythonSlicer") or sys.executable
 
-    def startProcess(self, inputVolume, camVolume=None, segmentation=None, table=None,
-                     options: Optional[ExplainOptions] = None, maxEstimateSeconds: Optional[float] = None,
-                     **optionKeywords) -> BackgroundRun:
+    def startProcess(
+        self,
+        inputVolume,
+        camVolume=None,
+        segmentation=None,
+        table=None,
+        options: Optional[ExplainOptions] = None,
+        maxEstimateSeconds: Optional[float] = None,
+        **optionKeywords,
+    ) -> BackgroundRun:
         """Start explaining ``inputVolume`` in a background process (``lunggradcam run``, see
         BackgroundRun): the CT is written to a temporary NRRD file, the options become the
         command's arguments. With ``maxEstimateSeconds`` the child stops before a heat map
@@ -1011,8 +1090,20 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         except Exception:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        command = [self.pythonExecutable(), "-m", "LungGradCAMLib.cli", "run", str(ct), "--out",
-                   os.path.join(folder, "result"), "--progress", "json", "--no-overlay", "--no-lungs", *arguments]
+        command = [
+            self.pythonExecutable(),
+            "-m",
+            "LungGradCAMLib.cli",
+            "run",
+            str(ct),
+            "--out",
+            os.path.join(folder, "result"),
+            "--progress",
+            "json",
+            "--no-overlay",
+            "--no-lungs",
+            *arguments,
+        ]
         if maxEstimateSeconds is not None:
             command += ["--max-estimate", str(maxEstimateSeconds)]
         logging.info("LungGradCAM: background run started")
@@ -1022,8 +1113,18 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         """Stop a running :meth:`process` before its next stage or batch (it raises CancelledError)."""
         self._cancelRequested = True
 
-    def process(self, inputVolume, camVolume=None, segmentation=None, table=None, options: Optional[ExplainOptions] = None,
-                progressCallback=None, showResult: bool = True, estimateCallback=None, **optionKeywords):
+    def process(
+        self,
+        inputVolume,
+        camVolume=None,
+        segmentation=None,
+        table=None,
+        options: Optional[ExplainOptions] = None,
+        progressCallback=None,
+        showResult: bool = True,
+        estimateCallback=None,
+        **optionKeywords,
+    ):
         """
         Explain the model's decision on a CT and put the results into nodes.
         Can be used without GUI widget.
@@ -1045,9 +1146,17 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         startTime = time.time()
         logging.info("LungGradCAM: processing started")
         self._cancelRequested = False
-        result = mrml.explain_volume_node(inputVolume, camVolume, segmentation, table, options,
-                                          progress=progressCallback, cancel=lambda: self._cancelRequested,
-                                          on_estimate=estimateCallback, **optionKeywords)
+        result = mrml.explain_volume_node(
+            inputVolume,
+            camVolume,
+            segmentation,
+            table,
+            options,
+            progress=progressCallback,
+            cancel=lambda: self._cancelRequested,
+            on_estimate=estimateCallback,
+            **optionKeywords,
+        )
         if showResult:
             self.showResult(inputVolume, result)
         logging.info(f"LungGradCAM: processing completed in {time.time() - startTime:.2f} seconds")
@@ -1073,19 +1182,25 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         explanation = result.explanation
         rows = "".join(
             f"<tr><td>{name}</td><td align='right'>{100 * probability:.1f} %</td></tr>"
-            for name, probability in sorted(explanation.probabilities.items(), key=lambda item: -item[1]))
-        text = (_("Predicted: <b>{name}</b>").format(name=explanation.predicted_class) + f"<table>{rows}</table>"
-                + _("Heat map for class {name} ({method}): {outcome}.").format(
-                    name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation))
-                + "<br>" + _("Heat-map scale: {scale}.")
-                .format(scale=scale_text(explanation)))
+            for name, probability in sorted(explanation.probabilities.items(), key=lambda item: -item[1])
+        )
+        text = (
+            _("Predicted: <b>{name}</b>").format(name=explanation.predicted_class)
+            + f"<table>{rows}</table>"
+            + _("Heat map for class {name} ({method}): {outcome}.").format(
+                name=explanation.target_class, method=explanation.method, outcome=outcome(result.segmentation)
+            )
+            + "<br>"
+            + _("Heat-map scale: {scale}.").format(scale=scale_text(explanation))
+        )
         for region in result.segmentation.regions:
             if region.outline:
                 text += "<br>" + f"{region.name}: {outline_text(region.outline)}"
         asked, used = explanation.device, explanation.device_used
         if used and used.split(":")[0] != asked.split(":")[0]:
             text += "<br>" + _("The {asked} ran out of memory: the heat map was finished on the {used}.").format(
-                asked=asked, used=used)
+                asked=asked, used=used
+            )
         return text + "<br><i>" + _("Research model: {use}").format(use=intended_use(explanation)) + "</i>"
 
     @staticmethod
@@ -1094,8 +1209,9 @@ class LungGradCAMLogic(ScriptedLoadableModuleLogic):
         heat map volume-rendered in 3D."""
         from LungGradCAMLib import mrml
 
-        slicer.util.setSliceViewerLayers(background=inputVolume, foreground=result.cam_node,
-                                         foregroundOpacity=CAM_OPACITY)
+        slicer.util.setSliceViewerLayers(
+            background=inputVolume, foreground=result.cam_node, foregroundOpacity=CAM_OPACITY
+        )
         mrml.cam_volume_rendering(result.cam_node, slicer.modules.volumerendering.logic())
         segmentationDisplay = result.segmentation_node.GetDisplayNode()
         segmentationDisplay.SetVisibility2D(True)
@@ -1150,8 +1266,8 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
 
         self.delayDisplay("Making a chest CT phantom with a nodule")
-        from LungGradCAMLib.evaluation import metrics
         from LungGradCAMLib import phantom
+        from LungGradCAMLib.evaluation import metrics
 
         nodule = phantom.NoduleSpec(center_ras=(60.0, 20.0, -150.0), diameter_mm=20.0, malignant=True)
         # a clinical resolution, inside what the bundled model was trained on (1.6-2 mm in-plane, 2-3 mm slices)
@@ -1164,11 +1280,14 @@ class LungGradCAMTest(ScriptedLoadableModuleTest):
         ctMatrix, camMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         ctNode.GetIJKToRASMatrix(ctMatrix)
         result.cam_node.GetIJKToRASMatrix(camMatrix)
-        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(camMatrix), slicer.util.arrayFromVTKMatrix(ctMatrix),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            slicer.util.arrayFromVTKMatrix(camMatrix), slicer.util.arrayFromVTKMatrix(ctMatrix), atol=1e-6
+        )
         cam = slicer.util.arrayFromVolume(result.cam_node)
         self.assertEqual(cam.shape, chest.volume.array.shape)
-        self.assertTrue(metrics.pointing_game(cam, chest.nodule_labelmap > 0), "the heat map does not peak in the nodule")
+        self.assertTrue(
+            metrics.pointing_game(cam, chest.nodule_labelmap > 0), "the heat map does not peak in the nodule"
+        )
 
         segments = result.segmentation_node.GetSegmentation()
         self.assertGreater(segments.GetNumberOfSegments(), 0)

@@ -8,6 +8,7 @@ Conventions are Slicer's own: arrays are (K, J, I) exactly as ``slicer.util.arra
 returns them, matrices are ``GetIJKToRASMatrix`` (RAS, mm), so no axis or LPS/RAS conversion
 happens here.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,13 +20,25 @@ import slicer
 import vtk
 
 from .core.errors import InvalidInputError, VolumeError
-from .options import ExplainOptions, options_from
 from .core.results import Explanation, Region, Segmentation
 from .core.volume import Volume
+from .options import ExplainOptions, options_from
 
-__all__ = ["CAM_COLOR_NODE_IDS", "NodeResult", "cam_to_node", "cam_volume_rendering", "dicom_series_to_node",
-           "explain_volume_node", "region_to_roi_node", "regions_to_table", "result_to_nodes", "roi_at_point",
-           "roi_from_node", "segmentation_to_node", "volume_from_node"]
+__all__ = [
+    "CAM_COLOR_NODE_IDS",
+    "NodeResult",
+    "cam_to_node",
+    "cam_volume_rendering",
+    "dicom_series_to_node",
+    "explain_volume_node",
+    "region_to_roi_node",
+    "regions_to_table",
+    "result_to_nodes",
+    "roi_at_point",
+    "roi_from_node",
+    "segmentation_to_node",
+    "volume_from_node",
+]
 
 #: Colour tables for the heat map, first one present in the scene wins: Slicer's ColdToHotRainbow
 #: and Inferno (loaded from files by the application), then PET-Heat (built in, so also present
@@ -68,14 +81,16 @@ def _check_not_transformed(node: Any) -> None:
         raise VolumeError(
             f"volume {name!r} is under the non-linear transform {transform.GetName()!r}. Harden the "
             "transform first (Data module: right-click the volume > Harden transform), which resamples "
-            "the volume, then run LungGradCAM on the hardened volume.")
+            "the volume, then run LungGradCAM on the hardened volume."
+        )
     to_world = vtk.vtkMatrix4x4()
     transform.GetMatrixTransformToWorld(to_world)
     if not np.allclose(slicer.util.arrayFromVTKMatrix(to_world), np.eye(4), atol=1e-9):
         raise VolumeError(
             f"volume {name!r} is under the transform {transform.GetName()!r}, so its voxels are not where "
             "its own geometry says. Harden the transform first (Data module: right-click the volume > "
-            "Harden transform), or remove it, then run LungGradCAM again.")
+            "Harden transform), or remove it, then run LungGradCAM again."
+        )
 
 
 def volume_from_node(node: Any) -> Volume:
@@ -90,15 +105,18 @@ def volume_from_node(node: Any) -> Volume:
     """
     if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
         kind = "nothing" if node is None else f"a {node.GetClassName()}"
-        raise InvalidInputError(f"the input must be a scalar volume node (a CT); got {kind}. "
-                                "Select a CT volume as the input.")
+        raise InvalidInputError(
+            f"the input must be a scalar volume node (a CT); got {kind}. Select a CT volume as the input."
+        )
     image = node.GetImageData()
     name = node.GetName()
     if image is None or min(image.GetDimensions()) < 1 or image.GetPointData().GetScalars() is None:
         raise VolumeError(f"volume {name!r} holds no voxels; load the CT again or pick another volume")
     if image.GetNumberOfScalarComponents() != 1:
-        raise VolumeError(f"volume {name!r} has {image.GetNumberOfScalarComponents()} components per "
-                          "voxel (colour or vector image); LungGradCAM needs a scalar CT in HU")
+        raise VolumeError(
+            f"volume {name!r} has {image.GetNumberOfScalarComponents()} components per "
+            "voxel (colour or vector image); LungGradCAM needs a scalar CT in HU"
+        )
     _check_not_transformed(node)
     array = np.array(slicer.util.arrayFromVolume(node), copy=True)
     return Volume(array, _ijk_to_ras(node), {"mrml_node_id": node.GetID(), "description": name})
@@ -108,8 +126,9 @@ def _cam_color_node_id(scene: Any) -> Optional[str]:
     return next((node_id for node_id in CAM_COLOR_NODE_IDS if scene.GetNodeByID(node_id) is not None), None)
 
 
-def cam_to_node(volume: Volume, node: Any = None, name: str = "LungGradCAM heat map",
-                hide_below: float = DEFAULT_HIDE_BELOW) -> Any:
+def cam_to_node(
+    volume: Volume, node: Any = None, name: str = "LungGradCAM heat map", hide_below: float = DEFAULT_HIDE_BELOW
+) -> Any:
     """Put a CAM :class:`Volume` (float, in [0, 1], K, J, I) into a scalar volume node.
 
     ``node`` is filled (its voxels, geometry and display replaced) or, when None, created in
@@ -139,8 +158,9 @@ def cam_to_node(volume: Volume, node: Any = None, name: str = "LungGradCAM heat 
     return node
 
 
-def cam_volume_rendering(cam_node: Any, volume_rendering_logic: Any, hide_below: float = DEFAULT_HIDE_BELOW,
-                         max_opacity: float = 0.6) -> Any:
+def cam_volume_rendering(
+    cam_node: Any, volume_rendering_logic: Any, hide_below: float = DEFAULT_HIDE_BELOW, max_opacity: float = 0.6
+) -> Any:
     """Show ``cam_node`` as a volume rendering: transparent below ``hide_below``, opacity rising
     linearly to ``max_opacity`` at CAM 1, coloured with the CAM's colour table.
 
@@ -177,11 +197,16 @@ def _label_array(labelmap: Volume) -> np.ndarray:
     if array.size and int(array.min()) < 0:
         raise VolumeError("a labelmap must not hold negative labels")
     top = int(array.max(initial=0))
-    return array.astype(np.uint16 if top < 2 ** 16 else np.int32, copy=False)
+    return array.astype(np.uint16 if top < 2**16 else np.int32, copy=False)
 
 
-def segmentation_to_node(segmentation: Segmentation, reference_node: Any, node: Any = None,
-                         name: str = "LungGradCAM regions", closed_surface: bool = True) -> Any:
+def segmentation_to_node(
+    segmentation: Segmentation,
+    reference_node: Any,
+    node: Any = None,
+    name: str = "LungGradCAM regions",
+    closed_surface: bool = True,
+) -> Any:
     """Put a :class:`Segmentation` into a segmentation node, one segment per region and one per
     nodule outline (``Segmentation.outlines``; they overlap the regions).
 
@@ -257,7 +282,8 @@ _SECOND_OPINION_COLUMNS = tuple(
         ("Region model", str, "the region model asked about the region (its second opinion)", "model"),
         ("Region model class", str, "the class the region model explains", "target_class"),
         ("Region model P", float, "the region model's probability of that class", "probability"),
-    ))
+    )
+)
 #: Columns added when regions have a nodule outline (an ROI run, or a second opinion): the
 #: outline's segment and what a radiologist measures on it.
 _OUTLINE_COLUMNS = tuple(
@@ -266,10 +292,16 @@ _OUTLINE_COLUMNS = tuple(
         ("Outline", str, "", "the nodule outline at the region's peak (its segment; empty: no nodule found)", "name"),
         ("Outline volume [ml]", float, "ml", "the outlined nodule's volume", "volume_ml"),
         ("Long axis [mm]", float, "mm", "the nodule's longest diameter in a slice of the CT", "long_axis_mm"),
-        ("Short axis [mm]", float, "mm", "its widest extent perpendicular to the long axis, same slice",
-         "short_axis_mm"),
+        (
+            "Short axis [mm]",
+            float,
+            "mm",
+            "its widest extent perpendicular to the long axis, same slice",
+            "short_axis_mm",
+        ),
         ("Mean diameter [mm]", float, "mm", "mean of the long and short axis (Lung-RADS' size)", "mean_diameter_mm"),
-    ))
+    )
+)
 _VTK_ARRAYS = {str: vtk.vtkStringArray, int: vtk.vtkIntArray, float: vtk.vtkDoubleArray}
 
 
@@ -296,8 +328,11 @@ def regions_to_table(regions: Sequence[Region], node: Any = None, name: str = "L
         raise InvalidInputError(f"the results table output must be a table node; got a {node.GetClassName()}")
     was_modifying = node.StartModify()
     node.RemoveAllColumns()
-    columns = (_REGION_COLUMNS + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
-               + (_OUTLINE_COLUMNS if any(r.outline for r in regions) else ()))
+    columns = (
+        _REGION_COLUMNS
+        + (_SECOND_OPINION_COLUMNS if any(r.second_opinion for r in regions) else ())
+        + (_OUTLINE_COLUMNS if any(r.outline for r in regions) else ())
+    )
     for column_name, kind, unit, description, value in columns:
         node.AddColumn(_column(column_name, kind, [value(r) for r in regions]))
         node.SetColumnUnitLabel(column_name, unit)
@@ -321,13 +356,15 @@ def roi_from_node(roi_node: Any, default_size_mm: Optional[float] = None) -> tup
     if default_size_mm is not None and max(size) <= 0:
         size = [float(default_size_mm)] * 3
     if not all(math.isfinite(v) for v in centre + size) or min(size) <= 0:
-        raise InvalidInputError(f"ROI {roi_node.GetName()!r} has no size (size {size} mm): drag its handles "
-                                "to cover the nodule")
+        raise InvalidInputError(
+            f"ROI {roi_node.GetName()!r} has no size (size {size} mm): drag its handles to cover the nodule"
+        )
     return tuple(centre), tuple(size)
 
 
-def roi_at_point(centre_ras: Sequence[float], size_mm: Sequence[float], node: Any = None,
-                 name: str = "LungGradCAM region") -> Any:
+def roi_at_point(
+    centre_ras: Sequence[float], size_mm: Sequence[float], node: Any = None, name: str = "LungGradCAM region"
+) -> Any:
     """A markups ROI node of ``size_mm`` (R, A, S extents) centred on ``centre_ras`` (RAS mm): one
     click on a nodule gives the region a region model looks at. ``node`` is moved and resized, or
     a new one is made."""
@@ -340,10 +377,18 @@ def roi_at_point(centre_ras: Sequence[float], size_mm: Sequence[float], node: An
 
 #: Subject hierarchy attributes of a series item and the DICOM keywords they come from, as Slicer's
 #: DICOM plugins set them (DICOMLib.DICOMPlugin.addSeriesInSubjectHierarchy, Slicer 5.8.1).
-_SERIES_ATTRIBUTES = (("SeriesModality", "Modality"), ("SeriesNumber", "SeriesNumber"),
-                      ("FrameOfReferenceUID", "FrameOfReferenceUID"), ("SeriesDescription", "SeriesDescription"),
-                      ("SeriesDate", "SeriesDate"), ("SeriesTime", "SeriesTime"), ("ContentDate", "ContentDate"),
-                      ("ContentTime", "ContentTime"), ("Manufacturer", "Manufacturer"), ("Model", "ManufacturerModelName"))
+_SERIES_ATTRIBUTES = (
+    ("SeriesModality", "Modality"),
+    ("SeriesNumber", "SeriesNumber"),
+    ("FrameOfReferenceUID", "FrameOfReferenceUID"),
+    ("SeriesDescription", "SeriesDescription"),
+    ("SeriesDate", "SeriesDate"),
+    ("SeriesTime", "SeriesTime"),
+    ("ContentDate", "ContentDate"),
+    ("ContentTime", "ContentTime"),
+    ("Manufacturer", "Manufacturer"),
+    ("Model", "ManufacturerModelName"),
+)
 
 
 def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any:
@@ -358,8 +403,12 @@ def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any
 
     headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     normal = volume.ijk_to_ras[:3, 2]
-    ras = [np.array([-float(v) for v in h.ImagePositionPatient[:2]] + [float(h.ImagePositionPatient[2])])
-           if "ImagePositionPatient" in h else np.zeros(3) for h in headers]
+    ras = [
+        np.array([-float(v) for v in h.ImagePositionPatient[:2]] + [float(h.ImagePositionPatient[2])])
+        if "ImagePositionPatient" in h
+        else np.zeros(3)
+        for h in headers
+    ]
     headers = [h for _, h in sorted(zip([float(p @ normal) for p in ras], headers), key=lambda t: t[0])]
     first = headers[0]
 
@@ -385,21 +434,34 @@ def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any
     patient_name = text("PatientName") or "No name"
     description = text("StudyDescription") or "No study description"
     # (UID, the item's name, its attributes): set only on items this call makes, as Slicer does
-    items = [(patient_id, patient_name, (
-        (constants.GetDICOMPatientNameAttributeName(), patient_name),
-        (constants.GetDICOMPatientIDAttributeName(), patient_id),
-        (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
-        (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
-        (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments")))),
-        (study_uid, description + (f" ({text('StudyDate')})" if text("StudyDate") else ""), (
-            (constants.GetDICOMStudyDescriptionAttributeName(), description),
-            (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
-            (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
-            (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
-            (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime"))))]
+    items = [
+        (
+            patient_id,
+            patient_name,
+            (
+                (constants.GetDICOMPatientNameAttributeName(), patient_name),
+                (constants.GetDICOMPatientIDAttributeName(), patient_id),
+                (constants.GetDICOMPatientSexAttributeName(), text("PatientSex")),
+                (constants.GetDICOMPatientBirthDateAttributeName(), text("PatientBirthDate")),
+                (constants.GetDICOMPatientCommentsAttributeName(), text("PatientComments")),
+            ),
+        ),
+        (
+            study_uid,
+            description + (f" ({text('StudyDate')})" if text("StudyDate") else ""),
+            (
+                (constants.GetDICOMStudyDescriptionAttributeName(), description),
+                (constants.GetDICOMStudyInstanceUIDAttributeName(), study_uid),
+                (constants.GetDICOMStudyIDAttributeName(), text("StudyID")),
+                (constants.GetDICOMStudyDateAttributeName(), text("StudyDate")),
+                (constants.GetDICOMStudyTimeAttributeName(), text("StudyTime")),
+            ),
+        ),
+    ]
     new = [entry for entry in items if not shn.GetItemByUID(constants.GetDICOMUIDName(), entry[0])]
-    slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(shn, patient_id, study_uid,
-                                                                            text("SeriesInstanceUID"))
+    slicer.vtkSlicerSubjectHierarchyModuleLogic.InsertDicomSeriesInHierarchy(
+        shn, patient_id, study_uid, text("SeriesInstanceUID")
+    )
     for uid, item_name, attributes in new:
         item = shn.GetItemByUID(constants.GetDICOMUIDName(), uid)
         for attribute, value in attributes:
@@ -408,8 +470,7 @@ def dicom_series_to_node(volume: Volume, files: Sequence[Any], name: str) -> Any
     return node
 
 
-def region_to_roi_node(region: Region, node: Any = None, margin_mm: float = 5.0,
-                       name: Optional[str] = None) -> Any:
+def region_to_roi_node(region: Region, node: Any = None, margin_mm: float = 5.0, name: Optional[str] = None) -> Any:
     """A markups ROI node around a hot region (its RAS bounding box plus ``margin_mm`` on each
     side, centred on its centroid): the region a region model (e.g. malignancy) is asked about."""
     lo, hi = (np.asarray(v, dtype=float) for v in region.bbox_ras)
@@ -432,11 +493,18 @@ class NodeResult:
     table_node: Any
 
 
-def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node: Any = None,
-                        table_node: Any = None, options: Optional[ExplainOptions] = None, *,
-                        progress: Optional[Callable[[str, int, int], None]] = None,
-                        cancel: Optional[Callable[[], bool]] = None,
-                        on_estimate: Optional[Callable[[Any], Optional[bool]]] = None, **option_keywords: Any) -> NodeResult:
+def explain_volume_node(
+    input_node: Any,
+    cam_node: Any = None,
+    segmentation_node: Any = None,
+    table_node: Any = None,
+    options: Optional[ExplainOptions] = None,
+    *,
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    on_estimate: Optional[Callable[[Any], Optional[bool]]] = None,
+    **option_keywords: Any,
+) -> NodeResult:
     """Explain the CT of ``input_node`` and put the results into nodes (each created when None).
 
     The settings are one :class:`~LungGradCAMLib.options.ExplainOptions` (``options``), or its
@@ -452,28 +520,40 @@ def explain_volume_node(input_node: Any, cam_node: Any = None, segmentation_node
 
     options = options_from(options, option_keywords)
     if cam_node is not None and cam_node is input_node:
-        raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
-                                "(a new one is created) so the CT is not overwritten")
-    explanation, segmentation = explain_and_segment(volume_from_node(input_node), options,
-                                                    progress=progress, cancel=cancel, on_estimate=on_estimate)
+        raise InvalidInputError(
+            "the heat map output is the input CT itself; choose another volume or none "
+            "(a new one is created) so the CT is not overwritten"
+        )
+    explanation, segmentation = explain_and_segment(
+        volume_from_node(input_node), options, progress=progress, cancel=cancel, on_estimate=on_estimate
+    )
     return result_to_nodes(input_node, explanation, segmentation, cam_node, segmentation_node, table_node)
 
 
-def result_to_nodes(input_node: Any, explanation: Explanation, segmentation: Segmentation, cam_node: Any = None,
-                    segmentation_node: Any = None, table_node: Any = None) -> NodeResult:
+def result_to_nodes(
+    input_node: Any,
+    explanation: Explanation,
+    segmentation: Segmentation,
+    cam_node: Any = None,
+    segmentation_node: Any = None,
+    table_node: Any = None,
+) -> NodeResult:
     """Put an explanation of ``input_node``'s CT and its hot regions into nodes (each created when
     None, named after the input node): the heat map volume, the regions' segmentation and table.
     Used for a run in this process (:func:`explain_volume_node`) and for one read back from a
     ``lunggradcam run`` folder (:func:`~LungGradCAMLib.pipeline.outputs.read_run`)."""
     if cam_node is not None and cam_node is input_node:
-        raise InvalidInputError("the heat map output is the input CT itself; choose another volume or none "
-                                "(a new one is created) so the CT is not overwritten")
+        raise InvalidInputError(
+            "the heat map output is the input CT itself; choose another volume or none "
+            "(a new one is created) so the CT is not overwritten"
+        )
     name = input_node.GetName()
     return NodeResult(
         explanation=explanation,
         segmentation=segmentation,
         cam_node=cam_to_node(explanation.cam, cam_node, name=f"{name} Grad-CAM"),
-        segmentation_node=segmentation_to_node(segmentation, input_node, segmentation_node,
-                                               name=f"{name} Grad-CAM regions"),
+        segmentation_node=segmentation_to_node(
+            segmentation, input_node, segmentation_node, name=f"{name} Grad-CAM regions"
+        ),
         table_node=regions_to_table(segmentation.regions, table_node, name=f"{name} Grad-CAM regions table"),
     )

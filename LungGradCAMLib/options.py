@@ -6,6 +6,7 @@ The Slicer panel (its parameter node), ``LungGradCAMLogic.process``, ``mrml.expl
 is refused before any work starts. This module imports neither torch nor slicer: the CLI parser
 and the Slicer panel use it before torch is loaded (or installed).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,14 +62,18 @@ def parse_threshold(value: Any) -> Threshold:
             raise InvalidInputError(f"threshold {value!r}: a percentile is within 0 to 100, e.g. 'p99'")
         level = _number(text)
         if level != level:  # NaN: no number
-            raise InvalidInputError(f"threshold {value!r} is not understood: use a heat-map level in [0, 1] "
-                                    "(e.g. 0.5), 'otsu', or a percentile such as 'p99'")
+            raise InvalidInputError(
+                f"threshold {value!r} is not understood: use a heat-map level in [0, 1] "
+                "(e.g. 0.5), 'otsu', or a percentile such as 'p99'"
+            )
     else:
         level = float("nan") if isinstance(value, bool) else _number(value)
     if 0.0 <= level <= 1.0:
         return level
-    raise InvalidInputError(f"threshold {value!r} is not a level in [0, 1] (the heat map's range): use a "
-                            "level in [0, 1] (e.g. 0.5), 'otsu', or a percentile such as 'p99'")
+    raise InvalidInputError(
+        f"threshold {value!r} is not a level in [0, 1] (the heat map's range): use a "
+        "level in [0, 1] (e.g. 0.5), 'otsu', or a percentile such as 'p99'"
+    )
 
 
 def parse_roi(value: Any) -> Roi:
@@ -85,19 +90,22 @@ def parse_roi(value: Any) -> Roi:
         except ValueError:
             numbers = []
         if len(numbers) not in (4, 6):
-            raise InvalidInputError(f"roi {value!r}: give 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' in RAS mm "
-                                    "(e.g. --roi -55.5,-85.6,-116,40)")
+            raise InvalidInputError(
+                f"roi {value!r}: give 'X,Y,Z,SIZE' or 'X,Y,Z,SX,SY,SZ' in RAS mm (e.g. --roi -55.5,-85.6,-116,40)"
+            )
         value = (numbers[:3], numbers[3:] if len(numbers) == 6 else numbers[3])
     try:
         centre, size = value
         centre = tuple(float(c) for c in np.asarray(centre, dtype=float).reshape(3))
         size = tuple(float(s) for s in np.broadcast_to(np.asarray(size, dtype=float), (3,)))
     except (TypeError, ValueError):
-        raise InvalidInputError("roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or "
-                                f"three numbers)); got {value!r}") from None
+        raise InvalidInputError(
+            f"roi must be a boolean mask or (centre_ras_mm (x, y, z), size_mm (one or three numbers)); got {value!r}"
+        ) from None
     if not all(np.isfinite(centre + size)) or min(size) <= 0:
-        raise InvalidInputError(f"roi centre {list(centre)} mm and size {list(size)} mm must be finite, "
-                                "the size positive")
+        raise InvalidInputError(
+            f"roi centre {list(centre)} mm and size {list(size)} mm must be finite, the size positive"
+        )
     return centre, size
 
 
@@ -120,8 +128,9 @@ def parse_stride(value: Any) -> Optional[Tuple[int, int, int]]:
     if len(steps) == 1:
         steps = steps * 3
     if len(steps) != 3 or not exact or min(steps) < 1:
-        raise InvalidInputError(f"stride {value!r}: give one positive whole number of model voxels, or three "
-                                "(K, J, I), e.g. 8 or 8,8,4")
+        raise InvalidInputError(
+            f"stride {value!r}: give one positive whole number of model voxels, or three (K, J, I), e.g. 8 or 8,8,4"
+        )
     return steps  # type: ignore[return-value]
 
 
@@ -217,7 +226,9 @@ class ExplainOptions:
             self.region_model = None
         self.roi = parse_roi(self.roi)
         if self.mode == "roi" and self.roi is None:
-            raise InvalidInputError("mode 'roi' needs a roi: (centre_ras_mm, size_mm) or a mask (CLI: --roi X,Y,Z,SIZE)")
+            raise InvalidInputError(
+                "mode 'roi' needs a roi: (centre_ras_mm, size_mm) or a mask (CLI: --roi X,Y,Z,SIZE)"
+            )
         self.threshold = parse_threshold(self.threshold)
         self.device = parse_device(self.device)
         self.batch_size = parse_count(self.batch_size, "batch size")
@@ -269,6 +280,8 @@ def options_from(options: Optional[ExplainOptions], keywords: Dict[str, Any]) ->
     if not isinstance(options, ExplainOptions):
         raise InvalidInputError(f"options must be an ExplainOptions, got {type(options).__name__}")
     if keywords:
-        raise InvalidInputError(f"give the settings either as options=ExplainOptions(...) or as keywords, "
-                                f"not both (also given: {', '.join(sorted(keywords))})")
+        raise InvalidInputError(
+            f"give the settings either as options=ExplainOptions(...) or as keywords, "
+            f"not both (also given: {', '.join(sorted(keywords))})"
+        )
     return options

@@ -40,6 +40,7 @@ markdown table; ``--out`` also writes the JSON.
         --methods gradcam,layercam --layers 'features.act6;features.act4+features.act6' --threads 2
     .venv/bin/python benchmarks/cam_quality.py --source lidc-vois --model lidc-malignancy --explain --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,18 @@ REPO = Path(__file__).resolve().parents[1]
 #: The field of view of the phantoms the default model was trained on: (i, j, k) mm.
 CHEST_FOV_MM = (345.6, 345.6, 240.0)
 TARGETS = {"pointing": 0.90, "mean_dice": 0.45}
-METRIC_KEYS = ("pointing", "pointing_tol", "pointing_raw", "peak_mm", "mean_dice", "best_dice", "energy",
-               "energy_uniform", "p", "p_at_nodule")
+METRIC_KEYS = (
+    "pointing",
+    "pointing_tol",
+    "pointing_raw",
+    "peak_mm",
+    "mean_dice",
+    "best_dice",
+    "energy",
+    "energy_uniform",
+    "p",
+    "p_at_nodule",
+)
 #: pointing_tol's tolerance (mm); set by --tolerance-mm
 TOLERANCE_MM = [10.0]
 
@@ -97,8 +108,9 @@ def heatmap_metrics(cam: Any, truth: np.ndarray, region: np.ndarray) -> Dict[str
     }
 
 
-def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device: str,
-                 method: str, layer: Optional[str] = None) -> List[Dict[str, Any]]:
+def phantom_rows(
+    loaded: Any, seeds: Sequence[int], shape: Sequence[int], device: str, method: str, layer: Optional[str] = None
+) -> List[Dict[str, Any]]:
     """One row per phantom: the whole-scan CAM against all its nodules."""
     from LungGradCAMLib import phantom
     from LungGradCAMLib.pipeline import explain
@@ -114,21 +126,26 @@ def phantom_rows(loaded: Any, seeds: Sequence[int], shape: Sequence[int], device
         region = exp.lung_mask | truth
         labels = [int(v) for v in np.unique(ph.nodule_labelmap) if v]
         found = [float(exp.cam.array[ph.nodule_labelmap == v].max()) >= 0.5 for v in labels]
-        rows.append({"case": f"phantom-{seed}", "nodules": len(labels),
-                     "diameters_mm": [round(n.diameter_mm, 1) for n in ph.nodules],
-                     **heatmap_metrics(exp.cam, truth, region),
-                     "p": exp.probabilities[exp.target_class],
-                     "p_at_nodule": float(exp.score_map.array[truth].max()),
-                     "found": float(np.mean(found)) if found else math.nan, "seconds": seconds})
+        rows.append(
+            {
+                "case": f"phantom-{seed}",
+                "nodules": len(labels),
+                "diameters_mm": [round(n.diameter_mm, 1) for n in ph.nodules],
+                **heatmap_metrics(exp.cam, truth, region),
+                "p": exp.probabilities[exp.target_class],
+                "p_at_nodule": float(exp.score_map.array[truth].max()),
+                "found": float(np.mean(found)) if found else math.nan,
+                "seconds": seconds,
+            }
+        )
     return rows
 
 
-def lidc_rows(loaded: Any, root: Path, device: str, method: str,
-              layer: Optional[str] = None) -> List[Dict[str, Any]]:
+def lidc_rows(loaded: Any, root: Path, device: str, method: str, layer: Optional[str] = None) -> List[Dict[str, Any]]:
     """One row per LIDC nodule (reader consensus >= 50% on the slices present)."""
-    from LungGradCAMLib.training.lidc import lidc_nodules, parse_lidc_xml
     from LungGradCAMLib.io.dicom import load_dicom_series
     from LungGradCAMLib.pipeline import explain
+    from LungGradCAMLib.training.lidc import lidc_nodules, parse_lidc_xml
 
     rows = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -149,15 +166,22 @@ def lidc_rows(loaded: Any, root: Path, device: str, method: str,
                         others |= other.mask
                 region = (exp.lung_mask | nodule.mask) & ~others
                 slices = np.flatnonzero(nodule.mask.any(axis=(1, 2)))
-                rows.append({"case": f"{folder.name} nodule {n + 1}", "readers": len(nodule.readers),
-                             "malignancy": nodule.malignancy, "volume_ml": round(nodule.mask.sum() * voxel_ml, 3),
-                             "slices": f"{len(slices)} of {volume.shape[0]}",
-                             "scan_shape_kji": list(volume.shape),
-                             "spacing_ijk_mm": [round(float(s), 3) for s in volume.spacing],
-                             **heatmap_metrics(exp.cam, nodule.mask, region),
-                             "p": exp.probabilities[exp.target_class],
-                             "p_at_nodule": float(exp.score_map.array[nodule.mask].max()),
-                             "found": float(exp.cam.array[nodule.mask].max() >= 0.5), "seconds": seconds})
+                rows.append(
+                    {
+                        "case": f"{folder.name} nodule {n + 1}",
+                        "readers": len(nodule.readers),
+                        "malignancy": nodule.malignancy,
+                        "volume_ml": round(nodule.mask.sum() * voxel_ml, 3),
+                        "slices": f"{len(slices)} of {volume.shape[0]}",
+                        "scan_shape_kji": list(volume.shape),
+                        "spacing_ijk_mm": [round(float(s), 3) for s in volume.spacing],
+                        **heatmap_metrics(exp.cam, nodule.mask, region),
+                        "p": exp.probabilities[exp.target_class],
+                        "p_at_nodule": float(exp.score_map.array[nodule.mask].max()),
+                        "found": float(exp.cam.array[nodule.mask].max() >= 0.5),
+                        "seconds": seconds,
+                    }
+                )
     return rows
 
 
@@ -174,10 +198,18 @@ def patch_rows(loaded: Any, seeds: Sequence[int], method: str, layer: Optional[s
     rows = []
     for n, (cam, truth) in enumerate(zip(cams, masks)):
         peak_mm = metrics.peak_distance_mm(cam, truth, spacing=card.spacing_mm)
-        rows.append({"case": f"{patches.patients[n]} patch {n}", "pointing": peak_mm == 0.0,
-                     "pointing_tol": peak_mm <= TOLERANCE_MM[0], "peak_mm": peak_mm,
-                     "mean_dice": metrics.mean_dice(cam, truth), "best_dice": metrics.best_dice(cam, truth).dice,
-                     "energy": metrics.energy_pointing_game(cam, truth), "energy_uniform": float(truth.mean())})
+        rows.append(
+            {
+                "case": f"{patches.patients[n]} patch {n}",
+                "pointing": peak_mm == 0.0,
+                "pointing_tol": peak_mm <= TOLERANCE_MM[0],
+                "peak_mm": peak_mm,
+                "mean_dice": metrics.mean_dice(cam, truth),
+                "best_dice": metrics.best_dice(cam, truth).dice,
+                "energy": metrics.energy_pointing_game(cam, truth),
+                "energy_uniform": float(truth.mean()),
+            }
+        )
     return rows
 
 
@@ -191,8 +223,9 @@ def held_out_patients(card: Any, patients: Sequence[str]) -> List[str]:
     return sorted(set(patients) & set(split.get("test_patients", [])))
 
 
-def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequence[str],
-             layers: Sequence[str], seed: int = 0) -> Dict[str, List[Dict[str, Any]]]:
+def voi_rows(
+    loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequence[str], layers: Sequence[str], seed: int = 0
+) -> Dict[str, List[Dict[str, Any]]]:
     """Per (method @ layer), one row per real LIDC nodule of the held-out patients: the CAM of the
     model's own input patch (the nodule in a real lung: a region model's patch is the VOI with its
     own surroundings centred on the nodule, up to 2 voxels off; a whole-scan model's patches put the
@@ -209,10 +242,16 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
     records = [r for r in records if r.patient in keep]
     regions = load_backgrounds(backgrounds, card.spacing_mm, card.patch_size, ("test",)) if backgrounds else None
     region_model = card.input == "roi"
-    patches = lidc_voi_patches(records, card.patch_size, card.spacing_mm,
-                               task="malignancy" if region_model else "nodule", backgrounds=regions,
-                               placements=1 if region_model else 3,
-                               jitter_vox=2 if region_model else max(card.patch_size) // 4, seed=seed)
+    patches = lidc_voi_patches(
+        records,
+        card.patch_size,
+        card.spacing_mm,
+        task="malignancy" if region_model else "nodule",
+        backgrounds=regions,
+        placements=1 if region_model else 3,
+        jitter_vox=2 if region_model else max(card.patch_size) // 4,
+        seed=seed,
+    )
     inputs = model_inputs(patches.patches, card)
     out: Dict[str, List[Dict[str, Any]]] = {}
     for method in methods:
@@ -221,18 +260,31 @@ def voi_rows(loaded: Any, root: Path, backgrounds: Optional[Path], methods: Sequ
             rows = []
             for n, (cam, truth) in enumerate(zip(cams, patches.masks)):
                 peak_mm = metrics.peak_distance_mm(cam, truth, spacing=card.spacing_mm)
-                rows.append({"case": f"{patches.patients[n]} {patches.kinds[n]} {n}", "pointing": peak_mm == 0.0,
-                             "pointing_tol": peak_mm <= TOLERANCE_MM[0], "peak_mm": peak_mm,
-                             "mean_dice": metrics.mean_dice(cam, truth), "best_dice": metrics.best_dice(cam, truth).dice,
-                             "energy": metrics.energy_pointing_game(cam, truth),
-                             "energy_uniform": float(truth.mean())})
+                rows.append(
+                    {
+                        "case": f"{patches.patients[n]} {patches.kinds[n]} {n}",
+                        "pointing": peak_mm == 0.0,
+                        "pointing_tol": peak_mm <= TOLERANCE_MM[0],
+                        "peak_mm": peak_mm,
+                        "mean_dice": metrics.mean_dice(cam, truth),
+                        "best_dice": metrics.best_dice(cam, truth).dice,
+                        "energy": metrics.energy_pointing_game(cam, truth),
+                        "energy_uniform": float(truth.mean()),
+                    }
+                )
             out[f"{method} @ {layer}"] = rows
     return out
 
 
-def voi_explain_rows(loaded: Any, root: Path, backgrounds: Optional[Path], margin_mm: float = 16.0,
-                     seed: int = 0, methods: Sequence[str] = (), layers: Sequence[str] = ()
-                     ) -> Dict[str, List[Dict[str, Any]]]:
+def voi_explain_rows(
+    loaded: Any,
+    root: Path,
+    backgrounds: Optional[Path],
+    margin_mm: float = 16.0,
+    seed: int = 0,
+    methods: Sequence[str] = (),
+    layers: Sequence[str] = (),
+) -> Dict[str, List[Dict[str, Any]]]:
     """A region model's heat maps on real nodules of its held-out patients, through the product's
     path: each nodule (with its own surroundings, in a test lung region, up to 2 voxels off
     centre) in a CT block ``margin_mm`` wider than the model's patch on every side, explained by
@@ -250,8 +302,9 @@ def voi_explain_rows(loaded: Any, root: Path, backgrounds: Optional[Path], margi
     records = [r for r in records if r.patient in keep]
     block = [int(p + 2 * round(margin_mm / s)) for p, s in zip(card.patch_size, card.spacing_mm[::-1])]
     regions = load_backgrounds(backgrounds, card.spacing_mm, block, ("test",)) if backgrounds else None
-    placed = lidc_voi_patches(records, block, card.spacing_mm, task="malignancy", backgrounds=regions,
-                              placements=1, jitter_vox=2, seed=seed)
+    placed = lidc_voi_patches(
+        records, block, card.spacing_mm, task="malignancy", backgrounds=regions, placements=1, jitter_vox=2, seed=seed
+    )
     matrix = axis_aligned_matrix(tuple(card.spacing_mm), (0.0, 0.0, 0.0))
     centre = [(n // 2) * s for n, s in zip(block[::-1], card.spacing_mm)]  # RAS of the centre voxel (i, j, k)
     out: Dict[str, List[Dict[str, Any]]] = {}
@@ -261,11 +314,25 @@ def voi_explain_rows(loaded: Any, root: Path, backgrounds: Optional[Path], margi
             for n, (patch, truth) in enumerate(zip(placed.patches, placed.masks)):
                 ct = Volume(patch.astype(np.float32), matrix)
                 # a block is too small for the lung mask (which the ROI path does not use): all of it
-                exp = explain(ct, model=loaded, method=method, layer=layer, roi=(tuple(centre), 1.0), device="cpu",
-                              lung_mask=np.ones(ct.shape, bool))
+                exp = explain(
+                    ct,
+                    model=loaded,
+                    method=method,
+                    layer=layer,
+                    roi=(tuple(centre), 1.0),
+                    device="cpu",
+                    lung_mask=np.ones(ct.shape, bool),
+                )
                 row = heatmap_metrics(exp.cam, truth, np.ones(truth.shape, bool))
-                rows.append({"case": f"{placed.patients[n]} nodule {n}", "diameter_mm": float(placed.diameters[n]),
-                             "label": int(placed.labels[n]), "p": exp.probabilities[card.cam_class], **row})
+                rows.append(
+                    {
+                        "case": f"{placed.patients[n]} nodule {n}",
+                        "diameter_mm": float(placed.diameters[n]),
+                        "label": int(placed.labels[n]),
+                        "p": exp.probabilities[card.cam_class],
+                        **row,
+                    }
+                )
             out[f"{method} @ {layer}"] = rows
     return out
 
@@ -278,8 +345,22 @@ def summarise(rows: Sequence[Dict[str, Any]]) -> Dict[str, float]:
 
 def markdown(title: str, rows: Sequence[Dict[str, Any]], mean: Dict[str, float], per_row: bool = True) -> str:
     """A markdown table of the rows (or only their mean) in the columns both have."""
-    cols = [c for c in ("pointing", "pointing_tol", "peak_mm", "mean_dice", "best_dice", "energy", "energy_uniform",
-                        "p", "p_at_nodule", "found") if c in mean]
+    cols = [
+        c
+        for c in (
+            "pointing",
+            "pointing_tol",
+            "peak_mm",
+            "mean_dice",
+            "best_dice",
+            "energy",
+            "energy_uniform",
+            "p",
+            "p_at_nodule",
+            "found",
+        )
+        if c in mean
+    ]
 
     def fmt(v: Any) -> str:
         if isinstance(v, (bool, np.bool_)):
@@ -308,11 +389,23 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
         results = voi_rows(loaded, Path(args.vois), backgrounds, methods, layers)
     summary = {name: summarise(rows) for name, rows in results.items()}
     n = len(next(iter(results.values())))
-    report = {"model": {"name": card.name, "version": card.version, "sha256": card.sha256, "input": card.input,
-                        "patch_size": card.patch_size, "spacing_mm": card.spacing_mm},
-              "source": "lidc-vois", "path": "lgc.explain with an ROI" if args.explain else "the model's input patch",
-              "patches": n, "seconds": round(time.perf_counter() - t0, 1),
-              "targets": TARGETS, "mean": summary, "rows": results}
+    report = {
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "sha256": card.sha256,
+            "input": card.input,
+            "patch_size": card.patch_size,
+            "spacing_mm": card.spacing_mm,
+        },
+        "source": "lidc-vois",
+        "path": "lgc.explain with an ROI" if args.explain else "the model's input patch",
+        "patches": n,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "targets": TARGETS,
+        "mean": summary,
+        "rows": results,
+    }
     text = json.dumps(report, indent=1, default=float)
     print(text)
     if args.out:
@@ -327,8 +420,9 @@ def voi_main(args: argparse.Namespace, loaded: Any) -> int:
     return 0
 
 
-def _record(loaded: Any, card_path: Path, results: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any],
-            path: str) -> None:
+def _record(
+    loaded: Any, card_path: Path, results: Dict[str, List[Dict[str, Any]]], summary: Dict[str, Any], path: str
+) -> None:
     """Write the heat maps' quality on real nodules into the model card at ``card_path`` (beside the
     weights ``loaded`` came from): ``metrics.heat_map`` (the card's method and layer: what the demo
     states) and ``metrics.heat_map_real_nodules`` (every method and layer measured)."""
@@ -339,13 +433,16 @@ def _record(loaded: Any, card_path: Path, results: Dict[str, List[Dict[str, Any]
     rows = results.get(name) or next(iter(results.values()))
     card.metrics["heat_map"] = {
         "data": f"{card.cam_method} at {card.target_layer} on the real LIDC nodules of the test-split patients, {path}",
-        "scans": len(rows), "peak_in_lesion": int(sum(bool(r["pointing"]) for r in rows)),
+        "scans": len(rows),
+        "peak_in_lesion": int(sum(bool(r["pointing"]) for r in rows)),
         "peak_within_10mm": int(sum(bool(r["pointing_tol"]) for r in rows)),
-        "mean_dice": round(float(np.mean([r["mean_dice"] for r in rows])), 4)}
+        "mean_dice": round(float(np.mean([r["mean_dice"] for r in rows])), 4),
+    }
     card.metrics["heat_map_real_nodules"] = {
         "data": f"{len(rows)} real LIDC nodules of the test-split patients with their own surroundings, {path} "
-                "(benchmarks/cam_quality.py --source lidc-vois)",
-        **{k: {m: round(float(v), 4) for m, v in mean.items() if m in METRIC_KEYS} for k, mean in summary.items()}}
+        "(benchmarks/cam_quality.py --source lidc-vois)",
+        **{k: {m: round(float(v), 4) for m, v in mean.items() if m in METRIC_KEYS} for k, mean in summary.items()},
+    }
     save_model(loaded.module, card, card_path.with_suffix(".safetensors"))
 
 
@@ -360,10 +457,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
     parser.add_argument("--seeds", default="1000-1019", help="held-out phantom seeds, e.g. '1000-1019' (default)")
     parser.add_argument("--n", type=int, default=5, help="phantoms to explain: the first N of --seeds (default 5)")
-    parser.add_argument("--shape", type=int, nargs=3, default=[96, 192, 192], metavar=("K", "J", "I"),
-                        help="phantom size in voxels over a 345.6 x 345.6 x 240 mm chest (default 96 192 192)")
-    parser.add_argument("--lidc", default=str(REPO.parent / "shared" / "data" / "lidc"),
-                        help="folder of LIDC-IDRI patient folders (DICOM + reader XML); 'none' to skip")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=[96, 192, 192],
+        metavar=("K", "J", "I"),
+        help="phantom size in voxels over a 345.6 x 345.6 x 240 mm chest (default 96 192 192)",
+    )
+    parser.add_argument(
+        "--lidc",
+        default=str(REPO.parent / "shared" / "data" / "lidc"),
+        help="folder of LIDC-IDRI patient folders (DICOM + reader XML); 'none' to skip",
+    )
     parser.add_argument("--method", default="gradcam", help="CAM method (default gradcam, the product's)")
     parser.add_argument("--layer", help="CAM layer (default: the model card's target_layer)")
     parser.add_argument("--tolerance-mm", type=float, default=10.0, help="pointing_tol's tolerance (default 10 mm)")
@@ -371,21 +477,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", help="also write the JSON here")
-    parser.add_argument("--card", help="--source lidc-vois: write the result into this model card (.json beside the "
-                                       "weights of --model)")
-    parser.add_argument("--source", choices=("phantom", "lidc-vois"), default="phantom",
-                        help="phantom: held-out phantoms + LIDC slabs, whole scan (default); lidc-vois: real "
-                             "LIDC nodules of the model's held-out patients, on its input patches")
-    parser.add_argument("--vois", default=str(REPO.parent / "shared" / "data" / "lidc_vois"),
-                        help="LIDC VOI folder (nodules.csv, image/, nodule_mask/) for --source lidc-vois")
-    parser.add_argument("--backgrounds", default=str(REPO / "benchmarks" / "real_backgrounds.csv"),
-                        help="backgrounds CSV whose test regions hold the nodules (--source lidc-vois)")
+    parser.add_argument(
+        "--card", help="--source lidc-vois: write the result into this model card (.json beside the weights of --model)"
+    )
+    parser.add_argument(
+        "--source",
+        choices=("phantom", "lidc-vois"),
+        default="phantom",
+        help="phantom: held-out phantoms + LIDC slabs, whole scan (default); lidc-vois: real "
+        "LIDC nodules of the model's held-out patients, on its input patches",
+    )
+    parser.add_argument(
+        "--vois",
+        default=str(REPO.parent / "shared" / "data" / "lidc_vois"),
+        help="LIDC VOI folder (nodules.csv, image/, nodule_mask/) for --source lidc-vois",
+    )
+    parser.add_argument(
+        "--backgrounds",
+        default=str(REPO / "benchmarks" / "real_backgrounds.csv"),
+        help="backgrounds CSV whose test regions hold the nodules (--source lidc-vois)",
+    )
     parser.add_argument("--methods", help="--source lidc-vois: comma-separated CAM methods (default: the card's)")
-    parser.add_argument("--explain", action="store_true",
-                        help="--source lidc-vois, a region model: through lgc.explain with an ROI on each nodule, in a "
-                             "CT block 16 mm wider than the patch, the heat map on the block's grid (the product's path)")
-    parser.add_argument("--layers", help="--source lidc-vois: ';'-separated CAM layers, '+' fuses several "
-                                         "(default: the card's target_layer)")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="--source lidc-vois, a region model: through lgc.explain with an ROI on each nodule, in a "
+        "CT block 16 mm wider than the patch, the heat map on the block's grid (the product's path)",
+    )
+    parser.add_argument(
+        "--layers",
+        help="--source lidc-vois: ';'-separated CAM layers, '+' fuses several (default: the card's target_layer)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -404,17 +526,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layer = args.layer or loaded.card.target_layer  # explain(layer=...): the card stays as it is
     phantoms = phantom_rows(loaded, seeds, args.shape, args.device, args.method, layer)
     lidc_root = Path(args.lidc)
-    lidc = (lidc_rows(loaded, lidc_root, args.device, args.method, layer)
-            if args.lidc != "none" and lidc_root.is_dir() else [])
+    lidc = (
+        lidc_rows(loaded, lidc_root, args.device, args.method, layer)
+        if args.lidc != "none" and lidc_root.is_dir()
+        else []
+    )
     patches = [] if args.no_patches else patch_rows(loaded, seeds, args.method, layer)
     card = loaded.card
     report = {
-        "model": {"name": args.model, "sha256": card.sha256, "architecture": card.architecture,
-                  "kwargs": card.kwargs, "patch_size": card.patch_size, "spacing_mm": card.spacing_mm,
-                  "training_seeds": f"{min(seen)}-{max(seen)}" if seen else "unknown"},
-        "method": args.method, "layer": layer, "mode": "sliding", "device": args.device,
-        "threads": torch.get_num_threads(), "phantom_shape_kji": args.shape, "tolerance_mm": args.tolerance_mm,
-        "targets": TARGETS, "seconds": round(time.perf_counter() - t0, 1),
+        "model": {
+            "name": args.model,
+            "sha256": card.sha256,
+            "architecture": card.architecture,
+            "kwargs": card.kwargs,
+            "patch_size": card.patch_size,
+            "spacing_mm": card.spacing_mm,
+            "training_seeds": f"{min(seen)}-{max(seen)}" if seen else "unknown",
+        },
+        "method": args.method,
+        "layer": layer,
+        "mode": "sliding",
+        "device": args.device,
+        "threads": torch.get_num_threads(),
+        "phantom_shape_kji": args.shape,
+        "tolerance_mm": args.tolerance_mm,
+        "targets": TARGETS,
+        "seconds": round(time.perf_counter() - t0, 1),
         "phantoms": {"mean": summarise(phantoms), "scans": phantoms},
         "lidc": {"mean": summarise(lidc), "nodules": lidc, "root": str(lidc_root)},
         "patches": {"mean": summarise(patches), "n": len(patches)},
@@ -427,16 +564,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         write_text(args.out, text + "\n")
     what = f"{args.method} at {layer}"
     print()
-    print(markdown(f"Held-out phantoms, whole scan ({what}; seeds {seeds[0]}-{seeds[-1]}, shape {args.shape})",
-                   phantoms, mean))
+    print(
+        markdown(
+            f"Held-out phantoms, whole scan ({what}; seeds {seeds[0]}-{seeds[-1]}, shape {args.shape})", phantoms, mean
+        )
+    )
     if lidc:
         print()
-        print(markdown(f"LIDC-IDRI slabs, whole slab, per nodule ({what}; consensus >= 50%)", lidc,
-                       report["lidc"]["mean"]))
+        print(
+            markdown(
+                f"LIDC-IDRI slabs, whole slab, per nodule ({what}; consensus >= 50%)", lidc, report["lidc"]["mean"]
+            )
+        )
     if patches:
         print()
-        print(markdown(f"Single nodule patches of the same phantoms ({what})", patches,
-                       report["patches"]["mean"], per_row=False))
+        print(
+            markdown(
+                f"Single nodule patches of the same phantoms ({what})",
+                patches,
+                report["patches"]["mean"],
+                per_row=False,
+            )
+        )
     return 0
 
 

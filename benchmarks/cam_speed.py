@@ -9,6 +9,7 @@ the upsampling to the input size. Prints JSON: medians in ms and the ratios.
     python benchmarks/cam_speed.py --device cuda
     python benchmarks/cam_speed.py --device cpu --small
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return 1000.0 * (time.perf_counter() - start)
 
 
-def explainers(model: torch.nn.Module, layer: str, x: torch.Tensor, amp: bool,
-               stack: contextlib.ExitStack) -> Dict[str, Optional[Callable[[], object]]]:
+def explainers(
+    model: torch.nn.Module, layer: str, x: torch.Tensor, amp: bool, stack: contextlib.ExitStack
+) -> Dict[str, Optional[Callable[[], object]]]:
     """name -> a call producing a CAM at input size (None: the peer is not installed). Our
     hooks stay installed until ``stack`` closes."""
     size = x.shape[2:]
@@ -63,8 +65,8 @@ def explainers(model: torch.nn.Module, layer: str, x: torch.Tensor, amp: bool,
         net = copy.deepcopy(model)
         captum = LayerGradCam(net, net.get_submodule(layer))
         calls["captum"] = lambda: LayerAttribution.interpolate(
-            captum.attribute(x, target=TARGET, relu_attributions=True), size,
-            interpolate_mode="trilinear")
+            captum.attribute(x, target=TARGET, relu_attributions=True), size, interpolate_mode="trilinear"
+        )
 
     try:
         from monai.visualize import GradCAM as MonaiGradCAM
@@ -103,15 +105,21 @@ def agreement(model: torch.nn.Module, layer: str, x: torch.Tensor) -> Optional[f
     with CAM(model, layer, "gradcam", upsample=False, normalize=False) as cam:
         ours = cam(x, TARGET).cam.flatten().double()
     net = copy.deepcopy(model)
-    theirs = LayerGradCam(net, net.get_submodule(layer)).attribute(
-        x, target=TARGET, relu_attributions=True).detach().flatten().double()
+    theirs = (
+        LayerGradCam(net, net.get_submodule(layer))
+        .attribute(x, target=TARGET, relu_attributions=True)
+        .detach()
+        .flatten()
+        .double()
+    )
     if ours.std() == 0 or theirs.std() == 0:
         return float(torch.equal(ours == 0, theirs == 0))
     return float(torch.corrcoef(torch.stack([ours, theirs]))[0, 1])
 
 
-def run_case(model: torch.nn.Module, layer: str, x: torch.Tensor, device: torch.device,
-             repeats: int, warmup: int, amp: bool) -> dict:
+def run_case(
+    model: torch.nn.Module, layer: str, x: torch.Tensor, device: torch.device, repeats: int, warmup: int, amp: bool
+) -> dict:
     """Warm-up calls, then ``repeats`` rounds in which every explainer runs once (interleaved,
     so that a drifting load on a shared machine hits all of them alike)."""
     times: Dict[str, Optional[List[float]]] = {}
@@ -143,37 +151,51 @@ def run_case(model: torch.nn.Module, layer: str, x: torch.Tensor, device: torch.
                 ratios[f"{peer}/ours ({label})"] = round(stat[peer] / ours, 2)
         if stat.get("ours_amp") is not None:
             ratios[f"ours_amp/forward ({label})"] = round(stat["ours_amp"] / stat["forward"], 3)
-    return {"input": list(x.shape), "median_ms": medians, "min_ms": minima, "ratios": ratios,
-            "corr_with_captum": agreement(model, layer, x[:1])}
+    return {
+        "input": list(x.shape),
+        "median_ms": medians,
+        "min_ms": minima,
+        "ratios": ratios,
+        "corr_with_captum": agreement(model, layer, x[:1]),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--small", action="store_true",
-                        help="1x1x32x128x128 and 8 patches of 32^3 (quick CPU run)")
+    parser.add_argument("--small", action="store_true", help="1x1x32x128x128 and 8 patches of 32^3 (quick CPU run)")
     parser.add_argument("--width", type=int, default=32, help="filters of the first conv (32 = paper)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true", help="also time ours with bf16 autocast (CUDA)")
-    parser.add_argument("--cases", nargs="+", default=["volume", "patches"],
-                        choices=["volume", "patches"])
+    parser.add_argument("--cases", nargs="+", default=["volume", "patches"], choices=["volume", "patches"])
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_model("gradcam3d_cnn", width=args.width).eval().to(device)
     layer = model.cam_layer
-    shapes = ({"volume": (1, 1, 32, 128, 128), "patches": (8, 1, 32, 32, 32)} if args.small else
-              {"volume": (1, 1, 64, 512, 512), "patches": (64, 1, 64, 64, 64)})
+    shapes = (
+        {"volume": (1, 1, 32, 128, 128), "patches": (8, 1, 32, 32, 32)}
+        if args.small
+        else {"volume": (1, 1, 64, 512, 512), "patches": (64, 1, 64, 64, 64)}
+    )
     warnings.simplefilter("ignore")  # peers' deprecation chatter
     report = {
-        "benchmark": "cam_speed", "device": str(device),
+        "benchmark": "cam_speed",
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "model": {"name": "gradcam3d_cnn", "width": args.width, "layer": layer,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "repeats": args.repeats, "warmup": args.warmup, "cases": {},
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "model": {
+            "name": "gradcam3d_cnn",
+            "width": args.width,
+            "layer": layer,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "cases": {},
     }
     for case in args.cases:
         x = torch.randn(shapes[case], device=device)

@@ -8,6 +8,7 @@ runs to get a volume from a folder). Prints JSON with medians, minimums and the 
 too (the load average is printed). Run:
 ``python benchmarks/dicom_load.py [--slices 300] [--repeats 5] [--compression rle] [--cold]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,19 +94,32 @@ def main() -> None:
         same = bool(np.array_equal(results["ours"], np.maximum(results["simpleitk"], -1024)))
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    print(json.dumps({
-        "benchmark": "dicom_load", "volume": kind, "shape_kji": [args.slices, args.size, args.size],
-        "compression": args.compression or "none", "repeats": args.repeats, "cold": args.cold,
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "write_s": round(write_s, 3),
-        "ours_median_s": round(med["ours"], 3), "simpleitk_median_s": round(med["simpleitk"], 3),
-        "ratio_simpleitk_over_ours": round(med["simpleitk"] / med["ours"], 2),
-        "ours_min_s": round(best["ours"], 3), "simpleitk_min_s": round(best["simpleitk"], 3),
-        "ratio_of_minimums": round(best["simpleitk"] / best["ours"], 2),
-        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "ours_s": [round(t, 3) for t in times["ours"]], "simpleitk_s": [round(t, 3) for t in times["simpleitk"]],
-        "identical_hu": same,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "dicom_load",
+                "volume": kind,
+                "shape_kji": [args.slices, args.size, args.size],
+                "compression": args.compression or "none",
+                "repeats": args.repeats,
+                "cold": args.cold,
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "write_s": round(write_s, 3),
+                "ours_median_s": round(med["ours"], 3),
+                "simpleitk_median_s": round(med["simpleitk"], 3),
+                "ratio_simpleitk_over_ours": round(med["simpleitk"] / med["ours"], 2),
+                "ours_min_s": round(best["ours"], 3),
+                "simpleitk_min_s": round(best["simpleitk"], 3),
+                "ratio_of_minimums": round(best["simpleitk"] / best["ours"], 2),
+                "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                "ours_s": [round(t, 3) for t in times["ours"]],
+                "simpleitk_s": [round(t, 3) for t in times["simpleitk"]],
+                "identical_hu": same,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each run in a fresh process; a table of the stages (median of the runs, their mi
 each stage is measured against) on stderr, the report as JSON on stdout (LungGradCAMLib/bench.py).
 Targets (issue 15): under 8 s in all on 2 CPU cores (median of 3 runs); under 2 s on an H100/H200.
 """
+
 import sys
 
 from LungGradCAMLib.cli import main

@@ -11,6 +11,7 @@ single-threaded). Prints JSON.
 
     python benchmarks/lung_mask.py [--repeats 3] [--no-peer]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,7 @@ def timed(fn: Callable[[], np.ndarray], repeats: int) -> Dict[str, object]:
         result = fn()
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    return {"wall_s": round(statistics.median(walls), 3), "cpu_s": round(statistics.median(cpus), 3),
-            "mask": result}
+    return {"wall_s": round(statistics.median(walls), 3), "cpu_s": round(statistics.median(cpus), 3), "mask": result}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -74,8 +74,11 @@ def run_case(name: str, volume, truth: Optional[np.ndarray], repeats: int, peer:
     from LungGradCAMLib.engine.lung import lung_mask
 
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    case: Dict[str, object] = {"volume": name, "shape_kji": list(volume.shape),
-                               "spacing_ijk_mm": [round(float(s), 3) for s in volume.spacing]}
+    case: Dict[str, object] = {
+        "volume": name,
+        "shape_kji": list(volume.shape),
+        "spacing_ijk_mm": [round(float(s), 3) for s in volume.spacing],
+    }
     runs = {"lung_mask": lambda: lung_mask(volume)}
     if peer:
         runs["classical_full_resolution"] = lambda: classical_lung_mask(volume.array)
@@ -103,8 +106,14 @@ def main() -> None:
 
     t = time.perf_counter()
     ph = phantom.chest_ct(seed=0, shape=(args.slices, 512, 512), spacing_mm=(0.7, 0.7, 1.0))
-    report = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-              "phantom_build_s": round(time.perf_counter() - t, 1), "target": "< 2 s on 2 cores", "cases": []}
+    report = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "phantom_build_s": round(time.perf_counter() - t, 1),
+        "target": "< 2 s on 2 cores",
+        "cases": [],
+    }
     report["cases"].append(run_case("phantom seed 0", ph.volume, ph.lungs, args.repeats, not args.no_peer))
     del ph
     if FULL_CHEST.is_dir():

@@ -14,6 +14,7 @@ Linux only. Prints one JSON object.
 
     .venv/bin/python benchmarks/memory_estimate.py --patch 64 96 128 --batch 1 2 --threads 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,13 +84,16 @@ def main() -> None:
     rows = []
     cases = [(m, p, b) for m in args.methods for p in args.patch for b in args.batch]
     for method, patch, batch in cases:
-        code = CASE.format(patch=patch, batch=batch, width=args.width, threads=args.threads, arch=args.arch,
-                           method=method)
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1])
+        code = CASE.format(
+            patch=patch, batch=batch, width=args.width, threads=args.threads, arch=args.arch, method=method
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        )
         if done.returncode:
-            rows.append({"method": method, "patch": patch, "batch": batch,
-                         "error": done.stderr.strip().splitlines()[-1:]})
+            rows.append(
+                {"method": method, "patch": patch, "batch": batch, "error": done.stderr.strip().splitlines()[-1:]}
+            )
         else:
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

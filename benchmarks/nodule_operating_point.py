@@ -15,6 +15,7 @@ Prints JSON; ``--out`` also writes it (and ``--card`` copies the result into a m
     .venv/bin/python benchmarks/nodule_operating_point.py --model Resources/Models/default.safetensors \\
         --cache /tmp/default-run/patches.npz
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,18 +39,22 @@ def _rate(hit: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(keys), size=(n_boot, len(keys)))
     boot = sums[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
-    return {"value": float(hit.mean()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "n": int(hit.size), "patients": int(len(keys))}
+    return {
+        "value": float(hit.mean()),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "n": int(hit.size),
+        "patients": int(len(keys)),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from LungGradCAMLib.core.atomic import write_text
+    from LungGradCAMLib.engine.models import load_model, save_model
+    from LungGradCAMLib.evaluation.evaluate import predict
     from LungGradCAMLib.training.data import PatchSet, patient_split
     from LungGradCAMLib.training.lidc import lidc_voi_detection_patches, lidc_voi_records
-    from LungGradCAMLib.evaluation.evaluate import predict
-    from LungGradCAMLib.engine.models import load_model, save_model
     from LungGradCAMLib.training.placement import PLACEMENT_KINDS, SPLITS, load_backgrounds
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,9 +66,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--fractions", type=float, nargs=3, default=[0.7, 0.15, 0.15])
     p.add_argument("--placements", type=int, default=3, help="the training run's --placements (default 3)")
     p.add_argument("--min-diameter", type=float, default=4.0, help="nodule size the aim is about (mm, default 4)")
-    p.add_argument("--specificity", type=float, default=0.95,
-                   help="validation specificity (real backgrounds) the threshold keeps (default 0.95)")
-    p.add_argument("--sensitivity", type=float, help="instead: validation sensitivity to keep (nodules >= --min-diameter)")
+    p.add_argument(
+        "--specificity",
+        type=float,
+        default=0.95,
+        help="validation specificity (real backgrounds) the threshold keeps (default 0.95)",
+    )
+    p.add_argument(
+        "--sensitivity", type=float, help="instead: validation sensitivity to keep (nodules >= --min-diameter)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--card", help="write the result into this model card (.json beside the weights)")
@@ -77,8 +88,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = PatchSet.load(args.cache)
     else:
         backgrounds = load_backgrounds(args.backgrounds, card.spacing_mm, card.patch_size, SPLITS)
-        data = lidc_voi_detection_patches(records, backgrounds, card.patch_size, card.spacing_mm,
-                                          fractions=args.fractions, placements=args.placements, seed=args.seed)
+        data = lidc_voi_detection_patches(
+            records,
+            backgrounds,
+            card.patch_size,
+            card.spacing_mm,
+            fractions=args.fractions,
+            placements=args.placements,
+            seed=args.seed,
+        )
     # the nodule patches of each split are its records (patient_split order) times the placements
     parts = dict(zip(SPLITS, patient_split([r.patient for r in records], args.fractions, seed=args.seed)))
     score = predict(loaded, data)[:, card.cam_class_index]
@@ -90,13 +108,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         real_nodule = (labels == 1) & np.isin(kinds, PLACEMENT_KINDS)
         diameters = np.repeat([records[i].diameter_mm for i in parts[split]], args.placements)
         if real_nodule.sum() != len(diameters):
-            print(f"the cache does not match --fractions/--seed/--placements ({real_nodule.sum()} real nodule patches "
-                  f"in {split}, expected {len(diameters)})", file=sys.stderr)
+            print(
+                f"the cache does not match --fractions/--seed/--placements ({real_nodule.sum()} real nodule patches "
+                f"in {split}, expected {len(diameters)})",
+                file=sys.stderr,
+            )
             return 2
-        per_split[split] = dict(s=score[index], kinds=kinds, labels=labels, patients=patients,
-                                real_nodule=real_nodule, diameters=diameters,
-                                real_background=(labels == 0) & np.char.startswith(patients.astype(str), "background:"),
-                                phantom=np.char.startswith(patients.astype(str), "phantom-"))
+        per_split[split] = dict(
+            s=score[index],
+            kinds=kinds,
+            labels=labels,
+            patients=patients,
+            real_nodule=real_nodule,
+            diameters=diameters,
+            real_background=(labels == 0) & np.char.startswith(patients.astype(str), "background:"),
+            phantom=np.char.startswith(patients.astype(str), "phantom-"),
+        )
     v = per_split["validation"]
     if args.sensitivity is not None:  # the highest threshold that keeps the sensitivity on validation
         nodule_scores = np.sort(v["s"][v["real_nodule"]][v["diameters"] >= args.min_diameter])
@@ -117,15 +144,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "sensitivity_real_nodules_all": _rate(hit[nodules], d["patients"][nodules]),
             "specificity_real_background": _rate(~hit[d["real_background"]], d["patients"][d["real_background"]]),
             "specificity_real_background_by_kind": {
-                k: _rate(~hit[d["real_background"] & (d["kinds"] == k)], d["patients"][d["real_background"] & (d["kinds"] == k)])
-                for k in sorted(set(d["kinds"][d["real_background"]]))},
+                k: _rate(
+                    ~hit[d["real_background"] & (d["kinds"] == k)],
+                    d["patients"][d["real_background"] & (d["kinds"] == k)],
+                )
+                for k in sorted(set(d["kinds"][d["real_background"]]))
+            },
             "sensitivity_real_by_placement": {
-                k: _rate(hit[nodules & (d["kinds"] == k)], d["patients"][nodules & (d["kinds"] == k)]) for k in PLACEMENT_KINDS},
+                k: _rate(hit[nodules & (d["kinds"] == k)], d["patients"][nodules & (d["kinds"] == k)])
+                for k in PLACEMENT_KINDS
+            },
         }
         ph = d["phantom"]
         if ph.any():
-            block["sensitivity_phantom_nodules"] = _rate(hit[ph & (d["labels"] == 1)], d["patients"][ph & (d["labels"] == 1)])
-            block["specificity_phantom_background"] = _rate(~hit[ph & (d["labels"] == 0)], d["patients"][ph & (d["labels"] == 0)])
+            block["sensitivity_phantom_nodules"] = _rate(
+                hit[ph & (d["labels"] == 1)], d["patients"][ph & (d["labels"] == 1)]
+            )
+            block["specificity_phantom_background"] = _rate(
+                ~hit[ph & (d["labels"] == 0)], d["patients"][ph & (d["labels"] == 0)]
+            )
         result[split] = block
     text = json.dumps(result, indent=1)
     print(text)

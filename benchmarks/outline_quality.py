@@ -23,6 +23,7 @@ Aims (issue 23): mean Dice >= 0.75, mean diameter within 1.5 mm for nodules >= 6
     nice -n 10 .venv/bin/python benchmarks/outline_quality.py --threads 1 \\
         --out benchmarks/results/outline_quality.json      # and .md beside it
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,12 +53,17 @@ def _mean_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: i
     sums, counts = np.bincount(inverse, values), np.bincount(inverse)
     draws = np.random.default_rng(seed).integers(0, len(keys), size=(n_boot, len(keys)))
     boot = sums[draws].sum(1) / np.maximum(counts[draws].sum(1), 1)
-    return {"value": float(values.mean()), "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
-            "n": int(values.size), "patients": int(len(keys))}
+    return {
+        "value": float(values.mean()),
+        "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "n": int(values.size),
+        "patients": int(len(keys)),
+    }
 
 
-def threshold_outline(volume: Any, seed_ras: Sequence[float], lungs: Any = None, hu: float = -500.0,
-                      search_mm: float = 10.0) -> Any:
+def threshold_outline(
+    volume: Any, seed_ras: Sequence[float], lungs: Any = None, hu: float = -500.0, search_mm: float = 10.0
+) -> Any:
     """The baseline of issue 23: the connected component above ``hu`` at the seed (no separation)."""
     from LungGradCAMLib.core.results import Outline
     from LungGradCAMLib.core.volume import LabelMap
@@ -130,8 +136,9 @@ def heat_map_peak(case: Dict[str, Any], region_model: Any) -> np.ndarray:
     """The RAS of the region model's heat-map maximum on the 40 mm region around the centre."""
     import LungGradCAMLib as lgc
 
-    exp = lgc.explain(case["ct"], model=region_model, roi=(tuple(case["centre"]), 40.0), lung_mask=case["lungs"],
-                      device="cpu")
+    exp = lgc.explain(
+        case["ct"], model=region_model, roi=(tuple(case["centre"]), 40.0), lung_mask=case["lungs"], device="cpu"
+    )
     kji = np.unravel_index(int(np.argmax(exp.cam.array)), exp.cam.shape)
     return exp.cam.ijk_to_ras_points([list(kji[::-1])])[0]
 
@@ -139,9 +146,15 @@ def heat_map_peak(case: Dict[str, Any], region_model: Any) -> np.ndarray:
 def score(outline: Any, case: Dict[str, Any], truth_measure: dict) -> Dict[str, Any]:
     found = _pasted(outline, case["ct"])
     mean = outline.mean_diameter_mm
-    return {"dice": dice(found, case["truth"]), "found": bool(outline.found), "volume_ml": outline.volume_ml,
-            "mean_diameter_mm": mean, "long_axis_mm": outline.long_axis_mm, "short_axis_mm": outline.short_axis_mm,
-            "mean_diameter_error_mm": None if mean is None else mean - truth_measure["mean_diameter_mm"]}
+    return {
+        "dice": dice(found, case["truth"]),
+        "found": bool(outline.found),
+        "volume_ml": outline.volume_ml,
+        "mean_diameter_mm": mean,
+        "long_axis_mm": outline.long_axis_mm,
+        "short_axis_mm": outline.short_axis_mm,
+        "mean_diameter_error_mm": None if mean is None else mean - truth_measure["mean_diameter_mm"],
+    }
 
 
 def run_vois(args: argparse.Namespace, methods: Dict[str, Callable], log: Callable[[str], None]) -> List[dict]:
@@ -154,7 +167,7 @@ def run_vois(args: argparse.Namespace, methods: Dict[str, Callable], log: Callab
 
     records = split_records(lidc_voi_records(args.vois), seed=0)[args.split]
     if args.limit:
-        records = records[:args.limit]
+        records = records[: args.limit]
     backgrounds = pick(load_backgrounds(args.backgrounds, BG_SPACING, [64] * 3, splits=(args.split,)), args.split)
     region_model = load_model(args.region_model, device="cpu")
     rng = np.random.default_rng(args.seed)
@@ -167,22 +180,36 @@ def run_vois(args: argparse.Namespace, methods: Dict[str, Callable], log: Callab
                 continue
             truth_measure = measure_outline(LabelMap.like(case["ct"], case["truth"].astype(np.uint8)))
             direction = rng.normal(size=3)
-            seeds = {"centre": case["centre"],
-                     "displaced": case["centre"] + args.displace_mm * direction / np.linalg.norm(direction),
-                     "heat-map peak": heat_map_peak(case, region_model)}
+            seeds = {
+                "centre": case["centre"],
+                "displaced": case["centre"] + args.displace_mm * direction / np.linalg.norm(direction),
+                "heat-map peak": heat_map_peak(case, region_model),
+            }
             for seed_name in args.seeds:
                 seed = seeds[seed_name]
-                base = {"patient": voi.patient, "nodule": voi.nodule_id, "kind": kind, "seed": seed_name,
-                        "seed_offset_mm": float(np.linalg.norm(seed - case["centre"])),
-                        "seed_in_nodule": bool(_inside(case, seed)),
-                        "table_diameter_mm": voi.diameter_mm, "texture": voi.row.get("Texture", ""),
-                        "truth_mean_diameter_mm": truth_measure["mean_diameter_mm"],
-                        "truth_volume_ml": truth_measure["volume_ml"]}
+                base = {
+                    "patient": voi.patient,
+                    "nodule": voi.nodule_id,
+                    "kind": kind,
+                    "seed": seed_name,
+                    "seed_offset_mm": float(np.linalg.norm(seed - case["centre"])),
+                    "seed_in_nodule": bool(_inside(case, seed)),
+                    "table_diameter_mm": voi.diameter_mm,
+                    "texture": voi.row.get("Texture", ""),
+                    "truth_mean_diameter_mm": truth_measure["mean_diameter_mm"],
+                    "truth_volume_ml": truth_measure["volume_ml"],
+                }
                 for name, method in methods.items():
                     t = time.perf_counter()
                     outline = method(case["ct"], seed, case["lungs"])
-                    rows.append({**base, "method": name, "seconds": time.perf_counter() - t,
-                                 **score(outline, case, truth_measure)})
+                    rows.append(
+                        {
+                            **base,
+                            "method": name,
+                            "seconds": time.perf_counter() - t,
+                            **score(outline, case, truth_measure),
+                        }
+                    )
         if (n + 1) % 10 == 0:
             log(f"{n + 1}/{len(records)} nodules, {time.perf_counter() - t0:.0f} s")
     return rows
@@ -210,9 +237,17 @@ def run_slabs(args: argparse.Namespace, methods: Dict[str, Callable]) -> List[di
                 case = {"ct": ct, "truth": nodule.mask}
                 for name, method in methods.items():
                     outline = method(ct, nodule.centre_ras, lungs)
-                    rows.append({"patient": folder.name, "nodule": n + 1, "readers": len(nodule.readers),
-                                 "method": name, "truth_mean_diameter_mm": truth_measure["mean_diameter_mm"],
-                                 "truth_volume_ml": truth_measure["volume_ml"], **score(outline, case, truth_measure)})
+                    rows.append(
+                        {
+                            "patient": folder.name,
+                            "nodule": n + 1,
+                            "readers": len(nodule.readers),
+                            "method": name,
+                            "truth_mean_diameter_mm": truth_measure["mean_diameter_mm"],
+                            "truth_volume_ml": truth_measure["volume_ml"],
+                            **score(outline, case, truth_measure),
+                        }
+                    )
     return rows
 
 
@@ -233,20 +268,28 @@ def summarise(rows: List[dict]) -> Dict[str, Any]:
         def size_of(sel: List[dict]) -> Dict[str, Any]:
             big = [r for r in sel if r["table_diameter_mm"] >= 6.0]
             patients = np.array([r["patient"] for r in big])
-            err = np.array([np.nan if r["mean_diameter_error_mm"] is None else abs(r["mean_diameter_error_mm"])
-                            for r in big])
-            table = np.array([np.nan if r["mean_diameter_mm"] is None else abs(r["mean_diameter_mm"]
-                                                                                - r["table_diameter_mm"]) for r in big])
+            err = np.array(
+                [np.nan if r["mean_diameter_error_mm"] is None else abs(r["mean_diameter_error_mm"]) for r in big]
+            )
+            table = np.array(
+                [
+                    np.nan if r["mean_diameter_mm"] is None else abs(r["mean_diameter_mm"] - r["table_diameter_mm"])
+                    for r in big
+                ]
+            )
             readers_vs_table = np.array([abs(r["truth_mean_diameter_mm"] - r["table_diameter_mm"]) for r in big])
-            signed = np.array([np.nan if r["mean_diameter_error_mm"] is None else r["mean_diameter_error_mm"]
-                               for r in big])
+            signed = np.array(
+                [np.nan if r["mean_diameter_error_mm"] is None else r["mean_diameter_error_mm"] for r in big]
+            )
             missed = np.where(np.isnan(err), 99.0, err)  # no outline: counted as a 99 mm error
-            return {"mae_vs_readers_mm": _mean_ci(missed, patients),
-                    "median_abs_error_vs_readers_mm": float(np.median(missed)) if missed.size else None,
-                    "bias_vs_readers_mm": _mean_ci(signed, patients),
-                    "within_1_5mm": _mean_ci((np.nan_to_num(err, nan=99.0) <= 1.5).astype(float), patients),
-                    "mae_vs_table_mm": _mean_ci(np.where(np.isnan(table), 99.0, table), patients),
-                    "readers_mask_vs_table_mm": _mean_ci(readers_vs_table, patients)}
+            return {
+                "mae_vs_readers_mm": _mean_ci(missed, patients),
+                "median_abs_error_vs_readers_mm": float(np.median(missed)) if missed.size else None,
+                "bias_vs_readers_mm": _mean_ci(signed, patients),
+                "within_1_5mm": _mean_ci((np.nan_to_num(err, nan=99.0) <= 1.5).astype(float), patients),
+                "mae_vs_table_mm": _mean_ci(np.where(np.isnan(table), 99.0, table), patients),
+                "readers_mask_vs_table_mm": _mean_ci(readers_vs_table, patients),
+            }
 
         out[method] = {
             "dice": dice_of(mine),
@@ -254,10 +297,13 @@ def summarise(rows: List[dict]) -> Dict[str, Any]:
             "seconds_mean": float(np.mean([r["seconds"] for r in mine])) if "seconds" in mine[0] else None,
             "by_seed": {s: dice_of(pick(seed=s)) for s in SEEDS if pick(seed=s)},
             "by_kind": {k: dice_of(pick(seed="centre", kind=k)) for k in KINDS if pick(seed="centre", kind=k)},
-            "by_size": {"< 6 mm": dice_of([r for r in mine if r["table_diameter_mm"] < 6]),
-                        ">= 6 mm": dice_of([r for r in mine if r["table_diameter_mm"] >= 6])},
-            "by_texture": {t: dice_of([r for r in mine if r["texture"] == t])
-                           for t in sorted({r["texture"] for r in mine})},
+            "by_size": {
+                "< 6 mm": dice_of([r for r in mine if r["table_diameter_mm"] < 6]),
+                ">= 6 mm": dice_of([r for r in mine if r["table_diameter_mm"] >= 6]),
+            },
+            "by_texture": {
+                t: dice_of([r for r in mine if r["texture"] == t]) for t in sorted({r["texture"] for r in mine})
+            },
             "size_ge_6mm": size_of(mine),
             "size_ge_6mm_by_seed": {s: size_of(pick(seed=s)) for s in SEEDS if pick(seed=s)},
         }
@@ -276,32 +322,53 @@ def _fmt(m: Dict[str, Any], digits: int = 2) -> str:
 
 
 def markdown(result: Dict[str, Any]) -> str:
-    lines = [f"Outline quality on {result['split']} patients ({result['n_nodules']} nodules, {result['n_patients']} "
-             "patients), Dice and mean-diameter error against the readers' masks, 95% CI by patient.", "",
-             "| method | Dice (all) | centre | displaced | heat-map peak | own | parenchyma | juxta-vascular | "
-             "juxta-pleural | < 6 mm | >= 6 mm | mean diam. abs. error >= 6 mm (mm) | median | within 1.5 mm | "
-             "vs table (mm) |",
-             "|---" * 15 + "|"]
+    lines = [
+        f"Outline quality on {result['split']} patients ({result['n_nodules']} nodules, {result['n_patients']} "
+        "patients), Dice and mean-diameter error against the readers' masks, 95% CI by patient.",
+        "",
+        "| method | Dice (all) | centre | displaced | heat-map peak | own | parenchyma | juxta-vascular | "
+        "juxta-pleural | < 6 mm | >= 6 mm | mean diam. abs. error >= 6 mm (mm) | median | within 1.5 mm | "
+        "vs table (mm) |",
+        "|---" * 15 + "|",
+    ]
     for method, s in result["summary"].items():
         size = s["size_ge_6mm"]
-        lines.append("| " + " | ".join([method, _fmt(s["dice"])]
-                                       + [_fmt(s["by_seed"].get(k, {})) for k in SEEDS]
-                                       + [_fmt(s["by_kind"].get(k, {})) for k in KINDS]
-                                       + [_fmt(s["by_size"][k]) for k in ("< 6 mm", ">= 6 mm")]
-                                       + [_fmt(size["mae_vs_readers_mm"], 1),
-                                          f"{size['median_abs_error_vs_readers_mm']:.1f}", _fmt(size["within_1_5mm"]),
-                                          _fmt(size["mae_vs_table_mm"], 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [method, _fmt(s["dice"])]
+                + [_fmt(s["by_seed"].get(k, {})) for k in SEEDS]
+                + [_fmt(s["by_kind"].get(k, {})) for k in KINDS]
+                + [_fmt(s["by_size"][k]) for k in ("< 6 mm", ">= 6 mm")]
+                + [
+                    _fmt(size["mae_vs_readers_mm"], 1),
+                    f"{size['median_abs_error_vs_readers_mm']:.1f}",
+                    _fmt(size["within_1_5mm"]),
+                    _fmt(size["mae_vs_table_mm"], 1),
+                ]
+            )
+            + " |"
+        )
     readers = next(iter(result["summary"].values()))["size_ge_6mm"]["readers_mask_vs_table_mm"]
-    lines += ["", f"The readers' masks' own mean diameter (same measurement) differs from the table's diameter_mm by "
-              f"{_fmt(readers, 1)} mm on average for these nodules >= 6 mm."]
+    lines += [
+        "",
+        f"The readers' masks' own mean diameter (same measurement) differs from the table's diameter_mm by "
+        f"{_fmt(readers, 1)} mm on average for these nodules >= 6 mm.",
+    ]
     if result.get("slabs"):
-        lines += ["", "Whole LIDC slabs (reader-XML consensus, outlined from its centre):", "",
-                  "| patient | nodule | method | Dice | mean diameter (mm) | readers' (mm) | volume (ml) | readers' (ml) |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Whole LIDC slabs (reader-XML consensus, outlined from its centre):",
+            "",
+            "| patient | nodule | method | Dice | mean diameter (mm) | readers' (mm) | volume (ml) | readers' (ml) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in result["slabs"]:
             mean = "-" if r["mean_diameter_mm"] is None else f"{r['mean_diameter_mm']:.1f}"
-            lines.append(f"| {r['patient']} | {r['nodule']} | {r['method']} | {r['dice']:.2f} | {mean} | "
-                         f"{r['truth_mean_diameter_mm']:.1f} | {r['volume_ml']:.2f} | {r['truth_volume_ml']:.2f} |")
+            lines.append(
+                f"| {r['patient']} | {r['nodule']} | {r['method']} | {r['dice']:.2f} | {mean} | "
+                f"{r['truth_mean_diameter_mm']:.1f} | {r['volume_ml']:.2f} | {r['truth_volume_ml']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -344,11 +411,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     rows = run_vois(args, methods, lambda text: print(text, file=sys.stderr, flush=True))
     slabs = run_slabs(args, methods) if Path(args.lidc).is_dir() else []
-    result = {"split": args.split, "n_nodules": len({(r["patient"], r["nodule"]) for r in rows}),
-              "n_patients": len({r["patient"] for r in rows}), "kinds": args.kinds, "seeds": args.seeds,
-              "displace_mm": args.displace_mm, "region_model": args.region_model,
-              "outline_model": args.outline_model, "command": " ".join(sys.argv),
-              "seconds": time.perf_counter() - t0, "summary": summarise(rows), "slabs": slabs}
+    result = {
+        "split": args.split,
+        "n_nodules": len({(r["patient"], r["nodule"]) for r in rows}),
+        "n_patients": len({r["patient"] for r in rows}),
+        "kinds": args.kinds,
+        "seeds": args.seeds,
+        "displace_mm": args.displace_mm,
+        "region_model": args.region_model,
+        "outline_model": args.outline_model,
+        "command": " ".join(sys.argv),
+        "seconds": time.perf_counter() - t0,
+        "summary": summarise(rows),
+        "slabs": slabs,
+    }
     text = markdown(result)
     print(text)
     if args.out:

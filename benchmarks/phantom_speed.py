@@ -4,6 +4,7 @@ Usage: python benchmarks/phantom_speed.py [--shape K J I] [--spacing I J K] [--r
 The target (issue 2): a (120, 256, 256) phantom in under 3 s on one core. On a shared machine
 compare ``cpu_seconds_median`` (process CPU time), which waiting for a busy core does not inflate.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,15 +40,28 @@ def main() -> None:
         cpu.append(time.process_time() - start_cpu)
         nodules.append(len(ph.nodules))
     voxels = args.shape[0] * args.shape[1] * args.shape[2]
-    print(json.dumps({
-        "benchmark": "phantom.chest_ct", "shape_kji": list(args.shape), "spacing_ijk_mm": list(args.spacing),
-        "repeats": args.repeats, "cpu_cores": 1, "seconds_median": round(statistics.median(seconds), 3),
-        "seconds_min": round(min(seconds), 3), "seconds_max": round(max(seconds), 3),
-        # CPU time excludes waiting for a busy machine's cores: the cost on an idle core
-        "cpu_seconds_median": round(statistics.median(cpu), 3), "load_average_1min": round(os.getloadavg()[0], 2),
-        "mvoxels_per_s": round(voxels / statistics.median(seconds) / 1e6, 2), "nodules": nodules,
-        "target_s": 3.0, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "phantom.chest_ct",
+                "shape_kji": list(args.shape),
+                "spacing_ijk_mm": list(args.spacing),
+                "repeats": args.repeats,
+                "cpu_cores": 1,
+                "seconds_median": round(statistics.median(seconds), 3),
+                "seconds_min": round(min(seconds), 3),
+                "seconds_max": round(max(seconds), 3),
+                # CPU time excludes waiting for a busy machine's cores: the cost on an idle core
+                "cpu_seconds_median": round(statistics.median(cpu), 3),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "mvoxels_per_s": round(voxels / statistics.median(seconds) / 1e6, 2),
+                "nodules": nodules,
+                "target_s": 3.0,
+                "python": platform.python_version(),
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

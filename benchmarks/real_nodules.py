@@ -42,6 +42,7 @@ Aims (issue 22): sensitivity >= 0.90 at <= 1 false hot region per scan for nodul
 >= 0.85, pointing >= 0.90 and mean-Dice >= 0.45 for the whole-scan map, no hot region on the
 nodule-free real CTs, LIDC-IDRI-0001 and 0002 both hit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,11 @@ BAND_SPACING_MM, BAND_PATCH = (1.5, 1.5, 1.5), (32, 32, 32)
 NODULES_PER_SCAN, APART_MM, FEATHER_MM, ROI_JITTER_MM, SMALL_MM = 4, 30.0, 2.0, 5.0, 4.0
 AIMS = {"sensitivity_at_1_fp_ge4mm": 0.90, "cpm_ge4mm": 0.85, "pointing": 0.90, "mean_dice": 0.45}
 #: Nodule-free real CTs (relative to the data folder) whose hot regions are listed by name.
-CLEAN_CTS = ("full_chest_ct/dicom", "totalsegmentator/chest_crop_pulmonary.nii.gz",
-             "totalsegmentator/chest_crop_aorta.nii.gz")
+CLEAN_CTS = (
+    "full_chest_ct/dicom",
+    "totalsegmentator/chest_crop_pulmonary.nii.gz",
+    "totalsegmentator/chest_crop_aorta.nii.gz",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,15 +93,20 @@ def split_backgrounds(manifest: Path, split: str = "test") -> List[Any]:
         if ":" in bg.name:  # a band: the native slices whose centres lie within the test band's
             ks = np.flatnonzero(bg.region.any(axis=(1, 2)))
             z_band = bg.ijk_to_ras[2, 2] * ks + bg.ijk_to_ras[2, 3]
-            z_ct = ct.ijk_to_ras_points(np.c_[np.zeros(ct.shape[0]), np.zeros(ct.shape[0]), np.arange(ct.shape[0])])[:, 2]
+            z_ct = ct.ijk_to_ras_points(np.c_[np.zeros(ct.shape[0]), np.zeros(ct.shape[0]), np.arange(ct.shape[0])])[
+                :, 2
+            ]
             keep = np.flatnonzero((z_ct >= z_band.min()) & (z_ct <= z_band.max()))
             ct = crop(ct, ((int(keep[0]), int(keep[-1]) + 1), (0, ct.shape[1]), (0, ct.shape[2])))
         lungs = lung_mask(ct, remove_airways=True)
         region = np.zeros(ct.shape, bool)  # nodules at least 10 mm inside the CT's edges
         margin = [int(math.ceil(10.0 / s)) for s in ct.spacing[::-1]]
         region[tuple(slice(m, n - m) for m, n in zip(margin, ct.shape))] = True
-        out.append(Background(bg.name, split, ct.array, lungs, region, tuple(float(s) for s in ct.spacing),
-                              bg.source, ct.ijk_to_ras))
+        out.append(
+            Background(
+                bg.name, split, ct.array, lungs, region, tuple(float(s) for s in ct.spacing), bg.source, ct.ijk_to_ras
+            )
+        )
     return out
 
 
@@ -121,34 +130,53 @@ def make_scans(records: Sequence[Any], backgrounds: Sequence[Any], seed: int = 0
             truth = np.zeros(hu.shape, np.uint8)
             spacing_kji = np.asarray(bg.spacing_mm)[::-1]
             nodules = []
-            for n, voi in enumerate(vois[start:start + NODULES_PER_SCAN]):
+            for n, voi in enumerate(vois[start : start + NODULES_PER_SCAN]):
                 wanted = PLACEMENT_KINDS[(start + n) % len(PLACEMENT_KINDS)]  # else anywhere in the lungs
-                far = [(kind, s) for kind in (wanted, "lung")
-                       for s in sample_centres(bg, kind, 20, rng, radius_mm=voi.diameter_mm / 2)
-                       if all(np.linalg.norm((s - o["kji"]) * spacing_kji) >= APART_MM for o in nodules)]
+                far = [
+                    (kind, s)
+                    for kind in (wanted, "lung")
+                    for s in sample_centres(bg, kind, 20, rng, radius_mm=voi.diameter_mm / 2)
+                    if all(np.linalg.norm((s - o["kji"]) * spacing_kji) >= APART_MM for o in nodules)
+                ]
                 if not far:
                     continue
                 kind, site = far[0]
                 where, mask = place_voi(hu, bg.spacing_mm, voi, site, FEATHER_MM)
                 block = truth[where]
                 block[mask & (block == 0)] = len(nodules) + 1
-                nodules.append({"patient": patient, "nodule_id": voi.nodule_id, "diameter_mm": voi.diameter_mm,
-                                "malignant": voi.malignant, "kind": kind,
-                                "kji": np.asarray(site), "label": len(nodules) + 1})
+                nodules.append(
+                    {
+                        "patient": patient,
+                        "nodule_id": voi.nodule_id,
+                        "diameter_mm": voi.diameter_mm,
+                        "malignant": voi.malignant,
+                        "kind": kind,
+                        "kji": np.asarray(site),
+                        "label": len(nodules) + 1,
+                    }
+                )
             for nod in nodules:
                 inside = np.argwhere(truth == nod["label"])
                 nod["voxels"] = len(inside)
                 nod["centre_kji"] = inside.mean(axis=0) if len(inside) else nod["kji"].astype(float)
-            scans.append({"patient": patient, "background": bg.name, "volume": Volume(hu, bg.ijk_to_ras),
-                          "truth": truth, "nodules": [n for n in nodules if n["voxels"]]})
+            scans.append(
+                {
+                    "patient": patient,
+                    "background": bg.name,
+                    "volume": Volume(hu, bg.ijk_to_ras),
+                    "truth": truth,
+                    "nodules": [n for n in nodules if n["voxels"]],
+                }
+            )
     return scans
 
 
 # --------------------------------------------------------------------------------------------
 # scoring one scan
 # --------------------------------------------------------------------------------------------
-def region_hits(exp: Any, truth: np.ndarray, nodules: Sequence[Dict[str, Any]],
-                levels: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+def region_hits(
+    exp: Any, truth: np.ndarray, nodules: Sequence[Dict[str, Any]], levels: Sequence[float]
+) -> Tuple[np.ndarray, np.ndarray]:
     """At each threshold of ``levels``: which nodules a hot region found (bool (levels, nodules))
     and how many hot regions found none (levels,); regions as ``lgc.segment_cam`` makes them."""
     import LungGradCAMLib as lgc
@@ -214,9 +242,10 @@ def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator, **ca
     """Explain one scan (whole, then one ROI per nodule; ``cam``: ``method``/``layer`` other than
     the card's) and score it: per-level hits and false regions, and one row of heat-map metrics
     per nodule."""
+    from cam_quality import heatmap_metrics
+
     import LungGradCAMLib as lgc
     from LungGradCAMLib.core.volume import AIR_HU, resample
-    from cam_quality import heatmap_metrics
 
     volume, truth, nodules = scan["volume"], scan["truth"], scan["nodules"]
     t0 = time.perf_counter()
@@ -235,25 +264,50 @@ def score_scan(loaded: Any, scan: Dict[str, Any], rng: np.random.Generator, **ca
         region = (exp.lung_mask | mask) & ~others
         centre = volume.ijk_to_ras_points(nod["centre_kji"][::-1])[0]
         roi_centre = centre + rng.uniform(-ROI_JITTER_MM, ROI_JITTER_MM, 3)
-        roi = lgc.explain(volume, model=loaded, mode="roi", roi=(tuple(roi_centre), tuple(size_mm)), device="cpu",
-                          lung_mask=exp.lung_mask, **cam)
+        roi = lgc.explain(
+            volume,
+            model=loaded,
+            mode="roi",
+            roi=(tuple(roi_centre), tuple(size_mm)),
+            device="cpu",
+            lung_mask=exp.lung_mask,
+            **cam,
+        )
         box = _roi_box(volume, roi_centre, size_mm)
         in_box = np.zeros(volume.shape, bool)
         in_box[box] = True
-        row = {"patient": nod["patient"], "nodule_id": nod["nodule_id"], "diameter_mm": nod["diameter_mm"],
-               "malignant": nod["malignant"], "kind": nod["kind"], "background": scan["background"],
-               "p_at_nodule": float(exp.score_map.array[mask].max()),
-               "found_at_default": bool(hits[LEVELS.index(DEFAULT_LEVEL), n])}
-        for name, heat, where in (("whole", exp.cam, region), ("whole_roi", exp.cam, region & in_box),
-                                  ("roi", roi.cam, region & in_box), ("hu", density, region)):
+        row = {
+            "patient": nod["patient"],
+            "nodule_id": nod["nodule_id"],
+            "diameter_mm": nod["diameter_mm"],
+            "malignant": nod["malignant"],
+            "kind": nod["kind"],
+            "background": scan["background"],
+            "p_at_nodule": float(exp.score_map.array[mask].max()),
+            "found_at_default": bool(hits[LEVELS.index(DEFAULT_LEVEL), n]),
+        }
+        for name, heat, where in (
+            ("whole", exp.cam, region),
+            ("whole_roi", exp.cam, region & in_box),
+            ("roi", roi.cam, region & in_box),
+            ("hu", density, region),
+        ):
             for key, value in heatmap_metrics(heat, mask, where).items():
                 if key in ("pointing", "peak_mm", "mean_dice", "best_dice"):
                     row[f"{name}_{key}"] = float(value)
             row[f"{name}_pointing_5mm"] = float(row[f"{name}_peak_mm"] <= 5.0)
         row.update(faithfulness(loaded, space, {"whole": exp.cam, "roi": roi.cam, "hu": density}, centre))
         rows.append(row)
-    return {"patient": scan["patient"], "background": scan["background"], "nodules": len(nodules),
-            "hits": hits, "false": false, "rows": rows, "seconds": seconds, "p": exp.probabilities[exp.target_class]}
+    return {
+        "patient": scan["patient"],
+        "background": scan["background"],
+        "nodules": len(nodules),
+        "hits": hits,
+        "false": false,
+        "rows": rows,
+        "seconds": seconds,
+        "p": exp.probabilities[exp.target_class],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,8 +334,11 @@ def froc_summary(scans: Sequence[Dict[str, Any]], min_diameter_mm: float, n_boot
     value = stats(np.arange(len(scans)))
     ci = group_bootstrap(patients, stats, n_boot=n_boot)
     names = [f"sensitivity_at_{r:g}_fp" for r in FROC_RATES] + ["cpm", "sensitivity_at_0.5", "fp_per_scan_at_0.5"]
-    return {"nodules": int(sum(k.sum() for k in keep)), "scans": len(scans),
-            **{n: {"value": float(v), "ci95": [float(a), float(b)]} for n, v, a, b in zip(names, value, *ci)}}
+    return {
+        "nodules": int(sum(k.sum() for k in keep)),
+        "scans": len(scans),
+        **{n: {"value": float(v), "ci95": [float(a), float(b)]} for n, v, a, b in zip(names, value, *ci)},
+    }
 
 
 def row_summary(rows: Sequence[Dict[str, Any]], n_boot: int) -> Dict[str, Any]:
@@ -302,17 +359,28 @@ def row_summary(rows: Sequence[Dict[str, Any]], n_boot: int) -> Dict[str, Any]:
 def trained_on(card: Any, name: str) -> str:
     """Whether the card's training (or validation) split used part of the CT ``name``."""
     split = (card.training or {}).get("split") or {}
-    used = [p for key in ("train_patients", "validation_patients") for p in split.get(key, [])
-            if p.startswith("background:")]
+    used = [
+        p
+        for key in ("train_patients", "validation_patients")
+        for p in split.get(key, [])
+        if p.startswith("background:")
+    ]
     stem = Path(name).name if not name.endswith("dicom") else "dicom"
-    mine = sorted(u[len("background:"):] for u in used if u[len("background:"):].split(":")[0] == stem)
+    mine = sorted(u[len("background:") :] for u in used if u[len("background:") :].split(":")[0] == stem)
     return "yes: " + ", ".join(mine) if mine else "no"
 
 
 def region_list(seg: Any) -> List[Dict[str, Any]]:
-    return [{"peak": round(r.peak_cam, 3), "volume_mm3": round(r.volume_mm3, 1), "max_hu": r.max_hu and round(r.max_hu),
-             "mean_hu": r.mean_hu and round(r.mean_hu), "peak_ras": [round(v, 1) for v in r.peak_ras]}
-            for r in seg.regions]
+    return [
+        {
+            "peak": round(r.peak_cam, 3),
+            "volume_mm3": round(r.volume_mm3, 1),
+            "max_hu": r.max_hu and round(r.max_hu),
+            "mean_hu": r.mean_hu and round(r.mean_hu),
+            "peak_ras": [round(v, 1) for v in r.peak_ras],
+        }
+        for r in seg.regions
+    ]
 
 
 def clean_cts(loaded: Any, backgrounds: Sequence[Any], **cam: Any) -> List[Dict[str, Any]]:
@@ -322,26 +390,37 @@ def clean_cts(loaded: Any, backgrounds: Sequence[Any], **cam: Any) -> List[Dict[
     from LungGradCAMLib.io.inputs import load_input
 
     cases = [(name, lambda name=name: load_input(DATA / name)) for name in CLEAN_CTS if (DATA / name).exists()]
-    cases += [(f"{bg.name} (the benchmark's band)", lambda bg=bg: Volume(bg.hu, bg.ijk_to_ras))
-              for bg in backgrounds if ":" in bg.name]
+    cases += [
+        (f"{bg.name} (the benchmark's band)", lambda bg=bg: Volume(bg.hu, bg.ijk_to_ras))
+        for bg in backgrounds
+        if ":" in bg.name
+    ]
     out = []
     for name, load in cases:
         t0 = time.perf_counter()
         exp = lgc.explain(load(), model=loaded, device="cpu", **cam)
         seg = lgc.segment_cam(exp, threshold=DEFAULT_LEVEL, max_regions=None)
-        out.append({"ct": name, "trained_on": trained_on(loaded.card, name.split(" ")[0]),
-                    "p": round(exp.probabilities[exp.target_class], 4), "hot_regions": len(seg.regions),
-                    "highest_heat": round(float(seg.peak), 3), "regions": region_list(seg),
-                    "seconds": round(time.perf_counter() - t0, 1)})
+        out.append(
+            {
+                "ct": name,
+                "trained_on": trained_on(loaded.card, name.split(" ")[0]),
+                "p": round(exp.probabilities[exp.target_class], 4),
+                "hot_regions": len(seg.regions),
+                "highest_heat": round(float(seg.peak), 3),
+                "regions": region_list(seg),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
     return out
 
 
 def lidc_slabs(loaded: Any, **cam: Any) -> List[Dict[str, Any]]:
     """LIDC-IDRI-0001 and 0002: is each nodule (reader consensus) hit, and how many other hot regions?"""
+    from cam_quality import heatmap_metrics
+
     import LungGradCAMLib as lgc
     from LungGradCAMLib.io.dicom import load_dicom_series
     from LungGradCAMLib.training.lidc import lidc_nodules, parse_lidc_xml
-    from cam_quality import heatmap_metrics
 
     out = []
     root = DATA / "lidc"
@@ -364,11 +443,18 @@ def lidc_slabs(loaded: Any, **cam: Any) -> List[Dict[str, Any]]:
                     ranks[label] = rank
             for n, nodule in enumerate(nodules):
                 m = heatmap_metrics(exp.cam, nodule.mask, (exp.lung_mask | nodule.mask) & ~((truth > 0) & ~nodule.mask))
-                out.append({"case": f"{folder.name} nodule {n + 1}", "hit_region_rank": ranks.get(n + 1),
-                            "hot_regions": len(seg.regions), "pointing": bool(m["pointing"]),
-                            "peak_mm": round(float(m["peak_mm"]), 1), "mean_dice": round(float(m["mean_dice"]), 3),
-                            "p_at_nodule": round(float(exp.score_map.array[nodule.mask].max()), 4),
-                            "regions": region_list(seg)})
+                out.append(
+                    {
+                        "case": f"{folder.name} nodule {n + 1}",
+                        "hit_region_rank": ranks.get(n + 1),
+                        "hot_regions": len(seg.regions),
+                        "pointing": bool(m["pointing"]),
+                        "peak_mm": round(float(m["peak_mm"]), 1),
+                        "mean_dice": round(float(m["mean_dice"]), 3),
+                        "p_at_nodule": round(float(exp.score_map.array[nodule.mask].max()), 4),
+                        "regions": region_list(seg),
+                    }
+                )
     return out
 
 
@@ -381,54 +467,89 @@ def _ci(entry: Dict[str, Any]) -> str:
 
 def markdown(report: Dict[str, Any]) -> str:
     model, fr, frall, mean = report["model"], report["froc_ge4mm"], report["froc_all"], report["heat_maps"]
-    lines = [f"**Real nodules of {report['patients']} {report['split']} patients in {report['split']} real lungs: "
-             f"{model['name']} {model['version']}, {model['method']} @ {model['layer']}** ({report['scans']} scans, {frall['nodules']} nodules, {fr['nodules']} >= 4 mm; "
-             f"{report['seconds']:.0f} s)", "",
-             "| FROC (false hot regions per scan) | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 | CPM | at 0.5: sensitivity | at 0.5: FP/scan |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**Real nodules of {report['patients']} {report['split']} patients in {report['split']} real lungs: "
+        f"{model['name']} {model['version']}, {model['method']} @ {model['layer']}** ({report['scans']} scans, {frall['nodules']} nodules, {fr['nodules']} >= 4 mm; "
+        f"{report['seconds']:.0f} s)",
+        "",
+        "| FROC (false hot regions per scan) | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 | CPM | at 0.5: sensitivity | at 0.5: FP/scan |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, f in (("nodules >= 4 mm", fr), ("all nodules", frall)):
         cells = [f"{f[f'sensitivity_at_{r:g}_fp']['value']:.3f}" for r in (0.125, 0.25, 0.5, 1, 2, 4, 8)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_ci(f['cpm'])} | {_ci(f['sensitivity_at_0.5'])} | "
-                     f"{_ci(f['fp_per_scan_at_0.5'])} |")
-    lines += ["", "| heat map (vs the readers' outline) | pointing | within 5 mm | mean-Dice | best Dice | deletion (low = faithful) | insertion (high = faithful) |",
-              "|---|---|---|---|---|---|---|"]
-    for name, label in (("whole", "whole scan, within the lungs"), ("whole_roi", "whole scan, within the ROI box"),
-                        ("roi", "ROI (patch map), within its box"), ("hu", "baseline: the CT (denser = hotter)")):
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {_ci(f['cpm'])} | {_ci(f['sensitivity_at_0.5'])} | "
+            f"{_ci(f['fp_per_scan_at_0.5'])} |"
+        )
+    lines += [
+        "",
+        "| heat map (vs the readers' outline) | pointing | within 5 mm | mean-Dice | best Dice | deletion (low = faithful) | insertion (high = faithful) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (
+        ("whole", "whole scan, within the lungs"),
+        ("whole_roi", "whole scan, within the ROI box"),
+        ("roi", "ROI (patch map), within its box"),
+        ("hu", "baseline: the CT (denser = hotter)"),
+    ):
+
         def cell(key: str) -> str:
             return _ci(mean[key]) if key in mean else ""
-        lines.append(f"| {label} | {cell(name + '_pointing')} | {cell(name + '_pointing_5mm')} | {cell(name + '_mean_dice')} | "
-                     f"{cell(name + '_best_dice')} | {cell(name + '_deletion')} | {cell(name + '_insertion')} |")
-    lines += ["", "| real CT without a known nodule | trained on part of it | P(nodule) | hot regions at 0.5 | highest heat | regions (peak heat, max HU) |",
-              "|---|---|---|---|---|---|"]
+
+        lines.append(
+            f"| {label} | {cell(name + '_pointing')} | {cell(name + '_pointing_5mm')} | {cell(name + '_mean_dice')} | "
+            f"{cell(name + '_best_dice')} | {cell(name + '_deletion')} | {cell(name + '_insertion')} |"
+        )
+    lines += [
+        "",
+        "| real CT without a known nodule | trained on part of it | P(nodule) | hot regions at 0.5 | highest heat | regions (peak heat, max HU) |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in report["clean_cts"]:
         regions = "; ".join(f"{r['peak']:.2f}, {r['max_hu']} HU" for r in c["regions"][:10])
-        lines.append(f"| {c['ct']} | {c['trained_on']} | {c['p']:.3f} | {c['hot_regions']} | {c['highest_heat']:.2f} | {regions} |")
-    lines += ["", "| LIDC slab | hit (rank of its region) | hot regions at 0.5 | pointing | peak to nodule (mm) | mean-Dice | P at the nodule |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {c['ct']} | {c['trained_on']} | {c['p']:.3f} | {c['hot_regions']} | {c['highest_heat']:.2f} | {regions} |"
+        )
+    lines += [
+        "",
+        "| LIDC slab | hit (rank of its region) | hot regions at 0.5 | pointing | peak to nodule (mm) | mean-Dice | P at the nodule |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in report["lidc_slabs"]:
-        lines.append(f"| {c['case']} | {'hit, region ' + str(c['hit_region_rank']) if c['hit_region_rank'] else 'miss'} | "
-                     f"{c['hot_regions']} | {'hit' if c['pointing'] else 'miss'} | {c['peak_mm']} | {c['mean_dice']} | "
-                     f"{c['p_at_nodule']} |")
+        lines.append(
+            f"| {c['case']} | {'hit, region ' + str(c['hit_region_rank']) if c['hit_region_rank'] else 'miss'} | "
+            f"{c['hot_regions']} | {'hit' if c['pointing'] else 'miss'} | {c['peak_mm']} | {c['mean_dice']} | "
+            f"{c['p_at_nodule']} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
+    from cam_quality import held_out_patients
 
     from LungGradCAMLib.core.atomic import write_text
     from LungGradCAMLib.engine.models import load_model
     from LungGradCAMLib.training.lidc import lidc_voi_records
-    from cam_quality import held_out_patients
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
-    parser.add_argument("--vois", default=str(DATA / "lidc_vois"), help="LIDC VOI folder (default ../shared/data/lidc_vois)")
-    parser.add_argument("--backgrounds", default=str(HERE / "real_backgrounds.csv"),
-                        help="backgrounds CSV whose test regions hold the nodules (default benchmarks/real_backgrounds.csv)")
+    parser.add_argument(
+        "--vois", default=str(DATA / "lidc_vois"), help="LIDC VOI folder (default ../shared/data/lidc_vois)"
+    )
+    parser.add_argument(
+        "--backgrounds",
+        default=str(HERE / "real_backgrounds.csv"),
+        help="backgrounds CSV whose test regions hold the nodules (default benchmarks/real_backgrounds.csv)",
+    )
     parser.add_argument("--patients", type=int, default=0, help="only the first N held-out patients (0 = all)")
-    parser.add_argument("--split", choices=("test", "validation"), default="test",
-                        help="test (default): the card's test patients in the test regions; validation: its "
-                             "validation patients in the validation regions, to choose settings before the test")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="test (default): the card's test patients in the test regions; validation: its "
+        "validation patients in the validation regions, to choose settings before the test",
+    )
     parser.add_argument("--method", help="CAM method (default: the card's)")
     parser.add_argument("--layer", help="CAM layer(s), '+' fuses (default: the card's)")
     parser.add_argument("--boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
@@ -455,18 +576,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for scan in make_scans(records, backgrounds, seed=args.seed):
         if scan["nodules"]:
             scored.append(score_scan(loaded, scan, rng, **cam))
-            print(f"{scan['patient']} in {scan['background']}: {scored[-1]['nodules']} nodules, "
-                  f"{scored[-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+            print(
+                f"{scan['patient']} in {scan['background']}: {scored[-1]['nodules']} nodules, "
+                f"{scored[-1]['seconds']:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = [r for s in scored for r in s["rows"]]
     report = {
-        "model": {"name": card.name, "version": card.version, "sha256": card.sha256, "architecture": card.architecture,
-                  "kwargs": card.kwargs, "patch_size": card.patch_size, "spacing_mm": card.spacing_mm,
-                  "method": args.method or card.cam_method, "layer": args.layer or card.target_layer},
+        "model": {
+            "name": card.name,
+            "version": card.version,
+            "sha256": card.sha256,
+            "architecture": card.architecture,
+            "kwargs": card.kwargs,
+            "patch_size": card.patch_size,
+            "spacing_mm": card.spacing_mm,
+            "method": args.method or card.cam_method,
+            "layer": args.layer or card.target_layer,
+        },
         "split": args.split,
         "command": "python benchmarks/real_nodules.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "patients": len({s["patient"] for s in scored}), "scans": len(scored), "levels": list(LEVELS),
-        "backgrounds": [b.name for b in backgrounds], "aims": AIMS,
-        "froc_ge4mm": froc_summary(scored, SMALL_MM, args.boot), "froc_all": froc_summary(scored, 0.0, args.boot),
+        "patients": len({s["patient"] for s in scored}),
+        "scans": len(scored),
+        "levels": list(LEVELS),
+        "backgrounds": [b.name for b in backgrounds],
+        "aims": AIMS,
+        "froc_ge4mm": froc_summary(scored, SMALL_MM, args.boot),
+        "froc_all": froc_summary(scored, 0.0, args.boot),
         "heat_maps": row_summary(rows, args.boot),
         "clean_cts": [] if args.no_real_cts else clean_cts(loaded, backgrounds, **cam),
         "lidc_slabs": [] if args.no_real_cts else lidc_slabs(loaded, **cam),

@@ -5,6 +5,7 @@ Besides that one message a command prints its own warnings (:class:`LungGradCAMW
 note each; other libraries' warnings and log lines only with ``-v``; all of it escaped (text from
 a file never starts a line of its own nor drives the terminal).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ from ..core.errors import LungGradCAMError, LungGradCAMWarning
 from ..core.limits import is_out_of_memory, out_of_memory
 from ..core.text import escaped
 from .common import NEGATIVE_VALUE_OPTIONS
-
 
 # One module per command, each registering it with ``add_cli(subparsers)``, in the order of --help.
 _COMMAND_MODULES = (".demo", ".run", ".batch", ".train", ".evaluate", ".bench", ".dicomdb", ".info")
@@ -87,6 +87,7 @@ class _OneLine(logging.Formatter):
 def _show_warnings(command: str) -> Callable[..., None]:
     """A ``warnings.showwarning``: LungGradCAM's own warnings as one note on stderr, other
     libraries' (numpy's RuntimeWarning, torch's UserWarning) to the log, shown with ``-v``."""
+
     def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
         if issubclass(category, LungGradCAMWarning):
             from tqdm import tqdm
@@ -94,6 +95,7 @@ def _show_warnings(command: str) -> Callable[..., None]:
             tqdm.write(f"lunggradcam {command}: note: {escaped(message)}", file=sys.stderr)
         else:
             logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
     return show
 
 

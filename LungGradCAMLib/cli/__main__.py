@@ -1,4 +1,5 @@
 """``python -m LungGradCAMLib.cli`` (what ``torchrun ... -m LungGradCAMLib.cli batch`` runs)."""
+
 import sys
 
 from . import main

@@ -1,4 +1,5 @@
 """``lunggradcam batch``: explain every CT series of a DICOM tree or Slicer DICOM database."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,9 +12,18 @@ from .common import add_explain_options, options_from_args, print_estimate
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     skipped: dict = {}
-    summary = run_batch(args.source, args.out, options_from_args(args), dicom_seg=args.dicom_seg,
-                        volume_format=args.volume_format, redo_failed=args.redo_failed, on_estimate=print_estimate,
-                        skipped=skipped, overlay=args.overlay, lungs=args.lungs)
+    summary = run_batch(
+        args.source,
+        args.out,
+        options_from_args(args),
+        dicom_seg=args.dicom_seg,
+        volume_format=args.volume_format,
+        redo_failed=args.redo_failed,
+        on_estimate=print_estimate,
+        skipped=skipped,
+        overlay=args.overlay,
+        lungs=args.lungs,
+    )
     from ..engine.distributed import torchrun_env
 
     if torchrun_env()[0] == 0:  # rank 0 wrote the summary
@@ -29,11 +39,14 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    b = sub.add_parser("batch", help="explain every CT series of a DICOM tree or Slicer DICOM database",
-                       description="One output folder per series (named by SeriesInstanceUID) and a "
-                                   "summary.csv. Resumable: finished series are skipped unless their options "
-                                   "differ. Under 'torchrun --nproc_per_node N' the series are shared among "
-                                   "the ranks.")
+    b = sub.add_parser(
+        "batch",
+        help="explain every CT series of a DICOM tree or Slicer DICOM database",
+        description="One output folder per series (named by SeriesInstanceUID) and a "
+        "summary.csv. Resumable: finished series are skipped unless their options "
+        "differ. Under 'torchrun --nproc_per_node N' the series are shared among "
+        "the ranks.",
+    )
     b.add_argument("source", help="DICOM folder tree, or Slicer DICOM database (folder or ctkDICOM.sql)")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--redo-failed", action="store_true", help="retry series that failed in an earlier run")

@@ -1,5 +1,6 @@
 """``lunggradcam bench``: ``lunggradcam run`` timed end to end on a phantom DICOM series
 (:mod:`LungGradCAMLib.pipeline.bench`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -30,16 +31,27 @@ def _cmd_bench(args: Any) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser("bench", help="time 'lunggradcam run' end to end on a phantom DICOM series",
-                       description="Write a phantom CT as DICOM, then load + explain + segment + write it in "
-                                   "--runs fresh processes: a table of the stages (median, spread, floor) on "
-                                   "stderr, the full report as JSON on stdout.")
-    p.add_argument("--shape", default=[300, 512, 512], metavar="KxJxI",
-                   type=lambda t: _numbers(t, "x", int, "three positive voxel counts K x J x I, e.g. 300x512x512"),
-                   help="K x J x I voxels (default 300x512x512)")
-    p.add_argument("--spacing", default=[0.7, 0.7, 1.0], metavar="I,J,K",
-                   type=lambda t: _numbers(t, ",", float, "three positive voxel sizes in mm i,j,k, e.g. 0.7,0.7,1.0"),
-                   help="i,j,k voxel size in mm (default 0.7,0.7,1.0)")
+    p = sub.add_parser(
+        "bench",
+        help="time 'lunggradcam run' end to end on a phantom DICOM series",
+        description="Write a phantom CT as DICOM, then load + explain + segment + write it in "
+        "--runs fresh processes: a table of the stages (median, spread, floor) on "
+        "stderr, the full report as JSON on stdout.",
+    )
+    p.add_argument(
+        "--shape",
+        default=[300, 512, 512],
+        metavar="KxJxI",
+        type=lambda t: _numbers(t, "x", int, "three positive voxel counts K x J x I, e.g. 300x512x512"),
+        help="K x J x I voxels (default 300x512x512)",
+    )
+    p.add_argument(
+        "--spacing",
+        default=[0.7, 0.7, 1.0],
+        metavar="I,J,K",
+        type=lambda t: _numbers(t, ",", float, "three positive voxel sizes in mm i,j,k, e.g. 0.7,0.7,1.0"),
+        help="i,j,k voxel size in mm (default 0.7,0.7,1.0)",
+    )
     p.add_argument("--device", default=None, type=argument_type(device), help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--model", default="default", help="model name or path")
     p.add_argument("--runs", type=int, default=3, help="runs, each in a fresh process (default 3)")

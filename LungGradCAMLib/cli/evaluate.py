@@ -1,6 +1,7 @@
 """``lunggradcam evaluate``: a model's metrics on labelled patches
 (:func:`~LungGradCAMLib.evaluation.evaluate.evaluate_model`), or with ``--cam-retrain`` the
 heat-map retraining test (:func:`~LungGradCAMLib.training.cam_retrain.cam_retrain`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,22 +18,35 @@ from .data import add_data_arguments, data_spec, json_object
 def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     """Register ``lunggradcam evaluate``."""
     p = subparsers.add_parser(
-        "evaluate", help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
+        "evaluate",
+        help="metrics with 95%% CIs, ROC and loss curves of a model on labelled data",
         description="Evaluate a model on labelled patches: accuracy, precision, recall/sensitivity, "
-                    "specificity, F1 and ROC AUC with 95% bootstrap CIs (patients resampled), the "
-                    "confusion matrix, roc.png and report.json (and loss.png from a training log).")
+        "specificity, F1 and ROC AUC with 95% bootstrap CIs (patients resampled), the "
+        "confusion matrix, roc.png and report.json (and loss.png from a training log).",
+    )
     p.add_argument("--model", default="default", help="model name or .safetensors path (default: default)")
     add_data_arguments(p, from_card=True)
-    p.add_argument("--all-patients", action="store_true",
-                   help="score every patient of the data, not only the model card's test patients")
-    p.add_argument("--out", required=True, help="output folder for report.json, roc.png, loss.png (created; an "
-                                                "earlier evaluation's files there are replaced; one holding other "
-                                                "files is refused)")
+    p.add_argument(
+        "--all-patients",
+        action="store_true",
+        help="score every patient of the data, not only the model card's test patients",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder for report.json, roc.png, loss.png (created; an "
+        "earlier evaluation's files there are replaced; one holding other "
+        "files is refused)",
+    )
     p.add_argument("--log", help="a training log.jsonl to plot as loss curves")
     p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
-    p.add_argument("--device", default=None, type=argument_type(device),
-                   help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps")
+    p.add_argument(
+        "--device",
+        default=None,
+        type=argument_type(device),
+        help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps",
+    )
     _add_cam_retrain_arguments(p)
     p.set_defaults(func=_run)
 
@@ -40,25 +54,39 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
 def _add_cam_retrain_arguments(p: argparse.ArgumentParser) -> None:
     """The ``--cam-retrain`` options of ``lunggradcam evaluate``."""
     g = p.add_argument_group("heat-map retraining test (--cam-retrain)")
-    g.add_argument("--cam-retrain", action="store_true",
-                   help="instead of evaluating --model, train its architecture (its card: architecture, patch "
-                        "size, preprocessing) from scratch on the data (the card's by default: phantoms, or real "
-                        "LIDC nodules with the readers' outlines), then retrain it on inputs multiplied by the CAM, the "
-                        "truth mask and the inverted truth mask; writes --out/cam_retrain.json")
+    g.add_argument(
+        "--cam-retrain",
+        action="store_true",
+        help="instead of evaluating --model, train its architecture (its card: architecture, patch "
+        "size, preprocessing) from scratch on the data (the card's by default: phantoms, or real "
+        "LIDC nodules with the readers' outlines), then retrain it on inputs multiplied by the CAM, the "
+        "truth mask and the inverted truth mask; writes --out/cam_retrain.json",
+    )
     g.add_argument("--retrain-epochs", type=int, default=15, help="epochs per training (default 15)")
     g.add_argument("--retrain-patience", type=int, default=5, help="early-stopping patience (default 5)")
     g.add_argument("--retrain-batch-size", type=int, default=32, help="batch size (default 32)")
     g.add_argument("--retrain-lr", type=float, default=1e-3, help="learning rate (default 0.001)")
-    g.add_argument("--retrain-arch-kwargs", default={}, type=argument_type(json_object),
-                   help='JSON merged into the card\'s architecture arguments, e.g. \'{"width": 4}\'')
+    g.add_argument(
+        "--retrain-arch-kwargs",
+        default={},
+        type=argument_type(json_object),
+        help="JSON merged into the card's architecture arguments, e.g. '{\"width\": 4}'",
+    )
     g.add_argument("--retrain-no-augment", action="store_true", help="switch off 3D augmentation")
     g.add_argument("--val-fraction", type=float, default=0.3, help="patients for validation (default 0.3)")
     g.add_argument("--cam-method", help="CAM method for the cam variant (default: the card's cam_method)")
-    g.add_argument("--retrain-mask-loss", type=float,
-                   help="weight of the outline loss of models with an attention head (default: the card's training "
-                        "config); needs data with lesion outlines (lidc-vois)")
-    g.add_argument("--mask-dilation", type=int, default=0,
-                   help="grow the truth masks by this many voxels first (default 0: the truth as drawn)")
+    g.add_argument(
+        "--retrain-mask-loss",
+        type=float,
+        help="weight of the outline loss of models with an attention head (default: the card's training "
+        "config); needs data with lesion outlines (lidc-vois)",
+    )
+    g.add_argument(
+        "--mask-dilation",
+        type=int,
+        default=0,
+        help="grow the truth masks by this many voxels first (default 0: the truth as drawn)",
+    )
     g.add_argument("--threads", type=int, help="torch CPU threads, also without --cam-retrain (default: torch's)")
 
 
@@ -103,11 +131,28 @@ def _run(args: argparse.Namespace) -> int:
     print(strict_json({k: round(report["metrics"][k]["value"], 4) for k in METRICS}))
     if "diameter_baseline" in report:
         base = report["diameter_baseline"]
-        print(strict_json({"diameter_baseline": {k: round(base["metrics"][k]["value"], 4) for k in METRICS},
-                           "threshold_mm": base["threshold_mm"]}))
-        print(strict_json({"roc_auc_by_size": {b["band"]: {"model": round(b["model_roc_auc"]["value"], 4),
-                                                           "diameter": round(b["diameter_roc_auc"]["value"], 4),
-                                                           "n": b["n"]} for b in report["size_bands"]}}))
+        print(
+            strict_json(
+                {
+                    "diameter_baseline": {k: round(base["metrics"][k]["value"], 4) for k in METRICS},
+                    "threshold_mm": base["threshold_mm"],
+                }
+            )
+        )
+        print(
+            strict_json(
+                {
+                    "roc_auc_by_size": {
+                        b["band"]: {
+                            "model": round(b["model_roc_auc"]["value"], 4),
+                            "diameter": round(b["diameter_roc_auc"]["value"], 4),
+                            "n": b["n"],
+                        }
+                        for b in report["size_bands"]
+                    }
+                }
+            )
+        )
     print("wrote " + ", ".join(str(Path(args.out) / path.name) for path in written.values()))
     return 0
 
@@ -128,8 +173,14 @@ def scored_data(args: argparse.Namespace, card: "ModelCard") -> "Tuple[PatchSet,
     if test and not fixed and not args.all_patients:
         try:
             data = load_data(replace(spec, patients=test), card)
-            return data, (f"the model card's {len(set(data.patients))} test patients (training.split.test_patients; "
-                          "--all-patients scores every patient)"), spec.seed
+            return (
+                data,
+                (
+                    f"the model card's {len(set(data.patients))} test patients (training.split.test_patients; "
+                    "--all-patients scores every patient)"
+                ),
+                spec.seed,
+            )
         except DataError as exc:
             if "none of the" not in str(exc):
                 raise
@@ -162,14 +213,36 @@ def _run_cam_retrain(args: argparse.Namespace) -> int:
     mask_loss = args.retrain_mask_loss
     if mask_loss is None:
         mask_loss = float(((card.training or {}).get("config") or {}).get("mask_loss", 0.0))
-    cfg = TrainConfig(epochs=args.retrain_epochs, batch_size=args.retrain_batch_size, lr=args.retrain_lr,
-                      patience=args.retrain_patience, augment=not args.retrain_no_augment, seed=spec.seed,
-                      mask_loss=mask_loss)
+    cfg = TrainConfig(
+        epochs=args.retrain_epochs,
+        batch_size=args.retrain_batch_size,
+        lr=args.retrain_lr,
+        patience=args.retrain_patience,
+        augment=not args.retrain_no_augment,
+        seed=spec.seed,
+        mask_loss=mask_loss,
+    )
     with output_folder(args.out, _inputs(args), _outputs()) as staging:  # moved in when all four have trained
-        result = cam_retrain(data, masks, card, staging, config=cfg, val_fraction=args.val_fraction,
-                             method=args.cam_method or card.cam_method, mask_dilation=args.mask_dilation,
-                             device=args.device, seed=spec.seed, n_boot=args.bootstrap)
-    print(strict_json({"validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
-                       "chance": round(result.chance, 4)}))
+        result = cam_retrain(
+            data,
+            masks,
+            card,
+            staging,
+            config=cfg,
+            val_fraction=args.val_fraction,
+            method=args.cam_method or card.cam_method,
+            mask_dilation=args.mask_dilation,
+            device=args.device,
+            seed=spec.seed,
+            n_boot=args.bootstrap,
+        )
+    print(
+        strict_json(
+            {
+                "validation_accuracy": {k: round(v, 4) for k, v in result.accuracy.items()},
+                "chance": round(result.chance, 4),
+            }
+        )
+    )
     print(f"wrote {Path(args.out) / 'cam_retrain.json'}")
     return 0

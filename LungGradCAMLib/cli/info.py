@@ -1,4 +1,5 @@
 """``lunggradcam info``: versions, torch devices and bundled models."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: "argparse._SubParsersAction") -> None:
-    p = sub.add_parser("info", help="versions, torch devices (CUDA/MPS/CPU), bundled models",
-                       description="Print versions, torch device availability and bundled models.")
+    p = sub.add_parser(
+        "info",
+        help="versions, torch devices (CUDA/MPS/CPU), bundled models",
+        description="Print versions, torch device availability and bundled models.",
+    )
     p.set_defaults(func=_info)

@@ -17,6 +17,7 @@ are written. Every command that writes into a folder the user names owns it this
 ``batch``, ``train``, ``evaluate``, ``demo``); a single file the user names (a patch cache, a
 DICOM database) is created without ever replacing one (:func:`atomic_path` with ``replace=False``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,9 +82,11 @@ def atomic_path(path: "str | os.PathLike[str]", replace: bool = True) -> Iterato
             try:
                 _move_in(tmp, final)
             except FileExistsError:
-                raise OutputError(f"{final} exists (it was made while LungGradCAM wrote its own); LungGradCAM "
-                                  "never overwrites a file it did not write: move it away or choose another "
-                                  "name") from None
+                raise OutputError(
+                    f"{final} exists (it was made while LungGradCAM wrote its own); LungGradCAM "
+                    "never overwrites a file it did not write: move it away or choose another "
+                    "name"
+                ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -165,8 +168,10 @@ def _allowed(name: str, names: Collection[str]) -> bool:
     ``names`` (such paths, whose parts may hold :mod:`fnmatch` wildcards): as many parts, each
     matching."""
     parts = name.split("/")
-    return _inside(name) and any(len(allowed) == len(parts) and all(map(fnmatch.fnmatchcase, parts, allowed))
-                                 for allowed in (n.split("/") for n in names))
+    return _inside(name) and any(
+        len(allowed) == len(parts) and all(map(fnmatch.fnmatchcase, parts, allowed))
+        for allowed in (n.split("/") for n in names)
+    )
 
 
 def _is_folder(path: Path) -> bool:
@@ -208,8 +213,9 @@ def _read_marker(path: Path, names: Collection[str]) -> Optional[Dict[str, Any]]
     return {"run": run, "vouched": {} if others else vouched, "others": others}
 
 
-def _ownership(folder: Path, names: Collection[str],
-               exclusive: bool) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
+def _ownership(
+    folder: Path, names: Collection[str], exclusive: bool
+) -> Tuple[Optional[Dict[str, Any]], List[str], List[str]]:
     """(the folder's marker, as :func:`_read_marker` gives it, with ``present``: relative path ->
     SHA-256 of each output it vouches for that is there, and ``identity``: their
     :func:`_identity`; the entries of ``folder`` that are not provably LungGradCAM's, inside its
@@ -248,8 +254,15 @@ def _ownership(folder: Path, names: Collection[str],
             return [f for entry in sorted(os.listdir(path)) for f in foreign_under(f"{rel}/{entry}")]
         return [rel]
 
-    considered = entries if exclusive else [
-        e for e in entries if e in (MARKER, WORK, LOCK_NAME) or any(fnmatch.fnmatchcase(e, n.split("/")[0]) for n in names)]
+    considered = (
+        entries
+        if exclusive
+        else [
+            e
+            for e in entries
+            if e in (MARKER, WORK, LOCK_NAME) or any(fnmatch.fnmatchcase(e, n.split("/")[0]) for n in names)
+        ]
+    )
     foreign = []
     for entry in sorted(e for e in considered if e not in ours):
         foreign += [entry] if marker is None else foreign_under(entry)
@@ -259,14 +272,19 @@ def _ownership(folder: Path, names: Collection[str],
 def _not_ours(out: Path, foreign: List[str], others: Sequence[str] = ()) -> OutputError:
     def shown(names: Sequence[str]) -> str:
         return ", ".join(repr(n)[1:-1] for n in names[:5]) + (", ..." if len(names) > 5 else "")
+
     if others:
-        return OutputError(f"{out} holds files this command did not write ({shown(foreign)}): its marker {MARKER} names "
-                           f"{shown(others)}, which are not outputs of this command (the folder of another LungGradCAM "
-                           "command, or a marker no LungGradCAM run wrote); each command needs a folder of its own: "
-                           "choose an empty or new folder, or move those files away")
-    return OutputError(f"{out} holds {len(foreign)} file(s) that no LungGradCAM run wrote ({shown(foreign)}); a run "
-                       f"replaces only the outputs its marker {MARKER} names, byte for byte: choose an empty or new "
-                       "folder, or move those files away")
+        return OutputError(
+            f"{out} holds files this command did not write ({shown(foreign)}): its marker {MARKER} names "
+            f"{shown(others)}, which are not outputs of this command (the folder of another LungGradCAM "
+            "command, or a marker no LungGradCAM run wrote); each command needs a folder of its own: "
+            "choose an empty or new folder, or move those files away"
+        )
+    return OutputError(
+        f"{out} holds {len(foreign)} file(s) that no LungGradCAM run wrote ({shown(foreign)}); a run "
+        f"replaces only the outputs its marker {MARKER} names, byte for byte: choose an empty or new "
+        "folder, or move those files away"
+    )
 
 
 def read_record(folder: "str | os.PathLike[str]", name: str, names: Collection[str]) -> Optional[Dict[str, Any]]:
@@ -297,8 +315,12 @@ def _probe(path: Path, real: Path) -> None:
     probe.unlink()
 
 
-def check_output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.PathLike[str]"] = (),
-                        names: Collection[str] = (), exclusive: bool = True) -> Path:
+def check_output_folder(
+    out: "str | os.PathLike[str]",
+    inputs: Sequence["str | os.PathLike[str]"] = (),
+    names: Collection[str] = (),
+    exclusive: bool = True,
+) -> Path:
     """Check, before any work and without creating anything, that ``out`` can take a run's
     outputs (file names ``names``): a path C++ libraries accept, neither one of ``inputs``, nor
     inside one, nor a folder that holds one (symbolic links resolved), a folder or nothing yet,
@@ -313,12 +335,16 @@ def check_output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | o
             src = Path(source).resolve()
             if src == real or real in src.parents or src in real.parents:
                 where = "is" if src == real else "holds" if real in src.parents else "is inside"
-                raise OutputError(f"{out} {where} the input {source}; a run never writes among its input: "
-                                  "choose an output folder outside it")
+                raise OutputError(
+                    f"{out} {where} the input {source}; a run never writes among its input: "
+                    "choose an output folder outside it"
+                )
         if out.exists() or out.is_symlink():
             if not out.is_dir():
-                raise OutputError(f"{out} is a {kind(out.stat().st_mode) if out.exists() else 'broken link'}, "
-                                  "not a folder: choose a folder for the outputs")
+                raise OutputError(
+                    f"{out} is a {kind(out.stat().st_mode) if out.exists() else 'broken link'}, "
+                    "not a folder: choose a folder for the outputs"
+                )
             _, foreign, others = _ownership(out, names, exclusive)
             if foreign:
                 raise _not_ours(out, foreign, others)
@@ -336,8 +362,10 @@ def check_new_file(path: "str | os.PathLike[str]", what: str = "file") -> Path:
     path = check_path(path, what)
     if os.path.lexists(path):
         there = kind(path.stat().st_mode) if path.exists() else "broken link"
-        raise OutputError(f"{path} exists (a {there}); LungGradCAM never replaces what it did not write: move it "
-                          f"away or choose another {what}")
+        raise OutputError(
+            f"{path} exists (a {there}); LungGradCAM never replaces what it did not write: move it "
+            f"away or choose another {what}"
+        )
     try:
         _probe(path, path.resolve())
     except OSError as exc:
@@ -360,8 +388,10 @@ def _lock(folder: Path, wait: bool) -> int:
             _flock(fd, wait)
         except BlockingIOError:
             os.close(fd)
-            raise FolderBusyError(f"{folder}: another run is writing into this folder now; wait until it "
-                                  "ends, or choose another output folder") from None
+            raise FolderBusyError(
+                f"{folder}: another run is writing into this folder now; wait until it "
+                "ends, or choose another output folder"
+            ) from None
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return fd
@@ -456,8 +486,10 @@ def _commit(final: Path, marker: Dict[str, Any], run: str, replace: bool, names:
     new = {name: _sha256(staging / name) for name in _files(staging)}
     strays = [name for name in new if not _allowed(name, names)]
     if strays:  # a writer's bug: the marker would name a file the command does not make
-        raise OutputError(f"{final}: the run wrote {', '.join(strays)}, which is not one of its outputs; "
-                          "nothing was moved in (please report this)")
+        raise OutputError(
+            f"{final}: the run wrote {', '.join(strays)}, which is not one of its outputs; "
+            "nothing was moved in (please report this)"
+        )
     present = marker["present"]
     old = [n for n in present if replace or n in new]
     kept = {n: h for n, h in present.items() if n not in old}
@@ -467,8 +499,10 @@ def _commit(final: Path, marker: Dict[str, Any], run: str, replace: bool, names:
         aside.mkdir()
         for name in sorted(old, key=lambda n: (not _record_last(n), n)):  # the records first
             if _identity(final / name) != marker["identity"][name]:
-                raise OutputError(f"{final / name} changed while the run was working: it is no longer the file "
-                                  "LungGradCAM wrote, so the run leaves it and its outputs; run again")
+                raise OutputError(
+                    f"{final / name} changed while the run was working: it is no longer the file "
+                    "LungGradCAM wrote, so the run leaves it and its outputs; run again"
+                )
             (aside / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(final / name, aside / name)
             moved_out.append(name)
@@ -518,9 +552,17 @@ def _has_entries(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.PathLike[str]"] = (),
-                  names: Collection[str] = (), *, exclusive: bool = True, replace: bool = True,
-                  wait: bool = False, keep: bool = False, resume: bool = False) -> Iterator[Path]:
+def output_folder(
+    out: "str | os.PathLike[str]",
+    inputs: Sequence["str | os.PathLike[str]"] = (),
+    names: Collection[str] = (),
+    *,
+    exclusive: bool = True,
+    replace: bool = True,
+    wait: bool = False,
+    keep: bool = False,
+    resume: bool = False,
+) -> Iterator[Path]:
     """Own ``out`` for one run that writes files named among ``names`` (paths relative to it, see
     the module doc): checked (:func:`check_output_folder`), made, locked (a second run into it
     raises :class:`FolderBusyError`; with ``wait`` it waits for the first), cleared of the work
@@ -578,13 +620,16 @@ def output_folder(out: "str | os.PathLike[str]", inputs: Sequence["str | os.Path
         except OSError as exc:  # a full disk, a file size limit, a folder made read-only meanwhile
             if exc.errno not in _WRITE_ERRORS:
                 raise
-            raise OutputError(f"{final}: cannot write the outputs ({exc.strerror}); free space or choose another "
-                              "output folder; the folder is as it was") from None
+            raise OutputError(
+                f"{final}: cannot write the outputs ({exc.strerror}); free space or choose another "
+                "output folder; the folder is as it was"
+            ) from None
         try:
             _commit(final, marker, run, replace, names)
         except OSError as exc:
-            raise OutputError(f"{final}: cannot move the outputs into place ({exc.strerror}); the folder is "
-                              "as it was") from None
+            raise OutputError(
+                f"{final}: cannot move the outputs into place ({exc.strerror}); the folder is as it was"
+            ) from None
         done = True
     finally:
         _OWNED.pop(key, None)

@@ -3,6 +3,7 @@
 The message of each error says what was wrong (naming the file, series or option) and what to do.
 The CLI prints the message without a traceback and exits with status 2.
 """
+
 from __future__ import annotations
 
 

@@ -13,6 +13,7 @@ message that names the limit and how to raise it, when it is over:
 * ``LUNGGRADCAM_MAX_MODEL_BYTES``: bytes of a model's weights (default 4 GiB, one billion float32
   parameters; never more than the memory the process can get).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ from .errors import InvalidInputError, ResourceError, VolumeError
 DEFAULT_MAX_VOXELS = 1_500_000_000
 DEFAULT_MAX_MODEL_BYTES = 4 << 30
 #: cgroup v2, then v1: (limit, usage) files as a container sees its own cgroup.
-_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -92,8 +95,10 @@ def check_bytes(n_bytes: float, what: str, advice: str = "") -> None:
         limit = available_memory()
         source = "the memory this process can get now (free memory, cgroup limit and ulimit -v)"
     if limit is not None and n_bytes > limit:
-        raise ResourceError(f"{what} needs {_gb(n_bytes)} of memory, more than {source}, {_gb(limit)}; {advice}"
-                    "free memory, or set LUNGGRADCAM_MAX_BYTES (bytes) to change the limit")
+        raise ResourceError(
+            f"{what} needs {_gb(n_bytes)} of memory, more than {source}, {_gb(limit)}; {advice}"
+            "free memory, or set LUNGGRADCAM_MAX_BYTES (bytes) to change the limit"
+        )
 
 
 def max_voxels() -> int:
@@ -140,6 +145,8 @@ def out_of_memory(what: str, exc: BaseException) -> ResourceError:
     """The :class:`ResourceError` for an allocator's failure ``exc`` while doing ``what``."""
     size = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]i?B)", str(exc))
     tried = "" if size is None else f" (it asked for {_gb(float(size[1])) if size[1] else size[2]})"
-    return ResourceError(f"out of memory while {what}{tried}: the process may not have more (free memory, its "
-                         "cgroup limit and ulimit -v); free memory, give a smaller --batch-size, use a model of "
-                         "smaller patches or coarser spacing, or crop the CT")
+    return ResourceError(
+        f"out of memory while {what}{tried}: the process may not have more (free memory, its "
+        "cgroup limit and ulimit -v); free memory, give a smaller --batch-size, use a model of "
+        "smaller patches or coarser spacing, or crop the CT"
+    )

@@ -5,6 +5,7 @@ system's limit fails only at the end of a run; a FIFO, ``/dev/stdin`` or a devic
 blocks forever or never ends. These checks turn each into a :class:`LungGradCAMError` naming the
 path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,13 @@ from .errors import InvalidInputError
 PathLike = Union[str, "os.PathLike[str]"]
 #: NAME_MAX of every common file system (ext4, XFS, APFS, NTFS): bytes of one path component.
 NAME_MAX = 255
-_KINDS = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
-          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"))
+_KINDS = (
+    (stat.S_ISFIFO, "named pipe (FIFO)"),
+    (stat.S_ISSOCK, "socket"),
+    (stat.S_ISCHR, "character device"),
+    (stat.S_ISBLK, "block device"),
+    (stat.S_ISDIR, "folder"),
+)
 
 
 def check_path(path: PathLike, what: str = "path") -> Path:
@@ -30,13 +36,17 @@ def check_path(path: PathLike, what: str = "path") -> Path:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidInputError(f"{what} {raw!r} holds bytes that are not UTF-8 text; rename the file or "
-                                "folder (or pass a link to it whose name is UTF-8)") from None
+        raise InvalidInputError(
+            f"{what} {raw!r} holds bytes that are not UTF-8 text; rename the file or "
+            "folder (or pass a link to it whose name is UTF-8)"
+        ) from None
     for part in raw.split(b"/"):
         if len(part) > NAME_MAX:
-            raise InvalidInputError(f"{what} {os.fsdecode(raw)!r}: the name {os.fsdecode(part[:40])!r}... is "
-                                    f"{len(part)} bytes long, more than the {NAME_MAX} a file system allows; "
-                                    "choose a shorter name")
+            raise InvalidInputError(
+                f"{what} {os.fsdecode(raw)!r}: the name {os.fsdecode(part[:40])!r}... is "
+                f"{len(part)} bytes long, more than the {NAME_MAX} a file system allows; "
+                "choose a shorter name"
+            )
     return Path(os.fsdecode(raw))
 
 

@@ -1,4 +1,5 @@
 """Result types shared by the engine, the pipeline, the writers and the Slicer layer."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -87,6 +88,7 @@ class Region:
     def from_dict(cls, record: dict) -> "Region":
         """A region from its :meth:`to_dict` (e.g. a ``report.json`` entry): lists become tuples,
         keys it does not know are left out."""
+
         def tuples(value):
             return tuple(tuples(v) for v in value) if isinstance(value, list) else value
 

@@ -1,5 +1,6 @@
 """Text that comes from a file (a DICOM field, a CSV cell, a model card, a file name) or another
 library, made safe to print: on one line, with nothing a terminal would act on."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -11,7 +12,7 @@ def escaped(text: object, limit: Optional[int] = 400) -> str:
     override) written as its Python escape (``\\n``, ``\\x1b``, ``\\u202e``), and cut to ``limit``
     characters (None: not cut), the cut marked by "..."."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-    return out if limit is None or len(out) <= limit else out[:max(0, limit - 3)] + "..."
+    return out if limit is None or len(out) <= limit else out[: max(0, limit - 3)] + "..."
 
 
 def first_line(text: object, limit: int = 200) -> str:

@@ -7,6 +7,7 @@
 ITK/SimpleITK and DICOM use LPS. The conversion happens here (``from_sitk``/``to_sitk``) and in the
 DICOM reader/writer, nowhere else.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,11 +52,15 @@ class Volume:
             raise VolumeError(f"ijk_to_ras must be a finite 4x4 matrix; got {np.asarray(self.ijk_to_ras)!r}")
         spacing = np.linalg.norm(m[:3, :3], axis=0)
         if not (np.all(spacing >= SPACING_RANGE_MM[0]) and np.all(spacing <= SPACING_RANGE_MM[1])):
-            raise VolumeError(f"voxel spacing (i, j, k) {spacing.tolist()} mm is outside the {SPACING_RANGE_MM[0]:g}"
-                              f" to {SPACING_RANGE_MM[1]:g} mm a CT can have: the geometry is broken")
+            raise VolumeError(
+                f"voxel spacing (i, j, k) {spacing.tolist()} mm is outside the {SPACING_RANGE_MM[0]:g}"
+                f" to {SPACING_RANGE_MM[1]:g} mm a CT can have: the geometry is broken"
+            )
         if np.any(np.abs(m[:3, 3]) > MAX_POSITION_MM):
-            raise VolumeError(f"origin {m[:3, 3].tolist()} mm (RAS) is more than {MAX_POSITION_MM:g} mm from the "
-                              "scanner's origin: the geometry is broken")
+            raise VolumeError(
+                f"origin {m[:3, 3].tolist()} mm (RAS) is more than {MAX_POSITION_MM:g} mm from the "
+                "scanner's origin: the geometry is broken"
+            )
         if not np.allclose(m[3], [0, 0, 0, 1]) or abs(np.linalg.det(m[:3, :3])) < 1e-12:
             raise VolumeError("ijk_to_ras must be affine ([0,0,0,1] last row) and invertible")
         self.ijk_to_ras = m
@@ -151,8 +156,9 @@ class LabelMap(Volume):
         array = np.asarray(array)
         if array.shape != volume.shape:
             raise VolumeError(f"array shape {array.shape} differs from the volume's {volume.shape}")
-        return cls(array.view(np.uint8) if array.dtype == bool else array, volume.ijk_to_ras.copy(),
-                   {**volume.meta, **meta})
+        return cls(
+            array.view(np.uint8) if array.dtype == bool else array, volume.ijk_to_ras.copy(), {**volume.meta, **meta}
+        )
 
 
 def bbox(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
@@ -179,8 +185,10 @@ def label_boxes(labels: np.ndarray) -> List[Optional[Tuple[slice, ...]]]:
     if inside.max() == 1:
         return [box]
     offset = [b.start for b in box]
-    return [None if found is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(found, offset))
-            for found in ndimage.find_objects(inside)]
+    return [
+        None if found is None else tuple(slice(s.start + o, s.stop + o) for s, o in zip(found, offset))
+        for found in ndimage.find_objects(inside)
+    ]
 
 
 def _order(volume: Volume, order: Optional[int]) -> int:
@@ -207,12 +215,13 @@ def crop(volume: Volume, box: Sequence[Tuple[int, int]]) -> Volume:
         raise VolumeError(f"crop box {box} is empty for a volume of shape {volume.shape}")
     m = volume.ijk_to_ras.copy()
     m[:3, 3] = volume.ijk_to_ras_points([lo[2], lo[1], lo[0]])[0]
-    arr = volume.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    arr = volume.array[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
     return type(volume)(arr.copy(), m, dict(volume.meta))
 
 
-def resample(volume: Volume, spacing_mm: Sequence[float], order: Optional[int] = None,
-             default_value: float = 0.0) -> Volume:
+def resample(
+    volume: Volume, spacing_mm: Sequence[float], order: Optional[int] = None, default_value: float = 0.0
+) -> Volume:
     """Resample to a new voxel size ``spacing_mm`` (i, j, k, mm) keeping direction and covering
     the same physical extent; voxel (0,0,0)'s corner stays at the same place.
 
@@ -239,8 +248,13 @@ def resampled_shape(volume: Volume, spacing_mm: Sequence[float]) -> Tuple[int, i
     return tuple(int(s) for s in size_ijk[::-1])  # type: ignore[return-value]
 
 
-def resample_to(volume: Volume, reference: Volume, order: Optional[int] = None, default_value: float = 0.0,
-                finish: Optional[Callable[[np.ndarray], None]] = None) -> Volume:
+def resample_to(
+    volume: Volume,
+    reference: Volume,
+    order: Optional[int] = None,
+    default_value: float = 0.0,
+    finish: Optional[Callable[[np.ndarray], None]] = None,
+) -> Volume:
     """Resample ``volume`` onto ``reference``'s grid (shape and ijk_to_ras); outside -> default.
 
     ``order``: 0 nearest neighbour, 1 linear (the default), 3 B-spline; a :class:`LabelMap` is
@@ -300,9 +314,15 @@ def _axis_weights(n_in: int, n_out: int, scale: float, shift: float, order: int)
     return i0, np.minimum(i0 + 1, n_in - 1), (c - i0).astype(np.float32), inside
 
 
-def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray, order: int,
-                        default_value: float, finish: Optional[Callable[[np.ndarray], None]] = None,
-                        slab_bytes: int = 16 << 20) -> np.ndarray:
+def _resample_separable(
+    src: np.ndarray,
+    shape: Sequence[int],
+    axes: np.ndarray,
+    order: int,
+    default_value: float,
+    finish: Optional[Callable[[np.ndarray], None]] = None,
+    slab_bytes: int = 16 << 20,
+) -> np.ndarray:
     """``src`` (K, J, I) sampled at ``index = scale * output index + shift`` per axis (``axes``
     from :func:`_axis_map`) into a new (K, J, I) array of ``shape``: nearest neighbour (order 0)
     or linear (order 1, in ``src``'s float type). One axis at a time, the most shrinking first,
@@ -311,14 +331,15 @@ def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray,
     slabs are shared among threads (numpy's loops run outside the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    weights = [_axis_weights(n_in, n_out, scale, shift, order)
-               for n_in, n_out, (scale, shift) in zip(src.shape, shape, axes)]
+    weights = [
+        _axis_weights(n_in, n_out, scale, shift, order) for n_in, n_out, (scale, shift) in zip(src.shape, shape, axes)
+    ]
     out = np.empty(tuple(shape), dtype=src.dtype)
     k0, k1 = weights[0][:2]
 
     def fill(ks: slice) -> None:
         first = int(k0[ks].min())
-        part = src[first:int(k1[ks].max()) + 1]
+        part = src[first : int(k1[ks].max()) + 1]
         steps = [(0, k0[ks] - first, k1[ks] - first, weights[0][2][ks])] + [(a,) + weights[a][:3] for a in (1, 2)]
         steps.sort(key=lambda step: len(step[1]) / part.shape[step[0]])
         for n, (axis, lo, hi, w) in enumerate(steps):
@@ -338,8 +359,15 @@ def _resample_separable(src: np.ndarray, shape: Sequence[int], axes: np.ndarray,
     return out
 
 
-def _lerp_axis(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.ndarray, order: int,
-               out: Optional[np.ndarray] = None) -> np.ndarray:
+def _lerp_axis(
+    a: np.ndarray,
+    axis: int,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    w: np.ndarray,
+    order: int,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """``a`` sampled along ``axis`` (into ``out`` when given): ``a[lo]`` (order 0) or
     ``a[lo] + w * (a[hi] - a[lo])``."""
     out = np.take(a, lo, axis=axis, out=out, mode="clip")  # "clip": in range anyway, and unbuffered
@@ -352,8 +380,9 @@ def _lerp_axis(a: np.ndarray, axis: int, lo: np.ndarray, hi: np.ndarray, w: np.n
     return out
 
 
-def axis_aligned_matrix(spacing_mm: Sequence[float], origin_ras: Sequence[float] = (0, 0, 0),
-                        direction: Optional[np.ndarray] = None) -> np.ndarray:
+def axis_aligned_matrix(
+    spacing_mm: Sequence[float], origin_ras: Sequence[float] = (0, 0, 0), direction: Optional[np.ndarray] = None
+) -> np.ndarray:
     """A 4x4 ijk_to_ras from spacing (i, j, k mm), origin (RAS mm) and optional 3x3 direction."""
     m = np.eye(4)
     d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)

@@ -21,6 +21,7 @@ softmax, and a model with ONE output logit is binary (class 1 scores the logit, 
 logit, p(1) = sigmoid). ``activation="sigmoid"``: one-vs-rest, class c scores logit c and its
 probability is sigmoid(logit c), whatever the number of logits.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,18 +35,41 @@ from torch import nn
 from ..core.errors import CamError
 from .methods import METHODS, TABLE, canonical
 
-__all__ = ["CAM", "CamResult", "GradCAM", "GradCAMPlusPlus", "XGradCAM", "HiResCAM", "LayerCAM",
-           "ScoreCAM", "GuidedBackprop", "GuidedGradCAM", "METHODS", "compute_cam",
-           "default_layer", "minmax_per_sample"]
+__all__ = [
+    "CAM",
+    "CamResult",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "XGradCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "ScoreCAM",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "METHODS",
+    "compute_cam",
+    "default_layer",
+    "minmax_per_sample",
+]
 
 Target = Union[None, int, List[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 Layer = Union[None, str, nn.Module]
 Layers = Union[Layer, Sequence[Union[str, nn.Module]]]
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
-                nn.SiLU, nn.Mish, nn.Hardswish)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm,
-          nn.LayerNorm)
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
 _EPS = 1e-7
 
 
@@ -106,10 +130,12 @@ def default_layer(model: nn.Module) -> str:
     names = list(model.named_modules())
     convs = [n for n, (_, m) in enumerate(names) if isinstance(m, nn.Conv3d)]
     if not convs:
-        raise CamError(f"{type(model).__name__} has no Conv3d layer; pass layer= (a module or "
-                       f"its dotted name) to choose the CAM layer")
+        raise CamError(
+            f"{type(model).__name__} has no Conv3d layer; pass layer= (a module or "
+            f"its dotted name) to choose the CAM layer"
+        )
     last = convs[-1]
-    for name, module in names[last + 1:last + 3]:
+    for name, module in names[last + 1 : last + 3]:
         if isinstance(module, _ACTIVATIONS):
             return name
         if not isinstance(module, _NORMS):
@@ -125,13 +151,17 @@ def resolve_layer(model: nn.Module, layer: Layer) -> Tuple[str, nn.Module]:
         for name, module in modules.items():
             if module is layer:
                 return name, module
-        raise CamError(f"the layer module {type(layer).__name__} is not part of the model; pass a "
-                       f"module of the model or its dotted name")
+        raise CamError(
+            f"the layer module {type(layer).__name__} is not part of the model; pass a "
+            f"module of the model or its dotted name"
+        )
     if isinstance(layer, str) and layer in modules:
         return layer, modules[layer]
     convs = [n for n, m in modules.items() if isinstance(m, (nn.Conv3d,) + _ACTIVATIONS)]
-    raise CamError(f"layer {layer!r} is not a module of {type(model).__name__}; use a dotted "
-                   f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}")
+    raise CamError(
+        f"layer {layer!r} is not a module of {type(model).__name__}; use a dotted "
+        f"name such as {', '.join(repr(c) for c in convs[-4:]) or 'features.conv1'}"
+    )
 
 
 def resolve_layers(model: nn.Module, layer: Layers) -> List[Tuple[str, nn.Module]]:
@@ -208,26 +238,35 @@ class CAM:
         super().__init_subclass__(**kwargs)
         if cls.name:  # each method is one row of engine.methods.TABLE, which says what it needs
             if cls.name not in TABLE:
-                raise CamError(f"{cls.__name__} computes {cls.name!r}, which LungGradCAMLib.engine.methods.TABLE "
-                               "does not list")
+                raise CamError(
+                    f"{cls.__name__} computes {cls.name!r}, which LungGradCAMLib.engine.methods.TABLE does not list"
+                )
             cls.uses_gradients = TABLE[cls.name].gradients
             CAM._registry[cls.name] = cls
 
     # model defaults to None only so that copy/pickle (which call __new__ without arguments)
     # work: a deep copy of a model carries the hooks of the CAMs installed on it
-    def __new__(cls, model: Optional[nn.Module] = None, layer: Layer = None,
-                method: Optional[str] = None, **kwargs: Any) -> "CAM":
+    def __new__(
+        cls, model: Optional[nn.Module] = None, layer: Layer = None, method: Optional[str] = None, **kwargs: Any
+    ) -> "CAM":
         if cls is CAM:
             cls = CAM._registry[_canonical(method or "gradcam")]
         elif method is not None and _canonical(method) != cls.name:
-            raise CamError(f"{cls.__name__} computes {cls.name!r}, not {method!r}; use "
-                           f"CAM(model, method={method!r})")
+            raise CamError(f"{cls.__name__} computes {cls.name!r}, not {method!r}; use CAM(model, method={method!r})")
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, layer: Layer = None, method: Optional[str] = None, *,
-                 upsample: bool = True, normalize: bool = True,
-                 amp: Union[None, bool, torch.dtype] = None, score_batch_size: int = SCORE_BATCH_SIZE,
-                 activation: str = "softmax") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: Layer = None,
+        method: Optional[str] = None,
+        *,
+        upsample: bool = True,
+        normalize: bool = True,
+        amp: Union[None, bool, torch.dtype] = None,
+        score_batch_size: int = SCORE_BATCH_SIZE,
+        activation: str = "softmax",
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise CamError(f"model must be a torch.nn.Module, not {type(model).__name__}")
         if activation not in ("softmax", "sigmoid"):
@@ -237,8 +276,10 @@ class CAM:
         self.model = model
         self.layers = resolve_layers(model, layer)
         if len(self.layers) > 1 and type(self)._map is not CAM._map:
-            raise CamError(f"{self.name} takes one layer; several layers ({'+'.join(n for n, _ in self.layers)}) "
-                           "are fused only by the gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam)")
+            raise CamError(
+                f"{self.name} takes one layer; several layers ({'+'.join(n for n, _ in self.layers)}) "
+                "are fused only by the gradient methods (gradcam, gradcam++, xgradcam, hirescam, layercam)"
+            )
         self.layer_name = "+".join(name for name, _ in self.layers)
         self.layer = self.layers[0][1]
         self.upsample = bool(upsample)
@@ -267,8 +308,10 @@ class CAM:
         name = next(n for n, m in self.layers if m is module)
         if not isinstance(output, torch.Tensor) or output.dim() != 5:
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise CamError(f"layer {name!r} outputs {shape}; a 3D CAM needs a 5-D "
-                           f"(N, C, D, H, W) feature map: choose a convolutional layer")
+            raise CamError(
+                f"layer {name!r} outputs {shape}; a 3D CAM needs a 5-D "
+                f"(N, C, D, H, W) feature map: choose a convolutional layer"
+            )
         if self._acts:  # a later layer of several: stays in the graph that starts at the first
             self._acts.append(output)
             return output.clone()
@@ -295,11 +338,15 @@ class CAM:
                 self._capture = False
             acts, self._acts = self._acts, []
             if not isinstance(out, torch.Tensor):
-                raise CamError(f"the model returned {type(out).__name__}; a CAM needs a tensor "
-                               f"output (wrap the model to return its logits)")
+                raise CamError(
+                    f"the model returned {type(out).__name__}; a CAM needs a tensor "
+                    f"output (wrap the model to return its logits)"
+                )
             if len(acts) != len(self.layers):
-                raise CamError(f"layer(s) {self.layer_name!r} ran {len(acts)} times in one forward "
-                               f"pass; choose layers that run exactly once each")
+                raise CamError(
+                    f"layer(s) {self.layer_name!r} ran {len(acts)} times in one forward "
+                    f"pass; choose layers that run exactly once each"
+                )
             classes = self._classes(out, target)
             score = self._score(out, classes, target)
             if len(acts) == 1:
@@ -308,8 +355,7 @@ class CAM:
                 cam = self._fused(x, acts, score)
             if self.normalize:
                 cam = minmax_per_sample(cam)
-        return CamResult(cam.detach(), out.detach().float(), classes, score.detach().float(),
-                         self.activation)
+        return CamResult(cam.detach(), out.detach().float(), classes, score.detach().float(), self.activation)
 
     def _resize(self, x: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
         """``cam`` (N, d, h, w) trilinearly upsampled to ``x``'s size when ``upsample``."""
@@ -346,26 +392,31 @@ class CAM:
     def _autocast(self, device: torch.device) -> Any:
         if not self.amp or device.type != "cuda":
             return contextlib.nullcontext()
-        dtype = self.amp if isinstance(self.amp, torch.dtype) else (
-            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        dtype = (
+            self.amp
+            if isinstance(self.amp, torch.dtype)
+            else (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        )
         return torch.autocast("cuda", dtype=dtype)
 
     def _gradient(self, score: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         (grad,) = torch.autograd.grad(score.sum(), a, allow_unused=True)
         if grad is None:
-            raise CamError(f"the target score does not depend on layer {self.layer_name!r}: "
-                           f"choose a layer on the path to the output")
+            raise CamError(
+                f"the target score does not depend on layer {self.layer_name!r}: "
+                f"choose a layer on the path to the output"
+            )
         return _wide(grad)
 
-    def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
-             classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
+    def _map(
+        self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor, classes: Optional[torch.Tensor], target: Target
+    ) -> torch.Tensor:
         """The map before the final ReLU: (N, d, h, w) at feature or (N, D, H, W) at input
         resolution. Gradient methods only override :meth:`_weigh`."""
         return self._weigh(_wide(a.detach()), self._gradient(score, a))
 
     def _weigh(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
 
     def _binary(self, out: torch.Tensor) -> bool:
         """One logit in softmax mode: two classes, class 0 scored by minus the logit."""
@@ -376,19 +427,22 @@ class CAM:
         if callable(target):
             return None
         if out.dim() != 2:
-            raise CamError(f"the model output has shape {tuple(out.shape)}, not (N, classes); "
-                           f"pass target= a callable that returns one score per sample")
+            raise CamError(
+                f"the model output has shape {tuple(out.shape)}, not (N, classes); "
+                f"pass target= a callable that returns one score per sample"
+            )
         return _class_indices(target, out, 2 if self._binary(out) else out.shape[1])
 
-    def _score(self, out: torch.Tensor, classes: Optional[torch.Tensor],
-               target: Target) -> torch.Tensor:
+    def _score(self, out: torch.Tensor, classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
         """(N,) the score whose gradient the CAM uses."""
         if classes is None:
             score = target(out)
             n = out.shape[0]
             if not isinstance(score, torch.Tensor) or score.numel() != n:
-                raise CamError(f"the target callable must return one score per sample ({n}); got "
-                               f"{tuple(score.shape) if isinstance(score, torch.Tensor) else score!r}")
+                raise CamError(
+                    f"the target callable must return one score per sample ({n}); got "
+                    f"{tuple(score.shape) if isinstance(score, torch.Tensor) else score!r}"
+                )
             return score.reshape(n)
         if self._binary(out):
             return torch.where(classes == 1, out[:, 0], -out[:, 0])
@@ -406,19 +460,21 @@ def _class_indices(target: Target, out: torch.Tensor, n_classes: int) -> torch.T
     try:
         classes = torch.as_tensor(target, device=out.device)
     except (TypeError, ValueError, RuntimeError):
-        raise CamError(f"target must be None, a class index, one index per sample or a callable; "
-                       f"got {type(target).__name__}") from None
+        raise CamError(
+            f"target must be None, a class index, one index per sample or a callable; got {type(target).__name__}"
+        ) from None
     if classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool:
         raise CamError(f"target must hold integer class indices, got dtype {classes.dtype}")
     classes = classes.long().reshape(-1)
     if classes.numel() == 1:
         classes = classes.expand(n)
     if classes.numel() != n:
-        raise CamError(f"target has {classes.numel()} classes for a batch of {n}; give one "
-                       f"per sample or a single int")
+        raise CamError(f"target has {classes.numel()} classes for a batch of {n}; give one per sample or a single int")
     if bool(((classes < -n_classes) | (classes >= n_classes)).any()):
-        raise CamError(f"target {classes.tolist()} out of range for a model with {n_classes} "
-                       f"classes (valid: {-n_classes}..{n_classes - 1})")
+        raise CamError(
+            f"target {classes.tolist()} out of range for a model with {n_classes} "
+            f"classes (valid: {-n_classes}..{n_classes - 1})"
+        )
     return classes % n_classes
 
 
@@ -501,8 +557,9 @@ class ScoreCAM(CAM):
 
     name = "scorecam"
 
-    def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
-             classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
+    def _map(
+        self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor, classes: Optional[torch.Tensor], target: Target
+    ) -> torch.Tensor:
         a = _wide(a)
         n, c = a.shape[:2]
         flat = a.flatten(2)
@@ -516,9 +573,8 @@ class ScoreCAM(CAM):
                 weights[constant] = zero_score[:, None].expand(n, c)[constant]
             pairs = (~constant).nonzero()
             for start in range(0, len(pairs), self.score_batch_size):
-                s, ch = pairs[start:start + self.score_batch_size].unbind(1)
-                masks = F.interpolate(a[s, ch][:, None], size=x.shape[2:], mode="trilinear",
-                                      align_corners=False)
+                s, ch = pairs[start : start + self.score_batch_size].unbind(1)
+                masks = F.interpolate(a[s, ch][:, None], size=x.shape[2:], mode="trilinear", align_corners=False)
                 with self._autocast(x.device):
                     out = self.model(x[s] * minmax_per_sample(masks).to(x.dtype))
                 weights[s, ch] = self._score(out, None if classes is None else classes[s], target).to(a.dtype)
@@ -551,16 +607,18 @@ class GuidedBackprop(CAM):
 
     name = "guided-backprop"
 
-    def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
-             classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
+    def _map(
+        self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor, classes: Optional[torch.Tensor], target: Target
+    ) -> torch.Tensor:
         return self._guided(x, classes, target)
 
-    def _guided(self, x: torch.Tensor, classes: Optional[torch.Tensor],
-                target: Target) -> torch.Tensor:
+    def _guided(self, x: torch.Tensor, classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
         relus = [m for m in self.model.modules() if isinstance(m, nn.ReLU)]
         if not relus:
-            raise CamError(f"{type(self.model).__name__} has no nn.ReLU modules, so guided "
-                           f"backpropagation would equal the plain gradient; use another method")
+            raise CamError(
+                f"{type(self.model).__name__} has no nn.ReLU modules, so guided "
+                f"backpropagation would equal the plain gradient; use another method"
+            )
         handles = [m.register_forward_hook(_guided_hook) for m in relus]
         try:
             xg = x.detach().clone().requires_grad_(True)
@@ -579,11 +637,11 @@ class GuidedGradCAM(GuidedBackprop):
 
     name = "guided-gradcam"
 
-    def _map(self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor,
-             classes: Optional[torch.Tensor], target: Target) -> torch.Tensor:
+    def _map(
+        self, x: torch.Tensor, a: torch.Tensor, score: torch.Tensor, classes: Optional[torch.Tensor], target: Target
+    ) -> torch.Tensor:
         grad_cam = F.relu(_grad_cam(_wide(a.detach()), self._gradient(score, a)))
-        grad_cam = F.interpolate(grad_cam[:, None], size=x.shape[2:], mode="trilinear",
-                                 align_corners=False)[:, 0]
+        grad_cam = F.interpolate(grad_cam[:, None], size=x.shape[2:], mode="trilinear", align_corners=False)[:, 0]
         return self._guided(x, classes, target) * grad_cam
 
 
@@ -592,16 +650,22 @@ if set(CAM._registry) != set(METHODS):
     raise CamError(f"engine.methods.TABLE lists {sorted(set(METHODS) - set(CAM._registry))} without a CAM class")
 
 
-def compute_cam(model: nn.Module, x: torch.Tensor, method: str = "gradcam", target: Target = None,
-                layer: Layer = None, upsample: bool = True, normalize: bool = True,
-                amp: Union[None, bool, torch.dtype] = None,
-                activation: str = "softmax") -> torch.Tensor:
+def compute_cam(
+    model: nn.Module,
+    x: torch.Tensor,
+    method: str = "gradcam",
+    target: Target = None,
+    layer: Layer = None,
+    upsample: bool = True,
+    normalize: bool = True,
+    amp: Union[None, bool, torch.dtype] = None,
+    activation: str = "softmax",
+) -> torch.Tensor:
     """CAM maps (N, D, H, W) float32 of ``model`` for ``x`` (N, C, D, H, W), on the model's device.
 
     One-shot form of :class:`CAM` (see there and the module doc for ``target``, ``layer``,
     ``upsample``, ``normalize``, ``amp`` and ``activation``). Use :class:`CAM` to also get the class scores of the
     same forward pass or to explain many inputs with one hook installation.
     """
-    with CAM(model, layer, method, upsample=upsample, normalize=normalize, amp=amp,
-             activation=activation) as cam:
+    with CAM(model, layer, method, upsample=upsample, normalize=normalize, amp=amp, activation=activation) as cam:
         return cam(x, target).cam

@@ -1,5 +1,6 @@
 """The one device policy of the package: what ``device=None``/"auto" means for explaining,
 training, evaluating and loading a model, and the checks of a device asked for by name."""
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def resolve_device(device: Any = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InvalidInputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                                "use cuda:0 ... or auto")
+        raise InvalidInputError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s); use cuda:0 ... or auto"
+        )
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InvalidInputError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
     return dev

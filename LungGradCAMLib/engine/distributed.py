@@ -1,5 +1,6 @@
 """The one ``torchrun`` helper: rank, world size and local rank from torchrun's environment, the
 process group set up once, and the two collectives training and the batch use."""
+
 from __future__ import annotations
 
 import datetime
@@ -12,12 +13,10 @@ import torch.distributed as dist
 
 def torchrun_env() -> Tuple[int, int, int]:
     """(rank, world size, local rank) as ``torchrun`` sets them; (0, 1, 0) in a plain process."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def init_torchrun(backend: Optional[str] = None,
-                  timeout: Optional[datetime.timedelta] = None) -> Tuple[int, int, int]:
+def init_torchrun(backend: Optional[str] = None, timeout: Optional[datetime.timedelta] = None) -> Tuple[int, int, int]:
     """:func:`torchrun_env`, with the process group initialised when there are several processes:
     ``backend`` NCCL where CUDA is available and gloo otherwise, unless given."""
     rank, world, local_rank = torchrun_env()

@@ -8,6 +8,7 @@ full-resolution threshold, then keeps a margin around lesions on the pleura. :fu
 Arrays are (K, J, I) = (slice, row, column); spacings are (i, j, k) mm as :attr:`Volume.spacing`;
 intensities are CT numbers in HU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,11 +30,20 @@ _FACES = ndimage.generate_binary_structure(3, 1)
 _OUT, _WHOLE, _AIR_ONLY = 0, 1, 2
 
 
-def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, dilate_mm: float = 0.0,
-              closing_mm: float = 5.0, lesion_margin_mm: float = 3.0, lesion_hu: float = -650.0,
-              remove_airways: bool = False, working_spacing_mm: float = 2.0,
-              spacing_mm: Optional[Sequence[float]] = None, outside_air_hu: float = -950.0,
-              second_lung_fraction: float = 0.1, min_lung_ml: float = 10.0) -> np.ndarray:
+def lung_mask(
+    volume: Union[Volume, np.ndarray],
+    threshold_hu: float = -350.0,
+    dilate_mm: float = 0.0,
+    closing_mm: float = 5.0,
+    lesion_margin_mm: float = 3.0,
+    lesion_hu: float = -650.0,
+    remove_airways: bool = False,
+    working_spacing_mm: float = 2.0,
+    spacing_mm: Optional[Sequence[float]] = None,
+    outside_air_hu: float = -950.0,
+    second_lung_fraction: float = 0.1,
+    min_lung_ml: float = 10.0,
+) -> np.ndarray:
     """Boolean mask (K, J, I) of both lungs of a chest CT in HU, on the CT's own grid.
 
     Steps, on a grid of about ``working_spacing_mm`` (block averages of the CT):
@@ -67,8 +77,7 @@ def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, d
     Raises :class:`VolumeError` for input that does not look like a CT in HU or holds no lung.
     """
     hu, spacing, lr_axis, head_up = _input(volume, spacing_mm)
-    for name, value in (("dilate_mm", dilate_mm), ("closing_mm", closing_mm),
-                        ("lesion_margin_mm", lesion_margin_mm)):
+    for name, value in (("dilate_mm", dilate_mm), ("closing_mm", closing_mm), ("lesion_margin_mm", lesion_margin_mm)):
         if not (np.isfinite(value) and value >= 0):
             raise VolumeError(f"lung_mask: {name} must be a non-negative number of mm; got {value!r}")
     if not (np.isfinite(working_spacing_mm) and working_spacing_mm > 0):
@@ -86,11 +95,14 @@ def lung_mask(volume: Union[Volume, np.ndarray], threshold_hu: float = -350.0, d
     if lungs.sum() * voxel_ml < min_lung_ml:
         raise VolumeError(
             f"lung_mask: no lung found (less than {min_lung_ml:g} ml of air below {threshold_hu:g} HU inside "
-            "the body): is this a chest CT in HU?")
+            "the body): is this a chest CT in HU?"
+        )
     if remove_airways:
         if head_up is None:
-            raise VolumeError("lung_mask: remove_airways needs an axial CT (slices across the head-foot "
-                              "axis); reformat the volume or leave remove_airways off")
+            raise VolumeError(
+                "lung_mask: remove_airways needs an axial CT (slices across the head-foot "
+                "axis); reformat the volume or leave remove_airways off"
+            )
         airways = _central_airways(low, lungs, low_spacing, head_up)
         # they stay in ``air``: as air outside the mask, the CT-grid border does not take them back
         lungs = _largest_components(lungs & ~airways, second_lung_fraction, low, outside_air_hu)
@@ -131,8 +143,7 @@ def lung_bbox(mask: np.ndarray, margin_vox: Union[int, Sequence[int]] = 0) -> Tu
     margin = np.broadcast_to(np.asarray(margin_vox, dtype=int), (3,))
     if np.any(margin < 0):
         raise VolumeError(f"lung_bbox: margin_vox must be >= 0; got {margin_vox!r}")
-    return tuple((max(0, s.start - int(m)), min(n, s.stop + int(m)))
-                 for s, m, n in zip(bbox(mask), margin, mask.shape))
+    return tuple((max(0, s.start - int(m)), min(n, s.stop + int(m))) for s, m, n in zip(bbox(mask), margin, mask.shape))
 
 
 # --- input ------------------------------------------------------------------------------------------
@@ -165,7 +176,8 @@ def _input(volume: Union[Volume, np.ndarray], spacing_mm: Optional[Sequence[floa
     if lo > -500:
         raise VolumeError(
             f"lung_mask: the lowest value is {lo:g}, but a chest CT in HU holds air (about -1000 HU): is this a "
-            "chest CT in HU? Apply the DICOM rescale slope/intercept, and do not pass normalised intensities.")
+            "chest CT in HU? Apply the DICOM rescale slope/intercept, and do not pass normalised intensities."
+        )
     return hu, np.asarray(spacing, dtype=np.float64), lr_axis, head_up
 
 
@@ -189,7 +201,7 @@ def _block_mean(hu: np.ndarray, factors: Tuple[int, int, int]) -> np.ndarray:
         parts = [out[along(start, n)] for start in range(f)]  # the later ones may be one short
         whole = [p.shape[axis] == blocks for p in parts]
         acc = np.add(parts[0], parts[1], dtype=np.float32) if whole[1] else parts[0].astype(np.float32)
-        for part, full in list(zip(parts, whole))[2 if whole[1] else 1:]:
+        for part, full in list(zip(parts, whole))[2 if whole[1] else 1 :]:
             if full:
                 acc += part
             else:  # the last block is short: it repeats the last slice
@@ -236,8 +248,9 @@ def _largest_components(mask: np.ndarray, second_fraction: float, hu: np.ndarray
     return np.isin(labels, keep) if sizes[order[0]] > 0 else np.zeros_like(mask)
 
 
-def _central_airways(hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, head_up: bool,
-                     max_airway_ml: float = 150.0) -> np.ndarray:
+def _central_airways(
+    hu: np.ndarray, lungs: np.ndarray, spacing: np.ndarray, head_up: bool, max_airway_ml: float = 150.0
+) -> np.ndarray:
     """The trachea and main bronchi (working grid), or nothing when no trachea is found.
 
     The seed is the darkest voxel of the darkest small air region of the lungs' top slice near the
@@ -383,8 +396,14 @@ def _bbox(mask: np.ndarray, margin: int) -> Tuple[slice, slice, slice]:
 
 
 # --- back to the CT grid ----------------------------------------------------------------------------
-def _to_ct_grid(mask: np.ndarray, lung_air: np.ndarray, other_air: np.ndarray, hu: np.ndarray,
-                threshold_hu: float, factors: Tuple[int, int, int]) -> np.ndarray:
+def _to_ct_grid(
+    mask: np.ndarray,
+    lung_air: np.ndarray,
+    other_air: np.ndarray,
+    hu: np.ndarray,
+    threshold_hu: float,
+    factors: Tuple[int, int, int],
+) -> np.ndarray:
     """The working-grid ``mask`` on the CT grid of ``hu`` (the blocks it covers), with a CT-sharp border.
 
     Blocks deep inside the mask, and tissue blocks the working grid filled in (vessels, nodules,
@@ -398,7 +417,9 @@ def _to_ct_grid(mask: np.ndarray, lung_air: np.ndarray, other_air: np.ndarray, h
     return (code == _WHOLE) | ((code == _AIR_ONLY) & (hu < threshold_hu))
 
 
-def _upsample(a: np.ndarray, factors: Sequence[int], shape: Sequence[int], offset: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+def _upsample(
+    a: np.ndarray, factors: Sequence[int], shape: Sequence[int], offset: Sequence[int] = (0, 0, 0)
+) -> np.ndarray:
     """Working-grid ``a`` repeated onto the CT grid, cut to ``shape`` starting ``offset`` CT voxels
     into its first block."""
     for axis, f in enumerate(factors):
@@ -406,16 +427,24 @@ def _upsample(a: np.ndarray, factors: Sequence[int], shape: Sequence[int], offse
     return a[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def _add_margin(mask: np.ndarray, zone: np.ndarray, zone_origin: Sequence[int], factors: Sequence[int],
-                spacing: np.ndarray, margin_mm: float) -> None:
+def _add_margin(
+    mask: np.ndarray,
+    zone: np.ndarray,
+    zone_origin: Sequence[int],
+    factors: Sequence[int],
+    spacing: np.ndarray,
+    margin_mm: float,
+) -> None:
     """Add to ``mask`` (CT grid, in place) the voxels within ``margin_mm`` of it (a box of that
     half-width per axis) that lie in the working-grid ``zone``, whose voxel 0 is working voxel
     ``zone_origin``; one zone component, in its bounding box, at a time."""
     radius = np.floor(margin_mm / spacing[::-1]).astype(int)
     labels, _ = ndimage.label(zone, np.ones((3, 3, 3), dtype=bool))
     for n, region in enumerate(ndimage.find_objects(labels), start=1):
-        box = tuple(slice((sl.start + o) * f, min((sl.stop + o) * f, size))
-                    for sl, o, f, size in zip(region, zone_origin, factors, mask.shape))
+        box = tuple(
+            slice((sl.start + o) * f, min((sl.stop + o) * f, size))
+            for sl, o, f, size in zip(region, zone_origin, factors, mask.shape)
+        )
         # the mask around the box, so mask voxels just outside it count too
         lo = [max(0, b.start - r) for b, r in zip(box, radius)]
         hi = [min(size, b.stop + r) for b, r, size in zip(box, radius, mask.shape)]
@@ -457,9 +486,14 @@ class ChestCheck:
         return not self.problems
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "lung_ml": round(self.lung_ml, 1),
-                "max_lung_area_cm2": round(self.max_lung_area_cm2, 1), "lung_share": round(self.lung_share, 4),
-                "aerated_share": round(self.aerated_share, 4), "problems": list(self.problems)}
+        return {
+            "ok": self.ok,
+            "lung_ml": round(self.lung_ml, 1),
+            "max_lung_area_cm2": round(self.max_lung_area_cm2, 1),
+            "lung_share": round(self.lung_share, 4),
+            "aerated_share": round(self.aerated_share, 4),
+            "problems": list(self.problems),
+        }
 
 
 def check_chest_ct(volume: Volume, lungs: np.ndarray) -> ChestCheck:
@@ -486,15 +520,22 @@ def check_chest_ct(volume: Volume, lungs: np.ndarray) -> ChestCheck:
         lung_ml=n_lung * float(np.prod(spacing)) / 1000.0,
         max_lung_area_cm2=float(lungs.sum(axis=others).max(initial=0)) * pixel_cm2,
         lung_share=n_lung / max(n_lung + int(np.count_nonzero(volume.array > high)), 1),
-        aerated_share=float(np.mean((inside >= low) & (inside < high))) if n_lung else 0.0)
+        aerated_share=float(np.mean((inside >= low) & (inside < high))) if n_lung else 0.0,
+    )
     if check.max_lung_area_cm2 < MIN_LUNG_AREA_CM2:
-        check.problems.append(f"the largest lung cross-section is {check.max_lung_area_cm2:.0f} cm² "
-                              f"(a chest CT has at least {MIN_LUNG_AREA_CM2:.0f})")
+        check.problems.append(
+            f"the largest lung cross-section is {check.max_lung_area_cm2:.0f} cm² "
+            f"(a chest CT has at least {MIN_LUNG_AREA_CM2:.0f})"
+        )
     if check.lung_share < MIN_LUNG_SHARE:
-        check.problems.append(f"lungs are {100 * check.lung_share:.1f} % of the body "
-                              f"(a chest CT has at least {100 * MIN_LUNG_SHARE:.0f} %)")
+        check.problems.append(
+            f"lungs are {100 * check.lung_share:.1f} % of the body "
+            f"(a chest CT has at least {100 * MIN_LUNG_SHARE:.0f} %)"
+        )
     if check.aerated_share < MIN_AERATED_SHARE:
-        check.problems.append(f"only {100 * check.aerated_share:.0f} % of the 'lungs' is aerated lung "
-                              f"({low:.0f} to {high:.0f} HU), the rest is gas or tissue "
-                              f"(a chest CT has at least {100 * MIN_AERATED_SHARE:.0f} %)")
+        check.problems.append(
+            f"only {100 * check.aerated_share:.0f} % of the 'lungs' is aerated lung "
+            f"({low:.0f} to {high:.0f} HU), the rest is gas or tissue "
+            f"(a chest CT has at least {100 * MIN_AERATED_SHARE:.0f} %)"
+        )
     return check

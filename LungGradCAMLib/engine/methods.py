@@ -3,6 +3,7 @@ what it costs. Imports no torch: the command line and the Slicer panel list the 
 before torch is loaded, :mod:`~LungGradCAMLib.engine.cam` checks its classes against it when it is
 imported, and the pipeline's cost and memory estimates read it instead of comparing names.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,22 +37,30 @@ class Method:
 _GUIDED = dict(forwards=2, cost=4.0, patch_memory=2.5, cam_bytes=192 << 20)
 
 #: Every CAM method by its name, in the order the command line and the panel list them.
-TABLE: Dict[str, Method] = {m.name: m for m in (
-    Method("gradcam", gradients=True),
-    Method("gradcam++", gradients=True),
-    Method("xgradcam", gradients=True),
-    Method("hirescam", gradients=True),
-    Method("layercam", gradients=True),
-    Method("scorecam", gradients=False, masked=True),
-    Method("guided-backprop", gradients=False, **_GUIDED),
-    Method("guided-gradcam", gradients=True, **_GUIDED),
-)}
+TABLE: Dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("gradcam", gradients=True),
+        Method("gradcam++", gradients=True),
+        Method("xgradcam", gradients=True),
+        Method("hirescam", gradients=True),
+        Method("layercam", gradients=True),
+        Method("scorecam", gradients=False, masked=True),
+        Method("guided-backprop", gradients=False, **_GUIDED),
+        Method("guided-gradcam", gradients=True, **_GUIDED),
+    )
+}
 #: The methods' names (what ``--method``, ``ExplainOptions.method`` and a model card's
 #: ``cam_method`` accept).
 METHODS: Tuple[str, ...] = tuple(TABLE)
 #: Other spellings :func:`canonical` accepts, after lower-casing and dropping ``-``, ``_`` and spaces.
-ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "guidedbackprop": "guided-backprop",
-           "guidedbp": "guided-backprop", "guidedgradcam": "guided-gradcam"}
+ALIASES = {
+    "gradcampp": "gradcam++",
+    "gradcamplusplus": "gradcam++",
+    "guidedbackprop": "guided-backprop",
+    "guidedbp": "guided-backprop",
+    "guidedgradcam": "guided-gradcam",
+}
 
 
 def canonical(method: str) -> str:

@@ -17,6 +17,7 @@ readers' masks in ``benchmarks/outline_quality.py``:
 :func:`measure_outline` measures any mask (torch-free, as is the classical method). Arrays are
 (K, J, I); points are RAS mm; CT values HU.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
@@ -86,9 +87,17 @@ def measure_outline(mask: Volume) -> dict:
     array = np.asarray(mask.array) > 0
     voxel_mm3 = float(abs(np.linalg.det(mask.ijk_to_ras[:3, :3])))
     voxels = int(array.sum())
-    out: dict = {"voxels": voxels, "volume_mm3": voxels * voxel_mm3, "volume_ml": voxels * voxel_mm3 / 1000.0,
-                 "long_axis_mm": None, "short_axis_mm": None, "mean_diameter_mm": None, "centroid_ras": None,
-                 "long_axis_ras": None, "short_axis_ras": None}
+    out: dict = {
+        "voxels": voxels,
+        "volume_mm3": voxels * voxel_mm3,
+        "volume_ml": voxels * voxel_mm3 / 1000.0,
+        "long_axis_mm": None,
+        "short_axis_mm": None,
+        "mean_diameter_mm": None,
+        "centroid_ras": None,
+        "long_axis_ras": None,
+        "short_axis_ras": None,
+    }
     if not voxels:
         return out
     out["centroid_ras"] = tuple(float(v) for v in mask.ijk_to_ras_points(np.argwhere(array).mean(axis=0)[::-1])[0])
@@ -106,8 +115,13 @@ def measure_outline(mask: Volume) -> dict:
         points = mask.ijk_to_ras_points(np.column_stack([ij, np.full(len(ij), k)]))
         return tuple(tuple(float(v) for v in p) for p in points)
 
-    out.update(long_axis_mm=long_mm, short_axis_mm=short_mm, mean_diameter_mm=(long_mm + short_mm) / 2.0,
-               long_axis_ras=ras(long_ij), short_axis_ras=ras(short_ij))
+    out.update(
+        long_axis_mm=long_mm,
+        short_axis_mm=short_mm,
+        mean_diameter_mm=(long_mm + short_mm) / 2.0,
+        long_axis_ras=ras(long_ij),
+        short_axis_ras=ras(short_ij),
+    )
     return out
 
 
@@ -118,8 +132,10 @@ def _block(volume: Volume, seed_ras: np.ndarray, half_mm: float) -> Tuple[Volume
     """The CT cut to a box of ``half_mm`` around the seed (clipped to the CT), and the box."""
     c = volume.ras_to_ijk_points(seed_ras)[0]
     half = half_mm / volume.spacing
-    box = tuple((max(0, int(np.floor(c[a] - half[a]))), min(volume.shape[2 - a], int(np.ceil(c[a] + half[a])) + 1))
-                for a in (2, 1, 0))
+    box = tuple(
+        (max(0, int(np.floor(c[a] - half[a]))), min(volume.shape[2 - a], int(np.ceil(c[a] + half[a])) + 1))
+        for a in (2, 1, 0)
+    )
     if any(b <= a for a, b in box):
         raise InvalidInputError(f"the outline's seed {seed_ras.tolist()} mm (RAS) lies outside the CT")
     return crop(volume, box), box
@@ -147,8 +163,9 @@ def _network_probability(block: Volume, loaded: Any) -> Volume:
     """The outline network's nodule probability for a CT block, on the block's grid."""
     import torch
 
-    grid = resample(block.with_array(block.array.astype(np.float32)), loaded.card.spacing_mm, order=1,
-                    default_value=AIR_HU)
+    grid = resample(
+        block.with_array(block.array.astype(np.float32)), loaded.card.spacing_mm, order=1, default_value=AIR_HU
+    )
     x = torch.from_numpy(np.ascontiguousarray(grid.array, dtype=np.float32))[None, None]
     x = loaded.prepare(x.to(loaded.device))
     with torch.inference_mode():
@@ -161,12 +178,19 @@ def _network_probability(block: Volume, loaded: Any) -> Volume:
 def _ball_opening(mask: np.ndarray, radius_vox: float) -> np.ndarray:
     """Morphological opening of ``mask`` by a ball of ``radius_vox`` voxels (isotropic grid), by
     two Euclidean distance transforms (a large ball stays as fast as a small one)."""
-    core = ndimage.distance_transform_edt(np.pad(mask, 1)) [1:-1, 1:-1, 1:-1] > radius_vox
+    core = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1, 1:-1] > radius_vox
     return ndimage.distance_transform_edt(~core) <= radius_vox
 
 
-def _classical_mask(block: Volume, seed_ras: np.ndarray, lungs: Optional[np.ndarray], search_mm: float,
-                    level: float = 0.3, opening: float = 0.7, penalty: float = 0.25) -> np.ndarray:
+def _classical_mask(
+    block: Volume,
+    seed_ras: np.ndarray,
+    lungs: Optional[np.ndarray],
+    search_mm: float,
+    level: float = 0.3,
+    opening: float = 0.7,
+    penalty: float = 0.25,
+) -> np.ndarray:
     """The classical outline on ``block``'s grid (see the module's docstring): the core is the
     deepest tissue point (mm) less ``penalty`` times its distance from the seed, the threshold lies
     ``level`` of the way from the lung's HU to the core's (the readers outline a nodule's outer
@@ -210,13 +234,20 @@ def distance_from(grid: Volume, kji: Sequence[int]) -> np.ndarray:
     """Distance (mm) of every voxel of ``grid`` to voxel ``kji``."""
     d = [(np.arange(n) - c) for n, c in zip(grid.shape, kji)]
     s = grid.spacing[::-1]
-    return np.sqrt((d[0][:, None, None] * s[0]) ** 2 + (d[1][None, :, None] * s[1]) ** 2
-                   + (d[2][None, None, :] * s[2]) ** 2)
+    return np.sqrt(
+        (d[0][:, None, None] * s[0]) ** 2 + (d[1][None, :, None] * s[1]) ** 2 + (d[2][None, None, :] * s[2]) ** 2
+    )
 
 
-def nodule_outline(volume: Volume, seed_ras: Sequence[float], lungs: Optional[np.ndarray] = None,
-                   method: str = "network", model: Any = OUTLINE_MODEL, device: Any = None,
-                   search_mm: float = SEARCH_MM) -> Outline:
+def nodule_outline(
+    volume: Volume,
+    seed_ras: Sequence[float],
+    lungs: Optional[np.ndarray] = None,
+    method: str = "network",
+    model: Any = OUTLINE_MODEL,
+    device: Any = None,
+    search_mm: float = SEARCH_MM,
+) -> Outline:
     """The outline of the nodule at ``seed_ras`` (RAS mm; e.g. a hot region's peak) in a CT
     ``volume`` (HU), with its measurements (:func:`measure_outline`).
 
@@ -241,8 +272,10 @@ def nodule_outline(volume: Volume, seed_ras: Sequence[float], lungs: Optional[np
 
         loaded = model if isinstance(model, LoadedModel) else cached_model(model, resolve_device(device))
         if loaded.card.output != "mask":
-            raise InvalidInputError(f"model {loaded.card.name!r} is not an outline network (its card's output is "
-                                    f"{loaded.card.output!r}, not 'mask')")
+            raise InvalidInputError(
+                f"model {loaded.card.name!r} is not an outline network (its card's output is "
+                f"{loaded.card.output!r}, not 'mask')"
+            )
         name = f"{loaded.card.name} {loaded.card.version}"
         half = 0.5 * float(max(np.asarray(loaded.card.patch_size) * loaded.card.spacing_mm))
     else:
@@ -255,12 +288,29 @@ def nodule_outline(volume: Volume, seed_ras: Sequence[float], lungs: Optional[np
         else:
             sub = None if lungs is None else np.asarray(lungs, bool)[tuple(slice(a, b) for a, b in box)]
             mask = _classical_mask(block, seed, sub, search_mm)
-        sides = [mask[0].any(), mask[-1].any(), mask[:, 0].any(), mask[:, -1].any(), mask[:, :, 0].any(),
-                 mask[:, :, -1].any()]
-        at_ct_edge = [box[0][0] == 0, box[0][1] == volume.shape[0], box[1][0] == 0, box[1][1] == volume.shape[1],
-                      box[2][0] == 0, box[2][1] == volume.shape[2]]
+        sides = [
+            mask[0].any(),
+            mask[-1].any(),
+            mask[:, 0].any(),
+            mask[:, -1].any(),
+            mask[:, :, 0].any(),
+            mask[:, :, -1].any(),
+        ]
+        at_ct_edge = [
+            box[0][0] == 0,
+            box[0][1] == volume.shape[0],
+            box[1][0] == 0,
+            box[1][1] == volume.shape[1],
+            box[2][0] == 0,
+            box[2][1] == volume.shape[2],
+        ]
         if not any(s and not e for s, e in zip(sides, at_ct_edge)):
             break
     outline_mask = LabelMap.like(block, mask.astype(np.uint8))
-    return Outline(mask=outline_mask, seed_ras=tuple(float(v) for v in seed), method=method, model=name,
-                   **measure_outline(outline_mask))
+    return Outline(
+        mask=outline_mask,
+        seed_ras=tuple(float(v) for v in seed),
+        method=method,
+        model=name,
+        **measure_outline(outline_mask),
+    )

@@ -14,6 +14,7 @@ gamma, CLAHE and Sobel enhancement work on min-max normalised intensities in [0,
 :func:`apply_card_preprocessing` is the single implementation of "the model's preprocessing" that
 models, training and the pipeline share.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple, Union
@@ -139,8 +140,13 @@ def gamma_correct(x: ArrayLike, gamma: float = 1.35) -> ArrayLike:
     return _wrap(x, np.power(np.clip(a, 0.0, 1.0), gamma))
 
 
-def clahe(x: ArrayLike, mode: str = "slice", clip_limit: float = 0.01,
-          kernel_size: Optional[Union[int, Sequence[int]]] = None, nbins: int = 256) -> ArrayLike:
+def clahe(
+    x: ArrayLike,
+    mode: str = "slice",
+    clip_limit: float = 0.01,
+    kernel_size: Optional[Union[int, Sequence[int]]] = None,
+    nbins: int = 256,
+) -> ArrayLike:
     """Contrast-limited adaptive histogram equalisation (``skimage.exposure.equalize_adapthist``).
 
     ``mode="slice"`` equalises each axial slice (K) on its own (J, I), ``"3d"`` the whole volume.
@@ -167,8 +173,7 @@ def clahe(x: ArrayLike, mode: str = "slice", clip_limit: float = 0.01,
             out[n] = equalize_adapthist(vol, kernel_size=kernel_size, clip_limit=clip_limit, nbins=nbins)
         else:
             for k, plane in enumerate(vol):
-                out[n, k] = equalize_adapthist(plane, kernel_size=kernel_size, clip_limit=clip_limit,
-                                               nbins=nbins)
+                out[n, k] = equalize_adapthist(plane, kernel_size=kernel_size, clip_limit=clip_limit, nbins=nbins)
     return _wrap(x, out.reshape(lead + a.shape[-3:]))
 
 
@@ -185,8 +190,9 @@ def sobel_magnitude(x: ArrayLike) -> ArrayLike:
         a = _float(x)
         d = torch.tensor([-1.0, 0.0, 1.0], dtype=a.dtype, device=a.device)
         s = torch.tensor([1.0, 2.0, 1.0], dtype=a.dtype, device=a.device)
-        kernels = torch.stack([torch.einsum("a,b,c->abc", *[d if ax == axis else s for ax in range(3)])
-                               for axis in range(3)])[:, None]  # (3, 1, 3, 3, 3)
+        kernels = torch.stack(
+            [torch.einsum("a,b,c->abc", *[d if ax == axis else s for ax in range(3)]) for axis in range(3)]
+        )[:, None]  # (3, 1, 3, 3, 3)
         vol = a.reshape((-1, 1) + tuple(a.shape[-3:]))
         grads = F.conv3d(F.pad(vol, (1, 1, 1, 1, 1, 1), mode="replicate"), kernels)
         return (grads.square().sum(dim=1).sqrt() / _SOBEL_STEP_RESPONSE).reshape(a.shape)
@@ -220,8 +226,9 @@ def sobel_enhance(x: ArrayLike, weight: float = 0.5) -> ArrayLike:
 
 
 # --- noise ---------------------------------------------------------------------------------------
-def noise_score(x: Union[Volume, np.ndarray], mask: Optional[np.ndarray] = None,
-                per_slice: bool = False) -> Union[float, np.ndarray]:
+def noise_score(
+    x: Union[Volume, np.ndarray], mask: Optional[np.ndarray] = None, per_slice: bool = False
+) -> Union[float, np.ndarray]:
     """Laplacian-variance noise score: the variance of the in-plane (J, I) Laplacian.
 
     The 2D Laplacian of each axial slice is used (not 3D) so slice thickness does not enter the
@@ -310,8 +317,10 @@ def apply_card_preprocessing(x: ArrayLike, card: Any) -> ArrayLike:
 
     if norm == "none":
         if gamma or clahe_mode or sobel_weight:
-            raise InvalidInputError("model card: gamma, CLAHE and Sobel need normalised intensities; "
-                                    "set normalisation to 'minmax' or 'zscore'")
+            raise InvalidInputError(
+                "model card: gamma, CLAHE and Sobel need normalised intensities; "
+                "set normalisation to 'minmax' or 'zscore'"
+            )
         return clip_hu(x, window) if window is not None else x
     out = minmax_normalise(x, window)
     if gamma:

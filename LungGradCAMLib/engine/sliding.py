@@ -4,6 +4,7 @@ weights into full-size maps, with progress, cancellation and out-of-memory recov
 Arrays are (D, H, W) = (K, J, I) voxels; boxes are ((k0, k1), (j0, j1), (i0, i1)) half-open
 voxel ranges, as in :class:`LungGradCAMLib.core.results.Region`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cam import CAM, CamResult, Target, resolve_layers, minmax_per_sample
 from ..core.errors import CancelledError, InvalidInputError, LungGradCAMWarning, ResourceError
 from ..core.limits import is_out_of_memory
 from ..core.volume import AIR_HU
+from .cam import CAM, CamResult, Target, minmax_per_sample, resolve_layers
 
 __all__ = ["SCALES", "PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
@@ -72,8 +73,7 @@ class SlidingResult:
 def _triple(value: Union[int, Sequence[int]], name: str) -> Tuple[int, int, int]:
     values = (value,) * 3 if isinstance(value, (int, np.integer)) else tuple(value)
     if len(values) != 3 or any(int(v) != v or int(v) < 1 for v in values):
-        raise InvalidInputError(f"{name} must be a positive int or 3 positive ints (K, J, I) "
-                                f"in voxels; got {value!r}")
+        raise InvalidInputError(f"{name} must be a positive int or 3 positive ints (K, J, I) in voxels; got {value!r}")
     return tuple(int(v) for v in values)  # type: ignore[return-value]
 
 
@@ -83,19 +83,21 @@ def _box(roi: Optional[Sequence[Sequence[int]]], shape: Tuple[int, ...]) -> Box:
     try:
         box = tuple((int(a), int(b)) for a, b in roi)
     except (TypeError, ValueError):
-        raise InvalidInputError(f"roi must be ((k0, k1), (j0, j1), (i0, i1)) voxel ranges; "
-                                f"got {roi!r}") from None
+        raise InvalidInputError(f"roi must be ((k0, k1), (j0, j1), (i0, i1)) voxel ranges; got {roi!r}") from None
     if len(box) != 3 or any(not 0 <= a < b <= n for (a, b), n in zip(box, shape)):
-        raise InvalidInputError(f"roi {roi!r} is not a non-empty box inside the volume of shape "
-                                f"{tuple(shape)} (half-open voxel ranges k, j, i)")
+        raise InvalidInputError(
+            f"roi {roi!r} is not a non-empty box inside the volume of shape "
+            f"{tuple(shape)} (half-open voxel ranges k, j, i)"
+        )
     return box  # type: ignore[return-value]
 
 
 def _gaussian(patch: Tuple[int, int, int], sigma_scale: float, device: torch.device) -> torch.Tensor:
     """Blending weights: a separable Gaussian (sigma = sigma_scale * patch) with peak 1, kept
     above 1e-3 so that voxels near a patch's edge still count where no other patch covers them."""
-    axes = [torch.exp(-0.5 * ((torch.arange(p, dtype=torch.float32) - (p - 1) / 2)
-                              / (sigma_scale * p)) ** 2) for p in patch]
+    axes = [
+        torch.exp(-0.5 * ((torch.arange(p, dtype=torch.float32) - (p - 1) / 2) / (sigma_scale * p)) ** 2) for p in patch
+    ]
     w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
     return (w / w.max()).clamp_min(1e-3).to(device)
 
@@ -174,8 +176,13 @@ class _Explainer:
         results = list(self.pool.map(lambda cam, part: cam(part, target), self.cams, parts))
         first = results[0]
         classes = None if first.classes is None else torch.cat([r.classes for r in results])
-        return CamResult(torch.cat([r.cam for r in results]), torch.cat([r.logits for r in results]),
-                         classes, torch.cat([r.scores for r in results]), first.activation)
+        return CamResult(
+            torch.cat([r.cam for r in results]),
+            torch.cat([r.logits for r in results]),
+            classes,
+            torch.cat([r.scores for r in results]),
+            first.activation,
+        )
 
 
 @dataclass
@@ -189,8 +196,15 @@ class _Tiling:
     src: torch.Tensor
 
     @classmethod
-    def over(cls, volume: torch.Tensor, box: Box, patch: Tuple[int, int, int], stride: Tuple[int, int, int],
-             pad_value_hu: float, dev: torch.device) -> "_Tiling":
+    def over(
+        cls,
+        volume: torch.Tensor,
+        box: Box,
+        patch: Tuple[int, int, int],
+        stride: Tuple[int, int, int],
+        pad_value_hu: float,
+        dev: torch.device,
+    ) -> "_Tiling":
         counts = patch_counts(box, patch, stride)
         extent = tuple((n - 1) * s + p for n, s, p in zip(counts, stride, patch))
         corners = list(itertools.product(*(range(0, n * s, s) for n, s in zip(counts, stride))))
@@ -202,7 +216,7 @@ class _Tiling:
     def batch(self, corners: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
         """The (B, 1, *patch) HU patches at ``corners``."""
         p = self.patch
-        return torch.stack([self.src[k:k + p[0], j:j + p[1], i:i + p[2]] for k, j, i in corners])[:, None]
+        return torch.stack([self.src[k : k + p[0], j : j + p[1], i : i + p[2]] for k, j, i in corners])[:, None]
 
     def to(self, dev: torch.device) -> None:
         self.src = self.src.to(dev)
@@ -232,8 +246,9 @@ class _Blend:
             self.total[region] += self.weight
 
     def to(self, dev: torch.device) -> None:
-        self.weight, self.cam, self.score, self.total = (t.to(dev) for t in (self.weight, self.cam, self.score,
-                                                                             self.total))
+        self.weight, self.cam, self.score, self.total = (
+            t.to(dev) for t in (self.weight, self.cam, self.score, self.total)
+        )
 
     def maps(self, box: Box, shape: Tuple[int, ...], relative: bool) -> Tuple[np.ndarray, np.ndarray]:
         """The blended CAM and scores on the volume's grid, 0 outside the box. The CAM is on the
@@ -267,26 +282,34 @@ class _OutOfMemory:
             log.info("out of memory on %s: retrying with %d patches per batch", dev, self.batch)
             return True
         if self.on_cpu:
-            raise ResourceError(f"out of memory on the CPU with one {self.patch} patch per batch; use a "
-                                f"smaller patch or a machine with more memory") from None
-        warnings.warn(f"out of memory on {dev} with one {self.patch} patch per batch: continuing on the CPU "
-                      "(slower)", CpuFallbackWarning, stacklevel=3)
+            raise ResourceError(
+                f"out of memory on the CPU with one {self.patch} patch per batch; use a "
+                f"smaller patch or a machine with more memory"
+            ) from None
+        warnings.warn(
+            f"out of memory on {dev} with one {self.patch} patch per batch: continuing on the CPU (slower)",
+            CpuFallbackWarning,
+            stacklevel=3,
+        )
         self.on_cpu = True
         return False
 
 
-def _check_arguments(volume_tensor: Any, patch: Any, stride: Any, batch_size: int, blend: str,
-                     scale: str) -> Tuple[torch.Tensor, Tuple[int, int, int], Tuple[int, int, int]]:
+def _check_arguments(
+    volume_tensor: Any, patch: Any, stride: Any, batch_size: int, blend: str, scale: str
+) -> Tuple[torch.Tensor, Tuple[int, int, int], Tuple[int, int, int]]:
     volume = volume_tensor
     if not isinstance(volume, torch.Tensor):  # numpy, possibly flipped (negative strides)
         volume = torch.from_numpy(np.ascontiguousarray(volume))
     if volume.dim() != 3 or volume.numel() == 0:
-        raise InvalidInputError(f"volume_tensor must be a non-empty 3-D (K, J, I) HU array; got "
-                                f"shape {tuple(volume.shape)}")
+        raise InvalidInputError(
+            f"volume_tensor must be a non-empty 3-D (K, J, I) HU array; got shape {tuple(volume.shape)}"
+        )
     patch, stride = _triple(patch, "patch"), _triple(stride, "stride")
     if any(s > p for s, p in zip(stride, patch)):
-        raise InvalidInputError(f"stride {stride} is larger than patch {patch}: voxels would be "
-                                f"skipped; use stride <= patch")
+        raise InvalidInputError(
+            f"stride {stride} is larger than patch {patch}: voxels would be skipped; use stride <= patch"
+        )
     if int(batch_size) < 1:
         raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
     if blend not in ("raw", "score"):
@@ -298,16 +321,28 @@ def _check_arguments(volume_tensor: Any, patch: Any, stride: Any, batch_size: in
     return volume, patch, stride
 
 
-def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence[int]],
-                stride: Union[int, Sequence[int]], *, method: str = "gradcam",
-                target: Target = None, layer: Union[None, str, nn.Module] = None,
-                roi: Optional[Sequence[Sequence[int]]] = None, batch_size: int = 4,
-                preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                pad_value_hu: float = AIR_HU,
-                progress: Optional[Callable[[int, int], None]] = None, cancel: Any = None,
-                device: Union[None, str, torch.device] = None, amp: bool = False,
-                activation: str = "softmax", sigma_scale: float = 0.125,
-                blend: str = "score", scale: str = "absolute") -> SlidingResult:
+def sliding_cam(
+    model: nn.Module,
+    volume_tensor: Any,
+    patch: Union[int, Sequence[int]],
+    stride: Union[int, Sequence[int]],
+    *,
+    method: str = "gradcam",
+    target: Target = None,
+    layer: Union[None, str, nn.Module] = None,
+    roi: Optional[Sequence[Sequence[int]]] = None,
+    batch_size: int = 4,
+    preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    pad_value_hu: float = AIR_HU,
+    progress: Optional[Callable[[int, int], None]] = None,
+    cancel: Any = None,
+    device: Union[None, str, torch.device] = None,
+    amp: bool = False,
+    activation: str = "softmax",
+    sigma_scale: float = 0.125,
+    blend: str = "score",
+    scale: str = "absolute",
+) -> SlidingResult:
     """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
 
     Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
@@ -342,8 +377,9 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
     box = _box(roi, tuple(volume.shape))
     dev = _model_device(model)
     if device is not None and not _same_device(torch.device(device), dev):
-        raise InvalidInputError(f"the model is on {dev} but device={device}; move the model "
-                                f"there first (model.to(device))")
+        raise InvalidInputError(
+            f"the model is on {dev} but device={device}; move the model there first (model.to(device))"
+        )
     # names, not modules, so the CPU fallback can find the layers in its copy of the model
     layer_name = "+".join(name for name, _ in resolve_layers(model, layer))
     target = -1 if target is None else target
@@ -357,13 +393,11 @@ def sliding_cam(model: nn.Module, volume_tensor: Any, patch: Union[int, Sequence
         progress(0, len(corners))
     done = 0
     while done < len(corners):  # one explainer per device: the CPU fallback starts another
-        with _Explainer(model, layer_name, method, cpu_workers(dev, oom.batch, len(corners) - done),
-                        **options) as cam:
+        with _Explainer(model, layer_name, method, cpu_workers(dev, oom.batch, len(corners) - done), **options) as cam:
             while done < len(corners):
                 if _is_cancelled(cancel):
-                    raise CancelledError(f"sliding-window CAM cancelled after {done} of "
-                                         f"{len(corners)} patches")
-                chunk = corners[done:done + oom.batch]
+                    raise CancelledError(f"sliding-window CAM cancelled after {done} of {len(corners)} patches")
+                chunk = corners[done : done + oom.batch]
                 try:
                     hu = tiling.batch(chunk)
                     result = cam(hu if preprocess is None else preprocess(hu), target)

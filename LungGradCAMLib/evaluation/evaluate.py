@@ -7,6 +7,7 @@ bootstrap confidence interval (resampling patients when patient IDs are given, s
 one patient are not independent), and across cross-validation folds a t-interval of the fold
 values. These functions are the project's one implementation of classification metrics.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,12 @@ def confusion(y_true: Any, y_pred: Any) -> Dict[str, int]:
     """Counts tn, fp, fn, tp of binary predictions."""
     y, p = _check(y_true, y_pred)
     p = p.astype(np.int64)
-    return {"tn": int(np.sum((y == 0) & (p == 0))), "fp": int(np.sum((y == 0) & (p == 1))),
-            "fn": int(np.sum((y == 1) & (p == 0))), "tp": int(np.sum((y == 1) & (p == 1)))}
+    return {
+        "tn": int(np.sum((y == 0) & (p == 0))),
+        "fp": int(np.sum((y == 0) & (p == 1))),
+        "fn": int(np.sum((y == 1) & (p == 0))),
+        "tp": int(np.sum((y == 1) & (p == 1))),
+    }
 
 
 def _ratio(a: float, b: float) -> float:
@@ -82,14 +87,25 @@ def binary_metrics(y_true: Any, y_score: Any, threshold: float = 0.5) -> Dict[st
     tp, tn, fp, fn = c["tp"], c["tn"], c["fp"], c["fn"]
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     return {
-        "accuracy": _ratio(tp + tn, y.size), "precision": precision, "recall": recall,
-        "sensitivity": recall, "specificity": _ratio(tn, tn + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn), "roc_auc": roc_auc(y, s),
+        "accuracy": _ratio(tp + tn, y.size),
+        "precision": precision,
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": roc_auc(y, s),
     }
 
 
-def bootstrap_ci(y_true: Any, y_score: Any, threshold: float = 0.5, groups: Optional[Sequence[Any]] = None,
-                 n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> Dict[str, List[float]]:
+def bootstrap_ci(
+    y_true: Any,
+    y_score: Any,
+    threshold: float = 0.5,
+    groups: Optional[Sequence[Any]] = None,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Dict[str, List[float]]:
     """Percentile bootstrap ``confidence`` intervals ``[low, high]`` of :func:`binary_metrics`.
 
     With ``groups`` (patient IDs) whole patients are resampled (cluster bootstrap); otherwise
@@ -113,8 +129,10 @@ def bootstrap_ci(y_true: Any, y_score: Any, threshold: float = 0.5, groups: Opti
             if math.isfinite(v):
                 values[name].append(v)
     alpha = (1 - confidence) / 2
-    return {m: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] if v else [float("nan")] * 2)
-            for m, v in values.items()}
+    return {
+        m: ([float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha))] if v else [float("nan")] * 2)
+        for m, v in values.items()
+    }
 
 
 def fold_ci(values: Sequence[float], confidence: float = 0.95) -> Dict[str, Any]:
@@ -130,8 +148,15 @@ def fold_ci(values: Sequence[float], confidence: float = 0.95) -> Dict[str, Any]
     return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "folds": [float(x) for x in values]}
 
 
-def evaluation_report(y_true: Any, y_score: Any, threshold: float = 0.5, groups: Optional[Sequence[Any]] = None,
-                      n_boot: int = 1000, seed: int = 0, positive_class: str = "positive") -> Dict[str, Any]:
+def evaluation_report(
+    y_true: Any,
+    y_score: Any,
+    threshold: float = 0.5,
+    groups: Optional[Sequence[Any]] = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    positive_class: str = "positive",
+) -> Dict[str, Any]:
     """A JSON-able report: each metric as ``{"value", "ci95"}``, the confusion matrix, the ROC
     curve points, counts, and how the CIs were made."""
     y, s = _check(y_true, y_score)
@@ -139,14 +164,18 @@ def evaluation_report(y_true: Any, y_score: Any, threshold: float = 0.5, groups:
     ci = bootstrap_ci(y, s, threshold, groups, n_boot=n_boot, seed=seed)
     fpr, tpr, thr = roc_curve(y, s)
     return {
-        "positive_class": positive_class, "threshold": threshold,
-        "n": int(y.size), "n_positive": int(y.sum()), "n_negative": int(y.size - y.sum()),
+        "positive_class": positive_class,
+        "threshold": threshold,
+        "n": int(y.size),
+        "n_positive": int(y.sum()),
+        "n_negative": int(y.size - y.sum()),
         "n_patients": int(len(set(np.asarray(groups).astype(str)))) if groups is not None else None,
         "metrics": {m: {"value": point[m], "ci95": ci[m]} for m in METRICS},
         "confusion": confusion(y, (s >= threshold).astype(np.int64)),
         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "thresholds": [float(t) for t in thr]},
         "ci_method": f"percentile bootstrap, {n_boot} replicates, resampling "
-                     + ("patients" if groups is not None else "samples") + f", seed {seed}",
+        + ("patients" if groups is not None else "samples")
+        + f", seed {seed}",
     }
 
 
@@ -171,9 +200,17 @@ def _band_label(low: float, high: float) -> str:
     return f"< {high:g} mm" if low == 0 else (f">= {low:g} mm" if math.isinf(high) else f"{low:g}-{high:g} mm")
 
 
-def baseline_reports(y_true: Any, y_score: Any, diameters: Any, threshold_mm: Any, threshold: float = 0.5,
-                     groups: Optional[Sequence[Any]] = None, n_boot: int = 1000, seed: int = 0,
-                     threshold_from: str = "") -> Dict[str, Any]:
+def baseline_reports(
+    y_true: Any,
+    y_score: Any,
+    diameters: Any,
+    threshold_mm: Any,
+    threshold: float = 0.5,
+    groups: Optional[Sequence[Any]] = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold_from: str = "",
+) -> Dict[str, Any]:
     """The diameter-only baseline beside a model, on the same samples with the same CIs:
     ``diameter_baseline`` (the rule "positive when the readers' diameter >= ``threshold_mm``"
     (one cut-off, or one per sample, e.g. each cross-validation fold's own) scored with every
@@ -186,23 +223,33 @@ def baseline_reports(y_true: Any, y_score: Any, diameters: Any, threshold_mm: An
     g = None if groups is None else np.asarray(groups).astype(str)
     calls = (d >= np.asarray(threshold_mm, dtype=np.float64)).astype(np.float64)
     point = {**binary_metrics(y, calls, 0.5), "roc_auc": roc_auc(y, d)}
-    ci = {**bootstrap_ci(y, calls, 0.5, g, n_boot=n_boot, seed=seed),
-          "roc_auc": bootstrap_ci(y, d, 0.5, g, n_boot=n_boot, seed=seed)["roc_auc"]}
+    ci = {
+        **bootstrap_ci(y, calls, 0.5, g, n_boot=n_boot, seed=seed),
+        "roc_auc": bootstrap_ci(y, d, 0.5, g, n_boot=n_boot, seed=seed)["roc_auc"],
+    }
     cut = np.unique(np.asarray(threshold_mm, dtype=np.float64))
-    baseline = {"what": "the readers' diameter_mm alone, no model: positive when diameter >= threshold_mm",
-                "threshold_mm": float(cut[0]) if cut.size == 1 else [float(c) for c in cut],
-                "threshold_from": threshold_from,
-                "metrics": {m: {"value": point[m], "ci95": ci[m]} for m in METRICS}}
+    baseline = {
+        "what": "the readers' diameter_mm alone, no model: positive when diameter >= threshold_mm",
+        "threshold_mm": float(cut[0]) if cut.size == 1 else [float(c) for c in cut],
+        "threshold_from": threshold_from,
+        "metrics": {m: {"value": point[m], "ci95": ci[m]} for m in METRICS},
+    }
     bands = []
     for low, high in SIZE_BANDS_MM:
         inside = (d >= low) & (d < high)
-        row: Dict[str, Any] = {"band": _band_label(low, high), "low_mm": low, "high_mm": None if math.isinf(high) else high,
-                               "n": int(inside.sum()), "n_positive": int(y[inside].sum())}
+        row: Dict[str, Any] = {
+            "band": _band_label(low, high),
+            "low_mm": low,
+            "high_mm": None if math.isinf(high) else high,
+            "n": int(inside.sum()),
+            "n_positive": int(y[inside].sum()),
+        }
         for name, score in (("model", s), ("diameter", d)):
             if inside.any():
                 auc = roc_auc(y[inside], score[inside])
-                lo_hi = bootstrap_ci(y[inside], score[inside], threshold, None if g is None else g[inside],
-                                     n_boot=n_boot, seed=seed)["roc_auc"]
+                lo_hi = bootstrap_ci(
+                    y[inside], score[inside], threshold, None if g is None else g[inside], n_boot=n_boot, seed=seed
+                )["roc_auc"]
             else:
                 auc, lo_hi = float("nan"), [float("nan")] * 2
             row[f"{name}_roc_auc"] = {"value": auc, "ci95": lo_hi}
@@ -215,8 +262,12 @@ def cross_validation_report(fold_reports: Sequence[Dict[str, Any]]) -> Dict[str,
     folds, plus the summed confusion matrix."""
     metrics = {m: fold_ci([r["metrics"][m]["value"] for r in fold_reports]) for m in METRICS}
     conf = {k: int(sum(r["confusion"][k] for r in fold_reports)) for k in ("tn", "fp", "fn", "tp")}
-    return {"folds": len(fold_reports), "metrics": metrics, "confusion": conf,
-            "ci_method": "Student t interval of the per-fold values"}
+    return {
+        "folds": len(fold_reports),
+        "metrics": metrics,
+        "confusion": conf,
+        "ci_method": "Student t interval of the per-fold values",
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,8 +289,12 @@ def save_roc_png(report: Dict[str, Any], path: Any, title: str = "ROC") -> Path:
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot()
     auc = report["metrics"]["roc_auc"]
-    ax.plot(report["roc"]["fpr"], report["roc"]["tpr"], lw=2,
-            label=f"AUC {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f})")
+    ax.plot(
+        report["roc"]["fpr"],
+        report["roc"]["tpr"],
+        lw=2,
+        label=f"AUC {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f})",
+    )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
@@ -266,8 +321,14 @@ def loss_curves_figure(history: Sequence[Dict[str, Any]], title: str = "training
     ax.legend(loc="upper right", fontsize=8)
     if with_auc:
         auc = fig.add_subplot(1, 2, 2)
-        auc.plot(epochs, [_number(h.get("val_auc")) for h in history], color="green", marker="o", ms=3,
-                 label="validation ROC AUC")
+        auc.plot(
+            epochs,
+            [_number(h.get("val_auc")) for h in history],
+            color="green",
+            marker="o",
+            ms=3,
+            label="validation ROC AUC",
+        )
         auc.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
         auc.set(xlabel="epoch", ylabel="ROC AUC", title="validation ROC AUC", ylim=(0, 1.01))
         auc.legend(loc="lower right", fontsize=8)
@@ -306,7 +367,7 @@ def predict(loaded: Any, patches: Any, batch_size: int = 16) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for start in range(0, len(array), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(array[start:start + batch_size])).to(loaded.device)
+            x = torch.from_numpy(np.ascontiguousarray(array[start : start + batch_size])).to(loaded.device)
             x = loaded.prepare(x.float().unsqueeze(1))
             out.append(loaded.probabilities(loaded.module(x)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(loaded.card.class_names)), np.float32)
@@ -325,9 +386,15 @@ def card_diameter_threshold(card: Any) -> Optional[float]:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def evaluate_model(loaded: Any, patch_set: Any, threshold: float = 0.5, n_boot: int = 1000,
-                   seed: int = 0, batch_size: int = 16, diameter_threshold_mm: Optional[float] = None
-                   ) -> Dict[str, Any]:
+def evaluate_model(
+    loaded: Any,
+    patch_set: Any,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+    diameter_threshold_mm: Optional[float] = None,
+) -> Dict[str, Any]:
     """:func:`evaluation_report` of a loaded model on a PatchSet, positive = the card's
     ``cam_class``; the PatchSet's classes must be the card's. When every patch has the readers'
     diameter (malignancy data), the report also holds :func:`baseline_reports`: the diameter-only
@@ -347,17 +414,37 @@ def evaluate_model(loaded: Any, patch_set: Any, threshold: float = 0.5, n_boot: 
     return scores_report(y, probs[:, pos], patch_set, threshold, n_boot, seed, card.cam_class, cut, origin)
 
 
-def scores_report(y: np.ndarray, scores: np.ndarray, patch_set: Any, threshold: float = 0.5, n_boot: int = 1000,
-                  seed: int = 0, positive_class: str = "positive", diameter_threshold_mm: Any = None,
-                  threshold_from: str = "") -> Dict[str, Any]:
+def scores_report(
+    y: np.ndarray,
+    scores: np.ndarray,
+    patch_set: Any,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    positive_class: str = "positive",
+    diameter_threshold_mm: Any = None,
+    threshold_from: str = "",
+) -> Dict[str, Any]:
     """:func:`evaluation_report` of positive-class ``scores`` against ``y`` (0/1) on ``patch_set``'s
     patches (its patients are resampled), with :func:`baseline_reports` when every patch has the
     readers' diameter and a ``diameter_threshold_mm`` is given, and the per-patch ``scores``."""
-    report = evaluation_report(y, scores, threshold, patch_set.patients, n_boot=n_boot, seed=seed,
-                               positive_class=positive_class)
+    report = evaluation_report(
+        y, scores, threshold, patch_set.patients, n_boot=n_boot, seed=seed, positive_class=positive_class
+    )
     if has_diameters(patch_set) and diameter_threshold_mm is not None and y.min() != y.max():
-        report.update(baseline_reports(y, scores, patch_set.diameters, diameter_threshold_mm, threshold,
-                                       patch_set.patients, n_boot=n_boot, seed=seed, threshold_from=threshold_from))
+        report.update(
+            baseline_reports(
+                y,
+                scores,
+                patch_set.diameters,
+                diameter_threshold_mm,
+                threshold,
+                patch_set.patients,
+                n_boot=n_boot,
+                seed=seed,
+                threshold_from=threshold_from,
+            )
+        )
     report["scores"] = [float(v) for v in scores]
     return report
 
@@ -366,8 +453,9 @@ def scores_report(y: np.ndarray, scores: np.ndarray, patch_set: Any, threshold: 
 REPORT_FILES = ("report.json", "roc.png", "loss.png")
 
 
-def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequence[Dict[str, Any]]] = None,
-                 title: str = "") -> Dict[str, Path]:
+def write_report(
+    report: Dict[str, Any], out_dir: Any, history: Optional[Sequence[Dict[str, Any]]] = None, title: str = ""
+) -> Dict[str, Path]:
     """Write ``report.json``, ``roc.png`` (and ``loss.png`` from ``history``) into ``out_dir``
     (:data:`REPORT_FILES`); ``lunggradcam evaluate`` and ``train`` own the folder it is in."""
     out = Path(out_dir)
@@ -379,8 +467,13 @@ def write_report(report: Dict[str, Any], out_dir: Any, history: Optional[Sequenc
     return paths
 
 
-def group_bootstrap(groups: Sequence[Any], statistic: Callable[[np.ndarray], Any], n_boot: int = 1000,
-                    confidence: float = 0.95, seed: int = 0) -> np.ndarray:
+def group_bootstrap(
+    groups: Sequence[Any],
+    statistic: Callable[[np.ndarray], Any],
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> np.ndarray:
     """Percentile bootstrap ``confidence`` interval of ``statistic(index)`` (a number or an array
     of numbers, of the samples at ``index``) resampling whole groups (e.g. patients) with
     replacement: an array (2, ...) of the low and high ends; NaN replicates are left out."""
@@ -389,8 +482,13 @@ def group_bootstrap(groups: Sequence[Any], statistic: Callable[[np.ndarray], Any
     if not members:
         raise InvalidInputError("group_bootstrap needs at least one sample")
     rng = np.random.default_rng(seed)
-    draws = [np.asarray(statistic(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])),
-                        dtype=np.float64) for _ in range(n_boot)]
+    draws = [
+        np.asarray(
+            statistic(np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])),
+            dtype=np.float64,
+        )
+        for _ in range(n_boot)
+    ]
     alpha = (1 - confidence) / 2
     with warnings.catch_warnings():  # a statistic that is NaN in every replicate has a NaN interval
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -5,6 +5,7 @@ the truth must have the same shape (and, when both are Volumes, the same geometr
 taken as ``truth != 0``. Distances are in mm. Classification metrics (accuracy, AUC, confidence
 intervals) live in :mod:`LungGradCAMLib.evaluation.evaluate`.
 """
+
 from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
@@ -15,7 +16,6 @@ from ..core.errors import InvalidInputError
 from ..core.volume import AIR_HU, Volume, same_geometry
 
 ArrayOrVolume = Union[np.ndarray, Volume]
-
 
 
 def _array(x: ArrayOrVolume, what: str) -> np.ndarray:
@@ -70,6 +70,7 @@ def _spacing_kji(x: ArrayOrVolume, spacing: Optional[Sequence[float]], why: str)
 
 
 # --- overlap --------------------------------------------------------------------------------------
+
 
 def dice(a: ArrayOrVolume, b: ArrayOrVolume) -> float:
     """Dice = 2|A ∩ B| / (|A| + |B|) of two masks (non-zero = inside); 1.0 when both are empty."""
@@ -149,6 +150,7 @@ def best_dice(cam: ArrayOrVolume, truth: ArrayOrVolume, within: Optional[ArrayOr
 
 # --- localisation ---------------------------------------------------------------------------------
 
+
 def _peak(cam: ArrayOrVolume, truth: ArrayOrVolume) -> Tuple[np.ndarray, np.ndarray]:
     """The truth mask and the (k, j, i) index of the CAM's first maximum (C order)."""
     c, t = _pair(cam, truth, ("cam", "truth"))
@@ -171,8 +173,9 @@ def peak_distance_mm(cam: ArrayOrVolume, truth: ArrayOrVolume, spacing: Optional
     return float(np.sqrt((((np.argwhere(t) - peak) * size) ** 2).sum(axis=1).min()))
 
 
-def pointing_game(cam: ArrayOrVolume, truth: ArrayOrVolume, tolerance_mm: float = 0.0,
-                  spacing: Optional[Sequence[float]] = None) -> bool:
+def pointing_game(
+    cam: ArrayOrVolume, truth: ArrayOrVolume, tolerance_mm: float = 0.0, spacing: Optional[Sequence[float]] = None
+) -> bool:
     """A hit when the CAM's maximum voxel is inside the truth, or within ``tolerance_mm`` of it.
 
     See :func:`peak_distance_mm` (ties, ``spacing``); with ``tolerance_mm=0`` no spacing is needed.
@@ -185,8 +188,7 @@ def pointing_game(cam: ArrayOrVolume, truth: ArrayOrVolume, tolerance_mm: float 
     return peak_distance_mm(cam, truth, spacing) <= tolerance_mm
 
 
-def energy_pointing_game(cam: ArrayOrVolume, truth: ArrayOrVolume,
-                         within: Optional[ArrayOrVolume] = None) -> float:
+def energy_pointing_game(cam: ArrayOrVolume, truth: ArrayOrVolume, within: Optional[ArrayOrVolume] = None) -> float:
     """Share of the CAM's mass inside the truth: sum(CAM over truth ∩ W) / sum(CAM over W).
 
     W is ``within`` (e.g. the lungs) or the whole volume. The CAM must be non-negative; a CAM
@@ -205,6 +207,7 @@ def energy_pointing_game(cam: ArrayOrVolume, truth: ArrayOrVolume,
 
 # --- faithfulness ---------------------------------------------------------------------------------
 
+
 class Curve(NamedTuple):
     """A deletion/insertion curve: the fraction of voxels changed (0..1), the model's score at each
     fraction, and the area under it (trapezoid rule over the fraction)."""
@@ -214,9 +217,17 @@ class Curve(NamedTuple):
     auc: float
 
 
-def _perturbation_curve(insert: bool, volume: ArrayOrVolume, cam: ArrayOrVolume,
-                        score_fn: Callable[[np.ndarray], object], steps: int, baseline: Union[str, float],
-                        blur_sigma_mm: float, spacing: Optional[Sequence[float]], batch_size: int) -> Curve:
+def _perturbation_curve(
+    insert: bool,
+    volume: ArrayOrVolume,
+    cam: ArrayOrVolume,
+    score_fn: Callable[[np.ndarray], object],
+    steps: int,
+    baseline: Union[str, float],
+    blur_sigma_mm: float,
+    spacing: Optional[Sequence[float]],
+    batch_size: int,
+) -> Curve:
     from scipy.integrate import trapezoid
     from scipy.ndimage import gaussian_filter
 
@@ -245,7 +256,7 @@ def _perturbation_curve(insert: bool, volume: ArrayOrVolume, cam: ArrayOrVolume,
     scores = []
     for start in range(0, len(counts), batch_size):
         # changed voxels (rank < n) take `second`, the rest keep `first`
-        batch = np.stack([np.where(rank < n, second, first) for n in counts[start:start + batch_size]])
+        batch = np.stack([np.where(rank < n, second, first) for n in counts[start : start + batch_size]])
         out = score_fn(batch)
         if hasattr(out, "detach"):  # a torch tensor
             out = out.detach().cpu().numpy()
@@ -257,9 +268,16 @@ def _perturbation_curve(insert: bool, volume: ArrayOrVolume, cam: ArrayOrVolume,
     return Curve(fractions, scores_array, float(trapezoid(scores_array, fractions)))
 
 
-def deletion_curve(volume: ArrayOrVolume, cam: ArrayOrVolume, score_fn: Callable[[np.ndarray], object],
-                   steps: int = 20, baseline: Union[str, float] = "air", blur_sigma_mm: float = 10.0,
-                   spacing: Optional[Sequence[float]] = None, batch_size: int = 8) -> Curve:
+def deletion_curve(
+    volume: ArrayOrVolume,
+    cam: ArrayOrVolume,
+    score_fn: Callable[[np.ndarray], object],
+    steps: int = 20,
+    baseline: Union[str, float] = "air",
+    blur_sigma_mm: float = 10.0,
+    spacing: Optional[Sequence[float]] = None,
+    batch_size: int = 8,
+) -> Curve:
     """Deletion: replace the hottest voxels by ``baseline`` in ``steps`` equal steps (0..100 %)
     and follow the model's score; a faithful CAM makes it fall fast (low area is good).
 
@@ -271,9 +289,16 @@ def deletion_curve(volume: ArrayOrVolume, cam: ArrayOrVolume, score_fn: Callable
     return _perturbation_curve(False, volume, cam, score_fn, steps, baseline, blur_sigma_mm, spacing, batch_size)
 
 
-def insertion_curve(volume: ArrayOrVolume, cam: ArrayOrVolume, score_fn: Callable[[np.ndarray], object],
-                    steps: int = 20, baseline: Union[str, float] = "blur", blur_sigma_mm: float = 10.0,
-                    spacing: Optional[Sequence[float]] = None, batch_size: int = 8) -> Curve:
+def insertion_curve(
+    volume: ArrayOrVolume,
+    cam: ArrayOrVolume,
+    score_fn: Callable[[np.ndarray], object],
+    steps: int = 20,
+    baseline: Union[str, float] = "blur",
+    blur_sigma_mm: float = 10.0,
+    spacing: Optional[Sequence[float]] = None,
+    batch_size: int = 8,
+) -> Curve:
     """Insertion: start from ``baseline`` and reveal the hottest voxels of ``volume`` in ``steps``
     equal steps; a faithful CAM makes the score rise fast (high area is good). Arguments as in
     :func:`deletion_curve`."""
@@ -298,8 +323,7 @@ class Froc(NamedTuple):
     cpm: float
 
 
-def froc(hits: np.ndarray, false_positives: Sequence[float], n_scans: int,
-         rates: Sequence[float] = FROC_RATES) -> Froc:
+def froc(hits: np.ndarray, false_positives: Sequence[float], n_scans: int, rates: Sequence[float] = FROC_RATES) -> Froc:
     """The FROC of a detector run at several operating points over ``n_scans`` scans.
 
     ``hits``: bool (points, nodules), whether each nodule was found at each operating point;
@@ -311,8 +335,10 @@ def froc(hits: np.ndarray, false_positives: Sequence[float], n_scans: int,
     found = np.asarray(hits, dtype=bool)
     fps = np.asarray(false_positives, dtype=np.float64).reshape(-1)
     if found.ndim != 2 or found.shape[0] != fps.size:
-        raise InvalidInputError(f"hits must be (points, nodules) with one row per entry of false_positives; got "
-                                f"{found.shape} and {fps.size}")
+        raise InvalidInputError(
+            f"hits must be (points, nodules) with one row per entry of false_positives; got "
+            f"{found.shape} and {fps.size}"
+        )
     if n_scans < 1 or found.shape[1] < 1:
         raise InvalidInputError(f"a FROC needs scans and nodules; got {n_scans} scans and {found.shape[1]} nodules")
     sensitivity = found.mean(axis=1)

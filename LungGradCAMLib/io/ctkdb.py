@@ -15,6 +15,7 @@ only takes shared locks; one in write-ahead-log (WAL) mode with ``immutable=1`` 
 ``-shm``), unless a ``-wal`` file beside it holds changes a writer (Slicer) has not yet copied
 into it, which only ``mode=ro`` reads. Either works on read-only media.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,16 @@ SUPPORTED_SCHEMAS = ("0.6", "0.7", "0.8")
 _REQUIRED = {
     "Patients": ("UID", "PatientsName", "PatientID", "PatientsBirthDate"),
     "Studies": ("StudyInstanceUID", "PatientsUID", "StudyDate", "StudyDescription", "ModalitiesInStudy"),
-    "Series": ("SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesDescription",
-               "Modality", "BodyPartExamined", "FrameOfReferenceUID"),
+    "Series": (
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "SeriesNumber",
+        "SeriesDate",
+        "SeriesDescription",
+        "Modality",
+        "BodyPartExamined",
+        "FrameOfReferenceUID",
+    ),
     "Images": ("SOPInstanceUID", "Filename", "SeriesInstanceUID"),
 }
 
@@ -96,8 +105,10 @@ class DicomDatabase:
         if path.is_dir():
             path = path / DATABASE_FILENAME
             if not path.is_file():
-                raise DatabaseError(f"{path.parent}: not a Slicer DICOM database folder (no {DATABASE_FILENAME}); "
-                                    "give the folder shown in Slicer's DICOM module settings")
+                raise DatabaseError(
+                    f"{path.parent}: not a Slicer DICOM database folder (no {DATABASE_FILENAME}); "
+                    "give the folder shown in Slicer's DICOM module settings"
+                )
         elif not path.is_file():
             what = f"a {kind(path.stat().st_mode)}, not a database" if path.exists() else "no such file or folder"
             raise DatabaseError(f"{path}: {what}; give Slicer's DICOM database folder or its {DATABASE_FILENAME}")
@@ -128,10 +139,16 @@ class DicomDatabase:
             with closing(sqlite3.connect(uri, uri=True, timeout=10.0)) as conn:
                 return conn.execute(sql, tuple(params)).fetchall()
         except sqlite3.DatabaseError as exc:  # also OperationalError: locked, unreadable, no table
-            wal = " (its -wal file, changes not yet in the database, needs a writable folder to be read: " \
-                  "copy the database folder)" if "mode=ro" in uri and Path(f"{self.path}-wal").is_file() else ""
-            raise DatabaseError(f"{self.path}: cannot read the database ({exc}){wal}; it is corrupt, not a "
-                                "Slicer DICOM database, or locked by another program") from None
+            wal = (
+                " (its -wal file, changes not yet in the database, needs a writable folder to be read: "
+                "copy the database folder)"
+                if "mode=ro" in uri and Path(f"{self.path}-wal").is_file()
+                else ""
+            )
+            raise DatabaseError(
+                f"{self.path}: cannot read the database ({exc}){wal}; it is corrupt, not a "
+                "Slicer DICOM database, or locked by another program"
+            ) from None
 
     def _check_schema(self) -> str:
         try:
@@ -139,12 +156,15 @@ class DicomDatabase:
         except DatabaseError as exc:
             if Path(f"{self.path}-wal").is_file():  # its message says what the write-ahead log needs
                 raise exc from None
-            raise DatabaseError(f"{self.path}: not an SQLite database (corrupt, or not Slicer's "
-                                f"{DATABASE_FILENAME}); give the folder of Slicer's DICOM database") from None
+            raise DatabaseError(
+                f"{self.path}: not an SQLite database (corrupt, or not Slicer's "
+                f"{DATABASE_FILENAME}); give the folder of Slicer's DICOM database"
+            ) from None
         missing = [t for t in ("SchemaInfo",) + tuple(_REQUIRED) if t not in tables]
         if missing:
-            raise DatabaseError(f"{self.path}: an SQLite file but not a Slicer (CTK) DICOM database: no "
-                                f"table(s) {', '.join(missing)}")
+            raise DatabaseError(
+                f"{self.path}: an SQLite file but not a Slicer (CTK) DICOM database: no table(s) {', '.join(missing)}"
+            )
         rows = self._query("SELECT Version FROM SchemaInfo")
         version = _text(rows[0][0]).strip() if rows else ""
         match = re.match(r"^(\d+\.\d+)(\.\d+)?$", version)
@@ -152,13 +172,16 @@ class DicomDatabase:
             raise DatabaseError(
                 f"{self.path}: DICOM database schema version {version or '(none)'!r} is not supported "
                 f"(known: {', '.join(s + '.x' for s in SUPPORTED_SCHEMAS)}); update LungGradCAM, or load "
-                "the series from its DICOM folder instead")
+                "the series from its DICOM folder instead"
+            )
         for table, columns in _REQUIRED.items():
             present = {row[1] for row in self._query(f"PRAGMA table_info('{table}')")}
             absent = [c for c in columns if c not in present]
             if absent:
-                raise DatabaseError(f"{self.path}: table {table} lacks column(s) {', '.join(absent)} of schema "
-                                    f"{version}; the database is damaged or not made by Slicer/CTK")
+                raise DatabaseError(
+                    f"{self.path}: table {table} lacks column(s) {', '.join(absent)} of schema "
+                    f"{version}; the database is damaged or not made by Slicer/CTK"
+                )
         return version
 
     def patients(self) -> List[PatientRecord]:
@@ -166,33 +189,49 @@ class DicomDatabase:
         rows = self._query(
             "SELECT p.UID, p.PatientID, p.PatientsName, p.PatientsBirthDate, "
             "(SELECT COUNT(*) FROM Studies s WHERE s.PatientsUID = p.UID) "
-            "FROM Patients p ORDER BY p.PatientsName, p.UID")
+            "FROM Patients p ORDER BY p.PatientsName, p.UID"
+        )
         return [PatientRecord(int(r[0]), _text(r[1]), _text(r[2]), _text(r[3]), int(r[4])) for r in rows]
 
     def studies(self, patient: Union[PatientRecord, int, None] = None) -> List[StudyRecord]:
         """Studies of ``patient`` (a record or its integer key), or all of them, by date."""
-        sql = ("SELECT s.StudyInstanceUID, s.PatientsUID, s.StudyDate, s.StudyDescription, s.ModalitiesInStudy, "
-               "(SELECT COUNT(*) FROM Series r WHERE r.StudyInstanceUID = s.StudyInstanceUID) FROM Studies s")
+        sql = (
+            "SELECT s.StudyInstanceUID, s.PatientsUID, s.StudyDate, s.StudyDescription, s.ModalitiesInStudy, "
+            "(SELECT COUNT(*) FROM Series r WHERE r.StudyInstanceUID = s.StudyInstanceUID) FROM Studies s"
+        )
         params: tuple = ()
         if patient is not None:
             sql += " WHERE s.PatientsUID = ?"
             params = (patient.uid if isinstance(patient, PatientRecord) else int(patient),)
         rows = self._query(sql + " ORDER BY s.StudyDate, s.StudyInstanceUID", params)
-        return [StudyRecord(_text(r[0]), int(r[1]), _text(r[2]), _text(r[3]), _text(r[4]), int(r[5]))
-                for r in rows]
+        return [StudyRecord(_text(r[0]), int(r[1]), _text(r[2]), _text(r[3]), _text(r[4]), int(r[5])) for r in rows]
 
     def series(self, study: Union[StudyRecord, str, None] = None) -> List[SeriesRecord]:
         """Series of ``study`` (a record or its StudyInstanceUID), or all of them, by number."""
-        sql = ("SELECT r.SeriesInstanceUID, r.StudyInstanceUID, r.SeriesNumber, r.SeriesDate, r.SeriesDescription, "
-               "r.Modality, r.BodyPartExamined, r.FrameOfReferenceUID, "
-               "(SELECT COUNT(*) FROM Images i WHERE i.SeriesInstanceUID = r.SeriesInstanceUID) FROM Series r")
+        sql = (
+            "SELECT r.SeriesInstanceUID, r.StudyInstanceUID, r.SeriesNumber, r.SeriesDate, r.SeriesDescription, "
+            "r.Modality, r.BodyPartExamined, r.FrameOfReferenceUID, "
+            "(SELECT COUNT(*) FROM Images i WHERE i.SeriesInstanceUID = r.SeriesInstanceUID) FROM Series r"
+        )
         params: tuple = ()
         if study is not None:
             sql += " WHERE r.StudyInstanceUID = ?"
             params = (study.study_uid if isinstance(study, StudyRecord) else str(study),)
         rows = self._query(sql + " ORDER BY r.StudyInstanceUID, r.SeriesNumber, r.SeriesInstanceUID", params)
-        return [SeriesRecord(_text(r[0]), _text(r[1]), None if r[2] is None else int(r[2]), _text(r[3]),
-                             _text(r[4]), _text(r[5]), _text(r[6]), _text(r[7]), int(r[8])) for r in rows]
+        return [
+            SeriesRecord(
+                _text(r[0]),
+                _text(r[1]),
+                None if r[2] is None else int(r[2]),
+                _text(r[3]),
+                _text(r[4]),
+                _text(r[5]),
+                _text(r[6]),
+                _text(r[7]),
+                int(r[8]),
+            )
+            for r in rows
+        ]
 
     def ct_series(self) -> List[SeriesRecord]:
         """All series whose Modality is CT."""
@@ -207,19 +246,24 @@ class DicomDatabase:
         if not rows:
             known = self._query("SELECT COUNT(*) FROM Series WHERE SeriesInstanceUID = ?", (uid,))[0][0]
             raise NoSeriesFoundError(
-                f"{self.path}: series {uid} " + ("has no images in the database" if known else "is not in the database")
-                + "; list the series with DicomDatabase(...).series()")
+                f"{self.path}: series {uid} "
+                + ("has no images in the database" if known else "is not in the database")
+                + "; list the series with DicomDatabase(...).series()"
+            )
         names = [_text(r[0]) for r in rows if _text(r[0])]
         if not names:
-            raise DatabaseError(f"{self.path}: series {uid} has no local files (only URLs of a remote store); "
-                                "retrieve it into the database with Slicer's DICOM module first")
+            raise DatabaseError(
+                f"{self.path}: series {uid} has no local files (only URLs of a remote store); "
+                "retrieve it into the database with Slicer's DICOM module first"
+            )
         paths = [Path(n) if os.path.isabs(n) else self.folder / n for n in names]
         missing = [p for p in paths if not p.exists()]
         if missing:
             shown = ", ".join(str(p) for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
             raise DatabaseError(
                 f"{self.path}: {len(missing)} of {len(paths)} files of series {uid} are missing (deleted or "
-                f"moved): {shown}; re-import the series in Slicer's DICOM module or remove it from the database")
+                f"moved): {shown}; re-import the series in Slicer's DICOM module or remove it from the database"
+            )
         return paths
 
     def load(self, series_uid: str, **kwargs: Any) -> Volume:
@@ -235,12 +279,17 @@ class DicomDatabase:
         patients = {p.uid: p.patient_id for p in self.patients()}
         study = next((s for s in self.studies() if s.study_uid == series.study_uid), None)
         patient = patients.get(study.patient_uid, "") if study is not None else ""
-        names = [_text(r[0]) for r in self._query("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?",
-                                                   (series.series_uid,)) if _text(r[0])]
+        names = [
+            _text(r[0])
+            for r in self._query("SELECT Filename FROM Images WHERE SeriesInstanceUID = ?", (series.series_uid,))
+            if _text(r[0])
+        ]
         paths = [str(Path(n).parent if os.path.isabs(n) else (self.folder / n).parent) for n in names]
         folder = os.path.commonpath(paths) if paths else "?"
-        return (f"{escaped(series.series_uid, 80)}  '{escaped(series.description, 80)}'  "
-                f"{series.n_images} image(s)  patient '{escaped(patient or '(no PatientID)', 80)}'  in {escaped(folder)}")
+        return (
+            f"{escaped(series.series_uid, 80)}  '{escaped(series.description, 80)}'  "
+            f"{series.n_images} image(s)  patient '{escaped(patient or '(no PatientID)', 80)}'  in {escaped(folder)}"
+        )
 
     def load_single_ct(self, **kwargs: Any) -> Volume:
         """The database's only CT series (none -> :class:`NoSeriesFoundError`, several ->
@@ -250,8 +299,10 @@ class DicomDatabase:
             raise NoSeriesFoundError(f"{self.path}: no CT series in the database")
         if len(ct) > 1:
             listing = "\n".join(f"  {self.describe_for_choice(s)}" for s in ct)
-            raise AmbiguousSeriesError(f"{self.path}: {len(ct)} CT series; pick one by its UID "
-                                       f"(series_uid= in Python, --series on the command line):\n{listing}")
+            raise AmbiguousSeriesError(
+                f"{self.path}: {len(ct)} CT series; pick one by its UID "
+                f"(series_uid= in Python, --series on the command line):\n{listing}"
+            )
         return self.load(ct[0].series_uid, **kwargs)
 
 

@@ -13,6 +13,7 @@ runs (Slicer runs it when it shows the database); the column display properties 
 :class:`~LungGradCAMLib.io.ctkdb.DicomDatabase` reads what this writes, and so do
 ``lunggradcam run``/``batch`` (a database folder as the CT). The DICOM files are only read.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,52 +33,77 @@ SCHEMA_VERSION = "0.8.1"
 
 _TABLES = {
     "Images": "'SOPInstanceUID' VARCHAR(64) NOT NULL, 'Filename' VARCHAR(1024) NULL, 'URL' VARCHAR(2048) NULL, "
-              "'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
-              "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('SOPInstanceUID')",
+    "'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
+    "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('SOPInstanceUID')",
     "Patients": "'UID' INTEGER PRIMARY KEY AUTOINCREMENT, 'PatientsName' VARCHAR(255) NULL, "
-                "'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL, "
-                "'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL, "
-                "'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL, "
-                "'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL, "
-                "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, 'Connections' VARCHAR(2048) NULL",
+    "'PatientID' VARCHAR(255) NULL, 'PatientsBirthDate' DATE NULL, 'PatientsBirthTime' TIME NULL, "
+    "'PatientsSex' VARCHAR(1) NULL, 'PatientsAge' VARCHAR(10) NULL, 'PatientsComments' VARCHAR(255) NULL, "
+    "'InsertTimestamp' VARCHAR(20) NOT NULL, 'DisplayedPatientsName' VARCHAR(255) NULL, "
+    "'DisplayedNumberOfStudies' INT NULL, 'DisplayedLastStudyDate' DATE NULL, "
+    "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, 'Connections' VARCHAR(2048) NULL",
     "Studies": "'StudyInstanceUID' VARCHAR(64) NOT NULL, 'PatientsUID' INT NOT NULL, 'StudyID' VARCHAR(255) NULL, "
-               "'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL, 'StudyDescription' VARCHAR(255) NULL, "
-               "'AccessionNumber' VARCHAR(255) NULL, 'ModalitiesInStudy' VARCHAR(255) NULL, "
-               "'InstitutionName' VARCHAR(255) NULL, 'ReferringPhysician' VARCHAR(255) NULL, "
-               "'PerformingPhysiciansName' VARCHAR(255) NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
-               "'DisplayedNumberOfSeries' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, "
-               "PRIMARY KEY ('StudyInstanceUID')",
+    "'StudyDate' DATE NULL, 'StudyTime' VARCHAR(20) NULL, 'StudyDescription' VARCHAR(255) NULL, "
+    "'AccessionNumber' VARCHAR(255) NULL, 'ModalitiesInStudy' VARCHAR(255) NULL, "
+    "'InstitutionName' VARCHAR(255) NULL, 'ReferringPhysician' VARCHAR(255) NULL, "
+    "'PerformingPhysiciansName' VARCHAR(255) NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
+    "'DisplayedNumberOfSeries' INT NULL, 'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, "
+    "PRIMARY KEY ('StudyInstanceUID')",
     "Series": "'SeriesInstanceUID' VARCHAR(64) NOT NULL, 'StudyInstanceUID' VARCHAR(64) NOT NULL, "
-              "'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL, "
-              "'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, "
-              "'BodyPartExamined' VARCHAR(255) NULL, 'FrameOfReferenceUID' VARCHAR(64) NULL, "
-              "'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL, 'ScanningSequence' VARCHAR(45) NULL, "
-              "'EchoNumber' INT NULL, 'TemporalPosition' INT NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
-              "'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL, 'DisplayedNumberOfFrames' INT NULL, "
-              "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('SeriesInstanceUID')",
+    "'SeriesNumber' INT NULL, 'SeriesDate' DATE NULL, 'SeriesTime' VARCHAR(20) NULL, "
+    "'SeriesDescription' VARCHAR(255) NULL, 'Modality' VARCHAR(20) NULL, "
+    "'BodyPartExamined' VARCHAR(255) NULL, 'FrameOfReferenceUID' VARCHAR(64) NULL, "
+    "'AcquisitionNumber' INT NULL, 'ContrastAgent' VARCHAR(255) NULL, 'ScanningSequence' VARCHAR(45) NULL, "
+    "'EchoNumber' INT NULL, 'TemporalPosition' INT NULL, 'InsertTimestamp' VARCHAR(20) NOT NULL, "
+    "'DisplayedCount' INT NULL, 'DisplayedSize' VARCHAR(20) NULL, 'DisplayedNumberOfFrames' INT NULL, "
+    "'DisplayedFieldsUpdatedTimestamp' DATETIME NULL, PRIMARY KEY ('SeriesInstanceUID')",
     "Directories": "'Dirname' VARCHAR(1024), PRIMARY KEY ('Dirname')",
     "ColumnDisplayProperties": "'TableName' VARCHAR(64) NOT NULL, 'FieldName' VARCHAR(64) NOT NULL, "
-                               "'DisplayedName' VARCHAR(255) NULL, 'Visibility' INT NULL DEFAULT 1, "
-                               "'Weight' INT NULL, 'Format' VARCHAR(255) NULL, PRIMARY KEY ('TableName', 'FieldName')",
+    "'DisplayedName' VARCHAR(255) NULL, 'Visibility' INT NULL DEFAULT 1, "
+    "'Weight' INT NULL, 'Format' VARCHAR(255) NULL, PRIMARY KEY ('TableName', 'FieldName')",
     "DisplayedFieldGeneratorRules": "'Name' VARCHAR(64) NOT NULL, 'Enabled' INT NULL DEFAULT 1, "
-                                    "'Options' VARCHAR(255) NULL, PRIMARY KEY ('Name')",
+    "'Options' VARCHAR(255) NULL, PRIMARY KEY ('Name')",
 }
-_INDEXES = (("ImagesFilenameIndex", "Images", "Filename"), ("ImagesSeriesIndex", "Images", "SeriesInstanceUID"),
-            ("SeriesStudyIndex", "Series", "StudyInstanceUID"), ("StudiesPatientIndex", "Studies", "PatientsUID"))
+_INDEXES = (
+    ("ImagesFilenameIndex", "Images", "Filename"),
+    ("ImagesSeriesIndex", "Images", "SeriesInstanceUID"),
+    ("SeriesStudyIndex", "Series", "StudyInstanceUID"),
+    ("StudiesPatientIndex", "Studies", "PatientsUID"),
+)
 #: (column, DICOM keyword) of the rows CTK fills from each file's header.
-_PATIENT = (("PatientsName", "PatientName"), ("PatientID", "PatientID"), ("PatientsBirthDate", "PatientBirthDate"),
-            ("PatientsBirthTime", "PatientBirthTime"), ("PatientsSex", "PatientSex"), ("PatientsAge", "PatientAge"),
-            ("PatientsComments", "PatientComments"))
-_STUDY = (("StudyID", "StudyID"), ("StudyDate", "StudyDate"), ("StudyTime", "StudyTime"),
-          ("StudyDescription", "StudyDescription"), ("AccessionNumber", "AccessionNumber"),
-          ("ModalitiesInStudy", "Modality"), ("InstitutionName", "InstitutionName"),
-          ("ReferringPhysician", "ReferringPhysicianName"), ("PerformingPhysiciansName", "PerformingPhysicianName"))
-_SERIES = (("SeriesNumber", "SeriesNumber"), ("SeriesDate", "SeriesDate"), ("SeriesTime", "SeriesTime"),
-           ("SeriesDescription", "SeriesDescription"), ("Modality", "Modality"),
-           ("BodyPartExamined", "BodyPartExamined"), ("FrameOfReferenceUID", "FrameOfReferenceUID"),
-           ("AcquisitionNumber", "AcquisitionNumber"), ("ContrastAgent", "ContrastBolusAgent"),
-           ("ScanningSequence", "ScanningSequence"), ("EchoNumber", "EchoNumbers"),
-           ("TemporalPosition", "TemporalPositionIdentifier"))
+_PATIENT = (
+    ("PatientsName", "PatientName"),
+    ("PatientID", "PatientID"),
+    ("PatientsBirthDate", "PatientBirthDate"),
+    ("PatientsBirthTime", "PatientBirthTime"),
+    ("PatientsSex", "PatientSex"),
+    ("PatientsAge", "PatientAge"),
+    ("PatientsComments", "PatientComments"),
+)
+_STUDY = (
+    ("StudyID", "StudyID"),
+    ("StudyDate", "StudyDate"),
+    ("StudyTime", "StudyTime"),
+    ("StudyDescription", "StudyDescription"),
+    ("AccessionNumber", "AccessionNumber"),
+    ("ModalitiesInStudy", "Modality"),
+    ("InstitutionName", "InstitutionName"),
+    ("ReferringPhysician", "ReferringPhysicianName"),
+    ("PerformingPhysiciansName", "PerformingPhysicianName"),
+)
+_SERIES = (
+    ("SeriesNumber", "SeriesNumber"),
+    ("SeriesDate", "SeriesDate"),
+    ("SeriesTime", "SeriesTime"),
+    ("SeriesDescription", "SeriesDescription"),
+    ("Modality", "Modality"),
+    ("BodyPartExamined", "BodyPartExamined"),
+    ("FrameOfReferenceUID", "FrameOfReferenceUID"),
+    ("AcquisitionNumber", "AcquisitionNumber"),
+    ("ContrastAgent", "ContrastBolusAgent"),
+    ("ScanningSequence", "ScanningSequence"),
+    ("EchoNumber", "EchoNumbers"),
+    ("TemporalPosition", "TemporalPositionIdentifier"),
+)
 
 
 @dataclass(frozen=True)
@@ -92,9 +118,11 @@ class DatabaseSummary:
     skipped: int
 
     def __str__(self) -> str:
-        return (f"{self.files} file(s) of {self.series} series, {self.studies} study(ies), {self.patients} "
-                f"patient(s) indexed into {self.path}" + (f"; {self.skipped} unreadable file(s) skipped"
-                                                          if self.skipped else ""))
+        return (
+            f"{self.files} file(s) of {self.series} series, {self.studies} study(ies), {self.patients} "
+            f"patient(s) indexed into {self.path}"
+            + (f"; {self.skipped} unreadable file(s) skipped" if self.skipped else "")
+        )
 
 
 def _value(ds: "pydicom.Dataset", keyword: str) -> Union[str, int, None]:  # noqa: F821
@@ -109,8 +137,9 @@ def _value(ds: "pydicom.Dataset", keyword: str) -> Union[str, int, None]:  # noq
 def _check_new(folder: Path) -> Path:
     target = folder / DATABASE_FILENAME
     if target.exists() or target.is_symlink():
-        raise OutputError(f"{target} exists; LungGradCAM never overwrites a database: remove it, or choose "
-                          "another folder")
+        raise OutputError(
+            f"{target} exists; LungGradCAM never overwrites a database: remove it, or choose another folder"
+        )
     return target
 
 
@@ -136,8 +165,10 @@ def create_dicom_database(database_folder: Union[str, "os.PathLike[str]"]) -> Pa
     return target
 
 
-def make_dicom_database(source: Union[str, "os.PathLike[str]", Iterable["os.PathLike[str]"]],
-                        database_folder: Union[str, "os.PathLike[str]"]) -> DatabaseSummary:
+def make_dicom_database(
+    source: Union[str, "os.PathLike[str]", Iterable["os.PathLike[str]"]],
+    database_folder: Union[str, "os.PathLike[str]"],
+) -> DatabaseSummary:
     """Index the DICOM image series under ``source`` (a folder, searched recursively, or a list of
     files) into a new ``ctkDICOM.sql`` in ``database_folder`` (made when missing), with CTK's
     schema (see the module notes), so that Slicer's DICOM module,
@@ -179,21 +210,31 @@ def make_dicom_database(source: Union[str, "os.PathLike[str]", Iterable["os.Path
                         patients[key] = db.execute(
                             "INSERT INTO Patients (" + ", ".join(c for c, _ in _PATIENT) + ", InsertTimestamp) "
                             "VALUES (" + ", ".join("?" * (len(_PATIENT) + 1)) + ")",
-                            [_value(ds, k) for _, k in _PATIENT] + [stamp]).lastrowid
-                    db.execute("INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, "
-                               + ", ".join(c for c, _ in _STUDY) + ", InsertTimestamp) VALUES ("
-                               + ", ".join("?" * (len(_STUDY) + 3)) + ")",
-                               [str(ds.StudyInstanceUID), patients[key]] + [_value(ds, k) for _, k in _STUDY] + [stamp])
-                    db.execute("INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, "
-                               + ", ".join(c for c, _ in _SERIES) + ", InsertTimestamp) VALUES ("
-                               + ", ".join("?" * (len(_SERIES) + 3)) + ")",
-                               [info.series_uid, str(ds.StudyInstanceUID)] + [_value(ds, k) for _, k in _SERIES]
-                               + [stamp])
+                            [_value(ds, k) for _, k in _PATIENT] + [stamp],
+                        ).lastrowid
+                    db.execute(
+                        "INSERT OR IGNORE INTO Studies (StudyInstanceUID, PatientsUID, "
+                        + ", ".join(c for c, _ in _STUDY)
+                        + ", InsertTimestamp) VALUES ("
+                        + ", ".join("?" * (len(_STUDY) + 3))
+                        + ")",
+                        [str(ds.StudyInstanceUID), patients[key]] + [_value(ds, k) for _, k in _STUDY] + [stamp],
+                    )
+                    db.execute(
+                        "INSERT OR IGNORE INTO Series (SeriesInstanceUID, StudyInstanceUID, "
+                        + ", ".join(c for c, _ in _SERIES)
+                        + ", InsertTimestamp) VALUES ("
+                        + ", ".join("?" * (len(_SERIES) + 3))
+                        + ")",
+                        [info.series_uid, str(ds.StudyInstanceUID)] + [_value(ds, k) for _, k in _SERIES] + [stamp],
+                    )
                     resolved = Path(path).resolve()
                     name = resolved.relative_to(root).as_posix() if root in resolved.parents else str(resolved)
-                    files += db.execute("INSERT OR IGNORE INTO Images (SOPInstanceUID, Filename, SeriesInstanceUID, "
-                                        "InsertTimestamp) VALUES (?, ?, ?, ?)",
-                                        (str(ds.SOPInstanceUID), name, info.series_uid, stamp)).rowcount
+                    files += db.execute(
+                        "INSERT OR IGNORE INTO Images (SOPInstanceUID, Filename, SeriesInstanceUID, "
+                        "InsertTimestamp) VALUES (?, ?, ?, ?)",
+                        (str(ds.SOPInstanceUID), name, info.series_uid, stamp),
+                    ).rowcount
                     db.execute("INSERT OR IGNORE INTO Directories VALUES (?)", (str(resolved.parent),))
             counts = [db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("Patients", "Studies", "Series")]
     return DatabaseSummary(target, *counts, files=files, skipped=len(unreadable))

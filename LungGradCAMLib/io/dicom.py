@@ -29,6 +29,7 @@ the series; the headers are :mod:`.dicom_headers`'s, the series and their parts
 Geometry is DICOM's LPS until the single conversion to RAS in :func:`_ijk_to_ras`;
 :func:`~LungGradCAMLib.io.dicom_write.write_dicom_series` does the inverse once. Arrays are (K, J, I) = (slice, row, column).
 """
+
 from __future__ import annotations
 
 import functools
@@ -54,8 +55,9 @@ class DicomResampledWarning(LungGradCAMWarning):
 # --------------------------------------------------------------------------------------------
 # geometry
 # --------------------------------------------------------------------------------------------
-def _ijk_to_ras(origin_lps: np.ndarray, iop: np.ndarray, pixel_spacing: Tuple[float, float],
-                k_step_lps: np.ndarray) -> np.ndarray:
+def _ijk_to_ras(
+    origin_lps: np.ndarray, iop: np.ndarray, pixel_spacing: Tuple[float, float], k_step_lps: np.ndarray
+) -> np.ndarray:
     """The one LPS -> RAS conversion of the reader. Column i follows IOP's row cosine scaled by
     the column spacing (PixelSpacing[1]); column j the column cosine scaled by PixelSpacing[0]."""
     lps = np.eye(4)
@@ -71,21 +73,36 @@ def _check_frames(frames: List[Frame], key: str) -> None:
     rescaling, missing or invalid position, orientation or pixel spacing."""
     for f in frames:
         if f.rows <= 0 or f.cols <= 0:
-            raise DicomDecodeError(f"{f.path}: Rows x Columns is {f.rows} x {f.cols}; an image needs at least one "
-                                   "pixel: the file is damaged, replace it")
+            raise DicomDecodeError(
+                f"{f.path}: Rows x Columns is {f.rows} x {f.cols}; an image needs at least one "
+                "pixel: the file is damaged, replace it"
+            )
         if not (np.isfinite(f.slope) and np.isfinite(f.intercept)) or f.slope == 0:
-            raise DicomDecodeError(f"{f.path}: RescaleSlope {f.slope} / RescaleIntercept {f.intercept} cannot map "
-                                   "stored values to HU (zero or not finite): the file is damaged, replace it")
+            raise DicomDecodeError(
+                f"{f.path}: RescaleSlope {f.slope} / RescaleIntercept {f.intercept} cannot map "
+                "stored values to HU (zero or not finite): the file is damaged, replace it"
+            )
         if f.ipp is None or f.iop is None or f.pixel_spacing is None:
-            missing = [n for n, v in (("ImagePositionPatient", f.ipp), ("ImageOrientationPatient", f.iop),
-                                      ("PixelSpacing", f.pixel_spacing)) if v is None]
+            missing = [
+                n
+                for n, v in (
+                    ("ImagePositionPatient", f.ipp),
+                    ("ImageOrientationPatient", f.iop),
+                    ("PixelSpacing", f.pixel_spacing),
+                )
+                if v is None
+            ]
             where = f"{f.path}" if f.frame is None else f"frame {f.frame + 1} of {f.path} (multi-frame)"
-            raise SeriesGeometryError(f"series {key}: {where} lacks {', '.join(missing)}; the slices "
-                                      "cannot be placed in space")
-        if not (SPACING_RANGE_MM[0] <= min(f.pixel_spacing) <= max(f.pixel_spacing) <= SPACING_RANGE_MM[1]) \
-                or not valid_orientation(f.iop):
-            raise SeriesGeometryError(f"series {key}: {f.path} has invalid ImageOrientationPatient "
-                                      f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}")
+            raise SeriesGeometryError(
+                f"series {key}: {where} lacks {', '.join(missing)}; the slices cannot be placed in space"
+            )
+        if not (
+            SPACING_RANGE_MM[0] <= min(f.pixel_spacing) <= max(f.pixel_spacing) <= SPACING_RANGE_MM[1]
+        ) or not valid_orientation(f.iop):
+            raise SeriesGeometryError(
+                f"series {key}: {f.path} has invalid ImageOrientationPatient "
+                f"{list(f.iop)} or PixelSpacing {list(f.pixel_spacing)}"
+            )
 
 
 def _deduplicate(frames: List[Frame], d: np.ndarray, hu: np.ndarray, key: str):
@@ -97,7 +114,8 @@ def _deduplicate(frames: List[Frame], d: np.ndarray, hu: np.ndarray, key: str):
                 raise SeriesGeometryError(
                     f"series {key}: {frames[keep[-1]].path} and {frames[n].path} are at the same position "
                     f"({d[n]:.3f} mm along the slice normal) but hold different pixels; remove the slices "
-                    "that do not belong (another reconstruction or acquisition) and load again")
+                    "that do not belong (another reconstruction or acquisition) and load again"
+                )
             continue
         keep.append(n)
     if len(keep) == len(frames):
@@ -106,8 +124,9 @@ def _deduplicate(frames: List[Frame], d: np.ndarray, hu: np.ndarray, key: str):
     return [frames[n] for n in keep], d[keep], hu[keep]
 
 
-def _regularise(hu: np.ndarray, d: np.ndarray, offsets: np.ndarray, pixel_spacing: Tuple[float, float],
-                spacing: float) -> np.ndarray:
+def _regularise(
+    hu: np.ndarray, d: np.ndarray, offsets: np.ndarray, pixel_spacing: Tuple[float, float], spacing: float
+) -> np.ndarray:
     """Resample slices at normal positions ``d`` with in-plane ``offsets`` (mm along the row and
     column cosines) onto slices ``spacing`` apart from d[0], all aligned with slice 0 (linear)."""
     from scipy import ndimage
@@ -141,8 +160,9 @@ def _stack(frames: List[Frame], hu: np.ndarray, key: str, max_gap_slices: int):
     n_read = len(frames)
     frames, d, hu = _deduplicate(frames, d, hu, key)
     if len(frames) < 2:
-        raise SeriesGeometryError(f"series {key}: all {n_read} slices are copies of {frames[0].path}; "
-                                  "a volume needs at least two positions")
+        raise SeriesGeometryError(
+            f"series {key}: all {n_read} slices are copies of {frames[0].path}; a volume needs at least two positions"
+        )
     gaps = np.diff(d)
     # the typical spacing among gaps that are not missing slices (a median alone fails on short
     # series with a gap: 2.5 and 5.0 mm would give 3.75)
@@ -154,7 +174,8 @@ def _stack(frames: List[Frame], hu: np.ndarray, key: str, max_gap_slices: int):
             f"series {key}: about {missing[n]} slices are missing between {frames[n].path.name} and "
             f"{frames[n + 1].path.name} ({gaps[n]:.2f} mm gap for {spacing:.2f} mm slices; the limit is "
             f"max_gap_slices={max_gap_slices}); find the missing files or raise max_gap_slices to "
-            "interpolate across the gap")
+            "interpolate across the gap"
+        )
     ipp = np.array([f.ipp for f in frames])
     drift = (ipp - ipp[0]) - np.outer(d - d[0], normal)
     offsets = np.stack([drift @ iop[:3], drift @ iop[3:]], axis=1)
@@ -165,22 +186,32 @@ def _stack(frames: List[Frame], hu: np.ndarray, key: str, max_gap_slices: int):
         return hu, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * step), ""
     reasons = []
     if irregular:
-        reasons.append(f"slice spacing varies from {gaps.min():.6g} to {gaps.max():.6g} mm"
-                       + (f" ({int(missing.clip(0).sum())} missing slice(s))" if missing.max() > 0 else ""))
+        reasons.append(
+            f"slice spacing varies from {gaps.min():.6g} to {gaps.max():.6g} mm"
+            + (f" ({int(missing.clip(0).sum())} missing slice(s))" if missing.max() > 0 else "")
+        )
     if tilted:
         shift = float(np.linalg.norm(offsets[-1]))
         angle = float(np.degrees(np.arctan2(shift, d[-1] - d[0])))
         reasons.append(f"gantry tilt of {angle:.1f} degrees (slices drift {shift:.1f} mm in-plane)")
     spacing = (d[-1] - d[0]) / int(round((d[-1] - d[0]) / spacing))
     array = _regularise(hu, d, offsets, pixel_spacing, spacing)
-    note = (f"series {key}: {' and '.join(reasons)}; resampled onto {array.shape[0]} regular slices "
-            f"{spacing:.6g} mm apart along the slice normal (linear interpolation)")
+    note = (
+        f"series {key}: {' and '.join(reasons)}; resampled onto {array.shape[0]} regular slices "
+        f"{spacing:.6g} mm apart along the slice normal (linear interpolation)"
+    )
     return array, _ijk_to_ras(ipp[0], iop, pixel_spacing, normal * spacing), note
 
 
-def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: Optional[str] = None, *,
-                      max_gap_slices: int = 2, min_hu: Optional[float] = AIR_HU,
-                      workers: Optional[int] = None, progress: Optional[ProgressFn] = None) -> Volume:
+def load_dicom_series(
+    source: Union[PathLike, Iterable[PathLike]],
+    series_uid: Optional[str] = None,
+    *,
+    max_gap_slices: int = 2,
+    min_hu: Optional[float] = AIR_HU,
+    workers: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+) -> Volume:
     """Load one DICOM series as a float32 HU :class:`Volume` (array K, J, I; ijk_to_ras in RAS mm).
 
     ``source``: a folder (searched recursively) or a list of files. ``series_uid``: a
@@ -202,8 +233,10 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     normal = slice_normal(frames[0].iop)
     frames = sorted(frames, key=lambda f: (float(f.ipp @ normal), str(f.path), f.frame or 0))
     if len(frames) < 2:
-        raise SeriesGeometryError(f"series {info.key}: a single slice ({frames[0].path}) is not a volume; "
-                                  "load the whole series (at least two slices)")
+        raise SeriesGeometryError(
+            f"series {info.key}: a single slice ({frames[0].path}) is not a volume; "
+            "load the whole series (at least two slices)"
+        )
     shape = (len(frames), frames[0].rows, frames[0].cols)
     # the float32 volume, and each decoding thread's file: its stored pixels and the decoder's copies
     per_file = max(f.n_frames for f in frames) * frames[0].rows * frames[0].cols * 2 * 3
@@ -215,11 +248,18 @@ def load_dicom_series(source: Union[PathLike, Iterable[PathLike]], series_uid: O
     if note:
         warnings.warn(note, DicomResampledWarning, stacklevel=2)
     h = frames[0].header
-    meta = {"patient_id": h.patient_id, "study_uid": h.study_uid, "series_uid": info.series_uid,
-            "frame_of_reference_uid": h.frame_of_reference_uid, "modality": h.modality,
-            "description": h.description, "series_number": h.series_number,
-            "n_slices": int(array.shape[0]), "source": where,
-            "source_files": list(dict.fromkeys(str(f.path) for f in frames))}
+    meta = {
+        "patient_id": h.patient_id,
+        "study_uid": h.study_uid,
+        "series_uid": info.series_uid,
+        "frame_of_reference_uid": h.frame_of_reference_uid,
+        "modality": h.modality,
+        "description": h.description,
+        "series_number": h.series_number,
+        "n_slices": int(array.shape[0]),
+        "source": where,
+        "source_files": list(dict.fromkeys(str(f.path) for f in frames)),
+    }
     if info.part:
         meta["series_part"] = info.key
     if note:

@@ -3,6 +3,7 @@
 candidate files of a source (:func:`source_files`) and their headers read by a thread pool
 (:func:`scan_headers`). :mod:`.dicom_series` groups the frames into series, :mod:`.dicom_pixels`
 decodes them, :mod:`.dicom` stacks them into a :class:`~LungGradCAMLib.core.volume.Volume`."""
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ class Frame:
     """One 2D image: a single-frame file or one frame of a multi-frame file (LPS geometry)."""
 
     path: Path
-    frame: Optional[int]          # index in a multi-frame file, None for single-frame files
+    frame: Optional[int]  # index in a multi-frame file, None for single-frame files
     n_frames: int
     series_uid: str
     ipp: Optional[np.ndarray]
@@ -94,11 +95,13 @@ def read_dataset(path: Path, header_only: bool = False):
             stop = f.tell()
             return ds, stop, f.read(12)
     except OSError as exc:
-        raise DicomDecodeError(f"{path}: cannot read the file ({exc.strerror or exc}); check that it "
-                               "exists and that you may read it") from None
+        raise DicomDecodeError(
+            f"{path}: cannot read the file ({exc.strerror or exc}); check that it exists and that you may read it"
+        ) from None
     except Exception as exc:  # pydicom raises many types on corrupt files
-        raise DicomDecodeError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc}); "
-                               "remove it or replace it with an intact copy") from None
+        raise DicomDecodeError(
+            f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc}); remove it or replace it with an intact copy"
+        ) from None
 
 
 def _pixel_element(syntax: str, stop: int, head: bytes) -> Tuple[bool, Optional[int], Optional[int]]:
@@ -137,8 +140,10 @@ def _raw(ds, keyword: str) -> Optional[list]:
     if vr in ("US", "SS", "US or SS", "UL", "SL"):
         size = 4 if vr in ("UL", "SL") else 2
         order = "little" if element.is_little_endian else "big"
-        return [int.from_bytes(data[i:i + size], order, signed=vr in ("SS", "SL"))
-                for i in range(0, len(data) - size + 1, size)]
+        return [
+            int.from_bytes(data[i : i + size], order, signed=vr in ("SS", "SL"))
+            for i in range(0, len(data) - size + 1, size)
+        ]
     return [v.strip() for v in data.decode("latin-1").strip(" \0").split("\\")]  # DS, IS, UI, CS: ASCII
 
 
@@ -179,8 +184,7 @@ def _padding_range(ds, bits_allocated: int, pixel_representation: int) -> Option
         return None
     # The tag's VR (US or SS) is often written unsigned for signed pixels (LIDC: 63536 = -2000).
     if pixel_representation == 1:
-        values = [v - (1 << bits_allocated) if v is not None and v >= 1 << (bits_allocated - 1) else v
-                  for v in values]
+        values = [v - (1 << bits_allocated) if v is not None and v >= 1 << (bits_allocated - 1) else v for v in values]
     lo = values[0] if values[1] is None else min(values)
     hi = values[0] if values[1] is None else max(values)
     return lo, hi
@@ -205,26 +209,37 @@ def _read_header(path: Path) -> List[Frame]:
     sop_class = str(_one(ds, "SOPClassUID") or (meta.get("MediaStorageSOPClassUID", "") if meta is not None else ""))
     if "Rows" not in ds or "Columns" not in ds or sop_class == _MEDIA_STORAGE_DIRECTORY:
         if not sop_class and not meta:  # no meta elements and no SOP class: garbage after "DICM"
-            raise DicomDecodeError(f"{path}: unreadable DICOM file (no File Meta Information and no SOP Class); "
-                                   "remove it or replace it with an intact copy")
+            raise DicomDecodeError(
+                f"{path}: unreadable DICOM file (no File Meta Information and no SOP Class); "
+                "remove it or replace it with an intact copy"
+            )
         if "Image Storage" in uid_name(sop_class):
-            raise DicomDecodeError(f"{path}: {uid_name(sop_class)} object without Rows/Columns: the file "
-                                   "is truncated or damaged; copy it again from its source")
+            raise DicomDecodeError(
+                f"{path}: {uid_name(sop_class)} object without Rows/Columns: the file "
+                "is truncated or damaged; copy it again from its source"
+            )
         return []  # DICOMDIR, SR, RTSTRUCT, ...: not images
     syntax = str(meta.get("TransferSyntaxUID", _IMPLICIT_LE)) if meta is not None else _IMPLICIT_LE
     has_pixels, pixel_offset, pixel_length = _pixel_element(syntax, stop, head)
     bits_allocated = _int(_one(ds, "BitsAllocated")) or 16
     pixel_representation = _int(_one(ds, "PixelRepresentation")) or 0
     header = Header(
-        path=path, transfer_syntax=syntax, has_pixels=has_pixels, pixel_offset=pixel_offset,
+        path=path,
+        transfer_syntax=syntax,
+        has_pixels=has_pixels,
+        pixel_offset=pixel_offset,
         pixel_length=pixel_length,
-        bits_allocated=bits_allocated, bits_stored=_int(_one(ds, "BitsStored")) or bits_allocated,
+        bits_allocated=bits_allocated,
+        bits_stored=_int(_one(ds, "BitsStored")) or bits_allocated,
         pixel_representation=pixel_representation,
         samples_per_pixel=_int(_one(ds, "SamplesPerPixel")) or 1,
-        study_uid=str(_one(ds, "StudyInstanceUID") or ""), patient_id=str(ds.get("PatientID", "")),
-        modality=str(_one(ds, "Modality") or ""), description=str(ds.get("SeriesDescription", "")),
+        study_uid=str(_one(ds, "StudyInstanceUID") or ""),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(_one(ds, "Modality") or ""),
+        description=str(ds.get("SeriesDescription", "")),
         series_number=_int(_one(ds, "SeriesNumber")),
-        frame_of_reference_uid=str(_one(ds, "FrameOfReferenceUID") or ""))
+        frame_of_reference_uid=str(_one(ds, "FrameOfReferenceUID") or ""),
+    )
     rows, cols = _int(_one(ds, "Rows")) or 0, _int(_one(ds, "Columns")) or 0
     n_frames = _int(_one(ds, "NumberOfFrames")) or 1
     # Native frames need rows * cols * bytes each, encapsulated ones at least an 8-byte item
@@ -233,36 +248,76 @@ def _read_header(path: Path) -> List[Frame]:
         frame_bytes = max(1, rows * cols * bits_allocated // 8) if pixel_length is not None else 8
         available = pixel_length if pixel_length is not None else path.stat().st_size
         if n_frames * frame_bytes > available:
-            raise DicomDecodeError(f"{path}: declares {n_frames} frames but holds {available} bytes of pixel "
-                                   "data, too few for that many; the file is damaged, replace it")
+            raise DicomDecodeError(
+                f"{path}: declares {n_frames} frames but holds {available} bytes of pixel "
+                "data, too few for that many; the file is damaged, replace it"
+            )
     series_uid = str(_one(ds, "SeriesInstanceUID") or "")
     padding = _padding_range(ds, bits_allocated, pixel_representation)
     acquisition = _int(_one(ds, "AcquisitionNumber"))
     if n_frames == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
         spacing = _vector(_raw(ds, "PixelSpacing"), 2)
-        return [Frame(path, None, 1, series_uid, _vector(_raw(ds, "ImagePositionPatient"), 3),
-                       _vector(_raw(ds, "ImageOrientationPatient"), 6),
-                       None if spacing is None else (spacing[0], spacing[1]), rows, cols,
-                       _float(_one(ds, "RescaleSlope"), 1.0), _float(_one(ds, "RescaleIntercept"), 0.0),
-                       padding, acquisition, header)]
+        return [
+            Frame(
+                path,
+                None,
+                1,
+                series_uid,
+                _vector(_raw(ds, "ImagePositionPatient"), 3),
+                _vector(_raw(ds, "ImageOrientationPatient"), 6),
+                None if spacing is None else (spacing[0], spacing[1]),
+                rows,
+                cols,
+                _float(_one(ds, "RescaleSlope"), 1.0),
+                _float(_one(ds, "RescaleIntercept"), 0.0),
+                padding,
+                acquisition,
+                header,
+            )
+        ]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
     if len(per_frame) != n_frames:
         # Multi-frame without per-frame positions (legacy NM/US-style): listed, but unplaceable.
-        return [Frame(path, index, n_frames, series_uid, None, None, None, rows, cols,
-                       _float(_one(ds, "RescaleSlope"), 1.0), _float(_one(ds, "RescaleIntercept"), 0.0),
-                       padding, acquisition, header) for index in range(n_frames)]
+        return [
+            Frame(
+                path,
+                index,
+                n_frames,
+                series_uid,
+                None,
+                None,
+                None,
+                rows,
+                cols,
+                _float(_one(ds, "RescaleSlope"), 1.0),
+                _float(_one(ds, "RescaleIntercept"), 0.0),
+                padding,
+                acquisition,
+                header,
+            )
+            for index in range(n_frames)
+        ]
     frames = []
     for index, item in enumerate(per_frame):
         spacing = _vector(_functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"), 2)
-        frames.append(Frame(
-            path, index, n_frames, series_uid,
-            _vector(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3),
-            _vector(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
-            None if spacing is None else (spacing[0], spacing[1]), rows, cols,
-            _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")), 1.0),
-            _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")), 0.0),
-            padding, _int(_first(_functional(ds, item, "FrameContentSequence", "FrameAcquisitionNumber"))),
-            header))
+        frames.append(
+            Frame(
+                path,
+                index,
+                n_frames,
+                series_uid,
+                _vector(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3),
+                _vector(_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"), 6),
+                None if spacing is None else (spacing[0], spacing[1]),
+                rows,
+                cols,
+                _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope")), 1.0),
+                _float(_first(_functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept")), 0.0),
+                padding,
+                _int(_first(_functional(ds, item, "FrameContentSequence", "FrameAcquisitionNumber"))),
+                header,
+            )
+        )
     return frames
 
 
@@ -274,8 +329,11 @@ def source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, List
             files = []
             for folder, dirs, names in os.walk(root):
                 dirs.sort()
-                files.extend(Path(folder) / n for n in sorted(names)  # a FIFO would block open()
-                             if n.upper() != "DICOMDIR" and not is_special(Path(folder) / n))
+                files.extend(
+                    Path(folder) / n
+                    for n in sorted(names)  # a FIFO would block open()
+                    if n.upper() != "DICOMDIR" and not is_special(Path(folder) / n)
+                )
             return str(root), files
         if not root.exists() and not root.is_symlink():
             raise NoSeriesFoundError(f"{root}: no such file or folder; give a DICOM folder or files")
@@ -287,6 +345,7 @@ def source_files(source: Union[PathLike, Iterable[PathLike]]) -> Tuple[str, List
 def scan_headers(files: Sequence[Path], workers: int, unreadable: Optional[Dict[Path, str]] = None) -> List[Frame]:
     """The frames of ``files``; with ``unreadable``, a file whose header cannot be read is recorded
     there (path -> message) instead of raising."""
+
     def read(path: Path) -> List[Frame]:
         try:
             return _read_header(path)

@@ -2,6 +2,7 @@
 orientation, size, pixel spacing or overlapping acquisitions differ (:class:`SeriesInfo`,
 :func:`series_parts`); :func:`list_dicom_series` lists them and :func:`select_part` picks the one
 to load (the only CT series, or the one named)."""
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,10 @@ class SeriesInfo:
 
     def describe(self) -> str:
         """One line for listings and error messages (no patient data; what the files say escaped)."""
-        return (f"{escaped(self.key or '(no SeriesInstanceUID)', 80)}  '{escaped(self.description, 80)}'  "
-                f"{escaped(self.modality or '?', 16)}  {self.n_slices} slice(s)  {self.rows}x{self.cols}")
+        return (
+            f"{escaped(self.key or '(no SeriesInstanceUID)', 80)}  '{escaped(self.description, 80)}'  "
+            f"{escaped(self.modality or '?', 16)}  {self.n_slices} slice(s)  {self.rows}x{self.cols}"
+        )
 
     def describe_for_choice(self) -> str:
         """:meth:`describe` with the patient ID and the series' folder, to tell the series of two
@@ -70,8 +73,12 @@ class SeriesInfo:
 
 def valid_orientation(iop: Optional[np.ndarray]) -> bool:
     """Two unit, orthogonal direction cosines."""
-    return (iop is not None and abs(np.linalg.norm(iop[:3]) - 1) < 1e-3 and abs(np.linalg.norm(iop[3:]) - 1) < 1e-3
-            and abs(float(iop[:3] @ iop[3:])) < 1e-3)
+    return (
+        iop is not None
+        and abs(np.linalg.norm(iop[:3]) - 1) < 1e-3
+        and abs(np.linalg.norm(iop[3:]) - 1) < 1e-3
+        and abs(float(iop[:3] @ iop[3:])) < 1e-3
+    )
 
 
 def _damaged(f: Frame) -> bool:
@@ -109,9 +116,15 @@ def _split(frames: List[Frame]) -> List[List[Frame]]:
             continue
         for stack in stacks:
             g = stack[0]
-            if ((g.rows, g.cols) == (f.rows, f.cols) and _same(g.iop, f.iop, ORIENTATION_TOL)
-                    and _same(None if g.pixel_spacing is None else np.array(g.pixel_spacing),
-                              None if f.pixel_spacing is None else np.array(f.pixel_spacing), 1e-4)):
+            if (
+                (g.rows, g.cols) == (f.rows, f.cols)
+                and _same(g.iop, f.iop, ORIENTATION_TOL)
+                and _same(
+                    None if g.pixel_spacing is None else np.array(g.pixel_spacing),
+                    None if f.pixel_spacing is None else np.array(f.pixel_spacing),
+                    1e-4,
+                )
+            ):
                 stack.append(f)
                 break
         else:
@@ -121,8 +134,11 @@ def _split(frames: List[Frame]) -> List[List[Frame]]:
         acquisitions: Dict[Optional[int], List[Frame]] = {}
         for f in stack:
             acquisitions.setdefault(f.acquisition, []).append(f)
-        if (len(acquisitions) > 1 and _has_duplicates(stack)
-                and not any(_has_duplicates(a) for a in acquisitions.values())):
+        if (
+            len(acquisitions) > 1
+            and _has_duplicates(stack)
+            and not any(_has_duplicates(a) for a in acquisitions.values())
+        ):
             out.extend(acquisitions[k] for k in sorted(acquisitions, key=lambda a: (a is None, a)))
         else:
             out.append(stack)
@@ -138,13 +154,22 @@ def _split(frames: List[Frame]) -> List[List[Frame]]:
 def _info(frames: List[Frame], part: int) -> SeriesInfo:
     f, h = frames[0], frames[0].header
     return SeriesInfo(
-        series_uid=f.series_uid, study_uid=h.study_uid, patient_id=h.patient_id, modality=h.modality,
-        description=h.description, series_number=h.series_number,
-        n_files=len({fr.path for fr in frames}), n_slices=len(frames), rows=f.rows, cols=f.cols,
+        series_uid=f.series_uid,
+        study_uid=h.study_uid,
+        patient_id=h.patient_id,
+        modality=h.modality,
+        description=h.description,
+        series_number=h.series_number,
+        n_files=len({fr.path for fr in frames}),
+        n_slices=len(frames),
+        rows=f.rows,
+        cols=f.cols,
         orientation=None if f.iop is None else tuple(float(x) for x in f.iop),
         pixel_spacing=None if f.pixel_spacing is None else (float(f.pixel_spacing[0]), float(f.pixel_spacing[1])),
         acquisition=f.acquisition if len({fr.acquisition for fr in frames}) == 1 else None,
-        part=part, files=tuple(sorted({fr.path for fr in frames})))
+        part=part,
+        files=tuple(sorted({fr.path for fr in frames})),
+    )
 
 
 def series_parts(frames: List[Frame]) -> List[Tuple[SeriesInfo, List[Frame]]]:
@@ -157,13 +182,18 @@ def series_parts(frames: List[Frame]) -> List[Tuple[SeriesInfo, List[Frame]]]:
         stacks.sort(key=lambda s: (-len(s), str(s[0].path)))
         for n, stack in enumerate(stacks, start=1):
             out.append((_info(stack, 0 if len(stacks) == 1 else n), stack))
-    out.sort(key=lambda p: (p[0].study_uid, p[0].series_number is None, p[0].series_number or 0,
-                            p[0].series_uid, p[0].part))
+    out.sort(
+        key=lambda p: (p[0].study_uid, p[0].series_number is None, p[0].series_number or 0, p[0].series_uid, p[0].part)
+    )
     return out
 
 
-def list_dicom_series(source: Union[PathLike, Iterable[PathLike]], *, workers: Optional[int] = None,
-                      unreadable: Optional[Dict[Path, str]] = None) -> List[SeriesInfo]:
+def list_dicom_series(
+    source: Union[PathLike, Iterable[PathLike]],
+    *,
+    workers: Optional[int] = None,
+    unreadable: Optional[Dict[Path, str]] = None,
+) -> List[SeriesInfo]:
     """Every image stack under ``source`` (a folder searched recursively, or a list of files),
     sorted by study, series number and UID. Reads headers only. A file that cannot be read raises
     :class:`DicomDecodeError`, or with ``unreadable`` (a dict) is recorded there (path -> message)
@@ -180,34 +210,39 @@ def _listing(parts: Sequence[SeriesInfo]) -> str:
     return "\n".join("  " + p.describe() for p in parts)
 
 
-def select_part(parts: List[Tuple[SeriesInfo, List[Frame]]], series_uid: Optional[str],
-            where: str) -> Tuple[SeriesInfo, List[Frame]]:
+def select_part(
+    parts: List[Tuple[SeriesInfo, List[Frame]]], series_uid: Optional[str], where: str
+) -> Tuple[SeriesInfo, List[Frame]]:
     infos = [p[0] for p in parts]
     if not parts:
-        raise NoSeriesFoundError(f"{where}: no DICOM images found (files that are not DICOM, DICOMDIR "
-                                 "and non-image objects are ignored); point to the folder of the CT series")
+        raise NoSeriesFoundError(
+            f"{where}: no DICOM images found (files that are not DICOM, DICOMDIR "
+            "and non-image objects are ignored); point to the folder of the CT series"
+        )
     if series_uid is not None:
         chosen = [p for p in parts if series_uid in (p[0].key, p[0].series_uid)]
         if not chosen:
-            raise NoSeriesFoundError(f"{where}: no series '{series_uid}'; the series found are:\n"
-                                     + _listing(infos))
+            raise NoSeriesFoundError(f"{where}: no series '{series_uid}'; the series found are:\n" + _listing(infos))
     else:
         ct = [p for p in parts if p[0].modality.upper() == "CT"]
         if not ct:
             raise NoSeriesFoundError(
                 f"{where}: no CT series (LungGradCAM needs a CT; pass series_uid to load another modality "
-                f"anyway); found only:\n{_listing(infos)}")
+                f"anyway); found only:\n{_listing(infos)}"
+            )
         chosen = [p for p in ct if p[0].n_slices > 1] or ct
         if len({p[0].series_uid for p in chosen}) > 1:
             raise AmbiguousSeriesError(
                 f"{where}: {len({p[0].series_uid for p in chosen})} CT series found; pick one by passing "
                 f"its UID (series_uid= in Python, --series on the command line):\n"
-                + "\n".join("  " + p[0].describe_for_choice() for p in chosen))
+                + "\n".join("  " + p[0].describe_for_choice() for p in chosen)
+            )
     if len(chosen) > 1:
         raise SeriesGeometryError(
             f"{where}: series {chosen[0][0].series_uid} mixes slices of different orientation, size, "
             f"pixel spacing or overlapping acquisitions; pick one stack by passing its key "
-            f"(series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}")
+            f"(series_uid= in Python, --series on the command line):\n{_listing([p[0] for p in chosen])}"
+        )
     return chosen[0]
 
 

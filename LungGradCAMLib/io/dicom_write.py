@@ -1,6 +1,7 @@
 """Writing a volume as a DICOM CT series (CT Image Storage: int16 with RescaleSlope/Intercept,
 oblique geometry, optional lossless compression) that Slicer, SimpleITK, pydicom and
 :func:`~LungGradCAMLib.io.dicom.load_dicom_series` read back exactly."""
+
 from __future__ import annotations
 
 import random
@@ -15,8 +16,11 @@ from ..core.volume import AIR_HU, LPS_TO_RAS, Volume
 from .dicom_headers import CT_IMAGE_STORAGE, PathLike
 
 #: write_dicom_series' lossless compressions: RLE Lossless, JPEG-LS Lossless, JPEG 2000 Lossless.
-_COMPRESSIONS = {"rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80",
-                 "jpeg2000": "1.2.840.10008.1.2.4.90"}
+_COMPRESSIONS = {
+    "rle": "1.2.840.10008.1.2.5",
+    "jpeg-ls": "1.2.840.10008.1.2.4.80",
+    "jpeg2000": "1.2.840.10008.1.2.4.90",
+}
 
 
 def _pydicom_version() -> str:
@@ -44,14 +48,24 @@ def _ds_string(value: float) -> str:
     return format_number_as_ds(float(value))
 
 
-def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool = False,
-                       patient_id: str = "LGC-PHANTOM", patient_name: str = "LungGradCAM^Phantom",
-                       study_uid: Optional[str] = None, series_uid: Optional[str] = None,
-                       frame_of_reference_uid: Optional[str] = None,
-                       series_description: str = "LungGradCAM phantom", series_number: int = 1,
-                       study_description: str = "LungGradCAM", slope: float = 1.0,
-                       intercept: float = AIR_HU, pixel_padding_value: Optional[int] = None,
-                       compression: Optional[str] = None) -> List[Path]:
+def write_dicom_series(
+    volume: Volume,
+    folder: PathLike,
+    *,
+    shuffle_names: bool = False,
+    patient_id: str = "LGC-PHANTOM",
+    patient_name: str = "LungGradCAM^Phantom",
+    study_uid: Optional[str] = None,
+    series_uid: Optional[str] = None,
+    frame_of_reference_uid: Optional[str] = None,
+    series_description: str = "LungGradCAM phantom",
+    series_number: int = 1,
+    study_description: str = "LungGradCAM",
+    slope: float = 1.0,
+    intercept: float = AIR_HU,
+    pixel_padding_value: Optional[int] = None,
+    compression: Optional[str] = None,
+) -> List[Path]:
     """Write ``volume`` (array K, J, I in HU; any ijk_to_ras with orthogonal axes) as a CT Image
     Storage series into ``folder``.
 
@@ -66,32 +80,40 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
     points the other way comes back with k reversed (same voxels in space).
     """
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     if compression is not None and compression not in _COMPRESSIONS:
         raise VolumeError(f"compression must be None or one of {', '.join(_COMPRESSIONS)}; got {compression!r}")
     if compression not in (None, "rle") and not _PYDICOM_3:
-        raise VolumeError(f"{compression} encoding needs pydicom 3 (this is pydicom {_pydicom_version()}, as "
-                          "Slicer bundles it); write with compression='rle' or None here")
+        raise VolumeError(
+            f"{compression} encoding needs pydicom 3 (this is pydicom {_pydicom_version()}, as "
+            "Slicer bundles it); write with compression='rle' or None here"
+        )
     if not slope or not np.isfinite(slope) or not np.isfinite(intercept):
-        raise VolumeError(f"RescaleSlope must be finite and non-zero and the intercept finite; got "
-                          f"slope={slope}, intercept={intercept}")
+        raise VolumeError(
+            f"RescaleSlope must be finite and non-zero and the intercept finite; got "
+            f"slope={slope}, intercept={intercept}"
+        )
     lps = LPS_TO_RAS @ volume.ijk_to_ras
     axes = lps[:3, :3]
     spacing = np.linalg.norm(axes, axis=0)
     unit = axes / spacing
     gram = unit.T @ unit
     if np.max(np.abs(gram - np.eye(3))) > 1e-6:
-        raise VolumeError("the volume's axes are not orthogonal (sheared ijk_to_ras); DICOM slices can "
-                          "only express orthogonal axes: resample the volume onto an orthogonal grid first")
+        raise VolumeError(
+            "the volume's axes are not orthogonal (sheared ijk_to_ras); DICOM slices can "
+            "only express orthogonal axes: resample the volume onto an orthogonal grid first"
+        )
     hu = np.asarray(volume.array)
     if hu.dtype.kind == "f" and not np.all(np.isfinite(hu)):
         raise VolumeError("the volume holds NaN or infinite values; replace them before writing DICOM")
     stored = np.rint((hu.astype(np.float64) - intercept) / slope)
     lo, hi = (float(stored.min()), float(stored.max())) if stored.size else (0.0, 0.0)
     if lo < -32768 or hi > 32767:
-        raise VolumeError(f"HU range {hu.min()}..{hu.max()} does not fit int16 with slope={slope}, "
-                          f"intercept={intercept}; choose a larger slope or another intercept")
+        raise VolumeError(
+            f"HU range {hu.min()}..{hu.max()} does not fit int16 with slope={slope}, "
+            f"intercept={intercept}; choose a larger slope or another intercept"
+        )
     stored = stored.astype(np.int16)
 
     study_uid = study_uid or generate_uid()
@@ -162,8 +184,10 @@ def write_dicom_series(volume: Volume, folder: PathLike, *, shuffle_names: bool 
             try:
                 ds.compress(_COMPRESSIONS[compression], stored[k])
             except Exception as exc:  # encoder plugins raise assorted types
-                raise VolumeError(f"cannot {compression}-compress slices of {hu.shape[1]}x{hu.shape[2]} "
-                                  f"pixels ({exc}); JPEG 2000 needs at least 32x32, or write uncompressed") from None
+                raise VolumeError(
+                    f"cannot {compression}-compress slices of {hu.shape[1]}x{hu.shape[2]} "
+                    f"pixels ({exc}); JPEG 2000 needs at least 32x32, or write uncompressed"
+                ) from None
         path = folder / f"IMG{names[k]:05d}.dcm"
         with atomic_path(path) as tmp:
             save_dicom_file(ds, tmp)

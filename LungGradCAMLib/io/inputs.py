@@ -1,4 +1,5 @@
 """The input resolver: a CT from a volume file, a DICOM folder or a Slicer DICOM database."""
+
 from __future__ import annotations
 
 import os
@@ -8,9 +9,9 @@ from typing import Callable, Optional, Union
 from ..core.errors import InvalidInputError
 from ..core.paths import check_path, is_special, kind
 from ..core.volume import Volume
-from .volume_files import SUPPORTED_SUFFIXES, read_volume
 from .ctkdb import DATABASE_FILENAME, DicomDatabase
 from .dicom import load_dicom_series
+from .volume_files import SUPPORTED_SUFFIXES, read_volume
 
 
 def is_database(path: Path) -> bool:
@@ -37,16 +38,22 @@ def check_input(source: Union[str, os.PathLike], series_uid: Optional[str] = Non
     if not path.exists():
         raise InvalidInputError(f"{path}: no such file or folder")
     if is_special(path):
-        raise InvalidInputError(f"{path} is a {kind(path.stat().st_mode)}: give a DICOM folder, a Slicer DICOM "
-                                "database or a volume file")
+        raise InvalidInputError(
+            f"{path} is a {kind(path.stat().st_mode)}: give a DICOM folder, a Slicer DICOM database or a volume file"
+        )
     if series_uid is not None and is_volume_file(path):
-        raise InvalidInputError(f"{path} is a volume file, which holds one series: leave out --series "
-                                "(series_uid), which picks a series of a DICOM folder or database")
+        raise InvalidInputError(
+            f"{path} is a volume file, which holds one series: leave out --series "
+            "(series_uid), which picks a series of a DICOM folder or database"
+        )
     return path
 
 
-def load_input(source: Union[str, os.PathLike], series_uid: Optional[str] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> Volume:
+def load_input(
+    source: Union[str, os.PathLike],
+    series_uid: Optional[str] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> Volume:
     """A CT from a volume file (.nrrd/.nii.gz/.mha...), a DICOM folder, or a Slicer DICOM
     database (its folder holding ``ctkDICOM.sql``, or the ``.sql`` file; needs ``series_uid``
     when it holds several CT series). ``progress(done, total)`` counts DICOM files read."""

@@ -6,6 +6,7 @@ right on the image left and anterior up; coronal with the right on the left and 
 sagittal with anterior on the left and superior up. Each view is drawn at its physical aspect ratio
 (voxel spacing in mm). Oblique volumes are shown along their nearest patient axes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -28,16 +29,21 @@ PALETTE = ("#ff2d2d", "#7cfc00", "#ffd400", "#ff66ff", "#ff8c00", "#ffffff")
 def _to_display(volume: Volume) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool], np.ndarray]:
     """How to reorder a (K, J, I) array into display order (superior, posterior, left): the array
     axis feeding each display axis, whether to flip it, and the display spacing (mm)."""
-    direction = volume.direction                        # column c: RAS direction of index axis (i, j, k)[c]
+    direction = volume.direction  # column c: RAS direction of index axis (i, j, k)[c]
     # index axis (i, j, k) -> RAS axis (x, y, z), the closest match overall (handles oblique): the
     # best of the 6 assignments (scipy.optimize's linear_sum_assignment cost 0.5 s of import)
-    ras_of_index = dict(enumerate(max(itertools.permutations(range(3)), key=lambda rows: sum(
-        abs(direction[r, c]) for c, r in enumerate(rows)))))
-    wanted = {2: 1.0, 1: -1.0, 0: -1.0}                 # display axes grow toward S, P (-y), L (-x)
+    ras_of_index = dict(
+        enumerate(
+            max(
+                itertools.permutations(range(3)), key=lambda rows: sum(abs(direction[r, c]) for c, r in enumerate(rows))
+            )
+        )
+    )
+    wanted = {2: 1.0, 1: -1.0, 0: -1.0}  # display axes grow toward S, P (-y), L (-x)
     axes, flips, spacing = [], [], []
     for ras_axis in (2, 1, 0):
         index_axis = next(c for c, r in ras_of_index.items() if r == ras_axis)
-        axes.append(2 - index_axis)                     # index axis i, j, k is array axis 2, 1, 0
+        axes.append(2 - index_axis)  # index axis i, j, k is array axis 2, 1, 0
         flips.append(bool(np.sign(direction[ras_axis, index_axis]) != wanted[ras_axis]))
         spacing.append(volume.spacing[index_axis])
     return tuple(axes), tuple(flips), np.array(spacing)  # type: ignore[return-value]
@@ -69,14 +75,23 @@ class ZoomView:
     box_kji: Sequence[Tuple[int, int]]
 
 
-def save_montage(volume: Volume, path: "str | os.PathLike[str]",
-                 center_ijk: Optional[Sequence[int]] = None, *,
-                 contours: Optional[Dict[str, np.ndarray]] = None,
-                 cam: Union[np.ndarray, Volume, None] = None, cam_opacity: float = 0.4,
-                 cam_label: str = "CAM", cam_threshold: Optional[float] = None,
-                 cam_mask: Optional[np.ndarray] = None, zooms: Sequence[ZoomView] = (),
-                 window: Tuple[float, float] = (-1350.0, 150.0), title: Optional[str] = None,
-                 caption: Optional[str] = None, dpi: int = 100) -> Path:
+def save_montage(
+    volume: Volume,
+    path: "str | os.PathLike[str]",
+    center_ijk: Optional[Sequence[int]] = None,
+    *,
+    contours: Optional[Dict[str, np.ndarray]] = None,
+    cam: Union[np.ndarray, Volume, None] = None,
+    cam_opacity: float = 0.4,
+    cam_label: str = "CAM",
+    cam_threshold: Optional[float] = None,
+    cam_mask: Optional[np.ndarray] = None,
+    zooms: Sequence[ZoomView] = (),
+    window: Tuple[float, float] = (-1350.0, 150.0),
+    title: Optional[str] = None,
+    caption: Optional[str] = None,
+    dpi: int = 100,
+) -> Path:
     """Write a PNG with axial, coronal and sagittal views of ``volume`` through ``center_ijk``.
 
     ``center_ijk``: voxel (i, j, k) the three planes pass through (default: the volume centre).
@@ -93,12 +108,12 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     black to white (default: lung window). ``caption``: a line of small text along the bottom (e.g.
     the model's intended use). The file is written atomically; returns its path.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
-    import matplotlib
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -114,13 +129,16 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     center_kji = _center_kji(center_ijk, shape)
     masks: Dict[str, np.ndarray] = {}
     for name, mask in (contours or {}).items():
-        masks[name] = _on_grid(mask, shape, f"contour '{name}'")  # cast per drawn slice: a CT-sized copy costs more than the figure
+        masks[name] = _on_grid(
+            mask, shape, f"contour '{name}'"
+        )  # cast per drawn slice: a CT-sized copy costs more than the figure
     cam_array = None
     if cam is not None:
         cam_array = np.asarray(cam.array if isinstance(cam, Volume) else cam, dtype=np.float32)
         if cam_array.shape != shape:
-            raise VolumeError(f"save_montage: the CAM has shape {cam_array.shape}, the volume {shape}; "
-                              "resample it onto the CT first")
+            raise VolumeError(
+                f"save_montage: the CAM has shape {cam_array.shape}, the volume {shape}; resample it onto the CT first"
+            )
     cam_mask = None if cam_mask is None else _on_grid(cam_mask, shape, "cam_mask")
 
     axes, flips, sp = _to_display(volume)
@@ -131,13 +149,21 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     rows = [("", _to_display_index(center_kji, shape, axes, flips), None)]
     for zoom in zooms:
         box = _zoom_box(zoom.box_kji, _center_kji(zoom.center_ijk, shape), volume.spacing[::-1], shape)
-        rows.append((zoom.label, _to_display_index(_center_kji(zoom.center_ijk, shape), shape, axes, flips),
-                     _box_to_display(box, shape, axes, flips)))
+        rows.append(
+            (
+                zoom.label,
+                _to_display_index(_center_kji(zoom.center_ijk, shape), shape, axes, flips),
+                _box_to_display(box, shape, axes, flips),
+            )
+        )
     n_s, n_p, n_l = ct.shape
     s_s, s_p, s_l = sp
     # a thin slab: stretch its coronal and sagittal views (superior axis) by a whole factor
-    stretch = max(1, int(np.ceil(MIN_VIEW_ASPECT * n_l * s_l / max(n_s * s_s, 1e-6)))) \
-        if n_s * s_s < MIN_VIEW_ASPECT * n_l * s_l else 1
+    stretch = (
+        max(1, int(np.ceil(MIN_VIEW_ASPECT * n_l * s_l / max(n_s * s_s, 1e-6))))
+        if n_s * s_s < MIN_VIEW_ASPECT * n_l * s_l
+        else 1
+    )
 
     # (name, 2D take, row spacing, column spacing, edge labels (left, right, top, bottom))
     views = [
@@ -150,14 +176,27 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
     inch_per_mm = 4.5 / max(heights)
     row_inches = max(heights) * inch_per_mm
     zoom_inches = 2.6
-    fig = Figure(figsize=(sum(widths) * inch_per_mm + 1.6 + (0.9 if cam_d is not None else 0.0),
-                          row_inches + zoom_inches * len(zooms) + 1.1 + (0.4 if caption else 0.0)), facecolor="black")
+    fig = Figure(
+        figsize=(
+            sum(widths) * inch_per_mm + 1.6 + (0.9 if cam_d is not None else 0.0),
+            row_inches + zoom_inches * len(zooms) + 1.1 + (0.4 if caption else 0.0),
+        ),
+        facecolor="black",
+    )
     FigureCanvasAgg(fig)
     total = row_inches + zoom_inches * len(zooms)
-    grid = fig.add_gridspec(len(rows), 3, width_ratios=widths, height_ratios=[row_inches] + [zoom_inches] * len(zooms),
-                            left=0.03, right=0.9 if cam_d is not None else 0.97,
-                            top=1 - 0.7 / (total + 1.1), bottom=(0.5 if caption else 0.2) / (total + 1.1),
-                            wspace=0.08, hspace=0.25)
+    grid = fig.add_gridspec(
+        len(rows),
+        3,
+        width_ratios=widths,
+        height_ratios=[row_inches] + [zoom_inches] * len(zooms),
+        left=0.03,
+        right=0.9 if cam_d is not None else 0.97,
+        top=1 - 0.7 / (total + 1.1),
+        bottom=(0.5 if caption else 0.2) / (total + 1.1),
+        wspace=0.08,
+        hspace=0.25,
+    )
     jet = matplotlib.colormaps["jet"]
     others = iter(PALETTE * len(masks))
     colours = {name: LUNG_COLOUR if "lung" in name.lower() else next(others) for name in masks}
@@ -166,8 +205,11 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
         sub = (slice(None),) * 3 if crop is None else tuple(slice(a, b) for a, b in crop)
         origin = np.zeros(3, int) if crop is None else np.array([a for a, _ in crop])
         local = np.asarray(c) - origin
-        parts = {"ct": ct[sub], "cam": None if cam_d is None else cam_d[sub],
-                 "shown": None if shown_d is None else shown_d[sub]}
+        parts = {
+            "ct": ct[sub],
+            "cam": None if cam_d is None else cam_d[sub],
+            "shown": None if shown_d is None else shown_d[sub],
+        }
         for n, (name, take, row_mm, col_mm, edges) in enumerate(views):
             ax = fig.add_subplot(grid[r, n])
             img = take(parts["ct"], local)
@@ -197,16 +239,20 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
             ax.set_axis_off()
             where = f"{'kji'[axes[n]]} = {int(_from_display(c, shape, axes, flips)[axes[n]])}"
             stretched = f", S x{stretch}" if stretch > 1 and n > 0 else ""
-            ax.set_title(f"{label + ': ' if label and n == 0 else ''}{name} ({where}{stretched})", color="white",
-                         fontsize=10 if r == 0 else 9)
+            ax.set_title(
+                f"{label + ': ' if label and n == 0 else ''}{name} ({where}{stretched})",
+                color="white",
+                fontsize=10 if r == 0 else 9,
+            )
             style = dict(color="yellow", fontsize=10 if r == 0 else 8, fontweight="bold", transform=ax.transAxes)
             ax.text(0.01, 0.5, edges[0], ha="left", va="center", **style)
             ax.text(0.99, 0.5, edges[1], ha="right", va="center", **style)
             ax.text(0.5, 0.99, edges[2], ha="center", va="top", **style)
             ax.text(0.5, 0.01, edges[3], ha="center", va="bottom", **style)
     if legend:
-        fig.legend(handles=legend, loc="upper right", frameon=False, labelcolor="white", fontsize=9,
-                   ncol=min(len(legend), 4))
+        fig.legend(
+            handles=legend, loc="upper right", frameon=False, labelcolor="white", fontsize=9, ncol=min(len(legend), 4)
+        )
     if cam_d is not None:
         top = 1 - 0.7 / (total + 1.1)
         bar_ax = fig.add_axes((0.92, top - 0.75 * row_inches / (total + 1.1), 0.015, 0.7 * row_inches / (total + 1.1)))
@@ -216,8 +262,15 @@ def save_montage(volume: Volume, path: "str | os.PathLike[str]",
             bar.ax.axhline(float(cam_threshold), color="white", linewidth=2)
         bar.ax.yaxis.set_tick_params(color="white", labelcolor="white")
     window_text = f"W {hi - lo:.0f} / L {(hi + lo) / 2:.0f} HU"
-    fig.text(0.01, 1 - 0.15 / (total + 1.1), (title + "   " if title else "") + window_text, color="white",
-             fontsize=11, ha="left", va="top")
+    fig.text(
+        0.01,
+        1 - 0.15 / (total + 1.1),
+        (title + "   " if title else "") + window_text,
+        color="white",
+        fontsize=11,
+        ha="left",
+        va="top",
+    )
     if caption:
         fig.text(0.01, 0.1 / (total + 1.1), caption, color="orange", fontsize=9, ha="left", va="bottom", wrap=True)
     with atomic_path(path) as tmp:
@@ -231,16 +284,19 @@ def _center_kji(center_ijk: Optional[Sequence[int]], shape: Tuple[int, ...]) -> 
         return np.array(shape) // 2
     center_kji = np.asarray(center_ijk, dtype=float).round().astype(int)[::-1]
     if center_kji.shape != (3,) or np.any(center_kji < 0) or np.any(center_kji >= shape):
-        raise InvalidInputError(f"save_montage: center_ijk {tuple(center_ijk)} is outside the volume "
-                                f"(i, j, k sizes {shape[::-1]})")
+        raise InvalidInputError(
+            f"save_montage: center_ijk {tuple(center_ijk)} is outside the volume (i, j, k sizes {shape[::-1]})"
+        )
     return center_kji
 
 
 def _on_grid(mask: np.ndarray, shape: Tuple[int, ...], what: str) -> np.ndarray:
     mask = np.asarray(mask)
     if mask.shape != shape:
-        raise InvalidInputError(f"save_montage: {what} has shape {mask.shape}, the volume {shape}; "
-                                "give masks on the volume's grid (K, J, I)")
+        raise InvalidInputError(
+            f"save_montage: {what} has shape {mask.shape}, the volume {shape}; "
+            "give masks on the volume's grid (K, J, I)"
+        )
     return mask
 
 

@@ -3,6 +3,7 @@
 broken file needs (a data file elsewhere than beside its header, a size over the limits, NaN or
 infinite voxels, NIfTI headers ITK would silently fix up). Arrays are K, J, I; geometry RAS mm
 (:class:`~LungGradCAMLib.core.volume.Volume`)."""
+
 from __future__ import annotations
 
 import errno
@@ -56,12 +57,15 @@ def _detached_data(path: Path, suffix: str) -> None:
         return  # the data follows the header in this file
     where = f"{path}: its header names the data file {value!r}"
     if len(value.split()) != 1 or value.upper() == "LIST":
-        raise VolumeError(f"{where}: lists or numbered patterns of data files are not read; write the volume "
-                          "as one file (e.g. .nrrd)")
+        raise VolumeError(
+            f"{where}: lists or numbered patterns of data files are not read; write the volume as one file (e.g. .nrrd)"
+        )
     data = path.parent / value
     if os.path.isabs(value) or Path(value).name != value or data.resolve().parent != path.resolve().parent:
-        raise VolumeError(f"{where}, which is not beside the header: only a data file in the header's own "
-                          "folder is read; copy the data beside it")
+        raise VolumeError(
+            f"{where}, which is not beside the header: only a data file in the header's own "
+            "folder is read; copy the data beside it"
+        )
     try:
         mode = os.stat(data).st_mode
     except OSError as exc:
@@ -71,16 +75,30 @@ def _detached_data(path: Path, suffix: str) -> None:
 
 
 def _nonfinite_message(path: Path, count: int, first_ijk: Sequence[int]) -> str:
-    return (f"{path}: {count} voxels are NaN or infinite (the first at voxel i, j, k = "
-            f"{', '.join(str(int(v)) for v in first_ijk)}); fix or mask them before use")
+    return (
+        f"{path}: {count} voxels are NaN or infinite (the first at voxel i, j, k = "
+        f"{', '.join(str(int(v)) for v in first_ijk)}); fix or mask them before use"
+    )
 
 
 #: Raw NIfTI-1 (header of 348 bytes) and NIfTI-2 (540) fields: offset, type, count. ITK reports
 #: them only after its fix-ups, which are the silent changes checked here.
-_NIFTI_FIELDS = {348: {"dim": (40, "i2", 8), "datatype": (70, "i2", 1), "pixdim": (76, "f4", 8),
-                       "vox_offset": (108, "f4", 1), "scl": (112, "f4", 2)},
-                 540: {"dim": (16, "i8", 8), "datatype": (12, "i2", 1), "pixdim": (104, "f8", 8),
-                       "vox_offset": (168, "i8", 1), "scl": (176, "f8", 2)}}
+_NIFTI_FIELDS = {
+    348: {
+        "dim": (40, "i2", 8),
+        "datatype": (70, "i2", 1),
+        "pixdim": (76, "f4", 8),
+        "vox_offset": (108, "f4", 1),
+        "scl": (112, "f4", 2),
+    },
+    540: {
+        "dim": (16, "i8", 8),
+        "datatype": (12, "i2", 1),
+        "pixdim": (104, "f8", 8),
+        "vox_offset": (168, "i8", 1),
+        "scl": (176, "f8", 2),
+    },
+}
 
 
 def _check_nifti(path: Path) -> None:
@@ -89,20 +107,26 @@ def _check_nifti(path: Path) -> None:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rb") as f:
         raw = f.read(540)
-        order = next((o for o in "<>" if len(raw) >= 4 and int(np.frombuffer(raw[:4], o + "i4")[0]) in _NIFTI_FIELDS),
-                     None)
+        order = next(
+            (o for o in "<>" if len(raw) >= 4 and int(np.frombuffer(raw[:4], o + "i4")[0]) in _NIFTI_FIELDS), None
+        )
         if order is None:
             return  # not a NIfTI header: ITK says so
-        h = {name: np.frombuffer(raw, order + t, n, offset) for name, (offset, t, n)
-             in _NIFTI_FIELDS[int(np.frombuffer(raw[:4], order + "i4")[0])].items()}
+        h = {
+            name: np.frombuffer(raw, order + t, n, offset)
+            for name, (offset, t, n) in _NIFTI_FIELDS[int(np.frombuffer(raw[:4], order + "i4")[0])].items()
+        }
         n_spatial = int(min(max(h["dim"][0], 1), 3))
-        pixdim = h["pixdim"][1:1 + n_spatial].astype(float)
+        pixdim = h["pixdim"][1 : 1 + n_spatial].astype(float)
         if not np.all(np.isfinite(pixdim) & (pixdim > 0)):
-            raise VolumeError(f"{path}: NIfTI voxel size pixdim = {pixdim.tolist()} mm; each must be a positive "
-                              "number (ITK would read 1 mm): fix the header")
+            raise VolumeError(
+                f"{path}: NIfTI voxel size pixdim = {pixdim.tolist()} mm; each must be a positive "
+                "number (ITK would read 1 mm): fix the header"
+            )
         if not np.all(np.isfinite(h["scl"])):
-            raise VolumeError(f"{path}: NIfTI scaling scl_slope, scl_inter = {h['scl'].tolist()} is not finite: "
-                              "fix the header")
+            raise VolumeError(
+                f"{path}: NIfTI scaling scl_slope, scl_inter = {h['scl'].tolist()} is not finite: fix the header"
+            )
         dtype = {16: "f4", 64: "f8"}.get(int(h["datatype"][0]))
         if dtype is None:
             return
@@ -136,8 +160,7 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
     suffix = _suffix(path)
     if suffix not in SUPPORTED_SUFFIXES:
         raise UnsupportedFormatError(
-            f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)} "
-            "(or a DICOM folder)"
+            f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)} (or a DICOM folder)"
         )
     try:
         what = kind(os.stat(path).st_mode)
@@ -176,8 +199,9 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
     return volume
 
 
-def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool = True,
-                 compression_level: int = 1) -> Path:
+def write_volume(
+    volume: Volume, path: "str | os.PathLike[str]", compress: bool = True, compression_level: int = 1
+) -> Path:
     """Write ``volume`` to .nrrd/.nii/.nii.gz/.mha atomically (temporary name, then rename).
 
     ``compress``: gzip the voxels (where the format can), at zlib ``compression_level`` (1, the
@@ -188,15 +212,15 @@ def write_volume(volume: Volume, path: "str | os.PathLike[str]", compress: bool 
 
     path = check_path(path, "output file")
     if _suffix(path) not in SUPPORTED_SUFFIXES:
-        raise UnsupportedFormatError(
-            f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)}"
-        )
+        raise UnsupportedFormatError(f"{path}: unsupported volume format; use one of {', '.join(SUPPORTED_SUFFIXES)}")
     if _suffix(path) in (".nii", ".nii.gz"):
         unit = volume.direction
         if np.max(np.abs(unit.T @ unit - np.eye(3))) > 1e-4:  # > rounding of DICOM's 6-digit cosines
             # ITK would "coerce" the axes to orthogonal and silently move voxels by millimetres
-            raise VolumeError(f"{path}: NIfTI cannot hold non-orthogonal (sheared) axes; write .nrrd or "
-                              ".mha, or resample the volume onto an orthogonal grid first")
+            raise VolumeError(
+                f"{path}: NIfTI cannot hold non-orthogonal (sheared) axes; write .nrrd or "
+                ".mha, or resample the volume onto an orthogonal grid first"
+            )
     with atomic_path(path) as tmp:
         try:
             sitk.WriteImage(volume.to_sitk(), str(tmp), compress, int(compression_level))

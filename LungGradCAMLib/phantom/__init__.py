@@ -16,9 +16,19 @@ adult chest and scaled down (never up) when the field of view is smaller than th
 The parts: :mod:`.specs` (tissues, :class:`NoduleSpec`, :class:`Phantom`), :mod:`.tubes` (the grid and
 the vessel and airway trees), :mod:`.anatomy`, :mod:`.nodules`, :mod:`.chest` (:func:`chest_ct`).
 """
+
 from .chest import chest_ct, write_dicom_series
 from .nodules import random_nodules
 from .specs import KINDS, MARGINS, PLACEMENTS, TISSUES, NoduleSpec, Phantom
 
-__all__ = ["KINDS", "MARGINS", "PLACEMENTS", "TISSUES", "NoduleSpec", "Phantom", "chest_ct", "random_nodules",
-           "write_dicom_series"]
+__all__ = [
+    "KINDS",
+    "MARGINS",
+    "PLACEMENTS",
+    "TISSUES",
+    "NoduleSpec",
+    "Phantom",
+    "chest_ct",
+    "random_nodules",
+    "write_dicom_series",
+]

@@ -1,5 +1,6 @@
 """The phantom generator: :func:`chest_ct` (anatomy, vessel trees, nodules, a scanner's blur and
 noise) and :func:`write_dicom_series` (a phantom as a DICOM series)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -20,10 +21,18 @@ from .tubes import Grid, interp_matrix, occupancy, uid
 # --------------------------------------------------------------------------------------------
 # the public generator
 # --------------------------------------------------------------------------------------------
-def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: Sequence[float] = (1.8, 1.8, 2.5),
-             nodules: Union[None, str, Sequence[NoduleSpec]] = None, *, n_nodules: Optional[int] = None,
-             nodule_options: Optional[dict] = None, noise_hu: float = 20.0, contrast: bool = False,
-             center_ras: Sequence[float] = (0.0, 0.0, -150.0)) -> Phantom:
+def chest_ct(
+    seed: int = 0,
+    shape: Sequence[int] = (96, 192, 192),
+    spacing_mm: Sequence[float] = (1.8, 1.8, 2.5),
+    nodules: Union[None, str, Sequence[NoduleSpec]] = None,
+    *,
+    n_nodules: Optional[int] = None,
+    nodule_options: Optional[dict] = None,
+    noise_hu: float = 20.0,
+    contrast: bool = False,
+    center_ras: Sequence[float] = (0.0, 0.0, -150.0),
+) -> Phantom:
     """A synthetic axial chest CT (float32 HU) with its truth, deterministic per ``seed``.
 
     ``shape``: (K, J, I) voxels; ``spacing_mm``: (i, j, k) mm. The patient is adult-sized when the
@@ -55,20 +64,30 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
 
     anat_ss, nodule_ss, noise_ss = np.random.SeedSequence(int(seed)).spawn(3)
     anat_rng = np.random.default_rng(anat_ss)
-    fov = np.array(shape_t[::-1]) * spacing                     # (i, j, k) mm
+    fov = np.array(shape_t[::-1]) * spacing  # (i, j, k) mm
     scale = float(min(1.0, fov[0] * 0.94 / (2 * 180.0), fov[1] * 0.94 / (2 * 140.0)))
     grid = Grid(shape_t, spacing, scale)  # type: ignore[arg-type]
 
     matrix = np.eye(4)
     matrix[:3, :3] = np.diag([-1.0, -1.0, 1.0]) * spacing
     matrix[:3, 3] = np.asarray(center_ras, np.float64) - matrix[:3, :3] @ ((np.array(shape_t[::-1]) - 1) / 2)
-    tag = (int(seed), shape_t, tuple(spacing.round(6)), str(nodules if isinstance(nodules, str) or nodules is None else [n.to_dict() for n in nodules]))
+    tag = (
+        int(seed),
+        shape_t,
+        tuple(spacing.round(6)),
+        str(nodules if isinstance(nodules, str) or nodules is None else [n.to_dict() for n in nodules]),
+    )
     # keys as the DICOM loader fills them
     meta = {
-        "modality": "CT", "patient_id": f"LGC-PHANTOM-{int(seed)}", "patient_name": f"Phantom^Seed{int(seed)}",
-        "study_uid": uid("study", *tag), "series_uid": uid("series", *tag),
-        "frame_of_reference_uid": uid("for", *tag), "description": f"LungGradCAM phantom chest CT, seed {int(seed)}",
-        "study_description": "LungGradCAM phantom", "phantom_seed": int(seed),
+        "modality": "CT",
+        "patient_id": f"LGC-PHANTOM-{int(seed)}",
+        "patient_name": f"Phantom^Seed{int(seed)}",
+        "study_uid": uid("study", *tag),
+        "series_uid": uid("series", *tag),
+        "frame_of_reference_uid": uid("for", *tag),
+        "description": f"LungGradCAM phantom chest CT, seed {int(seed)}",
+        "study_description": "LungGradCAM phantom",
+        "phantom_seed": int(seed),
     }
 
     K = shape_t[0]
@@ -85,10 +104,13 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
     # linearly interpolated in-plane by matrix products and between slices)
     cell = np.maximum(1, np.round(4.0 / grid.sp).astype(int))
     coarse = anat_rng.standard_normal(tuple(int(n // c) + 2 for n, c in zip(shape_t, cell)), dtype=np.float32)
-    along_i = (coarse.reshape(-1, coarse.shape[2]) @ interp_matrix(shape_t[2], coarse.shape[2]).T)
-    planes = np.tensordot(interp_matrix(shape_t[1], coarse.shape[1]),
-                          along_i.reshape(coarse.shape[0], coarse.shape[1], shape_t[2]), axes=([1], [1]))
-    planes = planes.transpose(1, 0, 2)                         # (coarse k, J, I)
+    along_i = coarse.reshape(-1, coarse.shape[2]) @ interp_matrix(shape_t[2], coarse.shape[2]).T
+    planes = np.tensordot(
+        interp_matrix(shape_t[1], coarse.shape[1]),
+        along_i.reshape(coarse.shape[0], coarse.shape[1], shape_t[2]),
+        axes=([1], [1]),
+    )
+    planes = planes.transpose(1, 0, 2)  # (coarse k, J, I)
     zpos = np.clip((np.arange(K) + 0.5) * coarse.shape[0] / K - 0.5, 0, coarse.shape[0] - 1.001)
     gravity = (25.0 * np.clip(-grid.y / 120.0, -1.0, 1.0)).astype(np.float32)[:, None]
     vessel_hu = np.float32(250.0 if contrast else 40.0)
@@ -109,7 +131,7 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
             occ_v = occupancy(sd_vessel.plane(k, rows, cols), grid.h) * lung
             s += occ_v * (vessel_hu - s)
             lumen = sd_lumen.plane(k, rows, cols)
-            s -= occupancy(lumen, grid.h, wall_mm) * lung * s             # bronchial wall, ~0 HU
+            s -= occupancy(lumen, grid.h, wall_mm) * lung * s  # bronchial wall, ~0 HU
             occ_l = occupancy(lumen, grid.h) * lung
             s += occ_l * (np.float32(-1000.0) - s)
             t = tissues[crop]
@@ -123,7 +145,7 @@ def chest_ct(seed: int = 0, shape: Sequence[int] = (96, 192, 192), spacing_mm: S
     if nodules is None or isinstance(nodules, str):
         count = int(n_nodules) if n_nodules is not None else int(nod_rng.integers(2, 6))
         options = dict(nodule_options or {})
-        options.setdefault("strict", n_nodules is not None)   # by default, as many as fit
+        options.setdefault("strict", n_nodules is not None)  # by default, as many as fit
         # nodules under two voxels across are not resolvable: raise the default minimum size
         options.setdefault("diameter_mm", (float(np.clip(2.0 * spacing.max(), 3.0, 20.0)), 30.0))
         specs = random_nodules(nod_rng, lungs, volume, count, vessels=tissues == TISSUES["vessel"], **options)
@@ -150,18 +172,18 @@ def _blur_and_noise(hu: np.ndarray, noise_hu: float, rng: np.random.Generator) -
     uniform (cheaper to draw); the blur sums ~100 samples per voxel, so the result is Gaussian.
     """
     sigma_ij, sigma_k = 0.7, 0.45
-    w = float(np.exp(-0.5 / sigma_k ** 2))
+    w = float(np.exp(-0.5 / sigma_k**2))
     taps = np.array([w, 1.0, w]) / (1.0 + 2.0 * w)
     impulse = np.zeros((9, 9), np.float32)
     impulse[4, 4] = 1.0
-    gain = float(np.sqrt((ndimage.gaussian_filter(impulse, sigma_ij) ** 2).sum() * (taps ** 2).sum()))
-    amplitude = np.float32(noise_hu / gain * np.sqrt(12.0))      # uniform(-1/2, 1/2) has variance 1/12
+    gain = float(np.sqrt((ndimage.gaussian_filter(impulse, sigma_ij) ** 2).sum() * (taps**2).sum()))
+    amplitude = np.float32(noise_hu / gain * np.sqrt(12.0))  # uniform(-1/2, 1/2) has variance 1/12
     for s in hu:
         if noise_hu > 0:
             s += (rng.random(s.shape, dtype=np.float32) - np.float32(0.5)) * amplitude
         ndimage.gaussian_filter(s, sigma_ij, output=s)
     edge, centre = np.float32(taps[0]), np.float32(taps[1])
-    below = hu[0].copy()                                          # edges reflect, as in ndimage
+    below = hu[0].copy()  # edges reflect, as in ndimage
     for k in range(len(hu)):
         here = hu[k].copy()
         hu[k] = (below + (hu[k + 1] if k + 1 < len(hu) else here)) * edge + here * centre
@@ -177,9 +199,15 @@ def write_dicom_series(volume: Volume, folder: "str | Path", **kwargs: Any) -> L
     from ..io.dicom_write import write_dicom_series as write
 
     meta = volume.meta
-    for key, meta_key in (("patient_id", "patient_id"), ("patient_name", "patient_name"), ("study_uid", "study_uid"),
-                          ("series_uid", "series_uid"), ("frame_of_reference_uid", "frame_of_reference_uid"),
-                          ("series_description", "description"), ("study_description", "study_description")):
+    for key, meta_key in (
+        ("patient_id", "patient_id"),
+        ("patient_name", "patient_name"),
+        ("study_uid", "study_uid"),
+        ("series_uid", "series_uid"),
+        ("frame_of_reference_uid", "frame_of_reference_uid"),
+        ("series_description", "description"),
+        ("study_description", "study_description"),
+    ):
         if meta.get(meta_key):
             kwargs.setdefault(key, str(meta[meta_key]))
     return write(volume, folder, **kwargs)

@@ -1,6 +1,7 @@
 """The phantom's nodules: each :class:`~.specs.NoduleSpec` drawn with partial volume
 (:func:`draw_nodule`), and :func:`random_nodules`, nodules of every kind, margin and placement
 placed in the lungs."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,10 +42,10 @@ def _nodule_radius(rng: np.random.Generator, spec: NoduleSpec):
     bump_mean = float(bumps(probe).mean())
     # scale so that the mean of R(u)**3 (the volume) matches the sphere's
     base = 1.0 + lobe_amp * (bumps(probe) - bump_mean)
-    norm = float(np.mean(base ** 3)) ** (-1.0 / 3.0)
+    norm = float(np.mean(base**3)) ** (-1.0 / 3.0)
 
     def radius(u: np.ndarray) -> np.ndarray:
-        ue = (u @ q) / axes            # ellipsoidal stretch
+        ue = (u @ q) / axes  # ellipsoidal stretch
         stretch = 1.0 / np.linalg.norm(ue, axis=-1)
         r = R * norm * stretch * (1.0 + lobe_amp * (bumps(u) - bump_mean))
         if spike_len is not None:
@@ -56,29 +57,39 @@ def _nodule_radius(rng: np.random.Generator, spec: NoduleSpec):
     return radius, extent
 
 
-def draw_nodule(grid: Grid, volume: Volume, rng: np.random.Generator, spec: NoduleSpec,
-                 hu: np.ndarray, tissues: np.ndarray, lungs: np.ndarray, labelmap: np.ndarray) -> None:
+def draw_nodule(
+    grid: Grid,
+    volume: Volume,
+    rng: np.random.Generator,
+    spec: NoduleSpec,
+    hu: np.ndarray,
+    tissues: np.ndarray,
+    lungs: np.ndarray,
+    labelmap: np.ndarray,
+) -> None:
     """Draw one nodule (HU, tissue code, label) whose centre lies in the lungs."""
     ijk = volume.ras_to_ijk_points(spec.center_ras)[0]
     nearest = np.round(ijk[::-1]).astype(int)
     if np.any(nearest < 0) or np.any(nearest >= grid.shape) or not lungs[tuple(nearest)]:
-        raise InvalidInputError(f"chest_ct: nodule {spec.label} at RAS {np.round(spec.center_ras, 1).tolist()} mm "
-                                f"({spec.diameter_mm:.1f} mm) is not centred in the lungs; place it inside them "
-                                "(random_nodules samples valid centres)")
+        raise InvalidInputError(
+            f"chest_ct: nodule {spec.label} at RAS {np.round(spec.center_ras, 1).tolist()} mm "
+            f"({spec.diameter_mm:.1f} mm) is not centred in the lungs; place it inside them "
+            "(random_nodules samples valid centres)"
+        )
     c = ijk[::-1] * grid.sp
     radius, extent = _nodule_radius(rng, spec)
     box = grid.box(c - extent - grid.h, c + extent + grid.h)
     dk, dj, di = grid.coords(box, c)
-    dk = dk + np.float32(1e-3)   # no voxel exactly at the centre, where the direction is undefined
+    dk = dk + np.float32(1e-3)  # no voxel exactly at the centre, where the direction is undefined
     dist = np.sqrt(dk * dk + dj * dj + di * di)
     u = np.stack(np.broadcast_arrays(dk, dj, di), axis=-1) / dist[..., None]
     occ = np.clip((radius(u) - dist) / grid.h + 0.5, 0.0, 1.0).astype(np.float32)
-    occ *= lungs[box]                       # nodules displace lung, never the chest wall
+    occ *= lungs[box]  # nodules displace lung, never the chest wall
     R = spec.diameter_mm / 2.0
     view = hu[box]
     if spec.kind in ("ground-glass", "part-solid"):
         ggo = np.float32(rng.uniform(-620.0, -470.0))
-        np.maximum(view, view * (1 - occ) + ggo * occ, out=view)   # vessels stay visible
+        np.maximum(view, view * (1 - occ) + ggo * occ, out=view)  # vessels stay visible
     else:
         solid = np.float32(rng.uniform(10.0, 50.0))
         view[...] = view * (1 - occ) + solid * occ
@@ -97,12 +108,22 @@ def draw_nodule(grid: Grid, volume: Volume, rng: np.random.Generator, spec: Nodu
     tissues[box][inside] = TISSUES["nodule"]
 
 
-def random_nodules(rng: np.random.Generator, lungs: np.ndarray, volume: Volume, n: int, *,
-                   vessels: Optional[np.ndarray] = None, kinds: Optional[Sequence[str]] = None,
-                   margins: Optional[Sequence[str]] = None, placements: Optional[Sequence[str]] = None,
-                   diameter_mm: Tuple[float, float] = (3.0, 30.0), malignant_fraction: float = 0.5,
-                   avoid: Sequence[NoduleSpec] = (), min_gap_mm: float = 5.0, strict: bool = True
-                   ) -> List[NoduleSpec]:
+def random_nodules(
+    rng: np.random.Generator,
+    lungs: np.ndarray,
+    volume: Volume,
+    n: int,
+    *,
+    vessels: Optional[np.ndarray] = None,
+    kinds: Optional[Sequence[str]] = None,
+    margins: Optional[Sequence[str]] = None,
+    placements: Optional[Sequence[str]] = None,
+    diameter_mm: Tuple[float, float] = (3.0, 30.0),
+    malignant_fraction: float = 0.5,
+    avoid: Sequence[NoduleSpec] = (),
+    min_gap_mm: float = 5.0,
+    strict: bool = True,
+) -> List[NoduleSpec]:
     """Sample ``n`` valid nodules inside ``lungs`` (bool, K, J, I, on ``volume``'s grid).
 
     Each nodule is malignant with probability ``malignant_fraction``; kind, margin and size are then
@@ -119,35 +140,46 @@ def random_nodules(rng: np.random.Generator, lungs: np.ndarray, volume: Volume, 
     """
     lungs = np.asarray(lungs, bool)
     if lungs.shape != volume.shape:
-        raise InvalidInputError(f"random_nodules: lungs mask shape {lungs.shape} differs from the volume's {volume.shape}")
+        raise InvalidInputError(
+            f"random_nodules: lungs mask shape {lungs.shape} differs from the volume's {volume.shape}"
+        )
     lo, hi = (float(d) for d in diameter_mm)
     if not 1.0 <= lo <= hi <= 60.0:
         raise InvalidInputError(f"random_nodules: diameter_mm must be (min, max) within 1-60 mm; got {diameter_mm!r}")
     if not 0.0 <= float(malignant_fraction) <= 1.0:
         raise InvalidInputError(f"random_nodules: malignant_fraction must be within 0-1; got {malignant_fraction!r}")
     if placements is None:
-        placements = ["parenchymal"] * 5 + ["juxta-pleural"] * 2 + (["juxta-vascular"] * 2 if vessels is not None else [])
-    for name, values, allowed in (("kinds", kinds, KINDS), ("margins", margins, MARGINS),
-                                  ("placements", placements, PLACEMENTS)):
+        placements = (
+            ["parenchymal"] * 5 + ["juxta-pleural"] * 2 + (["juxta-vascular"] * 2 if vessels is not None else [])
+        )
+    for name, values, allowed in (
+        ("kinds", kinds, KINDS),
+        ("margins", margins, MARGINS),
+        ("placements", placements, PLACEMENTS),
+    ):
         if values is not None and (not len(values) or any(v not in allowed for v in values)):
-            raise InvalidInputError(f"random_nodules: {name} must be a non-empty list from {', '.join(allowed)}; got {values!r}")
+            raise InvalidInputError(
+                f"random_nodules: {name} must be a non-empty list from {', '.join(allowed)}; got {values!r}"
+            )
     vessel_ijk = np.argwhere(vessels & lungs)[:, ::-1] if vessels is not None else np.zeros((0, 3), int)
     if "juxta-vascular" in placements and not len(vessel_ijk):
-        raise InvalidInputError("random_nodules: juxta-vascular placement needs a vessels mask with vessels in the lungs")
+        raise InvalidInputError(
+            "random_nodules: juxta-vascular placement needs a vessels mask with vessels in the lungs"
+        )
 
     # distance to the pleura on a ~3 mm grid over the lungs' bounding box
-    sp = volume.spacing[::-1]                                           # (k, j, i) mm
+    sp = volume.spacing[::-1]  # (k, j, i) mm
     stride = np.maximum(1, np.round(3.0 / sp).astype(int))
-    coarse = lungs[::stride[0], ::stride[1], ::stride[2]]
+    coarse = lungs[:: stride[0], :: stride[1], :: stride[2]]
     if not coarse.any():
         raise InvalidInputError("random_nodules: the lungs mask is empty; cannot place nodules")
     nz = np.argwhere(coarse)
     c0, c1 = nz.min(axis=0), nz.max(axis=0) + 1
-    crop = np.pad(coarse[c0[0]:c1[0], c0[1]:c1[1], c0[2]:c1[2]], 1)
+    crop = np.pad(coarse[c0[0] : c1[0], c0[1] : c1[1], c0[2] : c1[2]], 1)
     cell = stride * sp
     # EDT measures to the nearest outside cell centre; the pleura lies half a cell nearer
     dist = ndimage.distance_transform_edt(crop, sampling=cell) - 0.5 * float(cell.mean())
-    inward = np.stack(np.gradient(dist, *cell), axis=-1)                 # grid mm, toward the lung
+    inward = np.stack(np.gradient(dist, *cell), axis=-1)  # grid mm, toward the lung
     cells = np.argwhere(crop)
     cell_dist = dist[tuple(cells.T)]
     cell_ijk = ((cells - 1 + c0) * stride)[:, ::-1].astype(np.float64)
@@ -187,15 +219,33 @@ def random_nodules(rng: np.random.Generator, lungs: np.ndarray, volume: Volume, 
         centre = None
         while centre is None:
             R = diameter / 2
-            centre = _place(rng, placement, R, margin, cell_ras, cell_dist, costal, out_ras, vessel_ijk,
-                            volume, dist, c0, stride, float(cell.max()), wall_distance, placed, min_gap_mm)
+            centre = _place(
+                rng,
+                placement,
+                R,
+                margin,
+                cell_ras,
+                cell_dist,
+                costal,
+                out_ras,
+                vessel_ijk,
+                volume,
+                dist,
+                c0,
+                stride,
+                float(cell.max()),
+                wall_distance,
+                placed,
+                min_gap_mm,
+            )
             if centre is None:
                 if diameter <= lo:
                     if not strict:
                         return out
                     raise InvalidInputError(
                         f"random_nodules: no room for a {diameter:.1f} mm {placement} nodule in these lungs "
-                        f"(nodule {len(out) + 1} of {n}); ask for fewer or smaller nodules")
+                        f"(nodule {len(out) + 1} of {n}); ask for fewer or smaller nodules"
+                    )
                 diameter = max(lo, diameter * 0.7)
         placed.append((centre, diameter / 2))
         out.append(NoduleSpec(tuple(centre), diameter, kind, margin, placement, malignant))
@@ -209,9 +259,27 @@ def _pick(rng: np.random.Generator, options: Optional[Sequence[str]], probs: Dic
     return str(names[rng.choice(len(names), p=p / p.sum())])
 
 
-def _place(rng, placement, R, margin, cell_ras, cell_dist, costal, out_ras, vessel_ijk, volume, dist, c0,
-           stride, cell_mm, wall_distance, placed, min_gap_mm) -> Optional[np.ndarray]:
+def _place(
+    rng,
+    placement,
+    R,
+    margin,
+    cell_ras,
+    cell_dist,
+    costal,
+    out_ras,
+    vessel_ijk,
+    volume,
+    dist,
+    c0,
+    stride,
+    cell_mm,
+    wall_distance,
+    placed,
+    min_gap_mm,
+) -> Optional[np.ndarray]:
     """A RAS centre for one nodule of radius R (mm) with this placement, or None if none fits."""
+
     def free(centres: np.ndarray) -> np.ndarray:
         ok = np.ones(len(centres), bool)
         for c, r in placed:

@@ -1,5 +1,6 @@
 """The phantom's geometry: :class:`Grid` (body mm <-> the volume's voxels) and tubes, the vessel
 and airway trees drawn as signed-distance maps (:class:`Tubes`, :func:`tree`)."""
+
 from __future__ import annotations
 
 import uuid
@@ -30,8 +31,7 @@ class Grid:
     def body_to_grid(self, xyz: np.ndarray) -> np.ndarray:
         """(N, 3) body mm (x, y, z; adult size) -> (N, 3) grid mm (k, j, i)."""
         xyz = np.atleast_2d(np.asarray(xyz, np.float64)) * self.scale
-        return np.stack([self.centre[0] + xyz[:, 2], self.centre[1] - xyz[:, 1],
-                         self.centre[2] - xyz[:, 0]], axis=1)
+        return np.stack([self.centre[0] + xyz[:, 2], self.centre[1] - xyz[:, 1], self.centre[2] - xyz[:, 0]], axis=1)
 
     def box(self, lo_mm: np.ndarray, hi_mm: np.ndarray) -> Optional[Tuple[slice, slice, slice]]:
         """Index slices of the voxels whose centres lie in the grid-mm box, or None if empty."""
@@ -64,8 +64,9 @@ class Tubes:
     partial-volume ramp can be read later.
     """
 
-    def __init__(self, grid: Grid, segments: Sequence[Tuple[np.ndarray, np.ndarray, float, float]],
-                 pad_mm: float = 0.0):
+    def __init__(
+        self, grid: Grid, segments: Sequence[Tuple[np.ndarray, np.ndarray, float, float]], pad_mm: float = 0.0
+    ):
         self.shape2d = grid.shape[1:]
         self.lo, self.sd = np.zeros(3, int), np.full((0, 0, 0), _FAR, np.float32)
         if not len(segments):
@@ -94,9 +95,11 @@ class Tubes:
         for key, members in groups.items():
             per_chunk = max(1, 4_000_000 // int(np.prod(key)))
             for start in range(0, len(members), per_chunk):
-                idx = np.array(members[start:start + per_chunk])
-                d = [((lo[idx, a, None] + np.arange(key[a])) * grid.sp[a] - p0[idx, a, None]).astype(np.float32)
-                     for a in range(3)]
+                idx = np.array(members[start : start + per_chunk])
+                d = [
+                    ((lo[idx, a, None] + np.arange(key[a])) * grid.sp[a] - p0[idx, a, None]).astype(np.float32)
+                    for a in range(3)
+                ]
                 dk, dj, di = d[0][:, :, None, None], d[1][:, None, :, None], d[2][:, None, None, :]
                 vv, vs = v[idx][:, None, None, None, :], v_scaled[idx][:, None, None, None, :]
                 t = np.clip(dk * vs[..., 0] + dj * vs[..., 1] + di * vs[..., 2], 0.0, 1.0)
@@ -104,8 +107,8 @@ class Tubes:
                 sd -= r0[idx, None, None, None] + (r1 - r0)[idx, None, None, None] * t
                 for m, n in enumerate(idx):
                     a, b = lo[n] - origin, hi[n] - origin
-                    view = self.sd[a[0]:b[0], a[1]:b[1], a[2]:b[2]]
-                    np.minimum(view, sd[m, :size[n, 0], :size[n, 1], :size[n, 2]], out=view)
+                    view = self.sd[a[0] : b[0], a[1] : b[1], a[2] : b[2]]
+                    np.minimum(view, sd[m, : size[n, 0], : size[n, 1], : size[n, 2]], out=view)
 
     def plane(self, k: int, rows: slice, cols: slice) -> np.ndarray:
         """The signed distance over ``rows`` x ``cols`` of slice ``k`` (_FAR away from every tube)."""
@@ -117,8 +120,9 @@ class Tubes:
             j0, j1 = max(J.start, self.lo[1]), min(J.stop, self.lo[1] + self.sd.shape[1])
             i0, i1 = max(I.start, self.lo[2]), min(I.stop, self.lo[2] + self.sd.shape[2])
             if j1 > j0 and i1 > i0:
-                out[j0 - J.start:j1 - J.start, i0 - I.start:i1 - I.start] = \
-                    self.sd[kk, j0 - self.lo[1]:j1 - self.lo[1], i0 - self.lo[2]:i1 - self.lo[2]]
+                out[j0 - J.start : j1 - J.start, i0 - I.start : i1 - I.start] = self.sd[
+                    kk, j0 - self.lo[1] : j1 - self.lo[1], i0 - self.lo[2] : i1 - self.lo[2]
+                ]
         return out
 
 
@@ -134,8 +138,7 @@ def polyline(grid: Grid, points_body: Sequence[Sequence[float]], radius: float) 
     return [(p[n], p[n + 1], r, r) for n in range(len(p) - 1)]
 
 
-def tree(rng: np.random.Generator, root: np.ndarray, terminals: np.ndarray, r_terminal: float,
-          exponent: float) -> list:
+def tree(rng: np.random.Generator, root: np.ndarray, terminals: np.ndarray, r_terminal: float, exponent: float) -> list:
     """A branching tree from ``root`` to every terminal point (grid mm), by recursive bisection of
     the terminals along their principal axis; radius = r_terminal * (terminals downstream)**exponent
     (Murray-like), so tubes narrow toward the periphery."""
@@ -143,7 +146,7 @@ def tree(rng: np.random.Generator, root: np.ndarray, terminals: np.ndarray, r_te
 
     def grow(start: np.ndarray, pts: np.ndarray) -> None:
         n = len(pts)
-        r = r_terminal * n ** exponent
+        r = r_terminal * n**exponent
         if n == 1:
             segments.append((start, pts[0], r, r_terminal * 0.6))
             return

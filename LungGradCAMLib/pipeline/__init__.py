@@ -11,17 +11,53 @@
 * :mod:`.batch`: :func:`run_batch`, a cohort, resumably, sharded under ``torchrun``;
 * :mod:`.bench`: ``lunggradcam run`` timed stage by stage.
 """
+
 from .batch import SUMMARY_FIELDS, prefetched, run_batch, safe_name, write_summary
 from .cost import CostEstimate, default_batch_size, estimate_cost
 from .ct_grid import CAM_STEP, cam_on_ct_grid, on_ct_grid
 from .explainer import check_options, explain, get_model
+from .outputs import (
+    NO_REGION,
+    VOLUME_FORMATS,
+    build_report,
+    intended_use,
+    outcome,
+    run_one,
+    scale_text,
+    write_outputs,
+    write_overlay,
+)
 from .regions import explain_and_segment, second_opinions
-from .stages import STAGES, Progress
-from .outputs import (NO_REGION, VOLUME_FORMATS, build_report, intended_use, outcome, run_one, scale_text, write_outputs,
-                      write_overlay)
 from .segment import segment_cam
+from .stages import STAGES, Progress
 
-__all__ = ["CAM_STEP", "STAGES", "CostEstimate", "Progress", "cam_on_ct_grid", "check_options", "default_batch_size",
-           "estimate_cost", "explain", "explain_and_segment", "get_model", "on_ct_grid", "second_opinions",
-           "NO_REGION", "VOLUME_FORMATS", "build_report", "intended_use", "outcome", "run_one", "scale_text", "write_outputs",
-           "write_overlay", "segment_cam", "SUMMARY_FIELDS", "prefetched", "run_batch", "safe_name", "write_summary"]
+__all__ = [
+    "CAM_STEP",
+    "STAGES",
+    "CostEstimate",
+    "Progress",
+    "cam_on_ct_grid",
+    "check_options",
+    "default_batch_size",
+    "estimate_cost",
+    "explain",
+    "explain_and_segment",
+    "get_model",
+    "on_ct_grid",
+    "second_opinions",
+    "NO_REGION",
+    "VOLUME_FORMATS",
+    "build_report",
+    "intended_use",
+    "outcome",
+    "run_one",
+    "scale_text",
+    "write_outputs",
+    "write_overlay",
+    "segment_cam",
+    "SUMMARY_FIELDS",
+    "prefetched",
+    "run_batch",
+    "safe_name",
+    "write_summary",
+]

@@ -1,4 +1,5 @@
 """A cohort: every CT series of a DICOM tree or Slicer DICOM database, resumably, sharded under torchrun."""
+
 from __future__ import annotations
 
 import csv
@@ -12,8 +13,16 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..core.atomic import check_output_folder, output_folder, read_record, write_json, write_text
-from ..core.errors import (DatabaseError, DicomDecodeError, DicomError, FolderBusyError, InvalidInputError,
-                           LungGradCAMError, ResourceError, VolumeError)
+from ..core.errors import (
+    DatabaseError,
+    DicomDecodeError,
+    DicomError,
+    FolderBusyError,
+    InvalidInputError,
+    LungGradCAMError,
+    ResourceError,
+    VolumeError,
+)
 from ..core.volume import Volume
 from ..io.inputs import check_input, input_tree, is_database
 from ..options import ExplainOptions
@@ -46,8 +55,21 @@ def safe_name(text: str, fallback: str = "series") -> str:
 SUMMARY = "summary.csv"
 #: summary.csv's columns: ``output`` is the series' folder inside --out (named by the UID, never by
 #: patient), ``input`` where it was read, ``patient_id`` the series' PatientID (as in its DICOM).
-SUMMARY_FIELDS = ("series_uid", "patient_id", "status", "predicted_class", "target_probability", "outcome", "n_regions",
-                  "largest_region_ml", "peak_cam", "seconds", "output", "input", "error")
+SUMMARY_FIELDS = (
+    "series_uid",
+    "patient_id",
+    "status",
+    "predicted_class",
+    "target_probability",
+    "outcome",
+    "n_regions",
+    "largest_region_ml",
+    "peak_cam",
+    "seconds",
+    "output",
+    "input",
+    "error",
+)
 
 
 @dataclass
@@ -60,8 +82,11 @@ class _SeriesJob:
 
 def _unreadable_load(message: str) -> Callable[[], Volume]:
     def load() -> Volume:
-        raise DicomDecodeError(f"{message}. It lies among this series' files and may be one of its slices: "
-                               "repair or remove it, then run again with --redo-failed")
+        raise DicomDecodeError(
+            f"{message}. It lies among this series' files and may be one of its slices: "
+            "repair or remove it, then run again with --redo-failed"
+        )
+
     return load
 
 
@@ -78,8 +103,15 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
         db = DicomDatabase(path)
         patient_ids = {p.uid: p.patient_id for p in db.patients()}
         patient_of_study = {s.study_uid: patient_ids.get(s.patient_uid, "") for s in db.studies()}
-        jobs = [_SeriesJob(s.series_uid, (lambda uid=s.series_uid: db.load(uid)), f"{db.path} series {s.series_uid}",
-                           patient_of_study.get(s.study_uid, "")) for s in db.ct_series()]
+        jobs = [
+            _SeriesJob(
+                s.series_uid,
+                (lambda uid=s.series_uid: db.load(uid)),
+                f"{db.path} series {s.series_uid}",
+                patient_of_study.get(s.study_uid, ""),
+            )
+            for s in db.ct_series()
+        ]
     else:
         from ..io.dicom import load_dicom_series
         from ..io.dicom_series import list_dicom_series
@@ -89,9 +121,14 @@ def _list_ct_series(source: Union[str, os.PathLike]) -> List[_SeriesJob]:
         jobs = []
         for s in series:
             bad = [message for f, message in unreadable.items() if f.parent in {g.parent for g in s.files}]
-            load = _unreadable_load(bad[0]) if bad else (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))
-            jobs.append(_SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files]),
-                                   s.patient_id))
+            load = (
+                _unreadable_load(bad[0])
+                if bad
+                else (lambda files=list(s.files), key=s.key: load_dicom_series(files, key))
+            )
+            jobs.append(
+                _SeriesJob(s.key, load, os.path.commonpath([str(Path(f).parent) for f in s.files]), s.patient_id)
+            )
         placed = {g.parent for s in series for g in s.files}
         for f, message in unreadable.items():
             if f.parent not in placed:
@@ -113,19 +150,28 @@ def _summary_row(job: _SeriesJob, out_dir: Path, key: Dict[str, Any]) -> Dict[st
     beside its error, says nothing about this run: "pending" when neither is this run's)."""
     folder = out_dir / safe_name(job.uid)
     row: Dict[str, Any] = {k: "" for k in SUMMARY_FIELDS}
-    row.update(series_uid=job.uid, patient_id=getattr(job, "patient_id", ""), output=folder.name, input=job.input,
-               status="pending")
+    row.update(
+        series_uid=job.uid,
+        patient_id=getattr(job, "patient_id", ""),
+        output=folder.name,
+        input=job.input,
+        status="pending",
+    )
     r, error = _record(folder / "report.json"), _record(folder / "error.json")
     r = r if r is not None and r.get("result_key") == key else None
     error = error if error is not None and error.get("result_key") == key else None
     if r is not None:
         regions = r.get("regions") or []
-        row.update(status="done", predicted_class=r["predicted_class"],
-                   target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
-                   outcome=r.get("outcome", ""), n_regions=len(regions),
-                   largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
-                   peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
-                   seconds=f"{r['timings_s'].get('total', 0.0):.2f}")
+        row.update(
+            status="done",
+            predicted_class=r["predicted_class"],
+            target_probability=f"{r['probabilities'].get(r['target_class'], float('nan')):.4f}",
+            outcome=r.get("outcome", ""),
+            n_regions=len(regions),
+            largest_region_ml=f"{max((g['volume_ml'] for g in regions), default=0.0):.3f}",
+            peak_cam=f"{max((g['peak_cam'] for g in regions), default=0.0):.3f}",
+            seconds=f"{r['timings_s'].get('total', 0.0):.2f}",
+        )
     elif error is not None:
         row.update(status="failed", error=error.get("error", ""))
     return row
@@ -192,11 +238,20 @@ def _skip_reason(folder: Path, key: Dict[str, Any], redo_failed: bool) -> Option
     return None
 
 
-def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
-              options: Optional[ExplainOptions] = None, *, dicom_seg: bool = False, volume_format: str = "nrrd",
-              redo_failed: bool = False, show_progress: bool = True,
-              on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
-              skipped: Optional[Dict[str, int]] = None, overlay: bool = True, lungs: bool = True) -> Path:
+def run_batch(
+    source: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    options: Optional[ExplainOptions] = None,
+    *,
+    dicom_seg: bool = False,
+    volume_format: str = "nrrd",
+    redo_failed: bool = False,
+    show_progress: bool = True,
+    on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
+    skipped: Optional[Dict[str, int]] = None,
+    overlay: bool = True,
+    lungs: bool = True,
+) -> Path:
     """Explain every CT series of ``source`` into ``out_dir/<SeriesInstanceUID>/`` with ``options``.
 
     Resumable: a series whose ``report.json`` was made with the same result options, outputs and
@@ -216,9 +271,9 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     (:data:`SKIP_DONE`, :data:`SKIP_FAILED`). ``overlay``, ``lungs``: write each series'
     ``overlay.png`` and lung mask. Returns the summary's path.
     """
-    from tqdm import tqdm
-
     import datetime
+
+    from tqdm import tqdm
 
     from ..engine.distributed import barrier, init_torchrun, torchrun_env
 
@@ -229,22 +284,36 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     if world > 1:  # gloo: the ranks only wait for each other, for as long as the cohort takes
         init_torchrun("gloo", timeout=datetime.timedelta(days=7))
     loaded = check_options(options)  # once, before any series: a wrong option stops the batch here
-    key = {**{k: v for k, v in options.result_options().items() if k != "model"}, "model_sha256": loaded.card.sha256,
-           "dicom_seg": dicom_seg, "volume_format": volume_format}
+    key = {
+        **{k: v for k, v in options.result_options().items() if k != "model"},
+        "model_sha256": loaded.card.sha256,
+        "dicom_seg": dicom_seg,
+        "volume_format": volume_format,
+    }
     out.mkdir(parents=True, exist_ok=True)
     reasons = {job.uid: _skip_reason(out / safe_name(job.uid), key, redo_failed) for job in jobs[rank::world]}
     todo = [job for job in jobs[rank::world] if reasons[job.uid] is None]
     if skipped is not None:
         for reason in filter(None, reasons.values()):
             skipped[reason] = skipped.get(reason, 0) + 1
-    progress_bar = tqdm(todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series",
-                        disable=not show_progress or None)
+    progress_bar = tqdm(
+        todo, desc=f"series (rank {rank})" if world > 1 else "series", unit="series", disable=not show_progress or None
+    )
     for job, volume in zip(progress_bar, prefetched([job.load for job in todo])):
         folder = out / safe_name(job.uid)
         try:
-            run_one(volume.result, folder, options, dicom_seg=dicom_seg, volume_format=volume_format,
-                    input_desc=job.input, report_extra={"result_key": key}, on_estimate=on_estimate,
-                    overlay=overlay, lungs=lungs)
+            run_one(
+                volume.result,
+                folder,
+                options,
+                dicom_seg=dicom_seg,
+                volume_format=volume_format,
+                input_desc=job.input,
+                report_extra={"result_key": key},
+                on_estimate=on_estimate,
+                overlay=overlay,
+                lungs=lungs,
+            )
         except FolderBusyError:
             log.warning("series %r: another process is writing its folder; left to it", job.uid)
         except Exception as exc:  # noqa: BLE001 - one bad series must not stop the cohort
@@ -252,8 +321,14 @@ def run_batch(source: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
             if isinstance(exc, LungGradCAMError) and not data and not isinstance(exc, ResourceError):
                 raise  # the run's options or output folder: every series would fail alike; record nothing
             log.warning("series %r failed: %r", job.uid, str(exc))  # repr: no raw control characters
-            info = {"series_uid": job.uid, "error": str(exc), "type": type(exc).__name__,
-                    "user_error": isinstance(exc, LungGradCAMError), "retry": not data, "result_key": key}
+            info = {
+                "series_uid": job.uid,
+                "error": str(exc),
+                "type": type(exc).__name__,
+                "user_error": isinstance(exc, LungGradCAMError),
+                "retry": not data,
+                "result_key": key,
+            }
             try:
                 with output_folder(folder, names=OUTPUT_FILES, replace=False) as staging:  # beside its outputs
                     write_json(staging / "error.json", info)

@@ -12,6 +12,7 @@ goes (a profile). ``benchmarks/end_to_end.py`` calls this.
 A floor is the least work any implementation of the stage must do on the same data, timed here
 (the best of three): what is left above it is ours to remove.
 """
+
 from __future__ import annotations
 
 import cProfile
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
-
 
 #: The stages of a run, in order, and what each one's floor does.
 FLOORS = {
@@ -62,9 +62,9 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     """One ``lunggradcam run`` in this (fresh) process: seconds per stage, peak memory, and with
     ``files`` each output file's size and time when written alone (after the run, not counted)."""
     t0 = time.perf_counter()
+    from ..engine.device import resolve_device
     from ..io.dicom import load_dicom_series
     from ..options import ExplainOptions
-    from ..engine.device import resolve_device
     from .outputs import run_one
 
     dev = resolve_device(device)
@@ -75,9 +75,13 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
     explanation, segmentation, written = run_one(volume, out_dir, ExplainOptions(model=model, device=str(dev)))
     stages = {"dicom_load": load, **explanation.timings}
     result = {
-        "imports_s": imports, "stages_s": {k: stages[k] for k in STAGES}, "peak_rss_mb": _peak_rss_mb(),
+        "imports_s": imports,
+        "stages_s": {k: stages[k] for k in STAGES},
+        "peak_rss_mb": _peak_rss_mb(),
         "cpu_s": time.process_time() - cpu0,
-        "device": str(dev), "n_patches": explanation.n_patches, "n_regions": len(segmentation.regions),
+        "device": str(dev),
+        "n_patches": explanation.n_patches,
+        "n_regions": len(segmentation.regions),
         "shape_model_grid": [b - a for a, b in explanation.box_model_space],
         "output_bytes": {p.name: p.stat().st_size for p in written.values()},
     }
@@ -88,10 +92,10 @@ def _one_run(dicom_dir: str, out_dir: str, device: str, model: str, files: bool)
 
 def _file_costs(explanation: Any, segmentation: Any, folder: Path) -> Dict[str, Dict[str, float]]:
     """Each output file written alone: seconds and bytes."""
-    from .outputs import write_overlay
     from ..core.results import Segmentation
     from ..io.segnrrd import write_segmentation
     from ..io.volume_files import write_volume
+    from .outputs import write_overlay
 
     lungs = Segmentation(explanation.cam.with_array(explanation.lung_mask.view(np.uint8)), [])
     writers = {
@@ -113,8 +117,8 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
     import torch
     from safetensors.torch import load_file
 
-    from ..engine.models import load_model, resolve_model_path
     from ..core.volume import resample, resample_to
+    from ..engine.models import load_model, resolve_model_path
 
     files = sorted(dicom_dir.iterdir())
     ct = volume.array
@@ -124,7 +128,7 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
         out = np.empty(ct.shape, np.float32)
         for k, path in enumerate(files):
             data = path.read_bytes()
-            out[k] = np.frombuffer(data[len(data) - slice_bytes:], np.int16).reshape(ct[0].shape)
+            out[k] = np.frombuffer(data[len(data) - slice_bytes :], np.int16).reshape(ct[0].shape)
 
     loaded = load_model(model, device=device)
     grid = resample(volume, loaded.card.spacing_mm, order=0)  # the model grid's geometry
@@ -149,6 +153,7 @@ def _floors(dicom_dir: Path, volume: Any, run: Dict[str, Any], model: str, devic
 
     sizes = run["output_bytes"]
     with tempfile.TemporaryDirectory(prefix="lgc-floor-") as tmp:
+
         def write() -> None:
             for name, size in sizes.items():
                 (Path(tmp) / name).write_bytes(bytes(size))
@@ -182,8 +187,14 @@ def _lung_mask_profile(volume: Any, top: int = 8) -> List[Dict[str, Any]]:
     return [{"function": name, "s": round(t, 4), "share": round(t / total, 3)} for t, name in rows]
 
 
-def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[float] = (0.7, 0.7, 1.0),
-               device: str = "auto", model: str = "default", seed: int = 3, runs: int = 3) -> Dict[str, Any]:
+def end_to_end(
+    shape_kji: Sequence[int] = (300, 512, 512),
+    spacing_mm: Sequence[float] = (0.7, 0.7, 1.0),
+    device: str = "auto",
+    model: str = "default",
+    seed: int = 3,
+    runs: int = 3,
+) -> Dict[str, Any]:
     """The benchmark's report for a phantom of ``shape_kji`` (K, J, I) voxels at ``spacing_mm``
     (i, j, k): see the module docstring."""
     import multiprocessing
@@ -203,8 +214,9 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
         context = multiprocessing.get_context("spawn")  # a fresh interpreter per run
         for n in range(runs):
             with context.Pool(1) as pool:
-                results.append(pool.apply(_one_run, (str(dicom_dir), str(Path(tmp) / f"out{n}"), device, model,
-                                                     n == 0)))
+                results.append(
+                    pool.apply(_one_run, (str(dicom_dir), str(Path(tmp) / f"out{n}"), device, model, n == 0))
+                )
         load_after = os.getloadavg()
         volume = load_dicom_series(dicom_dir)
         floors = _floors(dicom_dir, volume, results[0], model, results[0]["device"])
@@ -215,18 +227,31 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
     for stage in STAGES:
         values = [r["stages_s"][stage] for r in results]
         median = statistics.median(values)
-        stages[stage] = {"median_s": round(median, 3), "min_s": round(min(values), 3), "max_s": round(max(values), 3),
-                         "floor_s": round(floors[stage], 3),
-                         "x_floor": round(median / floors[stage], 1) if floors[stage] > 0 else None,
-                         "floor": FLOORS[stage]}
+        stages[stage] = {
+            "median_s": round(median, 3),
+            "min_s": round(min(values), 3),
+            "max_s": round(max(values), 3),
+            "floor_s": round(floors[stage], 3),
+            "x_floor": round(median / floors[stage], 1) if floors[stage] > 0 else None,
+            "floor": FLOORS[stage],
+        }
     return {
-        "benchmark": "end_to_end", "shape_kji": list(shape_kji), "spacing_ijk_mm": list(spacing_mm),
-        "device": results[0]["device"], "model": model, "runs": runs, "cpu_count": os.cpu_count(),
+        "benchmark": "end_to_end",
+        "shape_kji": list(shape_kji),
+        "spacing_ijk_mm": list(spacing_mm),
+        "device": results[0]["device"],
+        "model": model,
+        "runs": runs,
+        "cpu_count": os.cpu_count(),
         "load_average_before": [round(v, 2) for v in load_before],
         "load_average_after": [round(v, 2) for v in load_after],
-        "total_s": {"median": round(statistics.median(totals), 3), "min": round(min(totals), 3),
-                    "max": round(max(totals), 3), "max_over_min": round(max(totals) / min(totals), 2),
-                    "runs": [round(t, 3) for t in totals]},
+        "total_s": {
+            "median": round(statistics.median(totals), 3),
+            "min": round(min(totals), 3),
+            "max": round(max(totals), 3),
+            "max_over_min": round(max(totals) / min(totals), 2),
+            "runs": [round(t, 3) for t in totals],
+        },
         "stages": stages,
         "imports_s": [round(r["imports_s"], 3) for r in results],
         # CPU seconds of all the process's threads over the stages: what the run costs whatever
@@ -235,21 +260,28 @@ def end_to_end(shape_kji: Sequence[int] = (300, 512, 512), spacing_mm: Sequence[
         "peak_rss_mb": [round(r["peak_rss_mb"]) for r in results],
         "files": results[0].get("files"),
         "lung_mask_profile": profile,
-        "n_patches": results[0]["n_patches"], "n_regions": results[0]["n_regions"],
+        "n_patches": results[0]["n_patches"],
+        "n_regions": results[0]["n_regions"],
         "phantom_and_dicom_write_s": round(prepare, 3),
     }
 
 
 def format_table(report: Dict[str, Any]) -> str:
     """The report's stages as a plain-text table (median, min-max of the runs, floor, ratio)."""
-    lines = [f"{report['runs']} runs, {'x'.join(map(str, report['shape_kji']))} on {report['device']}, "
-             f"load average {report['load_average_before'][0]} -> {report['load_average_after'][0]}",
-             f"{'stage':14s} {'median s':>9s} {'min-max s':>13s} {'floor s':>8s} {'x floor':>8s}"]
+    lines = [
+        f"{report['runs']} runs, {'x'.join(map(str, report['shape_kji']))} on {report['device']}, "
+        f"load average {report['load_average_before'][0]} -> {report['load_average_after'][0]}",
+        f"{'stage':14s} {'median s':>9s} {'min-max s':>13s} {'floor s':>8s} {'x floor':>8s}",
+    ]
     for stage, s in report["stages"].items():
-        lines.append(f"{stage:14s} {s['median_s']:9.3f} {s['min_s']:6.2f}-{s['max_s']:<6.2f} {s['floor_s']:8.3f} "
-                     f"{s['x_floor'] if s['x_floor'] is not None else '-':>8}")
+        lines.append(
+            f"{stage:14s} {s['median_s']:9.3f} {s['min_s']:6.2f}-{s['max_s']:<6.2f} {s['floor_s']:8.3f} "
+            f"{s['x_floor'] if s['x_floor'] is not None else '-':>8}"
+        )
     t = report["total_s"]
-    lines.append(f"{'total':14s} {t['median']:9.3f} {t['min']:6.2f}-{t['max']:<6.2f}  (imports apart: "
-                 f"{', '.join(map(str, report['imports_s']))} s); peak RSS {max(report['peak_rss_mb'])} MB; "
-                 f"CPU {', '.join(f'{c:.1f}' for c in report['cpu_s'])} s")
+    lines.append(
+        f"{'total':14s} {t['median']:9.3f} {t['min']:6.2f}-{t['max']:<6.2f}  (imports apart: "
+        f"{', '.join(map(str, report['imports_s']))} s); peak RSS {max(report['peak_rss_mb'])} MB; "
+        f"CPU {', '.join(f'{c:.1f}' for c in report['cpu_s'])} s"
+    )
     return "\n".join(lines)

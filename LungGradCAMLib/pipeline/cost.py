@@ -3,6 +3,7 @@
 refused by :func:`check_memory` when there is not that much) and the batch size
 (:func:`default_batch_size`). What each CAM method costs is in
 :data:`LungGradCAMLib.engine.methods.TABLE`."""
+
 from __future__ import annotations
 
 import time
@@ -52,12 +53,20 @@ class CostEstimate:
     def __str__(self) -> str:
         minutes = self.seconds / 60.0
         took = f"{minutes:.1f} min" if minutes >= 1 else f"{self.seconds:.0f} s"
-        return (f"{self.method}: {self.patches} patches of {'x'.join(map(str, self.patch))} voxels, "
-                f"{self.passes:,} forward passes; about {took} on {self.device}")
+        return (
+            f"{self.method}: {self.patches} patches of {'x'.join(map(str, self.patch))} voxels, "
+            f"{self.passes:,} forward passes; about {took} on {self.device}"
+        )
 
 
-def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], device: "torch.device",  # noqa: F821
-                  batch_size: int) -> CostEstimate:
+def estimate_cost(
+    loaded: Any,
+    method: str,
+    patches: int,
+    patch: Sequence[int],
+    device: "torch.device",  # noqa: F821
+    batch_size: int,
+) -> CostEstimate:
     """A :class:`CostEstimate` for ``patches`` patches of ``patch`` voxels with ``loaded``
     (a ``LoadedModel``) on ``device``: times one forward pass of a batch of zero patches (the
     second of two, after the set-up of the first), as many as the method puts in one call, run
@@ -99,8 +108,15 @@ def estimate_cost(loaded: Any, method: str, patches: int, patch: Sequence[int], 
     return CostEstimate(method, int(patches), int(passes), channels, tuple(int(p) for p in patch), str(device), total)
 
 
-def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int], batch: int,
-                  dev: "torch.device", method: str) -> Dict[str, float]:  # noqa: F821
+def memory_needed(
+    volume: Volume,
+    space_shape: Sequence[int],
+    loaded: Any,
+    patch: Sequence[int],
+    batch: int,
+    dev: "torch.device",  # noqa: F821
+    method: str,
+) -> Dict[str, float]:
     """What explaining ``volume`` needs, in bytes, before it starts: ``ct`` and ``grid`` (the CT's
     and the model grid's voxels, ``space_shape``), and on the CPU ``patches``, what a batch of
     ``batch`` patches needs with ``method`` (its ``patch_memory`` and ``cam_bytes`` in
@@ -125,13 +141,22 @@ def memory_needed(volume: Volume, space_shape: Sequence[int], loaded: Any, patch
     return need
 
 
-def check_memory(volume: Volume, space_shape: Sequence[int], loaded: Any, patch: Sequence[int],
-                  batch: int, dev: "torch.device", method: str) -> None:  # noqa: F821
+def check_memory(
+    volume: Volume,
+    space_shape: Sequence[int],
+    loaded: Any,
+    patch: Sequence[int],
+    batch: int,
+    dev: "torch.device",  # noqa: F821
+    method: str,
+) -> None:
     """Refuse (:class:`ResourceError`) before resampling when :func:`memory_needed` is more
     than there is."""
     from ..core.limits import check_bytes
 
-    check_bytes(sum(memory_needed(volume, space_shape, loaded, patch, batch, dev, method).values()),
-                f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
-                f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels, {method})",
-                "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ")
+    check_bytes(
+        sum(memory_needed(volume, space_shape, loaded, patch, batch, dev, method).values()),
+        f"explaining this CT ({volume.shape} voxels; {tuple(space_shape)} on the model's "
+        f"{loaded.card.spacing_mm} mm grid; batches of {batch} x {list(patch)} voxels, {method})",
+        "give a smaller --batch-size, or use a model of coarser spacing or smaller patches, or crop the CT; ",
+    )

@@ -5,6 +5,7 @@ mode and the memory check -> resampling to the model's grid -> the window's box 
 ``explain`` is what the CLI, the Slicer module and researchers call; the hot regions and what
 they get are :mod:`.regions`'s, the costs :mod:`.cost`'s, the way home :mod:`.ct_grid`'s, the
 stages' timing :mod:`.stages`'s."""
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,10 @@ def _check_volume(volume: Any) -> Volume:
     if not np.isfinite([low, high]).all():
         raise VolumeError("the CT has NaN or infinite voxels; fix or mask them before explaining")
     if low < HU_LIMITS[0] or high > HU_LIMITS[1]:  # float32 arithmetic on 1e38 overflows to NaN
-        raise VolumeError(f"the CT's values run from {low:.4g} to {high:.4g}: not HU, which a CT stores within "
-                          f"{HU_LIMITS[0]:g} to {HU_LIMITS[1]:g}; give the CT in HU (rescaled as its DICOM says)")
+        raise VolumeError(
+            f"the CT's values run from {low:.4g} to {high:.4g}: not HU, which a CT stores within "
+            f"{HU_LIMITS[0]:g} to {HU_LIMITS[1]:g}; give the CT in HU (rescaled as its DICOM says)"
+        )
     return volume
 
 
@@ -89,9 +92,11 @@ def _target_index(card: Any, target: Any) -> int:
 
 def _check_classifier(card: Any) -> None:
     if card.output != "classes":
-        raise InvalidInputError(f"model {card.name!r} outlines nodules (its output is a {card.output}), it has no "
-                                "decision to explain: give a classifier (default, lidc-malignancy); the outline is "
-                                "made for the explained regions by itself")
+        raise InvalidInputError(
+            f"model {card.name!r} outlines nodules (its output is a {card.output}), it has no "
+            "decision to explain: give a classifier (default, lidc-malignancy); the outline is "
+            "made for the explained regions by itself"
+        )
 
 
 def check_options(options: ExplainOptions, device: Any = None) -> Any:
@@ -111,14 +116,23 @@ def check_options(options: ExplainOptions, device: Any = None) -> Any:
         card = get_model(options.region_model, device).card
         _check_classifier(card)
         if card.input != "roi":
-            raise InvalidInputError(f"region model {card.name!r} takes a whole scan, not one region (its card's "
-                                    "input is 'scan'): give a region model, e.g. lidc-malignancy")
+            raise InvalidInputError(
+                f"region model {card.name!r} takes a whole scan, not one region (its card's "
+                "input is 'scan'): give a region model, e.g. lidc-malignancy"
+            )
     return loaded
 
 
-def explain(volume: Volume, options: Optional[ExplainOptions] = None, *, lung_mask: Optional[np.ndarray] = None,
-            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-            on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None, **settings: Any) -> Explanation:
+def explain(
+    volume: Volume,
+    options: Optional[ExplainOptions] = None,
+    *,
+    lung_mask: Optional[np.ndarray] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
+    **settings: Any,
+) -> Explanation:
     """Explain ``model``'s decision on a CT ``volume`` (HU, any geometry).
 
     The settings are one :class:`~LungGradCAMLib.options.ExplainOptions` (``options``), or its
@@ -181,8 +195,9 @@ def explain(volume: Volume, options: Optional[ExplainOptions] = None, *, lung_ma
     if on_estimate is not None:
         _announce(on_estimate, loaded, method, box, patch, stride, dev, batch_size)
     with stage("cam"):
-        result = _cam(loaded, space, patch, box, stride, method, target_index, opts, dev, batch_size,
-                      stage.counter("cam"), cancel)
+        result = _cam(
+            loaded, space, patch, box, stride, method, target_index, opts, dev, batch_size, stage.counter("cam"), cancel
+        )
     with stage("resample_back"):
         # both maps are 0 outside the sliding window's box: only the CT voxels within its reach are computed
         cam = cam_on_ct_grid(space.with_array(result.cam.astype(np.float32, copy=False)), volume, box)
@@ -192,12 +207,25 @@ def explain(volume: Volume, options: Optional[ExplainOptions] = None, *, lung_ma
     predicted = max(probabilities, key=probabilities.get)
     timings["total"] = time.perf_counter() - started
     return Explanation(
-        probabilities=probabilities, predicted_class=predicted, cam=cam, method=method,
-        target_class=card.class_names[target_index], timings=timings, ct=volume, lung_mask=lungs,
+        probabilities=probabilities,
+        predicted_class=predicted,
+        cam=cam,
+        method=method,
+        target_class=card.class_names[target_index],
+        timings=timings,
+        ct=volume,
+        lung_mask=lungs,
         score_map=score_map,
-        mode=mode, layer=opts.layer or card.target_layer, n_patches=len(result.patch_scores), device=str(dev),
-        device_used=result.device, batch_size_used=result.batch_size, box_model_space=[list(b) for b in box],
-        model=card.summary(), chest_check=chest.to_dict(), options=opts.to_dict(),
+        mode=mode,
+        layer=opts.layer or card.target_layer,
+        n_patches=len(result.patch_scores),
+        device=str(dev),
+        device_used=result.device,
+        batch_size_used=result.batch_size,
+        box_model_space=[list(b) for b in box],
+        model=card.summary(),
+        chest_check=chest.to_dict(),
+        options=opts.to_dict(),
     )
 
 
@@ -209,7 +237,8 @@ def _check_region_model_input(card: Any, opts: ExplainOptions) -> None:
     if card.input == "roi" and (opts.roi is None or opts.mode not in ("auto", "roi")):
         raise InvalidInputError(
             f"model {card.name!r} judges a region around ONE nodule, not a whole scan: give the region "
-            "(roi=(centre_ras_mm, size_mm) or a mask; CLI --roi X,Y,Z,SIZE; Slicer: an ROI on the nodule)")
+            "(roi=(centre_ras_mm, size_mm) or a mask; CLI --roi X,Y,Z,SIZE; Slicer: an ROI on the nodule)"
+        )
 
 
 def _lungs(volume: Volume, lung_mask: Any) -> Tuple[np.ndarray, Any]:
@@ -236,9 +265,11 @@ def _mode(opts: ExplainOptions, card: Any, chest: Any) -> str:
         mode = "roi" if opts.roi is not None else ("whole" if card.patch_size is None else "sliding")
     if opts.chest_check and mode != "roi" and not chest.ok:
         raise NotChestCTError(
-            "this CT does not look like a chest CT that holds lungs: " + "; ".join(chest.problems)
+            "this CT does not look like a chest CT that holds lungs: "
+            + "; ".join(chest.problems)
             + ". LungGradCAM explains chest CTs. If it is one, check that its values are HU; to explain a region "
-            "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False).")
+            "anyway give a roi (--roi X,Y,Z,SIZE), or switch the check off (--no-chest-check, chest_check=False)."
+        )
     return mode
 
 
@@ -250,14 +281,23 @@ def _check_memory_before(volume: Volume, loaded: Any, mode: str, opts: ExplainOp
     space_shape = resampled_shape(volume, card.spacing_mm)
     patch = space_shape if mode == "whole" or card.patch_size is None else tuple(card.patch_size)
     # a batch never holds more patches than cover the whole grid (a whole-volume model: one)
-    grid_patches = np.prod(patch_counts([(0, n) for n in space_shape], patch,
-                                        opts.stride or [max(1, p // 2) for p in patch]))
-    check_memory(volume, space_shape, loaded, patch, min(opts.batch_size or default_batch_size(dev, patch),
-                                                         int(grid_patches)), dev, method)
+    grid_patches = np.prod(
+        patch_counts([(0, n) for n in space_shape], patch, opts.stride or [max(1, p // 2) for p in patch])
+    )
+    check_memory(
+        volume,
+        space_shape,
+        loaded,
+        patch,
+        min(opts.batch_size or default_batch_size(dev, patch), int(grid_patches)),
+        dev,
+        method,
+    )
 
 
-def _to_model_grid(volume: Volume, spacing_mm: Sequence[float], roi: Any,
-                   lungs: np.ndarray) -> Tuple[Volume, Optional[np.ndarray], np.ndarray]:
+def _to_model_grid(
+    volume: Volume, spacing_mm: Sequence[float], roi: Any, lungs: np.ndarray
+) -> Tuple[Volume, Optional[np.ndarray], np.ndarray]:
     """The CT (float32, HU; air outside), a roi mask (None unless ``roi`` is one) and the lungs
     resampled to the model's grid of ``spacing_mm`` (i, j, k mm)."""
     ct = volume if volume.array.dtype == np.float32 else volume.with_array(volume.array.astype(np.float32))
@@ -291,8 +331,16 @@ def _window(mode: str, card: Any, space: Volume, roi: Any, lungs_space: np.ndarr
     return patch, lung_bbox(lungs_space, margin_vox=[p // 4 for p in patch])
 
 
-def _announce(on_estimate: Callable[[CostEstimate], Optional[bool]], loaded: Any, method: str, box: Box,
-              patch: Sequence[int], stride: Sequence[int], dev: Any, batch_size: int) -> None:
+def _announce(
+    on_estimate: Callable[[CostEstimate], Optional[bool]],
+    loaded: Any,
+    method: str,
+    box: Box,
+    patch: Sequence[int],
+    stride: Sequence[int],
+    dev: Any,
+    batch_size: int,
+) -> None:
     """Tell ``on_estimate`` what the CAM stage will cost; it returning False stops the run."""
     from ..engine.sliding import patch_counts
 
@@ -307,9 +355,20 @@ def _announce(on_estimate: Callable[[CostEstimate], Optional[bool]], loaded: Any
         raise CancelledError(f"not started: {estimate}")
 
 
-def _cam(loaded: Any, space: Volume, patch: Sequence[int], box: Box, stride: Sequence[int], method: str,
-         target_index: int, opts: ExplainOptions, dev: Any, batch_size: int,
-         progress: Optional[Callable[[int, int], None]], cancel: Optional[Callable[[], bool]]) -> Any:
+def _cam(
+    loaded: Any,
+    space: Volume,
+    patch: Sequence[int],
+    box: Box,
+    stride: Sequence[int],
+    method: str,
+    target_index: int,
+    opts: ExplainOptions,
+    dev: Any,
+    batch_size: int,
+    progress: Optional[Callable[[int, int], None]],
+    cancel: Optional[Callable[[], bool]],
+) -> Any:
     """The sliding window's heat map and scores over ``box`` of the model's grid (``SlidingResult``)."""
     import torch
 
@@ -317,8 +376,21 @@ def _cam(loaded: Any, space: Volume, patch: Sequence[int], box: Box, stride: Seq
 
     card = loaded.card
     return sliding_cam(
-        loaded.module, torch.from_numpy(space.array), patch, stride=stride, method=method,
-        target=target_index, layer=opts.layer or card.target_layer, roi=box, batch_size=batch_size,
-        preprocess=loaded.prepare, progress=progress, cancel=cancel, device=dev, amp=opts.amp,
-        activation=card.activation, blend="score", scale=opts.scale,
+        loaded.module,
+        torch.from_numpy(space.array),
+        patch,
+        stride=stride,
+        method=method,
+        target=target_index,
+        layer=opts.layer or card.target_layer,
+        roi=box,
+        batch_size=batch_size,
+        preprocess=loaded.prepare,
+        progress=progress,
+        cancel=cancel,
+        device=dev,
+        amp=opts.amp,
+        activation=card.activation,
+        blend="score",
+        scale=opts.scale,
     )

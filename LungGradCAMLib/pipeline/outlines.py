@@ -1,6 +1,7 @@
 """Nodule outlines for the explained regions: the nodule at each region's heat-map peak, outlined
 and measured (:func:`~LungGradCAMLib.engine.outline.nodule_outline`), as its own segment beside
 the heat-map region it was found from (the heat map explains, the outline measures)."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -11,8 +12,13 @@ from ..core.errors import CancelledError
 from ..core.results import Explanation, Region, Segmentation
 
 
-def outline_regions(explanation: Explanation, segmentation: Segmentation, regions: Sequence[Region],
-                    device: Optional[str] = None, cancel: Optional[Callable[[], bool]] = None) -> None:
+def outline_regions(
+    explanation: Explanation,
+    segmentation: Segmentation,
+    regions: Sequence[Region],
+    device: Optional[str] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> None:
     """Outline the nodule at the peak of each of ``regions`` (hot regions of ``segmentation``) in
     the explanation's CT, with its lung mask, by the bundled outline network. A found outline is
     added to ``segmentation.outlines`` as "nodule outline N" (label N); a region whose peak lies in
@@ -46,5 +52,7 @@ def outline_text(outline: dict) -> str:
     """A region's nodule outline (``Region.outline``) as a radiologist reads it: volume and diameters."""
     if not outline.get("found"):
         return "no nodule outlined at its peak"
-    return (f"{outline['name']}: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
-            f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm")
+    return (
+        f"{outline['name']}: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
+        f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm"
+    )

@@ -1,5 +1,6 @@
 """A run's outputs: the report, the heat map, regions and lungs as files, the overlay; and
 :func:`run_one`, all ``lunggradcam run`` does."""
+
 from __future__ import annotations
 
 import os
@@ -21,13 +22,24 @@ from .cost import CostEstimate
 from .regions import explain_and_segment
 from .stages import Progress, Stages
 
-
 #: Volume file formats a run can write (``cam``, ``lungs`` and the region labelmap).
 VOLUME_FORMATS = ("nrrd", "nii.gz")
 #: Every file a run (and a batch, for a series) may leave in its output folder: the marker that
 #: proves which files there are LungGradCAM's may name no other (``core.atomic``).
-OUTPUT_FILES = frozenset({"cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "cam.nii.gz", "segmentation.nii.gz",
-                          "lungs.nii.gz", "overlay.png", "segmentation.dcm", "report.json", "error.json"})
+OUTPUT_FILES = frozenset(
+    {
+        "cam.nrrd",
+        "segmentation.seg.nrrd",
+        "lungs.seg.nrrd",
+        "cam.nii.gz",
+        "segmentation.nii.gz",
+        "lungs.nii.gz",
+        "overlay.png",
+        "segmentation.dcm",
+        "report.json",
+        "error.json",
+    }
+)
 #: What the report and every output say when the heat map has no region above the threshold.
 NO_REGION = "no region above threshold"
 
@@ -35,8 +47,12 @@ NO_REGION = "no region above threshold"
 def _versions() -> Dict[str, str]:
     import torch
 
-    return {"lunggradcam": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__}
+    return {
+        "lunggradcam": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def intended_use(explanation: Explanation) -> str:
@@ -47,7 +63,7 @@ def intended_use(explanation: Explanation) -> str:
 
 
 def outcome(segmentation: Segmentation) -> str:
-    """"N hot region(s)" or :data:`NO_REGION` with the level and the heat map's highest value
+    """ "N hot region(s)" or :data:`NO_REGION` with the level and the heat map's highest value
     (e.g. "no region above threshold 0.50 (highest heat 0.23)"), as the outputs state it."""
     n = len(segmentation.regions)
     if n:
@@ -91,8 +107,9 @@ def build_report(explanation: Explanation, segmentation: Segmentation, input_des
     }
 
 
-def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir: Union[str, os.PathLike],
-                  **options: Any) -> Dict[str, Path]:
+def write_outputs(
+    explanation: Explanation, segmentation: Segmentation, out_dir: Union[str, os.PathLike], **options: Any
+) -> Dict[str, Path]:
     """Write a run's files into ``out_dir``: ``cam.nrrd``, ``segmentation.seg.nrrd``,
     ``lungs.seg.nrrd`` (``lungs``), ``overlay.png`` (``overlay``), ``segmentation.dcm``
     (``dicom_seg``: a DICOM Segmentation referencing the source series) and ``report.json``
@@ -111,15 +128,26 @@ def write_outputs(explanation: Explanation, segmentation: Segmentation, out_dir:
         with output_folder(final, names=OUTPUT_FILES) as staging:
             written = _write_files(explanation, segmentation, staging, **options)
     except OSError as exc:  # a full disk, a folder made read-only meanwhile: the run's files are gone
-        raise OutputError(f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose "
-                          "another output folder") from None
+        raise OutputError(
+            f"{final}: cannot write the outputs ({exc.strerror or exc}); free space or choose another output folder"
+        ) from None
     return {name: final / path.name for name, path in written.items()}
 
 
-def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path, *, lungs: bool = True,
-                 overlay: bool = True, dicom_seg: bool = False, input_desc: str = "", volume_format: str = "nrrd",
-                 started: Optional[float] = None, progress: Optional[Progress] = None,
-                 report_extra: Optional[dict] = None) -> Dict[str, Path]:
+def _write_files(
+    explanation: Explanation,
+    segmentation: Segmentation,
+    out: Path,
+    *,
+    lungs: bool = True,
+    overlay: bool = True,
+    dicom_seg: bool = False,
+    input_desc: str = "",
+    volume_format: str = "nrrd",
+    started: Optional[float] = None,
+    progress: Optional[Progress] = None,
+    report_extra: Optional[dict] = None,
+) -> Dict[str, Path]:
     """The files of :func:`write_outputs`, written into the folder ``out``, ``report.json`` last.
     The other files are written at the same time, one thread each: their compression (zlib) runs
     outside the GIL, beside the overlay's rendering. ``volume_format="nii.gz"``: the heat map, the
@@ -137,19 +165,24 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
         raise InvalidInputError(f"volume format {volume_format!r}: use one of {', '.join(VOLUME_FORMATS)}")
     timings = explanation.timings
     t0 = time.perf_counter()
-    lung_labels = None if not lungs or explanation.lung_mask is None else \
-        explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8))
+    lung_labels = (
+        None
+        if not lungs or explanation.lung_mask is None
+        else explanation.cam.with_array(np.asarray(explanation.lung_mask, dtype=bool).view(np.uint8))
+    )
     jobs: Dict[str, Callable[[], Path]] = {"cam": lambda: write_volume(explanation.cam, out / f"cam.{volume_format}")}
     if volume_format == "nrrd":
         jobs["segmentation"] = lambda: write_segmentation(segmentation, out / "segmentation.seg.nrrd")
         if lung_labels is not None:
-            jobs["lungs"] = lambda: write_segmentation(Seg(lung_labels, []), out / "lungs.seg.nrrd",
-                                                       names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)})
+            jobs["lungs"] = lambda: write_segmentation(
+                Seg(lung_labels, []), out / "lungs.seg.nrrd", names={1: "lungs"}, colors={1: (0.5, 0.68, 0.5)}
+            )
     else:
         jobs["segmentation"] = lambda: write_volume(segmentation.labelmap, out / f"segmentation.{volume_format}")
         if segmentation.outlines:  # they overlap the regions: a labelmap of their own
-            jobs["outlines"] = lambda: write_volume(segmentation.labelmap.with_array(segmentation.outline_labels()),
-                                                    out / f"outlines.{volume_format}")
+            jobs["outlines"] = lambda: write_volume(
+                segmentation.labelmap.with_array(segmentation.outline_labels()), out / f"outlines.{volume_format}"
+            )
         if lung_labels is not None:
             jobs["lungs"] = lambda: write_volume(lung_labels, out / f"lungs.{volume_format}")
     if overlay and explanation.ct is not None:
@@ -161,9 +194,13 @@ def _write_files(explanation: Explanation, segmentation: Segmentation, out: Path
         elif dicom_seg:
             from ..io.dicomseg import write_dicom_seg
 
-            jobs["dicom_seg"] = lambda: write_dicom_seg(segmentation, explanation.ct, out / "segmentation.dcm",
-                                                        method=explanation.method,
-                                                        intended_use=intended_use(explanation))
+            jobs["dicom_seg"] = lambda: write_dicom_seg(
+                segmentation,
+                explanation.ct,
+                out / "segmentation.dcm",
+                method=explanation.method,
+                intended_use=intended_use(explanation),
+            )
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="lgc-write") as pool:
             futures = {name: pool.submit(job) for name, job in jobs.items()}
             written = {name: future.result() for name, future in futures.items()}
@@ -218,15 +255,30 @@ def write_overlay(explanation: Explanation, segmentation: Segmentation, path: Pa
     p = explanation.probabilities.get(explanation.target_class, 0.0)
     shown = segmentation.regions[:OVERLAY_REGIONS]
     title = f"{explanation.method}: P({explanation.target_class}) = {p:.3f}; {outcome(segmentation)}" + (
-        f" ({len(shown)} hottest shown)" if len(segmentation.regions) > len(shown) else "")
-    zooms = [ZoomView(f"{r.name} ({r.volume_ml:.2f} ml, peak {r.peak_cam:.2f})",
-                      tuple(int(round(c)) for c in explanation.cam.ras_to_ijk_points(r.peak_ras)[0]), r.bbox_ijk)
-             for r in shown]
+        f" ({len(shown)} hottest shown)" if len(segmentation.regions) > len(shown) else ""
+    )
+    zooms = [
+        ZoomView(
+            f"{r.name} ({r.volume_ml:.2f} ml, peak {r.peak_cam:.2f})",
+            tuple(int(round(c)) for c in explanation.cam.ras_to_ijk_points(r.peak_ras)[0]),
+            r.bbox_ijk,
+        )
+        for r in shown
+    ]
     in_lungs = explanation.lung_mask if explanation.options.get("restrict_to_lungs", True) else None
-    return save_montage(explanation.ct, path, center_ijk=center_ijk, contours=contours, cam=explanation.cam,
-                        cam_label=scale_text(explanation), cam_threshold=segmentation.threshold,
-                        cam_mask=in_lungs, zooms=zooms, title=title,
-                        caption="Research model. " + intended_use(explanation))
+    return save_montage(
+        explanation.ct,
+        path,
+        center_ijk=center_ijk,
+        contours=contours,
+        cam=explanation.cam,
+        cam_label=scale_text(explanation),
+        cam_threshold=segmentation.threshold,
+        cam_mask=in_lungs,
+        zooms=zooms,
+        title=title,
+        caption="Research model. " + intended_use(explanation),
+    )
 
 
 def scale_text(explanation: Explanation) -> str:
@@ -257,12 +309,21 @@ def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentatio
         raise OutputError(f"{folder}: no complete LungGradCAM run there ({exc}); run it again") from None
     options = report.get("options") or {}
     explanation = Explanation(
-        probabilities=report["probabilities"], predicted_class=report["predicted_class"],
-        cam=read_volume(folder / cam_name), method=report["method"], target_class=report["target_class"],
-        timings=report.get("timings_s", {}), mode=report.get("mode", ""), layer=report.get("layer", ""),
-        n_patches=report.get("n_patches", 0), device=report.get("device_requested", ""),
-        device_used=report.get("device", ""), model=report.get("model", {}), chest_check=report.get("chest_check"),
-        options=options)
+        probabilities=report["probabilities"],
+        predicted_class=report["predicted_class"],
+        cam=read_volume(folder / cam_name),
+        method=report["method"],
+        target_class=report["target_class"],
+        timings=report.get("timings_s", {}),
+        mode=report.get("mode", ""),
+        layer=report.get("layer", ""),
+        n_patches=report.get("n_patches", 0),
+        device=report.get("device_requested", ""),
+        device_used=report.get("device", ""),
+        model=report.get("model", {}),
+        chest_check=report.get("chest_check"),
+        options=options,
+    )
     labelmap = read_volume(folder / labels_name)
     regions = [Region.from_dict(r) for r in report.get("regions", [])]
     return explanation, Segmentation(labelmap, regions, report.get("threshold"), report.get("peak_heat"))
@@ -274,13 +335,24 @@ def read_run(out_dir: Union[str, os.PathLike]) -> Tuple[Explanation, Segmentatio
 Source = Union[Volume, str, os.PathLike, Callable[[], Volume]]
 
 
-def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[ExplainOptions] = None, *,
-            series_uid: Optional[str] = None, dicom_seg: bool = False, volume_format: str = "nrrd",
-            input_desc: str = "", progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-            report_extra: Optional[dict] = None, started: Optional[float] = None,
-            on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
-            inputs: Sequence[Union[str, os.PathLike]] = (), overlay: bool = True,
-            lungs: bool = True) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
+def run_one(
+    source: Source,
+    out_dir: Union[str, os.PathLike],
+    options: Optional[ExplainOptions] = None,
+    *,
+    series_uid: Optional[str] = None,
+    dicom_seg: bool = False,
+    volume_format: str = "nrrd",
+    input_desc: str = "",
+    progress: Optional[Progress] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    report_extra: Optional[dict] = None,
+    started: Optional[float] = None,
+    on_estimate: Optional[Callable[["CostEstimate"], Optional[bool]]] = None,
+    inputs: Sequence[Union[str, os.PathLike]] = (),
+    overlay: bool = True,
+    lungs: bool = True,
+) -> Tuple[Explanation, Segmentation, Dict[str, Path]]:
     """Load (a path, with ``series_uid``; a callable returning a Volume; or a Volume as is),
     explain, segment and write one CT with ``options`` (default: ``ExplainOptions()``).
 
@@ -308,10 +380,21 @@ def run_one(source: Source, out_dir: Union[str, os.PathLike], options: Optional[
                 volume = source()
             else:
                 volume = load_input(source, series_uid=series_uid, progress=stage.counter("load"))
-        explanation, segmentation = explain_and_segment(volume, options, progress=progress, cancel=cancel,
-                                                        on_estimate=on_estimate)
+        explanation, segmentation = explain_and_segment(
+            volume, options, progress=progress, cancel=cancel, on_estimate=on_estimate
+        )
         explanation.timings = {**timings, **{k: v for k, v in explanation.timings.items() if k != "total"}}
-        files = write_outputs(explanation, segmentation, out_dir, dicom_seg=dicom_seg, volume_format=volume_format,
-                              input_desc=input_desc, started=started, progress=progress, report_extra=report_extra,
-                              overlay=overlay, lungs=lungs)
+        files = write_outputs(
+            explanation,
+            segmentation,
+            out_dir,
+            dicom_seg=dicom_seg,
+            volume_format=volume_format,
+            input_desc=input_desc,
+            started=started,
+            progress=progress,
+            report_extra=report_extra,
+            overlay=overlay,
+            lungs=lungs,
+        )
     return explanation, segmentation, files

@@ -2,6 +2,7 @@
 command line, the batch and the Slicer module run: :func:`~LungGradCAMLib.pipeline.explainer.explain`,
 then the regions, a region model's second opinion on each and the nodule outline) and
 :func:`second_opinions`."""
+
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
@@ -16,10 +17,15 @@ from .explainer import explain, get_model
 from .stages import Progress, Stages
 
 
-def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: Optional[np.ndarray] = None,
-                        progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                        on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
-                        ) -> Tuple[Explanation, Segmentation]:
+def explain_and_segment(
+    volume: Volume,
+    options: ExplainOptions,
+    *,
+    lung_mask: Optional[np.ndarray] = None,
+    progress: Optional[Progress] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+    on_estimate: Optional[Callable[[CostEstimate], Optional[bool]]] = None,
+) -> Tuple[Explanation, Segmentation]:
     """:func:`explain`, then :func:`~LungGradCAMLib.pipeline.segment.segment_cam` at ``options.threshold``
     (inside the lungs when ``options.restrict_to_lungs``): what the command line, the batch and the
     Slicer module do. The segmentation stage is timed and reported as ``segment``. The explained
@@ -29,17 +35,24 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
     from .outlines import outline_regions
     from .segment import segment_cam
 
-    explanation = explain(volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options,
-                          on_estimate=on_estimate)
+    explanation = explain(
+        volume, lung_mask=lung_mask, progress=progress, cancel=cancel, options=options, on_estimate=on_estimate
+    )
     stage = Stages(explanation.timings, progress, cancel)
     with stage("segment"):
-        segmentation = segment_cam(explanation, threshold=options.threshold,
-                                   within=None if options.restrict_to_lungs else False)
+        segmentation = segment_cam(
+            explanation, threshold=options.threshold, within=None if options.restrict_to_lungs else False
+        )
     if options.region_model is not None and segmentation.regions:
         with stage("second_opinion"):
             second_opinions(volume, explanation, segmentation, options, cancel=cancel)
-    explained = (segmentation.regions if explanation.mode == "roi" else
-                 segmentation.regions[:MAX_SECOND_OPINIONS] if options.region_model is not None else [])
+    explained = (
+        segmentation.regions
+        if explanation.mode == "roi"
+        else segmentation.regions[:MAX_SECOND_OPINIONS]
+        if options.region_model is not None
+        else []
+    )
     if explained:
         with stage("outline"):
             outline_regions(explanation, segmentation, explained, device=options.device, cancel=cancel)
@@ -50,8 +63,13 @@ def explain_and_segment(volume: Volume, options: ExplainOptions, *, lung_mask: O
 MAX_SECOND_OPINIONS = 20
 
 
-def second_opinions(volume: Volume, explanation: Explanation, segmentation: Segmentation,
-                    options: ExplainOptions, cancel: Optional[Callable[[], bool]] = None) -> None:
+def second_opinions(
+    volume: Volume,
+    explanation: Explanation,
+    segmentation: Segmentation,
+    options: ExplainOptions,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> None:
     """Ask ``options.region_model`` about each hot region of ``segmentation`` (the
     :data:`MAX_SECOND_OPINIONS` hottest): the CT is cut to a block of two of the region model's
     patches around the region's centroid, and one patch centred there goes through the model
@@ -71,10 +89,25 @@ def second_opinions(volume: Volume, explanation: Explanation, segmentation: Segm
         if explanation.lung_mask is not None:
             lo = [max(0, a) for a, _ in box]
             lungs = np.asarray(explanation.lung_mask)[tuple(slice(l, l + n) for l, n in zip(lo, block.shape))]
-        answer = explain(block, lung_mask=lungs, cancel=cancel, options=ExplainOptions(
-            model=loaded, mode="roi", roi=(tuple(centre), 1.0), chest_check=False, device=options.device,
-            batch_size=options.batch_size, amp=options.amp))
+        answer = explain(
+            block,
+            lung_mask=lungs,
+            cancel=cancel,
+            options=ExplainOptions(
+                model=loaded,
+                mode="roi",
+                roi=(tuple(centre), 1.0),
+                chest_check=False,
+                device=options.device,
+                batch_size=options.batch_size,
+                amp=options.amp,
+            ),
+        )
         region.second_opinion = {
-            "model": card.name, "version": card.version, "target_class": answer.target_class,
-            "probability": answer.probabilities.get(answer.target_class), "predicted_class": answer.predicted_class,
-            "probabilities": answer.probabilities}
+            "model": card.name,
+            "version": card.version,
+            "target_class": answer.target_class,
+            "probability": answer.probabilities.get(answer.target_class),
+            "predicted_class": answer.predicted_class,
+            "probabilities": answer.probabilities,
+        }

@@ -7,6 +7,7 @@ hottest N and measures each (volume, CAM, HU, RAS position, bounding box, the mo
 
 All arrays are in the library's axis order **K, J, I**; positions are **RAS** mm.
 """
+
 from __future__ import annotations
 
 from typing import Any, List, Optional, Tuple, Union
@@ -157,8 +158,16 @@ def segment_cam(
     labelmap = np.zeros(cam.shape, dtype=lut.dtype)
     labelmap[sub] = lut[labels]
     offset = np.array([s.start for s in sub])
-    regions = _measure(labelmap[sub], len(keep), offset, cam_sub, None if hu is None else hu[sub],
-                       None if scores is None else scores[sub], cam_volume, voxel_mm3)
+    regions = _measure(
+        labelmap[sub],
+        len(keep),
+        offset,
+        cam_sub,
+        None if hu is None else hu[sub],
+        None if scores is None else scores[sub],
+        cam_volume,
+        voxel_mm3,
+    )
     # the highest heat looked at: the hottest region's peak, else (nothing kept) one masked pass
     peak = regions[0].peak_cam if regions else float(high if mask is None else np.max(cam, where=mask, initial=0.0))
     return Segmentation(LabelMap.like(cam_volume, labelmap, kind="labelmap"), regions, level, peak)
@@ -171,8 +180,16 @@ def _label_max(values: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu: Optional[np.ndarray],
-             scores: Optional[np.ndarray], geometry: Volume, voxel_mm3: float) -> List[Region]:
+def _measure(
+    labels: np.ndarray,
+    n: int,
+    offset: np.ndarray,
+    cam: np.ndarray,
+    hu: Optional[np.ndarray],
+    scores: Optional[np.ndarray],
+    geometry: Volume,
+    voxel_mm3: float,
+) -> List[Region]:
     """One :class:`Region` per label 1..n of ``labels``, a box of the volume starting at voxel
     ``offset`` (k, j, i); ``cam``/``hu``/``scores`` are the same box. One bincount / ufunc.at per
     statistic over the labelled voxels: no per-region or per-voxel Python loop."""
@@ -193,8 +210,15 @@ def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu
     peak_kji = np.column_stack(np.unravel_index(first[1:], labels.shape)) + offset
     # one index axis at a time (k, j, i from the flat index) keeps memory at one extra array
     strides = np.cumprod((1,) + labels.shape[:0:-1])[::-1]
-    centroid_kji = np.column_stack([np.bincount(owner, (where // stride) % size, n + 1)[1:] / counts
-                                    for stride, size in zip(strides, labels.shape)]) + offset
+    centroid_kji = (
+        np.column_stack(
+            [
+                np.bincount(owner, (where // stride) % size, n + 1)[1:] / counts
+                for stride, size in zip(strides, labels.shape)
+            ]
+        )
+        + offset
+    )
     centroids = geometry.ijk_to_ras_points(centroid_kji[:, ::-1])
     peak_ras = geometry.ijk_to_ras_points(peak_kji[:, ::-1])
     none = [None] * n
@@ -213,22 +237,26 @@ def _measure(labels: np.ndarray, n: int, offset: np.ndarray, cam: np.ndarray, hu
         corners = [[i, j, k] for k in (k0, k1 - 1) for j in (j0, j1 - 1) for i in (i0, i1 - 1)]
         corners_ras = geometry.ijk_to_ras_points(corners)
         volume_mm3 = float(counts[r]) * voxel_mm3
-        regions.append(Region(
-            label=r + 1,
-            name=f"heat-map region {r + 1}",
-            voxels=int(counts[r]),
-            volume_mm3=volume_mm3,
-            volume_ml=volume_mm3 / 1000.0,
-            peak_cam=float(peaks[r]),
-            mean_cam=float(means[r]),
-            mean_hu=None if mean_hu[r] is None else float(mean_hu[r]),
-            max_hu=None if max_hu[r] is None else float(max_hu[r]),
-            centroid_ras=tuple(float(v) for v in centroids[r]),
-            peak_ras=tuple(float(v) for v in peak_ras[r]),
-            bbox_ijk=bbox_ijk,
-            bbox_ras=(tuple(float(v) for v in corners_ras.min(axis=0)),
-                      tuple(float(v) for v in corners_ras.max(axis=0))),
-            color=PALETTE[r % len(PALETTE)],
-            score=None if region_scores[r] is None else float(region_scores[r]),
-        ))
+        regions.append(
+            Region(
+                label=r + 1,
+                name=f"heat-map region {r + 1}",
+                voxels=int(counts[r]),
+                volume_mm3=volume_mm3,
+                volume_ml=volume_mm3 / 1000.0,
+                peak_cam=float(peaks[r]),
+                mean_cam=float(means[r]),
+                mean_hu=None if mean_hu[r] is None else float(mean_hu[r]),
+                max_hu=None if max_hu[r] is None else float(max_hu[r]),
+                centroid_ras=tuple(float(v) for v in centroids[r]),
+                peak_ras=tuple(float(v) for v in peak_ras[r]),
+                bbox_ijk=bbox_ijk,
+                bbox_ras=(
+                    tuple(float(v) for v in corners_ras.min(axis=0)),
+                    tuple(float(v) for v in corners_ras.max(axis=0)),
+                ),
+                color=PALETTE[r % len(PALETTE)],
+                score=None if region_scores[r] is None else float(region_scores[r]),
+            )
+        )
     return regions

@@ -1,5 +1,6 @@
 """The stages of a run: their names and what a user is shown for each (:data:`STAGES`), and
 :class:`Stages`, which times, logs, reports and lets a user cancel each of them."""
+
 from __future__ import annotations
 
 import logging
@@ -17,11 +18,16 @@ Progress = Callable[[str, int, int], None]
 #: Stages of a run in order (the keys of ``Explanation.timings`` and of progress reports) and
 #: what a user is shown for each.
 STAGES = {
-    "load": "loading the CT", "load_model": "loading the model", "lung_mask": "finding the lungs",
-    "resample": "resampling to the model's grid", "cam": "computing the heat map",
-    "resample_back": "resampling the heat map to the CT", "segment": "finding hot regions",
+    "load": "loading the CT",
+    "load_model": "loading the model",
+    "lung_mask": "finding the lungs",
+    "resample": "resampling to the model's grid",
+    "cam": "computing the heat map",
+    "resample_back": "resampling the heat map to the CT",
+    "segment": "finding hot regions",
     "second_opinion": "asking the region model about each hot region",
-    "outline": "outlining the nodule at each explained region", "write": "writing the outputs",
+    "outline": "outlining the nodule at each explained region",
+    "write": "writing the outputs",
 }
 
 
@@ -32,8 +38,12 @@ class Stages:
     read, patches explained) meanwhile, and all done as it ends. An allocator's failure in a
     stage (``ulimit -v``, a full GPU) raises :class:`ResourceError` naming the stage."""
 
-    def __init__(self, timings: Dict[str, float], progress: Optional[Progress] = None,
-                 cancel: Optional[Callable[[], bool]] = None) -> None:
+    def __init__(
+        self,
+        timings: Dict[str, float],
+        progress: Optional[Progress] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+    ) -> None:
         self.timings, self.progress, self.cancel = timings, progress, cancel
         self.total = 1
 

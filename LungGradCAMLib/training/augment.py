@@ -1,5 +1,6 @@
 """3D augmentation of training batches, on the device: contrast-enhanced vessels (in HU), then
 rotation, flips, zoom and shear in one trilinear resampling, then intensity scale, shift and noise."""
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -8,11 +9,20 @@ import torch
 import torch.nn.functional as F
 
 
-def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float = 15.0,
-            zoom: Tuple[float, float] = (0.9, 1.1), shear: float = 0.1, flip: bool = True,
-            rot90: bool = True, scale: float = 0.1, shift: float = 0.05, noise: float = 0.02,
-            masks: "Optional[torch.Tensor]" = None, mask_padding: str = "zeros",
-            ) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
+def augment(
+    x: "torch.Tensor",
+    generator: "torch.Generator",
+    rotate_deg: float = 15.0,
+    zoom: Tuple[float, float] = (0.9, 1.1),
+    shear: float = 0.1,
+    flip: bool = True,
+    rot90: bool = True,
+    scale: float = 0.1,
+    shift: float = 0.05,
+    noise: float = 0.02,
+    masks: "Optional[torch.Tensor]" = None,
+    mask_padding: str = "zeros",
+) -> "Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]":
     """Randomly transform a normalised batch ``x`` (N, C, K, J, I): rotation up to ``rotate_deg``
     about each axis, a flip of each axis with probability 1/2, with ``rot90`` an in-plane swap of
     the J and I axes with probability 1/2 (with the flips: every in-plane 90-degree rotation),
@@ -55,8 +65,15 @@ def augment(x: "torch.Tensor", generator: "torch.Generator", rotate_deg: float =
     return out, F.grid_sample(masks.float(), grid, mode="bilinear", padding_mode=mask_padding, align_corners=False)
 
 
-def enhance_vessels(hu: "torch.Tensor", lesion: "torch.Tensor", generator: "torch.Generator", max_hu: float = 600.0,
-                    p: float = 0.5, floor_hu: float = -600.0, ramp_hu: float = 400.0) -> "torch.Tensor":
+def enhance_vessels(
+    hu: "torch.Tensor",
+    lesion: "torch.Tensor",
+    generator: "torch.Generator",
+    max_hu: float = 600.0,
+    p: float = 0.5,
+    floor_hu: float = -600.0,
+    ramp_hu: float = 400.0,
+) -> "torch.Tensor":
     """Contrast enhancement, in HU, as an augmentation: for a share ``p`` of the samples of ``hu``
     (N, K, J, I), every voxel of tissue outside the lesion (``lesion``, bool, same shape: the
     nodule's voxels, kept as they are) gets ``U(0, max_hu)`` HU more, scaled by how dense it is

@@ -41,10 +41,10 @@ an attention head) are retrained with it in all four variants, the outlines unch
 ``lunggradcam evaluate --cam-retrain`` runs the whole test (on the model card's data by default)
 and writes ``cam_retrain.json``.
 """
+
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import re
@@ -86,15 +86,17 @@ def phantom_patch_masks(patch_set: PatchSet) -> np.ndarray:
     stored one by more than 1 HU raises :class:`DataError` (the patches were not made that way).
     """
     from .. import phantom
-    from .data import _phantom_geometry, _ras_to_kji, _to_int16, to_model_grid
     from ..core.volume import LabelMap, resample_to
+    from .data import _phantom_geometry, _ras_to_kji, _to_int16, to_model_grid
 
     seeds = []
     for patient in patch_set.patients:
         match = _PHANTOM_PATIENT.match(str(patient))
         if match is None:
-            raise DataError(f"patient {patient!r} is not a phantom ('phantom-<seed>'): truth masks can only be "
-                            "rebuilt for patches made by data.phantom_patches (--source phantom)")
+            raise DataError(
+                f"patient {patient!r} is not a phantom ('phantom-<seed>'): truth masks can only be "
+                "rebuilt for patches made by data.phantom_patches (--source phantom)"
+            )
         seeds.append(int(match.group(1)))
     if not np.isfinite(patch_set.centres).all():
         raise DataError("the patches have no recorded centres; rebuild them with data.phantom_patches")
@@ -111,8 +113,10 @@ def phantom_patch_masks(patch_set: PatchSet) -> np.ndarray:
         for n, kji in zip(index, _ras_to_kji(grid, patch_set.centres[index])):
             again = _to_int16([crop_patch(grid.array, kji, size)])[0]
             if np.abs(again.astype(np.int32) - patch_set.patches[n].astype(np.int32)).max() > 1:
-                raise DataError(f"patch {n} of phantom-{seed} does not match the phantom recropped at its centre: "
-                                "were the patches made by data.phantom_patches at this spacing and version?")
+                raise DataError(
+                    f"patch {n} of phantom-{seed} does not match the phantom recropped at its centre: "
+                    "were the patches made by data.phantom_patches at this spacing and version?"
+                )
             masks[n] = crop_patch(nodules, kji, size, fill=0) > 0
     return masks
 
@@ -142,13 +146,19 @@ def model_inputs(patches: np.ndarray, card: ModelCard, batch_size: int = 256) ->
 
     out = np.empty(patches.shape, dtype=np.float32)
     for start in range(0, len(patches), batch_size):
-        chunk = patches[start:start + batch_size].astype(np.float32)
-        out[start:start + batch_size] = apply_card_preprocessing(chunk, card)
+        chunk = patches[start : start + batch_size].astype(np.float32)
+        out[start : start + batch_size] = apply_card_preprocessing(chunk, card)
     return out
 
 
-def patch_cams(loaded: LoadedModel, inputs: np.ndarray, method: str = "gradcam", target: Optional[int] = None,
-               batch_size: int = 32, layer: Optional[str] = None) -> np.ndarray:
+def patch_cams(
+    loaded: LoadedModel,
+    inputs: np.ndarray,
+    method: str = "gradcam",
+    target: Optional[int] = None,
+    batch_size: int = 32,
+    layer: Optional[str] = None,
+) -> np.ndarray:
     """Normalised CAMs (N, K, J, I) float32 in [0, 1] of ``loaded`` (a LoadedModel) for model
     ``inputs`` (N, K, J, I, already preprocessed), each min-max scaled on its own, upsampled to the
     patch; ``target``: the explained class index (default the card's ``cam_class``); ``layer``: the
@@ -161,10 +171,11 @@ def patch_cams(loaded: LoadedModel, inputs: np.ndarray, method: str = "gradcam",
     index = card.cam_class_index if target is None else int(target)
     out = np.empty(inputs.shape, dtype=np.float32)
     for start in range(0, len(inputs), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(inputs[start:start + batch_size]))[:, None].to(loaded.device)
-        cam = compute_cam(loaded.module, x, method=method, target=index, layer=layer or card.target_layer,
-                          activation=card.activation)
-        out[start:start + batch_size] = cam.cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(inputs[start : start + batch_size]))[:, None].to(loaded.device)
+        cam = compute_cam(
+            loaded.module, x, method=method, target=index, layer=layer or card.target_layer, activation=card.activation
+        )
+        out[start : start + batch_size] = cam.cpu().numpy()
     return out
 
 
@@ -197,18 +208,36 @@ class RetrainResult:
     cam_blank: Dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        summary = {v: {m: self.reports[v]["metrics"][m] for m in ("accuracy", "roc_auc", "sensitivity", "specificity")}
-                   for v in self.reports}
-        return {"accuracy": self.accuracy, "chance_accuracy": self.chance, "metrics": summary,
-                "cam_blank_patches": self.cam_blank, "data": self.data, "settings": self.settings,
-                "reports": self.reports}
+        summary = {
+            v: {m: self.reports[v]["metrics"][m] for m in ("accuracy", "roc_auc", "sensitivity", "specificity")}
+            for v in self.reports
+        }
+        return {
+            "accuracy": self.accuracy,
+            "chance_accuracy": self.chance,
+            "metrics": summary,
+            "cam_blank_patches": self.cam_blank,
+            "data": self.data,
+            "settings": self.settings,
+            "reports": self.reports,
+        }
 
 
-def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any, *,
-                config: Optional[TrainConfig] = None,
-                val_fraction: float = 0.3, method: str = "gradcam", mask_dilation: int = 0,
-                device: Optional[str] = None, seed: int = 0, n_boot: int = 1000,
-                progress: bool = False) -> RetrainResult:
+def cam_retrain(
+    data: PatchSet,
+    masks: np.ndarray,
+    card: ModelCard,
+    out_dir: Any,
+    *,
+    config: Optional[TrainConfig] = None,
+    val_fraction: float = 0.3,
+    method: str = "gradcam",
+    mask_dilation: int = 0,
+    device: Optional[str] = None,
+    seed: int = 0,
+    n_boot: int = 1000,
+    progress: bool = False,
+) -> RetrainResult:
     """Guan & Loew's heat-map retraining test on ``data`` (HU patches) with truth ``masks``
     (N, K, J, I, non-zero = lesion; empty for background patches), training ``card``'s
     architecture (a :class:`~LungGradCAMLib.engine.models.ModelCard`; its preprocessing, patch size and
@@ -230,8 +259,10 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
     if not 0 < val_fraction < 1:
         raise InvalidInputError(f"val_fraction must be between 0 and 1; got {val_fraction}")
     if len(card.class_names) != 2:
-        raise InvalidInputError(f"the retraining test needs a two-class model; {card.name or card.architecture} "
-                                f"has classes {card.class_names}")
+        raise InvalidInputError(
+            f"the retraining test needs a two-class model; {card.name or card.architecture} "
+            f"has classes {card.class_names}"
+        )
     cfg = config or TrainConfig(seed=seed)
     device = str(resolve_device(device))
     out = Path(out_dir)
@@ -245,8 +276,7 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
         from scipy import ndimage
 
         ball = ndimage.generate_binary_structure(3, 3)
-        masks = np.stack([ndimage.binary_dilation(m, ball, iterations=mask_dilation) if m.any() else m
-                          for m in masks])
+        masks = np.stack([ndimage.binary_dilation(m, ball, iterations=mask_dilation) if m.any() else m for m in masks])
     truth = {"train": fill_empty_masks(masks[train_idx], seed), "val": fill_empty_masks(masks[val_idx], seed + 1)}
 
     reports: Dict[str, Dict[str, Any]] = {}
@@ -262,15 +292,31 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
     original = train_and_score("original", train_set, val_set, card)
     x_train, x_val = model_inputs(train_set.patches, card), model_inputs(val_set.patches, card)
     cam_train, cam_val = patch_cams(original, x_train, method), patch_cams(original, x_val, method)
-    multipliers = {"cam": (cam_train, cam_val), "truth": (truth["train"], truth["val"]),
-                   "inverted": (~truth["train"], ~truth["val"])}
+    multipliers = {
+        "cam": (cam_train, cam_val),
+        "truth": (truth["train"], truth["val"]),
+        "inverted": (~truth["train"], ~truth["val"]),
+    }
     for variant in VARIANTS[1:]:
         m_train, m_val = multipliers[variant]
         products = (x_train * m_train, x_val * m_val)
-        tr, va = (PatchSet(p.astype(np.float32), s.labels, s.patients, list(s.class_names), s.spacing_mm,
-                           s.kinds, s.centres, s.masks) for p, s in zip(products, (train_set, val_set)))
+        tr, va = (
+            PatchSet(
+                p.astype(np.float32),
+                s.labels,
+                s.patients,
+                list(s.class_names),
+                s.spacing_mm,
+                s.kinds,
+                s.centres,
+                s.masks,
+            )
+            for p, s in zip(products, (train_set, val_set))
+        )
         variant_card = _input_card(card, products)
-        variant_card.training["cam_retrain"] = f"inputs multiplied by the {variant} map (LungGradCAMLib.training.cam_retrain)"
+        variant_card.training["cam_retrain"] = (
+            f"inputs multiplied by the {variant} map (LungGradCAMLib.training.cam_retrain)"
+        )
         train_and_score(variant, tr, va, variant_card)
 
     blank = np.concatenate([cam_train, cam_val]).reshape(len(data), -1).max(axis=1) == 0
@@ -279,18 +325,33 @@ def cam_retrain(data: PatchSet, masks: np.ndarray, card: ModelCard, out_dir: Any
         accuracy={v: float(reports[v]["metrics"]["accuracy"]["value"]) for v in VARIANTS},
         reports=reports,
         chance=float(max(np.mean(val_set.labels == c) for c in range(len(card.class_names)))),
-        data={"train": {"patches": len(train_set), "patients": len(set(train_set.patients)),
-                        "classes": train_set.counts()},
-              "validation": {"patches": len(val_set), "patients": len(set(val_set.patients)),
-                             "classes": val_set.counts()},
-              "patch_size_kji": list(data.patch_size), "spacing_mm_ijk": list(data.spacing_mm)},
-        settings={"architecture": card.architecture, "kwargs": card.kwargs, "cam_method": method,
-                  "cam_class": card.cam_class, "val_fraction": val_fraction, "seed": seed,
-                  "mask_dilation_vox": mask_dilation,
-                  "train_config": asdict(cfg),
-                  "multiplied": "the model input after the card's preprocessing "
-                                f"({card.normalisation}, window {card.hu_window} HU), 0 = the window's low end",
-                  "empty_masks": "background patches borrow the truth mask of a random lesion patch of their split"},
+        data={
+            "train": {
+                "patches": len(train_set),
+                "patients": len(set(train_set.patients)),
+                "classes": train_set.counts(),
+            },
+            "validation": {
+                "patches": len(val_set),
+                "patients": len(set(val_set.patients)),
+                "classes": val_set.counts(),
+            },
+            "patch_size_kji": list(data.patch_size),
+            "spacing_mm_ijk": list(data.spacing_mm),
+        },
+        settings={
+            "architecture": card.architecture,
+            "kwargs": card.kwargs,
+            "cam_method": method,
+            "cam_class": card.cam_class,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "mask_dilation_vox": mask_dilation,
+            "train_config": asdict(cfg),
+            "multiplied": "the model input after the card's preprocessing "
+            f"({card.normalisation}, window {card.hu_window} HU), 0 = the window's low end",
+            "empty_masks": "background patches borrow the truth mask of a random lesion patch of their split",
+        },
         cam_blank={c: int(np.sum(blank & (labels == i))) for i, c in enumerate(card.class_names)},
     )
     write_json(out / "cam_retrain.json", result.to_dict())

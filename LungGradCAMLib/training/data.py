@@ -6,6 +6,7 @@ resampling it to the model's voxel spacing (exactly as the pipeline resamples a 
 sliding window), labels, and the patient each patch came from (splits never share a patient).
 Positions are RAS mm unless a name says LPS (LUNA16 and DICOM world coordinates are LPS).
 """
+
 from __future__ import annotations
 
 import csv
@@ -64,8 +65,11 @@ class PatchSet:
         self.patients = np.asarray(self.patients).astype(str)
         n = len(self.labels)
         self.kinds = np.full(n, "", dtype="<U16") if self.kinds is None else np.asarray(self.kinds).astype(str)
-        self.centres = (np.full((n, 3), np.nan) if self.centres is None
-                        else np.asarray(self.centres, dtype=np.float64).reshape(-1, 3))
+        self.centres = (
+            np.full((n, 3), np.nan)
+            if self.centres is None
+            else np.asarray(self.centres, dtype=np.float64).reshape(-1, 3)
+        )
         if self.masks is not None:
             self.masks = np.asarray(self.masks, dtype=bool)
         if self.splits is not None:
@@ -75,12 +79,18 @@ class PatchSet:
                 raise DataError(f"a PatchSet's splits must be train, validation or test; got {unknown}")
         if self.diameters is not None:
             self.diameters = np.asarray(self.diameters, dtype=np.float64)
-        if (self.patches.ndim != 4 or len(self.patches) != n or len(self.patients) != n
-                or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits, self.diameters))
-                or (self.masks is not None and self.masks.shape != self.patches.shape)):
-            raise DataError(f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres "
-                            f"(and masks/splits when given); got {self.patches.shape}, {n} labels, "
-                            f"{len(self.patients)} patients")
+        if (
+            self.patches.ndim != 4
+            or len(self.patches) != n
+            or len(self.patients) != n
+            or any(v is not None and len(v) != n for v in (self.kinds, self.centres, self.splits, self.diameters))
+            or (self.masks is not None and self.masks.shape != self.patches.shape)
+        ):
+            raise DataError(
+                f"a PatchSet needs (N, K, J, I) patches and N labels/patients/kinds/centres "
+                f"(and masks/splits when given); got {self.patches.shape}, {n} labels, "
+                f"{len(self.patients)} patients"
+            )
         if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
             raise DataError(f"labels must be 0..{len(self.class_names) - 1} for classes {self.class_names}")
 
@@ -101,8 +111,14 @@ class PatchSet:
 
     def subset(self, index: Sequence[int]) -> "PatchSet":
         index = np.asarray(index, dtype=np.int64)
-        return PatchSet(self.patches[index], self.labels[index], self.patients[index],
-                        list(self.class_names), self.spacing_mm, *self._rest(index))
+        return PatchSet(
+            self.patches[index],
+            self.labels[index],
+            self.patients[index],
+            list(self.class_names),
+            self.spacing_mm,
+            *self._rest(index),
+        )
 
     def split_index(self, name: str) -> np.ndarray:
         """Indices of the patches of the fixed split ``name`` (needs ``splits``)."""
@@ -116,19 +132,33 @@ class PatchSet:
         when every set has them; splits must be given by all or none."""
         first = sets[0]
         for s in sets[1:]:
-            if (s.class_names != first.class_names or s.patch_size != first.patch_size
-                    or not np.allclose(s.spacing_mm, first.spacing_mm)):
+            if (
+                s.class_names != first.class_names
+                or s.patch_size != first.patch_size
+                or not np.allclose(s.spacing_mm, first.spacing_mm)
+            ):
                 raise DataError("cannot concatenate patch sets with different classes, patch size or spacing")
         if len({s.splits is None for s in sets}) > 1:
             raise DataError("cannot concatenate patch sets with and without fixed splits")
         masks = None if any(s.masks is None for s in sets) else np.concatenate([s.masks for s in sets])
         splits = None if first.splits is None else np.concatenate([s.splits for s in sets])
-        diameters = (None if all(s.diameters is None for s in sets) else np.concatenate(
-            [np.full(len(s), np.nan) if s.diameters is None else s.diameters for s in sets]))
-        return PatchSet(np.concatenate([s.patches for s in sets]), np.concatenate([s.labels for s in sets]),
-                        np.concatenate([s.patients for s in sets]), list(first.class_names),
-                        first.spacing_mm, np.concatenate([s.kinds for s in sets]),
-                        np.concatenate([s.centres for s in sets]), masks, splits, diameters)
+        diameters = (
+            None
+            if all(s.diameters is None for s in sets)
+            else np.concatenate([np.full(len(s), np.nan) if s.diameters is None else s.diameters for s in sets])
+        )
+        return PatchSet(
+            np.concatenate([s.patches for s in sets]),
+            np.concatenate([s.labels for s in sets]),
+            np.concatenate([s.patients for s in sets]),
+            list(first.class_names),
+            first.spacing_mm,
+            np.concatenate([s.kinds for s in sets]),
+            np.concatenate([s.centres for s in sets]),
+            masks,
+            splits,
+            diameters,
+        )
 
     def save(self, path: PathLike) -> Path:
         """Cache as an uncompressed .npz (no pickled objects; masks bit-packed), atomically, as a new
@@ -143,9 +173,17 @@ class PatchSet:
             extra["diameters"] = self.diameters
         with atomic_path(path, replace=False) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, patches=self.patches, labels=self.labels, patients=self.patients,
-                         kinds=self.kinds, centres=self.centres, class_names=np.array(self.class_names),
-                         spacing_mm=np.array(self.spacing_mm, dtype=np.float64), **extra)
+                np.savez(
+                    f,
+                    patches=self.patches,
+                    labels=self.labels,
+                    patients=self.patients,
+                    kinds=self.kinds,
+                    centres=self.centres,
+                    class_names=np.array(self.class_names),
+                    spacing_mm=np.array(self.spacing_mm, dtype=np.float64),
+                    **extra,
+                )
         return path
 
     @classmethod
@@ -156,13 +194,20 @@ class PatchSet:
                 masks = None
                 if "masks" in z.files:
                     masks = np.unpackbits(z["masks"], axis=-1, count=z["patches"].shape[-1]).astype(bool)
-                return cls(z["patches"], z["labels"], z["patients"], [str(c) for c in z["class_names"]],
-                           tuple(float(s) for s in z["spacing_mm"]), z["kinds"], z["centres"], masks,
-                           z["splits"] if "splits" in z.files else None,
-                           z["diameters"] if "diameters" in z.files else None)
+                return cls(
+                    z["patches"],
+                    z["labels"],
+                    z["patients"],
+                    [str(c) for c in z["class_names"]],
+                    tuple(float(s) for s in z["spacing_mm"]),
+                    z["kinds"],
+                    z["centres"],
+                    masks,
+                    z["splits"] if "splits" in z.files else None,
+                    z["diameters"] if "diameters" in z.files else None,
+                )
         except (OSError, KeyError, ValueError) as exc:
-            raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it "
-                            "to rebuild") from None
+            raise DataError(f"{path}: not a patch cache written by LungGradCAM ({exc}); delete it to rebuild") from None
 
 
 def to_model_grid(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
@@ -174,8 +219,7 @@ def to_model_grid(volume: Volume, spacing_mm: Sequence[float]) -> Volume:
     return resample(ct, spacing_mm, order=1, default_value=AIR_HU)
 
 
-def crop_patch(array: np.ndarray, centre_kji: Sequence[float], size: Sequence[int],
-               fill: float = AIR_HU) -> np.ndarray:
+def crop_patch(array: np.ndarray, centre_kji: Sequence[float], size: Sequence[int], fill: float = AIR_HU) -> np.ndarray:
     """The ``size`` (K, J, I) block of ``array`` whose voxel ``size // 2`` is the voxel nearest to
     ``centre_kji``; parts outside the array are ``fill``."""
     start = [int(round(c)) - s // 2 for c, s in zip(centre_kji, size)]
@@ -221,12 +265,17 @@ def _phantom_geometry(rng: np.random.Generator) -> Tuple[Tuple[int, int, int], T
     return shape, spacing, float(rng.uniform(10.0, 30.0))  # type: ignore[return-value]
 
 
-def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 32),
-                    spacing_mm: Sequence[float] = (1.5, 1.5, 1.5), task: str = "nodule",
-                    positives_per_nodule: int = 6, negatives_per_kind: int = 4,
-                    jitter_vox: Optional[int] = None,
-                    hard_negatives: Optional[Callable[..., Sequence[np.ndarray]]] = None,
-                    progress: Union[bool, str] = False) -> PatchSet:
+def phantom_patches(
+    seeds: Iterable[int],
+    patch_size: Sequence[int] = (32, 32, 32),
+    spacing_mm: Sequence[float] = (1.5, 1.5, 1.5),
+    task: str = "nodule",
+    positives_per_nodule: int = 6,
+    negatives_per_kind: int = 4,
+    jitter_vox: Optional[int] = None,
+    hard_negatives: Optional[Callable[..., Sequence[np.ndarray]]] = None,
+    progress: Union[bool, str] = False,
+) -> PatchSet:
     """Patches from one synthetic chest CT per seed (:func:`LungGradCAMLib.phantom.chest_ct` with
     its random nodules, at a scanner setting drawn from the seed: in-plane 1.6-2 mm, slices 2-3
     mm, noise 10-30 HU), resampled to ``spacing_mm`` (i, j, k mm) as the pipeline does.
@@ -298,9 +347,14 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
             box[k0:k1, j0:j1, i0:i1] = True
         wall = np.isin(tissues, [codes[t] for t in ("skin", "fat", "muscle", "bone", "soft_tissue")])
         medi = np.isin(tissues, [codes[t] for t in ("mediastinum", "heart", "blood", "abdomen")])
-        where = {"lung": tissues == codes["lung"], "vessel": tissues == codes["vessel"],
-                 "airway": tissues == codes["airway"], "chest_wall": wall & near,
-                 "mediastinum": medi & near, "lung_box": box}
+        where = {
+            "lung": tissues == codes["lung"],
+            "vessel": tissues == codes["vessel"],
+            "airway": tissues == codes["airway"],
+            "chest_wall": wall & near,
+            "mediastinum": medi & near,
+            "lung_box": box,
+        }
         for kind in NEGATIVE_KINDS:
             cand = np.flatnonzero(where[kind] & ~forbidden)
             for flat in rng.choice(cand, size=min(negatives_per_kind, cand.size), replace=False):
@@ -317,8 +371,16 @@ def phantom_patches(seeds: Iterable[int], patch_size: Sequence[int] = (32, 32, 3
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
     if not patches:
         raise DataError(f"phantoms {seeds} gave no patches")
-    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks))
+    return PatchSet(
+        _to_int16(patches),
+        np.array(labels),
+        np.array(patients),
+        classes,
+        tuple(float(v) for v in spacing_mm),
+        np.array(kinds),
+        np.array(centres),
+        np.stack(masks),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,9 +410,13 @@ def read_image(path: PathLike) -> Volume:
     return read_volume(path)
 
 
-def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
-                         patch_size: Sequence[int], spacing_mm: Sequence[float],
-                         progress: bool = False) -> PatchSet:
+def patches_from_samples(
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    progress: bool = False,
+) -> PatchSet:
     """Cut one ``patch_size`` (K, J, I) patch per sample, reading each scan once and resampling it
     to ``spacing_mm`` (i, j, k mm)."""
     if not samples:
@@ -374,8 +440,15 @@ def patches_from_samples(samples: Sequence[Sample], class_names: Sequence[str],
             patients.append(s.patient)
             kinds.append(s.kind)
             centres.append(_kji_to_ras(grid, np.rint(kji)))
-    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), list(class_names),
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres))
+    return PatchSet(
+        _to_int16(patches),
+        np.array(labels),
+        np.array(patients),
+        list(class_names),
+        tuple(float(v) for v in spacing_mm),
+        np.array(kinds),
+        np.array(centres),
+    )
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> List[Tuple[str, Dict[str, str]]]:
@@ -394,16 +467,19 @@ def _read_csv(path: Path, required: Sequence[str]) -> List[Tuple[str, Dict[str, 
                 where = f"{path} line {reader.line_num}"
                 if None in row or None in row.values():
                     cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
-                    raise DataError(f"{where}: {cells} cell(s) where the header has {len(header)} columns; "
-                                    "give each row one cell per column (an empty one for no value)")
+                    raise DataError(
+                        f"{where}: {cells} cell(s) where the header has {len(header)} columns; "
+                        "give each row one cell per column (an empty one for no value)"
+                    )
                 rows.append((where, row))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{path}: cannot read the CSV ({exc})") from None
     return rows
 
 
-def _float_cells(row: Dict[str, str], names: Sequence[str], where: str,
-                 low: float = -MAX_POSITION_MM, high: float = MAX_POSITION_MM) -> Tuple[float, ...]:
+def _float_cells(
+    row: Dict[str, str], names: Sequence[str], where: str, low: float = -MAX_POSITION_MM, high: float = MAX_POSITION_MM
+) -> Tuple[float, ...]:
     """The cells ``names`` of ``row`` as numbers from ``low`` to ``high`` (default: a position in
     mm, at most :data:`MAX_POSITION_MM` from the origin, as a CT's); else :class:`DataError`."""
     what = f"{where}: {', '.join(names)} must be " + ("a number" if len(names) == 1 else "numbers")
@@ -421,8 +497,7 @@ def lps_to_ras(point: Sequence[float]) -> Tuple[float, float, float]:
     return (-float(point[0]), -float(point[1]), float(point[2]))
 
 
-def luna16_samples(root: PathLike, max_negatives_per_scan: Optional[int] = 20,
-                   seed: int = 0) -> List[Sample]:
+def luna16_samples(root: PathLike, max_negatives_per_scan: Optional[int] = 20, seed: int = 0) -> List[Sample]:
     """Samples from a LUNA16-layout folder: ``subset*/<seriesuid>.mhd`` (+ ``.raw``) anywhere
     under ``root``, ``annotations.csv`` (seriesuid, coordX, coordY, coordZ, diameter_mm) and/or
     ``candidates.csv`` (seriesuid, coordX, coordY, coordZ, class), coordinates in world **LPS** mm.
@@ -527,8 +602,9 @@ def patient_kfold(patients: Sequence[str], k: int = 5, seed: int = 0) -> List[Tu
     return [(all_index[fold != f], all_index[fold == f]) for f in range(k)]
 
 
-def patient_split(patients: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                  seed: int = 0) -> List[np.ndarray]:
+def patient_split(
+    patients: Sequence[str], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> List[np.ndarray]:
     """Sample indices split by patient into parts of about ``fractions`` of the patients
     (e.g. train/validation/test); each patient is in exactly one part."""
     patients = np.asarray(patients).astype(str)

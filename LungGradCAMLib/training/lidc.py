@@ -1,6 +1,7 @@
 """LIDC-IDRI as training data: the readers' XML (nodules, their outlines and malignancy ratings)
 over the DICOM series, and the volumes of interest (nodule crops in HU with the readers' masks)
 placed into real lungs."""
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,18 @@ import numpy as np
 from ..core.errors import DataError, LungGradCAMError
 from ..core.volume import AIR_HU, Volume, resample
 from ..io.volume_files import read_volume
-from .data import (PatchSet, _float_cells, _kji_to_ras, _ras_to_kji, _read_csv, _to_int16, crop_patch, patient_split,
-                   phantom_patches, to_model_grid)
+from .data import (
+    PatchSet,
+    _float_cells,
+    _kji_to_ras,
+    _ras_to_kji,
+    _read_csv,
+    _to_int16,
+    crop_patch,
+    patient_split,
+    phantom_patches,
+    to_model_grid,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 if TYPE_CHECKING:
@@ -74,16 +85,28 @@ def parse_lidc_xml(path: PathLike) -> Tuple[str, List[LidcReading]]:
             for roi in nodule.findall(f"{ns}roi"):
                 try:
                     z = round(float(roi.findtext(f"{ns}imageZposition")), 3)
-                    pts = np.array([[int(e.findtext(f"{ns}xCoord")), int(e.findtext(f"{ns}yCoord"))]
-                                    for e in roi.findall(f"{ns}edgeMap")], dtype=np.int64)
+                    pts = np.array(
+                        [
+                            [int(e.findtext(f"{ns}xCoord")), int(e.findtext(f"{ns}yCoord"))]
+                            for e in roi.findall(f"{ns}edgeMap")
+                        ],
+                        dtype=np.int64,
+                    )
                 except (TypeError, ValueError):
-                    raise DataError(f"{path}: malformed roi in nodule "
-                                    f"{nodule.findtext(f'{ns}noduleID')!r} of reading {reader + 1}") from None
+                    raise DataError(
+                        f"{path}: malformed roi in nodule {nodule.findtext(f'{ns}noduleID')!r} of reading {reader + 1}"
+                    ) from None
                 inclusion = (roi.findtext(f"{ns}inclusion") or "TRUE").strip().upper() == "TRUE"
                 if len(pts):
                     rois[z].append((inclusion, pts))
-            readings.append(LidcReading(reader, (nodule.findtext(f"{ns}noduleID") or "").strip(),
-                                        int(text) if text and text.strip().isdigit() else None, dict(rois)))
+            readings.append(
+                LidcReading(
+                    reader,
+                    (nodule.findtext(f"{ns}noduleID") or "").strip(),
+                    int(text) if text and text.strip().isdigit() else None,
+                    dict(rois),
+                )
+            )
     return series, readings
 
 
@@ -123,8 +146,9 @@ def lidc_nodules(xml_path: PathLike, volume: Volume, consensus: float = 0.5) -> 
     from scipy import ndimage
 
     _, readings = parse_lidc_xml(xml_path)
-    z_of_k = volume.ijk_to_ras_points(np.stack([np.zeros(volume.shape[0]), np.zeros(volume.shape[0]),
-                                                np.arange(volume.shape[0])], axis=1))[:, 2]
+    z_of_k = volume.ijk_to_ras_points(
+        np.stack([np.zeros(volume.shape[0]), np.zeros(volume.shape[0]), np.arange(volume.shape[0])], axis=1)
+    )[:, 2]
     z_to_k = {round(float(z), 3): k for k, z in enumerate(z_of_k)}
     masks, kept = [], []
     for reading in readings:
@@ -167,15 +191,20 @@ def lidc_nodules(xml_path: PathLike, volume: Volume, consensus: float = 0.5) -> 
     return nodules
 
 
-def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence[float],
-                 consensus: float = 0.5, progress: bool = False) -> PatchSet:
+def lidc_patches(
+    root: PathLike,
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    consensus: float = 0.5,
+    progress: bool = False,
+) -> PatchSet:
     """Benign vs malignant nodule patches (classes ``benign``, ``malignant``) from a LIDC-IDRI
     folder: one sub-folder per patient (e.g. ``LIDC-IDRI-0001``) holding the DICOM series and the
     reader XML files anywhere below it. Each XML's series is loaded, its nodules are found with
     :func:`lidc_nodules`, and each nodule with a malignancy label (median rating not 3) gives one
     patch centred on its consensus mask. XMLs whose series is not present are skipped."""
-    from ..io.dicom import load_dicom_series
     from ..core.errors import DicomError
+    from ..io.dicom import load_dicom_series
 
     root = Path(root)
     folders = sorted(p for p in root.iterdir() if p.is_dir() and any(p.rglob("*.xml"))) if root.is_dir() else []
@@ -205,10 +234,18 @@ def lidc_patches(root: PathLike, patch_size: Sequence[int], spacing_mm: Sequence
                 patients.append(folder.name)
                 centres.append(_kji_to_ras(grid, np.rint(kji)))
     if not patches:
-        raise DataError(f"{root}: no LIDC nodule with a malignancy label (median rating 1-2 or 4-5) "
-                        "in the series present")
-    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), ["benign", "malignant"],
-                    tuple(float(v) for v in spacing_mm), np.full(len(labels), "nodule"), np.array(centres))
+        raise DataError(
+            f"{root}: no LIDC nodule with a malignancy label (median rating 1-2 or 4-5) in the series present"
+        )
+    return PatchSet(
+        _to_int16(patches),
+        np.array(labels),
+        np.array(patients),
+        ["benign", "malignant"],
+        tuple(float(v) for v in spacing_mm),
+        np.full(len(labels), "nodule"),
+        np.array(centres),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,8 +265,10 @@ def _plain_name(row: Dict[str, str], column: str, where: str) -> str:
     outside it)."""
     value = row[column].strip()
     if not value or any(c in value for c in "/\\:") or not value.isprintable():
-        raise DataError(f"{where}: {column} {value!r} is not a plain name; the VOI folder's files are named "
-                        "image/<patient_id>_R_<nodule_id>.nii.gz, so IDs hold no path separators")
+        raise DataError(
+            f"{where}: {column} {value!r} is not a plain name; the VOI folder's files are named "
+            "image/<patient_id>_R_<nodule_id>.nii.gz, so IDs hold no path separators"
+        )
     return value
 
 
@@ -283,18 +322,33 @@ def lidc_voi_records(root: PathLike) -> List[LidcVoi]:
         rating = math.nan
         if (row.get("Malignancy_value") or "").strip():
             rating = _float_cells(row, ("Malignancy_value",), where, *MALIGNANCY_RATINGS)[0]
-        records.append(LidcVoi(patient, nodule, image, mask, int(diagnosis != "benign"), rating,
-                               _float_cells(row, ("diameter_mm",), where, *DIAMETERS_MM)[0], row))
+        records.append(
+            LidcVoi(
+                patient,
+                nodule,
+                image,
+                mask,
+                int(diagnosis != "benign"),
+                rating,
+                _float_cells(row, ("diameter_mm",), where, *DIAMETERS_MM)[0],
+                row,
+            )
+        )
     if missing:
-        log.warning("%d row(s) of %s have no image or mask file and are skipped: %s", len(missing), table,
-                    ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+        log.warning(
+            "%d row(s) of %s have no image or mask file and are skipped: %s",
+            len(missing),
+            table,
+            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+        )
     if not records:
         raise DataError(f"{table}: none of its rows has its image and mask files under {root}")
     return records
 
 
-def voi_on_grid(voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int],
-                offset_vox: Sequence[int] = (0, 0, 0)) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def voi_on_grid(
+    voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int], offset_vox: Sequence[int] = (0, 0, 0)
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The VOI resampled to ``spacing_mm`` (i, j, k mm) and cut to a ``size`` (K, J, I) block
     centred on the mask's centre of mass shifted by ``offset_vox`` (K, J, I): (HU float32 with NaN
     outside the VOI's field of view, the nodule mask, the block's centre in RAS mm)."""
@@ -311,8 +365,9 @@ def voi_on_grid(voi: LidcVoi, spacing_mm: Sequence[float], size: Sequence[int],
     return hu, cut, _kji_to_ras(grid, np.rint(centre))
 
 
-def place_voi(hu: np.ndarray, spacing_mm: Sequence[float], voi: LidcVoi, centre_kji: Sequence[int],
-              feather_mm: float = 2.0) -> Tuple[Tuple[slice, slice, slice], np.ndarray]:
+def place_voi(
+    hu: np.ndarray, spacing_mm: Sequence[float], voi: LidcVoi, centre_kji: Sequence[int], feather_mm: float = 2.0
+) -> Tuple[Tuple[slice, slice, slice], np.ndarray]:
     """Paste ``voi``'s nodule into ``hu`` (float32 HU, K, J, I, on a grid of ``spacing_mm`` i, j, k
     mm, changed in place) with its centre of mass at voxel ``centre_kji``: the VOI resampled to
     the grid (:func:`voi_on_grid`), its outline feathered over ``feather_mm`` into the background
@@ -334,10 +389,18 @@ def place_voi(hu: np.ndarray, spacing_mm: Sequence[float], voi: LidcVoi, centre_
     return dst, mask[src]
 
 
-def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spacing_mm: Sequence[float],
-                     task: str = "malignancy", backgrounds: Optional[Sequence["Background"]] = None,
-                     placements: int = 1, jitter_vox: int = 0, feather_mm: float = 3.0, seed: int = 0,
-                     progress: Union[bool, str] = False) -> PatchSet:
+def lidc_voi_patches(
+    records: Sequence[LidcVoi],
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    task: str = "malignancy",
+    backgrounds: Optional[Sequence["Background"]] = None,
+    placements: int = 1,
+    jitter_vox: int = 0,
+    feather_mm: float = 3.0,
+    seed: int = 0,
+    progress: Union[bool, str] = False,
+) -> PatchSet:
     """Patches of real nodules (with their reader masks in ``PatchSet.masks``), ``placements`` per
     nodule, each centred on the nodule shifted by up to ``jitter_vox`` voxels per axis.
 
@@ -397,20 +460,38 @@ def lidc_voi_patches(records: Sequence[LidcVoi], patch_size: Sequence[int], spac
     if not patches:
         raise DataError("no LIDC VOI could be read")
     classes = ["benign", "malignant"] if task == "malignancy" else ["background", "nodule"]
-    return PatchSet(_to_int16(patches), np.array(labels), np.array(patients), classes,
-                    tuple(float(v) for v in spacing_mm), np.array(kinds), np.array(centres), np.stack(masks),
-                    diameters=np.array(diameters))
+    return PatchSet(
+        _to_int16(patches),
+        np.array(labels),
+        np.array(patients),
+        classes,
+        tuple(float(v) for v in spacing_mm),
+        np.array(kinds),
+        np.array(centres),
+        np.stack(masks),
+        diameters=np.array(diameters),
+    )
 
 
-def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence["Background"],
-                               patch_size: Sequence[int], spacing_mm: Sequence[float],
-                               fractions: Sequence[float] = (0.7, 0.15, 0.15), placements: int = 3,
-                               jitter_vox: Optional[int] = None, negatives_per_kind: int = 100,
-                               phantom_seeds: Sequence[int] = (), phantom_positives_per_nodule: int = 6,
-                               phantom_negatives_per_kind: int = 16, seed: int = 0,
-                               hard_negative_models: Sequence[Any] = (), hard_negatives_per_region: int = 0,
-                               hard_negatives_per_phantom: int = 0, hard_negative_threshold: float = 0.3,
-                               progress: bool = False) -> PatchSet:
+def lidc_voi_detection_patches(
+    records: Sequence[LidcVoi],
+    backgrounds: Sequence["Background"],
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    placements: int = 3,
+    jitter_vox: Optional[int] = None,
+    negatives_per_kind: int = 100,
+    phantom_seeds: Sequence[int] = (),
+    phantom_positives_per_nodule: int = 6,
+    phantom_negatives_per_kind: int = 16,
+    seed: int = 0,
+    hard_negative_models: Sequence[Any] = (),
+    hard_negatives_per_region: int = 0,
+    hard_negatives_per_phantom: int = 0,
+    hard_negative_threshold: float = 0.3,
+    progress: bool = False,
+) -> PatchSet:
     """Nodule-vs-background patches (classes background, nodule) from real nodules placed into
     real lungs, with fixed ``splits``: the VOIs' patients (and the phantoms' seeds) are split by
     patient into train / validation / test by ``fractions``; each split's nodules are placed into
@@ -431,36 +512,70 @@ def lidc_voi_detection_patches(records: Sequence[LidcVoi], backgrounds: Sequence
     rng = np.random.default_rng(seed)
     classes = ["background", "nodule"]
     parts = patient_split([r.patient for r in records], fractions, seed=seed)
-    phantom_parts = (patient_split([f"phantom-{s}" for s in phantom_seeds], fractions, seed=seed)
-                     if len(phantom_seeds) else [[] for _ in SPLITS])
+    phantom_parts = (
+        patient_split([f"phantom-{s}" for s in phantom_seeds], fractions, seed=seed)
+        if len(phantom_seeds)
+        else [[] for _ in SPLITS]
+    )
     sets = []
     for n, (split, index, phantoms) in enumerate(zip(SPLITS, parts, phantom_parts)):
         regions = pick(backgrounds, split)
-        nodules = lidc_voi_patches([records[i] for i in index], size, spacing_mm, task="nodule",
-                                   backgrounds=regions, placements=placements, jitter_vox=jitter,
-                                   seed=seed * 31 + n, progress=progress and f"nodules ({split})")
+        nodules = lidc_voi_patches(
+            [records[i] for i in index],
+            size,
+            spacing_mm,
+            task="nodule",
+            backgrounds=regions,
+            placements=placements,
+            jitter_vox=jitter,
+            seed=seed * 31 + n,
+            progress=progress and f"nodules ({split})",
+        )
         found = [nodules]
         sampled = [background_patches(regions, size, negatives_per_kind, rng)]
-        sampled += [hard_negative_patches(regions, model, size, hard_negatives_per_region, rng, hard_negative_threshold)
-                    for model in hard_negative_models]
+        sampled += [
+            hard_negative_patches(regions, model, size, hard_negatives_per_region, rng, hard_negative_threshold)
+            for model in hard_negative_models
+        ]
         for hu, kinds, names in sampled:
-            found.append(PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names],
-                                  classes, nodules.spacing_mm, kinds, masks=np.zeros(hu.shape, bool)))
+            found.append(
+                PatchSet(
+                    _to_int16(hu),
+                    np.zeros(len(hu), np.int64),
+                    [f"background:{m}" for m in names],
+                    classes,
+                    nodules.spacing_mm,
+                    kinds,
+                    masks=np.zeros(hu.shape, bool),
+                )
+            )
         if len(phantoms):
-            def hard(hu: np.ndarray, lungs: np.ndarray, clear: np.ndarray, patient: str,
-                     draw: np.random.Generator) -> List[np.ndarray]:
-                scan = Background(patient, split, hu, lungs, clear, tuple(float(v) for v in spacing_mm))
-                return [p for model in hard_negative_models for p in hard_negative_patches(
-                    [scan], model, size, hard_negatives_per_phantom, draw, hard_negative_threshold)[0]]
 
-            found.append(phantom_patches([int(phantom_seeds[i]) for i in phantoms], size, spacing_mm,
-                                         positives_per_nodule=phantom_positives_per_nodule,
-                                         negatives_per_kind=phantom_negatives_per_kind, jitter_vox=jitter,
-                                         hard_negatives=hard if hard_negatives_per_phantom > 0 else None,
-                                         progress=progress and f"phantoms ({split})"))
+            def hard(
+                hu: np.ndarray, lungs: np.ndarray, clear: np.ndarray, patient: str, draw: np.random.Generator
+            ) -> List[np.ndarray]:
+                scan = Background(patient, split, hu, lungs, clear, tuple(float(v) for v in spacing_mm))
+                return [
+                    p
+                    for model in hard_negative_models
+                    for p in hard_negative_patches(
+                        [scan], model, size, hard_negatives_per_phantom, draw, hard_negative_threshold
+                    )[0]
+                ]
+
+            found.append(
+                phantom_patches(
+                    [int(phantom_seeds[i]) for i in phantoms],
+                    size,
+                    spacing_mm,
+                    positives_per_nodule=phantom_positives_per_nodule,
+                    negatives_per_kind=phantom_negatives_per_kind,
+                    jitter_vox=jitter,
+                    hard_negatives=hard if hard_negatives_per_phantom > 0 else None,
+                    progress=progress and f"phantoms ({split})",
+                )
+            )
         part = PatchSet.concatenate(found)
         part.splits = np.full(len(part), split)
         sets.append(part)
     return PatchSet.concatenate(sets)
-
-

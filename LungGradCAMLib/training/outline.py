@@ -7,6 +7,7 @@ takes a random crop around the nodule (the heat map's peak, the seed at inferenc
 centre); the network marks every nodule voxel of its input, and the caller keeps the component at
 the seed (:func:`~LungGradCAMLib.engine.outline.nodule_outline`).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,26 @@ import numpy as np
 from ..core.errors import DataError
 from .data import PatchSet, _to_int16, patient_split
 from .lidc import LidcVoi, lidc_voi_patches
-from .placement import Background, SPLITS, background_patches, pick
+from .placement import SPLITS, Background, background_patches, pick
 
 log = logging.getLogger(__name__)
 
 CLASSES = ["background", "nodule"]
 
 
-def outline_patches(records: Sequence[LidcVoi], backgrounds: Sequence[Background], patch_size: Sequence[int],
-                    spacing_mm: Sequence[float], split: str, own: int = 2, placed: int = 3, jitter_vox: int = 4,
-                    negatives_per_kind: int = 40, seed: int = 0, progress: bool = False) -> PatchSet:
+def outline_patches(
+    records: Sequence[LidcVoi],
+    backgrounds: Sequence[Background],
+    patch_size: Sequence[int],
+    spacing_mm: Sequence[float],
+    split: str,
+    own: int = 2,
+    placed: int = 3,
+    jitter_vox: int = 4,
+    negatives_per_kind: int = 40,
+    seed: int = 0,
+    progress: bool = False,
+) -> PatchSet:
     """The outline network's patches of one ``split`` (``records`` are that split's nodules,
     placed only into ``backgrounds`` regions of that split), with the readers' masks:
 
@@ -48,15 +59,44 @@ def outline_patches(records: Sequence[LidcVoi], backgrounds: Sequence[Background
     for task, n in (("malignancy", own), ("nodule", placed)):
         if n <= 0:
             continue
-        part = lidc_voi_patches(records, size, spacing_mm, task=task, backgrounds=regions, placements=n,
-                                jitter_vox=jitter_vox, feather_mm=3.0, seed=seed * 7 + len(sets), progress=progress)
+        part = lidc_voi_patches(
+            records,
+            size,
+            spacing_mm,
+            task=task,
+            backgrounds=regions,
+            placements=n,
+            jitter_vox=jitter_vox,
+            feather_mm=3.0,
+            seed=seed * 7 + len(sets),
+            progress=progress,
+        )
         kinds = np.where(part.kinds == "nodule", "own", part.kinds) if task == "malignancy" else part.kinds
-        sets.append(PatchSet(part.patches, np.ones(len(part), np.int64), part.patients, CLASSES, part.spacing_mm,
-                             kinds, part.centres, part.masks))
+        sets.append(
+            PatchSet(
+                part.patches,
+                np.ones(len(part), np.int64),
+                part.patients,
+                CLASSES,
+                part.spacing_mm,
+                kinds,
+                part.centres,
+                part.masks,
+            )
+        )
     if negatives_per_kind > 0:
         hu, kinds, names = background_patches(regions, size, negatives_per_kind, np.random.default_rng(seed))
-        sets.append(PatchSet(_to_int16(hu), np.zeros(len(hu), np.int64), [f"background:{m}" for m in names], CLASSES,
-                             tuple(float(s) for s in spacing_mm), kinds, masks=np.zeros(hu.shape, bool)))
+        sets.append(
+            PatchSet(
+                _to_int16(hu),
+                np.zeros(len(hu), np.int64),
+                [f"background:{m}" for m in names],
+                CLASSES,
+                tuple(float(s) for s in spacing_mm),
+                kinds,
+                masks=np.zeros(hu.shape, bool),
+            )
+        )
     if not sets:
         raise DataError("no outline patches asked for: own, placed and negatives_per_kind are all 0")
     data = PatchSet.concatenate(sets)
@@ -64,8 +104,9 @@ def outline_patches(records: Sequence[LidcVoi], backgrounds: Sequence[Background
     return data
 
 
-def split_records(records: Sequence[LidcVoi], fractions: Sequence[float] = (0.7, 0.15, 0.15),
-                  seed: int = 0) -> Dict[str, List[LidcVoi]]:
+def split_records(
+    records: Sequence[LidcVoi], fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> Dict[str, List[LidcVoi]]:
     """``records`` split by patient into train / validation / test (:func:`patient_split`: the
     split of the bundled ``default`` model's nodules for the same ``fractions`` and ``seed``)."""
     parts = patient_split([r.patient for r in records], fractions, seed=seed)
@@ -73,7 +114,7 @@ def split_records(records: Sequence[LidcVoi], fractions: Sequence[float] = (0.7,
 
 
 def _crop(x: np.ndarray, starts: np.ndarray, crop: int) -> np.ndarray:
-    return np.stack([a[k:k + crop, j:j + crop, i:i + crop] for a, (k, j, i) in zip(x, starts)])
+    return np.stack([a[k : k + crop, j : j + crop, i : i + crop] for a, (k, j, i) in zip(x, starts)])
 
 
 def dice_scores(probability: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -85,9 +126,20 @@ def dice_scores(probability: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.where(total > 0, 2.0 * overlap / np.maximum(total, 1), np.nan)
 
 
-def fit_outline(train: PatchSet, val: PatchSet, card: "ModelCard", out_dir: "str | Path", *,  # noqa: F821
-                epochs: int = 5, batch_size: int = 8, lr: float = 2e-3, crop: int = 32, seed: int = 0,
-                zoom: Sequence[float] = (0.8, 1.25), report: Optional[Callable[[dict], None]] = None) -> Path:
+def fit_outline(
+    train: PatchSet,
+    val: PatchSet,
+    card: "ModelCard",  # noqa: F821
+    out_dir: "str | Path",
+    *,
+    epochs: int = 5,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    crop: int = 32,
+    seed: int = 0,
+    zoom: Sequence[float] = (0.8, 1.25),
+    report: Optional[Callable[[dict], None]] = None,
+) -> Path:
     """Train ``card``'s segmenter on ``train`` (random ``crop``^3 crops, 3D augmentation incl.
     ``zoom``, soft Dice + binary cross-entropy), validate after each epoch on the centre crops of
     ``val`` (mean Dice of its nodule patches at 0.5), keep the best epoch as
@@ -117,8 +169,8 @@ def fit_outline(train: PatchSet, val: PatchSet, card: "ModelCard", out_dir: "str
         generator = torch.Generator().manual_seed(seed)
         rng = np.random.default_rng(seed)
         vk = [(s - crop) // 2 for s in val.patch_size]
-        val_x = val.patches[:, vk[0]:vk[0] + crop, vk[1]:vk[1] + crop, vk[2]:vk[2] + crop]
-        val_y = val.masks[:, vk[0]:vk[0] + crop, vk[1]:vk[1] + crop, vk[2]:vk[2] + crop]
+        val_x = val.patches[:, vk[0] : vk[0] + crop, vk[1] : vk[1] + crop, vk[2] : vk[2] + crop]
+        val_y = val.masks[:, vk[0] : vk[0] + crop, vk[1] : vk[1] + crop, vk[2] : vk[2] + crop]
         nodules = val.labels == 1
         best, best_path = -1.0, out / "best.safetensors"
         log_path = out / "log.jsonl"
@@ -129,13 +181,14 @@ def fit_outline(train: PatchSet, val: PatchSet, card: "ModelCard", out_dir: "str
             order = rng.permutation(len(train))
             losses = []
             for b in range(0, len(order), batch_size):
-                index = np.sort(order[b:b + batch_size])
+                index = np.sort(order[b : b + batch_size])
                 starts = rng.integers(0, np.asarray(train.patch_size) - crop + 1, size=(len(index), 3))
                 x = torch.from_numpy(_crop(train.patches[index], starts, crop).astype(np.float32))[:, None]
                 y = torch.from_numpy(_crop(train.masks[index], starts, crop).astype(np.float32))[:, None]
                 # the masks' border extends as the image's does (a nodule cut by the crop stays cut)
-                x, y = augment(apply_card_preprocessing(x, card), generator, zoom=tuple(zoom), masks=y,
-                               mask_padding="border")
+                x, y = augment(
+                    apply_card_preprocessing(x, card), generator, zoom=tuple(zoom), masks=y, mask_padding="border"
+                )
                 y = (y >= 0.5).float()
                 logits = module(x.contiguous(memory_format=torch.channels_last_3d))
                 p = torch.sigmoid(logits)
@@ -151,14 +204,24 @@ def fit_outline(train: PatchSet, val: PatchSet, card: "ModelCard", out_dir: "str
             probability = []
             with torch.inference_mode():
                 for b in range(0, len(val_x), 16):
-                    x = torch.from_numpy(val_x[b:b + 16].astype(np.float32))[:, None]
+                    x = torch.from_numpy(val_x[b : b + 16].astype(np.float32))[:, None]
                     probability.append(torch.sigmoid(module(apply_card_preprocessing(x, card)))[:, 0].numpy())
             probability = np.concatenate(probability)
             dice = dice_scores(probability, val_y)
-            false_ml = float((probability[~nodules] >= 0.5).sum(axis=(1, 2, 3)).mean()) * float(
-                np.prod(card.spacing_mm)) / 1000.0 if (~nodules).any() else 0.0
-            entry = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": float(np.nanmean(dice[nodules])),
-                     "val_negative_ml": false_ml, "seconds": time.perf_counter() - t0}
+            false_ml = (
+                float((probability[~nodules] >= 0.5).sum(axis=(1, 2, 3)).mean())
+                * float(np.prod(card.spacing_mm))
+                / 1000.0
+                if (~nodules).any()
+                else 0.0
+            )
+            entry = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "val_dice": float(np.nanmean(dice[nodules])),
+                "val_negative_ml": false_ml,
+                "seconds": time.perf_counter() - t0,
+            }
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             if report is not None:

@@ -10,9 +10,9 @@ weight falls linearly to 0 over ``feather_mm``.
 
 Arrays are (K, J, I) on one grid of ``spacing_mm`` (i, j, k mm); intensities are HU.
 """
+
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -100,8 +100,9 @@ class Background:
         return self._candidates[key]
 
 
-def sample_centres(background: Background, kind: str, n: int, rng: np.random.Generator,
-                   radius_mm: float = 0.0) -> np.ndarray:
+def sample_centres(
+    background: Background, kind: str, n: int, rng: np.random.Generator, radius_mm: float = 0.0
+) -> np.ndarray:
     """Up to ``n`` distinct (K, J, I) voxel centres of ``kind`` in the background's region, drawn
     with ``rng`` (fewer when fewer exist); shape (m, 3), int."""
     where = background.candidates(kind, radius_mm)
@@ -130,8 +131,9 @@ def feather_weight(mask: np.ndarray, spacing_mm: Sequence[float], feather_mm: fl
 def inner_weight(known: np.ndarray, spacing_mm: Sequence[float], feather_mm: float) -> np.ndarray:
     """Float32 weight (K, J, I): 0 outside ``known``, rising linearly inside it to 1 at
     ``feather_mm`` (mm) from its edge (a patch's border does not count as an edge)."""
-    depth = ndimage.distance_transform_edt(np.pad(known, 1, constant_values=True),
-                                           sampling=tuple(spacing_mm)[::-1])[1:-1, 1:-1, 1:-1]
+    depth = ndimage.distance_transform_edt(np.pad(known, 1, constant_values=True), sampling=tuple(spacing_mm)[::-1])[
+        1:-1, 1:-1, 1:-1
+    ]
     return np.where(known, np.clip(depth / max(float(feather_mm), 1e-6), 0.0, 1.0), 0.0).astype(np.float32)
 
 
@@ -155,12 +157,17 @@ def _bands(lungs: np.ndarray, gap_vox: int) -> Dict[str, np.ndarray]:
     out = {name: np.zeros(lungs.shape[0], dtype=bool) for name in SPLITS}
     out["train"][:a] = True
     out["validation"][a:b] = True
-    out["test"][b + gap_vox:] = True  # test patches never overlap training or validation ones
+    out["test"][b + gap_vox :] = True  # test patches never overlap training or validation ones
     return out
 
 
-def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_size: Sequence[int],
-                     splits: Sequence[str] = SPLITS, progress: bool = False) -> List[Background]:
+def load_backgrounds(
+    manifest: "str | Path",
+    spacing_mm: Sequence[float],
+    patch_size: Sequence[int],
+    splits: Sequence[str] = SPLITS,
+    progress: bool = False,
+) -> List[Background]:
     """The background regions a CSV ``manifest`` lists: columns ``image`` (a volume file or DICOM
     folder, relative to the manifest's folder or absolute) and ``split`` (``train``,
     ``validation``, ``test``, or ``bands``: the scan's lungs cut along the slice axis into
@@ -170,10 +177,10 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
     the regions of ``splits`` are returned. A scan that cannot be read is skipped with a warning
     naming it; none at all -> :class:`DataError`. ``progress``: a bar over the scans (reading and
     segmenting each takes seconds)."""
-    from .data import _read_csv, read_image, to_model_grid
     from ..core.errors import LungGradCAMError
-    from ..engine.lung import lung_bbox, lung_mask
     from ..core.volume import crop
+    from ..engine.lung import lung_bbox, lung_mask
+    from .data import _read_csv, read_image, to_model_grid
 
     manifest = Path(manifest)
     out: List[Background] = []
@@ -216,16 +223,31 @@ def load_backgrounds(manifest: "str | Path", spacing_mm: Sequence[float], patch_
             regions = {split: inside}
         for s, region in regions.items():
             if s in splits and (lungs & region).sum() * np.prod(grid.spacing) > 1e4:  # >= 10 ml of lung
-                out.append(Background(f"{image.name}:{s}" if split == "bands" else image.name, s, hu, lungs,
-                                      region, tuple(float(v) for v in grid.spacing), image, grid.ijk_to_ras, maps))
+                out.append(
+                    Background(
+                        f"{image.name}:{s}" if split == "bands" else image.name,
+                        s,
+                        hu,
+                        lungs,
+                        region,
+                        tuple(float(v) for v in grid.spacing),
+                        image,
+                        grid.ijk_to_ras,
+                        maps,
+                    )
+                )
     if not out:
         raise DataError(f"{manifest}: no background scan could be read for split(s) {list(splits)}")
     return out
 
 
-def background_patches(backgrounds: Sequence[Background], patch_size: Sequence[int], per_kind: int,
-                       rng: np.random.Generator, kinds: Sequence[str] = BACKGROUND_KINDS
-                       ) -> Tuple[np.ndarray, List[str], List[str]]:
+def background_patches(
+    backgrounds: Sequence[Background],
+    patch_size: Sequence[int],
+    per_kind: int,
+    rng: np.random.Generator,
+    kinds: Sequence[str] = BACKGROUND_KINDS,
+) -> Tuple[np.ndarray, List[str], List[str]]:
     """``per_kind`` patches of each kind from each background (HU float32, (N, K, J, I)) with
     their kinds and background names."""
     from ..core.volume import AIR_HU
@@ -242,9 +264,15 @@ def background_patches(backgrounds: Sequence[Background], patch_size: Sequence[i
     return (np.stack(patches) if patches else np.zeros(shape, np.float32)), kinds_out, names
 
 
-def hard_negative_patches(backgrounds: Sequence[Background], model: "LoadedModel", patch_size: Sequence[int],  # noqa: F821
-                          per_region: int, rng: np.random.Generator, threshold: float = 0.3,
-                          spacing_apart_mm: float = 6.0) -> Tuple[np.ndarray, List[str], List[str]]:
+def hard_negative_patches(
+    backgrounds: Sequence[Background],
+    model: "LoadedModel",  # noqa: F821
+    patch_size: Sequence[int],
+    per_region: int,
+    rng: np.random.Generator,
+    threshold: float = 0.3,
+    spacing_apart_mm: float = 6.0,
+) -> Tuple[np.ndarray, List[str], List[str]]:
     """Hard negatives: where ``model`` (a ``LoadedModel`` of the backgrounds' spacing, any patch
     size) paints a nodule-free lung. Each background's lungs are explained as the product explains a scan (a
     sliding window of half-patch steps over the lungs' box, the card's method and layer, the
@@ -264,8 +292,10 @@ def hard_negative_patches(backgrounds: Sequence[Background], model: "LoadedModel
     card = model.card
     size = tuple(int(s) for s in patch_size)
     if not np.allclose(card.spacing_mm, backgrounds[0].spacing_mm):
-        raise DataError(f"the hard-negative model {card.name!r} takes voxels of {card.spacing_mm} mm; the backgrounds "
-                        f"are at {list(backgrounds[0].spacing_mm)} mm")
+        raise DataError(
+            f"the hard-negative model {card.name!r} takes voxels of {card.spacing_mm} mm; the backgrounds "
+            f"are at {list(backgrounds[0].spacing_mm)} mm"
+        )
     window = tuple(int(s) for s in card.patch_size)  # the model explains with its own patches
     jitter = max(s // 4 for s in size)
     patches, names = [], []
@@ -274,9 +304,19 @@ def hard_negative_patches(backgrounds: Sequence[Background], model: "LoadedModel
         if per_region < 1 or not where.any():
             continue
         box = lung_bbox(where, [p // 4 for p in window])
-        cam = sliding_cam(model.module, torch.from_numpy(bg.hu), window, [max(1, p // 2) for p in window],
-                          method=card.cam_method, target=card.cam_class_index, layer=card.target_layer, roi=box,
-                          batch_size=32, preprocess=model.prepare, activation=card.activation).cam
+        cam = sliding_cam(
+            model.module,
+            torch.from_numpy(bg.hu),
+            window,
+            [max(1, p // 2) for p in window],
+            method=card.cam_method,
+            target=card.cam_class_index,
+            layer=card.target_layer,
+            roi=box,
+            batch_size=32,
+            preprocess=model.prepare,
+            activation=card.activation,
+        ).cam
         reach = [int(round(spacing_apart_mm / s)) * 2 + 1 for s in bg.spacing_mm[::-1]]
         peaks = where & (cam >= threshold) & (cam == ndimage.maximum_filter(cam, size=reach))
         spots = np.argwhere(peaks)
@@ -296,4 +336,3 @@ def pick(backgrounds: Sequence[Background], split: str) -> List[Background]:
     if not chosen:
         raise DataError(f"no background region for the {split} split; add one to the backgrounds manifest")
     return chosen
-

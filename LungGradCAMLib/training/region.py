@@ -20,6 +20,7 @@ The card's metrics: the held-out test (with the diameter-only baseline and the s
 cross-validation pooled over patients (out-of-fold, the same baseline with each fold's own cut-off)
 and its ablations (each view alone; with features, the networks without them).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +38,14 @@ import torch
 from ..core.atomic import write_text
 from ..core.errors import DataError, InvalidInputError
 from ..engine.models import ModelCard, build_model, load_model, save_model
-from ..evaluation.evaluate import CARD_CUT, diameter_threshold, evaluate_model, has_diameters, scores_report, write_report
+from ..evaluation.evaluate import (
+    CARD_CUT,
+    diameter_threshold,
+    evaluate_model,
+    has_diameters,
+    scores_report,
+    write_report,
+)
 from .data import PatchSet, patient_kfold, patient_split
 from .train import TrainConfig, card_metrics, fit
 
@@ -88,8 +96,9 @@ def _member_card(card: ModelCard, view: Sequence[int]) -> ModelCard:
     return member
 
 
-def _view_scores(module: torch.nn.Module, card: ModelCard, patches: np.ndarray, flips: int,
-                 batch_size: int = 16) -> np.ndarray:
+def _view_scores(
+    module: torch.nn.Module, card: ModelCard, patches: np.ndarray, flips: int, batch_size: int = 16
+) -> np.ndarray:
     """The logit differences (malignant - benign) (N,) of a one-member ``region_net`` ``module``
     on HU ``patches``, with ``flips`` test-time mirror images."""
     from ..engine.preprocess import apply_card_preprocessing
@@ -100,7 +109,9 @@ def _view_scores(module: torch.nn.Module, card: ModelCard, patches: np.ndarray, 
     z = []
     with torch.inference_mode():
         for start in range(0, len(patches), batch_size):
-            x = apply_card_preprocessing(torch.from_numpy(patches[start:start + batch_size]).float().unsqueeze(1), card)
+            x = apply_card_preprocessing(
+                torch.from_numpy(patches[start : start + batch_size]).float().unsqueeze(1), card
+            )
             out = net(x)
             z.append((out[:, 1] - out[:, 0]).numpy())
     return np.concatenate(z)
@@ -119,8 +130,9 @@ def _image_features(card: ModelCard, patches: np.ndarray, batch_size: int = 64) 
         out = []
         with torch.inference_mode():
             for start in range(0, len(patches), batch_size):
-                x = apply_card_preprocessing(torch.from_numpy(patches[start:start + batch_size]).float().unsqueeze(1),
-                                             card)
+                x = apply_card_preprocessing(
+                    torch.from_numpy(patches[start : start + batch_size]).float().unsqueeze(1), card
+                )
                 out.append(image_features(x * (hi - lo) + lo, float(card.kwargs.get("voxel_mm", 1.0)), names).numpy())
     return np.concatenate(out)
 
@@ -130,9 +142,18 @@ def module_kwargs(module: torch.nn.Module) -> Dict[str, Any]:
     return dict(module.init_kwargs)
 
 
-def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Optional[TrainConfig] = None, *,
-                       folds: int = 5, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                       progress: bool = True, device: Optional[str] = None) -> RegionResult:
+def train_region_model(
+    data: PatchSet,
+    card: ModelCard,
+    out_dir: Any,
+    config: Optional[TrainConfig] = None,
+    *,
+    folds: int = 5,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    progress: bool = True,
+    device: Optional[str] = None,
+) -> RegionResult:
     """Train and bundle the region model ``card`` describes (a ``region_net``: its member, views,
     flips and features) on ``data`` (benign/malignant patches of nodules with their outlines and
     diameters); see the module doc. Members already trained in ``out_dir`` (their ``oof.npz``)
@@ -143,8 +164,10 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
     figures."""
     cfg = config or TrainConfig()
     if card.architecture != "region_net" or card.class_names != ["benign", "malignant"]:
-        raise InvalidInputError("--folds with --arch region_net trains a benign/malignant region ensemble; "
-                                f"got {card.architecture} with classes {card.class_names}")
+        raise InvalidInputError(
+            "--folds with --arch region_net trains a benign/malignant region ensemble; "
+            f"got {card.architecture} with classes {card.class_names}"
+        )
     if folds < 2:
         raise InvalidInputError(f"a region ensemble needs --folds >= 2; got {folds}")
     out = Path(out_dir)
@@ -156,8 +179,11 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
     fold_of = np.full(len(pool), -1)
     z_oof = np.zeros((len(pool), len(views)))
     members: List[Dict[str, torch.Tensor]] = []
-    jobs = [(v, view, k, train_part, held) for v, view in enumerate(views)
-            for k, (train_part, held) in enumerate(patient_kfold(pool.patients, folds, seed=cfg.seed))]
+    jobs = [
+        (v, view, k, train_part, held)
+        for v, view in enumerate(views)
+        for k, (train_part, held) in enumerate(patient_kfold(pool.patients, folds, seed=cfg.seed))
+    ]
     for v, view, k, train_part, held in jobs:  # members another process trains are waited for below
         member_card = _member_card(card, view)
         folder = out / f"view{v + 1}" / f"fold{k + 1}"
@@ -169,9 +195,18 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             fold_card.training["split"] = {
                 "train_patients": sorted(set(pool.patients[train_part[tr]])),
                 "validation_patients": sorted(set(pool.patients[train_part[va]])),
-                "test_patients": sorted(set(pool.patients[held]))}
-            result = fit(pool.subset(train_part[tr]), pool.subset(train_part[va]), fold_card, folder, cfg,
-                         resume=True, progress=progress, device=device)
+                "test_patients": sorted(set(pool.patients[held])),
+            }
+            result = fit(
+                pool.subset(train_part[tr]),
+                pool.subset(train_part[va]),
+                fold_card,
+                folder,
+                cfg,
+                resume=True,
+                progress=progress,
+                device=device,
+            )
             loaded = load_model(result.best_path, device="cpu")
             z_held = _view_scores(loaded.module, card, pool.patches[held], flips)
             with open(folder / "oof.tmp.npz", "wb") as f:
@@ -206,8 +241,9 @@ def train_region_model(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             time.sleep(10)
         return RegionResult(out / "region.safetensors", {}, {})
     try:
-        return _bundle(card, pool, test, y_pool, fold_of, z_oof, _image_features(card, pool.patches), members, folds,
-                       out, cfg)
+        return _bundle(
+            card, pool, test, y_pool, fold_of, z_oof, _image_features(card, pool.patches), members, folds, out, cfg
+        )
     finally:
         (out / CLAIM).unlink(missing_ok=True)
 
@@ -240,9 +276,19 @@ def _claim(folder: Path) -> bool:
     return False
 
 
-def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray, fold_of: np.ndarray,
-            z_oof: np.ndarray, f_oof: np.ndarray, members: List[Dict[str, torch.Tensor]], folds: int, out: Path,
-            cfg: TrainConfig) -> RegionResult:
+def _bundle(
+    card: ModelCard,
+    pool: PatchSet,
+    test: PatchSet,
+    y_pool: np.ndarray,
+    fold_of: np.ndarray,
+    z_oof: np.ndarray,
+    f_oof: np.ndarray,
+    members: List[Dict[str, torch.Tensor]],
+    folds: int,
+    out: Path,
+    cfg: TrainConfig,
+) -> RegionResult:
     """Fit the fusion, build and save the ensemble, score it; the CV reports (see the module doc)."""
     features = list(card.kwargs.get("features", []))
     mean, std = f_oof.mean(axis=0), f_oof.std(axis=0) + 1e-6
@@ -270,18 +316,27 @@ def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray,
             net.feature_std.copy_(torch.tensor(std, dtype=torch.float32))
     bundled = copy.deepcopy(card)
     bundled.kwargs = kwargs
-    bundled.training["split"] = {"train_patients": sorted(set(pool.patients)), "validation_patients": [],
-                                 "test_patients": sorted(set(test.patients))}
+    bundled.training["split"] = {
+        "train_patients": sorted(set(pool.patients)),
+        "validation_patients": [],
+        "test_patients": sorted(set(test.patients)),
+    }
     bundled.training["config"] = asdict(cfg)  # each member's training, e.g. its outline loss
     bundled.training["ensemble"] = {
-        "folds": folds, "views": kwargs["views"], "members": n_views * folds, "flips": kwargs.get("flips", 1),
+        "folds": folds,
+        "views": kwargs["views"],
+        "members": n_views * folds,
+        "flips": kwargs.get("flips", 1),
         "fold_patients": {f"fold{k + 1}": sorted(set(pool.patients[fold_of == k])) for k in range(folds)},
-        "features": features}
+        "features": features,
+    }
     if features:
         bundled.training["ensemble"]["fusion"] = {
             "inputs": [f"view{v + 1} logit difference" for v in range(n_views)] + _feature_names(features),
-            "weights": [float(x) for x in w], "bias": b,
-            "fitted_on": "all out-of-fold outputs (class-balanced logistic regression)"}
+            "weights": [float(x) for x in w],
+            "bias": b,
+            "fitted_on": "all out-of-fold outputs (class-balanced logistic regression)",
+        }
     cut = diameter_threshold(y_pool, pool.diameters) if has_diameters(pool) else None
     bundled.metrics = {"diameter_baseline": {"threshold_mm": cut}} if cut is not None else {}
     path = save_model(net, bundled, out / "region.safetensors")
@@ -295,10 +350,12 @@ def _bundle(card: ModelCard, pool: PatchSet, test: PatchSet, y_pool: np.ndarray,
     if cut is not None:
         per_fold = [diameter_threshold(y_pool[fold_of != k], pool.diameters[fold_of != k]) for k in range(folds)]
         cuts = np.asarray(per_fold)[fold_of]
-    cv = {"what": f"patient-wise {folds}-fold cross-validation on the {len(set(pool.patients))} patients outside "
-                  "the test part; each patient scored by the members that never saw it (one per view), out-of-fold "
-                  "scores pooled; 95% CIs: bootstrap over patients",
-          "model": _pooled(y_pool, scores, pool, cuts, cfg.seed)}
+    cv = {
+        "what": f"patient-wise {folds}-fold cross-validation on the {len(set(pool.patients))} patients outside "
+        "the test part; each patient scored by the members that never saw it (one per view), out-of-fold "
+        "scores pooled; 95% CIs: bootstrap over patients",
+        "model": _pooled(y_pool, scores, pool, cuts, cfg.seed),
+    }
     for v in range(n_views):
         cv[f"view{v + 1}_alone"] = _pooled(y_pool, _sigmoid(z_oof[:, v]), pool, cuts, cfg.seed, baseline=False)
     if features:
@@ -316,11 +373,18 @@ def _feature_names(features: Sequence[str]) -> List[str]:
     return feature_names(features)
 
 
-def _pooled(y: np.ndarray, scores: np.ndarray, pool: PatchSet, cuts: Optional[np.ndarray], seed: int,
-            baseline: bool = True) -> Dict[str, Any]:
-    report = scores_report(y, scores, pool, seed=seed, positive_class="malignant",
-                           diameter_threshold_mm=cuts if baseline else None,
-                           threshold_from="each fold's own, fitted on its other folds' patients (Youden index)")
+def _pooled(
+    y: np.ndarray, scores: np.ndarray, pool: PatchSet, cuts: Optional[np.ndarray], seed: int, baseline: bool = True
+) -> Dict[str, Any]:
+    report = scores_report(
+        y,
+        scores,
+        pool,
+        seed=seed,
+        positive_class="malignant",
+        diameter_threshold_mm=cuts if baseline else None,
+        threshold_from="each fold's own, fitted on its other folds' patients (Youden index)",
+    )
     report["data"] = {"patches": len(pool), "patients": int(len(set(pool.patients))), "classes": pool.counts()}
     report.pop("roc", None)
     return report

@@ -1,6 +1,7 @@
 """Where training and evaluation patches come from: :class:`DataSpec`, a typed description of a
 data source (what ``lunggradcam train``/``evaluate``'s data options say), and :func:`load_data`,
 the :class:`PatchSet` it describes, cut at a model card's patch size and spacing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,15 +86,33 @@ class DataSpec:
 
     #: The fields that say what the data is (a model card's ``training.data_spec``); the others
     #: (cache, patients) say where it is kept and which part is read.
-    DESCRIBING = ("source", "path", "backgrounds", "placements", "negatives_per_region", "with_phantoms",
-                  "phantom_seeds", "task", "positives_per_nodule", "negatives_per_kind", "max_negatives_per_scan",
-                  "classes", "hard_negatives", "hard_negatives_per_region", "hard_negatives_per_phantom",
-                  "hard_negative_threshold", "seed", "split_fractions")
+    DESCRIBING = (
+        "source",
+        "path",
+        "backgrounds",
+        "placements",
+        "negatives_per_region",
+        "with_phantoms",
+        "phantom_seeds",
+        "task",
+        "positives_per_nodule",
+        "negatives_per_kind",
+        "max_negatives_per_scan",
+        "classes",
+        "hard_negatives",
+        "hard_negatives_per_region",
+        "hard_negatives_per_phantom",
+        "hard_negative_threshold",
+        "seed",
+        "split_fractions",
+    )
 
     def to_dict(self) -> Dict[str, Any]:
         """The :data:`DESCRIBING` fields as JSON-able values."""
-        return {k: (list(v) if isinstance(v, (tuple, list)) else v)
-                for k, v in ((k, getattr(self, k)) for k in self.DESCRIBING)}
+        return {
+            k: (list(v) if isinstance(v, (tuple, list)) else v)
+            for k, v in ((k, getattr(self, k)) for k in self.DESCRIBING)
+        }
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], **overrides: Any) -> "DataSpec":
@@ -124,22 +143,28 @@ class DataSpec:
     def describe(self) -> str:
         """What the data is, as the model card's ``training.data`` says it."""
         if self.source == "lidc-vois":
-            text = (f"real LIDC-IDRI nodules (VOIs with the readers' masks) from {self.path}, task {self.task}, "
-                    f"{self.placements or (4 if self.task == 'malignancy' else 3)} placement(s) per nodule")
+            text = (
+                f"real LIDC-IDRI nodules (VOIs with the readers' masks) from {self.path}, task {self.task}, "
+                f"{self.placements or (4 if self.task == 'malignancy' else 3)} placement(s) per nodule"
+            )
             if self.backgrounds:
                 text += f" into the lungs of the real CTs listed in {self.backgrounds}"
             if self.with_phantoms:
                 text += f", plus synthetic chest CT phantoms (seeds {seeds_text(self.with_phantoms)})"
             if self.hard_negatives:
-                text += (f", plus {self.hard_negatives_per_region} hard negatives per background region "
-                         f"({self.hard_negatives_per_phantom} per phantom) from the false hot spots (heat >= "
-                         f"{self.hard_negative_threshold:g}) of " + ", ".join(self.hard_negatives))
+                text += (
+                    f", plus {self.hard_negatives_per_region} hard negatives per background region "
+                    f"({self.hard_negatives_per_phantom} per phantom) from the false hot spots (heat >= "
+                    f"{self.hard_negative_threshold:g}) of " + ", ".join(self.hard_negatives)
+                )
             return text
         if self.source == "phantom":
-            return (f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds "
-                    f"{seeds_text(self.phantom_seeds)}, one patient each; task {self.task}; "
-                    f"{self.positives_per_nodule} jittered patches per nodule, "
-                    f"{self.negatives_per_kind} background patches per kind per scan")
+            return (
+                f"synthetic chest CT phantoms (LungGradCAMLib.phantom.chest_ct), seeds "
+                f"{seeds_text(self.phantom_seeds)}, one patient each; task {self.task}; "
+                f"{self.positives_per_nodule} jittered patches per nodule, "
+                f"{self.negatives_per_kind} background patches per kind per scan"
+            )
         return f"{self.source} data from {self.path}"
 
 
@@ -149,8 +174,10 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
     from ..engine.distributed import barrier, init_torchrun
 
     if card.patch_size is None:
-        raise DataError("this model is whole-volume (patch_size null); training and evaluation here "
-                        "use patches: give the card a patch_size")
+        raise DataError(
+            "this model is whole-volume (patch_size null); training and evaluation here "
+            "use patches: give the card a patch_size"
+        )
     size, spacing = list(card.patch_size), list(card.spacing_mm)
     cache = Path(spec.cache) if spec.cache else None
     if spec.source == "patches" or (cache is not None and cache.is_file()):
@@ -159,8 +186,10 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
             raise DataError(f"{path}: patch cache not found")
         data = PatchSet.load(path)
         if list(data.patch_size) != size or not np.allclose(data.spacing_mm, spacing):
-            raise DataError(f"{path}: patches are {list(data.patch_size)} voxels at {list(data.spacing_mm)} mm "
-                            f"but the model needs {size} at {spacing} mm; delete the cache to rebuild")
+            raise DataError(
+                f"{path}: patches are {list(data.patch_size)} voxels at {list(data.spacing_mm)} mm "
+                f"but the model needs {size} at {spacing} mm; delete the cache to rebuild"
+            )
         return _only(data, spec.patients)
     if spec.patients is not None:  # a part is built only for reading: never cached
         cache = None
@@ -172,16 +201,25 @@ def load_data(spec: DataSpec, card: "ModelCard") -> PatchSet:
         check_new_file(cache, "patch cache")  # before the work: a folder or a link there is refused, never replaced
     progress = rank == 0
     if spec.source == "phantom":
-        data = phantom_patches(list(spec.phantom_seeds), size, spacing, task=spec.task,
-                               positives_per_nodule=spec.positives_per_nodule,
-                               negatives_per_kind=spec.negatives_per_kind, progress=progress)
+        data = phantom_patches(
+            list(spec.phantom_seeds),
+            size,
+            spacing,
+            task=spec.task,
+            positives_per_nodule=spec.positives_per_nodule,
+            negatives_per_kind=spec.negatives_per_kind,
+            progress=progress,
+        )
     elif spec.source == "lidc":
         data = lidc_patches(spec.path, size, spacing, progress=progress)
     elif spec.source == "lidc-vois":
         data = _voi_data(spec, size, spacing, progress)
     else:
-        samples = (luna16_samples(spec.path, spec.max_negatives_per_scan, seed=spec.seed)
-                   if spec.source == "luna16" else manifest_samples(spec.path, list(spec.classes)))
+        samples = (
+            luna16_samples(spec.path, spec.max_negatives_per_scan, seed=spec.seed)
+            if spec.source == "luna16"
+            else manifest_samples(spec.path, list(spec.classes))
+        )
         data = patches_from_samples(samples, list(spec.classes), size, spacing, progress=progress)
     data = _only(data, spec.patients)
     if cache is not None:
@@ -212,20 +250,41 @@ def _voi_data(spec: DataSpec, size: List[int], spacing: List[float], progress: b
         if spec.patients is not None:
             records = [r for r in records if r.patient in set(spec.patients)] or records
         backgrounds = load_backgrounds(spec.backgrounds, spacing, size, progress=progress) if spec.backgrounds else None
-        return lidc_voi_patches(records, size, spacing, task="malignancy", backgrounds=backgrounds,
-                                placements=spec.placements or 4, jitter_vox=2, seed=spec.seed, progress=progress)
+        return lidc_voi_patches(
+            records,
+            size,
+            spacing,
+            task="malignancy",
+            backgrounds=backgrounds,
+            placements=spec.placements or 4,
+            jitter_vox=2,
+            seed=spec.seed,
+            progress=progress,
+        )
     if not spec.backgrounds:
-        raise InvalidInputError("--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
-                                "hold the placed nodules and give the negatives)")
+        raise InvalidInputError(
+            "--source lidc-vois --task nodule needs --backgrounds (real CTs whose lungs "
+            "hold the placed nodules and give the negatives)"
+        )
     from ..engine.models import load_model
 
     val, test = spec.split_fractions
     miners = [load_model(m, device="cpu") for m in spec.hard_negatives]
     return lidc_voi_detection_patches(
-        records, load_backgrounds(spec.backgrounds, spacing, size, SPLITS, progress=progress), size, spacing,
-        fractions=(1 - val - test, val, test), placements=spec.placements or 3,
-        negatives_per_kind=spec.negatives_per_region, phantom_seeds=list(spec.with_phantoms),
-        phantom_positives_per_nodule=spec.positives_per_nodule, phantom_negatives_per_kind=spec.negatives_per_kind,
-        hard_negative_models=miners, hard_negatives_per_region=spec.hard_negatives_per_region,
+        records,
+        load_backgrounds(spec.backgrounds, spacing, size, SPLITS, progress=progress),
+        size,
+        spacing,
+        fractions=(1 - val - test, val, test),
+        placements=spec.placements or 3,
+        negatives_per_kind=spec.negatives_per_region,
+        phantom_seeds=list(spec.with_phantoms),
+        phantom_positives_per_nodule=spec.positives_per_nodule,
+        phantom_negatives_per_kind=spec.negatives_per_kind,
+        hard_negative_models=miners,
+        hard_negatives_per_region=spec.hard_negatives_per_region,
         hard_negatives_per_phantom=spec.hard_negatives_per_phantom,
-        hard_negative_threshold=spec.hard_negative_threshold, seed=spec.seed, progress=progress)
+        hard_negative_threshold=spec.hard_negative_threshold,
+        seed=spec.seed,
+        progress=progress,
+    )

@@ -7,6 +7,7 @@ resume; a per-epoch JSON-lines log; a tqdm bar; deterministic seeds (the global 
 restored afterwards). Under ``torchrun`` it trains with DistributedDataParallel (NCCL on GPUs,
 gloo on CPUs) and a DistributedSampler; rank 0 writes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,17 @@ from ..engine.device import resolve_device
 from ..engine.distributed import all_sum, barrier, init_torchrun
 from ..engine.models import ModelCard, build_model, load_model, save_model
 from ..engine.preprocess import apply_card_preprocessing
-from ..evaluation.evaluate import (CARD_CUT, REPORT_FILES, cross_validation_report, diameter_threshold, evaluate_model,
-                                   has_diameters, roc_auc, scores_report, write_report)
+from ..evaluation.evaluate import (
+    CARD_CUT,
+    REPORT_FILES,
+    cross_validation_report,
+    diameter_threshold,
+    evaluate_model,
+    has_diameters,
+    roc_auc,
+    scores_report,
+    write_report,
+)
 from .augment import augment, enhance_vessels
 from .data import PatchSet, patient_kfold, patient_split
 
@@ -135,8 +145,16 @@ def _check_sets(train_set: PatchSet, val_set: PatchSet, card: ModelCard) -> None
 FIT_FILES = ("best.safetensors", "best.json", "last.safetensors", "last.json", "resume.pt", "log.jsonl")
 
 
-def fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out_dir: Any, config: Optional[TrainConfig] = None,
-        resume: bool = False, progress: bool = True, device: Optional[str] = None) -> FitResult:
+def fit(
+    train_set: PatchSet,
+    val_set: PatchSet,
+    card: ModelCard,
+    out_dir: Any,
+    config: Optional[TrainConfig] = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: Optional[str] = None,
+) -> FitResult:
     """Train ``card``'s architecture on ``train_set`` and keep the weights with the lowest
     validation loss on ``val_set``.
 
@@ -153,8 +171,16 @@ def fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out_dir: Any, c
         return _fit(train_set, val_set, card, Path(out_dir), cfg, resume, progress, device)
 
 
-def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg: TrainConfig, resume: bool,
-         progress: bool, device: Optional[str]) -> FitResult:
+def _fit(
+    train_set: PatchSet,
+    val_set: PatchSet,
+    card: ModelCard,
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    progress: bool,
+    device: Optional[str],
+) -> FitResult:
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
@@ -169,8 +195,11 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
     n_classes = len(card.class_names)
-    weights = torch.tensor(class_weights(train_set.labels, n_classes) if cfg.class_weights else np.ones(n_classes),
-                           dtype=torch.float32, device=dev)
+    weights = torch.tensor(
+        class_weights(train_set.labels, n_classes) if cfg.class_weights else np.ones(n_classes),
+        dtype=torch.float32,
+        device=dev,
+    )
     loss_fn = _loss_function(card, weights)
     opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
@@ -178,18 +207,29 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
     amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
     use_scaler = amp and amp_dtype == torch.float16
     # torch.amp.GradScaler("cuda") replaced torch.cuda.amp.GradScaler in torch 2.3
-    scaler = (torch.amp.GradScaler("cuda", enabled=use_scaler) if hasattr(torch.amp, "GradScaler")
-              else torch.cuda.amp.GradScaler(enabled=use_scaler))
+    scaler = (
+        torch.amp.GradScaler("cuda", enabled=use_scaler)
+        if hasattr(torch.amp, "GradScaler")
+        else torch.cuda.amp.GradScaler(enabled=use_scaler)
+    )
 
     start_epoch, best_loss, bad_epochs, best_epoch, history = 1, math.inf, 0, 0, []
     resume_path = out / "resume.pt"
-    fingerprint = json.dumps({"architecture": card.architecture, "kwargs": card.kwargs,
-                              "classes": card.class_names, "n_train": len(train_set)}, sort_keys=True)
+    fingerprint = json.dumps(
+        {
+            "architecture": card.architecture,
+            "kwargs": card.kwargs,
+            "classes": card.class_names,
+            "n_train": len(train_set),
+        },
+        sort_keys=True,
+    )
     if resume and resume_path.is_file():
         state = torch.load(resume_path, map_location=dev, weights_only=True)
         if state["fingerprint"] != fingerprint:
-            raise InvalidInputError(f"{resume_path}: was written for another model or data set; "
-                                    "use a new --out folder or drop --resume")
+            raise InvalidInputError(
+                f"{resume_path}: was written for another model or data set; use a new --out folder or drop --resume"
+            )
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -200,17 +240,25 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
 
     use_masks = cfg.mask_loss > 0
     if use_masks and (train_set.masks is None or not hasattr(module, "auxiliary_loss")):
-        raise InvalidInputError("the outline loss (mask_loss) needs patches with lesion outlines and a model "
-                                "with an auxiliary loss (e.g. gradcam3d_cnn with head 'attention')")
+        raise InvalidInputError(
+            "the outline loss (mask_loss) needs patches with lesion outlines and a model "
+            "with an auxiliary loss (e.g. gradcam3d_cnn with head 'attention')"
+        )
     contrast = cfg.augment and cfg.contrast_hu > 0
     # the lesions' voxels, bit-packed: the outline loss's target, and what the contrast enhancement leaves as it is
     packed = train_set.masks is not None and (use_masks or contrast)
-    train_ds = TensorDataset(torch.from_numpy(train_set.patches), torch.from_numpy(train_set.labels),
-                             *([torch.from_numpy(np.packbits(train_set.masks, axis=-1))] if packed else []))
+    train_ds = TensorDataset(
+        torch.from_numpy(train_set.patches),
+        torch.from_numpy(train_set.labels),
+        *([torch.from_numpy(np.packbits(train_set.masks, axis=-1))] if packed else []),
+    )
     # validation: each rank takes every world-th sample; losses and scores are gathered
     val_index = np.arange(rank, len(val_set), world)
-    val_ds = TensorDataset(torch.from_numpy(val_set.patches[val_index]), torch.from_numpy(val_set.labels[val_index]),
-                           torch.from_numpy(val_index))
+    val_ds = TensorDataset(
+        torch.from_numpy(val_set.patches[val_index]),
+        torch.from_numpy(val_set.labels[val_index]),
+        torch.from_numpy(val_index),
+    )
 
     def prepare(xb: torch.Tensor) -> torch.Tensor:
         return apply_card_preprocessing(xb.to(dev, non_blocking=True).float().unsqueeze(1), card)
@@ -228,8 +276,12 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
             sampler: Any = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
             sampler.set_epoch(epoch)
         else:
-            sampler = torch.utils.data.RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=False)
+            sampler = torch.utils.data.RandomSampler(
+                train_ds, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+            )
+        loader = DataLoader(
+            train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=False
+        )
         net.train()
         total, count = 0.0, 0
         batches = loader
@@ -238,8 +290,11 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
 
             batches = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
         for xb, yb, *mb in batches:
-            lesion = (torch.from_numpy(np.unpackbits(mb[0].numpy(), axis=-1, count=train_set.patch_size[-1])).bool()
-                      if packed else (yb == card.cam_class_index).view(-1, 1, 1, 1))  # no outlines: a positive's whole patch
+            lesion = (
+                torch.from_numpy(np.unpackbits(mb[0].numpy(), axis=-1, count=train_set.patch_size[-1])).bool()
+                if packed
+                else (yb == card.cam_class_index).view(-1, 1, 1, 1)
+            )  # no outlines: a positive's whole patch
             if contrast:
                 xb = enhance_vessels(xb.float(), lesion, gen, cfg.contrast_hu)
             x = prepare(xb)
@@ -261,8 +316,21 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
             count += len(yb)
         train_loss_sum, train_n = all_sum([total, count], dev)
 
-        val_loss, score = _validate(module, val_ds, val_set, val_index, card, cfg.batch_size, prepare, loss_fn,
-                                    weights, amp, amp_dtype, world, dev)
+        val_loss, score = _validate(
+            module,
+            val_ds,
+            val_set,
+            val_index,
+            card,
+            cfg.batch_size,
+            prepare,
+            loss_fn,
+            weights,
+            amp,
+            amp_dtype,
+            world,
+            dev,
+        )
         truth = (val_set.labels == card.cam_class_index).astype(np.int64)
         sched.step(val_loss)
         improved = val_loss < best_loss - 1e-6
@@ -270,25 +338,46 @@ def _fit(train_set: PatchSet, val_set: PatchSet, card: ModelCard, out: Path, cfg
             best_loss, best_epoch, bad_epochs = val_loss, epoch, 0
         else:
             bad_epochs += 1
-        record = {"epoch": epoch, "train_loss": train_loss_sum / max(train_n, 1), "val_loss": val_loss,
-                  "val_auc": roc_auc(truth, score), "val_accuracy": float(np.mean((score >= 0.5) == truth)),
-                  "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "best": improved}
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss_sum / max(train_n, 1),
+            "val_loss": val_loss,
+            "val_auc": roc_auc(truth, score),
+            "val_accuracy": float(np.mean((score >= 0.5) == truth)),
+            "lr": opt.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t0,
+            "best": improved,
+        }
         history.append(record)
         if rank == 0:
             info = _training_info(card, train_set, val_set, cfg, history, best_epoch, world, dev)
             _checkpoint(out, module, card, info, improved, epoch)
             with atomic_path(resume_path) as tmp:
-                torch.save({"model": module.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "best_loss": best_loss,
-                            "bad_epochs": bad_epochs, "best_epoch": best_epoch,
-                            "history": json.dumps(history), "fingerprint": fingerprint}, tmp)
+                torch.save(
+                    {
+                        "model": module.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "epoch": epoch,
+                        "best_loss": best_loss,
+                        "bad_epochs": bad_epochs,
+                        "best_epoch": best_epoch,
+                        "history": json.dumps(history),
+                        "fingerprint": fingerprint,
+                    },
+                    tmp,
+                )
             write_text(out / "log.jsonl", "".join(strict_json(h) + "\n" for h in history))
             if progress:
-                print(strict_json({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
-                      file=sys.stderr, flush=True)
+                print(
+                    strict_json({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
+                    file=sys.stderr,
+                    flush=True,
+                )
         barrier()
-    return FitResult(out / "best.safetensors", out / "last.safetensors", history, best_epoch,
-                     time.perf_counter() - t_start)
+    return FitResult(
+        out / "best.safetensors", out / "last.safetensors", history, best_epoch, time.perf_counter() - t_start
+    )
 
 
 def _initialise(module: torch.nn.Module, init: str) -> None:
@@ -298,16 +387,29 @@ def _initialise(module: torch.nn.Module, init: str) -> None:
     target = module.state_dict()
     wrong = sorted(k for k in target if k not in source or source[k].shape != target[k].shape)
     if wrong or set(source) - set(target):
-        raise InvalidInputError(f"--init {init}: its weights do not fit this architecture (differing tensors: "
-                                f"{', '.join(wrong or sorted(set(source) - set(target)))}); give a model of the same "
-                                "architecture and widths")
+        raise InvalidInputError(
+            f"--init {init}: its weights do not fit this architecture (differing tensors: "
+            f"{', '.join(wrong or sorted(set(source) - set(target)))}); give a model of the same "
+            "architecture and widths"
+        )
     module.load_state_dict({k: v.to(target[k].device, target[k].dtype) for k, v in source.items()})
 
 
-def _validate(module: torch.nn.Module, val_ds: Any, val_set: PatchSet, val_index: np.ndarray, card: ModelCard,
-              batch_size: int, prepare: Callable[[torch.Tensor], torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-              weights: torch.Tensor, amp: bool, amp_dtype: torch.dtype, world: int,
-              dev: torch.device) -> Tuple[float, np.ndarray]:
+def _validate(
+    module: torch.nn.Module,
+    val_ds: Any,
+    val_set: PatchSet,
+    val_index: np.ndarray,
+    card: ModelCard,
+    batch_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor],
+    weights: torch.Tensor,
+    amp: bool,
+    amp_dtype: torch.dtype,
+    world: int,
+    dev: torch.device,
+) -> Tuple[float, np.ndarray]:
     """The weighted-mean validation loss over all ranks (the normaliser is the summed sample
     weights) and every validation patch's probability of the card's CAM class."""
     from torch.utils.data import DataLoader
@@ -330,8 +432,9 @@ def _validate(module: torch.nn.Module, val_ds: Any, val_set: PatchSet, val_index
     return val_loss_sum / max(val_norm, 1e-12), score
 
 
-def _checkpoint(out: Path, module: torch.nn.Module, card: ModelCard, info: Dict[str, Any], improved: bool,
-                epoch: int) -> None:
+def _checkpoint(
+    out: Path, module: torch.nn.Module, card: ModelCard, info: Dict[str, Any], improved: bool, epoch: int
+) -> None:
     """``best`` (when the epoch ``improved``) and ``last`` weights with their cards."""
     out.mkdir(parents=True, exist_ok=True)
     if improved:
@@ -343,15 +446,36 @@ def _checkpoint(out: Path, module: torch.nn.Module, card: ModelCard, info: Dict[
     save_model(module, last_card, out / "last.safetensors")
 
 
-def _training_info(card: ModelCard, train_set: PatchSet, val_set: PatchSet, cfg: TrainConfig,
-                   history: List[Dict[str, Any]], best_epoch: int, world: int, dev: Any) -> Dict[str, Any]:
+def _training_info(
+    card: ModelCard,
+    train_set: PatchSet,
+    val_set: PatchSet,
+    cfg: TrainConfig,
+    history: List[Dict[str, Any]],
+    best_epoch: int,
+    world: int,
+    dev: Any,
+) -> Dict[str, Any]:
     best = next((h for h in history if h["epoch"] == best_epoch), {})
     return {
-        "train": {"patches": len(train_set), "patients": int(len(set(train_set.patients))), "classes": train_set.counts()},
-        "validation": {"patches": len(val_set), "patients": int(len(set(val_set.patients))), "classes": val_set.counts()},
-        "config": asdict(cfg), "epochs_run": len(history), "best_epoch": best_epoch,
-        "best_val_loss": best.get("val_loss"), "best_val_auc": best.get("val_auc"),
-        "world_size": world, "device": str(dev.type), "torch": torch.__version__,
+        "train": {
+            "patches": len(train_set),
+            "patients": int(len(set(train_set.patients))),
+            "classes": train_set.counts(),
+        },
+        "validation": {
+            "patches": len(val_set),
+            "patients": int(len(set(val_set.patients))),
+            "classes": val_set.counts(),
+        },
+        "config": asdict(cfg),
+        "epochs_run": len(history),
+        "best_epoch": best_epoch,
+        "best_val_loss": best.get("val_loss"),
+        "best_val_auc": best.get("val_auc"),
+        "world_size": world,
+        "device": str(dev.type),
+        "torch": torch.__version__,
         "seconds": round(sum(h["seconds"] for h in history), 1),
     }
 
@@ -371,12 +495,14 @@ class FoldResult:
     diameter_threshold_mm: Optional[float] = None
 
 
-def _splits(data: PatchSet, folds: int, val_fraction: float, test_fraction: float,
-            seed: int) -> List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+def _splits(
+    data: PatchSet, folds: int, val_fraction: float, test_fraction: float, seed: int
+) -> List[Tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
     if data.splits is not None:
         if folds:
-            raise InvalidInputError("this data fixes its train/validation/test split (background regions); "
-                                    "--folds cannot re-split it")
+            raise InvalidInputError(
+                "this data fixes its train/validation/test split (background regions); --folds cannot re-split it"
+            )
         return [("", data.split_index("train"), data.split_index("validation"), data.split_index("test"))]
     if folds:
         splits = []
@@ -384,8 +510,9 @@ def _splits(data: PatchSet, folds: int, val_fraction: float, test_fraction: floa
             tr, va = patient_split(data.patients[rest], (1 - val_fraction, val_fraction), seed=seed + k)
             splits.append((f"fold{k + 1}", rest[tr], rest[va], test))
         return splits
-    tr, va, te = patient_split(data.patients, (1 - val_fraction - test_fraction, val_fraction, test_fraction),
-                               seed=seed)
+    tr, va, te = patient_split(
+        data.patients, (1 - val_fraction - test_fraction, val_fraction, test_fraction), seed=seed
+    )
     return [("", tr, va, te)]
 
 
@@ -393,10 +520,19 @@ def _splits(data: PatchSet, folds: int, val_fraction: float, test_fraction: floa
 TRAIN_FILES = (*FIT_FILES, *REPORT_FILES, "cv_report.json", *(f"fold*/{name}" for name in (*FIT_FILES, *REPORT_FILES)))
 
 
-def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Optional[TrainConfig] = None, *,
-                       folds: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                       resume: bool = False, progress: bool = True,
-                       device: Optional[str] = None) -> List[FoldResult]:
+def train_and_evaluate(
+    data: PatchSet,
+    card: ModelCard,
+    out_dir: Any,
+    config: Optional[TrainConfig] = None,
+    *,
+    folds: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    resume: bool = False,
+    progress: bool = True,
+    device: Optional[str] = None,
+) -> List[FoldResult]:
     """Split ``data`` by patient (its own fixed split, ``folds``-fold cross-validation, or one
     train/validation/test split), :func:`fit` ``card`` on each, and on rank 0 evaluate each best
     model on its test patients: the card's metrics, ``report.json``/``roc.png``/``loss.png`` in
@@ -408,11 +544,24 @@ def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
     for name, tr, va, te in _splits(data, folds, val_fraction, test_fraction, cfg.seed):
         folder = out / name if name else out
         fold_card = copy.deepcopy(card)
-        fold_card.training["split"] = {"train_patients": sorted(set(data.patients[tr])),
-                                       "validation_patients": sorted(set(data.patients[va])),
-                                       "test_patients": sorted(set(data.patients[te]))}
-        result = FoldResult(name, fit(data.subset(tr), data.subset(va), fold_card, folder, cfg, resume=resume,
-                                      progress=progress, device=device))
+        fold_card.training["split"] = {
+            "train_patients": sorted(set(data.patients[tr])),
+            "validation_patients": sorted(set(data.patients[va])),
+            "test_patients": sorted(set(data.patients[te])),
+        }
+        result = FoldResult(
+            name,
+            fit(
+                data.subset(tr),
+                data.subset(va),
+                fold_card,
+                folder,
+                cfg,
+                resume=resume,
+                progress=progress,
+                device=device,
+            ),
+        )
         if rank == 0:
             loaded = load_model(result.fit.best_path, device="cpu")
             test = data.subset(te)
@@ -424,8 +573,12 @@ def train_and_evaluate(data: PatchSet, card: ModelCard, out_dir: Any, config: Op
             best = loaded.card
             best.metrics = card_metrics(report)
             save_model(loaded.module, best, result.fit.best_path)
-            write_report(report, folder, result.fit.history,
-                         title=f"{best.name} {best.version}" + (f", {name}" if name else ", held-out test"))
+            write_report(
+                report,
+                folder,
+                result.fit.history,
+                title=f"{best.name} {best.version}" + (f", {name}" if name else ", held-out test"),
+            )
             result.report = report
             result.test_index = te
             result.diameter_threshold_mm = cut
@@ -447,8 +600,7 @@ def _diameter_cut(train_set: PatchSet, card: ModelCard) -> Optional[float]:
 def card_metrics(report: Dict[str, Any]) -> Dict[str, Any]:
     """What a model card keeps of an evaluation report: the held-out data and CI method, each
     metric, and where the data has diameters the diameter-only baseline and the size bands."""
-    metrics = {"held_out_test": {"data": report.get("data"), "ci_method": report["ci_method"]},
-               **report["metrics"]}
+    metrics = {"held_out_test": {"data": report.get("data"), "ci_method": report["ci_method"]}, **report["metrics"]}
     for key in ("diameter_baseline", "size_bands"):
         if key in report:
             metrics[key] = report[key]
@@ -466,11 +618,21 @@ def cv_report(data: PatchSet, results: List[FoldResult], seed: int = 0) -> Dict[
     positive = results[0].report["positive_class"]
     scores = np.concatenate([r.report["scores"] for r in results])
     y = (pooled.labels == pooled.class_names.index(positive)).astype(np.int64)
-    cuts = (np.concatenate([np.full(len(r.test_index), r.diameter_threshold_mm) for r in results])
-            if all(r.diameter_threshold_mm is not None for r in results) else None)
-    report = scores_report(y, scores, pooled, n_boot=1000, seed=seed, positive_class=positive,
-                           diameter_threshold_mm=cuts,
-                           threshold_from="each fold's own, fitted on its training patients (Youden index)")
+    cuts = (
+        np.concatenate([np.full(len(r.test_index), r.diameter_threshold_mm) for r in results])
+        if all(r.diameter_threshold_mm is not None for r in results)
+        else None
+    )
+    report = scores_report(
+        y,
+        scores,
+        pooled,
+        n_boot=1000,
+        seed=seed,
+        positive_class=positive,
+        diameter_threshold_mm=cuts,
+        threshold_from="each fold's own, fitted on its training patients (Youden index)",
+    )
     report["data"] = {"patches": len(pooled), "patients": int(len(set(pooled.patients))), "classes": pooled.counts()}
     report["what"] = "out-of-fold scores of all folds pooled; 95% CIs: bootstrap over patients"
     summary["pooled"] = report

@@ -1,5 +1,6 @@
 """Draw Resources/Icons/LungGradCAM.png (128x128 RGBA): two lungs in a dark disc with a Grad-CAM
 hot spot over a nodule. Run from anywhere: ``python Resources/Icons/make_icon.py``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,9 @@ SIZE = 128
 SUPERSAMPLE = 4  # draw at 4x and average down: smooth (anti-aliased) edges
 
 
-def _ellipse(x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float,
-             tilt_deg: float = 0.0) -> np.ndarray:
+def _ellipse(
+    x: np.ndarray, y: np.ndarray, cx: float, cy: float, rx: float, ry: float, tilt_deg: float = 0.0
+) -> np.ndarray:
     t = np.deg2rad(tilt_deg)
     u = (x - cx) * np.cos(t) + (y - cy) * np.sin(t)
     v = -(x - cx) * np.sin(t) + (y - cy) * np.cos(t)
@@ -41,7 +43,7 @@ def draw() -> np.ndarray:
     rgba[trachea | bronchi] = (0.05, 0.06, 0.08, 1.0)
 
     # The heat map: a Gaussian hot spot over a nodule in the right lung, coloured with inferno.
-    heat = np.exp(-(((x - 0.31) ** 2 + (y - 0.52) ** 2) / (2 * 0.075 ** 2)))
+    heat = np.exp(-(((x - 0.31) ** 2 + (y - 0.52) ** 2) / (2 * 0.075**2)))
     shown = lungs & (heat > 0.15)
     colours = colormaps["inferno"](0.35 + 0.65 * heat)
     alpha = np.clip((heat - 0.15) / 0.5, 0, 0.9)[..., None]

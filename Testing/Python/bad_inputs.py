@@ -12,6 +12,7 @@ For every failing case:
       traceback and leaves no output (OUT is not created);
   (c) every file of the input is byte-identical afterwards (and no file appears or disappears).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,10 @@ class Case:
     text: str  # regular expression the message must match
 
 
-NRRD_HEADER = ("NRRD0004\ntype: short\ndimension: {dim}\nspace: left-posterior-superior\nsizes: {sizes}\n"
-               "space directions: {dirs}\nendian: little\nencoding: raw\nspace origin: ({origin})\n\n")
+NRRD_HEADER = (
+    "NRRD0004\ntype: short\ndimension: {dim}\nspace: left-posterior-superior\nsizes: {sizes}\n"
+    "space directions: {dirs}\nendian: little\nencoding: raw\nspace origin: ({origin})\n\n"
+)
 
 
 def build(case: Case, tmp_path: Path, monkeypatch) -> Made:
@@ -128,6 +131,7 @@ def within(seconds: float, fn: Callable[[], Any], root: Path) -> Any:
             result["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
             result["error"] = exc
+
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)

@@ -1,4 +1,5 @@
 """Shared pytest fixtures: deterministic phantoms and a region model (helpers.py holds the shared functions)."""
+
 from __future__ import annotations
 
 import pytest
@@ -35,9 +36,17 @@ def region_model(tmp_path_factory):
     with torch.no_grad():  # "malignant" = +mean of the last features: a CAM that is not all zero
         head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
         head.bias.zero_()
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["benign", "malignant"],
-                     cam_class="malignant", target_layer="features.act6", patch_size=[16, 16, 16],
-                     spacing_mm=[2.0, 2.0, 2.0], name="tiny-region", input="roi")
+    card = ModelCard(
+        architecture="gradcam3d_cnn",
+        kwargs={"width": 2},
+        class_names=["benign", "malignant"],
+        cam_class="malignant",
+        target_layer="features.act6",
+        patch_size=[16, 16, 16],
+        spacing_mm=[2.0, 2.0, 2.0],
+        name="tiny-region",
+        input="roi",
+    )
     return save_model(module, card, tmp_path_factory.mktemp("models") / "tiny-region.safetensors")
 
 

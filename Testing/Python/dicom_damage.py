@@ -1,4 +1,5 @@
 """Ways to damage one DICOM file, shared by the DICOM reader's tests and the bad-input corpus."""
+
 from __future__ import annotations
 
 import warnings

@@ -1,6 +1,7 @@
 """What several test modules share: paths, the real-data folder, a read-only mount, tiny models,
 test networks and inputs, Slicer DICOM databases, LIDC VOI folders and folder snapshots
 (``from helpers import ...``)."""
+
 from __future__ import annotations
 
 import csv
@@ -21,14 +22,15 @@ from torch import nn
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.training.data import PatchSet
 
 REPO = Path(__file__).resolve().parents[2]
 
 #: Real CT data (../shared/data beside the checkout); tests using it skip when it is absent.
 DATA_DIR = REPO.parent / "shared" / "data"
+
 
 def data_path(*parts: str) -> Path:
     """Path under the shared real-data folder, or skip the test when it is not there."""
@@ -37,8 +39,10 @@ def data_path(*parts: str) -> Path:
         pytest.skip(f"real data not available: {path}")
     return path
 
+
 #: Exit status of :func:`run_on_read_only_mount` when no read-only mount can be made here.
 NO_MOUNT = 97
+
 
 def run_on_read_only_mount(folder: Path, command: list, **kwargs):
     """Run ``command`` (subprocess.run ``kwargs``) where ``folder`` is a read-only bind mount: in a
@@ -50,12 +54,15 @@ def run_on_read_only_mount(folder: Path, command: list, **kwargs):
     if shutil.which("unshare") is None:
         pytest.skip("unshare is not available")
     script = f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit {NO_MOUNT}; shift; exec "$@"'
-    result = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(folder),
-                             *[str(c) for c in command]], **kwargs)
+    result = subprocess.run(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(folder), *[str(c) for c in command]],
+        **kwargs,
+    )
     stderr = result.stderr if isinstance(result.stderr, str) else (result.stderr or b"").decode("utf-8", "replace")
     if result.returncode == NO_MOUNT or stderr.startswith("unshare:"):
         pytest.skip(f"no read-only mount can be made here: {stderr.strip()[-200:]}")
     return result
+
 
 def snapshot(root: Path) -> Dict[str, tuple]:
     """Every entry under ``root`` (symlinks not followed): file contents' SHA-256, link targets,
@@ -113,11 +120,19 @@ def make_tiny_model(folder, name="tiny", patch=(16, 16, 16), spacing=(4.0, 4.0, 
     with torch.no_grad():
         head.weight.copy_(torch.stack([-torch.ones(head.in_features), torch.ones(head.in_features)]) / head.in_features)
         head.bias.zero_()
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["background", "nodule"],
-                     cam_class="nodule", target_layer="features.act6",
-                     patch_size=None if patch is None else list(patch), spacing_mm=list(spacing),
-                     name=name, description="untrained test model")
+    card = ModelCard(
+        architecture="gradcam3d_cnn",
+        kwargs={"width": 2},
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer="features.act6",
+        patch_size=None if patch is None else list(patch),
+        spacing_mm=list(spacing),
+        name=name,
+        description="untrained test model",
+    )
     return save_model(module, card, folder / f"{name}.safetensors")
+
 
 def make_ctk_db(folder, dicom_dir):
     """A Slicer DICOM database in ``folder`` indexing the series under ``dicom_dir``: the user's
@@ -160,22 +175,33 @@ def encoder_available(syntax) -> bool:
 
 SHAPE = (8, 8, 8)
 
-def make_net(classes: int = 3, inplace: bool = False, seed: int = 0,
-             dtype: torch.dtype = torch.float64) -> nn.Sequential:
+
+def make_net(
+    classes: int = 3, inplace: bool = False, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> nn.Sequential:
     """conv-ReLU-pool-BN-conv-ReLU-linear: the CAM layer (act2) is 6 x 4^3 and the linear head
     makes the gradient vary in space, so every method gives a different map."""
     torch.manual_seed(seed)
-    net = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv3d(1, 4, 3, padding=1)), ("act1", nn.ReLU(inplace=inplace)),
-        ("pool1", nn.MaxPool3d(2)), ("bn1", nn.BatchNorm3d(4)),
-        ("conv2", nn.Conv3d(4, 6, 3, padding=1)), ("act2", nn.ReLU(inplace=inplace)),
-        ("flat", nn.Flatten()), ("fc", nn.Linear(6 * 4 ** 3, classes)),
-    ]))
+    net = nn.Sequential(
+        OrderedDict(
+            [
+                ("conv1", nn.Conv3d(1, 4, 3, padding=1)),
+                ("act1", nn.ReLU(inplace=inplace)),
+                ("pool1", nn.MaxPool3d(2)),
+                ("bn1", nn.BatchNorm3d(4)),
+                ("conv2", nn.Conv3d(4, 6, 3, padding=1)),
+                ("act2", nn.ReLU(inplace=inplace)),
+                ("flat", nn.Flatten()),
+                ("fc", nn.Linear(6 * 4**3, classes)),
+            ]
+        )
+    )
     with torch.no_grad():  # BN statistics that are not the identity
         net.bn1.running_mean.uniform_(-0.2, 0.2)
         net.bn1.running_var.uniform_(0.5, 2.0)
         net.bn1.weight.uniform_(0.5, 1.5)
     return net.to(dtype).eval()
+
 
 def make_input(n: int = 2, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -221,7 +247,7 @@ def spheres_patches(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> P
             else:
                 axis = rng.integers(3)
                 d = [(g - cc) ** 2 for g, cc in zip((k, j, i), c)]
-                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5 ** 2
+                inside = sum(v for a, v in enumerate(d) if a != axis) <= 1.5**2
             x[inside] = 20.0
             patches.append(x)
             labels.append(label)
@@ -230,10 +256,34 @@ def spheres_patches(n_patients: int = 8, per_class: int = 4, seed: int = 0) -> P
 
 
 def spheres_card(**kw) -> ModelCard:
-    return ModelCard("gradcam3d_cnn", {"width": 4, "num_classes": 2}, SPHERES_CLASSES, "nodule", "features.act6",
-                     patch_size=[SPHERES_SIZE] * 3, spacing_mm=[2.0] * 3, name="spheres", **kw)
+    return ModelCard(
+        "gradcam3d_cnn",
+        {"width": 4, "num_classes": 2},
+        SPHERES_CLASSES,
+        "nodule",
+        "features.act6",
+        patch_size=[SPHERES_SIZE] * 3,
+        spacing_mm=[2.0] * 3,
+        name="spheres",
+        **kw,
+    )
 
 
 #: `lunggradcam train` arguments for a cache of :func:`spheres_patches`.
-TRAIN_ARGS = ["--source", "patches", "--patch-size", "16", "16", "16", "--spacing", "2", "2", "2",
-              "--arch-kwargs", '{"width": 4}', "--batch-size", "16", "--no-progress"]
+TRAIN_ARGS = [
+    "--source",
+    "patches",
+    "--patch-size",
+    "16",
+    "16",
+    "16",
+    "--spacing",
+    "2",
+    "2",
+    "2",
+    "--arch-kwargs",
+    '{"width": 4}',
+    "--batch-size",
+    "16",
+    "--no-progress",
+]

@@ -10,6 +10,7 @@ classes, given the scene, as the application does), and the Python layer the app
 stand-in has only names that Slicer has (test_slicer_api.py checks them against the API list taken
 from Slicer's source) and does the least that lets the module's code run.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: What each stand-in module defines (module name -> attribute names); checked against Slicer's API.
 STANDIN_NAMES = {
-    "slicer.ScriptedLoadableModule": ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic",
-                                      "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleTest"),
+    "slicer.ScriptedLoadableModule": (
+        "ScriptedLoadableModule",
+        "ScriptedLoadableModuleLogic",
+        "ScriptedLoadableModuleWidget",
+        "ScriptedLoadableModuleTest",
+    ),
     "slicer.parameterNodeWrapper": ("parameterNodeWrapper", "Choice", "WithinRange"),
     "slicer.i18n": ("tr", "translate"),
 }
@@ -141,8 +146,11 @@ def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Ite
         node = cls()
         node.SetSingletonTag("Singleton")
         scene.AddNode(node)
-    logics = {"volumerendering": slicer.vtkSlicerVolumeRenderingLogic(), "markups": slicer.vtkSlicerMarkupsLogic(),
-              "colors": slicer.vtkSlicerColorLogic()}
+    logics = {
+        "volumerendering": slicer.vtkSlicerVolumeRenderingLogic(),
+        "markups": slicer.vtkSlicerMarkupsLogic(),
+        "colors": slicer.vtkSlicerColorLogic(),
+    }
     for logic in logics.values():
         logic.SetMRMLScene(scene)
     for view in ("Red", "Yellow", "Green"):
@@ -152,17 +160,25 @@ def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Ite
     modules = {
         "qt": _module("qt", QIcon=lambda *args: None),
         "slicer.ScriptedLoadableModule": _module(
-            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=ScriptedLoadableModule,
+            "slicer.ScriptedLoadableModule",
+            ScriptedLoadableModule=ScriptedLoadableModule,
             ScriptedLoadableModuleLogic=ScriptedLoadableModuleLogic,
-            ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget, ScriptedLoadableModuleTest=ScriptedLoadableModuleTest),
-        "slicer.parameterNodeWrapper": _module("slicer.parameterNodeWrapper", parameterNodeWrapper=parameterNodeWrapper,
-                                               Choice=Choice, WithinRange=WithinRange),
+            ScriptedLoadableModuleWidget=ScriptedLoadableModuleWidget,
+            ScriptedLoadableModuleTest=ScriptedLoadableModuleTest,
+        ),
+        "slicer.parameterNodeWrapper": _module(
+            "slicer.parameterNodeWrapper",
+            parameterNodeWrapper=parameterNodeWrapper,
+            Choice=Choice,
+            WithinRange=WithinRange,
+        ),
         "slicer.i18n": _module("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
     }
     attributes = {
         "app": _App(dicom_database),
-        "modules": types.SimpleNamespace(**{name: types.SimpleNamespace(logic=lambda logic=logic: logic)
-                                            for name, logic in logics.items()}),
+        "modules": types.SimpleNamespace(
+            **{name: types.SimpleNamespace(logic=lambda logic=logic: logic) for name, logic in logics.items()}
+        ),
     }
     saved_modules = {name: sys.modules.get(name) for name in (*modules, "LungGradCAM")}
     sys.modules.update(modules)

@@ -25,6 +25,7 @@ What is extracted:
 * the newest extension catalog entry schema (ExtensionsIndex's ``<Extension>.json``): its
   required and allowed keys, their types and enumerations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,28 +43,54 @@ PYTHON_MODULES = {
     "slicer.util": ["Base/Python/slicer/util.py"],
     "slicer.ScriptedLoadableModule": ["Base/Python/slicer/ScriptedLoadableModule.py"],
     "slicer.i18n": ["Base/Python/slicer/i18n.py"],
-    "slicer.parameterNodeWrapper": ["Base/Python/slicer/parameterNodeWrapper/__init__.py",
-                                    "Base/Python/slicer/parameterNodeWrapper/*.py"],
+    "slicer.parameterNodeWrapper": [
+        "Base/Python/slicer/parameterNodeWrapper/__init__.py",
+        "Base/Python/slicer/parameterNodeWrapper/*.py",
+    ],
     "DICOMLib.DICOMUtils": ["Modules/Scripted/DICOMLib/DICOMUtils.py"],
 }
 
 #: The C++ classes whose API is listed (with all their bases found in the same sources).
 CLASSES = [
     # MRML nodes and scene
-    "vtkMRMLScene", "vtkMRMLScalarVolumeNode", "vtkMRMLLabelMapVolumeNode", "vtkMRMLScalarVolumeDisplayNode",
-    "vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode", "vtkMRMLTableNode", "vtkMRMLTransformNode",
-    "vtkMRMLLinearTransformNode", "vtkMRMLColorTableNode", "vtkMRMLPETProceduralColorNode",
-    "vtkMRMLSliceCompositeNode", "vtkMRMLScriptedModuleNode", "vtkMRMLSelectionNode", "vtkMRMLInteractionNode",
-    "vtkMRMLSubjectHierarchyNode", "vtkMRMLMarkupsROINode", "vtkMRMLVolumeRenderingDisplayNode",
-    "vtkMRMLVolumePropertyNode", "vtkMRMLMarkupsFiducialNode", "vtkMRMLSubjectHierarchyConstants",
+    "vtkMRMLScene",
+    "vtkMRMLScalarVolumeNode",
+    "vtkMRMLLabelMapVolumeNode",
+    "vtkMRMLScalarVolumeDisplayNode",
+    "vtkMRMLSegmentationNode",
+    "vtkMRMLSegmentationDisplayNode",
+    "vtkMRMLTableNode",
+    "vtkMRMLTransformNode",
+    "vtkMRMLLinearTransformNode",
+    "vtkMRMLColorTableNode",
+    "vtkMRMLPETProceduralColorNode",
+    "vtkMRMLSliceCompositeNode",
+    "vtkMRMLScriptedModuleNode",
+    "vtkMRMLSelectionNode",
+    "vtkMRMLInteractionNode",
+    "vtkMRMLSubjectHierarchyNode",
+    "vtkMRMLMarkupsROINode",
+    "vtkMRMLVolumeRenderingDisplayNode",
+    "vtkMRMLVolumePropertyNode",
+    "vtkMRMLMarkupsFiducialNode",
+    "vtkMRMLSubjectHierarchyConstants",
     # segmentations
-    "vtkSegmentation", "vtkSegment",
+    "vtkSegmentation",
+    "vtkSegment",
     # logics
-    "vtkSlicerSegmentationsModuleLogic", "vtkSlicerVolumeRenderingLogic", "vtkSlicerMarkupsLogic",
-    "vtkSlicerColorLogic", "vtkSlicerSubjectHierarchyModuleLogic",
+    "vtkSlicerSegmentationsModuleLogic",
+    "vtkSlicerVolumeRenderingLogic",
+    "vtkSlicerMarkupsLogic",
+    "vtkSlicerColorLogic",
+    "vtkSlicerSubjectHierarchyModuleLogic",
     # Qt classes of Slicer and CTK
-    "qSlicerApplication", "qMRMLNodeComboBox", "qMRMLTableView", "qMRMLWidget", "ctkDICOMDatabase",
-    "ctkCollapsibleButton", "ctkSliderWidget",
+    "qSlicerApplication",
+    "qMRMLNodeComboBox",
+    "qMRMLTableView",
+    "qMRMLWidget",
+    "ctkDICOMDatabase",
+    "ctkCollapsibleButton",
+    "ctkSliderWidget",
 ]
 #: Where class headers are searched (file name = class name + ".h").
 HEADER_ROOTS = {"slicer": ("Libs/", "Base/", "Modules/Loadable/"), "ctk": ("Libs/",)}
@@ -71,19 +98,28 @@ SCHEMA = re.compile(r"Schemas/slicer-extension-catalog-entry-schema-v(\d+)\.(\d+
 
 
 def git_show(repo: Path, rev: str, path: str) -> str:
-    return subprocess.run(["git", f"--git-dir={git_dir(repo)}", "show", f"{rev}:{path}"], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", f"--git-dir={git_dir(repo)}", "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def git_files(repo: Path, rev: str) -> List[str]:
-    out = subprocess.run(["git", f"--git-dir={git_dir(repo)}", "ls-tree", "-r", "--name-only", rev], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", f"--git-dir={git_dir(repo)}", "ls-tree", "-r", "--name-only", rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return out.splitlines()
 
 
 def git_rev(repo: Path, rev: str) -> str:
-    return subprocess.run(["git", f"--git-dir={git_dir(repo)}", "rev-parse", f"{rev}^{{commit}}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", f"--git-dir={git_dir(repo)}", "rev-parse", f"{rev}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def git_dir(repo: Path) -> Path:
@@ -110,8 +146,13 @@ def _self_attributes(cls: ast.ClassDef) -> List[str]:
     """Attributes the class's methods assign on ``self`` (e.g. ``self.layout``)."""
     names = set()
     for node in ast.walk(cls):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and \
-                isinstance(node.value, ast.Name) and node.value.id == "self" and not node.attr.startswith("__"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+            and not node.attr.startswith("__")
+        ):
             names.add(node.attr)
     return sorted(names)
 
@@ -124,12 +165,20 @@ def python_api(sources: Iterable[str]) -> dict:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
                 functions[node.name] = _params(node.args, method=False)
             elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
-                methods = {n.name: _params(n.args, method=not any(
-                    isinstance(d, ast.Name) and d.id == "staticmethod" for d in n.decorator_list))
-                    for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
-                    and (not n.name.startswith("_") or n.name == "__init__")}
-                classes[node.name] = {"bases": [ast.unparse(b) for b in node.bases], "methods": methods,
-                                      "attributes": _self_attributes(node)}
+                methods = {
+                    n.name: _params(
+                        n.args,
+                        method=not any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in n.decorator_list),
+                    )
+                    for n in node.body
+                    if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                    and (not n.name.startswith("_") or n.name == "__init__")
+                }
+                classes[node.name] = {
+                    "bases": [ast.unparse(b) for b in node.bases],
+                    "methods": methods,
+                    "attributes": _self_attributes(node),
+                }
             elif isinstance(node, ast.Assign):
                 names.update(t.id for t in node.targets if isinstance(t, ast.Name) and not t.id.startswith("_"))
             elif isinstance(node, ast.ImportFrom) and node.level > 0:
@@ -148,8 +197,11 @@ def _class_body(text: str, name: str) -> Tuple[List[str], str]:
     for match in _CLASS.finditer(text):
         if match.group(1) != name:
             continue
-        bases = [re.sub(r"\b(public|protected|private|virtual)\b", "", b).strip()
-                 for b in (match.group(2) or "").split(",") if "public" in b]
+        bases = [
+            re.sub(r"\b(public|protected|private|virtual)\b", "", b).strip()
+            for b in (match.group(2) or "").split(",")
+            if "public" in b
+        ]
         depth, start = 1, match.end()
         for i in range(start, len(text)):
             depth += {"{": 1, "}": -1}.get(text[i], 0)
@@ -160,8 +212,9 @@ def _class_body(text: str, name: str) -> Tuple[List[str], str]:
 
 _ACCESS = re.compile(r"\b(?:(public|protected|private)\s*(Q_SLOTS|slots)?|(signals|Q_SIGNALS))\s*:(?!:)")
 #: Lines that end without a semicolon: Qt's and VTK's declaring macros.
-_LINE_MACROS = re.compile(r"^\s*(Q_OBJECT|QVTK_OBJECT|Q_(?:PROPERTY|ENUMS?|FLAGS?|DECLARE_\w+|DISABLE_COPY)\s*\([^\n]*\))\s*$",
-                          re.M)
+_LINE_MACROS = re.compile(
+    r"^\s*(Q_OBJECT|QVTK_OBJECT|Q_(?:PROPERTY|ENUMS?|FLAGS?|DECLARE_\w+|DISABLE_COPY)\s*\([^\n]*\))\s*$", re.M
+)
 
 
 def _statements(body: str) -> Iterable[Tuple[str, str]]:
@@ -178,8 +231,12 @@ def _statements(body: str) -> Iterable[Tuple[str, str]]:
             depth -= 1
         elif depth == 0:
             flat.append(c)
-    text = _ACCESS.sub(lambda m: ";@access " + ("public:signals" if m.group(3) else
-                                               m.group(1) + (":slots" if m.group(2) else "")) + ";", "".join(flat))
+    text = _ACCESS.sub(
+        lambda m: (
+            ";@access " + ("public:signals" if m.group(3) else m.group(1) + (":slots" if m.group(2) else "")) + ";"
+        ),
+        "".join(flat),
+    )
     access = "private"
     for statement in text.split(";"):
         statement = statement.strip()
@@ -207,23 +264,54 @@ def _split_top(text: str) -> List[str]:
 
 #: VTK's declaring macros -> the methods they make (argument counts).
 _MACROS = {
-    "vtkGetMacro": [("Get{}", 0, 0)], "vtkSetMacro": [("Set{}", 1, 1)],
-    "vtkGetObjectMacro": [("Get{}", 0, 0)], "vtkSetObjectMacro": [("Set{}", 1, 1)],
-    "vtkGetStringMacro": [("Get{}", 0, 0)], "vtkSetStringMacro": [("Set{}", 1, 1)],
-    "vtkSetStdStringFromCharMacro": [("Set{}", 1, 1)], "vtkGetStdStringMacro": [("Get{}", 0, 0)],
-    "vtkSetStdStringMacro": [("Set{}", 1, 1)], "vtkGetCharFromStdStringMacro": [("Get{}", 0, 0)],
-    "vtkBooleanMacro": [("{}On", 0, 0), ("{}Off", 0, 0)], "vtkSetClampMacro": [("Set{}", 1, 1)],
-    "vtkGetEnumMacro": [("Get{}", 0, 0)], "vtkSetEnumMacro": [("Set{}", 1, 1)],
-    "vtkGetVector2Macro": [("Get{}", 0, 2)], "vtkSetVector2Macro": [("Set{}", 1, 2)],
-    "vtkGetVector3Macro": [("Get{}", 0, 3)], "vtkSetVector3Macro": [("Set{}", 1, 3)],
-    "vtkGetVector4Macro": [("Get{}", 0, 4)], "vtkSetVector4Macro": [("Set{}", 1, 4)],
-    "vtkGetVector6Macro": [("Get{}", 0, 6)], "vtkSetVector6Macro": [("Set{}", 1, 6)],
-    "vtkGetVectorMacro": [("Get{}", 0, 1)], "vtkSetVectorMacro": [("Set{}", 1, 16)],
-    "vtkGetSmartPointerMacro": [("Get{}", 0, 0)], "vtkSetSmartPointerMacro": [("Set{}", 1, 1)],
+    "vtkGetMacro": [("Get{}", 0, 0)],
+    "vtkSetMacro": [("Set{}", 1, 1)],
+    "vtkGetObjectMacro": [("Get{}", 0, 0)],
+    "vtkSetObjectMacro": [("Set{}", 1, 1)],
+    "vtkGetStringMacro": [("Get{}", 0, 0)],
+    "vtkSetStringMacro": [("Set{}", 1, 1)],
+    "vtkSetStdStringFromCharMacro": [("Set{}", 1, 1)],
+    "vtkGetStdStringMacro": [("Get{}", 0, 0)],
+    "vtkSetStdStringMacro": [("Set{}", 1, 1)],
+    "vtkGetCharFromStdStringMacro": [("Get{}", 0, 0)],
+    "vtkBooleanMacro": [("{}On", 0, 0), ("{}Off", 0, 0)],
+    "vtkSetClampMacro": [("Set{}", 1, 1)],
+    "vtkGetEnumMacro": [("Get{}", 0, 0)],
+    "vtkSetEnumMacro": [("Set{}", 1, 1)],
+    "vtkGetVector2Macro": [("Get{}", 0, 2)],
+    "vtkSetVector2Macro": [("Set{}", 1, 2)],
+    "vtkGetVector3Macro": [("Get{}", 0, 3)],
+    "vtkSetVector3Macro": [("Set{}", 1, 3)],
+    "vtkGetVector4Macro": [("Get{}", 0, 4)],
+    "vtkSetVector4Macro": [("Set{}", 1, 4)],
+    "vtkGetVector6Macro": [("Get{}", 0, 6)],
+    "vtkSetVector6Macro": [("Set{}", 1, 6)],
+    "vtkGetVectorMacro": [("Get{}", 0, 1)],
+    "vtkSetVectorMacro": [("Set{}", 1, 16)],
+    "vtkGetSmartPointerMacro": [("Get{}", 0, 0)],
+    "vtkSetSmartPointerMacro": [("Set{}", 1, 1)],
 }
-_NOT_METHODS = {"if", "for", "while", "switch", "return", "sizeof", "operator", "Q_PROPERTY", "Q_ENUM", "Q_ENUMS",
-                "Q_FLAGS", "Q_FLAG", "Q_DECLARE_PRIVATE", "Q_DECLARE_PUBLIC", "Q_DISABLE_COPY", "Q_OBJECT",
-                "Q_DECLARE_FLAGS", "vtkTypeMacro", "QVTK_OBJECT"}
+_NOT_METHODS = {
+    "if",
+    "for",
+    "while",
+    "switch",
+    "return",
+    "sizeof",
+    "operator",
+    "Q_PROPERTY",
+    "Q_ENUM",
+    "Q_ENUMS",
+    "Q_FLAGS",
+    "Q_FLAG",
+    "Q_DECLARE_PRIVATE",
+    "Q_DECLARE_PUBLIC",
+    "Q_DISABLE_COPY",
+    "Q_OBJECT",
+    "Q_DECLARE_FLAGS",
+    "vtkTypeMacro",
+    "QVTK_OBJECT",
+}
 
 
 def cpp_class(text: str, name: str) -> dict:
@@ -242,10 +330,19 @@ def cpp_class(text: str, name: str) -> dict:
             for pattern, low, high in _MACROS[macro.group(1)]:
                 methods.setdefault(pattern.format(macro.group(2)), []).append([low, high])
             continue
-        call = re.match(r"(?:[\w:<>,*&~\s]*?\s)?[*&]*(~?\w+)\s*\((.*)\)\s*(const)?\s*(override|final|=\s*0|=\s*delete"
-                        r"|=\s*default|VTK_\w+(\(.*\))?)?\s*(override)?\s*$", statement.replace("Q_INVOKABLE ", "QINV "))
-        if not call or not access.startswith("public") or call.group(1) in _NOT_METHODS or \
-                call.group(1).startswith("~") or call.group(1) == name or "= delete" in statement:
+        call = re.match(
+            r"(?:[\w:<>,*&~\s]*?\s)?[*&]*(~?\w+)\s*\((.*)\)\s*(const)?\s*(override|final|=\s*0|=\s*delete"
+            r"|=\s*default|VTK_\w+(\(.*\))?)?\s*(override)?\s*$",
+            statement.replace("Q_INVOKABLE ", "QINV "),
+        )
+        if (
+            not call
+            or not access.startswith("public")
+            or call.group(1) in _NOT_METHODS
+            or call.group(1).startswith("~")
+            or call.group(1) == name
+            or "= delete" in statement
+        ):
             continue
         method, params = call.group(1), _split_top(call.group(2))
         arity = [sum("=" not in p for p in params), len(params)]
@@ -261,11 +358,15 @@ def cpp_class(text: str, name: str) -> dict:
             else:
                 continue  # a plain public method of a QObject: PythonQt does not expose it
         methods.setdefault(method, []).append(arity)
-    out = {"bases": bases, "kind": "qt" if qt else "vtk",
-           "methods": {k: sorted(map(list, {tuple(a) for a in v})) for k, v in sorted(methods.items())}}
+    out = {
+        "bases": bases,
+        "kind": "qt" if qt else "vtk",
+        "methods": {k: sorted(map(list, {tuple(a) for a in v})) for k, v in sorted(methods.items())},
+    }
     if qt:
-        out.update(properties=sorted(properties), signals=sorted(signals), slots=sorted(slots),
-                   invokable=sorted(invokable))
+        out.update(
+            properties=sorted(properties), signals=sorted(signals), slots=sorted(slots), invokable=sorted(invokable)
+        )
     return out
 
 
@@ -298,8 +399,10 @@ def _add_decorated(classes: dict, text: str) -> None:
     """A decorator class's public slots: ``static_<Class>_<name>(...)`` is a static method of
     ``Class``, ``<name>(Class* self, ...)`` a method of its instances; both callable from Python."""
     text = _COMMENTS.sub("", text)
-    bodies = [_class_body(text, name)[1] for name in
-              dict.fromkeys(re.findall(r"\bclass\s+(?:\w+\s+)?(\w+PythonQtDecorators)\s*:", text))]
+    bodies = [
+        _class_body(text, name)[1]
+        for name in dict.fromkeys(re.findall(r"\bclass\s+(?:\w+\s+)?(\w+PythonQtDecorators)\s*:", text))
+    ]
     for access, statement in (item for body in bodies for item in _statements(body)):
         call = re.match(r".*?[\s*&](\w+)\s*\((.*)\)\s*(const)?\s*(\{.*)?$", re.sub(r"\s+", " ", statement))
         if not call or not access.endswith("slots"):
@@ -326,10 +429,15 @@ def catalog_schema(repo: Path, rev: str) -> Optional[dict]:
     if not versions:
         return None
     schema = json.loads(git_show(repo, rev, versions[max(versions)]))
-    return {"id": schema["$id"], "required": schema["required"],
-            "additionalProperties": schema.get("additionalProperties", True),
-            "properties": {k: {f: v[f] for f in ("type", "enum", "minimum", "maximum") if f in v}
-                           for k, v in schema["properties"].items()}}
+    return {
+        "id": schema["$id"],
+        "required": schema["required"],
+        "additionalProperties": schema.get("additionalProperties", True),
+        "properties": {
+            k: {f: v[f] for f in ("type", "enum", "minimum", "maximum") if f in v}
+            for k, v in schema["properties"].items()
+        },
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -341,8 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     slicer_sha = git_rev(args.slicer, args.slicer_rev)
-    pinned = re.search(r'Slicer_\$\{proj\}_GIT_TAG\s*"([0-9a-f]{40})"',
-                       git_show(args.slicer, slicer_sha, "SuperBuild/External_CTK.cmake")).group(1)
+    pinned = re.search(
+        r'Slicer_\$\{proj\}_GIT_TAG\s*"([0-9a-f]{40})"',
+        git_show(args.slicer, slicer_sha, "SuperBuild/External_CTK.cmake"),
+    ).group(1)
     files = git_files(args.slicer, slicer_sha)
     python = {}
     for module, patterns in PYTHON_MODULES.items():
@@ -352,7 +462,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "slicer": {"revision": args.slicer_rev, "commit": slicer_sha},
         "ctk": {"commit": pinned, "pinned_by": "SuperBuild/External_CTK.cmake"},
         "command": "python Testing/SlicerAPI/extract_slicer_api.py --slicer SLICER_CLONE --ctk CTK_CLONE"
-                   + (f" --slicer-rev {args.slicer_rev}" if args.slicer_rev != SLICER_REV else ""),
+        + (f" --slicer-rev {args.slicer_rev}" if args.slicer_rev != SLICER_REV else ""),
         "python": python,
         "classes": cpp_api({"slicer": (args.slicer, slicer_sha), "ctk": (args.ctk, pinned)}),
         "extension_catalog_entry_schema": catalog_schema(args.slicer, slicer_sha),
@@ -361,8 +471,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     # innermost lists (argument counts, parameters, name lists) on one line each: a short, diffable file
     text = re.sub(r"\[[^\[\]{}]*\]", lambda m: json.dumps(json.loads(m.group(0))), text)
     args.out.write_text(text + "\n")
-    print(f"{args.out}: {len(api['classes'])} classes, {sum(len(m['functions']) for m in python.values())} "
-          f"Python functions (Slicer {args.slicer_rev} {slicer_sha[:10]}, CTK {pinned[:10]})")
+    print(
+        f"{args.out}: {len(api['classes'])} classes, {sum(len(m['functions']) for m in python.values())} "
+        f"Python functions (Slicer {args.slicer_rev} {slicer_sha[:10]}, CTK {pinned[:10]})"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ read only with ``torch.load(weights_only=True)``) plus ``<name>.json``, its :cla
 Bundled models live in ``Resources/Models`` (override the folder with ``LUNGGRADCAM_MODELS``).
 Nothing here ever unpickles arbitrary objects from a user's file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ import inspect
 import itertools
 import math
 import os
-import zipfile
 import threading
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,25 @@ from torch import nn
 from ...core.atomic import atomic_path
 from ...core.errors import InvalidInputError, ModelError
 from ...core.limits import available_memory, check_bytes, is_out_of_memory, max_model_bytes, out_of_memory
-from ...core.text import escaped, first_line
 from ...core.paths import check_path, kind, open_regular
+from ...core.text import escaped, first_line
 from ..cam import probabilities as _probabilities
 from ..device import resolve_device
 from ..preprocess import apply_card_preprocessing
 from .card import ModelCard
 from .networks import ARCHITECTURES
 
-__all__ = ["ARCHITECTURES", "LoadedModel", "ModelCard", "available_models", "build_model",
-           "load_model", "models_dir", "resolve_model_path", "save_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "LoadedModel",
+    "ModelCard",
+    "available_models",
+    "build_model",
+    "load_model",
+    "models_dir",
+    "resolve_model_path",
+    "save_model",
+]
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -72,8 +82,7 @@ def available_models() -> List[str]:
     folder = models_dir()
     if not folder.is_dir():
         return []
-    return sorted(p.stem for p in folder.iterdir()
-                  if p.suffix in WEIGHT_SUFFIXES and p.with_suffix(".json").is_file())
+    return sorted(p.stem for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.with_suffix(".json").is_file())
 
 
 def resolve_model_path(path_or_name: "Union[str, os.PathLike[str]]") -> Path:
@@ -94,14 +103,18 @@ def resolve_model_path(path_or_name: "Union[str, os.PathLike[str]]") -> Path:
             raise ModelError(f"{path}: {what}")
         return path
     if os.sep in text or (os.altsep and os.altsep in text) or path.suffix:
-        raise ModelError(f"{text}: not a model file; give a .safetensors/.pt/.pth file, its .json "
-                         f"card, or a model name ({', '.join(available_models()) or 'none installed'})")
+        raise ModelError(
+            f"{text}: not a model file; give a .safetensors/.pt/.pth file, its .json "
+            f"card, or a model name ({', '.join(available_models()) or 'none installed'})"
+        )
     for suffix in WEIGHT_SUFFIXES:
         candidate = models_dir() / f"{text}{suffix}"
         if candidate.is_file():
             return candidate
-    raise ModelError(f"unknown model {text!r}; available in {models_dir()}: "
-                     f"{', '.join(available_models()) or 'none'} (or give a path to a .safetensors file)")
+    raise ModelError(
+        f"unknown model {text!r}; available in {models_dir()}: "
+        f"{', '.join(available_models()) or 'none'} (or give a path to a .safetensors file)"
+    )
 
 
 @dataclass
@@ -205,10 +218,12 @@ def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusals come as UnpicklingError/RuntimeError/...: all mean "bad file"
-        raise ModelError(f"{path}: refused to load: it is not a plain tensor state_dict "
-                         f"({type(exc).__name__}: {first_line(exc)}). "
-                         "Only weights saved with torch.save(model.state_dict()) or safetensors "
-                         "are accepted; arbitrary pickled objects are never loaded.") from None
+        raise ModelError(
+            f"{path}: refused to load: it is not a plain tensor state_dict "
+            f"({type(exc).__name__}: {first_line(exc)}). "
+            "Only weights saved with torch.save(model.state_dict()) or safetensors "
+            "are accepted; arbitrary pickled objects are never loaded."
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: expected a state_dict (name -> tensor), got {type(state).__name__}")
     return state
@@ -220,22 +235,29 @@ def _check_declared_size(path: Path, allowed: int) -> None:
     entries) the sizes its directory declares, which torch allocates as it reads."""
     size = path.stat().st_size
     if size > allowed:
-        raise ModelError(f"{path}: {size} bytes, more than the {allowed} the card's network can hold; "
-                         "refusing to read it (is it the card's weights file?)")
+        raise ModelError(
+            f"{path}: {size} bytes, more than the {allowed} the card's network can hold; "
+            "refusing to read it (is it the card's weights file?)"
+        )
     if path.suffix == ".safetensors":
         return  # stored uncompressed: the file size bounds what it holds
     if not zipfile.is_zipfile(path):
-        raise ModelError(f"{path}: refused to load: not a torch zip archive (torch.save since torch 1.6); the legacy "
-                         "format is not read: save the state_dict again with a current torch, or as .safetensors")
+        raise ModelError(
+            f"{path}: refused to load: not a torch zip archive (torch.save since torch 1.6); the legacy "
+            "format is not read: save the state_dict again with a current torch, or as .safetensors"
+        )
     with zipfile.ZipFile(path) as archive:
         declared = sum(info.file_size for info in archive.infolist())
     if declared > allowed:
-        raise ModelError(f"{path}: its entries unpack to {declared} bytes, more than the {allowed} the card's "
-                         "network can hold; refusing to allocate them")
+        raise ModelError(
+            f"{path}: its entries unpack to {declared} bytes, more than the {allowed} the card's "
+            "network can hold; refusing to allocate them"
+        )
 
 
-def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
-               device: "Optional[Union[str, torch.device]]" = None) -> LoadedModel:
+def load_model(
+    path_or_name: "Union[str, os.PathLike[str]]" = "default", device: "Optional[Union[str, torch.device]]" = None
+) -> LoadedModel:
     """Load a model by name (``Resources/Models/<name>.safetensors`` + ``.json``) or path.
 
     Validates, in this order and before allocating anything: the card (fields, known
@@ -254,31 +276,39 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     weights = resolve_model_path(path_or_name)
     card = ModelCard.load(weights.with_suffix(".json"))
     if not card.sha256:
-        raise ModelError(f"{weights}: the card has no 'sha256' of its weights; save models with "
-                         "save_model() so the card records it")
+        raise ModelError(
+            f"{weights}: the card has no 'sha256' of its weights; save models with save_model() so the card records it"
+        )
     with torch.device("meta"):
         module = build_model(card.architecture, **card.kwargs)
     n_params = sum(p.numel() for p in module.parameters())
     n_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
     limit = min(max_model_bytes(), available_memory() or max_model_bytes())
     if n_bytes > limit:
-        raise ModelError(f"{weights}: the card declares a {card.architecture} with {n_params} parameters "
-                         f"({n_bytes / 1e9:.2f} GB), over the model size limit of {limit / 1e9:.2f} GB "
-                         "(LUNGGRADCAM_MAX_MODEL_BYTES, and the memory this process can get); refusing to allocate it")
+        raise ModelError(
+            f"{weights}: the card declares a {card.architecture} with {n_params} parameters "
+            f"({n_bytes / 1e9:.2f} GB), over the model size limit of {limit / 1e9:.2f} GB "
+            "(LUNGGRADCAM_MAX_MODEL_BYTES, and the memory this process can get); refusing to allocate it"
+        )
     if card.kwargs.get("in_channels", 1) != 1:
-        raise ModelError(f"{weights}: the card's network takes {card.kwargs['in_channels']} input channels; "
-                         "LungGradCAM explains single-channel CT (in_channels 1)")
+        raise ModelError(
+            f"{weights}: the card's network takes {card.kwargs['in_channels']} input channels; "
+            "LungGradCAM explains single-channel CT (in_channels 1)"
+        )
     _check_declared_size(weights, 2 * n_bytes + (1 << 20))  # float64 weights and a pickle's bookkeeping
     digest = sha256_file(weights)
     if card.sha256.lower() != digest:
-        raise ModelError(f"{weights}: SHA-256 {digest} does not match the card's {card.sha256}; "
-                         "the weights file is corrupt or belongs to another card")
+        raise ModelError(
+            f"{weights}: SHA-256 {digest} does not match the card's {card.sha256}; "
+            "the weights file is corrupt or belongs to another card"
+        )
     try:
         for name in card.target_layer.split("+"):
             module.get_submodule(name)
     except AttributeError:
-        raise ModelError(f"{weights}: target_layer {card.target_layer!r} is not a layer of "
-                         f"{card.architecture}") from None
+        raise ModelError(
+            f"{weights}: target_layer {card.target_layer!r} is not a layer of {card.architecture}"
+        ) from None
     state = _read_state_dict(weights)
     meta_state = module.state_dict()
     expected = {k: tuple(v.shape) for k, v in meta_state.items()}
@@ -286,10 +316,13 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     if expected != got:
         missing = sorted(set(expected) - set(got))[:5]
         extra = sorted(set(got) - set(expected))[:5]
-        wrong = [f"{k}: {got[k]} != {expected[k]}" for k in sorted(set(got) & set(expected))
-                 if got[k] != expected[k]][:5]
-        raise ModelError(f"{weights}: weights do not match {card.architecture}{card.kwargs}: "
-                         f"missing {missing}, unexpected {extra}, wrong shapes {wrong}")
+        wrong = [f"{k}: {got[k]} != {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]][
+            :5
+        ]
+        raise ModelError(
+            f"{weights}: weights do not match {card.architecture}{card.kwargs}: "
+            f"missing {missing}, unexpected {extra}, wrong shapes {wrong}"
+        )
     device = resolve_device(device)
     # the loaded tensors replace the meta ones (assign): no second allocation, no initialisation,
     # and none of to_empty's meta kernels (which import sympy, 0.7 s at first use)
@@ -307,20 +340,27 @@ def load_model(path_or_name: "Union[str, os.PathLike[str]]" = "default",
     small = [min(int(p), 16) for p in full]
     try:
         per_voxel = _probe(module, small, device)[1] / math.prod(small)
-        check_bytes(per_voxel * math.prod(full), f"{weights}: one {full}-voxel patch through {card.architecture}",
-                    advice="use a model with smaller patches, or ")
+        check_bytes(
+            per_voxel * math.prod(full),
+            f"{weights}: one {full}-voxel patch through {card.architecture}",
+            advice="use a model with smaller patches, or ",
+        )
         logits_shape = _probe(module, full, device)[0]
     except (RuntimeError, ValueError, MemoryError) as exc:
         if is_out_of_memory(exc):
-            raise out_of_memory(f"trying one {full}-voxel patch through {weights.name}'s {card.architecture}",
-                                exc) from None
-        raise ModelError(f"{weights}: {card.architecture} cannot take a {full} voxel input: "
-                         f"{first_line(exc)}") from None
+            raise out_of_memory(
+                f"trying one {full}-voxel patch through {weights.name}'s {card.architecture}", exc
+            ) from None
+        raise ModelError(
+            f"{weights}: {card.architecture} cannot take a {full} voxel input: {first_line(exc)}"
+        ) from None
     per_voxel_shape = tuple(int(p) for p in full) if card.output == "mask" else ()
     if logits_shape != (1, len(card.class_names)) + per_voxel_shape:
-        raise ModelError(f"{weights}: the network has {logits_shape[1]} outputs{' per voxel' * bool(per_voxel_shape)} "
-                         f"but the card names {len(card.class_names)} classes {card.class_names} "
-                         f"(outputs of shape {logits_shape} for one {full}-voxel input)")
+        raise ModelError(
+            f"{weights}: the network has {logits_shape[1]} outputs{' per voxel' * bool(per_voxel_shape)} "
+            f"but the card names {len(card.class_names)} classes {card.class_names} "
+            f"(outputs of shape {logits_shape} for one {full}-voxel input)"
+        )
     return LoadedModel(module, card, per_voxel)
 
 

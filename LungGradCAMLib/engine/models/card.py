@@ -2,6 +2,7 @@
 
 Stored beside the weights as ``<name>.json`` (``<name>.safetensors`` holds the weights).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ CARD_FORMAT = 1
 #: A card is a few kB; refuse to read anything bigger than this (hostile or wrong file).
 MAX_CARD_BYTES = 1 << 20
 #: Largest patch a card may declare (voxels): 512^3, 8x a whole 64x512x512 scan.
-MAX_PATCH_VOXELS = 512 ** 3
+MAX_PATCH_VOXELS = 512**3
 ACTIVATIONS = ("softmax", "sigmoid")
 #: What a model takes: a whole scan (sliding window over the lungs) or a region around one lesion.
 INPUTS = ("scan", "roi")
@@ -86,6 +87,7 @@ class ModelCard:
     # --- validation --------------------------------------------------------------------------
     def validate(self, source: str = "model card") -> "ModelCard":
         """Check field types and ranges; raise :class:`ModelError` naming ``source`` and the field."""
+
         def bad(what: str) -> ModelError:
             return ModelError(f"{source}: {what}. Fix the model card (JSON beside the weights).")
 
@@ -103,37 +105,50 @@ class ModelCard:
         if self.output not in OUTPUTS:
             raise bad(f"'output' must be one of {OUTPUTS}; got {self.output!r}")
         if (self.output == "mask") != (self.architecture in SEGMENTERS):
-            raise bad(f"architecture {self.architecture!r} does not give the card's output {self.output!r}; "
-                      f"segmenters ({', '.join(sorted(SEGMENTERS))}) give 'mask', the others 'classes'")
+            raise bad(
+                f"architecture {self.architecture!r} does not give the card's output {self.output!r}; "
+                f"segmenters ({', '.join(sorted(SEGMENTERS))}) give 'mask', the others 'classes'"
+            )
         if not isinstance(self.kwargs, dict):
             raise bad("'kwargs' must be an object")
         if not isinstance(self.target_layer, str) or not self.target_layer:
             raise bad("'target_layer' must be a module name such as 'features.act6'")
 
     def _check_classes_and_text(self, bad: Callable[[str], ModelError]) -> None:
-        if (not isinstance(self.class_names, list) or not self.class_names
-                or not all(isinstance(c, str) and c and c.isprintable() for c in self.class_names)
-                or len(set(self.class_names)) != len(self.class_names)):
+        if (
+            not isinstance(self.class_names, list)
+            or not self.class_names
+            or not all(isinstance(c, str) and c and c.isprintable() for c in self.class_names)
+            or len(set(self.class_names)) != len(self.class_names)
+        ):
             raise bad("'class_names' must be a non-empty list of distinct names, each one line of printable text")
         for name in ("name", "version", "intended_use"):  # shown on screen and in every output
             value = getattr(self, name)
             if value is not None and not (isinstance(value, str) and value.isprintable()):
-                raise bad(f"'{name}' must be one line of printable text (no newline, no terminal escape); "
-                          f"got '{escaped(value, 80)}'")
+                raise bad(
+                    f"'{name}' must be one line of printable text (no newline, no terminal escape); "
+                    f"got '{escaped(value, 80)}'"
+                )
         if self.cam_class not in self.class_names:
             raise bad(f"'cam_class' {self.cam_class!r} is not one of class_names {self.class_names}")
 
     def _check_grid(self, bad: Callable[[str], ModelError]) -> None:
         if self.patch_size is not None:
-            if (not isinstance(self.patch_size, list) or len(self.patch_size) != 3
-                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.patch_size)):
+            if (
+                not isinstance(self.patch_size, list)
+                or len(self.patch_size) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.patch_size)
+            ):
                 raise bad(f"'patch_size' must be three positive integers (K, J, I) or null; got {self.patch_size!r}")
             if math.prod(self.patch_size) > MAX_PATCH_VOXELS:
                 raise bad(f"'patch_size' {self.patch_size} declares more than {MAX_PATCH_VOXELS} voxels")
         for name, n in (("spacing_mm", 3), ("hu_window", 2)):
             value = getattr(self, name)
-            if (not isinstance(value, list) or len(value) != n
-                    or not all(_is_number(v) and math.isfinite(v) for v in value)):
+            if (
+                not isinstance(value, list)
+                or len(value) != n
+                or not all(_is_number(v) and math.isfinite(v) for v in value)
+            ):
                 raise bad(f"'{name}' must be {n} finite numbers; got {value!r}")
         if not all(0 < s <= 100 for s in self.spacing_mm):
             raise bad(f"'spacing_mm' must be in (0, 100] mm; got {self.spacing_mm}")
@@ -149,7 +164,9 @@ class ModelCard:
             raise bad(f"'gamma' must be null or a number in (0, 10]; got {self.gamma!r}")
         if self.clahe not in (None, False, True, "slice", "3d"):
             raise bad(f"'clahe' must be null, true, 'slice' or '3d'; got {self.clahe!r}")
-        if not (self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)):
+        if not (
+            self.sobel is None or isinstance(self.sobel, bool) or (_is_number(self.sobel) and 0 <= self.sobel <= 10)
+        ):
             raise bad(f"'sobel' must be null, true/false or a weight in [0, 10]; got {self.sobel!r}")
         if self.cam_method not in METHODS:
             raise bad(f"'cam_method' must be one of {METHODS}; got {self.cam_method!r}")
@@ -173,8 +190,10 @@ class ModelCard:
             return self.class_names.index(target)
         if isinstance(target, int) and not isinstance(target, bool) and 0 <= target < len(self.class_names):
             return target
-        raise CamError(f"target class {target!r} is not one of this model's classes "
-                       f"{self.class_names} (or an index 0..{len(self.class_names) - 1})")
+        raise CamError(
+            f"target class {target!r} is not one of this model's classes "
+            f"{self.class_names} (or an index 0..{len(self.class_names) - 1})"
+        )
 
     def probabilities_from_score(self, index: int, probability: float) -> Dict[str, float]:
         """Class name -> probability, given only class ``index``'s probability. For two classes
@@ -186,9 +205,23 @@ class ModelCard:
 
     def summary(self) -> dict:
         """The JSON-able facts a report about one explanation needs."""
-        keys = ("name", "version", "architecture", "class_names", "cam_class", "target_layer",
-                "patch_size", "spacing_mm", "hu_window", "normalisation", "activation", "input", "cam_method", "output",
-                "intended_use")
+        keys = (
+            "name",
+            "version",
+            "architecture",
+            "class_names",
+            "cam_class",
+            "target_layer",
+            "patch_size",
+            "spacing_mm",
+            "hu_window",
+            "normalisation",
+            "activation",
+            "input",
+            "cam_method",
+            "output",
+            "intended_use",
+        )
         out = {k: getattr(self, k) for k in keys}
         out["sha256"] = self.sha256
         out["metrics"] = {k: v for k, v in self.metrics.items() if k in ("roc_auc", "accuracy")}
@@ -210,8 +243,10 @@ class ModelCard:
         try:
             card = cls(**data)
         except TypeError as exc:
-            raise ModelError(f"{source}: incomplete model card ({exc}); required: architecture, "
-                             "kwargs, class_names, cam_class, target_layer") from None
+            raise ModelError(
+                f"{source}: incomplete model card ({exc}); required: architecture, "
+                "kwargs, class_names, cam_class, target_layer"
+            ) from None
         return card.validate(source)
 
     def save(self, path: "str | os.PathLike[str]") -> Path:
@@ -224,23 +259,26 @@ class ModelCard:
         reading them, and JSON nested too deeply to parse)."""
         path = Path(path)
         if not path.exists():
-            raise ModelError(f"{path}: model card not found; a model needs its card JSON beside the "
-                             "weights (same name, .json)")
+            raise ModelError(
+                f"{path}: model card not found; a model needs its card JSON beside the weights (same name, .json)"
+            )
         try:
             with open_regular(path) as f:
                 raw = f.read(MAX_CARD_BYTES + 1)
         except OSError as exc:
             raise ModelError(f"{path}: cannot read the model card ({exc.strerror})") from None
         if len(raw) > MAX_CARD_BYTES:
-            raise ModelError(f"{path}: more than {MAX_CARD_BYTES} bytes is too large for a model card; "
-                             "is this the right file?")
+            raise ModelError(
+                f"{path}: more than {MAX_CARD_BYTES} bytes is too large for a model card; is this the right file?"
+            )
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{path}: the model card is not valid JSON ({exc})") from None
         except RecursionError:
-            raise ModelError(f"{path}: the model card's JSON is nested too deeply to read; it is not a "
-                             "model card") from None
+            raise ModelError(
+                f"{path}: the model card's JSON is nested too deeply to read; it is not a model card"
+            ) from None
         return cls.from_dict(data, str(path))
 
 

@@ -11,6 +11,7 @@ here under a new name and list it in the region model's ``features``; the fusion
 fitted again on the cross-validation's out-of-fold outputs (``training.region``), without
 retraining the networks.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -58,16 +59,21 @@ def radial_extent(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
 def density_profile(hu: torch.Tensor, voxel_mm: float) -> torch.Tensor:
     """The share of voxels above :data:`SOLID_HU` within 3, 6, 10 and 15 mm of the centre."""
     solid = hu[:, 0] > SOLID_HU
-    out = [(solid & _ball(hu.shape[2:], r / voxel_mm, hu.device)).sum(dim=(1, 2, 3)).float()
-           / _ball(hu.shape[2:], r / voxel_mm, hu.device).sum().clamp_min(1) for r in (3.0, 6.0, 10.0, 15.0)]
+    out = [
+        (solid & _ball(hu.shape[2:], r / voxel_mm, hu.device)).sum(dim=(1, 2, 3)).float()
+        / _ball(hu.shape[2:], r / voxel_mm, hu.device).sum().clamp_min(1)
+        for r in (3.0, 6.0, 10.0, 15.0)
+    ]
     return torch.stack(out, dim=1)
 
 
 #: name -> (function, the names of its values)
 FEATURES: Dict[str, Tuple[Callable[[torch.Tensor, float], torch.Tensor], List[str]]] = {
     "radial_extent": (radial_extent, ["radius_mm", "mean_hu_per_1000"]),
-    "density_profile": (density_profile, ["solid_within_3mm", "solid_within_6mm", "solid_within_10mm",
-                                          "solid_within_15mm"]),
+    "density_profile": (
+        density_profile,
+        ["solid_within_3mm", "solid_within_6mm", "solid_within_10mm", "solid_within_15mm"],
+    ),
 }
 
 

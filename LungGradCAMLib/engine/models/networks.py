@@ -3,6 +3,7 @@
 (N, num_classes, K, J, I) logits per voxel. Each class names its default Grad-CAM target layer in
 ``cam_layer`` (a dotted module name for ``module.get_submodule``).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,8 +56,16 @@ class GradCAM3DCNN(nn.Module):
     cam_layer = "features.act6"
     HEADS = ("gap", "attention")
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, width: int = 32,
-                 dropout: float = 0.3, cam_pools: int = 3, head: str = "gap", evidence_channels: int = 16) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        width: int = 32,
+        dropout: float = 0.3,
+        cam_pools: int = 3,
+        head: str = "gap",
+        evidence_channels: int = 16,
+    ) -> None:
         super().__init__()
         if cam_pools not in (2, 3):
             raise ValueError(f"cam_pools must be 2 or 3, got {cam_pools!r}")
@@ -65,27 +74,37 @@ class GradCAM3DCNN(nn.Module):
         w = int(width)
         c1, c2, c3, c4, c5, c6 = w, 2 * w, 4 * w, 4 * w, 8 * w, 16 * w
         layers = [
-            ("conv1", nn.Conv3d(in_channels, c1, 3, padding=1)), ("act1", nn.ReLU()),
-            ("pool1", _pool()), ("bn1", nn.BatchNorm3d(c1)),
-            ("conv2", nn.Conv3d(c1, c2, 3, padding=1)), ("act2", nn.ReLU()),
-            ("pool2", _pool()), ("bn2", nn.BatchNorm3d(c2)),
-            ("conv3", nn.Conv3d(c2, c3, 3, padding=1)), ("act3", nn.ReLU()),
-            ("conv4", nn.Conv3d(c3, c4, 3, padding=1)), ("act4", nn.ReLU()),
-            *([("pool4", _pool())] if cam_pools == 3 else []), ("bn4", nn.BatchNorm3d(c4)),
-            ("conv5", nn.Conv3d(c4, c5, 1)), ("act5", nn.ReLU()),
-            ("conv6", nn.Conv3d(c5, c6, 1)), ("act6", nn.ReLU()),
+            ("conv1", nn.Conv3d(in_channels, c1, 3, padding=1)),
+            ("act1", nn.ReLU()),
+            ("pool1", _pool()),
+            ("bn1", nn.BatchNorm3d(c1)),
+            ("conv2", nn.Conv3d(c1, c2, 3, padding=1)),
+            ("act2", nn.ReLU()),
+            ("pool2", _pool()),
+            ("bn2", nn.BatchNorm3d(c2)),
+            ("conv3", nn.Conv3d(c2, c3, 3, padding=1)),
+            ("act3", nn.ReLU()),
+            ("conv4", nn.Conv3d(c3, c4, 3, padding=1)),
+            ("act4", nn.ReLU()),
+            *([("pool4", _pool())] if cam_pools == 3 else []),
+            ("bn4", nn.BatchNorm3d(c4)),
+            ("conv5", nn.Conv3d(c4, c5, 1)),
+            ("act5", nn.ReLU()),
+            ("conv6", nn.Conv3d(c5, c6, 1)),
+            ("act6", nn.ReLU()),
         ]
         self.head_kind = head
         # input voxels per voxel of evidence_map's output: act2's grid (after pool1), or act6's
-        self.evidence_reduction = 2 if head == "attention" else 2 ** cam_pools
+        self.evidence_reduction = 2 if head == "attention" else 2**cam_pools
         if head == "gap":
             layers += [("pool6", _pool()), ("bn6", nn.BatchNorm3d(c6))]
         self.features = nn.Sequential()
         for name, layer in layers:
             self.features.add_module(name, layer)
         if head == "gap":
-            self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(dropout),
-                                      nn.Linear(c6, num_classes))
+            self.head = nn.Sequential(
+                nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c6, num_classes)
+            )
             self._split = len(layers) - 2  # evidence_map ends with act6
         else:
             d = int(evidence_channels)
@@ -106,8 +125,9 @@ class GradCAM3DCNN(nn.Module):
             if name == "act2":
                 fine = x
         size = fine.shape[2:]
-        logits = self.attend_fine(fine) + F.interpolate(self.attend_deep(x), size=size, mode="trilinear",
-                                                         align_corners=False)
+        logits = self.attend_fine(fine) + F.interpolate(
+            self.attend_deep(x), size=size, mode="trilinear", align_corners=False
+        )
         self.attention_logits = logits
         att = torch.sigmoid(logits)
         # projecting before upsampling is the same (both are linear per voxel) and 8x cheaper
@@ -117,7 +137,7 @@ class GradCAM3DCNN(nn.Module):
     def decide(self, evidence: torch.Tensor, att: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits from :meth:`evidence_map`'s outputs."""
         if att is None:
-            return self.head(self.features[self._split:](evidence))
+            return self.head(self.features[self._split :](evidence))
         mass = att.sum(dim=(2, 3, 4))
         pooled = evidence.sum(dim=(2, 3, 4)) / mass.clamp_min(1e-3)
         return self.head(torch.cat([pooled, torch.log1p(mass)], dim=1))
@@ -161,9 +181,15 @@ class Small3DCNN(nn.Module):
 
     cam_layer = "features.act3"
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2,
-                 channels: Sequence[int] = (16, 32, 64), hidden: Sequence[int] = (128, 64),
-                 pooled: Sequence[int] = (2, 2, 2), dropout: float = 0.5) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        channels: Sequence[int] = (16, 32, 64),
+        hidden: Sequence[int] = (128, 64),
+        pooled: Sequence[int] = (2, 2, 2),
+        dropout: float = 0.5,
+    ) -> None:
         super().__init__()
         if len(channels) != 3 or len(hidden) != 2 or len(pooled) != 3:
             raise ValueError("small3d_cnn needs 3 channels, 2 hidden sizes and a 3-value pooled size")
@@ -177,9 +203,14 @@ class Small3DCNN(nn.Module):
         cells = int(pooled[0]) * int(pooled[1]) * int(pooled[2])
         h1, h2 = (int(v) for v in hidden)
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool3d(tuple(int(p) for p in pooled)), nn.Flatten(),
-            nn.Linear(c[3] * cells, h1), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(h1, h2), nn.ReLU(), nn.Dropout(dropout),
+            nn.AdaptiveAvgPool3d(tuple(int(p) for p in pooled)),
+            nn.Flatten(),
+            nn.Linear(c[3] * cells, h1),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(h1, h2),
+            nn.ReLU(),
+            nn.Dropout(dropout),
             nn.Linear(h2, num_classes),
         )
 
@@ -197,8 +228,7 @@ class _BasicBlock3d(nn.Module):
         self.relu = nn.ReLU()
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False),
-                                            nn.BatchNorm3d(cout))
+            self.downsample = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm3d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -216,21 +246,29 @@ class ResNet18_3D(nn.Module):
 
     cam_layer = "layer4"
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, base_width: int = 64,
-                 stem_stride: int = 2, stem_pool: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        base_width: int = 64,
+        stem_stride: int = 2,
+        stem_pool: bool = True,
+    ) -> None:
         super().__init__()
         w = int(base_width)
         self.stem = nn.Sequential(
             nn.Conv3d(in_channels, w, 7, stride=int(stem_stride), padding=3, bias=False),
-            nn.BatchNorm3d(w), nn.ReLU(),
+            nn.BatchNorm3d(w),
+            nn.ReLU(),
             nn.MaxPool3d(3, stride=2, padding=1) if stem_pool else nn.Identity(),
         )
         widths = [w, 2 * w, 4 * w, 8 * w]
         cin = w
         for n, cout in enumerate(widths):
             stride = 1 if n == 0 else 2
-            self.add_module(f"layer{n + 1}", nn.Sequential(_BasicBlock3d(cin, cout, stride),
-                                                           _BasicBlock3d(cout, cout, 1)))
+            self.add_module(
+                f"layer{n + 1}", nn.Sequential(_BasicBlock3d(cin, cout, stride), _BasicBlock3d(cout, cout, 1))
+            )
             cin = cout
         self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(cin, num_classes))
 
@@ -267,17 +305,33 @@ class RegionNet(nn.Module):
 
     cam_layer = "tap"
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 2, member: Optional[Dict[str, Any]] = None,
-                 views: Sequence[Sequence[int]] = ((32, 1),), members: int = 1, flips: int = 1,
-                 features: Sequence[str] = (), hu_window: Sequence[float] = (-1000.0, 400.0),
-                 voxel_mm: float = 1.0) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 2,
+        member: Optional[Dict[str, Any]] = None,
+        views: Sequence[Sequence[int]] = ((32, 1),),
+        members: int = 1,
+        flips: int = 1,
+        features: Sequence[str] = (),
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        voxel_mm: float = 1.0,
+    ) -> None:
         super().__init__()
         from .features import FEATURES, feature_names
 
         #: the arguments it was built with (a member's view can be rebuilt with other flips)
-        self.init_kwargs = {"in_channels": in_channels, "num_classes": num_classes, "member": dict(member or {}),
-                            "views": [list(v) for v in views], "members": members, "flips": flips,
-                            "features": list(features), "hu_window": list(hu_window), "voxel_mm": voxel_mm}
+        self.init_kwargs = {
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "member": dict(member or {}),
+            "views": [list(v) for v in views],
+            "members": members,
+            "flips": flips,
+            "features": list(features),
+            "hu_window": list(hu_window),
+            "voxel_mm": voxel_mm,
+        }
         self.views = [(int(c), int(f)) for c, f in views]
         if not self.views or any(c < 1 or f < 1 or c % f for c, f in self.views):
             raise ValueError(f"views must be (crop, factor) pairs with crop divisible by factor; got {views}")
@@ -310,8 +364,10 @@ class RegionNet(nn.Module):
         """The view of ``x``: its central ``crop`` voxels (all of an axis shorter than that, e.g.
         the small probe ``load_model`` measures memory with), average-pooled by ``factor``."""
         crop, factor = view
-        x = x[(slice(None), slice(None)) + tuple(slice(max(0, (n - crop) // 2), max(0, (n - crop) // 2) + crop)
-                                                 for n in x.shape[2:])]
+        x = x[
+            (slice(None), slice(None))
+            + tuple(slice(max(0, (n - crop) // 2), max(0, (n - crop) // 2) + crop) for n in x.shape[2:])
+        ]
         return F.avg_pool3d(x, factor) if factor > 1 else x
 
     def _cell(self) -> int:
@@ -342,7 +398,7 @@ class RegionNet(nn.Module):
                 member = self.members[v * self.n_members + m]
                 evidence, att = member.evidence_map(batch)
                 for f, d in enumerate(flips):
-                    e = evidence[f * n:(f + 1) * n]
+                    e = evidence[f * n : (f + 1) * n]
                     e = e.flip(d) if d else e
                     if repeat > 1:
                         e = e.repeat_interleave(repeat, 2).repeat_interleave(repeat, 3).repeat_interleave(repeat, 4)
@@ -356,9 +412,12 @@ class RegionNet(nn.Module):
         for v, member, att, repeat, offsets, shape in pending:
             chunks = []
             for f, d in enumerate(flips):
-                e = tapped[:, start:start + shape[1]]
+                e = tapped[:, start : start + shape[1]]
                 start += shape[1]
-                e = e[(slice(None), slice(None)) + tuple(slice(o, o + shape[2 + a] * repeat) for a, o in enumerate(offsets))]
+                e = e[
+                    (slice(None), slice(None))
+                    + tuple(slice(o, o + shape[2 + a] * repeat) for a, o in enumerate(offsets))
+                ]
                 if repeat > 1:
                     e = F.avg_pool3d(e, repeat)
                 chunks.append(e.flip(d) if d else e)
@@ -366,8 +425,10 @@ class RegionNet(nn.Module):
             logits.append((v, out.view(len(flips), n, -1).mean(dim=0)))
         if not self.feature_list:
             return torch.stack([o for _, o in logits]).mean(dim=0)
-        per_view = torch.stack([torch.stack([o[:, 1] - o[:, 0] for w, o in logits if w == v]).mean(dim=0)
-                                for v in range(len(self.views))], dim=1)
+        per_view = torch.stack(
+            [torch.stack([o[:, 1] - o[:, 0] for w, o in logits if w == v]).mean(dim=0) for v in range(len(self.views))],
+            dim=1,
+        )
         t = self.fusion(torch.cat([per_view, self.standardised_features(x)], dim=1))[:, 0]
         return torch.stack([-t / 2, t / 2], dim=1)
 
@@ -397,8 +458,14 @@ class RegionNet(nn.Module):
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU(),
-                         nn.Conv3d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm3d(cout),
+        nn.ReLU(),
+        nn.Conv3d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm3d(cout),
+        nn.ReLU(),
+    )
 
 
 class UNet3D(nn.Module):
@@ -418,20 +485,22 @@ class UNet3D(nn.Module):
         super().__init__()
         if not 1 <= int(depth) <= 5:
             raise ValueError("unet3d needs 1 <= depth <= 5")
-        widths = [int(width) * 2 ** n for n in range(int(depth) + 1)]
+        widths = [int(width) * 2**n for n in range(int(depth) + 1)]
         self.depth = int(depth)
-        self.down = nn.ModuleList([_double_conv(cin, cout) for cin, cout in zip([in_channels] + widths[:-2],
-                                                                              widths[:-1])])
+        self.down = nn.ModuleList(
+            [_double_conv(cin, cout) for cin, cout in zip([in_channels] + widths[:-2], widths[:-1])]
+        )
         self.pool = nn.MaxPool3d(2)
         self.bottleneck = _double_conv(widths[-2], widths[-1])
-        self.up = nn.ModuleList([nn.ConvTranspose3d(widths[n + 1], widths[n], 2, stride=2)
-                                 for n in reversed(range(self.depth))])
+        self.up = nn.ModuleList(
+            [nn.ConvTranspose3d(widths[n + 1], widths[n], 2, stride=2) for n in reversed(range(self.depth))]
+        )
         self.merge = nn.ModuleList([_double_conv(2 * widths[n], widths[n]) for n in reversed(range(self.depth))])
         self.head = nn.Conv3d(widths[0], num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[2:]
-        step = 2 ** self.depth
+        step = 2**self.depth
         pad = [p for n in reversed(size) for p in (0, -n % step)]  # F.pad's order: I, J, K
         if any(pad):
             x = nn.functional.pad(x, pad, mode="replicate")
@@ -443,7 +512,7 @@ class UNet3D(nn.Module):
         x = self.bottleneck(x)
         for up, merge, skip in zip(self.up, self.merge, reversed(skips)):
             x = merge(torch.cat([up(x), skip], dim=1))
-        return self.head(x)[:, :, :size[0], :size[1], :size[2]]
+        return self.head(x)[:, :, : size[0], : size[1], : size[2]]
 
 
 #: architecture name -> class; ``build_model`` and model cards use these names.

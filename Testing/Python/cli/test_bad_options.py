@@ -1,6 +1,7 @@
 """Options and paths the command line can check before the work: exit 2 at once, one message,
 nothing written (bad devices and numbers, over-long names, model files it cannot use, an output
 folder it cannot write)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +15,8 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.core.volume import Volume
-
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import build_model
+from LungGradCAMLib.io.volume_files import write_volume
 
 from bad_inputs import AXIAL, model_variant, run_cli
 from helpers import REPO, run_on_read_only_mount
@@ -36,20 +36,29 @@ BAD_OPTIONS = {
     "device_meta": (lambda t, ct, m: (ct, t / "out", m, ["--device", "meta"], {}), "unknown device 'meta'"),
     "device_xpu": (lambda t, ct, m: (ct, t / "out", m, ["--device", "xpu"], {}), "unknown device 'xpu'"),
     "batch_size_0": (lambda t, ct, m: (ct, t / "out", m, ["--batch-size", "0"], {}), "give a positive whole number"),
-    "batch_size_negative": (lambda t, ct, m: (ct, t / "out", m, ["--batch-size", "-3"], {}),
-                            "give a positive whole number"),
+    "batch_size_negative": (
+        lambda t, ct, m: (ct, t / "out", m, ["--batch-size", "-3"], {}),
+        "give a positive whole number",
+    ),
     "roi_of_nan_size": (lambda t, ct, m: (ct, t / "out", m, ["--roi", "0,0,0,nan"], {}), "finite"),
     "out_is_a_file": (lambda t, ct, m: (ct, t / "report.txt", m, [], {}), "report.txt is a file, not a folder"),
     "out_name_over_255_bytes": (lambda t, ct, m: (ct, t / ("x" * 300) / "out", m, [], {}), "more than the 255"),
-    "input_name_over_255_bytes": (lambda t, ct, m: (t / ("y" * 300 + ".nrrd"), t / "out", m, [], {}),
-                                  "more than the 255"),
-    "model_with_two_input_channels": (lambda t, ct, m: (ct, t / "out", _two_channel_model(t, m), [], {}),
-                                      "takes 2 input channels"),
-    "model_card_nested_200000_deep": (lambda t, ct, m: (ct, t / "out", model_variant(
-        t, m, lambda c: "[" * 200_000 + "]" * 200_000), [], {}), "nested too deeply"),
-    "model_over_the_size_limit": (lambda t, ct, m: (ct, t / "out", model_variant(t, m, lambda c: c), [],
-                                                    {"LUNGGRADCAM_MAX_MODEL_BYTES": "1000"}),
-                                  "over the model size limit .* refusing to allocate"),
+    "input_name_over_255_bytes": (
+        lambda t, ct, m: (t / ("y" * 300 + ".nrrd"), t / "out", m, [], {}),
+        "more than the 255",
+    ),
+    "model_with_two_input_channels": (
+        lambda t, ct, m: (ct, t / "out", _two_channel_model(t, m), [], {}),
+        "takes 2 input channels",
+    ),
+    "model_card_nested_200000_deep": (
+        lambda t, ct, m: (ct, t / "out", model_variant(t, m, lambda c: "[" * 200_000 + "]" * 200_000), [], {}),
+        "nested too deeply",
+    ),
+    "model_over_the_size_limit": (
+        lambda t, ct, m: (ct, t / "out", model_variant(t, m, lambda c: c), [], {"LUNGGRADCAM_MAX_MODEL_BYTES": "1000"}),
+        "over the model size limit .* refusing to allocate",
+    ),
 }
 
 
@@ -104,8 +113,25 @@ def test_unwritable_out_fails_before_the_work(how, tmp_path, tiny, capsys):
 def test_out_on_a_read_only_mount_fails_before_the_work(tmp_path, tiny):
     ct = _not_a_chest(tmp_path)
     (tmp_path / "ro").mkdir()
-    result = run_on_read_only_mount(tmp_path / "ro", [sys.executable, "-m", "LungGradCAMLib.cli", "run", ct, "--out",
-                                                      tmp_path / "ro" / "out", "--model", tiny, "--device", "cpu"],
-                                    cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_on_read_only_mount(
+        tmp_path / "ro",
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            "run",
+            ct,
+            "--out",
+            tmp_path / "ro" / "out",
+            "--model",
+            tiny,
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     assert "cannot write there (Read-only file system)" in result.stderr and "Traceback" not in result.stderr

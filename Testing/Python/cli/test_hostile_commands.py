@@ -5,6 +5,7 @@ holding a file no LungGradCAM run provably wrote is refused before any work and 
 re-run replaces only its own earlier outputs (subfolders included), and a run that fails or is
 interrupted part-way leaves the folder as it was (a training keeps its work for ``--resume``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,12 +25,11 @@ import torch
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.atomic import atomic_path
 from LungGradCAMLib.core.errors import OutputError
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import build_model, save_model
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.training.data import PatchSet
 
-from helpers import REPO, snapshot
-from helpers import TRAIN_ARGS, spheres_card, spheres_patches
+from helpers import REPO, TRAIN_ARGS, snapshot, spheres_card, spheres_patches
 
 MARKER, WORK = ".lunggradcam.json", ".lunggradcam-work"
 
@@ -45,8 +45,9 @@ def model(tmp_path_factory) -> Path:
     """An untrained model whose card fits the patches."""
     torch.manual_seed(0)
     card = spheres_card()
-    return save_model(build_model(card.architecture, **card.kwargs), card,
-                      tmp_path_factory.mktemp("model") / "spheres.safetensors")
+    return save_model(
+        build_model(card.architecture, **card.kwargs), card, tmp_path_factory.mktemp("model") / "spheres.safetensors"
+    )
 
 
 def _strict(text: str):
@@ -57,8 +58,10 @@ def _vouched(out: Path) -> None:
     """The folder holds its marker and exactly the files it names, each byte for byte."""
     marker = json.loads((out / MARKER).read_text())
     present = {k: v for k, v in snapshot(out).items() if v[0] != "type"}  # files (folders are listed too)
-    assert present == {MARKER: ("file", hashlib.sha256((out / MARKER).read_bytes()).hexdigest()),
-                       **{name: ("file", digest) for name, digest in marker["files"].items()}}
+    assert present == {
+        MARKER: ("file", hashlib.sha256((out / MARKER).read_bytes()).hexdigest()),
+        **{name: ("file", digest) for name, digest in marker["files"].items()},
+    }
 
 
 def _refused(capsys, code: int, *names: str) -> str:
@@ -74,7 +77,9 @@ def _refused(capsys, code: int, *names: str) -> str:
 # train
 # --------------------------------------------------------------------------------------------
 def _train(out: Path, data: Path, *extra: str) -> int:
-    return main(["train", *TRAIN_ARGS, "--path", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu", *extra])
+    return main(
+        ["train", *TRAIN_ARGS, "--path", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu", *extra]
+    )
 
 
 def test_train_refuses_a_folder_with_a_users_files_before_any_work(tmp_path, capsys):
@@ -85,8 +90,24 @@ def test_train_refuses_a_folder_with_a_users_files_before_any_work(tmp_path, cap
     (out / "fold1" / "notes.txt").write_text("the user's notes")
     before = snapshot(tmp_path)
     # a phantom source with a new cache: refused before the patches are built (no cache made)
-    code = main(["train", "--phantom-seeds", "0-3", "--patch-size", "16", "16", "16", "--cache",
-                 str(tmp_path / "new.npz"), "--out", str(out), "--epochs", "1", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--phantom-seeds",
+            "0-3",
+            "--patch-size",
+            "16",
+            "16",
+            "16",
+            "--cache",
+            str(tmp_path / "new.npz"),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
     _refused(capsys, code, "best.safetensors", "loss.png", "fold1")  # no marker: the whole folder is the user's
     assert snapshot(tmp_path) == before
 
@@ -116,10 +137,35 @@ def test_an_interrupted_training_leaves_the_folder_as_it_was_and_resumes(tmp_pat
     out = tmp_path / "out"
     assert _train(out, cache) == 0
     before = snapshot(out)
-    args = [sys.executable, "-m", "LungGradCAMLib.cli", "train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out),
-            "--epochs", "500", "--patience", "500", "--seed", "1", "--device", "cpu", "--threads", "1"]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "LungGradCAMLib.cli",
+        "train",
+        *TRAIN_ARGS,
+        "--path",
+        str(cache),
+        "--out",
+        str(out),
+        "--epochs",
+        "500",
+        "--patience",
+        "500",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log = out / WORK / "new" / "log.jsonl"
     deadline = time.monotonic() + 120
     while not log.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -186,13 +232,29 @@ def test_a_file_that_appears_while_it_is_written_is_never_replaced(tmp_path):
 # evaluate
 # --------------------------------------------------------------------------------------------
 def _evaluate(out: Path, model: Path, data: Path, *extra: str) -> list:
-    return ["evaluate", "--model", str(model), "--source", "patches", "--path", str(data), "--out", str(out),
-            "--bootstrap", "20", "--device", "cpu", *extra]
+    return [
+        "evaluate",
+        "--model",
+        str(model),
+        "--source",
+        "patches",
+        "--path",
+        str(data),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_evaluate_owns_its_folder(tmp_path, cache, model, capsys):
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e}) + "\n" for e in (1, 2, 3)))
+    log.write_text(
+        "".join(json.dumps({"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e}) + "\n" for e in (1, 2, 3))
+    )
     out.mkdir()
     (out / "report.json").write_text('{"files": ["thesis.docx"]}')  # another tool's
     before = snapshot(tmp_path)
@@ -216,8 +278,24 @@ def test_evaluate_owns_its_folder(tmp_path, cache, model, capsys):
     # --cam-retrain: the same ownership, before any training
     (out / "mine.txt").write_text("the user's")
     before = snapshot(tmp_path)
-    _refused(capsys, main(["evaluate", "--cam-retrain", "--model", str(model), "--phantom-seeds", "0-1",
-                           "--out", str(out), "--device", "cpu"]), "mine.txt")
+    _refused(
+        capsys,
+        main(
+            [
+                "evaluate",
+                "--cam-retrain",
+                "--model",
+                str(model),
+                "--phantom-seeds",
+                "0-1",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        ),
+        "mine.txt",
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -234,6 +312,7 @@ def _file_size_limit(limit: int):
     def apply() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), nothing kills
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -241,16 +320,30 @@ def test_an_evaluation_failing_part_way_leaves_the_folder_as_it_was(tmp_path, ca
     """A file size limit between the sizes of its files: report.json and roc.png are written,
     loss.png fails; the earlier evaluation stays, byte for byte, and one message says why."""
     out, log = tmp_path / "out", tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"epoch": e, "train_loss": 1 / e + 0.1 * np.sin(e), "val_loss": 1.1 / e})
-                           + "\n" for e in range(1, 61)))  # a long, jagged curve: loss.png is the biggest file
+    log.write_text(
+        "".join(
+            json.dumps({"epoch": e, "train_loss": 1 / e + 0.1 * np.sin(e), "val_loss": 1.1 / e}) + "\n"
+            for e in range(1, 61)
+        )
+    )  # a long, jagged curve: loss.png is the biggest file
     assert main(_evaluate(out, model, cache, "--log", str(log))) == 0
     sizes = {p.name: p.stat().st_size for p in out.iterdir()}
     limit = max(sizes["report.json"], sizes["roc.png"]) + 4096
     assert sizes["loss.png"] > limit + 4096  # the test's premise: only the last file is too big
     before = snapshot(out)
-    proc = subprocess.run([sys.executable, "-m", "LungGradCAMLib.cli",
-                           *_evaluate(out, model, cache, "--log", str(log), "--threshold", "0.3")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=_file_size_limit(limit))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            *_evaluate(out, model, cache, "--log", str(log), "--threshold", "0.3"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_file_size_limit(limit),
+    )
     assert proc.returncode == 2 and "cannot write the outputs (File too large)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and snapshot(out) == before
 
@@ -305,8 +398,18 @@ def test_the_summary_says_failed_when_this_runs_attempt_failed_beside_an_older_r
     files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
     files[14].unlink()
     out = tmp_path / "out"
-    args = ["batch", str(tmp_path / "dicom"), "--out", str(out), "--model", str(tiny), "--device", "cpu",
-            "--threshold", "0"]
+    args = [
+        "batch",
+        str(tmp_path / "dicom"),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--threshold",
+        "0",
+    ]
 
     def row() -> dict:
         with open(out / "summary.csv", newline="") as fh:

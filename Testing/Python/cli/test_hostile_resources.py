@@ -7,6 +7,7 @@ root needed, skipped where the kernel does not allow it); the file size limit is
 ``RLIMIT_FSIZE`` (``ulimit -f``), under which every write past the limit fails with EFBIG; the
 memory limit is ``RLIMIT_AS`` (``ulimit -v``). All three run the real writers and the real engine.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,8 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model, save_model
+from LungGradCAMLib.io.volume_files import write_volume
 
 from helpers import REPO
 
@@ -82,9 +83,29 @@ def test_a_full_disk_ends_in_one_message_and_keeps_the_old_outputs(tmp_path, ct,
     disk = tmp_path / "disk"
     disk.mkdir()
     script = 'mount -t tmpfs -o size=4m tmpfs "$1" || exit 97; shift; exec "$@"'
-    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(disk),
-                           sys.executable, "-c", FULL_DISK, str(disk), str(ct), str(tiny)],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            str(disk),
+            sys.executable,
+            "-c",
+            FULL_DISK,
+            str(disk),
+            str(ct),
+            str(tiny),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if done.returncode == 97 or done.stderr.startswith("unshare:"):
         pytest.skip(f"no tmpfs can be mounted here without root: {done.stderr.strip()[-200:]}")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,19 +119,33 @@ def test_a_full_disk_ends_in_one_message_and_keeps_the_old_outputs(tmp_path, ct,
 def _limited_file_size(limit: int):
     def preexec() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
 @pytest.mark.parametrize("limit", [2_000, 60_000])  # the first stops ITK's NRRD writer, the second the PNG
 def test_a_file_size_limit_ends_in_one_message_and_keeps_the_old_outputs(limit, tmp_path, ct, tiny):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "LungGradCAMLib.cli", "run", str(ct), "--out", str(out), "--model", str(tiny),
-               "--device", "cpu", "--threshold"]
+    command = [
+        sys.executable,
+        "-m",
+        "LungGradCAMLib.cli",
+        "run",
+        str(ct),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--threshold",
+    ]
     assert subprocess.run(command + ["0.3"], cwd=REPO, capture_output=True, timeout=600).returncode == 0
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
     assert max(p.stat().st_size for p in out.iterdir()) > limit  # a file of the run is bigger than the limit
-    done = subprocess.run(command + ["0.5"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          preexec_fn=_limited_file_size(limit))
+    done = subprocess.run(
+        command + ["0.5"], cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=_limited_file_size(limit)
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     _one_message(done.stderr, "cannot write the outputs")
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()} == before
@@ -137,26 +172,55 @@ def big_patch_model(tmp_path_factory) -> Path:
     """A gradcam3d_cnn (width 8) whose card asks for 160^3-voxel patches at 1.5 mm: on the CPU one
     patch's heat map needs about 1 GB."""
     torch.manual_seed(0)
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 8}, class_names=["background", "nodule"],
-                     cam_class="nodule", target_layer="features.act6", patch_size=[160] * 3, spacing_mm=[1.5] * 3,
-                     name="big-patch")
-    return save_model(build_model("gradcam3d_cnn", width=8).eval(), card,
-                      tmp_path_factory.mktemp("big") / "big-patch.safetensors")
+    card = ModelCard(
+        architecture="gradcam3d_cnn",
+        kwargs={"width": 8},
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer="features.act6",
+        patch_size=[160] * 3,
+        spacing_mm=[1.5] * 3,
+        name="big-patch",
+    )
+    return save_model(
+        build_model("gradcam3d_cnn", width=8).eval(), card, tmp_path_factory.mktemp("big") / "big-patch.safetensors"
+    )
 
 
-@pytest.mark.parametrize("override, text", [
-    (None, "more than the memory this process can get"),  # the estimate refuses the run before it starts
-    ("1e12", "out of memory while"),  # the estimate overruled: the allocator's failure, as one message
-])
+@pytest.mark.parametrize(
+    "override, text",
+    [
+        (None, "more than the memory this process can get"),  # the estimate refuses the run before it starts
+        ("1e12", "out of memory while"),  # the estimate overruled: the allocator's failure, as one message
+    ],
+)
 def test_a_memory_limit_ends_in_one_message(override, text, tmp_path, ct, big_patch_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LUNGGRADCAM_MAX_BYTES", None)
     if override:
         env["LUNGGRADCAM_MAX_BYTES"] = override
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", UNDER_ULIMIT_V, "8e8", "run", str(ct), "--out", str(out),
-                           "--model", str(big_patch_model), "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UNDER_ULIMIT_V,
+            "8e8",
+            "run",
+            str(ct),
+            "--out",
+            str(out),
+            "--model",
+            str(big_patch_model),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     _one_message(done.stderr, text)
     assert not out.exists()
@@ -167,7 +231,7 @@ def test_a_card_asking_for_an_impossible_network_gets_one_line(tmp_path, ct, tin
     model = tmp_path / "huge.safetensors"
     model.write_bytes(tiny.read_bytes())
     card = json.loads(tiny.with_suffix(".json").read_text())
-    card["kwargs"]["width"] = 10 ** 40
+    card["kwargs"]["width"] = 10**40
     model.with_suffix(".json").write_text(json.dumps(card))
     assert main(["run", str(ct), "--out", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]) == 2
     _one_message(capsys.readouterr().err, "cannot build 'gradcam3d_cnn'")

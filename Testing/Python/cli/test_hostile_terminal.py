@@ -4,6 +4,7 @@ pydicom's WARNING lines and UserWarnings) unless ``-v``; and what a file says (a
 a model card's text) only escaped, so that it can neither clear the screen nor forge a line such as
 "lunggradcam run: error: ...". Run as a user runs it: a separate process, its real stderr.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,8 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.core.volume import Volume
-
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.io.volume_files import write_volume
 
 from helpers import REPO
 
@@ -34,8 +34,9 @@ def _series(volume: Volume, folder: Path, **kwargs):
 
 
 def _lunggradcam(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "LungGradCAMLib.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "LungGradCAMLib.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
 
 
 def _no_control(text: str) -> None:
@@ -45,8 +46,9 @@ def _no_control(text: str) -> None:
 def test_a_description_cannot_forge_a_line_or_drive_the_terminal(tmp_path, chest, tiny):
     for n, description in enumerate(("kernel A", FORGED)):  # two CT series: the error lists both
         _series(chest, tmp_path / "in" / f"s{n}", series_description=description)
-    done = _lunggradcam("run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny),
-                        "--device", "cpu")
+    done = _lunggradcam(
+        "run", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny), "--device", "cpu"
+    )
     assert done.returncode == 2
     err = done.stderr
     _no_control(err)
@@ -83,8 +85,13 @@ def test_values_no_ct_holds_end_in_one_message_without_runtime_warnings(tmp_path
     assert done.stderr.count("\n") == 1 and "not HU" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("field, value", [("intended_use", "Research only.\x1b[2J\nlunggradcam run: error: forged"),
-                                          ("class_names", ["background", "nod\x1b[31mule"])])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("intended_use", "Research only.\x1b[2J\nlunggradcam run: error: forged"),
+        ("class_names", ["background", "nod\x1b[31mule"]),
+    ],
+)
 def test_a_model_cards_text_never_reaches_the_terminal_raw(field, value, tmp_path, chest, tiny):
     model = tmp_path / "hostile.safetensors"
     model.write_bytes(tiny.read_bytes())

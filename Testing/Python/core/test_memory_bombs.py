@@ -1,5 +1,6 @@
 """Memory bombs: small files (CT and model) that declare huge work, refused before allocating, with
 the limit and how to change it (core/limits.py); and a real run that fits under the same limit."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,14 +16,12 @@ import pytest
 import SimpleITK as sitk
 
 from LungGradCAMLib.core.volume import Volume
-
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.engine.models import ModelCard, build_model
+from LungGradCAMLib.io.volume_files import write_volume
 
 from bad_inputs import AXIAL, dicom_series, model_variant, random_hu
 from dicom_damage import edit
 from helpers import REPO
-
 
 # --------------------------------------------------------------------------------------------
 # memory bombs: small files that declare huge work. Run in a child process whose address space
@@ -69,16 +68,23 @@ def _gzip_zeros(prefix: bytes, n_zeros: int, chunk: int = 1 << 24) -> bytes:
     crc = zlib.crc32(prefix)
     for _ in range(n_zeros // chunk):
         crc = zlib.crc32(bytes(chunk), crc)
-    return (b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + head + block * (n_zeros // chunk) + c.flush()
-            + struct.pack("<II", crc, (len(prefix) + n_zeros) & 0xFFFFFFFF))
+    return (
+        b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+        + head
+        + block * (n_zeros // chunk)
+        + c.flush()
+        + struct.pack("<II", crc, (len(prefix) + n_zeros) & 0xFFFFFFFF)
+    )
 
 
 def _bomb_nrrd_dev_zero(tmp: Path, tiny: Path, chest: Volume):
     """A 200-byte detached header whose data file is /dev/zero, declaring a billion voxels."""
     (tmp / "sub").mkdir()
     path = tmp / "sub" / "ct.nhdr"
-    path.write_text("NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1000 1000 1000\nspacings: 1 1 1\n"
-                    "encoding: raw\ndata file: /dev/zero\n\n")
+    path.write_text(
+        "NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1000 1000 1000\nspacings: 1 1 1\n"
+        "encoding: raw\ndata file: /dev/zero\n\n"
+    )
     return [str(path), "--model", str(tiny)], "not beside the header"
 
 
@@ -112,15 +118,18 @@ def _bomb_dicom_jpegls(tmp: Path, tiny: Path, chest: Volume):
 
 def _bomb_model_deflate(tmp: Path, tiny: Path, chest: Volume):
     """A torch model file (a zip) whose first tensor's entry unpacks to 512 MiB of zeros, 3 MB on disk."""
-    import torch
     import zipfile
+
+    import torch
 
     card = ModelCard.load(tiny.with_suffix(".json"))
     card.kwargs = {"width": 24}
     torch.save(build_model("gradcam3d_cnn", width=24).state_dict(), tmp / "plain.pt")
     path = tmp / "bomb.pt"
-    with zipfile.ZipFile(tmp / "plain.pt") as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED,
-                                                                   compresslevel=1) as dst:
+    with (
+        zipfile.ZipFile(tmp / "plain.pt") as src,
+        zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as dst,
+    ):
         for info in src.infolist():
             data = src.read(info)
             if info.filename.endswith("/data/0"):
@@ -137,9 +146,11 @@ def _bomb_model_deflate(tmp: Path, tiny: Path, chest: Volume):
 
 def _bomb_card(change: Dict[str, Any], expected: str):
     """The tiny model with a card asking for a grid or patch far larger than memory."""
+
     def make(tmp: Path, tiny: Path, chest: Volume):
         model = model_variant(tmp, tiny, lambda c: {**c, **change})
         return [str(write_volume(chest, tmp / "ct.nrrd")), "--model", str(model)], expected
+
     return make
 
 
@@ -150,10 +161,13 @@ BOMBS = {
     "nifti_gzip_billion_voxels": _bomb_nifti_gzip,
     "dicom_jpegls_20000_square": _bomb_dicom_jpegls,
     "model_deflate_512MiB_tensor": _bomb_model_deflate,
-    "card_patch_512_cubed": _bomb_card({"patch_size": [512, 512, 512]},
-                                       r"one \[512, 512, 512\]-voxel patch through gradcam3d_cnn needs .* GB of memory"),
-    "card_spacing_0_27_mm": _bomb_card({"spacing_mm": [0.27, 0.27, 0.27]},
-                                       r"explaining this CT .*\(830, 1067, 1067\) on the model's .* needs .* GB"),
+    "card_patch_512_cubed": _bomb_card(
+        {"patch_size": [512, 512, 512]},
+        r"one \[512, 512, 512\]-voxel patch through gradcam3d_cnn needs .* GB of memory",
+    ),
+    "card_spacing_0_27_mm": _bomb_card(
+        {"spacing_mm": [0.27, 0.27, 0.27]}, r"explaining this CT .*\(830, 1067, 1067\) on the model's .* needs .* GB"
+    ),
 }
 
 
@@ -169,12 +183,28 @@ def bomb_results(tmp_path_factory, tiny, chest):
         args, expected = make(tmp, tiny, chest)
         runs[name] = (["run", args[0], "--out", str(tmp / "out"), *args[1:], "--device", "cpu"], expected, tmp)
     control = tmp_path_factory.mktemp("control")
-    runs["control"] = (["run", str(write_volume(chest, control / "ct.nrrd")), "--out", str(control / "out"),
-                        "--model", str(tiny), "--device", "cpu"], "", control)
-    result = subprocess.run([sys.executable, "-c", LIMITED, str(HEADROOM),
-                             json.dumps({name: args for name, (args, _, _) in runs.items()})],
-                            cwd=REPO, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+    runs["control"] = (
+        [
+            "run",
+            str(write_volume(chest, control / "ct.nrrd")),
+            "--out",
+            str(control / "out"),
+            "--model",
+            str(tiny),
+            "--device",
+            "cpu",
+        ],
+        "",
+        control,
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED, str(HEADROOM), json.dumps({name: args for name, (args, _, _) in runs.items()})],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+    )
     done = {}
     for line in result.stdout.splitlines():
         if line.startswith("{"):

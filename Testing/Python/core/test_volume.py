@@ -1,4 +1,5 @@
 """Volume geometry: LPS/RAS conversion at the SimpleITK boundary, file round trips, crop, resample."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -172,8 +173,12 @@ def test_separable_resampling_equals_simpleitk(name, order):
             np.testing.assert_allclose(fast.array, slow, rtol=0, atol=1e-6 * np.abs(src.array).max())
         # and back onto the source grid (the CAM's way home)
         back = lgc.Volume(fast.array, reference.ijk_to_ras)
-        np.testing.assert_allclose(resample_to(back, src, order=order).array, _sitk_resample(back, src, order, 0),
-                                   rtol=0, atol=1e-6 * np.abs(src.array).max())
+        np.testing.assert_allclose(
+            resample_to(back, src, order=order).array,
+            _sitk_resample(back, src, order, 0),
+            rtol=0,
+            atol=1e-6 * np.abs(src.array).max(),
+        )
 
 
 def test_resampling_between_grids_with_turned_axes_uses_simpleitk():

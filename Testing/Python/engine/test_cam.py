@@ -1,6 +1,7 @@
 """The CAM engine (LungGradCAMLib.engine.cam) on small random 3D CNNs, on the CPU: each method against
 its definition computed directly (split network, plain autograd), per-sample targets, binary
 single-logit models, in-place ReLU, and the model left exactly as it was."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from LungGradCAMLib.engine.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
 from LungGradCAMLib.core.errors import CamError
+from LungGradCAMLib.engine.cam import CAM, METHODS, CamResult, compute_cam, default_layer, minmax_per_sample
 
 from helpers import SHAPE, make_input, make_net
 
@@ -49,7 +50,7 @@ def definition(method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         m = np.einsum("nc,ncdhw->ndhw", w, a)
     elif method == "gradcam++":
         with np.errstate(divide="ignore", invalid="ignore"):
-            alpha = g ** 2 / (2 * g ** 2 + a.sum(axis=axes)[..., None, None, None] * g ** 3)
+            alpha = g**2 / (2 * g**2 + a.sum(axis=axes)[..., None, None, None] * g**3)
         alpha = np.where(g != 0, alpha, 0.0)
         w = (alpha * np.maximum(g, 0)).sum(axis=axes)
         m = np.einsum("nc,ncdhw->ndhw", w, a)
@@ -86,10 +87,9 @@ def test_gradient_methods_match_their_definitions(method):
 
 def test_methods_differ_from_each_other():
     net, x = make_net(), make_input(1)
-    maps = {m: minmax_per_sample(compute_cam(net, x, method=m, target=1, upsample=False))
-            for m in GRADIENT_METHODS}
+    maps = {m: minmax_per_sample(compute_cam(net, x, method=m, target=1, upsample=False)) for m in GRADIENT_METHODS}
     for i, m1 in enumerate(GRADIENT_METHODS):
-        for m2 in GRADIENT_METHODS[i + 1:]:
+        for m2 in GRADIENT_METHODS[i + 1 :]:
             assert not torch.allclose(maps[m1], maps[m2], atol=1e-3), (m1, m2)
 
 
@@ -131,11 +131,10 @@ def test_scorecam_matches_its_definition_across_channel_batches(dead):
         for n in range(2):
             scores = []
             for c in range(a.shape[1]):
-                mask = F.interpolate(a[n:n + 1, c:c + 1], size=SHAPE, mode="trilinear",
-                                     align_corners=False)
+                mask = F.interpolate(a[n : n + 1, c : c + 1], size=SHAPE, mode="trilinear", align_corners=False)
                 span = mask.max() - mask.min()
                 mask = (mask - mask.min()) / span if span > 0 else torch.zeros_like(mask)
-                scores.append(net(x[n:n + 1] * mask)[0, classes[n]])
+                scores.append(net(x[n : n + 1] * mask)[0, classes[n]])
             w = torch.softmax(torch.stack(scores), 0)
             assert not dead or (a[n, [0, 3]] == 0).all()
             expected.append(F.relu((w[:, None, None, None] * a[n]).sum(0)))
@@ -176,8 +175,9 @@ def test_guided_backprop_and_guided_gradcam_match_their_definitions(inplace):
     ours = compute_cam(net, x, method="guided-backprop", target=classes, normalize=False)
     close(ours, guided)
     a, g = direct_grads(make_net(inplace=False), x, classes)
-    grad_cam = F.interpolate(definition("gradcam", a, g)[:, None], size=SHAPE, mode="trilinear",
-                             align_corners=False)[:, 0]
+    grad_cam = F.interpolate(definition("gradcam", a, g)[:, None], size=SHAPE, mode="trilinear", align_corners=False)[
+        :, 0
+    ]
     ours = compute_cam(net, x, method="guided-gradcam", target=classes, normalize=False)
     close(ours, guided * grad_cam)
 
@@ -190,13 +190,13 @@ def test_batch_with_different_targets_equals_single_samples(method):
     net, x, classes = make_net(), make_input(3), [2, 0, 1]
     batch = compute_cam(net, x, method=method, target=classes)
     for n, c in enumerate(classes):
-        single = compute_cam(net, x[n:n + 1], method=method, target=c)
-        close(batch[n:n + 1], single)
+        single = compute_cam(net, x[n : n + 1], method=method, target=c)
+        close(batch[n : n + 1], single)
     # None = each sample's own predicted class
     predicted = net(x).argmax(1).tolist()
     batch = compute_cam(net, x, method=method)
     for n, c in enumerate(predicted):
-        close(batch[n:n + 1], compute_cam(net, x[n:n + 1], method=method, target=c))
+        close(batch[n : n + 1], compute_cam(net, x[n : n + 1], method=method, target=c))
 
 
 def test_result_carries_the_scores_of_the_same_forward_pass():
@@ -231,14 +231,12 @@ def test_binary_single_logit_model():
 
 def test_callable_and_negative_targets():
     net, x = make_net(), make_input(2)
-    contrast = compute_cam(net, x, target=lambda out: out[:, 1] - out[:, 0], upsample=False,
-                           normalize=False)
+    contrast = compute_cam(net, x, target=lambda out: out[:, 1] - out[:, 0], upsample=False, normalize=False)
     a, g1 = direct_grads(net, x, [1, 1])
     _, g0 = direct_grads(net, x, [0, 0])
     close(contrast, definition("gradcam", a, g1 - g0))
     assert torch.equal(compute_cam(net, x, target=-1), compute_cam(net, x, target=2))
-    assert torch.equal(compute_cam(net, x, target=torch.tensor([2, 0])),
-                       compute_cam(net, x, target=np.array([2, 0])))
+    assert torch.equal(compute_cam(net, x, target=torch.tensor([2, 0])), compute_cam(net, x, target=np.array([2, 0])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,10 +246,8 @@ def test_callable_and_negative_targets():
 @pytest.mark.parametrize("method", GRADIENT_METHODS + ("scorecam",))
 def test_inplace_relu_after_the_layer_gives_the_same_cam(method, layer):
     x = make_input(2)
-    plain = compute_cam(make_net(inplace=False), x, method=method, layer=layer, target=[0, 1],
-                        normalize=False)
-    inplace = compute_cam(make_net(inplace=True), x, method=method, layer=layer, target=[0, 1],
-                          normalize=False)
+    plain = compute_cam(make_net(inplace=False), x, method=method, layer=layer, target=[0, 1], normalize=False)
+    inplace = compute_cam(make_net(inplace=True), x, method=method, layer=layer, target=[0, 1], normalize=False)
     close(inplace, plain)
     assert float(plain.max()) > 0
 
@@ -260,13 +256,15 @@ def test_cam_at_the_conv_uses_pre_relu_activations():
     net, x = make_net(inplace=True), make_input(1)
     a, g = direct_grads(make_net(), x, [1], layer="conv2")
     assert (a < 0).any()
-    close(compute_cam(net, x, layer=net.conv2, target=1, upsample=False, normalize=False),
-          definition("gradcam", a, g))
+    close(compute_cam(net, x, layer=net.conv2, target=1, upsample=False, normalize=False), definition("gradcam", a, g))
 
 
 def snapshot(net: nn.Module):
-    return ([m.training for m in net.modules()], [p.requires_grad for p in net.parameters()],
-            [b.clone() for b in net.buffers()])
+    return (
+        [m.training for m in net.modules()],
+        [p.requires_grad for p in net.parameters()],
+        [b.clone() for b in net.buffers()],
+    )
 
 
 def assert_untouched(net: nn.Module, before) -> None:
@@ -275,8 +273,7 @@ def assert_untouched(net: nn.Module, before) -> None:
     assert [p.requires_grad for p in net.parameters()] == requires
     assert all(torch.equal(b, b0) for b, b0 in zip(net.buffers(), buffers))  # BN stats too
     assert all(p.grad is None for p in net.parameters())
-    assert all(not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
-               for m in net.modules())
+    assert all(not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks for m in net.modules())
 
 
 def mixed_state_net(inplace: bool = False) -> nn.Sequential:
@@ -354,9 +351,9 @@ def test_default_layer():
     assert default_layer(nested) == "0.1"
 
 
-@pytest.mark.parametrize("name,kwargs", [("gradcam3d_cnn", {"width": 2}),
-                                         ("small3d_cnn", {"channels": (2, 3, 4),
-                                                          "hidden": (4, 4)})])
+@pytest.mark.parametrize(
+    "name,kwargs", [("gradcam3d_cnn", {"width": 2}), ("small3d_cnn", {"channels": (2, 3, 4), "hidden": (4, 4)})]
+)
 def test_default_layer_of_the_bundled_architectures(name, kwargs):
     from LungGradCAMLib.engine.models import build_model
 
@@ -381,19 +378,22 @@ class _TwoHeads(nn.Module):
         return self.fc(self.act(self.act(self.conv(x))).mean((2, 3, 4)))
 
 
-@pytest.mark.parametrize("kwargs,call,match", [
-    ({"method": "gradcam+++"}, {}, "unknown CAM method 'gradcam\\+\\+\\+'"),
-    ({"layer": "features.nope"}, {}, "layer 'features.nope' is not a module"),
-    ({"layer": nn.Conv3d(1, 1, 1)}, {}, "not part of the model"),
-    ({"layer": "fc"}, {}, "outputs \\(2, 2\\).*5-D"),
-    ({}, {"target": 3}, "out of range"),
-    ({}, {"target": [0, 1, 1]}, "3 classes for a batch of 2"),
-    ({}, {"target": 0.5}, "integer class indices"),
-    ({}, {"target": "benign"}, "target must be None"),
-    ({}, {"target": lambda out: out.sum()}, "one score per sample"),
-    ({}, {"target": lambda out: torch.zeros(len(out), requires_grad=True)}, "does not depend"),
-    ({}, {"x": torch.zeros(1, 8, 8, 8)}, "5-D"),
-])
+@pytest.mark.parametrize(
+    "kwargs,call,match",
+    [
+        ({"method": "gradcam+++"}, {}, "unknown CAM method 'gradcam\\+\\+\\+'"),
+        ({"layer": "features.nope"}, {}, "layer 'features.nope' is not a module"),
+        ({"layer": nn.Conv3d(1, 1, 1)}, {}, "not part of the model"),
+        ({"layer": "fc"}, {}, "outputs \\(2, 2\\).*5-D"),
+        ({}, {"target": 3}, "out of range"),
+        ({}, {"target": [0, 1, 1]}, "3 classes for a batch of 2"),
+        ({}, {"target": 0.5}, "integer class indices"),
+        ({}, {"target": "benign"}, "target must be None"),
+        ({}, {"target": lambda out: out.sum()}, "one score per sample"),
+        ({}, {"target": lambda out: torch.zeros(len(out), requires_grad=True)}, "does not depend"),
+        ({}, {"x": torch.zeros(1, 8, 8, 8)}, "5-D"),
+    ],
+)
 def test_bad_arguments_raise_cam_errors(kwargs, call, match):
     net = make_net(classes=3)
     net.fc = nn.Linear(6 * 64, 2).double()

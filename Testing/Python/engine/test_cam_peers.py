@@ -23,6 +23,7 @@ run — it imports torchvision):
   the layer's own storage, so an in-place ReLU after a hooked conv turns the stored activations
   into post-ReLU values while the gradients stay pre-ReLU (on a GPU, ``.cpu()`` copies first).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,6 +31,7 @@ import pytest
 import torch
 
 from LungGradCAMLib.engine.cam import compute_cam, minmax_per_sample
+
 from helpers import SHAPE, make_input, make_net
 
 CLASSES = [2, 0, 1]
@@ -37,8 +39,11 @@ CLASSES = [2, 0, 1]
 
 def assert_agree(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     ours = minmax_per_sample(ours.detach().double())
-    theirs = minmax_per_sample(torch.as_tensor(np.asarray(theirs.detach() if isinstance(
-        theirs, torch.Tensor) else theirs)).double().reshape(ours.shape))
+    theirs = minmax_per_sample(
+        torch.as_tensor(np.asarray(theirs.detach() if isinstance(theirs, torch.Tensor) else theirs))
+        .double()
+        .reshape(ours.shape)
+    )
     assert float(theirs.max()) > 0, "the peer's map is all zero: the comparison would prove nothing"
     for n in range(len(ours)):
         corr = np.corrcoef(ours[n].flatten().numpy(), theirs[n].flatten().numpy())[0, 1]
@@ -52,8 +57,7 @@ def test_gradcam_equals_captum_layer_gradcam(seed, layer):
     from captum.attr import LayerAttribution, LayerGradCam
 
     net, x = make_net(seed=seed, dtype=torch.float32), make_input(3, seed=seed, dtype=torch.float32)
-    attribution = LayerGradCam(net, getattr(net, layer)).attribute(x, target=CLASSES,
-                                                                   relu_attributions=True)
+    attribution = LayerGradCam(net, getattr(net, layer)).attribute(x, target=CLASSES, relu_attributions=True)
     theirs = LayerAttribution.interpolate(attribution, SHAPE, interpolate_mode="trilinear")[:, 0]
     ours = compute_cam(net, x, target=CLASSES, layer=layer)
     assert_agree(ours, theirs)
@@ -66,10 +70,11 @@ def test_gradcam_equals_monai_gradcam(seed):
     x = make_input(3, seed=seed, dtype=torch.float32)
     ours = compute_cam(make_net(seed=seed, dtype=torch.float32), x, target=CLASSES)
     # MONAI mutates the model and leaves hooks on it: give it its own copy
-    monai = MonaiGradCAM(nn_module=make_net(seed=seed, dtype=torch.float32), target_layers="act2",
-                         postprocessing=lambda t: t)
+    monai = MonaiGradCAM(
+        nn_module=make_net(seed=seed, dtype=torch.float32), target_layers="act2", postprocessing=lambda t: t
+    )
     # one sample at a time: MONAI mixes the classes of a batch (see the module docstring)
-    theirs = torch.cat([monai(x[n:n + 1], class_idx=c)[:, 0] for n, c in enumerate(CLASSES)])
+    theirs = torch.cat([monai(x[n : n + 1], class_idx=c)[:, 0] for n, c in enumerate(CLASSES)])
     assert_agree(ours, theirs)
 
 
@@ -89,9 +94,9 @@ def _pytorch_grad_cam_feature_map(cls_name: str, net, layer, x: torch.Tensor, cl
     return np.maximum(fmap, 0)
 
 
-@pytest.mark.parametrize("method,cls_name", [("gradcam", "GradCAM"),
-                                             ("gradcam++", "GradCAMPlusPlus"),
-                                             ("layercam", "LayerCAM")])
+@pytest.mark.parametrize(
+    "method,cls_name", [("gradcam", "GradCAM"), ("gradcam++", "GradCAMPlusPlus"), ("layercam", "LayerCAM")]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_methods_equal_pytorch_grad_cam_at_feature_resolution(method, cls_name, seed):
     x = make_input(3, seed=seed, dtype=torch.float32)
@@ -106,4 +111,3 @@ def test_methods_equal_pytorch_grad_cam_at_feature_resolution(method, cls_name, 
     theirs_net = net()
     theirs = _pytorch_grad_cam_feature_map(cls_name, theirs_net, theirs_net.act2, x, CLASSES)
     assert_agree(ours, torch.from_numpy(theirs))
-

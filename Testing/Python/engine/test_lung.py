@@ -1,6 +1,7 @@
 """Tests of LungGradCAMLib.engine.lung: lung_mask on phantoms (against their true lungs) and on real CT
 (LIDC slabs with reader-outlined nodules, the full chest CT, TotalSegmentator chest crops), and
 lung_bbox."""
+
 from __future__ import annotations
 
 import glob
@@ -8,12 +9,13 @@ import glob
 import numpy as np
 import pytest
 
-from helpers import data_path
 from LungGradCAMLib import phantom
 from LungGradCAMLib.core.errors import VolumeError
-from LungGradCAMLib.engine.lung import lung_bbox, lung_mask
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, crop
+from LungGradCAMLib.engine.lung import lung_bbox, lung_mask
 from LungGradCAMLib.io.volume_files import read_volume
+
+from helpers import data_path
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,8 +29,10 @@ def volume_l(mask: np.ndarray, volume: Volume) -> float:
 @pytest.fixture(scope="module")
 def chest_phantoms():
     """Two default-size phantoms: seed 1 with random nodules, seed 7 with juxta-pleural ones."""
-    return [phantom.chest_ct(seed=1),
-            phantom.chest_ct(seed=7, n_nodules=4, nodule_options={"placements": ["juxta-pleural"]})]
+    return [
+        phantom.chest_ct(seed=1),
+        phantom.chest_ct(seed=7, n_nodules=4, nodule_options={"placements": ["juxta-pleural"]}),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +98,8 @@ def test_dilation_grows_the_mask(chest_phantoms, phantom_masks):
 def _lidc(patient: str):
     import SimpleITK as sitk
 
-    from LungGradCAMLib.training.lidc import lidc_nodules
     from LungGradCAMLib.io.dicom import load_dicom_series
+    from LungGradCAMLib.training.lidc import lidc_nodules
 
     folder = glob.glob(str(data_path("lidc", f"LIDC-IDRI-{patient}") / "*" / "*"))[0]
     xml = glob.glob(str(data_path("lidc", f"LIDC-IDRI-{patient}") / "*.xml"))[0]
@@ -222,8 +226,10 @@ def test_lung_bbox_margins_clipping_and_crop():
         lung_bbox(mask, -1)
 
 
-@pytest.mark.parametrize("shape, factors", [((7, 10, 11), (2, 3, 3)), ((9, 8, 13), (3, 2, 4)),
-                                            ((6, 6, 6), (1, 2, 2)), ((5, 7, 9), (2, 2, 2))])
+@pytest.mark.parametrize(
+    "shape, factors",
+    [((7, 10, 11), (2, 3, 3)), ((9, 8, 13), (3, 2, 4)), ((6, 6, 6), (1, 2, 2)), ((5, 7, 9), (2, 2, 2))],
+)
 def test_block_mean_equals_the_mean_of_edge_padded_blocks(shape, factors):
     """The working grid's block means, with the far edge's short blocks completed by repeating the
     last slice, row or column: against numpy's padded reshape-and-mean."""

@@ -1,4 +1,5 @@
 """Architectures, model cards, saving and (hostile-file-proof) loading."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,11 +9,9 @@ import pickle
 import pytest
 import torch
 
-from LungGradCAMLib.core.errors import ModelError
-from LungGradCAMLib.engine.models import (ARCHITECTURES, ModelCard, available_models, build_model,
-                                          load_model, save_model)
+from LungGradCAMLib.core.errors import CamError, ModelError
+from LungGradCAMLib.engine.models import ARCHITECTURES, ModelCard, available_models, build_model, load_model, save_model
 from LungGradCAMLib.engine.models.networks import SEGMENTERS
-from LungGradCAMLib.core.errors import CamError
 
 SMALL_KWARGS = {
     "gradcam3d_cnn": {"width": 4},
@@ -24,9 +23,17 @@ SMALL_KWARGS = {
 
 
 def _card(arch="gradcam3d_cnn", **over) -> ModelCard:
-    fields = dict(architecture=arch, kwargs=dict(SMALL_KWARGS[arch]), class_names=["background", "nodule"],
-                  cam_class="nodule", target_layer=ARCHITECTURES[arch].cam_layer, patch_size=[16, 16, 16],
-                  spacing_mm=[1.5, 1.5, 1.5], name="tiny", output="mask" if arch in SEGMENTERS else "classes")
+    fields = dict(
+        architecture=arch,
+        kwargs=dict(SMALL_KWARGS[arch]),
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer=ARCHITECTURES[arch].cam_layer,
+        patch_size=[16, 16, 16],
+        spacing_mm=[1.5, 1.5, 1.5],
+        name="tiny",
+        output="mask" if arch in SEGMENTERS else "classes",
+    )
     fields.update(over)
     return ModelCard(**fields)
 
@@ -152,19 +159,22 @@ def test_shape_mismatch(tmp_path):
         load_model(path)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"architecture": "vit_huge"}, "unknown architecture"),
-    ({"cam_class": "malignant"}, "cam_class"),
-    ({"patch_size": [4096, 4096, 4096]}, "patch_size"),
-    ({"hu_window": [400, -1000]}, "hu_window"),
-    ({"normalisation": "magic"}, "normalisation"),
-    ({"clahe": "4d"}, "clahe"),
-    ({"surprise": 1}, "unknown model card field"),
-    ({"class_names": ["a", "b", "c"], "cam_class": "a"}, "2 outputs but the card names 3 classes"),
-    ({"target_layer": "features.nope"}, "is not a layer of gradcam3d_cnn"),
-    ({"output": "mask"}, "does not give the card's output 'mask'"),
-    ({"output": "logits"}, "'output' must be one of"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"architecture": "vit_huge"}, "unknown architecture"),
+        ({"cam_class": "malignant"}, "cam_class"),
+        ({"patch_size": [4096, 4096, 4096]}, "patch_size"),
+        ({"hu_window": [400, -1000]}, "hu_window"),
+        ({"normalisation": "magic"}, "normalisation"),
+        ({"clahe": "4d"}, "clahe"),
+        ({"surprise": 1}, "unknown model card field"),
+        ({"class_names": ["a", "b", "c"], "cam_class": "a"}, "2 outputs but the card names 3 classes"),
+        ({"target_layer": "features.nope"}, "is not a layer of gradcam3d_cnn"),
+        ({"output": "mask"}, "does not give the card's output 'mask'"),
+        ({"output": "logits"}, "'output' must be one of"),
+    ],
+)
 def test_bad_cards_refused(tmp_path, change, message):
     _, path = _saved(tmp_path)
     card_path = path.with_suffix(".json")
@@ -179,7 +189,7 @@ def test_huge_declared_model_refused_before_allocation(tmp_path):
     _, path = _saved(tmp_path)
     card_path = path.with_suffix(".json")
     data = json.loads(card_path.read_text())
-    data["kwargs"]["width"] = 10 ** 6  # ~1e14 parameters: would need petabytes if allocated
+    data["kwargs"]["width"] = 10**6  # ~1e14 parameters: would need petabytes if allocated
     card_path.write_text(json.dumps(data))
     with pytest.raises(ModelError, match="refusing to allocate"):
         load_model(path)
@@ -196,11 +206,14 @@ class _Payload:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("suffix, writer", [
-    (".pt", lambda obj, path: torch.save(obj, path)),
-    (".pth", lambda obj, path: path.write_bytes(pickle.dumps(obj))),
-    (".safetensors", lambda obj, path: path.write_bytes(pickle.dumps(obj))),
-])
+@pytest.mark.parametrize(
+    "suffix, writer",
+    [
+        (".pt", lambda obj, path: torch.save(obj, path)),
+        (".pth", lambda obj, path: path.write_bytes(pickle.dumps(obj))),
+        (".safetensors", lambda obj, path: path.write_bytes(pickle.dumps(obj))),
+    ],
+)
 def test_pickle_payload_never_runs(tmp_path, suffix, writer):
     # prove the payload is live: plain pickle does create the file
     control = tmp_path / "control"
@@ -245,6 +258,7 @@ def test_model_cache_follows_the_file_and_keeps_four(tmp_path, monkeypatch):
     import os
 
     from LungGradCAMLib.engine import models
+
     from helpers import make_tiny_model
 
     monkeypatch.setattr(models, "_CACHE", type(models._CACHE)())

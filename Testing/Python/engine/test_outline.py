@@ -1,6 +1,7 @@
 """The nodule outline: its measurements on masks and phantom nodules of known size, no leak into the
 vessels and pleura a nodule touches, and the outline in the report, the printed result, the
 segmentation files and the DICOM SEG (read back with pydicom and highdicom)."""
+
 from __future__ import annotations
 
 import json
@@ -40,10 +41,11 @@ def test_a_sphere_measures_its_diameter_and_volume():
     diagonal = float(np.hypot(*SPACING[:2]))
     for key in ("long_axis_mm", "short_axis_mm", "mean_diameter_mm"):
         assert abs(m[key] - 10.0) <= diagonal, (key, m[key])
-    assert m["volume_ml"] == pytest.approx(4 / 3 * np.pi * 5.0 ** 3 / 1000, rel=0.05)
+    assert m["volume_ml"] == pytest.approx(4 / 3 * np.pi * 5.0**3 / 1000, rel=0.05)
     assert m["voxels"] == int(sphere.array.sum())
-    np.testing.assert_allclose(m["centroid_ras"], sphere.ijk_to_ras_points((np.asarray(sphere.shape[::-1]) - 1) / 2)[0],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        m["centroid_ras"], sphere.ijk_to_ras_points((np.asarray(sphere.shape[::-1]) - 1) / 2)[0], atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("angle", [0.0, 30.0, 90.0])
@@ -75,10 +77,21 @@ def test_an_empty_mask_has_no_measurements():
 def nodules():
     """A chest phantom at 0.8 x 0.8 x 1.25 mm holding solid smooth nodules of known size:
     parenchymal, juxta-pleural (broad base on the chest wall) and juxta-vascular."""
-    options = {"kinds": ["solid"], "margins": ["smooth"], "diameter_mm": (8.0, 14.0), "malignant_fraction": 0.0,
-               "placements": ["parenchymal", "juxta-pleural", "juxta-vascular"]}
-    return phantom.chest_ct(seed=8, shape=(120, 400, 400), spacing_mm=(0.8, 0.8, 1.25), nodules="random",
-                            n_nodules=6, nodule_options=options)
+    options = {
+        "kinds": ["solid"],
+        "margins": ["smooth"],
+        "diameter_mm": (8.0, 14.0),
+        "malignant_fraction": 0.0,
+        "placements": ["parenchymal", "juxta-pleural", "juxta-vascular"],
+    }
+    return phantom.chest_ct(
+        seed=8,
+        shape=(120, 400, 400),
+        spacing_mm=(0.8, 0.8, 1.25),
+        nodules="random",
+        n_nodules=6,
+        nodule_options=options,
+    )
 
 
 def _on_ct(outline, ct: Volume) -> np.ndarray:
@@ -124,7 +137,7 @@ def test_the_outline_of_a_phantom_nodule_of_known_size(nodules):
             errors.append(outline.mean_diameter_mm - (d + EDGE_MM))
             assert abs(errors[-1]) <= 3.5, (nodule, outline.to_dict())
             assert outline.long_axis_mm >= outline.short_axis_mm
-            assert np.pi / 6 * d ** 3 / 1000 <= outline.volume_ml <= 1.1 * np.pi / 6 * (d + EDGE_MM) ** 3 / 1000
+            assert np.pi / 6 * d**3 / 1000 <= outline.volume_ml <= 1.1 * np.pi / 6 * (d + EDGE_MM) ** 3 / 1000
             found = _on_ct(outline, nodules.volume)
             assert 2 * (found & truth).sum() / (found.sum() + truth.sum()) >= 0.85
     assert np.mean(np.abs(errors)) <= DIAMETER_TOLERANCE_MM, errors
@@ -185,9 +198,22 @@ def roi_run(tmp_path_factory):
     phantom.write_dicom_series(chest.volume, tmp / "dicom")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = main(["run", str(tmp / "dicom"), "--out", str(tmp / "out"), "--model", "lidc-malignancy",
-                     "--roi=" + ",".join(map(str, NODULE_RAS)) + ",40", "--threshold", "0.2", "--device", "cpu",
-                     "--dicom-seg"])
+        code = main(
+            [
+                "run",
+                str(tmp / "dicom"),
+                "--out",
+                str(tmp / "out"),
+                "--model",
+                "lidc-malignancy",
+                "--roi=" + ",".join(map(str, NODULE_RAS)) + ",40",
+                "--threshold",
+                "0.2",
+                "--device",
+                "cpu",
+                "--dicom-seg",
+            ]
+        )
     assert code == 0
     return chest, tmp / "out", printed.getvalue()
 
@@ -200,12 +226,14 @@ def test_the_report_and_the_printed_result_carry_the_outline(roi_run):
     assert outline["found"] and outline["name"] == "nodule outline 1" and outline["method"] == "network"
     # as test_the_outline_of_a_phantom_nodule_of_known_size, with 1.2 mm pixels
     assert abs(outline["mean_diameter_mm"] - (12.0 + 2 * 1.2)) <= 1.5 + np.hypot(1.2, 1.2)
-    assert np.pi / 6 * 12.0 ** 3 / 1000 <= outline["volume_ml"] <= 1.1 * np.pi / 6 * (12.0 + 2 * 1.2) ** 3 / 1000
+    assert np.pi / 6 * 12.0**3 / 1000 <= outline["volume_ml"] <= 1.1 * np.pi / 6 * (12.0 + 2 * 1.2) ** 3 / 1000
     assert outline["long_axis_mm"] >= outline["short_axis_mm"] > 0
     assert "outline" in report["timings_s"]
     line = next(x for x in printed.splitlines() if x.strip().startswith("heat-map region 1:"))
-    assert line.endswith(f"nodule outline 1: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
-                         f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm")
+    assert line.endswith(
+        f"nodule outline 1: {outline['volume_ml']:.2f} ml, long axis {outline['long_axis_mm']:.1f} mm, "
+        f"short axis {outline['short_axis_mm']:.1f} mm, mean diameter {outline['mean_diameter_mm']:.1f} mm"
+    )
 
 
 def test_the_segmentation_file_holds_the_outline_as_its_own_segment(roi_run):
@@ -240,9 +268,14 @@ def test_the_dicom_seg_codes_the_outline_as_a_lung_nodule(roi_run):
     items = {item.SegmentLabel: item for item in ds.SegmentSequence}
     heat, nodule = items["heat-map region 1"], items["nodule outline 1"]
     assert heat.SegmentedPropertyTypeCodeSequence[0].CodeValue == "130403"
-    codes = [(s[0].CodingSchemeDesignator, s[0].CodeValue) for s in (
-        nodule.SegmentedPropertyCategoryCodeSequence, nodule.SegmentedPropertyTypeCodeSequence,
-        nodule.AnatomicRegionSequence)]
+    codes = [
+        (s[0].CodingSchemeDesignator, s[0].CodeValue)
+        for s in (
+            nodule.SegmentedPropertyCategoryCodeSequence,
+            nodule.SegmentedPropertyTypeCodeSequence,
+            nodule.AnatomicRegionSequence,
+        )
+    ]
     assert codes == [("SCT", "49755003"), ("SCT", "27925004"), ("SCT", "39607008")]
     assert nodule.SegmentAlgorithmType == "AUTOMATIC" and "nodule outline" in nodule.SegmentAlgorithmName
     seg = hd.seg.Segmentation.from_dataset(ds)

@@ -1,5 +1,6 @@
 """Tests of LungGradCAMLib.engine.preprocess: windowing, normalisation, gamma, CLAHE, Sobel, noise score,
 resampling (SimpleITK and torch paths) and the model card's preprocessing."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,11 +8,12 @@ import pytest
 import torch
 from scipy import ndimage
 
-from helpers import data_path
-from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix, resample
+from LungGradCAMLib.engine import preprocess as pp
 from LungGradCAMLib.io.volume_files import read_volume
+
+from helpers import data_path
 
 
 def _ct(seed: int = 0, shape=(12, 32, 40)) -> np.ndarray:
@@ -51,7 +53,7 @@ def test_zscore_zero_mean_unit_std_per_sample():
 def test_gamma_default_1_35_darkens_mid_grey():
     a = np.array([0.0, 0.25, 0.5, 1.0, 1.2], dtype=np.float32).reshape(1, 1, 5)
     out = pp.gamma_correct(a)
-    np.testing.assert_allclose(out.ravel(), [0, 0.25 ** 1.35, 0.5 ** 1.35, 1, 1], rtol=1e-6)
+    np.testing.assert_allclose(out.ravel(), [0, 0.25**1.35, 0.5**1.35, 1, 1], rtol=1e-6)
     np.testing.assert_allclose(pp.gamma_correct(torch.from_numpy(a)).numpy(), out, rtol=1e-6)
     with pytest.raises(InvalidInputError, match="gamma"):
         pp.gamma_correct(a, gamma=-1)
@@ -60,9 +62,14 @@ def test_gamma_default_1_35_darkens_mid_grey():
 def test_volume_in_volume_out_keeps_geometry():
     m = axis_aligned_matrix((0.7, 0.7, 2.5), (10, -20, 30))
     vol = Volume(_ct(), m, {"modality": "CT"})
-    for out in (pp.clip_hu(vol, (-1000, 400)), pp.minmax_normalise(vol, (-1000, 400)),
-                pp.zscore_normalise(vol), pp.sobel_magnitude(vol), pp.noise_score(vol) and vol,
-                pp.apply_card_preprocessing(vol, {"hu_window": (-1000, 400), "gamma": 1.35})):
+    for out in (
+        pp.clip_hu(vol, (-1000, 400)),
+        pp.minmax_normalise(vol, (-1000, 400)),
+        pp.zscore_normalise(vol),
+        pp.sobel_magnitude(vol),
+        pp.noise_score(vol) and vol,
+        pp.apply_card_preprocessing(vol, {"hu_window": (-1000, 400), "gamma": 1.35}),
+    ):
         assert isinstance(out, Volume)
         np.testing.assert_array_equal(out.ijk_to_ras, m)
         assert out.meta["modality"] == "CT"
@@ -96,8 +103,9 @@ def test_sobel_unit_step_and_torch_agrees_with_scipy():
     np.testing.assert_allclose(mag, ref, atol=1e-6)
 
     batch = np.random.default_rng(0).random((2, 1, 7, 9, 10)).astype(np.float32)
-    np.testing.assert_allclose(pp.sobel_magnitude(torch.from_numpy(batch)).numpy(),
-                               pp.sobel_magnitude(batch), atol=1e-5)
+    np.testing.assert_allclose(
+        pp.sobel_magnitude(torch.from_numpy(batch)).numpy(), pp.sobel_magnitude(batch), atol=1e-5
+    )
     # batch members do not bleed into each other
     np.testing.assert_allclose(pp.sobel_magnitude(batch)[1, 0], pp.sobel_magnitude(batch[1, 0]), atol=1e-6)
 
@@ -110,10 +118,10 @@ def test_noise_score_of_white_noise_is_20_sigma_squared():
     # in-plane Laplacian [1, -2, 1] on two axes: 16 + 4 * 1 = 20 times the noise variance
     sigma = 15.0
     noise = np.random.default_rng(0).normal(0, sigma, (6, 128, 128))
-    assert pp.noise_score(noise) == pytest.approx(20 * sigma ** 2, rel=0.03)
+    assert pp.noise_score(noise) == pytest.approx(20 * sigma**2, rel=0.03)
     per_slice = pp.noise_score(noise, per_slice=True)
     assert per_slice.shape == (6,)
-    np.testing.assert_allclose(per_slice, 20 * sigma ** 2, rtol=0.05)
+    np.testing.assert_allclose(per_slice, 20 * sigma**2, rtol=0.05)
 
 
 def test_noise_score_flags_the_noisy_slice_and_honours_mask():
@@ -124,7 +132,7 @@ def test_noise_score_flags_the_noisy_slice_and_honours_mask():
     mask = np.zeros(a.shape, dtype=bool)
     mask[:, 14:-14, 14:-14] = True  # inside the uniform "lung": only noise is left
     masked = pp.noise_score(a, mask=mask, per_slice=True)
-    np.testing.assert_allclose(masked[:6], 20 * 10 ** 2, rtol=0.35)
+    np.testing.assert_allclose(masked[:6], 20 * 10**2, rtol=0.35)
     assert pp.noise_score(a, mask=mask) < pp.noise_score(a)  # the body edges add Laplacian energy
     empty = np.zeros(a.shape, dtype=bool)
     empty[2] = True
@@ -140,8 +148,9 @@ def test_apply_card_preprocessing_all_kinds_and_orders():
     out = pp.apply_card_preprocessing(a, card)
     np.testing.assert_allclose(out, pp.minmax_normalise(a, (-1000, 400)))
     full = {"hu_window": (-1000, 400), "normalisation": "zscore", "gamma": 1.35, "clahe": True, "sobel": 0.3}
-    expected = pp.zscore_normalise(pp.sobel_enhance(pp.clahe(pp.gamma_correct(
-        pp.minmax_normalise(a, (-1000, 400)), 1.35), "slice"), 0.3))
+    expected = pp.zscore_normalise(
+        pp.sobel_enhance(pp.clahe(pp.gamma_correct(pp.minmax_normalise(a, (-1000, 400)), 1.35), "slice"), 0.3)
+    )
     np.testing.assert_allclose(pp.apply_card_preprocessing(a, full), expected, atol=1e-5)
     t = pp.apply_card_preprocessing(torch.from_numpy(a)[None, None], full)
     assert isinstance(t, torch.Tensor) and t.shape == (1, 1) + a.shape

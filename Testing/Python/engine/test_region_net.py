@@ -1,6 +1,7 @@
 """The region model as an ensemble (``region_net``): members at two scales, test-time flips, their
 outputs and CAMs averaged, image features fused; loaded and explained through the ordinary
 ``load_model``/``explain`` path; trained by cross-validation and reproduced by ``evaluate``."""
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,7 @@ def test_image_features_measure_the_central_nodule_not_the_vessel_beside_it():
     around the centre are solid out to the ball's radius (the vessel fills no shell), the mean HU
     is the ball's."""
     k, j, i = np.indices((48, 48, 48)) - 23.5
-    distance = np.sqrt(k ** 2 + j ** 2 + i ** 2)
+    distance = np.sqrt(k**2 + j**2 + i**2)
     ball = distance <= 5.0
     hu = np.where(ball, 40.0, -850.0)
     hu[24, 24, :] = 0.0  # a thin vessel through the patch
@@ -104,9 +105,18 @@ def test_image_features_measure_the_central_nodule_not_the_vessel_beside_it():
 
 def test_an_ensemble_region_model_loads_and_explains_through_the_public_api(tmp_path):
     net = _net(views=[[16, 1], [32, 2]], members=2, flips=2, features=["density_profile"], voxel_mm=2.0)
-    card = ModelCard("region_net", dict(net.init_kwargs), ["benign", "malignant"], "malignant", "tap",
-                     patch_size=[32, 32, 32], spacing_mm=[2.0, 2.0, 2.0], name="tiny-ensemble", input="roi",
-                     cam_method="layercam")
+    card = ModelCard(
+        "region_net",
+        dict(net.init_kwargs),
+        ["benign", "malignant"],
+        "malignant",
+        "tap",
+        patch_size=[32, 32, 32],
+        spacing_mm=[2.0, 2.0, 2.0],
+        name="tiny-ensemble",
+        input="roi",
+        cam_method="layercam",
+    )
     path = save_model(net, card, tmp_path / "ensemble.safetensors")
     loaded = load_model(path, device="cpu")
     assert len(loaded.module.members) == 4 and loaded.target_layer is loaded.module.tap
@@ -122,8 +132,9 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     """``train --arch region_net --folds K``: members per view and fold, the fusion fitted out of
     fold, one bundled file whose held-out figures ``evaluate`` reproduces exactly."""
     from LungGradCAMLib.cli import main
-    from helpers import write_voi_folder
     from LungGradCAMLib.io.volume_files import write_volume
+
+    from helpers import write_voi_folder
 
     root = tmp_path
     write_voi_folder(root / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(12)])
@@ -131,11 +142,53 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     write_volume(chest.volume, root / "chest.nrrd")
     (root / "backgrounds.csv").write_text("image,split\nchest.nrrd,bands\n")
     kwargs = {"member": MEMBER, "views": [[8, 1], [16, 2]], "flips": 2, "features": ["radial_extent"]}
-    assert main(["train", "--source", "lidc-vois", "--path", str(root / "vois"), "--task", "malignancy",
-                 "--backgrounds", str(root / "backgrounds.csv"), "--placements", "2", "--patch-size", "16", "16", "16",
-                 "--spacing", "2", "2", "2", "--arch", "region_net", "--arch-kwargs", json.dumps(kwargs),
-                 "--mask-loss", "1", "--epochs", "2", "--batch-size", "8", "--no-progress", "--device", "cpu",
-                 "--folds", "3", "--test-fraction", "0.25", "--name", "tiny-region", "--out", str(root / "out")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--source",
+                "lidc-vois",
+                "--path",
+                str(root / "vois"),
+                "--task",
+                "malignancy",
+                "--backgrounds",
+                str(root / "backgrounds.csv"),
+                "--placements",
+                "2",
+                "--patch-size",
+                "16",
+                "16",
+                "16",
+                "--spacing",
+                "2",
+                "2",
+                "2",
+                "--arch",
+                "region_net",
+                "--arch-kwargs",
+                json.dumps(kwargs),
+                "--mask-loss",
+                "1",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "8",
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--folds",
+                "3",
+                "--test-fraction",
+                "0.25",
+                "--name",
+                "tiny-region",
+                "--out",
+                str(root / "out"),
+            ]
+        )
+        == 0
+    )
     card = ModelCard.load(root / "out" / "region.json")
     ensemble = card.training["ensemble"]
     assert card.kwargs["members"] == 3 and ensemble["members"] == 6 and card.input == "roi"
@@ -147,17 +200,34 @@ def test_train_bundles_cross_validation_members_and_evaluate_reproduces_the_card
     for v in (1, 2):
         for k in (1, 2, 3):
             member = ModelCard.load(root / "out" / f"view{v}" / f"fold{k}" / "best.json")
-            assert not set(member.training["split"]["train_patients"]) & (test | set(member.training["split"]["test_patients"]))
+            assert not set(member.training["split"]["train_patients"]) & (
+                test | set(member.training["split"]["test_patients"])
+            )
     cv = card.metrics["cross_validation"]
     assert {"model", "view1_alone", "view2_alone", "networks_without_features"} <= set(cv)
     assert "diameter_baseline" in cv["model"] and len(cv["model"]["size_bands"]) == 4
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(root / "out" / "region.safetensors"), "--out", str(root / "eval"),
-                 "--device", "cpu", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(root / "out" / "region.safetensors"),
+                "--out",
+                str(root / "eval"),
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     report = json.loads((root / "eval" / "report.json").read_text())
     strict = json.loads(json.dumps(report).replace("NaN", "null"))
-    assert {k: strict["metrics"][k] for k in card.metrics if k in strict["metrics"]} == \
-        {k: card.metrics[k] for k in strict["metrics"]}
+    assert {k: strict["metrics"][k] for k in card.metrics if k in strict["metrics"]} == {
+        k: card.metrics[k] for k in strict["metrics"]
+    }
     assert strict["diameter_baseline"] == card.metrics["diameter_baseline"]
 
 
@@ -165,19 +235,52 @@ def test_the_heat_map_retraining_test_runs_on_real_nodule_outlines(tmp_path, cap
     """``evaluate --cam-retrain`` on a region model whose card names LIDC VOIs: the card's data, the
     readers' outlines as the truth masks, one member of its architecture, its outline loss."""
     from LungGradCAMLib.cli import main
+
     from helpers import write_voi_folder
 
     write_voi_folder(tmp_path / "vois", [(f"P{n}", 1, "Malign" if n % 2 else "Benign", 2 + n % 4) for n in range(8)])
     net = _net(views=[[8, 1], [16, 2]], members=2, flips=2)
     spec = {"source": "lidc-vois", "path": str(tmp_path / "vois"), "task": "malignancy", "placements": 2}
-    card = ModelCard("region_net", dict(net.init_kwargs), ["benign", "malignant"], "malignant", "tap",
-                     patch_size=[16, 16, 16], spacing_mm=[2.0, 2.0, 2.0], name="tiny-ensemble", input="roi",
-                     cam_method="layercam", training={"data_spec": spec, "config": {"mask_loss": 1.0}})
+    card = ModelCard(
+        "region_net",
+        dict(net.init_kwargs),
+        ["benign", "malignant"],
+        "malignant",
+        "tap",
+        patch_size=[16, 16, 16],
+        spacing_mm=[2.0, 2.0, 2.0],
+        name="tiny-ensemble",
+        input="roi",
+        cam_method="layercam",
+        training={"data_spec": spec, "config": {"mask_loss": 1.0}},
+    )
     path = save_model(net, card, tmp_path / "ensemble.safetensors")
     out = tmp_path / "retrain"
-    assert main(["evaluate", "--cam-retrain", "--model", str(path), "--out", str(out), "--device", "cpu",
-                 "--retrain-arch-kwargs", '{"members": 1, "views": [[8, 1]], "flips": 1}', "--retrain-epochs", "1",
-                 "--val-fraction", "0.5", "--bootstrap", "20", "--threads", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--cam-retrain",
+                "--model",
+                str(path),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--retrain-arch-kwargs",
+                '{"members": 1, "views": [[8, 1]], "flips": 1}',
+                "--retrain-epochs",
+                "1",
+                "--val-fraction",
+                "0.5",
+                "--bootstrap",
+                "20",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
     saved = json.loads((out / "cam_retrain.json").read_text())
     assert set(saved["accuracy"]) == {"original", "cam", "truth", "inverted"}
     assert saved["settings"]["cam_method"] == "layercam" and saved["settings"]["kwargs"]["members"] == 1

@@ -1,6 +1,7 @@
 """The sliding-window CAM (LungGradCAMLib.engine.sliding) on small random 3D CNNs, on the CPU: patch
 grid and air padding, Gaussian blending against a direct computation, progress, cancellation,
 and out-of-memory recovery (a CUDA out-of-memory error injected by a model wrapper)."""
+
 from __future__ import annotations
 
 import itertools
@@ -12,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from LungGradCAMLib.engine.cam import compute_cam
 from LungGradCAMLib.core.errors import CamError, CancelledError, InvalidInputError, ResourceError
+from LungGradCAMLib.engine.cam import compute_cam
 from LungGradCAMLib.engine.sliding import sliding_cam
 
 
@@ -21,9 +22,14 @@ def make_net(seed: int = 0) -> nn.Module:
     """Any patch of >= 4 voxels a side; the pooled linear head makes gradients vary in space."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-        nn.Conv3d(4, 6, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Linear(6 * 8, 2),
+        nn.Conv3d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool3d(2),
+        nn.Conv3d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 8, 2),
     ).eval()
 
 
@@ -119,8 +125,7 @@ def test_edge_patches_are_padded_with_air_before_preprocessing():
 def test_patch_grid_covers_the_roi_and_nothing_else():
     vol = make_volume((20, 24, 30))
     roi = ((2, 18), (0, 24), (3, 29))
-    result = sliding_cam(make_net(), vol, 8, (4, 6, 8), method="layercam", roi=roi,
-                         batch_size=5, preprocess=window)
+    result = sliding_cam(make_net(), vol, 8, (4, 6, 8), method="layercam", roi=roi, batch_size=5, preprocess=window)
     starts = [range(2, 2 + 3 * 4, 4), range(0, 4 * 6, 6), range(3, 3 + 4 * 8, 8)]
     expected = [tuple((s, s + 8) for s in c) for c in itertools.product(*starts)]
     assert [p.box for p in result.patch_scores] == expected  # the last i patch reaches 35 > 30
@@ -148,14 +153,14 @@ def test_gaussian_blending_of_maps_and_scores(blend, scale):
     num, den = np.zeros((8, 8, 24)), np.zeros((8, 8, 24))
     score_num = np.zeros((8, 8, 24))
     for start in range(0, 17, 4):
-        x = window(vol[:, :, start:start + 8])[None, None]
+        x = window(vol[:, :, start : start + 8])[None, None]
         raw = compute_cam(net, x, method="layercam", target=1, normalize=False)[0].double().numpy()
         p = float(torch.softmax(net(x).detach(), 1)[0, 1])
         if blend == "score":
             raw = p * (raw - raw.min()) / (raw.max() - raw.min())
-        num[:, :, start:start + 8] += weight * raw
-        score_num[:, :, start:start + 8] += weight * p
-        den[:, :, start:start + 8] += weight
+        num[:, :, start : start + 8] += weight * raw
+        score_num[:, :, start : start + 8] += weight * p
+        den[:, :, start : start + 8] += weight
     expected = num / den
     if scale == "relative":
         expected = (expected - expected.min()) / (expected.max() - expected.min())
@@ -170,8 +175,10 @@ def test_numpy_and_integer_volumes():
     as_int16 = sliding_cam(make_net(), vol.numpy().astype(np.int16), 8, 4, preprocess=window).cam
     assert np.array_equal(as_int16, expected)
     flipped = vol.numpy()[::-1]  # a view with negative strides
-    assert np.array_equal(sliding_cam(make_net(), flipped, 8, 4, preprocess=window).cam,
-                          sliding_cam(make_net(), flipped.copy(), 8, 4, preprocess=window).cam)
+    assert np.array_equal(
+        sliding_cam(make_net(), flipped, 8, 4, preprocess=window).cam,
+        sliding_cam(make_net(), flipped.copy(), 8, 4, preprocess=window).cam,
+    )
 
 
 def test_progress_and_cancellation():
@@ -200,8 +207,7 @@ def test_out_of_memory_halves_the_batch(one_thread):
     expected = sliding_cam(make_net(), vol, 8, 4, batch_size=2, preprocess=window)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # halving alone does not warn
-        result = sliding_cam(Faulty(make_net(), fault), vol, 8, 4, batch_size=8,
-                             preprocess=window)
+        result = sliding_cam(Faulty(make_net(), fault), vol, 8, 4, batch_size=8, preprocess=window)
     assert seen[:3] == [8, 4, 2] and set(seen[2:]) == {2}
     assert result.batch_size == 2 and result.device == "cpu"
     assert np.array_equal(result.cam, expected.cam)
@@ -247,7 +253,12 @@ def test_cpu_workers_share_each_batch_and_give_the_one_thread_result(one_thread)
     assert torch.get_num_threads() == 2
     # 8 split in two (the second worker may not start once the first runs out of memory), then 4
     # split in two for every batch after that
-    assert seen[0] == 4 and 2 in seen and set(seen) == {4, 2} and seen[seen.index(2):] == [2] * (len(seen) - seen.index(2))
+    assert (
+        seen[0] == 4
+        and 2 in seen
+        and set(seen) == {4, 2}
+        and seen[seen.index(2) :] == [2] * (len(seen) - seen.index(2))
+    )
     assert result.batch_size == 4 and result.device == "cpu"
     assert np.allclose(result.cam, expected.cam, atol=1e-6)
     assert np.allclose(result.score_map, expected.score_map, atol=1e-6)
@@ -288,19 +299,22 @@ def test_out_of_memory_everywhere_raises_resource_error():
     assert all(not m._forward_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"patch": 0}, InvalidInputError, "patch must be"),
-    ({"patch": (8, 8)}, InvalidInputError, "patch must be"),
-    ({"stride": 9}, InvalidInputError, "larger than patch"),
-    ({"roi": ((0, 4), (0, 4), (5, 4))}, InvalidInputError, "roi"),
-    ({"roi": ((0, 4), (0, 4), (0, 40))}, InvalidInputError, "inside the volume"),
-    ({"roi": "lungs"}, InvalidInputError, "roi must be"),
-    ({"batch_size": 0}, InvalidInputError, "batch_size"),
-    ({"device": "meta"}, InvalidInputError, "move the model"),
-    ({"volume": torch.zeros(8, 8)}, InvalidInputError, "3-D"),
-    ({"method": "gradcam+++"}, CamError, "unknown CAM method"),
-    ({"layer": "head"}, CamError, "not a module"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"patch": 0}, InvalidInputError, "patch must be"),
+        ({"patch": (8, 8)}, InvalidInputError, "patch must be"),
+        ({"stride": 9}, InvalidInputError, "larger than patch"),
+        ({"roi": ((0, 4), (0, 4), (5, 4))}, InvalidInputError, "roi"),
+        ({"roi": ((0, 4), (0, 4), (0, 40))}, InvalidInputError, "inside the volume"),
+        ({"roi": "lungs"}, InvalidInputError, "roi must be"),
+        ({"batch_size": 0}, InvalidInputError, "batch_size"),
+        ({"device": "meta"}, InvalidInputError, "move the model"),
+        ({"volume": torch.zeros(8, 8)}, InvalidInputError, "3-D"),
+        ({"method": "gradcam+++"}, CamError, "unknown CAM method"),
+        ({"layer": "head"}, CamError, "not a module"),
+    ],
+)
 def test_bad_arguments(kwargs, error, match):
     args = {"patch": 8, "stride": 4, "volume": make_volume((12, 12, 12))}
     args.update(kwargs)
@@ -316,14 +330,21 @@ def test_real_cuda_out_of_memory_is_recovered():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv3d(64, 64, 3, padding=1),
-                        nn.ReLU(), nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Linear(512, 2)).eval()
+    net = nn.Sequential(
+        nn.Conv3d(1, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv3d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool3d(2),
+        nn.Flatten(),
+        nn.Linear(512, 2),
+    ).eval()
     vol = make_volume((64, 96, 96))
     expected = sliding_cam(net, vol, 48, 24, batch_size=2, preprocess=window)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
     # about 1.5 GiB: one 48^3 patch needs ~0.1 GiB through this net, 64 patches need ~7 GiB
-    torch.cuda.set_per_process_memory_fraction(1.5 * 2 ** 30 / total)
+    torch.cuda.set_per_process_memory_fraction(1.5 * 2**30 / total)
     try:
         result = sliding_cam(net.cuda(), vol, 48, 24, batch_size=64, preprocess=window)
     finally:
@@ -338,8 +359,7 @@ def test_sigmoid_patch_scores_and_device_names():
     result = sliding_cam(net, vol, 8, 8, preprocess=window, activation="sigmoid", device="cpu")
     logits = net(window(vol)[None, None]).detach()
     assert result.max_score == pytest.approx(float(torch.sigmoid(logits[0, 1])), abs=1e-6)
-    assert result.patch_scores[0].probabilities == pytest.approx(
-        tuple(torch.sigmoid(logits[0]).tolist()), abs=1e-6)
+    assert result.patch_scores[0].probabilities == pytest.approx(tuple(torch.sigmoid(logits[0]).tolist()), abs=1e-6)
 
 
 class Brightness(nn.Module):
@@ -364,12 +384,12 @@ def test_score_blend_silences_background_patches():
     """blend="score": a patch's map counts in proportion to its score, so a region only
     low-scoring patches cover stays cold, while "raw" blending keeps their (raw) heat."""
     vol = torch.zeros(8, 8, 32)
-    vol[2:6, 2:6, 2:6] = 1.0      # a bright blob in the first patches
-    vol[:, :, 24:] = 0.02         # a faint area only low-scoring patches see
+    vol[2:6, 2:6, 2:6] = 1.0  # a bright blob in the first patches
+    vol[:, :, 24:] = 0.02  # a faint area only low-scoring patches see
     raw = sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="raw", scale="relative")
     score = sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="score")
-    assert raw.cam[:, :, 26:30].max() > 0.01         # raw: the faint area keeps its heat
-    assert score.cam[:, :, 26:30].max() < 0.01       # score-weighted: p(nodule) ~ 0.003 there
+    assert raw.cam[:, :, 26:30].max() > 0.01  # raw: the faint area keeps its heat
+    assert score.cam[:, :, 26:30].max() < 0.01  # score-weighted: p(nodule) ~ 0.003 there
     assert score.cam[2:6, 2:6, 2:6].max() == pytest.approx(1.0, abs=1e-3)  # p(nodule) ~ 1 there
     with pytest.raises(InvalidInputError, match="blend"):
         sliding_cam(Brightness(), vol, 8, 8, layer="act", blend="max")

@@ -1,4 +1,5 @@
 """Classification metrics, confidence intervals, figures and ``lunggradcam evaluate``."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from LungGradCAMLib.evaluation import evaluate as ev
 from LungGradCAMLib.cli import main as cli_main
-from LungGradCAMLib.training.data import PatchSet
 from LungGradCAMLib.core.errors import DataError, InvalidInputError
 from LungGradCAMLib.engine.models import ModelCard, build_model, load_model, save_model
+from LungGradCAMLib.evaluation import evaluate as ev
+from LungGradCAMLib.training.data import PatchSet
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -111,7 +112,10 @@ def test_evaluate_model_adds_the_baseline_for_nodules_with_diameters(tmp_path):
     assert set(base["metrics"]) == set(report["metrics"]) and len(report["size_bands"]) == 4
     loaded.card.metrics = {"diameter_baseline": {"threshold_mm": 7.5}}
     report = ev.evaluate_model(loaded, ps, n_boot=20)
-    assert report["diameter_baseline"]["threshold_mm"] == 7.5 and report["diameter_baseline"]["threshold_from"] == ev.CARD_CUT
+    assert (
+        report["diameter_baseline"]["threshold_mm"] == 7.5
+        and report["diameter_baseline"]["threshold_from"] == ev.CARD_CUT
+    )
 
 
 def test_fold_ci_t_interval():
@@ -149,13 +153,22 @@ def test_loss_figure_keeps_the_auc_off_the_loss_axis():
 
 def _tiny_model_and_data(tmp_path):
     torch.manual_seed(0)
-    card = ModelCard("gradcam3d_cnn", {"width": 4}, ["background", "nodule"], "nodule", "features.act6",
-                     patch_size=[16, 16, 16], spacing_mm=[2.0, 2.0, 2.0], name="tiny")
+    card = ModelCard(
+        "gradcam3d_cnn",
+        {"width": 4},
+        ["background", "nodule"],
+        "nodule",
+        "features.act6",
+        patch_size=[16, 16, 16],
+        spacing_mm=[2.0, 2.0, 2.0],
+        name="tiny",
+    )
     path = save_model(build_model("gradcam3d_cnn", width=4), card, tmp_path / "tiny.safetensors")
     rng = np.random.default_rng(0)
     patches = rng.normal(-700, 200, (20, 16, 16, 16)).astype(np.int16)
-    ps = PatchSet(patches, np.arange(20) % 2, np.repeat(np.arange(5).astype(str), 4), ["background", "nodule"],
-                  (2.0, 2.0, 2.0))
+    ps = PatchSet(
+        patches, np.arange(20) % 2, np.repeat(np.arange(5).astype(str), 4), ["background", "nodule"], (2.0, 2.0, 2.0)
+    )
     return path, ps
 
 
@@ -171,10 +184,40 @@ def test_evaluate_model_and_cli(tmp_path, capsys):
 
     cache = ps.save(tmp_path / "p.npz")
     out = tmp_path / "eval"
-    assert cli_main(["evaluate", "--model", str(path), "--source", "patches", "--path", str(cache),
-                     "--out", str(out), "--bootstrap", "20"]) == 0
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--model",
+                str(path),
+                "--source",
+                "patches",
+                "--path",
+                str(cache),
+                "--out",
+                str(out),
+                "--bootstrap",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "report.json").read_text())["model"]["name"] == "tiny"
     assert (out / "roc.png").read_bytes()[:8] == PNG
-    assert cli_main(["evaluate", "--model", str(path), "--source", "patches", "--path",
-                     str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--model",
+                str(path),
+                "--source",
+                "patches",
+                "--path",
+                str(tmp_path / "missing.npz"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "missing.npz: patch cache not found" in capsys.readouterr().err

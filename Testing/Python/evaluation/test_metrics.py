@@ -1,12 +1,13 @@
 """metrics.py against cases small enough to compute by hand."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from LungGradCAMLib.evaluation import metrics
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.evaluation import metrics
 
 
 def line(values) -> np.ndarray:
@@ -16,11 +17,12 @@ def line(values) -> np.ndarray:
 
 # --- Dice / IoU -----------------------------------------------------------------------------------
 
+
 def test_dice_and_iou_by_hand():
     a = np.zeros((4, 4, 4), bool)
     b = np.zeros((4, 4, 4), bool)
-    a[0:2, 0:2, 0:2] = True          # 8 voxels
-    b[1:3, 0:2, 0:3] = True          # 12 voxels, 4 shared with a (k=1, j 0..1, i 0..1)
+    a[0:2, 0:2, 0:2] = True  # 8 voxels
+    b[1:3, 0:2, 0:3] = True  # 12 voxels, 4 shared with a (k=1, j 0..1, i 0..1)
     assert metrics.dice(a, b) == pytest.approx(2 * 4 / 20)
     assert metrics.iou(a, b) == pytest.approx(4 / 16)
     assert metrics.dice(a, a) == 1.0 and metrics.iou(a, ~a) == 0.0
@@ -41,6 +43,7 @@ def test_shape_and_geometry_mismatch_are_refused():
 
 # --- mean-Dice --------------------------------------------------------------------------------------
 
+
 def test_cam_to_8bit_scaling():
     assert metrics.cam_to_8bit(line([0.0, 0.5, 1.0])).ravel().tolist() == [0, 128, 255]
     # min-max: an offset and a scale change nothing; a constant CAM is all zero
@@ -60,7 +63,7 @@ def test_mean_dice_of_a_perfect_cam_is_255_of_256():
 
 def test_mean_dice_three_levels_by_hand():
     truth = line([1, 1, 0, 0])
-    cam = line([1.0, 0.5, 0.5, 0.0])            # CAM8 = 255, 128, 128, 0
+    cam = line([1.0, 0.5, 0.5, 0.0])  # CAM8 = 255, 128, 128, 0
     # t = 0..127: B = {0,1,2}, Dice = 2*2/(2+3) = 0.8; t = 128..254: B = {0}, Dice = 2/3; t = 255: 0
     expected = (128 * 0.8 + 127 * (2 / 3)) / 256
     assert metrics.mean_dice(cam, truth) == pytest.approx(expected)
@@ -83,7 +86,7 @@ def test_dice_curve_equals_256_explicit_thresholds():
 
 def test_mean_dice_within_mask_ignores_outside_voxels():
     truth = line([1, 0, 0, 0])
-    cam = line([0.5, 0.0, 0.0, 9.0])             # the outlier at i = 3 would squash the scaling
+    cam = line([0.5, 0.0, 0.0, 9.0])  # the outlier at i = 3 would squash the scaling
     within = line([1, 1, 1, 0])
     # inside the mask CAM8 = 255, 0, 0: perfect for t = 0..254
     assert metrics.mean_dice(cam, truth, within=within) == pytest.approx(255 / 256)
@@ -91,6 +94,7 @@ def test_mean_dice_within_mask_ignores_outside_voxels():
 
 
 # --- pointing games ---------------------------------------------------------------------------------
+
 
 def test_pointing_game_hit_and_miss():
     truth = line([0, 1, 1, 0])
@@ -104,9 +108,9 @@ def test_pointing_game_tolerance_in_mm_on_a_flipped_anisotropic_grid():
     truth = np.zeros((3, 4, 5), bool)
     truth[0, 0, 0] = True
     cam = np.zeros((3, 4, 5))
-    cam[2, 0, 3] = 1.0                           # 3 voxels along I, 2 along K from the truth
+    cam[2, 0, 3] = 1.0  # 3 voxels along I, 2 along K from the truth
     m = axis_aligned_matrix((2.0, 1.0, 4.0), (10, -5, 3), np.diag([-1.0, 1.0, -1.0]))
-    distance = np.hypot(3 * 2.0, 2 * 4.0)        # 10 mm
+    distance = np.hypot(3 * 2.0, 2 * 4.0)  # 10 mm
     cam_v, truth_v = Volume(cam, m), Volume(truth.astype(np.uint8), m)
     assert metrics.peak_distance_mm(cam_v, truth_v) == pytest.approx(distance)
     assert not metrics.pointing_game(cam_v, truth_v, tolerance_mm=9.9)
@@ -137,6 +141,7 @@ def test_energy_pointing_game_by_hand():
 
 # --- deletion / insertion -----------------------------------------------------------------------------
 
+
 def first_voxel_is_tissue(batch: np.ndarray) -> np.ndarray:
     """A 'model' that only looks at voxel (0, 0, 0): 1 when it is tissue (> -500 HU)."""
     assert batch.ndim == 4 and batch.dtype == np.float32
@@ -144,8 +149,8 @@ def first_voxel_is_tissue(batch: np.ndarray) -> np.ndarray:
 
 
 def test_deletion_and_insertion_by_hand():
-    ct = line([0.0, 0.0, 0.0, 0.0])              # soft tissue, 0 HU
-    good = line([4.0, 3.0, 2.0, 1.0])            # hottest = the voxel the model looks at
+    ct = line([0.0, 0.0, 0.0, 0.0])  # soft tissue, 0 HU
+    good = line([4.0, 3.0, 2.0, 1.0])  # hottest = the voxel the model looks at
     bad = line([1.0, 2.0, 3.0, 4.0])
     deletion = metrics.deletion_curve(ct, good, first_voxel_is_tissue, steps=4, batch_size=2)
     np.testing.assert_allclose(deletion.fractions, [0, 0.25, 0.5, 0.75, 1.0])
@@ -190,6 +195,7 @@ def test_curves_reject_bad_arguments():
 
 
 # --- FROC -----------------------------------------------------------------------------------------
+
 
 def test_froc_by_hand():
     """Three operating points over 2 scans and 3 nodules: 16, 4 and 1 false positives (8, 2 and

@@ -1,5 +1,6 @@
 """A bad Slicer DICOM database (ctkDICOM.sql): damaged, someone else's SQLite file, files of a series
 deleted; each refused with its specific error (checked as bad_inputs.py says)."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -29,8 +30,10 @@ def _foreign_sqlite(root: Path) -> Made:
     root.mkdir(parents=True)
     path = root / "ctkDICOM.sql"
     with closing(sqlite3.connect(path)) as db, db:
-        db.executescript("CREATE TABLE bookmarks (id INTEGER PRIMARY KEY, url TEXT);"
-                         "INSERT INTO bookmarks (url) VALUES ('https://example.org');")
+        db.executescript(
+            "CREATE TABLE bookmarks (id INTEGER PRIMARY KEY, url TEXT);"
+            "INSERT INTO bookmarks (url) VALUES ('https://example.org');"
+        )
     return Made(root, lambda: DicomDatabase(root), [str(path), "Patients", "Images"])
 
 
@@ -49,5 +52,6 @@ CASES: Dict[str, Case] = {
     "database_files_deleted": Case(_database_files_deleted, DatabaseError, "files of series .* are missing"),
 }
 
-test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = \
-    case_tests(CASES)
+test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = case_tests(
+    CASES
+)

@@ -2,6 +2,7 @@
 that declare too much; each refused with its specific error (checked as bad_inputs.py says). Inputs
 the loader accepts by design (gantry tilt, non-DICOM files or a named pipe beside the series) give
 the correct volume, and ``lunggradcam run`` completes on the tilted series."""
+
 from __future__ import annotations
 
 import os
@@ -18,26 +19,32 @@ from pydicom.uid import generate_uid
 import LungGradCAMLib as lgc
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
-from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, NoSeriesFoundError,
-                                        SeriesGeometryError, VolumeError)
+from LungGradCAMLib.core.errors import (
+    AmbiguousSeriesError,
+    DicomDecodeError,
+    NoSeriesFoundError,
+    SeriesGeometryError,
+    VolumeError,
+)
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
-from LungGradCAMLib.io.volume_files import read_volume
 from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
+from LungGradCAMLib.io.volume_files import read_volume
 
 from bad_inputs import Case, Made, case_tests, dicom_series, uid_of, within
 from dicom_damage import drop_pixels, edit, short_pixels, truncate, truncate_header
 from helpers import snapshot as _snapshot
 
-CORONAL = axis_aligned_matrix((0.8, 2.5, 0.8), (0.0, 0.0, 0.0),
-                              np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]))
+CORONAL = axis_aligned_matrix((0.8, 2.5, 0.8), (0.0, 0.0, 0.0), np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]]))
 
 
 def _one_bad_file(change: Callable[[Path], None]) -> Callable[[Path], Made]:
     """A 4-slice series whose second file is damaged by ``change``; the message names that file."""
+
     def make(root: Path) -> Made:
         files = dicom_series(root)
         change(files[1])
         return Made(root, lambda: load_dicom_series(root), [str(files[1])])
+
     return make
 
 
@@ -47,6 +54,7 @@ def _every_file(change: Callable[[Path], None]) -> Callable[[Path], Made]:
         for f in files:
             change(f)
         return Made(root, lambda: load_dicom_series(root), [str(files[0])])
+
     return make
 
 
@@ -55,6 +63,7 @@ def _mpeg2(f: Path) -> None:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # video: no pixel decoder for it
         ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(60)])
         ds["PixelData"].VR = "OB"
+
     edit(f, change)
 
 
@@ -92,6 +101,7 @@ def _duplicate_positions(root: Path) -> Made:
     def other_pixels(ds):
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.PixelData = (ds.pixel_array + 7).astype("<i2").tobytes()
+
     copy = edit(files[2], other_pixels, root / "rescan.dcm")
     return Made(root, lambda: load_dicom_series(root), [str(files[2]), str(copy), uid_of(files[0])])
 
@@ -113,10 +123,21 @@ def _mixed_orientations(root: Path) -> Made:
 def _two_ct_series(root: Path) -> Made:
     # two patients' CTs in one tree: each series is named with its patient and folder
     a = dicom_series(root / "a", series_description="lung kernel", patient_id="LIDC-IDRI-0001")
-    b = dicom_series(root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel", patient_id="LIDC-IDRI-0002")
-    return Made(root, lambda: load_dicom_series(root), [uid_of(a[0]), uid_of(b[0]), "lung kernel", "soft kernel",
-                                                         f"patient 'LIDC-IDRI-0001'  in {root / 'a'}",
-                                                         f"patient 'LIDC-IDRI-0002'  in {root / 'b'}"])
+    b = dicom_series(
+        root / "b", shape=(5, 16, 16), seed=1, series_description="soft kernel", patient_id="LIDC-IDRI-0002"
+    )
+    return Made(
+        root,
+        lambda: load_dicom_series(root),
+        [
+            uid_of(a[0]),
+            uid_of(b[0]),
+            "lung kernel",
+            "soft kernel",
+            f"patient 'LIDC-IDRI-0001'  in {root / 'a'}",
+            f"patient 'LIDC-IDRI-0002'  in {root / 'b'}",
+        ],
+    )
 
 
 def _empty_folder(root: Path) -> Made:
@@ -187,18 +208,20 @@ CASES: Dict[str, Case] = {
     "truncated_file": Case(_one_bad_file(truncate), DicomDecodeError, "truncated"),
     "truncated_header": Case(_one_bad_file(truncate_header), DicomDecodeError, "truncated or damaged"),
     "missing_pixel_data": Case(_one_bad_file(drop_pixels), DicomDecodeError, "without Pixel Data"),
-    "pixel_data_short": Case(_one_bad_file(short_pixels), DicomDecodeError,
-                             "Pixel Data holds 256 bytes but .*16x16 .*need 512"),
-    "transfer_syntax_without_decoder": Case(_one_bad_file(_mpeg2), DicomDecodeError,
-                                            "no decoder available for transfer syntax .*MPEG2"),
+    "pixel_data_short": Case(
+        _one_bad_file(short_pixels), DicomDecodeError, "Pixel Data holds 256 bytes but .*16x16 .*need 512"
+    ),
+    "transfer_syntax_without_decoder": Case(
+        _one_bad_file(_mpeg2), DicomDecodeError, "no decoder available for transfer syntax .*MPEG2"
+    ),
     "garbage_after_dicm": Case(_one_bad_file(_garbage), DicomDecodeError, "unreadable DICOM"),
     "missing_position": Case(_one_bad_file(_no_position), SeriesGeometryError, "lacks ImagePositionPatient"),
-    "invalid_orientation": Case(_every_file(_parallel_cosines), SeriesGeometryError,
-                                "invalid ImageOrientationPatient"),
+    "invalid_orientation": Case(_every_file(_parallel_cosines), SeriesGeometryError, "invalid ImageOrientationPatient"),
     "non_ct_modality_only": Case(_non_ct_only, NoSeriesFoundError, "no CT series"),
     "single_slice": Case(_single_slice, SeriesGeometryError, "single slice"),
-    "duplicate_positions_different_pixels": Case(_duplicate_positions, SeriesGeometryError,
-                                                 "same position .* different pixels"),
+    "duplicate_positions_different_pixels": Case(
+        _duplicate_positions, SeriesGeometryError, "same position .* different pixels"
+    ),
     "gap_of_many_slices": Case(_gap, SeriesGeometryError, "about 5 slices are missing.*max_gap_slices=2"),
     "mixed_orientations": Case(_mixed_orientations, SeriesGeometryError, "mixes slices of different orientation"),
     "two_ct_series": Case(_two_ct_series, AmbiguousSeriesError, "2 CT series found; pick one"),
@@ -211,15 +234,17 @@ CASES: Dict[str, Case] = {
     "zero_rows": Case(_zero_rows, DicomDecodeError, "Rows x Columns is 0 x 16"),
     "nan_rescale_slope": Case(_one_bad_file(_nan_slope), DicomDecodeError, "RescaleSlope nan .* not finite"),
     # a damaged slice is named, not split off as a stack of its own and replaced by interpolation
-    "one_slice_with_invalid_orientation": Case(_one_bad_file(_parallel_cosines), SeriesGeometryError,
-                                               "invalid ImageOrientationPatient"),
+    "one_slice_with_invalid_orientation": Case(
+        _one_bad_file(_parallel_cosines), SeriesGeometryError, "invalid ImageOrientationPatient"
+    ),
     # refused from the header: one record per declared frame would let 2**31 frames exhaust memory
     "absurd_number_of_frames": Case(_absurd_frame_count, DicomDecodeError, "declares 20000 frames"),
     "dicom_pixel_spacing_1e30": Case(_dicom_huge_pixel_spacing, SeriesGeometryError, "PixelSpacing"),
 }
 
-test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = \
-    case_tests(CASES)
+test_library_raises_specific_error_naming_the_input, test_cli_exits_2_with_the_message_and_writes_nothing = case_tests(
+    CASES
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,10 +262,12 @@ def _tilt(root: Path, chest: Volume):
     files = phantom.write_dicom_series(chest, root)
     step = 0.25 * chest.spacing[1]
     for k, f in enumerate(files):
+
         def drift(ds, k=k):
             ipp = [float(v) for v in ds.ImagePositionPatient]
             col = [float(v) for v in ds.ImageOrientationPatient[3:]]
             ds.ImagePositionPatient = [f"{p + k * step * c:.6f}" for p, c in zip(ipp, col)]
+
         edit(f, drift)
 
     def check(volume: Volume) -> None:
@@ -249,8 +276,9 @@ def _tilt(root: Path, chest: Volume):
         expected = _expected(chest)
         for k in (0, 4, 8, 20):  # shifts of 0, 1, 2 and 5 whole rows: exact
             s = k // 4
-            assert np.allclose(volume.array[k, s:], expected[k, :expected.shape[1] - s], atol=1e-3)
+            assert np.allclose(volume.array[k, s:], expected[k, : expected.shape[1] - s], atol=1e-3)
             assert np.all(volume.array[k, :s] == -1024)
+
     return check
 
 
@@ -287,11 +315,16 @@ def _same_as(chest: Volume):
     def check(volume: Volume) -> None:
         assert np.array_equal(volume.array, _expected(chest))
         assert np.allclose(volume.ijk_to_ras, chest.ijk_to_ras, atol=1e-6)
+
     return check
 
 
-OK_CASES = {"gantry_tilt": _tilt, "non_dicom_files_beside": _non_dicom_beside,
-            "named_pipe_beside": _named_pipe_beside, "unix_socket_beside": _socket_beside}
+OK_CASES = {
+    "gantry_tilt": _tilt,
+    "non_dicom_files_beside": _non_dicom_beside,
+    "named_pipe_beside": _named_pipe_beside,
+    "unix_socket_beside": _socket_beside,
+}
 
 
 @pytest.mark.parametrize("name", list(OK_CASES))
@@ -310,8 +343,9 @@ def test_accepted_inputs_give_the_correct_volume(name, tmp_path, chest, tiny, ca
         return
 
     out = tmp_path / "out"
-    code = within(120, lambda: main(["run", str(root), "--out", str(out), "--model", str(tiny),
-                                      "--device", "cpu"]), root)
+    code = within(
+        120, lambda: main(["run", str(root), "--out", str(out), "--model", str(tiny), "--device", "cpu"]), root
+    )
     assert code == 0, capsys.readouterr().err
     assert {"report.json", "cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd"} <= {p.name for p in out.iterdir()}
     assert not list(out.glob(".tmp-*"))

@@ -1,5 +1,6 @@
 """DicomDatabase on SQLite files built with CTK's ctkDICOM schema (a faithful subset of its columns),
 holding relative and absolute Filename entries, opened strictly read-only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,12 +18,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from helpers import REPO, STAMP, data_path, make_database, run_on_read_only_mount
+from LungGradCAMLib.core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 from LungGradCAMLib.io.ctkdb import DicomDatabase, PatientRecord, SeriesRecord, StudyRecord
 from LungGradCAMLib.io.dicom import load_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
-from LungGradCAMLib.core.errors import AmbiguousSeriesError, DatabaseError, NoSeriesFoundError
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+
+from helpers import REPO, STAMP, data_path, make_database, run_on_read_only_mount
 
 
 def _hu(shape, seed):
@@ -33,12 +35,20 @@ def _hu(shape, seed):
 def two_series(tmp_path):
     """A database folder holding one series inside it (relative names) and indexing one outside
     (absolute names), of two patients."""
-    inside = write_dicom_series(Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
-                                tmp_path / "db" / "dicom" / "a", patient_id="PA", patient_name="Alpha^A",
-                                series_description="inside")
-    outside = write_dicom_series(Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
-                                 tmp_path / "elsewhere", patient_id="PB", patient_name="Beta^B",
-                                 series_description="outside")
+    inside = write_dicom_series(
+        Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
+        tmp_path / "db" / "dicom" / "a",
+        patient_id="PA",
+        patient_name="Alpha^A",
+        series_description="inside",
+    )
+    outside = write_dicom_series(
+        Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
+        tmp_path / "elsewhere",
+        patient_id="PB",
+        patient_name="Beta^B",
+        series_description="outside",
+    )
     db = make_database(tmp_path / "db", inside + outside)
     return tmp_path / "db", db, inside, outside
 
@@ -92,7 +102,9 @@ def test_read_only_and_no_lock_held(two_series):
 
 
 def test_real_lidc_series_indexed_by_absolute_path(tmp_path):
-    folders = [next(p.parent for p in data_path("lidc", name).rglob("*.dcm")) for name in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")]
+    folders = [
+        next(p.parent for p in data_path("lidc", name).rglob("*.dcm")) for name in ("LIDC-IDRI-0001", "LIDC-IDRI-0002")
+    ]
     make_database(tmp_path / "db", [f for folder in folders for f in sorted(folder.glob("*.dcm"))], version="0.7.0")
     db = DicomDatabase(tmp_path / "db")
     assert [p.patient_id for p in db.patients()] == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]
@@ -131,8 +143,11 @@ def test_deleted_files_are_named(two_series):
 def test_url_only_series(tmp_path):
     path = make_database(tmp_path / "db", [])
     with closing(sqlite3.connect(path)) as db, db:
-        db.execute("INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, Modality, InsertTimestamp) "
-                   "VALUES ('1.2.3', '1.2', 'CT', ?)", (STAMP,))
+        db.execute(
+            "INSERT INTO Series (SeriesInstanceUID, StudyInstanceUID, Modality, InsertTimestamp) "
+            "VALUES ('1.2.3', '1.2', 'CT', ?)",
+            (STAMP,),
+        )
         db.execute("INSERT INTO Images VALUES ('1.2.3.1', '', 'https://pacs/1.2.3.1', '1.2.3', ?, NULL)", (STAMP,))
     with pytest.raises(DatabaseError, match="no local files"):
         DicomDatabase(path).files("1.2.3")
@@ -148,14 +163,17 @@ def _without_filename(path: Path) -> None:
     _sqlite(path, "DROP INDEX ImagesFilenameIndex; ALTER TABLE Images DROP COLUMN Filename;")
 
 
-@pytest.mark.parametrize("make, text", [
-    (lambda p: p.write_bytes(b"SQLite format 2\x00" + bytes(2000)), "not an SQLite database"),
-    (lambda p: p.write_bytes(bytes(range(256)) * 20), "not an SQLite database"),
-    (lambda p: _sqlite(p, "CREATE TABLE notes (id INTEGER, text TEXT);"), "not a Slicer \\(CTK\\) DICOM database"),
-    (lambda p: make_database(p.parent, [], version="2.0.0"), "schema version '2.0.0' is not supported"),
-    (lambda p: make_database(p.parent, [], version="garbage"), "schema version 'garbage' is not supported"),
-    (_without_filename, "table Images lacks column\\(s\\) Filename"),
-])
+@pytest.mark.parametrize(
+    "make, text",
+    [
+        (lambda p: p.write_bytes(b"SQLite format 2\x00" + bytes(2000)), "not an SQLite database"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 20), "not an SQLite database"),
+        (lambda p: _sqlite(p, "CREATE TABLE notes (id INTEGER, text TEXT);"), "not a Slicer \\(CTK\\) DICOM database"),
+        (lambda p: make_database(p.parent, [], version="2.0.0"), "schema version '2.0.0' is not supported"),
+        (lambda p: make_database(p.parent, [], version="garbage"), "schema version 'garbage' is not supported"),
+        (_without_filename, "table Images lacks column\\(s\\) Filename"),
+    ],
+)
 def test_bad_databases(tmp_path, make, text):
     path = tmp_path / "db" / "ctkDICOM.sql"
     path.parent.mkdir()
@@ -253,8 +271,13 @@ def test_read_only_copy(two_series, mode, how):
     uid = str(pydicom.dcmread(inside[0], stop_before_pixels=True).SeriesInstanceUID)
     with _read_only_copy(folder, how) as (copy, run):
         before = _state(copy)
-        result = run([sys.executable, "-c", READ_COPY, folder, copy, uid, "nobody" if how == "permissions" else "-"],
-                     cwd=REPO, capture_output=True, text=True, timeout=300)
+        result = run(
+            [sys.executable, "-c", READ_COPY, folder, copy, uid, "nobody" if how == "permissions" else "-"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.split("\n")[0] == "2 (6, 16, 16)"
         assert _state(copy) == before
@@ -264,18 +287,67 @@ def test_read_only_copy(two_series, mode, how):
 #: pins): each table's columns, in order, as CTK creates them.
 CTK_0_8_1 = {
     "SchemaInfo": ["Version"],
-    "Images": ["SOPInstanceUID", "Filename", "URL", "SeriesInstanceUID", "InsertTimestamp",
-               "DisplayedFieldsUpdatedTimestamp"],
-    "Patients": ["UID", "PatientsName", "PatientID", "PatientsBirthDate", "PatientsBirthTime", "PatientsSex",
-                 "PatientsAge", "PatientsComments", "InsertTimestamp", "DisplayedPatientsName",
-                 "DisplayedNumberOfStudies", "DisplayedLastStudyDate", "DisplayedFieldsUpdatedTimestamp", "Connections"],
-    "Studies": ["StudyInstanceUID", "PatientsUID", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
-                "AccessionNumber", "ModalitiesInStudy", "InstitutionName", "ReferringPhysician",
-                "PerformingPhysiciansName", "InsertTimestamp", "DisplayedNumberOfSeries", "DisplayedFieldsUpdatedTimestamp"],
-    "Series": ["SeriesInstanceUID", "StudyInstanceUID", "SeriesNumber", "SeriesDate", "SeriesTime", "SeriesDescription",
-               "Modality", "BodyPartExamined", "FrameOfReferenceUID", "AcquisitionNumber", "ContrastAgent",
-               "ScanningSequence", "EchoNumber", "TemporalPosition", "InsertTimestamp", "DisplayedCount",
-               "DisplayedSize", "DisplayedNumberOfFrames", "DisplayedFieldsUpdatedTimestamp"],
+    "Images": [
+        "SOPInstanceUID",
+        "Filename",
+        "URL",
+        "SeriesInstanceUID",
+        "InsertTimestamp",
+        "DisplayedFieldsUpdatedTimestamp",
+    ],
+    "Patients": [
+        "UID",
+        "PatientsName",
+        "PatientID",
+        "PatientsBirthDate",
+        "PatientsBirthTime",
+        "PatientsSex",
+        "PatientsAge",
+        "PatientsComments",
+        "InsertTimestamp",
+        "DisplayedPatientsName",
+        "DisplayedNumberOfStudies",
+        "DisplayedLastStudyDate",
+        "DisplayedFieldsUpdatedTimestamp",
+        "Connections",
+    ],
+    "Studies": [
+        "StudyInstanceUID",
+        "PatientsUID",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "StudyDescription",
+        "AccessionNumber",
+        "ModalitiesInStudy",
+        "InstitutionName",
+        "ReferringPhysician",
+        "PerformingPhysiciansName",
+        "InsertTimestamp",
+        "DisplayedNumberOfSeries",
+        "DisplayedFieldsUpdatedTimestamp",
+    ],
+    "Series": [
+        "SeriesInstanceUID",
+        "StudyInstanceUID",
+        "SeriesNumber",
+        "SeriesDate",
+        "SeriesTime",
+        "SeriesDescription",
+        "Modality",
+        "BodyPartExamined",
+        "FrameOfReferenceUID",
+        "AcquisitionNumber",
+        "ContrastAgent",
+        "ScanningSequence",
+        "EchoNumber",
+        "TemporalPosition",
+        "InsertTimestamp",
+        "DisplayedCount",
+        "DisplayedSize",
+        "DisplayedNumberOfFrames",
+        "DisplayedFieldsUpdatedTimestamp",
+    ],
     "Directories": ["Dirname"],
     "ColumnDisplayProperties": ["TableName", "FieldName", "DisplayedName", "Visibility", "Weight", "Format"],
     "DisplayedFieldGeneratorRules": ["Name", "Enabled", "Options"],
@@ -288,10 +360,18 @@ def test_dicom_db_makes_a_slicer_database_from_a_folder(tmp_path, capsys):
     outside; DicomDatabase and `run` read it; the DICOM files are untouched; never overwritten."""
     from LungGradCAMLib.cli import main
 
-    inside = write_dicom_series(Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
-                                tmp_path / "db" / "dicom", patient_id="LIDC-IDRI-0001", series_description="a")
-    outside = write_dicom_series(Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
-                                 tmp_path / "incoming" / "b", patient_id="LIDC-IDRI-0002", series_description="b")
+    inside = write_dicom_series(
+        Volume(_hu((6, 16, 16), 0), axis_aligned_matrix((0.8, 0.8, 2.5))),
+        tmp_path / "db" / "dicom",
+        patient_id="LIDC-IDRI-0001",
+        series_description="a",
+    )
+    outside = write_dicom_series(
+        Volume(_hu((4, 12, 12), 1), axis_aligned_matrix((1.0, 1.0, 2.0))),
+        tmp_path / "incoming" / "b",
+        patient_id="LIDC-IDRI-0002",
+        series_description="b",
+    )
     (tmp_path / "incoming" / "notes.txt").write_text("not DICOM\n")
     before = {p: _digest(p) for p in inside + outside}
     (tmp_path / "empty").mkdir()

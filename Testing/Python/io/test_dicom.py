@@ -1,5 +1,6 @@
 """load_dicom_series / list_dicom_series: real CT, compressed and Enhanced objects, ordering,
 HU, padding, resampling, and every bad input with its specific error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,14 +17,21 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from helpers import PYDICOM_3, data_path, encoder_available
-from dicom_damage import drop_pixels, short_pixels, truncate, truncate_header
+from LungGradCAMLib.core.errors import (
+    AmbiguousSeriesError,
+    DicomDecodeError,
+    LungGradCAMError,
+    NoSeriesFoundError,
+    SeriesGeometryError,
+    VolumeError,
+)
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 from LungGradCAMLib.io.dicom import DicomResampledWarning, load_dicom_series
 from LungGradCAMLib.io.dicom_series import SeriesInfo, list_dicom_series
 from LungGradCAMLib.io.dicom_write import save_dicom_file, write_dicom_series
-from LungGradCAMLib.core.errors import (AmbiguousSeriesError, DicomDecodeError, LungGradCAMError, NoSeriesFoundError,
-                                        SeriesGeometryError, VolumeError)
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+
+from dicom_damage import drop_pixels, short_pixels, truncate, truncate_header
+from helpers import PYDICOM_3, data_path, encoder_available
 
 AXIAL = axis_aligned_matrix((0.8, 0.8, 2.5), (-10.0, 20.0, -40.0))
 
@@ -53,16 +61,21 @@ def _sitk(folder: Path) -> Volume:
 
 
 def _hashes(folder: Path) -> dict:
-    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
+    return {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # real CT
 # --------------------------------------------------------------------------------------------
 REAL = {
-    "lidc1": ("lidc", "LIDC-IDRI-0001"), "lidc2": ("lidc", "LIDC-IDRI-0002"),
-    "totalseg": ("totalsegmentator", "abdomen_dicom_series"), "full_chest": ("full_chest_ct", "dicom"),
+    "lidc1": ("lidc", "LIDC-IDRI-0001"),
+    "lidc2": ("lidc", "LIDC-IDRI-0002"),
+    "totalseg": ("totalsegmentator", "abdomen_dicom_series"),
+    "full_chest": ("full_chest_ct", "dicom"),
 }
 
 
@@ -128,11 +141,13 @@ def _stack_of(source: str, folder: Path, n: int = 3, spacing: float = 5.0) -> Pa
     ds0 = pydicom.dcmread(source)
     origin = [float(v) for v in ds0.ImagePositionPatient]
     for k in range(n):
+
         def move(ds, k=k):
             ds.SeriesInstanceUID = series
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             ds.ImagePositionPatient = [origin[0], origin[1], origin[2] + k * spacing]
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+
         _edit(Path(source), move, folder / f"{k}.dcm")
     return folder
 
@@ -163,6 +178,7 @@ def test_jpeg_lossless_from_gdcm_encoder(tmp_path):
             ds.file_meta.TransferSyntaxUID = encoded.file_meta.TransferSyntaxUID
             ds.PixelData = encoded.PixelData
             ds["PixelData"].VR = "OB"
+
         _edit(f, transplant)
     (tmp_path / "gdcm.dcm").unlink()
     assert np.array_equal(load_dicom_series(tmp_path / "s").array, hu)
@@ -184,6 +200,7 @@ def test_jpeg_baseline_8bit(tmp_path):
             ds.RescaleSlope, ds.RescaleIntercept = 4, -1024
             ds.PixelData = encapsulate([data])
             ds["PixelData"].VR = "OB"
+
         _edit(f, to_jpeg)
     volume = load_dicom_series(tmp_path)
     reference = np.asarray(Image.open(buffer), dtype=np.float32) * 4 - 1024
@@ -265,8 +282,14 @@ def test_missing_slice_is_interpolated_with_a_warning(tmp_path):
 
 def test_irregular_spacing_is_resampled(tmp_path):
     hu, files = _series(tmp_path)
-    _edit(files[2], lambda ds: setattr(ds, "ImagePositionPatient",
-                                       [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + 0.5]))
+    _edit(
+        files[2],
+        lambda ds: setattr(
+            ds,
+            "ImagePositionPatient",
+            [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + 0.5],
+        ),
+    )
     with pytest.warns(DicomResampledWarning, match="spacing varies"):
         volume = load_dicom_series(tmp_path)
     assert volume.shape == hu.shape and np.allclose(volume.ijk_to_ras, AXIAL)
@@ -292,19 +315,24 @@ def test_gantry_tilt_is_corrected_by_resampling(tmp_path):
     content is a linear HU ramp in patient space, so the corrected volume is known exactly."""
     n, rows, cols, dz, ps = 6, 20, 16, 2.5, 1.0
     tilt = np.tan(np.radians(15.0)) * dz  # mm of in-plane (column direction) drift per slice
-    _, files = _series(tmp_path, hu=np.zeros((n, rows, cols), np.float32),
-                       matrix=axis_aligned_matrix((ps, ps, dz), (0, 0, 0), np.diag([-1.0, -1.0, 1.0])))
+    _, files = _series(
+        tmp_path,
+        hu=np.zeros((n, rows, cols), np.float32),
+        matrix=axis_aligned_matrix((ps, ps, dz), (0, 0, 0), np.diag([-1.0, -1.0, 1.0])),
+    )
 
     def ramp(x, y, z):  # HU as a function of LPS mm
         return 100.0 + 4.0 * x + 6.0 * y + 3.0 * z
 
     j, i = np.mgrid[0:rows, 0:cols].astype(np.float64)
     for k, f in enumerate(files):
+
         def tilt_slice(ds, k=k):
             y0 = k * tilt
             ds.ImagePositionPatient = [0.0, y0, k * dz]
             stored = np.rint(ramp(i * ps, y0 + j * ps, k * dz)) + 1024
             ds.PixelData = stored.astype("<i2").tobytes()
+
         _edit(f, tilt_slice)
     with pytest.warns(DicomResampledWarning, match="gantry tilt of 15.0 degrees"):
         volume = load_dicom_series(tmp_path)
@@ -324,6 +352,7 @@ def test_duplicate_positions(tmp_path):
 
     def alter(ds):
         ds.PixelData = (ds.pixel_array + 1).astype("<i2").tobytes()
+
     _edit(copy, alter)
     with pytest.raises(SeriesGeometryError, match="same position") as err:
         load_dicom_series(tmp_path)
@@ -393,11 +422,21 @@ def test_non_dicom_files_dicomdir_and_non_images_are_ignored(tmp_path):
     (tmp_path / "DICOMDIR").write_bytes(files[0].read_bytes())  # skipped by name
 
     def to_structure_set(ds):
-        for keyword in ("Rows", "Columns", "PixelData", "BitsAllocated", "BitsStored", "HighBit",
-                        "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"):
+        for keyword in (
+            "Rows",
+            "Columns",
+            "PixelData",
+            "BitsAllocated",
+            "BitsStored",
+            "HighBit",
+            "PixelRepresentation",
+            "SamplesPerPixel",
+            "PhotometricInterpretation",
+        ):
             delattr(ds, keyword)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"  # RT Structure Set
         ds.Modality = "RTSTRUCT"
+
     _edit(files[0], to_structure_set, tmp_path / "rtstruct.dcm")
     before = _hashes(tmp_path)
     assert np.array_equal(load_dicom_series(tmp_path).array, hu)
@@ -413,6 +452,7 @@ def test_file_without_preamble_implicit_vr(tmp_path):
         ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
         if not PYDICOM_3:  # pydicom 2 writes "like the original" in the encoding it read, whatever the meta says
             ds.is_implicit_VR, ds.is_little_endian = True, True
+
     _edit(files[2], strip)
     ds = files[2].read_bytes()
     assert ds[128:132] != b"DICM"
@@ -426,9 +466,9 @@ def test_elements_stored_as_un_use_their_dictionary_vr(tmp_path):
     for group, element, vr in ((0x0028, 0x0010, b"US"), (0x0020, 0x0032, b"DS"), (0x0028, 0x1052, b"DS")):
         tag = group.to_bytes(2, "little") + element.to_bytes(2, "little")
         at = data.index(tag + vr)
-        length = int.from_bytes(data[at + 6:at + 8], "little")
+        length = int.from_bytes(data[at + 6 : at + 8], "little")
         un = tag + b"UN\x00\x00" + length.to_bytes(4, "little")  # explicit VR UN: 4-byte length
-        data = data[:at] + un + data[at + 8:]
+        data = data[:at] + un + data[at + 8 :]
     files[3].write_bytes(data)
     assert pydicom.dcmread(files[3], stop_before_pixels=True).get_item(0x00280010).VR == "UN"
     assert np.array_equal(load_dicom_series(tmp_path).array, hu)
@@ -448,6 +488,7 @@ def _unknown_syntax(f: Path) -> None:
         ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML  # video: pydicom has no decoder
         ds.PixelData = encapsulate([b"\xff\x0a" + bytes(64)])
         ds["PixelData"].VR = "OB"
+
     _edit(f, change)
 
 
@@ -460,6 +501,7 @@ def _colour(f: Path) -> None:
         ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
         ds.PixelData = bytes(16 * 16 * 3)
+
     _edit(f, change)
 
 
@@ -487,21 +529,24 @@ def _absurd_frames(f: Path) -> None:
     _edit(f, lambda ds: setattr(ds, "NumberOfFrames", 2_000_000_000))
 
 
-@pytest.mark.parametrize("change, error, text", [
-    (truncate, DicomDecodeError, "truncated"),
-    (truncate_header, DicomDecodeError, "truncated or damaged"),
-    (drop_pixels, DicomDecodeError, "without Pixel Data"),
-    (short_pixels, DicomDecodeError, "Pixel Data holds 256 bytes"),
-    (_unknown_syntax, DicomDecodeError, "no decoder available"),
-    (_garbage, DicomDecodeError, "unreadable DICOM"),
-    (_colour, DicomDecodeError, "colour"),
-    (_no_position, SeriesGeometryError, "lacks ImagePositionPatient"),
-    (_parallel_cosines, SeriesGeometryError, "invalid ImageOrientationPatient"),
-    (_zero_rows, DicomDecodeError, "Rows x Columns is 0 x 16"),
-    (_nan_slope, DicomDecodeError, "RescaleSlope nan"),
-    (_infinite_intercept, DicomDecodeError, "RescaleIntercept inf"),
-    (_absurd_frames, DicomDecodeError, "declares 2000000000 frames"),
-])
+@pytest.mark.parametrize(
+    "change, error, text",
+    [
+        (truncate, DicomDecodeError, "truncated"),
+        (truncate_header, DicomDecodeError, "truncated or damaged"),
+        (drop_pixels, DicomDecodeError, "without Pixel Data"),
+        (short_pixels, DicomDecodeError, "Pixel Data holds 256 bytes"),
+        (_unknown_syntax, DicomDecodeError, "no decoder available"),
+        (_garbage, DicomDecodeError, "unreadable DICOM"),
+        (_colour, DicomDecodeError, "colour"),
+        (_no_position, SeriesGeometryError, "lacks ImagePositionPatient"),
+        (_parallel_cosines, SeriesGeometryError, "invalid ImageOrientationPatient"),
+        (_zero_rows, DicomDecodeError, "Rows x Columns is 0 x 16"),
+        (_nan_slope, DicomDecodeError, "RescaleSlope nan"),
+        (_infinite_intercept, DicomDecodeError, "RescaleIntercept inf"),
+        (_absurd_frames, DicomDecodeError, "declares 2000000000 frames"),
+    ],
+)
 def test_bad_file_names_the_file(tmp_path, change, error, text):
     bad, before = _broken(tmp_path, change)
     with pytest.raises(error, match=text) as err:

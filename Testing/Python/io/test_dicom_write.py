@@ -1,5 +1,6 @@
 """write_dicom_series: a valid CT Image Storage series that SimpleITK/GDCM, pydicom, Slicer's own
 reader and our loader read back with identical HU (after int16 rounding) and geometry."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,19 +9,21 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
-from helpers import PYDICOM_3, encoder_available
-from LungGradCAMLib.io.dicom import load_dicom_series
-from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import VolumeError
 from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
+
+from helpers import PYDICOM_3, encoder_available
 
 OBLIQUE = Rotation.from_euler("xyz", [20, -10, 35], degrees=True).as_matrix()
 GEOMETRIES = {
     "axial_ras": axis_aligned_matrix((0.7, 0.8, 2.5), (10.0, -20.0, 30.0)),
     "axial_lps": axis_aligned_matrix((0.6, 0.6, 1.25), (120.0, 140.0, -80.0), np.diag([-1.0, -1.0, 1.0])),
     "oblique": axis_aligned_matrix((0.7, 0.8, 2.5), (10.0, -20.0, 30.0), OBLIQUE),
-    "coronal": axis_aligned_matrix((0.9, 2.0, 0.9), (-50.0, 5.0, 60.0),
-                                   np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])),
+    "coronal": axis_aligned_matrix(
+        (0.9, 2.0, 0.9), (-50.0, 5.0, 60.0), np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
+    ),
 }
 
 
@@ -66,8 +69,9 @@ def test_shuffled_names_do_not_follow_slice_order(tmp_path):
 def test_pydicom_sees_valid_ct_files(tmp_path):
     hu = _hu((3, 10, 12))
     volume = Volume(hu, GEOMETRIES["oblique"])
-    files = write_dicom_series(volume, tmp_path, slope=0.5, intercept=-1000.0, patient_id="P1",
-                               series_description="test series")
+    files = write_dicom_series(
+        volume, tmp_path, slope=0.5, intercept=-1000.0, patient_id="P1", series_description="test series"
+    )
     lps = LPS_TO_RAS @ volume.ijk_to_ras
     uids = set()
     for k, f in enumerate(files):
@@ -77,13 +81,24 @@ def test_pydicom_sees_valid_ct_files(tmp_path):
         assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
         assert ds.Modality == "CT" and ds.PatientID == "P1" and ds.SeriesDescription == "test series"
         assert ds.InstanceNumber == k + 1 and (ds.Rows, ds.Columns) == (10, 12)
-        for tag in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID", "PatientName",
-                    "StudyDate", "ReferringPhysicianName", "PositionReferenceIndicator", "ImageType"):
+        for tag in (
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "FrameOfReferenceUID",
+            "PatientName",
+            "StudyDate",
+            "ReferringPhysicianName",
+            "PositionReferenceIndicator",
+            "ImageType",
+        ):
             assert tag in ds
         uids.add((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID))
         assert np.allclose([float(v) for v in ds.ImagePositionPatient], lps[:3, 3] + k * lps[:3, 2], atol=1e-6)
-        assert np.allclose([float(v) for v in ds.ImageOrientationPatient],
-                           np.concatenate([lps[:3, 0] / 0.7, lps[:3, 1] / 0.8]), atol=1e-9)
+        assert np.allclose(
+            [float(v) for v in ds.ImageOrientationPatient],
+            np.concatenate([lps[:3, 0] / 0.7, lps[:3, 1] / 0.8]),
+            atol=1e-9,
+        )
         assert [float(v) for v in ds.PixelSpacing] == [0.8, 0.7]  # (row spacing = j, column spacing = i)
         assert float(ds.SliceThickness) == float(ds.SpacingBetweenSlices) == 2.5
         assert ds.pixel_array.dtype == np.int16
@@ -105,9 +120,14 @@ def test_slope_intercept_and_padding_round_trip(tmp_path):
     assert np.array_equal(raw.array[:, 3:, :], expected[:, 3:, :])
 
 
-@pytest.mark.parametrize("compression, syntax", [
-    ("rle", pydicom.uid.RLELossless), ("jpeg-ls", pydicom.uid.JPEGLSLossless),
-    ("jpeg2000", pydicom.uid.JPEG2000Lossless)])
+@pytest.mark.parametrize(
+    "compression, syntax",
+    [
+        ("rle", pydicom.uid.RLELossless),
+        ("jpeg-ls", pydicom.uid.JPEGLSLossless),
+        ("jpeg2000", pydicom.uid.JPEG2000Lossless),
+    ],
+)
 def test_compressed_series_decode_identically(tmp_path, compression, syntax):
     if compression != "rle" and not PYDICOM_3:  # Slicer's pydicom 2.4 encodes RLE only: said plainly
         with pytest.raises(VolumeError, match=f"{compression} encoding needs pydicom 3"):
@@ -195,8 +215,13 @@ def test_refuses_what_dicom_cannot_hold(tmp_path):
 
 
 def test_given_uids_are_used_and_no_temporaries_remain(tmp_path):
-    files = write_dicom_series(Volume(_hu((3, 4, 4)), GEOMETRIES["axial_ras"]), tmp_path,
-                               study_uid="1.2.3", series_uid="1.2.3.4", frame_of_reference_uid="1.2.3.5")
+    files = write_dicom_series(
+        Volume(_hu((3, 4, 4)), GEOMETRIES["axial_ras"]),
+        tmp_path,
+        study_uid="1.2.3",
+        series_uid="1.2.3.4",
+        frame_of_reference_uid="1.2.3.5",
+    )
     ds = pydicom.dcmread(files[1], stop_before_pixels=True)
     assert (ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID) == ("1.2.3", "1.2.3.4", "1.2.3.5")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in files)
@@ -215,7 +240,8 @@ def test_any_orthogonal_geometry_round_trips_through_dicom_and_nrrd(tmp_path_fac
         angles=st.tuples(*[st.floats(-180, 180, allow_nan=False)] * 3),
         flips=st.tuples(*[st.sampled_from([-1.0, 1.0])] * 2),
         spacing=st.tuples(*[st.floats(0.2, 6.0, allow_nan=False)] * 3),
-        origin=st.tuples(*[st.floats(-500, 500, allow_nan=False)] * 3))
+        origin=st.tuples(*[st.floats(-500, 500, allow_nan=False)] * 3),
+    )
     def check(angles, flips, spacing, origin):
         rotation = Rotation.from_euler("xyz", angles, degrees=True).as_matrix()
         direction = rotation @ np.diag([flips[0], flips[1], flips[0] * flips[1]])  # det +1

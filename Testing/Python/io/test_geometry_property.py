@@ -7,6 +7,7 @@ returns with k reversed: the same voxels at the same places), sizes down to one 
 spacings from 0.1 to 20 mm and origins up to 5 m away; GDCM (SimpleITK) reads the same files as an
 independent oracle. Volume files hold any invertible affine, shear included (NIfTI refuses shear).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,15 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
-from LungGradCAMLib.io.dicom import load_dicom_series
-from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.core.errors import VolumeError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.io.dicom import load_dicom_series
+from LungGradCAMLib.io.dicom_write import write_dicom_series
 from LungGradCAMLib.io.volume_files import read_volume, write_volume
 
 TOL_MM = 1e-4
-SIGNED_PERMUTATIONS = [np.eye(3)[list(p)].T * np.array(s, dtype=float)
-                       for p in itertools.permutations(range(3)) for s in itertools.product((1, -1), repeat=3)]
+SIGNED_PERMUTATIONS = [
+    np.eye(3)[list(p)].T * np.array(s, dtype=float)
+    for p in itertools.permutations(range(3))
+    for s in itertools.product((1, -1), repeat=3)
+]
 
 signs = st.tuples(*[st.sampled_from([1.0, -1.0])] * 3)
 quaternions = st.tuples(*[st.floats(-1, 1)] * 4).filter(lambda q: np.linalg.norm(q) > 0.1)
@@ -36,7 +40,8 @@ quaternions = st.tuples(*[st.floats(-1, 1)] * 4).filter(lambda q: np.linalg.norm
 #: followed by flips of any axes
 directions = st.one_of(
     st.sampled_from(range(len(SIGNED_PERMUTATIONS))).map(lambda n: SIGNED_PERMUTATIONS[n]),
-    st.builds(lambda q, s: Rotation.from_quat(q).as_matrix() @ np.diag(s), quaternions, signs))
+    st.builds(lambda q, s: Rotation.from_quat(q).as_matrix() @ np.diag(s), quaternions, signs),
+)
 spacings = st.tuples(*[st.floats(0.1, 20.0)] * 3)
 origins = st.tuples(*[st.floats(-5000.0, 5000.0)] * 3)
 shapes = st.tuples(st.integers(2, 4), st.integers(1, 4), st.integers(1, 5))  # K, J, I
@@ -64,8 +69,14 @@ def _gdcm(folder: Path) -> Volume:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(direction=directions, spacing=spacings, origin=origins, shape=shapes, shuffle=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    direction=directions,
+    spacing=spacings,
+    origin=origins,
+    shape=shapes,
+    shuffle=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_any_orientation_round_trips_through_dicom_and_nrrd(direction, spacing, origin, shape, shuffle, seed):
     volume = Volume(_hu(shape, seed), axis_aligned_matrix(spacing, origin, direction))
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,8 +110,7 @@ shears = st.tuples(*[st.floats(-0.5, 0.5)] * 3)
 
 
 @settings(max_examples=25, deadline=None)
-@given(direction=directions, spacing=spacings, origin=origins, shear=shears, shape=shapes,
-       seed=st.integers(0, 2 ** 16))
+@given(direction=directions, spacing=spacings, origin=origins, shear=shears, shape=shapes, seed=st.integers(0, 2**16))
 def test_any_affine_round_trips_through_volume_files(direction, spacing, origin, shear, shape, seed):
     """NRRD and MHA keep any invertible affine, shear included; NIfTI keeps orthogonal ones (to the
     float32 precision of its header) and refuses sheared ones instead of moving voxels."""

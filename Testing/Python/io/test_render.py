@@ -1,4 +1,5 @@
 """PNG montages: written atomically, orientation conventions, physical aspect, contours, CAM."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,14 +10,13 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
-from LungGradCAMLib.io.render import MIN_VIEW_ASPECT, ZoomView, save_montage
 from LungGradCAMLib.core.volume import Volume
+from LungGradCAMLib.io.render import MIN_VIEW_ASPECT, ZoomView, save_montage
 
-
-CENTRE = np.array([10.0, -20.0, -150.0])             # RAS of the scene's centre
-EXTENT = np.array([100.0, 120.0, 120.0])             # mm along x (R), y (A), z (S)
-STEP = np.array([2.0, 2.0, 3.0])                     # voxel size along x, y, z
-MARKER = CENTRE + np.array([25.0, 25.0, 25.0])       # right, anterior, superior of the centre
+CENTRE = np.array([10.0, -20.0, -150.0])  # RAS of the scene's centre
+EXTENT = np.array([100.0, 120.0, 120.0])  # mm along x (R), y (A), z (S)
+STEP = np.array([2.0, 2.0, 3.0])  # voxel size along x, y, z
+MARKER = CENTRE + np.array([25.0, 25.0, 25.0])  # right, anterior, superior of the centre
 RADIUS = 9.0
 
 
@@ -55,7 +55,7 @@ def panels(png: np.ndarray):
 def marker_box(png: np.ndarray, cols: slice, rows: slice):
     """Centre offset (x, y) from the panel centre in pixels, and (width, height) of the white ball."""
     rgb = png[rows, cols, :3]
-    white = (rgb.min(axis=-1) > 0.9)
+    white = rgb.min(axis=-1) > 0.9
     ys, xs = np.nonzero(white)
     centre = np.array([(cols.stop - cols.start) / 2, (rows.stop - rows.start) / 2])
     return np.array([xs.mean(), ys.mean()]) - centre, (np.ptp(xs) + 1, np.ptp(ys) + 1)
@@ -67,10 +67,12 @@ def render(vol: Volume, path, **kw) -> np.ndarray:
     return mpimg.imread(path)
 
 
-STORAGES = [((0, 1, 2), (-1, -1, 1)),        # standard axial (i -> L, j -> P, k -> S)
-            ((0, 1, 2), (1, 1, -1)),         # every axis flipped
-            ((1, 2, 0), (1, -1, -1)),        # permuted: a sagittal-like stack
-            ((2, 0, 1), (-1, 1, 1))]
+STORAGES = [
+    ((0, 1, 2), (-1, -1, 1)),  # standard axial (i -> L, j -> P, k -> S)
+    ((0, 1, 2), (1, 1, -1)),  # every axis flipped
+    ((1, 2, 0), (1, -1, -1)),  # permuted: a sagittal-like stack
+    ((2, 0, 1), (-1, 1, 1)),
+]
 
 
 @pytest.mark.parametrize("axes,signs", STORAGES)
@@ -99,10 +101,15 @@ def test_phantom_montage_with_contours(tmp_path, small_phantom):
     ph = small_phantom
     nodule = ph.nodules[0]
     centre = np.round(ph.volume.ras_to_ijk_points(nodule.center_ras)[0]).astype(int)
-    path = save_montage(ph.volume, tmp_path / "out" / "montage.png", centre,
-                        contours={"nodules": ph.nodule_labelmap > 0, "lungs": ph.lungs}, title="phantom")
+    path = save_montage(
+        ph.volume,
+        tmp_path / "out" / "montage.png",
+        centre,
+        contours={"nodules": ph.nodule_labelmap > 0, "lungs": ph.lungs},
+        title="phantom",
+    )
     assert path == tmp_path / "out" / "montage.png"
-    assert [p.name for p in path.parent.iterdir()] == ["montage.png"]          # no temporary left
+    assert [p.name for p in path.parent.iterdir()] == ["montage.png"]  # no temporary left
     png = mpimg.imread(path)
     assert png.shape[0] >= 400 and png.shape[1] > 2 * png.shape[0]
     rgb = png[..., :3]
@@ -117,19 +124,20 @@ def test_cam_overlay(tmp_path, small_phantom):
     plain = mpimg.imread(save_montage(vol, tmp_path / "plain.png"))
     cam = np.zeros(vol.shape, np.float32)
     k, j, i = (s // 2 for s in vol.shape)
-    cam[k - 4:k + 4, j - 10:j + 10, i - 10:i + 10] = 1.0
+    cam[k - 4 : k + 4, j - 10 : j + 10, i - 10 : i + 10] = 1.0
     over = mpimg.imread(save_montage(vol, tmp_path / "cam.png", cam=vol.with_array(cam), cam_opacity=0.6))
-    assert over.shape[1] > plain.shape[1]                                         # colour bar
+    assert over.shape[1] > plain.shape[1]  # colour bar
+
     def coloured(png: np.ndarray) -> int:
         """Coloured pixels inside the panels: the CT is grey, only the orientation labels and
         the CAM are not."""
         sat = png[..., :3].max(axis=-1) - png[..., :3].min(axis=-1) > 0.2
-        return sum(int(sat[rows, cols].sum()) for cols, rows in panels(png)[:3])   # not the colour bar
+        return sum(int(sat[rows, cols].sum()) for cols, rows in panels(png)[:3])  # not the colour bar
 
     assert coloured(over) > coloured(plain) + 1000
     # near zero the overlay is transparent: a zero CAM colours nothing
     zero = mpimg.imread(save_montage(vol, tmp_path / "zero.png", cam=np.zeros(vol.shape, np.float32)))
-    assert coloured(zero) <= coloured(plain) + 100       # labels antialias a little differently
+    assert coloured(zero) <= coloured(plain) + 100  # labels antialias a little differently
 
 
 def _coloured(png: np.ndarray) -> int:
@@ -149,12 +157,14 @@ def test_no_tint_outside_the_cam_mask_and_a_zoomed_row_per_region(tmp_path, smal
     assert abs(_coloured(hidden) - _coloured(zero)) <= 100
     assert _coloured(zero) + 1000 < _coloured(lungs) < _coloured(full) - 1000
     k, j, i = (s // 2 for s in vol.shape)
-    zooms = [ZoomView("heat-map region 1", (i, j, k), ((k - 2, k + 2), (j - 3, j + 3), (i - 3, i + 3))),
-             ZoomView("heat-map region 2", (i // 2, j, k), ((k - 1, k + 1), (j - 1, j + 1), (i // 2 - 1, i // 2 + 1)))]
+    zooms = [
+        ZoomView("heat-map region 1", (i, j, k), ((k - 2, k + 2), (j - 3, j + 3), (i - 3, i + 3))),
+        ZoomView("heat-map region 2", (i // 2, j, k), ((k - 1, k + 1), (j - 1, j + 1), (i // 2 - 1, i // 2 + 1))),
+    ]
     rows = mpimg.imread(save_montage(vol, tmp_path / "rows.png", cam=cam, zooms=zooms))
     assert rows.shape[0] > full.shape[0] * 1.5 and rows.shape[1] == full.shape[1]
     with pytest.raises(InvalidInputError, match="outside the volume"):
-        save_montage(vol, tmp_path / "bad.png", zooms=[ZoomView("x", (10 ** 4, 0, 0), ((0, 1),) * 3)])
+        save_montage(vol, tmp_path / "bad.png", zooms=[ZoomView("x", (10**4, 0, 0), ((0, 1),) * 3)])
 
 
 def test_a_thin_slab_is_stretched_to_stay_readable(tmp_path):

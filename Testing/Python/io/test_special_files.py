@@ -1,4 +1,5 @@
 """A FIFO, a device or /dev/stdin where a file is expected: refused at once, never opened to read."""
+
 from __future__ import annotations
 
 import os
@@ -10,9 +11,9 @@ import pytest
 
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import DicomDecodeError, InvalidInputError, VolumeError
-from LungGradCAMLib.io.volume_files import read_volume
 from LungGradCAMLib.io.ctkdb import DicomDatabase
 from LungGradCAMLib.io.inputs import load_input
+from LungGradCAMLib.io.volume_files import read_volume
 
 from bad_inputs import NRRD_HEADER, Case, Made, dicom_series, uid_of, within
 from helpers import REPO, make_database
@@ -68,8 +69,9 @@ def test_special_files_are_refused_without_blocking(name, tmp_path, capsys, tiny
     for text in made.names:
         assert text in str(err.value)
     out = tmp_path / "out"
-    code = within(60, lambda: main(["run", str(made.input), "--out", str(out), "--model", str(tiny),
-                                     "--device", "cpu"]), tmp_path)
+    code = within(
+        60, lambda: main(["run", str(made.input), "--out", str(out), "--model", str(tiny), "--device", "cpu"]), tmp_path
+    )
     cli_err = capsys.readouterr().err
     assert code == 2 and all(text in cli_err for text in made.names), cli_err
     assert not out.exists()
@@ -77,9 +79,25 @@ def test_special_files_are_refused_without_blocking(name, tmp_path, capsys, tiny
 
 def test_dev_stdin_as_the_ct_is_refused(tmp_path, tiny):
     """stdin a pipe that nobody writes to: reading it would wait forever."""
-    proc = subprocess.Popen([sys.executable, "-m", "LungGradCAMLib.cli", "run", "/dev/stdin", "--out",
-                             str(tmp_path / "out"), "--model", str(tiny), "--device", "cpu"],
-                            cwd=REPO, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            "run",
+            "/dev/stdin",
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _, err = proc.communicate(timeout=120)
     finally:

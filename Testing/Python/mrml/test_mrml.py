@@ -1,4 +1,5 @@
 """LungGradCAMLib.mrml against real MRML nodes from the slicer-core wheel (no Slicer application)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,18 +18,22 @@ from helpers import NODULE_RAS  # noqa: E402
 SHAPE = (6, 9, 11)  # K, J, I: all different so an axis mix-up cannot pass
 
 # Column c of the 3x3 part is the RAS step of index axis i, j, k (mm).
-OBLIQUE = np.array([
-    [0.70 * 0.8, -0.71 * 0.9, 0.05 * 2.5, -120.25],
-    [0.71 * 0.8, 0.70 * 0.9, -0.10 * 2.5, 33.5],
-    [0.00, 0.10 * 0.9, 0.99 * 2.5, -412.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
-FLIPPED = np.array([  # LPS-like storage (i -> left, j -> posterior) and k running inferior
-    [-0.7, 0.0, 0.0, 150.0],
-    [0.0, -0.7, 0.0, 170.0],
-    [0.0, 0.0, -1.25, -20.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
+OBLIQUE = np.array(
+    [
+        [0.70 * 0.8, -0.71 * 0.9, 0.05 * 2.5, -120.25],
+        [0.71 * 0.8, 0.70 * 0.9, -0.10 * 2.5, 33.5],
+        [0.00, 0.10 * 0.9, 0.99 * 2.5, -412.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+FLIPPED = np.array(
+    [  # LPS-like storage (i -> left, j -> posterior) and k running inferior
+        [-0.7, 0.0, 0.0, 150.0],
+        [0.0, -0.7, 0.0, 170.0],
+        [0.0, 0.0, -1.25, -20.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
 MATRICES = {"oblique": OBLIQUE, "flipped": FLIPPED, "axis_aligned": np.diag([0.6, 0.6, 2.0, 1.0])}
 
 
@@ -119,8 +124,9 @@ def test_volume_from_node_refuses_what_is_not_a_scalar_volume(scene):
         mrml.volume_from_node(None)
     with pytest.raises(InvalidInputError, match="vtkMRMLTableNode"):
         mrml.volume_from_node(scene.AddNewNodeByClass("vtkMRMLTableNode"))
-    rgb = slicer.util.addVolumeFromArray(np.zeros((*SHAPE, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode",
-                                         name="photo")
+    rgb = slicer.util.addVolumeFromArray(
+        np.zeros((*SHAPE, 3), np.uint8), nodeClassName="vtkMRMLVectorVolumeNode", name="photo"
+    )
     with pytest.raises(VolumeError, match="'photo' has 3 components"):
         mrml.volume_from_node(rgb)
     empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
@@ -131,7 +137,7 @@ def test_volume_from_node_refuses_what_is_not_a_scalar_volume(scene):
 # --- cam_to_node --------------------------------------------------------------------------------------
 def _cam(matrix: np.ndarray) -> Volume:
     k, j, i = np.meshgrid(*[np.linspace(-1, 1, n) for n in SHAPE], indexing="ij")
-    return Volume(np.exp(-4 * (k ** 2 + (j - 0.3) ** 2 + i ** 2)).astype(np.float32), matrix)
+    return Volume(np.exp(-4 * (k**2 + (j - 0.3) ** 2 + i**2)).astype(np.float32), matrix)
 
 
 @pytest.mark.parametrize("kind", sorted(MATRICES))
@@ -215,11 +221,23 @@ def _region(label: int, name: str, color, mask: np.ndarray, volume: Volume, scor
     voxel_mm3 = float(abs(np.linalg.det(volume.ijk_to_ras[:3, :3])))
     kji = np.argwhere(mask)
     centroid = volume.ijk_to_ras_points(kji.mean(axis=0)[::-1])[0]
-    return Region(label=label, name=name, voxels=voxels, volume_mm3=voxels * voxel_mm3,
-                  volume_ml=voxels * voxel_mm3 / 1000, peak_cam=0.9, mean_cam=0.6, mean_hu=None if score else -20.5,
-                  max_hu=35.0, centroid_ras=tuple(centroid), peak_ras=tuple(centroid),
-                  bbox_ijk=tuple((int(kji[:, a].min()), int(kji[:, a].max()) + 1) for a in range(3)),
-                  bbox_ras=(tuple(centroid), tuple(centroid)), color=color, score=score)
+    return Region(
+        label=label,
+        name=name,
+        voxels=voxels,
+        volume_mm3=voxels * voxel_mm3,
+        volume_ml=voxels * voxel_mm3 / 1000,
+        peak_cam=0.9,
+        mean_cam=0.6,
+        mean_hu=None if score else -20.5,
+        max_hu=35.0,
+        centroid_ras=tuple(centroid),
+        peak_ras=tuple(centroid),
+        bbox_ijk=tuple((int(kji[:, a].min()), int(kji[:, a].max()) + 1) for a in range(3)),
+        bbox_ras=(tuple(centroid), tuple(centroid)),
+        color=color,
+        score=score,
+    )
 
 
 def _segmentation(matrix: np.ndarray) -> Segmentation:
@@ -241,7 +259,8 @@ def _segment_mask(seg_node, segment_id: str, reference_node) -> np.ndarray:
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
     assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-        seg_node, ids, out, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        seg_node, ids, out, reference_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
     np.testing.assert_allclose(_node_matrix(out), _node_matrix(reference_node), atol=1e-9)
     mask = slicer.util.arrayFromVolume(out) > 0
     slicer.mrmlScene.RemoveNode(out)
@@ -251,8 +270,9 @@ def _segment_mask(seg_node, segment_id: str, reference_node) -> np.ndarray:
 def _by_name(node) -> dict:
     """Segment name -> segment ID of a segmentation node."""
     segments = node.GetSegmentation()
-    return {segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n)
-            for n in range(segments.GetNumberOfSegments())}
+    return {
+        segments.GetNthSegment(n).GetName(): segments.GetNthSegmentID(n) for n in range(segments.GetNumberOfSegments())
+    }
 
 
 @pytest.mark.parametrize("kind", sorted(MATRICES))
@@ -284,8 +304,10 @@ def test_segmentation_to_node_refills_an_existing_node_and_makes_3d_surfaces(sce
     seg = _segmentation(OBLIQUE)
     node = mrml.segmentation_to_node(seg, ct)
     assert node.GetSegmentation().ContainsRepresentation("Closed surface")
-    only_one = Segmentation(seg.labelmap.with_array((seg.labelmap.array == 2).astype(np.uint8)),
-                            [Region(**{**seg.regions[0].to_dict(), "label": 1})])
+    only_one = Segmentation(
+        seg.labelmap.with_array((seg.labelmap.array == 2).astype(np.uint8)),
+        [Region(**{**seg.regions[0].to_dict(), "label": 1})],
+    )
     assert mrml.segmentation_to_node(only_one, ct, node=node) is node
     assert node.GetSegmentation().GetNumberOfSegments() == 1
     assert node.GetSegmentation().GetNthSegment(0).GetName() == "region 1 (hottest)"
@@ -315,8 +337,15 @@ def _with_outline(matrix: np.ndarray) -> Segmentation:
     box = ((2, 6), (4, 9), (5, 11))
     mask = crop(LabelMap(np.zeros(SHAPE, np.uint8), matrix), box)
     mask.array[1:3, 1:4, 1:5] = 1  # voxels (3-4, 5-7, 6-9): partly inside region label 2
-    outline = Outline(mask=mask, seed_ras=tuple(mask.ijk_to_ras_points([[2, 2, 1]])[0]), method="network",
-                      model="nodule-outline 1.0.0", name="nodule outline 1", label=1, **measure_outline(mask))
+    outline = Outline(
+        mask=mask,
+        seed_ras=tuple(mask.ijk_to_ras_points([[2, 2, 1]])[0]),
+        method="network",
+        model="nodule-outline 1.0.0",
+        name="nodule outline 1",
+        label=1,
+        **measure_outline(mask),
+    )
     seg.outlines.append(outline)
     seg.regions[0].outline = outline.to_dict()
     return seg
@@ -451,18 +480,31 @@ def tiny_model(tmp_path_factory):
 
     torch.manual_seed(0)
     kwargs = {"channels": [4, 8, 8], "hidden": [8, 8]}
-    card = ModelCard(architecture="small3d_cnn", kwargs=kwargs, class_names=["benign", "malignant"],
-                     cam_class="malignant", target_layer="features.act3", patch_size=[32, 32, 32],
-                     spacing_mm=[3.0, 3.0, 3.0], name="tiny")
+    card = ModelCard(
+        architecture="small3d_cnn",
+        kwargs=kwargs,
+        class_names=["benign", "malignant"],
+        cam_class="malignant",
+        target_layer="features.act3",
+        patch_size=[32, 32, 32],
+        spacing_mm=[3.0, 3.0, 3.0],
+        name="tiny",
+    )
     return save_model(build_model("small3d_cnn", **kwargs), card, tmp_path_factory.mktemp("model") / "tiny.safetensors")
 
 
 def test_explain_volume_node_fills_the_output_nodes(scene, nodule_chest, tiny_model):
     ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
     calls = []
-    result = mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", threshold=0.3,
-                                      restrict_to_lungs=False, **FAST,
-                                      progress=lambda stage, done, total: calls.append((stage, done, total)))
+    result = mrml.explain_volume_node(
+        ct,
+        model=str(tiny_model),
+        device="cpu",
+        threshold=0.3,
+        restrict_to_lungs=False,
+        **FAST,
+        progress=lambda stage, done, total: calls.append((stage, done, total)),
+    )
     assert calls[-1] == ("segment", 1, 1)  # every stage reported, the last one too
     cam = [(done, total) for stage, done, total in calls if stage == "cam"]
     assert cam[-1] == (result.explanation.n_patches,) * 2
@@ -475,10 +517,21 @@ def test_explain_volume_node_fills_the_output_nodes(scene, nodule_chest, tiny_mo
     assert result.segmentation.regions, "the seeded model gives hot regions at 0.3"
 
     # a second run into the same nodes reuses them; restricted to the lungs, all regions lie inside them
-    again = mrml.explain_volume_node(ct, result.cam_node, result.segmentation_node, result.table_node,
-                                     model=str(tiny_model), device="cpu", threshold=0.3, **FAST)
+    again = mrml.explain_volume_node(
+        ct,
+        result.cam_node,
+        result.segmentation_node,
+        result.table_node,
+        model=str(tiny_model),
+        device="cpu",
+        threshold=0.3,
+        **FAST,
+    )
     assert (again.cam_node, again.segmentation_node, again.table_node) == (
-        result.cam_node, result.segmentation_node, result.table_node)
+        result.cam_node,
+        result.segmentation_node,
+        result.table_node,
+    )
     assert not np.any((again.segmentation.labelmap.array > 0) & ~again.explanation.lung_mask)
     _check_segments_and_table(again, ct)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 1
@@ -521,8 +574,9 @@ def test_explain_volume_node_cancelled_makes_no_nodes(scene, nodule_chest, tiny_
         return False
 
     with pytest.raises(CancelledError, match="not started: scorecam"):
-        mrml.explain_volume_node(ct, model=str(tiny_model), device="cpu", method="scorecam", **FAST,
-                                 on_estimate=decline)
+        mrml.explain_volume_node(
+            ct, model=str(tiny_model), device="cpu", method="scorecam", **FAST, on_estimate=decline
+        )
     assert estimates[0].method == "scorecam" and estimates[0].passes > estimates[0].patches
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 1
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
@@ -532,8 +586,8 @@ def test_explain_volume_node_cancelled_makes_no_nodes(scene, nodule_chest, tiny_
 @pytest.mark.slow
 def test_explain_volume_node_with_the_bundled_model_finds_the_nodule(scene, nodule_chest):
     """What the Slicer self-test checks, here in CI: the heat map peaks in the nodule and a segment overlaps it."""
-    from LungGradCAMLib.evaluation import metrics
     from LungGradCAMLib.engine.models import available_models
+    from LungGradCAMLib.evaluation import metrics
 
     assert "default" in available_models()  # part of the package
     ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
@@ -560,8 +614,9 @@ def test_a_region_model_explains_a_markups_roi(scene, nodule_chest, region_model
     with pytest.raises(InvalidInputError, match="judges a region"):  # no roi: refused, no node made
         mrml.explain_volume_node(ct, model=str(region_model), device="cpu")
     assert scene.GetNumberOfNodesByClass("vtkMRMLTableNode") == 0
-    result = mrml.explain_volume_node(ct, model=str(region_model), device="cpu", roi=(centre, size),
-                                      restrict_to_lungs=False, threshold=0.1)
+    result = mrml.explain_volume_node(
+        ct, model=str(region_model), device="cpu", roi=(centre, size), restrict_to_lungs=False, threshold=0.1
+    )
     assert result.explanation.mode == "roi" and result.explanation.n_patches == 1
     assert set(result.explanation.probabilities) == {"benign", "malignant"}
     hot = np.argwhere(slicer.util.arrayFromVolume(result.cam_node) > 0)
@@ -573,8 +628,7 @@ def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_ans
     """The whole-scan model's regions, each with the region model's second opinion in the table; a
     region turned into an ROI node gives back its centre for the region model."""
     ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
-    result = mrml.explain_volume_node(ct, model="default", device="cpu", threshold=0.3,
-                                      region_model=str(region_model))
+    result = mrml.explain_volume_node(ct, model="default", device="cpu", threshold=0.3, region_model=str(region_model))
     regions = result.segmentation.regions
     assert regions, "the default model finds the phantom's nodule at 0.3"
     table = result.table_node.GetTable()
@@ -584,7 +638,8 @@ def test_a_hot_region_becomes_an_roi_and_the_table_carries_the_region_models_ans
         assert table.GetColumnByName("Region model").GetValue(row) == "tiny-region"
         assert table.GetColumnByName("Region model class").GetValue(row) == "malignant"
         assert table.GetColumnByName("Region model P").GetValue(row) == pytest.approx(
-            region.second_opinion["probability"])
+            region.second_opinion["probability"]
+        )
     roi_node = mrml.region_to_roi_node(regions[0], margin_mm=5.0)
     centre, size = mrml.roi_from_node(roi_node)
     np.testing.assert_allclose(centre, regions[0].centroid_ras, atol=1e-6)

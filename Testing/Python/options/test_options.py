@@ -1,5 +1,6 @@
 """ExplainOptions, the one type of an explanation's settings, and the command line that builds it:
 every value a user types is checked as it is parsed, before a model or a CT is read."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,15 +10,23 @@ import numpy as np
 import pytest
 
 from LungGradCAMLib.cli import build_parser, main
+from LungGradCAMLib.cli.common import options_from_args
 from LungGradCAMLib.core.errors import InvalidInputError
 from LungGradCAMLib.options import METHODS, ExplainOptions, parse_roi, parse_threshold
-from LungGradCAMLib.cli.common import options_from_args
 
 
 def test_options_are_normalised():
-    o = ExplainOptions(threshold="0.25", stride="8,8,4", device="AUTO", batch_size=0, target="", layer="",
-                       roi="-55.5, -85.6, -116, 40")
-    assert (o.threshold, o.stride, o.device, o.batch_size, o.target, o.layer) == (0.25, (8, 8, 4), None, None, None, None)
+    o = ExplainOptions(
+        threshold="0.25", stride="8,8,4", device="AUTO", batch_size=0, target="", layer="", roi="-55.5, -85.6, -116, 40"
+    )
+    assert (o.threshold, o.stride, o.device, o.batch_size, o.target, o.layer) == (
+        0.25,
+        (8, 8, 4),
+        None,
+        None,
+        None,
+        None,
+    )
     assert o.roi == ((-55.5, -85.6, -116.0), (40.0, 40.0, 40.0))
     assert ExplainOptions(stride=6).stride == (6, 6, 6) and ExplainOptions(stride=0).stride is None
     assert ExplainOptions(device="cuda:1").device == "cuda:1"
@@ -29,15 +38,30 @@ def test_options_are_normalised():
     assert ExplainOptions(roi=mask).roi is mask
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("threshold", "0.5x", "threshold '0.5x' is not understood"), ("threshold", 1.5, "threshold"),
-    ("threshold", "p101", "threshold"), ("threshold", True, "threshold"),
-    ("stride", "0", "stride"), ("stride", "8,8", "stride"), ("stride", 2.5, "stride"), ("stride", -1, "stride"),
-    ("device", "gpu", "unknown device 'gpu'"), ("batch_size", -2, "batch size"), ("batch_size", 2.5, "batch size"),
-    ("method", "guided_backprop", "unknown CAM method"), ("mode", "everything", "unknown mode"),
-    ("roi", "1,2", "X,Y,Z,SIZE"), ("roi", ((0, 0, 0), -4), "size positive"), ("roi", np.zeros((4, 4, 4), bool), "non-empty"),
-    ("model", "", "model"), ("amp", "yes", "amp must be True or False"), ("target", 1.5, "target"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("threshold", "0.5x", "threshold '0.5x' is not understood"),
+        ("threshold", 1.5, "threshold"),
+        ("threshold", "p101", "threshold"),
+        ("threshold", True, "threshold"),
+        ("stride", "0", "stride"),
+        ("stride", "8,8", "stride"),
+        ("stride", 2.5, "stride"),
+        ("stride", -1, "stride"),
+        ("device", "gpu", "unknown device 'gpu'"),
+        ("batch_size", -2, "batch size"),
+        ("batch_size", 2.5, "batch size"),
+        ("method", "guided_backprop", "unknown CAM method"),
+        ("mode", "everything", "unknown mode"),
+        ("roi", "1,2", "X,Y,Z,SIZE"),
+        ("roi", ((0, 0, 0), -4), "size positive"),
+        ("roi", np.zeros((4, 4, 4), bool), "non-empty"),
+        ("model", "", "model"),
+        ("amp", "yes", "amp must be True or False"),
+        ("target", 1.5, "target"),
+    ],
+)
 def test_wrong_values_are_refused_with_what_to_give(field, value, message):
     with pytest.raises(InvalidInputError, match=message):
         ExplainOptions(**{field: value})
@@ -64,13 +88,43 @@ def _args(*argv):
 
 
 def test_the_command_line_has_every_option_of_the_panel():
-    args = _args("--method", "guided-backprop", "--target", "background", "--layer", "features.act5",
-                 "--mode", "sliding", "--threshold", "p99", "--no-restrict-to-lungs", "--no-chest-check",
-                 "--device", "cpu", "--batch-size", "4", "--stride", "8", "--amp", "--format", "nii.gz")
+    args = _args(
+        "--method",
+        "guided-backprop",
+        "--target",
+        "background",
+        "--layer",
+        "features.act5",
+        "--mode",
+        "sliding",
+        "--threshold",
+        "p99",
+        "--no-restrict-to-lungs",
+        "--no-chest-check",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--stride",
+        "8",
+        "--amp",
+        "--format",
+        "nii.gz",
+    )
     o = options_from_args(args)
-    assert (o.method, o.target, o.layer, o.mode, o.threshold, o.restrict_to_lungs, o.chest_check, o.device,
-            o.batch_size, o.stride, o.amp) == ("guided-backprop", "background", "features.act5", "sliding", "p99",
-                                               False, False, "cpu", 4, (8, 8, 8), True)
+    assert (
+        o.method,
+        o.target,
+        o.layer,
+        o.mode,
+        o.threshold,
+        o.restrict_to_lungs,
+        o.chest_check,
+        o.device,
+        o.batch_size,
+        o.stride,
+        o.amp,
+    ) == ("guided-backprop", "background", "features.act5", "sliding", "p99", False, False, "cpu", 4, (8, 8, 8), True)
     assert args.volume_format == "nii.gz"
     # every field of ExplainOptions has its option (model .. amp); none is silently left out
     assert set(f.name for f in dataclasses.fields(ExplainOptions)) == set(o.to_dict())
@@ -100,14 +154,17 @@ def test_verbose_before_or_after_the_command():
     assert build_parser().parse_args(["info"]).verbose is False
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--threshold", "0.5x"], "argument --threshold: threshold '0.5x' is not understood"),
-    (["--stride", "0"], "argument --stride"),
-    (["--batch-size", "0"], "argument --batch-size"),
-    (["--device", "gpu"], "argument --device: unknown device 'gpu'"),
-    (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
-    (["--roi", "1,2"], "argument --roi"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--threshold", "0.5x"], "argument --threshold: threshold '0.5x' is not understood"),
+        (["--stride", "0"], "argument --stride"),
+        (["--batch-size", "0"], "argument --batch-size"),
+        (["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+        (["--method", "magic"], "argument --method: invalid choice: 'magic'"),
+        (["--roi", "1,2"], "argument --roi"),
+    ],
+)
 def test_wrong_options_stop_at_parse_time(tmp_path, capsys, argv, message):
     """Refused as parsed: one line naming the option, status 2, no traceback, nothing read or made."""
     assert main(["run", str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "out"), *argv]) == 2
@@ -125,8 +182,10 @@ def test_options_needing_the_model_are_checked_before_the_ct_is_read(tmp_path, c
     folder = tmp_path / "dicom"
     files = phantom.write_dicom_series(chest, folder)
     files[3].write_bytes(files[3].read_bytes()[:400])  # truncated
-    for argv, message in ((["--target", "tumour"], "target class 'tumour' is not one of"),
-                          (["--layer", "features.nope"], "layer 'features.nope' is not a module")):
+    for argv, message in (
+        (["--target", "tumour"], "target class 'tumour' is not one of"),
+        (["--layer", "features.nope"], "layer 'features.nope' is not a module"),
+    ):
         assert main(["run", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
     assert main(["run", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
@@ -154,12 +213,15 @@ def test_the_several_series_error_names_the_command_line_option(tmp_path, capsys
     assert "2 CT series found" in err and "--series" in err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["bench", "--shape", "300x512"], "argument --shape: '300x512': give three positive voxel counts"),
-    (["bench", "--spacing", "0.7,0,1"], "argument --spacing"),
-    (["bench", "--device", "tpu"], "argument --device"),
-    (["demo", "--device", "gpu"], "argument --device"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--shape", "300x512"], "argument --shape: '300x512': give three positive voxel counts"),
+        (["bench", "--spacing", "0.7,0,1"], "argument --spacing"),
+        (["bench", "--device", "tpu"], "argument --device"),
+        (["demo", "--device", "gpu"], "argument --device"),
+    ],
+)
 def test_other_commands_check_their_options_as_parsed(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err

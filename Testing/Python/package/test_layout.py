@@ -17,6 +17,7 @@ Parts, lowest first; a module may import its own part and the parts below it, ne
 Every import counts, at module level or inside a function (a lazy import for an optional path is
 still a dependency of the module), except those under ``if TYPE_CHECKING:``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,8 +31,18 @@ from helpers import REPO
 PACKAGE = REPO / "LungGradCAMLib"
 SLICER_MODULE = REPO / "LungGradCAM" / "LungGradCAM.py"
 
-RANKS = {"core": 0, "io": 1, "phantom": 2, "engine": 3, "options": 3, "pipeline": 4, "evaluation": 5,
-         "training": 6, "cli": 7, "mrml": 7}
+RANKS = {
+    "core": 0,
+    "io": 1,
+    "phantom": 2,
+    "engine": 3,
+    "options": 3,
+    "pipeline": 4,
+    "evaluation": 5,
+    "training": 6,
+    "cli": 7,
+    "mrml": 7,
+}
 #: Outside packages only some parts may import (by top-level name).
 FORBIDDEN = {
     "core": {"torch", "slicer", "vtk", "qt", "ctk"},
@@ -40,10 +51,10 @@ FORBIDDEN = {
 SLICER_NAMES = {"slicer", "vtk", "qt", "ctk", "slicer_app_standin"}
 #: Parts the engine never imports: it works on arrays and Volumes given to it.
 ENGINE_NEVER = {"io", "pipeline", "training", "evaluation", "cli", "mrml"}
-MAX_LINES = 620
+#: Lines a module may have (as `ruff format` writes it: issue 26 asks for every module under 700).
+MAX_LINES = 700
 #: Modules over MAX_LINES, each one idea.
-LONG_MODULES = {
-}
+LONG_MODULES = {}
 
 
 def _modules() -> Dict[str, Path]:
@@ -91,7 +102,7 @@ def _imports(name: str, path: Path) -> Iterator[Tuple[str, int]]:
                     continue
                 base = node.module.partition(".")[2]
             else:
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             for alias in node.names:  # "from . import x" and "from .engine import cam" name modules
                 candidate = f"{base}.{alias.name}" if base else alias.name
                 yield (candidate if candidate in MODULES else base), node.lineno
@@ -114,39 +125,62 @@ def test_every_module_is_in_a_part():
 
 
 def test_no_module_imports_a_part_above_its_own():
-    wrong = [f"{_where(m, line)} ({_part(m)}) imports {target} ({_part(target)})"
-             for m, imports in GRAPH.items() if m
-             for target, line in imports
-             if not target.startswith("<") and target and RANKS[_part(target)] > RANKS[_part(m)]]
+    wrong = [
+        f"{_where(m, line)} ({_part(m)}) imports {target} ({_part(target)})"
+        for m, imports in GRAPH.items()
+        if m
+        for target, line in imports
+        if not target.startswith("<") and target and RANKS[_part(target)] > RANKS[_part(m)]
+    ]
     assert not wrong, "imports from a part above:\n" + "\n".join(wrong)
 
 
 def test_the_engine_never_reads_files_trains_or_talks_to_slicer():
-    wrong = [f"{_where(m, line)} imports {target}" for m, imports in GRAPH.items() if _part(m) == "engine"
-             for target, line in imports if _part(target) in ENGINE_NEVER or target.strip("<>") in SLICER_NAMES]
+    wrong = [
+        f"{_where(m, line)} imports {target}"
+        for m, imports in GRAPH.items()
+        if _part(m) == "engine"
+        for target, line in imports
+        if _part(target) in ENGINE_NEVER or target.strip("<>") in SLICER_NAMES
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize("part", sorted(FORBIDDEN))
 def test_core_and_io_import_no_torch_nor_slicer(part):
-    wrong = [f"{_where(m, line)} imports {target.strip('<>')}" for m, imports in GRAPH.items() if _part(m) == part
-             for target, line in imports if target.strip("<>") in FORBIDDEN[part]]
+    wrong = [
+        f"{_where(m, line)} imports {target.strip('<>')}"
+        for m, imports in GRAPH.items()
+        if _part(m) == part
+        for target, line in imports
+        if target.strip("<>") in FORBIDDEN[part]
+    ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_only_the_slicer_layer_imports_slicer():
-    wrong = [f"{_where(m, line)} imports {target.strip('<>')}" for m, imports in GRAPH.items() if m != "mrml"
-             for target, line in imports if target.strip("<>") in SLICER_NAMES]
+    wrong = [
+        f"{_where(m, line)} imports {target.strip('<>')}"
+        for m, imports in GRAPH.items()
+        if m != "mrml"
+        for target, line in imports
+        if target.strip("<>") in SLICER_NAMES
+    ]
     assert not wrong, "only mrml.py (and LungGradCAM/LungGradCAM.py) may import Slicer:\n" + "\n".join(wrong)
-    uses = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(SLICER_MODULE.read_text()))
-            if isinstance(n, ast.Import)}
+    uses = {
+        n.names[0].name.split(".")[0]
+        for n in ast.walk(ast.parse(SLICER_MODULE.read_text()))
+        if isinstance(n, ast.Import)
+    }
     assert "slicer" in uses  # the check above looks where it should
 
 
 def test_no_import_cycle():
     """Between modules (every import, lazy ones too) and between parts."""
-    edges = {m: {t for t, _ in imports if t in MODULES and t != m and not (m == "" or t == "")}
-             for m, imports in GRAPH.items()}
+    edges = {
+        m: {t for t, _ in imports if t in MODULES and t != m and not (m == "" or t == "")}
+        for m, imports in GRAPH.items()
+    }
     # a package's __init__ re-exporting its own modules is the package itself, not a cycle
     edges = {m: {t for t in ts if not t.startswith(m + ".") or m == ""} for m, ts in edges.items()}
     cycle = _find_cycle(edges)
@@ -169,7 +203,7 @@ def _find_cycle(edges: Dict[str, Set[str]]):
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if state.get(nxt) is None:
                 found = visit(nxt)
                 if found:

@@ -9,6 +9,7 @@ models are the bundled ones the blocks name. A block that needs the 3D Slicer ap
 (``slicer.util.getModuleLogic``, a scene with a CT node) is skipped with that reason:
 slicer_module/test_slicer_logic.py runs the same Logic calls on slicer-core.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,10 @@ README = REPO / "README.md"
 def _python_blocks() -> List[Tuple[int, str]]:
     """(line of the opening fence, code) of each ```python block of the README."""
     text = README.read_text(encoding="utf-8")
-    return [(text.count("\n", 0, m.start()) + 1, m.group(1))
-            for m in re.finditer(r"^```python\n(.*?)^```$", text, re.M | re.S)]
+    return [
+        (text.count("\n", 0, m.start()) + 1, m.group(1))
+        for m in re.finditer(r"^```python\n(.*?)^```$", text, re.M | re.S)
+    ]
 
 
 BLOCKS = _python_blocks()
@@ -52,8 +55,10 @@ def readme_world(tmp_path_factory, nodule_chest):
 @pytest.mark.parametrize("line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
 def test_readme_python_block_runs(line, code, readme_world, monkeypatch, capsys):
     if re.search(r"^\s*[^#\n]*\bslicer\.", code, re.M):
-        pytest.skip("needs the 3D Slicer application (slicer.util.getModuleLogic, a scene with a CT node); "
-                    "slicer_module/test_slicer_logic.py runs the same Logic calls on slicer-core")
+        pytest.skip(
+            "needs the 3D Slicer application (slicer.util.getModuleLogic, a scene with a CT node); "
+            "slicer_module/test_slicer_logic.py runs the same Logic calls on slicer-core"
+        )
     monkeypatch.chdir(readme_world)
     monkeypatch.setenv("HOME", str(readme_world))
     import LungGradCAMLib

@@ -6,6 +6,7 @@ every output including the DICOM SEG out), in a subprocess whose sys.path hides 
 the test extra installs; and every import statement of the package (those inside functions too) resolved to the
 standard library, the package itself or a declared runtime dependency.
 """
+
 from __future__ import annotations
 
 import ast
@@ -21,9 +22,8 @@ from typing import Dict, Iterable, Set
 
 import pytest
 
-from helpers import make_tiny_model
+from helpers import REPO, make_tiny_model
 
-from helpers import REPO
 PACKAGE = REPO / "LungGradCAMLib"
 #: Imports only the Slicer layer makes (LungGradCAMLib/mrml.py runs inside Slicer or on slicer-core).
 SLICER_ONLY = {"slicer", "vtk"}
@@ -67,6 +67,7 @@ RUNTIME = _closure(_requirements("LungGradCAMLib"))
 TEST_ONLY = _closure(_requirements("LungGradCAMLib", "test")) - RUNTIME
 HIDDEN = sorted(m for m, dists in _top_level_modules().items() if dists <= TEST_ONLY)
 
+
 def _run_hidden(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run ``code`` in a Python whose sys.path is the checkout and a view of site-packages without
     the test-only packages (``python -S``: no site, no .pth files)."""
@@ -83,8 +84,9 @@ def _run_hidden(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     script = tmp_path / "hidden.py"
     script.write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(view)])}
-    return subprocess.run([sys.executable, "-S", str(script)], capture_output=True, text=True, cwd=tmp_path,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-S", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
 
 
 def test_test_only_packages_are_known():
@@ -94,7 +96,8 @@ def test_test_only_packages_are_known():
 
 
 def test_every_module_imports_without_test_only_packages(tmp_path):
-    done = _run_hidden("""
+    done = _run_hidden(
+        """
 import importlib, json, pkgutil
 import LungGradCAMLib
 missing = {}
@@ -110,7 +113,9 @@ try:
 except ModuleNotFoundError:
     missing["(check) pytest"] = "pytest"
 print(json.dumps(missing))
-""", tmp_path)
+""",
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     # only the Slicer layer needs Slicer; the hiding works
     assert json.loads(done.stdout.splitlines()[-1]) == {"LungGradCAMLib.mrml": "slicer", "(check) pytest": "pytest"}
@@ -124,19 +129,34 @@ def test_a_whole_run_needs_no_test_only_package(tmp_path, small_phantom):
     dicom = tmp_path / "dicom"
     phantom.write_dicom_series(small_phantom.volume, dicom)
     model = make_tiny_model(tmp_path)
-    done = _run_hidden(f"""
+    done = _run_hidden(
+        f"""
 import sys
 from LungGradCAMLib.cli import main
 common = ["--model", {str(model)!r}, "--device", "cpu", "--batch-size", "16", "--threshold", "0.3"]
-sys.exit(main(["run", {str(dicom)!r}, "--out", {str(tmp_path / 'out')!r}, "--dicom-seg", *common])
-         or main(["run", {str(dicom)!r}, "--out", {str(tmp_path / 'nifti')!r}, "--format", "nii.gz", *common]))
-""", tmp_path)
+sys.exit(main(["run", {str(dicom)!r}, "--out", {str(tmp_path / "out")!r}, "--dicom-seg", *common])
+         or main(["run", {str(dicom)!r}, "--out", {str(tmp_path / "nifti")!r}, "--format", "nii.gz", *common]))
+""",
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd", "overlay.png", "segmentation.dcm", "report.json",
-        ".lunggradcam.json"}
+        "cam.nrrd",
+        "segmentation.seg.nrrd",
+        "lungs.seg.nrrd",
+        "overlay.png",
+        "segmentation.dcm",
+        "report.json",
+        ".lunggradcam.json",
+    }
     assert {p.name for p in (tmp_path / "nifti").iterdir()} == {
-        "cam.nii.gz", "segmentation.nii.gz", "lungs.nii.gz", "overlay.png", "report.json", ".lunggradcam.json"}
+        "cam.nii.gz",
+        "segmentation.nii.gz",
+        "lungs.nii.gz",
+        "overlay.png",
+        "report.json",
+        ".lunggradcam.json",
+    }
 
 
 def _imports(path: Path) -> Set[str]:
@@ -160,4 +180,5 @@ def test_every_import_is_a_runtime_dependency(path):
             continue
         assert providers.get(name, set()) & RUNTIME, (
             f"{path.relative_to(REPO)} imports {name!r}, which no runtime dependency provides: add it to "
-            "[project] dependencies in pyproject.toml, or make it optional with a message naming what to install")
+            "[project] dependencies in pyproject.toml, or make it optional with a message naming what to install"
+        )

@@ -1,4 +1,5 @@
 """The synthetic chest CT: geometry, determinism, anatomy and HU per tissue, nodules, noise."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -33,10 +34,10 @@ def empty_chest():
 def kinds_chest(empty_chest):
     """One nodule of every kind/margin, at valid random positions in the lungs of seed 11."""
     rng = np.random.default_rng(5)
-    specs = phantom.random_nodules(rng, empty_chest.lungs, empty_chest.volume, 4, placements=["parenchymal"],
-                                   diameter_mm=(14.0, 20.0))
-    looks = [("solid", "smooth"), ("ground-glass", "lobulated"), ("part-solid", "spiculated"),
-             ("calcified", "smooth")]
+    specs = phantom.random_nodules(
+        rng, empty_chest.lungs, empty_chest.volume, 4, placements=["parenchymal"], diameter_mm=(14.0, 20.0)
+    )
+    looks = [("solid", "smooth"), ("ground-glass", "lobulated"), ("part-solid", "spiculated"), ("calcified", "smooth")]
     specs = [replace(s, kind=k, margin=m) for s, (k, m) in zip(specs, looks)]
     return phantom.chest_ct(seed=11, shape=SHAPE, spacing_mm=SPACING, nodules=specs)
 
@@ -64,8 +65,9 @@ def test_axial_geometry_and_meta(chest):
     assert vol.meta["modality"] == "CT" and vol.meta["patient_id"] == "LGC-PHANTOM-11"
     for key in ("study_uid", "series_uid", "frame_of_reference_uid"):
         uid = vol.meta[key]
-        assert len(uid) <= 64 and all(part.isdigit() and (part == "0" or not part.startswith("0"))
-                                      for part in uid.split("."))
+        assert len(uid) <= 64 and all(
+            part.isdigit() and (part == "0" or not part.startswith("0")) for part in uid.split(".")
+        )
     assert len({vol.meta[k] for k in ("study_uid", "series_uid", "frame_of_reference_uid")}) == 3
     assert chest.lungs.dtype == bool and chest.lungs.shape == SHAPE
     assert chest.nodule_labelmap.dtype == np.int16 and chest.nodule_labelmap.shape == SHAPE
@@ -106,8 +108,14 @@ def test_anatomy_does_not_depend_on_nodules(chest, empty_chest):
 def test_hu_per_tissue(empty_chest):
     ph, hu = empty_chest, empty_chest.volume.array
     expected = {  # tissue: (low, high) for the mean HU away from the tissue's edges
-        "air": (-1010, -990), "fat": (-130, -70), "muscle": (20, 70), "lung": (-910, -790),
-        "mediastinum": (-130, -50), "heart": (15, 65), "blood": (15, 65), "abdomen": (30, 80),
+        "air": (-1010, -990),
+        "fat": (-130, -70),
+        "muscle": (20, 70),
+        "lung": (-910, -790),
+        "mediastinum": (-130, -50),
+        "heart": (15, 65),
+        "blood": (15, 65),
+        "abdomen": (30, 80),
     }
     for name, (low, high) in expected.items():
         core = eroded(tissue(ph, name), 2 if name != "lung" else 1)
@@ -132,7 +140,7 @@ def test_two_lungs_with_airways_vessels_and_bones(empty_chest):
     assert n == 2 or (np.sort(sizes)[:-2].sum() < 0.01 * sizes.sum())  # two lungs (stray bits negligible)
     big = np.argsort(sizes)[-2:] + 1
     x_of = [ph.volume.ijk_to_ras_points(np.argwhere(labels == b)[:, ::-1]).mean(axis=0)[0] for b in big]
-    assert min(x_of) < -30 and max(x_of) > 30                                        # one per side
+    assert min(x_of) < -30 and max(x_of) > 30  # one per side
     litres = ph.lungs.sum() * VOXEL_MM3 / 1e6
     assert 1.5 < litres < 8.0
     # vessels fill a plausible fraction of the lungs and narrow toward the periphery
@@ -140,7 +148,7 @@ def test_two_lungs_with_airways_vessels_and_bones(empty_chest):
     assert 0.01 < vessel.sum() / ph.lungs.sum() < 0.2
     depth = ndimage.distance_transform_edt(ph.lungs, sampling=SPACING[::-1])
     central, peripheral = ph.lungs & (depth > 15), ph.lungs & (depth < 8)
-    assert vessel[central].mean() > 2 * vessel[peripheral].mean()       # few visible vessels at the edge
+    assert vessel[central].mean() > 2 * vessel[peripheral].mean()  # few visible vessels at the edge
     # trachea: air in the midline above the lungs' middle, outside the lungs
     airway = tissue(ph, "airway") & ~ph.lungs
     top = airway[int(SHAPE[0] * 0.75)]
@@ -155,7 +163,7 @@ def test_two_lungs_with_airways_vessels_and_bones(empty_chest):
     assert (np.abs(ras[:, 0]) < 10).any() and ras[np.abs(ras[:, 0]) < 10, 1].mean() < -20
     # the body outline changes with height
     body = (ph.tissues != TISSUES["air"]) & ~tissue(ph, "table")
-    body_area = np.array([ndimage.binary_fill_holes(s).sum() for s in body])   # stomach gas is inside
+    body_area = np.array([ndimage.binary_fill_holes(s).sum() for s in body])  # stomach gas is inside
     assert body_area.max() > 1.1 * body_area.min()
 
 
@@ -199,7 +207,7 @@ def test_kinds_have_their_hu(kinds_chest):
     assert -60 <= solid.mean() <= 80
     ggo = hu[eroded(by_kind["ground-glass"])]
     assert -700 <= np.median(ggo) <= -400
-    part = hu[by_kind["part-solid"]]                      # ground glass around a solid core
+    part = hu[by_kind["part-solid"]]  # ground glass around a solid core
     assert (part < -450).mean() > 0.2 and (part > -150).sum() >= 3
     calcified = hu[eroded(by_kind["calcified"])]
     assert calcified.mean() > 200 and calcified.max() > 450
@@ -208,12 +216,19 @@ def test_kinds_have_their_hu(kinds_chest):
 @pytest.mark.parametrize("margin,tolerance", [("smooth", 0.25), ("lobulated", 0.35), ("spiculated", 0.45)])
 def test_nodule_volume_matches_diameter(empty_chest, margin, tolerance):
     rng = np.random.default_rng({"smooth": 1, "lobulated": 2, "spiculated": 3}[margin])
-    specs = phantom.random_nodules(rng, empty_chest.lungs, empty_chest.volume, 3, placements=["parenchymal"],
-                                   margins=[margin], diameter_mm=(10.0, 20.0))
+    specs = phantom.random_nodules(
+        rng,
+        empty_chest.lungs,
+        empty_chest.volume,
+        3,
+        placements=["parenchymal"],
+        margins=[margin],
+        diameter_mm=(10.0, 20.0),
+    )
     ph = phantom.chest_ct(seed=11, shape=SHAPE, spacing_mm=SPACING, nodules=specs)
     for spec in ph.nodules:
         volume = (ph.nodule_labelmap == spec.label).sum() * VOXEL_MM3
-        sphere = np.pi / 6 * spec.diameter_mm ** 3
+        sphere = np.pi / 6 * spec.diameter_mm**3
         assert abs(volume / sphere - 1) < tolerance, (spec, volume, sphere)
         centroid = ph.volume.ijk_to_ras_points(np.argwhere(ph.nodule_labelmap == spec.label).mean(axis=0)[::-1])[0]
         assert np.linalg.norm(centroid - spec.center_ras) < spec.diameter_mm / 2
@@ -224,8 +239,15 @@ def test_placements(empty_chest):
     rng = np.random.default_rng(9)
     wall = np.isin(empty_chest.tissues, [TISSUES[t] for t in ("skin", "fat", "muscle", "bone")])
     for placement in phantom.PLACEMENTS:
-        specs = phantom.random_nodules(rng, empty_chest.lungs, empty_chest.volume, 3, vessels=vessels,
-                                       placements=[placement], diameter_mm=(6.0, 14.0))
+        specs = phantom.random_nodules(
+            rng,
+            empty_chest.lungs,
+            empty_chest.volume,
+            3,
+            vessels=vessels,
+            placements=[placement],
+            diameter_mm=(6.0, 14.0),
+        )
         assert [s.placement for s in specs] == [placement] * 3
         ph = phantom.chest_ct(seed=11, shape=SHAPE, spacing_mm=SPACING, nodules=specs)
         for spec in ph.nodules:
@@ -254,8 +276,16 @@ def test_explicit_nodule_at_ras_centre(empty_chest):
 
 def test_random_nodules_options(empty_chest):
     rng = np.random.default_rng(0)
-    specs = phantom.random_nodules(rng, empty_chest.lungs, empty_chest.volume, 6, kinds=["calcified"],
-                                   margins=["smooth"], diameter_mm=(5.0, 8.0), malignant_fraction=0.0)
+    specs = phantom.random_nodules(
+        rng,
+        empty_chest.lungs,
+        empty_chest.volume,
+        6,
+        kinds=["calcified"],
+        margins=["smooth"],
+        diameter_mm=(5.0, 8.0),
+        malignant_fraction=0.0,
+    )
     assert len(specs) == 6
     assert all(s.kind == "calcified" and s.margin == "smooth" and not s.malignant for s in specs)
     assert all(5.0 <= s.diameter_mm <= 8.0 for s in specs)
@@ -283,14 +313,17 @@ def test_errors(empty_chest):
     with pytest.raises(InvalidInputError, match="lungs"):
         phantom.chest_ct(seed=11, shape=SHAPE, spacing_mm=SPACING, nodules=[outside])
     with pytest.raises(InvalidInputError, match="no room"):
-        phantom.random_nodules(np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 40,
-                               diameter_mm=(30.0, 30.0))
+        phantom.random_nodules(
+            np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 40, diameter_mm=(30.0, 30.0)
+        )
     with pytest.raises(InvalidInputError, match="vessels"):
-        phantom.random_nodules(np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 1,
-                               placements=["juxta-vascular"])
+        phantom.random_nodules(
+            np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 1, placements=["juxta-vascular"]
+        )
     # non-strict: as many as fit
-    some = phantom.random_nodules(np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 40,
-                                  diameter_mm=(30.0, 30.0), strict=False)
+    some = phantom.random_nodules(
+        np.random.default_rng(0), empty_chest.lungs, empty_chest.volume, 40, diameter_mm=(30.0, 30.0), strict=False
+    )
     assert 0 < len(some) < 40
 
 

@@ -1,5 +1,6 @@
 """The output folder of a run: never the input, never another's files, owned by one run, whole or
 untouched (after a rerun, a second run into it, SIGTERM and SIGKILL)."""
+
 from __future__ import annotations
 
 import json
@@ -57,15 +58,20 @@ def _foreign_file_in_out(tmp: Path, chest: Volume):
     return write_volume(chest, tmp / "ct.nrrd"), tmp / "out", "1 file\\(s\\) that no LungGradCAM run wrote"
 
 
-OUT_CASES = {"ct_named_like_an_output": _ct_named_like_an_output, "out_is_the_dicom_folder": _out_is_the_dicom_folder,
-             "out_links_to_the_inputs_folder": _out_links_to_the_inputs_folder,
-             "input_links_into_out": _input_links_into_out, "foreign_file_in_out": _foreign_file_in_out}
+OUT_CASES = {
+    "ct_named_like_an_output": _ct_named_like_an_output,
+    "out_is_the_dicom_folder": _out_is_the_dicom_folder,
+    "out_links_to_the_inputs_folder": _out_links_to_the_inputs_folder,
+    "input_links_into_out": _input_links_into_out,
+    "foreign_file_in_out": _foreign_file_in_out,
+}
 
 
-@pytest.mark.parametrize("name, command", [(name, "run") for name in OUT_CASES] + [
-    (name, "batch") for name in ("out_is_the_dicom_folder", "out_links_to_the_inputs_folder")])  # batches read folders
-
-
+@pytest.mark.parametrize(
+    "name, command",
+    [(name, "run") for name in OUT_CASES]
+    + [(name, "batch") for name in ("out_is_the_dicom_folder", "out_links_to_the_inputs_folder")],
+)  # batches read folders
 def test_out_never_is_nor_holds_the_input_nor_replaces_anothers_file(name, command, tmp_path, chest, tiny, capsys):
     ct, out, text = OUT_CASES[name](tmp_path, chest)
     before = _snapshot(tmp_path)
@@ -91,9 +97,25 @@ def test_rerun_replaces_the_previous_outputs_whole(tmp_path, chest, tiny, capsys
 
 
 def _start(ct: Path, out: Path, model: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "LungGradCAMLib.cli", "run", str(ct), "--out", str(out),
-                             "--model", str(model), "--device", "cpu"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            "run",
+            str(ct),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:

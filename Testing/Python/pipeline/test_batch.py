@@ -1,4 +1,5 @@
 """`lunggradcam batch`: a cohort, failures recorded, resumable, SIGKILL-safe, sharded under torchrun."""
+
 from __future__ import annotations
 
 import csv
@@ -20,9 +21,7 @@ from LungGradCAMLib import phantom, pipeline
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.io.inputs import load_input
 
-from helpers import make_tiny_model
-
-from helpers import REPO, small_chest
+from helpers import REPO, make_tiny_model, small_chest
 
 
 def _tree_hash(folder: Path) -> str:
@@ -87,8 +86,10 @@ def test_batch_records_failures_and_resumes(cohort, tmp_path, capsys):
     main(["batch", str(tree), "--out", str(out), "--model", str(model), "--device", "cpu"])
     printed = capsys.readouterr().out  # what was skipped, and why
     assert "  2 series skipped: already done with the same options and model" in printed
-    assert "  1 series skipped: failed before with the same options for a reason of its own data " \
-           "(--redo-failed retries it)" in printed
+    assert (
+        "  1 series skipped: failed before with the same options for a reason of its own data "
+        "(--redo-failed retries it)" in printed
+    )
     assert not work.exists()
     for i, uid in enumerate(uids):
         now = (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns
@@ -101,8 +102,19 @@ def test_batch_survives_sigkill(cohort, tmp_path):
     """Kill `lunggradcam batch` with SIGKILL mid-run, start it again: the cohort finishes whole."""
     tree, uids, model = cohort
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "LungGradCAMLib.cli", "batch", str(tree), "--out", str(out),
-           "--model", str(model), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "LungGradCAMLib.cli",
+        "batch",
+        str(tree),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     # wait until the first series is finished: the next one is being read or explained
@@ -111,8 +123,9 @@ def test_batch_survives_sigkill(cohort, tmp_path):
     assert proc.poll() is None, f"the batch ended (status {proc.returncode}) before it could be killed mid-run"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    again = subprocess.run(cmd, cwd=REPO, check=False, timeout=300, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    again = subprocess.run(
+        cmd, cwd=REPO, check=False, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     rows = _summary(out)
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids
     assert again.returncode == (1 if any(r["status"] == "failed" for r in rows.values()) else 0)
@@ -128,9 +141,30 @@ def test_batch_torchrun_two_processes(cohort, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "LungGradCAMLib.cli", "batch", str(tree), "--out", str(out), "--model", str(model),
-         "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "LungGradCAMLib.cli",
+            "batch",
+            str(tree),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     rows = _summary(out)  # rank 0 merged every rank's series
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids, result.stderr[-2000:]
     assert [r["status"] for r in rows.values()].count("failed") == 1
@@ -169,8 +203,12 @@ def test_batch_records_no_failure_that_is_the_runs_own(cohort, tmp_path, capsys,
     tree, uids, model = cohort
     out = tmp_path / "out"
     good = {"--model": str(model), "--device": "cpu"}
-    for bad in ({"--model": str(tmp_path / "missing.safetensors")}, {"--device": "meta"}, {"--method": "nope"},
-                {"--threshold": "2"}):
+    for bad in (
+        {"--model": str(tmp_path / "missing.safetensors")},
+        {"--device": "meta"},
+        {"--method": "nope"},
+        {"--threshold": "2"},
+    ):
         options = [v for item in {**good, **bad}.items() for v in item]
         assert main(["batch", str(tree), "--out", str(out), *options]) == 2, bad
         assert "error:" in capsys.readouterr().err and not list(out.rglob("*.json")), bad
@@ -183,7 +221,8 @@ def test_batch_records_no_failure_that_is_the_runs_own(cohort, tmp_path, capsys,
     rows = _summary(out)
     assert sorted(u for u, r in rows.items() if r["status"] == "done") == uids
     assert [r["error"] for r in rows.values() if r["status"] == "failed"] == [
-        next(r["error"] for r in rows.values() if "single slice" in r["error"])]
+        next(r["error"] for r in rows.values() if "single slice" in r["error"])
+    ]
 
 
 def test_prefetched_reads_the_next_series_while_this_one_is_used():
@@ -209,6 +248,8 @@ def test_prefetched_reads_the_next_series_while_this_one_is_used():
             seen.append(str(exc))
     assert seen == [0, 1, "series 2 is broken", 3]
     assert list(pipeline.prefetched([])) == []
+
+
 def _stamps(out: Path, uids) -> dict:
     return {uid: (out / pipeline.safe_name(uid) / "report.json").stat().st_mtime_ns for uid in uids}
 
@@ -251,7 +292,9 @@ def test_summary_names_the_folder_and_the_input_of_each_series(cohort, tmp_path)
         assert (out / row["output"] / "report.json").is_file()
         assert Path(row["input"]).is_dir() and Path(row["input"]).parent == tree  # patient<seed>/
         assert row["patient_id"] == "LIDC-IDRI-000" + Path(row["input"]).name[-1]  # from its DICOM
-        assert re.fullmatch(r"[1-9]\d* hot regions?|no region above threshold 0\.50 \(highest heat 0\.[0-4]\d\)", row["outcome"]), row["outcome"]
+        assert re.fullmatch(
+            r"[1-9]\d* hot regions?|no region above threshold 0\.50 \(highest heat 0\.[0-4]\d\)", row["outcome"]
+        ), row["outcome"]
     broken = next(r for r in rows.values() if r["status"] == "failed")
     assert Path(broken["input"]) == tree / "broken"
 

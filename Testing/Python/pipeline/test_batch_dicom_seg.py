@@ -1,6 +1,7 @@
 """``--dicom-seg`` wherever a DICOM series comes from: a real LIDC-IDRI series through ``batch``
 (which hands the loader the series' files, not a folder), a Slicer DICOM database through ``run``;
 and a series that cannot give a DICOM SEG is not held against it when the option is left out."""
+
 from __future__ import annotations
 
 import csv
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
@@ -36,8 +36,10 @@ def _check_seg(folder: Path, source_files) -> None:
     assert seg.FrameOfReferenceUID == first.FrameOfReferenceUID
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == report["series_instance_uid"]
     assert len(seg.SegmentSequence) == len(report["regions"])
-    referenced = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-                  for f in seg.PerFrameFunctionalGroupsSequence}
+    referenced = {
+        str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        for f in seg.PerFrameFunctionalGroupsSequence
+    }
     assert referenced and referenced <= set(sources)  # every frame points at one of the CT's slices
 
 
@@ -55,8 +57,9 @@ def test_run_dicom_seg_from_a_slicer_database(tmp_path, chest, tiny, capsys):
     files = phantom.write_dicom_series(chest, tmp_path / "db" / "dicom")
     db = make_ctk_db(tmp_path / "db", tmp_path / "db" / "dicom")
     out = tmp_path / "out"
-    code = main(["run", str(db), "--out", str(out), "--model", str(tiny), "--device", "cpu", "--dicom-seg",
-                 "--threshold", "0"])
+    code = main(
+        ["run", str(db), "--out", str(out), "--model", str(tiny), "--device", "cpu", "--dicom-seg", "--threshold", "0"]
+    )
     assert code == 0, capsys.readouterr().err
     _check_seg(out, files)
 
@@ -68,8 +71,18 @@ def test_a_series_that_cannot_give_a_dicom_seg_is_done_without_the_option(tmp_pa
     files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
     files[14].unlink()
     out = tmp_path / "out"
-    args = ["batch", str(tmp_path / "dicom"), "--out", str(out), "--model", str(tiny), "--device", "cpu",
-            "--threshold", "0"]
+    args = [
+        "batch",
+        str(tmp_path / "dicom"),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny),
+        "--device",
+        "cpu",
+        "--threshold",
+        "0",
+    ]
     assert main(args + ["--dicom-seg"]) == 1
     (row,) = _summary(out).values()
     assert row["status"] == "failed" and "resampled" in row["error"], row

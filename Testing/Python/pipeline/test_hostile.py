@@ -4,6 +4,7 @@ the terminal, and patient data that must never reach logs, progress or outputs.
 (Pickle payloads, unknown architectures and huge declared sizes at the ``load_model`` level are in
 test_models.py; here they go through ``lunggradcam run``.)
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,25 +24,33 @@ import pytest
 import torch
 
 from LungGradCAMLib.cli import main
+from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
+from LungGradCAMLib.engine.models import ModelCard
 from LungGradCAMLib.io.dicom import load_dicom_series
 from LungGradCAMLib.io.dicom_series import list_dicom_series
 from LungGradCAMLib.io.dicom_write import write_dicom_series
-from LungGradCAMLib.engine.models import ModelCard
-from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 from LungGradCAMLib.io.volume_files import write_volume
 
-from helpers import make_tiny_model
+from helpers import REPO, make_tiny_model, small_chest
 
-from helpers import REPO, small_chest
 SECRET_NAME = "Qxzwv^Secretname"
 SECRET_ID = "PID-SECRET-4242"
 #: path separators, "..", terminal escapes, a bell, a newline and 300 more characters (no backslash:
 #: in DICOM text it separates values)
 HOSTILE_TEXT = "../../../outside/evil/name\x1b[2J\x07\n" + "D" * 300
 #: SeriesInstanceUIDs no valid file holds, but a hostile one can (none may shape a path)
-HOSTILE_UIDS = ["..", "/etc/cron.d/lunggradcam", "~/.ssh/authorized_keys", ".hidden",
-                "9" * 300, "a\x1b[2Jb\x07c", "1.2.826.0.1.3680043.10.1/7", "1.2.826.0.1.3680043.10.1_7",
-                "summary.csv", ".tmp-0000-summary.csv"]  # the names of the batch's own files
+HOSTILE_UIDS = [
+    "..",
+    "/etc/cron.d/lunggradcam",
+    "~/.ssh/authorized_keys",
+    ".hidden",
+    "9" * 300,
+    "a\x1b[2Jb\x07c",
+    "1.2.826.0.1.3680043.10.1/7",
+    "1.2.826.0.1.3680043.10.1_7",
+    "summary.csv",
+    ".tmp-0000-summary.csv",
+]  # the names of the batch's own files
 #: the longest valid UID (64 characters, as LIDC's): its series splits into two stacks, <uid>#1 and #2
 LONG_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 FOLDER_NAME = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]{0,63}$")
@@ -58,8 +67,11 @@ def _write(volume: Volume, folder: Path, **kwargs):
 
 
 def _snapshot(root: Path, skip: Path) -> dict:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*")) if skip not in p.parents and p != skip}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+        if skip not in p.parents and p != skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +87,31 @@ def hostile_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     tree = root / "dicom"
     chest = small_chest(5).volume
-    _write(chest, tree / "s0", patient_name=SECRET_NAME, patient_id=SECRET_ID, series_description=HOSTILE_TEXT,
-           study_description=HOSTILE_TEXT, series_uid="../../../escaped")
+    _write(
+        chest,
+        tree / "s0",
+        patient_name=SECRET_NAME,
+        patient_id=SECRET_ID,
+        series_description=HOSTILE_TEXT,
+        study_description=HOSTILE_TEXT,
+        series_uid="../../../escaped",
+    )
     for n, uid in enumerate(HOSTILE_UIDS):
-        _write(Volume(_tiny_ct(seed=n), axis_aligned_matrix((1, 1, 2))), tree / f"s{n + 1}", series_uid=uid,
-               patient_name=SECRET_NAME, patient_id=SECRET_ID, series_description=HOSTILE_TEXT)
+        _write(
+            Volume(_tiny_ct(seed=n), axis_aligned_matrix((1, 1, 2))),
+            tree / f"s{n + 1}",
+            series_uid=uid,
+            patient_name=SECRET_NAME,
+            patient_id=SECRET_ID,
+            series_description=HOSTILE_TEXT,
+        )
     _write(Volume(_tiny_ct(), axis_aligned_matrix((1, 1, 2))), tree / "long" / "axial", series_uid=LONG_UID)
     coronal = np.array([[1.0, 0, 0], [0, 0, 1.0], [0, -1.0, 0]])
-    _write(Volume(_tiny_ct(seed=9), axis_aligned_matrix((1, 2, 1), (0, 0, 0), coronal)), tree / "long" / "coronal",
-           series_uid=LONG_UID)
+    _write(
+        Volume(_tiny_ct(seed=9), axis_aligned_matrix((1, 2, 1), (0, 0, 0), coronal)),
+        tree / "long" / "coronal",
+        series_uid=LONG_UID,
+    )
     return root, tree
 
 
@@ -102,9 +130,25 @@ def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree
     root, tree = hostile_tree
     before = _snapshot(root, skip=tmp_path)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "LungGradCAMLib.cli", "-v", "batch", str(tree), "--out", str(out),
-                             "--model", str(model), "--device", "cpu"],
-                            cwd=REPO, capture_output=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            "-v",
+            "batch",
+            str(tree),
+            "--out",
+            str(out),
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
     stdout, stderr = result.stdout.decode("utf-8", "replace"), result.stderr.decode("utf-8", "replace")
     assert result.returncode == 1, stderr[-3000:]  # one series done, the single slices failed
     assert "Traceback" not in stderr
@@ -145,8 +189,9 @@ def test_batch_output_names_come_from_uids_sanitised_and_inside_out(hostile_tree
 def test_run_logs_without_patient_data(hostile_tree, model, tmp_path, capsys, caplog):
     _, tree = hostile_tree
     caplog.set_level(logging.DEBUG)
-    code = main(["-v", "run", str(tree / "s0"), "--out", str(tmp_path / "out"), "--model", str(model),
-                 "--device", "cpu"])
+    code = main(
+        ["-v", "run", str(tree / "s0"), "--out", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
@@ -159,8 +204,11 @@ def test_run_logs_without_patient_data(hostile_tree, model, tmp_path, capsys, ca
 def test_error_messages_do_not_drive_the_terminal(tmp_path, capsys):
     """Two CT series whose descriptions hold escape sequences: the error lists them, escaped."""
     for n in range(2):
-        _write(Volume(_tiny_ct((3, 8, 8), seed=n), axis_aligned_matrix((1, 1, 2))), tmp_path / "in" / f"s{n}",
-               series_description=f"kernel {n} \x1b[2J\x1b]0;pwned\x07")
+        _write(
+            Volume(_tiny_ct((3, 8, 8), seed=n), axis_aligned_matrix((1, 1, 2))),
+            tmp_path / "in" / f"s{n}",
+            series_description=f"kernel {n} \x1b[2J\x1b]0;pwned\x07",
+        )
     assert main(["run", str(tmp_path / "in"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "2 CT series" in err and "\\x1b[2J" in err and "\\x07" in err
@@ -181,9 +229,16 @@ def _pickle_payload(folder: Path, target: Path) -> Path:
     """A .pt whose "tensor" would open ``target`` for writing if unpickled, with a valid card."""
     path = folder / "hostile.pt"
     torch.save({"features.conv1.weight": _Payload(target)}, path)
-    ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2}, class_names=["background", "nodule"],
-              cam_class="nodule", target_layer="features.act6", patch_size=None, spacing_mm=[8.0, 8.0, 8.0],
-              name="hostile").save(path.with_suffix(".json"))
+    ModelCard(
+        architecture="gradcam3d_cnn",
+        kwargs={"width": 2},
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer="features.act6",
+        patch_size=None,
+        spacing_mm=[8.0, 8.0, 8.0],
+        name="hostile",
+    ).save(path.with_suffix(".json"))
     return path
 
 
@@ -192,11 +247,15 @@ def _tiny_weights(folder: Path, target: Path) -> Path:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("make, card_change, message", [
-    (_pickle_payload, {}, "refused to load"),
-    (_tiny_weights, {"architecture": "remote_code_net"}, "unknown architecture"),
-    (_tiny_weights, {"kwargs": {"width": 10 ** 6}}, "refusing to allocate"),
-], ids=["pickle_payload", "unknown_architecture", "huge_declared_size"])
+@pytest.mark.parametrize(
+    "make, card_change, message",
+    [
+        (_pickle_payload, {}, "refused to load"),
+        (_tiny_weights, {"architecture": "remote_code_net"}, "unknown architecture"),
+        (_tiny_weights, {"kwargs": {"width": 10**6}}, "refusing to allocate"),
+    ],
+    ids=["pickle_payload", "unknown_architecture", "huge_declared_size"],
+)
 def test_hostile_model_files_through_the_cli(tmp_path, capsys, make, card_change, message):
     target = tmp_path / "pwned"
     weights = make(tmp_path, target)
@@ -227,8 +286,24 @@ def test_paths_that_are_not_utf8_are_refused(where, tmp_path, model):
         ct = Path(os.fsdecode(root + b"/ct\xff.nrrd"))
         (tmp_path / "ct.nrrd").rename(ct)
     out = root + (b"/out\xff" if where == "out" else b"/out")
-    result = subprocess.run([sys.executable, "-m", "LungGradCAMLib.cli", "run", os.fsencode(ct), "--out", out,
-                             "--model", str(model), "--device", "cpu"], cwd=REPO, capture_output=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "LungGradCAMLib.cli",
+            "run",
+            os.fsencode(ct),
+            "--out",
+            out,
+            "--model",
+            str(model),
+            "--device",
+            "cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
     err = result.stderr.decode("utf-8", "replace")
     assert result.returncode == 2, (result.returncode, err[-2000:])
     assert "holds bytes that are not UTF-8 text" in err and "\\xff" in err and "Traceback" not in err
@@ -240,13 +315,16 @@ def test_report_is_strict_json_when_the_card_has_nan_metrics(tmp_path, model, ca
     weights = tmp_path / "nan.safetensors"
     weights.write_bytes(model.read_bytes())
     card = json.loads(model.with_suffix(".json").read_text())
-    card["metrics"] = {"roc_auc": {"value": float("nan"), "ci95": [float("-inf"), float("inf")]},
-                       "accuracy": float("nan")}
+    card["metrics"] = {
+        "roc_auc": {"value": float("nan"), "ci95": [float("-inf"), float("inf")]},
+        "accuracy": float("nan"),
+    }
     weights.with_suffix(".json").write_text(json.dumps(card))  # Python writes NaN, as a careless tool does
     ct = write_volume(small_chest(5).volume, tmp_path / "ct.nrrd")
     assert main(["run", str(ct), "--out", str(tmp_path / "out"), "--model", str(weights), "--device", "cpu"]) == 0
 
     def refuse(constant):
         raise AssertionError(f"{constant} is not JSON")
+
     report = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
     assert report["model"]["metrics"] == {"roc_auc": {"value": None, "ci95": [None, None]}, "accuracy": None}

@@ -4,6 +4,7 @@ its own output names; never a file because another tool's ``report.json`` lists 
 name starts with ``.tmp-``. A run never writes among its input, and one that fails leaves the
 folder as it was, also when it fails while moving its files in.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,15 @@ def _tmp_prefixed(out: Path, run: Callable[[], None]) -> str:
 def _forged_marker(out: Path, run: Callable[[], None]) -> str:
     out.mkdir()
     (out / "thesis.docx").write_bytes(b"four years of work")
-    (out / MARKER).write_text(json.dumps({"lunggradcam": "LungGradCAM output folder", "run": "0" * 32,
-                                          "files": {"thesis.docx": _sha(b"four years of work")}}))
+    (out / MARKER).write_text(
+        json.dumps(
+            {
+                "lunggradcam": "LungGradCAM output folder",
+                "run": "0" * 32,
+                "files": {"thesis.docx": _sha(b"four years of work")},
+            }
+        )
+    )
     return "thesis.docx"
 
 
@@ -103,10 +111,16 @@ def _output_replaced_by_a_link(out: Path, run: Callable[[], None]) -> str:
     return "overlay.png"
 
 
-FOREIGN = {"another_tools_report_lists_a_users_file": _others_report, "tmp_prefixed_files_of_a_user": _tmp_prefixed,
-           "forged_marker_names_a_users_file": _forged_marker, "users_file_named_like_the_lock": _users_lock_file,
-           "another_tools_error_json": _others_error_json, "earlier_output_edited_by_hand": _output_edited_by_hand,
-           "earlier_output_now_a_folder": _output_now_a_folder, "earlier_output_now_a_link": _output_replaced_by_a_link}
+FOREIGN = {
+    "another_tools_report_lists_a_users_file": _others_report,
+    "tmp_prefixed_files_of_a_user": _tmp_prefixed,
+    "forged_marker_names_a_users_file": _forged_marker,
+    "users_file_named_like_the_lock": _users_lock_file,
+    "another_tools_error_json": _others_error_json,
+    "earlier_output_edited_by_hand": _output_edited_by_hand,
+    "earlier_output_now_a_folder": _output_now_a_folder,
+    "earlier_output_now_a_link": _output_replaced_by_a_link,
+}
 
 
 @pytest.mark.parametrize("name", list(FOREIGN))
@@ -156,9 +170,11 @@ def test_rerun_replaces_its_own_outputs_and_clears_what_a_killed_run_left(tmp_pa
 # --------------------------------------------------------------------------------------------
 def _at_the_end_of_writing(action: Callable[[], None]):
     """A run's progress callback that runs ``action`` when its files are written, before they move in."""
+
     def progress(stage: str, done: int, total: int) -> None:
         if stage == "write" and done == total:
             action()
+
     return progress
 
 
@@ -189,8 +205,13 @@ def test_a_run_failing_as_it_moves_its_files_in_puts_everything_back(meanwhile, 
         users.update(name=name, entries=_under(snapshot(out), name))
 
     with pytest.raises(OutputError, match="no LungGradCAM run wrote|changed while the run was working"):
-        run_one(dicom, out, ExplainOptions(model=str(tiny), device="cpu", threshold=0.0), dicom_seg=True,
-                progress=_at_the_end_of_writing(change))
+        run_one(
+            dicom,
+            out,
+            ExplainOptions(model=str(tiny), device="cpu", threshold=0.0),
+            dicom_seg=True,
+            progress=_at_the_end_of_writing(change),
+        )
     after = snapshot(out)
     assert _under(after, users["name"]) == users["entries"]  # the user's change stays as the user made it
     rest = {k: v for k, v in after.items() if k not in users["entries"]}
@@ -219,8 +240,11 @@ def _inside_the_databases_folder(root: Path, dicom: Path, chest: Volume):
     return db, root / "db" / "results"
 
 
-INSIDE = {"out_inside_the_dicom_folder": _inside_dicom, "out_deep_inside_the_dicom_folder": _deep_inside_dicom,
-          "out_beside_the_database_file": _inside_the_databases_folder}
+INSIDE = {
+    "out_inside_the_dicom_folder": _inside_dicom,
+    "out_deep_inside_the_dicom_folder": _deep_inside_dicom,
+    "out_beside_the_database_file": _inside_the_databases_folder,
+}
 
 
 @pytest.mark.parametrize("name, command", [(n, "run") for n in INSIDE] + [(n, "batch") for n in INSIDE])

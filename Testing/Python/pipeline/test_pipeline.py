@@ -1,4 +1,5 @@
 """End to end: explain(), write_outputs(), the input kinds, and `lunggradcam run` on real files."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,8 @@ from LungGradCAMLib import pipeline
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import InvalidInputError, VolumeError
 from LungGradCAMLib.core.volume import LPS_TO_RAS
-from LungGradCAMLib.engine.models import available_models
 from LungGradCAMLib.engine.device import resolve_device
+from LungGradCAMLib.engine.models import available_models
 from LungGradCAMLib.io.inputs import load_input
 
 from helpers import data_path, make_ctk_db, make_tiny_model
@@ -47,7 +48,9 @@ def test_explain_geometry_and_contents(small_phantom, explanation):
     # the CAM lives where the sliding window ran: the lungs' bounding box (plus margin), not far outside
     k, j, i = np.nonzero(explanation.lung_mask)
     outside = np.ones(ct.shape, bool)
-    outside[max(k.min() - 8, 0):k.max() + 9, max(j.min() - 8, 0):j.max() + 9, max(i.min() - 8, 0):i.max() + 9] = False
+    outside[max(k.min() - 8, 0) : k.max() + 9, max(j.min() - 8, 0) : j.max() + 9, max(i.min() - 8, 0) : i.max() + 9] = (
+        False
+    )
     assert cam.array[outside].max(initial=0) == 0
     # each stage timed once, one after another, all inside the total
     stages = [explanation.timings[stage] for stage in ("load_model", "lung_mask", "resample", "cam", "resample_back")]
@@ -79,8 +82,9 @@ def test_cam_on_the_ct_grid_within_the_stated_tolerance_of_simpleitk(small_phant
     np.testing.assert_allclose(pipeline.on_ct_grid(coarse, ct, box).array, everywhere.array, rtol=0, atol=1e-6)
     assert (everywhere.array == 0).any() and (everywhere.array > 0).mean() > 0.5
     assert np.array_equal(cam.array, np.round(cam.array / pipeline.CAM_STEP) * pipeline.CAM_STEP)
-    before = sitk.GetArrayFromImage(sitk.Resample(coarse.to_sitk(), ct.to_sitk(), sitk.Transform(),
-                                                  sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+    before = sitk.GetArrayFromImage(
+        sitk.Resample(coarse.to_sitk(), ct.to_sitk(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    )
     before = np.clip(before, 0.0, 1.0)
     tolerance = pipeline.CAM_STEP / 2 + 1e-6
     assert np.abs(cam.array - before).max() <= tolerance
@@ -135,8 +139,13 @@ def test_write_outputs_read_back(small_phantom, explanation, tmp_path):
 
     seg = lgc.segment_cam(explanation, threshold=0.5)
     files = pipeline.write_outputs(explanation, seg, tmp_path / "out")
-    assert {p.name for p in files.values()} == {"cam.nrrd", "segmentation.seg.nrrd", "lungs.seg.nrrd",
-                                                "overlay.png", "report.json"}
+    assert {p.name for p in files.values()} == {
+        "cam.nrrd",
+        "segmentation.seg.nrrd",
+        "lungs.seg.nrrd",
+        "overlay.png",
+        "report.json",
+    }
     cam = lgc.read_volume(tmp_path / "out" / "cam.nrrd")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-6)
     assert cam.array.dtype == np.float32  # Slicer shows the heat map in [0, 1], as before
@@ -189,10 +198,12 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
     assert ds.Modality == "SEG"
     assert ds.StudyInstanceUID == from_dicom.meta["study_uid"]
     assert ds.FrameOfReferenceUID == from_dicom.meta["frame_of_reference_uid"]
-    referenced = {item.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence
-                  for item in s.ReferencedInstanceSequence}
-    assert referenced == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
-                          for f in sorted(dicom_dir.iterdir())}
+    referenced = {
+        item.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence
+    }
+    assert referenced == {
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in sorted(dicom_dir.iterdir())
+    }
     assert len(ds.SegmentSequence) == len(seg.regions)
     import highdicom as hd
 
@@ -203,8 +214,20 @@ def test_input_kinds_and_dicom_seg(small_phantom, tiny_model, tmp_path):
 def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
     lgc.write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
     src_bytes = (tmp_path / "ct.nrrd").read_bytes()
-    code = main(["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
-                 "--device", "cpu", "--threshold", "p99"])
+    code = main(
+        [
+            "run",
+            str(tmp_path / "ct.nrrd"),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(tiny_model),
+            "--device",
+            "cpu",
+            "--threshold",
+            "p99",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "prediction:" in out and "report.json" in out
@@ -214,8 +237,19 @@ def test_cli_run_and_errors(small_phantom, tiny_model, tmp_path, capsys):
     # errors a user can cause: message, no traceback, exit status 2, nothing written
     for argv, message in [
         (["run", str(tmp_path / "missing.nrrd"), "--out", str(tmp_path / "o2")], "no such file"),
-        (["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o3"), "--model", str(tiny_model),
-          "--roi", "1,2"], "--roi"),
+        (
+            [
+                "run",
+                str(tmp_path / "ct.nrrd"),
+                "--out",
+                str(tmp_path / "o3"),
+                "--model",
+                str(tiny_model),
+                "--roi",
+                "1,2",
+            ],
+            "--roi",
+        ),
         (["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "o4"), "--model", "no-such-model"], "model"),
     ]:
         assert main(argv) == 2
@@ -232,8 +266,13 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
 
     ct = small_phantom.volume
     estimates, batches = [], []
-    exp = lgc.explain(ct, model=str(tiny_model), device="cpu", on_estimate=estimates.append,
-                      progress=lambda stage, done, total: stage == "cam" and batches.append(total))
+    exp = lgc.explain(
+        ct,
+        model=str(tiny_model),
+        device="cpu",
+        on_estimate=estimates.append,
+        progress=lambda stage, done, total: stage == "cam" and batches.append(total),
+    )
     (gradcam,) = estimates
     assert gradcam.method == "gradcam" and gradcam.patches == exp.n_patches == batches[-1]
     assert gradcam.passes == gradcam.patches and gradcam.seconds > 0 and gradcam.device == "cpu"
@@ -244,13 +283,36 @@ def test_cost_estimate_before_the_cam_stage(small_phantom, tiny_model, tmp_path,
 
     batches.clear()
     with pytest.raises(CancelledError, match="not started: scorecam"):
-        lgc.explain(ct, model=str(tiny_model), method="scorecam", device="cpu", on_estimate=lambda e: False,
-                    progress=lambda stage, done, total: stage == "cam" and batches.append(done))
+        lgc.explain(
+            ct,
+            model=str(tiny_model),
+            method="scorecam",
+            device="cpu",
+            on_estimate=lambda e: False,
+            progress=lambda stage, done, total: stage == "cam" and batches.append(done),
+        )
     assert batches == []  # no patch was explained
 
     lgc.write_volume(ct, tmp_path / "ct.nrrd")
-    assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
-                 "--device", "cpu", "--method", "scorecam", "--roi", "0,0,0,40"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "ct.nrrd"),
+                "--out",
+                str(tmp_path / "out"),
+                "--model",
+                str(tiny_model),
+                "--device",
+                "cpu",
+                "--method",
+                "scorecam",
+                "--roi",
+                "0,0,0,40",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "estimated cost: scorecam:" in err and "forward passes" in err
 
@@ -282,8 +344,15 @@ def test_demo_runs_the_whole_pipeline_with_the_bundled_model(tmp_path, capsys):
     slicer_line = next(line for line in lines if line.startswith("  the phantom: "))
     for name in ("phantom.nrrd", "result/cam.nrrd", "result/segmentation.seg.nrrd"):
         assert str((tmp_path / name).resolve()) in slicer_line
-    for name in ("montage.png", "phantom.nrrd", "nodules_truth.seg.nrrd", "result/cam.nrrd",
-                 "result/segmentation.seg.nrrd", "result/overlay.png", "result/report.json"):
+    for name in (
+        "montage.png",
+        "phantom.nrrd",
+        "nodules_truth.seg.nrrd",
+        "result/cam.nrrd",
+        "result/segmentation.seg.nrrd",
+        "result/overlay.png",
+        "result/report.json",
+    ):
         assert (tmp_path / name).is_file(), name
     assert len(list((tmp_path / "dicom").iterdir())) == lgc.read_volume(tmp_path / "phantom.nrrd").shape[0]
     ct = lgc.read_volume(tmp_path / "phantom.nrrd")
@@ -306,13 +375,23 @@ def test_report_records_options_outcome_intended_use_and_wall_time(small_phantom
     options = ExplainOptions(model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3)
     reports = []
     started = time.perf_counter()
-    exp, seg, files = pipeline.run_one(tmp_path / "ct.nrrd", tmp_path / "out", options,
-                                       progress=lambda *r: reports.append(r))
+    exp, seg, files = pipeline.run_one(
+        tmp_path / "ct.nrrd", tmp_path / "out", options, progress=lambda *r: reports.append(r)
+    )
     wall = time.perf_counter() - started
     report = json.loads(files["report"].read_text())
     timings = report["timings_s"]
-    assert set(timings) == {"load", "load_model", "lung_mask", "resample", "cam", "resample_back", "segment",
-                            "write", "total"}
+    assert set(timings) == {
+        "load",
+        "load_model",
+        "lung_mask",
+        "resample",
+        "cam",
+        "resample_back",
+        "segment",
+        "write",
+        "total",
+    }
     assert sum(v for k, v in timings.items() if k != "total") <= timings["total"] <= wall
     assert report["options"] == {**options.to_dict(), "threshold": 0.3}
     assert report["outcome"] == f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
@@ -322,24 +401,58 @@ def test_report_records_options_outcome_intended_use_and_wall_time(small_phantom
     # progress: every stage in order, each from 0 to done
     order = [s for n, (s, _, _) in enumerate(reports) if n == 0 or s != reports[n - 1][0]]
     assert order == ["load", "load_model", "lung_mask", "resample", "cam", "resample_back", "segment", "write"]
-    assert all(reports[n][1] <= reports[n + 1][1] for n in range(len(reports) - 1) if reports[n][0] == reports[n + 1][0])
+    assert all(
+        reports[n][1] <= reports[n + 1][1] for n in range(len(reports) - 1) if reports[n][0] == reports[n + 1][0]
+    )
 
 
 def test_cli_options_of_the_panel_and_nifti_outputs(small_phantom, tiny_model, tmp_path, caplog):
     """target, layer, mode, stride, restrict-to-lungs and NIfTI outputs from the command line."""
     lgc.write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
     out = tmp_path / "out"
-    assert main(["run", str(tmp_path / "ct.nrrd"), "--out", str(out), "--model", str(tiny_model), "--device", "cpu",
-                 "--target", "background", "--layer", "features.act5", "--mode", "sliding", "--stride", "8",
-                 "--no-restrict-to-lungs", "--threshold", "0.4", "--format", "nii.gz", "-v"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "ct.nrrd"),
+                "--out",
+                str(out),
+                "--model",
+                str(tiny_model),
+                "--device",
+                "cpu",
+                "--target",
+                "background",
+                "--layer",
+                "features.act5",
+                "--mode",
+                "sliding",
+                "--stride",
+                "8",
+                "--no-restrict-to-lungs",
+                "--threshold",
+                "0.4",
+                "--format",
+                "nii.gz",
+                "-v",
+            ]
+        )
+        == 0
+    )
     logged = [r.getMessage() for r in caplog.records if r.name.startswith("LungGradCAMLib.pipeline")]
     assert any(m.startswith("computing the heat map: ") for m in logged)  # -v: each stage and its time
     assert logging.getLogger("LungGradCAMLib").getEffectiveLevel() == logging.INFO
     report = json.loads((out / "report.json").read_text())
     assert report["target_class"] == "background" and report["layer"] == "features.act5"
     assert report["options"]["stride"] == [8, 8, 8] and report["options"]["restrict_to_lungs"] is False
-    assert sorted(p.name for p in out.iterdir()) == [".lunggradcam.json", "cam.nii.gz", "lungs.nii.gz", "overlay.png",
-                                                   "report.json", "segmentation.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".lunggradcam.json",
+        "cam.nii.gz",
+        "lungs.nii.gz",
+        "overlay.png",
+        "report.json",
+        "segmentation.nii.gz",
+    ]
     cam = lgc.read_volume(out / "cam.nii.gz")
     labels = lgc.read_volume(out / "segmentation.nii.gz")
     assert lgc.same_geometry(cam, small_phantom.volume, atol_mm=1e-4) and lgc.same_geometry(labels, cam, atol_mm=1e-4)
@@ -360,8 +473,9 @@ def test_no_region_above_the_threshold_is_an_outcome(small_phantom, tiny_model, 
         blind.module.head[-1].weight.zero_()  # no evidence anywhere: the heat map is all zeros
     dicom = tmp_path / "dicom"
     lgc.phantom.write_dicom_series(small_phantom.volume, dicom)
-    exp, seg, files = pipeline.run_one(dicom, tmp_path / "out", ExplainOptions(model=blind, device="cpu"),
-                                       dicom_seg=True)
+    exp, seg, files = pipeline.run_one(
+        dicom, tmp_path / "out", ExplainOptions(model=blind, device="cpu"), dicom_seg=True
+    )
     report = json.loads(files["report"].read_text())
     assert seg.regions == [] and report["outcome"] == "no region above threshold 0.50 (highest heat 0.00)"
     assert report["dicom_seg"] == "not written: no region above threshold"
@@ -381,16 +495,19 @@ def test_a_low_scoring_scan_has_no_hot_region_on_the_absolute_scale(small_phanto
     doubtful = load_model(tiny_model, device="cpu")
     with torch.no_grad():
         doubtful.module.head[-1].bias[1] -= 2.0  # P(nodule) below 0.5 everywhere, the gradients unchanged
-    exp, seg, files = pipeline.run_one(small_phantom.volume, tmp_path / "out",
-                                       ExplainOptions(model=doubtful, device="cpu", batch_size=8))
+    exp, seg, files = pipeline.run_one(
+        small_phantom.volume, tmp_path / "out", ExplainOptions(model=doubtful, device="cpu", batch_size=8)
+    )
     p = exp.probabilities["nodule"]
     assert p < 0.5 and 0.0 < exp.cam.array.max() <= p + pipeline.CAM_STEP
     report = json.loads(files["report"].read_text())
     assert seg.regions == [] and report["outcome"] == (
-        f"no region above threshold 0.50 (highest heat {np.floor(seg.peak * 100) / 100:.2f})")
+        f"no region above threshold 0.50 (highest heat {np.floor(seg.peak * 100) / 100:.2f})"
+    )
     assert report["options"]["scale"] == "absolute"
-    relative = lgc.explain(small_phantom.volume, options=ExplainOptions(model=doubtful, device="cpu", batch_size=8,
-                                                                        scale="relative"))
+    relative = lgc.explain(
+        small_phantom.volume, options=ExplainOptions(model=doubtful, device="cpu", batch_size=8, scale="relative")
+    )
     assert relative.cam.array.max() == pytest.approx(1.0) and lgc.segment_cam(relative).regions
 
 
@@ -399,8 +516,12 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
 
     dicom = tmp_path / "dicom"
     lgc.phantom.write_dicom_series(small_phantom.volume, dicom)
-    exp, seg, files = pipeline.run_one(dicom, tmp_path / "out", ExplainOptions(
-        model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3), dicom_seg=True)
+    exp, seg, files = pipeline.run_one(
+        dicom,
+        tmp_path / "out",
+        ExplainOptions(model=str(tiny_model), device="cpu", batch_size=8, threshold=0.3),
+        dicom_seg=True,
+    )
     ds = pydicom.dcmread(files["dicom_seg"])
     assert "research" in ds.SeriesDescription.lower() and "not clinical" in ds.SeriesDescription.lower()
     assert ds.ContentDescription == exp.model["intended_use"] and ds.ContentLabel == "HEATMAP"  # short: whole
@@ -417,11 +538,19 @@ def test_dicom_seg_is_marked_research_and_coded_as_heat_map_regions(small_phanto
         kind = item.SegmentedPropertyTypeCodeSequence[0]
         assert (category.CodingSchemeDesignator, category.CodeValue) == ("SCT", "309825002")  # spatial/relational
         assert (kind.CodingSchemeDesignator, kind.CodeValue, kind.CodeMeaning) == (
-            "DCM", "130403", "Gradient-weighted class activation")
+            "DCM",
+            "130403",
+            "Gradient-weighted class activation",
+        )
 
 
-REAL_CHEST_CTS = ["full_chest_ct/dicom", "lidc/LIDC-IDRI-0001", "lidc/LIDC-IDRI-0002",
-                  "totalsegmentator/chest_crop_pulmonary.nii.gz", "totalsegmentator/chest_crop_aorta.nii.gz"]
+REAL_CHEST_CTS = [
+    "full_chest_ct/dicom",
+    "lidc/LIDC-IDRI-0001",
+    "lidc/LIDC-IDRI-0002",
+    "totalsegmentator/chest_crop_pulmonary.nii.gz",
+    "totalsegmentator/chest_crop_aorta.nii.gz",
+]
 
 
 @pytest.mark.parametrize("name", REAL_CHEST_CTS)
@@ -442,15 +571,20 @@ def test_the_abdomen_series_is_refused_before_the_heat_map(tmp_path, capsys, tin
     from LungGradCAMLib.options import ExplainOptions
 
     source = data_path("totalsegmentator", "abdomen_dicom_series")
-    assert main(["run", str(source), "--out", str(tmp_path / "out"), "--model", str(tiny_model),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(["run", str(source), "--out", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu"]) == 2
+    )
     err = capsys.readouterr().err
     assert "does not look like a chest CT" in err and "largest lung cross-section is 23 cm²" in err
     assert not (tmp_path / "out").exists()
     stages = []
     with pytest.raises(NotChestCTError):
-        pipeline.run_one(source, tmp_path / "o", ExplainOptions(model=str(tiny_model), device="cpu"),
-                         progress=lambda stage, done, total: stages.append(stage))
+        pipeline.run_one(
+            source,
+            tmp_path / "o",
+            ExplainOptions(model=str(tiny_model), device="cpu"),
+            progress=lambda stage, done, total: stages.append(stage),
+        )
     assert "lung_mask" in stages and "cam" not in stages
     # switched off, or with a region given, it runs
     exp = lgc.explain(load_input(source), model=str(tiny_model), device="cpu", chest_check=False)
@@ -462,13 +596,16 @@ def test_real_chest_cts_give_reports_marked_with_the_intended_use(name, tmp_path
     from LungGradCAMLib.options import ExplainOptions
 
     source = data_path(*name.split("/"))
-    _, seg, files = pipeline.run_one(source, tmp_path / "out", ExplainOptions(
-        model=str(tiny_model), device="cpu", batch_size=8))
+    _, seg, files = pipeline.run_one(
+        source, tmp_path / "out", ExplainOptions(model=str(tiny_model), device="cpu", batch_size=8)
+    )
     report = json.loads(files["report"].read_text())
     assert report["chest_check"]["ok"] and report["intended_use"].endswith("Not for clinical use.")
-    assert report["outcome"] == (f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
-                                 if seg.regions else f"no region above threshold 0.50 (highest heat "
-                                 f"{np.floor(seg.peak * 100) / 100:.2f})")
+    assert report["outcome"] == (
+        f"{len(seg.regions)} hot region{'s' if len(seg.regions) != 1 else ''}"
+        if seg.regions
+        else f"no region above threshold 0.50 (highest heat {np.floor(seg.peak * 100) / 100:.2f})"
+    )
 
 
 @pytest.mark.slow
@@ -476,8 +613,9 @@ def test_demo_takes_a_real_ct_through_the_same_pipeline(tmp_path, capsys, tiny_m
     """`lunggradcam demo --ct PATH`: after the phantom, the given CT into ct/, with its chest-CT
     check, and the files to open in Slicer (the CT itself among them)."""
     source = data_path("totalsegmentator", "chest_crop_pulmonary.nii.gz")
-    assert main(["demo", "--out", str(tmp_path), "--model", str(tiny_model), "--device", "cpu",
-                 "--ct", str(source)]) == 0
+    assert (
+        main(["demo", "--out", str(tmp_path), "--model", str(tiny_model), "--device", "cpu", "--ct", str(source)]) == 0
+    )
     out = capsys.readouterr().out
     assert f"2. Your CT, {source}, through the same pipeline:" in out and "chest-CT check: lungs" in out
     report = json.loads((tmp_path / "ct" / "report.json").read_text())

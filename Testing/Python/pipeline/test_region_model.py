@@ -1,5 +1,6 @@
 """Region models (card ``input: roi``, e.g. malignancy): explained on one patch centred on a region
 the user gives, never over a whole scan: the library, the command line and the MRML layer."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ from LungGradCAMLib.engine.models import load_model
 from LungGradCAMLib.pipeline import explain
 
 from helpers import NODULE_RAS, chest_with_nodule
-
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +46,28 @@ def test_the_cli_needs_roi_for_a_region_model(tmp_path, chest, region_model, cap
     from LungGradCAMLib.io.volume_files import write_volume
 
     ct = write_volume(chest.volume, tmp_path / "ct.nrrd")
-    assert main(["run", str(ct), "--out", str(tmp_path / "no-roi"), "--model", str(region_model),
-                 "--device", "cpu"]) == 2
+    assert (
+        main(["run", str(ct), "--out", str(tmp_path / "no-roi"), "--model", str(region_model), "--device", "cpu"]) == 2
+    )
     assert "judges a region" in capsys.readouterr().err
     assert not (tmp_path / "no-roi" / "report.json").exists()
     roi = ",".join(str(v) for v in NODULE_RAS) + ",30"
-    assert main(["run", str(ct), "--out", str(tmp_path / "roi"), "--model", str(region_model),
-                 "--device", "cpu", f"--roi={roi}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(ct),
+                "--out",
+                str(tmp_path / "roi"),
+                "--model",
+                str(region_model),
+                "--device",
+                "cpu",
+                f"--roi={roi}",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "roi" / "report.json").read_text())
     assert report["model"]["input"] == "roi" and report["mode"] == "roi"
 
@@ -81,9 +96,11 @@ def test_the_cli_asks_a_region_model_about_each_hot_region(tmp_path, chest, regi
         assert opinion["probability"] == opinion["probabilities"]["malignant"]
         centre = ", ".join(f"{c:.1f}" for c in region["centroid_ras"])
         # one line per region: where, how big, how hot, its HU, and the region model's answer
-        assert (f"  {region['name']}: {region['volume_ml']:.2f} ml, centre RAS ({centre}) mm, peak "
-                f"{region['peak_cam']:.2f}, mean {region['mean_hu']:.0f} HU, tiny-region P(malignant) = "
-                f"{opinion['probability']:.3f}") in printed
+        assert (
+            f"  {region['name']}: {region['volume_ml']:.2f} ml, centre RAS ({centre}) mm, peak "
+            f"{region['peak_cam']:.2f}, mean {region['mean_hu']:.0f} HU, tiny-region P(malignant) = "
+            f"{opinion['probability']:.3f}"
+        ) in printed
     assert "second_opinion" in report["timings_s"]
 
 

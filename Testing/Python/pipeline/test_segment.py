@@ -1,4 +1,5 @@
 """segment_cam on synthetic CAMs with known blobs, and .seg.nrrd files read back by slicerio/SimpleITK."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,11 +7,11 @@ import pytest
 
 from LungGradCAMLib.core.errors import InvalidInputError, UnsupportedFormatError, VolumeError
 from LungGradCAMLib.core.results import Explanation, Segmentation
+from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 from LungGradCAMLib.io.segnrrd import PALETTE, write_segmentation
 from LungGradCAMLib.pipeline.segment import segment_cam
-from LungGradCAMLib.core.volume import LPS_TO_RAS, Volume, axis_aligned_matrix
 
-SPACING = (0.7, 0.8, 2.5)                   # i, j, k mm: anisotropic
+SPACING = (0.7, 0.8, 2.5)  # i, j, k mm: anisotropic
 VOXEL_MM3 = 0.7 * 0.8 * 2.5
 #: i and j flipped (an LPS-like grid seen in RAS), origin away from zero
 FLIPPED = axis_aligned_matrix(SPACING, (50.0, 60.0, -30.0), np.diag([-1.0, -1.0, 1.0]))
@@ -33,7 +34,7 @@ def explanation(cam: Volume, **kw) -> Explanation:
 def test_regions_volumes_and_ras_positions_on_a_flipped_anisotropic_grid():
     seg = segment_cam(Volume(blobs(), FLIPPED), threshold=0.5, min_volume_mm3=2.0)
     assert seg.threshold == 0.5
-    assert [r.label for r in seg.regions] == [1, 2]             # C (1 voxel = 1.4 mm³) dropped
+    assert [r.label for r in seg.regions] == [1, 2]  # C (1 voxel = 1.4 mm³) dropped
     a, b = seg.regions
     assert (a.voxels, b.voxels) == (36, 24)
     assert a.volume_mm3 == pytest.approx(36 * VOXEL_MM3) and a.volume_ml == pytest.approx(36 * VOXEL_MM3 / 1000)
@@ -70,7 +71,7 @@ def test_hottest_first_and_max_regions():
 
 def test_regions_are_26_connected():
     cam = np.zeros((4, 4, 4), np.float32)
-    cam[1, 1, 1] = cam[2, 2, 2] = 1.0           # touching only at a corner
+    cam[1, 1, 1] = cam[2, 2, 2] = 1.0  # touching only at a corner
     seg = segment_cam(Volume(cam, np.eye(4)), min_volume_mm3=0)
     assert len(seg.regions) == 1 and seg.regions[0].voxels == 2
 
@@ -114,7 +115,7 @@ def test_otsu_and_percentile_thresholds():
 def test_lung_mask_ct_and_score_map_from_the_explanation():
     cam = Volume(blobs(), FLIPPED)
     lungs = np.ones(cam.shape, bool)
-    lungs[8:] = False                           # B lies outside the lungs
+    lungs[8:] = False  # B lies outside the lungs
     hu = np.full(cam.shape, -800.0, np.float32)
     hu[2:5, 3:6, 4:8] = 40.0
     hu[2, 3, 4] = 100.0
@@ -139,16 +140,19 @@ def test_an_all_zero_cam_has_no_region():
     assert segment_cam(Volume(np.zeros((4, 5, 6), np.float32), FLIPPED), threshold="otsu").regions == []
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"threshold": 1.5}, InvalidInputError, "not a level"),
-    ({"threshold": [0.5]}, InvalidInputError, "not a level"),
-    ({"threshold": "p200"}, InvalidInputError, "percentile"),
-    ({"threshold": "mean"}, InvalidInputError, "not understood"),
-    ({"within": np.ones((2, 2, 2), bool)}, InvalidInputError, "within"),
-    ({"min_volume_mm3": -1}, InvalidInputError, "min_volume_mm3"),
-    ({"max_regions": 0}, InvalidInputError, "max_regions"),
-    ({"ct": Volume(np.zeros((12, 14, 16)), np.eye(4))}, VolumeError, "geometry"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"threshold": 1.5}, InvalidInputError, "not a level"),
+        ({"threshold": [0.5]}, InvalidInputError, "not a level"),
+        ({"threshold": "p200"}, InvalidInputError, "percentile"),
+        ({"threshold": "mean"}, InvalidInputError, "not understood"),
+        ({"within": np.ones((2, 2, 2), bool)}, InvalidInputError, "within"),
+        ({"min_volume_mm3": -1}, InvalidInputError, "min_volume_mm3"),
+        ({"max_regions": 0}, InvalidInputError, "max_regions"),
+        ({"ct": Volume(np.zeros((12, 14, 16)), np.eye(4))}, VolumeError, "geometry"),
+    ],
+)
 def test_bad_arguments_are_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         segment_cam(Volume(blobs(), FLIPPED), **kwargs)
@@ -169,9 +173,11 @@ def test_bad_cams_are_refused():
 
 # --- .seg.nrrd ------------------------------------------------------------------------------------
 
-OBLIQUE = axis_aligned_matrix((0.7, 0.8, 2.5), (-12.0, 30.0, 7.0),
-                              np.array([[0.0, -1.0, 0.0], [np.cos(0.3), 0.0, np.sin(0.3)],
-                                        [np.sin(0.3), 0.0, -np.cos(0.3)]]))
+OBLIQUE = axis_aligned_matrix(
+    (0.7, 0.8, 2.5),
+    (-12.0, 30.0, 7.0),
+    np.array([[0.0, -1.0, 0.0], [np.cos(0.3), 0.0, np.sin(0.3)], [np.sin(0.3), 0.0, -np.cos(0.3)]]),
+)
 
 
 @pytest.mark.parametrize("matrix", [FLIPPED, OBLIQUE], ids=["flipped", "oblique"])
@@ -181,12 +187,12 @@ def test_seg_nrrd_round_trip_with_slicerio_and_simpleitk(tmp_path, matrix):
 
     seg = segment_cam(Volume(blobs(), matrix), min_volume_mm3=0)
     path = write_segmentation(seg, tmp_path / "out" / "hot.seg.nrrd", names={2: "second"})
-    assert [p.name for p in path.parent.iterdir()] == ["hot.seg.nrrd"]      # no temporary left
+    assert [p.name for p in path.parent.iterdir()] == ["hot.seg.nrrd"]  # no temporary left
 
     read = slicerio.read_segmentation(str(path))
     np.testing.assert_allclose(read["ijkToLPS"], LPS_TO_RAS @ matrix, atol=1e-9)
     assert read["masterRepresentation"] == "Binary labelmap"
-    voxels = read["voxels"].transpose(2, 1, 0)                              # i, j, k -> K, J, I
+    voxels = read["voxels"].transpose(2, 1, 0)  # i, j, k -> K, J, I
     np.testing.assert_array_equal(voxels, seg.labelmap.array)
     segments = read["segments"]
     assert [s["name"] for s in segments] == ["heat-map region 1", "second", "heat-map region 3"]
@@ -207,8 +213,9 @@ def test_a_lung_mask_as_a_one_segment_file(tmp_path):
 
     mask = np.zeros((5, 6, 7), bool)
     mask[1:4, 1:5, 2:6] = True
-    path = write_segmentation(Volume(mask, FLIPPED), tmp_path / "lungs.seg.nrrd",
-                              names={1: "lungs"}, colors={1: (0.5, 0.7, 1.0)})
+    path = write_segmentation(
+        Volume(mask, FLIPPED), tmp_path / "lungs.seg.nrrd", names={1: "lungs"}, colors={1: (0.5, 0.7, 1.0)}
+    )
     read = slicerio.read_segmentation(str(path))
     (segment,) = read["segments"]
     assert (segment["name"], segment["color"]) == ("lungs", [0.5, 0.7, 1.0])

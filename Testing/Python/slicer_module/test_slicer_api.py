@@ -17,6 +17,7 @@ What is checked, statically (ast):
   the classes used, written out here);
 * the stand-ins of slicer_app_standin.py have only names Slicer has.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,6 +28,7 @@ from typing import Dict, List, Optional, Set
 import pytest
 
 from helpers import REPO
+
 API = json.loads((REPO / "Testing" / "SlicerAPI" / "slicer_api.json").read_text())
 FILES = [REPO / "LungGradCAM" / "LungGradCAM.py", REPO / "LungGradCAMLib" / "mrml.py"]
 
@@ -43,11 +45,20 @@ QT_API = {
     "QObject": {"connect", "disconnect"},
 }
 #: ``slicer.modules.<name>.logic()`` -> the logic class it returns.
-MODULE_LOGICS = {"volumerendering": "vtkSlicerVolumeRenderingLogic", "markups": "vtkSlicerMarkupsLogic",
-                 "segmentations": "vtkSlicerSegmentationsModuleLogic", "colors": "vtkSlicerColorLogic"}
+MODULE_LOGICS = {
+    "volumerendering": "vtkSlicerVolumeRenderingLogic",
+    "markups": "vtkSlicerMarkupsLogic",
+    "segmentations": "vtkSlicerSegmentationsModuleLogic",
+    "colors": "vtkSlicerColorLogic",
+}
 #: Python modules of Slicer the files may import from.
-PYTHON_MODULES = {"slicer.util", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper", "slicer.i18n",
-                  "DICOMLib.DICOMUtils"}
+PYTHON_MODULES = {
+    "slicer.util",
+    "slicer.ScriptedLoadableModule",
+    "slicer.parameterNodeWrapper",
+    "slicer.i18n",
+    "DICOMLib.DICOMUtils",
+}
 
 
 def _class_chain(name: str) -> List[dict]:
@@ -87,12 +98,12 @@ def _vtk_arities(cls: type, method: str) -> List[List[int]]:
         line = line.strip()
         if line.startswith(f"{method}(self"):
             depth, end = 0, len(line)
-            for i, c in enumerate(line[len(method):], len(method)):
+            for i, c in enumerate(line[len(method) :], len(method)):
                 depth += {"(": 1, ")": -1}.get(c, 0)
                 if depth == 0:
                     end = i
                     break
-            params = [p for p in line[len(method) + 1:end].split(",")[1:] if p.strip()]
+            params = [p for p in line[len(method) + 1 : end].split(",")[1:] if p.strip()]
             required = [p for p in params if "=" not in p]  # "priority: float = 0.0" may be left out
             ranges.append([len(required), len(params)])
     return ranges
@@ -123,16 +134,27 @@ class Checker(ast.NodeVisitor):
             return self.types.get(node.id)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             func = node.func
-            if func.attr == "logic" and isinstance(func.value, ast.Attribute) and \
-                    ast.unparse(func.value.value) == "slicer.modules":
+            if (
+                func.attr == "logic"
+                and isinstance(func.value, ast.Attribute)
+                and ast.unparse(func.value.value) == "slicer.modules"
+            ):
                 return MODULE_LOGICS.get(func.value.attr)
             if ast.unparse(func) == "slicer.app.dicomDatabase":
                 return "ctkDICOMDatabase"
-            if isinstance(func.value, ast.Attribute) and ast.unparse(func.value.value) == "slicer" and \
-                    func.value.attr in API["classes"] and func.attr == "New":
+            if (
+                isinstance(func.value, ast.Attribute)
+                and ast.unparse(func.value.value) == "slicer"
+                and func.value.attr in API["classes"]
+                and func.attr == "New"
+            ):
                 return func.value.attr
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
-                ast.unparse(node.func.value) == "slicer" and node.func.attr in API["classes"]:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and ast.unparse(node.func.value) == "slicer"
+            and node.func.attr in API["classes"]
+        ):
             return node.func.attr  # slicer.vtkMRMLScene()
         return None
 
@@ -159,8 +181,11 @@ class Checker(ast.NodeVisitor):
                 if alias.name not in API["classes"] and not alias.name.startswith("vtkMRML"):
                     self.problem(node, f"slicer.{alias.name} is not a class of Slicer's API list")
                 elif alias.name not in API["classes"]:
-                    self.problem(node, f"slicer.{alias.name} is not in the API list: add it to CLASSES in "
-                                       "Testing/SlicerAPI/extract_slicer_api.py and regenerate")
+                    self.problem(
+                        node,
+                        f"slicer.{alias.name} is not in the API list: add it to CLASSES in "
+                        "Testing/SlicerAPI/extract_slicer_api.py and regenerate",
+                    )
         elif module in PYTHON_MODULES:
             api = API["python"][module]
             known = set(api["functions"]) | set(api["classes"]) | set(api["names"])
@@ -228,7 +253,7 @@ class Checker(ast.NodeVisitor):
         for keyword in node.keywords:
             if keyword.arg is not None and keyword.arg not in keywords and not any(p[1] == "varkw" for p in params):
                 self.problem(node, f"{module}.{name} has no parameter {keyword.arg!r}")
-        given = {k.arg for k in node.keywords} | {p[0] for p in positional[:len(node.args)]}
+        given = {k.arg for k in node.keywords} | {p[0] for p in positional[: len(node.args)]}
         missing = [p[0] for p in params if p[1] in ("pos", "posonly", "kwonly") and not p[2] and p[0] not in given]
         if missing and not any(isinstance(a, ast.Starred) for a in node.args):
             self.problem(node, f"{module}.{name} needs {missing}")
@@ -271,8 +296,17 @@ class Checker(ast.NodeVisitor):
 
 
 #: VTK classes that MRML getters return to the files (their methods are called on them).
-VTK_RETURNED = {"vtkImageData", "vtkPointData", "vtkDataArray", "vtkVolumeProperty", "vtkPiecewiseFunction",
-                "vtkColorTransferFunction", "vtkTable", "vtkMatrix4x4", "vtkAbstractArray"}
+VTK_RETURNED = {
+    "vtkImageData",
+    "vtkPointData",
+    "vtkDataArray",
+    "vtkVolumeProperty",
+    "vtkPiecewiseFunction",
+    "vtkColorTransferFunction",
+    "vtkTable",
+    "vtkMatrix4x4",
+    "vtkAbstractArray",
+}
 
 
 def check(source: str, path: str = "<source>") -> List[str]:
@@ -307,7 +341,7 @@ def test_every_slicer_name_the_file_uses_is_in_slicer(path):
 
 def test_the_check_finds_misspelt_wrong_argument_and_removed_apis():
     pytest.importorskip("vtk")
-    bad = '''
+    bad = """
 import slicer, vtk, qt
 from slicer.util import VTKObservationMixin, NoSuchMixin
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLNoSuchNode
@@ -324,12 +358,22 @@ def f(node):
     database.databaseFileName
     database.connect("databaseChange()", f)
     qt.QFileDialog.getOpenFileNames()
-'''
+"""
     problems = "\n".join(check(bad))
-    for expected in ("NoSuchMixin", "vtkMRMLNoSuchNode", "setSliceViewerLayer does not exist", "foregroundOpacty",
-                     "AddNewNodeByClass takes", "GetFirstNodeByClas", "GetFirstVolumeRenderingDisplayNode takes",
-                     "GetImageDta", "no keyword arguments", "databaseFileName", "getOpenFileNames",
-                     "no signal 'databaseChange'"):
+    for expected in (
+        "NoSuchMixin",
+        "vtkMRMLNoSuchNode",
+        "setSliceViewerLayer does not exist",
+        "foregroundOpacty",
+        "AddNewNodeByClass takes",
+        "GetFirstNodeByClas",
+        "GetFirstVolumeRenderingDisplayNode takes",
+        "GetImageDta",
+        "no keyword arguments",
+        "databaseFileName",
+        "getOpenFileNames",
+        "no signal 'databaseChange'",
+    ):
         assert expected in problems, f"not found: {expected}\n{problems}"
 
 
@@ -342,4 +386,6 @@ def test_the_stand_ins_have_only_slicers_names():
         assert set(names) <= known, f"{module}: {set(names) - known}"
     real = API["python"]["slicer.ScriptedLoadableModule"]["classes"]["ScriptedLoadableModuleLogic"]
     assert real["methods"]["getParameterNode"] == [] and "moduleName" in real["attributes"]
-    assert {"getParameterNode", "__init__"} >= {n for n in vars(ScriptedLoadableModuleLogic) if not n.startswith("__")} | {"__init__"}
+    assert {"getParameterNode", "__init__"} >= {
+        n for n in vars(ScriptedLoadableModuleLogic) if not n.startswith("__")
+    } | {"__init__"}

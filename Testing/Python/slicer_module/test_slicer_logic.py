@@ -5,6 +5,7 @@ progress, Cancel mid-run, out-of-memory recovery, and the output nodes as the pa
 Only what the Slicer application itself provides is a stand-in (qt, slicer.app and the application's
 Python layer: see slicer_app_standin.py); MRML, slicer.util and Slicer's logics are real.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ from LungGradCAMLib.core.errors import CancelledError  # noqa: E402
 from LungGradCAMLib.engine.models import load_model  # noqa: E402
 from LungGradCAMLib.options import ExplainOptions  # noqa: E402
 
-from slicer_app_standin import slicer_application  # noqa: E402
 from helpers import NODULE_RAS, chest_with_nodule, make_ctk_db, make_tiny_model  # noqa: E402
+from slicer_app_standin import slicer_application  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +77,22 @@ def test_lists_and_loads_ct_series_of_the_dicom_database(app, chest, database):
     expected = lgc.DicomDatabase(database).ct_series()
     assert [s["seriesUID"] for s in series] == [s.series_uid for s in expected]
     header = pydicom.dcmread(next((database / "dicom").iterdir()), stop_before_pixels=True)
-    assert series[0]["title"] == (f"{header.PatientName} | {header.SeriesNumber} | {header.SeriesDescription} "
-                                  f"({chest.volume.shape[0]} images)")
+    assert series[0]["title"] == (
+        f"{header.PatientName} | {header.SeriesNumber} | {header.SeriesDescription} ({chest.volume.shape[0]} images)"
+    )
     node = logic.loadSeries(series[0]["seriesUID"])
-    assert node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == f"{header.SeriesNumber}: {header.SeriesDescription}"
+    assert (
+        node.IsA("vtkMRMLScalarVolumeNode") and node.GetName() == f"{header.SeriesNumber}: {header.SeriesDescription}"
+    )
     reference = lgc.load_dicom_series(database / "dicom")
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), reference.array)
     np.testing.assert_allclose(_matrix(node), reference.ijk_to_ras, atol=1e-6)
     # as Slicer's DICOM module loads a series: its instance UIDs in slice order (inferior to superior
     # here), under its study and patient in the subject hierarchy, shown in the slice views at once
-    headers = sorted((pydicom.dcmread(f, stop_before_pixels=True) for f in (database / "dicom").iterdir()),
-                     key=lambda h: float(h.ImagePositionPatient[2]))
+    headers = sorted(
+        (pydicom.dcmread(f, stop_before_pixels=True) for f in (database / "dicom").iterdir()),
+        key=lambda h: float(h.ImagePositionPatient[2]),
+    )
     assert node.GetAttribute("DICOM.instanceUIDs") == " ".join(h.SOPInstanceUID for h in headers)
     constants = slicer.vtkMRMLSubjectHierarchyConstants
     shn = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
@@ -117,14 +123,34 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     logic = module.LungGradCAMLogic()
     ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
     p = logic.getParameterNode()
-    assert p.parameterNode.IsA("vtkMRMLScriptedModuleNode") and p.parameterNode.GetAttribute("ModuleName") == "LungGradCAM"
-    p.inputVolume, p.model, p.threshold, p.device, p.batchSize, p.targetClass = ct, str(tiny_model), 0.3, "cpu", 16, "nodule"
+    assert (
+        p.parameterNode.IsA("vtkMRMLScriptedModuleNode") and p.parameterNode.GetAttribute("ModuleName") == "LungGradCAM"
+    )
+    p.inputVolume, p.model, p.threshold, p.device, p.batchSize, p.targetClass = (
+        ct,
+        str(tiny_model),
+        0.3,
+        "cpu",
+        16,
+        "nodule",
+    )
     options = logic.optionsFromParameterNode(p)
     assert (options.threshold, options.device, options.batch_size, options.target, options.stride) == (
-        0.3, "cpu", 16, "nodule", None)
+        0.3,
+        "cpu",
+        16,
+        "nodule",
+        None,
+    )
     reports = []
-    result = logic.process(p.inputVolume, p.camVolume, p.segmentation, p.table, options=options,
-                           progressCallback=lambda *report: reports.append(report))
+    result = logic.process(
+        p.inputVolume,
+        p.camVolume,
+        p.segmentation,
+        p.table,
+        options=options,
+        progressCallback=lambda *report: reports.append(report),
+    )
 
     # progress: every stage, in order, each started and finished; the heat map batch by batch
     stages = [stage for stage, _, _ in reports]
@@ -158,7 +184,8 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     assert regions, "the tiny model's heat map has regions at 0.3"
     segments = result.segmentation_node.GetSegmentation()
     assert [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())] == [
-        f"heat-map region {n + 1}" for n in range(len(regions))]
+        f"heat-map region {n + 1}" for n in range(len(regions))
+    ]
     assert result.segmentation_node.GetDisplayNode().GetVisibility2D()
     assert result.table_node.GetNumberOfRows() == len(regions)
     assert not np.any((result.segmentation.labelmap.array > 0) & ~result.explanation.lung_mask)  # restricted
@@ -272,7 +299,7 @@ def test_gpu_real_out_of_memory_is_recovered_at_logic_level(app, chest, tiny_mod
     expected = logic.process(ct, model=str(wide), device="cpu", batch_size=2, showResult=False)
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(1.0 * 2 ** 30 / total)
+    torch.cuda.set_per_process_memory_fraction(1.0 * 2**30 / total)
     try:
         result = logic.process(ct, model=str(wide), device="cuda", batch_size=256, showResult=False)
     finally:
@@ -298,14 +325,17 @@ def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, regi
     assert regions and all(r.second_opinion["model"] == "tiny-region" for r in regions)
     column = result.table_node.GetTable().GetColumnByName("Region model P")
     assert [column.GetValue(n) for n in range(len(regions))] == pytest.approx(
-        [r.second_opinion["probability"] for r in regions])
+        [r.second_opinion["probability"] for r in regions]
+    )
 
     # "Explain selected region": an ROI around it, explained by the region model (one patch on it),
     # into new nodes; the panel's settings stay, so the next Apply is the whole-scan run it says
     before = (p.model, p.regionModel, p.roi, p.targetClass, p.method)
     described = logic.applyDescription(p)
-    assert described == (f"Apply explains the whole scan of 'chest' with model '{tiny_model.name}', asking "
-                         f"'{region_model}' about each hot region.")
+    assert described == (
+        f"Apply explains the whole scan of 'chest' with model '{tiny_model.name}', asking "
+        f"'{region_model}' about each hot region."
+    )
     options, roi_node = logic.regionRunOptions(p, regions[0])
     assert (p.model, p.regionModel, p.roi, p.targetClass, p.method) == before and logic.applyDescription(p) == described
     assert options.model == str(region_model) and options.region_model is None and options.mode == "roi"
@@ -379,9 +409,12 @@ def test_apply_runs_lunggradcam_in_a_background_process(app, chest, tiny_model):
     assert not Path(job.folder).exists()
 
     here = logic.process(ct, options=options, showResult=False)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(result.cam_node), slicer.util.arrayFromVolume(here.cam_node))
+    np.testing.assert_array_equal(
+        slicer.util.arrayFromVolume(result.cam_node), slicer.util.arrayFromVolume(here.cam_node)
+    )
     np.testing.assert_allclose(_matrix(result.cam_node), _matrix(ct), atol=1e-9)
     np.testing.assert_array_equal(result.segmentation.labelmap.array, here.segmentation.labelmap.array)
+
     def plain(regions):  # as JSON holds them (tuples as lists, numpy numbers as floats)
         return json.loads(json.dumps([r.to_dict() for r in regions], default=float))
 
@@ -436,8 +469,9 @@ def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app, nodul
     module, scene = app
     logic = module.LungGradCAMLogic()
     ct = slicer.util.addVolumeFromArray(nodule_chest.volume.array, nodule_chest.volume.ijk_to_ras, name="chest")
-    result = logic.process(ct, model="lidc-malignancy", roi=(NODULE_RAS, (40.0, 40.0, 40.0)), threshold=0.2,
-                           device="cpu")
+    result = logic.process(
+        ct, model="lidc-malignancy", roi=(NODULE_RAS, (40.0, 40.0, 40.0)), threshold=0.2, device="cpu"
+    )
     outline = result.segmentation.regions[0].outline
     assert outline["found"] and outline["name"] == "nodule outline 1"
     segments = result.segmentation_node.GetSegmentation()
@@ -451,7 +485,6 @@ def test_an_roi_run_outlines_the_nodule_as_a_segment_and_in_the_table(app, nodul
     assert f"heat-map region 1: nodule outline 1: {outline['volume_ml']:.2f} ml" in logic.resultText(result)
 
 
-
 def test_the_panel_chooses_every_setting_of_the_command_line(app):
     """Threshold rules (level, otsu, a percentile), layer, mode, scale and the chest-CT check from the
     parameter node, defaulted as ExplainOptions is, reach the command the panel runs unchanged."""
@@ -463,16 +496,36 @@ def test_the_panel_chooses_every_setting_of_the_command_line(app):
     logic = module.LungGradCAMLogic()
     p = logic.getParameterNode()
     defaults = logic.optionsFromParameterNode(p)
-    assert (defaults.threshold, defaults.mode, defaults.scale, defaults.layer, defaults.chest_check,
-            defaults.restrict_to_lungs) == (DEFAULTS["threshold"], DEFAULTS["mode"], DEFAULTS["scale"], DEFAULTS["layer"],
-                                            DEFAULTS["chest_check"], DEFAULTS["restrict_to_lungs"])
+    assert (
+        defaults.threshold,
+        defaults.mode,
+        defaults.scale,
+        defaults.layer,
+        defaults.chest_check,
+        defaults.restrict_to_lungs,
+    ) == (
+        DEFAULTS["threshold"],
+        DEFAULTS["mode"],
+        DEFAULTS["scale"],
+        DEFAULTS["layer"],
+        DEFAULTS["chest_check"],
+        DEFAULTS["restrict_to_lungs"],
+    )
     assert [logic.optionsFromParameterNode(p).threshold for p.thresholdRule in module.THRESHOLD_RULES] == [
-        DEFAULTS["threshold"], "otsu", "p99"]
+        DEFAULTS["threshold"],
+        "otsu",
+        "p99",
+    ]
     p.thresholdPercentile, p.layer, p.mode, p.chestCheck = 99.5, "features.act4+features.act6", "sliding", False
     p.scale = "relative"
     options = logic.optionsFromParameterNode(p)
     assert (options.threshold, options.layer, options.mode, options.chest_check, options.scale) == (
-        "p99.5", "features.act4+features.act6", "sliding", False, "relative")
+        "p99.5",
+        "features.act4+features.act6",
+        "sliding",
+        False,
+        "relative",
+    )
     args = build_parser().parse_args(["run", "ct.nrrd", "--out", "o", *args_from_options(options)])
     assert options_from_args(args) == options
     p.thresholdPercentile = 101.0

@@ -1,6 +1,7 @@
 """Checks of the Slicer module that need no Slicer application: LungGradCAM.py against its .ui
 file, its parameter node and slicer-core's slicer.util; the extension's CMake files configured,
 built and installed against a stand-in for Slicer's SDK; the icon."""
+
 from __future__ import annotations
 
 import ast
@@ -59,8 +60,13 @@ def _ui_uses() -> Dict[str, Set[str]]:
     uses: Dict[str, Set[str]] = {}
     parents = {child: node for node in ast.walk(TREE) for child in ast.iter_child_nodes(node)}
     for node in ast.walk(TREE):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui"
+            and isinstance(node.value.value, ast.Name)
+            and node.value.value.id == "self"
+        ):
             attrs = uses.setdefault(node.attr, set())
             parent = parents.get(node)
             if isinstance(parent, ast.Attribute) and parent.value is node:
@@ -94,14 +100,39 @@ def _module_constant(name: str):
 
 # Qt API that LungGradCAM.py may use per Qt widget class (a subset of Qt 5.15's, whose source is not
 # Slicer's: extend it when the module starts using more). Catches e.g. setCurrentNode on a QComboBox.
-_QOBJECT = {"connect", "blockSignals", "enabled", "visible", "toolTip", "setToolTip", "show", "hide",
-            "setEnabled", "setVisible", "styleSheet", "objectName"}
+_QOBJECT = {
+    "connect",
+    "blockSignals",
+    "enabled",
+    "visible",
+    "toolTip",
+    "setToolTip",
+    "show",
+    "hide",
+    "setEnabled",
+    "setVisible",
+    "styleSheet",
+    "objectName",
+}
 WIDGET_API = {
     "QLabel": _QOBJECT | {"text", "setText", "wordWrap"},
     "QPushButton": _QOBJECT | {"text", "setText", "clicked", "checked", "checkable", "toggled"},
     "QCheckBox": _QOBJECT | {"text", "checked", "setChecked", "toggled", "stateChanged"},
-    "QComboBox": _QOBJECT | {"addItem", "clear", "count", "currentIndex", "setCurrentIndex", "currentText",
-                             "currentData", "itemData", "itemText", "findData", "findText", "currentIndexChanged"},
+    "QComboBox": _QOBJECT
+    | {
+        "addItem",
+        "clear",
+        "count",
+        "currentIndex",
+        "setCurrentIndex",
+        "currentText",
+        "currentData",
+        "itemData",
+        "itemText",
+        "findData",
+        "findText",
+        "currentIndexChanged",
+    },
     "QSpinBox": _QOBJECT | {"value", "setValue", "minimum", "maximum", "valueChanged"},
     "QProgressBar": _QOBJECT | {"value", "setValue", "minimum", "maximum", "setRange", "setMaximum"},
 }
@@ -120,8 +151,12 @@ def _slicer_widget_api(name: str) -> Set[str]:
     return members
 
 
-WIDGET_API.update({name: _slicer_widget_api(name) for name in
-                   ("ctkSliderWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLTableView")})
+WIDGET_API.update(
+    {
+        name: _slicer_widget_api(name)
+        for name in ("ctkSliderWidget", "ctkCollapsibleButton", "qMRMLNodeComboBox", "qMRMLTableView")
+    }
+)
 WIDGET_API["qMRMLTableView"] |= {"currentIndex", "selectionModel"}  # from Qt's QTableView, its base
 
 # parameterNodeWrapper's GUI connectors: parameter type -> widget classes it can bind to.
@@ -147,11 +182,21 @@ def test_module_has_the_template_classes():
     assert decorators == ["parameterNodeWrapper"]
     process = next(n for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef) and n.name == "process")
     names = [a.arg for a in process.args.args]
-    assert names == ["self", "inputVolume", "camVolume", "segmentation", "table", "options", "progressCallback",
-                     "showResult", "estimateCallback"]
+    assert names == [
+        "self",
+        "inputVolume",
+        "camVolume",
+        "segmentation",
+        "table",
+        "options",
+        "progressCallback",
+        "showResult",
+        "estimateCallback",
+    ]
     assert process.args.kwarg.arg == "optionKeywords"  # ExplainOptions' fields, from the Python console
     assert {"listCTSeries", "loadSeries", "optionsFromParameterNode", "progressText", "resultText"} <= {
-        n.name for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef)}
+        n.name for n in _class("LungGradCAMLogic").body if isinstance(n, ast.FunctionDef)
+    }
 
 
 def test_every_ui_widget_used_exists_with_a_fitting_class():
@@ -188,11 +233,17 @@ def test_every_slicer_parameter_name_is_a_parameter_node_field_of_a_fitting_type
 
 def test_every_mrml_widget_gets_the_scene():
     root = ET.parse(UI).getroot()
-    connected = {c.findtext("receiver") for c in root.iter("connection")
-                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
-                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
-    mrml_widgets = {n for n, w in _ui_widgets().items() if w.get("class", "").startswith("qMRML")
-                    and w.get("class") != "qMRMLWidget"}
+    connected = {
+        c.findtext("receiver")
+        for c in root.iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
+    mrml_widgets = {
+        n
+        for n, w in _ui_widgets().items()
+        if w.get("class", "").startswith("qMRML") and w.get("class") != "qMRMLWidget"
+    }
     assert mrml_widgets <= connected, f"no scene connection for {sorted(mrml_widgets - connected)}"
 
 
@@ -222,8 +273,14 @@ print(json.dumps({"method": [list(a) for a in typing.get_args(method)[1:]], "def
 def panel():
     """What the panel offers, read from LungGradCAM.py imported without torch (see PANEL)."""
     pytest.importorskip("slicer")
-    result = subprocess.run([sys.executable, "-c", PANEL], cwd=REPO / "Testing" / "Python", capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO / "Testing" / "Python")})
+    result = subprocess.run(
+        [sys.executable, "-c", PANEL],
+        cwd=REPO / "Testing" / "Python",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "Testing" / "Python")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -240,19 +297,30 @@ def test_choice_defaults_are_choices_and_methods_match_the_engine(panel):
 
 def test_every_slicer_util_function_called_exists_in_slicer_core():
     util = pytest.importorskip("slicer.util", reason="slicer-core is not installed")
-    called = {node.attr for node in ast.walk(TREE)
-              if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-              and node.value.attr == "util" and isinstance(node.value.value, ast.Name)
-              and node.value.value.id == "slicer"}
+    called = {
+        node.attr
+        for node in ast.walk(TREE)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "util"
+        and isinstance(node.value.value, ast.Name)
+        and node.value.value.id == "slicer"
+    }
     assert {"loadUI", "childWidgetVariables", "tryWithErrorDisplay"} <= called
     missing = sorted(name for name in called if not callable(getattr(util, name, None)))
     assert not missing, f"slicer.util has no {missing}"
 
 
 def test_resources_the_module_loads_exist():
-    paths = [node.args[0].value for node in ast.walk(TREE)
-             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "resourcePath"
-             and node.args and isinstance(node.args[0], ast.Constant)]
+    paths = [
+        node.args[0].value
+        for node in ast.walk(TREE)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "resourcePath"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    ]
     assert "UI/LungGradCAM.ui" in paths and "Icons/LungGradCAM.png" in paths
     for relative in paths:
         assert (REPO / "Resources" / relative).is_file(), f"Resources/{relative} is loaded by the module but missing"
@@ -268,9 +336,15 @@ def test_icon_is_a_128_pixel_png():
 # --- CMake -------------------------------------------------------------------------------------------
 def test_cmake_lists_name_the_module_and_existing_files():
     top = (REPO / "CMakeLists.txt").read_text()
-    for needed in ("project(LungGradCAM)", 'set(EXTENSION_DEPENDS "PyTorch")', "find_package(Slicer REQUIRED)",
-                   "include(${Slicer_USE_FILE})", "add_subdirectory(LungGradCAM)",
-                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+    for needed in (
+        "project(LungGradCAM)",
+        'set(EXTENSION_DEPENDS "PyTorch")',
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(LungGradCAM)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         assert needed in top, f"top-level CMakeLists.txt lacks {needed}"
     for var in ("CATEGORY", "CONTRIBUTORS", "DESCRIPTION"):
         assert f"set(EXTENSION_{var} " in top
@@ -386,7 +460,7 @@ foreach(_v EXTENSION_CATEGORY EXTENSION_CONTRIBUTORS EXTENSION_DESCRIPTION EXTEN
 endforeach()
 file(APPEND ${_standin_log} "extension ${PROJECT_NAME} depends=${EXTENSION_DEPENDS}\\n")
 """,
-    "ExtensionCPack.cmake": "file(APPEND ${_standin_log} \"cpack ${PROJECT_NAME}\\n\")\n",
+    "ExtensionCPack.cmake": 'file(APPEND ${_standin_log} "cpack ${PROJECT_NAME}\\n")\n',
 }
 
 
@@ -413,9 +487,16 @@ def cmake_install(tmp_path_factory):
     return build, install
 
 
-EXPECTED_FILES = ["LungGradCAM.py", "LungGradCAMLib/__init__.py", "LungGradCAMLib/mrml.py",
-                  "LungGradCAMLib/engine/models/__init__.py", "Resources/UI/LungGradCAM.ui", "Resources/Icons/LungGradCAM.png",
-                  "README.md", "LICENSE"]
+EXPECTED_FILES = [
+    "LungGradCAM.py",
+    "LungGradCAMLib/__init__.py",
+    "LungGradCAMLib/mrml.py",
+    "LungGradCAMLib/engine/models/__init__.py",
+    "Resources/UI/LungGradCAM.ui",
+    "Resources/Icons/LungGradCAM.png",
+    "README.md",
+    "LICENSE",
+]
 
 
 def test_cmake_registers_the_module_and_its_self_test(cmake_install):
@@ -496,6 +577,11 @@ def test_apply_runs_in_a_background_process_and_the_database_list_follows_change
     assert _calls(_method("LungGradCAMWidget", "onApplyButton"), "cancel")
     connects = _calls(_method("LungGradCAMWidget", "setup"), "connect")
     assert any("_scheduleDicomRefresh" in ast.unparse(c) for c in connects)
-    signals = {s.value for c in ast.walk(_method("LungGradCAMWidget", "setup")) if isinstance(c, ast.Tuple)
-               for s in c.elts if isinstance(s, ast.Constant) and str(s.value).endswith(")")}
+    signals = {
+        s.value
+        for c in ast.walk(_method("LungGradCAMWidget", "setup"))
+        if isinstance(c, ast.Tuple)
+        for s in c.elts
+        if isinstance(s, ast.Constant) and str(s.value).endswith(")")
+    }
     assert {"databaseChanged()", "seriesAdded(QString)"} <= signals

@@ -1,5 +1,6 @@
 """The heat-map retraining test (LungGradCAMLib.training.cam_retrain): truth masks of phantom patches, masks
 for background patches, what is multiplied, the four trainings end to end, and the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from LungGradCAMLib.training import cam_retrain as cr
-from LungGradCAMLib.training.data import PatchSet, phantom_patches
 from LungGradCAMLib.core.errors import DataError, InvalidInputError
 from LungGradCAMLib.engine.models import ModelCard
+from LungGradCAMLib.training import cam_retrain as cr
+from LungGradCAMLib.training.data import PatchSet, phantom_patches
 from LungGradCAMLib.training.train import TrainConfig
 
 SIZE = (16, 16, 16)
@@ -19,11 +20,18 @@ SIZE = (16, 16, 16)
 
 def _card(**kwargs) -> ModelCard:
     # small3d_cnn has no BatchNorm, whose running statistics lag too far behind on a few dozen patches
-    base = dict(architecture="small3d_cnn",
-                kwargs={"channels": [4, 8, 8], "hidden": [16, 8], "dropout": 0.0, "num_classes": 2},
-                class_names=["background", "nodule"], cam_class="nodule", target_layer="features.act3",
-                patch_size=list(SIZE), spacing_mm=[1.5, 1.5, 1.5], hu_window=[-1000.0, 400.0],
-                normalisation="minmax", name="tiny")
+    base = dict(
+        architecture="small3d_cnn",
+        kwargs={"channels": [4, 8, 8], "hidden": [16, 8], "dropout": 0.0, "num_classes": 2},
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer="features.act3",
+        patch_size=list(SIZE),
+        spacing_mm=[1.5, 1.5, 1.5],
+        hu_window=[-1000.0, 400.0],
+        normalisation="minmax",
+        name="tiny",
+    )
     base.update(kwargs)
     return ModelCard(**base).validate()
 
@@ -107,8 +115,13 @@ def _separable_set(n: int = 64, seed: int = 0):
         ball = (k - c[0]) ** 2 + (j - c[1]) ** 2 + (i - c[2]) ** 2 <= 9
         patches[s][ball] = rng.normal(0, 30, ball.sum())
         masks[s] = ball
-    data = PatchSet(np.rint(patches).astype(np.int16), labels, [f"p{s:02d}" for s in range(n)],
-                    ["background", "nodule"], (1.5, 1.5, 1.5))
+    data = PatchSet(
+        np.rint(patches).astype(np.int16),
+        labels,
+        [f"p{s:02d}" for s in range(n)],
+        ["background", "nodule"],
+        (1.5, 1.5, 1.5),
+    )
     return data, masks
 
 
@@ -116,8 +129,7 @@ def _separable_set(n: int = 64, seed: int = 0):
 def test_cam_retrain_end_to_end_truth_separates_inverted_does_not(tmp_path, one_thread):
     data, masks = _separable_set()
     cfg = TrainConfig(epochs=12, batch_size=8, lr=3e-3, patience=20, augment=False, amp=False, seed=0)
-    result = cr.cam_retrain(data, masks, _card(), tmp_path, config=cfg, val_fraction=0.5, device="cpu",
-                            n_boot=100)
+    result = cr.cam_retrain(data, masks, _card(), tmp_path, config=cfg, val_fraction=0.5, device="cpu", n_boot=100)
     assert set(result.accuracy) == set(cr.VARIANTS)
     assert all(0.0 <= v <= 1.0 for v in result.accuracy.values())
     assert result.chance == pytest.approx(0.5, abs=0.1)
@@ -161,15 +173,53 @@ def test_evaluate_cli_cam_retrain(tmp_path, phantom_set, one_thread):
     model = save_model(build_model(card.architecture, **card.kwargs), card, tmp_path / "tiny.safetensors")
     cache = phantom_set.save(tmp_path / "patches.npz")
     out = tmp_path / "out"
-    rc = main(["evaluate", "--cam-retrain", "--model", str(model), "--cache", str(cache), "--phantom-seeds", "0-1",
-               "--out", str(out), "--retrain-epochs", "1", "--retrain-no-augment", "--val-fraction", "0.5",
-               "--bootstrap", "20", "--device", "cpu", "--retrain-arch-kwargs", '{"channels": [2, 2, 2]}',
-               "--mask-dilation", "1"])
+    rc = main(
+        [
+            "evaluate",
+            "--cam-retrain",
+            "--model",
+            str(model),
+            "--cache",
+            str(cache),
+            "--phantom-seeds",
+            "0-1",
+            "--out",
+            str(out),
+            "--retrain-epochs",
+            "1",
+            "--retrain-no-augment",
+            "--val-fraction",
+            "0.5",
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+            "--retrain-arch-kwargs",
+            '{"channels": [2, 2, 2]}',
+            "--mask-dilation",
+            "1",
+        ]
+    )
     assert rc == 0
     saved = json.loads((out / "cam_retrain.json").read_text())
     assert set(saved["accuracy"]) == set(cr.VARIANTS)
     assert all(0.0 <= v <= 1.0 for v in saved["accuracy"].values())
     assert saved["settings"]["kwargs"]["channels"] == [2, 2, 2] and saved["settings"]["mask_dilation_vox"] == 1
     assert saved["data"]["train"]["patients"] == 1 and saved["data"]["validation"]["patients"] == 1
-    assert main(["evaluate", "--cam-retrain", "--model", str(model), "--cache", str(cache), "--out", str(out),
-                 "--retrain-arch-kwargs", "[1]"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--cam-retrain",
+                "--model",
+                str(model),
+                "--cache",
+                str(cache),
+                "--out",
+                str(out),
+                "--retrain-arch-kwargs",
+                "[1]",
+            ]
+        )
+        == 2
+    )

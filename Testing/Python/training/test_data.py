@@ -1,4 +1,5 @@
 """Data sources: phantom patches, LUNA16 layout, CSV manifests, LIDC-IDRI XML, patient splits."""
+
 from __future__ import annotations
 
 import csv
@@ -6,10 +7,11 @@ import csv
 import numpy as np
 import pytest
 
-from helpers import data_path
-from LungGradCAMLib.training import data, lidc
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.io.volume_files import write_volume
+from LungGradCAMLib.training import data, lidc
+
+from helpers import data_path
 
 SIZE = (16, 16, 16)
 SPACING = (3.0, 3.0, 3.0)
@@ -76,8 +78,9 @@ def test_patchset_cache_roundtrip(tmp_path, phantom_set):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="bad.npz: not a patch cache"):
         data.PatchSet.load(tmp_path / "bad.npz")
-    other = data.PatchSet(phantom_set.patches[:, :8, :8, :8], phantom_set.labels, phantom_set.patients,
-                          phantom_set.class_names, SPACING)
+    other = data.PatchSet(
+        phantom_set.patches[:, :8, :8, :8], phantom_set.labels, phantom_set.patients, phantom_set.class_names, SPACING
+    )
     with pytest.raises(DataError, match="cannot concatenate"):
         data.PatchSet.concatenate([phantom_set, other])
 
@@ -103,10 +106,16 @@ def test_luna16_layout_lps_world_coordinates(tmp_path, small_phantom):
     deepest = np.unravel_index(np.argmax(depth), depth.shape)  # parenchyma far from anything else
     lung_point = small_phantom.volume.ijk_to_ras_points(np.array(deepest)[::-1])[0]
     # LUNA16 world coordinates are LPS: x and y negated
-    _write_csv(tmp_path / "annotations.csv", ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
-               [[uid, -x, -y, z, nod.diameter_mm], ["not-present", 1, 2, 3, 4]])
-    _write_csv(tmp_path / "candidates.csv", ["seriesuid", "coordX", "coordY", "coordZ", "class"],
-               [[uid, -lung_point[0], -lung_point[1], lung_point[2], 0], [uid, -x, -y, z, 1]])
+    _write_csv(
+        tmp_path / "annotations.csv",
+        ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"],
+        [[uid, -x, -y, z, nod.diameter_mm], ["not-present", 1, 2, 3, 4]],
+    )
+    _write_csv(
+        tmp_path / "candidates.csv",
+        ["seriesuid", "coordX", "coordY", "coordZ", "class"],
+        [[uid, -lung_point[0], -lung_point[1], lung_point[2], 0], [uid, -x, -y, z, 1]],
+    )
     samples = data.luna16_samples(tmp_path)
     assert [(s.label, s.kind) for s in samples] == [(1, "nodule"), (0, "candidate")]
     assert np.allclose(samples[0].centre_ras, nod.center_ras)
@@ -132,9 +141,15 @@ def test_luna16_errors(tmp_path):
 def test_manifest(tmp_path, small_phantom):
     write_volume(small_phantom.volume, tmp_path / "ct.nrrd")
     x, y, z = small_phantom.nodules[0].center_ras
-    _write_csv(tmp_path / "m.csv", ["image", "label", "patient", "x", "y", "z", "space"],
-               [["ct.nrrd", "nodule", "p1", x, y, z, "RAS"], ["ct.nrrd", "nodule", "p1", -x, -y, z, "LPS"],
-                [str(tmp_path / "ct.nrrd"), "0", "", "", "", "", ""]])
+    _write_csv(
+        tmp_path / "m.csv",
+        ["image", "label", "patient", "x", "y", "z", "space"],
+        [
+            ["ct.nrrd", "nodule", "p1", x, y, z, "RAS"],
+            ["ct.nrrd", "nodule", "p1", -x, -y, z, "LPS"],
+            [str(tmp_path / "ct.nrrd"), "0", "", "", "", "", ""],
+        ],
+    )
     samples = data.manifest_samples(tmp_path / "m.csv", ["background", "nodule"])
     assert np.allclose(samples[0].centre_ras, samples[1].centre_ras) and samples[2].centre_ras is None
     assert samples[2].patient == str(tmp_path / "ct.nrrd") and samples[2].label == 0
@@ -193,7 +208,7 @@ def test_patient_kfold_and_split():
     assert [len(set(patients[p])) for p in parts] == [1, 1, 1]
     parts = data.patient_split(patients, (0.7, 0.15, 0.15), seed=0)
     assert sum(len(p) for p in parts) == len(patients)
-    assert all(not set(patients[a]) & set(patients[b]) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert all(not set(patients[a]) & set(patients[b]) for i, a in enumerate(parts) for b in parts[i + 1 :])
     with pytest.raises(DataError, match="k-fold needs"):
         data.patient_kfold(patients, k=8)
 

@@ -6,6 +6,7 @@ nodule or scan can have, or an ID that climbs out of ``--path`` is refused with 
 (``DataError``; the CLI: one message, exit 2). ``summary.csv`` cells that a spreadsheet would run
 as a formula are written as text; ``train``'s ``report.json`` is strict JSON.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,8 @@ import pytest
 from LungGradCAMLib.cli import main
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
-from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.io.dicom_write import write_dicom_series
+from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.training import data, lidc
 
 from helpers import write_voi_folder
@@ -44,7 +45,7 @@ def _edit_row(root: Path, change) -> None:
 
 
 def _cell(column: int, value: str):
-    return lambda row: row[:column] + [value] + row[column + 1:]
+    return lambda row: row[:column] + [value] + row[column + 1 :]
 
 
 def _outside(root: Path, patient: str) -> str:
@@ -77,8 +78,20 @@ def test_nodules_csv_rows_that_cannot_be_true_are_refused_with_their_line(name, 
     with pytest.raises(DataError) as err:
         lidc.lidc_voi_records(root)
     assert re.search(text, str(err.value)) and "nodules.csv line 3" in str(err.value), str(err.value)
-    code = main(["train", "--source", "lidc-vois", "--path", str(root), "--out", str(tmp_path / "out"),
-                 "--epochs", "1", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--source",
+            "lidc-vois",
+            "--path",
+            str(root),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "nodules.csv line 3" in lines[0], lines
     assert not (tmp_path / "out").exists()
@@ -87,11 +100,14 @@ def test_nodules_csv_rows_that_cannot_be_true_are_refused_with_their_line(name, 
 # --------------------------------------------------------------------------------------------
 # manifests and LUNA16 tables
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rows, text", [
-    (["ct.nrrd,nodule,1,2,3", "ct.nrrd"], "line 3: 1 cell"),  # a short row
-    (["ct.nrrd,nodule,1e300,2,3"], "line 2: x, y, z must be numbers from"),  # 1e300 mm away
-    (["ct.nrrd,nodule,1,2,3,surplus"], "line 2: 6 cell"),  # a long row
-])
+@pytest.mark.parametrize(
+    "rows, text",
+    [
+        (["ct.nrrd,nodule,1,2,3", "ct.nrrd"], "line 3: 1 cell"),  # a short row
+        (["ct.nrrd,nodule,1e300,2,3"], "line 2: x, y, z must be numbers from"),  # 1e300 mm away
+        (["ct.nrrd,nodule,1,2,3,surplus"], "line 2: 6 cell"),  # a long row
+    ],
+)
 def test_manifest_rows_that_cannot_be_true_are_refused_with_their_line(rows, text, tmp_path):
     (tmp_path / "m.csv").write_text("\n".join(["image,label,x,y,z", *rows]) + "\n")
     with pytest.raises(DataError, match=re.escape(text)):
@@ -111,8 +127,12 @@ def test_luna16_points_1e300_mm_away_are_refused(tmp_path):
 # --------------------------------------------------------------------------------------------
 # what LungGradCAM writes: summary.csv, train's report.json
 # --------------------------------------------------------------------------------------------
-FORMULAS = ['=HYPERLINK("http://attacker.example/","open me")', "@SUM(1+1)*cmd|' /C calc'!A0", "-2+3+cmd|' /C calc'!A0",
-            "+1+cmd|' /C calc'!A0"]
+FORMULAS = [
+    '=HYPERLINK("http://attacker.example/","open me")',
+    "@SUM(1+1)*cmd|' /C calc'!A0",
+    "-2+3+cmd|' /C calc'!A0",
+    "+1+cmd|' /C calc'!A0",
+]
 
 
 def test_summary_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path, tiny, capsys):
@@ -123,8 +143,10 @@ def test_summary_cells_a_spreadsheet_would_run_are_written_as_text(tmp_path, tin
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             write_dicom_series(Volume(hu, axis_aligned_matrix((1, 1, 2))), tmp_path / "in" / f"s{n}", series_uid=uid)
-    assert main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny),
-                 "--device", "cpu"]) == 1
+    assert (
+        main(["batch", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", str(tiny), "--device", "cpu"])
+        == 1
+    )
     with open(tmp_path / "out" / "summary.csv", newline="") as f:
         cells = [cell for row in csv.reader(f) for cell in row]
     assert not [c for c in cells if c[:1] in ("=", "+", "-", "@")], cells  # none starts a formula
@@ -145,8 +167,25 @@ def test_train_writes_strict_json_where_a_metric_is_undefined(tmp_path, capsys):
 
     cache = spheres_patches().save(tmp_path / "spheres.npz")
     out = tmp_path / "train"
-    assert main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--lr", "1e-9",
-                 "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *TRAIN_ARGS,
+                "--path",
+                str(cache),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--lr",
+                "1e-9",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     report = _strict((out / "report.json").read_text())
     assert report["metrics"]["precision"]["value"] is None  # undefined, written as null
     for line in (out / "log.jsonl").read_text().splitlines() + capsys.readouterr().out.splitlines():

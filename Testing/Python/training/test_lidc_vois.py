@@ -1,4 +1,5 @@
 """Real nodules: the LIDC VOI source, background regions, nodule placement, fixed splits."""
+
 from __future__ import annotations
 
 import logging
@@ -6,11 +7,12 @@ import logging
 import numpy as np
 import pytest
 
-from helpers import data_path, write_voi_folder
-from LungGradCAMLib.training import data, lidc, placement
 from LungGradCAMLib.core.errors import DataError
 from LungGradCAMLib.core.volume import Volume, axis_aligned_matrix
 from LungGradCAMLib.io.volume_files import write_volume
+from LungGradCAMLib.training import data, lidc, placement
+
+from helpers import data_path, write_voi_folder
 
 SIZE = (16, 16, 16)
 SPACING = (1.5, 1.5, 1.5)
@@ -19,8 +21,9 @@ SPACING = (1.5, 1.5, 1.5)
 @pytest.fixture
 def voi_folder(tmp_path):
     root = tmp_path / "vois"
-    write_voi_folder(root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6),
-                             ("P3", 1, "Benign", 2)])
+    write_voi_folder(
+        root, [("P1", 1, "Benign", 3), ("P1", 2, "Malign", 5), ("P2", 1, "Malign", 6), ("P3", 1, "Benign", 2)]
+    )
     return root
 
 
@@ -134,9 +137,17 @@ def test_bad_background_manifest(tmp_path):
 def test_detection_patches_fix_splits_by_patient_and_region(voi_folder, chest_backgrounds):
     write_voi_folder(voi_folder.parent / "more", [(f"Q{n}", 1, "Benign", 3) for n in range(6)])
     records = lidc.lidc_voi_records(voi_folder) + lidc.lidc_voi_records(voi_folder.parent / "more")
-    ps = lidc.lidc_voi_detection_patches(records, chest_backgrounds, (12, 12, 12), (3.0, 3.0, 3.0),
-                                         fractions=(0.6, 0.2, 0.2), placements=3, negatives_per_kind=2,
-                                         phantom_seeds=[5, 6, 7], phantom_negatives_per_kind=1)
+    ps = lidc.lidc_voi_detection_patches(
+        records,
+        chest_backgrounds,
+        (12, 12, 12),
+        (3.0, 3.0, 3.0),
+        fractions=(0.6, 0.2, 0.2),
+        placements=3,
+        negatives_per_kind=2,
+        phantom_seeds=[5, 6, 7],
+        phantom_negatives_per_kind=1,
+    )
     assert ps.class_names == ["background", "nodule"] and set(ps.splits) == {"train", "validation", "test"}
     owner = {}
     for patient, split in zip(ps.patients, ps.splits):
@@ -160,15 +171,22 @@ def test_hard_negatives_sit_on_a_model_s_hot_spots(chest_backgrounds):
     in the region's lungs (here an untrained model: any heat), shifted by up to a quarter patch."""
     import torch
 
+    from LungGradCAMLib.engine.lung import lung_bbox
     from LungGradCAMLib.engine.models import LoadedModel, ModelCard, build_model
     from LungGradCAMLib.engine.sliding import sliding_cam
-    from LungGradCAMLib.engine.lung import lung_bbox
 
     torch.manual_seed(0)
-    card = ModelCard(architecture="gradcam3d_cnn", kwargs={"width": 2, "num_classes": 2},
-                     class_names=["background", "nodule"], cam_class="nodule", target_layer="features.act6",
-                     patch_size=[12, 12, 12],
-                     spacing_mm=[3.0, 3.0, 3.0], hu_window=[-1000.0, 400.0], normalisation="minmax")
+    card = ModelCard(
+        architecture="gradcam3d_cnn",
+        kwargs={"width": 2, "num_classes": 2},
+        class_names=["background", "nodule"],
+        cam_class="nodule",
+        target_layer="features.act6",
+        patch_size=[12, 12, 12],
+        spacing_mm=[3.0, 3.0, 3.0],
+        hu_window=[-1000.0, 400.0],
+        normalisation="minmax",
+    )
     model = LoadedModel(build_model("gradcam3d_cnn", width=2).eval(), card)
     regions = [b for b in chest_backgrounds if b.split == "train"]
     rng = np.random.default_rng(0)
@@ -176,23 +194,38 @@ def test_hard_negatives_sit_on_a_model_s_hot_spots(chest_backgrounds):
     assert hu.shape == (5, 12, 12, 12) and kinds == ["hard"] * 5 and names == [regions[0].name] * 5
     bg = regions[0]
     where = bg.lungs & bg.region
-    cam = sliding_cam(model.module, torch.from_numpy(bg.hu), 12, 6, roi=lung_bbox(where, [3, 3, 3]),
-                      preprocess=model.prepare, target=1, layer="features.act6").cam
+    cam = sliding_cam(
+        model.module,
+        torch.from_numpy(bg.hu),
+        12,
+        6,
+        roi=lung_bbox(where, [3, 3, 3]),
+        preprocess=model.prepare,
+        target=1,
+        layer="features.act6",
+    ).cam
     hottest = np.unravel_index(np.argmax(np.where(where, cam, -1)), cam.shape)
     # the first patch is the hottest spot's, shifted by at most a quarter patch (3 voxels)
     offsets = np.argwhere(np.ones((7, 7, 7), bool)) - 3
     assert any(np.array_equal(data.crop_patch(bg.hu, np.asarray(hottest) + d, (12, 12, 12)), hu[0]) for d in offsets)
+
     # a phantom's lungs away from its nodules: the same mining, as negatives of that phantom
     def mine(hu, lungs, clear, patient, draw):
         scan = placement.Background(patient, "train", hu, lungs, clear, (3.0, 3.0, 3.0))
         return placement.hard_negative_patches([scan], model, (12, 12, 12), 3, draw, threshold=0.0)[0]
 
-    ps = data.phantom_patches([5], (12, 12, 12), (3.0, 3.0, 3.0), positives_per_nodule=1, negatives_per_kind=1,
-                              hard_negatives=mine)
+    ps = data.phantom_patches(
+        [5], (12, 12, 12), (3.0, 3.0, 3.0), positives_per_nodule=1, negatives_per_kind=1, hard_negatives=mine
+    )
     hard = ps.kinds == "hard"
     assert hard.sum() == 3 and not ps.labels[hard].any() and set(ps.patients[hard]) == {"phantom-5"}
     # another patch size: the model explains with its own, the negatives are cut at the size asked
-    assert placement.hard_negative_patches(regions, model, (16, 16, 16), 2, rng, threshold=0.0)[0].shape == (2, 16, 16, 16)
+    assert placement.hard_negative_patches(regions, model, (16, 16, 16), 2, rng, threshold=0.0)[0].shape == (
+        2,
+        16,
+        16,
+        16,
+    )
     model.card.spacing_mm = [1.5, 1.5, 1.5]
     with pytest.raises(DataError, match="voxels of"):
         placement.hard_negative_patches(regions, model, (12, 12, 12), 5, rng)
@@ -230,21 +263,31 @@ def test_a_nodules_placements_do_not_depend_on_the_other_nodules(voi_folder, che
     one patient are the same whether or not the other patients were loaded with it."""
     records = lidc.lidc_voi_records(voi_folder)
     size, spacing = (12, 12, 12), (3.0, 3.0, 3.0)
-    everyone = lidc.lidc_voi_patches(records, size, spacing, backgrounds=chest_backgrounds, placements=3,
-                                     jitter_vox=1, seed=4)
-    alone = lidc.lidc_voi_patches([r for r in records if r.patient == "P2"], size, spacing,
-                                  backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=4)
+    everyone = lidc.lidc_voi_patches(
+        records, size, spacing, backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=4
+    )
+    alone = lidc.lidc_voi_patches(
+        [r for r in records if r.patient == "P2"],
+        size,
+        spacing,
+        backgrounds=chest_backgrounds,
+        placements=3,
+        jitter_vox=1,
+        seed=4,
+    )
     mine = everyone.patients == "P2"
     assert mine.sum() == len(alone) == 3
     assert np.array_equal(everyone.patches[mine], alone.patches)
     assert np.array_equal(everyone.centres[mine], alone.centres) and np.array_equal(everyone.masks[mine], alone.masks)
     assert everyone.diameters[mine].tolist() == [records[2].diameter_mm] * 3
-    reordered = lidc.lidc_voi_patches(records[::-1], size, spacing, backgrounds=chest_backgrounds, placements=3,
-                                      jitter_vox=1, seed=4)
+    reordered = lidc.lidc_voi_patches(
+        records[::-1], size, spacing, backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=4
+    )
     assert np.array_equal(reordered.patches[reordered.patients == "P2"], alone.patches)
     # another seed places them elsewhere; the placements of one nodule differ from each other
-    other = lidc.lidc_voi_patches(records[2:3], size, spacing, backgrounds=chest_backgrounds, placements=3,
-                                  jitter_vox=1, seed=5)
+    other = lidc.lidc_voi_patches(
+        records[2:3], size, spacing, backgrounds=chest_backgrounds, placements=3, jitter_vox=1, seed=5
+    )
     assert not np.array_equal(other.patches, alone.patches)
     assert not np.array_equal(alone.patches[0], alone.patches[1])
 
@@ -285,8 +328,25 @@ def cli_inputs(tmp_path_factory):
     return root
 
 
-COMMON = ["--patch-size", "12", "12", "12", "--spacing", "3", "3", "3", "--arch-kwargs", '{"width": 2}',
-          "--epochs", "1", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+COMMON = [
+    "--patch-size",
+    "12",
+    "12",
+    "12",
+    "--spacing",
+    "3",
+    "3",
+    "3",
+    "--arch-kwargs",
+    '{"width": 2}',
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--no-progress",
+    "--device",
+    "cpu",
+]
 
 
 def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
@@ -294,11 +354,33 @@ def test_train_cli_malignancy_folds(cli_inputs, tmp_path):
     from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "malignancy"
-    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
-                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--folds", "2",
-                 "--out", str(out)] + COMMON) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--source",
+                "lidc-vois",
+                "--path",
+                str(cli_inputs / "vois"),
+                "--task",
+                "malignancy",
+                "--backgrounds",
+                str(cli_inputs / "backgrounds.csv"),
+                "--placements",
+                "2",
+                "--folds",
+                "2",
+                "--out",
+                str(out),
+            ]
+            + COMMON
+        )
+        == 0
+    )
     card = ModelCard.load(out / "fold1" / "best.json")
-    assert card.input == "roi" and card.class_names == ["benign", "malignant"] and "ONE lung nodule" in card.intended_use
+    assert (
+        card.input == "roi" and card.class_names == ["benign", "malignant"] and "ONE lung nodule" in card.intended_use
+    )
     split = card.training["split"]
     assert not set(split["train_patients"]) & set(split["test_patients"])
     assert "real LIDC-IDRI nodules" in card.training["data"]
@@ -314,19 +396,42 @@ def test_evaluate_scores_the_cards_own_test_patients_with_its_data_settings(cli_
     from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "malignancy"
-    assert main(["train", "--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "malignancy",
-                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--placements", "2", "--test-fraction", "0.4",
-                 "--out", str(out)] + COMMON) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--source",
+                "lidc-vois",
+                "--path",
+                str(cli_inputs / "vois"),
+                "--task",
+                "malignancy",
+                "--backgrounds",
+                str(cli_inputs / "backgrounds.csv"),
+                "--placements",
+                "2",
+                "--test-fraction",
+                "0.4",
+                "--out",
+                str(out),
+            ]
+            + COMMON
+        )
+        == 0
+    )
     card = ModelCard.load(out / "best.json")
     assert card.training["data_spec"]["placements"] == 2 and card.training["data_spec"]["task"] == "malignancy"
     test = card.training["split"]["test_patients"]
     assert 0 < len(test) < 8
     capsys.readouterr()
-    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"), "--device", "cpu"])
+        == 0
+    )
     assert f"scoring the model card's {len(test)} test patients" in capsys.readouterr().out
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["data"]["patients"] == len(test) and report["data"]["patches"] == 2 * len(test)
+
     def strict(value):  # the card is strict JSON: NaN is null there
         return json.loads(json.dumps(value).replace("NaN", "null"))
 
@@ -336,8 +441,23 @@ def test_evaluate_scores_the_cards_own_test_patients_with_its_data_settings(cli_
     assert "training patients" in report["diameter_baseline"]["threshold_from"]
     assert strict(report["size_bands"]) == card.metrics["size_bands"]
     # a setting given on the command line overrides the card's; --all-patients scores everyone
-    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "all"),
-                 "--device", "cpu", "--all-patients", "--placements", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out / "best.safetensors"),
+                "--out",
+                str(tmp_path / "all"),
+                "--device",
+                "cpu",
+                "--all-patients",
+                "--placements",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert "all 8 patients of the data" in capsys.readouterr().out
     assert json.loads((tmp_path / "all" / "report.json").read_text())["data"]["patches"] == 8
 
@@ -349,8 +469,18 @@ def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys
     from LungGradCAMLib.engine.models import ModelCard
 
     out = tmp_path / "nodule"
-    data_args = ["--source", "lidc-vois", "--path", str(cli_inputs / "vois"), "--task", "nodule",
-                 "--backgrounds", str(cli_inputs / "backgrounds.csv"), "--negatives-per-region", "3"]
+    data_args = [
+        "--source",
+        "lidc-vois",
+        "--path",
+        str(cli_inputs / "vois"),
+        "--task",
+        "nodule",
+        "--backgrounds",
+        str(cli_inputs / "backgrounds.csv"),
+        "--negatives-per-region",
+        "3",
+    ]
     assert main(["train"] + data_args + ["--out", str(out)] + COMMON) == 0
     card = ModelCard.load(out / "best.json")
     assert card.input == "scan" and card.class_names == ["background", "nodule"]
@@ -359,8 +489,13 @@ def test_train_and_evaluate_cli_nodule_fixed_splits(cli_inputs, tmp_path, capsys
     assert not set(split["train_patients"]) & set(split["test_patients"])
     assert main(["train"] + data_args + ["--out", str(tmp_path / "x"), "--folds", "2"] + COMMON) == 2
     assert "--folds cannot re-split" in capsys.readouterr().err
-    assert main(["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"),
-                 "--device", "cpu"] + data_args) == 0
+    assert (
+        main(
+            ["evaluate", "--model", str(out / "best.safetensors"), "--out", str(tmp_path / "eval"), "--device", "cpu"]
+            + data_args
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["data"]["patients"] == len(split["test_patients"])  # the test split, rebuilt
     no_backgrounds = data_args[:6]

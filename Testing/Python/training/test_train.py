@@ -1,5 +1,6 @@
 """Training: class weights, augmentation, fit (checkpoints, log, resume), the CLI with
 cross-validation, and a real 2-process DistributedDataParallel run on CPU (gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ from LungGradCAMLib.training.train import TrainConfig, class_weights, fit
 
 from helpers import TRAIN_ARGS, spheres_card, spheres_patches
 
+
 def test_class_weights_formula():
     w = class_weights(np.array([0, 0, 0, 1]), 2)
     assert w == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])
@@ -35,8 +37,10 @@ def test_augment_identity_flips_and_determinism():
     assert torch.allclose(same, x, atol=1e-5)
     flipped = augment(x, g, flip=True, rot90=False, **still)
     for n in range(3):  # each sample is one of the 8 axis flips of itself
-        assert any(torch.allclose(flipped[n], x[n].flip(dims), atol=1e-5)
-                   for dims in [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)])
+        assert any(
+            torch.allclose(flipped[n], x[n].flip(dims), atol=1e-5)
+            for dims in [(), (1,), (2,), (3,), (1, 2), (1, 3), (2, 3), (1, 2, 3)]
+        )
     cube = torch.randn(8, 1, 6, 6, 6)
     turned = augment(cube, g, flip=False, rot90=True, **still)
     swapped = [torch.allclose(turned[n], cube[n].transpose(2, 3), atol=1e-5) for n in range(8)]
@@ -53,7 +57,7 @@ def test_enhance_vessels_brightens_tissue_but_not_the_lesion():
     one-voxel rim gains the same amount, scaled by its density from -600 HU (0) to -200 HU (1);
     air-filled lung, the lesion and the other samples are unchanged; reproducible."""
     hu = torch.full((8, 6, 6, 6), -850.0)
-    hu[:, :, :, 0] = 40.0    # a vessel along one face
+    hu[:, :, :, 0] = 40.0  # a vessel along one face
     hu[:, :, 0, 3] = -400.0  # partial volume: half weight
     hu[:, 2:4, 2:4, 2:4] = 30.0
     lesion = torch.zeros(hu.shape, dtype=torch.bool)
@@ -95,10 +99,17 @@ def test_fit_learns_writes_and_loads(tmp_path, spheres):
 def test_init_starts_from_a_model_s_weights_and_contrast_augmentation_trains(tmp_path, spheres):
     """--init: fine-tuning starts from the given model's weights (with lr 0 they stay as they were);
     contrast enhancement runs inside the training loop; a model of other widths is refused."""
-    first = fit(spheres, spheres, spheres_card(), tmp_path / "a", TrainConfig(epochs=1, batch_size=16, seed=0), progress=False)
-    tuned = fit(spheres, spheres, spheres_card(), tmp_path / "b", TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=1,
-                                                                       init=str(first.best_path), contrast_hu=600.0),
-                progress=False)
+    first = fit(
+        spheres, spheres, spheres_card(), tmp_path / "a", TrainConfig(epochs=1, batch_size=16, seed=0), progress=False
+    )
+    tuned = fit(
+        spheres,
+        spheres,
+        spheres_card(),
+        tmp_path / "b",
+        TrainConfig(epochs=1, batch_size=16, lr=0.0, seed=1, init=str(first.best_path), contrast_hu=600.0),
+        progress=False,
+    )
     before, after = (load_model(p).module.state_dict() for p in (first.best_path, tuned.last_path))
     assert all(torch.equal(before[k], after[k]) for k in before if k.endswith("weight") and "bn" not in k)
     wide = spheres_card()
@@ -116,7 +127,8 @@ def test_resume_continues_exactly(tmp_path, spheres):
     resumed = fit(train, val, spheres_card(), tmp_path / "parts", cfg, resume=True, progress=False)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
     assert resumed.history[0] == json.loads((tmp_path / "whole" / "log.jsonl").read_text().splitlines()[0]) | {
-        "seconds": resumed.history[0]["seconds"]}
+        "seconds": resumed.history[0]["seconds"]
+    }
     a = load_model(whole.last_path).module.state_dict()
     b = load_model(resumed.last_path).module.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
@@ -129,8 +141,25 @@ def test_resume_continues_exactly(tmp_path, spheres):
 def test_cli_cross_validation(tmp_path, spheres, capsys):
     cache = spheres.save(tmp_path / "spheres.npz")
     out = tmp_path / "cv"
-    assert cli_main(["train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out), "--epochs", "1", "--folds", "2",
-                     "--name", "cv"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                *TRAIN_ARGS,
+                "--path",
+                str(cache),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--folds",
+                "2",
+                "--name",
+                "cv",
+            ]
+        )
+        == 0
+    )
     cv = json.loads((out / "cv_report.json").read_text())
     assert cv["folds"] == 2 and len(cv["metrics"]["roc_auc"]["folds"]) == 2
     card = json.loads((out / "fold1" / "best.json").read_text())
@@ -149,9 +178,28 @@ def test_ddp_two_processes_gloo(tmp_path, spheres):
     cache = spheres.save(tmp_path / "spheres.npz")
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "LungGradCAMLib.cli", "train", *TRAIN_ARGS, "--path", str(cache), "--out", str(out),
-           "--epochs", "2", "--device", "cpu", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "LungGradCAMLib.cli",
+        "train",
+        *TRAIN_ARGS,
+        "--path",
+        str(cache),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((out / "best.json").read_text())
@@ -177,8 +225,15 @@ def test_fit_leaves_the_global_random_state_and_cudnn_flags_as_they_were(tmp_pat
     torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     try:
-        fit(data.subset(np.arange(0, 4)), data.subset(np.arange(2, 4)), spheres_card(), tmp_path,
-            TrainConfig(epochs=1, batch_size=4, seed=7, amp=False), progress=False, device="cpu")
+        fit(
+            data.subset(np.arange(0, 4)),
+            data.subset(np.arange(2, 4)),
+            spheres_card(),
+            tmp_path,
+            TrainConfig(epochs=1, batch_size=4, seed=7, amp=False),
+            progress=False,
+            device="cpu",
+        )
         assert torch.equal(torch.get_rng_state(), torch_state)
         after = np.random.get_state()
         assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
