@@ -5,6 +5,7 @@ built and installed against a stand-in for Slicer's SDK; the icon."""
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import os
 import re
@@ -382,7 +383,8 @@ def test_what_slicers_extensions_index_checks_that_can_be_checked_here():
     with a documentation link. (Its URL checks need a public home: see the README.)"""
     license_text = (REPO / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
-    assert 'license = { text = "Apache-2.0" }' in (REPO / "pyproject.toml").read_text()
+    metadata = importlib.metadata.metadata("LungGradCAMLib")  # the package as installed
+    assert metadata["License-Expression"] == "Apache-2.0" and "LICENSE" in metadata.get_all("License-File")
     assert re.search(r"^project\(LungGradCAM\)", (REPO / "CMakeLists.txt").read_text(), re.M)
     quoted = re.search(r'^set\(EXTENSION_CONTRIBUTORS "([^"]*)"\)', (REPO / "CMakeLists.txt").read_text(), re.M)
     contributors = [c.strip() for c in quoted.group(1).split(",")]
