@@ -1,7 +1,7 @@
 """Real nodules in real lungs, explained as a user would: does the whole-scan heat map land on a real
 nodule, and does it stay cold elsewhere?
 
-    .venv/bin/python benchmarks/real_nodules.py --model default --out runs/real-nodules   # ~10-15 min, 2 cores
+    .venv/bin/python benchmarks/real_nodules.py --model default --out runs/real-nodules   # ~4 min, 2 quiet cores
 
 The nodules are those of the LIDC-IDRI patients the model never saw (``../shared/data/lidc_vois``,
 the test split of the model's card: the same patients for every model trained with the project's
