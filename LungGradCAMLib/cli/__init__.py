@@ -21,6 +21,7 @@ import warnings
 from typing import Any, Callable, List, NoReturn, Optional
 
 from .. import __version__
+from ..core.atomic import raise_when_allowed
 from ..core.errors import LungGradCAMError, LungGradCAMWarning
 from ..core.limits import is_out_of_memory, out_of_memory
 from ..core.text import escaped
@@ -105,7 +106,11 @@ class Terminated(BaseException):
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise_when_allowed(Terminated)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise_when_allowed(KeyboardInterrupt)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -138,7 +143,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if shown is getattr(warnings, "_showwarning_orig", None):  # not when a caller records warnings
         warnings.showwarning = _show_warnings(args.command)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    previous = {}
+    if in_main_thread:  # Ctrl-C as Python's own handler would, unless the process ignores it
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     try:
         return int(args.func(args) or 0)
     except LungGradCAMError as exc:
@@ -158,5 +167,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + signal.SIGTERM
     finally:
         warnings.showwarning = shown
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for n, handler in previous.items():
+            signal.signal(n, handler)

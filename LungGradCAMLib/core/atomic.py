@@ -66,6 +66,37 @@ except ImportError:  # Windows
             raise BlockingIOError from None
 
 
+#: How deep in :func:`signals_held` blocks the process is, and the exception a signal handler
+#: asked for meanwhile (raised when the outermost block ends).
+_HELD: Dict[str, Any] = {"depth": 0, "pending": None}
+
+
+def raise_when_allowed(exception: Callable[[], BaseException]) -> None:
+    """For a signal handler (SIGTERM, SIGINT): raise ``exception()`` now, or, inside a
+    :func:`signals_held` block, when the block ends."""
+    if _HELD["depth"]:
+        _HELD["pending"] = exception
+        return
+    raise exception()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Defer the exceptions that signal handlers raise through :func:`raise_when_allowed` to the
+    end of the block. Start writer threads inside it: a signal that interrupts ``Thread.start``
+    leaves a thread that ``ThreadPoolExecutor`` never joins, writing into a folder its run has
+    already cleaned up."""
+    _HELD["depth"] += 1
+    try:
+        yield
+    finally:
+        _HELD["depth"] -= 1
+        pending = _HELD["pending"]
+        if not _HELD["depth"] and pending is not None:
+            _HELD["pending"] = None
+            raise pending()
+
+
 @contextlib.contextmanager
 def atomic_path(path: "str | os.PathLike[str]", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same extension, so writers pick the same format);

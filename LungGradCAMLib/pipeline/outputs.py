@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import __version__
-from ..core.atomic import output_folder, read_record, write_json
+from ..core.atomic import output_folder, read_record, signals_held, write_json
 from ..core.errors import InvalidInputError, OutputError
 from ..core.results import Explanation, Segmentation
 from ..core.volume import Volume
@@ -202,7 +202,8 @@ def _write_files(
                 intended_use=intended_use(explanation),
             )
         with ThreadPoolExecutor(len(jobs), thread_name_prefix="lgc-write") as pool:
-            futures = {name: pool.submit(job) for name, job in jobs.items()}
+            with signals_held():  # every writer is started, and so joined, before a SIGTERM is raised
+                futures = {name: pool.submit(job) for name, job in jobs.items()}
             written = {name: future.result() for name, future in futures.items()}
         report["files"] = sorted(p.name for p in written.values()) + ["report.json"]
         assert set(report["files"]) <= OUTPUT_FILES, f"name the new output in OUTPUT_FILES: {report['files']}"

@@ -16,6 +16,7 @@ from typing import Callable, List
 import pytest
 
 from LungGradCAMLib import phantom
+from LungGradCAMLib.core.atomic import raise_when_allowed, signals_held
 from LungGradCAMLib.core.volume import Volume
 from LungGradCAMLib.io.volume_files import write_volume
 
@@ -164,3 +165,27 @@ def test_sigterm_and_sigkill_leave_no_temporaries(tmp_path, chest, tiny):
     assert run_cli(ct, out, tiny) == 0
     assert not _temporaries(out) and not (out / ".lunggradcam.lock").exists()
     _complete(out)
+
+
+def test_a_signal_while_writers_start_is_raised_once_they_all_run():
+    """A SIGTERM that interrupted ``Thread.start`` left a writer the pool never joined, writing
+    into the work folder after the run had cleaned it up (the next run then refused the folder):
+    inside ``signals_held`` the handler's exception waits for the end of the block."""
+
+    class Stop(BaseException):
+        pass
+
+    reached = False
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: raise_when_allowed(Stop))
+    try:
+        with pytest.raises(Stop):
+            with signals_held():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.05)  # the handler runs here, and defers its exception
+                reached = True
+        assert reached
+        with pytest.raises(Stop):  # outside a block: at once
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
