@@ -287,3 +287,14 @@ TRAIN_ARGS = [
     "16",
     "--no-progress",
 ]
+
+
+def gapped_series_batch(tmp_path: Path, chest, tiny) -> "tuple[Path, list]":
+    """A DICOM series of ``chest`` (a Volume) with slice 14 missing in ``tmp_path/dicom/gap``: the
+    loader fills the gap, so no DICOM SEG can reference the slices. Returns the batch's output
+    folder and the ``batch`` arguments over ``tmp_path/dicom`` with model ``tiny`` at threshold 0."""
+    files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
+    files[14].unlink()
+    out = tmp_path / "out"
+    args = ["batch", str(tmp_path / "dicom"), "--out", str(out), "--model", str(tiny), "--device", "cpu"]
+    return out, args + ["--threshold", "0"]

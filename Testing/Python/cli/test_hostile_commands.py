@@ -29,7 +29,7 @@ from LungGradCAMLib.engine.models import build_model, save_model
 from LungGradCAMLib.io.volume_files import write_volume
 from LungGradCAMLib.training.data import PatchSet
 
-from helpers import REPO, TRAIN_ARGS, snapshot, spheres_card, spheres_patches
+from helpers import REPO, TRAIN_ARGS, gapped_series_batch, snapshot, spheres_card, spheres_patches
 
 MARKER, WORK = ".lunggradcam.json", ".lunggradcam-work"
 
@@ -393,23 +393,7 @@ def test_the_summary_says_failed_when_this_runs_attempt_failed_beside_an_older_r
     its folder keeps the earlier report beside this run's error.json; the summary says failed."""
     import csv
 
-    from LungGradCAMLib import phantom
-
-    files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
-    files[14].unlink()
-    out = tmp_path / "out"
-    args = [
-        "batch",
-        str(tmp_path / "dicom"),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny),
-        "--device",
-        "cpu",
-        "--threshold",
-        "0",
-    ]
+    out, args = gapped_series_batch(tmp_path, chest, tiny)
 
     def row() -> dict:
         with open(out / "summary.csv", newline="") as fh:

@@ -14,7 +14,7 @@ import pydicom
 from LungGradCAMLib import phantom
 from LungGradCAMLib.cli import main
 
-from helpers import data_path, make_ctk_db
+from helpers import data_path, gapped_series_batch, make_ctk_db
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -68,21 +68,7 @@ def test_a_series_that_cannot_give_a_dicom_seg_is_done_without_the_option(tmp_pa
     """A slice missing from the middle: the loader fills the gap, so no DICOM SEG can reference
     the slices. That is a failure of --dicom-seg on this series, not of the series: a later batch
     without the option does it (it used to be skipped as a data error for good)."""
-    files = phantom.write_dicom_series(chest, tmp_path / "dicom" / "gap")
-    files[14].unlink()
-    out = tmp_path / "out"
-    args = [
-        "batch",
-        str(tmp_path / "dicom"),
-        "--out",
-        str(out),
-        "--model",
-        str(tiny),
-        "--device",
-        "cpu",
-        "--threshold",
-        "0",
-    ]
+    out, args = gapped_series_batch(tmp_path, chest, tiny)
     assert main(args + ["--dicom-seg"]) == 1
     (row,) = _summary(out).values()
     assert row["status"] == "failed" and "resampled" in row["error"], row
