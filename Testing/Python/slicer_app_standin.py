@@ -1,4 +1,4 @@
-"""Stand-ins for what only the 3D Slicer application provides, so that LungGradCAM/LungGradCAM.py
+"""Stand-ins for what only the 3D Slicer application provides, so that the Slicer module (LungGradCAM/)
 imports and its Logic runs on the ``slicer-core`` wheel.
 
 Real (slicer-core): MRML and its scene, ``slicer.util``, the Segmentations, Volume Rendering,
@@ -51,6 +51,9 @@ class ScriptedLoadableModule:
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent: Any = None) -> None:
         self.parent = parent
+
+    def onReload(self) -> None:  # Slicer's reloads the module's own file: the test imports it again
+        self.reloaded = True
 
 
 class ScriptedLoadableModuleTest:
@@ -136,6 +139,11 @@ class _App:
         return self.database
 
 
+def _slicer_module_imports() -> list:
+    """The imported modules of the Slicer module: LungGradCAM and LungGradCAMSlicer's."""
+    return [name for name in sys.modules if name == "LungGradCAM" or name.split(".")[0] == "LungGradCAMSlicer"]
+
+
 @contextmanager
 def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Iterator[Dict[str, Any]]:
     """Install the stand-ins and the application's logics for ``scene``; yields the logics by
@@ -180,9 +188,11 @@ def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Ite
             **{name: types.SimpleNamespace(logic=lambda logic=logic: logic) for name, logic in logics.items()}
         ),
     }
-    saved_modules = {name: sys.modules.get(name) for name in (*modules, "LungGradCAM")}
+    # the Slicer module is imported afresh inside, on these stand-ins, and forgotten afterwards
+    saved_modules = {name: sys.modules.get(name) for name in (*modules, *_slicer_module_imports())}
     sys.modules.update(modules)
-    sys.modules.pop("LungGradCAM", None)
+    for name in _slicer_module_imports():
+        del sys.modules[name]
     for name, value in attributes.items():
         setattr(slicer, name, value)
     sys.path.insert(0, str(REPO / "LungGradCAM"))
@@ -192,6 +202,8 @@ def slicer_application(scene: Any, dicom_database: Optional[Path] = None) -> Ite
         sys.path.remove(str(REPO / "LungGradCAM"))
         for name in attributes:
             delattr(slicer, name)
+        for name in _slicer_module_imports():
+            del sys.modules[name]
         for name, module in saved_modules.items():
             if module is None:
                 sys.modules.pop(name, None)

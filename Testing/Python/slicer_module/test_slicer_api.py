@@ -1,5 +1,5 @@
-"""Every Slicer, CTK, Qt and VTK name that the Slicer module (LungGradCAM/LungGradCAM.py) and
-LungGradCAMLib/mrml.py use, checked against the API taken from Slicer's source at a pinned version
+"""Every Slicer, CTK, Qt and VTK name that the Slicer module (LungGradCAM/LungGradCAM.py and
+LungGradCAM/LungGradCAMSlicer/) and LungGradCAMLib/mrml.py use, checked against the API taken from Slicer's source at a pinned version
 (Testing/SlicerAPI/slicer_api.json; regenerate with the command it records), so that a misspelt,
 wrong-argument or removed API fails here rather than in a user's Slicer.
 
@@ -30,7 +30,11 @@ import pytest
 from helpers import REPO
 
 API = json.loads((REPO / "Testing" / "SlicerAPI" / "slicer_api.json").read_text())
-FILES = [REPO / "LungGradCAM" / "LungGradCAM.py", REPO / "LungGradCAMLib" / "mrml.py"]
+FILES = [
+    REPO / "LungGradCAM" / "LungGradCAM.py",
+    *sorted((REPO / "LungGradCAM" / "LungGradCAMSlicer").glob("*.py")),
+    REPO / "LungGradCAMLib" / "mrml.py",
+]
 
 #: Qt 5.15's API of the Qt classes the module reaches through ``qt.`` or ``slicer.app`` (static
 #: functions and methods PythonQt wraps). Not from Slicer's source: Qt's own documentation.

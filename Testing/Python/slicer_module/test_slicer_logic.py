@@ -1,4 +1,4 @@
-"""LungGradCAMLogic (LungGradCAM/LungGradCAM.py) end to end on real MRML from the slicer-core wheel:
+"""LungGradCAMLogic (LungGradCAM/LungGradCAMSlicer/logic.py) end to end on real MRML from the slicer-core wheel:
 the DICOM database listing and loading from a real ctkDICOM.sql, Apply from the parameter node,
 progress, Cancel mid-run, out-of-memory recovery, and the output nodes as the panel shows them.
 
@@ -119,6 +119,8 @@ def test_lists_and_loads_ct_series_of_the_dicom_database(app, chest, database):
 
 
 def test_apply_from_the_parameter_node(app, chest, tiny_model):
+    from LungGradCAMSlicer.logic import CAM_OPACITY
+
     module, scene = app
     logic = module.LungGradCAMLogic()
     ct = slicer.util.addVolumeFromArray(chest.volume.array, chest.volume.ijk_to_ras, name="chest")
@@ -175,7 +177,7 @@ def test_apply_from_the_parameter_node(app, chest, tiny_model):
     for n in range(_count(scene, "vtkMRMLSliceCompositeNode")):
         composite = scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")
         assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (ct.GetID(), cam_node.GetID())
-        assert composite.GetForegroundOpacity() == pytest.approx(module.CAM_OPACITY)
+        assert composite.GetForegroundOpacity() == pytest.approx(CAM_OPACITY)
     rendering = slicer.modules.volumerendering.logic().GetFirstVolumeRenderingDisplayNode(cam_node)
     assert rendering is not None and rendering.GetVisibility()
 
@@ -352,6 +354,8 @@ def test_second_opinion_and_explain_selected_region(app, chest, tiny_model, regi
 def test_one_click_on_the_nodule_places_the_region_models_roi(app):
     """A new ROI: place mode for one point, and the clicked point becomes an ROI of the region
     model's patch (lidc-malignancy: 32 voxels of 1.25 mm, 40 mm) centred there; the point goes."""
+    from LungGradCAMSlicer.logic import DEFAULT_ROI_MM
+
     module, scene = app
     logic = module.LungGradCAMLogic()
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
@@ -366,7 +370,7 @@ def test_one_click_on_the_nodule_places_the_region_models_roi(app):
     points.AddControlPointWorld(vtk.vtkVector3d(*NODULE_RAS))  # the click
     size = logic.regionSizeMm("default", "lidc-malignancy")
     assert size == [48.0, 48.0, 48.0] and logic.regionSizeMm("lidc-malignancy") == size
-    assert logic.regionSizeMm("default") == [module.DEFAULT_ROI_MM] * 3  # no region model chosen
+    assert logic.regionSizeMm("default") == [DEFAULT_ROI_MM] * 3  # no region model chosen
     assert logic.roiFromPoint(points, roi, size) is roi and scene.GetNodeByID(points.GetID()) is None
     p = logic.getParameterNode()
     p.roi, p.model = roi, "lidc-malignancy"
@@ -491,6 +495,7 @@ def test_the_panel_chooses_every_setting_of_the_command_line(app):
     from LungGradCAMLib.cli import build_parser
     from LungGradCAMLib.cli.common import args_from_options, options_from_args
     from LungGradCAMLib.options import DEFAULTS
+    from LungGradCAMSlicer.logic import THRESHOLD_RULES
 
     module, scene = app
     logic = module.LungGradCAMLogic()
@@ -511,7 +516,7 @@ def test_the_panel_chooses_every_setting_of_the_command_line(app):
         DEFAULTS["chest_check"],
         DEFAULTS["restrict_to_lungs"],
     )
-    assert [logic.optionsFromParameterNode(p).threshold for p.thresholdRule in module.THRESHOLD_RULES] == [
+    assert [logic.optionsFromParameterNode(p).threshold for p.thresholdRule in THRESHOLD_RULES] == [
         DEFAULTS["threshold"],
         "otsu",
         "p99",
@@ -531,3 +536,19 @@ def test_the_panel_chooses_every_setting_of_the_command_line(app):
     p.thresholdPercentile = 101.0
     with pytest.raises(lgc.LungGradCAMError, match="percentile"):
         logic.optionsFromParameterNode(p)
+
+
+def test_reload_in_developer_mode_reloads_the_settings_and_logic_too(app):
+    """Slicer's Reload re-reads only LungGradCAM.py; the widget reloads LungGradCAMSlicer/ first, so
+    an edit of the logic takes effect without restarting Slicer."""
+    module, _ = app
+    import LungGradCAMSlicer.background
+    import LungGradCAMSlicer.logic
+
+    before = LungGradCAMSlicer.logic.LungGradCAMLogic, LungGradCAMSlicer.background.BackgroundRun
+    widget = module.LungGradCAMWidget.__new__(module.LungGradCAMWidget)
+    widget.onReload()
+    assert widget.reloaded
+    after = LungGradCAMSlicer.logic.LungGradCAMLogic, LungGradCAMSlicer.background.BackgroundRun
+    assert after[0] is not before[0] and after[1] is not before[1]
+    assert LungGradCAMSlicer.logic.BackgroundRun is after[1]  # the logic runs the reloaded background run

@@ -1,4 +1,4 @@
-"""Checks of the Slicer module that need no Slicer application: LungGradCAM.py against its .ui
+"""Checks of the Slicer module that need no Slicer application: LungGradCAM.py and LungGradCAMSlicer/ against the .ui
 file, its parameter node and slicer-core's slicer.util; the extension's CMake files configured,
 built and installed against a stand-in for Slicer's SDK; the icon."""
 
@@ -25,8 +25,14 @@ MODULE = REPO / "LungGradCAM" / "LungGradCAM.py"
 UI = REPO / "Resources" / "UI" / "LungGradCAM.ui"
 ICON = REPO / "Resources" / "Icons" / "LungGradCAM.png"
 
-SOURCE = MODULE.read_text(encoding="utf-8")
-TREE = ast.parse(SOURCE, filename=str(MODULE))
+#: The Slicer module's files: LungGradCAM.py and, beside it, its settings, logic and background run.
+MODULE_FILES = [MODULE, *sorted((REPO / "LungGradCAM" / "LungGradCAMSlicer").glob("*.py"))]
+SOURCES = {path: path.read_text(encoding="utf-8") for path in MODULE_FILES}
+#: All of them as one tree: each check finds a class, constant or use in whichever file has it.
+TREE = ast.Module(
+    body=[stmt for path, text in SOURCES.items() for stmt in ast.parse(text, filename=str(path)).body],
+    type_ignores=[],
+)
 
 
 # --- the .ui file ------------------------------------------------------------------------------
@@ -170,7 +176,9 @@ CONNECTABLE = {
 
 
 def test_module_compiles():
-    compile(SOURCE, str(MODULE), "exec")
+    assert len(MODULE_FILES) == 4  # LungGradCAM.py, LungGradCAMSlicer's __init__, background and logic
+    for path, text in SOURCES.items():
+        compile(text, str(path), "exec")
 
 
 def test_module_has_the_template_classes():
@@ -491,6 +499,9 @@ def cmake_install(tmp_path_factory):
 
 EXPECTED_FILES = [
     "LungGradCAM.py",
+    "LungGradCAMSlicer/__init__.py",
+    "LungGradCAMSlicer/background.py",
+    "LungGradCAMSlicer/logic.py",
     "LungGradCAMLib/__init__.py",
     "LungGradCAMLib/mrml.py",
     "LungGradCAMLib/engine/models/__init__.py",
