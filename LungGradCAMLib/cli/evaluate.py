@@ -39,7 +39,17 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
         "files is refused)",
     )
     p.add_argument("--log", help="a training log.jsonl to plot as loss curves")
-    p.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
+    p.add_argument(
+        "--decision-threshold",
+        "--threshold",
+        dest="decision_threshold",
+        type=decision_threshold,
+        default=0.5,
+        metavar="P",
+        help="the probability of the explained class at or above which a patch counts as that class, for "
+        "accuracy, sensitivity, specificity and the confusion matrix (default 0.5; --threshold is its "
+        "older name: for run and batch, --threshold is a heat-map level)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument(
         "--device",
@@ -99,6 +109,20 @@ def _outputs() -> Tuple[str, ...]:
     return (*REPORT_FILES, *CAM_RETRAIN_FILES)
 
 
+def decision_threshold(text: str) -> float:
+    """``--decision-threshold``: a probability in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if 0.0 <= value <= 1.0:
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a probability in [0, 1]: evaluate's decision threshold is the probability at "
+        "or above which a patch counts as the explained class (e.g. 0.5)"
+    )
+
+
 def _inputs(args: argparse.Namespace) -> List[str]:
     """The files and folders evaluate reads, which --out may not be, hold or lie in (those given on
     the command line; a data option not given is absent from ``args``)."""
@@ -120,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=args.device)
     data, scope, seed = scored_data(args, loaded.card)
     print(f"scoring {scope}", flush=True)
-    report = evaluate_model(loaded, data, args.threshold, n_boot=args.bootstrap, seed=seed)
+    report = evaluate_model(loaded, data, args.decision_threshold, n_boot=args.bootstrap, seed=seed)
     report["model"] = loaded.card.summary()
     report["scope"] = scope
     report["data"] = {"patches": len(data), "patients": int(len(set(data.patients))), "classes": data.counts()}

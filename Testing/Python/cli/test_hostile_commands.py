@@ -266,7 +266,7 @@ def test_evaluate_owns_its_folder(tmp_path, cache, model, capsys):
     assert set(_strict(printed[0])) >= {"accuracy", "precision", "roc_auc"}  # strict JSON (an undefined metric: null)
     assert printed[-1] == f"wrote {out / 'report.json'}, {out / 'roc.png'}, {out / 'loss.png'}"
     _vouched(out)
-    assert main(_evaluate(out, model, cache, "--threshold", "0.3")) == 0  # no --log: its loss.png goes
+    assert main(_evaluate(out, model, cache, "--decision-threshold", "0.3")) == 0  # no --log: its loss.png goes
     _vouched(out)
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "report.json", "roc.png"]
     assert _strict((out / "report.json").read_text())["threshold"] == 0.3
@@ -301,7 +301,8 @@ def test_evaluate_owns_its_folder(tmp_path, cache, model, capsys):
 
 def test_evaluate_prints_strict_json_when_a_metric_is_undefined(tmp_path, cache, model, capsys):
     """A threshold no probability reaches: no positive prediction, so precision is 0/0. The
-    printed line is strict JSON (null), as report.json is; main printed ``NaN``."""
+    printed line is strict JSON (null), as report.json is; main printed ``NaN``. (``--threshold``,
+    the decision threshold's older name, still works.)"""
     assert main(_evaluate(tmp_path / "out", model, cache, "--threshold", "1")) == 0
     printed = _strict(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
     assert printed["precision"] is None and printed["recall"] == 0
@@ -406,3 +407,12 @@ def test_the_summary_says_failed_when_this_runs_attempt_failed_beside_an_older_r
     assert status["status"] == "failed" and "resampled" in status["error"], status
     assert (out / status["output"] / "report.json").is_file()  # the earlier result stays, as it was
     assert main(args) == 0 and row()["status"] == "done"  # with the first options it is done (skipped)
+
+
+@pytest.mark.parametrize("value", ["5", "-0.1", "otsu", "p99", "nan"])
+def test_evaluate_refuses_a_decision_threshold_that_is_no_probability(tmp_path, capsys, value):
+    """evaluate's threshold is a probability, not run's heat-map level (otsu, pNN): refused at parse
+    time, naming what it is, before anything is read or written."""
+    assert main(["evaluate", "--model", "default", "--out", str(tmp_path / "out"), "--decision-threshold", value]) == 2
+    assert not (tmp_path / "out").exists()
+    assert "is not a probability in [0, 1]" in capsys.readouterr().err
