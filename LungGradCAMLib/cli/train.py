@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..core.atomic import check_output_folder, output_folder, strict_json, work_folder
 from ..core.errors import InvalidInputError, ModelError
+from ..engine.methods import DEFAULT_METHOD
 from ..options import METHODS
 from ..training.sources import DataSpec, load_data
 from .common import argument_type, device
@@ -77,10 +78,10 @@ def add_cli(subparsers: "argparse._SubParsersAction") -> None:
     m.add_argument("--target-layer", help="CAM layer, '+' fuses several (default: the architecture's)")
     m.add_argument(
         "--cam-method",
-        default="gradcam",
+        default=DEFAULT_METHOD,
         choices=METHODS,
         metavar="METHOD",
-        help="the card's CAM method, used when a run does not choose one (default gradcam)",
+        help=f"the card's CAM method, used when a run does not choose one (default {DEFAULT_METHOD})",
     )
     m.add_argument(
         "--name",

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import CamError
-from .methods import METHODS, TABLE, canonical
+from .methods import DEFAULT_METHOD, METHODS, TABLE, canonical
 
 __all__ = [
     "CAM",
@@ -250,7 +250,7 @@ class CAM:
         cls, model: Optional[nn.Module] = None, layer: Layer = None, method: Optional[str] = None, **kwargs: Any
     ) -> "CAM":
         if cls is CAM:
-            cls = CAM._registry[_canonical(method or "gradcam")]
+            cls = CAM._registry[_canonical(method or DEFAULT_METHOD)]
         elif method is not None and _canonical(method) != cls.name:
             raise CamError(f"{cls.__name__} computes {cls.name!r}, not {method!r}; use CAM(model, method={method!r})")
         return super().__new__(cls)
@@ -653,7 +653,7 @@ if set(CAM._registry) != set(METHODS):
 def compute_cam(
     model: nn.Module,
     x: torch.Tensor,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: Target = None,
     layer: Layer = None,
     upsample: bool = True,

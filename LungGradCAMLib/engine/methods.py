@@ -53,6 +53,8 @@ TABLE: Dict[str, Method] = {
 #: The methods' names (what ``--method``, ``ExplainOptions.method`` and a model card's
 #: ``cam_method`` accept).
 METHODS: Tuple[str, ...] = tuple(TABLE)
+#: The method a model card without ``cam_method``, and the engine's functions, use.
+DEFAULT_METHOD = "gradcam"
 #: Other spellings :func:`canonical` accepts, after lower-casing and dropping ``-``, ``_`` and spaces.
 ALIASES = {
     "gradcampp": "gradcam++",

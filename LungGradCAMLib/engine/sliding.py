@@ -25,6 +25,7 @@ from ..core.errors import CancelledError, InvalidInputError, LungGradCAMWarning,
 from ..core.limits import is_out_of_memory
 from ..core.volume import AIR_HU
 from .cam import CAM, CamResult, Target, minmax_per_sample, resolve_layers
+from .methods import DEFAULT_METHOD
 
 __all__ = ["SCALES", "PatchScore", "SlidingResult", "cpu_workers", "patch_counts", "sliding_cam"]
 
@@ -327,7 +328,7 @@ def sliding_cam(
     patch: Union[int, Sequence[int]],
     stride: Union[int, Sequence[int]],
     *,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: Target = None,
     layer: Union[None, str, nn.Module] = None,
     roi: Optional[Sequence[Sequence[int]]] = None,

@@ -57,6 +57,7 @@ import numpy as np
 from ..core.atomic import write_json
 from ..core.errors import DataError, InvalidInputError
 from ..engine.device import resolve_device
+from ..engine.methods import DEFAULT_METHOD
 from ..engine.models import LoadedModel, ModelCard, load_model
 from ..evaluation.evaluate import evaluate_model
 from .data import PatchSet, crop_patch, patient_split
@@ -154,7 +155,7 @@ def model_inputs(patches: np.ndarray, card: ModelCard, batch_size: int = 256) ->
 def patch_cams(
     loaded: LoadedModel,
     inputs: np.ndarray,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     target: Optional[int] = None,
     batch_size: int = 32,
     layer: Optional[str] = None,
@@ -231,7 +232,7 @@ def cam_retrain(
     *,
     config: Optional[TrainConfig] = None,
     val_fraction: float = 0.3,
-    method: str = "gradcam",
+    method: str = DEFAULT_METHOD,
     mask_dilation: int = 0,
     device: Optional[str] = None,
     seed: int = 0,

@@ -16,6 +16,7 @@ from ...core.atomic import write_json
 from ...core.errors import CamError, ModelError
 from ...core.paths import open_regular
 from ...core.text import escaped
+from ..methods import DEFAULT_METHOD
 from ..preprocess import NORMALISATIONS
 
 CARD_FORMAT = 1
@@ -80,7 +81,7 @@ class ModelCard:
     intended_use: str = "Research and demonstration only. " + NOT_CLINICAL
     sha256: str = ""
     input: str = "scan"
-    cam_method: str = "gradcam"
+    cam_method: str = DEFAULT_METHOD
     output: str = "classes"
     format: int = CARD_FORMAT
 
