@@ -208,6 +208,38 @@ def test_module_has_the_template_classes():
     }
 
 
+def _members(cls: str) -> Set[str]:
+    """Methods and properties of a class of the module, and the attributes its methods set on self."""
+    node = _class(cls)
+    names = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and ast.unparse(n.value) == "self":
+            names.add(n.attr)
+    return names
+
+
+def _used_on(cls: str, receivers: Set[str]) -> Set[str]:
+    """Attributes the methods of ``cls`` use on ``self.<receiver>`` or on a local ``<receiver>``."""
+    return {
+        n.attr
+        for n in ast.walk(_class(cls))
+        if isinstance(n, ast.Attribute) and ast.unparse(n.value) in receivers and not n.attr.startswith("__")
+    }
+
+
+def test_what_the_panel_calls_on_the_logic_and_the_background_run_exists():
+    """The widget (LungGradCAM.py, which only Qt can run) against the logic and the background run
+    it drives (LungGradCAMSlicer/): a method renamed or removed there fails here, not in Slicer."""
+    logic = _members("LungGradCAMLogic") | {"getParameterNode"}  # the last from ScriptedLoadableModuleLogic
+    used = _used_on("LungGradCAMWidget", {"self.logic"})
+    assert {"startProcess", "optionsFromParameterNode", "resultText", "setupPythonRequirements"} <= used
+    assert not used - logic, f"the panel calls {sorted(used - logic)} on LungGradCAMLogic, which has none"
+    used = _used_on("LungGradCAMWidget", {"self._job", "job"})
+    assert {"poll", "running", "result", "cancel", "estimate", "cancelled"} <= used
+    missing = used - _members("BackgroundRun")
+    assert not missing, f"the panel uses {sorted(missing)} on BackgroundRun, which has none"
+
+
 def test_every_ui_widget_used_exists_with_a_fitting_class():
     widgets = _ui_widgets()
     uses = _ui_uses()
