@@ -75,6 +75,14 @@ def lung_mask(
 
     ``volume``: a :class:`Volume`, or a (K, J, I) array in HU with ``spacing_mm`` (i, j, k).
     Raises :class:`VolumeError` for input that does not look like a CT in HU or holds no lung.
+
+    Example::
+
+        >>> import LungGradCAMLib as lgc
+        >>> ct = lgc.phantom.chest_ct(seed=3).volume
+        >>> lungs = lgc.lung_mask(ct)
+        >>> lungs.shape == ct.array.shape, lungs.dtype
+        (True, dtype('bool'))
     """
     hu, spacing, lr_axis, head_up = _input(volume, spacing_mm)
     for name, value in (("dilate_mm", dilate_mm), ("closing_mm", closing_mm), ("lesion_margin_mm", lesion_margin_mm)):

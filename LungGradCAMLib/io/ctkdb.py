@@ -98,6 +98,17 @@ class DicomDatabase:
 
     Raises :class:`DatabaseError` when the path is missing, is not an SQLite file, is not a ctkDICOM
     database or has an unknown schema version.
+
+    Example (a database made here stands in for Slicer's own folder, e.g.
+    ``~/Documents/SlicerDICOMDatabase``)::
+
+        >>> import LungGradCAMLib as lgc
+        >>> files = lgc.phantom.write_dicom_series(lgc.phantom.chest_ct(seed=3).volume, "dicom")
+        >>> summary = lgc.make_dicom_database("dicom", "SlicerDICOMDatabase")
+        >>> db = lgc.DicomDatabase("SlicerDICOMDatabase")
+        >>> [(series.modality, series.n_images) for series in db.ct_series()]
+        [('CT', 96)]
+        >>> ct = db.load(db.ct_series()[0].series_uid)
     """
 
     def __init__(self, path: Union[str, "os.PathLike[str]"]) -> None:

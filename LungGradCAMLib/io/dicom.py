@@ -225,6 +225,16 @@ def load_dicom_series(
     ``meta`` holds patient_id, study_uid, series_uid, frame_of_reference_uid, modality,
     description, series_number, n_slices, source (where it was read, for messages) and
     source_files (the paths of its files, in slice order).
+
+    Example (a phantom written as DICOM stands in for a real series)::
+
+        >>> import LungGradCAMLib as lgc
+        >>> files = lgc.phantom.write_dicom_series(lgc.phantom.chest_ct(seed=3).volume, "dicom")
+        >>> [series.modality for series in lgc.list_dicom_series("dicom")]
+        ['CT']
+        >>> ct = lgc.load_dicom_series("dicom")
+        >>> ct.array.shape, ct.spacing.tolist()  # (K, J, I) voxels; (i, j, k) mm
+        ((96, 192, 192), [1.8, 1.8, 2.5])
     """
     workers = thread_count(workers)
     where, files = source_files(source)

@@ -53,6 +53,14 @@ def write_segmentation(
     ``names``/``colors`` map label -> segment name / RGB in [0, 1] and override the defaults.
     The file is a NRRD labelmap in LPS with Slicer's ``Segment<N>_*`` and ``Segmentation_*``
     header fields, so Slicer loads it as a Segmentation node and ``slicerio`` reads it back.
+
+    Example (the lung mask as a segment Slicer opens)::
+
+        >>> import LungGradCAMLib as lgc
+        >>> ct = lgc.phantom.chest_ct(seed=3).volume
+        >>> lungs = lgc.Volume(lgc.lung_mask(ct).astype("uint8"), ct.ijk_to_ras)
+        >>> lgc.write_segmentation(lungs, "lungs.seg.nrrd", names={1: "lungs"}).name
+        'lungs.seg.nrrd'
     """
     import slicerio
 

@@ -153,6 +153,13 @@ def read_volume(path: "str | os.PathLike[str]") -> Volume:
     a device), a header whose data file lies elsewhere than beside it, a declared size over the
     voxel or memory limit (checked from the header, before reading), NaN/Inf voxels, and voxel
     sizes or positions that are not those of a CT (see :class:`Volume`).
+
+    Example::
+
+        >>> import LungGradCAMLib as lgc
+        >>> path = lgc.write_volume(lgc.phantom.chest_ct(seed=3).volume, "ct.nrrd")
+        >>> lgc.read_volume(path).array.shape
+        (96, 192, 192)
     """
     import SimpleITK as sitk
 

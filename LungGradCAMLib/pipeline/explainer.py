@@ -168,6 +168,17 @@ def explain(
     the next stage or batch (:class:`CancelledError`). ``on_estimate(estimate)``, when given, is
     called with the :class:`CostEstimate` of the CAM stage before it starts; returning False stops
     the run there (:class:`CancelledError`).
+
+    Example (the phantom stands in for ``lgc.load_dicom_series(folder)``)::
+
+        >>> import LungGradCAMLib as lgc
+        >>> phantom = lgc.phantom.chest_ct(seed=3, n_nodules=1)
+        >>> explanation = lgc.explain(phantom.volume, model="default", device="cpu")
+        >>> explanation.predicted_class, explanation.cam.array.shape == phantom.volume.array.shape
+        ('nodule', True)
+        >>> segmentation = lgc.segment_cam(explanation, threshold=0.5)
+        >>> bool((phantom.nodule_labelmap > 0)[segmentation.labelmap.array > 0].any())  # a region on the nodule
+        True
     """
     from ..engine.device import resolve_device
 

@@ -103,6 +103,17 @@ def segment_cam(
     ``Segmentation.threshold`` is the level used, ``Segmentation.peak`` the hottest region's peak
     or, with no region, the highest CAM value inside ``within``. Volumes use the voxel volume |det(ijk_to_ras)|
     in mm³, so oblique grids are measured correctly.
+
+    Example (a heat map made by hand; usually ``lgc.segment_cam(lgc.explain(ct))``)::
+
+        >>> import numpy as np
+        >>> import LungGradCAMLib as lgc
+        >>> heat = np.zeros((40, 64, 64), np.float32)
+        >>> heat[18:24, 28:36, 28:36] = 0.8  # one hot block of 6 x 8 x 8 voxels
+        >>> cam = lgc.Volume(heat, np.diag([0.5, 0.5, 1.0, 1.0]))  # (i, j, k) spacing 0.5, 0.5, 1 mm
+        >>> segmentation = lgc.segment_cam(cam, threshold=0.5)
+        >>> [(region.name, round(region.volume_ml, 3)) for region in segmentation.regions]
+        [('heat-map region 1', 0.096)]
     """
     cam_volume = _cam_volume(explanation_or_cam)
     cam = np.asarray(cam_volume.array, dtype=np.float32)

@@ -272,6 +272,13 @@ def load_model(
     one output per class name. ``device`` defaults to CUDA when available, else CPU. The module is
     in eval mode (on the CPU with channels-last weights, the fast layout there; results are the same).
     Any failure raises :class:`ModelError` naming the file.
+
+    Example::
+
+        >>> import LungGradCAMLib as lgc
+        >>> loaded = lgc.load_model("default", device="cpu")
+        >>> loaded.card.class_names, loaded.card.patch_size, loaded.card.spacing_mm
+        (['background', 'nodule'], [24, 24, 24], [1.5, 1.5, 1.5])
     """
     weights = resolve_model_path(path_or_name)
     card = ModelCard.load(weights.with_suffix(".json"))
