@@ -42,8 +42,8 @@ class CpuFallbackWarning(LungGradCAMWarning, RuntimeWarning):
 
 @dataclass
 class PatchScore:
-    """One patch: its box in volume voxels (it may reach past the volume's edges, where it was
-    padded with air), the score of the explained class (its probability; the callable's value
+    """One patch: its box in volume voxels (past the volume's edges, padded with air, only when the
+    volume is smaller than a patch), the score of the explained class (its probability; the callable's value
     for a callable target) and the probabilities of all classes."""
 
     box: Box
@@ -128,7 +128,8 @@ def _same_device(asked: torch.device, actual: torch.device) -> bool:
 
 def patch_counts(box: Sequence[Sequence[int]], patch: Sequence[int], stride: Sequence[int]) -> List[int]:
     """Patches along K, J, I that cover ``box`` ((k0, k1), (j0, j1), (i0, i1)) from its corner,
-    every ``stride`` voxels (the last one may reach past the box)."""
+    every ``stride`` voxels (the last one may reach past the box; :func:`sliding_cam` moves it back
+    to the volume's edge)."""
     return [math.ceil(max(b - a - p, 0) / s) + 1 for (a, b), p, s in zip(box, patch, stride)]
 
 
@@ -188,11 +189,17 @@ class _Explainer:
 
 @dataclass
 class _Tiling:
-    """The patches over ``box``: their corners (relative to the box), and the box plus the last
-    patches' overhang as one HU array on the device, padded with air where it leaves the volume."""
+    """The patches over ``box``, every ``stride`` from its start, the last along each axis moved
+    back to end at the volume's edge rather than reach past it (as MONAI's sliding window does): a
+    patch padded with air there shows the structures the scan's edge cuts (vessels above all)
+    ending in air, as a nodule ends, which made false hot regions along the last slices and rows
+    only. A volume smaller than a patch is still padded (``pad_value_hu``, air). ``src`` is the
+    patches' span as one HU array on the device, starting at ``origin`` (volume voxels);
+    ``corners`` are relative to it."""
 
     box: Box
     patch: Tuple[int, int, int]
+    origin: Tuple[int, int, int]
     corners: List[Tuple[int, int, int]]
     src: torch.Tensor
 
@@ -207,12 +214,19 @@ class _Tiling:
         dev: torch.device,
     ) -> "_Tiling":
         counts = patch_counts(box, patch, stride)
-        extent = tuple((n - 1) * s + p for n, s, p in zip(counts, stride, patch))
-        corners = list(itertools.product(*(range(0, n * s, s) for n, s in zip(counts, stride))))
+        # only the last start of an axis can move (the one before it ends inside the box), so the
+        # starts stay distinct and as many as patch_counts says
+        starts = [
+            [max(0, min(a + m * s, n - p)) for m in range(c)]
+            for (a, _), p, s, c, n in zip(box, patch, stride, counts, volume.shape)
+        ]
+        origin = tuple(axis[0] for axis in starts)
+        extent = tuple(axis[-1] + p - o for axis, p, o in zip(starts, patch, origin))
+        corners = list(itertools.product(*([x - o for x in axis] for axis, o in zip(starts, origin))))
         src = torch.full(extent, float(pad_value_hu), dtype=torch.float32, device=dev)
-        real = tuple(slice(a, min(a + e, n)) for (a, _), e, n in zip(box, extent, volume.shape))
+        real = tuple(slice(o, min(o + e, n)) for o, e, n in zip(origin, extent, volume.shape))
         src[tuple(slice(0, r.stop - r.start) for r in real)] = volume[real].to(dev, torch.float32)
-        return cls(box, patch, corners, src)
+        return cls(box, patch, origin, corners, src)
 
     def batch(self, corners: Sequence[Tuple[int, int, int]]) -> torch.Tensor:
         """The (B, 1, *patch) HU patches at ``corners``."""
@@ -251,11 +265,13 @@ class _Blend:
             t.to(dev) for t in (self.weight, self.cam, self.score, self.total)
         )
 
-    def maps(self, box: Box, shape: Tuple[int, ...], relative: bool) -> Tuple[np.ndarray, np.ndarray]:
-        """The blended CAM and scores on the volume's grid, 0 outside the box. The CAM is on the
-        absolute scale (clipped to [0, 1] against rounding), or with ``relative`` (always for raw
-        maps) min-max scaled to [0, 1] over the box."""
-        inside = tuple(slice(0, b - a) for a, b in box)
+    def maps(
+        self, box: Box, origin: Tuple[int, ...], shape: Tuple[int, ...], relative: bool
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """The blended CAM and scores on the volume's grid, 0 outside the box (the tiling's span
+        starts at ``origin``). The CAM is on the absolute scale (clipped to [0, 1] against
+        rounding), or with ``relative`` (always for raw maps) min-max scaled to [0, 1] over the box."""
+        inside = tuple(slice(a - o, b - o) for (a, b), o in zip(box, origin))
         where = tuple(slice(a, b) for a, b in box)
         cam_map = np.zeros(shape, dtype=np.float32)
         score_map = np.zeros(shape, dtype=np.float32)
@@ -347,8 +363,9 @@ def sliding_cam(
     """CAM and patch scores of ``model`` over a (D, H, W) = (K, J, I) HU volume, patch by patch.
 
     Patches of ``patch`` voxels start at the ``roi`` box's corner every ``stride`` voxels
-    (``stride <= patch``) until they cover the box; where a patch reaches past the volume it is
-    padded with ``pad_value_hu`` (air) before ``preprocess`` (a callable applied on the device to
+    (``stride <= patch``) until they cover the box, the last along each axis moved back to end at
+    the volume's edge rather than reach past it; only a volume smaller than a patch is padded, with
+    ``pad_value_hu`` (air), before ``preprocess`` (a callable applied on the device to
     each (B, 1, *patch) HU batch; default: none) turns HU into model input. Each batch gets one
     forward pass (:class:`~LungGradCAMLib.engine.cam.CAM`: maps upsampled to the patch, not normalised);
     the maps and the patches' scores are blended with Gaussian weights (sigma =
@@ -415,7 +432,7 @@ def sliding_cam(
                 probs = result.probabilities.tolist() if result.logits.dim() == 2 else [[] for _ in chunk]
                 blended.add(chunk, result.cam, patch_score)
                 for (k, j, i), s, p in zip(chunk, patch_score.tolist(), probs):
-                    origin = (k + box[0][0], j + box[1][0], i + box[2][0])
+                    origin = (k + tiling.origin[0], j + tiling.origin[1], i + tiling.origin[2])
                     scores.append(PatchScore(tuple((o, o + q) for o, q in zip(origin, patch)), float(s), tuple(p)))
                 done += len(chunk)
                 if progress is not None:
@@ -425,5 +442,5 @@ def sliding_cam(
             model = copy.deepcopy(model).to(dev)
             tiling.to(dev)
             blended.to(dev)
-    cam_map, score_map = blended.maps(box, tuple(volume.shape), relative=scale == "relative")
+    cam_map, score_map = blended.maps(box, tiling.origin, tuple(volume.shape), relative=scale == "relative")
     return SlidingResult(cam_map, score_map, scores, max(s.score for s in scores), str(dev), oom.batch)

@@ -126,9 +126,12 @@ def test_patch_grid_covers_the_roi_and_nothing_else():
     vol = make_volume((20, 24, 30))
     roi = ((2, 18), (0, 24), (3, 29))
     result = sliding_cam(make_net(), vol, 8, (4, 6, 8), method="layercam", roi=roi, batch_size=5, preprocess=window)
-    starts = [range(2, 2 + 3 * 4, 4), range(0, 4 * 6, 6), range(3, 3 + 4 * 8, 8)]
+    # every stride from the box's start; the last j and i patches, which would reach 26 > 24 and
+    # 35 > 30, end at the volume's edge instead: no patch is padded with air where the scan's edge
+    # cuts it (k's last one ends at 18, inside the volume, and stays)
+    starts = [range(2, 2 + 3 * 4, 4), [0, 6, 12, 16], [3, 11, 19, 22]]
     expected = [tuple((s, s + 8) for s in c) for c in itertools.product(*starts)]
-    assert [p.box for p in result.patch_scores] == expected  # the last i patch reaches 35 > 30
+    assert [p.box for p in result.patch_scores] == expected
     inside = np.zeros(vol.shape, dtype=bool)
     inside[2:18, 0:24, 3:29] = True
     assert not result.cam[~inside].any() and not result.score_map[~inside].any()
