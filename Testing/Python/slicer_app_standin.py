@@ -52,7 +52,7 @@ class ScriptedLoadableModuleWidget:
     def __init__(self, parent: Any = None) -> None:
         self.parent = parent
 
-    def onReload(self) -> None:  # Slicer's reloads the module's own file: the test imports it again
+    def onReload(self) -> None:  # Slicer's own re-reads the module's file; the tests import it afresh
         self.reloaded = True
 
 

@@ -219,7 +219,8 @@ def _members(cls: str) -> Set[str]:
 
 
 def _used_on(cls: str, receivers: Set[str]) -> Set[str]:
-    """Attributes the methods of ``cls`` use on ``self.<receiver>`` or on a local ``<receiver>``."""
+    """Attributes the methods of ``cls`` use on one of ``receivers`` (source text, e.g. ``self.logic``
+    or a local ``job``)."""
     return {
         n.attr
         for n in ast.walk(_class(cls))
